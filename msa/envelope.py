@@ -1,0 +1,52 @@
+"""
+Small value types shared by the protocol, the delivery avatar, the spool and
+the relay: what is known about a session, and the envelope of one message.
+"""
+
+import time
+
+import attrs
+
+
+@attrs.define
+class SessionInfo:
+    """
+    What the server knows about one client connection.
+    """
+
+    sessionId: str
+    clientAddress: str
+    clientPort: int = 0
+    helo: str = ""
+    tlsVersion: str = ""
+    tlsCipher: str = ""
+    account: str = ""
+    mechanism: str = ""
+
+
+@attrs.define
+class Envelope:
+    """
+    The envelope of one message as accepted from the client.
+
+    @ivar sender: the reverse-path, complete address or C{""} for C{<>}.
+    @ivar recipients: forward-paths, complete addresses, in RCPT order.
+    @ivar mailParams: MAIL parameters (upper-case keys), e.g. C{BODY}.
+    @ivar queueId: set by the spool when the message is allocated.
+    """
+
+    sender: str
+    recipients: list[str]
+    account: str = ""
+    mailParams: dict[str, str | None] = attrs.Factory(dict)
+    clientAddress: str = ""
+    helo: str = ""
+    queueId: str = ""
+    receivedAt: float = attrs.Factory(time.time)
+
+    def toJSON(self) -> dict:
+        return attrs.asdict(self)
+
+    @classmethod
+    def fromJSON(cls, data: dict) -> "Envelope":
+        return cls(**{a.name: data[a.name] for a in attrs.fields(cls) if a.name in data})

@@ -1,0 +1,240 @@
+"""
+TLS policy for both directions (R2, R14): server contexts for the STARTTLS
+and implicit-TLS listeners, the client context for the relay to the core MTA,
+and the self-signed certificate made on first start with built-in defaults.
+
+Secure by default, as the Dutch NCSC guidelines and Mozilla's "intermediate"
+profile ask: TLS 1.2 and 1.3 only, ECDHE with AEAD ciphers only, groups
+X25519, P-256 and P-384, no compression, no client-initiated renegotiation,
+the whole certificate chain sent.
+"""
+
+import datetime
+import ipaddress
+import os
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
+from OpenSSL._util import lib as _lib
+from twisted.internet import ssl
+from twisted.internet._sslverify import ClientTLSOptions
+from twisted.logger import Logger
+
+log = Logger()
+
+#: TLS 1.2 suites: ECDHE key exchange, AEAD only.  TLS 1.3 suites are all
+#: AEAD and are left to OpenSSL's defaults.
+DEFAULT_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+DEFAULT_GROUPS = "X25519:P-256:P-384"
+
+
+class TLSConfigurationError(Exception):
+    """
+    The operator's TLS settings cannot be used; the message says why.
+    """
+
+
+def _hardenContext(context: SSL.Context, groups: str) -> None:
+    context.set_options(
+        SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE
+    )
+    if not _lib.SSL_CTX_set1_curves_list(context._context, groups.encode("ascii")):
+        raise TLSConfigurationError(f"unsupported TLS groups: {groups!r}")
+
+
+class _HardenedOptions(ssl.CertificateOptions):
+    """
+    L{CertificateOptions} that also restricts the key-exchange groups and
+    forbids renegotiation, which Twisted has no switch for.
+    """
+
+    def __init__(self, *args, groups: str = DEFAULT_GROUPS, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._groups = groups
+
+    def _makeContext(self) -> SSL.Context:
+        context = super()._makeContext()
+        _hardenContext(context, self._groups)
+        return context
+
+
+def _readPEMChain(path: str) -> list[crypto.X509]:
+    with open(path, "rb") as f:
+        data = f.read()
+    return [
+        crypto.X509.from_cryptography(c) for c in x509.load_pem_x509_certificates(data)
+    ]
+
+
+def serverContextFactory(
+    certFile: str,
+    keyFile: str,
+    chainFile: str | None = None,
+    ciphers: str = DEFAULT_CIPHERS,
+    groups: str = DEFAULT_GROUPS,
+    minimumVersion: str = "TLSv1_2",
+) -> ssl.CertificateOptions:
+    """
+    Build the context factory for a listener.
+
+    @param certFile: PEM file with the server certificate, optionally
+        followed by its intermediate certificates.
+    @param keyFile: PEM file with the private key.
+    @param chainFile: optional PEM file with more intermediates.
+    """
+    try:
+        chain = _readPEMChain(certFile)
+        with open(keyFile, "rb") as f:
+            key = crypto.PKey.from_cryptography_key(
+                serialization.load_pem_private_key(f.read(), password=None)
+            )
+        if chainFile:
+            chain += _readPEMChain(chainFile)
+    except (OSError, ValueError) as e:
+        raise TLSConfigurationError(f"cannot load certificate or key: {e}") from e
+    if not chain:
+        raise TLSConfigurationError(f"no certificate in {certFile}")
+    options = _HardenedOptions(
+        privateKey=key,
+        certificate=chain[0],
+        extraCertChain=chain[1:],
+        raiseMinimumTo=getattr(ssl.TLSVersion, minimumVersion),
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers),
+        groups=groups,
+    )
+    # Load it once now, so that a bad key or mismatched certificate stops the
+    # start instead of failing every handshake.
+    try:
+        options.getContext()
+    except SSL.Error as e:
+        raise TLSConfigurationError(f"certificate and key do not match: {e}") from e
+    return options
+
+
+def clientContextFactory(
+    hostname: str,
+    caFile: str | None = None,
+    clientCertFile: str | None = None,
+    clientKeyFile: str | None = None,
+    verify: bool = True,
+    ciphers: str = DEFAULT_CIPHERS,
+    groups: str = DEFAULT_GROUPS,
+):
+    """
+    The context for the relay's connection to the core MTA (R14): the same
+    floor as the server side, and the core's certificate verified against
+    C{hostname} with service-identity, from C{caFile} or the system trust
+    store.
+
+    @param verify: L{False} only when the operator said so explicitly.
+    """
+    trustRoot = None
+    if caFile:
+        with open(caFile, "rb") as f:
+            trustRoot = ssl.trustRootFromCertificates(
+                [
+                    ssl.Certificate(c)
+                    for c in (
+                        crypto.X509.from_cryptography(x)
+                        for x in x509.load_pem_x509_certificates(f.read())
+                    )
+                ]
+            )
+    clientCertificate = None
+    if clientCertFile:
+        with open(clientCertFile, "rb") as f:
+            certPEM = f.read()
+        with open(clientKeyFile or clientCertFile, "rb") as f:
+            keyPEM = f.read()
+        clientCertificate = ssl.PrivateCertificate.loadPEM(certPEM + b"\n" + keyPEM)
+    if not verify:
+        log.warn(
+            "TLS certificate verification of the core MTA is OFF: the relay "
+            "cannot tell the core from an impostor"
+        )
+    options = _HardenedOptions(
+        trustRoot=trustRoot,
+        privateKey=clientCertificate.privateKey.original if clientCertificate else None,
+        certificate=clientCertificate.original if clientCertificate else None,
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers),
+        groups=groups,
+    )
+    if not verify:
+        return options
+    return ClientTLSOptions(options._makeTLSConnection, hostname)
+
+
+def ensureSelfSignedCertificate(directory: str, hostname: str) -> tuple[str, str]:
+    """
+    Make an ECDSA P-256 self-signed certificate for C{hostname} in
+    C{directory} unless one is there, for a start on built-in defaults.
+
+    @return: the paths of the certificate and the key.
+    """
+    certPath = os.path.join(directory, "selfsigned-cert.pem")
+    keyPath = os.path.join(directory, "selfsigned-key.pem")
+    if os.path.exists(certPath) and os.path.exists(keyPath):
+        return certPath, keyPath
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    altNames: list[x509.GeneralName] = [x509.DNSName(hostname)]
+    if hostname == "localhost":
+        altNames.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=825))
+        .add_extension(x509.SubjectAlternativeName(altNames), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    fd = os.open(keyPath + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    with open(certPath + ".tmp", "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    os.replace(keyPath + ".tmp", keyPath)
+    os.replace(certPath + ".tmp", certPath)
+    log.info(
+        "Made a self-signed certificate for {hostname} in {path}: clients cannot "
+        "verify it; configure a real certificate for production",
+        hostname=hostname,
+        path=certPath,
+    )
+    return certPath, keyPath
+
+
+def describeTLS(transport) -> tuple[str, str]:
+    """
+    The protocol version and cipher of an established TLS transport, or
+    empty strings when the transport is not (yet) TLS.
+    """
+    conn = getattr(transport, "getHandle", lambda: None)()
+    if not isinstance(conn, SSL.Connection):
+        return "", ""
+    return conn.get_protocol_version_name() or "", conn.get_cipher_name() or ""
