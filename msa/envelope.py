@@ -49,4 +49,6 @@ class Envelope:
 
     @classmethod
     def fromJSON(cls, data: dict) -> "Envelope":
-        return cls(**{a.name: data[a.name] for a in attrs.fields(cls) if a.name in data})
+        return cls(
+            **{a.name: data[a.name] for a in attrs.fields(cls) if a.name in data}
+        )

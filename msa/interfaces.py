@@ -37,11 +37,12 @@ class ISubmission(Interface):
         Decide on one C{RCPT TO}: same contract as L{validateFrom}.
         """
 
-    def startMessage(envelope):
+    def startMessage(session, envelope):
         """
         Begin receiving the message of a complete envelope (after DATA's
         354).
 
+        @param session: the L{msa.envelope.SessionInfo} of the connection.
         @param envelope: L{msa.envelope.Envelope}.
         @return: an L{IAcceptedMessage}.
         """

@@ -48,7 +48,9 @@ class TLSConfigurationError(Exception):
 
 def _hardenContext(context: SSL.Context, groups: str) -> None:
     context.set_options(
-        SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE
+        SSL.OP_NO_COMPRESSION
+        | SSL.OP_NO_RENEGOTIATION
+        | SSL.OP_CIPHER_SERVER_PREFERENCE
     )
     if not _lib.SSL_CTX_set1_curves_list(context._context, groups.encode("ascii")):
         raise TLSConfigurationError(f"unsupported TLS groups: {groups!r}")
@@ -191,7 +193,7 @@ def ensureSelfSignedCertificate(directory: str, hostname: str) -> tuple[str, str
     os.makedirs(directory, mode=0o700, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     altNames: list[x509.GeneralName] = [x509.DNSName(hostname)]
     if hostname == "localhost":
         altNames.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))

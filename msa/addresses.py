@@ -1,0 +1,153 @@
+"""
+Parsing of MAIL FROM and RCPT TO arguments (RFC 5321 4.1.2): paths and
+ESMTP parameters.  Addresses must be complete on injection (R8): the MSA
+never adds a domain or rewrites an address, it refuses an incomplete one.
+"""
+
+import re
+
+from msa.errors import SMTPReply
+
+ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+DOT_ATOM = rf"{ATEXT}+(?:\.{ATEXT}+)*"
+QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+#: A fully qualified domain: at least two labels, the last not all digits.
+DOMAIN = rf"(?:{LABEL}\.)+(?=[A-Za-z0-9-]*[A-Za-z])(?:{LABEL})"
+IPV4 = r"\[(?:\d{1,3}\.){3}\d{1,3}\]"
+IPV6 = r"\[IPv6:[0-9A-Fa-f:.]+\]"
+
+_mailbox = re.compile(
+    rf"(?P<local>{DOT_ATOM}|{QUOTED})@(?P<domain>{DOMAIN}|{IPV4}|{IPV6})\Z"
+)
+_command = re.compile(rb"(?P<kw>FROM|TO):\s*(?P<rest>.*)\Z", re.I | re.S)
+
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+MAX_PATH = 256
+
+MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "AUTH"})
+RCPT_PARAMETERS: frozenset[str] = frozenset()
+
+
+def _incomplete(address: str) -> SMTPReply:
+    return SMTPReply(
+        553,
+        "5.1.3",
+        f"<{address}>: address must be complete and fully qualified "
+        "(local-part@domain.example); it is never completed for you",
+    )
+
+
+def parseMailbox(address: str) -> str:
+    """
+    Check that C{address} is a complete mailbox and return it unchanged.
+
+    @raise SMTPReply: 553 5.1.3 for anything else.
+    """
+    if not address.isascii():
+        raise SMTPReply(
+            553, "5.6.7", "Non-ASCII addresses are not supported (no SMTPUTF8)"
+        )
+    if address.startswith("@"):
+        raise SMTPReply(553, "5.1.3", "Source routes are not accepted")
+    match = _mailbox.match(address)
+    if match is None:
+        raise _incomplete(address)
+    if (
+        len(match.group("local")) > MAX_LOCAL_PART
+        or len(match.group("domain")) > MAX_DOMAIN
+        or len(address) > MAX_PATH
+    ):
+        raise SMTPReply(553, "5.1.3", "Address too long (RFC 5321 4.5.3.1)")
+    return address
+
+
+def _splitPath(argument: bytes, keyword: bytes) -> tuple[str, list[str]]:
+    match = _command.match(argument.strip())
+    if match is None or match.group("kw").upper() != keyword:
+        verb = "MAIL FROM" if keyword == b"FROM" else "RCPT TO"
+        raise SMTPReply(501, "5.5.4", f"Syntax: {verb}:<address>")
+    try:
+        rest = match.group("rest").decode("utf-8")
+    except UnicodeDecodeError:
+        raise SMTPReply(
+            553, "5.6.7", "Non-ASCII addresses are not supported (no SMTPUTF8)"
+        )
+    if rest.startswith("<"):
+        end = _closingBracket(rest)
+        if end < 0:
+            raise SMTPReply(
+                501, "5.1.7" if keyword == b"FROM" else "5.1.3", "Bad address syntax"
+            )
+        path, params = rest[1:end], rest[end + 1 :]
+        if params and not params[0].isspace():
+            raise SMTPReply(501, "5.5.4", "Syntax error after the address")
+    else:
+        path, _, params = rest.partition(" ")
+    return path, params.split()
+
+
+def _closingBracket(text: str) -> int:
+    """
+    The index of the ">" that closes the path, skipping quoted strings.
+    """
+    quoted = escaped = False
+    for i, c in enumerate(text[1:], 1):
+        if escaped:
+            escaped = False
+        elif c == "\\" and quoted:
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+        elif c == ">" and not quoted:
+            return i
+    return -1
+
+
+def _parseParameters(
+    words: list[str], allowed: frozenset[str]
+) -> dict[str, str | None]:
+    params: dict[str, str | None] = {}
+    for word in words:
+        key, eq, value = word.partition("=")
+        key = key.upper()
+        if not re.fullmatch(r"[A-Z0-9][A-Z0-9-]*", key) or (eq and not value):
+            raise SMTPReply(501, "5.5.4", f"Bad parameter syntax: {word}")
+        if key not in allowed:
+            raise SMTPReply(555, "5.5.4", f"Unsupported parameter: {key}")
+        if key in params:
+            raise SMTPReply(501, "5.5.4", f"Duplicate parameter: {key}")
+        params[key] = value if eq else None
+    if "SIZE" in params and not (params["SIZE"] or "").isdigit():
+        raise SMTPReply(501, "5.5.4", "SIZE needs a number of octets")
+    if "BODY" in params:
+        body = (params["BODY"] or "").upper()
+        if body not in ("7BIT", "8BITMIME"):
+            raise SMTPReply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+        params["BODY"] = body
+    return params
+
+
+def parseMailArgument(argument: bytes) -> tuple[str, dict[str, str | None]]:
+    """
+    Parse what follows C{MAIL}: C{FROM:<path> [parameters]}.
+
+    @return: the sender (C{""} for C{<>}) and the parameters.
+    """
+    path, words = _splitPath(argument, b"FROM")
+    params = _parseParameters(words, MAIL_PARAMETERS)
+    if path == "":
+        return "", params
+    return parseMailbox(path), params
+
+
+def parseRcptArgument(argument: bytes) -> tuple[str, dict[str, str | None]]:
+    """
+    Parse what follows C{RCPT}: C{TO:<path> [parameters]}.
+    """
+    path, words = _splitPath(argument, b"TO")
+    params = _parseParameters(words, RCPT_PARAMETERS)
+    if path == "":
+        raise _incomplete(path)
+    return parseMailbox(path), params

@@ -1,0 +1,155 @@
+"""
+The two pure state machines under the SMTP server: L{LineFramer} cuts the
+byte stream into CRLF-terminated lines with bounded memory, and L{DataFilter}
+decides what happens to each line of a message between DATA and the final
+dot (dot-unstuffing, bare CR/LF, over-long lines, size).  No transport here:
+bytes in, decisions out, so both are tested exhaustively without sockets.
+
+Only CRLF ends a line, and only CRLF "." CRLF ends DATA: a bare LF or bare
+CR never ends anything, which closes the SMTP smuggling hole (a message that
+contains one is refused instead, so none ever reaches the core MTA).
+"""
+
+import attrs
+
+from msa.errors import SMTPReply
+
+
+class LineFramer:
+    """
+    Split a byte stream into lines ending in CRLF.
+
+    Lines are taken one at a time with L{nextLine}, so that the caller can
+    change the length limit between lines (a command line and a line of
+    message text have different limits) and can stop taking lines (after
+    STARTTLS, the rest of the buffer must be thrown away, not executed).
+
+    Memory is bounded: a line longer than the limit is not kept; only the
+    fact that it was too long is, until its CRLF arrives.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._discarding = False
+        self._kept = b""
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def clear(self) -> None:
+        """
+        Throw away everything received and not yet taken as a line.
+        """
+        self._buffer = b""
+        self._discarding = False
+        self._kept = b""
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def nextLine(self, maxLength: int) -> tuple[bytes, bool] | None:
+        """
+        Take the next complete line.
+
+        @param maxLength: the longest line accepted, without its CRLF.
+        @return: C{(line, tooLong)} without the CRLF, or L{None} when no
+            complete line is buffered.  When C{tooLong} is true, C{line} is
+            only the first C{maxLength} bytes of it.
+        """
+        end = self._buffer.find(b"\r\n")
+        if end < 0:
+            if len(self._buffer) > maxLength + 1:
+                # Keep a trailing CR: it may start the CRLF of the next packet.
+                if not self._discarding:
+                    self._kept = self._buffer[:maxLength]
+                    self._discarding = True
+                self._buffer = self._buffer[-1:] if self._buffer[-1:] == b"\r" else b""
+            return None
+        line = self._buffer[:end]
+        self._buffer = self._buffer[end + 2 :]
+        if self._discarding:
+            kept = self._kept
+            self._discarding = False
+            self._kept = b""
+            return kept, True
+        if len(line) > maxLength:
+            return line[:maxLength], True
+        return line, False
+
+
+#: What L{DataFilter.lineReceived} says to do with a line.
+END = object()
+
+
+@attrs.define
+class DataFilter:
+    """
+    One message's lines between 354 and the final dot.
+
+    @ivar maxSize: the largest message accepted, in octets as received
+        (CRLF included, dot-stuffing removed).
+    @ivar maxLineLength: the longest text line, without its CRLF
+        (RFC 5321 4.5.3.1.6: 1000 octets with it).
+    @ivar error: the reply to send after the final dot instead of accepting
+        the message, once any line has been refused.
+    @ivar size: octets received so far.
+    """
+
+    maxSize: int
+    maxLineLength: int = 998
+    error: SMTPReply | None = None
+    size: int = 0
+
+    def lineReceived(self, line: bytes, tooLong: bool = False) -> object:
+        """
+        Judge one line.
+
+        @return: L{END} for the final dot; the unstuffed line to store; or
+            L{None} when the line must be dropped (the message is already
+            refused, see C{error}).
+        """
+        if line == b".":
+            return END
+        if line[:1] == b".":
+            line = line[1:]
+        if self.error is not None:
+            return None
+        if tooLong:
+            return self.refuse(
+                SMTPReply(
+                    550,
+                    "5.6.0",
+                    "Message refused: a line is longer than "
+                    f"{self.maxLineLength + 2} octets (RFC 5321 4.5.3.1.6); "
+                    "use a MIME content transfer encoding",
+                )
+            )
+        if b"\r" in line or b"\n" in line:
+            return self.refuse(
+                SMTPReply(
+                    550,
+                    "5.5.2",
+                    "Message refused: bare CR or LF in message text; "
+                    "lines must end with CRLF",
+                )
+            )
+        self.size += len(line) + 2
+        if self.size > self.maxSize:
+            return self.refuse(
+                SMTPReply(
+                    552,
+                    "5.3.4",
+                    f"Message size exceeds fixed maximum message size ({self.maxSize})",
+                )
+            )
+        return line
+
+    def refuse(self, reply: SMTPReply) -> None:
+        """
+        Refuse the message (the first refusal wins); the rest of DATA is
+        read and dropped.
+        """
+        if self.error is None:
+            self.error = reply
+        return None
