@@ -52,7 +52,14 @@ def _hardenContext(context: SSL.Context, groups: str) -> None:
         | SSL.OP_NO_RENEGOTIATION
         | SSL.OP_CIPHER_SERVER_PREFERENCE
     )
-    if not _lib.SSL_CTX_set1_curves_list(context._context, groups.encode("ascii")):
+    setGroups = getattr(_lib, "SSL_CTX_set1_curves_list", None)
+    if setGroups is None:
+        # An old cryptography without the binding: P-256 alone is still
+        # within the policy, if narrower than asked.
+        context.set_tmp_ecdh(crypto.get_elliptic_curve("prime256v1"))
+        log.warn("this cryptography cannot set TLS groups; using P-256 only")
+        return
+    if not setGroups(context._context, groups.encode("ascii")):
         raise TLSConfigurationError(f"unsupported TLS groups: {groups!r}")
 
 

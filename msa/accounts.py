@@ -1,0 +1,646 @@
+"""
+The accounts that may submit mail: the file they live in, and the
+twisted.cred checker and realm built on it.
+
+The file is one JSON document, indented and with sorted keys so that an
+operator can read and diff it::
+
+    {
+      "accounts": {
+        "alice": {
+          "digestHA1": {"mail.example.org": "<32 hex digits>"},
+          "enabled": true,
+          "mechanisms": ["DIGEST-MD5", "LOGIN", "PLAIN", "SCRAM-SHA-256"],
+          "passwordHash": "scrypt$16384$8$1$<base64 salt>$<base64 hash>",
+          "scram": {"SCRAM-SHA-256": {"iterations": 4096, "salt": "<base64>",
+                                      "serverKey": "<base64>",
+                                      "storedKey": "<base64>"}}
+        }
+      },
+      "version": 1
+    }
+
+No password is ever stored, but two of these secrets are I{password
+equivalent} for their mechanism: whoever reads C{digestHA1} can log in with
+DIGEST-MD5 for that realm, and whoever reads C{storedKey} and C{serverKey}
+can impersonate the server to SCRAM clients.  The file must therefore be
+readable by its owner only (mode 0600); L{AccountFile} refuses it otherwise.
+
+Any other key of an account is kept unchanged in L{Account.extra}, so that
+later per-account settings survive a rewrite by an older program.
+"""
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import stat
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm
+from twisted.internet import threads
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from msa.interfaces import (
+    IAccountStore,
+    IDigestMD5Credentials,
+    IScramCredentials,
+    ISubmission,
+)
+from msa.sasl.digest_md5 import computeHA1
+from msa.sasl.scram import deriveKeys
+
+FILE_VERSION = 1
+DEFAULT_MECHANISMS = frozenset({"PLAIN", "LOGIN", "DIGEST-MD5", "SCRAM-SHA-256"})
+#: The mechanisms L{makeAccount} knows how to store secrets for.
+KNOWN_MECHANISMS = DEFAULT_MECHANISMS
+#: SCRAM iteration count of new secrets (the minimum of RFC 7677).
+SCRAM_ITERATIONS = 4096
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+_SCRYPT_SALT, _SCRYPT_LEN = 16, 32
+_KNOWN_KEYS = frozenset({"enabled", "mechanisms", "passwordHash", "digestHA1", "scram"})
+_SCRAM_KEYS = frozenset({"salt", "iterations", "storedKey", "serverKey"})
+_MECHANISM_NAME = re.compile(r"[A-Z0-9_-]{1,20}")
+_HEX_HA1 = re.compile(r"[0-9a-fA-F]{32}")
+_FAILURE_TEXT = "Authentication failed"
+
+
+class AccountsFileError(Exception):
+    """
+    The accounts file cannot be used; the message names the file, and the
+    account and key at fault when there is one.
+    """
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def _parseScrypt(text: str) -> tuple[int, int, int, bytes, bytes]:
+    """
+    @raise ValueError: with the reason when C{text} is not a usable
+        C{scrypt$n$r$p$salt$hash} string.
+    """
+    parts = text.split("$")
+    if len(parts) != 6 or parts[0] != "scrypt":
+        raise ValueError("not of the form scrypt$n$r$p$<salt>$<hash>")
+    try:
+        n, r, p = (int(x) for x in parts[1:4])
+        salt, digest = _unb64(parts[4]), _unb64(parts[5])
+    except (ValueError, binascii.Error):
+        raise ValueError("scrypt parameters must be integers and base64")
+    if n < 2 or n > 2**20 or n & (n - 1) or not 1 <= r <= 32 or not 1 <= p <= 16:
+        raise ValueError("scrypt parameters out of range")
+    if len(salt) < 8 or not 16 <= len(digest) <= 64:
+        raise ValueError("scrypt salt or hash too short")
+    return n, r, p, salt, digest
+
+
+def _scrypt(password: bytes, salt: bytes, n: int, r: int, p: int, size: int):
+    maxmem = 128 * r * (n + p + 2) + 2**20
+    return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=maxmem, dklen=size)
+
+
+def hashPassword(password: str) -> str:
+    """
+    @return: C{scrypt$n$r$p$<b64 salt>$<b64 hash>} of the UTF-8 password,
+        with a fresh random salt.
+    """
+    salt = secrets.token_bytes(_SCRYPT_SALT)
+    n, r, p = SCRYPT_N, SCRYPT_R, SCRYPT_P
+    digest = _scrypt(password.encode("utf-8"), salt, n, r, p, _SCRYPT_LEN)
+    return f"scrypt${n}${r}${p}${_b64(salt)}${_b64(digest)}"
+
+
+#: Verified against for unknown users, so that they cost the same time.
+_DUMMY_HASH = "scrypt$%d$%d$%d$%s$%s" % (
+    SCRYPT_N,
+    SCRYPT_R,
+    SCRYPT_P,
+    _b64(bytes(_SCRYPT_SALT)),
+    _b64(bytes(_SCRYPT_LEN)),
+)
+
+
+def _verifyHash(passwordHash: str, password: bytes) -> bool:
+    try:
+        n, r, p, salt, digest = _parseScrypt(passwordHash)
+    except ValueError:
+        n, r, p, salt, digest = _parseScrypt(_DUMMY_HASH)
+        _scrypt(password, salt, n, r, p, len(digest))
+        return False
+    return hmac.compare_digest(_scrypt(password, salt, n, r, p, len(digest)), digest)
+
+
+def _mechanisms(names: Iterable[str]) -> frozenset[str]:
+    return frozenset(name.strip().upper() for name in names)
+
+
+@attrs.frozen
+class Account:
+    """
+    One account.
+
+    @ivar name: the account (and SASL authentication) name.
+    @ivar enabled: whether it may log in at all.
+    @ivar mechanisms: upper-case SASL mechanism names it may use.
+    @ivar passwordHash: C{scrypt$n$r$p$<b64 salt>$<b64 hash>}, for PLAIN and
+        LOGIN.
+    @ivar digestHA1: realm -> hex MD5(name:realm:password), present only when
+        DIGEST-MD5 is allowed.  B{Password equivalent} for DIGEST-MD5 in that
+        realm.
+    @ivar scram: SCRAM mechanism -> C{{"salt": b64, "iterations": int,
+        "storedKey": b64, "serverKey": b64}}.
+    @ivar extra: every other key of the account in the file, kept unchanged.
+    """
+
+    name: str
+    enabled: bool = True
+    mechanisms: frozenset[str] = attrs.field(
+        default=DEFAULT_MECHANISMS, converter=_mechanisms
+    )
+    passwordHash: str = ""
+    digestHA1: dict[str, str] = attrs.field(factory=dict)
+    scram: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    extra: dict[str, Any] = attrs.field(factory=dict)
+
+    def withPassword(self, password: str, realms: Iterable[str]) -> "Account":
+        """
+        @return: this account with every secret derived from C{password}: the
+            scrypt hash, H(A1) for each of C{realms} if DIGEST-MD5 is
+            allowed, and the keys of each allowed SCRAM mechanism.
+        @raise ValueError: for an empty password, or one SASLprep refuses
+            when SCRAM is allowed.
+        """
+        if not password:
+            raise ValueError("the password must not be empty")
+        digestHA1 = {}
+        if "DIGEST-MD5" in self.mechanisms:
+            for realm in realms:
+                digestHA1[realm] = computeHA1(self.name, realm, password).hex()
+        scram = {}
+        if "SCRAM-SHA-256" in self.mechanisms:
+            salt = secrets.token_bytes(16)
+            storedKey, serverKey = deriveKeys(password, salt, SCRAM_ITERATIONS)
+            scram["SCRAM-SHA-256"] = {
+                "salt": _b64(salt),
+                "iterations": SCRAM_ITERATIONS,
+                "storedKey": _b64(storedKey),
+                "serverKey": _b64(serverKey),
+            }
+        return attrs.evolve(
+            self,
+            passwordHash=hashPassword(password),
+            digestHA1=digestHA1,
+            scram=scram,
+        )
+
+    def withMechanisms(self, mechanisms: Iterable[str]) -> "Account":
+        """
+        @return: this account allowed C{mechanisms}, without the secrets of
+            mechanisms no longer allowed.  Newly allowed DIGEST-MD5 or SCRAM
+            need L{withPassword} before they can be used.
+        """
+        allowed = _mechanisms(mechanisms)
+        digestHA1 = self.digestHA1 if "DIGEST-MD5" in allowed else {}
+        scram = {m: k for m, k in self.scram.items() if m in allowed}
+        return attrs.evolve(self, mechanisms=allowed, digestHA1=digestHA1, scram=scram)
+
+
+def makeAccount(
+    name: str,
+    password: str,
+    realms: Iterable[str],
+    mechanisms: Iterable[str] = DEFAULT_MECHANISMS,
+) -> Account:
+    """
+    A new enabled account with every secret derived from C{password}.
+
+    @param realms: the DIGEST-MD5 realms to store H(A1) for.
+    @raise ValueError: for an unusable name, an empty password or an unknown
+        mechanism.
+    """
+    if (
+        not name
+        or name != name.strip()
+        or any(ord(c) < 32 or c == "\x7f" for c in name)
+    ):
+        raise ValueError(f"unusable account name {name!r}")
+    allowed = _mechanisms(mechanisms)
+    if not allowed:
+        raise ValueError("an account needs at least one mechanism")
+    unknown = allowed - KNOWN_MECHANISMS
+    if unknown:
+        raise ValueError("unknown mechanism(s): " + ", ".join(sorted(unknown)))
+    return Account(name=name, mechanisms=allowed).withPassword(password, realms)
+
+
+def verifyPassword(account: Account, password: str) -> bool:
+    """
+    @return: whether C{password} matches the scrypt hash of C{account}, in
+        time independent of where they differ.
+    """
+    return _verifyHash(account.passwordHash, password.encode("utf-8"))
+
+
+def _accountToJSON(account: Account) -> dict[str, Any]:
+    clash = _KNOWN_KEYS & set(account.extra)
+    if clash:
+        raise ValueError(f"account {account.name!r}: extra repeats {sorted(clash)}")
+    document = dict(account.extra)
+    document.update(
+        enabled=account.enabled,
+        mechanisms=sorted(account.mechanisms),
+        passwordHash=account.passwordHash,
+    )
+    if account.digestHA1:
+        document["digestHA1"] = dict(account.digestHA1)
+    if account.scram:
+        document["scram"] = {m: dict(k) for m, k in account.scram.items()}
+    return document
+
+
+def _accountFromJSON(where: str, name: str, document: object) -> Account:
+    def fail(why: str) -> AccountsFileError:
+        return AccountsFileError(f"{where}: account {name!r}: {why}")
+
+    if not isinstance(document, dict):
+        raise fail("must be a JSON object")
+    for key in ("enabled", "mechanisms", "passwordHash"):
+        if key not in document:
+            raise fail(f"missing key {key!r}")
+    enabled = document["enabled"]
+    if not isinstance(enabled, bool):
+        raise fail("key 'enabled' must be true or false")
+    mechanisms = document["mechanisms"]
+    if not isinstance(mechanisms, list) or not all(
+        isinstance(m, str) and _MECHANISM_NAME.fullmatch(m) for m in mechanisms
+    ):
+        raise fail("key 'mechanisms' must be a list of upper-case SASL names")
+    passwordHash = document["passwordHash"]
+    try:
+        _parseScrypt(passwordHash if isinstance(passwordHash, str) else "")
+    except ValueError as e:
+        raise fail(f"key 'passwordHash': {e}")
+    digestHA1 = document.get("digestHA1", {})
+    if not isinstance(digestHA1, dict) or not all(
+        isinstance(v, str) and _HEX_HA1.fullmatch(v) for v in digestHA1.values()
+    ):
+        raise fail("key 'digestHA1' must map realms to 32 hex digits")
+    scram = document.get("scram", {})
+    if not isinstance(scram, dict):
+        raise fail("key 'scram' must be a JSON object")
+    for mechanism, keys in scram.items():
+        at = f"key 'scram' / {mechanism!r}"
+        if not isinstance(keys, dict) or set(keys) != _SCRAM_KEYS:
+            raise fail(f"{at} needs exactly {sorted(_SCRAM_KEYS)}")
+        iterations = keys["iterations"]
+        if type(iterations) is not int or iterations < 1:
+            raise fail(f"{at}: 'iterations' must be a positive integer")
+        for field in ("salt", "storedKey", "serverKey"):
+            try:
+                if not _unb64(keys[field]):
+                    raise ValueError()
+            except (ValueError, AttributeError, binascii.Error):
+                raise fail(f"{at}: {field!r} must be non-empty base64")
+    extra = {k: v for k, v in document.items() if k not in _KNOWN_KEYS}
+    return Account(
+        name=name,
+        enabled=enabled,
+        mechanisms=mechanisms,
+        passwordHash=passwordHash,
+        digestHA1={realm: ha1.lower() for realm, ha1 in digestHA1.items()},
+        scram=scram,
+        extra=extra,
+    )
+
+
+def parseAccounts(data: bytes, where: str = "<accounts>") -> dict[str, Account]:
+    """
+    Parse the contents of an accounts file.
+
+    @param where: the file name to use in error messages.
+    @raise AccountsFileError: naming C{where} and the account at fault.
+    """
+    try:
+        document = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise AccountsFileError(f"{where}: not UTF-8: {e}")
+    except ValueError as e:
+        raise AccountsFileError(f"{where}: not valid JSON: {e}")
+    if not isinstance(document, dict):
+        raise AccountsFileError(f"{where}: must hold a JSON object")
+    if document.get("version") != FILE_VERSION:
+        raise AccountsFileError(
+            f"{where}: unsupported 'version' {document.get('version')!r} "
+            f"(this program reads version {FILE_VERSION})"
+        )
+    accounts = document.get("accounts")
+    if not isinstance(accounts, dict):
+        raise AccountsFileError(f"{where}: key 'accounts' must be a JSON object")
+    return {name: _accountFromJSON(where, name, a) for name, a in accounts.items()}
+
+
+def readAccounts(path: str | os.PathLike[str]) -> dict[str, Account]:
+    """
+    @return: the accounts in the file at C{path}, by name.
+    @raise AccountsFileError: when it cannot be read or is malformed.
+    """
+    return _readChecked(os.fspath(path), checkMode=False)[0]
+
+
+def _readChecked(path: str, checkMode: bool) -> tuple[dict[str, Account], tuple]:
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if checkMode and stat.S_IMODE(st.st_mode) & 0o077:
+                raise AccountsFileError(
+                    f"{path}: mode {stat.S_IMODE(st.st_mode):04o} lets group or "
+                    f"others at password-equivalent secrets; "
+                    f"fix it with: chmod 600 {path}"
+                )
+            data = f.read()
+    except OSError as e:
+        raise AccountsFileError(f"{path}: cannot read: {e.strerror or e}")
+    return parseAccounts(data, path), _stamp(st)
+
+
+def _stamp(st: os.stat_result) -> tuple:
+    return (
+        st.st_dev,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_mode,
+    )
+
+
+def writeAccounts(
+    path: str | os.PathLike[str], accounts: Mapping[str, Account]
+) -> None:
+    """
+    Replace the file at C{path} atomically with C{accounts} (keyed by
+    L{Account.name}): write a mode 0600 temporary file in the same
+    directory, fsync it, rename it over C{path} and fsync the directory.
+    """
+    path = os.fspath(path)
+    document = {
+        "version": FILE_VERSION,
+        "accounts": {a.name: _accountToJSON(a) for a in accounts.values()},
+    }
+    data = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".accounts-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dirfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+@implementer(IAccountStore)
+class AccountFile:
+    """
+    The accounts of a JSON file, reloaded when it changes.
+
+    To reload on SIGHUP, call L{reload} from the reactor thread, e.g. with
+    C{signal.signal(SIGHUP, lambda *a: reactor.callFromThread(store.reload))}.
+
+    @raise AccountsFileError: at construction, when the file is missing,
+        malformed, or readable or writable by group or others.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, path: str | os.PathLike[str], reactor: IReactorTime | None = None
+    ) -> None:
+        self.path = os.fspath(path)
+        self._reactor = reactor
+        self._accounts, self._stamp = _readChecked(self.path, checkMode=True)
+        self._watcher: LoopingCall | None = None
+
+    def getAccount(self, name: str) -> Account | None:
+        return self._accounts.get(name)
+
+    def scramParameters(
+        self, username: str, mechanism: str
+    ) -> tuple[bytes, int] | None:
+        """
+        @return: the salt and iteration count of C{username}'s C{mechanism}
+            secrets, or L{None} (see L{msa.sasl.MechanismContext}).
+        """
+        account = self._accounts.get(username)
+        keys = account.scram.get(mechanism) if account is not None else None
+        if keys is None:
+            return None
+        return _unb64(keys["salt"]), keys["iterations"]
+
+    def reload(self) -> bool:
+        """
+        Re-read the file.  When it is missing, malformed or has a bad mode,
+        log why and keep the accounts read last.
+
+        @return: whether new accounts were loaded.
+        """
+        try:
+            accounts, stamp = _readChecked(self.path, checkMode=True)
+        except AccountsFileError as e:
+            self._stamp = self._currentStamp()
+            self.log.error("Keeping the previous accounts: {error}", error=str(e))
+            return False
+        self._accounts, self._stamp = accounts, stamp
+        self.log.info(
+            "Loaded {count} account(s) from {path}", count=len(accounts), path=self.path
+        )
+        return True
+
+    def _currentStamp(self) -> tuple | None:
+        try:
+            return _stamp(os.stat(self.path))
+        except OSError:
+            return None
+
+    def checkForChanges(self) -> bool:
+        """
+        Reload if the file's inode, size, times or mode changed since the
+        last look.
+
+        @return: whether new accounts were loaded.
+        """
+        if self._currentStamp() == self._stamp:
+            return False
+        return self.reload()
+
+    def startWatching(self, interval: float = 2.0) -> Deferred:
+        """
+        Look for changes every C{interval} seconds on the reactor given at
+        construction (the global one if none).
+
+        @return: the L{Deferred} of the L{LoopingCall}, firing on
+            L{stopWatching}.
+        """
+        if self._watcher is not None:
+            raise RuntimeError("already watching")
+        self._watcher = LoopingCall(self._safeCheck)
+        if self._reactor is not None:
+            self._watcher.clock = self._reactor
+        return self._watcher.start(interval, now=False)
+
+    def stopWatching(self) -> None:
+        if self._watcher is not None:
+            watcher, self._watcher = self._watcher, None
+            watcher.stop()
+
+    def _safeCheck(self) -> None:
+        try:
+            self.checkForChanges()
+        except Exception:
+            self.log.failure("Checking {path} for changes failed", path=self.path)
+
+
+def _refused(*ignored: object) -> str:
+    raise UnauthorizedLogin(_FAILURE_TEXT)
+
+
+@implementer(ICredentialsChecker)
+class AccountChecker:
+    """
+    Checks SASL credentials against an L{IAccountStore}.  Every refusal is the
+    same L{UnauthorizedLogin}, whatever the reason, and unknown users cost a
+    scrypt computation like known ones.
+
+    @param threaded: verify scrypt hashes in the reactor's thread pool
+        (default) rather than blocking the reactor for tens of milliseconds.
+    """
+
+    credentialInterfaces = (IUsernamePassword, IDigestMD5Credentials, IScramCredentials)
+
+    def __init__(self, store: IAccountStore, threaded: bool = True) -> None:
+        self._store = store
+        self._threaded = threaded
+
+    def requestAvatarId(self, credentials: object) -> Deferred:
+        """
+        @return: a L{Deferred} firing with the account name, or failing with
+            L{UnauthorizedLogin}.
+        """
+        username = getattr(credentials, "username", None)
+        if isinstance(username, bytes):
+            username = username.decode("utf-8", "replace")
+        if isinstance(username, str):
+            d = maybeDeferred(self._store.getAccount, username)
+        else:
+            d = succeed(None)
+        return d.addCallback(self._check, credentials)
+
+    def _check(self, account: Account | None, credentials: Any) -> Any:
+        mechanism = getattr(credentials, "mechanism", None)
+        allowed = (
+            account is not None and account.enabled and mechanism in account.mechanisms
+        )
+        if IScramCredentials.providedBy(credentials):
+            keys = account.scram.get(mechanism) if account is not None else None
+            if keys is None:
+                allowed, storedKey, serverKey = False, bytes(32), bytes(32)
+            else:
+                storedKey, serverKey = (
+                    _unb64(keys["storedKey"]),
+                    _unb64(keys["serverKey"]),
+                )
+            return self._decide(
+                credentials.checkKeys(storedKey, serverKey), allowed, account
+            )
+        if IDigestMD5Credentials.providedBy(credentials):
+            ha1 = (
+                account.digestHA1.get(credentials.realm)
+                if account is not None
+                else None
+            )
+            if ha1 is None:
+                allowed, ha1 = False, "00" * 16
+            return self._decide(
+                credentials.checkHA1(bytes.fromhex(ha1)), allowed, account
+            )
+        if IUsernamePassword.providedBy(credentials):
+            password = credentials.password
+            if isinstance(password, str):
+                password = password.encode("utf-8")
+            passwordHash = account.passwordHash if account is not None else _DUMMY_HASH
+            if self._threaded:
+                d = threads.deferToThread(_verifyHash, passwordHash, password)
+            else:
+                d = succeed(_verifyHash(passwordHash, password))
+            return d.addCallback(self._decide, allowed, account)
+        return _refused()
+
+    @staticmethod
+    def _decide(verified: bool, allowed: bool, account: Account | None) -> str:
+        if verified is True and allowed and account is not None:
+            return account.name
+        return _refused()
+
+
+@implementer(IRealm)
+class SubmissionRealm:
+    """
+    Turns an authenticated account name into an L{ISubmission} avatar.
+
+    @param avatarFactory: makes the avatar of an L{Account}.  If the avatar
+        has a C{logout} method, it is called on logout.
+    """
+
+    def __init__(
+        self, store: IAccountStore, avatarFactory: Callable[[Account], Any]
+    ) -> None:
+        self._store = store
+        self._avatarFactory = avatarFactory
+
+    def requestAvatar(self, avatarId: str | bytes, mind: object, *interfaces: Any):
+        if ISubmission not in interfaces:
+            raise NotImplementedError("SubmissionRealm only provides ISubmission")
+        if isinstance(avatarId, bytes):
+            avatarId = avatarId.decode("utf-8")
+        account = self._store.getAccount(avatarId)
+        if isinstance(account, Deferred):
+            return account.addCallback(self._avatar)
+        return self._avatar(account)
+
+    def _avatar(self, account: Account | None):
+        if account is None or not account.enabled:
+            # Removed or disabled between the checker and here.
+            raise UnauthorizedLogin(_FAILURE_TEXT)
+        avatar = self._avatarFactory(account)
+        return ISubmission, avatar, getattr(avatar, "logout", lambda: None)

@@ -1,0 +1,231 @@
+"""
+The configuration file (TOML): loading, defaults and validation.  Every key
+is listed in L{SCHEMA}, with its type and default; a wrong or unknown key
+stops the start with an error naming the key and the file.  With no file at
+all, the built-in defaults give a working MSA on 127.0.0.1 whose state
+(certificate, accounts, spool, outbox) lives under C{./msa-state}.
+
+C{etc/digipoort-msa.toml} documents every key.
+"""
+
+import os
+import tomllib
+from typing import Any
+
+import attrs
+
+#: section -> key -> (accepted types, default).  A default of L{None} means
+#: "not set"; defaults that depend on other keys are filled in by
+#: L{Config.resolve}.
+SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
+    "server": {
+        "hostname": ((str,), "localhost"),
+        "state_dir": ((str,), "msa-state"),
+        "starttls_listeners": ((list,), ["tcp:2587:interface=127.0.0.1"]),
+        "implicit_tls_listeners": ((list,), ["tcp:2465:interface=127.0.0.1"]),
+        "max_message_size": ((int,), 52428800),
+        "max_line_length": ((int,), 998),
+        "max_recipients": ((int,), 100),
+        "max_errors": ((int,), 20),
+        "max_auth_failures": ((int,), 3),
+        "idle_timeout": ((int, float), 300),
+        "mechanisms": ((list,), ["SCRAM-SHA-256", "DIGEST-MD5", "PLAIN", "LOGIN"]),
+        "sasl_realm": ((str,), None),
+        "server_names": ((list,), None),
+    },
+    "tls": {
+        "certificate": ((str,), None),
+        "key": ((str,), None),
+        "chain": ((str,), None),
+        "ciphers": ((str,), None),
+        "groups": ((str,), None),
+        "minimum_version": ((str,), "TLSv1_2"),
+    },
+    "accounts": {
+        "file": ((str,), None),
+        "watch_interval": ((int, float), 2.0),
+    },
+    "spool": {
+        "directory": ((str,), None),
+    },
+    "relay": {
+        "host": ((str,), None),
+        "port": ((int,), 25),
+        "tls": ((str,), "starttls"),
+        "verify_certificate": ((bool,), True),
+        "server_name": ((str,), None),
+        "ca_file": ((str,), None),
+        "client_certificate": ((str,), None),
+        "client_key": ((str,), None),
+        "auth_username": ((str,), None),
+        "auth_password_file": ((str,), None),
+        "helo_name": ((str,), None),
+        "outbox": ((str,), None),
+        "retry_base": ((int, float), 60),
+        "retry_max": ((int, float), 3600),
+        "max_lifetime": ((int, float), 5 * 86400),
+    },
+}
+
+RELAY_TLS_MODES = ("starttls", "implicit", "none")
+
+
+class ConfigError(Exception):
+    """
+    The configuration cannot be used; the message names the file and key.
+    """
+
+
+@attrs.define
+class Config:
+    """
+    The validated configuration: C{values[section][key]}, every key
+    present, paths made absolute.
+    """
+
+    values: dict[str, dict[str, Any]]
+    path: str | None = None
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.values[section]
+
+    @property
+    def accountsFile(self) -> str:
+        return self.values["accounts"]["file"]
+
+    @property
+    def realm(self) -> str:
+        return self.values["server"]["sasl_realm"]
+
+    @property
+    def usesDefaults(self) -> bool:
+        return self.path is None
+
+
+def _where(path: str | None, section: str, key: str) -> str:
+    return f"{path or '<built-in defaults>'}: [{section}] {key}"
+
+
+def loadConfig(path: str | None = None) -> Config:
+    """
+    Read and validate a configuration file, or the built-in defaults when
+    C{path} is L{None}.
+
+    @raise ConfigError: naming the file and the key at fault.
+    """
+    raw: dict[str, Any] = {}
+    base = os.getcwd()
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from e
+        base = os.path.dirname(os.path.abspath(path))
+    values: dict[str, dict[str, Any]] = {}
+    for section, content in raw.items():
+        if section not in SCHEMA:
+            raise ConfigError(
+                f"{path}: unknown section [{section}] (known: {', '.join(SCHEMA)})"
+            )
+        if not isinstance(content, dict):
+            raise ConfigError(f"{path}: {section} must be a [section]")
+        for key, value in content.items():
+            if key not in SCHEMA[section]:
+                raise ConfigError(f"{_where(path, section, key)}: unknown key")
+            types, _ = SCHEMA[section][key]
+            if isinstance(value, bool) and bool not in types:
+                types = ()
+            if not isinstance(value, types):
+                expected = " or ".join(t.__name__ for t in types) or "not a boolean"
+                raise ConfigError(f"{_where(path, section, key)}: must be {expected}")
+    for section, keys in SCHEMA.items():
+        given = raw.get(section, {})
+        values[section] = {k: given.get(k, default) for k, (_, default) in keys.items()}
+    config = Config(values, path)
+    _resolve(config, base)
+    return config
+
+
+def _resolve(config: Config, base: str) -> None:
+    server, tls, relay = config["server"], config["tls"], config["relay"]
+    path = config.path
+
+    def absolute(value: str | None, default: str | None = None) -> str | None:
+        value = value if value is not None else default
+        if value is None:
+            return None
+        return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+    state = absolute(server["state_dir"])
+    server["state_dir"] = state
+    server["sasl_realm"] = server["sasl_realm"] or server["hostname"]
+    if not server["server_names"]:
+        # The names a client may put in a DIGEST-MD5 digest-uri: the host
+        # name, and the addresses the listeners are bound to.
+        names = [server["hostname"]]
+        for description in (
+            server["starttls_listeners"] + server["implicit_tls_listeners"]
+        ):
+            for part in description.split(":"):
+                if part.startswith("interface=") and part[10:] not in names:
+                    names.append(part[10:])
+        server["server_names"] = names
+    for key in ("certificate", "key", "chain"):
+        tls[key] = absolute(tls[key])
+    if (tls["certificate"] is None) != (tls["key"] is None):
+        raise ConfigError(
+            f"{_where(path, 'tls', 'certificate')}: certificate and key go together"
+        )
+    config["accounts"]["file"] = absolute(
+        config["accounts"]["file"], os.path.join(state, "accounts.json")
+    )
+    config["spool"]["directory"] = absolute(
+        config["spool"]["directory"], os.path.join(state, "spool")
+    )
+    relay["outbox"] = absolute(relay["outbox"], os.path.join(state, "outbox"))
+    for key in ("ca_file", "client_certificate", "client_key", "auth_password_file"):
+        relay[key] = absolute(relay[key])
+    if relay["tls"] not in RELAY_TLS_MODES:
+        modes = ", ".join(RELAY_TLS_MODES)
+        raise ConfigError(f"{_where(path, 'relay', 'tls')}: must be one of {modes}")
+    if relay["auth_username"] and not relay["auth_password_file"]:
+        raise ConfigError(
+            f"{_where(path, 'relay', 'auth_password_file')}: needed with auth_username"
+        )
+    relay["server_name"] = relay["server_name"] or relay["host"]
+    relay["helo_name"] = relay["helo_name"] or server["hostname"]
+    for key in ("starttls_listeners", "implicit_tls_listeners", "mechanisms"):
+        if not all(isinstance(v, str) for v in server[key]):
+            raise ConfigError(
+                f"{_where(path, 'server', key)}: must be a list of strings"
+            )
+    for key in ("starttls_listeners", "implicit_tls_listeners"):
+        for description in server[key]:
+            if description.split(":", 1)[0] in ("ssl", "tls"):
+                raise ConfigError(
+                    f"{_where(path, 'server', key)}: {description!r}: give a plain "
+                    "stream endpoint (tcp:, systemd:, unix:); the MSA applies its "
+                    "own TLS policy on top"
+                )
+    server["mechanisms"] = [m.upper() for m in server["mechanisms"]]
+    positive = [
+        ("server", "max_message_size"),
+        ("server", "max_line_length"),
+        ("server", "max_recipients"),
+        ("server", "max_errors"),
+        ("server", "max_auth_failures"),
+        ("server", "idle_timeout"),
+        ("relay", "retry_base"),
+        ("relay", "retry_max"),
+        ("relay", "max_lifetime"),
+    ]
+    for section, key in positive:
+        if config[section][key] <= 0:
+            raise ConfigError(f"{_where(path, section, key)}: must be positive")
+    if not 78 <= server["max_line_length"] <= 65536:
+        raise ConfigError(
+            f"{_where(path, 'server', 'max_line_length')}: must be 78 to 65536"
+        )

@@ -1,0 +1,342 @@
+"""
+SASL SCRAM-SHA-256 (RFC 5802, RFC 7677), server side, without channel
+binding.
+
+The server never sees the password: the account store keeps the salt, the
+iteration count, StoredKey and ServerKey (see L{deriveKeys}); the mechanism
+asks L{MechanismContext.scramParameters} for the salt and iteration count
+and the cred checker hands StoredKey and ServerKey to
+L{ScramCredentials.checkKeys}.
+
+The exchange::
+
+    C: n,,n=user,r=<client nonce>            (may be the initial response)
+    S: r=<client nonce><server nonce>,s=<base64 salt>,i=<iterations>
+    C: c=biws,r=<both nonces>,p=<base64 ClientProof>
+    S: v=<base64 ServerSignature>            (L{ScramSHA256Mechanism.serverFinal})
+    C: (empty)
+
+SCRAM-SHA-256-PLUS (channel binding) is not implemented: a client asking
+for channel binding (C{p=...}) fails, and C{y,,} (a client able to bind that
+believes the server cannot) is accepted, which is right only as long as no
+-PLUS mechanism is advertised.
+
+An unknown user (or one without SCRAM secrets) gets a plausible
+server-first message with a fake, stable salt and 4096 iterations, so that
+the server-first message does not reveal whether the account exists; the
+exchange then fails when the checker finds no keys.
+
+User names go through SASLprep (RFC 4013, as a "query": unassigned code
+points allowed), built on the standard library's C{stringprep} tables; the
+passwords given to L{deriveKeys} go through it as a "stored string".
+"""
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+import stringprep
+import unicodedata
+from collections.abc import Callable
+
+from zope.interface import implementer
+
+from msa.interfaces import IMechanismCredentials, IScramCredentials
+from msa.sasl import (
+    Authenticate,
+    Challenge,
+    MechanismContext,
+    authenticationFailed,
+    malformed,
+)
+
+#: Longest client message accepted.
+MAX_MESSAGE = 4096
+
+#: Iteration count reported for unknown users (RFC 7677's minimum).
+FAKE_ITERATIONS = 4096
+
+#: Secret from which the fake salts of unknown users are derived.  It lasts
+#: as long as the process: across restarts an unknown user's salt changes.
+_FAKE_SALT_SECRET = secrets.token_bytes(32)
+
+_PRINTABLE = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
+_EXTENSION = re.compile(r"[A-Za-z]=.*", re.DOTALL)
+_HASH = hashlib.sha256
+
+
+def saslprep(text: str, allowUnassigned: bool = True) -> str:
+    """
+    Prepare a string with SASLprep (RFC 4013).
+
+    @param allowUnassigned: L{True} for a query (a user name received from a
+        client), L{False} for a stored string (a password being set).
+    @raise ValueError: if the string contains prohibited characters or
+        breaks the bidirectional rules.
+    """
+    mapped = "".join(
+        " " if stringprep.in_table_c12(c) else c
+        for c in text
+        if not stringprep.in_table_b1(c)
+    )
+    prepared = unicodedata.ucd_3_2_0.normalize("NFKC", mapped)
+    prohibited = (
+        stringprep.in_table_c12,
+        stringprep.in_table_c21_c22,
+        stringprep.in_table_c3,
+        stringprep.in_table_c4,
+        stringprep.in_table_c5,
+        stringprep.in_table_c6,
+        stringprep.in_table_c7,
+        stringprep.in_table_c8,
+        stringprep.in_table_c9,
+    )
+    for c in prepared:
+        if any(table(c) for table in prohibited):
+            raise ValueError("prohibited character")
+        if not allowUnassigned and stringprep.in_table_a1(c):
+            raise ValueError("unassigned code point")
+    if any(stringprep.in_table_d1(c) for c in prepared):
+        if any(stringprep.in_table_d2(c) for c in prepared):
+            raise ValueError("mixed bidirectional text")
+        if not (
+            stringprep.in_table_d1(prepared[0]) and stringprep.in_table_d1(prepared[-1])
+        ):
+            raise ValueError("bidirectional text must start and end with R/AL")
+    return prepared
+
+
+def _hmac(key: bytes, message: bytes) -> bytes:
+    return hmac.new(key, message, _HASH).digest()
+
+
+def deriveKeys(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
+    """
+    The secrets the account store keeps for SCRAM-SHA-256.
+
+    @return: C{(storedKey, serverKey)}, 32 bytes each.
+    @raise ValueError: if the password fails SASLprep.
+    """
+    prepared = saslprep(password, allowUnassigned=False).encode("utf-8")
+    salted = hashlib.pbkdf2_hmac(_HASH().name, prepared, salt, iterations)
+    clientKey = _hmac(salted, b"Client Key")
+    return _HASH(clientKey).digest(), _hmac(salted, b"Server Key")
+
+
+def _fakeSalt(username: str) -> bytes:
+    return _hmac(_FAKE_SALT_SECRET, username.encode("utf-8"))[:16]
+
+
+def _saslname(value: str) -> str:
+    """
+    Decode a saslname (C{=2C} is a comma, C{=3D} an equals sign) and apply
+    SASLprep.
+    """
+    if not value:
+        raise malformed("SCRAM empty name")
+    pieces = value.split("=")
+    decoded = [pieces[0]]
+    for piece in pieces[1:]:
+        if piece.startswith("2C"):
+            decoded.append("," + piece[2:])
+        elif piece.startswith("3D"):
+            decoded.append("=" + piece[2:])
+        else:
+            raise malformed("SCRAM bad escape in name")
+    try:
+        name = saslprep("".join(decoded))
+    except ValueError:
+        raise malformed("SCRAM name fails SASLprep")
+    if not name:
+        raise malformed("SCRAM empty name")
+    return name
+
+
+def _decodeMessage(data: bytes) -> str:
+    if len(data) > MAX_MESSAGE:
+        raise malformed("SCRAM message too long")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise malformed("SCRAM message is not UTF-8")
+
+
+@implementer(IScramCredentials, IMechanismCredentials)
+class ScramCredentials:
+    """
+    A client-final message waiting for the checker to supply the account's
+    StoredKey and ServerKey.
+
+    @ivar username: the SASLprepped user name, L{str}.
+    @ivar serverSignature: after a successful L{checkKeys}, the raw
+        ServerSignature.
+    """
+
+    mechanism = "SCRAM-SHA-256"
+
+    def __init__(
+        self, username: str, authMessage: bytes, proof: bytes, fake: bool = False
+    ) -> None:
+        self.username = username
+        self._authMessage = authMessage
+        self._proof = proof
+        self._fake = fake
+        self.serverSignature: bytes | None = None
+
+    def checkKeys(self, storedKey: bytes, serverKey: bytes) -> bool:
+        """
+        @return: L{True} when the client proof was computed from the
+            password behind C{storedKey}.  Always L{False} when the exchange
+            used the fake salt of an unknown user.
+        """
+        clientSignature = _hmac(storedKey, self._authMessage)
+        clientKey = bytes(
+            a ^ b for a, b in zip(self._proof, clientSignature, strict=True)
+        )
+        valid = hmac.compare_digest(_HASH(clientKey).digest(), storedKey)
+        if not valid or self._fake:
+            return False
+        self.serverSignature = _hmac(serverKey, self._authMessage)
+        return True
+
+
+def _newNonce() -> str:
+    return secrets.token_urlsafe(24)
+
+
+class ScramSHA256Mechanism:
+    """
+    The server side of one SCRAM-SHA-256 exchange.
+    """
+
+    name = "SCRAM-SHA-256"
+
+    def __init__(
+        self,
+        context: MechanismContext | None = None,
+        nonceFactory: Callable[[], str] = _newNonce,
+    ) -> None:
+        """
+        @param nonceFactory: makes the server's part of the nonce (for
+            tests): printable ASCII without commas.
+        """
+        self._context = context if context is not None else MechanismContext()
+        self._nonceFactory = nonceFactory
+        self._state = "new"
+        self._credentials: ScramCredentials | None = None
+        self._fake = False
+        self._username = ""
+        self._gs2Header = b""
+        self._clientFirstBare = ""
+        self._serverFirst = ""
+        self._nonce = ""
+
+    def start(self, initialResponse: bytes | None) -> Challenge:
+        """
+        Begin: the client-first message may come as the initial response.
+        """
+        if self._state != "new":
+            raise malformed("SCRAM exchange already started")
+        self._state = "client-first"
+        if initialResponse is None:
+            return Challenge(b"")
+        return self.respond(initialResponse)
+
+    def respond(self, data: bytes) -> Challenge | Authenticate:
+        """
+        Take the client-first or client-final message.
+
+        @raise msa.errors.SMTPReply: 501 5.5.2 for malformed messages,
+            535 5.7.8 for well-formed but unacceptable ones.
+        """
+        state, self._state = self._state, "done"
+        if state == "client-first":
+            return self._clientFirst(_decodeMessage(data))
+        if state == "client-final":
+            return self._clientFinal(_decodeMessage(data))
+        raise malformed("SCRAM message out of sequence")
+
+    def _clientFirst(self, message: str) -> Challenge:
+        fields = message.split(",")
+        if len(fields) < 4:
+            raise malformed("SCRAM client-first message expected")
+        flag, authz = fields[0], fields[1]
+        if flag.startswith("p="):
+            # Channel binding requires SCRAM-SHA-256-PLUS, not offered.
+            raise authenticationFailed()
+        if flag not in ("n", "y"):
+            raise malformed("SCRAM bad channel binding flag")
+        if authz and not authz.startswith("a="):
+            raise malformed("SCRAM bad authorization identity")
+        if fields[2].startswith("m="):
+            raise malformed("SCRAM mandatory extensions are not supported")
+        if not fields[2].startswith("n=") or not fields[3].startswith("r="):
+            raise malformed("SCRAM user name and nonce expected")
+        username = _saslname(fields[2][2:])
+        if authz and _saslname(authz[2:]) != username:
+            raise authenticationFailed()
+        clientNonce = fields[3][2:]
+        if not _PRINTABLE.fullmatch(clientNonce):
+            raise malformed("SCRAM bad nonce")
+        for extension in fields[4:]:
+            if not _EXTENSION.fullmatch(extension):
+                raise malformed("SCRAM bad extension")
+
+        parameters = self._context.scramParameters(username, self.name)
+        self._fake = parameters is None
+        if parameters is None:
+            salt, iterations = _fakeSalt(username), FAKE_ITERATIONS
+        else:
+            salt, iterations = parameters
+        self._username = username
+        self._gs2Header = (flag + "," + authz + ",").encode("utf-8")
+        self._clientFirstBare = ",".join(fields[2:])
+        self._nonce = clientNonce + self._nonceFactory()
+        self._serverFirst = "r=%s,s=%s,i=%d" % (
+            self._nonce,
+            base64.b64encode(salt).decode("ascii"),
+            iterations,
+        )
+        self._state = "client-final"
+        return Challenge(self._serverFirst.encode("utf-8"))
+
+    def _clientFinal(self, message: str) -> Authenticate:
+        withoutProof, separator, proofText = message.rpartition(",p=")
+        fields = withoutProof.split(",")
+        if not separator or len(fields) < 2:
+            raise malformed("SCRAM client-final message expected")
+        if not fields[0].startswith("c=") or not fields[1].startswith("r="):
+            raise malformed("SCRAM channel binding and nonce expected")
+        for extension in fields[2:]:
+            if not _EXTENSION.fullmatch(extension):
+                raise malformed("SCRAM bad extension")
+        try:
+            binding = base64.b64decode(fields[0][2:], validate=True)
+            proof = base64.b64decode(proofText, validate=True)
+        except ValueError:
+            raise malformed("SCRAM bad base64")
+        if len(proof) != _HASH().digest_size:
+            raise malformed("SCRAM bad proof length")
+        if not hmac.compare_digest(binding, self._gs2Header):
+            raise authenticationFailed()
+        if fields[1][2:] != self._nonce:
+            raise authenticationFailed()
+        authMessage = ",".join(
+            [self._clientFirstBare, self._serverFirst, withoutProof]
+        ).encode("utf-8")
+        self._credentials = ScramCredentials(
+            self._username, authMessage, proof, fake=self._fake
+        )
+        return Authenticate(self._credentials)
+
+    def serverFinal(self) -> bytes:
+        """
+        The C{v=...} message proving the server knew ServerKey.
+
+        @raise msa.errors.SMTPReply: 535 5.7.8 if the credentials have not
+            been checked successfully (failing closed).
+        """
+        if self._credentials is None or self._credentials.serverSignature is None:
+            raise authenticationFailed()
+        return b"v=" + base64.b64encode(self._credentials.serverSignature)

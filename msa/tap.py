@@ -1,0 +1,230 @@
+"""
+C{twistd digipoort-msa}: command-line options and L{makeService}, which turns
+a configuration into the running MSA (listeners, account store, spool and
+relay runner) as one L{MultiService}.  An embedder that has its own Twisted
+application calls L{buildService} with a L{msa.config.Config}, or builds a
+L{msa.server.SubmissionFactory} itself.
+"""
+
+import os
+
+from twisted.application import internet, service
+from twisted.application.service import MultiService
+from twisted.cred.portal import Portal
+from twisted.internet import endpoints
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+
+from msa import __version__, tls
+from msa.accounts import (
+    AccountChecker,
+    AccountFile,
+    SubmissionRealm,
+    makeAccount,
+    writeAccounts,
+)
+from msa.config import Config, ConfigError, loadConfig
+from msa.delivery import submissionFactory
+from msa.relay import OutboxDownstream, RelayRunner, SMTPDownstream
+from msa.sasl import MechanismContext
+from msa.server import ServerPolicy, SubmissionFactory
+from msa.spool import Spool
+
+log = Logger()
+
+#: The account made on a first start with built-in defaults (README.rst).
+DEMO_ACCOUNT = ("demo", "demo-password")
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Digipoort SMTP Message Submission Agent.  Without --config it runs on "
+        "built-in defaults: 127.0.0.1 ports 2587 (STARTTLS) and 2465 (implicit "
+        "TLS), state under ./msa-state, accepted mail to ./msa-state/outbox."
+    )
+    optParameters = [
+        ["config", "c", None, "Configuration file (TOML); see etc/digipoort-msa.toml."],
+    ]
+
+    def opt_version(self):
+        print(f"digipoort-msa {__version__}")
+        raise SystemExit(0)
+
+
+def makeService(options: Options) -> MultiService:
+    try:
+        config = loadConfig(options["config"])
+    except ConfigError as e:
+        raise SystemExit(f"digipoort-msa: {e}") from e
+    try:
+        return buildService(config)
+    except (ConfigError, tls.TLSConfigurationError, OSError, ValueError) as e:
+        raise SystemExit(f"digipoort-msa: cannot start: {e}") from e
+
+
+def _ensureDemoAccounts(config: Config) -> None:
+    """
+    On built-in defaults only: make an accounts file with the demo account
+    when there is none, so that a first start can be tried at once.
+    """
+    path = config.accountsFile
+    if not config.usesDefaults or os.path.exists(path):
+        return
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    name, password = DEMO_ACCOUNT
+    account = makeAccount(name, password, [config.realm])
+    writeAccounts(path, {name: account})
+    log.warn(
+        "Made {path} with the demo account {name!r} (password {password!r}) "
+        "because the MSA runs on built-in defaults; do not use it in production",
+        path=path,
+        name=name,
+        password=password,
+    )
+
+
+def _downstream(config: Config):
+    relay = config["relay"]
+    if not relay["host"]:
+        log.warn(
+            "No core MTA configured ([relay] host): accepted messages are written "
+            "to the outbox {outbox}, one file per message, and not relayed",
+            outbox=relay["outbox"],
+        )
+        return OutboxDownstream(relay["outbox"])
+    contextFactory = None
+    if relay["tls"] != "none":
+        contextFactory = tls.clientContextFactory(
+            relay["server_name"],
+            caFile=relay["ca_file"],
+            clientCertFile=relay["client_certificate"],
+            clientKeyFile=relay["client_key"],
+            verify=relay["verify_certificate"],
+        )
+    password = None
+    if relay["auth_password_file"]:
+        with open(relay["auth_password_file"]) as f:
+            password = f.read().strip()
+    return SMTPDownstream(
+        relay["host"],
+        relay["port"],
+        tlsMode=relay["tls"],
+        contextFactory=contextFactory,
+        heloName=relay["helo_name"],
+        authUsername=relay["auth_username"],
+        authPassword=password,
+    )
+
+
+def buildService(config: Config, reactor=None) -> MultiService:
+    """
+    Everything the MSA runs, from a validated configuration.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    server, tlsConfig = config["server"], config["tls"]
+    top = MultiService()
+    os.makedirs(server["state_dir"], mode=0o700, exist_ok=True)
+
+    certFile, keyFile = tlsConfig["certificate"], tlsConfig["key"]
+    if certFile is None:
+        certFile, keyFile = tls.ensureSelfSignedCertificate(
+            server["state_dir"], server["hostname"]
+        )
+    tlsArgs = {
+        k: v
+        for k, v in (
+            ("ciphers", tlsConfig["ciphers"]),
+            ("groups", tlsConfig["groups"]),
+            ("minimumVersion", tlsConfig["minimum_version"]),
+        )
+        if v is not None
+    }
+    contextFactory = tls.serverContextFactory(
+        certFile, keyFile, tlsConfig["chain"], **tlsArgs
+    )
+
+    _ensureDemoAccounts(config)
+    store = AccountFile(config.accountsFile, reactor)
+    watcher = _AccountWatcher(store, config["accounts"]["watch_interval"])
+    watcher.setServiceParent(top)
+
+    spool = Spool(config["spool"]["directory"], reactor)
+    spool.recover()
+    relay = config["relay"]
+    runner = RelayRunner(
+        spool,
+        _downstream(config),
+        reactor,
+        retryBase=relay["retry_base"],
+        retryMax=relay["retry_max"],
+        maxLifetime=relay["max_lifetime"],
+    )
+    runner.setServiceParent(top)
+
+    realm = SubmissionRealm(store, submissionFactory(spool, server["hostname"]))
+    portal = Portal(realm, [AccountChecker(store)])
+    mechanismContext = MechanismContext(
+        realm=server["sasl_realm"],
+        serverNames=list(server["server_names"]),
+        scramParameters=store.scramParameters,
+    )
+    for implicit, key in (
+        (False, "starttls_listeners"),
+        (True, "implicit_tls_listeners"),
+    ):
+        policy = ServerPolicy(
+            hostname=server["hostname"],
+            implicitTLS=implicit,
+            maxMessageSize=server["max_message_size"],
+            maxLineLength=server["max_line_length"],
+            maxRecipients=server["max_recipients"],
+            maxErrors=server["max_errors"],
+            maxAuthFailures=server["max_auth_failures"],
+            idleTimeout=server["idle_timeout"],
+            mechanisms=tuple(server["mechanisms"]),
+        )
+        factory = SubmissionFactory(
+            portal,
+            policy,
+            tlsContextFactory=contextFactory,
+            mechanismContext=mechanismContext,
+        )
+        if implicit:
+            factory = TLSMemoryBIOFactory(contextFactory, False, factory)
+        for description in server[key]:
+            endpoint = endpoints.serverFromString(reactor, description)
+            listener = internet.StreamServerEndpointService(endpoint, factory)
+            listener._raiseSynchronously = True
+            listener.setServiceParent(top)
+    return top
+
+
+class _AccountWatcher(service.Service):
+    """
+    Reload the accounts file when it changes, and on SIGHUP.
+    """
+
+    def __init__(self, store: AccountFile, interval: float) -> None:
+        self.store = store
+        self.interval = interval
+
+    def startService(self) -> None:
+        super().startService()
+        self.store.startWatching(self.interval)
+        try:
+            import signal
+
+            from twisted.internet import reactor
+
+            signal.signal(
+                signal.SIGHUP, lambda *a: reactor.callFromThread(self.store.reload)
+            )
+        except (ImportError, ValueError):
+            pass
+
+    def stopService(self):
+        self.store.stopWatching()
+        return super().stopService()

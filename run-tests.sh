@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs and run it: the test command of
+# README.rst, and what .ci/run runs.  Arguments, if any, name the test modules
+# (default: all of tests/).  Prints "trial: N passed, N failed, N skipped".
+set -uo pipefail
+cd "$(dirname "$0")"
+
+# Real client programs for the interop tests (curl, swaks with SASL), from
+# Debian.  Only as root with apt-get; elsewhere those tests skip (but under
+# CI=true a missing program fails them).
+SYSTEM_PACKAGES="curl swaks libauthen-sasl-perl libnet-ssleay-perl libio-socket-ssl-perl libdigest-hmac-perl"
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  if ! dpkg -s $SYSTEM_PACKAGES >/dev/null 2>&1; then
+    echo "run-tests: installing $SYSTEM_PACKAGES"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq --no-install-recommends $SYSTEM_PACKAGES >/dev/null
+  fi
+fi
+
+# The project and its test dependencies; the TLS scanner in a venv of its own
+# (sslyze pins an older cryptography than the MSA wants).
+python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]' \
+  --config-settings editable_mode=compat 2>&1 | grep -v '^WARNING: Location' || true
+if [ ! -x .venv-scan/bin/sslyze ]; then
+  python3 -m venv .venv-scan
+  .venv-scan/bin/pip install -q --disable-pip-version-check sslyze 2>&1 \
+    | grep -v '^WARNING: Location' || true
+fi
+
+log=$(mktemp)
+.venv/bin/python -m twisted.trial --temp-directory=_trial_temp "${@:-tests}" 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+last=$(grep -E '^(PASSED|FAILED)' "$log" | tail -n 1)
+count() { echo "$last" | grep -oE "$1=[0-9]+" | cut -d= -f2 | awk '{s+=$1} END {print s+0}'; }
+passed=$(count successes)
+failed=$(( $(count failures) + $(count errors) + $(count unexpectedSuccesses) ))
+skipped=$(count skips)
+# No closing line at all means trial itself broke: that is a failure.
+[ -n "$last" ] || failed=$((failed + 1))
+rm -f "$log"
+echo "trial: ${passed} passed, ${failed} failed, ${skipped} skipped"
+exit "$rc"

@@ -1,0 +1,12 @@
+"""
+The twistd plugin: C{twistd digipoort-msa}.  All the work is in L{msa.tap}.
+"""
+
+from twisted.application.service import ServiceMaker
+
+digipoortMSA = ServiceMaker(
+    "Digipoort MSA",
+    "msa.tap",
+    "Digipoort SMTP Message Submission Agent (RFC 6409)",
+    "digipoort-msa",
+)
