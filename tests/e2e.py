@@ -1,0 +1,210 @@
+"""
+End-to-end fixtures: the whole MSA as C{twistd digipoort-msa} builds it
+(L{msa.tap.buildService} from a real configuration file), listening on
+loopback ports with real TLS, and an independent downstream SMTP server
+(aiosmtpd, in its own thread) standing in for the Digipoort core MTA.
+"""
+
+import os
+import shutil
+import socket
+import ssl
+import threading
+
+from twisted.internet import defer, reactor, task, utils
+from twisted.trial.unittest import SkipTest
+
+from msa.accounts import makeAccount, writeAccounts
+from msa.config import loadConfig
+from msa.tap import buildService
+from msa.tls import ensureSelfSignedCertificate
+
+USERS = {"alice": "wonderland", "bob": "builder pass"}
+MESSAGE = (
+    b"From: ik@mijnbedrijf.nl\r\n"
+    b"To: belastingdienst@overheid.nl\r\n"
+    b"Subject: aangifte\r\n"
+    b"Message-ID: <1@mijnbedrijf.nl>\r\n"
+    b"\r\n"
+    b"Regel een\r\n"
+    b".regel met punt\r\n"
+    b"..twee punten\r\n"
+    b"\xc3\xa9\xc3\xa9n 8-bit regel\r\n"
+)
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def writeConfig(path: str, sections: dict) -> None:
+    with open(path, "w") as f:
+        for section, values in sections.items():
+            f.write(f"[{section}]\n")
+            for key, value in values.items():
+                f.write(f"{key} = {_toml(value)}\n")
+
+
+def requireProgram(testCase, name: str) -> str:
+    """
+    The path of a client program, or skip; under CI=true a missing program
+    fails the test instead of skipping it.
+    """
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            testCase.fail(
+                f"{name} is not installed (CI must install it: see run-tests.sh)"
+            )
+        raise SkipTest(f"{name} not installed")
+    return path
+
+
+class RunningMSA:
+    """
+    The MSA, configured through a real TOML file in a temporary directory.
+
+    @ivar starttlsPort: the STARTTLS listener's port.
+    @ivar implicitPort: the implicit-TLS listener's port.
+    @ivar certFile: the self-signed certificate clients can trust.
+    """
+
+    def __init__(self, testCase, relay: dict | None = None, server: dict | None = None):
+        self.testCase = testCase
+        self.directory = os.path.abspath(testCase.mktemp())
+        os.makedirs(self.directory)
+        self.state = os.path.join(self.directory, "state")
+        self.starttlsPort = freePort()
+        self.implicitPort = freePort()
+        serverSection = {
+            "hostname": "localhost",
+            "state_dir": self.state,
+            "starttls_listeners": [f"tcp:{self.starttlsPort}:interface=127.0.0.1"],
+            "implicit_tls_listeners": [f"tcp:{self.implicitPort}:interface=127.0.0.1"],
+        }
+        serverSection.update(server or {})
+        self.accountsFile = os.path.join(self.directory, "accounts.json")
+        sections = {"server": serverSection, "accounts": {"file": self.accountsFile}}
+        if relay:
+            sections["relay"] = relay
+        self.configFile = os.path.join(self.directory, "msa.toml")
+        writeConfig(self.configFile, sections)
+        writeAccounts(
+            self.accountsFile,
+            {name: makeAccount(name, pw, ["localhost"]) for name, pw in USERS.items()},
+        )
+        self.certFile, _ = ensureSelfSignedCertificate(self.state, "localhost")
+        self.outbox = os.path.join(self.state, "outbox")
+        self.service = buildService(loadConfig(self.configFile))
+        self.service.startService()
+        testCase.addCleanup(self.service.stopService)
+
+    def clientContext(self) -> ssl.SSLContext:
+        """
+        What a careful client uses: verify our certificate (R14).
+        """
+        context = ssl.create_default_context(cafile=self.certFile)
+        return context
+
+    def outboxFiles(self) -> list[str]:
+        if not os.path.isdir(self.outbox):
+            return []
+        return sorted(f for f in os.listdir(self.outbox) if f.endswith(".eml"))
+
+    def readOutbox(self, name: str) -> bytes:
+        with open(os.path.join(self.outbox, name), "rb") as f:
+            return f.read()
+
+    @defer.inlineCallbacks
+    def waitForOutbox(self, count: int, timeout: float = 10.0):
+        for _ in range(int(timeout / 0.05)):
+            files = self.outboxFiles()
+            if len(files) >= count:
+                return files
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.testCase.fail(f"outbox has {self.outboxFiles()}, expected {count} file(s)")
+
+
+def runProgram(executable: str, args: list[str]):
+    """
+    Run a client program without blocking the reactor.
+
+    @return: Deferred of (stdout, stderr, exit code).
+    """
+    return utils.getProcessOutputAndValue(executable, args, env=os.environ)
+
+
+class AiosmtpdCore:
+    """
+    The Digipoort core MTA stand-in: aiosmtpd with STARTTLS required and a
+    certificate for localhost, recording each message as it arrived.
+    """
+
+    def __init__(self, testCase, requireStartTLS: bool = True):
+        from aiosmtpd.controller import Controller
+
+        directory = os.path.abspath(testCase.mktemp())
+        self.certFile, self.keyFile = ensureSelfSignedCertificate(
+            directory, "localhost"
+        )
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.certFile, self.keyFile)
+        self.messages: list = []
+        self.port = freePort()
+        self._lock = threading.Lock()
+        core = self
+
+        class Handler:
+            async def handle_DATA(self, server, session, envelope):
+                with core._lock:
+                    core.messages.append(
+                        (
+                            envelope.mail_from,
+                            list(envelope.rcpt_tos),
+                            envelope.original_content,
+                            session.ssl is not None,
+                        )
+                    )
+                return "250 2.0.0 Ok: queued as CORE%d" % len(core.messages)
+
+        self.controller = Controller(
+            Handler(),
+            hostname="127.0.0.1",
+            port=self.port,
+            tls_context=context,
+            require_starttls=requireStartTLS,
+            decode_data=False,
+        )
+        self.controller.start()
+        testCase.addCleanup(self.controller.stop)
+
+    @defer.inlineCallbacks
+    def waitForMessages(self, count: int, timeout: float = 10.0):
+        for _ in range(int(timeout / 0.05)):
+            with self._lock:
+                if len(self.messages) >= count:
+                    return list(self.messages)
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        raise AssertionError(f"core received {len(self.messages)}, expected {count}")
+
+    def relayConfig(self) -> dict:
+        return {
+            "host": "127.0.0.1",
+            "port": self.port,
+            "tls": "starttls",
+            "server_name": "localhost",
+            "ca_file": self.certFile,
+            "retry_base": 1,
+        }
