@@ -1,0 +1,289 @@
+"""
+A real downstream SMTP server for tests: a small Twisted ESMTP server on
+127.0.0.1 that records every message (envelope and the exact data bytes
+after unstuffing) and can be told to misbehave.
+
+Usage in a trial test::
+
+    server = DownstreamServer(self.mktemp())
+    port = server.start()
+    self.addCleanup(server.stop)
+    ...
+    messages = yield server.waitForMessages(1)
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+
+import attrs
+from twisted.internet import defer, protocol, reactor, task
+from twisted.protocols.basic import LineReceiver
+
+from msa.tls import ensureSelfSignedCertificate, serverContextFactory
+
+
+@attrs.define
+class ReceivedMessage:
+    """
+    One message as the downstream received it.
+
+    @ivar data: the data between DATA and the final dot, unstuffed, with
+        its CRLFs.
+    """
+
+    sender: str
+    recipients: list[str]
+    data: bytes
+    mailParams: str
+    tls: bool
+    authenticated: str | None
+
+
+class _ServerProtocol(LineReceiver):
+    delimiter = b"\r\n"
+    MAX_LENGTH = 1 << 20
+
+    def __init__(self, server: DownstreamServer) -> None:
+        self.server = server
+        self.tls = server.tlsMode == "implicit"
+        self.authenticated: str | None = None
+        self.inData = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sender: str | None = None
+        self.recipients: list[str] = []
+        self.mailParams = ""
+        self.data: list[bytes] = []
+
+    def reply(self, code: int, text: str) -> None:
+        self.sendLine(f"{code} {text}".encode())
+
+    def connectionMade(self) -> None:
+        self.server.connections += 1
+        if not self.server.silent:
+            self.reply(*self.server.greeting)
+
+    def lineReceived(self, line: bytes) -> None:
+        server = self.server
+        if self.inData:
+            if line == b".":
+                self.inData = False
+                self._endOfData()
+            else:
+                self.data.append(
+                    (line[1:] if line.startswith(b".") else line) + b"\r\n"
+                )
+            return
+        server.commands.append((self.tls, line))
+        verb, _, arg = line.partition(b" ")
+        verb = verb.upper()
+        text = arg.decode("utf-8", "replace")
+        handler = getattr(self, "do_" + verb.decode("ascii", "replace"), None)
+        if handler is None:
+            self.reply(502, "5.5.1 Unknown command")
+        else:
+            handler(text)
+
+    def do_EHLO(self, arg: str) -> None:
+        server = self.server
+        lines = ["localhost hello", "8BITMIME", "SIZE 100000000", "PIPELINING"]
+        if server.tlsMode == "starttls" and not self.tls and server.offerStartTLS:
+            lines.append("STARTTLS")
+        if server.accounts is not None and self.tls:
+            lines.append("AUTH PLAIN")
+        self._reset()
+        for text in lines[:-1]:
+            self.sendLine(f"250-{text}".encode())
+        self.reply(250, lines[-1])
+
+    def do_HELO(self, arg: str) -> None:
+        self._reset()
+        self.reply(250, "localhost")
+
+    def do_STARTTLS(self, arg: str) -> None:
+        server = self.server
+        if self.tls or server.tlsMode != "starttls":
+            self.reply(503, "5.5.1 TLS not available")
+        elif server.refuseStartTLS is not None:
+            self.reply(*server.refuseStartTLS)
+        else:
+            self.reply(220, "2.0.0 Ready to start TLS")
+            self.transport.startTLS(server.contextFactory)
+            self.tls = True
+            self._reset()
+
+    def do_AUTH(self, arg: str) -> None:
+        mechanism, _, initial = arg.partition(" ")
+        accounts = self.server.accounts
+        if accounts is None or not self.tls or mechanism.upper() != "PLAIN":
+            self.reply(504, "5.5.4 Not available")
+            return
+        try:
+            _, user, password = base64.b64decode(initial).decode().split("\0")
+        except ValueError:
+            self.reply(501, "5.5.2 Bad token")
+            return
+        if accounts.get(user) == password:
+            self.authenticated = user
+            self.reply(235, "2.7.0 OK")
+        else:
+            self.reply(535, "5.7.8 Bad credentials")
+
+    def do_MAIL(self, arg: str) -> None:
+        server = self.server
+        if server.tlsMode == "starttls" and not self.tls:
+            self.reply(530, "5.7.0 Must issue a STARTTLS command first")
+        elif server.accounts is not None and self.authenticated is None:
+            self.reply(530, "5.7.0 Authentication required")
+        elif server.mailReply is not None:
+            self.reply(*server.mailReply)
+        else:
+            path, _, params = arg.partition(" ")
+            self.sender = path[path.index("<") + 1 : path.rindex(">")]
+            self.mailParams = params
+            self.reply(250, "2.1.0 OK")
+
+    def do_RCPT(self, arg: str) -> None:
+        if self.sender is None:
+            self.reply(503, "5.5.1 MAIL first")
+            return
+        address = arg[arg.index("<") + 1 : arg.rindex(">")]
+        code, text = self.server.rcptReplies.get(address, (250, "2.1.5 OK"))
+        if code == 250:
+            self.recipients.append(address)
+        self.reply(code, text)
+
+    def do_DATA(self, arg: str) -> None:
+        if not self.recipients:
+            self.reply(503, "5.5.1 RCPT first")
+        elif self.server.dataReply is not None:
+            self.reply(*self.server.dataReply)
+        else:
+            self.inData = True
+            self.reply(354, "End data with <CR><LF>.<CR><LF>")
+
+    def _endOfData(self) -> None:
+        server = self.server
+        if server.finalReply is not None:
+            self.reply(*server.finalReply)
+        else:
+            server.messages.append(
+                ReceivedMessage(
+                    self.sender or "",
+                    list(self.recipients),
+                    b"".join(self.data),
+                    self.mailParams,
+                    self.tls,
+                    self.authenticated,
+                )
+            )
+            self.reply(250, f"2.0.0 Ok: queued as CORE{len(server.messages)}")
+        self._reset()
+
+    def do_RSET(self, arg: str) -> None:
+        self._reset()
+        self.reply(250, "2.0.0 OK")
+
+    def do_NOOP(self, arg: str) -> None:
+        self.reply(250, "2.0.0 OK")
+
+    def do_QUIT(self, arg: str) -> None:
+        self.reply(221, "2.0.0 Bye")
+        self.transport.loseConnection()
+
+
+class DownstreamServer:
+    """
+    The test core MTA.
+
+    @param directory: where its self-signed certificate for C{hostname}
+        goes (L{caFile} is that certificate).
+    @param tlsMode: C{"starttls"} (offered, and required before MAIL),
+        C{"implicit"} (TLS from the first byte) or C{"none"}.
+
+    Misbehaviour, settable any time: C{greeting}, C{silent} (never greet),
+    C{offerStartTLS}, C{refuseStartTLS} (a reply), C{mailReply},
+    C{rcptReplies} (address to reply), C{dataReply} (instead of 354),
+    C{finalReply} (instead of 250 after the data), C{accounts} (user to
+    password: AUTH PLAIN required after TLS).
+    """
+
+    def __init__(
+        self, directory: str, tlsMode: str = "starttls", hostname: str = "localhost"
+    ) -> None:
+        self.tlsMode = tlsMode
+        os.makedirs(directory, exist_ok=True)
+        self.caFile, keyFile = ensureSelfSignedCertificate(directory, hostname)
+        self.contextFactory = serverContextFactory(self.caFile, keyFile)
+        self.greeting = (220, "localhost ESMTP test core")
+        self.silent = False
+        self.offerStartTLS = True
+        self.refuseStartTLS: tuple[int, str] | None = None
+        self.mailReply: tuple[int, str] | None = None
+        self.rcptReplies: dict[str, tuple[int, str]] = {}
+        self.dataReply: tuple[int, str] | None = None
+        self.finalReply: tuple[int, str] | None = None
+        self.accounts: dict[str, str] | None = None
+        self.messages: list[ReceivedMessage] = []
+        self.commands: list[tuple[bool, bytes]] = []
+        self.connections = 0
+        self._port = None
+        self._protocols: list[_ServerProtocol] = []
+
+    def start(self) -> int:
+        """
+        Listen on 127.0.0.1.
+
+        @return: the port number.
+        """
+        factory = protocol.Factory()
+
+        def build(addr):
+            p = _ServerProtocol(self)
+            p.factory = factory
+            self._protocols.append(p)
+            return p
+
+        factory.buildProtocol = build
+        if self.tlsMode == "implicit":
+            self._port = reactor.listenSSL(
+                0, factory, self.contextFactory, interface="127.0.0.1"
+            )
+        else:
+            self._port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        return self._port.getHost().port
+
+    def stop(self) -> defer.Deferred:
+        """
+        Stop listening and drop the open connections.
+        """
+        for p in self._protocols:
+            if p.transport is not None and p.connected:
+                p.transport.abortConnection()
+        return defer.maybeDeferred(self._port.stopListening)
+
+    def plaintextCommands(self) -> list[bytes]:
+        """
+        The commands received before TLS was in place.
+        """
+        return [line for tls, line in self.commands if not tls]
+
+    @defer.inlineCallbacks
+    def waitForMessages(self, count: int, timeout: float = 5.0):
+        """
+        Wait without blocking the reactor until C{count} messages arrived.
+
+        @return: a L{Deferred} firing with the list of messages.
+        """
+        waited = 0.0
+        while len(self.messages) < count:
+            if waited >= timeout:
+                raise AssertionError(
+                    f"{len(self.messages)} of {count} messages after {timeout}s"
+                )
+            yield task.deferLater(reactor, 0.02, lambda: None)
+            waited += 0.02
+        return list(self.messages)

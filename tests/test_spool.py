@@ -1,0 +1,273 @@
+"""
+Tests for L{msa.spool}.
+"""
+
+import json
+import os
+
+from twisted.internet import task
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from msa.envelope import Envelope
+from msa.errors import SMTPReply
+from msa.interfaces import ISpool, ISpoolWriter
+from msa.spool import (
+    DELIVERED,
+    FAILED,
+    PENDING,
+    WRITE_BUFFER,
+    Spool,
+    newQueueId,
+)
+
+
+def makeEnvelope(recipients=("bob@example.org", "carol@example.org")) -> Envelope:
+    return Envelope(
+        sender="alice@example.com",
+        recipients=list(recipients),
+        account="alice",
+        mailParams={"BODY": "8BITMIME"},
+        clientAddress="192.0.2.1",
+        helo="client.example.com",
+    )
+
+
+MESSAGE = b"Subject: test\r\n\r\n.leading dot\r\n..two\r\nlast line\r\n"
+
+
+class SpoolTestsMixin:
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(1_700_000_000)
+        self.directory = self.mktemp()
+        self.spool = Spool(self.directory, reactor=self.clock)
+
+    def queueFiles(self):
+        return sorted(os.listdir(self.spool.queueDirectory))
+
+    def tmpFiles(self):
+        return sorted(os.listdir(self.spool.tmpDirectory))
+
+    def commitMessage(self, data=MESSAGE, envelope=None):
+        writer = self.spool.newMessage(envelope or makeEnvelope())
+        writer.write(data)
+        return self.successResultOf(writer.commit())
+
+
+class SpoolWriteTests(SpoolTestsMixin, unittest.TestCase):
+    def test_interfaces(self):
+        self.assertTrue(verifyObject(ISpool, self.spool))
+        writer = self.spool.newMessage(makeEnvelope())
+        self.assertTrue(verifyObject(ISpoolWriter, writer))
+        writer.abort()
+
+    def test_roundTrip(self):
+        """
+        A committed message loads back with its envelope, every recipient
+        pending, and its bytes exactly as written.
+        """
+        envelope = makeEnvelope()
+        writer = self.spool.newMessage(envelope)
+        self.assertEqual(writer.queueId, envelope.queueId)
+        for line in MESSAGE.split(b"\r\n")[:-1]:
+            writer.write(line + b"\r\n")
+        queueId = self.successResultOf(writer.commit())
+        self.assertEqual(queueId, envelope.queueId)
+        self.assertEqual(self.spool.pending(), [queueId])
+        entry = self.spool.load(queueId)
+        self.assertEqual(entry.envelope, envelope)
+        self.assertEqual(
+            entry.recipients, {"bob@example.org": PENDING, "carol@example.org": PENDING}
+        )
+        self.assertEqual(entry.attempts, 0)
+        self.assertEqual(entry.createdAt, 1_700_000_000)
+        self.assertEqual(entry.lastError, "")
+        self.assertEqual(entry.size, len(MESSAGE))
+        self.assertFalse(entry.eightBit)
+        with self.spool.openMessage(queueId) as f:
+            self.assertEqual(f.read(), MESSAGE)
+        with open(entry.messagePath, "rb") as f:
+            self.assertEqual(f.read(), MESSAGE)
+
+    def test_eightBit(self):
+        queueId = self.commitMessage("Subject: é\r\n\r\n".encode())
+        self.assertTrue(self.spool.load(queueId).eightBit)
+
+    def test_filesOnlyAfterCommit(self):
+        """
+        While the message is written, nothing is in queue/; after the commit,
+        exactly the message and its state are, and tmp/ is empty.
+        """
+        writer = self.spool.newMessage(makeEnvelope())
+        writer.write(MESSAGE)
+        self.assertEqual(self.queueFiles(), [])
+        self.assertEqual(self.spool.pending(), [])
+        self.assertEqual(self.tmpFiles(), [writer.queueId + ".msg"])
+        self.successResultOf(writer.commit())
+        self.assertEqual(
+            self.queueFiles(), [writer.queueId + ".json", writer.queueId + ".msg"]
+        )
+        self.assertEqual(self.tmpFiles(), [])
+        with open(
+            os.path.join(self.spool.queueDirectory, writer.queueId + ".json")
+        ) as f:
+            state = json.load(f)
+        self.assertEqual(state["envelope"]["sender"], "alice@example.com")
+        self.assertEqual(state["recipients"]["bob@example.org"], PENDING)
+
+    def test_abort(self):
+        """
+        An aborted message leaves nothing, and abort may be called twice.
+        """
+        writer = self.spool.newMessage(makeEnvelope())
+        writer.write(MESSAGE)
+        writer.abort()
+        writer.abort()
+        self.assertEqual(self.tmpFiles(), [])
+        self.assertEqual(self.queueFiles(), [])
+        self.assertRaises(RuntimeError, writer.write, b"more")
+
+    def test_listenerAfterCommit(self):
+        seen = []
+
+        def listener(queueId):
+            seen.append((queueId, self.spool.pending()))
+
+        self.spool.addListener(listener)
+        queueId = self.commitMessage()
+        self.assertEqual(seen, [(queueId, [queueId])])
+        self.spool.removeListener(listener)
+        self.commitMessage()
+        self.assertEqual(len(seen), 1)
+
+    def test_streamingWrites(self):
+        """
+        A large message written in many chunks reaches the file as it comes:
+        never more than the write buffer is held back.
+        """
+        writer = self.spool.newMessage(makeEnvelope())
+        path = os.path.join(self.spool.tmpDirectory, writer.queueId + ".msg")
+        line = b"x" * 998 + b"\r\n"
+        written = 0
+        for _ in range(5000):
+            writer.write(line)
+            written += len(line)
+            self.assertGreaterEqual(os.path.getsize(path), written - WRITE_BUFFER)
+        queueId = self.successResultOf(writer.commit())
+        self.assertEqual(self.spool.load(queueId).size, 5000 * 1000)
+
+    def test_queueIds(self):
+        """
+        Queue ids are upper-case hex, unique, and sort by allocation time.
+        """
+        ids = [newQueueId() for _ in range(2000)]
+        self.assertEqual(len(set(ids)), len(ids))
+        self.assertEqual(sorted(ids), ids)
+        for queueId in ids[:10]:
+            self.assertTrue(12 <= len(queueId) <= 20)
+            self.assertEqual(queueId, queueId.upper())
+            int(queueId, 16)
+
+    def test_commitWithRealReactor(self):
+        """
+        With a real reactor the fsyncs run in the thread pool.
+        """
+        spool = Spool(self.mktemp())
+        writer = spool.newMessage(makeEnvelope())
+        writer.write(MESSAGE)
+
+        def committed(queueId):
+            self.assertEqual(spool.pending(), [queueId])
+            with spool.openMessage(queueId) as f:
+                self.assertEqual(f.read(), MESSAGE)
+
+        return writer.commit().addCallback(committed)
+
+    def test_abortDuringCommit(self):
+        """
+        A connection lost while the commit runs: the message is dropped and
+        the commit fails, so no 250 goes out.
+        """
+        spool = Spool(self.mktemp())
+        writer = spool.newMessage(makeEnvelope())
+        writer.write(MESSAGE)
+        d = writer.commit()
+        writer.abort()
+
+        def failed(f):
+            f.trap(SMTPReply)
+            self.assertEqual(spool.pending(), [])
+            self.assertEqual(os.listdir(spool.queueDirectory), [])
+
+        return d.addCallbacks(lambda _: self.fail("commit succeeded"), failed)
+
+
+class SpoolStateTests(SpoolTestsMixin, unittest.TestCase):
+    def test_update(self):
+        """
+        update() replaces the state file atomically and leaves no temporary.
+        """
+        queueId = self.commitMessage()
+        statePath = os.path.join(self.spool.queueDirectory, queueId + ".json")
+        inode = os.stat(statePath).st_ino
+        entry = self.spool.load(queueId)
+        entry.recipients["bob@example.org"] = DELIVERED
+        entry.recipients["carol@example.org"] = FAILED
+        entry.errors["carol@example.org"] = "550 5.1.1 no such user"
+        entry.attempts = 3
+        entry.nextAttempt = 1_700_000_600
+        entry.lastError = "451 4.3.0 try later"
+        self.spool.update(entry)
+        self.assertNotEqual(os.stat(statePath).st_ino, inode)
+        self.assertEqual(self.queueFiles(), [queueId + ".json", queueId + ".msg"])
+        again = self.spool.load(queueId)
+        self.assertEqual(again, entry)
+        self.assertEqual(again.pendingRecipients(), [])
+
+    def test_remove(self):
+        queueId = self.commitMessage()
+        other = self.commitMessage()
+        self.spool.remove(queueId)
+        self.assertEqual(self.queueFiles(), [other + ".json", other + ".msg"])
+        self.assertEqual(self.spool.pending(), [other])
+        self.assertRaises(FileNotFoundError, self.spool.load, queueId)
+
+    def test_pendingSorted(self):
+        ids = [self.commitMessage() for _ in range(5)]
+        self.assertEqual(self.spool.pending(), ids)
+
+    def test_recover(self):
+        """
+        recover() removes everything in tmp/, orphan message files and
+        interrupted updates in queue/, and keeps complete entries.
+        """
+        complete = self.commitMessage()
+        # An entry whose commit crashed between the two renames.
+        orphan = self.commitMessage()
+        os.unlink(os.path.join(self.spool.queueDirectory, orphan + ".json"))
+        # A crash during an update.
+        with open(os.path.join(self.spool.queueDirectory, complete + ".json.tmp"), "w"):
+            pass
+        # A message being received.
+        writer = self.spool.newMessage(makeEnvelope())
+        writer.write(MESSAGE)
+        with open(os.path.join(self.spool.tmpDirectory, "X.json"), "w"):
+            pass
+        self.assertEqual(self.spool.pending(), [complete])
+
+        restarted = Spool(self.directory, reactor=self.clock)
+        self.assertEqual(restarted.recover(), [complete])
+        self.assertEqual(self.tmpFiles(), [])
+        self.assertEqual(self.queueFiles(), [complete + ".json", complete + ".msg"])
+        with restarted.openMessage(complete) as f:
+            self.assertEqual(f.read(), MESSAGE)
+
+    def test_recoverStateWithoutMessage(self):
+        """
+        A state file without its message cannot be delivered: set aside.
+        """
+        queueId = self.commitMessage()
+        os.unlink(os.path.join(self.spool.queueDirectory, queueId + ".msg"))
+        self.assertEqual(self.spool.recover(), [])
+        self.assertEqual(self.queueFiles(), [queueId + ".json.broken"])
