@@ -10,33 +10,27 @@ MSA (see DESIGN.md) is overridden here, each with a test in
 C{tests/test_server.py}.
 """
 
-import base64
-import binascii
 import secrets
 
 import attrs
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, interfaces, protocol
 from twisted.logger import Logger
 from twisted.mail.smtp import ESMTP
 from twisted.python.failure import Failure
 
-from msa import addresses
-from msa.envelope import Envelope, SessionInfo
+from msa.envelope import SessionInfo
 from msa.errors import SMTPReply
-from msa.framing import END, DataFilter, LineFramer
-from msa.interfaces import ISubmission
-from msa.sasl import Authenticate, Challenge, MechanismContext
-from msa.tls import describeTLS
+from msa.framing import LineFramer
+from msa.sasl import MechanismContext
+from msa.serverauth import AUTH, AUTH_FINAL, COMMAND, MAX_AUTH_LINE, AuthenticationMixin
+from msa.sessions import SessionRegistry
+from msa.transaction import DATA, MailTransactionMixin
 
 log = Logger()
 
-COMMAND, DATA, AUTH, AUTH_FINAL = "COMMAND", "DATA", "AUTH", "AUTH_FINAL"
 
 #: RFC 5321 4.5.3.1.4: a command line is at most 512 octets with its CRLF.
 MAX_COMMAND_LINE = 510
-#: RFC 4954 4: an AUTH line (command or response) may be 12288 octets.
-MAX_AUTH_LINE = 12286
 
 #: Before TLS only these are honoured (R3).
 PRE_TLS_COMMANDS = frozenset({b"NOOP", b"EHLO", b"QUIT", b"STARTTLS"})
@@ -60,7 +54,7 @@ class ServerPolicy:
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
 
 
-class SubmissionServer(ESMTP):
+class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
     """
     One client connection.  Created by L{SubmissionFactory}.
     """
@@ -77,6 +71,7 @@ class SubmissionServer(ESMTP):
         self._waiting = False
         self._tls = False
         self._errors = 0
+        self._closing = False
         self._authFailures = 0
         self._submission = None
         self._logout = None
@@ -93,6 +88,10 @@ class SubmissionServer(ESMTP):
             clientPort=getattr(peer, "port", 0),
         )
         self._tls = self.policy.implicitTLS
+        self.factory.registry.add(self)
+        if self.factory.registry.closing:
+            self._shutdownReply()
+            return
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)
         self.canStartTLS = (
@@ -140,6 +139,8 @@ class SubmissionServer(ESMTP):
                 self._authFinal(line)
             else:
                 self._commandLine(line)
+            if self._closing and self.transport and not self.transport.disconnecting:
+                self._afterTransaction()
             if self.transport is None or self.transport.disconnecting:
                 self._framer.clear()
                 return
@@ -155,6 +156,8 @@ class SubmissionServer(ESMTP):
             self._waiting = False
             if self.transport is not None and not self.transport.disconnecting:
                 self._processLines()
+                if self._closing and not self.transport.disconnecting:
+                    self._afterTransaction()
             return result
 
         d.addBoth(resume)
@@ -166,6 +169,7 @@ class SubmissionServer(ESMTP):
         self._processLines()
 
     def connectionLost(self, reason: Failure) -> None:
+        self.factory.registry.remove(self)
         if self.mode == DATA and self._message is not None:
             self._abortMessage()
         if self._logout is not None:
@@ -173,6 +177,38 @@ class SubmissionServer(ESMTP):
             logout()
         self.setTimeout(None)
         log.info("session {session}: disconnected", session=self.session.sessionId)
+
+    # -- shutdown -----------------------------------------------------
+
+    def _inTransaction(self) -> bool:
+        return self._waiting or self.mode != COMMAND or self._sender is not None
+
+    def _shutdownReply(self) -> None:
+        self.reply(421, "4.3.2", f"{self.policy.hostname} Service shutting down")
+        self.transport.loseConnection()
+
+    def beginShutdown(self) -> None:
+        """
+        The MSA is stopping: end now if idle, else after the message in
+        progress (see L{_afterTransaction}).
+        """
+        self._closing = True
+        if not self._inTransaction():
+            self._shutdownReply()
+
+    def forceShutdown(self) -> None:
+        """
+        The grace period is over: a message in progress is abandoned (it was
+        not acknowledged, so the client will send it again).
+        """
+        if self.mode == DATA:
+            self._abortMessage()
+            self.mode = COMMAND
+        self._shutdownReply()
+
+    def _afterTransaction(self) -> None:
+        if self._closing and not self._inTransaction() and self.transport is not None:
+            self._shutdownReply()
 
     # -- replies ------------------------------------------------------
 
@@ -282,340 +318,6 @@ class SubmissionServer(ESMTP):
         self._resetTransaction()
         self.reply(250, "2.0.0", "Ok")
 
-    # -- AUTH ---------------------------------------------------------
-
-    def smtp_AUTH(self, rest: bytes) -> None:
-        if self._submission is not None:
-            self.protocolError(503, "5.5.1", "Error: already authenticated")
-            return
-        if not self.session.helo:
-            self.protocolError(503, "5.5.1", "Error: send EHLO first")
-            return
-        if self._sender is not None:
-            self.protocolError(503, "5.5.1", "Error: MAIL transaction in progress")
-            return
-        parts = rest.split()
-        if not parts or len(parts) > 2:
-            self.protocolError(
-                501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"
-            )
-            return
-        name = parts[0].upper().decode("ascii", "replace")
-        factory = self.factory.mechanismFactories.get(name)
-        if name not in self.policy.mechanisms or factory is None:
-            self.protocolError(504, "5.5.4", "Unrecognized authentication type")
-            return
-        initial = None
-        if len(parts) == 2:
-            initial = self._decodeSASL(parts[1])
-            if initial is None:
-                return
-        self._mechanism = factory(self.factory.mechanismContext)
-        self.session.mechanism = name
-        self._saslStep(lambda: self._mechanism.start(initial))
-
-    def _decodeSASL(self, data: bytes) -> bytes | None:
-        if data == b"=":
-            return b""
-        try:
-            return base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            self._endAuth()
-            self.protocolError(501, "5.5.2", "Error: invalid base64 data")
-            return None
-
-    def _saslStep(self, step) -> None:
-        try:
-            result = step()
-        except SMTPReply as e:
-            self._authFailed(e)
-            return
-        except Exception:
-            log.failure("session {session}: SASL error", session=self.session.sessionId)
-            self._endAuth()
-            self.reply(454, "4.7.0", "Temporary authentication failure")
-            return
-        if isinstance(result, Challenge):
-            self.mode = AUTH
-            self.sendCode(334, base64.b64encode(result.data))
-            return
-        assert isinstance(result, Authenticate)
-        self.mode = COMMAND
-        d = self.portal.login(result.credentials, self.session, ISubmission)
-        d.addCallbacks(self._loggedIn, self._loginFailed)
-        self._wait(d)
-
-    def _authResponse(self, line: bytes) -> None:
-        if line == b"*":
-            self._endAuth()
-            self.protocolError(501, "5.7.0", "Authentication aborted")
-            return
-        decoded = self._decodeSASL(line)
-        if decoded is not None:
-            self._saslStep(lambda: self._mechanism.respond(decoded))
-
-    def _loggedIn(self, result) -> None:
-        interface, avatar, logout = result
-        self._pendingLogin = (avatar, logout)
-        final = self._mechanism.serverFinal()
-        if final is not None:
-            self.mode = AUTH_FINAL
-            self.sendCode(334, base64.b64encode(final))
-            return
-        self._completeAuth()
-
-    def _authFinal(self, line: bytes) -> None:
-        # After the server's final data (rspauth, SCRAM's v=) the client
-        # must answer an empty line (RFC 4954 4).
-        if line.strip():
-            avatar, logout = self._pendingLogin
-            self._pendingLogin = None
-            logout()
-            self._endAuth()
-            self.protocolError(501, "5.7.0", "Authentication aborted")
-            return
-        self._completeAuth()
-
-    def _completeAuth(self) -> None:
-        avatar, logout = self._pendingLogin
-        self._pendingLogin = None
-        self._submission = avatar
-        self._logout = logout
-        self.session.account = avatar.account
-        self.authenticated = True
-        self._endAuth()
-        log.info(
-            "session {session}: authenticated as {account} with {mechanism}",
-            session=self.session.sessionId,
-            account=self.session.account,
-            mechanism=self.session.mechanism,
-        )
-        self.reply(235, "2.7.0", "Authentication successful")
-
-    def _loginFailed(self, failure: Failure) -> None:
-        if failure.check(UnauthorizedLogin):
-            self._authFailed(
-                SMTPReply(535, "5.7.8", "Authentication credentials invalid")
-            )
-        elif failure.check(SMTPReply):
-            self._authFailed(failure.value)
-        else:
-            log.failure(
-                "session {session}: login error",
-                failure,
-                session=self.session.sessionId,
-            )
-            self._endAuth()
-            self.reply(454, "4.7.0", "Temporary authentication failure")
-
-    def _authFailed(self, error: SMTPReply) -> None:
-        self._endAuth()
-        log.info(
-            "session {session}: authentication failed ({mechanism}): {code}",
-            session=self.session.sessionId,
-            mechanism=self.session.mechanism,
-            code=error.code,
-        )
-        if error.code == 535:
-            self._authFailures += 1
-            if self._authFailures >= self.policy.maxAuthFailures:
-                self.sendReply(error)
-                self.reply(
-                    421,
-                    "4.7.0",
-                    f"{self.policy.hostname} Error: too many failed logins",
-                )
-                self.transport.loseConnection()
-                return
-        self.protocolError(error.code, error.status, error.text)
-
-    def _endAuth(self) -> None:
-        self.mode = COMMAND
-        self._mechanism = None
-        if self._submission is None:
-            self.session.mechanism = ""
-
-    # -- mail transaction ---------------------------------------------
-
-    def smtp_MAIL(self, rest: bytes) -> None:
-        if self._submission is None:
-            self.protocolError(530, "5.7.0", "Authentication required")
-            return
-        if self._sender is not None:
-            self.protocolError(503, "5.5.1", "Error: nested MAIL command")
-            return
-        try:
-            sender, params = addresses.parseMailArgument(rest)
-            size = params.get("SIZE")
-            if size is not None and int(size) > self.policy.maxMessageSize:
-                raise SMTPReply(
-                    552, "5.3.4", "Message size exceeds fixed maximum message size"
-                )
-        except SMTPReply as e:
-            self.protocolError(e.code, e.status, e.text)
-            return
-        d = defer.maybeDeferred(
-            self._submission.validateFrom, self.session, sender, params
-        )
-
-        def accepted(_):
-            self._sender = sender
-            self._mailParams = params
-            self.reply(250, "2.1.0", "Ok")
-
-        d.addCallbacks(accepted, self._validationFailed)
-        self._wait(d)
-
-    def smtp_RCPT(self, rest: bytes) -> None:
-        if self._submission is None:
-            self.protocolError(530, "5.7.0", "Authentication required")
-            return
-        if self._sender is None:
-            self.protocolError(503, "5.5.1", "Error: need MAIL command")
-            return
-        try:
-            recipient, params = addresses.parseRcptArgument(rest)
-        except SMTPReply as e:
-            self.protocolError(e.code, e.status, e.text)
-            return
-        if len(self._recipients) >= self.policy.maxRecipients:
-            self.reply(452, "4.5.3", "Error: too many recipients")
-            return
-        d = defer.maybeDeferred(
-            self._submission.validateTo, self.session, recipient, params
-        )
-
-        def accepted(_):
-            self._recipients.append(recipient)
-            self.reply(250, "2.1.5", "Ok")
-
-        d.addCallbacks(accepted, self._validationFailed)
-        self._wait(d)
-
-    def _validationFailed(self, failure: Failure) -> None:
-        if failure.check(SMTPReply):
-            self.protocolError(
-                failure.value.code, failure.value.status, failure.value.text
-            )
-        else:
-            log.failure(
-                "session {session}: validation error",
-                failure,
-                session=self.session.sessionId,
-            )
-            self.reply(451, "4.3.0", "Error: temporary local problem, try again later")
-
-    def smtp_DATA(self, rest: bytes) -> None:
-        if self._submission is None:
-            self.protocolError(530, "5.7.0", "Authentication required")
-            return
-        if rest.strip():
-            self.protocolError(501, "5.5.4", "Syntax: DATA")
-            return
-        if self._sender is None:
-            self.protocolError(503, "5.5.1", "Error: need MAIL command")
-            return
-        if not self._recipients:
-            self.protocolError(554, "5.5.1", "Error: no valid recipients")
-            return
-        tlsVersion, cipher = describeTLS(self.transport)
-        self.session.tlsVersion, self.session.tlsCipher = tlsVersion, cipher
-        envelope = Envelope(
-            sender=self._sender,
-            recipients=list(self._recipients),
-            account=self.session.account,
-            mailParams=dict(self._mailParams),
-            clientAddress=self.session.clientAddress,
-            helo=self.session.helo,
-        )
-        try:
-            self._message = self._submission.startMessage(self.session, envelope)
-        except SMTPReply as e:
-            self.sendReply(e)
-            return
-        except Exception:
-            log.failure(
-                "session {session}: cannot start message",
-                session=self.session.sessionId,
-            )
-            self.reply(451, "4.3.0", "Error: temporary local problem, try again later")
-            return
-        self._filter = DataFilter(
-            maxSize=self.policy.maxMessageSize, maxLineLength=self.policy.maxLineLength
-        )
-        self.mode = DATA
-        self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
-
-    def _dataLine(self, line: bytes, tooLong: bool) -> None:
-        hadError = self._filter.error is not None
-        result = self._filter.lineReceived(line, tooLong)
-        if result is END:
-            self._endOfData()
-            return
-        if result is not None:
-            try:
-                self._message.lineReceived(result)
-            except SMTPReply as e:
-                self._filter.refuse(e)
-            except Exception:
-                log.failure(
-                    "session {session}: spool write failed",
-                    session=self.session.sessionId,
-                )
-                self._filter.refuse(
-                    SMTPReply(
-                        451, "4.3.0", "Error: temporary local problem, try again later"
-                    )
-                )
-        if not hadError and self._filter.error is not None:
-            self._abortMessage()
-
-    def _abortMessage(self) -> None:
-        message, self._message = self._message, None
-        if message is not None:
-            try:
-                message.connectionLost()
-            except Exception:
-                log.failure(
-                    "session {session}: abort failed", session=self.session.sessionId
-                )
-
-    def _endOfData(self) -> None:
-        self.mode = COMMAND
-        dataFilter = self._filter
-        self._filter = None
-        message, self._message = self._message, None
-        self._resetTransaction()
-        if dataFilter.error is not None:
-            self.protocolError(
-                dataFilter.error.code, dataFilter.error.status, dataFilter.error.text
-            )
-            return
-        d = defer.maybeDeferred(message.eomReceived)
-
-        def queued(queueId):
-            log.info(
-                "session {session}: message {queueId} accepted, {size} octets",
-                session=self.session.sessionId,
-                queueId=queueId,
-                size=dataFilter.size,
-            )
-            self.reply(250, "2.0.0", f"Ok: queued as {queueId}")
-
-        def failed(failure):
-            if failure.check(SMTPReply):
-                self.sendReply(failure.value)
-                return
-            log.failure(
-                "session {session}: message not queued",
-                failure,
-                session=self.session.sessionId,
-            )
-            self.reply(451, "4.3.0", "Error: temporary local problem, try again later")
-
-        d.addCallbacks(queued, failed)
-        self._wait(d)
-
     # -- state --------------------------------------------------------
 
     def _resetTransaction(self) -> None:
@@ -661,9 +363,11 @@ class SubmissionFactory(protocol.ServerFactory):
         tlsContextFactory=None,
         mechanismContext: MechanismContext | None = None,
         mechanismFactories: dict | None = None,
+        registry: SessionRegistry | None = None,
     ) -> None:
         from msa.sasl import mechanismFactories as allMechanisms
 
+        self.registry = registry if registry is not None else SessionRegistry()
         self.portal = portal
         self.policy = policy
         self.tlsContextFactory = tlsContextFactory

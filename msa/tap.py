@@ -20,6 +20,7 @@ from msa import __version__, tls
 from msa.accounts import (
     AccountChecker,
     AccountFile,
+    AccountsFileError,
     SubmissionRealm,
     makeAccount,
     writeAccounts,
@@ -29,6 +30,7 @@ from msa.delivery import submissionFactory
 from msa.relay import OutboxDownstream, RelayRunner, SMTPDownstream
 from msa.sasl import MechanismContext
 from msa.server import ServerPolicy, SubmissionFactory
+from msa.sessions import SessionRegistry
 from msa.spool import Spool
 
 log = Logger()
@@ -60,7 +62,13 @@ def makeService(options: Options) -> MultiService:
         raise SystemExit(f"digipoort-msa: {e}") from e
     try:
         return buildService(config)
-    except (ConfigError, tls.TLSConfigurationError, OSError, ValueError) as e:
+    except (
+        ConfigError,
+        AccountsFileError,
+        tls.TLSConfigurationError,
+        OSError,
+        ValueError,
+    ) as e:
         raise SystemExit(f"digipoort-msa: cannot start: {e}") from e
 
 
@@ -171,6 +179,8 @@ def buildService(config: Config, reactor=None) -> MultiService:
         serverNames=list(server["server_names"]),
         scramParameters=store.scramParameters,
     )
+    registry = SessionRegistry()
+    _SessionShutdown(registry, server["shutdown_grace"]).setServiceParent(top)
     for implicit, key in (
         (False, "starttls_listeners"),
         (True, "implicit_tls_listeners"),
@@ -191,6 +201,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
             policy,
             tlsContextFactory=contextFactory,
             mechanismContext=mechanismContext,
+            registry=registry,
         )
         if implicit:
             factory = TLSMemoryBIOFactory(contextFactory, False, factory)
@@ -200,6 +211,22 @@ def buildService(config: Config, reactor=None) -> MultiService:
             listener._raiseSynchronously = True
             listener.setServiceParent(top)
     return top
+
+
+class _SessionShutdown(service.Service):
+    """
+    On stop (SIGTERM), let sessions in progress finish their message, up to
+    C{grace} seconds, then tell the rest 421.  The listeners stop accepting
+    at the same moment, since all services stop together.
+    """
+
+    def __init__(self, registry: SessionRegistry, grace: float) -> None:
+        self.registry = registry
+        self.grace = grace
+
+    def stopService(self):
+        super().stopService()
+        return self.registry.shutdown(self.grace)
 
 
 class _AccountWatcher(service.Service):

@@ -1,0 +1,184 @@
+"""
+SMTP AUTH (RFC 4954) for L{msa.server.SubmissionServer}: drives the SASL
+state machines of L{msa.sasl}, logs in through the cred portal, and sends
+the server's final SASL data (DIGEST-MD5 rspauth, SCRAM's v=) before 235,
+which Twisted's C{state_AUTH} cannot do.  Every error is a reply with an
+enhanced status code; nothing raises out of the protocol.
+"""
+
+import base64
+import binascii
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from msa.errors import SMTPReply
+from msa.interfaces import ISubmission
+from msa.sasl import Authenticate, Challenge
+
+log = Logger()
+
+COMMAND, AUTH, AUTH_FINAL = "COMMAND", "AUTH", "AUTH_FINAL"
+
+#: RFC 4954 4: an AUTH line (command or response) may be 12288 octets.
+MAX_AUTH_LINE = 12286
+
+
+class AuthenticationMixin:
+    """
+    The AUTH command and its exchange; mixed into the server protocol,
+    whose C{reply}, C{protocolError}, C{_wait}, C{session}, C{policy} and
+    C{factory} it uses.
+    """
+
+    def smtp_AUTH(self, rest: bytes) -> None:
+        if self._submission is not None:
+            self.protocolError(503, "5.5.1", "Error: already authenticated")
+            return
+        if not self.session.helo:
+            self.protocolError(503, "5.5.1", "Error: send EHLO first")
+            return
+        if self._sender is not None:
+            self.protocolError(503, "5.5.1", "Error: MAIL transaction in progress")
+            return
+        parts = rest.split()
+        if not parts or len(parts) > 2:
+            self.protocolError(
+                501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"
+            )
+            return
+        name = parts[0].upper().decode("ascii", "replace")
+        factory = self.factory.mechanismFactories.get(name)
+        if name not in self.policy.mechanisms or factory is None:
+            self.protocolError(504, "5.5.4", "Unrecognized authentication type")
+            return
+        initial = None
+        if len(parts) == 2:
+            initial = self._decodeSASL(parts[1])
+            if initial is None:
+                return
+        self._mechanism = factory(self.factory.mechanismContext)
+        self.session.mechanism = name
+        self._saslStep(lambda: self._mechanism.start(initial))
+
+    def _decodeSASL(self, data: bytes) -> bytes | None:
+        if data == b"=":
+            return b""
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            self._endAuth()
+            self.protocolError(501, "5.5.2", "Error: invalid base64 data")
+            return None
+
+    def _saslStep(self, step) -> None:
+        try:
+            result = step()
+        except SMTPReply as e:
+            self._authFailed(e)
+            return
+        except Exception:
+            log.failure("session {session}: SASL error", session=self.session.sessionId)
+            self._endAuth()
+            self.reply(454, "4.7.0", "Temporary authentication failure")
+            return
+        if isinstance(result, Challenge):
+            self.mode = AUTH
+            self.sendCode(334, base64.b64encode(result.data))
+            return
+        assert isinstance(result, Authenticate)
+        self.mode = COMMAND
+        d = self.portal.login(result.credentials, self.session, ISubmission)
+        d.addCallbacks(self._loggedIn, self._loginFailed)
+        self._wait(d)
+
+    def _authResponse(self, line: bytes) -> None:
+        if line == b"*":
+            self._endAuth()
+            self.protocolError(501, "5.7.0", "Authentication aborted")
+            return
+        decoded = self._decodeSASL(line)
+        if decoded is not None:
+            self._saslStep(lambda: self._mechanism.respond(decoded))
+
+    def _loggedIn(self, result) -> None:
+        interface, avatar, logout = result
+        self._pendingLogin = (avatar, logout)
+        final = self._mechanism.serverFinal()
+        if final is not None:
+            self.mode = AUTH_FINAL
+            self.sendCode(334, base64.b64encode(final))
+            return
+        self._completeAuth()
+
+    def _authFinal(self, line: bytes) -> None:
+        # After the server's final data (rspauth, SCRAM's v=) the client
+        # must answer an empty line (RFC 4954 4).
+        if line.strip():
+            avatar, logout = self._pendingLogin
+            self._pendingLogin = None
+            logout()
+            self._endAuth()
+            self.protocolError(501, "5.7.0", "Authentication aborted")
+            return
+        self._completeAuth()
+
+    def _completeAuth(self) -> None:
+        avatar, logout = self._pendingLogin
+        self._pendingLogin = None
+        self._submission = avatar
+        self._logout = logout
+        self.session.account = avatar.account
+        self.authenticated = True
+        self._endAuth()
+        log.info(
+            "session {session}: authenticated as {account} with {mechanism}",
+            session=self.session.sessionId,
+            account=self.session.account,
+            mechanism=self.session.mechanism,
+        )
+        self.reply(235, "2.7.0", "Authentication successful")
+
+    def _loginFailed(self, failure: Failure) -> None:
+        if failure.check(UnauthorizedLogin):
+            self._authFailed(
+                SMTPReply(535, "5.7.8", "Authentication credentials invalid")
+            )
+        elif failure.check(SMTPReply):
+            self._authFailed(failure.value)
+        else:
+            log.failure(
+                "session {session}: login error",
+                failure,
+                session=self.session.sessionId,
+            )
+            self._endAuth()
+            self.reply(454, "4.7.0", "Temporary authentication failure")
+
+    def _authFailed(self, error: SMTPReply) -> None:
+        self._endAuth()
+        log.info(
+            "session {session}: authentication failed ({mechanism}): {code}",
+            session=self.session.sessionId,
+            mechanism=self.session.mechanism,
+            code=error.code,
+        )
+        if error.code == 535:
+            self._authFailures += 1
+            if self._authFailures >= self.policy.maxAuthFailures:
+                self.sendReply(error)
+                self.reply(
+                    421,
+                    "4.7.0",
+                    f"{self.policy.hostname} Error: too many failed logins",
+                )
+                self.transport.loseConnection()
+                return
+        self.protocolError(error.code, error.status, error.text)
+
+    def _endAuth(self) -> None:
+        self.mode = COMMAND
+        self._mechanism = None
+        if self._submission is None:
+            self.session.mechanism = ""

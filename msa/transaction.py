@@ -1,0 +1,208 @@
+"""
+The mail transaction of L{msa.server.SubmissionServer}: MAIL, RCPT and
+DATA (RFC 5321 3.3) with the replies of the spec example (R7), complete
+addresses (R8), SIZE (RFC 1870), and the message streamed through the DATA
+filter into the account's avatar, which spools it once.  The 250 after the
+final dot goes out only when the spool says the message is on disk.
+"""
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from msa import addresses
+from msa.envelope import Envelope
+from msa.errors import SMTPReply
+from msa.framing import END, DataFilter
+from msa.serverauth import COMMAND
+from msa.tls import describeTLS
+
+log = Logger()
+
+DATA = "DATA"
+
+
+class MailTransactionMixin:
+    """
+    MAIL, RCPT, DATA; mixed into the server protocol, whose C{reply},
+    C{protocolError}, C{_wait}, C{session} and C{policy} it uses.
+    """
+
+    def smtp_MAIL(self, rest: bytes) -> None:
+        if self._submission is None:
+            self.protocolError(530, "5.7.0", "Authentication required")
+            return
+        if self._sender is not None:
+            self.protocolError(503, "5.5.1", "Error: nested MAIL command")
+            return
+        try:
+            sender, params = addresses.parseMailArgument(rest)
+            size = params.get("SIZE")
+            if size is not None and int(size) > self.policy.maxMessageSize:
+                raise SMTPReply(
+                    552, "5.3.4", "Message size exceeds fixed maximum message size"
+                )
+        except SMTPReply as e:
+            self.protocolError(e.code, e.status, e.text)
+            return
+        d = defer.maybeDeferred(
+            self._submission.validateFrom, self.session, sender, params
+        )
+
+        def accepted(_):
+            self._sender = sender
+            self._mailParams = params
+            self.reply(250, "2.1.0", "Ok")
+
+        d.addCallbacks(accepted, self._validationFailed)
+        self._wait(d)
+
+    def smtp_RCPT(self, rest: bytes) -> None:
+        if self._submission is None:
+            self.protocolError(530, "5.7.0", "Authentication required")
+            return
+        if self._sender is None:
+            self.protocolError(503, "5.5.1", "Error: need MAIL command")
+            return
+        try:
+            recipient, params = addresses.parseRcptArgument(rest)
+        except SMTPReply as e:
+            self.protocolError(e.code, e.status, e.text)
+            return
+        if len(self._recipients) >= self.policy.maxRecipients:
+            self.reply(452, "4.5.3", "Error: too many recipients")
+            return
+        d = defer.maybeDeferred(
+            self._submission.validateTo, self.session, recipient, params
+        )
+
+        def accepted(_):
+            self._recipients.append(recipient)
+            self.reply(250, "2.1.5", "Ok")
+
+        d.addCallbacks(accepted, self._validationFailed)
+        self._wait(d)
+
+    def _validationFailed(self, failure: Failure) -> None:
+        if failure.check(SMTPReply):
+            self.protocolError(
+                failure.value.code, failure.value.status, failure.value.text
+            )
+        else:
+            log.failure(
+                "session {session}: validation error",
+                failure,
+                session=self.session.sessionId,
+            )
+            self.reply(451, "4.3.0", "Error: temporary local problem, try again later")
+
+    def smtp_DATA(self, rest: bytes) -> None:
+        if self._submission is None:
+            self.protocolError(530, "5.7.0", "Authentication required")
+            return
+        if rest.strip():
+            self.protocolError(501, "5.5.4", "Syntax: DATA")
+            return
+        if self._sender is None:
+            self.protocolError(503, "5.5.1", "Error: need MAIL command")
+            return
+        if not self._recipients:
+            self.protocolError(554, "5.5.1", "Error: no valid recipients")
+            return
+        tlsVersion, cipher = describeTLS(self.transport)
+        self.session.tlsVersion, self.session.tlsCipher = tlsVersion, cipher
+        envelope = Envelope(
+            sender=self._sender,
+            recipients=list(self._recipients),
+            account=self.session.account,
+            mailParams=dict(self._mailParams),
+            clientAddress=self.session.clientAddress,
+            helo=self.session.helo,
+        )
+        try:
+            self._message = self._submission.startMessage(self.session, envelope)
+        except SMTPReply as e:
+            self.sendReply(e)
+            return
+        except Exception:
+            log.failure(
+                "session {session}: cannot start message",
+                session=self.session.sessionId,
+            )
+            self.reply(451, "4.3.0", "Error: temporary local problem, try again later")
+            return
+        self._filter = DataFilter(
+            maxSize=self.policy.maxMessageSize, maxLineLength=self.policy.maxLineLength
+        )
+        self.mode = DATA
+        self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+
+    def _dataLine(self, line: bytes, tooLong: bool) -> None:
+        hadError = self._filter.error is not None
+        result = self._filter.lineReceived(line, tooLong)
+        if result is END:
+            self._endOfData()
+            return
+        if result is not None:
+            try:
+                self._message.lineReceived(result)
+            except SMTPReply as e:
+                self._filter.refuse(e)
+            except Exception:
+                log.failure(
+                    "session {session}: spool write failed",
+                    session=self.session.sessionId,
+                )
+                self._filter.refuse(
+                    SMTPReply(
+                        451, "4.3.0", "Error: temporary local problem, try again later"
+                    )
+                )
+        if not hadError and self._filter.error is not None:
+            self._abortMessage()
+
+    def _abortMessage(self) -> None:
+        message, self._message = self._message, None
+        if message is not None:
+            try:
+                message.connectionLost()
+            except Exception:
+                log.failure(
+                    "session {session}: abort failed", session=self.session.sessionId
+                )
+
+    def _endOfData(self) -> None:
+        self.mode = COMMAND
+        dataFilter = self._filter
+        self._filter = None
+        message, self._message = self._message, None
+        self._resetTransaction()
+        if dataFilter.error is not None:
+            self.protocolError(
+                dataFilter.error.code, dataFilter.error.status, dataFilter.error.text
+            )
+            return
+        d = defer.maybeDeferred(message.eomReceived)
+
+        def queued(queueId):
+            log.info(
+                "session {session}: message {queueId} accepted, {size} octets",
+                session=self.session.sessionId,
+                queueId=queueId,
+                size=dataFilter.size,
+            )
+            self.reply(250, "2.0.0", f"Ok: queued as {queueId}")
+
+        def failed(failure):
+            if failure.check(SMTPReply):
+                self.sendReply(failure.value)
+                return
+            log.failure(
+                "session {session}: message not queued",
+                failure,
+                session=self.session.sessionId,
+            )
+            self.reply(451, "4.3.0", "Error: temporary local problem, try again later")
+
+        d.addCallbacks(queued, failed)
+        self._wait(d)
