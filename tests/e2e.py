@@ -81,7 +81,13 @@ class RunningMSA:
     @ivar certFile: the self-signed certificate clients can trust.
     """
 
-    def __init__(self, testCase, relay: dict | None = None, server: dict | None = None):
+    def __init__(
+        self,
+        testCase,
+        relay: dict | None = None,
+        server: dict | None = None,
+        accounts: dict | None = None,
+    ):
         self.testCase = testCase
         self.directory = os.path.abspath(testCase.mktemp())
         os.makedirs(self.directory)
@@ -96,7 +102,10 @@ class RunningMSA:
         }
         serverSection.update(server or {})
         self.accountsFile = os.path.join(self.directory, "accounts.json")
-        sections = {"server": serverSection, "accounts": {"file": self.accountsFile}}
+        sections = {
+            "server": serverSection,
+            "accounts": {"file": self.accountsFile, **(accounts or {})},
+        }
         if relay:
             sections["relay"] = relay
         self.configFile = os.path.join(self.directory, "msa.toml")

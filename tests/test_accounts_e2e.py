@@ -1,0 +1,119 @@
+"""
+The admin command and the running server together (issue: SASL and
+accounts): an account added with C{digipoort-msa-admin} can submit at
+once, a disabled one cannot, a mechanism taken away fails like a wrong
+password, and a broken accounts file keeps the last good one.  Also: the
+server refuses to start on an accounts file others can read.
+"""
+
+import io
+import os
+import smtplib
+
+from twisted.internet import defer, reactor, task, threads
+from twisted.trial import unittest
+
+from msa import admin, tap
+from tests.e2e import RunningMSA
+from tests.test_e2e import submit
+
+
+def runAdmin(configFile: str, *args: str, stdin: str = "") -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    import sys
+
+    saved = sys.stdin, sys.stdout, sys.stderr
+    sys.stdin, sys.stdout, sys.stderr = io.StringIO(stdin), out, err
+    try:
+        code = admin.main(["--config", configFile, *args])
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = saved
+    return code, out.getvalue(), err.getvalue()
+
+
+class AdminRoundTripTests(unittest.TestCase):
+    def setUp(self):
+        self.msa = RunningMSA(self, accounts={"watch_interval": 0.05})
+
+    def admin(self, *args, stdin=""):
+        code, out, err = runAdmin(self.msa.configFile, *args, stdin=stdin)
+        self.assertEqual(code, 0, err)
+        return out
+
+    def trySubmit(self, user, password, mechanism="PLAIN"):
+        return threads.deferToThread(
+            submit,
+            port=self.msa.implicitPort,
+            implicit=True,
+            context=self.msa.clientContext(),
+            user=user,
+            password=password,
+            mechanism=mechanism,
+        )
+
+    @defer.inlineCallbacks
+    def waitForReload(self):
+        # The store polls every 0.05 s; give it a few rounds.
+        yield task.deferLater(reactor, 0.3, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_addSubmitDisableRefused(self):
+        self.admin("accounts", "add", "acme", stdin="Acme s3cret!\n")
+        yield self.waitForReload()
+        code, text = yield self.trySubmit("acme", "Acme s3cret!")
+        self.assertEqual(code, 250, text)
+        self.admin("accounts", "disable", "acme")
+        yield self.waitForReload()
+        error = yield self.assertFailure(
+            self.trySubmit("acme", "Acme s3cret!"), smtplib.SMTPAuthenticationError
+        )
+        self.assertEqual(error.smtp_code, 535)
+        self.assertEqual(error.smtp_error, b"5.7.8 Authentication credentials invalid")
+        self.admin("accounts", "enable", "acme")
+        self.admin("accounts", "passwd", "acme", stdin="new passw0rd\n")
+        yield self.waitForReload()
+        code, _ = yield self.trySubmit("acme", "new passw0rd")
+        self.assertEqual(code, 250)
+        error = yield self.assertFailure(
+            self.trySubmit("acme", "Acme s3cret!"), smtplib.SMTPAuthenticationError
+        )
+        self.assertEqual(error.smtp_code, 535)
+
+    @defer.inlineCallbacks
+    def test_mechanismWithdrawn(self):
+        """
+        An account whose LOGIN is phased out fails LOGIN exactly as a wrong
+        password would, and still passes PLAIN.
+        """
+        self.admin("accounts", "set", "alice", "--mechanisms", "PLAIN,SCRAM-SHA-256")
+        yield self.waitForReload()
+        error = yield self.assertFailure(
+            self.trySubmit("alice", "wonderland", "LOGIN"),
+            smtplib.SMTPAuthenticationError,
+        )
+        self.assertEqual(
+            (error.smtp_code, error.smtp_error),
+            (535, b"5.7.8 Authentication credentials invalid"),
+        )
+        code, _ = yield self.trySubmit("alice", "wonderland", "PLAIN")
+        self.assertEqual(code, 250)
+
+    @defer.inlineCallbacks
+    def test_brokenFileKeepsLastGood(self):
+        with open(self.msa.accountsFile, "a") as f:
+            f.write("{ not json")
+        yield self.waitForReload()
+        code, _ = yield self.trySubmit("alice", "wonderland")
+        self.assertEqual(code, 250)
+        self.flushLoggedErrors()
+
+
+class StartRefusedTests(unittest.TestCase):
+    def test_accountsReadableByOthers(self):
+        msa = RunningMSA(self)
+        os.chmod(msa.accountsFile, 0o644)
+        options = tap.Options()
+        options.parseOptions(["--config", msa.configFile])
+        error = self.assertRaises(SystemExit, tap.makeService, options)
+        self.assertIn(msa.accountsFile, str(error))
+        self.assertIn("chmod 600", str(error))
