@@ -55,6 +55,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from msa.authorization import AccountRules
 from msa.interfaces import (
     IAccountStore,
     IDigestMD5Credentials,
@@ -322,6 +323,10 @@ def _accountFromJSON(where: str, name: str, document: object) -> Account:
             except (ValueError, AttributeError, binascii.Error):
                 raise fail(f"{at}: {field!r} must be non-empty base64")
     extra = {k: v for k, v in document.items() if k not in _KNOWN_KEYS}
+    try:
+        AccountRules.fromExtra(extra)
+    except ValueError as e:
+        raise fail(str(e))
     return Account(
         name=name,
         enabled=enabled,

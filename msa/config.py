@@ -30,6 +30,11 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "max_auth_failures": ((int,), 3),
         "idle_timeout": ((int, float), 300),
         "shutdown_grace": ((int, float), 30),
+        "max_connections": ((int,), 1000),
+        "max_connections_per_client": ((int,), 20),
+        "accepted_recipients": ((list,), None),
+        "auth_delay_base": ((int, float), 0.5),
+        "auth_delay_max": ((int, float), 16),
         "mechanisms": ((list,), ["SCRAM-SHA-256", "DIGEST-MD5", "PLAIN", "LOGIN"]),
         "sasl_realm": ((str,), None),
         "server_names": ((list,), None),
@@ -212,6 +217,17 @@ def _resolve(config: Config, base: str) -> None:
                     "own TLS policy on top"
                 )
     server["mechanisms"] = [m.upper() for m in server["mechanisms"]]
+    if server["accepted_recipients"] is not None:
+        from msa.authorization import AddressList
+
+        try:
+            server["accepted_recipients"] = AddressList.parse(
+                server["accepted_recipients"]
+            )
+        except ValueError as e:
+            raise ConfigError(f"{_where(path, 'server', 'accepted_recipients')}: {e}")
+    if server["auth_delay_base"] < 0:
+        raise ConfigError(f"{_where(path, 'server', 'auth_delay_base')}: negative")
     positive = [
         ("server", "max_message_size"),
         ("server", "max_line_length"),
@@ -220,6 +236,9 @@ def _resolve(config: Config, base: str) -> None:
         ("server", "max_auth_failures"),
         ("server", "idle_timeout"),
         ("server", "shutdown_grace"),
+        ("server", "max_connections"),
+        ("server", "max_connections_per_client"),
+        ("server", "auth_delay_max"),
         ("relay", "retry_base"),
         ("relay", "retry_max"),
         ("relay", "max_lifetime"),

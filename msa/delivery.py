@@ -10,7 +10,9 @@ import email.utils
 
 from zope.interface import implementer
 
+from msa.authorization import AccountRules, ServerRules
 from msa.envelope import Envelope, SessionInfo
+from msa.errors import SMTPReply
 from msa.interfaces import IAcceptedMessage, ISpool, ISpoolWriter, ISubmission
 
 SOFTWARE = "digipoort-msa"
@@ -47,15 +49,23 @@ class SpooledMessage:
     One message streaming into the spool.
     """
 
-    def __init__(self, writer: ISpoolWriter) -> None:
+    def __init__(self, writer: ISpoolWriter, onCommitted=None) -> None:
         self.writer = writer
         self.queueId = writer.queueId
+        self._onCommitted = onCommitted
 
     def lineReceived(self, line: bytes) -> None:
         self.writer.write(line + b"\r\n")
 
     def eomReceived(self):
-        return self.writer.commit()
+        d = self.writer.commit()
+        if self._onCommitted is not None:
+            d.addCallback(self._committed)
+        return d
+
+    def _committed(self, queueId):
+        self._onCommitted()
+        return queueId
 
     def connectionLost(self) -> None:
         self.writer.abort()
@@ -64,21 +74,49 @@ class SpooledMessage:
 @implementer(ISubmission)
 class Submission:
     """
-    What an authenticated account may do.  Authorization rules per account
-    (R9, R10) hang off this class.
+    What an authenticated account may do (R9, R10): send as the addresses
+    issued to it, to the recipients the gateway serves, within its limits.
     """
 
-    def __init__(self, account, spool: ISpool, hostname: str) -> None:
+    def __init__(
+        self,
+        account,
+        spool: ISpool,
+        hostname: str,
+        serverRules: ServerRules | None = None,
+    ) -> None:
         self.accountRecord = account
         self.account: str = account.name
         self.spool = spool
         self.hostname = hostname
+        self.serverRules = serverRules if serverRules is not None else ServerRules()
+        self.rules = AccountRules.fromExtra(getattr(account, "extra", {}))
+        self.maxMessageSize = self.rules.maxMessageSize
+        self.maxRecipients = self.rules.maxRecipients
+        self.maxSessions = self.rules.maxSessions
 
     def validateFrom(self, session: SessionInfo, sender: str, params: dict) -> None:
-        return None
+        if not sender:
+            raise SMTPReply(
+                553, "5.7.1", "The null sender <> is not accepted for submissions"
+            )
+        if not self.rules.senders.matches(sender):
+            raise SMTPReply(
+                553,
+                "5.7.1",
+                f"Sender address <{sender}> is not owned by the authenticated account",
+            )
+        self.serverRules.rates.check(self.account, self.rules)
 
     def validateTo(self, session: SessionInfo, recipient: str, params: dict) -> None:
-        return None
+        for allowed in (self.serverRules.recipients, self.rules.recipients):
+            if allowed is not None and not allowed.matches(recipient):
+                raise SMTPReply(
+                    550,
+                    "5.7.1",
+                    f"Recipient <{recipient}> is not served by this gateway "
+                    "for this account",
+                )
 
     def startMessage(self, session: SessionInfo, envelope: Envelope) -> SpooledMessage:
         writer = self.spool.newMessage(envelope)
@@ -87,15 +125,21 @@ class Submission:
         except BaseException:
             writer.abort()
             raise
-        return SpooledMessage(writer)
+        return SpooledMessage(
+            writer, lambda: self.serverRules.rates.record(self.account)
+        )
 
 
-def submissionFactory(spool: ISpool, hostname: str):
+def submissionFactory(
+    spool: ISpool, hostname: str, serverRules: ServerRules | None = None
+):
     """
     The C{avatarFactory} for L{msa.accounts.SubmissionRealm}.
     """
+    if serverRules is None:
+        serverRules = ServerRules()
 
     def makeSubmission(account) -> Submission:
-        return Submission(account, spool, hostname)
+        return Submission(account, spool, hostname, serverRules)
 
     return makeSubmission

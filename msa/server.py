@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.mail.smtp import ESMTP
 from twisted.python.failure import Failure
 
+from msa.authorization import AuthThrottle
 from msa.envelope import SessionInfo
 from msa.errors import SMTPReply
 from msa.framing import LineFramer
@@ -50,6 +51,8 @@ class ServerPolicy:
     maxRecipients: int = 100
     maxErrors: int = 20
     maxAuthFailures: int = 3
+    maxConnections: int = 1000
+    maxConnectionsPerClient: int = 20
     idleTimeout: float = 300.0
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
 
@@ -68,9 +71,10 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
         self.timeout = self.policy.idleTimeout
         self.noisy = False
         self._framer = LineFramer()
-        self._waiting = False
+        self._waiting = 0
         self._tls = False
         self._errors = 0
+        self._attemptedUser = ""
         self._closing = False
         self._authFailures = 0
         self._submission = None
@@ -88,9 +92,23 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
             clientPort=getattr(peer, "port", 0),
         )
         self._tls = self.policy.implicitTLS
-        self.factory.registry.add(self)
-        if self.factory.registry.closing:
+        registry = self.factory.registry
+        registry.add(self)
+        if registry.closing:
             self._shutdownReply()
+            return
+        if len(registry.sessions) > self.policy.maxConnections or (
+            registry.sessionsFrom(self.session.clientAddress)
+            > self.policy.maxConnectionsPerClient
+        ):
+            log.info(
+                "session {session}: refused, too many connections",
+                session=self.session.sessionId,
+            )
+            self.reply(
+                421, "4.7.0", f"{self.policy.hostname} Error: too many connections"
+            )
+            self.transport.loseConnection()
             return
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)
@@ -150,10 +168,13 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
         Hold back further pipelined commands until C{d} has fired, so that
         replies go out in order.
         """
-        self._waiting = True
+        self._waiting += 1
 
         def resume(result):
-            self._waiting = False
+            # Waits may nest (a failed login's delay inside the login itself).
+            self._waiting -= 1
+            if self._waiting:
+                return result
             if self.transport is not None and not self.transport.disconnecting:
                 self._processLines()
                 if self._closing and not self.transport.disconnecting:
@@ -181,7 +202,7 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
     # -- shutdown -----------------------------------------------------
 
     def _inTransaction(self) -> bool:
-        return self._waiting or self.mode != COMMAND or self._sender is not None
+        return bool(self._waiting) or self.mode != COMMAND or self._sender is not None
 
     def _shutdownReply(self) -> None:
         self.reply(421, "4.3.2", f"{self.policy.hostname} Service shutting down")
@@ -364,7 +385,13 @@ class SubmissionFactory(protocol.ServerFactory):
         mechanismContext: MechanismContext | None = None,
         mechanismFactories: dict | None = None,
         registry: SessionRegistry | None = None,
+        authThrottle: AuthThrottle | None = None,
+        reactor=None,
     ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.authThrottle = authThrottle if authThrottle is not None else AuthThrottle()
         from msa.sasl import mechanismFactories as allMechanisms
 
         self.registry = registry if registry is not None else SessionRegistry()

@@ -10,6 +10,7 @@ import base64
 import binascii
 
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -89,6 +90,7 @@ class AuthenticationMixin:
             return
         assert isinstance(result, Authenticate)
         self.mode = COMMAND
+        self._attemptedUser = str(getattr(result.credentials, "username", ""))
         d = self.portal.login(result.credentials, self.session, ISubmission)
         d.addCallbacks(self._loggedIn, self._loginFailed)
         self._wait(d)
@@ -127,6 +129,22 @@ class AuthenticationMixin:
     def _completeAuth(self) -> None:
         avatar, logout = self._pendingLogin
         self._pendingLogin = None
+        maxSessions = getattr(avatar, "maxSessions", None)
+        if maxSessions is not None and (
+            self.factory.registry.sessionsOf(avatar.account) >= maxSessions
+        ):
+            logout()
+            self._endAuth()
+            self.reply(
+                454,
+                "4.7.0",
+                f"Too many concurrent sessions for this account (at most "
+                f"{maxSessions}); try again later",
+            )
+            return
+        self.factory.authThrottle.succeeded(
+            self.session.clientAddress, self._attemptedUser
+        )
         self._submission = avatar
         self._logout = logout
         self.session.account = avatar.account
@@ -158,23 +176,36 @@ class AuthenticationMixin:
 
     def _authFailed(self, error: SMTPReply) -> None:
         self._endAuth()
+        user, self._attemptedUser = self._attemptedUser, ""
         log.info(
             "session {session}: authentication failed ({mechanism}): {code}",
             session=self.session.sessionId,
             mechanism=self.session.mechanism,
             code=error.code,
         )
-        if error.code == 535:
-            self._authFailures += 1
-            if self._authFailures >= self.policy.maxAuthFailures:
-                self.sendReply(error)
-                self.reply(
-                    421,
-                    "4.7.0",
-                    f"{self.policy.hostname} Error: too many failed logins",
-                )
-                self.transport.loseConnection()
-                return
+        if error.code != 535:
+            self.protocolError(error.code, error.status, error.text)
+            return
+        self._authFailures += 1
+        throttle = self.factory.authThrottle
+        client = self.session.clientAddress
+        delay = throttle.delay(client, user)
+        throttle.failed(client, user)
+        # The delay holds back this session's next command too, so that a
+        # pipelining guesser gains nothing.
+        d = task.deferLater(self.factory.reactor, delay, self._failedReply, error)
+        self._wait(d)
+
+    def _failedReply(self, error: SMTPReply) -> None:
+        if self.transport is None or self.transport.disconnecting:
+            return
+        if self._authFailures >= self.policy.maxAuthFailures:
+            self.sendReply(error)
+            self.reply(
+                421, "4.7.0", f"{self.policy.hostname} Error: too many failed logins"
+            )
+            self.transport.loseConnection()
+            return
         self.protocolError(error.code, error.status, error.text)
 
     def _endAuth(self) -> None:

@@ -25,6 +25,12 @@ class SessionRegistry:
     def add(self, session) -> None:
         self.sessions.add(session)
 
+    def sessionsFrom(self, clientAddress: str) -> int:
+        return sum(1 for s in self.sessions if s.session.clientAddress == clientAddress)
+
+    def sessionsOf(self, account: str) -> int:
+        return sum(1 for s in self.sessions if s.session.account == account)
+
     def remove(self, session) -> None:
         self.sessions.discard(session)
         if not self.sessions:

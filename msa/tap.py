@@ -8,6 +8,7 @@ L{msa.server.SubmissionFactory} itself.
 
 import os
 
+import attrs
 from twisted.application import internet, service
 from twisted.application.service import MultiService
 from twisted.cred.portal import Portal
@@ -25,6 +26,7 @@ from msa.accounts import (
     makeAccount,
     writeAccounts,
 )
+from msa.authorization import AuthThrottle, ServerRules
 from msa.config import Config, ConfigError, loadConfig
 from msa.delivery import submissionFactory
 from msa.relay import OutboxDownstream, RelayRunner, SMTPDownstream
@@ -37,6 +39,7 @@ log = Logger()
 
 #: The account made on a first start with built-in defaults (README.rst).
 DEMO_ACCOUNT = ("demo", "demo-password")
+DEMO_SENDERS = ("@mijnbedrijf.nl", "@example.nl")
 
 
 class Options(usage.Options):
@@ -83,6 +86,7 @@ def _ensureDemoAccounts(config: Config) -> None:
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     name, password = DEMO_ACCOUNT
     account = makeAccount(name, password, [config.realm])
+    account = attrs.evolve(account, extra={"senders": list(DEMO_SENDERS)})
     writeAccounts(path, {name: account})
     log.warn(
         "Made {path} with the demo account {name!r} (password {password!r}) "
@@ -172,7 +176,20 @@ def buildService(config: Config, reactor=None) -> MultiService:
     )
     runner.setServiceParent(top)
 
-    realm = SubmissionRealm(store, submissionFactory(spool, server["hostname"]))
+    if server["accepted_recipients"] is None:
+        log.warn(
+            "No [server] accepted_recipients configured: any recipient is accepted; "
+            "a gateway into Digipoort should name the domains it serves"
+        )
+    serverRules = ServerRules(
+        recipients=server["accepted_recipients"],
+        throttle=AuthThrottle(
+            base=server["auth_delay_base"], maximum=server["auth_delay_max"]
+        ),
+    )
+    realm = SubmissionRealm(
+        store, submissionFactory(spool, server["hostname"], serverRules)
+    )
     portal = Portal(realm, [AccountChecker(store)])
     mechanismContext = MechanismContext(
         realm=server["sasl_realm"],
@@ -194,6 +211,8 @@ def buildService(config: Config, reactor=None) -> MultiService:
             maxErrors=server["max_errors"],
             maxAuthFailures=server["max_auth_failures"],
             idleTimeout=server["idle_timeout"],
+            maxConnections=server["max_connections"],
+            maxConnectionsPerClient=server["max_connections_per_client"],
             mechanisms=tuple(server["mechanisms"]),
         )
         factory = SubmissionFactory(
@@ -202,6 +221,8 @@ def buildService(config: Config, reactor=None) -> MultiService:
             tlsContextFactory=contextFactory,
             mechanismContext=mechanismContext,
             registry=registry,
+            authThrottle=serverRules.throttle,
+            reactor=reactor,
         )
         if implicit:
             factory = TLSMemoryBIOFactory(contextFactory, False, factory)

@@ -22,11 +22,25 @@ log = Logger()
 DATA = "DATA"
 
 
+def _lower(serverLimit: int, submission, name: str) -> int:
+    """
+    The server's limit, or the account's where it is lower (R10).  EHLO
+    keeps advertising the server's SIZE.
+    """
+    accountLimit = getattr(submission, name, None)
+    if accountLimit is None:
+        return serverLimit
+    return min(serverLimit, accountLimit)
+
+
 class MailTransactionMixin:
     """
     MAIL, RCPT, DATA; mixed into the server protocol, whose C{reply},
     C{protocolError}, C{_wait}, C{session} and C{policy} it uses.
     """
+
+    def _maxMessageSize(self) -> int:
+        return _lower(self.policy.maxMessageSize, self._submission, "maxMessageSize")
 
     def smtp_MAIL(self, rest: bytes) -> None:
         if self._submission is None:
@@ -38,7 +52,7 @@ class MailTransactionMixin:
         try:
             sender, params = addresses.parseMailArgument(rest)
             size = params.get("SIZE")
-            if size is not None and int(size) > self.policy.maxMessageSize:
+            if size is not None and int(size) > self._maxMessageSize():
                 raise SMTPReply(
                     552, "5.3.4", "Message size exceeds fixed maximum message size"
                 )
@@ -69,7 +83,8 @@ class MailTransactionMixin:
         except SMTPReply as e:
             self.protocolError(e.code, e.status, e.text)
             return
-        if len(self._recipients) >= self.policy.maxRecipients:
+        limit = _lower(self.policy.maxRecipients, self._submission, "maxRecipients")
+        if len(self._recipients) >= limit:
             self.reply(452, "4.5.3", "Error: too many recipients")
             return
         d = defer.maybeDeferred(
@@ -132,7 +147,7 @@ class MailTransactionMixin:
             self.reply(451, "4.3.0", "Error: temporary local problem, try again later")
             return
         self._filter = DataFilter(
-            maxSize=self.policy.maxMessageSize, maxLineLength=self.policy.maxLineLength
+            maxSize=self._maxMessageSize(), maxLineLength=self.policy.maxLineLength
         )
         self.mode = DATA
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")

@@ -11,6 +11,7 @@ import socket
 import ssl
 import threading
 
+import attrs
 from twisted.internet import defer, reactor, task, utils
 from twisted.trial.unittest import SkipTest
 
@@ -20,6 +21,7 @@ from msa.tap import buildService
 from msa.tls import ensureSelfSignedCertificate
 
 USERS = {"alice": "wonderland", "bob": "builder pass"}
+SENDERS = ["@mijnbedrijf.nl"]
 MESSAGE = (
     b"From: ik@mijnbedrijf.nl\r\n"
     b"To: belastingdienst@overheid.nl\r\n"
@@ -112,7 +114,12 @@ class RunningMSA:
         writeConfig(self.configFile, sections)
         writeAccounts(
             self.accountsFile,
-            {name: makeAccount(name, pw, ["localhost"]) for name, pw in USERS.items()},
+            {
+                name: attrs.evolve(
+                    makeAccount(name, pw, ["localhost"]), extra={"senders": SENDERS}
+                )
+                for name, pw in USERS.items()
+            },
         )
         self.certFile, _ = ensureSelfSignedCertificate(self.state, "localhost")
         self.outbox = os.path.join(self.state, "outbox")

@@ -14,7 +14,9 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
@@ -22,10 +24,14 @@ from msa.delivery import submissionFactory
 from msa.interfaces import ISpool, ISpoolWriter, ISubmission
 from msa.server import ServerPolicy, SubmissionFactory
 
+#: What the unit-test account may use as senders.
+SENDERS = ["@example.nl", "@mijnbedrijf.nl", "@mijn-bedrijf.nl"]
+
 
 @attrs.define
 class FakeAccount:
     name: str
+    extra: dict = attrs.Factory(lambda: {"senders": list(SENDERS)})
 
 
 @implementer(ISpoolWriter)
@@ -68,14 +74,18 @@ class MemorySpool:
 
 
 class SimpleRealm:
-    def __init__(self, spool, hostname):
-        self.makeSubmission = submissionFactory(spool, hostname)
+    def __init__(self, spool, hostname, serverRules=None, extras=None):
+        self.makeSubmission = submissionFactory(spool, hostname, serverRules)
+        self.extras = extras or {}
 
     def requestAvatar(self, avatarId, mind, *interfaces):
         if ISubmission not in interfaces:
             raise NotImplementedError()
         name = avatarId.decode() if isinstance(avatarId, bytes) else avatarId
-        return ISubmission, self.makeSubmission(FakeAccount(name)), lambda: None
+        account = FakeAccount(name)
+        if name in self.extras:
+            account.extra = self.extras[name]
+        return ISubmission, self.makeSubmission(account), lambda: None
 
 
 @implementer(ICredentialsChecker)
@@ -92,9 +102,9 @@ class MemoryChecker:
         return defer.fail(UnauthorizedLogin())
 
 
-def memoryPortal(spool, hostname="msa.example.nl", users=None):
+def memoryPortal(spool, hostname="msa.example.nl", users=None, **realmArgs):
     checker = MemoryChecker(users or {"alice": "wonderland"})
-    return Portal(SimpleRealm(spool, hostname), [checker])
+    return Portal(SimpleRealm(spool, hostname, **realmArgs), [checker])
 
 
 @implementer(ITLSTransport)
@@ -114,19 +124,32 @@ class Harness:
     One server protocol on a string transport, with helpers to talk to it.
     """
 
-    def __init__(self, testCase, implicitTLS=False, clock=None, **policyArgs):
+    def __init__(
+        self,
+        testCase,
+        implicitTLS=False,
+        clock=None,
+        factory=None,
+        realmArgs=None,
+        users=None,
+        peer="192.0.2.1",
+        **policyArgs,
+    ):
         policyArgs.setdefault("hostname", "msa.example.nl")
         self.spool = MemorySpool()
         self.policy = ServerPolicy(implicitTLS=implicitTLS, **policyArgs)
-        self.factory = SubmissionFactory(
-            memoryPortal(self.spool, self.policy.hostname),
+        self.clock = clock if clock is not None else Clock()
+        self.factory = factory or SubmissionFactory(
+            memoryPortal(self.spool, self.policy.hostname, users, **(realmArgs or {})),
             self.policy,
             tlsContextFactory=object(),
+            reactor=self.clock,
         )
-        self.transport = TLSStringTransport()
+        self.transport = TLSStringTransport(
+            peerAddress=IPv4Address("TCP", peer, 40000)
+        )
         self.server = self.factory.buildProtocol(None)
-        if clock is not None:
-            self.server.callLater = clock.callLater
+        self.server.callLater = self.clock.callLater
         self.server.makeConnection(self.transport)
         testCase.addCleanup(self.close)
 
@@ -141,7 +164,20 @@ class Harness:
         """
         self.transport.clear()
         self.server.dataReceived(data)
+        self.settle()
         return self.transport.value().split(b"\r\n")[:-1]
+
+    def settle(self, limit: float = 20.0):
+        """
+        Let the fake clock run while the server holds back a reply (the
+        failed-login delay), up to C{limit} seconds.
+        """
+        self.clock.advance(0)
+        waited = 0.0
+        while self.server._waiting and waited < limit:
+            self.clock.advance(0.25)
+            waited += 0.25
+        self.waited = waited
 
     def command(self, line: bytes) -> list[bytes]:
         return self.send(line + b"\r\n")

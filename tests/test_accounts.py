@@ -102,7 +102,7 @@ class FileTests(unittest.TestCase):
         Accounts read back equal to what was written, C{extra} included.
         """
         alice = attrs.evolve(
-            self.alice, extra={"senders": ["a@example.org"], "limit": {"day": 5}}
+            self.alice, extra={"senders": ["a@example.org"], "messagesPerDay": 5}
         )
         bob = makeAccount("bob", "pw", [], mechanisms=["plain"])
         bob = attrs.evolve(bob, enabled=False)
@@ -185,9 +185,11 @@ class FileTests(unittest.TestCase):
         L{Account.withPassword} renews every secret and keeps the rest;
         L{Account.withMechanisms} drops the secrets of dropped mechanisms.
         """
-        alice = attrs.evolve(self.alice, extra={"x": 1}, enabled=False)
+        alice = attrs.evolve(self.alice, extra={"maxRecipients": 1}, enabled=False)
         renewed = alice.withPassword("new", ["a", "b"])
-        self.assertEqual((renewed.enabled, renewed.extra), (False, {"x": 1}))
+        self.assertEqual(
+            (renewed.enabled, renewed.extra), (False, {"maxRecipients": 1})
+        )
         self.assertEqual(sorted(renewed.digestHA1), ["a", "b"])
         self.assertEqual(renewed.digestHA1["a"], expectedHA1("alice", "a", "new").hex())
         self.assertTrue(verifyPassword(renewed, "new"))
@@ -591,3 +593,26 @@ class DefaultsTests(unittest.TestCase):
             frozenset({"PLAIN", "LOGIN", "DIGEST-MD5", "SCRAM-SHA-256"}),
         )
         self.assertIsInstance(Account("x").mechanisms, frozenset)
+
+
+class AuthorizationFieldTests(unittest.TestCase):
+    def test_badFieldNamesAccountAndKey(self):
+        from msa.accounts import AccountsFileError, parseAccounts
+
+        document = {
+            "version": 1,
+            "accounts": {
+                "acme": {
+                    "enabled": True,
+                    "mechanisms": ["PLAIN"],
+                    "passwordHash": makeAccount("acme", "pw", []).passwordHash,
+                    "maxRecipients": "many",
+                }
+            },
+        }
+        error = self.assertRaises(
+            AccountsFileError, parseAccounts, json.dumps(document).encode(), "acc.json"
+        )
+        self.assertIn("acc.json", str(error))
+        self.assertIn("acme", str(error))
+        self.assertIn("maxRecipients", str(error))

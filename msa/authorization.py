@@ -1,0 +1,235 @@
+"""
+Authorization and abuse limits (R9, R10): what an account may do, read from
+its entry in the accounts file, and the server-wide rules around it.
+
+Per account (JSON keys in the account's entry, all optional unless said):
+  - C{senders}: the envelope senders it may use: C{"ik@acme.nl"} for one
+    address, C{"@acme.nl"} for a whole domain.  Without it no MAIL FROM is
+    accepted: addresses are issued with the account (R9).
+  - C{recipients}: narrows the server-wide recipients for this account.
+  - C{requireHeaderFrom}: the header C{From:} must be one of C{senders} too.
+  - C{maxMessageSize}, C{maxRecipients}: below the server's own limits.
+  - C{messagesPerMinute}, C{messagesPerDay}, C{maxSessions}: rates.
+
+Rates and failed-login counters are kept in memory, per MSA instance.
+"""
+
+import collections
+import time
+
+import attrs
+
+from msa.errors import SMTPReply
+
+_INT_KEYS = (
+    "maxMessageSize",
+    "maxRecipients",
+    "messagesPerMinute",
+    "messagesPerDay",
+    "maxSessions",
+)
+_LIST_KEYS = ("senders", "recipients")
+_BOOL_KEYS = ("requireHeaderFrom",)
+#: Keys handled elsewhere (client certificates) but stored beside these.
+_OTHER_KEYS = ("requireClientCertificate", "certificates")
+KNOWN_KEYS = frozenset(_INT_KEYS + _LIST_KEYS + _BOOL_KEYS + _OTHER_KEYS)
+
+
+def _normalise(address: str) -> str:
+    return address.lower()
+
+
+@attrs.frozen
+class AddressList:
+    """
+    Addresses and whole domains (written C{@domain}); matching ignores case.
+    """
+
+    addresses: frozenset[str] = frozenset()
+    domains: frozenset[str] = frozenset()
+
+    @classmethod
+    def parse(cls, entries) -> "AddressList":
+        addresses, domains = set(), set()
+        for entry in entries:
+            if not isinstance(entry, str) or not entry.strip() or "@" not in entry:
+                raise ValueError(
+                    f"{entry!r} is neither an address (user@domain) nor a "
+                    "domain (@domain)"
+                )
+            entry = _normalise(entry.strip())
+            if entry.startswith("@"):
+                domains.add(entry[1:])
+            else:
+                addresses.add(entry)
+        return cls(frozenset(addresses), frozenset(domains))
+
+    def matches(self, address: str) -> bool:
+        address = _normalise(address)
+        return address in self.addresses or address.rpartition("@")[2] in self.domains
+
+    def __bool__(self) -> bool:
+        return bool(self.addresses or self.domains)
+
+
+@attrs.frozen
+class AccountRules:
+    """
+    The authorization fields of one account, validated.
+    """
+
+    senders: AddressList = AddressList()
+    recipients: AddressList | None = None
+    requireHeaderFrom: bool = False
+    maxMessageSize: int | None = None
+    maxRecipients: int | None = None
+    messagesPerMinute: int | None = None
+    messagesPerDay: int | None = None
+    maxSessions: int | None = None
+
+    @classmethod
+    def fromExtra(cls, extra: dict) -> "AccountRules":
+        """
+        @param extra: the account's fields beyond its secrets.
+        @raise ValueError: naming the key at fault.
+        """
+        values = {}
+        for key in _INT_KEYS:
+            if key in extra:
+                value = extra[key]
+                if type(value) is not int or value < 1:
+                    raise ValueError(f"key {key!r} must be a positive integer")
+                values[key] = value
+        for key in _BOOL_KEYS:
+            if key in extra:
+                if not isinstance(extra[key], bool):
+                    raise ValueError(f"key {key!r} must be true or false")
+                values[key] = extra[key]
+        for key in _LIST_KEYS:
+            if key in extra:
+                if not isinstance(extra[key], list):
+                    raise ValueError(f"key {key!r} must be a list")
+                try:
+                    values[key] = AddressList.parse(extra[key])
+                except ValueError as e:
+                    raise ValueError(f"key {key!r}: {e}") from None
+        unknown = set(extra) - KNOWN_KEYS
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+class RateLimiter:
+    """
+    Messages per minute and per day for each account, over sliding windows.
+    """
+
+    WINDOWS = (("messagesPerMinute", 60, "minute"), ("messagesPerDay", 86400, "day"))
+
+    def __init__(self, clock=time.time) -> None:
+        self.clock = clock
+        self._sent: dict[str, collections.deque] = {}
+
+    def check(self, account: str, rules: AccountRules) -> None:
+        """
+        @raise SMTPReply: 451 4.7.1 saying when to retry, past a limit.
+        """
+        now = self.clock()
+        sent = self._sent.get(account)
+        if not sent:
+            return
+        for key, window, name in self.WINDOWS:
+            limit = getattr(rules, key)
+            if limit is None:
+                continue
+            inWindow = [t for t in sent if t > now - window]
+            if len(inWindow) >= limit:
+                retry = int(inWindow[-limit] + window - now) + 1
+                raise SMTPReply(
+                    451,
+                    "4.7.1",
+                    f"Rate limit of {limit} messages per {name} reached for this "
+                    f"account; try again in {retry} seconds",
+                )
+
+    def record(self, account: str) -> None:
+        now = self.clock()
+        sent = self._sent.setdefault(account, collections.deque())
+        sent.append(now)
+        while sent and sent[0] <= now - 86400:
+            sent.popleft()
+
+
+class AuthThrottle:
+    """
+    Escalating delay before a failed login's 535, counted per client address
+    and per (account, client address).  There is no lockout: a third party
+    guessing a company's password slows down only its own address, never the
+    company's own logins from elsewhere.
+
+    @ivar base: delay after the first failure; doubles with each further one.
+    @ivar maximum: the longest delay.
+    @ivar forget: seconds after the last failure when the count is forgotten.
+    """
+
+    def __init__(
+        self,
+        base: float = 0.5,
+        maximum: float = 16.0,
+        forget: float = 900.0,
+        clock=time.time,
+    ) -> None:
+        self.base = base
+        self.maximum = maximum
+        self.forget = forget
+        self.clock = clock
+        self._failures: dict[tuple, tuple[int, float]] = {}
+
+    def _count(self, key: tuple) -> int:
+        count, last = self._failures.get(key, (0, 0.0))
+        if self.clock() - last > self.forget:
+            self._failures.pop(key, None)
+            return 0
+        return count
+
+    def delay(self, clientAddress: str, account: str) -> float:
+        """
+        How long to wait before answering a failed login now.
+        """
+        count = max(
+            self._count(("ip", clientAddress)) // 4,
+            self._count(("account", account, clientAddress)),
+        )
+        if count == 0:
+            return 0.0
+        return min(self.maximum, self.base * 2 ** (count - 1))
+
+    def failed(self, clientAddress: str, account: str) -> None:
+        now = self.clock()
+        for key in (("ip", clientAddress), ("account", account, clientAddress)):
+            self._failures[key] = (self._count(key) + 1, now)
+        if len(self._failures) > 100000:
+            self._expire()
+
+    def succeeded(self, clientAddress: str, account: str) -> None:
+        self._failures.pop(("account", account, clientAddress), None)
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for key, (_, last) in list(self._failures.items()):
+            if now - last > self.forget:
+                del self._failures[key]
+
+
+@attrs.define
+class ServerRules:
+    """
+    The server-wide side of authorization.
+
+    @ivar recipients: the recipients the MSA accepts at all (it is a gateway
+        into Digipoort, not a relay); L{None} accepts any.
+    """
+
+    recipients: AddressList | None = None
+    rates: RateLimiter = attrs.Factory(RateLimiter)
+    throttle: AuthThrottle = attrs.Factory(AuthThrottle)
