@@ -68,7 +68,9 @@ from msa.sasl.scram import deriveKeys
 FILE_VERSION = 1
 DEFAULT_MECHANISMS = frozenset({"PLAIN", "LOGIN", "DIGEST-MD5", "SCRAM-SHA-256"})
 #: The mechanisms L{makeAccount} knows how to store secrets for.
-KNOWN_MECHANISMS = DEFAULT_MECHANISMS
+#: EXTERNAL (a client certificate, R13) is allowed per account, never by
+#: default.
+KNOWN_MECHANISMS = DEFAULT_MECHANISMS | {"EXTERNAL"}
 #: SCRAM iteration count of new secrets (the minimum of RFC 7677).
 SCRAM_ITERATIONS = 4096
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
@@ -459,6 +461,13 @@ class AccountFile:
 
     def getAccount(self, name: str) -> Account | None:
         return self._accounts.get(name)
+
+    def accounts(self) -> list[Account]:
+        """
+        Every account (for look-ups by another key, such as a client
+        certificate).
+        """
+        return list(self._accounts.values())
 
     def scramParameters(
         self, username: str, mechanism: str

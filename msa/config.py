@@ -46,6 +46,9 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "ciphers": ((str,), None),
         "groups": ((str,), None),
         "minimum_version": ((str,), "TLSv1_2"),
+        "client_certificates": ((str,), "off"),
+        "client_ca": ((str,), None),
+        "client_crl": ((str,), None),
     },
     "accounts": {
         "file": ((str,), None),
@@ -151,11 +154,11 @@ def loadConfig(path: str | None = None) -> Config:
         given = raw.get(section, {})
         values[section] = {k: given.get(k, default) for k, (_, default) in keys.items()}
     config = Config(values, path)
-    _resolve(config, base)
+    _resolve(config, base, raw)
     return config
 
 
-def _resolve(config: Config, base: str) -> None:
+def _resolve(config: Config, base: str, raw: dict) -> None:
     server, tls, relay = config["server"], config["tls"], config["relay"]
     path = config.path
 
@@ -179,8 +182,17 @@ def _resolve(config: Config, base: str) -> None:
                 if part.startswith("interface=") and part[10:] not in names:
                     names.append(part[10:])
         server["server_names"] = names
-    for key in ("certificate", "key", "chain"):
+    for key in ("certificate", "key", "chain", "client_ca", "client_crl"):
         tls[key] = absolute(tls[key])
+    if tls["client_certificates"] not in ("off", "request", "require"):
+        raise ConfigError(
+            f"{_where(path, 'tls', 'client_certificates')}: must be off, request "
+            "or require"
+        )
+    if tls["client_certificates"] != "off" and not tls["client_ca"]:
+        raise ConfigError(
+            f"{_where(path, 'tls', 'client_ca')}: needed for client certificates"
+        )
     if (tls["certificate"] is None) != (tls["key"] is None):
         raise ConfigError(
             f"{_where(path, 'tls', 'certificate')}: certificate and key go together"
@@ -217,6 +229,10 @@ def _resolve(config: Config, base: str) -> None:
                     "own TLS policy on top"
                 )
     server["mechanisms"] = [m.upper() for m in server["mechanisms"]]
+    mechanismsGiven = "mechanisms" in raw.get("server", {})
+    if tls["client_certificates"] != "off" and not mechanismsGiven:
+        # With client certificates on, EXTERNAL is offered first by default.
+        server["mechanisms"].insert(0, "EXTERNAL")
     if server["accepted_recipients"] is not None:
         from msa.authorization import AddressList
 

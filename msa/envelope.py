@@ -22,6 +22,8 @@ class SessionInfo:
     tlsCipher: str = ""
     account: str = ""
     mechanism: str = ""
+    #: Identities of the verified client certificate (R13), if any.
+    clientCertificate: tuple[str, ...] = ()
 
 
 @attrs.define

@@ -9,11 +9,13 @@ enhanced status code; nothing raises out of the protocol.
 import base64
 import binascii
 
+import attrs
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from msa.clientcert import peerIdentities
 from msa.errors import SMTPReply
 from msa.interfaces import ISubmission
 from msa.sasl import Authenticate, Challenge
@@ -59,7 +61,13 @@ class AuthenticationMixin:
             initial = self._decodeSASL(parts[1])
             if initial is None:
                 return
-        self._mechanism = factory(self.factory.mechanismContext)
+        context = self.factory.mechanismContext
+        if name == "EXTERNAL":
+            self.session.clientCertificate = peerIdentities(self.transport)
+            context = attrs.evolve(
+                context, peerIdentities=self.session.clientCertificate
+            )
+        self._mechanism = factory(context)
         self.session.mechanism = name
         self._saslStep(lambda: self._mechanism.start(initial))
 
@@ -91,6 +99,7 @@ class AuthenticationMixin:
         assert isinstance(result, Authenticate)
         self.mode = COMMAND
         self._attemptedUser = str(getattr(result.credentials, "username", ""))
+        self.session.clientCertificate = peerIdentities(self.transport)
         d = self.portal.login(result.credentials, self.session, ISubmission)
         d.addCallbacks(self._loggedIn, self._loginFailed)
         self._wait(d)

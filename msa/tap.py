@@ -27,6 +27,7 @@ from msa.accounts import (
     writeAccounts,
 )
 from msa.authorization import AuthThrottle, ServerRules
+from msa.clientcert import CertificateBindingRealm, CertificateChecker
 from msa.config import Config, ConfigError, loadConfig
 from msa.delivery import submissionFactory
 from msa.relay import OutboxDownstream, RelayRunner, SMTPDownstream
@@ -155,7 +156,13 @@ def buildService(config: Config, reactor=None) -> MultiService:
         if v is not None
     }
     contextFactory = tls.serverContextFactory(
-        certFile, keyFile, tlsConfig["chain"], **tlsArgs
+        certFile,
+        keyFile,
+        tlsConfig["chain"],
+        clientCertificates=tlsConfig["client_certificates"],
+        clientCAFile=tlsConfig["client_ca"],
+        clientCRLFile=tlsConfig["client_crl"],
+        **tlsArgs,
     )
 
     _ensureDemoAccounts(config)
@@ -187,10 +194,13 @@ def buildService(config: Config, reactor=None) -> MultiService:
             base=server["auth_delay_base"], maximum=server["auth_delay_max"]
         ),
     )
-    realm = SubmissionRealm(
-        store, submissionFactory(spool, server["hostname"], serverRules)
+    realm = CertificateBindingRealm(
+        SubmissionRealm(
+            store, submissionFactory(spool, server["hostname"], serverRules)
+        ),
+        store,
     )
-    portal = Portal(realm, [AccountChecker(store)])
+    portal = Portal(realm, [AccountChecker(store), CertificateChecker(store)])
     mechanismContext = MechanismContext(
         realm=server["sasl_realm"],
         serverNames=list(server["server_names"]),

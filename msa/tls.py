@@ -69,13 +69,26 @@ class _HardenedOptions(ssl.CertificateOptions):
     forbids renegotiation, which Twisted has no switch for.
     """
 
-    def __init__(self, *args, groups: str = DEFAULT_GROUPS, **kwargs) -> None:
+    def __init__(
+        self, *args, groups: str = DEFAULT_GROUPS, crlFile: str | None = None, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._groups = groups
+        self._crlFile = crlFile
 
     def _makeContext(self) -> SSL.Context:
         context = super()._makeContext()
         _hardenContext(context, self._groups)
+        if self._crlFile:
+            with open(self._crlFile, "rb") as f:
+                data = f.read()
+            try:
+                crl = x509.load_pem_x509_crl(data)
+            except ValueError:
+                crl = x509.load_der_x509_crl(data)
+            store = context.get_cert_store()
+            store.add_crl(crl)
+            store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
         return context
 
 
@@ -94,6 +107,9 @@ def serverContextFactory(
     ciphers: str = DEFAULT_CIPHERS,
     groups: str = DEFAULT_GROUPS,
     minimumVersion: str = "TLSv1_2",
+    clientCertificates: str = "off",
+    clientCAFile: str | None = None,
+    clientCRLFile: str | None = None,
 ) -> ssl.CertificateOptions:
     """
     Build the context factory for a listener.
@@ -102,7 +118,26 @@ def serverContextFactory(
         followed by its intermediate certificates.
     @param keyFile: PEM file with the private key.
     @param chainFile: optional PEM file with more intermediates.
+    @param clientCertificates: C{"off"}, C{"request"} (verified when
+        offered) or C{"require"} (the handshake fails without one), R13.
+    @param clientCAFile: the CAs client certificates must chain to.
+    @param clientCRLFile: a CRL (PEM or DER) checked for client certificates.
     """
+    verifyArgs: dict = {}
+    if clientCertificates != "off":
+        if clientCertificates not in ("request", "require") or not clientCAFile:
+            raise TLSConfigurationError(
+                "client certificates need 'request' or 'require' and a CA file"
+            )
+        try:
+            verifyArgs = {
+                "verify": True,
+                "caCerts": _readPEMChain(clientCAFile),
+                "requireCertificate": clientCertificates == "require",
+                "crlFile": clientCRLFile,
+            }
+        except (OSError, ValueError) as e:
+            raise TLSConfigurationError(f"cannot load client CA file: {e}") from e
     try:
         chain = _readPEMChain(certFile)
         with open(keyFile, "rb") as f:
@@ -122,6 +157,7 @@ def serverContextFactory(
         raiseMinimumTo=getattr(ssl.TLSVersion, minimumVersion),
         acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers),
         groups=groups,
+        **verifyArgs,
     )
     # Load it once now, so that a bad key or mismatched certificate stops the
     # start instead of failing every handshake.
@@ -129,6 +165,8 @@ def serverContextFactory(
         options.getContext()
     except SSL.Error as e:
         raise TLSConfigurationError(f"certificate and key do not match: {e}") from e
+    except (OSError, ValueError) as e:
+        raise TLSConfigurationError(f"cannot load the client CRL: {e}") from e
     return options
 
 

@@ -89,6 +89,8 @@ class RunningMSA:
         relay: dict | None = None,
         server: dict | None = None,
         accounts: dict | None = None,
+        tls: dict | None = None,
+        extraAccounts: dict | None = None,
     ):
         self.testCase = testCase
         self.directory = os.path.abspath(testCase.mktemp())
@@ -110,6 +112,8 @@ class RunningMSA:
         }
         if relay:
             sections["relay"] = relay
+        if tls:
+            sections["tls"] = tls
         self.configFile = os.path.join(self.directory, "msa.toml")
         writeConfig(self.configFile, sections)
         writeAccounts(
@@ -119,7 +123,8 @@ class RunningMSA:
                     makeAccount(name, pw, ["localhost"]), extra={"senders": SENDERS}
                 )
                 for name, pw in USERS.items()
-            },
+            }
+            | (extraAccounts or {}),
         )
         self.certFile, _ = ensureSelfSignedCertificate(self.state, "localhost")
         self.outbox = os.path.join(self.state, "outbox")

@@ -58,6 +58,9 @@ class MechanismContext:
     realm: str = "localhost"
     serverNames: list[str] = attrs.Factory(lambda: ["localhost"])
     scramParameters: Callable[[str, str], tuple[bytes, int] | None] = lambda u, m: None
+    #: The verified client certificate's identities, for EXTERNAL; set per
+    #: session.
+    peerIdentities: tuple[str, ...] = ()
 
 
 def malformed(text: str = "Malformed authentication data") -> SMTPReply:
@@ -103,12 +106,14 @@ def mechanismFactories() -> dict[str, Callable[[MechanismContext], object]]:
     """
     Every mechanism this package implements, by its SASL name.
     """
+    from msa.sasl.external import ExternalMechanism
     from msa.sasl.login import LoginMechanism
     from msa.sasl.plain import PlainMechanism
 
     factories: dict[str, Callable[[MechanismContext], object]] = {
         "PLAIN": PlainMechanism,
         "LOGIN": LoginMechanism,
+        "EXTERNAL": ExternalMechanism,
     }
     try:
         from msa.sasl.digest_md5 import DigestMD5Mechanism

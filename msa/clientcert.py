@@ -1,0 +1,136 @@
+"""
+Client certificates (R13, the scale-up path): what identifies a verified
+certificate, SASL EXTERNAL's checker, and the rule that an account marked
+C{requireClientCertificate} may log in (by any mechanism) only on a
+connection whose verified certificate belongs to it.
+
+An account lists its certificates under C{certificates}, each either
+C{"sha256:<hex fingerprint of the DER certificate>"} or
+C{"serialNumber:<subject serialNumber>"} (the organisation identifier that
+PKIoverheid certificates carry in the subject's serialNumber attribute).
+"""
+
+import hashlib
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm
+from twisted.internet import defer
+from zope.interface import Attribute, Interface, implementer
+
+from msa.interfaces import IMechanismCredentials
+
+
+class ICertificateCredentials(Interface):
+    """
+    SASL EXTERNAL: the identities of the connection's verified client
+    certificate, and the authorization identity the client asked for.
+    """
+
+    identities = Attribute("L{tuple} of identity strings of the certificate.")
+    authzid = Attribute("The requested account name (L{str}); empty for any.")
+
+
+def certificateIdentities(certificate: x509.Certificate) -> tuple[str, ...]:
+    """
+    The strings an account's C{certificates} list can name.
+    """
+    identities = [
+        "sha256:" + hashlib.sha256(certificate.public_bytes(Encoding.DER)).hexdigest()
+    ]
+    for attribute in certificate.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER):
+        identities.append(f"serialNumber:{attribute.value}")
+    return tuple(identities)
+
+
+def peerIdentities(transport) -> tuple[str, ...]:
+    """
+    The identities of the verified client certificate of a TLS transport,
+    or C{()} when there is none.  OpenSSL has verified the chain against
+    the listener's client CA before the handshake completed.
+    """
+    getPeerCertificate = getattr(transport, "getPeerCertificate", None)
+    if getPeerCertificate is None:
+        return ()
+    try:
+        peer = getPeerCertificate()
+    except Exception:
+        return ()
+    if peer is None:
+        return ()
+    return certificateIdentities(peer.to_cryptography())
+
+
+def _normalise(identity: str) -> str:
+    kind, _, value = identity.partition(":")
+    if kind.lower() == "sha256":
+        return "sha256:" + value.replace(":", "").lower()
+    return f"{kind}:{value}"
+
+
+def accountCertificates(account) -> set[str]:
+    return {_normalise(c) for c in account.extra.get("certificates", [])}
+
+
+@implementer(ICertificateCredentials, IMechanismCredentials)
+class CertificateCredentials:
+    mechanism = "EXTERNAL"
+
+    def __init__(self, identities: tuple[str, ...], authzid: str) -> None:
+        self.identities = identities
+        self.authzid = authzid
+        self.username = authzid
+
+
+@implementer(ICredentialsChecker)
+class CertificateChecker:
+    """
+    Maps a verified client certificate to the account that lists it.
+    """
+
+    credentialInterfaces = (ICertificateCredentials,)
+
+    def __init__(self, store) -> None:
+        self._store = store
+
+    def requestAvatarId(self, credentials) -> defer.Deferred:
+        identities = {_normalise(i) for i in credentials.identities}
+        if not identities:
+            return defer.fail(UnauthorizedLogin("no client certificate"))
+        matches = [
+            account
+            for account in self._store.accounts()
+            if account.enabled
+            and "EXTERNAL" in account.mechanisms
+            and identities & accountCertificates(account)
+        ]
+        if credentials.authzid:
+            matches = [a for a in matches if a.name == credentials.authzid]
+        if len(matches) != 1:
+            return defer.fail(UnauthorizedLogin("certificate maps to no one account"))
+        return defer.succeed(matches[0].name)
+
+
+@implementer(IRealm)
+class CertificateBindingRealm:
+    """
+    Wraps the submission realm: an account with C{requireClientCertificate}
+    gets its avatar only when the session (the cred C{mind}) presented one
+    of its certificates; otherwise the login fails as a wrong password does.
+    """
+
+    def __init__(self, realm, store) -> None:
+        self._realm = realm
+        self._store = store
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        name = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
+        account = self._store.getAccount(name)
+        if account is not None and account.extra.get("requireClientCertificate"):
+            presented = {_normalise(i) for i in getattr(mind, "clientCertificate", ())}
+            if not presented & accountCertificates(account):
+                raise UnauthorizedLogin("client certificate required")
+        return self._realm.requestAvatar(avatarId, mind, *interfaces)
