@@ -15,11 +15,14 @@ Rates and failed-login counters are kept in memory, per MSA instance.
 """
 
 import collections
+import email.utils
 import time
 
 import attrs
+from zope.interface import implementer
 
 from msa.errors import SMTPReply
+from msa.interfaces import IContentPolicy
 
 _INT_KEYS = (
     "maxMessageSize",
@@ -219,6 +222,45 @@ class AuthThrottle:
         for key, (_, last) in list(self._failures.items()):
             if now - last > self.forget:
                 del self._failures[key]
+
+
+@implementer(IContentPolicy)
+class HeaderFromPolicy:
+    """
+    For an account with C{requireHeaderFrom}: every mailbox in the header
+    C{From:} must be one of the account's senders too (R9).
+    """
+
+    def __init__(self, senders: AddressList) -> None:
+        self.senders = senders
+
+    def startMessage(self, envelope) -> "_HeaderFromChecker":
+        return _HeaderFromChecker(self.senders)
+
+
+class _HeaderFromChecker:
+    def __init__(self, senders: AddressList) -> None:
+        self.senders = senders
+
+    def headersReceived(self, headers) -> None:
+        values = headers.getAll("From")
+        mailboxes = [a for _, a in email.utils.getaddresses(values) if a]
+        if not mailboxes:
+            raise SMTPReply(550, "5.7.1", "Message refused: no From: address")
+        for mailbox in mailboxes:
+            if not self.senders.matches(mailbox):
+                raise SMTPReply(
+                    550,
+                    "5.7.1",
+                    f"Message refused: From: <{mailbox}> is not an address of the "
+                    "authenticated account",
+                )
+
+    def lineReceived(self, line: bytes) -> None:
+        pass
+
+    def eomReceived(self) -> None:
+        pass
 
 
 @attrs.define

@@ -57,6 +57,9 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     "spool": {
         "directory": ((str,), None),
     },
+    "content": {
+        "policy": ((list,), []),
+    },
     "relay": {
         "host": ((str,), None),
         "port": ((int,), 25),
@@ -242,6 +245,12 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
             )
         except ValueError as e:
             raise ConfigError(f"{_where(path, 'server', 'accepted_recipients')}: {e}")
+    from msa.contentpolicies import loadPolicies
+
+    try:
+        config["content"]["chain"] = loadPolicies(config["content"]["policy"])
+    except ValueError as e:
+        raise ConfigError(f"{_where(path, 'content', 'policy')}: {e}")
     if server["auth_delay_base"] < 0:
         raise ConfigError(f"{_where(path, 'server', 'auth_delay_base')}: negative")
     positive = [

@@ -10,7 +10,8 @@ import email.utils
 
 from zope.interface import implementer
 
-from msa.authorization import AccountRules, ServerRules
+from msa.authorization import AccountRules, HeaderFromPolicy, ServerRules
+from msa.content import MAX_HEADER_FIELDS, MAX_HEADER_SIZE, ContentPolicyChain
 from msa.envelope import Envelope, SessionInfo
 from msa.errors import SMTPReply
 from msa.interfaces import IAcceptedMessage, ISpool, ISpoolWriter, ISubmission
@@ -49,15 +50,24 @@ class SpooledMessage:
     One message streaming into the spool.
     """
 
-    def __init__(self, writer: ISpoolWriter, onCommitted=None) -> None:
+    def __init__(self, writer: ISpoolWriter, onCommitted=None, checker=None) -> None:
         self.writer = writer
         self.queueId = writer.queueId
         self._onCommitted = onCommitted
+        self._checker = checker
 
     def lineReceived(self, line: bytes) -> None:
+        if self._checker is not None:
+            self._checker.lineReceived(line)
         self.writer.write(line + b"\r\n")
 
     def eomReceived(self):
+        if self._checker is not None:
+            try:
+                self._checker.eomReceived()
+            except BaseException:
+                self.writer.abort()
+                raise
         d = self.writer.commit()
         if self._onCommitted is not None:
             d.addCallback(self._committed)
@@ -84,6 +94,7 @@ class Submission:
         spool: ISpool,
         hostname: str,
         serverRules: ServerRules | None = None,
+        contentPolicy: ContentPolicyChain | None = None,
     ) -> None:
         self.accountRecord = account
         self.account: str = account.name
@@ -94,6 +105,20 @@ class Submission:
         self.maxMessageSize = self.rules.maxMessageSize
         self.maxRecipients = self.rules.maxRecipients
         self.maxSessions = self.rules.maxSessions
+        policies = list(contentPolicy.policies) if contentPolicy is not None else []
+        if self.rules.requireHeaderFrom:
+            policies.append(
+                ("account-header-from", HeaderFromPolicy(self.rules.senders))
+            )
+        self.contentPolicy = None
+        if policies:
+            self.contentPolicy = ContentPolicyChain(
+                policies,
+                maxHeaderSize=getattr(contentPolicy, "maxHeaderSize", MAX_HEADER_SIZE),
+                maxHeaderFields=getattr(
+                    contentPolicy, "maxHeaderFields", MAX_HEADER_FIELDS
+                ),
+            )
 
     def validateFrom(self, session: SessionInfo, sender: str, params: dict) -> None:
         if not sender:
@@ -119,6 +144,9 @@ class Submission:
                 )
 
     def startMessage(self, session: SessionInfo, envelope: Envelope) -> SpooledMessage:
+        checker = None
+        if self.contentPolicy is not None:
+            checker = self.contentPolicy.startMessage(envelope)
         writer = self.spool.newMessage(envelope)
         try:
             writer.write(receivedHeader(self.hostname, session, envelope))
@@ -126,12 +154,15 @@ class Submission:
             writer.abort()
             raise
         return SpooledMessage(
-            writer, lambda: self.serverRules.rates.record(self.account)
+            writer, lambda: self.serverRules.rates.record(self.account), checker
         )
 
 
 def submissionFactory(
-    spool: ISpool, hostname: str, serverRules: ServerRules | None = None
+    spool: ISpool,
+    hostname: str,
+    serverRules: ServerRules | None = None,
+    contentPolicy: ContentPolicyChain | None = None,
 ):
     """
     The C{avatarFactory} for L{msa.accounts.SubmissionRealm}.
@@ -140,6 +171,6 @@ def submissionFactory(
         serverRules = ServerRules()
 
     def makeSubmission(account) -> Submission:
-        return Submission(account, spool, hostname, serverRules)
+        return Submission(account, spool, hostname, serverRules, contentPolicy)
 
     return makeSubmission

@@ -127,8 +127,10 @@ class IContentPolicy(Interface):
 
     def startMessage(envelope):
         """
-        @return: a per-message checker with C{lineReceived(line)} and
-            C{eomReceived()}; both may raise L{msa.errors.SMTPReply}.
+        @return: a per-message L{msa.content.IContentChecker} (the header
+            section arrives once, parsed, in C{headersReceived}, then body
+            lines, then C{eomReceived}; each may raise
+            L{msa.errors.SMTPReply}), or L{None} to skip this message.
         """
 
 

@@ -74,8 +74,12 @@ class MemorySpool:
 
 
 class SimpleRealm:
-    def __init__(self, spool, hostname, serverRules=None, extras=None):
-        self.makeSubmission = submissionFactory(spool, hostname, serverRules)
+    def __init__(
+        self, spool, hostname, serverRules=None, extras=None, contentPolicy=None
+    ):
+        self.makeSubmission = submissionFactory(
+            spool, hostname, serverRules, contentPolicy
+        )
         self.extras = extras or {}
 
     def requestAvatar(self, avatarId, mind, *interfaces):
@@ -145,9 +149,7 @@ class Harness:
             tlsContextFactory=object(),
             reactor=self.clock,
         )
-        self.transport = TLSStringTransport(
-            peerAddress=IPv4Address("TCP", peer, 40000)
-        )
+        self.transport = TLSStringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
         self.server = self.factory.buildProtocol(None)
         self.server.callLater = self.clock.callLater
         self.server.makeConnection(self.transport)

@@ -282,3 +282,75 @@ class AuthThrottleProtocolTests(unittest.TestCase):
         self.assertEqual(
             attacker.command(plain()), [b"235 2.7.0 Authentication successful"]
         )
+
+
+class ContentThroughProtocolTests(unittest.TestCase):
+    """
+    Content checks (R12) and the per-account From: rule, through the
+    protocol: refused after the final dot with the policy's reply, nothing
+    queued, the session goes on.
+    """
+
+    def harness(self, extra=None, policies=()):
+        from msa.contentpolicies import loadPolicies
+
+        realmArgs = {"contentPolicy": loadPolicies(list(policies))}
+        if extra is not None:
+            realmArgs["extras"] = {"alice": {"senders": list(SENDERS), **extra}}
+        h = Harness(self, realmArgs=realmArgs)
+        h.login()
+        return h
+
+    def test_headerFromRequired(self):
+        h = self.harness({"requireHeaderFrom": True})
+        h.transaction(sender=b"ik@mijnbedrijf.nl")
+        self.assertEqual(
+            h.send(b"From: boss@elsewhere.example\r\nSubject: x\r\n\r\nbody\r\n.\r\n"),
+            [
+                b"550 5.7.1 Message refused: From: <boss@elsewhere.example> is not an "
+                b"address of the authenticated account"
+            ],
+        )
+        self.assertEqual(h.spool.committed, [])
+        self.assertTrue(h.spool.writers[0].aborted)
+        h.transaction(sender=b"ik@mijnbedrijf.nl")
+        reply = h.send(b"From: Ik <ik@mijnbedrijf.nl>\r\n\r\nbody\r\n.\r\n")
+        self.assertEqual(reply[0][:3], b"250")
+
+    def test_headerFromNotRequiredByDefault(self):
+        h = self.harness({})
+        h.transaction()
+        self.assertEqual(
+            h.send(b"From: boss@elsewhere.example\r\n\r\n.\r\n")[0][:3], b"250"
+        )
+
+    def test_headersPolicy(self):
+        h = self.harness(policies=[{"name": "headers"}])
+        h.transaction()
+        [reply] = h.send(
+            b"Date: Sat, 28 Nov 2026 17:00:00 +0100\r\nSubject: no from\r\n\r\n.\r\n"
+        )
+        self.assertTrue(reply.startswith(b"550 5.6.0 Message refused:"), reply)
+        self.assertIn(b"From:", reply)
+        self.assertEqual(h.spool.committed, [])
+        h.transaction()
+        good = (
+            b"From: ik@mijnbedrijf.nl\r\nDate: Sat, 28 Nov 2026 17:00:00 +0100\r\n"
+            b"Message-ID: <1@mijnbedrijf.nl>\r\n\r\nbody\r\n.\r\n"
+        )
+        self.assertEqual(h.send(good)[0][:3], b"250")
+
+    def test_customPolicy(self):
+        h = self.harness(
+            policies=[
+                {
+                    "name": "tests.example_policy:RequireHeader",
+                    "header": "X-Berichttype",
+                }
+            ]
+        )
+        h.transaction()
+        [reply] = h.send(b"Subject: x\r\n\r\n.\r\n")
+        self.assertTrue(reply.startswith(b"550 5.6.0"), reply)
+        h.transaction()
+        self.assertEqual(h.send(b"X-Berichttype: aangifte\r\n\r\n.\r\n")[0][:3], b"250")

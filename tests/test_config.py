@@ -81,6 +81,15 @@ class ConfigTests(unittest.TestCase):
         )
         self.assertError("[relay]\nauth_username = 'msa'\n", "auth_password_file")
 
+    def test_contentPolicyErrors(self):
+        self.assertError(
+            "[[content.policy]]\nname = 'nonsense'\n", "[content] policy", "nonsense"
+        )
+        self.assertError(
+            "[[content.policy]]\nname = 'headers'\nrequire_date = 'yes'\n",
+            "[content] policy",
+        )
+
     def test_notTOML(self):
         self.assertError("[server\n", "not valid TOML")
 
@@ -100,7 +109,11 @@ class ConfigTests(unittest.TestCase):
             text = f.read()
         from msa.config import SCHEMA
 
+        self.assertEqual(len(config["content"]["chain"]), 2)
         for section, keys in SCHEMA.items():
+            if section == "content":
+                self.assertIn("[[content.policy]]", text)
+                continue
             self.assertIn(f"[{section}]", text)
             for key in keys:
                 self.assertIn(key + " =", text, f"{section}.{key} not documented")

@@ -1,0 +1,472 @@
+"""
+The built-in content policies (R12) and L{loadPolicies}, which turns the
+C{[[content.policy]]} tables of the configuration into a
+L{msa.content.ContentPolicyChain}:
+
+  - C{headers} (L{HeaderPolicy}): a well-formed RFC 5322 header section
+    with exactly one From and one Date and a Message-ID (each configurable);
+  - C{mime-parts} (L{MimePartsPolicy}): the number, nesting and size of MIME
+    parts, counted while the body streams by;
+  - C{package.module:Class}: any importable class providing
+    L{msa.interfaces.IContentPolicy}, called with the table's other keys.
+"""
+
+import email.message
+import email.policy
+import email.utils
+import importlib
+import re
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from msa.content import (
+    _FIELD,
+    _WSP,
+    MAX_HEADER_FIELDS,
+    MAX_HEADER_SIZE,
+    ContentPolicyChain,
+    Headers,
+    _decode,
+    _NullChecker,
+    _refuse,
+    _tooBig,
+)
+from msa.interfaces import IContentPolicy
+
+log = Logger()
+
+
+#: RFC 5322 3.6: the fields that may occur at most once, canonical spelling.
+_AT_MOST_ONCE = (
+    "Date",
+    "From",
+    "Sender",
+    "Reply-To",
+    "To",
+    "Cc",
+    "Bcc",
+    "Message-ID",
+    "In-Reply-To",
+    "References",
+    "Subject",
+)
+
+_MSG_ID = re.compile(r"<[^<>\s@]+@[^<>\s@]+>")
+
+
+def _mailboxCount(value: str) -> int:
+    """
+    The number of mailboxes in an address-list field body, 0 when it cannot
+    be parsed or has defects.
+    """
+    try:
+        header = email.policy.default.header_factory("From", value)
+        if header.defects:
+            return 0
+        return sum(1 for a in header.addresses if a.addr_spec and "@" in a.addr_spec)
+    except Exception:
+        return 0
+
+
+@implementer(IContentPolicy)
+class HeaderPolicy:
+    """
+    The header section must be well formed (RFC 5322 2.2) and hold the
+    fields RFC 5322 3.6 requires: exactly one From and one Date (a valid
+    date-time), a Message-ID (optional with C{requireMessageId=False}), and
+    at most one of every field the RFC limits to one (Sender, Reply-To, To,
+    Cc, Bcc, Message-ID, In-Reply-To, References, Subject).
+
+    @param requireFrom: a From field is required (at most one is always
+        the rule).
+    @param requireDate: likewise for Date.
+    @param requireMessageId: likewise for Message-ID.
+    @param singleFrom: the From field must hold exactly one mailbox.  When
+        L{False}, several are allowed, but then a Sender field is required
+        (RFC 5322 3.6.2).
+    """
+
+    #: configuration key -> (keyword argument, type)
+    options = {
+        "require_from": ("requireFrom", bool),
+        "require_date": ("requireDate", bool),
+        "require_message_id": ("requireMessageId", bool),
+        "single_from": ("singleFrom", bool),
+    }
+
+    def __init__(
+        self,
+        requireFrom: bool = True,
+        requireDate: bool = True,
+        requireMessageId: bool = True,
+        singleFrom: bool = True,
+    ) -> None:
+        self.required = {
+            "From": requireFrom,
+            "Date": requireDate,
+            "Message-ID": requireMessageId,
+        }
+        self.singleFrom = singleFrom
+
+    def startMessage(self, envelope) -> "_HeaderChecker":
+        return _HeaderChecker(self)
+
+
+class _HeaderChecker(_NullChecker):
+    def __init__(self, policy: HeaderPolicy) -> None:
+        self.policy = policy
+
+    def headersReceived(self, headers: Headers) -> None:
+        if headers.error is not None:
+            raise _refuse(f"malformed header section: {headers.error} (RFC 5322 2.2)")
+        for name in _AT_MOST_ONCE:
+            count = headers.count(name)
+            if self.policy.required.get(name) and count != 1:
+                raise _refuse(
+                    f"exactly one {name}: header field is required (RFC 5322 3.6)"
+                )
+            if count > 1:
+                raise _refuse(
+                    f"at most one {name}: header field is allowed (RFC 5322 3.6)"
+                )
+        date = headers.get("Date")
+        if date is not None:
+            try:
+                email.utils.parsedate_to_datetime(date)
+            except Exception:
+                raise _refuse(
+                    "the Date: header field is not a valid date-time (RFC 5322 3.3)"
+                )
+        messageId = headers.get("Message-ID")
+        if messageId is not None and not _MSG_ID.fullmatch(messageId):
+            raise _refuse(
+                "the Message-ID: header field is not a valid msg-id (RFC 5322 3.6.4)"
+            )
+        sender = headers.get("From")
+        if sender is not None:
+            mailboxes = _mailboxCount(sender)
+            if self.policy.singleFrom and mailboxes != 1:
+                raise _refuse("the From: header field must hold exactly one mailbox")
+            if mailboxes == 0:
+                raise _refuse(
+                    "the From: header field is not a valid mailbox list "
+                    "(RFC 5322 3.6.2)"
+                )
+            if mailboxes > 1 and "Sender" not in headers:
+                raise _refuse(
+                    "a Sender: header field is required when From: holds more "
+                    "than one mailbox (RFC 5322 3.6.2)"
+                )
+
+
+#: Part header bytes kept for the Content-Type value; the rest is skipped.
+_MAX_CONTENT_TYPE = 8192
+
+
+def _contentType(value: str | None, default: str) -> tuple[str, bytes | None]:
+    """
+    The media type (lower case) and, for a multipart with a usable
+    boundary, the boundary as octets.
+    """
+    if value is None:
+        return default, None
+    try:
+        message = email.message.Message()
+        message.set_default_type(default)
+        message["Content-Type"] = value
+        ctype = message.get_content_type()
+        if not ctype.startswith("multipart/"):
+            return ctype, None
+        boundary = message.get_boundary()
+        if not boundary:
+            return "text/plain", None
+        return ctype, boundary.encode("utf-8", "surrogateescape")
+    except Exception:
+        return "text/plain", None
+
+
+class _Multipart:
+    __slots__ = ("delimiter", "close", "digest")
+
+    def __init__(self, boundary: bytes, digest: bool) -> None:
+        self.delimiter = b"--" + boundary
+        self.close = self.delimiter + b"--"
+        self.digest = digest
+
+
+_HEADERS = "headers"
+_BODY = "body"
+
+
+@implementer(IContentPolicy)
+class MimePartsPolicy:
+    """
+    Limit the MIME structure of a message, streaming (RFC 2045, 2046): the
+    body is scanned line by line for the boundaries of the multiparts it
+    declares, at any depth (message/rfc822 parts are looked into too),
+    keeping only the open boundaries in memory.
+
+    Refusals are C{552 5.3.4} (a limit, like the message size).  A broken
+    structure (a boundary that never comes, garbage) is not refused: this
+    policy counts what it can recognize, the way a MIME parser would.
+
+    @param maxParts: the maximum number of body parts, i.e. entities
+        delimited by a boundary (RFC 2046 5.1.1) at any depth: a nested
+        multipart counts as one part, and its parts count too.  A message
+        that is not multipart has no body parts.  L{None}: no limit.
+    @param maxPartSize: the maximum size in octets of the content of any
+        leaf entity (a part that is not multipart or message/rfc822, or the
+        body of a message that is not multipart), as received (encoded):
+        its lines joined with CRLF, the CRLF before the next boundary
+        belonging to that boundary.  L{None}: no limit.
+    @param maxDepth: the maximum nesting of multiparts (the top-level
+        multipart is depth 1).
+    """
+
+    options = {
+        "max_parts": ("maxParts", int),
+        "max_part_size": ("maxPartSize", (int, type(None))),
+        "max_depth": ("maxDepth", int),
+    }
+
+    def __init__(
+        self,
+        maxParts: int | None = 100,
+        maxPartSize: int | None = None,
+        maxDepth: int = 20,
+    ) -> None:
+        for name, value in (("maxParts", maxParts), ("maxPartSize", maxPartSize)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must not be negative")
+        if maxDepth < 1:
+            raise ValueError("maxDepth must be at least 1")
+        self.maxParts = maxParts
+        self.maxPartSize = maxPartSize
+        self.maxDepth = maxDepth
+
+    def startMessage(self, envelope) -> "_MimeChecker":
+        return _MimeChecker(self)
+
+
+class _MimeChecker(_NullChecker):
+    def __init__(self, policy: MimePartsPolicy) -> None:
+        self.policy = policy
+        self.parts = 0
+        self.stack: list[_Multipart] = []
+        self.mode = _BODY
+        self.leaf = False
+        self.partSize = 0
+        self.partLines = 0
+        # Header state of the entity whose headers are being read.
+        self.defaultType = "text/plain"
+        self.contentType: list[bytes] | None = None
+        self.capturing = False
+        self.capturedSize = 0
+
+    def headersReceived(self, headers: Headers) -> None:
+        self._entity(headers.get("Content-Type"), "text/plain")
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.stack and line[:2] == b"--" and self._boundary(line):
+            return
+        if self.mode is _HEADERS:
+            self._headerLine(line)
+        elif self.leaf:
+            self._content(line)
+
+    def _boundary(self, line: bytes) -> bool:
+        stripped = line.rstrip(b" \t")
+        for depth in range(len(self.stack) - 1, -1, -1):
+            multipart = self.stack[depth]
+            if stripped == multipart.delimiter:
+                del self.stack[depth + 1 :]
+                self.parts += 1
+                if self.policy.maxParts is not None:
+                    if self.parts > self.policy.maxParts:
+                        raise _tooBig(
+                            f"more than {self.policy.maxParts} MIME body parts"
+                        )
+                default = "message/rfc822" if multipart.digest else "text/plain"
+                self._startHeaders(default)
+                return True
+            if stripped == multipart.close:
+                # The epilogue follows: part of the enclosing entity, not
+                # content of any leaf.
+                del self.stack[depth:]
+                self.mode = _BODY
+                self.leaf = False
+                return True
+        return False
+
+    def _startHeaders(self, default: str) -> None:
+        self.mode = _HEADERS
+        self.leaf = False
+        self.defaultType = default
+        self.contentType = None
+        self.capturing = False
+        self.capturedSize = 0
+
+    def _headerLine(self, line: bytes) -> None:
+        if line == b"":
+            self._endHeaders()
+            return
+        if line[:1] in _WSP:
+            if self.capturing:
+                self._capture(line)
+            return
+        match = _FIELD.match(line)
+        if match is None:
+            # Not a header field: the part has no more headers and this is
+            # its first content line.
+            self._endHeaders()
+            if self.leaf:
+                self._content(line)
+            return
+        self.capturing = (
+            self.contentType is None and match.group(1).lower() == b"content-type"
+        )
+        if self.capturing:
+            self.contentType = []
+            self._capture(line[match.end() :])
+
+    def _capture(self, data: bytes) -> None:
+        room = _MAX_CONTENT_TYPE - self.capturedSize
+        if room > 0:
+            self.contentType.append(data[:room])
+            self.capturedSize += min(len(data), room)
+
+    def _endHeaders(self) -> None:
+        value = None
+        if self.contentType is not None:
+            value = _decode(b"".join(self.contentType).strip(b" \t"))
+        self.capturing = False
+        self.contentType = None
+        self._entity(value, self.defaultType)
+
+    def _entity(self, contentType: str | None, default: str) -> None:
+        ctype, boundary = _contentType(contentType, default)
+        if boundary is not None:
+            if len(self.stack) >= self.policy.maxDepth:
+                raise _tooBig(
+                    f"MIME multiparts nested deeper than {self.policy.maxDepth} levels"
+                )
+            self.stack.append(_Multipart(boundary, ctype == "multipart/digest"))
+            self.mode = _BODY
+            self.leaf = False
+        elif ctype in ("message/rfc822", "message/global"):
+            # The content is a message: its header section comes next.
+            self._startHeaders("text/plain")
+        else:
+            self.mode = _BODY
+            self.leaf = True
+            self.partSize = 0
+            self.partLines = 0
+
+    def _content(self, line: bytes) -> None:
+        self.partSize += len(line) + (2 if self.partLines else 0)
+        self.partLines += 1
+        limit = self.policy.maxPartSize
+        if limit is not None and self.partSize > limit:
+            raise _tooBig(f"a MIME part exceeds {limit} octets")
+
+
+#: The policies the configuration names without a module.
+BUILTIN = {
+    "headers": HeaderPolicy,
+    "mime-parts": MimePartsPolicy,
+}
+
+
+def _import(name: str):
+    module, _, attribute = name.partition(":")
+    if not module or not attribute:
+        raise ValueError(
+            f"unknown content policy {name!r}: give a built-in name "
+            f"({', '.join(BUILTIN)}) or module:Class"
+        )
+    try:
+        obj = importlib.import_module(module)
+    except Exception as e:
+        raise ValueError(f"content policy {name!r}: cannot import {module}: {e}")
+    try:
+        for part in attribute.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise ValueError(f"content policy {name!r}: {module} has no {attribute}")
+    return obj
+
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", str: "a string"}
+
+
+def _builtin(name: str, cls, options: dict):
+    kwargs = {}
+    for key, value in options.items():
+        if key not in cls.options:
+            known = ", ".join(cls.options)
+            raise ValueError(
+                f"content policy {name!r}: unknown option {key!r} (known: {known})"
+            )
+        argument, types = cls.options[key]
+        if not isinstance(types, tuple):
+            types = (types,)
+        if isinstance(value, bool) is not (bool in types) or not isinstance(
+            value, types
+        ):
+            expected = " or ".join(_TYPE_NAMES[t] for t in types)
+            raise ValueError(f"content policy {name!r}: {key} must be {expected}")
+        kwargs[argument] = value
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"content policy {name!r}: {e}")
+
+
+def loadPolicy(spec: dict) -> tuple[str, object]:
+    """
+    Build one policy from its configuration table.
+
+    @param spec: a L{dict} with C{name} (a built-in name, or C{module:Class}
+        for a policy from another package) and the policy's options.  A
+        built-in takes its documented snake_case options; an imported class
+        is called with the options as keyword arguments, unchanged.
+    @return: C{(name, policy)}.
+    @raise ValueError: naming the policy at fault.
+    """
+    if not isinstance(spec, dict):
+        raise ValueError(f"content policy {spec!r}: must be a table")
+    options = dict(spec)
+    name = options.pop("name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"content policy {spec!r}: needs a name")
+    if name in BUILTIN:
+        return name, _builtin(name, BUILTIN[name], options)
+    factory = _import(name)
+    try:
+        policy = factory(**options)
+    except Exception as e:
+        raise ValueError(f"content policy {name!r}: cannot create it: {e}")
+    if not IContentPolicy.providedBy(policy):
+        raise ValueError(
+            f"content policy {name!r}: {policy!r} does not provide IContentPolicy"
+        )
+    return name, policy
+
+
+def loadPolicies(
+    specs: list[dict],
+    maxHeaderSize: int = MAX_HEADER_SIZE,
+    maxHeaderFields: int = MAX_HEADER_FIELDS,
+) -> ContentPolicyChain:
+    """
+    Build the chain of policies the configuration names, in order.
+
+    @param specs: the C{[[content.policy]]} tables (see L{loadPolicy}).
+    @raise ValueError: naming the policy at fault.
+    """
+    if not isinstance(specs, list):
+        raise ValueError("content policies must be a list of tables")
+    return ContentPolicyChain(
+        [loadPolicy(spec) for spec in specs], maxHeaderSize, maxHeaderFields
+    )
