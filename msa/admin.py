@@ -1,5 +1,5 @@
 """
-C{digipoort-msa-admin}: manage the accounts file.
+C{digipoort-msa-admin}: manage the accounts file and the mail queue.
 
     digipoort-msa-admin [--accounts PATH] [--realm REALM]... [--config PATH]
         accounts add USER [--mechanisms PLAIN,LOGIN,...] [--disabled]
@@ -7,6 +7,8 @@ C{digipoort-msa-admin}: manage the accounts file.
         accounts enable USER | disable USER | remove USER | show USER
         accounts set USER --mechanisms PLAIN,...
         accounts list
+    digipoort-msa-admin [--config PATH]
+        queue list | show ID | flush [ID] | delete ID | hold ID | release ID
 
 Passwords are never taken from the command line (where other users could
 see them in the process list): they are asked for twice when standard input
@@ -16,6 +18,14 @@ Without C{--accounts}, or with C{--config}, the accounts file and the
 DIGEST-MD5 realm come from the server configuration (L{msa.config}).
 C{--realm} overrides the configured realm; without either it is the host's
 fully qualified name.
+
+C{queue} talks to the running server over its control socket,
+C{<state_dir>/control.sock} (L{msa.controlsocket}); the state directory
+comes from the configuration (the built-in defaults without C{--config}).
+When the server is not running, C{list} and C{show} read the spool files
+(read-only) and say so on stderr; C{flush}, C{delete}, C{hold} and
+C{release} fail: the queue belongs to the server's queue runner, and
+changing its files behind its back could race a delivery in progress.
 
 Exit codes: 0 on success, 1 when the command failed (unknown or existing
 account, unreadable file, refused password), 2 for usage errors.
@@ -42,18 +52,11 @@ from msa.accounts import (
     readAccounts,
     writeAccounts,
 )
+from msa.adminqueue import AdminFailure as _Failed
+from msa.adminqueue import queueCommand
+from msa.authorization import AccountRules
 
 _COMMANDS: dict[str, Callable[["_Command"], int]] = {}
-
-
-class _Failed(Exception):
-    """
-    End the program with a message on stderr and exit code C{code}.
-    """
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _command(name: str):
@@ -78,6 +81,74 @@ def _parseMechanisms(text: str) -> frozenset[str]:
     return mechanisms
 
 
+#: Authorization fields (R9, R10): option destination -> account key.
+_FIELDS = {
+    "sender": "senders",
+    "recipient": "recipients",
+    "certificate": "certificates",
+    "max_message_size": "maxMessageSize",
+    "max_recipients": "maxRecipients",
+    "messages_per_minute": "messagesPerMinute",
+    "messages_per_day": "messagesPerDay",
+    "max_sessions": "maxSessions",
+    "require_header_from": "requireHeaderFrom",
+    "require_client_certificate": "requireClientCertificate",
+}
+
+
+def _yesNo(text: str) -> bool:
+    if text.lower() in ("yes", "true", "on"):
+        return True
+    if text.lower() in ("no", "false", "off"):
+        return False
+    raise argparse.ArgumentTypeError("give yes or no")
+
+
+def _fieldOptions(parser: argparse.ArgumentParser) -> None:
+    for name, what in [
+        ("sender", "envelope sender it may use: user@domain or @domain"),
+        ("recipient", "recipient it may send to (narrows the server's list)"),
+        ("certificate", "client certificate: sha256:<hex> or serialNumber:<id>"),
+    ]:
+        parser.add_argument(
+            "--" + name,
+            action="append",
+            metavar="VALUE",
+            help=f"{what} (repeatable; replaces the list)",
+        )
+    for name in (
+        "max_message_size",
+        "max_recipients",
+        "messages_per_minute",
+        "messages_per_day",
+        "max_sessions",
+    ):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, metavar="N")
+    for name in ("require_header_from", "require_client_certificate"):
+        parser.add_argument(
+            "--" + name.replace("_", "-"), type=_yesNo, metavar="yes|no"
+        )
+
+
+def _applyFields(args: argparse.Namespace, account: Account) -> Account:
+    """
+    The account with the authorization fields the options give, validated
+    as the server will read them.
+    """
+    extra = dict(account.extra)
+    for key in getattr(args, "clear", []):
+        extra.pop(key, None)
+    for option, key in _FIELDS.items():
+        value = getattr(args, option, None)
+        if value is not None:
+            extra[key] = value
+    try:
+        AccountRules.fromExtra(extra)
+    except ValueError as e:
+        raise _Failed(f"account {account.name}: {e}", 2)
+    return attrs.evolve(account, extra=extra)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="digipoort-msa-admin",
@@ -92,7 +163,9 @@ def _parser() -> argparse.ArgumentParser:
         help="DIGEST-MD5 realm to store a secret for (repeatable)",
     )
     parser.add_argument("--config", metavar="PATH", help="the server configuration")
-    topics = parser.add_subparsers(dest="topic", required=True, metavar="accounts")
+    topics = parser.add_subparsers(
+        dest="topic", required=True, metavar="accounts|queue"
+    )
     accounts = topics.add_parser("accounts", help="manage accounts")
     commands = accounts.add_subparsers(dest="command", required=True)
     add = commands.add_parser("add", help="add an account (password from stdin)")
@@ -104,6 +177,7 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated SASL mechanisms (default: %(default)s)",
     )
     add.add_argument("--disabled", action="store_true", help="add it disabled")
+    _fieldOptions(add)
     for name, text in [
         ("passwd", "set a new password (from stdin)"),
         ("disable", "refuse logins"),
@@ -115,7 +189,29 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="list the accounts")
     setter = commands.add_parser("set", help="change an account's settings")
     setter.add_argument("user")
-    setter.add_argument("--mechanisms", required=True, help="comma-separated")
+    setter.add_argument("--mechanisms", help="comma-separated")
+    _fieldOptions(setter)
+    setter.add_argument(
+        "--clear",
+        action="append",
+        default=[],
+        metavar="FIELD",
+        choices=sorted(_FIELDS.values()),
+        help="remove a field (repeatable): " + ", ".join(sorted(_FIELDS.values())),
+    )
+
+    queue = topics.add_parser("queue", help="inspect and manage the mail queue")
+    queueCommands = queue.add_subparsers(dest="queueCommand", required=True)
+    queueCommands.add_parser("list", help="list the queued messages")
+    for name, text in [
+        ("show", "show a message's envelope, state and headers"),
+        ("delete", "remove a message from the queue (never delivered)"),
+        ("hold", "keep a message from being delivered"),
+        ("release", "let a held message be delivered again"),
+    ]:
+        queueCommands.add_parser(name, help=text).add_argument("id")
+    flush = queueCommands.add_parser("flush", help="try delivery now")
+    flush.add_argument("id", nargs="?", help="only this message")
     return parser
 
 
@@ -222,6 +318,12 @@ def _add(c: _Command) -> int:
         raise _Failed(str(e))
     if c.args.disabled:
         account = attrs.evolve(account, enabled=False)
+    account = _applyFields(c.args, account)
+    if "senders" not in account.extra:
+        c.warn(
+            f"{account.name} has no senders yet: every MAIL FROM is refused until "
+            f"accounts set {account.name} --sender ADDRESS"
+        )
     accounts[account.name] = account
     c.save(accounts)
     c.say(f"added account {account.name}")
@@ -254,10 +356,15 @@ def _disable(c: _Command) -> int:
 
 @_command("set")
 def _set(c: _Command) -> int:
-    mechanisms = _parseMechanisms(c.args.mechanisms)
+    mechanisms = None
+    if c.args.mechanisms is not None:
+        mechanisms = _parseMechanisms(c.args.mechanisms)
 
     def change(account: Account) -> Account:
-        changed = account.withMechanisms(mechanisms)
+        changed = _applyFields(c.args, account)
+        if mechanisms is None:
+            return changed
+        changed = changed.withMechanisms(mechanisms)
         for missing in _missingSecrets(changed):
             c.warn(
                 f"{missing} has no secret for {account.name} yet; it will work "
@@ -316,20 +423,28 @@ def _show(c: _Command) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stdout: Any = None, stderr: Any = None) -> int:
     """
     Run the program.
 
     @param argv: the arguments without the program name; C{sys.argv[1:]} if
         L{None}.
+    @param stdout: where output goes; C{sys.stdout} if L{None}.
+    @param stderr: where errors go; C{sys.stderr} if L{None}.
     @return: the exit code.
     """
-    stdout, stderr = sys.stdout, sys.stderr
+    stdout = sys.stdout if stdout is None else stdout
+    stderr = sys.stderr if stderr is None else stderr
     try:
         args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
     try:
+        if args.topic == "queue":
+            config = _loadConfig(args.config)
+            if config is None:
+                raise _Failed("queue needs msa.config, which is not available", 2)
+            return queueCommand(config, args, stdout, stderr)
         config = None
         if args.config is not None or args.accounts is None:
             config = _loadConfig(args.config)

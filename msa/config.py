@@ -76,6 +76,14 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "retry_base": ((int, float), 60),
         "retry_max": ((int, float), 3600),
         "max_lifetime": ((int, float), 5 * 86400),
+        "concurrency": ((int,), 4),
+        "send_dsn": ((bool,), True),
+        "delay_warning_after": ((int, float), None),
+        "connect_timeout": ((int, float), 30),
+        "command_timeout": ((int, float), 300),
+        "data_timeout": ((int, float), 600),
+        "idle_timeout": ((int, float), 5),
+        "max_messages_per_connection": ((int,), 100),
     },
 }
 
@@ -251,6 +259,12 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
         config["content"]["chain"] = loadPolicies(config["content"]["policy"])
     except ValueError as e:
         raise ConfigError(f"{_where(path, 'content', 'policy')}: {e}")
+    if relay["idle_timeout"] < 0:
+        raise ConfigError(f"{_where(path, 'relay', 'idle_timeout')}: negative")
+    if relay["delay_warning_after"] is not None and relay["delay_warning_after"] <= 0:
+        raise ConfigError(
+            f"{_where(path, 'relay', 'delay_warning_after')}: must be positive"
+        )
     if server["auth_delay_base"] < 0:
         raise ConfigError(f"{_where(path, 'server', 'auth_delay_base')}: negative")
     positive = [
@@ -267,6 +281,11 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
         ("relay", "retry_base"),
         ("relay", "retry_max"),
         ("relay", "max_lifetime"),
+        ("relay", "concurrency"),
+        ("relay", "connect_timeout"),
+        ("relay", "command_timeout"),
+        ("relay", "data_timeout"),
+        ("relay", "max_messages_per_connection"),
     ]
     for section, key in positive:
         if config[section][key] <= 0:

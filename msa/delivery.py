@@ -7,6 +7,7 @@ meets the disk.
 """
 
 import email.utils
+import hashlib
 
 from zope.interface import implementer
 
@@ -55,11 +56,21 @@ class SpooledMessage:
         self.queueId = writer.queueId
         self._onCommitted = onCommitted
         self._checker = checker
+        self._digest = hashlib.sha256()
 
     def lineReceived(self, line: bytes) -> None:
         if self._checker is not None:
             self._checker.lineReceived(line)
-        self.writer.write(line + b"\r\n")
+        line += b"\r\n"
+        self._digest.update(line)
+        self.writer.write(line)
+
+    def sha256(self) -> str:
+        """
+        The SHA-256 of the message as accepted from the client (without the
+        MSA's Received header), for the log.
+        """
+        return self._digest.hexdigest()
 
     def eomReceived(self):
         if self._checker is not None:

@@ -5,18 +5,23 @@ directory when no core MTA is configured), with retries and expiry.
 
 A message leaves the spool only after the downstream accepted it (the
 core's 250 to the data); recipients already accepted are never sent again.
+Permanent failures and expiry produce a delivery status notification
+(L{msa.dsn}) to the sender, queued like any message; the operator controls
+the queue through L{RelayRunner.flush}, L{RelayRunner.hold},
+L{RelayRunner.release}, L{RelayRunner.delete} and L{RelayRunner.describe}.
 """
 
 from __future__ import annotations
 
-import os
 import random
-from typing import BinaryIO
 
 from twisted.application.service import Service
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 
+from msa import dsn
+from msa.outbox import OutboxDownstream
+from msa.queuecontrol import QueueControl
 from msa.smtpclient import (
     ACCEPTED,
     PERMANENT,
@@ -45,96 +50,28 @@ __all__ = [
 log = Logger()
 
 
-class OutboxDownstream:
-    """
-    For a start without a core MTA: each message is written, exactly as it
-    would go to the core (not stuffed, CRLF-terminated), to
-    C{<directory>/<queueId>.eml}, atomically.  Every recipient is accepted.
-    """
-
-    def __init__(self, directory: str, reactor=None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
-        self._reactor = reactor
-        self.directory = directory
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        log.warn(
-            "no core MTA configured: accepted messages go to the outbox "
-            "directory {directory} and are NOT delivered",
-            directory=directory,
-        )
-
-    def __repr__(self) -> str:
-        return f"<OutboxDownstream {self.directory}>"
-
-    def deliver(self, entry: SpoolEntry, messageFile: BinaryIO) -> defer.Deferred:
-        d = threads.deferToThreadPool(
-            self._reactor,
-            self._reactor.getThreadPool(),
-            self._write,
-            entry,
-            messageFile,
-        )
-
-        def done(path):
-            log.info(
-                "{queueId} written to the outbox: {path}",
-                queueId=entry.queueId,
-                path=path,
-            )
-            ok = RecipientResult(ACCEPTED, 250, f"written to {path}")
-            return DeliveryResult(
-                {r: ok for r in entry.pendingRecipients()}, f"250 written to {path}"
-            )
-
-        def failed(f):
-            log.failure(
-                "cannot write {queueId} to the outbox", f, queueId=entry.queueId
-            )
-            bad = RecipientResult(TEMPORARY, 0, f"outbox: {f.getErrorMessage()}")
-            return DeliveryResult({r: bad for r in entry.pendingRecipients()}, bad.text)
-
-        return d.addCallbacks(done, failed)
-
-    def _write(self, entry: SpoolEntry, messageFile: BinaryIO) -> str:
-        path = os.path.join(self.directory, entry.queueId + ".eml")
-        tmpPath = os.path.join(self.directory, "." + entry.queueId + ".eml.tmp")
-        try:
-            with open(tmpPath, "wb") as out:
-                last = b""
-                while chunk := messageFile.read(65536):
-                    out.write(chunk)
-                    last = (last + chunk)[-2:]
-                if last and last != b"\r\n":
-                    out.write(b"\r\n")
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmpPath, path)
-        except BaseException:
-            if os.path.exists(tmpPath):
-                os.unlink(tmpPath)
-            raise
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return path
+#: Start of the reply passed to L{RelayRunner.onPermanentFailure} on expiry.
+EXPIRED = "expired after"
 
 
-class RelayRunner(Service):
+class RelayRunner(QueueControl, Service):
     """
     The queue runner.
 
     @param spool: the L{Spool}.
     @param downstream: anything with C{deliver(entry, messageFile)}
-        returning a L{Deferred} of L{DeliveryResult}.
+        returning a L{Deferred} of L{DeliveryResult}, and optionally
+        C{close()} (called on stop).
     @param retryBase: delay after the first failed attempt, doubled after
         each further one up to C{retryMax}, with +-10% jitter.
     @param maxLifetime: after this many seconds in the queue, recipients
         still pending after a failed attempt are failed.
     @param concurrency: deliveries in flight at most.
     @param stopTimeout: how long L{stopService} waits for deliveries.
+    @param dsnHostname: the MSA's host name for the delivery status
+        notifications; L{None}: no notifications, failures are only logged.
+    @param delayWarningAfter: after this many seconds in the queue, a
+        "delayed" notification is sent, once per message; L{None}: never.
     """
 
     name = "relay"
@@ -149,6 +86,8 @@ class RelayRunner(Service):
         maxLifetime: float = 5 * 86400,
         concurrency: int = 4,
         stopTimeout: float = 30,
+        dsnHostname: str | None = None,
+        delayWarningAfter: float | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -160,31 +99,44 @@ class RelayRunner(Service):
         self.maxLifetime = maxLifetime
         self.concurrency = concurrency
         self.stopTimeout = stopTimeout
+        self.dsnHostname = dsnHostname
+        self.delayWarningAfter = delayWarningAfter
         self._timers: dict[str, object] = {}
         self._ready: list[str] = []
         self._inFlight: dict[str, defer.Deferred] = {}
+        # Operator requests about entries in flight, applied when the
+        # attempt ends.
+        self._deleted: set[str] = set()
+        self._heldInFlight: dict[str, bool] = {}
+        self._flushAfter: set[str] = set()
 
     def startService(self) -> None:
         super().startService()
         self.spool.addListener(self.wake)
         now = self._reactor.seconds()
+        held = 0
         for queueId in self.spool.pending():
             try:
                 entry = self.spool.load(queueId)
             except Exception:
                 log.failure("cannot load {queueId}; skipped", queueId=queueId)
                 continue
+            if entry.held:
+                held += 1
+                continue
             self._schedule(queueId, entry.nextAttempt - now)
         log.info(
-            "relay to {downstream} started, {count} message(s) queued",
+            "relay to {downstream} started, {count} message(s) queued, {held} held",
             downstream=self.downstream,
             count=len(self._timers),
+            held=held,
         )
 
     def stopService(self) -> defer.Deferred:
         """
         Stop scheduling and wait (at most C{stopTimeout} seconds) for the
-        deliveries in flight; their entries stay queued if cut short.
+        deliveries in flight; their entries stay queued if cut short.  Then
+        the downstream's idle connections are closed.
         """
         super().stopService()
         self.spool.removeListener(self.wake)
@@ -192,9 +144,13 @@ class RelayRunner(Service):
             timer.cancel()
         self._timers.clear()
         self._ready.clear()
-        if not self._inFlight:
-            return defer.succeed(None)
         stopped = defer.Deferred()
+        close = getattr(self.downstream, "close", None)
+        if close is not None:
+            stopped.addCallback(lambda _: close())
+        if not self._inFlight:
+            stopped.callback(None)
+            return stopped
         allDone = defer.DeferredList(list(self._inFlight.values()), consumeErrors=True)
 
         def fire(_=None):
@@ -222,12 +178,17 @@ class RelayRunner(Service):
             self._schedule(queueId, 0)
 
     def _schedule(self, queueId: str, delay: float) -> None:
-        timer = self._timers.pop(queueId, None)
-        if timer is not None:
-            timer.cancel()
+        self._unschedule(queueId)
         self._timers[queueId] = self._reactor.callLater(
             max(0.0, delay), self._makeReady, queueId
         )
+
+    def _unschedule(self, queueId: str) -> None:
+        timer = self._timers.pop(queueId, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        if queueId in self._ready:
+            self._ready.remove(queueId)
 
     def _makeReady(self, queueId: str) -> None:
         self._timers.pop(queueId, None)
@@ -250,11 +211,14 @@ class RelayRunner(Service):
         it and try again later, the entry is still in the spool.
         """
         log.failure("relay of {queueId} failed", failure, queueId=queueId)
-        if self.running:
+        if self.running and queueId not in self._deleted:
             self._schedule(queueId, self.retryBase)
 
     def _attemptDone(self, _, queueId: str) -> None:
         del self._inFlight[queueId]
+        self._deleted.discard(queueId)
+        self._heldInFlight.pop(queueId, None)
+        self._flushAfter.discard(queueId)
         self._pump()
 
     def retryDelay(self, attempts: int) -> float:
@@ -275,6 +239,8 @@ class RelayRunner(Service):
             if self.running:
                 self._schedule(queueId, self.retryMax)
             return
+        if entry.held:
+            return
         if not entry.pendingRecipients():
             self._finish(entry)
             return
@@ -292,9 +258,13 @@ class RelayRunner(Service):
             result = DeliveryResult({r: bad for r in entry.pendingRecipients()}, text)
         finally:
             messageFile.close()
-        self._apply(entry, result)
+        await self._apply(entry, result)
 
-    def _apply(self, entry: SpoolEntry, result: DeliveryResult) -> None:
+    async def _apply(self, entry: SpoolEntry, result: DeliveryResult) -> None:
+        queueId = entry.queueId
+        if queueId in self._deleted:
+            log.info("{queueId} was deleted during its delivery", queueId=queueId)
+            return
         now = self._reactor.seconds()
         failedNow: list[str] = []
         temporary: list[str] = []
@@ -318,11 +288,12 @@ class RelayRunner(Service):
         if delivered:
             log.info(
                 "{queueId} delivered for {recipients}: {reply}",
-                queueId=entry.queueId,
+                queueId=queueId,
                 recipients=", ".join(delivered),
                 reply=result.reply,
             )
         expired: list[str] = []
+        delayed: list[str] = []
         if temporary:
             entry.attempts += 1
             entry.lastError = result.reply or str(result.recipients[temporary[0]])
@@ -333,28 +304,50 @@ class RelayRunner(Service):
             else:
                 delay = self.retryDelay(entry.attempts)
                 entry.nextAttempt = min(now + delay, entry.createdAt + self.maxLifetime)
+                if (
+                    self.delayWarningAfter is not None
+                    and not entry.delayWarned
+                    and now - entry.createdAt >= self.delayWarningAfter
+                    and dsn.needsNotification(entry)
+                ):
+                    delayed = temporary
+        # Notifications first: a crash after them and before the state is
+        # written means a duplicate notification, never a lost one.
         if failedNow:
-            self.onPermanentFailure(entry, failedNow, result.reply)
+            await self._hook(entry, failedNow, result.reply)
         if expired:
-            self.onPermanentFailure(
+            await self._hook(
                 entry,
                 expired,
-                f"expired after {entry.attempts} attempt(s); last error: "
-                f"{entry.lastError}",
+                f"{EXPIRED} {entry.attempts} attempt(s); last error: {entry.lastError}",
             )
+        if delayed:
+            entry.delayWarned = await self._notify(entry, delayed, dsn.DELAYED)
+        if queueId in self._deleted:
+            log.info("{queueId} was deleted during its delivery", queueId=queueId)
+            return
+        entry.held = self._heldInFlight.get(queueId, entry.held)
+        if queueId in self._flushAfter:
+            entry.nextAttempt = now
         if entry.pendingRecipients():
             self.spool.update(entry)
             log.info(
                 "{queueId} deferred (attempt {attempts}) until {nextAttempt}: {error}",
-                queueId=entry.queueId,
+                queueId=queueId,
                 attempts=entry.attempts,
                 nextAttempt=entry.nextAttempt,
                 error=entry.lastError,
             )
-            if self.running:
-                self._schedule(entry.queueId, entry.nextAttempt - now)
+            if self.running and not entry.held:
+                self._schedule(queueId, entry.nextAttempt - now)
         else:
             self._finish(entry)
+
+    async def _hook(self, entry: SpoolEntry, recipients: list[str], reply: str):
+        try:
+            await defer.maybeDeferred(self.onPermanentFailure, entry, recipients, reply)
+        except Exception:
+            log.failure("cannot report the failure of {queueId}", queueId=entry.queueId)
 
     def _finish(self, entry: SpoolEntry) -> None:
         """
@@ -365,12 +358,14 @@ class RelayRunner(Service):
 
     def onPermanentFailure(
         self, entry: SpoolEntry, recipients: list[str], reply: str
-    ) -> None:
+    ) -> defer.Deferred | None:
         """
-        Hook for permanent failures and expiry: DSN generation (a later
-        issue) goes here.  It is called before the state is written or the
-        entry removed, so C{entry.messagePath} is still readable.  Logs
-        only.
+        Called for permanent failures and expiry (C{reply} then starts with
+        L{EXPIRED}), before the state is written or the entry removed, so
+        C{entry.messagePath} is still readable.  Logs, and queues a
+        "failed" notification to the sender when C{dsnHostname} is set.
+
+        @return: a L{Deferred} firing when the notification is queued.
         """
         log.error(
             "{queueId} from <{sender}> FAILED for {recipients}: {reply}",
@@ -379,3 +374,35 @@ class RelayRunner(Service):
             recipients=", ".join(recipients),
             reply=reply,
         )
+        return defer.ensureDeferred(self._notify(entry, recipients, dsn.FAILED))
+
+    async def _notify(self, entry: SpoolEntry, recipients: list[str], action) -> bool:
+        """
+        Queue a notification of C{action} about C{recipients} of C{entry}.
+
+        @return: whether one was queued.
+        """
+        if self.dsnHostname is None or not dsn.needsNotification(entry):
+            return False
+        remote = getattr(self.downstream, "host", "")
+        statuses = [
+            dsn.recipientStatus(r, action, entry.errors.get(r, ""), remote)
+            for r in recipients
+        ]
+        try:
+            await dsn.queueDSN(
+                self.spool,
+                entry,
+                statuses,
+                self.dsnHostname,
+                self._reactor.seconds(),
+                willRetryUntil=entry.createdAt + self.maxLifetime,
+            )
+        except Exception:
+            log.failure(
+                "cannot queue the {action} DSN about {queueId}",
+                action=action,
+                queueId=entry.queueId,
+            )
+            return False
+        return True

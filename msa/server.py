@@ -14,10 +14,13 @@ import secrets
 
 import attrs
 from twisted.internet import defer, interfaces, protocol
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import Logger
 from twisted.mail.smtp import ESMTP
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from msa import metrics
 from msa.authorization import AuthThrottle
 from msa.envelope import SessionInfo
 from msa.errors import SMTPReply
@@ -25,6 +28,7 @@ from msa.framing import LineFramer
 from msa.sasl import MechanismContext
 from msa.serverauth import AUTH, AUTH_FINAL, COMMAND, MAX_AUTH_LINE, AuthenticationMixin
 from msa.sessions import SessionRegistry
+from msa.tls import describeTLS
 from msa.transaction import DATA, MailTransactionMixin
 
 log = Logger()
@@ -57,6 +61,7 @@ class ServerPolicy:
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
 
 
+@implementer(IHandshakeListener)
 class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
     """
     One client connection.  Created by L{SubmissionFactory}.
@@ -92,6 +97,7 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
             clientPort=getattr(peer, "port", 0),
         )
         self._tls = self.policy.implicitTLS
+        self._started = self.factory.reactor.seconds()
         registry = self.factory.registry
         registry.add(self)
         if registry.closing:
@@ -102,9 +108,11 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
             > self.policy.maxConnectionsPerClient
         ):
             log.info(
-                "session {session}: refused, too many connections",
+                "session {session}: refused {client}, too many connections",
                 session=self.session.sessionId,
+                client=self.session.clientAddress,
             )
+            metrics.CONNECTIONS_REFUSED.inc()
             self.reply(
                 421, "4.7.0", f"{self.policy.hostname} Error: too many connections"
             )
@@ -117,10 +125,14 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
         )
         log.info(
             "session {session}: connection from {client}:{port}",
+            event="connection",
             session=self.session.sessionId,
             client=self.session.clientAddress,
             port=self.session.clientPort,
         )
+        metrics.CONNECTIONS.labels(
+            "implicit-tls" if self.policy.implicitTLS else "starttls"
+        ).inc()
         self.sendCode(220, self.host + b" ESMTP")
         self.setTimeout(self.timeout)
 
@@ -197,7 +209,29 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
             logout, self._logout = self._logout, None
             logout()
         self.setTimeout(None)
-        log.info("session {session}: disconnected", session=self.session.sessionId)
+        duration = self.factory.reactor.seconds() - self._started
+        metrics.SESSION_SECONDS.observe(duration)
+        log.info(
+            "session {session}: disconnected after {duration:.3f}s",
+            event="disconnected",
+            session=self.session.sessionId,
+            duration=duration,
+        )
+
+    def handshakeCompleted(self) -> None:
+        """
+        The TLS handshake is done (STARTTLS or implicit TLS).
+        """
+        version, cipher = describeTLS(self.transport)
+        self.session.tlsVersion, self.session.tlsCipher = version, cipher
+        metrics.TLS_HANDSHAKES.labels(version or "unknown").inc()
+        log.info(
+            "session {session}: TLS established, {version} {cipher}",
+            event="tls",
+            session=self.session.sessionId,
+            version=version,
+            cipher=cipher,
+        )
 
     # -- shutdown -----------------------------------------------------
 

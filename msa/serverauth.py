@@ -15,6 +15,7 @@ from twisted.internet import task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from msa import metrics
 from msa.clientcert import peerIdentities
 from msa.errors import SMTPReply
 from msa.interfaces import ISubmission
@@ -161,10 +162,13 @@ class AuthenticationMixin:
         self._endAuth()
         log.info(
             "session {session}: authenticated as {account} with {mechanism}",
+            event="auth",
+            outcome="success",
             session=self.session.sessionId,
             account=self.session.account,
             mechanism=self.session.mechanism,
         )
+        metrics.AUTH_RESULTS.labels(self.session.mechanism, "success").inc()
         self.reply(235, "2.7.0", "Authentication successful")
 
     def _loginFailed(self, failure: Failure) -> None:
@@ -184,14 +188,21 @@ class AuthenticationMixin:
             self.reply(454, "4.7.0", "Temporary authentication failure")
 
     def _authFailed(self, error: SMTPReply) -> None:
+        self._failedMechanism = self.session.mechanism
         self._endAuth()
         user, self._attemptedUser = self._attemptedUser, ""
+        mechanism = self._failedMechanism
         log.info(
-            "session {session}: authentication failed ({mechanism}): {code}",
+            "session {session}: authentication failed for {user!r} with "
+            "{mechanism}: {code}",
+            event="auth",
+            outcome="failure",
             session=self.session.sessionId,
-            mechanism=self.session.mechanism,
+            user=user[:64],
+            mechanism=mechanism,
             code=error.code,
         )
+        metrics.AUTH_RESULTS.labels(mechanism or "none", f"failure-{error.code}").inc()
         if error.code != 535:
             self.protocolError(error.code, error.status, error.text)
             return

@@ -1,271 +1,105 @@
 """
-The relay's ESMTP client: a stateful dot-stuffer, a line protocol that turns
-commands into L{Deferred} replies, and L{SMTPDownstream}, which delivers one
-spooled message to the core MTA over one connection.
+Delivery to the core MTA over SMTP: L{SMTPDownstream}, which hands spooled
+messages to the core over connections it keeps open for a while and reuses
+(RSET between messages), and the result types the relay runner applies.
 
-Twisted's own C{ESMTPClient} is not used: it dot-stuffs each 16 KiB chunk on
-its own and misses a "." that starts a chunk.
+The protocol itself (dot-stuffing, commands and replies) is in
+L{msa.smtpprotocol}.
 """
 
 from __future__ import annotations
 
 import base64
 import functools
-from collections import deque
 from typing import BinaryIO
 
-import attrs
 from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
-from twisted.protocols.basic import FileSender, LineReceiver
+
+from msa.smtpprotocol import (
+    ACCEPTED,
+    PERMANENT,
+    TEMPORARY,
+    DeliveryResult,
+    DotStuffer,
+    RecipientResult,
+    Reply,
+    SMTPClientError,
+    SMTPClientProtocol,
+    SMTPConnectionLost,
+    dotStuff,
+    resultFor,
+)
+
+__all__ = [
+    "ACCEPTED",
+    "PERMANENT",
+    "TEMPORARY",
+    "DeliveryResult",
+    "DotStuffer",
+    "RecipientResult",
+    "Reply",
+    "SMTPClientError",
+    "SMTPClientProtocol",
+    "SMTPDownstream",
+    "TLSFailure",
+    "dotStuff",
+]
 
 log = Logger()
-
-ACCEPTED = "accepted"
-TEMPORARY = "temporary"
-PERMANENT = "permanent"
 
 TLS_MODES = ("starttls", "implicit", "none")
 
 
-class DotStuffer:
+class TLSFailure(SMTPClientError):
     """
-    Dot-stuffing (RFC 5321 section 4.5.2) of a CRLF message fed in chunks of
-    any size: every line that starts with "." gets one more, wherever the
-    chunk boundaries fall.
+    The TLS handshake with the core failed: a certificate that does not
+    verify (wrong name, unknown CA), no common protocol, or not TLS at all.
+    Temporary, and logged loudly: never a fallback to plaintext.
     """
-
-    def __init__(self) -> None:
-        # The last two bytes seen; CRLF at the start means "at a line start".
-        self._tail = b"\r\n"
-
-    def feed(self, data: bytes) -> bytes:
-        """
-        @return: C{data}, stuffed.
-        """
-        if not data:
-            return b""
-        out = data.replace(b"\r\n.", b"\r\n..")
-        if data[:1] == b"." and self._tail == b"\r\n":
-            out = b"." + out
-        elif data[:2] == b"\n." and self._tail[-1:] == b"\r":
-            out = b"\n." + out[1:]
-        self._tail = (self._tail + data)[-2:]
-        return out
-
-    def finish(self) -> bytes:
-        """
-        @return: the end of the data: a CRLF if the message did not end with
-            one, and the terminating ".CRLF".
-        """
-        return b".\r\n" if self._tail == b"\r\n" else b"\r\n.\r\n"
-
-
-def dotStuff(data: bytes) -> bytes:
-    """
-    Stuff a whole message and add the terminator (for tests and small data).
-    """
-    stuffer = DotStuffer()
-    return stuffer.feed(data) + stuffer.finish()
-
-
-@attrs.frozen
-class Reply:
-    """
-    One SMTP reply: its code and its text lines (without the code).
-    """
-
-    code: int
-    lines: tuple[str, ...]
-
-    @property
-    def text(self) -> str:
-        return " ".join(self.lines)
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.text}"
-
-
-class SMTPClientError(Exception):
-    """
-    The conversation cannot go on: time-out, garbage from the server, a
-    requirement (TLS) not met.  Always a temporary failure.
-    """
-
-
-class SMTPClientProtocol(LineReceiver):
-    """
-    A line protocol for the client side: L{command} sends a line and
-    returns a L{Deferred} firing with the next L{Reply}.
-    """
-
-    delimiter = b"\r\n"
-    MAX_LENGTH = 4096
-
-    def __init__(self, reactor) -> None:
-        self._reactor = reactor
-        self._replies: deque[Reply] = deque()
-        self._partial: list[str] = []
-        self._waiter: defer.Deferred | None = None
-        self._timer = None
-        self._lost: Exception | None = None
-
-    def lineReceived(self, line: bytes) -> None:
-        code, sep = line[:3], line[3:4]
-        if len(line) < 3 or not code.isdigit() or sep not in (b"", b" ", b"-"):
-            self._fail(SMTPClientError(f"malformed reply line {line[:100]!r}"))
-            self.transport.abortConnection()
-            return
-        self._partial.append(line[4:].decode("utf-8", "replace"))
-        if sep == b"-":
-            return
-        reply = Reply(int(code), tuple(self._partial))
-        self._partial = []
-        if self._waiter is not None:
-            waiter, self._waiter = self._waiter, None
-            self._cancelTimer()
-            waiter.callback(reply)
-        else:
-            self._replies.append(reply)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._fail(SMTPClientError("reply line too long"))
-        self.transport.abortConnection()
-
-    def _cancelTimer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _fail(self, reason: Exception) -> None:
-        if self._lost is None:
-            self._lost = reason
-        self._cancelTimer()
-        if self._waiter is not None:
-            waiter, self._waiter = self._waiter, None
-            waiter.errback(reason)
-
-    def _timedOut(self, what: str, timeout: float) -> None:
-        self._timer = None
-        self._fail(SMTPClientError(f"timed out after {timeout:g}s waiting for {what}"))
-        self.transport.abortConnection()
-
-    def readReply(self, timeout: float, what: str = "a reply") -> defer.Deferred:
-        """
-        @return: a L{Deferred} firing with the next L{Reply}, failing with
-            L{SMTPClientError} after C{timeout} seconds or when the
-            connection is lost.
-        """
-        if self._replies:
-            return defer.succeed(self._replies.popleft())
-        if self._lost is not None:
-            return defer.fail(self._lost)
-        assert self._waiter is None, "one command at a time"
-        self._waiter = defer.Deferred()
-        self._timer = self._reactor.callLater(timeout, self._timedOut, what, timeout)
-        return self._waiter
-
-    def command(self, line: bytes, timeout: float) -> defer.Deferred:
-        """
-        Send one command line and read its reply.
-        """
-        self.sendLine(line)
-        return self.readReply(
-            timeout, repr(line.split(b" ", 1)[0].decode("ascii", "replace"))
-        )
-
-    def startTLS(self, contextFactory) -> None:
-        """
-        Switch to TLS after the 220 to STARTTLS.  Anything the server sent
-        after that reply (before the handshake) is an injection attempt.
-        """
-        if self.clearLineBuffer() or self._replies or self._partial:
-            self.transport.abortConnection()
-            raise SMTPClientError("data after the STARTTLS reply: possible injection")
-        self.transport.startTLS(contextFactory)
-
-    def sendFile(self, messageFile: BinaryIO, timeout: float) -> defer.Deferred:
-        """
-        Stream C{messageFile}, dot-stuffed and terminated, through a pull
-        producer, so that only a chunk at a time is in memory.
-
-        @return: a L{Deferred} firing when everything is handed to the
-            transport.
-        """
-        stuffer = DotStuffer()
-        d = FileSender().beginFileTransfer(messageFile, self.transport, stuffer.feed)
-
-        def finished(_):
-            self.transport.write(stuffer.finish())
-
-        def timedOut(_, __):
-            self.transport.abortConnection()
-            raise SMTPClientError(f"timed out after {timeout:g}s sending the message")
-
-        d.addCallback(finished)
-        d.addTimeout(timeout, self._reactor, onTimeoutCancel=timedOut)
-        return d
-
-    def connectionLost(self, reason) -> None:
-        self._fail(SMTPClientError(f"connection lost: {reason.getErrorMessage()}"))
-
-
-@attrs.frozen
-class RecipientResult:
-    """
-    What became of one recipient: L{ACCEPTED}, L{TEMPORARY} or L{PERMANENT},
-    with the reply (code and text) that said so.
-    """
-
-    status: str
-    code: int = 0
-    text: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.text}" if self.code else self.text
-
-
-@attrs.define
-class DeliveryResult:
-    """
-    The outcome of one delivery attempt.
-
-    @ivar recipients: recipient address to L{RecipientResult}.
-    @ivar reply: the core's final reply (for a success, with its queue id).
-    """
-
-    recipients: dict[str, RecipientResult] = attrs.Factory(dict)
-    reply: str = ""
-
-    def _with(self, status: str) -> list[str]:
-        return [r for r, res in self.recipients.items() if res.status == status]
-
-    @property
-    def accepted(self) -> list[str]:
-        return self._with(ACCEPTED)
-
-    @property
-    def temporary(self) -> list[str]:
-        return self._with(TEMPORARY)
-
-    @property
-    def permanent(self) -> list[str]:
-        return self._with(PERMANENT)
-
-
-def _resultFor(reply: Reply) -> RecipientResult:
-    status = PERMANENT if reply.code >= 500 else TEMPORARY
-    return RecipientResult(status, reply.code, reply.text)
 
 
 def _address(address: str) -> bytes:
     return address.encode("utf-8")
 
 
+class _Connection:
+    """
+    One open session with the core, ready for MAIL (greeted, EHLO, TLS and
+    AUTH done).
+    """
+
+    def __init__(self, proto: SMTPClientProtocol, extensions: dict, generation: int):
+        self.proto = proto
+        self.extensions = extensions
+        self.generation = generation
+        self.transactions = 0
+        self.idleTimer = None
+
+    def close(self, quit: bool = True) -> None:
+        if self.idleTimer is not None and self.idleTimer.active():
+            self.idleTimer.cancel()
+        self.idleTimer = None
+        transport = self.proto.transport
+        if transport is None:
+            return
+        if quit and not self.proto.lost:
+            # No need to wait for the 221: the session is over either way.
+            self.proto.sendLine(b"QUIT")
+        transport.loseConnection()
+
+
 class SMTPDownstream:
     """
-    Delivery to the core MTA over SMTP, one connection per message.
+    Delivery to the core MTA over SMTP.
+
+    A connection that ends a transaction in good order is kept for
+    C{idleTimeout} seconds and reused (after an RSET) for the next message,
+    up to C{maxTransactions} messages; C{idleTimeout=0} means a connection
+    per message.  How many deliveries run at once is the caller's business
+    (the relay runner's concurrency): each concurrent delivery has a
+    connection of its own.
 
     @param tlsMode: C{"starttls"} (required: a core that does not offer it
         or refuses it is a temporary failure, never a plaintext fallback),
@@ -274,6 +108,9 @@ class SMTPDownstream:
         L{msa.tls.clientContextFactory}; by default one for C{host} with the
         system trust store.
     @param authUsername: AUTH PLAIN after TLS when set.
+    @param connectTimeout: seconds for the TCP connection.
+    @param commandTimeout: seconds for each reply (greeting included).
+    @param dataTimeout: seconds to send the data, and again for its reply.
     """
 
     def __init__(
@@ -289,6 +126,8 @@ class SMTPDownstream:
         connectTimeout: float = 30,
         commandTimeout: float = 300,
         dataTimeout: float = 600,
+        idleTimeout: float = 5,
+        maxTransactions: int = 100,
     ) -> None:
         if tlsMode not in TLS_MODES:
             raise ValueError(f"tlsMode must be one of {TLS_MODES}, not {tlsMode!r}")
@@ -309,6 +148,11 @@ class SMTPDownstream:
         self.connectTimeout = connectTimeout
         self.commandTimeout = commandTimeout
         self.dataTimeout = dataTimeout
+        self.idleTimeout = idleTimeout
+        self.maxTransactions = maxTransactions
+        self._idle: list[_Connection] = []
+        self._open: set[_Connection] = set()
+        self._generation = 0
         if tlsMode == "none":
             log.warn(
                 "relay to {host}:{port} WITHOUT TLS, as configured: messages and "
@@ -322,7 +166,8 @@ class SMTPDownstream:
 
     def deliver(self, entry, messageFile: BinaryIO) -> defer.Deferred:
         """
-        Deliver C{entry}'s message to its pending recipients.
+        Deliver C{entry}'s message to its pending recipients, over an idle
+        connection when there is one.
 
         @param entry: a L{msa.spool.SpoolEntry}.
         @param messageFile: the message, open for binary reading.
@@ -330,34 +175,118 @@ class SMTPDownstream:
         """
         return defer.ensureDeferred(self._deliver(entry, messageFile))
 
+    def close(self) -> defer.Deferred:
+        """
+        Close the idle connections (QUIT); deliveries in flight keep theirs
+        but do not park them afterwards.
+
+        @return: a L{Deferred} firing when the idle connections are closed.
+        """
+        self._generation += 1
+        idle, self._idle = self._idle, []
+        waits = []
+        for conn in idle:
+            waits.append(conn.proto.notifyLost())
+            conn.close()
+            self._open.discard(conn)
+        return defer.DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
+
+    @property
+    def idleConnections(self) -> int:
+        return len(self._idle)
+
     async def _deliver(self, entry, messageFile: BinaryIO) -> DeliveryResult:
         result = DeliveryResult()
         pending = entry.pendingRecipients()
-        proto: SMTPClientProtocol | None = None
+        conn: _Connection | None = None
+        reusable = False
         try:
-            proto = await self._connect()
-            await self._session(proto, entry, pending, messageFile, result)
+            conn = await self._reuse()
+            if conn is None:
+                conn = await self._connect()
+            conn.transactions += 1
+            reusable = await self._transaction(
+                conn, entry, pending, messageFile, result
+            )
         except Exception as e:
             text = str(e) or e.__class__.__name__
             if isinstance(e, error.ConnectError | error.TimeoutError):
                 text = f"cannot connect to {self.host}:{self.port}: {text}"
-            log.info(
-                "delivery of {queueId} to {downstream} failed: {text}",
-                queueId=entry.queueId,
-                downstream=self,
-                text=text,
-            )
+            if isinstance(e, TLSFailure):
+                log.critical(
+                    "TLS WITH THE CORE MTA {downstream} FAILED for {queueId}: "
+                    "{text}.  Is the certificate valid for the configured name "
+                    "and issued by the configured CA?  The message stays queued; "
+                    "nothing is sent without TLS.",
+                    downstream=self,
+                    queueId=entry.queueId,
+                    text=text,
+                )
+            else:
+                log.info(
+                    "delivery of {queueId} to {downstream} failed: {text}",
+                    queueId=entry.queueId,
+                    downstream=self,
+                    text=text,
+                )
             for rcpt in pending:
                 current = result.recipients.get(rcpt)
                 if current is None or current.status == ACCEPTED:
                     result.recipients[rcpt] = RecipientResult(TEMPORARY, 0, text)
             result.reply = result.reply or text
-        finally:
-            if proto is not None and proto.transport is not None:
-                proto.transport.loseConnection()
+        if conn is not None:
+            self._done(conn, reusable)
         return result
 
-    async def _connect(self) -> SMTPClientProtocol:
+    def _done(self, conn: _Connection, reusable: bool) -> None:
+        """
+        Park C{conn} for the next message, or close it.
+        """
+        if (
+            reusable
+            and self.idleTimeout > 0
+            and conn.generation == self._generation
+            and conn.transactions < self.maxTransactions
+            and not conn.proto.lost
+        ):
+            conn.idleTimer = self._reactor.callLater(
+                self.idleTimeout, self._idleExpired, conn
+            )
+            self._idle.append(conn)
+            return
+        self._open.discard(conn)
+        conn.close()
+
+    def _idleExpired(self, conn: _Connection) -> None:
+        conn.idleTimer = None
+        if conn in self._idle:
+            self._idle.remove(conn)
+        self._open.discard(conn)
+        conn.close()
+
+    async def _reuse(self) -> _Connection | None:
+        """
+        An idle connection that answers RSET, or L{None}.
+        """
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.idleTimer is not None and conn.idleTimer.active():
+                conn.idleTimer.cancel()
+            conn.idleTimer = None
+            if not conn.proto.lost and not conn.proto.unsolicited:
+                try:
+                    reply = await conn.proto.command(
+                        b"RSET", min(self.commandTimeout, 30)
+                    )
+                except SMTPClientError:
+                    reply = None
+                if reply is not None and reply.code == 250:
+                    return conn
+            self._open.discard(conn)
+            conn.close(quit=False)
+        return None
+
+    async def _connect(self) -> _Connection:
         endpoint = HostnameEndpoint(
             self._reactor, self.host, self.port, timeout=self.connectTimeout
         )
@@ -366,7 +295,16 @@ class SMTPDownstream:
         factory = protocol.Factory.forProtocol(
             functools.partial(SMTPClientProtocol, self._reactor)
         )
-        return await endpoint.connect(factory)
+        proto = await endpoint.connect(factory)
+        try:
+            extensions = await self._handshake(proto)
+        except BaseException:
+            if proto.transport is not None:
+                proto.transport.loseConnection()
+            raise
+        conn = _Connection(proto, extensions, self._generation)
+        self._open.add(conn)
+        return conn
 
     async def _ehlo(self, proto: SMTPClientProtocol) -> dict[str, str]:
         reply = await proto.command(
@@ -380,16 +318,19 @@ class SMTPDownstream:
             extensions[keyword.upper()] = params
         return extensions
 
-    async def _session(
-        self,
-        proto: SMTPClientProtocol,
-        entry,
-        pending: list[str],
-        messageFile: BinaryIO,
-        result: DeliveryResult,
-    ) -> None:
+    async def _handshake(self, proto: SMTPClientProtocol) -> dict[str, str]:
+        """
+        Greeting, EHLO, STARTTLS and AUTH.
+
+        @return: the extensions the core offers (after TLS).
+        """
         timeout = self.commandTimeout
-        greeting = await proto.readReply(timeout, "the greeting")
+        try:
+            greeting = await proto.readReply(timeout, "the greeting")
+        except SMTPConnectionLost as e:
+            if self.tlsMode == "implicit":
+                raise TLSFailure(f"TLS handshake failed? {e}")
+            raise
         if greeting.code != 220:
             raise SMTPClientError(f"greeting: {greeting}")
         extensions = await self._ehlo(proto)
@@ -402,16 +343,32 @@ class SMTPDownstream:
             proto.startTLS(self.contextFactory)
             try:
                 extensions = await self._ehlo(proto)
+            except SMTPConnectionLost as e:
+                raise TLSFailure(f"after STARTTLS (TLS handshake failed?): {e}")
             except SMTPClientError as e:
                 raise SMTPClientError(f"after STARTTLS (TLS handshake?): {e}")
         if self.authUsername is not None:
             await self._auth(proto, extensions)
+        return extensions
 
-        reply = await self._mailFrom(proto, entry, extensions)
+    async def _transaction(
+        self,
+        conn: _Connection,
+        entry,
+        pending: list[str],
+        messageFile: BinaryIO,
+        result: DeliveryResult,
+    ) -> bool:
+        """
+        One mail transaction on C{conn}.
+
+        @return: whether the connection can be used for another one.
+        """
+        proto, timeout = conn.proto, self.commandTimeout
+        reply = await self._mailFrom(proto, entry, conn.extensions)
         if reply.code != 250:
-            self._setAll(result, pending, _resultFor(reply), reply)
-            await self._quit(proto)
-            return
+            self._setAll(result, pending, resultFor(reply), reply)
+            return reply.code != 421
 
         accepted = []
         for rcpt in pending:
@@ -423,17 +380,20 @@ class SMTPDownstream:
                     ACCEPTED, reply.code, reply.text
                 )
             else:
-                result.recipients[rcpt] = _resultFor(reply)
+                result.recipients[rcpt] = resultFor(reply)
+                if reply.code == 421:
+                    result.reply = str(reply)
+                    for other in pending:
+                        result.recipients[other] = resultFor(reply)
+                    return False
         if not accepted:
             result.reply = "no recipient accepted"
-            await self._quit(proto)
-            return
+            return True
 
         reply = await proto.command(b"DATA", timeout)
         if reply.code != 354:
-            self._setAll(result, accepted, _resultFor(reply), reply)
-            await self._quit(proto)
-            return
+            self._setAll(result, accepted, resultFor(reply), reply)
+            return reply.code != 421
         await proto.sendFile(messageFile, self.dataTimeout)
         reply = await proto.readReply(self.dataTimeout, "the reply to the data")
         if reply.code == 250:
@@ -441,14 +401,14 @@ class SMTPDownstream:
                 result, accepted, RecipientResult(ACCEPTED, 250, reply.text), reply
             )
         else:
-            self._setAll(result, accepted, _resultFor(reply), reply)
+            self._setAll(result, accepted, resultFor(reply), reply)
         log.info(
             "{queueId} to {downstream}: {reply}",
             queueId=entry.queueId,
             downstream=self,
             reply=str(reply),
         )
-        await self._quit(proto)
+        return reply.code != 421
 
     @staticmethod
     def _setAll(result, recipients, outcome: RecipientResult, reply: Reply) -> None:
@@ -491,9 +451,3 @@ class SMTPDownstream:
                 if params.get(key):
                     line += b" %s=%s" % (key.encode(), params[key].encode("ascii"))
         return await proto.command(line, self.commandTimeout)
-
-    async def _quit(self, proto: SMTPClientProtocol) -> None:
-        try:
-            await proto.command(b"QUIT", min(self.commandTimeout, 10))
-        except Exception:
-            pass

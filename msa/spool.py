@@ -99,6 +99,10 @@ class SpoolEntry:
     @ivar errors: recipient address to the last reply about it.
     @ivar nextAttempt: POSIX time of the next delivery attempt.
     @ivar eightBit: whether the message has bytes above 127.
+    @ivar held: put on hold by the operator: never attempted until released.
+    @ivar isBounce: a delivery status notification made by this MSA (never
+        the subject of another one).
+    @ivar delayWarned: a "delayed" notification was sent for it.
     """
 
     queueId: str
@@ -112,6 +116,9 @@ class SpoolEntry:
     eightBit: bool = False
     messagePath: str = ""
     size: int = 0
+    held: bool = False
+    isBounce: bool = False
+    delayWarned: bool = False
 
     def pendingRecipients(self) -> list[str]:
         return [r for r, status in self.recipients.items() if status == PENDING]
@@ -128,6 +135,9 @@ class SpoolEntry:
             "lastError": self.lastError,
             "createdAt": self.createdAt,
             "eightBit": self.eightBit,
+            "held": self.held,
+            "isBounce": self.isBounce,
+            "delayWarned": self.delayWarned,
         }
 
     @classmethod
@@ -144,6 +154,9 @@ class SpoolEntry:
             eightBit=bool(data.get("eightBit", False)),
             messagePath=messagePath,
             size=size,
+            held=bool(data.get("held", False)),
+            isBounce=bool(data.get("isBounce", False)),
+            delayWarned=bool(data.get("delayWarned", False)),
         )
 
 
@@ -156,7 +169,11 @@ class SpoolWriter:
     """
     The file of one message being received, in C{tmp/}.  Data goes to the
     file through a buffer of L{WRITE_BUFFER} bytes, never kept whole.
+
+    @ivar isBounce: set before L{commit} for a delivery status notification.
     """
+
+    isBounce = False
 
     def __init__(self, spool: Spool, envelope: Envelope) -> None:
         self._spool = spool
@@ -209,6 +226,7 @@ class SpoolWriter:
             createdAt=spool.reactor.seconds(),
             nextAttempt=spool.reactor.seconds(),
             eightBit=self._eightBit,
+            isBounce=self.isBounce,
         )
         state = _encodeState(entry)
         d = spool._runBlocking(self._commitBlocking, state)

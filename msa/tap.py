@@ -29,6 +29,7 @@ from msa.accounts import (
 from msa.authorization import AuthThrottle, ServerRules
 from msa.clientcert import CertificateBindingRealm, CertificateChecker
 from msa.config import Config, ConfigError, loadConfig
+from msa.controlsocket import ControlService, socketPath
 from msa.delivery import submissionFactory
 from msa.relay import OutboxDownstream, RelayRunner, SMTPDownstream
 from msa.sasl import MechanismContext
@@ -128,6 +129,11 @@ def _downstream(config: Config):
         heloName=relay["helo_name"],
         authUsername=relay["auth_username"],
         authPassword=password,
+        connectTimeout=relay["connect_timeout"],
+        commandTimeout=relay["command_timeout"],
+        dataTimeout=relay["data_timeout"],
+        idleTimeout=relay["idle_timeout"],
+        maxTransactions=relay["max_messages_per_connection"],
     )
 
 
@@ -180,8 +186,14 @@ def buildService(config: Config, reactor=None) -> MultiService:
         retryBase=relay["retry_base"],
         retryMax=relay["retry_max"],
         maxLifetime=relay["max_lifetime"],
+        concurrency=relay["concurrency"],
+        dsnHostname=server["hostname"] if relay["send_dsn"] else None,
+        delayWarningAfter=relay["delay_warning_after"],
     )
     runner.setServiceParent(top)
+    ControlService(
+        socketPath(server["state_dir"]), runner, spool, reactor
+    ).setServiceParent(top)
 
     if server["accepted_recipients"] is None:
         log.warn(

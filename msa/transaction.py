@@ -10,7 +10,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from msa import addresses
+from msa import addresses, metrics
 from msa.envelope import Envelope
 from msa.errors import SMTPReply
 from msa.framing import END, DataFilter
@@ -176,6 +176,16 @@ class MailTransactionMixin:
         if not hadError and self._filter.error is not None:
             self._abortMessage()
 
+    def _refused(self, reply: SMTPReply, queueId: str) -> None:
+        metrics.MESSAGES.labels(str(reply.code)).inc()
+        log.info(
+            "session {session}: message {queueId} refused: {reply}",
+            event="refused",
+            session=self.session.sessionId,
+            queueId=queueId,
+            reply=str(reply),
+        )
+
     def _abortMessage(self) -> None:
         message, self._message = self._message, None
         if message is not None:
@@ -191,8 +201,11 @@ class MailTransactionMixin:
         dataFilter = self._filter
         self._filter = None
         message, self._message = self._message, None
+        self._lastRecipients = self._recipients
         self._resetTransaction()
+        recipients = len(self._lastRecipients)
         if dataFilter.error is not None:
+            self._refused(dataFilter.error, getattr(message, "queueId", ""))
             self.protocolError(
                 dataFilter.error.code, dataFilter.error.status, dataFilter.error.text
             )
@@ -201,17 +214,26 @@ class MailTransactionMixin:
 
         def queued(queueId):
             log.info(
-                "session {session}: message {queueId} accepted, {size} octets",
+                "session {session}: message {queueId} accepted from {account}, "
+                "{size} octets, {recipients} recipient(s), sha256 {sha256}",
+                event="accepted",
                 session=self.session.sessionId,
+                account=self.session.account,
                 queueId=queueId,
                 size=dataFilter.size,
+                recipients=recipients,
+                sha256=getattr(message, "sha256", lambda: "")(),
             )
+            metrics.MESSAGES.labels("250").inc()
+            metrics.BYTES_ACCEPTED.inc(dataFilter.size)
             self.reply(250, "2.0.0", f"Ok: queued as {queueId}")
 
         def failed(failure):
             if failure.check(SMTPReply):
+                self._refused(failure.value, getattr(message, "queueId", ""))
                 self.sendReply(failure.value)
                 return
+            metrics.MESSAGES.labels("451").inc()
             log.failure(
                 "session {session}: message not queued",
                 failure,

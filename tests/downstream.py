@@ -50,6 +50,8 @@ class _ServerProtocol(LineReceiver):
         self.tls = server.tlsMode == "implicit"
         self.authenticated: str | None = None
         self.inData = False
+        self.fakeTLS = False
+        self.whenLost = defer.Deferred()
         self._reset()
 
     def _reset(self) -> None:
@@ -58,17 +60,48 @@ class _ServerProtocol(LineReceiver):
         self.mailParams = ""
         self.data: list[bytes] = []
 
-    def reply(self, code: int, text: str) -> None:
-        self.sendLine(f"{code} {text}".encode())
+    def reply(self, code: int, text: str, then=None) -> None:
+        """
+        Send a reply (late with C{replyDelay}), then call C{then}.
+        """
+        if self.server.hung:
+            return
+        line = f"{code} {text}".encode()
+        if self.server.replyDelay:
+            call = reactor.callLater(self.server.replyDelay, self._send, line, then)
+            self.server._delayed.append(call)
+        else:
+            self._send(line, then)
+
+    def _send(self, line: bytes, then) -> None:
+        if self.transport is not None and self.connected:
+            self.sendLine(line)
+            if then is not None:
+                then()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.fakeTLS:
+            # Whatever the client's handshake says, the answer is not TLS.
+            self.transport.write(b"220 this is not TLS\r\n")
+            return
+        super().dataReceived(data)
 
     def connectionMade(self) -> None:
         self.server.connections += 1
         if not self.server.silent:
             self.reply(*self.server.greeting)
 
+    def connectionLost(self, reason) -> None:
+        self.connected = 0
+        if not self.whenLost.called:
+            self.whenLost.callback(None)
+
     def lineReceived(self, line: bytes) -> None:
         server = self.server
         if self.inData:
+            if server.dropMidData:
+                self.transport.abortConnection()
+                return
             if line == b".":
                 self.inData = False
                 self._endOfData()
@@ -80,6 +113,8 @@ class _ServerProtocol(LineReceiver):
         server.commands.append((self.tls, line))
         verb, _, arg = line.partition(b" ")
         verb = verb.upper()
+        if server.hangOn is not None and verb == server.hangOn:
+            server.hung = True
         text = arg.decode("utf-8", "replace")
         handler = getattr(self, "do_" + verb.decode("ascii", "replace"), None)
         if handler is None:
@@ -110,10 +145,17 @@ class _ServerProtocol(LineReceiver):
         elif server.refuseStartTLS is not None:
             self.reply(*server.refuseStartTLS)
         else:
-            self.reply(220, "2.0.0 Ready to start TLS")
-            self.transport.startTLS(server.contextFactory)
-            self.tls = True
-            self._reset()
+            if server.breakTLS:
+                # Stay in plaintext: the client's handshake meets SMTP.
+                self.reply(220, "2.0.0 Ready to start TLS")
+                self.fakeTLS = True
+                return
+            self.reply(220, "2.0.0 Ready to start TLS", self._startTLS)
+
+    def _startTLS(self) -> None:
+        self.transport.startTLS(self.server.contextFactory)
+        self.tls = True
+        self._reset()
 
     def do_AUTH(self, arg: str) -> None:
         mechanism, _, initial = arg.partition(" ")
@@ -167,6 +209,8 @@ class _ServerProtocol(LineReceiver):
 
     def _endOfData(self) -> None:
         server = self.server
+        if server.hangOn == b".":
+            server.hung = True
         if server.finalReply is not None:
             self.reply(*server.finalReply)
         else:
@@ -208,7 +252,12 @@ class DownstreamServer:
     C{offerStartTLS}, C{refuseStartTLS} (a reply), C{mailReply},
     C{rcptReplies} (address to reply), C{dataReply} (instead of 354),
     C{finalReply} (instead of 250 after the data), C{accounts} (user to
-    password: AUTH PLAIN required after TLS).
+    password: AUTH PLAIN required after TLS), C{hangOn} (a verb such as
+    C{b"MAIL"}, or C{b"."} for the end of the data: from then on the server
+    never replies again, on any connection, until C{hung} is reset),
+    C{dropMidData} (abort the connection at the first line of data),
+    C{replyDelay} (seconds before each reply), C{breakTLS} (answer
+    STARTTLS with 220 but stay in plaintext, so the handshake fails).
     """
 
     def __init__(
@@ -227,6 +276,12 @@ class DownstreamServer:
         self.dataReply: tuple[int, str] | None = None
         self.finalReply: tuple[int, str] | None = None
         self.accounts: dict[str, str] | None = None
+        self.hangOn: bytes | None = None
+        self.hung = False
+        self.dropMidData = False
+        self.replyDelay = 0.0
+        self.breakTLS = False
+        self._delayed: list = []
         self.messages: list[ReceivedMessage] = []
         self.commands: list[tuple[bool, bytes]] = []
         self.connections = 0
@@ -259,11 +314,30 @@ class DownstreamServer:
     def stop(self) -> defer.Deferred:
         """
         Stop listening and drop the open connections.
+
+        @return: a L{Deferred} firing when they are all closed.
+        """
+        for call in self._delayed:
+            if call.active():
+                call.cancel()
+        waits = [defer.maybeDeferred(self._port.stopListening)]
+        for p in self._protocols:
+            if p.transport is not None and p.connected:
+                waits.append(p.whenLost)
+                try:
+                    p.transport.abortConnection()
+                except AttributeError:
+                    # A TLS connection already shutting down.
+                    pass
+        return defer.DeferredList(waits, consumeErrors=True)
+
+    def dropConnections(self) -> None:
+        """
+        Close every open connection (as a core restarting would).
         """
         for p in self._protocols:
             if p.transport is not None and p.connected:
                 p.transport.abortConnection()
-        return defer.maybeDeferred(self._port.stopListening)
 
     def plaintextCommands(self) -> list[bytes]:
         """

@@ -58,7 +58,14 @@ class AdminRoundTripTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_addSubmitDisableRefused(self):
-        self.admin("accounts", "add", "acme", stdin="Acme s3cret!\n")
+        self.admin(
+            "accounts",
+            "add",
+            "acme",
+            "--sender",
+            "@mijnbedrijf.nl",
+            stdin="Acme s3cret!\n",
+        )
         yield self.waitForReload()
         code, text = yield self.trySubmit("acme", "Acme s3cret!")
         self.assertEqual(code, 250, text)
@@ -117,3 +124,76 @@ class StartRefusedTests(unittest.TestCase):
         error = self.assertRaises(SystemExit, tap.makeService, options)
         self.assertIn(msa.accountsFile, str(error))
         self.assertIn("chmod 600", str(error))
+
+
+class AuthorizationFieldsThroughAdminTests(unittest.TestCase):
+    """
+    The authorization fields round-trip through the admin command and take
+    effect in the running server.
+    """
+
+    def setUp(self):
+        self.msa = RunningMSA(self, accounts={"watch_interval": 0.05})
+
+    def admin(self, *args, expect=0, stdin=""):
+        code, out, err = runAdmin(self.msa.configFile, *args, stdin=stdin)
+        self.assertEqual(code, expect, err)
+        return out + err
+
+    def test_roundTrip(self):
+        self.admin(
+            "accounts",
+            "set",
+            "alice",
+            "--sender",
+            "ik@mijnbedrijf.nl",
+            "--sender",
+            "@acme.nl",
+            "--recipient",
+            "@overheid.nl",
+            "--max-message-size",
+            "1000000",
+            "--max-recipients",
+            "5",
+            "--messages-per-minute",
+            "10",
+            "--messages-per-day",
+            "500",
+            "--max-sessions",
+            "2",
+            "--require-header-from",
+            "yes",
+        )
+        shown = self.admin("accounts", "show", "alice")
+        for line in [
+            'senders: ["ik@mijnbedrijf.nl", "@acme.nl"]',
+            'recipients: ["@overheid.nl"]',
+            "maxMessageSize: 1000000",
+            "maxRecipients: 5",
+            "messagesPerMinute: 10",
+            "messagesPerDay: 500",
+            "maxSessions: 2",
+            "requireHeaderFrom: true",
+        ]:
+            self.assertIn(line, shown)
+        self.admin("accounts", "set", "alice", "--clear", "maxSessions")
+        self.assertNotIn("maxSessions", self.admin("accounts", "show", "alice"))
+        out = self.admin("accounts", "set", "alice", "--sender", "nodomain", expect=2)
+        self.assertIn("senders", out)
+        out = self.admin("accounts", "set", "alice", "--max-recipients", "0", expect=2)
+        self.assertIn("maxRecipients", out)
+
+    @defer.inlineCallbacks
+    def test_senderTakesEffect(self):
+        self.admin("accounts", "set", "alice", "--sender", "@acme.nl")
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        error = yield self.assertFailure(
+            threads.deferToThread(
+                submit,
+                port=self.msa.implicitPort,
+                implicit=True,
+                context=self.msa.clientContext(),
+            ),
+            AssertionError,
+        )
+        self.assertIn("553", str(error))

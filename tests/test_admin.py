@@ -6,12 +6,21 @@ import io
 import os
 import stat
 import sys
+import time
 
 import attrs
+from twisted.internet import defer, reactor, task, threads
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from msa import admin
+from msa import admin, controlsocket
 from msa.accounts import readAccounts, verifyPassword, writeAccounts
+from msa.controlsocket import ControlService
+from msa.envelope import Envelope
+from msa.spool import Spool
+from tests.downstream import DownstreamServer
+from tests.e2e import MESSAGE, RunningMSA
+from tests.test_e2e import submit
 
 
 class FakeTerminal(io.StringIO):
@@ -45,7 +54,8 @@ class AdminTests(unittest.TestCase):
         add, list, show, passwd, disable, enable and remove work together.
         """
         code, out, err = self.runAdmin("accounts", "add", "alice", stdin="first pw\n")
-        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(code, 0)
+        self.assertIn("alice has no senders yet", err)
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
         alice = readAccounts(self.path)["alice"]
         self.assertTrue(verifyPassword(alice, "first pw"))
@@ -256,3 +266,263 @@ class AdminTests(unittest.TestCase):
         alice = readAccounts(self.path)["alice"]
         self.assertEqual(list(alice.digestHA1), ["host.example"])
         self.assertEqual(self.runAdmin("accounts", "list", base=[])[0], 2)
+
+
+def _subjectMessage(subject: str) -> bytes:
+    return MESSAGE.replace(b"Subject: aangifte", b"Subject: " + subject.encode())
+
+
+def allowSenders(msa) -> None:
+    """
+    Give the accounts of C{msa} the sender domain of L{MESSAGE} (accounts
+    may only use the senders issued to them), and make the running server
+    read them again.
+    """
+    accounts = readAccounts(msa.accountsFile)
+    for name, account in accounts.items():
+        if "senders" not in account.extra:
+            extra = dict(account.extra, senders=["@mijnbedrijf.nl"])
+            accounts[name] = attrs.evolve(account, extra=extra)
+    writeAccounts(msa.accountsFile, accounts)
+    for child in msa.service:
+        if hasattr(child, "store"):
+            child.store.reload()
+
+
+class QueueAdminTests(unittest.TestCase):
+    """
+    C{queue ...} against the running MSA (in this process, its control
+    socket served by L{ControlService}), relaying to a core MTA that refuses
+    with 451 until told otherwise, so that messages stay queued.
+    """
+
+    @defer.inlineCallbacks
+    def runAdmin(self, *argv):
+        """
+        Run the program in a thread (its client blocks) against the MSA's
+        configuration.
+
+        @return: a L{Deferred} of the exit code, stdout and stderr.
+        """
+        stdout, stderr = io.StringIO(), io.StringIO()
+        code = yield threads.deferToThread(
+            admin.main, ["--config", self.msa.configFile, *argv], stdout, stderr
+        )
+        return code, stdout.getvalue(), stderr.getvalue()
+
+    def startMSA(self):
+        self.core = DownstreamServer(os.path.abspath(self.mktemp()))
+        port = self.core.start()
+        self.addCleanup(self.core.stop)
+        self.core.mailReply = (451, "4.3.0 Try again later")
+        self.msa = RunningMSA(
+            self,
+            relay={
+                "host": "127.0.0.1",
+                "port": port,
+                "tls": "starttls",
+                "server_name": "localhost",
+                "ca_file": self.core.caFile,
+                "retry_base": 3600,
+                "retry_max": 3600,
+            },
+        )
+        allowSenders(self.msa)
+        self.runner = self.msa.service.getServiceNamed("relay")
+        try:
+            self.msa.service.getServiceNamed("control")
+        except KeyError:
+            # msa.tap does not start the control socket (yet): as it would.
+            control = ControlService(
+                controlsocket.socketPath(self.msa.state), self.runner, self.runner.spool
+            )
+            control.startService()
+            self.addCleanup(control.stopService)
+
+    @defer.inlineCallbacks
+    def submit(self, subject: str):
+        code, text = yield threads.deferToThread(
+            submit,
+            port=self.msa.starttlsPort,
+            context=self.msa.clientContext(),
+            message=_subjectMessage(subject),
+        )
+        self.assertEqual(code, 250)
+        return text.split()[-1].decode()
+
+    @defer.inlineCallbacks
+    def waitForAttempts(self, count: int):
+        for _ in range(200):
+            items = controlsocket.describeSpool(self.runner.spool)
+            if len(items) == count and all(i["attempts"] >= 1 for i in items):
+                return items
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.fail(f"queue: {controlsocket.describeSpool(self.runner.spool)}")
+
+    def subjects(self):
+        return [
+            line.split(b": ", 1)[1].decode()
+            for m in self.core.messages
+            for line in m.data.split(b"\r\n")
+            if line.startswith(b"Subject: ")
+        ]
+
+    @defer.inlineCallbacks
+    def test_queueCommands(self):
+        """
+        list shows the queued messages; show prints the envelope and the
+        headers; a held message is not delivered by flush, a released one
+        is; a deleted one is gone and never delivered.
+        """
+        self.startMSA()
+        a = yield self.submit("A")
+        b = yield self.submit("B")
+        c = yield self.submit("C")
+        yield self.waitForAttempts(3)
+
+        code, out, err = yield self.runAdmin("queue", "list")
+        self.assertEqual((code, err), (0, ""))
+        lines = out.splitlines()
+        self.assertEqual(lines[0].split()[:4], ["ID", "AGE", "SIZE", "SENDER"])
+        self.assertIn("LAST ERROR", lines[0])
+        self.assertEqual([line.split()[0] for line in lines[1:4]], [a, b, c])
+        for line in lines[1:4]:
+            self.assertIn("<ik@mijnbedrijf.nl>", line)
+            self.assertIn("belastingdienst@overheid.nl", line)
+            self.assertIn("451", line)
+        self.assertEqual(lines[4], "3 message(s)")
+
+        code, out, err = yield self.runAdmin("queue", "show", c)
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn(f"id: {c}\n", out)
+        self.assertIn("state: queued\n", out)
+        self.assertIn("attempts: 1\n", out)
+        self.assertIn("sender: <ik@mijnbedrijf.nl>\n", out)
+        self.assertIn("recipient: <belastingdienst@overheid.nl> pending", out)
+        self.assertIn("account: alice\n", out)
+        self.assertIn("headers:\n", out)
+        self.assertIn("  Subject: C\n", out)
+        self.assertIn("  Message-ID: <1@mijnbedrijf.nl>\n", out)
+        self.assertNotIn("Regel een", out)
+
+        code, out, err = yield self.runAdmin("queue", "delete", c)
+        self.assertEqual((code, out, err), (0, f"deleted {c}\n", ""))
+        code, out, err = yield self.runAdmin("queue", "show", c)
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn(f"no message {c} in the queue", err)
+
+        # flush ID: one more attempt of that message only (still refused).
+        code, out, err = yield self.runAdmin("queue", "flush", b)
+        self.assertEqual((code, out, err), (0, f"flushed 1 message(s): {b}\n", ""))
+        for _ in range(100):
+            attempts = {
+                i["id"]: i["attempts"]
+                for i in controlsocket.describeSpool(self.runner.spool)
+            }
+            if attempts[b] == 2:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(attempts, {a: 1, b: 2})
+
+        code, out, err = yield self.runAdmin("queue", "hold", a)
+        self.assertEqual((code, out, err), (0, f"held {a}\n", ""))
+        code, out, err = yield self.runAdmin("queue", "list")
+        [rowA] = [line for line in out.splitlines() if line.startswith(a)]
+        self.assertIn(" held ", rowA)
+        self.assertEqual(len(out.splitlines()), 4)
+
+        self.core.mailReply = None
+        code, out, err = yield self.runAdmin("queue", "flush")
+        self.assertEqual((code, err), (0, ""))
+        self.assertTrue(out.startswith("flushed "), out)
+        yield self.core.waitForMessages(1)
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(self.subjects(), ["B"])
+        self.assertEqual(
+            [i["id"] for i in controlsocket.describeSpool(self.runner.spool)], [a]
+        )
+
+        # Released, it is attempted at once (no flush needed).
+        code, out, err = yield self.runAdmin("queue", "release", a)
+        self.assertEqual((code, out, err), (0, f"released {a}\n", ""))
+        yield self.core.waitForMessages(2)
+        self.assertEqual(self.subjects(), ["B", "A"])
+        for _ in range(100):
+            if not self.runner.spool.pending():
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        code, out, err = yield self.runAdmin("queue", "list")
+        self.assertEqual((code, out, err), (0, "queue is empty\n", ""))
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(self.subjects(), ["B", "A"])
+
+    @defer.inlineCallbacks
+    def test_unknownId(self):
+        self.startMSA()
+        for command in ("show", "hold", "release", "delete", "flush"):
+            code, out, err = yield self.runAdmin("queue", command, "ABCDEF")
+            self.assertEqual((code, out), (1, ""), command)
+            self.assertEqual(
+                err, "digipoort-msa-admin: no message ABCDEF in the queue\n", command
+            )
+        code, out, err = yield self.runAdmin("queue", "show", "../accounts")
+        self.assertEqual(code, 2)
+        self.assertIn("not a queue id", err)
+
+
+class QueueAdminOfflineTests(unittest.TestCase):
+    """
+    With the server not running, list and show read the spool files and
+    the changing commands refuse.
+    """
+
+    def setUp(self):
+        self.base = os.path.abspath(self.mktemp())
+        os.makedirs(self.base)
+        self.config = os.path.join(self.base, "msa.toml")
+        with open(self.config, "w") as f:
+            f.write('[server]\nstate_dir = "state"\n')
+        clock = Clock()
+        clock.advance(time.time() - 90)
+        spool = Spool(os.path.join(self.base, "state", "spool"), clock)
+        writer = spool.newMessage(Envelope("a@example.org", ["b@example.org"]))
+        writer.write(b"Subject: offline\r\n\r\nbody\r\n")
+        writer.commit().addBoth(lambda r: setattr(self, "queueId", r))
+
+    def runAdmin(self, *argv):
+        stdout, stderr = io.StringIO(), io.StringIO()
+        code = admin.main(["--config", self.config, *argv], stdout, stderr)
+        return code, stdout.getvalue(), stderr.getvalue()
+
+    def test_listAndShow(self):
+        code, out, err = self.runAdmin("queue", "list")
+        self.assertEqual(code, 0)
+        self.assertIn("not running; read from the spool files", err)
+        [header, row, total] = out.splitlines()
+        self.assertEqual(row.split()[:4], [self.queueId, "1m", "26", "<a@example.org>"])
+        self.assertEqual(total, "1 message(s)")
+        code, out, err = self.runAdmin("queue", "show", self.queueId)
+        self.assertEqual(code, 0)
+        self.assertIn("  Subject: offline\n", out)
+        self.assertNotIn("body", out)
+        code, out, err = self.runAdmin("queue", "show", "ABC")
+        self.assertEqual(code, 1)
+        self.assertIn("no message ABC in the queue", err)
+
+    def test_changesNeedServer(self):
+        for argv in (["flush"], ["delete", self.queueId], ["hold", self.queueId]):
+            code, out, err = self.runAdmin("queue", *argv)
+            self.assertEqual((code, out), (1, ""), argv)
+            self.assertIn("the MSA is not running", err)
+            self.assertIn("needs the running server", err)
+        self.assertEqual(
+            sorted(os.listdir(os.path.join(self.base, "state", "spool", "queue"))),
+            [self.queueId + ".json", self.queueId + ".msg"],
+        )
+
+    def test_emptyWithoutSpool(self):
+        with open(self.config, "w") as f:
+            f.write('[server]\nstate_dir = "elsewhere"\n')
+        code, out, err = self.runAdmin("queue", "list")
+        self.assertEqual((code, out), (0, "queue is empty\n"))
+        self.assertFalse(os.path.exists(os.path.join(self.base, "elsewhere")))

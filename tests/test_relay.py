@@ -131,7 +131,9 @@ class SMTPDownstreamTests(unittest.TestCase):
             kwargs["contextFactory"] = clientContextFactory(
                 hostname, caFile=server.caFile
             )
-        return SMTPDownstream("127.0.0.1", self.port, **kwargs)
+        downstream = SMTPDownstream("127.0.0.1", self.port, **kwargs)
+        self.addCleanup(downstream.close)
+        return downstream
 
     @defer.inlineCallbacks
     def queue(self, data=DOTTY, recipients=("bob@example.org",), envelope=None):
@@ -706,8 +708,351 @@ class AiosmtpdInteropTests(unittest.TestCase):
         writer.write(data)
         queueId = yield writer.commit()
         downstream = SMTPDownstream("127.0.0.1", port, tlsMode="none", commandTimeout=5)
+        self.addCleanup(downstream.close)
         with spool.openMessage(queueId) as f:
             result = yield downstream.deliver(spool.load(queueId), f)
         self.assertEqual(result.accepted, ["bob@example.org"])
         self.assertIn("AIO1", result.reply)
         self.assertEqual(received, [data])
+
+
+class ConnectionReuseTests(unittest.TestCase):
+    """
+    Several messages over one connection to the core, RSET between.
+    """
+
+    timeout = 15
+
+    def setUp(self):
+        self.server = DownstreamServer(self.mktemp())
+        self.port = self.server.start()
+        self.addCleanup(self.server.stop)
+        self.spool = Spool(self.mktemp())
+
+    def downstream(self, **kwargs):
+        kwargs.setdefault("commandTimeout", 5)
+        downstream = SMTPDownstream(
+            "127.0.0.1",
+            self.port,
+            contextFactory=clientContextFactory("localhost", caFile=self.server.caFile),
+            **kwargs,
+        )
+        self.addCleanup(downstream.close)
+        return downstream
+
+    @defer.inlineCallbacks
+    def queue(self, data, recipients=("bob@example.org",)):
+        writer = self.spool.newMessage(makeEnvelope(recipients))
+        writer.write(data)
+        queueId = yield writer.commit()
+        return queueId
+
+    @defer.inlineCallbacks
+    def deliver(self, downstream, queueId):
+        with self.spool.openMessage(queueId) as f:
+            result = yield downstream.deliver(self.spool.load(queueId), f)
+        return result
+
+    @defer.inlineCallbacks
+    def runQueue(self, count, concurrency):
+        """
+        Queue C{count} different messages, then start a runner.
+        """
+        bodies = [
+            b"Subject: %d\r\n\r\nbody %d\r\n.dot\r\n" % (i, i) for i in range(count)
+        ]
+        for body in bodies:
+            yield self.queue(body)
+        runner = RelayRunner(self.spool, self.downstream(), concurrency=concurrency)
+        runner.startService()
+        self.addCleanup(runner.stopService)
+        yield self.server.waitForMessages(count)
+        for _ in range(100):
+            if not self.spool.pending():
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(self.spool.pending(), [])
+        self.assertEqual(sorted(m.data for m in self.server.messages), sorted(bodies))
+        return bodies
+
+    @defer.inlineCallbacks
+    def test_oneConnection(self):
+        """
+        Five messages queued together, one delivery at a time: one
+        connection, an RSET before each message but the first, one TLS
+        handshake.
+        """
+        yield self.runQueue(5, concurrency=1)
+        self.assertEqual(self.server.connections, 1)
+        verbs = [c.split(b" ")[0] for tls, c in self.server.commands if tls]
+        self.assertEqual(verbs.count(b"RSET"), 4)
+        self.assertEqual(verbs.count(b"MAIL"), 5)
+        self.assertEqual(self.server.plaintextCommands().count(b"STARTTLS"), 1)
+
+    @defer.inlineCallbacks
+    def test_concurrentConnections(self):
+        yield self.runQueue(8, concurrency=2)
+        self.assertLessEqual(self.server.connections, 2)
+
+    @defer.inlineCallbacks
+    def test_staleConnection(self):
+        """
+        A parked connection the core closed meanwhile: a new one, no
+        failure.
+        """
+        downstream = self.downstream()
+        first = yield self.queue(DOTTY)
+        second = yield self.queue(DOTTY)
+        result = yield self.deliver(downstream, first)
+        self.assertEqual(result.accepted, ["bob@example.org"])
+        self.assertEqual(downstream.idleConnections, 1)
+        self.server.dropConnections()
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        result = yield self.deliver(downstream, second)
+        self.assertEqual(result.accepted, ["bob@example.org"])
+        self.assertEqual(self.server.connections, 2)
+
+    @defer.inlineCallbacks
+    def test_reuseAfterRefusal(self):
+        """
+        A refused transaction leaves the connection usable.
+        """
+        downstream = self.downstream()
+        self.server.mailReply = (550, "5.7.1 no")
+        first = yield self.queue(DOTTY)
+        result = yield self.deliver(downstream, first)
+        self.assertEqual(result.permanent, ["bob@example.org"])
+        self.server.mailReply = None
+        second = yield self.queue(DOTTY)
+        result = yield self.deliver(downstream, second)
+        self.assertEqual(result.accepted, ["bob@example.org"])
+        self.assertEqual(self.server.connections, 1)
+
+    @defer.inlineCallbacks
+    def test_idleTimeout(self):
+        downstream = self.downstream(idleTimeout=0.1)
+        queueId = yield self.queue(DOTTY)
+        yield self.deliver(downstream, queueId)
+        self.assertEqual(downstream.idleConnections, 1)
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(downstream.idleConnections, 0)
+        self.assertEqual(self.server.commands[-1], (True, b"QUIT"))
+
+    @defer.inlineCallbacks
+    def test_maxTransactions(self):
+        downstream = self.downstream(maxTransactions=2)
+        for _ in range(3):
+            queueId = yield self.queue(DOTTY)
+            yield self.deliver(downstream, queueId)
+        self.assertEqual(self.server.connections, 2)
+
+    @defer.inlineCallbacks
+    def test_noReuse(self):
+        downstream = self.downstream(idleTimeout=0)
+        for _ in range(2):
+            queueId = yield self.queue(DOTTY)
+            yield self.deliver(downstream, queueId)
+        self.assertEqual(self.server.connections, 2)
+        self.assertEqual(downstream.idleConnections, 0)
+
+    @defer.inlineCallbacks
+    def test_close(self):
+        downstream = self.downstream()
+        queueId = yield self.queue(DOTTY)
+        yield self.deliver(downstream, queueId)
+        yield downstream.close()
+        self.assertEqual(downstream.idleConnections, 0)
+        self.assertEqual(self.server.commands[-1], (True, b"QUIT"))
+
+
+class QueueControlTests(unittest.TestCase):
+    """
+    flush, hold, release, delete and describe, with a fake clock.
+    """
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(1_700_000_000)
+        self.spool = Spool(self.mktemp(), reactor=self.clock)
+        self.downstream = FakeDownstream()
+        self.runner = RelayRunner(self.spool, self.downstream, reactor=self.clock)
+
+    def queue(self, recipients=("bob@example.org",)):
+        writer = self.spool.newMessage(makeEnvelope(recipients))
+        writer.write(DOTTY)
+        return self.successResultOf(writer.commit())
+
+    def fail451(self):
+        entry, _, d = self.downstream.calls[-1]
+        d.callback(allWith(entry, TEMPORARY, 451, "4.3.0 later"))
+        return entry.queueId
+
+    def test_describe(self):
+        self.runner.startService()
+        first = self.queue(("a@example.org", "b@example.org"))
+        self.clock.advance(0)
+        entry, _, d = self.downstream.calls[0]
+        d.callback(
+            DeliveryResult(
+                {
+                    "a@example.org": RecipientResult(ACCEPTED, 250, "ok"),
+                    "b@example.org": RecipientResult(TEMPORARY, 452, "4.2.2 full"),
+                },
+                "250 ok",
+            )
+        )
+        self.clock.advance(10)
+        second = self.queue()
+        self.runner.hold(second)
+        [a, b] = self.runner.describe()
+        self.assertEqual(a["id"], first)
+        self.assertEqual(a["age"], 10)
+        self.assertEqual(a["size"], len(DOTTY))
+        self.assertEqual(a["sender"], "alice@example.com")
+        self.assertEqual(
+            a["recipients"], {"a@example.org": DELIVERED, "b@example.org": PENDING}
+        )
+        self.assertEqual(a["errors"], {"b@example.org": "452 4.2.2 full"})
+        self.assertEqual(a["attempts"], 1)
+        self.assertGreater(a["nextAttempt"], self.clock.seconds())
+        self.assertEqual(a["lastError"], "250 ok")
+        self.assertFalse(a["held"])
+        self.assertFalse(a["inFlight"])
+        self.assertEqual((b["id"], b["held"], b["attempts"]), (second, True, 0))
+
+    def test_flush(self):
+        self.runner.startService()
+        first = self.queue()
+        self.clock.advance(0)
+        self.fail451()
+        second = self.queue()
+        self.clock.advance(0)
+        self.fail451()
+        self.assertEqual(self.runner.flush(first), [first])
+        self.assertEqual(self.spool.load(first).nextAttempt, self.clock.seconds())
+        self.clock.advance(0)
+        self.assertEqual(self.downstream.calls[-1][0].queueId, first)
+        self.fail451()
+        self.assertEqual(self.runner.flush(), [first, second])
+        self.clock.advance(0)
+        self.assertEqual(len(self.downstream.calls), 5)
+
+    def test_flushInFlight(self):
+        """
+        Flushing a message in flight: attempted again right after.
+        """
+        self.runner.startService()
+        queueId = self.queue()
+        self.clock.advance(0)
+        self.assertEqual(self.runner.flush(), [queueId])
+        self.fail451()
+        self.assertEqual(self.spool.load(queueId).nextAttempt, self.clock.seconds())
+        self.clock.advance(0)
+        self.assertEqual(len(self.downstream.calls), 2)
+
+    def test_hold(self):
+        """
+        A held message is not attempted, not by flush either, and stays
+        held across a restart; release attempts it at once.
+        """
+        queueId = self.queue()
+        other = self.queue()
+        self.runner.hold(queueId)
+        self.assertTrue(self.spool.load(queueId).held)
+        self.runner.startService()
+        self.clock.advance(0)
+        self.assertEqual([c[0].queueId for c in self.downstream.calls], [other])
+        # The other one is in flight: flushed, to be tried again at once.
+        self.assertEqual(self.runner.flush(), [other])
+        self.assertEqual(self.runner.flush(queueId), [])
+        self.clock.advance(100000)
+        self.assertEqual(len(self.downstream.calls), 1)
+        self.runner.release(queueId)
+        self.assertFalse(self.spool.load(queueId).held)
+        self.clock.advance(0)
+        self.assertEqual(self.downstream.calls[-1][0].queueId, queueId)
+
+    def test_holdScheduled(self):
+        self.runner.startService()
+        queueId = self.queue()
+        self.clock.advance(0)
+        self.fail451()
+        self.runner.hold(queueId)
+        self.clock.advance(100000)
+        self.assertEqual(len(self.downstream.calls), 1)
+
+    def test_holdInFlight(self):
+        """
+        Held while in flight: the attempt finishes, its outcome is kept,
+        and the message is not retried until released.
+        """
+        self.runner.startService()
+        queueId = self.queue()
+        self.clock.advance(0)
+        self.runner.hold(queueId)
+        self.fail451()
+        saved = self.spool.load(queueId)
+        self.assertTrue(saved.held)
+        self.assertEqual(saved.attempts, 1)
+        self.clock.advance(100000)
+        self.assertEqual(len(self.downstream.calls), 1)
+        self.runner.release(queueId)
+        self.clock.advance(0)
+        self.assertEqual(len(self.downstream.calls), 2)
+
+    def test_releaseInFlight(self):
+        self.runner.startService()
+        queueId = self.queue()
+        self.clock.advance(0)
+        self.runner.hold(queueId)
+        self.runner.release(queueId)
+        self.fail451()
+        self.assertFalse(self.spool.load(queueId).held)
+        self.clock.advance(0)
+        self.assertEqual(len(self.downstream.calls), 2)
+
+    def test_delete(self):
+        self.runner.startService()
+        queueId = self.queue()
+        self.clock.advance(0)
+        self.fail451()
+        self.runner.delete(queueId)
+        self.assertEqual(self.spool.pending(), [])
+        self.clock.advance(100000)
+        self.assertEqual(len(self.downstream.calls), 1)
+        self.assertRaises(KeyError, self.runner.delete, queueId)
+
+    def test_deleteInFlight(self):
+        """
+        Deleted while in flight: gone at once, and the outcome (here a
+        permanent failure) is ignored: no state written back, no DSN.
+        """
+        failures = []
+        self.runner.onPermanentFailure = lambda *a: failures.append(a)
+        self.runner.startService()
+        queueId = self.queue()
+        self.clock.advance(0)
+        self.runner.delete(queueId)
+        self.assertEqual(self.spool.pending(), [])
+        self.assertEqual(self.runner.describe(), [])
+        entry, _, d = self.downstream.calls[0]
+        d.callback(allWith(entry, PERMANENT, 550, "5.1.1 no"))
+        self.assertEqual(failures, [])
+        self.assertEqual(os.listdir(self.spool.queueDirectory), [])
+        self.clock.advance(100000)
+        self.assertEqual(len(self.downstream.calls), 1)
+
+    def test_unknown(self):
+        self.runner.startService()
+        for bad in ("0000000000000ABCDE", "../../etc/passwd", "", None):
+            for method in (
+                self.runner.flush,
+                self.runner.hold,
+                self.runner.release,
+                self.runner.delete,
+            ):
+                if bad is None and method == self.runner.flush:
+                    continue  # flush(None) is "flush all"
+                with self.assertRaises(KeyError) as e:
+                    method(bad)
+                self.assertEqual(e.exception.args, (bad,))

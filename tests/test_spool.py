@@ -225,6 +225,35 @@ class SpoolStateTests(SpoolTestsMixin, unittest.TestCase):
         self.assertEqual(again, entry)
         self.assertEqual(again.pendingRecipients(), [])
 
+    def test_flags(self):
+        """
+        C{held}, C{isBounce} and C{delayWarned} are durable; a state file
+        written before they existed loads with them false.
+        """
+        queueId = self.commitMessage()
+        entry = self.spool.load(queueId)
+        self.assertEqual((entry.held, entry.isBounce, entry.delayWarned), (False,) * 3)
+        entry.held = entry.delayWarned = True
+        self.spool.update(entry)
+        self.assertEqual(self.spool.load(queueId), entry)
+        statePath = os.path.join(self.spool.queueDirectory, queueId + ".json")
+        with open(statePath) as f:
+            data = json.load(f)
+        self.assertTrue(data["held"])
+        for key in ("held", "isBounce", "delayWarned"):
+            del data[key]
+        with open(statePath, "w") as f:
+            json.dump(data, f)
+        old = self.spool.load(queueId)
+        self.assertEqual((old.held, old.isBounce, old.delayWarned), (False,) * 3)
+
+    def test_bounceWriter(self):
+        writer = self.spool.newMessage(makeEnvelope())
+        writer.isBounce = True
+        writer.write(MESSAGE)
+        queueId = self.successResultOf(writer.commit())
+        self.assertTrue(self.spool.load(queueId).isBounce)
+
     def test_remove(self):
         queueId = self.commitMessage()
         other = self.commitMessage()

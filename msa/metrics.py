@@ -1,0 +1,143 @@
+"""
+Prometheus metrics and the health check, in a registry of the MSA's own
+(so that an embedding program's metrics and ours do not collide).  The
+counters are always kept; they are served only when the operator turns on
+C{[metrics] listen} (off by default; loopback when on), by
+L{metricsResource} on a separate endpoint:
+
+  - C{/metrics}: the Prometheus text format;
+  - C{/health}: 200 when the core MTA accepted a message or answered a
+    connection recently (or nothing was waiting to be relayed), else 503.
+"""
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.twisted import MetricsResource
+from twisted.web.resource import Resource
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+CONNECTIONS = Counter(
+    "msa_connections", "Client connections accepted", ["listener"], registry=REGISTRY
+)
+CONNECTIONS_REFUSED = Counter(
+    "msa_connections_refused",
+    "Client connections refused at the greeting (limits, shutdown)",
+    registry=REGISTRY,
+)
+TLS_HANDSHAKES = Counter(
+    "msa_tls_handshakes", "TLS sessions established", ["version"], registry=REGISTRY
+)
+AUTH_RESULTS = Counter(
+    "msa_auth", "AUTH attempts", ["mechanism", "outcome"], registry=REGISTRY
+)
+MESSAGES = Counter(
+    "msa_messages",
+    "Messages after the final dot, by reply code",
+    ["code"],
+    registry=REGISTRY,
+)
+BYTES_ACCEPTED = Counter(
+    "msa_accepted_bytes", "Octets of accepted messages", registry=REGISTRY
+)
+SESSION_SECONDS = Histogram(
+    "msa_session_seconds",
+    "Duration of client sessions",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    registry=REGISTRY,
+)
+RELAY_ATTEMPTS = Counter(
+    "msa_relay_attempts",
+    "Deliveries attempted to the core MTA, by outcome",
+    ["outcome"],
+    registry=REGISTRY,
+)
+RELAY_SECONDS = Histogram(
+    "msa_relay_seconds",
+    "Duration of one delivery attempt to the core MTA",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    registry=REGISTRY,
+)
+QUEUE_DEPTH = Gauge("msa_queue_messages", "Messages in the queue", registry=REGISTRY)
+QUEUE_OLDEST = Gauge(
+    "msa_queue_oldest_seconds",
+    "Age of the oldest message in the queue",
+    registry=REGISTRY,
+)
+CORE_LAST_SUCCESS = Gauge(
+    "msa_core_last_success_timestamp",
+    "Unix time of the last delivery the core MTA accepted",
+    registry=REGISTRY,
+)
+
+
+def relayOutcome(outcome: str, seconds: float) -> None:
+    """
+    Record one delivery attempt: C{delivered}, C{partial}, C{deferred}
+    (temporary failure) or C{failed} (permanent).
+    """
+    RELAY_ATTEMPTS.labels(outcome).inc()
+    RELAY_SECONDS.observe(seconds)
+    if outcome in ("delivered", "partial", "failed"):
+        # The core answered: it is reachable.
+        CORE_LAST_SUCCESS.set(time.time())
+
+
+def watchQueue(spool) -> None:
+    """
+    Let the queue gauges read the spool when they are scraped.
+    """
+
+    def depth() -> float:
+        return float(len(spool.pending()))
+
+    def oldest() -> float:
+        pending = spool.pending()
+        if not pending:
+            return 0.0
+        try:
+            entry = spool.load(pending[0])
+        except Exception:
+            return 0.0
+        return max(0.0, time.time() - entry.createdAt)
+
+    QUEUE_DEPTH.set_function(depth)
+    QUEUE_OLDEST.set_function(oldest)
+
+
+class HealthResource(Resource):
+    """
+    C{/health}: is the core MTA reachable?  Healthy when it accepted
+    something within C{window} seconds, or when the queue is empty (nothing
+    to tell from).
+    """
+
+    isLeaf = True
+
+    def __init__(self, spool, window: float = 900.0, clock=time.time) -> None:
+        super().__init__()
+        self.spool = spool
+        self.window = window
+        self.clock = clock
+
+    def render_GET(self, request) -> bytes:
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        last = CORE_LAST_SUCCESS._value.get()
+        queued = len(self.spool.pending())
+        recent = last and self.clock() - last <= self.window
+        if recent or queued == 0:
+            return b"ok\n"
+        request.setResponseCode(503)
+        age = "never" if not last else f"{int(self.clock() - last)}s ago"
+        return (
+            f"core MTA not reached recently (last success {age}); "
+            f"{queued} message(s) queued\n"
+        ).encode()
+
+
+def metricsResource(spool) -> Resource:
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(registry=REGISTRY))
+    root.putChild(b"health", HealthResource(spool))
+    return root
