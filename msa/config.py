@@ -60,6 +60,13 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     "content": {
         "policy": ((list,), []),
     },
+    "logging": {
+        "json_file": ((str,), None),
+    },
+    "metrics": {
+        "listen": ((str,), None),
+        "health_window": ((int, float), 900),
+    },
     "relay": {
         "host": ((str,), None),
         "port": ((int,), 25),
@@ -215,6 +222,7 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
         config["spool"]["directory"], os.path.join(state, "spool")
     )
     relay["outbox"] = absolute(relay["outbox"], os.path.join(state, "outbox"))
+    config["logging"]["json_file"] = absolute(config["logging"]["json_file"])
     for key in ("ca_file", "client_certificate", "client_key", "auth_password_file"):
         relay[key] = absolute(relay[key])
     if relay["tls"] not in RELAY_TLS_MODES:

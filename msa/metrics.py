@@ -136,8 +136,8 @@ class HealthResource(Resource):
         ).encode()
 
 
-def metricsResource(spool) -> Resource:
+def metricsResource(spool, healthWindow: float = 900.0) -> Resource:
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry=REGISTRY))
-    root.putChild(b"health", HealthResource(spool))
+    root.putChild(b"health", HealthResource(spool, healthWindow))
     return root

@@ -19,7 +19,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from msa import dsn
+from msa import dsn, metrics
 from msa.outbox import OutboxDownstream
 from msa.queuecontrol import QueueControl
 from msa.smtpclient import (
@@ -249,6 +249,7 @@ class RelayRunner(QueueControl, Service):
         except OSError:
             log.failure("cannot open the message of {queueId}", queueId=queueId)
             return
+        started = self._reactor.seconds()
         try:
             result = await self.downstream.deliver(entry, messageFile)
         except Exception as e:
@@ -258,7 +259,32 @@ class RelayRunner(QueueControl, Service):
             result = DeliveryResult({r: bad for r in entry.pendingRecipients()}, text)
         finally:
             messageFile.close()
+        self._record(entry, result, self._reactor.seconds() - started)
         await self._apply(entry, result)
+
+    def _record(self, entry: SpoolEntry, result: DeliveryResult, seconds: float):
+        """
+        One relay attempt for the log and the metrics.
+        """
+        statuses = {r.status for r in result.recipients.values()}
+        if statuses == {ACCEPTED}:
+            outcome = "delivered"
+        elif ACCEPTED in statuses:
+            outcome = "partial"
+        elif TEMPORARY in statuses or not statuses:
+            outcome = "deferred"
+        else:
+            outcome = "failed"
+        metrics.relayOutcome(outcome, seconds)
+        log.info(
+            "relay {queueId}: attempt {attempt} {outcome} in {seconds:.3f}s: {reply}",
+            event="relay",
+            queueId=entry.queueId,
+            attempt=entry.attempts + 1,
+            outcome=outcome,
+            seconds=seconds,
+            reply=result.reply,
+        )
 
     async def _apply(self, entry: SpoolEntry, result: DeliveryResult) -> None:
         queueId = entry.queueId

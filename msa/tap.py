@@ -13,11 +13,12 @@ from twisted.application import internet, service
 from twisted.application.service import MultiService
 from twisted.cred.portal import Portal
 from twisted.internet import endpoints
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher, jsonFileLogObserver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.web.server import Site
 
-from msa import __version__, tls
+from msa import __version__, metrics, tls
 from msa.accounts import (
     AccountChecker,
     AccountFile,
@@ -91,11 +92,11 @@ def _ensureDemoAccounts(config: Config) -> None:
     account = attrs.evolve(account, extra={"senders": list(DEMO_SENDERS)})
     writeAccounts(path, {name: account})
     log.warn(
-        "Made {path} with the demo account {name!r} (password {password!r}) "
-        "because the MSA runs on built-in defaults; do not use it in production",
+        "Made {path} with the demo account {name!r} (its password is in "
+        "README.rst) because the MSA runs on built-in defaults; do not use it "
+        "in production",
         path=path,
         name=name,
-        password=password,
     )
 
 
@@ -191,6 +192,15 @@ def buildService(config: Config, reactor=None) -> MultiService:
         delayWarningAfter=relay["delay_warning_after"],
     )
     runner.setServiceParent(top)
+    metrics.watchQueue(spool)
+    if config["metrics"]["listen"]:
+        site = Site(metrics.metricsResource(spool, config["metrics"]["health_window"]))
+        endpoint = endpoints.serverFromString(reactor, config["metrics"]["listen"])
+        metricsService = internet.StreamServerEndpointService(endpoint, site)
+        metricsService._raiseSynchronously = True
+        metricsService.setServiceParent(top)
+    if config["logging"]["json_file"]:
+        _JSONLog(config["logging"]["json_file"]).setServiceParent(top)
     ControlService(
         socketPath(server["state_dir"]), runner, spool, reactor
     ).setServiceParent(top)
@@ -254,6 +264,30 @@ def buildService(config: Config, reactor=None) -> MultiService:
             listener._raiseSynchronously = True
             listener.setServiceParent(top)
     return top
+
+
+class _JSONLog(service.Service):
+    """
+    Every log event also as one JSON object per line in a file, for log
+    shippers (the same as C{twistd --logger msa.logs.jsonLogger}).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._observer = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._observer = jsonFileLogObserver(self._file, recordSeparator="")
+        globalLogPublisher.addObserver(self._observer)
+
+    def stopService(self):
+        if self._observer is not None:
+            globalLogPublisher.removeObserver(self._observer)
+            self._file.close()
+            self._observer = None
+        return super().stopService()
 
 
 class _SessionShutdown(service.Service):

@@ -91,6 +91,8 @@ class RunningMSA:
         accounts: dict | None = None,
         tls: dict | None = None,
         extraAccounts: dict | None = None,
+        logging: dict | None = None,
+        metrics: dict | None = None,
     ):
         self.testCase = testCase
         self.directory = os.path.abspath(testCase.mktemp())
@@ -114,6 +116,10 @@ class RunningMSA:
             sections["relay"] = relay
         if tls:
             sections["tls"] = tls
+        if logging:
+            sections["logging"] = logging
+        if metrics:
+            sections["metrics"] = metrics
         self.configFile = os.path.join(self.directory, "msa.toml")
         writeConfig(self.configFile, sections)
         writeAccounts(
