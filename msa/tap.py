@@ -32,6 +32,7 @@ from msa.clientcert import CertificateBindingRealm, CertificateChecker
 from msa.config import Config, ConfigError, loadConfig
 from msa.controlsocket import ControlService, socketPath
 from msa.delivery import submissionFactory
+from msa.proxyprotocol import ProxyHeaderFactory, splitDescription
 from msa.relay import OutboxDownstream, RelayRunner, SMTPDownstream
 from msa.sasl import MechanismContext
 from msa.server import ServerPolicy, SubmissionFactory
@@ -259,8 +260,12 @@ def buildService(config: Config, reactor=None) -> MultiService:
         if implicit:
             factory = TLSMemoryBIOFactory(contextFactory, False, factory)
         for description in server[key]:
-            endpoint = endpoints.serverFromString(reactor, description)
-            listener = internet.StreamServerEndpointService(endpoint, factory)
+            proxied, inner = splitDescription(description)
+            endpoint = endpoints.serverFromString(reactor, inner)
+            listenerFactory = factory
+            if proxied:
+                listenerFactory = ProxyHeaderFactory(factory, reactor)
+            listener = internet.StreamServerEndpointService(endpoint, listenerFactory)
             listener._raiseSynchronously = True
             listener.setServiceParent(top)
     return top

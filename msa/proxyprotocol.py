@@ -1,0 +1,89 @@
+"""
+The PROXY protocol (v1 and v2, as HAProxy sends it) in front of the SMTP
+listeners, for running several MSA instances behind a load balancer.
+
+Twisted's own C{haproxy:} endpoint starts the wrapped protocol before the
+PROXY header has arrived: an SMTP server would greet, and note the client's
+address, too early, and would greet a client that sent no header at all.
+This wrapper starts the SMTP session only once the header has been read, so
+the greeting, the connection limits, the log and the Received header all see
+the real client's address; a connection without a valid header within
+C{headerTimeout} seconds is closed without a word.
+"""
+
+from twisted.internet.protocol import Protocol
+from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._v1parser import V1Parser
+from twisted.protocols.haproxy._v2parser import V2Parser
+from twisted.protocols.haproxy._wrapper import (
+    HAProxyProtocolWrapper,
+    HAProxyWrappingFactory,
+)
+from zope.interface import directlyProvides, providedBy
+
+PREFIX = "haproxy:"
+
+
+class ProxyHeaderWrapper(HAProxyProtocolWrapper):
+    headerTimeout = 10.0
+    _started = False
+    _timer = None
+
+    def makeConnection(self, transport) -> None:
+        directlyProvides(self, providedBy(transport))
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        reactor = self.factory.reactor
+        self._timer = reactor.callLater(self.headerTimeout, self.loseConnection)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._started:
+            self.wrappedProtocol.dataReceived(data)
+            return
+        if self._parser is None:
+            if data[:12] == V2Parser.PREFIX:
+                self._parser = V2Parser()
+            elif data[:5] == V1Parser.PROXYSTR:
+                self._parser = V1Parser()
+            else:
+                self.loseConnection()
+                return
+        try:
+            self._proxyInfo, remaining = self._parser.feed(data)
+        except InvalidProxyHeader:
+            self.loseConnection()
+            return
+        if self._proxyInfo is None:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._started = True
+        self.wrappedProtocol.makeConnection(self)
+        if remaining:
+            self.wrappedProtocol.dataReceived(remaining)
+
+    def connectionLost(self, reason) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self._started:
+            super().connectionLost(reason)
+        else:
+            self.factory.unregisterProtocol(self)
+
+
+class ProxyHeaderFactory(HAProxyWrappingFactory):
+    protocol = ProxyHeaderWrapper
+
+    def __init__(self, wrappedFactory, reactor) -> None:
+        super().__init__(wrappedFactory)
+        self.reactor = reactor
+
+
+def splitDescription(description: str) -> tuple[bool, str]:
+    """
+    @return: whether a listener description asks for the PROXY protocol, and
+        the description of the endpoint under it.
+    """
+    if description.startswith(PREFIX):
+        return True, description[len(PREFIX) :]
+    return False, description
