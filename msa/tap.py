@@ -38,6 +38,7 @@ from msa.sasl import MechanismContext
 from msa.server import ServerPolicy, SubmissionFactory
 from msa.sessions import SessionRegistry
 from msa.spool import Spool
+from msa.startupchecks import StartupCheckError, runChecks
 
 log = Logger()
 
@@ -70,6 +71,7 @@ def makeService(options: Options) -> MultiService:
     try:
         return buildService(config)
     except (
+        StartupCheckError,
         ConfigError,
         AccountsFileError,
         tls.TLSConfigurationError,
@@ -179,6 +181,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
     watcher.setServiceParent(top)
 
     spool = Spool(config["spool"]["directory"], reactor)
+    runChecks(certFile, tlsConfig["chain"], config["spool"]["directory"])
     spool.recover()
     relay = config["relay"]
     runner = RelayRunner(
