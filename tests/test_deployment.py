@@ -1,0 +1,160 @@
+"""
+Deployment on hardened hosts: the systemd units in etc/ are valid
+(C{systemd-analyze verify}), and the MSA really runs socket-activated: a
+socket it did not open itself (C{systemd-socket-activate}, the same
+LISTEN_FDS hand-over as systemd's socket unit) serves STARTTLS (index 0)
+and implicit TLS (index 1) through C{systemd:} endpoint strings.
+"""
+
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import time
+
+import attrs
+from twisted.internet import defer, threads
+from twisted.trial import unittest
+
+from msa.accounts import makeAccount, writeAccounts
+from msa.tls import ensureSelfSignedCertificate
+from tests.e2e import MESSAGE, freePort, requireProgram, writeConfig
+from tests.test_e2e import submit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+class SystemdUnitTests(unittest.TestCase):
+    def test_verify(self):
+        analyze = requireProgram(self, "systemd-analyze")
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        for name in ("digipoort-msa.service", "digipoort-msa.socket"):
+            with open(os.path.join(ROOT, "etc", name)) as f:
+                text = f.read()
+            # verify checks that ExecStart exists: point it at this venv.
+            text = text.replace("/opt/digipoort-msa/.venv/bin/twistd", TWISTD)
+            with open(os.path.join(directory, name), "w") as f:
+                f.write(text)
+        result = subprocess.run(
+            [
+                analyze,
+                "verify",
+                "--man=no",
+                os.path.join(directory, "digipoort-msa.socket"),
+                os.path.join(directory, "digipoort-msa.service"),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stderr.strip(), "", result.stderr)
+
+    def test_serviceRunsUnprivilegedWithSocketActivation(self):
+        with open(os.path.join(ROOT, "etc", "digipoort-msa.service")) as f:
+            service = f.read()
+        self.assertIn("User=digipoort-msa", service)
+        self.assertIn("Requires=digipoort-msa.socket", service)
+        self.assertIn("NoNewPrivileges=true", service)
+        with open(os.path.join(ROOT, "etc", "digipoort-msa.socket")) as f:
+            socketUnit = f.read()
+        self.assertLess(
+            socketUnit.index("ListenStream=587"), socketUnit.index("ListenStream=465")
+        )
+
+
+class SocketActivationTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_systemdEndpoints(self):
+        activate = requireProgram(self, "systemd-socket-activate")
+        directory = os.path.abspath(self.mktemp())
+        state = os.path.join(directory, "state")
+        os.makedirs(state, mode=0o700)
+        certFile, _ = ensureSelfSignedCertificate(state, "localhost")
+        accounts = os.path.join(directory, "accounts.json")
+        writeAccounts(
+            accounts,
+            {
+                "alice": attrs.evolve(
+                    makeAccount("alice", "wonderland", ["localhost"]),
+                    extra={"senders": ["@mijnbedrijf.nl"]},
+                )
+            },
+        )
+        config = os.path.join(directory, "msa.toml")
+        writeConfig(
+            config,
+            {
+                "server": {
+                    "hostname": "localhost",
+                    "state_dir": state,
+                    "starttls_listeners": ["systemd:domain=INET:index=0"],
+                    "implicit_tls_listeners": ["systemd:domain=INET:index=1"],
+                },
+                "accounts": {"file": accounts},
+            },
+        )
+        starttls, implicit = freePort(), freePort()
+        log = open(os.path.join(directory, "twistd.log"), "wb")
+        self.addCleanup(log.close)
+        process = subprocess.Popen(
+            [
+                activate,
+                # systemd (227 and later) always names the descriptors, and
+                # Twisted insists on the names.
+                "--fdname=submission:submissions",
+                "-l",
+                f"127.0.0.1:{starttls}",
+                "-l",
+                f"127.0.0.1:{implicit}",
+                TWISTD,
+                "-n",
+                "--pidfile=",
+                "digipoort-msa",
+                "--config",
+                config,
+            ],
+            env=dict(os.environ, PYTHONPATH=ROOT),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def stop():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(15)
+
+        self.addCleanup(stop)
+
+        def run():
+            import ssl
+
+            context = ssl.create_default_context(cafile=certFile)
+            # The sockets exist before twistd does; the first connection
+            # starts it (as with Accept=no), so allow it time to come up.
+            deadline = time.time() + 30
+            while True:
+                try:
+                    return (
+                        submit(starttls, context),
+                        submit(implicit, context, implicit=True),
+                    )
+                except (TimeoutError, smtplib.SMTPServerDisconnected, ConnectionError):
+                    if time.time() > deadline:
+                        raise
+                    time.sleep(0.2)
+
+        first, second = yield threads.deferToThread(run)
+        self.assertEqual((first[0], second[0]), (250, 250))
+        outbox = os.path.join(state, "outbox")
+        for _ in range(100):
+            if os.path.isdir(outbox) and len(os.listdir(outbox)) == 2:
+                break
+            yield threads.deferToThread(time.sleep, 0.05)
+        names = sorted(os.listdir(outbox))
+        self.assertEqual(len(names), 2)
+        for name in names:
+            with open(os.path.join(outbox, name), "rb") as f:
+                self.assertTrue(f.read().endswith(MESSAGE))
