@@ -39,6 +39,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
+from msa.queuecontrol import describeEntry
 from msa.spool import PENDING, Spool
 
 log = Logger()
@@ -164,11 +165,6 @@ def _readHeaders(path: str) -> tuple[list[str], bool]:
     return lines, truncated
 
 
-def _rawState(spool: Spool, queueId: str) -> dict:
-    with open(os.path.join(spool.queueDirectory, queueId + ".json"), "rb") as f:
-        return json.loads(f.read())
-
-
 def describeSpool(spool: Spool, now: float | None = None) -> list[dict]:
     """
     What L{msa.relay.RelayRunner.describe} tells, read from the files: for
@@ -180,22 +176,9 @@ def describeSpool(spool: Spool, now: float | None = None) -> list[dict]:
     for queueId in spool.pending():
         try:
             entry = spool.load(queueId)
-            raw = _rawState(spool, queueId)
         except (OSError, ValueError):
             continue
-        result.append(
-            {
-                "id": queueId,
-                "age": max(0.0, now - entry.createdAt),
-                "size": entry.size,
-                "sender": entry.envelope.sender,
-                "recipients": dict(entry.recipients),
-                "attempts": entry.attempts,
-                "nextAttempt": entry.nextAttempt,
-                "lastError": entry.lastError,
-                "held": bool(raw.get("held", False)),
-            }
-        )
+        result.append(describeEntry(entry, now))
     return result
 
 

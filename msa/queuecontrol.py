@@ -18,6 +18,27 @@ log = Logger()
 _QUEUE_ID = re.compile(r"[0-9A-Za-z]{1,64}")
 
 
+def describeEntry(entry, now: float, inFlight: bool = False) -> dict:
+    """
+    One queue entry as the admin command shows it (see
+    L{QueueControl.describe}).
+    """
+    return {
+        "id": entry.queueId,
+        "age": max(0.0, now - entry.createdAt),
+        "size": entry.size,
+        "sender": entry.envelope.sender,
+        "recipients": dict(entry.recipients),
+        "errors": dict(entry.errors),
+        "attempts": entry.attempts,
+        "nextAttempt": entry.nextAttempt,
+        "lastError": entry.lastError,
+        "held": entry.held,
+        "inFlight": inFlight,
+        "isBounce": entry.isBounce,
+    }
+
+
 class QueueControl:
     """
     Mixin for L{msa.relay.RelayRunner}.  An unknown (or malformed) queue
@@ -124,20 +145,5 @@ class QueueControl:
                 entry = self._load(queueId)
             except (KeyError, ValueError):
                 continue
-            out.append(
-                {
-                    "id": queueId,
-                    "age": max(0.0, now - entry.createdAt),
-                    "size": entry.size,
-                    "sender": entry.envelope.sender,
-                    "recipients": dict(entry.recipients),
-                    "errors": dict(entry.errors),
-                    "attempts": entry.attempts,
-                    "nextAttempt": entry.nextAttempt,
-                    "lastError": entry.lastError,
-                    "held": entry.held,
-                    "inFlight": queueId in self._inFlight,
-                    "isBounce": entry.isBounce,
-                }
-            )
+            out.append(describeEntry(entry, now, queueId in self._inFlight))
         return out

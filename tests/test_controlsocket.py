@@ -286,10 +286,13 @@ class SpoolViewTests(unittest.TestCase):
                 "size": len(MESSAGE),
                 "sender": "a@example.org",
                 "recipients": {"b@example.org": "pending"},
+                "errors": {},
                 "attempts": 2,
                 "nextAttempt": entry.nextAttempt,
                 "lastError": "451 4.3.0 later",
                 "held": False,
+                "inFlight": False,
+                "isBounce": False,
             },
         )
         shown = controlsocket.showEntry(spool, queueId)
