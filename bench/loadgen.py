@@ -159,7 +159,7 @@ async def batch(args, context) -> dict:
     workers = [asyncio.ensure_future(worker()) for _ in range(args.concurrency)]
     try:
         await asyncio.wait_for(asyncio.gather(*workers), args.timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         errors.append(f"timeout after {args.timeout} s")
     wall = time.perf_counter() - start
     return {
@@ -190,7 +190,7 @@ async def idle(args, context) -> dict:
         await asyncio.wait_for(
             asyncio.gather(*(openOne() for _ in range(args.idle))), args.timeout
         )
-    except asyncio.TimeoutError:
+    except TimeoutError:
         errors.append(f"timeout after {args.timeout} s")
     wall = time.perf_counter() - start
     print(f"HOLDING {len(sessions)}", flush=True)
@@ -199,7 +199,7 @@ async def idle(args, context) -> dict:
         await asyncio.wait_for(
             loop.run_in_executor(None, sys.stdin.readline), args.timeout
         )
-    except asyncio.TimeoutError:
+    except TimeoutError:
         errors.append("no release from the caller")
     # Still alive after the hold?  A NOOP on each tells.
     alive = 0
@@ -218,7 +218,7 @@ async def idle(args, context) -> dict:
         await asyncio.wait_for(
             asyncio.gather(*(closeOne(s) for s in sessions)), args.timeout
         )
-    except asyncio.TimeoutError:
+    except TimeoutError:
         errors.append("timeout closing")
     return {
         "wall": wall,

@@ -161,7 +161,7 @@ def main() -> None:
     accounts = Accounts(args.user, args.password)
     handler = Handler(args.dir, accounts, args.auth_inline)
     smtpArgs = dict(
-        hostname="localhost",
+        server_hostname="localhost",  # the EHLO name (hostname= is the bind address)
         data_size_limit=MAX_MESSAGE_SIZE,
         auth_required=True,
         # With implicit TLS aiosmtpd does not see the TLS layer (it only
@@ -177,7 +177,6 @@ def main() -> None:
             hostname="127.0.0.1",
             port=args.port,
             ssl_context=context,
-            server_hostname="localhost",
             **smtpArgs,
         )
     else:
