@@ -48,7 +48,6 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
-from twisted.internet import threads
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -62,6 +61,7 @@ from msa.interfaces import (
     IScramCredentials,
     ISubmission,
 )
+from msa.passwordcheck import PasswordVerifier
 from msa.sasl.digest_md5 import computeHA1
 from msa.sasl.scram import deriveKeys
 
@@ -143,7 +143,7 @@ _DUMMY_HASH = "scrypt$%d$%d$%d$%s$%s" % (
 )
 
 
-def _verifyHash(passwordHash: str, password: bytes) -> bool:
+def verifyHash(passwordHash: str, password: bytes) -> bool:
     try:
         n, r, p, salt, digest = _parseScrypt(passwordHash)
     except ValueError:
@@ -261,7 +261,7 @@ def verifyPassword(account: Account, password: str) -> bool:
     @return: whether C{password} matches the scrypt hash of C{account}, in
         time independent of where they differ.
     """
-    return _verifyHash(account.passwordHash, password.encode("utf-8"))
+    return verifyHash(account.passwordHash, password.encode("utf-8"))
 
 
 def _accountToJSON(account: Account) -> dict[str, Any]:
@@ -556,15 +556,29 @@ class AccountChecker:
     same L{UnauthorizedLogin}, whatever the reason, and unknown users cost a
     scrypt computation like known ones.
 
-    @param threaded: verify scrypt hashes in the reactor's thread pool
-        (default) rather than blocking the reactor for tens of milliseconds.
+    @param threaded: verify scrypt hashes in a thread pool (default) rather
+        than blocking the reactor for tens of milliseconds.
+    @param verifier: the L{PasswordVerifier} (thread pool, cache of recent
+        successes); by default one with a 5-minute cache.
     """
 
     credentialInterfaces = (IUsernamePassword, IDigestMD5Credentials, IScramCredentials)
 
-    def __init__(self, store: IAccountStore, threaded: bool = True) -> None:
+    def __init__(
+        self,
+        store: IAccountStore,
+        threaded: bool = True,
+        verifier: PasswordVerifier | None = None,
+    ) -> None:
         self._store = store
         self._threaded = threaded
+        if verifier is None:
+            if threaded:
+                from twisted.internet import reactor
+            else:
+                reactor = None
+            verifier = PasswordVerifier(verifyHash, reactor=reactor)
+        self._verifier = verifier
 
     def requestAvatarId(self, credentials: object) -> Deferred:
         """
@@ -613,10 +627,8 @@ class AccountChecker:
             if isinstance(password, str):
                 password = password.encode("utf-8")
             passwordHash = account.passwordHash if account is not None else _DUMMY_HASH
-            if self._threaded:
-                d = threads.deferToThread(_verifyHash, passwordHash, password)
-            else:
-                d = succeed(_verifyHash(passwordHash, password))
+            name = account.name if account is not None else None
+            d = self._verifier.check(name, passwordHash, password)
             return d.addCallback(self._decide, allowed, account)
         return _refused()
 

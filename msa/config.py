@@ -53,6 +53,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     "accounts": {
         "file": ((str,), None),
         "watch_interval": ((int, float), 2.0),
+        "auth_cache_ttl": ((int, float), 300),
     },
     "spool": {
         "directory": ((str,), None),

@@ -25,6 +25,7 @@ from msa.accounts import (
     AccountsFileError,
     SubmissionRealm,
     makeAccount,
+    verifyHash,
     writeAccounts,
 )
 from msa.authorization import AuthThrottle, ServerRules
@@ -32,6 +33,7 @@ from msa.clientcert import CertificateBindingRealm, CertificateChecker
 from msa.config import Config, ConfigError, loadConfig
 from msa.controlsocket import ControlService, socketPath
 from msa.delivery import submissionFactory
+from msa.passwordcheck import PasswordVerifier, limitScryptMemory
 from msa.proxyprotocol import ProxyHeaderFactory, splitDescription
 from msa.relay import OutboxDownstream, RelayRunner, SMTPDownstream
 from msa.sasl import MechanismContext
@@ -64,6 +66,7 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> MultiService:
+    limitScryptMemory()
     try:
         config = loadConfig(options["config"])
     except ConfigError as e:
@@ -226,7 +229,12 @@ def buildService(config: Config, reactor=None) -> MultiService:
         ),
         store,
     )
-    portal = Portal(realm, [AccountChecker(store), CertificateChecker(store)])
+    verifier = PasswordVerifier(
+        verifyHash, ttl=config["accounts"]["auth_cache_ttl"], reactor=reactor
+    )
+    portal = Portal(
+        realm, [AccountChecker(store, verifier=verifier), CertificateChecker(store)]
+    )
     mechanismContext = MechanismContext(
         realm=server["sasl_realm"],
         serverNames=list(server["server_names"]),

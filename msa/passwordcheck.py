@@ -1,0 +1,115 @@
+"""
+Where PLAIN and LOGIN passwords are checked against their scrypt hashes:
+off the reactor thread, in a pool of its own no larger than the number of
+cores (each scrypt holds 16 MiB while it runs, so a burst of logins must not
+fan out to dozens of threads), with a short-lived cache of recent successes,
+as Dovecot's auth_cache does.
+
+The cache holds, per account, an HMAC of the password under a random key
+made at start (never the password), tied to the account's current hash, for
+C{ttl} seconds.  Only successes are cached: every wrong guess still costs a
+full scrypt.  A password change or a disabled account takes effect at once,
+since the entry is tied to the stored hash and the checker still checks the
+account on every login.
+"""
+
+import hashlib
+import hmac
+import os
+import secrets
+import time
+
+from twisted.internet import defer, threads
+from twisted.python.threadpool import ThreadPool
+
+
+def limitScryptMemory() -> None:
+    """
+    Make glibc give the memory of each finished scrypt back to the system
+    (a fixed mmap threshold instead of glibc's adaptive one, which otherwise
+    keeps 16 MiB per thread arena after the first login).
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_MMAP_THRESHOLD = -3
+        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):
+        pass
+
+
+class PasswordVerifier:
+    """
+    @param verify: C{(passwordHash, password) -> bool}, the slow check.
+    @param ttl: seconds a success is remembered; 0 turns the cache off.
+    @param reactor: for the thread pool; L{None} runs the check inline (for
+        tests that do not want threads).
+    """
+
+    def __init__(
+        self,
+        verify,
+        ttl: float = 300.0,
+        reactor=None,
+        threads: int | None = None,
+        clock=time.monotonic,
+    ) -> None:
+        self._verify = verify
+        self.ttl = ttl
+        self.clock = clock
+        self._key = secrets.token_bytes(32)
+        self._cache: dict[str, tuple[bytes, str, float]] = {}
+        self._reactor = reactor
+        self._pool = None
+        if reactor is not None:
+            size = threads or os.cpu_count() or 2
+            self._pool = ThreadPool(minthreads=0, maxthreads=size, name="scrypt")
+            self._pool.start()
+            reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
+
+    def _tag(self, name: str, password: bytes) -> bytes:
+        return hmac.new(
+            self._key, name.encode("utf-8") + b"\0" + password, hashlib.sha256
+        ).digest()
+
+    def check(self, name: str | None, passwordHash: str, password: bytes):
+        """
+        @return: a L{Deferred} firing with whether C{password} matches.
+        """
+        now = self.clock()
+        if name is not None and self.ttl > 0:
+            cached = self._cache.get(name)
+            if cached is not None:
+                tag, hashed, expires = cached
+                if (
+                    expires > now
+                    and hashed == passwordHash
+                    and hmac.compare_digest(tag, self._tag(name, password))
+                ):
+                    return defer.succeed(True)
+        if self._pool is None:
+            d = defer.maybeDeferred(self._verify, passwordHash, password)
+        else:
+            d = threads.deferToThreadPool(
+                self._reactor, self._pool, self._verify, passwordHash, password
+            )
+
+        def remember(ok: bool) -> bool:
+            if ok and name is not None and self.ttl > 0:
+                self._cache[name] = (
+                    self._tag(name, password),
+                    passwordHash,
+                    self.clock() + self.ttl,
+                )
+                if len(self._cache) > 100000:
+                    self._expire()
+            return ok
+
+        return d.addCallback(remember)
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for name, (_, _, expires) in list(self._cache.items()):
+            if expires <= now:
+                del self._cache[name]
