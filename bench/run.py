@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -199,6 +200,10 @@ class MSA(Server):
             "tls": {"certificate": self.cert, "key": self.key},
             "accounts": {"file": accounts},
         }
+        for item in MSA_OPTIONS:
+            key, _, value = item.partition("=")
+            section, _, name = key.partition(".")
+            config.setdefault(section, {})[name] = tomllib.loads(f"v = {value}")["v"]
         path = os.path.join(self.work, "msa.toml")
         with open(path, "w") as f:
             for section, values in config.items():
@@ -363,6 +368,10 @@ def measure(server: Server, params: dict, timeout: float) -> dict:
         result["rate"] = data["sent"] / data["wall"] if data["wall"] else 0
         result["cpu_per_msg"] = result["cpu"] / data["sent"] if data["sent"] else None
     return result
+
+
+#: --msa-option overrides of the MSA's configuration.
+MSA_OPTIONS: list[str] = []
 
 
 def serverEnv(args) -> dict:
@@ -684,12 +693,20 @@ def main() -> int:
     parser.add_argument("--native", action="store_true", help="py-spy --native")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument(
+        "--msa-option",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override the MSA's configuration (TOML value), e.g. "
+        "accounts.auth_cache_ttl=0",
+    )
+    parser.add_argument(
         "--server-env",
         action="append",
         metavar="NAME=VALUE",
         help="environment for both servers (experiments, e.g. MALLOC_ARENA_MAX=2)",
     )
     args = parser.parse_args()
+    MSA_OPTIONS.extend(args.msa_option or [])
 
     certDir = tempfile.mkdtemp(prefix="bench-cert-", dir=args.tmp)
     cert, keyFile = ensureSelfSignedCertificate(certDir, "localhost")

@@ -29,24 +29,32 @@ class LineFramer:
     """
 
     def __init__(self) -> None:
+        # The bytes not yet taken start at _pos: taking a line moves the
+        # offset instead of copying the rest of the buffer each time.
         self._buffer = b""
+        self._pos = 0
         self._discarding = False
         self._kept = b""
 
     def feed(self, data: bytes) -> None:
-        self._buffer += data
+        if self._pos:
+            self._buffer = self._buffer[self._pos :] + data
+            self._pos = 0
+        else:
+            self._buffer += data
 
     def clear(self) -> None:
         """
         Throw away everything received and not yet taken as a line.
         """
         self._buffer = b""
+        self._pos = 0
         self._discarding = False
         self._kept = b""
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return len(self._buffer) - self._pos
 
     def nextLine(self, maxLength: int) -> tuple[bytes, bool] | None:
         """
@@ -57,25 +65,26 @@ class LineFramer:
             complete line is buffered.  When C{tooLong} is true, C{line} is
             only the first C{maxLength} bytes of it.
         """
-        end = self._buffer.find(b"\r\n")
+        buffer, pos = self._buffer, self._pos
+        end = buffer.find(b"\r\n", pos)
         if end < 0:
-            if len(self._buffer) > maxLength + 1:
+            if len(buffer) - pos > maxLength + 1:
                 # Keep a trailing CR: it may start the CRLF of the next packet.
                 if not self._discarding:
-                    self._kept = self._buffer[:maxLength]
+                    self._kept = buffer[pos : pos + maxLength]
                     self._discarding = True
-                self._buffer = self._buffer[-1:] if self._buffer[-1:] == b"\r" else b""
+                self._buffer = b"\r" if buffer[-1:] == b"\r" else b""
+                self._pos = 0
             return None
-        line = self._buffer[:end]
-        self._buffer = self._buffer[end + 2 :]
+        self._pos = end + 2
         if self._discarding:
             kept = self._kept
             self._discarding = False
             self._kept = b""
             return kept, True
-        if len(line) > maxLength:
-            return line[:maxLength], True
-        return line, False
+        if end - pos > maxLength:
+            return buffer[pos : pos + maxLength], True
+        return buffer[pos:end], False
 
 
 #: What L{DataFilter.lineReceived} says to do with a line.

@@ -20,6 +20,7 @@ import secrets
 import time
 
 from twisted.internet import defer, threads
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 
@@ -60,6 +61,7 @@ class PasswordVerifier:
         self.clock = clock
         self._key = secrets.token_bytes(32)
         self._cache: dict[str, tuple[bytes, str, float]] = {}
+        self._running: dict[tuple, list[defer.Deferred]] = {}
         self._reactor = reactor
         self._pool = None
         if reactor is not None:
@@ -88,12 +90,31 @@ class PasswordVerifier:
                     and hmac.compare_digest(tag, self._tag(name, password))
                 ):
                     return defer.succeed(True)
+        # The same check already running (a company opening many sessions at
+        # once): wait for its answer instead of paying scrypt again.
+        key = (name, passwordHash, self._tag(name or "", password))
+        waiting = self._running.get(key)
+        if waiting is not None:
+            mine: defer.Deferred = defer.Deferred()
+            waiting.append(mine)
+            return mine
+        self._running[key] = []
         if self._pool is None:
             d = defer.maybeDeferred(self._verify, passwordHash, password)
         else:
             d = threads.deferToThreadPool(
                 self._reactor, self._pool, self._verify, passwordHash, password
             )
+
+        def share(result):
+            for other in self._running.pop(key, []):
+                if isinstance(result, Failure):
+                    other.errback(result)
+                else:
+                    other.callback(result)
+            return result
+
+        d.addBoth(share)
 
         def remember(ok: bool) -> bool:
             if ok and name is not None and self.ttl > 0:

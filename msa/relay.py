@@ -276,13 +276,18 @@ class RelayRunner(QueueControl, Service):
         else:
             outcome = "failed"
         metrics.relayOutcome(outcome, seconds)
+        delivered = [
+            r for r, res in result.recipients.items() if res.status == ACCEPTED
+        ]
         log.info(
-            "relay {queueId}: attempt {attempt} {outcome} in {seconds:.3f}s: {reply}",
+            "relay {queueId}: attempt {attempt} {outcome} in {seconds:.3f}s "
+            "(delivered for {delivered}): {reply}",
             event="relay",
             queueId=entry.queueId,
             attempt=entry.attempts + 1,
             outcome=outcome,
             seconds=seconds,
+            delivered=", ".join(delivered) or "none",
             reply=result.reply,
         )
 
@@ -308,16 +313,6 @@ class RelayRunner(QueueControl, Service):
             else:
                 entry.errors[rcpt] = str(outcome)
                 temporary.append(rcpt)
-        delivered = [
-            r for r, res in result.recipients.items() if res.status == ACCEPTED
-        ]
-        if delivered:
-            log.info(
-                "{queueId} delivered for {recipients}: {reply}",
-                queueId=queueId,
-                recipients=", ".join(delivered),
-                reply=result.reply,
-            )
         expired: list[str] = []
         delayed: list[str] = []
         if temporary:
@@ -380,7 +375,7 @@ class RelayRunner(QueueControl, Service):
         No recipient is pending: the entry leaves the queue.
         """
         self.spool.remove(entry.queueId)
-        log.info("{queueId} removed from the queue", queueId=entry.queueId)
+        log.debug("{queueId} removed from the queue", queueId=entry.queueId)
 
     def onPermanentFailure(
         self, entry: SpoolEntry, recipients: list[str], reply: str

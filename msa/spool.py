@@ -257,7 +257,9 @@ class SpoolWriter:
                 queueId=self.queueId,
             )
             raise SMTPReply(451, "4.3.0", "Message aborted")
-        log.info(
+        # The server logs the acceptance (with more detail); this is for
+        # debugging the spool itself.
+        log.debug(
             "queued {queueId}: {size} bytes from <{sender}> for {count} recipient(s)",
             queueId=self.queueId,
             size=self._size,

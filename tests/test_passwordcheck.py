@@ -86,3 +86,25 @@ class PasswordVerifierTests(unittest.TestCase):
     def test_noPasswordKept(self):
         self.check(b"right")
         self.assertNotIn(b"right", repr(self.verifier._cache).encode())
+
+    def test_concurrentChecksShareOneScrypt(self):
+        from twisted.internet import defer
+
+        gates = {b"right": defer.Deferred(), b"wrong": defer.Deferred()}
+        calls = []
+
+        def slowVerify(passwordHash, password):
+            calls.append(password)
+            return gates[password]
+
+        verifier = PasswordVerifier(slowVerify, ttl=300, clock=self.clock)
+        results = []
+        for _ in range(5):
+            verifier.check("acme", self.hash, b"right").addCallback(results.append)
+        other = []
+        verifier.check("acme", self.hash, b"wrong").addCallback(other.append)
+        self.assertEqual(calls, [b"right", b"wrong"])
+        gates[b"right"].callback(True)
+        gates[b"wrong"].callback(False)
+        self.assertEqual(results, [True] * 5)
+        self.assertEqual(other, [False])
