@@ -54,6 +54,7 @@ sys.path.insert(0, ROOT)
 import attrs  # noqa: E402
 
 from msa.accounts import makeAccount, writeAccounts  # noqa: E402
+from msa.config import writeConfig  # noqa: E402
 from msa.tls import ensureSelfSignedCertificate  # noqa: E402
 
 PYTHON = sys.executable
@@ -161,16 +162,6 @@ class Server:
             self.proc.wait(timeout=10)
 
 
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 class MSA(Server):
     name = "MSA"
 
@@ -205,11 +196,7 @@ class MSA(Server):
             section, _, name = key.partition(".")
             config.setdefault(section, {})[name] = tomllib.loads(f"v = {value}")["v"]
         path = os.path.join(self.work, "msa.toml")
-        with open(path, "w") as f:
-            for section, values in config.items():
-                f.write(f"[{section}]\n")
-                for k, v in values.items():
-                    f.write(f"{k} = {_toml(v)}\n")
+        writeConfig(path, config)
         command = [
             TWISTD,
             "-n",

@@ -303,3 +303,26 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
         raise ConfigError(
             f"{_where(path, 'server', 'max_line_length')}: must be 78 to 65536"
         )
+
+
+def _tomlValue(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_tomlValue(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def writeConfig(path: str, sections: dict[str, dict[str, Any]]) -> None:
+    """
+    Write a configuration file from C{{section: {key: value}}} (strings,
+    numbers, booleans and lists of them), for tools and tests that generate
+    one.
+    """
+    with open(path, "w", encoding="utf-8") as f:
+        for section, values in sections.items():
+            f.write(f"[{section}]\n")
+            for key, value in values.items():
+                f.write(f"{key} = {_tomlValue(value)}\n")

@@ -16,7 +16,7 @@ from twisted.internet import defer, reactor, task, utils
 from twisted.trial.unittest import SkipTest
 
 from msa.accounts import makeAccount, writeAccounts
-from msa.config import loadConfig
+from msa.config import loadConfig, writeConfig
 from msa.tap import buildService
 from msa.tls import ensureSelfSignedCertificate
 
@@ -39,24 +39,6 @@ def freePort() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def writeConfig(path: str, sections: dict) -> None:
-    with open(path, "w") as f:
-        for section, values in sections.items():
-            f.write(f"[{section}]\n")
-            for key, value in values.items():
-                f.write(f"{key} = {_toml(value)}\n")
 
 
 def requireProgram(testCase, name: str) -> str:
