@@ -7,6 +7,7 @@ L{msa.server.SubmissionFactory} itself.
 """
 
 import os
+import signal
 
 import attrs
 from twisted.application import internet, service
@@ -331,20 +332,25 @@ class _AccountWatcher(service.Service):
         self.store = store
         self.interval = interval
 
+    _previous = None
+
     def startService(self) -> None:
         super().startService()
         self.store.startWatching(self.interval)
+        from twisted.internet import reactor
+
+        def hangup(signum, frame):
+            reactor.callFromThread(self.store.reload)
+
         try:
-            import signal
-
-            from twisted.internet import reactor
-
-            signal.signal(
-                signal.SIGHUP, lambda *a: reactor.callFromThread(self.store.reload)
-            )
-        except (ImportError, ValueError):
-            pass
+            self._previous = signal.signal(signal.SIGHUP, hangup)
+        except ValueError:
+            # Not the main thread (an embedder's choice): polling only.
+            self._previous = None
 
     def stopService(self):
         self.store.stopWatching()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
         return super().stopService()

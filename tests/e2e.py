@@ -161,7 +161,9 @@ class AiosmtpdCore:
     certificate for localhost, recording each message as it arrived.
     """
 
-    def __init__(self, testCase, requireStartTLS: bool = True):
+    def __init__(
+        self, testCase, requireStartTLS: bool = True, clientCA: str | None = None
+    ):
         from aiosmtpd.controller import Controller
 
         directory = os.path.abspath(testCase.mktemp())
@@ -170,6 +172,10 @@ class AiosmtpdCore:
         )
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(self.certFile, self.keyFile)
+        if clientCA:
+            # Two-way TLS: the core wants the MSA's client certificate.
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(clientCA)
         self.messages: list = []
         self.port = freePort()
         self._lock = threading.Lock()

@@ -197,3 +197,41 @@ class AuthorizationFieldsThroughAdminTests(unittest.TestCase):
             AssertionError,
         )
         self.assertIn("553", str(error))
+
+
+class HangupReloadTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_sighupReloads(self):
+        """
+        With polling practically off, SIGHUP alone makes the server read the
+        accounts file again.
+        """
+        import signal
+
+        import attrs
+
+        from msa.accounts import makeAccount, readAccounts, writeAccounts
+
+        msa = RunningMSA(self, accounts={"watch_interval": 3600})
+        accounts = readAccounts(msa.accountsFile)
+        accounts["carol"] = attrs.evolve(
+            makeAccount("carol", "carol pass", ["localhost"]),
+            extra={"senders": ["@mijnbedrijf.nl"]},
+        )
+        writeAccounts(msa.accountsFile, accounts)
+
+        def login():
+            return threads.deferToThread(
+                submit,
+                port=msa.implicitPort,
+                implicit=True,
+                context=msa.clientContext(),
+                user="carol",
+                password="carol pass",
+            )
+
+        yield self.assertFailure(login(), smtplib.SMTPAuthenticationError)
+        os.kill(os.getpid(), signal.SIGHUP)
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        code, _ = yield login()
+        self.assertEqual(code, 250)
