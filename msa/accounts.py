@@ -1,6 +1,6 @@
 """
-The accounts that may submit mail: the file they live in, and the
-twisted.cred checker and realm built on it.
+The accounts that may submit mail and the file they live in.  The
+twisted.cred checker and realm built on it are in L{msa.checkers}.
 
 The file is one JSON document, indented and with sorted keys so that an
 operator can read and diff it::
@@ -26,8 +26,9 @@ DIGEST-MD5 for that realm, and whoever reads C{storedKey} and C{serverKey}
 can impersonate the server to SCRAM clients.  The file must therefore be
 readable by its owner only (mode 0600); L{AccountFile} refuses it otherwise.
 
-Any other key of an account is kept unchanged in L{Account.extra}, so that
-later per-account settings survive a rewrite by an older program.
+The authorization fields of an account (senders, limits, client
+certificates; see L{msa.authorization}) are kept in L{Account.extra} and
+validated when the file is read.
 """
 
 import base64
@@ -40,15 +41,11 @@ import re
 import secrets
 import stat
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
-from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernamePassword
-from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.portal import IRealm
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -57,11 +54,7 @@ from zope.interface import implementer
 from msa.authorization import AccountRules
 from msa.interfaces import (
     IAccountStore,
-    IDigestMD5Credentials,
-    IScramCredentials,
-    ISubmission,
 )
-from msa.passwordcheck import PasswordVerifier
 from msa.sasl.digest_md5 import computeHA1
 from msa.sasl.scram import deriveKeys
 
@@ -79,7 +72,7 @@ _KNOWN_KEYS = frozenset({"enabled", "mechanisms", "passwordHash", "digestHA1", "
 _SCRAM_KEYS = frozenset({"salt", "iterations", "storedKey", "serverKey"})
 _MECHANISM_NAME = re.compile(r"[A-Z0-9_-]{1,20}")
 _HEX_HA1 = re.compile(r"[0-9a-fA-F]{32}")
-_FAILURE_TEXT = "Authentication failed"
+FAILURE_TEXT = "Authentication failed"
 
 
 class AccountsFileError(Exception):
@@ -93,7 +86,7 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _unb64(text: str) -> bytes:
+def unb64(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"), validate=True)
 
 
@@ -107,7 +100,7 @@ def _parseScrypt(text: str) -> tuple[int, int, int, bytes, bytes]:
         raise ValueError("not of the form scrypt$n$r$p$<salt>$<hash>")
     try:
         n, r, p = (int(x) for x in parts[1:4])
-        salt, digest = _unb64(parts[4]), _unb64(parts[5])
+        salt, digest = unb64(parts[4]), unb64(parts[5])
     except (ValueError, binascii.Error):
         raise ValueError("scrypt parameters must be integers and base64")
     if n < 2 or n > 2**20 or n & (n - 1) or not 1 <= r <= 32 or not 1 <= p <= 16:
@@ -134,7 +127,7 @@ def hashPassword(password: str) -> str:
 
 
 #: Verified against for unknown users, so that they cost the same time.
-_DUMMY_HASH = "scrypt$%d$%d$%d$%s$%s" % (
+DUMMY_HASH = "scrypt$%d$%d$%d$%s$%s" % (
     SCRYPT_N,
     SCRYPT_R,
     SCRYPT_P,
@@ -147,7 +140,7 @@ def verifyHash(passwordHash: str, password: bytes) -> bool:
     try:
         n, r, p, salt, digest = _parseScrypt(passwordHash)
     except ValueError:
-        n, r, p, salt, digest = _parseScrypt(_DUMMY_HASH)
+        n, r, p, salt, digest = _parseScrypt(DUMMY_HASH)
         _scrypt(password, salt, n, r, p, len(digest))
         return False
     return hmac.compare_digest(_scrypt(password, salt, n, r, p, len(digest)), digest)
@@ -320,7 +313,7 @@ def _accountFromJSON(where: str, name: str, document: object) -> Account:
             raise fail(f"{at}: 'iterations' must be a positive integer")
         for field in ("salt", "storedKey", "serverKey"):
             try:
-                if not _unb64(keys[field]):
+                if not unb64(keys[field]):
                     raise ValueError()
             except (ValueError, AttributeError, binascii.Error):
                 raise fail(f"{at}: {field!r} must be non-empty base64")
@@ -480,7 +473,7 @@ class AccountFile:
         keys = account.scram.get(mechanism) if account is not None else None
         if keys is None:
             return None
-        return _unb64(keys["salt"]), keys["iterations"]
+        return unb64(keys["salt"]), keys["iterations"]
 
     def reload(self) -> bool:
         """
@@ -543,130 +536,3 @@ class AccountFile:
             self.checkForChanges()
         except Exception:
             self.log.failure("Checking {path} for changes failed", path=self.path)
-
-
-def _refused(*ignored: object) -> str:
-    raise UnauthorizedLogin(_FAILURE_TEXT)
-
-
-@implementer(ICredentialsChecker)
-class AccountChecker:
-    """
-    Checks SASL credentials against an L{IAccountStore}.  Every refusal is the
-    same L{UnauthorizedLogin}, whatever the reason, and unknown users cost a
-    scrypt computation like known ones.
-
-    @param threaded: verify scrypt hashes in a thread pool (default) rather
-        than blocking the reactor for tens of milliseconds.
-    @param verifier: the L{PasswordVerifier} (thread pool, cache of recent
-        successes); by default one with a 5-minute cache.
-    """
-
-    credentialInterfaces = (IUsernamePassword, IDigestMD5Credentials, IScramCredentials)
-
-    def __init__(
-        self,
-        store: IAccountStore,
-        threaded: bool = True,
-        verifier: PasswordVerifier | None = None,
-    ) -> None:
-        self._store = store
-        self._threaded = threaded
-        if verifier is None:
-            if threaded:
-                from twisted.internet import reactor
-            else:
-                reactor = None
-            verifier = PasswordVerifier(verifyHash, reactor=reactor)
-        self._verifier = verifier
-
-    def requestAvatarId(self, credentials: object) -> Deferred:
-        """
-        @return: a L{Deferred} firing with the account name, or failing with
-            L{UnauthorizedLogin}.
-        """
-        username = getattr(credentials, "username", None)
-        if isinstance(username, bytes):
-            username = username.decode("utf-8", "replace")
-        if isinstance(username, str):
-            d = maybeDeferred(self._store.getAccount, username)
-        else:
-            d = succeed(None)
-        return d.addCallback(self._check, credentials)
-
-    def _check(self, account: Account | None, credentials: Any) -> Any:
-        mechanism = getattr(credentials, "mechanism", None)
-        allowed = (
-            account is not None and account.enabled and mechanism in account.mechanisms
-        )
-        if IScramCredentials.providedBy(credentials):
-            keys = account.scram.get(mechanism) if account is not None else None
-            if keys is None:
-                allowed, storedKey, serverKey = False, bytes(32), bytes(32)
-            else:
-                storedKey, serverKey = (
-                    _unb64(keys["storedKey"]),
-                    _unb64(keys["serverKey"]),
-                )
-            return self._decide(
-                credentials.checkKeys(storedKey, serverKey), allowed, account
-            )
-        if IDigestMD5Credentials.providedBy(credentials):
-            ha1 = (
-                account.digestHA1.get(credentials.realm)
-                if account is not None
-                else None
-            )
-            if ha1 is None:
-                allowed, ha1 = False, "00" * 16
-            return self._decide(
-                credentials.checkHA1(bytes.fromhex(ha1)), allowed, account
-            )
-        if IUsernamePassword.providedBy(credentials):
-            password = credentials.password
-            if isinstance(password, str):
-                password = password.encode("utf-8")
-            passwordHash = account.passwordHash if account is not None else _DUMMY_HASH
-            name = account.name if account is not None else None
-            d = self._verifier.check(name, passwordHash, password)
-            return d.addCallback(self._decide, allowed, account)
-        return _refused()
-
-    @staticmethod
-    def _decide(verified: bool, allowed: bool, account: Account | None) -> str:
-        if verified is True and allowed and account is not None:
-            return account.name
-        return _refused()
-
-
-@implementer(IRealm)
-class SubmissionRealm:
-    """
-    Turns an authenticated account name into an L{ISubmission} avatar.
-
-    @param avatarFactory: makes the avatar of an L{Account}.  If the avatar
-        has a C{logout} method, it is called on logout.
-    """
-
-    def __init__(
-        self, store: IAccountStore, avatarFactory: Callable[[Account], Any]
-    ) -> None:
-        self._store = store
-        self._avatarFactory = avatarFactory
-
-    def requestAvatar(self, avatarId: str | bytes, mind: object, *interfaces: Any):
-        if ISubmission not in interfaces:
-            raise NotImplementedError("SubmissionRealm only provides ISubmission")
-        if isinstance(avatarId, bytes):
-            avatarId = avatarId.decode("utf-8")
-        account = self._store.getAccount(avatarId)
-        if isinstance(account, Deferred):
-            return account.addCallback(self._avatar)
-        return self._avatar(account)
-
-    def _avatar(self, account: Account | None):
-        if account is None or not account.enabled:
-            # Removed or disabled between the checker and here.
-            raise UnauthorizedLogin(_FAILURE_TEXT)
-        avatar = self._avatarFactory(account)
-        return ISubmission, avatar, getattr(avatar, "logout", lambda: None)

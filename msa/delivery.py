@@ -176,7 +176,7 @@ def submissionFactory(
     contentPolicy: ContentPolicyChain | None = None,
 ):
     """
-    The C{avatarFactory} for L{msa.accounts.SubmissionRealm}.
+    The C{avatarFactory} for L{msa.checkers.SubmissionRealm}.
     """
     if serverRules is None:
         serverRules = ServerRules()

@@ -21,15 +21,14 @@ from twisted.web.server import Site
 
 from msa import __version__, metrics, tls
 from msa.accounts import (
-    AccountChecker,
     AccountFile,
     AccountsFileError,
-    SubmissionRealm,
     makeAccount,
     verifyHash,
     writeAccounts,
 )
 from msa.authorization import AuthThrottle, ServerRules
+from msa.checkers import AccountChecker, SubmissionRealm
 from msa.clientcert import CertificateBindingRealm, CertificateChecker
 from msa.config import Config, ConfigError, loadConfig
 from msa.controlsocket import ControlService, socketPath

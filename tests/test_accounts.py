@@ -24,10 +24,8 @@ from zope.interface import Interface, implementer
 from msa.accounts import (
     DEFAULT_MECHANISMS,
     Account,
-    AccountChecker,
     AccountFile,
     AccountsFileError,
-    SubmissionRealm,
     hashPassword,
     makeAccount,
     parseAccounts,
@@ -35,6 +33,7 @@ from msa.accounts import (
     verifyPassword,
     writeAccounts,
 )
+from msa.checkers import AccountChecker, SubmissionRealm
 from msa.interfaces import (
     IDigestMD5Credentials,
     IMechanismCredentials,
