@@ -346,8 +346,9 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
         ]
         if not self._tls and self.canStartTLS:
             lines.append("STARTTLS")
-        if self._tls and self.policy.mechanisms:
-            lines.append("AUTH " + " ".join(self.policy.mechanisms))
+        mechanisms = self.offeredMechanisms() if self._tls else []
+        if mechanisms:
+            lines.append("AUTH " + " ".join(mechanisms))
         self.sendCode(250, "\n".join(lines).encode("ascii"))
 
     def smtp_STARTTLS(self, rest: bytes) -> None:

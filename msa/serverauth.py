@@ -10,6 +10,7 @@ import base64
 import binascii
 
 import attrs
+from OpenSSL import SSL
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import task
 from twisted.logger import Logger
@@ -28,6 +29,30 @@ COMMAND, AUTH, AUTH_FINAL = "COMMAND", "AUTH", "AUTH_FINAL"
 #: RFC 4954 4: an AUTH line (command or response) may be 12288 octets.
 MAX_AUTH_LINE = 12286
 
+#: The channel-binding mechanism, offered only where L{channelBindings}
+#: finds data.
+SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
+
+
+def channelBindings(transport) -> dict[str, bytes]:
+    """
+    The channel bindings of a TLS transport: C{{"tls-exporter": data}}
+    (RFC 9266: the exporter with label C{EXPORTER-Channel-Binding}, no
+    context, 32 bytes) on TLS 1.3, else nothing.  On TLS 1.2 tls-exporter
+    is safe only with the extended master secret, which pyOpenSSL cannot
+    tell us was negotiated, so TLS 1.2 gets no channel binding.
+    """
+    conn = getattr(transport, "getHandle", lambda: None)()
+    if not isinstance(conn, SSL.Connection):
+        return {}
+    if conn.get_protocol_version_name() != "TLSv1.3":
+        return {}
+    try:
+        data = conn.export_keying_material(b"EXPORTER-Channel-Binding", 32)
+    except SSL.Error:
+        return {}
+    return {"tls-exporter": data}
+
 
 class AuthenticationMixin:
     """
@@ -35,6 +60,25 @@ class AuthenticationMixin:
     whose C{reply}, C{protocolError}, C{_wait}, C{session}, C{policy} and
     C{factory} it uses.
     """
+
+    def _channelBindings(self) -> dict[str, bytes]:
+        """
+        The channel bindings of this session when SCRAM-SHA-256-PLUS is
+        configured, else nothing.
+        """
+        if SCRAM_PLUS not in self.policy.mechanisms:
+            return {}
+        return channelBindings(self.transport)
+
+    def offeredMechanisms(self) -> list[str]:
+        """
+        The configured mechanisms this session can use: SCRAM-SHA-256-PLUS
+        only with channel binding data (TLS 1.3).
+        """
+        mechanisms = list(self.policy.mechanisms)
+        if SCRAM_PLUS in mechanisms and not self._channelBindings():
+            mechanisms.remove(SCRAM_PLUS)
+        return mechanisms
 
     def smtp_AUTH(self, rest: bytes) -> None:
         if self._submission is not None:
@@ -54,7 +98,7 @@ class AuthenticationMixin:
             return
         name = parts[0].upper().decode("ascii", "replace")
         factory = self.factory.mechanismFactories.get(name)
-        if name not in self.policy.mechanisms or factory is None:
+        if name not in self.offeredMechanisms() or factory is None:
             self.protocolError(504, "5.5.4", "Unrecognized authentication type")
             return
         initial = None
@@ -68,6 +112,10 @@ class AuthenticationMixin:
             context = attrs.evolve(
                 context, peerIdentities=self.session.clientCertificate
             )
+        elif name in ("SCRAM-SHA-256", SCRAM_PLUS):
+            # -PLUS needs the data; plain SCRAM needs to know whether -PLUS
+            # is offered here (downgrade protection).
+            context = attrs.evolve(context, channelBindings=self._channelBindings())
         self._mechanism = factory(context)
         self.session.mechanism = name
         self._saslStep(lambda: self._mechanism.start(initial))

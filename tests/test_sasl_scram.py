@@ -1,6 +1,7 @@
 """
 Tests for L{msa.sasl.scram}: the RFC 7677 test vector, a round trip with the
-scramp client, every refusal, SASLprep, and random input.
+scramp client, every refusal, SASLprep, and random input; SCRAM-SHA-256-PLUS
+with tls-exporter channel binding and the downgrade protection.
 """
 
 import base64
@@ -13,8 +14,18 @@ from zope.interface.verify import verifyObject
 
 from msa.errors import SMTPReply
 from msa.interfaces import IMechanismCredentials, IScramCredentials
-from msa.sasl import Authenticate, Challenge, MechanismContext
-from msa.sasl.scram import ScramSHA256Mechanism, deriveKeys, saslprep
+from msa.sasl import (
+    Authenticate,
+    Challenge,
+    MechanismContext,
+    mechanismFactories,
+)
+from msa.sasl.scram import (
+    ScramSHA256Mechanism,
+    ScramSHA256PlusMechanism,
+    deriveKeys,
+    saslprep,
+)
 
 SALT = base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ==")
 CLIENT_NONCE = "rOprNGfwEbeRWgbNEkqO"
@@ -26,6 +37,29 @@ CLIENT_FINAL = (
     b"c=biws,r=" + NONCE.encode() + b",p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
 )
 SERVER_FINAL = b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+#: Channel binding data as a TLS 1.3 exporter would give it.
+CBDATA = bytes(range(32))
+
+
+def exporterClient(
+    username: str,
+    password: str,
+    cbdata: bytes,
+    mechanisms: tuple[str, ...] = ("SCRAM-SHA-256-PLUS",),
+) -> scramp.ScramClient:
+    """
+    A scramp client binding with C{tls-exporter} and C{cbdata}.  scramp
+    (1.5) refuses the name C{tls-exporter}, because Python's C{ssl} cannot
+    export keying material, but takes raw data for C{tls-unique} and treats
+    every type alike from there on (c= is base64(gs2 header + data)): make
+    it with C{tls-unique} and rename the type.
+    """
+    client = scramp.ScramClient(
+        list(mechanisms), username, password, channel_binding=("tls-unique", cbdata)
+    )
+    if client.gs2_header.cb_name is not None:
+        client.gs2_header.cb_name.cb_name = "tls-exporter"
+    return client
 
 
 class Accounts:
@@ -299,6 +333,236 @@ class ScramTests(unittest.TestCase):
                     result = mechanism.respond(data)
                 else:
                     result = mechanism.start(data)
+            except SMTPReply as e:
+                self.assertIn((e.code, e.status), [(501, "5.5.2"), (535, "5.7.8")])
+            else:
+                self.assertIsInstance(result, (Challenge, Authenticate))
+
+
+class ScramPlusTests(unittest.TestCase):
+    """
+    SCRAM-SHA-256-PLUS with tls-exporter, and SCRAM-SHA-256's downgrade
+    protection when -PLUS is offered.
+    """
+
+    def setUp(self) -> None:
+        self.accounts = Accounts()
+        self.accounts.add("user", "pencil")
+
+    def context(self, bindings: dict[str, bytes] | None = None) -> MechanismContext:
+        return MechanismContext(
+            scramParameters=self.accounts.scramParameters,
+            channelBindings={"tls-exporter": CBDATA} if bindings is None else bindings,
+        )
+
+    def assertReply(self, code: int, status: str, f, *args) -> SMTPReply:
+        error = self.assertRaises(SMTPReply, f, *args)
+        self.assertEqual((error.code, error.status), (code, status))
+        return error
+
+    def exchange(self, client, mechanism):
+        """
+        Run C{client} against C{mechanism} up to the credentials.
+        """
+        serverFirst = mechanism.start(client.get_client_first().encode()).data
+        client.set_server_first(serverFirst.decode())
+        return mechanism.respond(client.get_client_final().encode())
+
+    def test_registered(self) -> None:
+        self.assertIs(
+            mechanismFactories()["SCRAM-SHA-256-PLUS"], ScramSHA256PlusMechanism
+        )
+        self.assertEqual(ScramSHA256PlusMechanism.name, "SCRAM-SHA-256-PLUS")
+
+    def test_roundTrip(self) -> None:
+        """
+        scramp binds with the same data: the keys of SCRAM-SHA-256 are
+        looked up and checked, and the client accepts the server signature.
+        """
+        client = exporterClient("user", "pencil", CBDATA)
+        first = client.get_client_first()
+        self.assertTrue(first.startswith("p=tls-exporter,,n=user,r="), first)
+        mechanism = ScramSHA256PlusMechanism(self.context())
+        serverFirst = mechanism.start(first.encode()).data
+        client.set_server_first(serverFirst.decode())
+        final = client.get_client_final()
+        c = final.split(",")[0]
+        self.assertEqual(
+            c, "c=" + base64.b64encode(b"p=tls-exporter,," + CBDATA).decode()
+        )
+        result = mechanism.respond(final.encode())
+        self.assertIsInstance(result, Authenticate)
+        credentials = result.credentials
+        self.assertTrue(verifyObject(IScramCredentials, credentials))
+        self.assertEqual(credentials.username, "user")
+        self.assertEqual(credentials.mechanism, "SCRAM-SHA-256")
+        self.assertEqual(self.accounts.queries, [("user", "SCRAM-SHA-256")])
+        self.assertTrue(self.accounts.check(credentials))
+        client.set_server_final(mechanism.serverFinal().decode())
+
+    def test_noInitialResponse(self) -> None:
+        client = exporterClient("user", "pencil", CBDATA)
+        mechanism = ScramSHA256PlusMechanism(self.context())
+        self.assertEqual(mechanism.start(None), Challenge(b""))
+        serverFirst = mechanism.respond(client.get_client_first().encode()).data
+        client.set_server_first(serverFirst.decode())
+        result = mechanism.respond(client.get_client_final().encode())
+        self.assertTrue(self.accounts.check(result.credentials))
+
+    def test_wrongPassword(self) -> None:
+        client = exporterClient("user", "pen", CBDATA)
+        mechanism = ScramSHA256PlusMechanism(self.context())
+        result = self.exchange(client, mechanism)
+        self.assertFalse(self.accounts.check(result.credentials))
+        self.assertReply(535, "5.7.8", mechanism.serverFinal)
+
+    def test_wrongBindingData(self) -> None:
+        """
+        A client on the other side of a man in the middle computes other
+        data: refused at the client-final message.
+        """
+        client = exporterClient("user", "pencil", bytes(32))
+        mechanism = ScramSHA256PlusMechanism(self.context())
+        self.assertReply(535, "5.7.8", self.exchange, client, mechanism)
+
+    def test_bindingDataLeftOut(self) -> None:
+        """
+        c= with the gs2 header alone (no data) is refused.
+        """
+        client = exporterClient("user", "pencil", CBDATA)
+        mechanism = ScramSHA256PlusMechanism(self.context())
+        serverFirst = mechanism.start(client.get_client_first().encode()).data
+        client.set_server_first(serverFirst.decode())
+        final = client.get_client_final()
+        withoutData = base64.b64encode(b"p=tls-exporter,,").decode()
+        final = "c=" + withoutData + final[final.index(",") :]
+        self.assertReply(535, "5.7.8", mechanism.respond, final.encode())
+
+    def test_tlsUnique(self) -> None:
+        """
+        Only tls-exporter is supported: scramp binding with tls-unique is
+        refused at the client-first message, as is any other type.
+        """
+        client = scramp.ScramClient(
+            ["SCRAM-SHA-256-PLUS"],
+            "user",
+            "pencil",
+            channel_binding=("tls-unique", CBDATA),
+        )
+        first = client.get_client_first().encode()
+        self.assertTrue(first.startswith(b"p=tls-unique,,"), first)
+        context = self.context({"tls-exporter": CBDATA, "tls-unique": CBDATA})
+        mechanism = ScramSHA256PlusMechanism(context)
+        self.assertReply(535, "5.7.8", mechanism.start, first)
+        for name in [b"tls-server-end-point", b"x"]:
+            mechanism = ScramSHA256PlusMechanism(self.context())
+            first = b"p=" + name + b",,n=user,r=" + CLIENT_NONCE.encode()
+            self.assertReply(535, "5.7.8", mechanism.start, first)
+
+    def test_badBindingName(self) -> None:
+        for name in [b"", b"tls exporter", b"tls_exporter", b"\xc3\xa9"]:
+            mechanism = ScramSHA256PlusMechanism(self.context())
+            first = b"p=" + name + b",,n=user,r=" + CLIENT_NONCE.encode()
+            self.assertReply(501, "5.5.2", mechanism.start, first)
+            mechanism = ScramSHA256Mechanism(self.context())
+            self.assertReply(501, "5.5.2", mechanism.start, first)
+
+    def test_noBindingData(self) -> None:
+        """
+        Without data for the connection (not TLS 1.3), -PLUS fails closed.
+        """
+        client = exporterClient("user", "pencil", CBDATA)
+        mechanism = ScramSHA256PlusMechanism(self.context({}))
+        self.assertReply(
+            535, "5.7.8", mechanism.start, client.get_client_first().encode()
+        )
+
+    def test_plusWithoutBinding(self) -> None:
+        """
+        A -PLUS exchange must bind: "n" and "y" are refused.
+        """
+        for flag in [b"n", b"y"]:
+            mechanism = ScramSHA256PlusMechanism(self.context())
+            first = flag + b",,n=user,r=" + CLIENT_NONCE.encode()
+            self.assertReply(535, "5.7.8", mechanism.start, first)
+        mechanism = ScramSHA256PlusMechanism(self.context())
+        first = b"q,,n=user,r=" + CLIENT_NONCE.encode()
+        self.assertReply(501, "5.5.2", mechanism.start, first)
+
+    def test_downgrade(self) -> None:
+        """
+        A SCRAM-SHA-256 client that can bind says "y" (scramp does, given
+        binding data but not the -PLUS mechanism): refused when the server
+        offers -PLUS on the connection.
+        """
+        client = exporterClient("user", "pencil", CBDATA, ("SCRAM-SHA-256",))
+        first = client.get_client_first().encode()
+        self.assertTrue(first.startswith(b"y,,"), first)
+        mechanism = ScramSHA256Mechanism(self.context())
+        self.assertReply(535, "5.7.8", mechanism.start, first)
+
+    def test_canBindNotOffered(self) -> None:
+        """
+        "y" without -PLUS offered (no channel bindings in the context) is
+        fine.
+        """
+        client = exporterClient("user", "pencil", CBDATA, ("SCRAM-SHA-256",))
+        mechanism = ScramSHA256Mechanism(self.context({}))
+        result = self.exchange(client, mechanism)
+        self.assertTrue(self.accounts.check(result.credentials))
+        client.set_server_final(mechanism.serverFinal().decode())
+
+    def test_noBindingWhileOffered(self) -> None:
+        """
+        "n" (a client that cannot bind) stays fine when -PLUS is offered.
+        """
+        client = scramp.ScramClient(["SCRAM-SHA-256"], "user", "pencil")
+        mechanism = ScramSHA256Mechanism(self.context())
+        result = self.exchange(client, mechanism)
+        self.assertTrue(self.accounts.check(result.credentials))
+        client.set_server_final(mechanism.serverFinal().decode())
+
+    def test_bindingRequestedWithoutPlus(self) -> None:
+        """
+        p= with plain SCRAM-SHA-256 is refused even when -PLUS is offered.
+        """
+        client = exporterClient("user", "pencil", CBDATA)
+        mechanism = ScramSHA256Mechanism(self.context())
+        self.assertReply(
+            535, "5.7.8", mechanism.start, client.get_client_first().encode()
+        )
+
+    def test_fuzz(self) -> None:
+        """
+        Mutated -PLUS messages: a challenge, an L{Authenticate} or an
+        L{SMTPReply}, never another exception.
+        """
+        rng = random.Random(9266)
+        client = exporterClient("user", "pencil", CBDATA)
+        first = client.get_client_first().encode()
+        mechanism = ScramSHA256PlusMechanism(self.context())
+        client.set_server_first(mechanism.start(first).data.decode())
+        final = client.get_client_final().encode()
+        alphabet = b"=,nyparcs0Z+/- \x00\xff\xc3"
+        for i in range(2000):
+            isFinal = i % 2 == 0
+            data = bytearray(final if isFinal else first)
+            for _ in range(rng.randrange(1, 5)):
+                position = rng.randrange(len(data) + 1)
+                action = rng.randrange(3)
+                if action == 0:
+                    data.insert(position, rng.choice(alphabet))
+                elif action == 1 and position < len(data):
+                    del data[position]
+                elif position < len(data):
+                    data[position] = rng.choice(alphabet)
+            mechanism = ScramSHA256PlusMechanism(self.context())
+            try:
+                if isFinal:
+                    mechanism.start(first)
+                    result = mechanism.respond(bytes(data))
+                else:
+                    result = mechanism.start(bytes(data))
             except SMTPReply as e:
                 self.assertIn((e.code, e.status), [(501, "5.5.2"), (535, "5.7.8")])
             else:

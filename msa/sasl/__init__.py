@@ -61,6 +61,11 @@ class MechanismContext:
     #: The verified client certificate's identities, for EXTERNAL; set per
     #: session.
     peerIdentities: tuple[str, ...] = ()
+    #: Channel binding type name (C{"tls-exporter"}) -> its data for this
+    #: connection; set per session, and only when SCRAM-SHA-256-PLUS is
+    #: offered on it.  Non-empty means "the server supports channel binding
+    #: here" for SCRAM's downgrade protection (RFC 5802 6).
+    channelBindings: dict[str, bytes] = attrs.Factory(dict)
 
 
 def malformed(text: str = "Malformed authentication data") -> SMTPReply:
@@ -122,9 +127,10 @@ def mechanismFactories() -> dict[str, Callable[[MechanismContext], object]]:
     except ImportError:
         pass
     try:
-        from msa.sasl.scram import ScramSHA256Mechanism
+        from msa.sasl.scram import ScramSHA256Mechanism, ScramSHA256PlusMechanism
 
         factories["SCRAM-SHA-256"] = ScramSHA256Mechanism
+        factories["SCRAM-SHA-256-PLUS"] = ScramSHA256PlusMechanism
     except ImportError:
         pass
     return factories

@@ -1,6 +1,6 @@
 """
-SASL SCRAM-SHA-256 (RFC 5802, RFC 7677), server side, without channel
-binding.
+SASL SCRAM-SHA-256 and SCRAM-SHA-256-PLUS (RFC 5802, RFC 7677), server
+side, with the C{tls-exporter} channel binding of RFC 9266.
 
 The server never sees the password: the account store keeps the salt, the
 iteration count, StoredKey and ServerKey (see L{deriveKeys}); the mechanism
@@ -16,10 +16,21 @@ The exchange::
     S: v=<base64 ServerSignature>            (L{ScramSHA256Mechanism.serverFinal})
     C: (empty)
 
-SCRAM-SHA-256-PLUS (channel binding) is not implemented: a client asking
-for channel binding (C{p=...}) fails, and C{y,,} (a client able to bind that
-believes the server cannot) is accepted, which is right only as long as no
--PLUS mechanism is advertised.
+SCRAM-SHA-256-PLUS (L{ScramSHA256PlusMechanism}) binds the exchange to
+the TLS connection: the client sends C{p=tls-exporter} in its gs2 header and
+C{c=} carries base64(gs2 header + channel binding data), which the server
+compares with the data it computed on its own side of the connection
+(L{MechanismContext.channelBindings}, filled per session by the SMTP layer,
+only on TLS 1.3: see L{msa.serverauth}).  No other channel binding type is
+supported.  Both mechanisms use the same keys (they are per hash function):
+the credentials of either report C{mechanism = "SCRAM-SHA-256"}, for the
+key look-up and the account's allowed mechanisms alike.
+
+Downgrade protection (RFC 5802 section 6): a SCRAM-SHA-256 client sending
+C{y,,} (it can bind but believes the server cannot) fails when the server
+offers -PLUS on this connection, that is when the context carries channel
+bindings; otherwise C{y,,} is accepted.  A client asking for channel binding
+(C{p=...}) with plain SCRAM-SHA-256 fails.
 
 An unknown user (or one without SCRAM secrets) gets a plausible
 server-first message with a fake, stable salt and 4096 iterations, so that
@@ -63,6 +74,10 @@ _FAKE_SALT_SECRET = secrets.token_bytes(32)
 
 _PRINTABLE = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
 _EXTENSION = re.compile(r"[A-Za-z]=.*", re.DOTALL)
+_CB_NAME = re.compile(r"[A-Za-z0-9.-]+")
+
+#: The only channel binding type supported (RFC 9266).
+TLS_EXPORTER = "tls-exporter"
 _HASH = hashlib.sha256
 
 
@@ -211,6 +226,8 @@ class ScramSHA256Mechanism:
     """
 
     name = "SCRAM-SHA-256"
+    #: The name the account store keeps the keys under.
+    keyMechanism = "SCRAM-SHA-256"
 
     def __init__(
         self,
@@ -228,6 +245,7 @@ class ScramSHA256Mechanism:
         self._fake = False
         self._username = ""
         self._gs2Header = b""
+        self._cbindInput = b""
         self._clientFirstBare = ""
         self._serverFirst = ""
         self._nonce = ""
@@ -262,11 +280,7 @@ class ScramSHA256Mechanism:
         if len(fields) < 4:
             raise malformed("SCRAM client-first message expected")
         flag, authz = fields[0], fields[1]
-        if flag.startswith("p="):
-            # Channel binding requires SCRAM-SHA-256-PLUS, not offered.
-            raise authenticationFailed()
-        if flag not in ("n", "y"):
-            raise malformed("SCRAM bad channel binding flag")
+        bindingData = self._channelBinding(flag)
         if authz and not authz.startswith("a="):
             raise malformed("SCRAM bad authorization identity")
         if fields[2].startswith("m="):
@@ -283,7 +297,7 @@ class ScramSHA256Mechanism:
             if not _EXTENSION.fullmatch(extension):
                 raise malformed("SCRAM bad extension")
 
-        parameters = self._context.scramParameters(username, self.name)
+        parameters = self._context.scramParameters(username, self.keyMechanism)
         self._fake = parameters is None
         if parameters is None:
             salt, iterations = _fakeSalt(username), FAKE_ITERATIONS
@@ -291,6 +305,7 @@ class ScramSHA256Mechanism:
             salt, iterations = parameters
         self._username = username
         self._gs2Header = (flag + "," + authz + ",").encode("utf-8")
+        self._cbindInput = self._gs2Header + bindingData
         self._clientFirstBare = ",".join(fields[2:])
         self._nonce = clientNonce + self._nonceFactory()
         self._serverFirst = "r=%s,s=%s,i=%d" % (
@@ -300,6 +315,26 @@ class ScramSHA256Mechanism:
         )
         self._state = "client-final"
         return Challenge(self._serverFirst.encode("utf-8"))
+
+    def _channelBinding(self, flag: str) -> bytes:
+        """
+        Check the gs2 channel binding flag.
+
+        @return: the channel binding data the client must have used (empty
+            without channel binding).
+        """
+        if flag.startswith("p="):
+            if not _CB_NAME.fullmatch(flag[2:]):
+                raise malformed("SCRAM bad channel binding name")
+            # Channel binding requires SCRAM-SHA-256-PLUS.
+            raise authenticationFailed()
+        if flag not in ("n", "y"):
+            raise malformed("SCRAM bad channel binding flag")
+        if flag == "y" and self._context.channelBindings:
+            # RFC 5802 6: the client could bind and believes the server
+            # cannot, but this server offers -PLUS here: a downgrade.
+            raise authenticationFailed()
+        return b""
 
     def _clientFinal(self, message: str) -> Authenticate:
         withoutProof, separator, proofText = message.rpartition(",p=")
@@ -318,7 +353,7 @@ class ScramSHA256Mechanism:
             raise malformed("SCRAM bad base64")
         if len(proof) != _HASH().digest_size:
             raise malformed("SCRAM bad proof length")
-        if not hmac.compare_digest(binding, self._gs2Header):
+        if not hmac.compare_digest(binding, self._cbindInput):
             raise authenticationFailed()
         if fields[1][2:] != self._nonce:
             raise authenticationFailed()
@@ -340,3 +375,30 @@ class ScramSHA256Mechanism:
         if self._credentials is None or self._credentials.serverSignature is None:
             raise authenticationFailed()
         return b"v=" + base64.b64encode(self._credentials.serverSignature)
+
+
+class ScramSHA256PlusMechanism(ScramSHA256Mechanism):
+    """
+    The server side of one SCRAM-SHA-256-PLUS exchange: SCRAM-SHA-256 bound
+    to the TLS connection with C{tls-exporter} (RFC 9266), whose data
+    L{MechanismContext.channelBindings} must hold.
+    """
+
+    name = "SCRAM-SHA-256-PLUS"
+
+    def _channelBinding(self, flag: str) -> bytes:
+        if not flag.startswith("p="):
+            if flag not in ("n", "y"):
+                raise malformed("SCRAM bad channel binding flag")
+            # A -PLUS exchange must bind (RFC 5802 6).
+            raise authenticationFailed()
+        cbName = flag[2:]
+        if not _CB_NAME.fullmatch(cbName):
+            raise malformed("SCRAM bad channel binding name")
+        data = self._context.channelBindings.get(cbName)
+        if cbName != TLS_EXPORTER or not data:
+            # Unsupported channel binding type (RFC 5802's
+            # e=unsupported-channel-binding-type), or none available: fail
+            # closed.
+            raise authenticationFailed()
+        return data
