@@ -6,6 +6,7 @@ loopback ports with real TLS, and an independent downstream SMTP server
 """
 
 import os
+import random
 import shutil
 import socket
 import ssl
@@ -35,10 +36,27 @@ MESSAGE = (
 )
 
 
+#: Ports handed out in this process, never handed out twice.
+_given: set[int] = set()
+
+
 def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """
+    A free loopback port for a server the test starts, chosen below Linux's
+    ephemeral range (32768-60999) so that no client connection of this or
+    another test can take it between now and the server's listen().
+    """
+    while True:
+        port = random.randrange(20000, 32000)
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
 
 
 def requireProgram(testCase, name: str) -> str:
@@ -117,8 +135,8 @@ class RunningMSA:
         self.certFile, _ = ensureSelfSignedCertificate(self.state, "localhost")
         self.outbox = os.path.join(self.state, "outbox")
         self.service = buildService(loadConfig(self.configFile))
-        self.service.startService()
         testCase.addCleanup(self.service.stopService)
+        self.service.startService()
 
     def clientContext(self) -> ssl.SSLContext:
         """
