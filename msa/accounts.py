@@ -31,10 +31,7 @@ certificates; see L{msa.authorization}) are kept in L{Account.extra} and
 validated when the file is read.
 """
 
-import base64
 import binascii
-import hashlib
-import hmac
 import json
 import os
 import re
@@ -55,6 +52,7 @@ from msa.authorization import AccountRules
 from msa.interfaces import (
     IAccountStore,
 )
+from msa.passwordcheck import b64, hashPassword, parseScrypt, unb64, verifyHash
 from msa.sasl.digest_md5 import computeHA1
 from msa.sasl.scram import deriveKeys
 
@@ -66,8 +64,6 @@ DEFAULT_MECHANISMS = frozenset({"PLAIN", "LOGIN", "DIGEST-MD5", "SCRAM-SHA-256"}
 KNOWN_MECHANISMS = DEFAULT_MECHANISMS | {"EXTERNAL"}
 #: SCRAM iteration count of new secrets (the minimum of RFC 7677).
 SCRAM_ITERATIONS = 4096
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
-_SCRYPT_SALT, _SCRYPT_LEN = 16, 32
 _KNOWN_KEYS = frozenset({"enabled", "mechanisms", "passwordHash", "digestHA1", "scram"})
 _SCRAM_KEYS = frozenset({"salt", "iterations", "storedKey", "serverKey"})
 _MECHANISM_NAME = re.compile(r"[A-Z0-9_-]{1,20}")
@@ -80,70 +76,6 @@ class AccountsFileError(Exception):
     The accounts file cannot be used; the message names the file, and the
     account and key at fault when there is one.
     """
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def unb64(text: str) -> bytes:
-    return base64.b64decode(text.encode("ascii"), validate=True)
-
-
-def _parseScrypt(text: str) -> tuple[int, int, int, bytes, bytes]:
-    """
-    @raise ValueError: with the reason when C{text} is not a usable
-        C{scrypt$n$r$p$salt$hash} string.
-    """
-    parts = text.split("$")
-    if len(parts) != 6 or parts[0] != "scrypt":
-        raise ValueError("not of the form scrypt$n$r$p$<salt>$<hash>")
-    try:
-        n, r, p = (int(x) for x in parts[1:4])
-        salt, digest = unb64(parts[4]), unb64(parts[5])
-    except (ValueError, binascii.Error):
-        raise ValueError("scrypt parameters must be integers and base64")
-    if n < 2 or n > 2**20 or n & (n - 1) or not 1 <= r <= 32 or not 1 <= p <= 16:
-        raise ValueError("scrypt parameters out of range")
-    if len(salt) < 8 or not 16 <= len(digest) <= 64:
-        raise ValueError("scrypt salt or hash too short")
-    return n, r, p, salt, digest
-
-
-def _scrypt(password: bytes, salt: bytes, n: int, r: int, p: int, size: int):
-    maxmem = 128 * r * (n + p + 2) + 2**20
-    return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=maxmem, dklen=size)
-
-
-def hashPassword(password: str) -> str:
-    """
-    @return: C{scrypt$n$r$p$<b64 salt>$<b64 hash>} of the UTF-8 password,
-        with a fresh random salt.
-    """
-    salt = secrets.token_bytes(_SCRYPT_SALT)
-    n, r, p = SCRYPT_N, SCRYPT_R, SCRYPT_P
-    digest = _scrypt(password.encode("utf-8"), salt, n, r, p, _SCRYPT_LEN)
-    return f"scrypt${n}${r}${p}${_b64(salt)}${_b64(digest)}"
-
-
-#: Verified against for unknown users, so that they cost the same time.
-DUMMY_HASH = "scrypt$%d$%d$%d$%s$%s" % (
-    SCRYPT_N,
-    SCRYPT_R,
-    SCRYPT_P,
-    _b64(bytes(_SCRYPT_SALT)),
-    _b64(bytes(_SCRYPT_LEN)),
-)
-
-
-def verifyHash(passwordHash: str, password: bytes) -> bool:
-    try:
-        n, r, p, salt, digest = _parseScrypt(passwordHash)
-    except ValueError:
-        n, r, p, salt, digest = _parseScrypt(DUMMY_HASH)
-        _scrypt(password, salt, n, r, p, len(digest))
-        return False
-    return hmac.compare_digest(_scrypt(password, salt, n, r, p, len(digest)), digest)
 
 
 def _mechanisms(names: Iterable[str]) -> frozenset[str]:
@@ -197,10 +129,10 @@ class Account:
             salt = secrets.token_bytes(16)
             storedKey, serverKey = deriveKeys(password, salt, SCRAM_ITERATIONS)
             scram["SCRAM-SHA-256"] = {
-                "salt": _b64(salt),
+                "salt": b64(salt),
                 "iterations": SCRAM_ITERATIONS,
-                "storedKey": _b64(storedKey),
-                "serverKey": _b64(serverKey),
+                "storedKey": b64(storedKey),
+                "serverKey": b64(serverKey),
             }
         return attrs.evolve(
             self,
@@ -293,7 +225,7 @@ def _accountFromJSON(where: str, name: str, document: object) -> Account:
         raise fail("key 'mechanisms' must be a list of upper-case SASL names")
     passwordHash = document["passwordHash"]
     try:
-        _parseScrypt(passwordHash if isinstance(passwordHash, str) else "")
+        parseScrypt(passwordHash if isinstance(passwordHash, str) else "")
     except ValueError as e:
         raise fail(f"key 'passwordHash': {e}")
     digestHA1 = document.get("digestHA1", {})

@@ -15,14 +15,14 @@ from twisted.cred.portal import IRealm
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from zope.interface import implementer
 
-from msa.accounts import DUMMY_HASH, FAILURE_TEXT, Account, unb64, verifyHash
+from msa.accounts import FAILURE_TEXT, Account
 from msa.interfaces import (
     IAccountStore,
     IDigestMD5Credentials,
     IScramCredentials,
     ISubmission,
 )
-from msa.passwordcheck import PasswordVerifier
+from msa.passwordcheck import DUMMY_HASH, PasswordVerifier, unb64, verifyHash
 
 
 def _refused(*ignored: object) -> str:

@@ -1,5 +1,6 @@
 """
-Where PLAIN and LOGIN passwords are checked against their scrypt hashes:
+Passwords for PLAIN and LOGIN: their scrypt hashes (C{scrypt$n$r$p$salt$hash},
+never the password), and where they are checked:
 off the reactor thread, in a pool of its own no larger than the number of
 cores (each scrypt holds 16 MiB while it runs, so a burst of logins must not
 fan out to dozens of threads), with a short-lived cache of recent successes,
@@ -13,6 +14,8 @@ since the entry is tied to the stored hash and the checker still checks the
 account on every login.
 """
 
+import base64
+import binascii
 import hashlib
 import hmac
 import os
@@ -22,6 +25,75 @@ import time
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+
+#: scrypt parameters of new password hashes (RFC 7914: 2**14 is the
+#: interactive-login recommendation), salt and hash lengths.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+_SCRYPT_SALT, _SCRYPT_LEN = 16, 32
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def parseScrypt(text: str) -> tuple[int, int, int, bytes, bytes]:
+    """
+    @raise ValueError: with the reason when C{text} is not a usable
+        C{scrypt$n$r$p$salt$hash} string.
+    """
+    parts = text.split("$")
+    if len(parts) != 6 or parts[0] != "scrypt":
+        raise ValueError("not of the form scrypt$n$r$p$<salt>$<hash>")
+    try:
+        n, r, p = (int(x) for x in parts[1:4])
+        salt, digest = unb64(parts[4]), unb64(parts[5])
+    except (ValueError, binascii.Error):
+        raise ValueError("scrypt parameters must be integers and base64")
+    if n < 2 or n > 2**20 or n & (n - 1) or not 1 <= r <= 32 or not 1 <= p <= 16:
+        raise ValueError("scrypt parameters out of range")
+    if len(salt) < 8 or not 16 <= len(digest) <= 64:
+        raise ValueError("scrypt salt or hash too short")
+    return n, r, p, salt, digest
+
+
+def _scrypt(password: bytes, salt: bytes, n: int, r: int, p: int, size: int):
+    maxmem = 128 * r * (n + p + 2) + 2**20
+    return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=maxmem, dklen=size)
+
+
+def hashPassword(password: str) -> str:
+    """
+    @return: C{scrypt$n$r$p$<b64 salt>$<b64 hash>} of the UTF-8 password,
+        with a fresh random salt.
+    """
+    salt = secrets.token_bytes(_SCRYPT_SALT)
+    n, r, p = SCRYPT_N, SCRYPT_R, SCRYPT_P
+    digest = _scrypt(password.encode("utf-8"), salt, n, r, p, _SCRYPT_LEN)
+    return f"scrypt${n}${r}${p}${b64(salt)}${b64(digest)}"
+
+
+#: Verified against for unknown users, so that they cost the same time.
+DUMMY_HASH = "scrypt$%d$%d$%d$%s$%s" % (
+    SCRYPT_N,
+    SCRYPT_R,
+    SCRYPT_P,
+    b64(bytes(_SCRYPT_SALT)),
+    b64(bytes(_SCRYPT_LEN)),
+)
+
+
+def verifyHash(passwordHash: str, password: bytes) -> bool:
+    try:
+        n, r, p, salt, digest = parseScrypt(passwordHash)
+    except ValueError:
+        n, r, p, salt, digest = parseScrypt(DUMMY_HASH)
+        _scrypt(password, salt, n, r, p, len(digest))
+        return False
+    return hmac.compare_digest(_scrypt(password, salt, n, r, p, len(digest)), digest)
 
 
 def limitScryptMemory() -> None:

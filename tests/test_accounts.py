@@ -408,11 +408,13 @@ class CheckerTests(unittest.TestCase):
         """
         An unknown user's password is still run through scrypt.
         """
-        import msa.accounts
+        import msa.passwordcheck
 
         calls = []
-        original = msa.accounts._scrypt
-        self.patch(msa.accounts, "_scrypt", lambda *a: calls.append(a) or original(*a))
+        original = msa.passwordcheck._scrypt
+        self.patch(
+            msa.passwordcheck, "_scrypt", lambda *a: calls.append(a) or original(*a)
+        )
         self.assertRefused(UsernamePassword("nobody", "pw", "PLAIN"))
         self.assertEqual(len(calls), 1)
         self.assertEqual(calls[0][2:5], (2**14, 8, 1))

@@ -6,8 +6,7 @@ the full check.
 
 from twisted.trial import unittest
 
-from msa.accounts import hashPassword, verifyHash
-from msa.passwordcheck import PasswordVerifier
+from msa.passwordcheck import PasswordVerifier, hashPassword, verifyHash
 
 
 class Clock:
