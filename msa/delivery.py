@@ -65,6 +65,21 @@ class SpooledMessage:
         self._digest.update(line)
         self.writer.write(line)
 
+    @property
+    def acceptsBlocks(self) -> bool:
+        """
+        Whether L{blockReceived} may be used: not when a content policy
+        needs to see each line.
+        """
+        return self._checker is None
+
+    def blockReceived(self, data: bytes) -> None:
+        """
+        Several lines at once, each with its CRLF, dot-unstuffed.
+        """
+        self._digest.update(data)
+        self.writer.write(data)
+
     def sha256(self) -> str:
         """
         The SHA-256 of the message as accepted from the client (without the

@@ -155,6 +155,8 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
 
     def _processLines(self) -> None:
         while not self._waiting and self.transport is not None:
+            if self.mode == DATA and self._dataBlock():
+                continue
             item = self._framer.nextLine(self._maxLineLength())
             if item is None:
                 return

@@ -21,6 +21,10 @@ log = Logger()
 
 DATA = "DATA"
 
+#: Below this many buffered bytes of complete lines the body is taken line
+#: by line; above it, in one block when it is ordinary text.
+BLOCK_MINIMUM = 512
+
 
 def _lower(serverLimit: int, submission, name: str) -> int:
     """
@@ -151,6 +155,44 @@ class MailTransactionMixin:
         )
         self.mode = DATA
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+
+    def _dataBlock(self) -> bool:
+        """
+        Take all complete lines of the message body buffered at once, when
+        the DATA filter and the message allow it (see
+        L{DataFilter.blockReceived}).
+
+        @return: whether it took any.
+        """
+        block = self._framer.completeLines()
+        # Up to the final dot, if it is there: that line goes the usual way.
+        end = (b"\r\n" + block).find(b"\r\n.\r\n")
+        if end >= 0:
+            block = block[:end]
+        if len(block) < BLOCK_MINIMUM or not getattr(
+            self._message, "acceptsBlocks", False
+        ):
+            return False
+        data = self._filter.blockReceived(block)
+        if data is None:
+            return False
+        self._framer.skip(len(block))
+        try:
+            self._message.blockReceived(data)
+        except SMTPReply as e:
+            self._filter.refuse(e)
+            self._abortMessage()
+        except Exception:
+            log.failure(
+                "session {session}: spool write failed", session=self.session.sessionId
+            )
+            self._filter.refuse(
+                SMTPReply(
+                    451, "4.3.0", "Error: temporary local problem, try again later"
+                )
+            )
+            self._abortMessage()
+        return True
 
     def _dataLine(self, line: bytes, tooLong: bool) -> None:
         hadError = self._filter.error is not None
