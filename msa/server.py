@@ -133,7 +133,7 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
         metrics.CONNECTIONS.labels(
             "implicit-tls" if self.policy.implicitTLS else "starttls"
         ).inc()
-        self.sendCode(220, self.host + b" ESMTP")
+        self.sendCode(220, self.greeting())
         self.setTimeout(self.timeout)
 
     def greeting(self) -> bytes:
@@ -196,12 +196,6 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
             return result
 
         d.addBoth(resume)
-
-    def lineReceived(self, line: bytes) -> None:
-        # Everything arrives through dataReceived and the framer; this is
-        # kept only for code that calls it directly.
-        self._framer.feed(line + b"\r\n")
-        self._processLines()
 
     def connectionLost(self, reason: Failure) -> None:
         self.factory.registry.remove(self)

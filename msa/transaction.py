@@ -243,9 +243,8 @@ class MailTransactionMixin:
         dataFilter = self._filter
         self._filter = None
         message, self._message = self._message, None
-        self._lastRecipients = self._recipients
+        recipients = len(self._recipients)
         self._resetTransaction()
-        recipients = len(self._lastRecipients)
         if dataFilter.error is not None:
             self._refused(dataFilter.error, getattr(message, "queueId", ""))
             self.protocolError(
