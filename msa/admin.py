@@ -52,9 +52,9 @@ from msa.accounts import (
     readAccounts,
     writeAccounts,
 )
+from msa.adminfields import FIELDS, applyFields, fieldOptions
 from msa.adminqueue import AdminFailure as _Failed
 from msa.adminqueue import queueCommand
-from msa.authorization import AccountRules
 
 _COMMANDS: dict[str, Callable[["_Command"], int]] = {}
 
@@ -79,74 +79,6 @@ def _parseMechanisms(text: str) -> frozenset[str]:
             2,
         )
     return mechanisms
-
-
-#: Authorization fields (R9, R10): option destination -> account key.
-_FIELDS = {
-    "sender": "senders",
-    "recipient": "recipients",
-    "certificate": "certificates",
-    "max_message_size": "maxMessageSize",
-    "max_recipients": "maxRecipients",
-    "messages_per_minute": "messagesPerMinute",
-    "messages_per_day": "messagesPerDay",
-    "max_sessions": "maxSessions",
-    "require_header_from": "requireHeaderFrom",
-    "require_client_certificate": "requireClientCertificate",
-}
-
-
-def _yesNo(text: str) -> bool:
-    if text.lower() in ("yes", "true", "on"):
-        return True
-    if text.lower() in ("no", "false", "off"):
-        return False
-    raise argparse.ArgumentTypeError("give yes or no")
-
-
-def _fieldOptions(parser: argparse.ArgumentParser) -> None:
-    for name, what in [
-        ("sender", "envelope sender it may use: user@domain or @domain"),
-        ("recipient", "recipient it may send to (narrows the server's list)"),
-        ("certificate", "client certificate: sha256:<hex> or serialNumber:<id>"),
-    ]:
-        parser.add_argument(
-            "--" + name,
-            action="append",
-            metavar="VALUE",
-            help=f"{what} (repeatable; replaces the list)",
-        )
-    for name in (
-        "max_message_size",
-        "max_recipients",
-        "messages_per_minute",
-        "messages_per_day",
-        "max_sessions",
-    ):
-        parser.add_argument("--" + name.replace("_", "-"), type=int, metavar="N")
-    for name in ("require_header_from", "require_client_certificate"):
-        parser.add_argument(
-            "--" + name.replace("_", "-"), type=_yesNo, metavar="yes|no"
-        )
-
-
-def _applyFields(args: argparse.Namespace, account: Account) -> Account:
-    """
-    The account with the authorization fields the options give, validated
-    as the server will read them.
-    """
-    extra = dict(account.extra)
-    for key in getattr(args, "clear", []):
-        extra.pop(key, None)
-    for option, key in _FIELDS.items():
-        value = getattr(args, option, None)
-        if value is not None:
-            extra[key] = value
-    try:
-        AccountRules.fromExtra(extra)
-    except ValueError as e:
-        raise _Failed(f"account {account.name}: {e}", 2)
-    return attrs.evolve(account, extra=extra)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -177,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated SASL mechanisms (default: %(default)s)",
     )
     add.add_argument("--disabled", action="store_true", help="add it disabled")
-    _fieldOptions(add)
+    fieldOptions(add)
     for name, text in [
         ("passwd", "set a new password (from stdin)"),
         ("disable", "refuse logins"),
@@ -190,14 +122,14 @@ def _parser() -> argparse.ArgumentParser:
     setter = commands.add_parser("set", help="change an account's settings")
     setter.add_argument("user")
     setter.add_argument("--mechanisms", help="comma-separated")
-    _fieldOptions(setter)
+    fieldOptions(setter)
     setter.add_argument(
         "--clear",
         action="append",
         default=[],
         metavar="FIELD",
-        choices=sorted(_FIELDS.values()),
-        help="remove a field (repeatable): " + ", ".join(sorted(_FIELDS.values())),
+        choices=sorted(FIELDS.values()),
+        help="remove a field (repeatable): " + ", ".join(sorted(FIELDS.values())),
     )
 
     queue = topics.add_parser("queue", help="inspect and manage the mail queue")
@@ -318,7 +250,7 @@ def _add(c: _Command) -> int:
         raise _Failed(str(e))
     if c.args.disabled:
         account = attrs.evolve(account, enabled=False)
-    account = _applyFields(c.args, account)
+    account = applyFields(c.args, account)
     if "senders" not in account.extra:
         c.warn(
             f"{account.name} has no senders yet: every MAIL FROM is refused until "
@@ -361,7 +293,7 @@ def _set(c: _Command) -> int:
         mechanisms = _parseMechanisms(c.args.mechanisms)
 
     def change(account: Account) -> Account:
-        changed = _applyFields(c.args, account)
+        changed = applyFields(c.args, account)
         if mechanisms is None:
             return changed
         changed = changed.withMechanisms(mechanisms)

@@ -4,7 +4,7 @@ instead of failing the first client: the certificate (expired, expiring
 within 30 days, chain incomplete) and the spool directory (owned by the user
 the MSA runs as, not readable by others).  The key matching the certificate
 is checked when the TLS context is built (L{msa.tls.serverContextFactory});
-the accounts file's mode when it is read (L{msa.accounts.AccountFile}).
+the accounts file's mode when it is read (L{msa.accountstore.AccountFile}).
 """
 
 import datetime

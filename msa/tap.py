@@ -21,12 +21,12 @@ from twisted.web.server import Site
 
 from msa import __version__, metrics, tls
 from msa.accounts import (
-    AccountFile,
     AccountsFileError,
     makeAccount,
     verifyHash,
     writeAccounts,
 )
+from msa.accountstore import AccountFile
 from msa.authorization import AuthThrottle, ServerRules
 from msa.checkers import AccountChecker, SubmissionRealm
 from msa.clientcert import CertificateBindingRealm, CertificateChecker

@@ -24,7 +24,6 @@ from zope.interface import Interface, implementer
 from msa.accounts import (
     DEFAULT_MECHANISMS,
     Account,
-    AccountFile,
     AccountsFileError,
     hashPassword,
     makeAccount,
@@ -33,6 +32,7 @@ from msa.accounts import (
     verifyPassword,
     writeAccounts,
 )
+from msa.accountstore import AccountFile
 from msa.checkers import AccountChecker, SubmissionRealm
 from msa.interfaces import (
     IDigestMD5Credentials,
