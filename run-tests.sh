@@ -28,6 +28,12 @@ if [ ! -x .venv-scan/bin/sslyze ]; then
     | grep -v '^WARNING: Location' || true
 fi
 
+# Style and types first: a regression here fails the run like a failed test.
+lint=0
+.venv/bin/ruff check -q . || lint=1
+.venv/bin/ruff format --check -q . || lint=1
+.venv/bin/mypy || lint=1
+
 log=$(mktemp)
 .venv/bin/python -m twisted.trial --temp-directory=_trial_temp "${@:-tests}" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
@@ -40,4 +46,8 @@ skipped=$(count skips)
 [ -n "$last" ] || failed=$((failed + 1))
 rm -f "$log"
 echo "trial: ${passed} passed, ${failed} failed, ${skipped} skipped"
+if [ "$lint" != 0 ]; then
+  echo "run-tests: ruff or mypy reported problems (see above)"
+  [ "$rc" != 0 ] || rc=1
+fi
 exit "$rc"
