@@ -150,18 +150,33 @@ def _requestVerify(conn: SSL.Connection, cert, errno: int, depth: int, ok: int):
     if conn not in _unverified:
         reason = _verifyErrorString(errno)
         _unverified[conn] = reason
-        tlsProtocol = conn.get_app_data()
-        peer = getattr(getattr(tlsProtocol, "transport", None), "getPeer", None)
+        client, session = _describePeer(conn)
         log.warn(
-            "client certificate not verified ({reason}; {subject}, depth {depth}) "
-            "from {client}: the connection goes on without a certificate identity",
+            "session {session}: client certificate not verified ({reason}; "
+            "{subject}, depth {depth}) from {client}: the connection goes on "
+            "without a certificate identity",
             event="client_certificate_unverified",
+            session=session,
             reason=reason,
             subject=cert.to_cryptography().subject.rfc4514_string(),
             depth=depth,
-            client=getattr(peer(), "host", "?") if peer else "?",
+            client=client,
         )
     return True
+
+
+def _describePeer(conn: SSL.Connection) -> tuple[str, str]:
+    """
+    The peer's address and the SMTP session id (when the protocol under
+    the TLS layer has one) of a connection in its handshake, for the log.
+    """
+    tlsProtocol = conn.get_app_data()
+    peer = getattr(tlsProtocol, "getPeer", lambda: None)()
+    protocol, session = tlsProtocol, ""
+    while protocol is not None and not session:
+        session = getattr(getattr(protocol, "session", None), "sessionId", "")
+        protocol = getattr(protocol, "wrappedProtocol", None)
+    return getattr(peer, "host", "?"), session
 
 
 def _verifyErrorString(errno: int) -> str:
@@ -177,8 +192,9 @@ class _OCSPStaple:
     size changes, so that a cron job can refresh it without a restart.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, serialNumber: int | None = None) -> None:
         self._path = path
+        self._serialNumber = serialNumber
         self._stamp: tuple[int, int] | None = None
         self._data = b""
         self._failing = False
@@ -189,7 +205,7 @@ class _OCSPStaple:
             st = os.stat(self._path)
             stamp = (st.st_mtime_ns, st.st_size)
             if stamp != self._stamp:
-                self._data = readOCSPResponse(self._path)
+                self._data = readOCSPResponse(self._path, self._serialNumber)
                 self._stamp = stamp
                 self._failing = False
         except (OSError, ValueError) as e:
@@ -209,19 +225,39 @@ class _OCSPStaple:
         return self.refresh()
 
 
-def readOCSPResponse(path: str) -> bytes:
+def readOCSPResponse(path: str, serialNumber: int | None = None) -> bytes:
     """
     The bytes of a DER OCSP response file.
 
+    @param serialNumber: when given, the response must be a successful one
+        for the certificate with this serial number.
     @raise OSError: when it cannot be read.
-    @raise ValueError: when it is not a DER OCSP response.
+    @raise ValueError: when it is not a DER OCSP response, or not one for
+        the certificate.
     """
     with open(path, "rb") as f:
         data = f.read()
     try:
-        ocsp.load_der_ocsp_response(data)
+        response = ocsp.load_der_ocsp_response(data)
     except ValueError as e:
         raise ValueError(f"{path}: not a DER OCSP response ({e})") from e
+    if serialNumber is None:
+        return data
+    if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+        raise ValueError(f"{path}: OCSP response status {response.response_status}")
+    if response.serial_number != serialNumber:
+        raise ValueError(
+            f"{path}: the OCSP response is for serial number "
+            f"{response.serial_number:x}, not the certificate's {serialNumber:x}"
+        )
+    nextUpdate = response.next_update_utc
+    if nextUpdate is not None and nextUpdate < datetime.datetime.now(datetime.UTC):
+        log.warn(
+            "the OCSP response {path} expired at {nextUpdate}; clients may "
+            "refuse it: fetch a fresh one",
+            path=path,
+            nextUpdate=nextUpdate.isoformat(),
+        )
     return data
 
 
@@ -346,7 +382,7 @@ def serverContextFactory(
     staple = None
     if ocspResponseFile:
         try:
-            staple = _OCSPStaple(ocspResponseFile)
+            staple = _OCSPStaple(ocspResponseFile, chain[0].get_serial_number())
         except (OSError, ValueError) as e:
             raise TLSConfigurationError(f"cannot load the OCSP response: {e}") from e
     options = _HardenedOptions(

@@ -319,6 +319,9 @@ class RequestedCertificateTests(unittest.TestCase):
             },
         )
         self.assertEqual({e["client"] for e in logged}, {"127.0.0.1"})
+        sessions = {e["session"] for e in self.events if e.get("event") == "tls"}
+        self.assertEqual(len({e["session"] for e in logged}), 4)
+        self.assertTrue({e["session"] for e in logged} <= sessions)
         self.assertEqual(logged[0]["log_level"].name, "warn")
 
     @defer.inlineCallbacks
@@ -492,6 +495,11 @@ class OCSPStaplingTests(unittest.TestCase):
         with open(self.ocspFile, "wb") as f:
             f.write(self.response)
 
+    def otherChain(self):
+        directory = os.path.join(self.directory, "other")
+        os.makedirs(directory)
+        return makeChain(directory)
+
     def makeResponse(self, thisUpdate) -> bytes:
         return ocspResponse(self.certFile, self.issuer, self.issuerKey, thisUpdate)
 
@@ -514,6 +522,50 @@ class OCSPStaplingTests(unittest.TestCase):
         os.utime(self.ocspFile, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
         data = yield threads.deferToThread(stapled, msa.implicitPort, False)
         self.assertEqual(data, newer)
+
+    @defer.inlineCallbacks
+    def test_badUpdateKeepsLastResponse(self):
+        """
+        A file replaced by something unusable (here a response for another
+        certificate, then garbage) is logged once; the last good response
+        stays stapled.
+        """
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        msa = self.start(ocsp_response=self.ocspFile)
+        other = self.otherChain()
+        stat = os.stat(self.ocspFile)
+        for step, content in enumerate(
+            [
+                ocspResponse(other[0]["full"], other[2], other[1], self.now),
+                b"not DER",
+            ]
+        ):
+            with open(self.ocspFile, "wb") as f:
+                f.write(content)
+            os.utime(self.ocspFile, ns=(stat.st_atime_ns, stat.st_mtime_ns + step + 1))
+            for _ in range(2):
+                data = yield threads.deferToThread(stapled, msa.implicitPort, False)
+                self.assertEqual(data, self.response)
+        warnings = [
+            e["log_format"]
+            for e in events
+            if "cannot re-read" in e.get("log_format", "")
+        ]
+        self.assertEqual(len(warnings), 1)
+
+    def test_responseForAnotherCertificate(self):
+        other = self.otherChain()
+        with open(self.ocspFile, "wb") as f:
+            f.write(ocspResponse(other[0]["full"], other[2], other[1], self.now))
+        error = self.assertRaises(
+            tls.TLSConfigurationError,
+            self.start,
+            ocsp_response=self.ocspFile,
+        )
+        self.assertIn("the OCSP response is for serial number", str(error))
+        self.assertIn(self.ocspFile, str(error))
 
     @defer.inlineCallbacks
     def test_opensslStatus(self):
@@ -560,6 +612,25 @@ class OCSPStaplingTests(unittest.TestCase):
         )
 
 
+def runTwistd(testCase, path: str) -> str:
+    """
+    Start C{twistd -n digipoort-msa --config path}, expecting it to stop at
+    once with an error and no traceback.
+
+    @return: the last line of its output.
+    """
+    result = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "digipoort-msa", "--config", path],
+        capture_output=True,
+        timeout=60,
+        cwd=os.path.dirname(path),
+    )
+    output = (result.stdout + result.stderr).decode()
+    testCase.assertNotEqual(result.returncode, 0, output)
+    testCase.assertNotIn("Traceback", output)
+    return output.strip().splitlines()[-1]
+
+
 class MinimumVersionTests(unittest.TestCase):
     def write(self, value: str) -> str:
         directory = os.path.abspath(self.mktemp())
@@ -596,24 +667,24 @@ class MinimumVersionTests(unittest.TestCase):
     def test_twistdRefuses(self):
         """
         C{twistd -n digipoort-msa} stops with the one-line error, no
-        traceback, and a non-zero exit.
+        traceback, and a non-zero exit (a missing C{ocsp_response} too).
         """
         for value in ("SSLv3", "bogus"):
             path = self.write(value)
-            result = subprocess.run(
-                [TWISTD, "-n", "--pidfile=", "digipoort-msa", "--config", path],
-                capture_output=True,
-                timeout=60,
-                cwd=os.path.dirname(path),
-            )
-            output = (result.stdout + result.stderr).decode()
-            self.assertNotEqual(result.returncode, 0, output)
-            self.assertNotIn("Traceback", output)
             self.assertEqual(
-                output.strip().splitlines()[-1],
+                runTwistd(self, path),
                 f"digipoort-msa: {path}: [tls] minimum_version: must be TLSv1_2 "
                 f"or TLSv1_3, not {value!r}",
             )
+        path = self.write("TLSv1_3")
+        with open(path, "a") as f:
+            f.write('ocsp_response = "missing.der"\n')
+        missing = os.path.join(os.path.dirname(path), "missing.der")
+        self.assertEqual(
+            runTwistd(self, path),
+            f"digipoort-msa: {path}: [tls] ocsp_response: cannot read {missing}: "
+            "No such file or directory",
+        )
 
     def test_serverContextFactoryRefuses(self):
         directory = os.path.abspath(self.mktemp())
