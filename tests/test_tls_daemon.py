@@ -124,24 +124,31 @@ def sClient(args: list[str], stdin: bytes = b"") -> tuple[int, str]:
     return result.returncode, (result.stdout + result.stderr).decode("utf-8", "replace")
 
 
-def ehloOverTLS(port: int, context: ssl.SSLContext, implicit: bool):
+def smtplibSession(port, context, implicit, actions):
     """
-    EHLO over TLS with Python's ssl.
-
-    @return: the EHLO reply code and the negotiated ALPN protocol.
+    A blocking smtplib session over TLS; C{actions(client)} does the work.
     """
     if implicit:
         client = smtplib.SMTP_SSL("localhost", port, context=context, timeout=10)
     else:
         client = smtplib.SMTP("localhost", port, timeout=10)
     try:
+        client.ehlo("mijnbedrijf.nl")
         if not implicit:
-            client.ehlo("mijnbedrijf.nl")
             client.starttls(context=context)
-        code, _ = client.ehlo("mijnbedrijf.nl")
-        return code, client.sock.selected_alpn_protocol()
+            client.ehlo("mijnbedrijf.nl")
+        return actions(client)
     finally:
         client.close()
+
+
+def tryExternal(client):
+    """
+    AUTH EXTERNAL as the certificate's own account: the reply, and whether
+    EXTERNAL was advertised.
+    """
+    offered = "EXTERNAL" in client.esmtp_features.get("auth", "").split()
+    return client.docmd("AUTH", "EXTERNAL ="), offered
 
 
 class ALPNTests(unittest.TestCase):
@@ -162,7 +169,16 @@ class ALPNTests(unittest.TestCase):
         ):
             context = self.msa.clientContext()
             context.set_alpn_protocols(["smtp", "h2"])
-            result = yield threads.deferToThread(ehloOverTLS, port, context, implicit)
+            result = yield threads.deferToThread(
+                smtplibSession,
+                port,
+                context,
+                implicit,
+                lambda client: (
+                    client.ehlo("mijnbedrijf.nl")[0],
+                    client.sock.selected_alpn_protocol(),
+                ),
+            )
             self.assertEqual(result, (250, None))
             code, text = yield threads.deferToThread(
                 submit, port=port, context=context, implicit=implicit
@@ -204,33 +220,6 @@ class ALPNTests(unittest.TestCase):
         [(sender, recipients, data, overTLS)] = yield core.waitForMessages(1)
         self.assertEqual((sender, recipients, overTLS), (SENDER, [RECIPIENT], True))
         self.assertTrue(data.endswith(MESSAGE))
-
-
-def smtplibSession(port, context, implicit, actions):
-    """
-    A blocking smtplib session over TLS; C{actions(client)} does the work.
-    """
-    if implicit:
-        client = smtplib.SMTP_SSL("localhost", port, context=context, timeout=10)
-    else:
-        client = smtplib.SMTP("localhost", port, timeout=10)
-    try:
-        client.ehlo("mijnbedrijf.nl")
-        if not implicit:
-            client.starttls(context=context)
-            client.ehlo("mijnbedrijf.nl")
-        return actions(client)
-    finally:
-        client.close()
-
-
-def tryExternal(client):
-    """
-    AUTH EXTERNAL as the certificate's own account: the reply, and whether
-    EXTERNAL was advertised.
-    """
-    offered = "EXTERNAL" in client.esmtp_features.get("auth", "").split()
-    return client.docmd("AUTH", "EXTERNAL ="), offered
 
 
 class RequestedCertificateTests(unittest.TestCase):
