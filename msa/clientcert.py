@@ -22,6 +22,7 @@ from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
 
 from msa.interfaces import IMechanismCredentials
+from msa.tls import clientCertificateVerified
 
 
 class ICertificateCredentials(Interface):
@@ -50,8 +51,12 @@ def peerIdentities(transport) -> tuple[str, ...]:
     """
     The identities of the verified client certificate of a TLS transport,
     or C{()} when there is none.  OpenSSL has verified the chain against
-    the listener's client CA before the handshake completed.
+    the listener's client CA before the handshake completed; with
+    C{request}, a certificate that did not verify was let through and
+    identifies no one.
     """
+    if not clientCertificateVerified(transport):
+        return ()
     getPeerCertificate = getattr(transport, "getPeerCertificate", None)
     if getPeerCertificate is None:
         return ()

@@ -49,6 +49,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "client_certificates": ((str,), "off"),
         "client_ca": ((str,), None),
         "client_crl": ((str,), None),
+        "ocsp_response": ((str,), None),
     },
     "accounts": {
         "file": ((str,), None),
@@ -203,6 +204,7 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
         server["server_names"] = names
     for key in ("certificate", "key", "chain", "client_ca", "client_crl"):
         tls[key] = absolute(tls[key])
+    _resolveTLS(path, tls, absolute)
     if tls["client_certificates"] not in ("off", "request", "require"):
         raise ConfigError(
             f"{_where(path, 'tls', 'client_certificates')}: must be off, request "
@@ -303,6 +305,30 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
         raise ConfigError(
             f"{_where(path, 'server', 'max_line_length')}: must be 78 to 65536"
         )
+
+
+def _resolveTLS(path: str | None, tls: dict[str, Any], absolute) -> None:
+    """
+    Check C{[tls] minimum_version} and C{[tls] ocsp_response}.
+    """
+    from msa.tls import MINIMUM_VERSIONS, readOCSPResponse
+
+    if tls["minimum_version"] not in MINIMUM_VERSIONS:
+        raise ConfigError(
+            f"{_where(path, 'tls', 'minimum_version')}: must be "
+            f"{' or '.join(MINIMUM_VERSIONS)}, not {tls['minimum_version']!r}"
+        )
+    tls["ocsp_response"] = absolute(tls["ocsp_response"])
+    if tls["ocsp_response"] is not None:
+        try:
+            readOCSPResponse(tls["ocsp_response"])
+        except OSError as e:
+            raise ConfigError(
+                f"{_where(path, 'tls', 'ocsp_response')}: cannot read "
+                f"{tls['ocsp_response']}: {e.strerror}"
+            ) from e
+        except ValueError as e:
+            raise ConfigError(f"{_where(path, 'tls', 'ocsp_response')}: {e}") from e
 
 
 def _tomlValue(value: Any) -> str:

@@ -175,6 +175,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
         clientCertificates=tlsConfig["client_certificates"],
         clientCAFile=tlsConfig["client_ca"],
         clientCRLFile=tlsConfig["client_crl"],
+        ocspResponseFile=tlsConfig["ocsp_response"],
         **tlsArgs,
     )
 

@@ -180,7 +180,11 @@ class AiosmtpdCore:
     """
 
     def __init__(
-        self, testCase, requireStartTLS: bool = True, clientCA: str | None = None
+        self,
+        testCase,
+        requireStartTLS: bool = True,
+        clientCA: str | None = None,
+        alpnProtocols: list[str] | None = None,
     ):
         from aiosmtpd.controller import Controller
 
@@ -194,6 +198,9 @@ class AiosmtpdCore:
             # Two-way TLS: the core wants the MSA's client certificate.
             context.verify_mode = ssl.CERT_REQUIRED
             context.load_verify_locations(clientCA)
+        if alpnProtocols:
+            # A core that speaks ALPN (selects when a client offers).
+            context.set_alpn_protocols(alpnProtocols)
         self.messages: list = []
         self.port = freePort()
         self._lock = threading.Lock()

@@ -54,14 +54,14 @@ class ClientPKI:
     A client CA and certificates for two companies, one of them revoked.
     """
 
-    def __init__(self, directory):
+    def __init__(self, directory, caName="Test Client CA"):
         os.makedirs(directory, exist_ok=True)
         self.directory = directory
         self.caKey = ec.generate_private_key(ec.SECP256R1())
         self.ca = (
             x509.CertificateBuilder()
-            .subject_name(_name("Test Client CA"))
-            .issuer_name(_name("Test Client CA"))
+            .subject_name(_name(caName))
+            .issuer_name(_name(caName))
             .public_key(self.caKey.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(NOW - datetime.timedelta(minutes=1))
