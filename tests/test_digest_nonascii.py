@@ -30,6 +30,8 @@ import smtplib
 import sys
 
 import attrs
+from puresasl.client import SASLClient
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
@@ -41,9 +43,17 @@ from msa.accounts import (
     readAccounts,
     writeAccounts,
 )
-from msa.sasl.digest_md5 import ha1Variants, parseDirectives, responseValue
+from msa.checkers import AccountChecker
+from msa.sasl import MechanismContext
+from msa.sasl.digest_md5 import (
+    DigestMD5Mechanism,
+    ha1Variants,
+    parseDirectives,
+    responseValue,
+)
 from tests import test_interop_more
 from tests.e2e import MESSAGE, SENDERS, RunningMSA, requireProgram, runProgram
+from tests.test_accounts import DictStore
 from tests.test_interop_more import checkOutboxFile, runWithStdin, writeFile
 
 FROM = "ik@mijnbedrijf.nl"
@@ -214,6 +224,99 @@ class VariantTests(unittest.TestCase):
         self.assertEqual(
             rfcHA1(user, REALM, password), passwordOnlyHA1(user, REALM, password)
         )
+
+
+NONCE = "OA6MG9tEQGm2hh"
+
+
+def respond(user: str, ha1: bytes, charset: bool, encoding: str = "utf-8") -> bytes:
+    """
+    A digest-response from a client that computed C{ha1}, with the user
+    name in C{encoding}.
+    """
+    cnonce, uri = "OA6MHXh6VqTrRk", "smtp/" + REALM
+    response = responseValue(ha1, NONCE, "00000001", cnonce, "auth", uri)
+    text = (
+        f'username="{user}",realm="{REALM}",nonce="{NONCE}",cnonce="{cnonce}",'
+        f'nc=00000001,qop=auth,digest-uri="{uri}",response={response.decode()}'
+    )
+    if charset:
+        text += ",charset=utf-8"
+    return text.encode(encoding)
+
+
+class CheckVariantsTests(unittest.TestCase):
+    """
+    The mechanism and L{AccountChecker} together: every stored variant logs
+    in, nothing else does.
+    """
+
+    def setUp(self):
+        accounts = nonAsciiAccounts()
+        user, password = NON_ASCII[0]
+        old = hashlib.md5(f"old:{REALM}:{password}".encode("latin-1")).hexdigest()
+        accounts["old"] = attrs.evolve(
+            makeAccount("old", password, []), digestHA1={REALM: old}
+        )
+        self.checker = AccountChecker(DictStore(*accounts.values()), threaded=False)
+
+    def login(self, response: bytes):
+        mechanism = DigestMD5Mechanism(
+            MechanismContext(realm=REALM, serverNames=[REALM]),
+            nonceFactory=lambda: NONCE,
+        )
+        mechanism.start(None)
+        credentials = mechanism.respond(response).credentials
+        return credentials, self.checker.requestAvatarId(credentials)
+
+    def test_everyVariant(self):
+        for user, password in NON_ASCII:
+            for ha1 in ha1Variants(user, REALM, password):
+                for charset in (True, False):
+                    credentials, d = self.login(respond(user, ha1, charset))
+                    self.assertEqual(credentials.username, user)
+                    self.assertEqual(self.successResultOf(d), user)
+
+    def test_wrongPassword(self):
+        user, password = NON_ASCII[0]
+        for ha1 in ha1Variants(user, REALM, password + "x"):
+            _, d = self.login(respond(user, ha1, True))
+            self.failureResultOf(d, UnauthorizedLogin)
+
+    def test_otherUsersVariant(self):
+        """
+        The variants are per account: one account's H(A1) does not let a
+        response for another user name in.
+        """
+        user, password = NON_ASCII[0]
+        other, _ = NON_ASCII[1]
+        _, d = self.login(respond(other, ha1Variants(user, REALM, password)[0], True))
+        self.failureResultOf(d, UnauthorizedLogin)
+
+    def test_latin1WithoutCharset(self):
+        """
+        A user name in ISO 8859-1 without charset (what the RFC says a
+        client without charset sends) is read as ISO 8859-1.
+        """
+        user, password = NON_ASCII[0]
+        ha1 = ha1Variants(user, REALM, password)[0]
+        response = respond(user, ha1, False, "iso-8859-1")
+        self.assertIn(b'username="bedrijf-\xeb"', response)
+        credentials, d = self.login(response)
+        self.assertEqual(self.successResultOf(d), user)
+
+    def test_oldAccountEntry(self):
+        """
+        An old single H(A1) (names all ISO 8859-1: the RFC's) still works;
+        it is the only one the account has.
+        """
+        _, password = NON_ASCII[0]
+        ha1 = ha1Variants("old", REALM, password)[0]
+        _, d = self.login(respond("old", ha1, True))
+        self.assertEqual(self.successResultOf(d), "old")
+        utf8 = ha1Variants("old", REALM, password)[-1]
+        _, d = self.login(respond("old", utf8, True))
+        self.failureResultOf(d, UnauthorizedLogin)
 
 
 class StoredVariantsTests(unittest.TestCase):
@@ -560,8 +663,6 @@ class PureSASLTests(ClientFamilyMixin, unittest.TestCase):
     family = staticmethod(utf8HA1)
 
     def session(self, user, password):
-        from puresasl.client import SASLClient
-
         context = self.msa.clientContext()
         smtp = smtplib.SMTP_SSL(
             "localhost", self.msa.implicitPort, context=context, timeout=10
@@ -592,10 +693,6 @@ class PureSASLTests(ClientFamilyMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def submit(self, user, password):
-        try:
-            import puresasl  # noqa: F401
-        except ImportError:
-            requireProgram(self, "pure-sasl (Python package)")
         challenge, response = yield threads.deferToThread(self.session, user, password)
         self.assertNotIn(b"charset", response)
         self.checkFamily(challenge, response, user, password)
