@@ -20,6 +20,10 @@ operator can read and diff it::
       "version": 1
     }
 
+An account whose name or password is not ASCII keeps a list of up to three
+H(A1) per realm instead of one (L{msa.sasl.digest_md5.ha1Variants}: the
+clients convert to ISO 8859-1 differently).
+
 No password is ever stored, but two of these secrets are I{password
 equivalent} for their mechanism: whoever reads C{digestHA1} can log in with
 DIGEST-MD5 for that realm, and whoever reads C{storedKey} and C{serverKey}

@@ -3,7 +3,8 @@ SASL DIGEST-MD5 (RFC 2831), server side, authentication only (qop=auth).
 
 DIGEST-MD5 is obsolete (RFC 6331) but still spoken by curl, swaks, GNU SASL
 and Cyrus clients.  The server never sees the password: the account store
-keeps H(A1) = MD5(username:realm:password) (see L{computeHA1}) and the cred
+keeps H(A1) = MD5(username:realm:password) (see L{computeHA1}; for non-ASCII
+names the few variants real clients compute, L{ha1Variants}) and the cred
 checker hands those 16 raw bytes to L{DigestMD5Credentials.checkHA1}.
 
 The exchange::
@@ -297,7 +298,7 @@ class DigestMD5Credentials:
     def checkHA1(self, ha1: bytes) -> bool:
         """
         @param ha1: the 16 raw bytes of MD5(username:realm:password), as
-            returned by L{computeHA1}.
+            returned by L{computeHA1} or L{ha1Variants}.
         @raise ValueError: if C{ha1} is not 16 bytes long (a hex digest
             passed by mistake).
         @return: L{True} if the client's response was computed from
