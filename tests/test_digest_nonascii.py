@@ -51,7 +51,7 @@ from msa.sasl.digest_md5 import (
     parseDirectives,
     responseValue,
 )
-from tests import test_interop_more
+from tests import test_interop, test_interop_more
 from tests.e2e import MESSAGE, SENDERS, RunningMSA, requireProgram, runProgram
 from tests.test_accounts import DictStore
 from tests.test_interop_more import checkOutboxFile, runWithStdin, writeFile
@@ -487,27 +487,11 @@ class CurlTests(ClientFamilyMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def submit(self, user, password):
         curl = requireProgram(self, "curl")
-        out, err, code = yield runProgram(
-            curl,
-            [
-                "-v",
-                "-sS",
-                "--url",
-                f"smtps://localhost:{self.msa.implicitPort}",
-                "--cacert",
-                self.msa.certFile,
-                "--login-options",
-                "AUTH=DIGEST-MD5",
-                "-u",
-                f"{user}:{password}",
-                "--mail-from",
-                FROM,
-                "--mail-rcpt",
-                TO,
-                "-T",
-                self.messageFile,
-            ],
+        # CurlTests.curlArgs needs only self.msa and self.messageFile.
+        args = test_interop.CurlTests.curlArgs(
+            self, True, "DIGEST-MD5", password, user=user
         )
+        out, err, code = yield runProgram(curl, args)
         self.assertEqual(code, 0, err.decode("utf-8", "replace"))
         lines = [line for line in err.splitlines() if line[:2] in (b"< ", b"> ")]
         challenge, response = b64lines(lines, (b"< ", b"> "))
@@ -523,31 +507,11 @@ class SwaksTests(ClientFamilyMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def submit(self, user, password):
         swaks = requireProgram(self, "swaks")
-        out, err, code = yield runProgram(
-            swaks,
-            [
-                "--server",
-                "localhost",
-                "--port",
-                str(self.msa.implicitPort),
-                "--tls-on-connect",
-                "--tls-verify",
-                "--tls-ca-path",
-                self.msa.certFile,
-                "--auth",
-                "DIGEST-MD5",
-                "--auth-user",
-                user,
-                "--auth-password",
-                password,
-                "--from",
-                FROM,
-                "--to",
-                TO,
-                "--data",
-                "@" + self.messageFile,
-            ],
+        # SwaksTests.swaksArgs needs only self.msa and self.messageFile.
+        args = test_interop.SwaksTests.swaksArgs(
+            self, True, "DIGEST-MD5", "localhost", password, user
         )
+        out, err, code = yield runProgram(swaks, args)
         transcript = out + err
         self.assertEqual(code, 0, transcript.decode("utf-8", "replace"))
         challenge, response = b64lines(

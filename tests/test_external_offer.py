@@ -23,22 +23,34 @@ WITH = "EXTERNAL " + WITHOUT
 NOT_HERE = (504, b"5.5.4 EXTERNAL needs a verified client certificate")
 
 
+def externalMSA(testCase):
+    """
+    The MSA asking for client certificates from a test CA, and a
+    certificate from that CA that the EXTERNAL-only account C{acme} lists.
+
+    @return: the L{RunningMSA}, the L{ClientPKI}, and the certificate, its
+        PEM file and its key's PEM file.
+    """
+    pki = ClientPKI(os.path.abspath(testCase.mktemp()))
+    cert, certFile, keyFile = pki.issue("acme", "NTRNL-12345678")
+    [fingerprint, _] = certificateIdentities(cert)
+    acme = attrs.evolve(
+        makeAccount("acme", "acme pass", ["localhost"], ["EXTERNAL"]),
+        extra={"senders": SENDERS, "certificates": [fingerprint]},
+    )
+    msa = RunningMSA(
+        testCase,
+        tls={"client_certificates": "request", "client_ca": pki.caFile},
+        extraAccounts={"acme": acme},
+    )
+    return msa, pki, (cert, certFile, keyFile)
+
+
 class ExternalOfferTests(unittest.TestCase):
     timeout = 30
 
     def setUp(self):
-        pki = ClientPKI(os.path.abspath(self.mktemp()))
-        cert, self.certFile, self.keyFile = pki.issue("acme", "NTRNL-12345678")
-        [fingerprint, _] = certificateIdentities(cert)
-        acme = attrs.evolve(
-            makeAccount("acme", "acme pass", ["localhost"], ["EXTERNAL"]),
-            extra={"senders": SENDERS, "certificates": [fingerprint]},
-        )
-        self.msa = RunningMSA(
-            self,
-            tls={"client_certificates": "request", "client_ca": pki.caFile},
-            extraAccounts={"acme": acme},
-        )
+        self.msa, _, (_, self.certFile, self.keyFile) = externalMSA(self)
 
     def connect(self, implicit: bool, certificate: bool) -> smtplib.SMTP:
         context = self.msa.clientContext()

@@ -29,10 +29,9 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from msa.accounts import makeAccount
-from msa.clientcert import certificateIdentities
 from tests.e2e import MESSAGE, SENDERS, RunningMSA, requireProgram, runProgram
-from tests.test_clientcert import ClientPKI
 from tests.test_digest_nonascii import NON_ASCII, matchingVariant, nonAsciiAccounts
+from tests.test_external_offer import externalMSA
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "JavaSmtpSasl.java")
 
@@ -194,8 +193,7 @@ class JDKClientCertificateTests(JDKTestsMixin, unittest.TestCase):
     """
 
     def setUp(self):
-        pki = ClientPKI(os.path.abspath(self.mktemp()))
-        cert, certFile, keyFile = pki.issue("acme", "NTRNL-12345678")
+        self.msa, pki, (cert, _, keyFile) = externalMSA(self)
         with open(keyFile, "rb") as f:
             key = serialization.load_pem_private_key(f.read(), None)
         self.p12 = os.path.join(pki.directory, "acme.p12")
@@ -209,16 +207,6 @@ class JDKClientCertificateTests(JDKTestsMixin, unittest.TestCase):
                     serialization.BestAvailableEncryption(b"p12 pass"),
                 )
             )
-        [fingerprint, _] = certificateIdentities(cert)
-        acme = attrs.evolve(
-            makeAccount("acme", "acme pass", ["localhost"], ["EXTERNAL"]),
-            extra={"senders": SENDERS, "certificates": [fingerprint]},
-        )
-        self.msa = RunningMSA(
-            self,
-            tls={"client_certificates": "request", "client_ca": pki.caFile},
-            extraAccounts={"acme": acme},
-        )
 
     @defer.inlineCallbacks
     def test_external(self):
