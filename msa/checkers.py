@@ -92,16 +92,17 @@ class AccountChecker:
                 credentials.checkKeys(storedKey, serverKey), allowed, account
             )
         if IDigestMD5Credentials.providedBy(credentials):
-            ha1 = (
+            variants = (
                 account.digestHA1.get(credentials.realm)
                 if account is not None
                 else None
             )
-            if ha1 is None:
-                allowed, ha1 = False, "00" * 16
-            return self._decide(
-                credentials.checkHA1(bytes.fromhex(ha1)), allowed, account
-            )
+            if not variants:
+                allowed, variants = False, ("00" * 16,)
+            # Each variant is the same password as some real client hashes
+            # it (msa.sasl.digest_md5.ha1Variants); all are checked.
+            matches = [credentials.checkHA1(bytes.fromhex(h)) for h in variants]
+            return self._decide(any(matches), allowed, account)
         if IUsernamePassword.providedBy(credentials):
             password = credentials.password
             if isinstance(password, str):

@@ -245,7 +245,9 @@ class ClientCertificateTests(unittest.TestCase):
         )
         self.assertEqual(asAlice, (535, b"5.7.8 Authentication credentials invalid"))
         noCert = yield threads.deferToThread(self.smtplibExternal, None, None)
-        self.assertEqual(noCert, (535, b"5.7.8 Authentication credentials invalid"))
+        self.assertEqual(
+            noCert, (504, b"5.5.4 EXTERNAL needs a verified client certificate")
+        )
         unlisted = yield threads.deferToThread(
             self.smtplibExternal, self.otherFile, self.otherKey
         )
