@@ -280,16 +280,12 @@ class RequestedCertificateTests(unittest.TestCase):
             reply, offered = yield threads.deferToThread(
                 smtplibSession, port, self.context(msa), implicit, tryExternal
             )
-            # Offering EXTERNAL only with a verified certificate is another
-            # change; either way the certificate identifies no one.
-            if offered:
-                self.assertEqual(
-                    reply, (535, b"5.7.8 Authentication credentials invalid")
-                )
-            else:
-                self.assertEqual(
-                    reply, (504, b"5.5.4 Unrecognized authentication type")
-                )
+            # EXTERNAL is offered only with a verified certificate, and
+            # asking for it anyway is refused without counting as a login.
+            self.assertFalse(offered)
+            self.assertEqual(
+                reply, (504, b"5.5.4 EXTERNAL needs a verified client certificate")
+            )
         files = yield msa.waitForOutbox(2)
         self.assertEqual(len(files), 2)
         logged = [
