@@ -45,15 +45,22 @@ class HandshakeDeadlineTests(unittest.TestCase):
     aborted without a reply: none can be sent in the middle of a handshake.
     """
 
-    def test_starttlsAtEdge(self):
-        h = harness(self, tlsHandshakeTimeout=30)
-        self.assertEqual(h.command(b"STARTTLS"), [b"220 2.0.0 Ready to start TLS"])
+    def assertAbortedAt(self, h: Harness, seconds: float):
+        """
+        Still open 0.1 s before C{seconds} from now, aborted at C{seconds}
+        without a byte written.
+        """
         h.transport.clear()
-        h.clock.advance(29.9)
+        h.clock.advance(seconds - 0.1)
         self.assertFalse(h.transport.disconnecting)
         h.clock.advance(0.1)
         self.assertTrue(h.transport.disconnected)
         self.assertEqual(h.transport.value(), b"")
+
+    def test_starttlsAtEdge(self):
+        h = harness(self, tlsHandshakeTimeout=30)
+        self.assertEqual(h.command(b"STARTTLS"), [b"220 2.0.0 Ready to start TLS"])
+        self.assertAbortedAt(h, 30)
 
     def test_starttlsCompleted(self):
         h = harness(self, tlsHandshakeTimeout=30)
@@ -66,12 +73,7 @@ class HandshakeDeadlineTests(unittest.TestCase):
 
     def test_implicitAtEdge(self):
         h = harness(self, implicitTLS=True, tlsHandshakeTimeout=30)
-        h.transport.clear()
-        h.clock.advance(29.9)
-        self.assertFalse(h.transport.disconnecting)
-        h.clock.advance(0.1)
-        self.assertTrue(h.transport.disconnected)
-        self.assertEqual(h.transport.value(), b"")
+        self.assertAbortedAt(h, 30)
 
     def test_implicitCompleted(self):
         h = harness(self, implicitTLS=True, tlsHandshakeTimeout=30)
@@ -148,13 +150,20 @@ class CommandLineDeadlineTests(unittest.TestCase):
         self.assertEqual(h.clock.seconds(), 60)
         self.assertEqual(replies(h), [COMMAND_TIMEOUT])
 
-    def test_lineCompleted(self):
+    def assertCompletedInTime(self, first: bytes, rest: bytes):
+        """
+        A line sent as C{first}, and C{rest} just before the deadline, is
+        answered, and no deadline is left running.
+        """
         h = harness(self, commandLineTimeout=60)
-        h.send(b"NO")
+        h.send(first)
         h.clock.advance(59.9)
-        self.assertEqual(h.send(b"OP\r\n"), [b"250 2.0.0 Ok"])
+        self.assertEqual(h.send(rest), [b"250 2.0.0 Ok"])
         h.clock.advance(1000)
         self.assertFalse(h.transport.disconnecting)
+
+    def test_lineCompleted(self):
+        self.assertCompletedInTime(b"NO", b"OP\r\n")
 
     def test_nextLineHasItsOwnDeadline(self):
         h = harness(self, commandLineTimeout=60)
@@ -168,12 +177,7 @@ class CommandLineDeadlineTests(unittest.TestCase):
         self.assertEqual(replies(h), [COMMAND_TIMEOUT])
 
     def test_crlfAcrossPackets(self):
-        h = harness(self, commandLineTimeout=60)
-        h.send(b"NOOP\r")
-        h.clock.advance(59)
-        self.assertEqual(h.send(b"\n"), [b"250 2.0.0 Ok"])
-        h.clock.advance(1000)
-        self.assertFalse(h.transport.disconnecting)
+        self.assertCompletedInTime(b"NOOP\r", b"\n")
 
     def test_bareLineFeedEndsNothing(self):
         """
@@ -270,6 +274,15 @@ class DataDeadlineTests(unittest.TestCase):
         h.transport.clear()
         return h
 
+    def assertExpiresIn(self, h: Harness, seconds: float):
+        """
+        Still open 0.1 s before C{seconds} from now, expired at C{seconds}.
+        """
+        h.clock.advance(seconds - 0.1)
+        self.assertFalse(h.transport.disconnecting)
+        h.clock.advance(0.1)
+        self.assertExpired(h)
+
     def assertExpired(self, h: Harness):
         self.assertEqual(replies(h), [DATA_TIMEOUT])
         self.assertTrue(h.transport.disconnecting)
@@ -278,10 +291,7 @@ class DataDeadlineTests(unittest.TestCase):
 
     def test_silentAtEdge(self):
         h = self.inData()
-        h.clock.advance(299.9)
-        self.assertFalse(h.transport.disconnecting)
-        h.clock.advance(0.1)
-        self.assertExpired(h)
+        self.assertExpiresIn(h, 300)
 
     def test_octetsExtendIt(self):
         """
@@ -291,10 +301,7 @@ class DataDeadlineTests(unittest.TestCase):
         h.send(b"x" * 510 + b"\r\n")
         h.clock.advance(100)
         h.send((b"x" * 510 + b"\r\n") * 19)
-        h.clock.advance(209.9)
-        self.assertFalse(h.transport.disconnecting)
-        h.clock.advance(0.1)
-        self.assertExpired(h)
+        self.assertExpiresIn(h, 210)
 
     def test_trickle(self):
         """
@@ -315,10 +322,7 @@ class DataDeadlineTests(unittest.TestCase):
         """
         h = self.inData(maxMessageSize=1024)
         h.send((b"x" * 510 + b"\r\n") * 20)
-        h.clock.advance(300.9)
-        self.assertFalse(h.transport.disconnecting)
-        h.clock.advance(0.1)
-        self.assertExpired(h)
+        self.assertExpiresIn(h, 301)
 
     def test_finishedInTime(self):
         h = self.inData()
