@@ -395,7 +395,8 @@ def _checkBacklog(backlog: int, somaxconn: str = "/proc/sys/net/core/somaxconn")
         return
     if backlog > limit:
         log.warn(
-            "[server] listen_backlog is {backlog}, but the kernel caps it at "
+            "The listen backlog ([server] listen_backlog, default twice "
+            "max_connections) is {backlog}, but the kernel caps it at "
             "net.core.somaxconn = {limit}; raise that (sysctl) for the whole "
             "backlog",
             backlog=backlog,
