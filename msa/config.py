@@ -38,6 +38,12 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "mechanisms": ((list,), ["SCRAM-SHA-256", "DIGEST-MD5", "PLAIN", "LOGIN"]),
         "sasl_realm": ((str,), None),
         "server_names": ((list,), None),
+        "tls_handshake_timeout": ((int, float), 30),
+        "command_line_timeout": ((int, float), 60),
+        "login_timeout": ((int, float), 120),
+        "data_timeout": ((int, float), 300),
+        "data_min_rate": ((int, float), 1024),
+        "listen_backlog": ((int,), None),
     },
     "tls": {
         "certificate": ((str,), None),
@@ -304,6 +310,23 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
     if not 78 <= server["max_line_length"] <= 65536:
         raise ConfigError(
             f"{_where(path, 'server', 'max_line_length')}: must be 78 to 65536"
+        )
+    for key in (
+        "tls_handshake_timeout",
+        "command_line_timeout",
+        "login_timeout",
+        "data_timeout",
+        "data_min_rate",
+    ):
+        if server[key] <= 0:
+            raise ConfigError(f"{_where(path, 'server', key)}: must be positive")
+    if server["listen_backlog"] is None:
+        # Room in the kernel's queue for a burst of twice the connection
+        # limit, so that each connection over it gets its 421 at once.
+        server["listen_backlog"] = max(2 * server["max_connections"], 50)
+    elif server["listen_backlog"] <= 0:
+        raise ConfigError(
+            f"{_where(path, 'server', 'listen_backlog')}: must be positive"
         )
 
 

@@ -11,6 +11,7 @@ the real client's address; a connection without a valid header within
 C{headerTimeout} seconds is closed without a word.
 """
 
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._v1parser import V1Parser
@@ -19,11 +20,12 @@ from twisted.protocols.haproxy._wrapper import (
     HAProxyProtocolWrapper,
     HAProxyWrappingFactory,
 )
-from zope.interface import directlyProvides, providedBy
+from zope.interface import directlyProvides, implementer, providedBy
 
 PREFIX = "haproxy:"
 
 
+@implementer(IHandshakeListener)
 class ProxyHeaderWrapper(HAProxyProtocolWrapper):
     headerTimeout = 10.0
     _started = False
@@ -61,6 +63,15 @@ class ProxyHeaderWrapper(HAProxyProtocolWrapper):
         self.wrappedProtocol.makeConnection(self)
         if remaining:
             self.wrappedProtocol.dataReceived(remaining)
+
+    def handshakeCompleted(self) -> None:
+        """
+        STARTTLS under the PROXY header: TLS wraps this wrapper, so pass the
+        end of the handshake on to the SMTP session (its handshake deadline
+        and its log of the TLS version depend on it).
+        """
+        if self._started and IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
 
     def connectionLost(self, reason) -> None:
         if self._timer is not None and self._timer.active():

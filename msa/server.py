@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from msa import metrics
 from msa.authorization import AuthThrottle
+from msa.deadlines import DeadlineMixin
 from msa.envelope import SessionInfo
 from msa.errors import SMTPReply
 from msa.framing import LineFramer
@@ -58,11 +59,16 @@ class ServerPolicy:
     maxConnections: int = 1000
     maxConnectionsPerClient: int = 20
     idleTimeout: float = 300.0
+    tlsHandshakeTimeout: float = 30.0
+    commandLineTimeout: float = 60.0
+    loginTimeout: float = 120.0
+    dataTimeout: float = 300.0
+    dataMinRate: float = 1024.0
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
 
 
 @implementer(IHandshakeListener)
-class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
+class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin, ESMTP):
     """
     One client connection.  Created by L{SubmissionFactory}.
     """
@@ -98,6 +104,10 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
         )
         self._tls = self.policy.implicitTLS
         self._started = self.factory.reactor.seconds()
+        if self.policy.implicitTLS:
+            # Also for a connection refused below: its 421 waits for the
+            # handshake, and must not wait for ever.
+            self._startHandshakeDeadline()
         registry = self.factory.registry
         registry.add(self)
         if registry.closing:
@@ -135,16 +145,21 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
         ).inc()
         self.sendCode(220, self.greeting())
         self.setTimeout(self.timeout)
+        self._startDeadlines()
 
     def greeting(self) -> bytes:
         return self.host + b" ESMTP"
 
     def timeoutConnection(self) -> None:
+        if self._handshakePending:
+            self._handshakeExpired()
+            return
         self.reply(421, "4.4.2", f"{self.policy.hostname} Error: timeout exceeded")
         self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
+        self._deadlineBytes(data)
         self._framer.feed(data)
         self._processLines()
 
@@ -205,6 +220,7 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
             logout, self._logout = self._logout, None
             logout()
         self.setTimeout(None)
+        self._stopDeadlines()
         duration = self.factory.reactor.seconds() - self._started
         metrics.SESSION_SECONDS.observe(duration)
         log.info(
@@ -218,6 +234,7 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
         """
         The TLS handshake is done (STARTTLS or implicit TLS).
         """
+        self._handshakeDone()
         version, cipher = describeTLS(self.transport)
         self.session.tlsVersion, self.session.tlsCipher = version, cipher
         metrics.TLS_HANDSHAKES.labels(version or "unknown").inc()
@@ -365,6 +382,7 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
         self.transport.startTLS(self.ctx)
         self._tls = True
         self.startedTLS = True
+        self._startHandshakeDeadline()
 
     def smtp_RSET(self, rest: bytes) -> None:
         self._resetTransaction()

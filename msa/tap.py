@@ -7,6 +7,7 @@ L{msa.server.SubmissionFactory} itself.
 """
 
 import os
+import re
 import signal
 
 import attrs
@@ -242,6 +243,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
         scramParameters=store.scramParameters,
     )
     registry = SessionRegistry()
+    _checkBacklog(server["listen_backlog"])
     _SessionShutdown(registry, server["shutdown_grace"]).setServiceParent(top)
     for implicit, key in (
         (False, "starttls_listeners"),
@@ -256,6 +258,11 @@ def buildService(config: Config, reactor=None) -> MultiService:
             maxErrors=server["max_errors"],
             maxAuthFailures=server["max_auth_failures"],
             idleTimeout=server["idle_timeout"],
+            tlsHandshakeTimeout=server["tls_handshake_timeout"],
+            commandLineTimeout=server["command_line_timeout"],
+            loginTimeout=server["login_timeout"],
+            dataTimeout=server["data_timeout"],
+            dataMinRate=server["data_min_rate"],
             maxConnections=server["max_connections"],
             maxConnectionsPerClient=server["max_connections_per_client"],
             mechanisms=tuple(server["mechanisms"]),
@@ -273,7 +280,9 @@ def buildService(config: Config, reactor=None) -> MultiService:
             factory = TLSMemoryBIOFactory(contextFactory, False, factory)
         for description in server[key]:
             proxied, inner = splitDescription(description)
-            endpoint = endpoints.serverFromString(reactor, inner)
+            endpoint = endpoints.serverFromString(
+                reactor, withBacklog(inner, server["listen_backlog"])
+            )
             listenerFactory = factory
             if proxied:
                 listenerFactory = ProxyHeaderFactory(factory, reactor)
@@ -354,3 +363,43 @@ class _AccountWatcher(service.Service):
             signal.signal(signal.SIGHUP, self._previous)
             self._previous = None
         return super().stopService()
+
+
+#: Endpoint types whose description takes C{backlog=}.
+_BACKLOG_TYPES = ("tcp", "tcp6", "unix")
+
+
+def withBacklog(description: str, backlog: int) -> str:
+    """
+    A listener's endpoint description with the listen backlog
+    (C{[server] listen_backlog}) added, so that a burst of connections waits
+    in the kernel's queue instead of being dropped (Twisted's default is
+    50).  An explicit C{backlog=} is kept; C{systemd:} sockets get theirs
+    from the socket unit (C{Backlog=} in C{etc/digipoort-msa.socket}).
+    """
+    parts = re.split(r"(?<!\\):", description)
+    if parts[0] not in _BACKLOG_TYPES or any(
+        p.startswith("backlog=") for p in parts[1:]
+    ):
+        return description
+    return f"{description}:backlog={backlog}"
+
+
+def _checkBacklog(backlog: int, somaxconn: str = "/proc/sys/net/core/somaxconn"):
+    """
+    Say so at start when the kernel will shorten the listen backlog.
+    """
+    try:
+        with open(somaxconn) as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        return
+    if backlog > limit:
+        log.warn(
+            "The listen backlog ([server] listen_backlog, default twice "
+            "max_connections) is {backlog}, but the kernel caps it at "
+            "net.core.somaxconn = {limit}; raise that (sysctl) for the whole "
+            "backlog",
+            backlog=backlog,
+            limit=limit,
+        )

@@ -659,7 +659,7 @@ class SessionLimitTests(unittest.TestCase):
 
     def test_idleTimeout(self):
         clock = Clock()
-        h = Harness(self, idleTimeout=300, clock=clock)
+        h = Harness(self, idleTimeout=300, loginTimeout=1000, clock=clock)
         clock.advance(200)
         h.command(b"NOOP")
         clock.advance(299)
