@@ -225,7 +225,10 @@ def buildService(config: Config, reactor=None) -> MultiService:
     )
     realm = CertificateBindingRealm(
         SubmissionRealm(
-            store, submissionFactory(spool, server["hostname"], serverRules)
+            store,
+            submissionFactory(
+                spool, server["hostname"], serverRules, config["content"]["chain"]
+            ),
         ),
         store,
     )
