@@ -39,7 +39,9 @@ def message(extraHeaders: bytes = b"", body: bytes = b"Hallo\r\n", drop=()) -> b
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
-def multipart(parts: int, boundary: bytes = b"grens") -> bytes:
+def multipart(
+    parts: int, boundary: bytes = b"grens", extraHeaders: bytes = b""
+) -> bytes:
     """
     A multipart/mixed message with C{parts} text parts.
     """
@@ -49,7 +51,7 @@ def multipart(parts: int, boundary: bytes = b"grens") -> bytes:
     )
     body += b"--" + boundary + b"--\r\n"
     return message(
-        b"MIME-Version: 1.0\r\n"
+        extraHeaders + b"MIME-Version: 1.0\r\n"
         b'Content-Type: multipart/mixed; boundary="' + boundary + b'"\r\n',
         body,
     )
