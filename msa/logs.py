@@ -168,7 +168,9 @@ class FlatJSONObserver:
             own[name] = _jsonValue(value)
         self._remember(line, own)
         line["namespace"] = namespace
-        line["text"] = formatEvent(event)
+        line["text"] = formatEvent(event) or " ".join(
+            str(part) for part in event.get("message", ())
+        )
         line.update(own)
         if failure is not None:
             line["traceback"] = failure.getTraceback()
