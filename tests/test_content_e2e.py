@@ -57,6 +57,17 @@ def multipart(
     )
 
 
+#: A message without Message-ID, and how the headers policy refuses it.
+NO_MESSAGE_ID = (
+    message(drop=[b"Message-ID"]),
+    (
+        550,
+        b"5.6.0 Message refused: exactly one Message-ID: header field is "
+        b"required (RFC 5322 3.6)",
+    ),
+)
+
+
 def send(msa: RunningMSA, data: bytes):
     """
     Submit C{data} over STARTTLS in a thread.
@@ -108,14 +119,7 @@ class ConfiguredPoliciesTests(unittest.TestCase):
             msa,
             [
                 (message(), (250, None)),
-                (
-                    message(drop=[b"Message-ID"]),
-                    (
-                        550,
-                        b"5.6.0 Message refused: exactly one Message-ID: header "
-                        b"field is required (RFC 5322 3.6)",
-                    ),
-                ),
+                NO_MESSAGE_ID,
                 (
                     message(drop=[b"Date"]),
                     (
@@ -234,14 +238,7 @@ class ExampleConfigurationTests(unittest.TestCase):
             msa,
             [
                 (message(), (250, None)),
-                (
-                    message(drop=[b"Message-ID"]),
-                    (
-                        550,
-                        b"5.6.0 Message refused: exactly one Message-ID: header "
-                        b"field is required (RFC 5322 3.6)",
-                    ),
-                ),
+                NO_MESSAGE_ID,
                 (multipart(100), (250, None)),
                 (
                     multipart(101),
