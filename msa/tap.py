@@ -15,12 +15,12 @@ from twisted.application import internet, service
 from twisted.application.service import MultiService
 from twisted.cred.portal import Portal
 from twisted.internet import endpoints
-from twisted.logger import Logger, globalLogPublisher, jsonFileLogObserver
+from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.web.server import Site
 
-from msa import __version__, metrics, tls
+from msa import __version__, logs, metrics, tls
 from msa.accounts import (
     AccountsFileError,
     makeAccount,
@@ -227,7 +227,10 @@ def buildService(config: Config, reactor=None) -> MultiService:
     )
     realm = CertificateBindingRealm(
         SubmissionRealm(
-            store, submissionFactory(spool, server["hostname"], serverRules)
+            store,
+            submissionFactory(
+                spool, server["hostname"], serverRules, config["content"]["chain"]
+            ),
         ),
         store,
     )
@@ -294,8 +297,9 @@ def buildService(config: Config, reactor=None) -> MultiService:
 
 class _JSONLog(service.Service):
     """
-    Every log event also as one JSON object per line in a file, for log
-    shippers (the same as C{twistd --logger msa.logs.jsonLogger}).
+    The MSA's log events (and errors) also as flat JSON objects, one per
+    line, in a file, for log shippers (the same as C{twistd --logger
+    msa.logs.jsonLogger}; fields in L{msa.logs}).
     """
 
     def __init__(self, path: str) -> None:
@@ -305,7 +309,7 @@ class _JSONLog(service.Service):
     def startService(self) -> None:
         super().startService()
         self._file = open(self.path, "a", encoding="utf-8")
-        self._observer = jsonFileLogObserver(self._file, recordSeparator="")
+        self._observer = logs.FlatJSONObserver(self._file)
         globalLogPublisher.addObserver(self._observer)
 
     def stopService(self):
