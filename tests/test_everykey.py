@@ -15,6 +15,7 @@ runs in a few seconds.  Adding a key is adding one L{Row}.
 """
 
 import base64
+import datetime
 import http.client
 import importlib
 import json
@@ -678,6 +679,90 @@ def connectionLimit(env):
             s.close()
 
 
+def _timeoutLine(what: str) -> bytes:
+    return f"421 4.4.2 localhost Error: timeout exceeded ({what})\r\n".encode()
+
+
+def checkHandshakeTimeout(env):
+    """
+    A client that connects to the implicit-TLS port and never starts its
+    handshake is cut off (the 1 s deadline; nothing can be said before TLS,
+    and the MSA aborts the connection, so the close may come as a reset).
+    """
+    with socket.create_connection(("127.0.0.1", env.implicitPort), 10) as s:
+        try:
+            data = s.recv(1024)
+        except ConnectionResetError:
+            data = b""
+        assert data == b"", "expected the connection to be closed"
+
+
+def checkCommandLineTimeout(env):
+    lines = rawLines(env.starttlsPort, 3, b"EHLO partial")
+    assert lines == [b"220 localhost ESMTP\r\n", _timeoutLine("command line")], lines
+
+
+def checkLoginTimeout(env):
+    lines = rawLines(env.starttlsPort, 20, b"EHLO client.test\r\n")
+    assert lines[0] == b"220 localhost ESMTP\r\n", lines
+    assert lines[-1] == _timeoutLine("login"), lines
+
+
+def checkDataTimeout(env):
+    client = login(env)
+    try:
+        assert client.mail(SENDER)[0] == 250
+        assert client.rcpt(RECIPIENT)[0] == 250
+        assert client.docmd("DATA")[0] == 354
+        reply = client.getreply()
+        assert reply == (421, b"4.4.2 localhost Error: timeout exceeded (DATA)"), reply
+    finally:
+        client.close()
+    assert env.msa.outboxFiles() == []
+
+
+def checkListenBacklog(env):
+    """
+    The kernel's accept queue of each listener has the configured length
+    (C{ss} shows it as Send-Q of a listening socket).
+    """
+    import subprocess
+
+    out = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{env.starttlsPort}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out[2] == "77", out
+
+
+def ocspChain(env):
+    from tests.test_tls_daemon import makeChain, ocspResponse
+
+    def make():
+        paths, issuerKey, issuer = makeChain(env.directory)
+        response = ocspResponse(
+            paths["full"],
+            issuer,
+            issuerKey,
+            datetime.datetime.now(datetime.UTC).replace(microsecond=0),
+        )
+        with open(env.path("ocsp.der"), "wb") as f:
+            f.write(response)
+        return paths, env.path("ocsp.der"), response
+
+    return env.memo("ocsp", make)
+
+
+def checkOCSP(env):
+    from tests.test_tls_daemon import stapled
+
+    _, _, response = ocspChain(env)
+    assert stapled(env.implicitPort, False) == response
+    assert stapled(env.starttlsPort, True) == response
+
+
 def policyCheck(*cases: tuple[bytes, tuple[int, bytes] | None]):
     """
     A check submitting each message: L{None} means it is queued, else the
@@ -772,6 +857,23 @@ ROWS: list[Row] = [
     Row("server.max_errors", 3, checkErrors, "limits"),
     Row("server.max_auth_failures", 2, checkAuthFailures, "limits"),
     Row("server.idle_timeout", 1, checkIdleTimeout, "idle"),
+    Row("server.tls_handshake_timeout", 1, checkHandshakeTimeout, "deadlines"),
+    Row("server.command_line_timeout", 1, checkCommandLineTimeout, "deadlines"),
+    Row("server.login_timeout", 3, checkLoginTimeout, "deadlines"),
+    Row("server.data_timeout", 1, checkDataTimeout, "deadlines"),
+    Row(
+        "server.data_min_rate",
+        4096,
+        group="deadlines",
+        wired=lambda env: env.submissionFactory().policy.dataMinRate,
+        reason="its effect is a rate over time, which tests here must not assert",
+        coveredBy=(
+            "tests.test_deadlines.DataDeadlineTests.test_octetsExtendIt",
+            "tests.test_deadlines.DataDeadlineTests.test_trickle",
+            "tests.test_slowclients.SlowlorisTests.test_trickledMessage",
+        ),
+    ),
+    Row("server.listen_backlog", 77, checkListenBacklog, "limits"),
     Row(
         "server.shutdown_grace",
         7,
@@ -819,6 +921,7 @@ ROWS: list[Row] = [
     Row("tls.ciphers", "ECDHE-ECDSA-AES256-GCM-SHA384", checkCiphers),
     Row("tls.groups", "P-384", checkGroups),
     Row("tls.minimum_version", "TLSv1_3", checkMinimumVersion, "tls13"),
+    Row("tls.ocsp_response", lambda env: ocspChain(env)[1], checkOCSP, "ocsp"),
     Row("tls.client_certificates", "require", checkClientCertificates, "clientcert"),
     Row("tls.client_ca", lambda env: env.pki.caFile, checkClientCA, "clientcert"),
     Row(
@@ -1125,6 +1228,13 @@ ROWS += [
 
 #: What a group needs besides its rows' keys.
 GROUP_BASE: dict[str, Callable[[Env], dict[str, dict]]] = {
+    # OpenSSL staples only for a certificate whose issuer is in the chain.
+    "ocsp": lambda env: {
+        "tls": {
+            "certificate": ocspChain(env)[0]["full"],
+            "key": ocspChain(env)[0]["key"],
+        }
+    },
     # The core's host and port; its name, CA and client certificate are rows.
     "relay2": lambda env: {
         "relay": {
