@@ -25,6 +25,12 @@ from msa.interfaces import (
 from msa.passwordcheck import DUMMY_HASH, PasswordVerifier, unb64, verifyHash
 
 
+def _globalReactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
 def _refused(*ignored: object) -> str:
     raise UnauthorizedLogin(FAILURE_TEXT)
 
@@ -53,11 +59,9 @@ class AccountChecker:
         self._store = store
         self._threaded = threaded
         if verifier is None:
-            if threaded:
-                from twisted.internet import reactor
-            else:
-                reactor = None
-            verifier = PasswordVerifier(verifyHash, reactor=reactor)
+            verifier = PasswordVerifier(
+                verifyHash, reactor=_globalReactor() if threaded else None
+            )
         self._verifier = verifier
 
     def requestAvatarId(self, credentials: object) -> Deferred:
@@ -80,7 +84,7 @@ class AccountChecker:
             account is not None and account.enabled and mechanism in account.mechanisms
         )
         if IScramCredentials.providedBy(credentials):
-            keys = account.scram.get(mechanism) if account is not None else None
+            keys = account.scram.get(mechanism or "") if account is not None else None
             if keys is None:
                 allowed, storedKey, serverKey = False, bytes(32), bytes(32)
             else:
@@ -135,9 +139,14 @@ class SubmissionRealm:
         self._store = store
         self._avatarFactory = avatarFactory
 
-    def requestAvatar(self, avatarId: str | bytes, mind: object, *interfaces: Any):
+    def requestAvatar(
+        self, avatarId: str | bytes | tuple[()], mind: object, *interfaces: Any
+    ):
         if ISubmission not in interfaces:
             raise NotImplementedError("SubmissionRealm only provides ISubmission")
+        if isinstance(avatarId, tuple):
+            # Anonymous: there is no anonymous submission (R4).
+            raise UnauthorizedLogin(FAILURE_TEXT)
         if isinstance(avatarId, bytes):
             avatarId = avatarId.decode("utf-8")
         account = self._store.getAccount(avatarId)

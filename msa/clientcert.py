@@ -43,7 +43,10 @@ def certificateIdentities(certificate: x509.Certificate) -> tuple[str, ...]:
         "sha256:" + hashlib.sha256(certificate.public_bytes(Encoding.DER)).hexdigest()
     ]
     for attribute in certificate.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER):
-        identities.append(f"serialNumber:{attribute.value}")
+        value = attribute.value
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        identities.append(f"serialNumber:{value}")
     return tuple(identities)
 
 

@@ -195,6 +195,7 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
         return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
 
     state = absolute(server["state_dir"])
+    assert state is not None  # the schema gives state_dir a default
     server["state_dir"] = state
     server["sasl_realm"] = server["sasl_realm"] or server["hostname"]
     if not server["server_names"]:

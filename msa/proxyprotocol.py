@@ -12,7 +12,7 @@ C{headerTimeout} seconds is closed without a word.
 """
 
 from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
@@ -20,6 +20,7 @@ from twisted.protocols.haproxy._wrapper import (
     HAProxyProtocolWrapper,
     HAProxyWrappingFactory,
 )
+from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 PREFIX = "haproxy:"
@@ -60,7 +61,9 @@ class ProxyHeaderWrapper(HAProxyProtocolWrapper):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._started = True
-        self.wrappedProtocol.makeConnection(self)
+        # A ProtocolWrapper is its wrapped protocol's transport (as in
+        # twisted.protocols.policies); Twisted's stubs do not say so.
+        self.wrappedProtocol.makeConnection(self)  # type: ignore[arg-type]
         if remaining:
             self.wrappedProtocol.dataReceived(remaining)
 
@@ -73,7 +76,7 @@ class ProxyHeaderWrapper(HAProxyProtocolWrapper):
         if self._started and IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self._started:
@@ -83,7 +86,7 @@ class ProxyHeaderWrapper(HAProxyProtocolWrapper):
 
 
 class ProxyHeaderFactory(HAProxyWrappingFactory):
-    protocol = ProxyHeaderWrapper
+    protocol = ProxyHeaderWrapper  # type: ignore[assignment]  # a subclass
 
     def __init__(self, wrappedFactory, reactor) -> None:
         super().__init__(wrappedFactory)

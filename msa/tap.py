@@ -9,12 +9,14 @@ L{msa.server.SubmissionFactory} itself.
 import os
 import re
 import signal
+from typing import Any
 
 import attrs
 from twisted.application import internet, service
 from twisted.application.service import MultiService
 from twisted.cred.portal import Portal
 from twisted.internet import endpoints
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -279,16 +281,17 @@ def buildService(config: Config, reactor=None) -> MultiService:
             authThrottle=serverRules.throttle,
             reactor=reactor,
         )
+        served: IProtocolFactory = factory
         if implicit:
-            factory = TLSMemoryBIOFactory(contextFactory, False, factory)
+            served = TLSMemoryBIOFactory(contextFactory, False, factory)
         for description in server[key]:
             proxied, inner = splitDescription(description)
             endpoint = endpoints.serverFromString(
                 reactor, withBacklog(inner, server["listen_backlog"])
             )
-            listenerFactory = factory
+            listenerFactory = served
             if proxied:
-                listenerFactory = ProxyHeaderFactory(factory, reactor)
+                listenerFactory = ProxyHeaderFactory(served, reactor)
             listener = internet.StreamServerEndpointService(endpoint, listenerFactory)
             listener._raiseSynchronously = True
             listener.setServiceParent(top)
@@ -304,13 +307,14 @@ class _JSONLog(service.Service):
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._observer = None
+        self._observer: logs.FlatJSONObserver | None = None
 
     def startService(self) -> None:
         super().startService()
         self._file = open(self.path, "a", encoding="utf-8")
-        self._observer = logs.FlatJSONObserver(self._file)
-        globalLogPublisher.addObserver(self._observer)
+        observer = logs.FlatJSONObserver(self._file)
+        globalLogPublisher.addObserver(observer)
+        self._observer = observer
 
     def stopService(self):
         if self._observer is not None:
@@ -345,7 +349,7 @@ class _AccountWatcher(service.Service):
         self.store = store
         self.interval = interval
 
-    _previous = None
+    _previous: Any = None
 
     def startService(self) -> None:
         super().startService()

@@ -15,10 +15,11 @@ import datetime
 import ipaddress
 import os
 import weakref
+from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
@@ -274,7 +275,7 @@ class _HardenedOptions(ssl.CertificateOptions):
         *args,
         groups: str = DEFAULT_GROUPS,
         crlFile: str | None = None,
-        clientCAs: list[crypto.X509] = (),
+        clientCAs: Sequence[crypto.X509] = (),
         requestOnly: bool = False,
         ocsp: "_OCSPStaple | None" = None,
         **kwargs,
@@ -286,8 +287,8 @@ class _HardenedOptions(ssl.CertificateOptions):
         self._requestOnly = requestOnly
         self._ocsp = ocsp
 
-    def _makeContext(self) -> SSL.Context:
-        context = super()._makeContext()
+    def _makeContext(self, skipCiphers: bool = False) -> SSL.Context:
+        context = super()._makeContext(skipCiphers)
         _hardenContext(context, self._groups)
         for ca in self._clientCAs:
             # The CertificateRequest names them, so that a client holding
@@ -305,6 +306,7 @@ class _HardenedOptions(ssl.CertificateOptions):
             except ValueError:
                 crl = x509.load_der_x509_crl(data)
             store = context.get_cert_store()
+            assert store is not None  # a server context always has one
             store.add_crl(crl)
             store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
         return context
@@ -370,9 +372,10 @@ def serverContextFactory(
     try:
         chain = _readPEMChain(certFile)
         with open(keyFile, "rb") as f:
-            key = crypto.PKey.from_cryptography_key(
-                serialization.load_pem_private_key(f.read(), password=None)
-            )
+            loaded = serialization.load_pem_private_key(f.read(), password=None)
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise ValueError(f"{keyFile}: not an ECDSA or RSA private key")
+        key = crypto.PKey.from_cryptography_key(loaded)
         if chainFile:
             chain += _readPEMChain(chainFile)
     except (OSError, ValueError) as e:
