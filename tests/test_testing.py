@@ -308,7 +308,6 @@ class AccountTests(unittest.TestCase):
         """
         spool = MemorySpool()
         realm = memoryRealm(spool, users=["alice", "bob"], extras={"bob": {}})
-
         _, alice, _ = realm.requestAvatar("alice", None, ISubmission)
         self.assertIsInstance(alice, Submission)
         self.assertTrue(alice.rules.senders.matches("ik@mijnbedrijf.nl"))
