@@ -9,10 +9,11 @@ import os
 import re
 import smtplib
 import ssl
+import unittest as pyunit
 
 import attrs
 from twisted.internet import endpoints, threads
-from twisted.trial import unittest
+from twisted.trial import reporter, unittest
 
 from msa.accounts import makeAccount, writeAccounts
 from msa.tls import ensureSelfSignedCertificate
@@ -44,10 +45,11 @@ def pythonBlocks() -> list[str]:
 class EmbeddingExampleTests(unittest.TestCase):
     def test_examplesFound(self):
         """
-        The README has a Python example to run (if it moves, this test must
-        follow it rather than pass on nothing).
+        The README has two Python examples to run, the embedding one and
+        the L{msa.testing} one, and each is run by a test below (if they
+        move, these tests must follow them rather than pass on nothing).
         """
-        self.assertEqual(len(pythonBlocks()), 1)
+        self.assertEqual(len(pythonBlocks()), 2)
 
     def test_embeddingExampleServesASubmission(self):
         """
@@ -55,7 +57,7 @@ class EmbeddingExampleTests(unittest.TestCase):
         directory and its port at a free one, accepts a message over
         STARTTLS with AUTH PLAIN and spools it.
         """
-        (code,) = pythonBlocks()
+        code = pythonBlocks()[0]
         base = os.path.abspath(self.mktemp())
         os.makedirs(base)
         cert, key = ensureSelfSignedCertificate(base, "localhost")
@@ -117,3 +119,19 @@ class EmbeddingExampleTests(unittest.TestCase):
             self.assertEqual(len(spool.pending()), 1)
 
         return d.addCallback(check)
+
+    def test_testingExamplePasses(self):
+        """
+        The L{msa.testing} example's test case passes, running both of its
+        tests.
+        """
+        code = pythonBlocks()[1]
+        namespace: dict = {}
+        exec(compile(code, "README.rst", "exec"), namespace)
+        suite = pyunit.defaultTestLoader.loadTestsFromTestCase(
+            namespace["SubmissionTests"]
+        )
+        result = reporter.TestResult()
+        suite.run(result)
+        self.assertEqual(result.testsRun, 2)
+        self.assertTrue(result.wasSuccessful(), result.errors + result.failures)
