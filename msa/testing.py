@@ -474,11 +474,12 @@ class Harness:
 
     def startTLS(self) -> list[bytes]:
         """
-        STARTTLS, then EHLO again.
+        STARTTLS, the (simulated) end of the TLS handshake, then EHLO again.
 
         @return: the reply to the EHLO after TLS.
         """
         self.command(b"STARTTLS")
+        self.server.handshakeCompleted()
         return self.command(b"EHLO client.example.nl")
 
     def login(
