@@ -421,10 +421,12 @@ class RelayRunner(QueueControl, Service):
         """
         try:
             await defer.maybeDeferred(self.onPermanentFailure, entry, recipients, reply)
-        except Exception:
-            log.failure(
-                "cannot report the failure of {queueId}; kept, retried later",
+        except Exception as e:
+            log.error(
+                "cannot report the failure of {queueId} ({error}); it stays "
+                "queued until the notice is queued",
                 queueId=entry.queueId,
+                error=e,
             )
             return False
         return True
@@ -448,10 +450,12 @@ class RelayRunner(QueueControl, Service):
         queueId = entry.queueId
         try:
             await self._notifyOrRaise(entry, entry.owedNotices, dsn.FAILED)
-        except Exception:
-            log.failure(
-                "cannot queue the failure notice about {queueId}; retry later",
+        except Exception as e:
+            log.error(
+                "cannot queue the failure notice about {queueId} ({error}); "
+                "retry later",
                 queueId=queueId,
+                error=e,
             )
             now = self._reactor.seconds()
             entry.nextAttempt = now + self._noticeDelay(queueId)
@@ -528,11 +532,12 @@ class RelayRunner(QueueControl, Service):
         """
         try:
             return await self._notifyOrRaise(entry, recipients, action)
-        except Exception:
-            log.failure(
-                "cannot queue the {action} DSN about {queueId}",
+        except Exception as e:
+            log.error(
+                "cannot queue the {action} DSN about {queueId}: {error}",
                 action=action,
                 queueId=entry.queueId,
+                error=e,
             )
             return False
 

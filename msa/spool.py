@@ -301,7 +301,15 @@ class SpoolWriter:
         ("mail system full", RFC 3463); on any other error 451 4.3.0.
         """
         self._done = True
-        log.failure("cannot commit {queueId}", failure, queueId=self.queueId)
+        if failure.check(OSError):
+            # The disk's answer (ENOSPC, EIO...): expected, no traceback.
+            log.error(
+                "cannot commit {queueId}: {error}",
+                queueId=self.queueId,
+                error=failure.value,
+            )
+        else:
+            log.failure("cannot commit {queueId}", failure, queueId=self.queueId)
         self._closeQuietly()
         _discard(self._msgPath)
         _discard(self._statePath)

@@ -93,6 +93,7 @@ class RunningMSA:
         extraAccounts: dict | None = None,
         logging: dict | None = None,
         metrics: dict | None = None,
+        spool: dict | None = None,
     ):
         self.testCase = testCase
         self.directory = os.path.abspath(testCase.mktemp())
@@ -120,6 +121,8 @@ class RunningMSA:
             sections["logging"] = logging
         if metrics:
             sections["metrics"] = metrics
+        if spool:
+            sections["spool"] = spool
         self.configFile = os.path.join(self.directory, "msa.toml")
         writeConfig(self.configFile, sections)
         writeAccounts(
