@@ -291,9 +291,9 @@ class DownstreamServer:
         self._port = None
         self._protocols: list[_ServerProtocol] = []
 
-    def start(self) -> int:
+    def start(self, port: int = 0) -> int:
         """
-        Listen on 127.0.0.1.
+        Listen on 127.0.0.1, on C{port} (by default one the system picks).
 
         @return: the port number.
         """
@@ -308,10 +308,10 @@ class DownstreamServer:
         factory.buildProtocol = build
         if self.tlsMode == "implicit":
             self._port = reactor.listenSSL(
-                0, factory, self.contextFactory, interface="127.0.0.1"
+                port, factory, self.contextFactory, interface="127.0.0.1"
             )
         else:
-            self._port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+            self._port = reactor.listenTCP(port, factory, interface="127.0.0.1")
         return self._port.getHost().port
 
     def stop(self) -> defer.Deferred:
