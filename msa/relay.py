@@ -320,15 +320,17 @@ class RelayRunner(QueueControl, Service):
     async def _apply(self, entry: SpoolEntry, result: DeliveryResult) -> None:
         """
         Record the outcome of an attempt.  When the core has decided about
-        a recipient (accepted or refused it) and the spool cannot record it,
+        a recipient (accepted or refused it), or the message expires, and
+        the spool cannot record it,
         the entry is held in memory (L{_holdUnremovable}): sending it again
         would deliver it twice.
         """
+        expiring = self._reactor.seconds() - entry.createdAt >= self.maxLifetime
         decided = any(
             result.recipients.get(r) is not None
             and result.recipients[r].status in (ACCEPTED, PERMANENT)
             for r in entry.pendingRecipients()
-        )
+        ) or (expiring and bool(entry.pendingRecipients()))
         try:
             await self._applyResult(entry, result)
         except Exception as e:
@@ -443,9 +445,12 @@ class RelayRunner(QueueControl, Service):
     async def _payNotices(self, entry: SpoolEntry) -> bool:
         """
         Queue the "failed" notices C{entry} owes (an earlier try failed):
-        the entry leaves the queue only once they are durably queued.
+        the entry leaves the queue only once they are durably queued.  If
+        they are not, the entry is rescheduled; if they are but the spool
+        cannot record it, the entry is held (L{_holdUnremovable}), so that
+        the notice is not queued twice.
 
-        @return: whether they are; if not, the entry is rescheduled.
+        @return: whether recipients are still to be delivered now.
         """
         queueId = entry.queueId
         try:
@@ -465,8 +470,14 @@ class RelayRunner(QueueControl, Service):
             return False
         self._noticeTries.pop(queueId, None)
         entry.owedNotices = []
-        if entry.pendingRecipients():
+        try:
+            if not entry.pendingRecipients():
+                self._finish(entry)
+                return False
             self.spool.update(entry)
+        except Exception as e:
+            self._holdUnremovable(entry, e)
+            return False
         return True
 
     def _finish(self, entry: SpoolEntry) -> None:
@@ -489,13 +500,14 @@ class RelayRunner(QueueControl, Service):
         queueId = entry.queueId
         self._unschedule(queueId)
         reason = (
-            f"{queueId}: the core MTA has it, but the spool cannot record that "
+            f"{queueId}: delivered or failed, but the spool cannot record that "
             f"({error}); held, not sent again"
         )
         self.unremovable[queueId] = reason
         log.critical(
-            "SPOOL CANNOT BE CHANGED: {queueId} was accepted or refused by the "
-            "core MTA, but its state cannot be written ({error}).  It is held "
+            "SPOOL CANNOT BE CHANGED: the core MTA accepted or refused {queueId} "
+            "(or its notice is queued), but its state cannot be written "
+            "({error}).  It is held "
             "and never sent again by this process; fix the spool, check the "
             "core for {queueId} and delete it from the queue before a restart.",
             event="unremovable",

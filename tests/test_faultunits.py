@@ -139,6 +139,55 @@ class RelayFaultTests(unittest.TestCase):
         d.callback(allWith(bounce, ACCEPTED, 250, "2.0.0 ok"))
         self.assertEqual(self.spool.pending(), [])
 
+    def test_paidNoticeNotRemovable(self):
+        """
+        The owed notice is finally queued but the original cannot be
+        removed: held, so the notice is not queued a second time.
+        """
+        queueId = self.queue()
+        newMessage = self.spool.newMessage
+
+        def failing(envelope):
+            raise OSError(errno.EIO, "Input/output error")
+
+        self.spool.newMessage = failing
+        self.clock.advance(0)
+        [(entry, _, d)] = self.downstream.calls
+        d.callback(allWith(entry, PERMANENT, 550, "5.1.1 no such user"))
+        self.spool.newMessage = newMessage
+
+        def readOnly(queueId):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        self.spool.remove = readOnly
+        self.clock.advance(3600)
+        self.assertIn(queueId, self.runner.unremovable)
+        self.assertEqual(len(self.bounces()), 1)
+        self.runner.flush()
+        self.clock.advance(DAY)
+        self.assertEqual(len(self.bounces()), 1)
+        [_, (bounce, _, d)] = self.downstream.calls
+        self.assertEqual(bounce.envelope.sender, "")
+        d.callback(allWith(bounce, ACCEPTED, 250, "2.0.0 ok"))
+
+    def test_expiredNotRecorded(self):
+        """
+        The message expires, its notice is queued, and the state cannot be
+        written: held (a retry would expire it again and notify twice).
+        """
+        self.runner.maxLifetime = 0
+        queueId = self.queue()
+        self.clock.advance(0)
+        [(entry, _, d)] = self.downstream.calls
+
+        def full(entry):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.spool.remove = full
+        d.callback(allWith(entry, "temporary", 451, "4.3.0 later"))
+        self.assertIn(queueId, self.runner.unremovable)
+        self.assertEqual(len(self.bounces()), 1)
+
     def test_expiredNoticeOwed(self):
         """
         Expiry whose notice cannot be queued: owed like a refusal.
