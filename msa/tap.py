@@ -43,7 +43,7 @@ from msa.sasl import MechanismContext
 from msa.server import ServerPolicy, SubmissionFactory
 from msa.sessions import SessionRegistry
 from msa.spool import Spool
-from msa.startupchecks import StartupCheckError, runChecks
+from msa.startupchecks import StartupCheckError, checkFileLimit, runChecks
 
 log = Logger()
 
@@ -191,6 +191,8 @@ def buildService(config: Config, reactor=None) -> MultiService:
     runChecks(certFile, tlsConfig["chain"], config["spool"]["directory"])
     spool.recover()
     relay = config["relay"]
+    for problem in checkFileLimit(server["max_connections"], relay["concurrency"]):
+        log.warn("startup check: {problem}", problem=problem)
     runner = RelayRunner(
         spool,
         _downstream(config),
@@ -205,7 +207,11 @@ def buildService(config: Config, reactor=None) -> MultiService:
     runner.setServiceParent(top)
     metrics.watchQueue(spool)
     if config["metrics"]["listen"]:
-        site = Site(metrics.metricsResource(spool, config["metrics"]["health_window"]))
+        site = Site(
+            metrics.metricsResource(
+                spool, config["metrics"]["health_window"], relay=runner
+            )
+        )
         endpoint = endpoints.serverFromString(reactor, config["metrics"]["listen"])
         metricsService = internet.StreamServerEndpointService(endpoint, site)
         metricsService._raiseSynchronously = True

@@ -137,6 +137,9 @@ class MailTransactionMixin:
             mailParams=dict(self._mailParams),
             clientAddress=self.session.clientAddress,
             helo=self.session.helo,
+            # The reactor's clock, as for every other time of the session
+            # (a fake clock in tests: the Received date is reproducible).
+            receivedAt=self.factory.reactor.seconds(),
         )
         try:
             self._message = self._submission.startMessage(self.session, envelope)
