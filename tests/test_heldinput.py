@@ -174,7 +174,6 @@ class FloodWhileLoginDelayedTests(unittest.TestCase):
         msa = RunningMSA(self, server={"auth_delay_base": 2})
         registry = sessionRegistry(msa.service)
         observed = []
-        done = []
 
         def poll():
             for session in registry.sessions:
@@ -200,7 +199,6 @@ class FloodWhileLoginDelayedTests(unittest.TestCase):
                 return first, client.readUntilClosed()
             finally:
                 client.close()
-                done.append(True)
 
         first, replies = yield threads.deferToThread(talk)
         poller.stop()
