@@ -23,8 +23,9 @@ message, and it is the final dot:
     would narrow that window only by the time an fsync takes, would make
     the outcome depend on when the kernel reports the loss, and would drop
     the message of a client that sent its final dot and QUIT without
-    waiting for the reply.  Such a message is logged as accepted, with the
-    client's departure logged beside it.
+    waiting for the reply.  Such a message is logged as accepted like any
+    other.  (While the commit runs the session does not read, so it
+    usually learns that the client left only afterwards.)
 """
 
 from twisted.internet import defer

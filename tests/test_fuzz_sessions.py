@@ -79,6 +79,7 @@ COMMANDS = [
     b"STARTTLS",
     b"BDAT 10 LAST",
     b"QUIT now",
+    b"QUIT",
     b"",
     b".",
     b"..",
@@ -111,7 +112,11 @@ class Step:
         on its known path; L{None} for mutated or random input.
     @ivar body: the message text (wire form, final dot included) sent after
         a 354, for a transaction; its reply is C{bodyExpect}.
+    @ivar bodyExpect: the refusal (code, enhanced status) after the body,
+        or L{None} when the message must be accepted.
     @ivar errors: how many of the replies count towards the error limit.
+    @ivar delivered: the message the core must receive, for an accepted one.
+    @ivar label: names the step in a failure.
     """
 
     data: bytes
@@ -125,15 +130,23 @@ class Step:
 
 @attrs.define
 class Script:
+    """
+    One session: how it reaches SMTP (before TLS, STARTTLS, implicit TLS),
+    then its steps.
+    """
+
     index: int
     mode: str  # "pretls", "starttls", "implicit"
     steps: list[Step]
 
 
 class Generator:
+    """
+    Draws the scripts of a run from one seed.
+    """
+
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
-        self.count = 0
 
     def text(self, length: int) -> bytes:
         rng = self.rng
