@@ -28,6 +28,17 @@ if [ ! -x .venv-scan/bin/sslyze ]; then
     | grep -v '^WARNING: Location' || true
 fi
 
+# nodemailer for its interop test, from the npm registry, into .node-interop/
+# (Node.js and npm come with the machine; Debian's where they do not).
+if ! command -v npm >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+if command -v npm >/dev/null && [ ! -d .node-interop/node_modules/nodemailer ]; then
+  npm install --prefix .node-interop --no-audit --no-fund --silent nodemailer@10 \
+    >/dev/null 2>&1 || echo "run-tests: npm install nodemailer failed"
+fi
+
 # Style and types first: a regression here fails the run like a failed test.
 lint=0
 .venv/bin/ruff check -q . || lint=1

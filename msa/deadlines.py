@@ -44,7 +44,6 @@ L{twisted.internet.task.Clock}.
 
 from twisted.logger import Logger
 
-from msa.serverauth import COMMAND
 from msa.transaction import DATA
 
 log = Logger()
@@ -55,7 +54,7 @@ class DeadlineMixin:
     The deadlines of one L{msa.server.SubmissionServer}; mixed in before
     L{twisted.mail.smtp.ESMTP}, whose C{sendCode} it watches for the 354.
     It uses the server's C{policy}, C{factory.reactor}, C{session},
-    C{mode}, C{reply}, C{_abortMessage}, C{_framer} and C{_submission}.
+    C{mode}, C{reply}, C{_hangUp}, C{_framer} and C{_submission}.
     """
 
     _handshakeTimer = None
@@ -207,7 +206,7 @@ class DeadlineMixin:
         Tell the client 421 4.4.2 and close; a message in progress is
         aborted, so nothing is queued.
         """
-        if self.transport is None or self.transport.disconnecting:
+        if self.transport is None or self.transport.disconnecting or self._hungUp:
             return
         if self._handshakePending:
             # Nothing can be said before the handshake is done.
@@ -223,11 +222,8 @@ class DeadlineMixin:
             seconds=seconds,
             aborted=", message aborted" if self.mode == DATA else "",
         )
-        if self.mode == DATA:
-            self._abortMessage()
-            self.mode = COMMAND
-        self._framer.clear()
         self.reply(
             421, "4.4.2", f"{self.policy.hostname} Error: timeout exceeded ({what})"
         )
-        self.transport.loseConnection()
+        # The server's last word: an open message is dropped, no more input.
+        self._hangUp()

@@ -281,14 +281,14 @@ class AuthenticationMixin:
         self._wait(d)
 
     def _failedReply(self, error: SMTPReply) -> None:
-        if self.transport is None or self.transport.disconnecting:
+        if self._hungUp or self.transport is None or self.transport.disconnecting:
             return
         if self._authFailures >= self.policy.maxAuthFailures:
             self.sendReply(error)
             self.reply(
                 421, "4.7.0", f"{self.policy.hostname} Error: too many failed logins"
             )
-            self.transport.loseConnection()
+            self._hangUp()
             return
         self.protocolError(error.code, error.status, error.text)
 

@@ -273,8 +273,10 @@ class SpoolWriter:
     def _committed(self, _: None) -> str:
         self._done = True
         if self._abortRequested:
-            # The client went away before it could hear the 250: it will
-            # send the message again, so drop this copy.
+            # Whoever asked for the abort will not announce this message.
+            # (The SMTP server never does this: a message whose final dot
+            # arrived is delivered even if its client leaves before the
+            # 250, see msa.transaction.  abort() stays safe at any time.)
             self._spool.remove(self.queueId)
             log.info(
                 "queue id {queueId} dropped: aborted during commit",
