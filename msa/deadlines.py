@@ -48,6 +48,10 @@ from msa.transaction import DATA
 
 log = Logger()
 
+#: Seconds a connection may stay open after the server's last reply (421,
+#: 221) before it is aborted.
+CLOSE_TIMEOUT = 10.0
+
 
 class DeadlineMixin:
     """
@@ -61,6 +65,7 @@ class DeadlineMixin:
     _lineTimer = None
     _loginTimer = None
     _dataTimer = None
+    _closeTimer = None
     _lastByte = b""
     _dataStarted = 0.0
     _dataOctets = 0
@@ -80,9 +85,40 @@ class DeadlineMixin:
         self._loginTimer = self._callLater(self.policy.loginTimeout, self._loginExpired)
 
     def _stopDeadlines(self) -> None:
-        for name in ("_handshakeTimer", "_lineTimer", "_loginTimer", "_dataTimer"):
+        for name in (
+            "_handshakeTimer",
+            "_lineTimer",
+            "_loginTimer",
+            "_dataTimer",
+            "_closeTimer",
+        ):
             self._cancel(getattr(self, name))
             setattr(self, name, None)
+
+    # -- closing ----------------------------------------------------------
+
+    def _startCloseDeadline(self) -> None:
+        """
+        The server has said its last word and closed its side.  Over TLS the
+        close waits for the client's close_notify, which a client may never
+        send: after L{CLOSE_TIMEOUT} seconds the connection is aborted so
+        that it does not hold its slot.
+        """
+        self._stopDeadlines()
+        self._closeTimer = self._callLater(CLOSE_TIMEOUT, self._closeExpired)
+
+    def _closeExpired(self) -> None:
+        self._closeTimer = None
+        if self.transport is not None:
+            log.info(
+                "session {session}: the client did not close within {seconds}s "
+                "of the server's last reply; aborting",
+                event="timeout",
+                deadline="close",
+                session=self.session.sessionId,
+                seconds=CLOSE_TIMEOUT,
+            )
+            self.transport.abortConnection()
 
     # -- TLS handshake --------------------------------------------------
 

@@ -219,6 +219,7 @@ class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin,
             self._abandonMessage("the server closed the session")
         self._resumeReading()
         self.transport.loseConnection()
+        self._startCloseDeadline()
 
     def _pauseReading(self) -> None:
         if not self._paused and self.transport is not None:

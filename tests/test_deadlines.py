@@ -348,3 +348,39 @@ class DataDeadlineTests(unittest.TestCase):
         self.assertEqual(replies(h), [DATA_TIMEOUT])
         self.assertEqual(len(h.spool.committed), 1)
         self.assertTrue(h.spool.writers[1].aborted)
+
+
+class CloseDeadlineTests(unittest.TestCase):
+    """
+    After the server's last reply it closes its side; a client that never
+    completes the close (over TLS: never sends its close_notify) is aborted
+    after L{msa.deadlines.CLOSE_TIMEOUT} seconds instead of holding its slot.
+    """
+
+    def test_afterQuit(self):
+        h = harness(self)
+        self.assertEqual(h.command(b"QUIT"), [b"221 2.0.0 Bye"])
+        self.assertTrue(h.transport.disconnecting)
+        h.clock.advance(9.9)
+        self.assertFalse(h.transport.disconnected)
+        h.clock.advance(0.1)
+        self.assertTrue(h.transport.disconnected)  # abortConnection()
+
+    def test_afterTimeout(self):
+        h = harness(self, commandLineTimeout=60)
+        h.send(b"EHLO")
+        h.clock.advance(60)
+        self.assertEqual(replies(h), [COMMAND_TIMEOUT])
+        h.clock.advance(9.9)
+        self.assertFalse(h.transport.disconnected)
+        h.clock.advance(0.1)
+        self.assertTrue(h.transport.disconnected)  # abortConnection()
+
+    def test_closedInTime(self):
+        """
+        A connection that closes in time cancels the abort.
+        """
+        h = harness(self)
+        h.command(b"QUIT")
+        h.close()
+        self.assertEqual(h.clock.getDelayedCalls(), [])
