@@ -7,7 +7,7 @@ The benchmark's peer: aiosmtpd configured like the MSA, as its own process.
   ``msa.tls.ensureSelfSignedCertificate``).  TLS 1.2 minimum, like the MSA.
 - AUTH required (``auth_required=True``, AUTH only after TLS).  The password
   is checked against an scrypt hash with the parameters the MSA stores
-  (``msa.accounts``: n=2**14, r=8, p=1, same ``maxmem``, 32-byte digest), so
+  (``msa.accounts.passwords``: n=2**14, r=8, p=1, same ``maxmem``, 32-byte digest), so
   both servers pay the same cost per login.  Like the MSA (whose
   ``AccountChecker`` verifies in the reactor's thread pool) the scrypt runs
   in the event loop's default executor, not on the event loop; with
@@ -41,7 +41,7 @@ import threading
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
-# The MSA's parameters (msa/accounts.py: SCRYPT_N, SCRYPT_R, SCRYPT_P, _scrypt).
+# The MSA's parameters (msa/accounts/model.py: SCRYPT_N, SCRYPT_R, SCRYPT_P, _scrypt).
 SCRYPT_N, SCRYPT_R, SCRYPT_P, SCRYPT_LEN = 2**14, 8, 1, 32
 MAX_MESSAGE_SIZE = 52428800
 

@@ -61,8 +61,8 @@ sys.path.insert(0, ROOT)
 
 import attrs  # noqa: E402
 
-from msa.accounts import makeAccount, writeAccounts  # noqa: E402
-from msa.config import writeConfig  # noqa: E402
+from msa.accounts.model import makeAccount, writeAccounts  # noqa: E402
+from msa.service.config import writeConfig  # noqa: E402
 from msa.tls import ensureSelfSignedCertificate  # noqa: E402
 
 PYTHON = sys.executable

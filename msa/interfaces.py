@@ -127,7 +127,7 @@ class IContentPolicy(Interface):
 
     def startMessage(envelope):
         """
-        @return: a per-message L{msa.content.IContentChecker} (the header
+        @return: a per-message L{msa.policy.content.IContentChecker} (the header
             section arrives once, parsed, in C{headersReceived}, then body
             lines, then C{eomReceived}; each may raise
             L{msa.errors.SMTPReply}), or L{None} to skip this message.
@@ -142,7 +142,7 @@ class IAccountStore(Interface):
     def getAccount(name):
         """
         @param name: the account name, L{str}.
-        @return: an L{msa.accounts.Account}, or L{None} when unknown.
+        @return: an L{msa.accounts.model.Account}, or L{None} when unknown.
         """
 
 

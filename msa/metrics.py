@@ -9,7 +9,7 @@ L{metricsResource} on a separate endpoint:
   - C{/health}: 200 when the core MTA accepted a message or answered a
     connection recently (or nothing was waiting to be relayed), else 503;
     always 503 while the relay holds messages the core acknowledged but the
-    spool could not remove (L{msa.relay.RelayRunner.unremovable}).
+    spool could not remove (L{msa.relay.runner.RelayRunner.unremovable}).
 """
 
 import time

@@ -9,9 +9,9 @@ be tested against the real protocol without sockets, disk or wall-clock time.
     commit, to test what a client hears when the disk lets you down.
   - L{MemoryAccountStore}, L{MemoryChecker}, L{memoryRealm} and
     L{memoryPortal}: accounts with plain-text passwords for AUTH PLAIN and
-    LOGIN, behind the real L{msa.checkers.SubmissionRealm} and the real
-    avatar (L{msa.delivery.submissionFactory}).
-  - L{Harness}: one L{msa.server.SubmissionServer} on a string transport
+    LOGIN, behind the real L{msa.accounts.checkers.SubmissionRealm} and the real
+    avatar (L{msa.submission.avatar.submissionFactory}).
+  - L{Harness}: one L{msa.submission.server.SubmissionServer} on a string transport
     that pretends to start TLS, driven by a L{Clock}, with helpers that speak
     SMTP to it and return the reply lines.
 
@@ -49,15 +49,15 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from msa.accounts import FAILURE_TEXT, Account
-from msa.authorization import ServerRules
-from msa.checkers import SubmissionRealm
-from msa.content import ContentPolicyChain
-from msa.delivery import submissionFactory
+from msa.accounts.checkers import SubmissionRealm
+from msa.accounts.model import FAILURE_TEXT, Account
 from msa.envelope import Envelope
 from msa.errors import SMTPReply
 from msa.interfaces import IAccountStore, ISpool, ISpoolWriter
-from msa.server import ServerPolicy, SubmissionFactory, SubmissionServer
+from msa.policy.authorization import ServerRules
+from msa.policy.content import ContentPolicyChain
+from msa.submission.avatar import submissionFactory
+from msa.submission.server import ServerPolicy, SubmissionFactory, SubmissionServer
 
 __all__ = [
     "SENDERS",
@@ -82,7 +82,7 @@ SENDERS = ["@example.nl", "@mijnbedrijf.nl", "@mijn-bedrijf.nl"]
 def commitFailed() -> SMTPReply:
     """
     @return: what the real spool's commit fails with when the disk refuses
-        the message (L{msa.spool.SpoolWriter.commit}), and so what
+        the message (L{msa.queue.spool.SpoolWriter.commit}), and so what
         L{MemorySpool.failNextCommit} fails with by default.
     """
     return SMTPReply(451, "4.3.0", "Cannot queue the message, try again later")
@@ -113,7 +113,7 @@ class StoredMessage(NamedTuple):
 class MemoryWriter:
     """
     One message being written into a L{MemorySpool}, with the contract of
-    L{msa.spool.SpoolWriter}: nothing may be written after L{commit} or
+    L{msa.queue.spool.SpoolWriter}: nothing may be written after L{commit} or
     L{abort}, a second L{commit} fails, L{abort} is safe to call more than
     once and does nothing after a commit, and a failed commit leaves no
     message behind.
@@ -259,7 +259,7 @@ class MemoryChecker:
     Checks the user name and password of AUTH PLAIN and LOGIN against
     plain-text passwords, without the cost of a password hash.  Every
     refusal is the same L{UnauthorizedLogin}, as from the real
-    L{msa.checkers.AccountChecker}.
+    L{msa.accounts.checkers.AccountChecker}.
 
     @ivar users: account name to password.
     """

@@ -1,6 +1,6 @@
 """
 End-to-end fixtures: the whole MSA as C{twistd digipoort-msa} builds it
-(L{msa.tap.buildService} from a real configuration file), listening on
+(L{msa.service.tap.buildService} from a real configuration file), listening on
 loopback ports with real TLS, and an independent downstream SMTP server
 (aiosmtpd, in its own thread) standing in for the Digipoort core MTA.
 """
@@ -16,9 +16,9 @@ import attrs
 from twisted.internet import defer, reactor, task, utils
 from twisted.trial.unittest import SkipTest
 
-from msa.accounts import makeAccount, writeAccounts
-from msa.config import _tomlValue, loadConfig, writeConfig
-from msa.tap import buildService
+from msa.accounts.model import makeAccount, writeAccounts
+from msa.service.config import _tomlValue, loadConfig, writeConfig
+from msa.service.tap import buildService
 from msa.tls import ensureSelfSignedCertificate
 
 USERS = {"alice": "wonderland", "bob": "builder pass"}

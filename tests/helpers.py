@@ -28,7 +28,7 @@ def SimpleRealm(
     spool, hostname, serverRules=None, extras=None, contentPolicy=None, users=("alice",)
 ):
     """
-    The realm of L{memoryPortal}: the real L{msa.checkers.SubmissionRealm}
+    The realm of L{memoryPortal}: the real L{msa.accounts.checkers.SubmissionRealm}
     and avatar over in-memory accounts C{users}.
     """
     return memoryRealm(spool, hostname, users, serverRules, extras, contentPolicy)

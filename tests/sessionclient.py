@@ -9,7 +9,7 @@ import base64
 import socket
 import ssl
 
-from msa.tap import _SessionShutdown
+from msa.service.tap import _SessionShutdown
 
 
 class Closed(Exception):
@@ -114,7 +114,7 @@ class RawSession:
 
 def sessionRegistry(service):
     """
-    The L{msa.sessions.SessionRegistry} of an assembled service.
+    The L{msa.submission.sessions.SessionRegistry} of an assembled service.
     """
     [shutdown] = [s for s in service if isinstance(s, _SessionShutdown)]
     return shutdown.registry

@@ -1,5 +1,5 @@
 """
-Tests for L{msa.accounts}: the accounts file, its store, checker and realm.
+Tests for L{msa.accounts.model}: the accounts file, its store, checker and realm.
 """
 
 import base64
@@ -21,7 +21,9 @@ from twisted.logger import capturedLogs
 from twisted.trial import unittest
 from zope.interface import Interface, implementer
 
-from msa.accounts import (
+from msa.accounts.checkers import AccountChecker, SubmissionRealm
+from msa.accounts.filestore import AccountFile
+from msa.accounts.model import (
     DEFAULT_MECHANISMS,
     Account,
     AccountsFileError,
@@ -32,8 +34,6 @@ from msa.accounts import (
     verifyPassword,
     writeAccounts,
 )
-from msa.accountstore import AccountFile
-from msa.checkers import AccountChecker, SubmissionRealm
 from msa.interfaces import (
     IDigestMD5Credentials,
     IMechanismCredentials,
@@ -410,12 +410,14 @@ class CheckerTests(unittest.TestCase):
         """
         An unknown user's password is still run through scrypt.
         """
-        import msa.passwordcheck
+        import msa.accounts.passwords
 
         calls = []
-        original = msa.passwordcheck._scrypt
+        original = msa.accounts.passwords._scrypt
         self.patch(
-            msa.passwordcheck, "_scrypt", lambda *a: calls.append(a) or original(*a)
+            msa.accounts.passwords,
+            "_scrypt",
+            lambda *a: calls.append(a) or original(*a),
         )
         self.assertRefused(UsernamePassword("nobody", "pw", "PLAIN"))
         self.assertEqual(len(calls), 1)
@@ -601,7 +603,7 @@ class DefaultsTests(unittest.TestCase):
 
 class AuthorizationFieldTests(unittest.TestCase):
     def test_badFieldNamesAccountAndKey(self):
-        from msa.accounts import AccountsFileError, parseAccounts
+        from msa.accounts.model import AccountsFileError, parseAccounts
 
         document = {
             "version": 1,

@@ -13,7 +13,8 @@ import smtplib
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
-from msa import admin, tap
+from msa.admin import command as admin
+from msa.service import tap
 from tests.e2e import RunningMSA
 from tests.test_e2e import submit
 
@@ -210,7 +211,7 @@ class HangupReloadTests(unittest.TestCase):
 
         import attrs
 
-        from msa.accounts import makeAccount, readAccounts, writeAccounts
+        from msa.accounts.model import makeAccount, readAccounts, writeAccounts
 
         msa = RunningMSA(self, accounts={"watch_interval": 3600})
         accounts = readAccounts(msa.accountsFile)

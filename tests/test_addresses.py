@@ -1,11 +1,11 @@
 """
-L{msa.addresses}: MAIL and RCPT arguments, complete addresses only (R8).
+L{msa.submission.addresses}: MAIL and RCPT arguments, complete addresses only (R8).
 """
 
 from twisted.trial import unittest
 
-from msa.addresses import parseMailArgument, parseMailbox, parseRcptArgument
 from msa.errors import SMTPReply
+from msa.submission.addresses import parseMailArgument, parseMailbox, parseRcptArgument
 
 
 class MailboxTests(unittest.TestCase):

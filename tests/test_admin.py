@@ -1,5 +1,5 @@
 """
-Tests for L{msa.admin}, the C{digipoort-msa-admin} program.
+Tests for L{msa.admin.command}, the C{digipoort-msa-admin} program.
 """
 
 import io
@@ -13,11 +13,12 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from msa import admin, controlsocket
-from msa.accounts import readAccounts, verifyPassword, writeAccounts
-from msa.controlsocket import ControlService
+from msa.accounts.model import readAccounts, verifyPassword, writeAccounts
+from msa.admin import command as admin
 from msa.envelope import Envelope
-from msa.spool import Spool
+from msa.queue.spool import Spool
+from msa.service import controlsocket
+from msa.service.controlsocket import ControlService
 from tests.downstream import DownstreamServer
 from tests.e2e import MESSAGE, RunningMSA
 from tests.test_e2e import submit
@@ -332,7 +333,7 @@ class QueueAdminTests(unittest.TestCase):
         try:
             self.msa.service.getServiceNamed("control")
         except KeyError:
-            # msa.tap does not start the control socket (yet): as it would.
+            # msa.service.tap does not start the control socket (yet): as it would.
             control = ControlService(
                 controlsocket.socketPath(self.msa.state), self.runner, self.runner.spool
             )

@@ -8,14 +8,14 @@ import base64
 
 from twisted.trial import unittest
 
-from msa.authorization import (
+from msa.errors import SMTPReply
+from msa.policy.authorization import (
     AccountRules,
     AddressList,
     AuthThrottle,
     RateLimiter,
     ServerRules,
 )
-from msa.errors import SMTPReply
 from tests.helpers import SENDERS, Harness
 
 
@@ -292,7 +292,7 @@ class ContentThroughProtocolTests(unittest.TestCase):
     """
 
     def harness(self, extra=None, policies=()):
-        from msa.contentpolicies import loadPolicies
+        from msa.policy.contentpolicies import loadPolicies
 
         realmArgs = {"contentPolicy": loadPolicies(list(policies))}
         if extra is not None:

@@ -19,8 +19,8 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from msa.accounts import makeAccount
-from msa.clientcert import certificateIdentities
+from msa.accounts.clientcert import certificateIdentities
+from msa.accounts.model import makeAccount
 from tests.e2e import MESSAGE, RunningMSA, requireProgram, runProgram
 
 NOW = datetime.datetime.now(datetime.UTC)

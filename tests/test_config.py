@@ -1,12 +1,12 @@
 """
-L{msa.config}: defaults, paths, and errors that name the file and the key.
+L{msa.service.config}: defaults, paths, and errors that name the file and the key.
 """
 
 import os
 
 from twisted.trial import unittest
 
-from msa.config import ConfigError, loadConfig
+from msa.service.config import ConfigError, loadConfig
 
 
 class ConfigTests(unittest.TestCase):
@@ -107,7 +107,7 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual(config["relay"]["host"], "core-mta.digipoort.example.nl")
         with open(example) as f:
             text = f.read()
-        from msa.config import SCHEMA
+        from msa.service.config import SCHEMA
 
         self.assertEqual(len(config["content"]["chain"]), 2)
         for section, keys in SCHEMA.items():

@@ -1,5 +1,5 @@
 """
-L{msa.content}: the header collector, the built-in content policies, the
+L{msa.policy.content}: the header collector, the built-in content policies, the
 chain that runs them and the loading of policies from the configuration.
 """
 
@@ -8,11 +8,11 @@ import random
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from msa.content import ContentPolicyChain, HeaderCollector, Headers
-from msa.contentpolicies import HeaderPolicy, MimePartsPolicy, loadPolicies
 from msa.envelope import Envelope
 from msa.errors import SMTPReply
 from msa.interfaces import IContentPolicy
+from msa.policy.content import ContentPolicyChain, HeaderCollector, Headers
+from msa.policy.contentpolicies import HeaderPolicy, MimePartsPolicy, loadPolicies
 from tests.example_policy import RequireHeader
 
 ENVELOPE = Envelope(sender="ik@mijnbedrijf.nl", recipients=["b@overheid.nl"])

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_content_e2e -*-
 """
 Content policies (R12) as the daemon applies them: configured in TOML
-(C{[[content.policy]]}), loaded by L{msa.tap.buildService}, and refusing
+(C{[[content.policy]]}), loaded by L{msa.service.tap.buildService}, and refusing
 messages over a real socket with TLS with their exact reply, while a
 message they accept is queued.  Also etc/digipoort-msa.toml itself, with
 only its paths pointed at a temporary directory: the two policies it

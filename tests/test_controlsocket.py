@@ -1,5 +1,5 @@
 """
-Tests for L{msa.controlsocket}: the control socket of the running MSA, its
+Tests for L{msa.service.controlsocket}: the control socket of the running MSA, its
 line protocol and blocking client, against a fake queue runner; and the
 read-only view of the spool files.
 """
@@ -14,10 +14,10 @@ from twisted.internet import defer, reactor, threads
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from msa import controlsocket
-from msa.controlsocket import ControlError, ControlService, ServerNotRunning
 from msa.envelope import Envelope
-from msa.spool import Spool
+from msa.queue.spool import Spool
+from msa.service import controlsocket
+from msa.service.controlsocket import ControlError, ControlService, ServerNotRunning
 
 MESSAGE = (
     b"From: a@example.org\r\n"
@@ -31,7 +31,7 @@ MESSAGE = (
 
 class FakeRunner:
     """
-    The L{msa.relay.RelayRunner} queue methods, recording calls.
+    The L{msa.relay.runner.RelayRunner} queue methods, recording calls.
     """
 
     def __init__(self, ids):

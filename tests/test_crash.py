@@ -34,7 +34,7 @@ import attrs
 from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.trial import unittest
 
-from msa.accounts import makeAccount, writeAccounts
+from msa.accounts.model import makeAccount, writeAccounts
 from tests.downstream import DownstreamServer, _ServerProtocol
 from tests.e2e import MESSAGE, freePort, writeConfig
 from tests.test_e2e import SENDER, splitReceived, submit

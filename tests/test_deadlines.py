@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_deadlines -*-
 """
-The deadlines of L{msa.deadlines} (issue 9, item 9), on a fake clock: the
+The deadlines of L{msa.submission.deadlines} (issue 9, item 9), on a fake clock: the
 TLS handshake, one command line, the login phase and the DATA phase, each at
 and just past its edge, and that bytes trickling in do not move any of them.
 The same deadlines over real sockets: C{tests/test_slowclients.py}.
@@ -354,7 +354,7 @@ class CloseDeadlineTests(unittest.TestCase):
     """
     After the server's last reply it closes its side; a client that never
     completes the close (over TLS: never sends its close_notify) is aborted
-    after L{msa.deadlines.CLOSE_TIMEOUT} seconds instead of holding its slot.
+    after L{msa.submission.deadlines.CLOSE_TIMEOUT} seconds instead of holding its slot.
     """
 
     def test_afterQuit(self):

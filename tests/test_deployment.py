@@ -17,7 +17,7 @@ import attrs
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from msa.accounts import makeAccount, writeAccounts
+from msa.accounts.model import makeAccount, writeAccounts
 from msa.tls import ensureSelfSignedCertificate
 from tests.e2e import MESSAGE, freePort, requireProgram, writeConfig
 from tests.test_e2e import submit

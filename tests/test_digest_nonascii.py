@@ -35,15 +35,15 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from msa import admin
-from msa.accounts import (
+from msa.accounts.checkers import AccountChecker
+from msa.accounts.model import (
     AccountsFileError,
     makeAccount,
     parseAccounts,
     readAccounts,
     writeAccounts,
 )
-from msa.checkers import AccountChecker
+from msa.admin import command as admin
 from msa.sasl import MechanismContext
 from msa.sasl.digest_md5 import (
     DigestMD5Mechanism,

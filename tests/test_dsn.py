@@ -1,5 +1,5 @@
 """
-Tests for L{msa.dsn}: the RFC 3464 report, parsed back with Python's
+Tests for L{msa.queue.dsn}: the RFC 3464 report, parsed back with Python's
 C{email} package, and its queueing in the spool.
 """
 
@@ -10,9 +10,9 @@ import io
 from twisted.internet import task
 from twisted.trial import unittest
 
-from msa import dsn
 from msa.envelope import Envelope
-from msa.spool import PENDING, Spool
+from msa.queue import dsn
+from msa.queue.spool import PENDING, Spool
 
 HEADERS = (
     b"From: Alice <alice@example.com>\r\n"

@@ -2,10 +2,10 @@
 """
 Every configuration key, through the daemon: the keys are read from
 etc/digipoort-msa.toml itself (set or commented out there, plus every key
-of L{msa.config.SCHEMA} and every option of the built-in content policies
+of L{msa.service.config.SCHEMA} and every option of the built-in content policies
 it names), and each must have a row in L{ROWS}.  A row either changes the
 key from its default in a service started from a TOML file
-(L{msa.tap.buildService} via L{tests.e2e.RunningMSA}) and shows the effect
+(L{msa.service.tap.buildService} via L{tests.e2e.RunningMSA}) and shows the effect
 over a real socket, or, for a key whose effect cannot be seen from outside
 in a test (a delay, a retry schedule), reads the value back from the
 running service and names the test that covers the behaviour.
@@ -34,9 +34,9 @@ from OpenSSL import SSL, crypto
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from msa.accounts import makeAccount
-from msa.config import SCHEMA
-from msa.contentpolicies import BUILTIN
+from msa.accounts.model import makeAccount
+from msa.policy.contentpolicies import BUILTIN
+from msa.service.config import SCHEMA
 from msa.tls import ensureSelfSignedCertificate
 from tests.downstream import DownstreamServer
 from tests.e2e import SENDERS, USERS, AiosmtpdCore, RunningMSA, freePort
@@ -363,7 +363,7 @@ def checkHostname(env):
 
 
 def checkStateDir(env):
-    from msa.controlsocket import request
+    from msa.service.controlsocket import request
 
     result = request(os.path.join(env.msa.state, "control.sock"), "list")
     assert isinstance(result, list), result

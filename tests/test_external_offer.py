@@ -13,8 +13,8 @@ import attrs
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from msa.accounts import makeAccount
-from msa.clientcert import certificateIdentities
+from msa.accounts.clientcert import certificateIdentities
+from msa.accounts.model import makeAccount
 from tests.e2e import SENDERS, RunningMSA
 from tests.test_clientcert import ClientPKI
 

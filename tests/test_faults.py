@@ -24,8 +24,8 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from msa.envelope import Envelope
-from msa.relay import RelayRunner, SMTPDownstream
-from msa.spool import FAILED, PENDING, Spool
+from msa.queue.spool import FAILED, PENDING, Spool
+from msa.relay.runner import RelayRunner, SMTPDownstream
 from msa.tls import clientContextFactory
 from tests.downstream import DownstreamServer
 from tests.e2e import MESSAGE, RunningMSA, freePort
@@ -178,7 +178,7 @@ class FileTableTests(unittest.TestCase):
         code = (
             "import resource\n"
             "resource.setrlimit(resource.RLIMIT_NOFILE, (100, 200))\n"
-            "from msa.startupchecks import checkFileLimit\n"
+            "from msa.service.startupchecks import checkFileLimit\n"
             "print(checkFileLimit(1000, 4))\n"
             "print(resource.getrlimit(resource.RLIMIT_NOFILE))\n"
         )

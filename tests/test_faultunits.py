@@ -15,9 +15,9 @@ from twisted.internet import task
 from twisted.trial import unittest
 
 from msa import metrics
-from msa.relay import ACCEPTED, PERMANENT, RelayRunner
-from msa.spool import FAILED, PENDING, Spool
-from msa.startupchecks import checkFileLimit, filesNeeded
+from msa.queue.spool import FAILED, PENDING, Spool
+from msa.relay.runner import ACCEPTED, PERMANENT, RelayRunner
+from msa.service.startupchecks import checkFileLimit, filesNeeded
 from tests.helpers import Harness
 from tests.test_relay import FakeDownstream, allWith, makeEnvelope
 

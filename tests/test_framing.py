@@ -1,11 +1,11 @@
 """
-L{msa.framing}: the line framer and the DATA filter, exhaustively and
+L{msa.submission.framing}: the line framer and the DATA filter, exhaustively and
 without sockets.
 """
 
 from twisted.trial import unittest
 
-from msa.framing import END, DataFilter, LineFramer
+from msa.submission.framing import END, DataFilter, LineFramer
 
 
 def takeAll(framer: LineFramer, maxLength: int = 20) -> list:

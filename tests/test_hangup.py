@@ -1,7 +1,7 @@
 """
 The server's last word is final, and one rule for a client that leaves
 before its 250 (issue 9, items 3 and 13; the rule is in the docstring of
-L{msa.transaction}):
+L{msa.submission.transaction}):
 
   - after the server's 421 (idle timeout in DATA), whatever the client still
     sends is never read: the open message is dropped with its spool file,
@@ -23,7 +23,7 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from msa.spool import SpoolWriter
+from msa.queue.spool import SpoolWriter
 from tests.e2e import RunningMSA
 from tests.helpers import Harness
 from tests.sessionclient import RawSession, sessionRegistry
@@ -134,9 +134,9 @@ class LeftBeforeTheReplyTests(unittest.TestCase):
     """
     The client closes right after its final dot, while the message is being
     committed: the commit completes and the message is delivered (the rule
-    of L{msa.transaction}).  The commit is held until the client has
+    of L{msa.submission.transaction}).  The commit is held until the client has
     closed, so the order is certain.  (While a commit is pending the server
-    does not read, see L{msa.server.MAX_HELD_INPUT}: it learns of the close
+    does not read, see L{msa.submission.server.MAX_HELD_INPUT}: it learns of the close
     afterwards.)
     """
 

@@ -3,7 +3,7 @@ Input while a reply is held (issue 9 item 8): during a failed login's delay
 or a message's commit the session stops reading from the client, so
 pipelined input waits in the kernel and the client's socket, not in the
 MSA's memory; should a transport not pause, more than
-L{msa.server.MAX_HELD_INPUT} held ends the session with 421 4.7.0.  And the
+L{msa.submission.server.MAX_HELD_INPUT} held ends the session with 421 4.7.0.  And the
 DATA path takes each buffered byte a bounded number of times.
 
 Over a real socket against the assembled daemon (100 x 64 KiB sent while
@@ -16,8 +16,8 @@ import base64
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
-from msa.framing import LineFramer
-from msa.server import MAX_HELD_INPUT, SubmissionServer
+from msa.submission.framing import LineFramer
+from msa.submission.server import MAX_HELD_INPUT, SubmissionServer
 from tests.e2e import RunningMSA
 from tests.helpers import Harness
 from tests.sessionclient import RawSession, sessionRegistry

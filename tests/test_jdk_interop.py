@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from msa.accounts import makeAccount
+from msa.accounts.model import makeAccount
 from tests.e2e import MESSAGE, SENDERS, RunningMSA, requireProgram, runProgram
 from tests.test_digest_nonascii import NON_ASCII, matchingVariant, nonAsciiAccounts
 from tests.test_external_offer import externalMSA

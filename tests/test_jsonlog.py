@@ -6,7 +6,7 @@ submission (relayed to a core MTA), a failed login, a message whose content
 policy breaks, and metrics requests; then every line of the file is one flat
 JSON object with the documented fields and nothing of Twisted's internals
 or of the metrics listener's HTTP access log.  Also C{twistd --logger
-msa.logs.jsonLogger}, the same format on standard output.
+msa.service.logs.jsonLogger}, the same format on standard output.
 """
 
 import hashlib
@@ -29,10 +29,10 @@ from twisted.logger import Logger
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from msa import logs
-from msa.accounts import makeAccount, writeAccounts
-from msa.config import writeConfig
+from msa.accounts.model import makeAccount, writeAccounts
 from msa.interfaces import IContentPolicy
+from msa.service import logs
+from msa.service.config import writeConfig
 from tests.downstream import DownstreamServer
 from tests.e2e import MESSAGE, SENDERS, RunningMSA, freePort
 from tests.test_e2e import ROOT, submit
@@ -212,7 +212,7 @@ class JSONFileTests(unittest.TestCase):
 
 class TwistdLoggerTests(unittest.TestCase):
     """
-    C{twistd -n --logger msa.logs.jsonLogger digipoort-msa}: the same lines
+    C{twistd -n --logger msa.service.logs.jsonLogger digipoort-msa}: the same lines
     on standard output, from the real twistd.
     """
 
@@ -248,7 +248,7 @@ class TwistdLoggerTests(unittest.TestCase):
         outPath = os.path.join(directory, "stdout")
         with open(outPath, "wb") as out, open(outPath + ".err", "wb") as err:
             process = subprocess.Popen(
-                [twistd, "-n", "--pidfile=", "--logger", "msa.logs.jsonLogger"]
+                [twistd, "-n", "--pidfile=", "--logger", "msa.service.logs.jsonLogger"]
                 + ["digipoort-msa", "--config", configFile],
                 cwd=directory,
                 env=dict(os.environ, PYTHONPATH=ROOT),
@@ -301,7 +301,7 @@ class ObserverTests(unittest.TestCase):
 
     def test_twistdLogger(self):
         """
-        C{twistd --logger msa.logs.jsonLogger} writes the same lines on
+        C{twistd --logger msa.service.logs.jsonLogger} writes the same lines on
         standard output.
         """
         out = io.StringIO()

@@ -1,12 +1,12 @@
 """
-L{msa.passwordcheck.PasswordVerifier}: the cache of recent successes never
+L{msa.accounts.passwords.PasswordVerifier}: the cache of recent successes never
 lets a wrong or changed password through, and every wrong guess still pays
 the full check.
 """
 
 from twisted.trial import unittest
 
-from msa.passwordcheck import PasswordVerifier, hashPassword, verifyHash
+from msa.accounts.passwords import PasswordVerifier, hashPassword, verifyHash
 
 
 class Clock:

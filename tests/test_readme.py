@@ -15,7 +15,7 @@ import attrs
 from twisted.internet import endpoints, threads
 from twisted.trial import reporter, unittest
 
-from msa.accounts import makeAccount, writeAccounts
+from msa.accounts.model import makeAccount, writeAccounts
 from msa.tls import ensureSelfSignedCertificate
 from tests.e2e import MESSAGE, SENDERS, freePort
 

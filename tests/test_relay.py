@@ -1,5 +1,5 @@
 """
-Tests for L{msa.relay} and L{msa.smtpclient}: the dot-stuffer, delivery to a
+Tests for L{msa.relay.runner} and L{msa.relay.client}: the dot-stuffer, delivery to a
 real downstream over TLS, and the queue runner's retry logic.
 """
 
@@ -10,7 +10,8 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from msa.envelope import Envelope
-from msa.relay import (
+from msa.queue.spool import DELIVERED, FAILED, PENDING, Spool
+from msa.relay.runner import (
     ACCEPTED,
     PERMANENT,
     TEMPORARY,
@@ -22,7 +23,6 @@ from msa.relay import (
     SMTPDownstream,
     dotStuff,
 )
-from msa.spool import DELIVERED, FAILED, PENDING, Spool
 from msa.tls import clientContextFactory
 from tests.downstream import DownstreamServer
 

@@ -14,8 +14,8 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from msa.envelope import Envelope
-from msa.relay import RelayRunner, SMTPDownstream
-from msa.spool import PENDING, Spool
+from msa.queue.spool import PENDING, Spool
+from msa.relay.runner import RelayRunner, SMTPDownstream
 from msa.tls import clientContextFactory
 from tests.downstream import DownstreamServer
 

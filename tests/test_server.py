@@ -1,5 +1,5 @@
 """
-Protocol unit tests of L{msa.server.SubmissionServer} without sockets: the
+Protocol unit tests of L{msa.submission.server.SubmissionServer} without sockets: the
 TLS gate, AUTH error paths, the transaction replies, limits at and past
 their edges, and every Twisted default DESIGN.md lists as wrong for an MSA
 (the docstrings of those tests say which default they pin down).

@@ -29,7 +29,7 @@ from twisted.internet import defer, threads
 from twisted.logger import capturedLogs
 from twisted.trial import unittest
 
-from msa.tap import _checkBacklog, withBacklog
+from msa.service.tap import _checkBacklog, withBacklog
 from tests.e2e import RunningMSA, freePort, requireProgram
 from tests.test_proxy import ProxiedSMTP, proxyV1
 

@@ -1,5 +1,5 @@
 """
-Tests for L{msa.spool}.
+Tests for L{msa.queue.spool}.
 """
 
 import json
@@ -12,7 +12,7 @@ from zope.interface.verify import verifyObject
 from msa.envelope import Envelope
 from msa.errors import SMTPReply
 from msa.interfaces import ISpool, ISpoolWriter
-from msa.spool import (
+from msa.queue.spool import (
     DELIVERED,
     FAILED,
     PENDING,

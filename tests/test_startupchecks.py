@@ -1,5 +1,5 @@
 """
-L{msa.startupchecks}: what stops the start, what only warns.
+L{msa.service.startupchecks}: what stops the start, what only warns.
 """
 
 import datetime
@@ -7,8 +7,12 @@ import os
 
 from twisted.trial import unittest
 
-from msa import tap
-from msa.startupchecks import StartupCheckError, checkCertificate, checkSpoolDirectory
+from msa.service import tap
+from msa.service.startupchecks import (
+    StartupCheckError,
+    checkCertificate,
+    checkSpoolDirectory,
+)
 from tests.e2e import RunningMSA
 from tests.test_tls import makeChain, pem
 

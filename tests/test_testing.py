@@ -14,11 +14,11 @@ from twisted.cred.portal import Portal
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from msa.checkers import SubmissionRealm
-from msa.delivery import Submission, submissionFactory
+from msa.accounts.checkers import SubmissionRealm
 from msa.envelope import Envelope
 from msa.errors import SMTPReply
 from msa.interfaces import IAccountStore, ISpool, ISpoolWriter, ISubmission
+from msa.submission.avatar import Submission, submissionFactory
 from msa.testing import (
     Harness,
     MemoryAccountStore,

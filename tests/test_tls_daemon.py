@@ -35,9 +35,9 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from msa import tls
-from msa.accounts import makeAccount
-from msa.clientcert import certificateIdentities
-from msa.config import ConfigError, loadConfig, writeConfig
+from msa.accounts.clientcert import certificateIdentities
+from msa.accounts.model import makeAccount
+from msa.service.config import ConfigError, loadConfig, writeConfig
 from msa.tls import ensureSelfSignedCertificate
 from tests.e2e import (
     MESSAGE,

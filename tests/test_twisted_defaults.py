@@ -11,8 +11,8 @@ from twisted.mail import smtp
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from msa.framing import DataFilter
-from msa.smtpclient import dotStuff
+from msa.relay.client import dotStuff
+from msa.submission.framing import DataFilter
 from tests.helpers import Harness, TLSStringTransport
 
 

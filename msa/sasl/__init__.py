@@ -1,6 +1,6 @@
 """
 Server-side SASL mechanisms (RFC 4422) as pure state machines: bytes in,
-bytes out, no transport.  The SMTP layer (L{msa.server}) drives them:
+bytes out, no transport.  The SMTP layer (L{msa.submission.server}) drives them:
 
     step = mechanism.start(initialResponse)   # None: no initial response
     while isinstance(step, Challenge):

@@ -21,7 +21,7 @@ class ExternalMechanism:
         return self.respond(initialResponse)
 
     def respond(self, data: bytes) -> Authenticate:
-        from msa.clientcert import CertificateCredentials
+        from msa.accounts.clientcert import CertificateCredentials
 
         if len(data) > MAX_AUTHZID:
             raise malformed("EXTERNAL authorization identity too long")

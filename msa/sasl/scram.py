@@ -21,7 +21,7 @@ the TLS connection: the client sends C{p=tls-exporter} in its gs2 header and
 C{c=} carries base64(gs2 header + channel binding data), which the server
 compares with the data it computed on its own side of the connection
 (L{MechanismContext.channelBindings}, filled per session by the SMTP layer,
-only on TLS 1.3: see L{msa.serverauth}).  No other channel binding type is
+only on TLS 1.3: see L{msa.submission.auth}).  No other channel binding type is
 supported.  Both mechanisms use the same keys (they are per hash function):
 the credentials of either report C{mechanism = "SCRAM-SHA-256"}, for the
 key look-up and the account's allowed mechanisms alike.

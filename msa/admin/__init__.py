@@ -1,0 +1,3 @@
+"""
+The operator command line, digipoort-msa-admin.
+"""

@@ -1,0 +1,402 @@
+"""
+C{digipoort-msa-admin}: manage the accounts file and the mail queue.
+
+    digipoort-msa-admin [--accounts PATH] [--realm REALM]... [--config PATH]
+        accounts add USER [--mechanisms PLAIN,LOGIN,...] [--disabled]
+        accounts passwd USER
+        accounts enable USER | disable USER | remove USER | show USER
+        accounts set USER --mechanisms PLAIN,...
+        accounts list
+    digipoort-msa-admin [--config PATH]
+        queue list | show ID | flush [ID] | delete ID | hold ID | release ID
+
+Passwords are never taken from the command line (where other users could
+see them in the process list): they are asked for twice when standard input
+is a terminal, and otherwise read as one line from standard input.
+
+Without C{--accounts}, or with C{--config}, the accounts file and the
+DIGEST-MD5 realm come from the server configuration (L{msa.service.config}).
+C{--realm} overrides the configured realm; without either it is the host's
+fully qualified name.
+
+C{queue} talks to the running server over its control socket,
+C{<state_dir>/control.sock} (L{msa.service.controlsocket}); the state directory
+comes from the configuration (the built-in defaults without C{--config}).
+When the server is not running, C{list} and C{show} read the spool files
+(read-only) and say so on stderr; C{flush}, C{delete}, C{hold} and
+C{release} fail: the queue belongs to the server's queue runner, and
+changing its files behind its back could race a delivery in progress.
+
+Exit codes: 0 on success, 1 when the command failed (unknown or existing
+account, unreadable file, refused password), 2 for usage errors.
+"""
+
+import argparse
+import getpass
+import json
+import os
+import socket
+import stat
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from msa.accounts.model import (
+    DEFAULT_MECHANISMS,
+    KNOWN_MECHANISMS,
+    Account,
+    AccountsFileError,
+    makeAccount,
+    readAccounts,
+    writeAccounts,
+)
+from msa.admin.fields import FIELDS, applyFields, fieldOptions
+from msa.admin.queue import AdminFailure as _Failed
+from msa.admin.queue import queueCommand
+
+_COMMANDS: dict[str, Callable[["_Command"], int]] = {}
+
+
+def _command(name: str):
+    def register(f: Callable[["_Command"], int]) -> Callable[["_Command"], int]:
+        _COMMANDS[name] = f
+        return f
+
+    return register
+
+
+def _parseMechanisms(text: str) -> frozenset[str]:
+    mechanisms = frozenset(m.strip().upper() for m in text.split(",") if m.strip())
+    if not mechanisms:
+        raise _Failed("--mechanisms needs at least one mechanism", 2)
+    unknown = mechanisms - KNOWN_MECHANISMS
+    if unknown:
+        raise _Failed(
+            "unknown mechanism(s) %s; known: %s"
+            % (",".join(sorted(unknown)), ",".join(sorted(KNOWN_MECHANISMS))),
+            2,
+        )
+    return mechanisms
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="digipoort-msa-admin",
+        description="Manage the accounts of the Digipoort MSA.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--accounts", metavar="PATH", help="the accounts file")
+    parser.add_argument(
+        "--realm",
+        action="append",
+        metavar="REALM",
+        help="DIGEST-MD5 realm to store a secret for (repeatable)",
+    )
+    parser.add_argument("--config", metavar="PATH", help="the server configuration")
+    topics = parser.add_subparsers(
+        dest="topic", required=True, metavar="accounts|queue"
+    )
+    accounts = topics.add_parser("accounts", help="manage accounts")
+    commands = accounts.add_subparsers(dest="command", required=True)
+    add = commands.add_parser("add", help="add an account (password from stdin)")
+    add.add_argument("user")
+    add.add_argument(
+        "--mechanisms",
+        type=str,
+        default=",".join(sorted(DEFAULT_MECHANISMS)),
+        help="comma-separated SASL mechanisms (default: %(default)s)",
+    )
+    add.add_argument("--disabled", action="store_true", help="add it disabled")
+    fieldOptions(add)
+    for name, text in [
+        ("passwd", "set a new password (from stdin)"),
+        ("disable", "refuse logins"),
+        ("enable", "allow logins again"),
+        ("remove", "delete the account"),
+        ("show", "show an account, without secrets"),
+    ]:
+        commands.add_parser(name, help=text).add_argument("user")
+    commands.add_parser("list", help="list the accounts")
+    setter = commands.add_parser("set", help="change an account's settings")
+    setter.add_argument("user")
+    setter.add_argument("--mechanisms", help="comma-separated")
+    fieldOptions(setter)
+    setter.add_argument(
+        "--clear",
+        action="append",
+        default=[],
+        metavar="FIELD",
+        choices=sorted(FIELDS.values()),
+        help="remove a field (repeatable): " + ", ".join(sorted(FIELDS.values())),
+    )
+
+    queue = topics.add_parser("queue", help="inspect and manage the mail queue")
+    queueCommands = queue.add_subparsers(dest="queueCommand", required=True)
+    queueCommands.add_parser("list", help="list the queued messages")
+    for name, text in [
+        ("show", "show a message's envelope, state and headers"),
+        ("delete", "remove a message from the queue (never delivered)"),
+        ("hold", "keep a message from being delivered"),
+        ("release", "let a held message be delivered again"),
+    ]:
+        queueCommands.add_parser(name, help=text).add_argument("id")
+    flush = queueCommands.add_parser("flush", help="try delivery now")
+    flush.add_argument("id", nargs="?", help="only this message")
+    return parser
+
+
+def _loadConfig(path: str | None) -> Any:
+    """
+    @return: the configuration from L{msa.service.config.loadConfig}, or L{None} if
+        that module is not available and no C{path} was asked for.
+    """
+    try:
+        from msa.service.config import loadConfig
+    except ImportError:
+        if path is not None:
+            raise _Failed(
+                "--config needs msa.service.config, which is not available", 2
+            )
+        return None
+    try:
+        return loadConfig(path)
+    except Exception as e:
+        raise _Failed(f"cannot load the configuration: {e}; or give --accounts", 2)
+
+
+def _realms(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list | tuple):
+        return [str(v) for v in value]
+    return []
+
+
+@attrs.define
+class _Command:
+    """
+    One run of the program: its arguments and streams.
+    """
+
+    args: argparse.Namespace
+    path: str
+    realms: list[str]
+    stdin: Any
+    stdout: Any
+    stderr: Any
+
+    def say(self, text: str) -> None:
+        print(text, file=self.stdout)
+
+    def warn(self, text: str) -> None:
+        print(f"digipoort-msa-admin: warning: {text}", file=self.stderr)
+
+    def load(self, missingOK: bool = False) -> dict[str, Account]:
+        if missingOK and not os.path.exists(self.path):
+            return {}
+        try:
+            accounts = readAccounts(self.path)
+        except AccountsFileError as e:
+            raise _Failed(str(e))
+        mode = stat.S_IMODE(os.stat(self.path).st_mode)
+        if mode & 0o077:
+            self.warn(f"{self.path} has mode {mode:04o}; fix it with: chmod 600")
+        return accounts
+
+    def save(self, accounts: dict[str, Account]) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            writeAccounts(self.path, accounts)
+        except OSError as e:
+            raise _Failed(f"{self.path}: cannot write: {e.strerror or e}")
+
+    def account(self, accounts: dict[str, Account]) -> Account:
+        account = accounts.get(self.args.user)
+        if account is None:
+            raise _Failed(f"no account {self.args.user!r} in {self.path}")
+        return account
+
+    def password(self) -> str:
+        if self.stdin.isatty():
+            first = getpass.getpass("Password: ")
+            if first != getpass.getpass("Password again: "):
+                raise _Failed("the passwords differ; nothing changed")
+        else:
+            first = self.stdin.readline().rstrip("\r\n")
+        if not first:
+            raise _Failed("empty password refused; nothing changed")
+        return first
+
+    def update(self, change: Callable[[Account], Account], done: str) -> int:
+        accounts = self.load()
+        account = change(self.account(accounts))
+        accounts[account.name] = account
+        self.save(accounts)
+        self.say(f"{done} account {account.name}")
+        return 0
+
+
+@_command("add")
+def _add(c: _Command) -> int:
+    accounts = c.load(missingOK=True)
+    if c.args.user in accounts:
+        raise _Failed(f"account {c.args.user!r} already exists in {c.path}")
+    mechanisms = _parseMechanisms(c.args.mechanisms)
+    password = c.password()
+    try:
+        account = makeAccount(c.args.user, password, c.realms, mechanisms)
+    except ValueError as e:
+        raise _Failed(str(e))
+    if c.args.disabled:
+        account = attrs.evolve(account, enabled=False)
+    account = applyFields(c.args, account)
+    if "senders" not in account.extra:
+        c.warn(
+            f"{account.name} has no senders yet: every MAIL FROM is refused until "
+            f"accounts set {account.name} --sender ADDRESS"
+        )
+    accounts[account.name] = account
+    c.save(accounts)
+    c.say(f"added account {account.name}")
+    return 0
+
+
+@_command("passwd")
+def _passwd(c: _Command) -> int:
+    c.account(c.load())
+    password = c.password()
+
+    def change(account: Account) -> Account:
+        try:
+            return account.withPassword(password, c.realms)
+        except ValueError as e:
+            raise _Failed(str(e))
+
+    return c.update(change, "new password for")
+
+
+@_command("enable")
+def _enable(c: _Command) -> int:
+    return c.update(lambda a: attrs.evolve(a, enabled=True), "enabled")
+
+
+@_command("disable")
+def _disable(c: _Command) -> int:
+    return c.update(lambda a: attrs.evolve(a, enabled=False), "disabled")
+
+
+@_command("set")
+def _set(c: _Command) -> int:
+    mechanisms = None
+    if c.args.mechanisms is not None:
+        mechanisms = _parseMechanisms(c.args.mechanisms)
+
+    def change(account: Account) -> Account:
+        changed = applyFields(c.args, account)
+        if mechanisms is None:
+            return changed
+        changed = changed.withMechanisms(mechanisms)
+        for missing in _missingSecrets(changed):
+            c.warn(
+                f"{missing} has no secret for {account.name} yet; it will work "
+                f"after: accounts passwd {account.name}"
+            )
+        return changed
+
+    return c.update(change, "changed")
+
+
+@_command("remove")
+def _remove(c: _Command) -> int:
+    accounts = c.load()
+    del accounts[c.account(accounts).name]
+    c.save(accounts)
+    c.say(f"removed account {c.args.user}")
+    return 0
+
+
+@_command("list")
+def _list(c: _Command) -> int:
+    for name, account in sorted(c.load(missingOK=True).items()):
+        state = "enabled" if account.enabled else "disabled"
+        c.say(f"{name}\t{state}\t{','.join(sorted(account.mechanisms))}")
+    return 0
+
+
+def _missingSecrets(account: Account) -> list[str]:
+    missing = []
+    if "DIGEST-MD5" in account.mechanisms and not account.digestHA1:
+        missing.append("DIGEST-MD5")
+    for mechanism in sorted(account.mechanisms):
+        if mechanism.startswith("SCRAM-") and mechanism not in account.scram:
+            missing.append(mechanism)
+    return missing
+
+
+@_command("show")
+def _show(c: _Command) -> int:
+    account = c.account(c.load())
+    c.say(f"name: {account.name}")
+    c.say(f"enabled: {'yes' if account.enabled else 'no'}")
+    c.say(f"mechanisms: {','.join(sorted(account.mechanisms))}")
+    c.say(f"password hash: {'set' if account.passwordHash else 'not set'}")
+    if account.digestHA1:
+        realms = ", ".join(sorted(account.digestHA1))
+        c.say(f"DIGEST-MD5 secret: set for realm(s) {realms}")
+    else:
+        c.say("DIGEST-MD5 secret: not set")
+    for mechanism in sorted(set(account.scram) | {"SCRAM-SHA-256"}):
+        keys = account.scram.get(mechanism)
+        state = f"set ({keys['iterations']} iterations)" if keys else "not set"
+        c.say(f"{mechanism} keys: {state}")
+    for key, value in sorted(account.extra.items()):
+        c.say(f"{key}: {json.dumps(value, sort_keys=True)}")
+    return 0
+
+
+def main(argv: list[str] | None = None, stdout: Any = None, stderr: Any = None) -> int:
+    """
+    Run the program.
+
+    @param argv: the arguments without the program name; C{sys.argv[1:]} if
+        L{None}.
+    @param stdout: where output goes; C{sys.stdout} if L{None}.
+    @param stderr: where errors go; C{sys.stderr} if L{None}.
+    @return: the exit code.
+    """
+    stdout = sys.stdout if stdout is None else stdout
+    stderr = sys.stderr if stderr is None else stderr
+    try:
+        args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        if args.topic == "queue":
+            config = _loadConfig(args.config)
+            if config is None:
+                raise _Failed(
+                    "queue needs msa.service.config, which is not available", 2
+                )
+            return queueCommand(config, args, stdout, stderr)
+        config = None
+        if args.config is not None or args.accounts is None:
+            config = _loadConfig(args.config)
+        path = args.accounts or getattr(config, "accountsFile", None)
+        if not path:
+            raise _Failed("no accounts file configured: give --accounts PATH", 2)
+        realms = args.realm or _realms(getattr(config, "realm", None))
+        command = _Command(
+            args=args,
+            path=os.fspath(path),
+            realms=realms or [socket.getfqdn()],
+            stdin=sys.stdin,
+            stdout=stdout,
+            stderr=stderr,
+        )
+        return _COMMANDS[args.command](command)
+    except _Failed as e:
+        print(f"digipoort-msa-admin: {e}", file=stderr)
+        return e.code

@@ -1,0 +1,207 @@
+"""
+The C{queue} commands of C{digipoort-msa-admin}: list, show, flush, delete,
+hold and release queued messages.  Changes go through the running server's
+control socket (L{msa.service.controlsocket}), so they never race the queue runner;
+with the server stopped, C{list} and C{show} read the spool read-only.
+"""
+
+import argparse
+import os
+import time
+from typing import Any
+
+
+class AdminFailure(Exception):
+    """
+    End the program with a message on stderr and exit code C{code}.
+    """
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_Failed = AdminFailure
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _nextAttempt(item: dict, now: float) -> str:
+    if item.get("held"):
+        return "held"
+    if item.get("inFlight"):
+        return "in flight"
+    value = item.get("nextAttempt")
+    if value is None:
+        return "-"
+    # The runner gives a POSIX time; a small number is a delay.
+    delay = value - now if value > 1e9 else value
+    return "now" if delay <= 0 else "in " + _duration(delay)
+
+
+def _shorten(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _queueTable(items: list[dict], now: float) -> list[str]:
+    from msa.service.controlsocket import summarizeRecipients
+
+    header = (
+        "ID",
+        "AGE",
+        "SIZE",
+        "SENDER",
+        "RECIPIENTS",
+        "ATTEMPTS",
+        "NEXT",
+        "HELD",
+        "LAST ERROR",
+    )
+    rows = [header]
+    for item in items:
+        rows.append(
+            (
+                item["id"],
+                _duration(item.get("age", 0)),
+                str(item.get("size", "")),
+                "<" + _shorten(item.get("sender", ""), 40) + ">",
+                _shorten(summarizeRecipients(item.get("recipients", {})), 60),
+                str(item.get("attempts", 0)),
+                _nextAttempt(item, now),
+                "yes" if item.get("held") else "no",
+                _shorten(item.get("lastError") or "-", 70),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    return [
+        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False))
+        + "  "
+        + row[-1]
+        for row in rows
+    ]
+
+
+def _showLines(shown: dict, now: float) -> list[str]:
+    summary, envelope = shown["summary"], shown["envelope"]
+    lines = [f"id: {summary['id']}"]
+    if "age" in summary:
+        lines += [
+            f"state: {'held' if summary.get('held') else 'queued'}",
+            f"age: {_duration(summary['age'])}",
+            f"size: {summary.get('size')} bytes",
+            f"attempts: {summary.get('attempts', 0)}",
+            f"next attempt: {_nextAttempt(summary, now)}",
+            f"last error: {summary.get('lastError') or '-'}",
+        ]
+    lines.append(f"sender: <{envelope.get('sender', '')}>")
+    statuses = summary.get("recipients") or {}
+    for rcpt in envelope.get("recipients", []):
+        line = f"recipient: <{rcpt}> {statuses.get(rcpt, '?')}"
+        if rcpt in shown.get("errors", {}):
+            line += f" ({shown['errors'][rcpt]})"
+        lines.append(line)
+    params = envelope.get("mailParams") or {}
+    if params:
+        lines.append(
+            "mail parameters: "
+            + " ".join(k if v is None else f"{k}={v}" for k, v in params.items())
+        )
+    lines.append(f"account: {envelope.get('account') or '-'}")
+    lines.append(
+        f"client: {envelope.get('clientAddress') or '-'} "
+        f"(helo {envelope.get('helo') or '-'})"
+    )
+    received = envelope.get("receivedAt")
+    if received:
+        when = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(received))
+        lines.append(f"received at: {when}")
+    lines.append("headers:")
+    lines += ["  " + h for h in shown["headers"]]
+    if shown.get("headersTruncated"):
+        lines.append("  [header section truncated]")
+    return lines
+
+
+_MUTATING = ("flush", "delete", "hold", "release")
+
+
+def queueCommand(config: Any, args: argparse.Namespace, stdout, stderr) -> int:
+    """
+    C{queue ...}: through the control socket of the running MSA; C{list}
+    and C{show} fall back to reading the spool files when it is not
+    running.  The changing commands need the running server: it owns the
+    queue, and changing the files behind a running queue runner's back
+    would race its deliveries (and a missing socket does not prove that no
+    runner is at work).
+    """
+    from msa.queue.spool import Spool
+    from msa.service import controlsocket
+
+    command, queueId = args.queueCommand, getattr(args, "id", None)
+    try:
+        if queueId is not None:
+            queueId = controlsocket.checkQueueId(queueId)
+    except controlsocket.ControlError as e:
+        raise _Failed(str(e), 2)
+    path = controlsocket.socketPath(config["server"]["state_dir"])
+    now = time.time()
+    result: Any
+    try:
+        result = controlsocket.request(path, command, queueId)
+        online = True
+    except controlsocket.ServerNotRunning as e:
+        if command in _MUTATING:
+            raise _Failed(
+                f"{e}: queue {command} needs the running server, which owns the "
+                "queue; start it and try again"
+            )
+        online = False
+    except controlsocket.ControlError as e:
+        raise _Failed(str(e))
+    if not online:
+        print(
+            "digipoort-msa-admin: note: the MSA is not running; "
+            "read from the spool files",
+            file=stderr,
+        )
+        directory = config["spool"]["directory"]
+        if not os.path.isdir(os.path.join(directory, "queue")):
+            if command == "show":
+                raise _Failed(f"no message {queueId} in the queue")
+            result = []
+        else:
+            spool = Spool(directory, reactor=object())
+            try:
+                if queueId is None:
+                    result = controlsocket.describeSpool(spool, now)
+                else:
+                    result = controlsocket.showEntry(spool, queueId)
+            except controlsocket.ControlError as e:
+                raise _Failed(str(e))
+    if command == "list":
+        if not result:
+            print("queue is empty", file=stdout)
+        else:
+            for line in _queueTable(result, now):
+                print(line, file=stdout)
+            print(f"{len(result)} message(s)", file=stdout)
+    elif command == "show":
+        for line in _showLines(result, now):
+            print(line, file=stdout)
+    elif command == "flush":
+        ids = result or []
+        print(
+            f"flushed {len(ids)} message(s)" + (": " + " ".join(ids) if ids else ""),
+            file=stdout,
+        )
+    else:
+        done = {"delete": "deleted", "hold": "held", "release": "released"}[command]
+        print(f"{done} {queueId}", file=stdout)
+    return 0

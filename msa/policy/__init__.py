@@ -1,0 +1,4 @@
+"""
+What an account may do: authorization of senders and recipients, rate limits
+and the failed-login throttle, content policies (R12).
+"""

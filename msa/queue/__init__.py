@@ -1,0 +1,3 @@
+"""
+The durable queue: the spool, delivery status notifications, queue control.
+"""

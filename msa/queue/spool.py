@@ -1,0 +1,489 @@
+"""
+The durable spool: what makes "250 queued as ID" a promise.
+
+Layout under the spool directory::
+
+    tmp/<id>.msg      message being received (never acknowledged)
+    tmp/<id>.json     its state file, written just before the commit
+    queue/<id>.msg    committed message, CRLF line endings, not dot-stuffed
+    queue/<id>.json   committed state: the envelope and per-recipient status
+
+A message is committed when C{queue/<id>.json} exists: the message file is
+fsynced and renamed into C{queue/} first, then the state file, then the
+directory is fsynced.  A crash at any point leaves either nothing the client
+was told about (C{tmp/}, an orphan C{queue/<id>.msg}: both removed by
+L{Spool.recover}) or a complete entry.
+
+The fsyncs of a commit run in the reactor's thread pool (when the reactor has
+one; with a fake reactor such as L{twisted.internet.task.Clock} they run
+synchronously).  The writer's file is not touched by the reactor thread while
+the commit runs.  L{Spool.update} and L{Spool.remove} are synchronous: they
+are small and their ordering with the relay's decisions must be exact.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable
+
+import attrs
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from msa.envelope import Envelope
+from msa.errors import SMTPReply
+from msa.interfaces import ISpool, ISpoolWriter
+
+log = Logger()
+
+PENDING = "pending"
+DELIVERED = "delivered"
+FAILED = "failed"
+
+#: Size of the writer's buffer: at most this much of a message is in memory.
+WRITE_BUFFER = 64 * 1024
+
+
+def _fsyncDirectory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _writeFileSynced(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlinkQuietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _discard(path: str) -> None:
+    """
+    Remove a file that nobody was told about, on a path that must not fail
+    (a refusal already on its way to the client): a disk that refuses even
+    that is logged, and L{Spool.recover} removes the file at the next start.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.error("cannot remove {path}: {e}", path=path, e=e)
+
+
+#: Errors that mean the spool's file system is full (RFC 3463 4.3.1).
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+_lastTimestamp = 0
+
+
+def newQueueId() -> str:
+    """
+    A new queue id: 13 upper-case hex digits of microseconds since the epoch
+    (strictly increasing within this process) and 5 random hex digits, so
+    ids sort by arrival time and do not collide between processes.
+    """
+    global _lastTimestamp
+    now = max(time.time_ns() // 1000, _lastTimestamp + 1)
+    _lastTimestamp = now
+    return f"{now:013X}{secrets.randbits(20):05X}"
+
+
+@attrs.define
+class SpoolEntry:
+    """
+    One committed message as the relay sees it.
+
+    @ivar recipients: recipient address to status (L{PENDING},
+        L{DELIVERED} or L{FAILED}), in RCPT order.
+    @ivar errors: recipient address to the last reply about it.
+    @ivar nextAttempt: POSIX time of the next delivery attempt.
+    @ivar eightBit: whether the message has bytes above 127.
+    @ivar held: put on hold by the operator: never attempted until released.
+    @ivar isBounce: a delivery status notification made by this MSA (never
+        the subject of another one).
+    @ivar delayWarned: a "delayed" notification was sent for it.
+    @ivar owedNotices: failed recipients whose "failed" notification could
+        not be queued yet: the entry stays in the queue until it is.
+    """
+
+    queueId: str
+    envelope: Envelope
+    recipients: dict[str, str]
+    attempts: int = 0
+    nextAttempt: float = 0.0
+    lastError: str = ""
+    createdAt: float = 0.0
+    errors: dict[str, str] = attrs.Factory(dict)
+    eightBit: bool = False
+    messagePath: str = ""
+    size: int = 0
+    held: bool = False
+    isBounce: bool = False
+    delayWarned: bool = False
+    owedNotices: list[str] = attrs.Factory(list)
+
+    def pendingRecipients(self) -> list[str]:
+        return [r for r, status in self.recipients.items() if status == PENDING]
+
+    def toJSON(self) -> dict:
+        return {
+            "version": 1,
+            "queueId": self.queueId,
+            "envelope": self.envelope.toJSON(),
+            "recipients": self.recipients,
+            "errors": self.errors,
+            "attempts": self.attempts,
+            "nextAttempt": self.nextAttempt,
+            "lastError": self.lastError,
+            "createdAt": self.createdAt,
+            "eightBit": self.eightBit,
+            "held": self.held,
+            "isBounce": self.isBounce,
+            "delayWarned": self.delayWarned,
+            "owedNotices": self.owedNotices,
+        }
+
+    @classmethod
+    def fromJSON(cls, data: dict, messagePath: str, size: int) -> SpoolEntry:
+        return cls(
+            queueId=data["queueId"],
+            envelope=Envelope.fromJSON(data["envelope"]),
+            recipients=dict(data["recipients"]),
+            attempts=int(data.get("attempts", 0)),
+            nextAttempt=float(data.get("nextAttempt", 0.0)),
+            lastError=data.get("lastError", ""),
+            createdAt=float(data.get("createdAt", 0.0)),
+            errors=dict(data.get("errors", {})),
+            eightBit=bool(data.get("eightBit", False)),
+            messagePath=messagePath,
+            size=size,
+            held=bool(data.get("held", False)),
+            isBounce=bool(data.get("isBounce", False)),
+            delayWarned=bool(data.get("delayWarned", False)),
+            owedNotices=list(data.get("owedNotices", [])),
+        )
+
+
+def _encodeState(entry: SpoolEntry) -> bytes:
+    return json.dumps(entry.toJSON(), sort_keys=True).encode("utf-8")
+
+
+@implementer(ISpoolWriter)
+class SpoolWriter:
+    """
+    The file of one message being received, in C{tmp/}.  Data goes to the
+    file through a buffer of L{WRITE_BUFFER} bytes, never kept whole.
+
+    @ivar isBounce: set before L{commit} for a delivery status notification.
+    """
+
+    isBounce = False
+
+    def __init__(self, spool: Spool, envelope: Envelope) -> None:
+        self._spool = spool
+        self.envelope = envelope
+        self.queueId = envelope.queueId
+        self._msgPath = os.path.join(spool.tmpDirectory, self.queueId + ".msg")
+        self._statePath = os.path.join(spool.tmpDirectory, self.queueId + ".json")
+        fd = os.open(self._msgPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._file = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
+        self._size = 0
+        self._eightBit = False
+        self._committing = False
+        self._done = False
+        self._abortRequested = False
+
+    def write(self, data: bytes) -> None:
+        """
+        Append C{data} to the message file.
+
+        @raise SMTPReply: 452 when the disk refuses the data.
+        """
+        if self._done or self._committing:
+            raise RuntimeError(f"message {self.queueId} is no longer open")
+        if not self._eightBit and not data.isascii():
+            self._eightBit = True
+        try:
+            self._file.write(data)
+        except OSError as e:
+            log.error(
+                "spool write failed for {queueId}: {e}", queueId=self.queueId, e=e
+            )
+            raise SMTPReply(452, "4.3.1", "Insufficient system storage")
+        self._size += len(data)
+
+    def commit(self) -> defer.Deferred:
+        """
+        Make the message durable; see the module docstring for the order.
+
+        @return: a L{Deferred} firing with the queue id, or failing with
+            L{SMTPReply} 451 when the message could not be made durable.
+        """
+        if self._done or self._committing:
+            return defer.fail(RuntimeError(f"message {self.queueId} already closed"))
+        self._committing = True
+        spool = self._spool
+        entry = SpoolEntry(
+            queueId=self.queueId,
+            envelope=self.envelope,
+            recipients={r: PENDING for r in self.envelope.recipients},
+            createdAt=spool.reactor.seconds(),
+            nextAttempt=spool.reactor.seconds(),
+            eightBit=self._eightBit,
+            isBounce=self.isBounce,
+        )
+        state = _encodeState(entry)
+        d = spool._runBlocking(self._commitBlocking, state)
+        d.addCallbacks(self._committed, self._commitFailed)
+        return d
+
+    def _commitBlocking(self, state: bytes) -> None:
+        """
+        The disk part of L{commit}: runs in a thread.
+        """
+        queueDir = self._spool.queueDirectory
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        _writeFileSynced(self._statePath, state)
+        os.rename(self._msgPath, os.path.join(queueDir, self.queueId + ".msg"))
+        os.rename(self._statePath, os.path.join(queueDir, self.queueId + ".json"))
+        _fsyncDirectory(queueDir)
+
+    def _committed(self, _: None) -> str:
+        self._done = True
+        if self._abortRequested:
+            # Whoever asked for the abort will not announce this message.
+            # (The SMTP server never does this: a message whose final dot
+            # arrived is delivered even if its client leaves before the
+            # 250, see msa.submission.transaction.  abort() stays safe at any time.)
+            self._spool.remove(self.queueId)
+            log.info(
+                "queue id {queueId} dropped: aborted during commit",
+                queueId=self.queueId,
+            )
+            raise SMTPReply(451, "4.3.0", "Message aborted")
+        # The server logs the acceptance (with more detail); this is for
+        # debugging the spool itself.
+        log.debug(
+            "queued {queueId}: {size} bytes from <{sender}> for {count} recipient(s)",
+            queueId=self.queueId,
+            size=self._size,
+            sender=self.envelope.sender,
+            count=len(self.envelope.recipients),
+        )
+        self._spool._notify(self.queueId)
+        return self.queueId
+
+    def _commitFailed(self, failure):
+        """
+        The commit failed: nothing of the message may stay behind and the
+        client hears a 4xx (the message is not queued; it may send it
+        again).  On a full file system (ENOSPC, EDQUOT) that is 452 4.3.1
+        ("mail system full", RFC 3463); on any other error 451 4.3.0.
+        """
+        self._done = True
+        if failure.check(OSError):
+            # The disk's answer (ENOSPC, EIO...): expected, no traceback.
+            log.error(
+                "cannot commit {queueId}: {error}",
+                queueId=self.queueId,
+                error=failure.value,
+            )
+        else:
+            log.failure("cannot commit {queueId}", failure, queueId=self.queueId)
+        self._closeQuietly()
+        _discard(self._msgPath)
+        _discard(self._statePath)
+        queueDir = self._spool.queueDirectory
+        # The order of the renames means a .json in queue/ implies its .msg.
+        _discard(os.path.join(queueDir, self.queueId + ".json"))
+        _discard(os.path.join(queueDir, self.queueId + ".msg"))
+        if isinstance(failure.value, OSError) and failure.value.errno in _FULL:
+            raise SMTPReply(452, "4.3.1", "Insufficient system storage")
+        raise SMTPReply(451, "4.3.0", "Cannot queue the message, try again later")
+
+    def _closeQuietly(self) -> None:
+        """
+        Close the message file, whose data is being thrown away: closing
+        flushes the buffer, which fails again on a full disk (the file
+        descriptor is closed all the same), and must not stop the cleanup.
+        """
+        try:
+            self._file.close()
+        except OSError as e:
+            log.info("discarding the data of {queueId}: {e}", queueId=self.queueId, e=e)
+
+    def abort(self) -> None:
+        """
+        Forget the message.  Safe to call more than once; during a commit,
+        the message is removed as soon as the commit is done and the commit
+        fails instead of announcing it.
+        """
+        if self._done:
+            return
+        if self._committing:
+            self._abortRequested = True
+            return
+        self._done = True
+        self._closeQuietly()
+        _discard(self._msgPath)
+
+
+@implementer(ISpool)
+class Spool:
+    """
+    The queue directory; see the module docstring.
+
+    @param directory: created (mode 0700) if missing.
+    @param reactor: supplies time and the thread pool for the fsyncs.
+    """
+
+    def __init__(self, directory: str, reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.directory = directory
+        self.tmpDirectory = os.path.join(directory, "tmp")
+        self.queueDirectory = os.path.join(directory, "queue")
+        for d in (directory, self.tmpDirectory, self.queueDirectory):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        self._listeners: list[Callable[[str], object]] = []
+
+    def _runBlocking(self, f, *args) -> defer.Deferred:
+        getThreadPool = getattr(self.reactor, "getThreadPool", None)
+        if getThreadPool is None:
+            return defer.maybeDeferred(f, *args)
+        return threads.deferToThreadPool(self.reactor, getThreadPool(), f, *args)
+
+    # Writing side.
+
+    def newMessage(self, envelope: Envelope) -> SpoolWriter:
+        envelope.queueId = newQueueId()
+        return SpoolWriter(self, envelope)
+
+    def addListener(self, listener: Callable[[str], object]) -> None:
+        """
+        Call C{listener(queueId)} after each commit.
+        """
+        self._listeners.append(listener)
+
+    def removeListener(self, listener: Callable[[str], object]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _notify(self, queueId: str) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(queueId)
+            except Exception:
+                log.failure("spool listener failed for {queueId}", queueId=queueId)
+
+    # Reading side.
+
+    def _paths(self, queueId: str) -> tuple[str, str]:
+        base = os.path.join(self.queueDirectory, queueId)
+        return base + ".msg", base + ".json"
+
+    def pending(self) -> list[str]:
+        """
+        The ids of the complete entries in the queue, oldest first.
+        """
+        names = set(os.listdir(self.queueDirectory))
+        return sorted(
+            n[:-5] for n in names if n.endswith(".json") and n[:-5] + ".msg" in names
+        )
+
+    def load(self, queueId: str) -> SpoolEntry:
+        """
+        @raise FileNotFoundError: when the entry is not (or no longer) there.
+        @raise ValueError: when the state file is unreadable.
+        """
+        msgPath, statePath = self._paths(queueId)
+        with open(statePath, "rb") as f:
+            data = json.loads(f.read())
+        return SpoolEntry.fromJSON(data, msgPath, os.stat(msgPath).st_size)
+
+    def update(self, entry: SpoolEntry) -> None:
+        """
+        Atomically replace the state of C{entry}: write a temporary file,
+        fsync it, rename it over the state file, fsync the directory.
+        """
+        _, statePath = self._paths(entry.queueId)
+        tmpPath = statePath + ".tmp"
+        try:
+            _writeFileSynced(tmpPath, _encodeState(entry))
+            os.replace(tmpPath, statePath)
+        except BaseException:
+            _unlinkQuietly(tmpPath)
+            raise
+        _fsyncDirectory(self.queueDirectory)
+
+    def remove(self, queueId: str) -> None:
+        """
+        Remove an entry: the state file first, so that a crash in between
+        leaves an orphan message file (removed by L{recover}), never an
+        entry without its message.
+        """
+        msgPath, statePath = self._paths(queueId)
+        _unlinkQuietly(statePath)
+        _fsyncDirectory(self.queueDirectory)
+        _unlinkQuietly(msgPath)
+
+    def openMessage(self, queueId: str):
+        """
+        @return: the message file, opened for binary reading.
+        """
+        return open(self._paths(queueId)[0], "rb")
+
+    def recover(self) -> list[str]:
+        """
+        Clean up after a crash: remove everything in C{tmp/} (never
+        acknowledged), orphan message files and leftover temporary state
+        files in C{queue/}.  A state file without its message cannot be
+        delivered: it is renamed to C{.broken} and logged.
+
+        @return: the ids of the complete entries.
+        """
+        for name in sorted(os.listdir(self.tmpDirectory)):
+            log.info("recover: removing unacknowledged {name}", name=name)
+            _unlinkQuietly(os.path.join(self.tmpDirectory, name))
+        names = set(os.listdir(self.queueDirectory))
+        for name in sorted(names):
+            path = os.path.join(self.queueDirectory, name)
+            if name.endswith(".tmp"):
+                log.info("recover: removing interrupted state update {name}", name=name)
+                _unlinkQuietly(path)
+            elif name.endswith(".msg") and name[:-4] + ".json" not in names:
+                log.info("recover: removing orphan message file {name}", name=name)
+                _unlinkQuietly(path)
+            elif name.endswith(".json") and name[:-5] + ".msg" not in names:
+                log.critical(
+                    "recover: state file {name} has no message file; set aside",
+                    name=name,
+                )
+                os.replace(path, path + ".broken")
+        _fsyncDirectory(self.queueDirectory)
+        ids = self.pending()
+        log.info("recover: {count} message(s) in the queue", count=len(ids))
+        return ids

@@ -1,0 +1,453 @@
+"""
+Delivery to the core MTA over SMTP: L{SMTPDownstream}, which hands spooled
+messages to the core over connections it keeps open for a while and reuses
+(RSET between messages), and the result types the relay runner applies.
+
+The protocol itself (dot-stuffing, commands and replies) is in
+L{msa.relay.protocol}.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+from typing import BinaryIO
+
+from twisted.internet import defer, error, protocol
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.logger import Logger
+
+from msa.relay.protocol import (
+    ACCEPTED,
+    PERMANENT,
+    TEMPORARY,
+    DeliveryResult,
+    DotStuffer,
+    RecipientResult,
+    Reply,
+    SMTPClientError,
+    SMTPClientProtocol,
+    SMTPConnectionLost,
+    dotStuff,
+    resultFor,
+)
+
+__all__ = [
+    "ACCEPTED",
+    "PERMANENT",
+    "TEMPORARY",
+    "DeliveryResult",
+    "DotStuffer",
+    "RecipientResult",
+    "Reply",
+    "SMTPClientError",
+    "SMTPClientProtocol",
+    "SMTPDownstream",
+    "TLSFailure",
+    "dotStuff",
+]
+
+log = Logger()
+
+TLS_MODES = ("starttls", "implicit", "none")
+
+
+class TLSFailure(SMTPClientError):
+    """
+    The TLS handshake with the core failed: a certificate that does not
+    verify (wrong name, unknown CA), no common protocol, or not TLS at all.
+    Temporary, and logged loudly: never a fallback to plaintext.
+    """
+
+
+def _address(address: str) -> bytes:
+    return address.encode("utf-8")
+
+
+class _Connection:
+    """
+    One open session with the core, ready for MAIL (greeted, EHLO, TLS and
+    AUTH done).
+    """
+
+    def __init__(self, proto: SMTPClientProtocol, extensions: dict, generation: int):
+        self.proto = proto
+        self.extensions = extensions
+        self.generation = generation
+        self.transactions = 0
+        self.idleTimer = None
+
+    def close(self, quit: bool = True) -> None:
+        if self.idleTimer is not None and self.idleTimer.active():
+            self.idleTimer.cancel()
+        self.idleTimer = None
+        transport = self.proto.transport
+        if transport is None:
+            return
+        if quit and not self.proto.lost:
+            # No need to wait for the 221: the session is over either way.
+            self.proto.sendLine(b"QUIT")
+        transport.loseConnection()
+
+
+class SMTPDownstream:
+    """
+    Delivery to the core MTA over SMTP.
+
+    A connection that ends a transaction in good order is kept for
+    C{idleTimeout} seconds and reused (after an RSET) for the next message,
+    up to C{maxTransactions} messages; C{idleTimeout=0} means a connection
+    per message.  How many deliveries run at once is the caller's business
+    (the relay runner's concurrency): each concurrent delivery has a
+    connection of its own.
+
+    @param tlsMode: C{"starttls"} (required: a core that does not offer it
+        or refuses it is a temporary failure, never a plaintext fallback),
+        C{"implicit"} (TLS from the first byte) or C{"none"}.
+    @param contextFactory: the client TLS context, normally from
+        L{msa.tls.clientContextFactory}; by default one for C{host} with the
+        system trust store.
+    @param authUsername: AUTH PLAIN after TLS when set.
+    @param connectTimeout: seconds for the TCP connection.
+    @param commandTimeout: seconds for each reply (greeting included).
+    @param dataTimeout: seconds to send the data, and again for its reply.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        tlsMode: str = "starttls",
+        contextFactory=None,
+        heloName: str = "localhost",
+        authUsername: str | None = None,
+        authPassword: str | None = None,
+        reactor=None,
+        connectTimeout: float = 30,
+        commandTimeout: float = 300,
+        dataTimeout: float = 600,
+        idleTimeout: float = 5,
+        maxTransactions: int = 100,
+    ) -> None:
+        if tlsMode not in TLS_MODES:
+            raise ValueError(f"tlsMode must be one of {TLS_MODES}, not {tlsMode!r}")
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self.host = host
+        self.port = port
+        self.tlsMode = tlsMode
+        if contextFactory is None and tlsMode != "none":
+            from msa.tls import clientContextFactory
+
+            contextFactory = clientContextFactory(host)
+        self.contextFactory = contextFactory
+        self.heloName = heloName
+        self.authUsername = authUsername
+        self.authPassword = authPassword
+        self.connectTimeout = connectTimeout
+        self.commandTimeout = commandTimeout
+        self.dataTimeout = dataTimeout
+        self.idleTimeout = idleTimeout
+        self.maxTransactions = maxTransactions
+        self._idle: list[_Connection] = []
+        self._open: set[_Connection] = set()
+        self._generation = 0
+        if tlsMode == "none":
+            log.warn(
+                "relay to {host}:{port} WITHOUT TLS, as configured: messages and "
+                "credentials cross the network in plaintext",
+                host=host,
+                port=port,
+            )
+
+    def __repr__(self) -> str:
+        return f"<SMTPDownstream {self.host}:{self.port} tls={self.tlsMode}>"
+
+    def deliver(self, entry, messageFile: BinaryIO) -> defer.Deferred:
+        """
+        Deliver C{entry}'s message to its pending recipients, over an idle
+        connection when there is one.
+
+        @param entry: a L{msa.queue.spool.SpoolEntry}.
+        @param messageFile: the message, open for binary reading.
+        @return: a L{Deferred} firing with a L{DeliveryResult}; never fails.
+        """
+        return defer.ensureDeferred(self._deliver(entry, messageFile))
+
+    def close(self) -> defer.Deferred:
+        """
+        Close the idle connections (QUIT); deliveries in flight keep theirs
+        but do not park them afterwards.
+
+        @return: a L{Deferred} firing when the idle connections are closed.
+        """
+        self._generation += 1
+        idle, self._idle = self._idle, []
+        waits = []
+        for conn in idle:
+            waits.append(conn.proto.notifyLost())
+            conn.close()
+            self._open.discard(conn)
+        return defer.DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
+
+    @property
+    def idleConnections(self) -> int:
+        return len(self._idle)
+
+    async def _deliver(self, entry, messageFile: BinaryIO) -> DeliveryResult:
+        result = DeliveryResult()
+        pending = entry.pendingRecipients()
+        conn: _Connection | None = None
+        reusable = False
+        try:
+            conn = await self._reuse()
+            if conn is None:
+                conn = await self._connect()
+            conn.transactions += 1
+            reusable = await self._transaction(
+                conn, entry, pending, messageFile, result
+            )
+        except Exception as e:
+            text = str(e) or e.__class__.__name__
+            if isinstance(e, error.ConnectError | error.TimeoutError):
+                text = f"cannot connect to {self.host}:{self.port}: {text}"
+            if isinstance(e, TLSFailure):
+                log.critical(
+                    "TLS WITH THE CORE MTA {downstream} FAILED for {queueId}: "
+                    "{text}.  Is the certificate valid for the configured name "
+                    "and issued by the configured CA?  The message stays queued; "
+                    "nothing is sent without TLS.",
+                    downstream=self,
+                    queueId=entry.queueId,
+                    text=text,
+                )
+            else:
+                log.info(
+                    "delivery of {queueId} to {downstream} failed: {text}",
+                    queueId=entry.queueId,
+                    downstream=self,
+                    text=text,
+                )
+            for rcpt in pending:
+                current = result.recipients.get(rcpt)
+                if current is None or current.status == ACCEPTED:
+                    result.recipients[rcpt] = RecipientResult(TEMPORARY, 0, text)
+            result.reply = result.reply or text
+        if conn is not None:
+            self._done(conn, reusable)
+        return result
+
+    def _done(self, conn: _Connection, reusable: bool) -> None:
+        """
+        Park C{conn} for the next message, or close it.
+        """
+        if (
+            reusable
+            and self.idleTimeout > 0
+            and conn.generation == self._generation
+            and conn.transactions < self.maxTransactions
+            and not conn.proto.lost
+        ):
+            conn.idleTimer = self._reactor.callLater(
+                self.idleTimeout, self._idleExpired, conn
+            )
+            self._idle.append(conn)
+            return
+        self._open.discard(conn)
+        conn.close()
+
+    def _idleExpired(self, conn: _Connection) -> None:
+        conn.idleTimer = None
+        if conn in self._idle:
+            self._idle.remove(conn)
+        self._open.discard(conn)
+        conn.close()
+
+    async def _reuse(self) -> _Connection | None:
+        """
+        An idle connection that answers RSET, or L{None}.
+        """
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.idleTimer is not None and conn.idleTimer.active():
+                conn.idleTimer.cancel()
+            conn.idleTimer = None
+            if not conn.proto.lost and not conn.proto.unsolicited:
+                try:
+                    reply = await conn.proto.command(
+                        b"RSET", min(self.commandTimeout, 30)
+                    )
+                except SMTPClientError:
+                    reply = None
+                if reply is not None and reply.code == 250:
+                    return conn
+            self._open.discard(conn)
+            conn.close(quit=False)
+        return None
+
+    async def _connect(self) -> _Connection:
+        endpoint = HostnameEndpoint(
+            self._reactor, self.host, self.port, timeout=self.connectTimeout
+        )
+        if self.tlsMode == "implicit":
+            endpoint = wrapClientTLS(self.contextFactory, endpoint)
+        factory = protocol.Factory.forProtocol(
+            functools.partial(SMTPClientProtocol, self._reactor)
+        )
+        proto = await endpoint.connect(factory)
+        try:
+            extensions = await self._handshake(proto)
+        except BaseException:
+            if proto.transport is not None:
+                proto.transport.loseConnection()
+            raise
+        conn = _Connection(proto, extensions, self._generation)
+        self._open.add(conn)
+        return conn
+
+    async def _ehlo(self, proto: SMTPClientProtocol) -> dict[str, str]:
+        reply = await proto.command(
+            b"EHLO " + self.heloName.encode("ascii"), self.commandTimeout
+        )
+        if reply.code != 250:
+            raise SMTPClientError(f"EHLO refused: {reply}")
+        extensions = {}
+        for line in reply.lines[1:]:
+            keyword, _, params = line.partition(" ")
+            extensions[keyword.upper()] = params
+        return extensions
+
+    async def _handshake(self, proto: SMTPClientProtocol) -> dict[str, str]:
+        """
+        Greeting, EHLO, STARTTLS and AUTH.
+
+        @return: the extensions the core offers (after TLS).
+        """
+        timeout = self.commandTimeout
+        try:
+            greeting = await proto.readReply(timeout, "the greeting")
+        except SMTPConnectionLost as e:
+            if self.tlsMode == "implicit":
+                raise TLSFailure(f"TLS handshake failed? {e}")
+            raise
+        if greeting.code != 220:
+            raise SMTPClientError(f"greeting: {greeting}")
+        extensions = await self._ehlo(proto)
+        if self.tlsMode == "starttls":
+            if "STARTTLS" not in extensions:
+                raise SMTPClientError("the core MTA does not offer STARTTLS")
+            reply = await proto.command(b"STARTTLS", timeout)
+            if reply.code != 220:
+                raise SMTPClientError(f"STARTTLS refused: {reply}")
+            proto.startTLS(self.contextFactory)
+            try:
+                extensions = await self._ehlo(proto)
+            except SMTPConnectionLost as e:
+                raise TLSFailure(f"after STARTTLS (TLS handshake failed?): {e}")
+            except SMTPClientError as e:
+                raise SMTPClientError(f"after STARTTLS (TLS handshake?): {e}")
+        if self.authUsername is not None:
+            await self._auth(proto, extensions)
+        return extensions
+
+    async def _transaction(
+        self,
+        conn: _Connection,
+        entry,
+        pending: list[str],
+        messageFile: BinaryIO,
+        result: DeliveryResult,
+    ) -> bool:
+        """
+        One mail transaction on C{conn}.
+
+        @return: whether the connection can be used for another one.
+        """
+        proto, timeout = conn.proto, self.commandTimeout
+        reply = await self._mailFrom(proto, entry, conn.extensions)
+        if reply.code != 250:
+            self._setAll(result, pending, resultFor(reply), reply)
+            return reply.code != 421
+
+        accepted = []
+        for rcpt in pending:
+            reply = await proto.command(b"RCPT TO:<" + _address(rcpt) + b">", timeout)
+            if reply.code in (250, 251):
+                accepted.append(rcpt)
+                # Tentative: only the reply to the data makes it final.
+                result.recipients[rcpt] = RecipientResult(
+                    ACCEPTED, reply.code, reply.text
+                )
+            else:
+                result.recipients[rcpt] = resultFor(reply)
+                if reply.code == 421:
+                    result.reply = str(reply)
+                    for other in pending:
+                        result.recipients[other] = resultFor(reply)
+                    return False
+        if not accepted:
+            result.reply = "no recipient accepted"
+            return True
+
+        reply = await proto.command(b"DATA", timeout)
+        if reply.code != 354:
+            self._setAll(result, accepted, resultFor(reply), reply)
+            return reply.code != 421
+        await proto.sendFile(messageFile, self.dataTimeout)
+        reply = await proto.readReply(self.dataTimeout, "the reply to the data")
+        if reply.code == 250:
+            self._setAll(
+                result, accepted, RecipientResult(ACCEPTED, 250, reply.text), reply
+            )
+        else:
+            self._setAll(result, accepted, resultFor(reply), reply)
+        log.info(
+            "{queueId} to {downstream}: {reply}",
+            queueId=entry.queueId,
+            downstream=self,
+            reply=str(reply),
+        )
+        return reply.code != 421
+
+    @staticmethod
+    def _setAll(result, recipients, outcome: RecipientResult, reply: Reply) -> None:
+        for rcpt in recipients:
+            result.recipients[rcpt] = outcome
+        result.reply = str(reply)
+
+    async def _auth(self, proto: SMTPClientProtocol, extensions: dict) -> None:
+        if self.tlsMode == "none":
+            raise SMTPClientError("refusing to send credentials without TLS")
+        if "PLAIN" not in extensions.get("AUTH", "").upper().split():
+            raise SMTPClientError("the core MTA does not offer AUTH PLAIN")
+        token = b"\0" + (
+            self.authUsername.encode("utf-8")
+            + b"\0"
+            + (self.authPassword or "").encode("utf-8")
+        )
+        reply = await proto.command(
+            b"AUTH PLAIN " + base64.b64encode(token), self.commandTimeout
+        )
+        if reply.code != 235:
+            # A rejected login is a configuration problem: keep the mail.
+            log.error("the core MTA refused our AUTH: {reply}", reply=str(reply))
+            raise SMTPClientError(f"AUTH refused: {reply}")
+
+    async def _mailFrom(self, proto: SMTPClientProtocol, entry, extensions) -> Reply:
+        params = entry.envelope.mailParams or {}
+        line = b"MAIL FROM:<" + _address(entry.envelope.sender) + b">"
+        body = params.get("BODY")
+        if body:
+            line += b" BODY=" + body.upper().encode("ascii")
+        elif entry.eightBit and "8BITMIME" in extensions:
+            line += b" BODY=8BITMIME"
+        if "SMTPUTF8" in params:
+            line += b" SMTPUTF8"
+        if "SIZE" in extensions:
+            line += b" SIZE=%d" % (entry.size,)
+        if "DSN" in extensions:
+            for key in ("RET", "ENVID"):
+                if params.get(key):
+                    line += b" %s=%s" % (key.encode(), params[key].encode("ascii"))
+        return await proto.command(line, self.commandTimeout)

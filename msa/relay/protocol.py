@@ -1,0 +1,324 @@
+"""
+The relay's ESMTP client protocol: a stateful dot-stuffer and a line
+protocol that turns commands into L{Deferred} replies.  L{msa.relay.client}
+builds the delivery to the core MTA on top of it.  The result types of a
+delivery are here too.
+
+Twisted's own C{ESMTPClient} is not used: it dot-stuffs each 16 KiB chunk on
+its own and misses a "." that starts a chunk.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import BinaryIO
+
+import attrs
+from twisted.internet import defer
+from twisted.protocols.basic import FileSender, LineReceiver
+
+ACCEPTED = "accepted"
+TEMPORARY = "temporary"
+PERMANENT = "permanent"
+
+
+class DotStuffer:
+    """
+    Dot-stuffing (RFC 5321 section 4.5.2) of a CRLF message fed in chunks of
+    any size: every line that starts with "." gets one more, wherever the
+    chunk boundaries fall.
+    """
+
+    def __init__(self) -> None:
+        # The last two bytes seen; CRLF at the start means "at a line start".
+        self._tail = b"\r\n"
+
+    def feed(self, data: bytes) -> bytes:
+        """
+        @return: C{data}, stuffed.
+        """
+        if not data:
+            return b""
+        out = data.replace(b"\r\n.", b"\r\n..")
+        if data[:1] == b"." and self._tail == b"\r\n":
+            out = b"." + out
+        elif data[:2] == b"\n." and self._tail[-1:] == b"\r":
+            out = b"\n." + out[1:]
+        self._tail = (self._tail + data)[-2:]
+        return out
+
+    def finish(self) -> bytes:
+        """
+        @return: the end of the data: a CRLF if the message did not end with
+            one, and the terminating ".CRLF".
+        """
+        return b".\r\n" if self._tail == b"\r\n" else b"\r\n.\r\n"
+
+
+def dotStuff(data: bytes) -> bytes:
+    """
+    Stuff a whole message and add the terminator (for tests and small data).
+    """
+    stuffer = DotStuffer()
+    return stuffer.feed(data) + stuffer.finish()
+
+
+@attrs.frozen
+class Reply:
+    """
+    One SMTP reply: its code and its text lines (without the code).
+    """
+
+    code: int
+    lines: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.lines)
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+class SMTPClientError(Exception):
+    """
+    The conversation cannot go on: time-out, garbage from the server, a
+    requirement (TLS) not met.  Always a temporary failure.
+    """
+
+
+class SMTPConnectionLost(SMTPClientError):
+    """
+    The connection went away (closed by the server, reset, or a TLS
+    handshake that failed).
+    """
+
+
+class SMTPClientProtocol(LineReceiver):
+    """
+    A line protocol for the client side: L{command} sends a line and
+    returns a L{Deferred} firing with the next L{Reply}.
+    """
+
+    delimiter = b"\r\n"
+    MAX_LENGTH = 4096
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+        self._replies: deque[Reply] = deque()
+        self._partial: list[str] = []
+        self._waiter: defer.Deferred | None = None
+        self._timer = None
+        self._lost: Exception | None = None
+        #: Whether L{startTLS} was called (the handshake may still fail).
+        self.tlsStarted = False
+        self._lostWaiters: list[defer.Deferred] = []
+        self._closed = False
+
+    @property
+    def lost(self) -> bool:
+        """
+        Whether the conversation is over (connection lost, time-out,
+        garbage): the protocol cannot be used for another transaction.
+        """
+        return self._lost is not None
+
+    @property
+    def unsolicited(self) -> bool:
+        """
+        Whether the server said something nobody asked for (e.g. a 421
+        while the connection was idle).
+        """
+        return bool(self._replies or self._partial)
+
+    def notifyLost(self) -> defer.Deferred:
+        """
+        @return: a L{Deferred} firing when the connection is closed.
+        """
+        if self._closed:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._lostWaiters.append(d)
+        return d
+
+    def lineReceived(self, line: bytes) -> None:
+        code, sep = line[:3], line[3:4]
+        if len(line) < 3 or not code.isdigit() or sep not in (b"", b" ", b"-"):
+            self._fail(SMTPClientError(f"malformed reply line {line[:100]!r}"))
+            self.transport.abortConnection()
+            return
+        self._partial.append(line[4:].decode("utf-8", "replace"))
+        if sep == b"-":
+            return
+        reply = Reply(int(code), tuple(self._partial))
+        self._partial = []
+        if self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            self._cancelTimer()
+            waiter.callback(reply)
+        else:
+            self._replies.append(reply)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._fail(SMTPClientError("reply line too long"))
+        self.transport.abortConnection()
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _fail(self, reason: Exception) -> None:
+        if self._lost is None:
+            self._lost = reason
+        self._cancelTimer()
+        if self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            waiter.errback(reason)
+
+    def _timedOut(self, what: str, timeout: float) -> None:
+        self._timer = None
+        self._fail(SMTPClientError(f"timed out after {timeout:g}s waiting for {what}"))
+        self.transport.abortConnection()
+
+    def readReply(self, timeout: float, what: str = "a reply") -> defer.Deferred:
+        """
+        @return: a L{Deferred} firing with the next L{Reply}, failing with
+            L{SMTPClientError} after C{timeout} seconds or when the
+            connection is lost.
+        """
+        if self._replies:
+            return defer.succeed(self._replies.popleft())
+        if self._lost is not None:
+            return defer.fail(self._lost)
+        assert self._waiter is None, "one command at a time"
+        self._waiter = defer.Deferred()
+        self._timer = self._reactor.callLater(timeout, self._timedOut, what, timeout)
+        return self._waiter
+
+    def command(self, line: bytes, timeout: float) -> defer.Deferred:
+        """
+        Send one command line and read its reply.
+        """
+        self.sendLine(line)
+        return self.readReply(
+            timeout, repr(line.split(b" ", 1)[0].decode("ascii", "replace"))
+        )
+
+    def startTLS(self, contextFactory) -> None:
+        """
+        Switch to TLS after the 220 to STARTTLS.  Anything the server sent
+        after that reply (before the handshake) is an injection attempt.
+        """
+        if self.clearLineBuffer() or self._replies or self._partial:
+            self.transport.abortConnection()
+            raise SMTPClientError("data after the STARTTLS reply: possible injection")
+        self.tlsStarted = True
+        self.transport.startTLS(contextFactory)
+
+    def sendFile(self, messageFile: BinaryIO, timeout: float) -> defer.Deferred:
+        """
+        Stream C{messageFile}, dot-stuffed and terminated, through a pull
+        producer, so that only a chunk at a time is in memory.
+
+        @return: a L{Deferred} firing when everything is handed to the
+            transport.
+        """
+        stuffer = DotStuffer()
+        d = FileSender().beginFileTransfer(messageFile, self.transport, stuffer.feed)
+
+        def finished(_):
+            self.transport.write(stuffer.finish())
+
+        def timedOut(_, __):
+            self.transport.abortConnection()
+            raise SMTPClientError(f"timed out after {timeout:g}s sending the message")
+
+        d.addCallback(finished)
+        d.addTimeout(timeout, self._reactor, onTimeoutCancel=timedOut)
+        return d
+
+    def connectionMade(self) -> None:
+        """
+        Turn Nagle's algorithm off, as the server side does: a command or
+        the last segment of the data must not wait for the core's delayed
+        ACK (about 40 ms per message otherwise).
+        """
+        super().connectionMade()
+        setTcpNoDelay(self.transport)
+
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        self._closed = True
+        self._fail(SMTPConnectionLost(f"connection lost: {reason.getErrorMessage()}"))
+        waiters, self._lostWaiters = self._lostWaiters, []
+        for d in waiters:
+            d.callback(None)
+
+
+def setTcpNoDelay(transport) -> bool:
+    """
+    Set C{TCP_NODELAY} on the TCP connection under C{transport}, which may
+    be wrapped in TLS (implicit TLS: a L{TLSMemoryBIOProtocol} whose own
+    C{transport} is the TCP connection).
+
+    @return: whether a TCP connection was found and set.
+    """
+    for _ in range(4):
+        if transport is None:
+            return False
+        # Look the method up on the class: a TLS wrapper forwards unknown
+        # attributes to the protocol it wraps, not to the connection.
+        if getattr(type(transport), "setTcpNoDelay", None) is not None:
+            transport.setTcpNoDelay(True)
+            return True
+        transport = vars(transport).get("transport")
+    return False
+
+
+@attrs.frozen
+class RecipientResult:
+    """
+    What became of one recipient: L{ACCEPTED}, L{TEMPORARY} or L{PERMANENT},
+    with the reply (code and text) that said so.
+    """
+
+    status: str
+    code: int = 0
+    text: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}" if self.code else self.text
+
+
+@attrs.define
+class DeliveryResult:
+    """
+    The outcome of one delivery attempt.
+
+    @ivar recipients: recipient address to L{RecipientResult}.
+    @ivar reply: the core's final reply (for a success, with its queue id).
+    """
+
+    recipients: dict[str, RecipientResult] = attrs.Factory(dict)
+    reply: str = ""
+
+    def _with(self, status: str) -> list[str]:
+        return [r for r, res in self.recipients.items() if res.status == status]
+
+    @property
+    def accepted(self) -> list[str]:
+        return self._with(ACCEPTED)
+
+    @property
+    def temporary(self) -> list[str]:
+        return self._with(TEMPORARY)
+
+    @property
+    def permanent(self) -> list[str]:
+        return self._with(PERMANENT)
+
+
+def resultFor(reply: Reply) -> RecipientResult:
+    status = PERMANENT if reply.code >= 500 else TEMPORARY
+    return RecipientResult(status, reply.code, reply.text)

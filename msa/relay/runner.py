@@ -1,0 +1,582 @@
+"""
+The relay: the queue runner that takes committed messages out of the spool
+and hands them to a downstream (the core MTA over SMTP, or an outbox
+directory when no core MTA is configured), with retries and expiry.
+
+A message leaves the spool only after the downstream accepted it (the
+core's 250 to the data); recipients already accepted are never sent again.
+Permanent failures and expiry produce a delivery status notification
+(L{msa.queue.dsn}) to the sender, queued like any message; the operator controls
+the queue through L{RelayRunner.flush}, L{RelayRunner.hold},
+L{RelayRunner.release}, L{RelayRunner.delete} and L{RelayRunner.describe}.
+"""
+
+from __future__ import annotations
+
+import random
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from msa import metrics
+from msa.queue import dsn
+from msa.queue.control import QueueControl
+from msa.queue.spool import DELIVERED, FAILED, Spool, SpoolEntry
+from msa.relay.client import (
+    ACCEPTED,
+    PERMANENT,
+    TEMPORARY,
+    DeliveryResult,
+    DotStuffer,
+    RecipientResult,
+    SMTPDownstream,
+    dotStuff,
+)
+from msa.relay.outbox import OutboxDownstream
+
+__all__ = [
+    "ACCEPTED",
+    "PERMANENT",
+    "TEMPORARY",
+    "DeliveryResult",
+    "DotStuffer",
+    "OutboxDownstream",
+    "RecipientResult",
+    "RelayRunner",
+    "SMTPDownstream",
+    "dotStuff",
+]
+
+log = Logger()
+
+
+#: Start of the reply passed to L{RelayRunner.onPermanentFailure} on expiry.
+EXPIRED = "expired after"
+
+
+class RelayRunner(QueueControl, Service):
+    """
+    The queue runner.
+
+    @param spool: the L{Spool}.
+    @param downstream: anything with C{deliver(entry, messageFile)}
+        returning a L{Deferred} of L{DeliveryResult}, and optionally
+        C{close()} (called on stop).
+    @param retryBase: delay after the first failed attempt, doubled after
+        each further one up to C{retryMax}, with +-10% jitter.
+    @param maxLifetime: after this many seconds in the queue, recipients
+        still pending after a failed attempt are failed.
+    @param concurrency: deliveries in flight at most.
+    @param stopTimeout: how long L{stopService} waits for deliveries.
+    @param dsnHostname: the MSA's host name for the delivery status
+        notifications; L{None}: no notifications, failures are only logged.
+    @param delayWarningAfter: after this many seconds in the queue, a
+        "delayed" notification is sent, once per message; L{None}: never.
+    """
+
+    name = "relay"
+
+    def __init__(
+        self,
+        spool: Spool,
+        downstream,
+        reactor=None,
+        retryBase: float = 60,
+        retryMax: float = 3600,
+        maxLifetime: float = 5 * 86400,
+        concurrency: int = 4,
+        stopTimeout: float = 30,
+        dsnHostname: str | None = None,
+        delayWarningAfter: float | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self.spool = spool
+        self.downstream = downstream
+        self.retryBase = retryBase
+        self.retryMax = retryMax
+        self.maxLifetime = maxLifetime
+        self.concurrency = concurrency
+        self.stopTimeout = stopTimeout
+        self.dsnHostname = dsnHostname
+        self.delayWarningAfter = delayWarningAfter
+        self._timers: dict[str, object] = {}
+        self._ready: list[str] = []
+        self._inFlight: dict[str, defer.Deferred] = {}
+        # Operator requests about entries in flight, applied when the
+        # attempt ends.
+        self._deleted: set[str] = set()
+        self._heldInFlight: dict[str, bool] = {}
+        self._flushAfter: set[str] = set()
+        #: Entries the core has acknowledged but whose new state the spool
+        #: could not record (e.g. remounted read-only): never sent again by
+        #: this process; queue id to the reason, for the log and /health.
+        self.unremovable: dict[str, str] = {}
+        # Failed attempts to queue the owed "failed" notices, per entry.
+        self._noticeTries: dict[str, int] = {}
+
+    def startService(self) -> None:
+        super().startService()
+        self.spool.addListener(self.wake)
+        now = self._reactor.seconds()
+        held = 0
+        for queueId in self.spool.pending():
+            try:
+                entry = self.spool.load(queueId)
+            except Exception:
+                log.failure("cannot load {queueId}; skipped", queueId=queueId)
+                continue
+            if entry.held:
+                held += 1
+                continue
+            self._schedule(queueId, entry.nextAttempt - now)
+        log.info(
+            "relay to {downstream} started, {count} message(s) queued, {held} held",
+            downstream=self.downstream,
+            count=len(self._timers),
+            held=held,
+        )
+
+    def stopService(self) -> defer.Deferred:
+        """
+        Stop scheduling and wait (at most C{stopTimeout} seconds) for the
+        deliveries in flight; their entries stay queued if cut short.  Then
+        the downstream's idle connections are closed.
+        """
+        super().stopService()
+        self.spool.removeListener(self.wake)
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._ready.clear()
+        stopped = defer.Deferred()
+        close = getattr(self.downstream, "close", None)
+        if close is not None:
+            stopped.addCallback(lambda _: close())
+        if not self._inFlight:
+            stopped.callback(None)
+            return stopped
+        allDone = defer.DeferredList(list(self._inFlight.values()), consumeErrors=True)
+
+        def fire(_=None):
+            if not stopped.called:
+                if timer.active():
+                    timer.cancel()
+                stopped.callback(None)
+
+        def tooLong():
+            log.warn(
+                "relay stopped with {count} delivery(ies) still in flight",
+                count=len(self._inFlight),
+            )
+            fire()
+
+        timer = self._reactor.callLater(self.stopTimeout, tooLong)
+        allDone.addBoth(fire)
+        return stopped
+
+    def wake(self, queueId: str) -> None:
+        """
+        Deliver C{queueId} now (the spool calls this after each commit).
+        """
+        if self.running:
+            self._schedule(queueId, 0)
+
+    def _schedule(self, queueId: str, delay: float) -> None:
+        self._unschedule(queueId)
+        self._timers[queueId] = self._reactor.callLater(
+            max(0.0, delay), self._makeReady, queueId
+        )
+
+    def _unschedule(self, queueId: str) -> None:
+        timer = self._timers.pop(queueId, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        if queueId in self._ready:
+            self._ready.remove(queueId)
+
+    def _makeReady(self, queueId: str) -> None:
+        self._timers.pop(queueId, None)
+        if queueId in self._inFlight or queueId in self._ready:
+            return
+        self._ready.append(queueId)
+        self._pump()
+
+    def _pump(self) -> None:
+        while self.running and self._ready and len(self._inFlight) < self.concurrency:
+            queueId = self._ready.pop(0)
+            d = defer.ensureDeferred(self._attempt(queueId))
+            self._inFlight[queueId] = d
+            d.addErrback(self._attemptFailed, queueId)
+            d.addBoth(self._attemptDone, queueId)
+
+    def _attemptFailed(self, failure, queueId: str) -> None:
+        """
+        The attempt itself broke (e.g. the state could not be written): log
+        it and try again later, the entry is still in the spool.
+        """
+        log.failure("relay of {queueId} failed", failure, queueId=queueId)
+        if self.running and queueId not in self._deleted:
+            self._schedule(queueId, self.retryBase)
+
+    def _attemptDone(self, _, queueId: str) -> None:
+        del self._inFlight[queueId]
+        self._deleted.discard(queueId)
+        self._heldInFlight.pop(queueId, None)
+        self._flushAfter.discard(queueId)
+        self._pump()
+
+    def retryDelay(self, attempts: int) -> float:
+        """
+        @return: the delay before the next attempt after C{attempts} failed
+            ones, with jitter.
+        """
+        delay = min(self.retryMax, self.retryBase * 2 ** max(0, attempts - 1))
+        return delay * random.uniform(0.9, 1.1)
+
+    async def _attempt(self, queueId: str) -> None:
+        if queueId in self.unremovable:
+            # The core has it: never again from this process.
+            return
+        try:
+            entry = self.spool.load(queueId)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            # E.g. EMFILE: the state cannot even be read, so neither can the
+            # attempts be counted; try again soon, the entry is intact.
+            log.error("cannot load {queueId} ({e}); retry later", queueId=queueId, e=e)
+            if self.running:
+                self._schedule(queueId, self.retryBase)
+            return
+        except Exception:
+            log.failure("cannot load {queueId}; retry later", queueId=queueId)
+            if self.running:
+                self._schedule(queueId, self.retryMax)
+            return
+        if entry.held:
+            return
+        if entry.owedNotices and not await self._payNotices(entry):
+            return
+        if not entry.pendingRecipients():
+            self._finish(entry)
+            return
+        try:
+            messageFile = self.spool.openMessage(queueId)
+        except OSError as e:
+            # E.g. EMFILE: a temporary failure of this attempt like any
+            # other, so that the backoff, the expiry and the notifications
+            # apply (the message is never stranded).
+            log.error("cannot open the message of {queueId}: {e}", queueId=queueId, e=e)
+            text = f"local error: cannot open the queued message: {e}"
+            bad = RecipientResult(TEMPORARY, 0, text)
+            result = DeliveryResult({r: bad for r in entry.pendingRecipients()}, text)
+            self._record(entry, result, 0.0)
+            await self._apply(entry, result)
+            return
+        started = self._reactor.seconds()
+        try:
+            result = await self.downstream.deliver(entry, messageFile)
+        except Exception as e:
+            log.failure("downstream error for {queueId}", queueId=queueId)
+            text = f"internal error: {e}"
+            bad = RecipientResult(TEMPORARY, 0, text)
+            result = DeliveryResult({r: bad for r in entry.pendingRecipients()}, text)
+        finally:
+            messageFile.close()
+        self._record(entry, result, self._reactor.seconds() - started)
+        await self._apply(entry, result)
+
+    def _record(self, entry: SpoolEntry, result: DeliveryResult, seconds: float):
+        """
+        One relay attempt for the log and the metrics.
+        """
+        statuses = {r.status for r in result.recipients.values()}
+        if statuses == {ACCEPTED}:
+            outcome = "delivered"
+        elif ACCEPTED in statuses:
+            outcome = "partial"
+        elif TEMPORARY in statuses or not statuses:
+            outcome = "deferred"
+        else:
+            outcome = "failed"
+        metrics.relayOutcome(outcome, seconds)
+        delivered = [
+            r for r, res in result.recipients.items() if res.status == ACCEPTED
+        ]
+        log.info(
+            "relay {queueId}: attempt {attempt} {outcome} in {seconds:.3f}s "
+            "(delivered for {delivered}): {reply}",
+            event="relay",
+            queueId=entry.queueId,
+            attempt=entry.attempts + 1,
+            outcome=outcome,
+            seconds=seconds,
+            delivered=", ".join(delivered) or "none",
+            reply=result.reply,
+        )
+
+    async def _apply(self, entry: SpoolEntry, result: DeliveryResult) -> None:
+        """
+        Record the outcome of an attempt.  When the core has decided about
+        a recipient (accepted or refused it), or the message expires, and
+        the spool cannot record it,
+        the entry is held in memory (L{_holdUnremovable}): sending it again
+        would deliver it twice.
+        """
+        expiring = self._reactor.seconds() - entry.createdAt >= self.maxLifetime
+        decided = any(
+            result.recipients.get(r) is not None
+            and result.recipients[r].status in (ACCEPTED, PERMANENT)
+            for r in entry.pendingRecipients()
+        ) or (expiring and bool(entry.pendingRecipients()))
+        try:
+            await self._applyResult(entry, result)
+        except Exception as e:
+            if not decided:
+                raise
+            self._holdUnremovable(entry, e)
+
+    async def _applyResult(self, entry: SpoolEntry, result: DeliveryResult) -> None:
+        queueId = entry.queueId
+        if queueId in self._deleted:
+            log.info("{queueId} was deleted during its delivery", queueId=queueId)
+            return
+        now = self._reactor.seconds()
+        failedNow: list[str] = []
+        temporary: list[str] = []
+        for rcpt in entry.pendingRecipients():
+            outcome = result.recipients.get(rcpt) or RecipientResult(
+                TEMPORARY, 0, "no result from the downstream"
+            )
+            if outcome.status == ACCEPTED:
+                entry.recipients[rcpt] = DELIVERED
+                entry.errors.pop(rcpt, None)
+            elif outcome.status == PERMANENT:
+                entry.recipients[rcpt] = FAILED
+                entry.errors[rcpt] = str(outcome)
+                failedNow.append(rcpt)
+            else:
+                entry.errors[rcpt] = str(outcome)
+                temporary.append(rcpt)
+        expired: list[str] = []
+        delayed: list[str] = []
+        if temporary:
+            entry.attempts += 1
+            entry.lastError = result.reply or str(result.recipients[temporary[0]])
+            if now - entry.createdAt >= self.maxLifetime:
+                for rcpt in temporary:
+                    entry.recipients[rcpt] = FAILED
+                expired = temporary
+            else:
+                delay = self.retryDelay(entry.attempts)
+                entry.nextAttempt = min(now + delay, entry.createdAt + self.maxLifetime)
+                if (
+                    self.delayWarningAfter is not None
+                    and not entry.delayWarned
+                    and now - entry.createdAt >= self.delayWarningAfter
+                    and dsn.needsNotification(entry)
+                ):
+                    delayed = temporary
+        # Notifications first: a crash after them and before the state is
+        # written means a duplicate notification, never a lost one.
+        # A notice that cannot be queued now is owed: the entry stays in
+        # the queue (its recipients failed) until it is queued.
+        if failedNow and not await self._hook(entry, failedNow, result.reply):
+            entry.owedNotices += failedNow
+        if expired and not await self._hook(
+            entry,
+            expired,
+            f"{EXPIRED} {entry.attempts} attempt(s); last error: {entry.lastError}",
+        ):
+            entry.owedNotices += expired
+        if entry.owedNotices and not entry.pendingRecipients():
+            entry.nextAttempt = now + self._noticeDelay(queueId)
+        if delayed:
+            entry.delayWarned = await self._notify(entry, delayed, dsn.DELAYED)
+        if queueId in self._deleted:
+            log.info("{queueId} was deleted during its delivery", queueId=queueId)
+            return
+        entry.held = self._heldInFlight.get(queueId, entry.held)
+        if queueId in self._flushAfter:
+            entry.nextAttempt = now
+        if entry.pendingRecipients() or entry.owedNotices:
+            self.spool.update(entry)
+            log.info(
+                "{queueId} deferred (attempt {attempts}) until {nextAttempt}: {error}",
+                queueId=queueId,
+                attempts=entry.attempts,
+                nextAttempt=entry.nextAttempt,
+                error=entry.lastError,
+            )
+            if self.running and not entry.held:
+                self._schedule(queueId, entry.nextAttempt - now)
+        else:
+            self._finish(entry)
+
+    async def _hook(self, entry: SpoolEntry, recipients: list[str], reply: str) -> bool:
+        """
+        Call L{onPermanentFailure}.
+
+        @return: whether it succeeded (the notice, if any, is queued).
+        """
+        try:
+            await defer.maybeDeferred(self.onPermanentFailure, entry, recipients, reply)
+        except Exception as e:
+            log.error(
+                "cannot report the failure of {queueId} ({error}); it stays "
+                "queued until the notice is queued",
+                queueId=entry.queueId,
+                error=e,
+            )
+            return False
+        return True
+
+    def _noticeDelay(self, queueId: str) -> float:
+        """
+        The delay before the next try at queueing owed notices, with the
+        same backoff as deliveries.
+        """
+        tries = self._noticeTries.get(queueId, 0) + 1
+        self._noticeTries[queueId] = tries
+        return self.retryDelay(tries)
+
+    async def _payNotices(self, entry: SpoolEntry) -> bool:
+        """
+        Queue the "failed" notices C{entry} owes (an earlier try failed):
+        the entry leaves the queue only once they are durably queued.  If
+        they are not, the entry is rescheduled; if they are but the spool
+        cannot record it, the entry is held (L{_holdUnremovable}), so that
+        the notice is not queued twice.
+
+        @return: whether recipients are still to be delivered now.
+        """
+        queueId = entry.queueId
+        try:
+            await self._notifyOrRaise(entry, entry.owedNotices, dsn.FAILED)
+        except Exception as e:
+            log.error(
+                "cannot queue the failure notice about {queueId} ({error}); "
+                "retry later",
+                queueId=queueId,
+                error=e,
+            )
+            now = self._reactor.seconds()
+            entry.nextAttempt = now + self._noticeDelay(queueId)
+            self.spool.update(entry)
+            if self.running:
+                self._schedule(queueId, entry.nextAttempt - now)
+            return False
+        self._noticeTries.pop(queueId, None)
+        entry.owedNotices = []
+        try:
+            if not entry.pendingRecipients():
+                self._finish(entry)
+                return False
+            self.spool.update(entry)
+        except Exception as e:
+            self._holdUnremovable(entry, e)
+            return False
+        return True
+
+    def _finish(self, entry: SpoolEntry) -> None:
+        """
+        No recipient is pending: the entry leaves the queue.
+        """
+        self._noticeTries.pop(entry.queueId, None)
+        self.spool.remove(entry.queueId)
+        log.debug("{queueId} removed from the queue", queueId=entry.queueId)
+
+    def _holdUnremovable(self, entry: SpoolEntry, error: Exception) -> None:
+        """
+        The core has decided about C{entry} (accepted or refused recipients)
+        but the spool cannot record it (e.g. it was remounted read-only).
+        Sending it again would deliver it twice: it is held in memory, never
+        attempted again by this process, logged at critical level and
+        reported by /health.  After a restart the spool's old state counts
+        again: the operator must check the core before restarting.
+        """
+        queueId = entry.queueId
+        self._unschedule(queueId)
+        reason = (
+            f"{queueId}: delivered or failed, but the spool cannot record that "
+            f"({error}); held, not sent again"
+        )
+        self.unremovable[queueId] = reason
+        log.critical(
+            "SPOOL CANNOT BE CHANGED: the core MTA accepted or refused {queueId} "
+            "(or its notice is queued), but its state cannot be written "
+            "({error}).  It is held "
+            "and never sent again by this process; fix the spool, check the "
+            "core for {queueId} and delete it from the queue before a restart.",
+            event="unremovable",
+            queueId=queueId,
+            error=error,
+        )
+
+    def onPermanentFailure(
+        self, entry: SpoolEntry, recipients: list[str], reply: str
+    ) -> defer.Deferred | None:
+        """
+        Called for permanent failures and expiry (C{reply} then starts with
+        L{EXPIRED}), before the state is written or the entry removed, so
+        C{entry.messagePath} is still readable.  Logs, and queues a
+        "failed" notification to the sender when C{dsnHostname} is set.
+
+        @return: a L{Deferred} firing when the notification is queued.
+        """
+        log.error(
+            "{queueId} from <{sender}> FAILED for {recipients}: {reply}",
+            queueId=entry.queueId,
+            sender=entry.envelope.sender,
+            recipients=", ".join(recipients),
+            reply=reply,
+        )
+        return defer.ensureDeferred(self._notifyOrRaise(entry, recipients, dsn.FAILED))
+
+    async def _notify(self, entry: SpoolEntry, recipients: list[str], action) -> bool:
+        """
+        Queue a notification of C{action} about C{recipients} of C{entry};
+        a failure is logged.
+
+        @return: whether one was queued.
+        """
+        try:
+            return await self._notifyOrRaise(entry, recipients, action)
+        except Exception as e:
+            log.error(
+                "cannot queue the {action} DSN about {queueId}: {error}",
+                action=action,
+                queueId=entry.queueId,
+                error=e,
+            )
+            return False
+
+    async def _notifyOrRaise(
+        self, entry: SpoolEntry, recipients: list[str], action
+    ) -> bool:
+        """
+        Queue a notification of C{action} about C{recipients} of C{entry}.
+
+        @return: whether one was queued (none is due for the null sender,
+            a DSN, or without C{dsnHostname}).
+        @raise Exception: when it could not be queued.
+        """
+        if self.dsnHostname is None or not dsn.needsNotification(entry):
+            return False
+        remote = getattr(self.downstream, "host", "")
+        statuses = [
+            dsn.recipientStatus(r, action, entry.errors.get(r, ""), remote)
+            for r in recipients
+        ]
+        await dsn.queueDSN(
+            self.spool,
+            entry,
+            statuses,
+            self.dsnHostname,
+            self._reactor.seconds(),
+            willRetryUntil=entry.createdAt + self.maxLifetime,
+        )
+        return True

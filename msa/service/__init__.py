@@ -1,0 +1,4 @@
+"""
+twistd wiring: configuration, the assembled service, startup checks, logs
+and the control socket.
+"""

@@ -1,0 +1,434 @@
+"""
+The queue control socket: how C{digipoort-msa-admin queue ...} talks to the
+running MSA.
+
+The running server listens on a UNIX stream socket,
+C{<state_dir>/control.sock} (mode 0600, in the 0700 state directory: only
+the MSA's own user can connect).  The protocol is one request line and one
+reply line per command, so that it can also be driven by hand with
+C{socat - UNIX-CONNECT:control.sock}::
+
+    request:  COMMAND [ID] CRLF      (list, show ID, flush [ID], delete ID,
+                                      hold ID, release ID)
+    reply:    {"ok": true, "result": ...} LF
+         or   {"ok": false, "error": "no message X in the queue"} LF
+
+Each command maps to a method of the L{msa.relay.runner.RelayRunner} (C{describe},
+C{flush}, C{delete}, C{hold}, C{release}: L{msa.queue.control}); C{show}
+reads the envelope and the message's header section (bounded) from the
+L{msa.queue.spool.Spool}.  The queue runner owns the queue while the server runs:
+every change goes through it, in the reactor thread, so it never races a
+delivery.
+
+L{request} is the blocking client.  L{describeSpool} and L{showEntry} read
+the spool files directly (read-only): the admin command uses them for
+C{list} and C{show} when the server is not running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import stat
+import time
+
+from twisted.application.service import Service
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+
+from msa.queue.control import describeEntry
+from msa.queue.spool import PENDING, Spool
+
+log = Logger()
+
+#: The socket's name in the state directory.
+SOCKET_NAME = "control.sock"
+
+#: Commands and whether they take an id: True (required), None (optional),
+#: False (none).
+COMMANDS: dict[str, bool | None] = {
+    "list": False,
+    "show": True,
+    "flush": None,
+    "delete": True,
+    "hold": True,
+    "release": True,
+}
+
+#: Queue ids are hex (L{msa.queue.spool.newQueueId}); anything else is refused
+#: before it gets near a file name.
+_QUEUE_ID = re.compile(r"^[0-9A-Fa-f]{1,64}$")
+
+#: How much of a message's header section L{showEntry} reads at most.
+MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_LINES = 500
+
+#: Longest request line accepted.
+MAX_REQUEST = 1024
+
+
+class ControlError(Exception):
+    """
+    The server (or the spool) refused a command; the message says why.
+    """
+
+
+class ServerNotRunning(ControlError):
+    """
+    Nothing listens on the control socket.
+    """
+
+
+def socketPath(stateDirectory: str) -> str:
+    return os.path.join(stateDirectory, SOCKET_NAME)
+
+
+#: A UNIX socket address holds about 107 bytes.
+_MAX_ADDRESS = 100
+
+
+class _Address:
+    """
+    A name for the socket at C{path} that fits in a socket address: the
+    path itself, or, when it is too long (a deep state directory), the
+    path through C{/proc/self/fd/N} of the directory, opened (Linux).
+    Close it when the name is no longer needed.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+        if len(os.fsencode(path)) > _MAX_ADDRESS and os.path.isdir("/proc/self/fd"):
+            directory, name = os.path.split(os.path.abspath(path))
+            self._fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            self.path = f"/proc/self/fd/{self._fd}/{name}"
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def checkQueueId(queueId: str) -> str:
+    if not _QUEUE_ID.match(queueId or ""):
+        raise ControlError(f"not a queue id: {queueId!r}")
+    return queueId.upper()
+
+
+def parseRequest(line: str) -> tuple[str, str | None]:
+    """
+    @return: the command and its id (or L{None}).
+    @raise ControlError: for an unknown command or a wrong argument.
+    """
+    words = line.split()
+    if not words:
+        raise ControlError("empty command")
+    command, args = words[0].lower(), words[1:]
+    if command not in COMMANDS:
+        raise ControlError(
+            f"unknown command {words[0]!r}; known: {', '.join(COMMANDS)}"
+        )
+    wantsId = COMMANDS[command]
+    if len(args) > 1 or (wantsId is False and args) or (wantsId is True and not args):
+        usage = {True: " ID", None: " [ID]", False: ""}[wantsId]
+        raise ControlError(f"usage: {command}{usage}")
+    return command, checkQueueId(args[0]) if args else None
+
+
+# Reading the spool directly.
+
+
+def _readHeaders(path: str) -> tuple[list[str], bool]:
+    """
+    The header section of a message file, at most L{MAX_HEADER_BYTES} and
+    L{MAX_HEADER_LINES}.
+
+    @return: the header lines (without line ends, folded lines kept as they
+        are) and whether the section was cut short.
+    """
+    with open(path, "rb") as f:
+        data = f.read(MAX_HEADER_BYTES + 1)
+    if data.startswith(b"\r\n"):
+        return [], False
+    end = data.find(b"\r\n\r\n")
+    truncated = False
+    if end >= 0:
+        data = data[:end]
+    elif len(data) > MAX_HEADER_BYTES:
+        data, truncated = data[:MAX_HEADER_BYTES], True
+    lines = data.decode("utf-8", "replace").split("\r\n") if data else []
+    if len(lines) > MAX_HEADER_LINES:
+        lines, truncated = lines[:MAX_HEADER_LINES], True
+    return lines, truncated
+
+
+def describeSpool(spool: Spool, now: float | None = None) -> list[dict]:
+    """
+    What L{msa.relay.runner.RelayRunner.describe} tells, read from the files: for
+    the admin command when the server is not running.
+    """
+    if now is None:
+        now = time.time()
+    result = []
+    for queueId in spool.pending():
+        try:
+            entry = spool.load(queueId)
+        except (OSError, ValueError):
+            continue
+        result.append(describeEntry(entry, now))
+    return result
+
+
+def showEntry(spool: Spool, queueId: str, summary: dict | None = None) -> dict:
+    """
+    One entry: its summary (as in L{describeSpool}), envelope, per-recipient
+    errors and header section.
+
+    @raise ControlError: when there is no such entry.
+    """
+    queueId = checkQueueId(queueId)
+    try:
+        entry = spool.load(queueId)
+        headers, truncated = _readHeaders(entry.messagePath)
+    except (FileNotFoundError, ValueError):
+        raise ControlError(f"no message {queueId} in the queue")
+    if summary is None:
+        [summary] = [d for d in describeSpool(spool) if d["id"] == queueId] or [
+            {"id": queueId}
+        ]
+    return {
+        "summary": summary,
+        "envelope": entry.envelope.toJSON(),
+        "errors": dict(entry.errors),
+        "eightBit": entry.eightBit,
+        "headers": headers,
+        "headersTruncated": truncated,
+    }
+
+
+# The server side.
+
+
+class ControlProtocol(LineOnlyReceiver):
+    """
+    One admin connection: each request line gets one JSON reply line.
+    Requests are answered in order.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_REQUEST
+
+    def connectionMade(self) -> None:
+        self._queue: defer.Deferred = defer.succeed(None)
+
+    def lineReceived(self, line: bytes) -> None:
+        text = line.rstrip(b"\r").decode("utf-8", "replace")
+        factory: _ControlFactory = self.factory  # type: ignore[assignment]
+        self._queue.addCallback(lambda _: factory.service.execute(text))
+        self._queue.addCallback(self._send)
+
+    def _send(self, reply: dict) -> None:
+        if self.transport is not None:
+            self.transport.write(json.dumps(reply).encode("utf-8") + b"\n")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._send({"ok": False, "error": "request too long"})
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+class _ControlFactory(protocol.Factory):
+    protocol = ControlProtocol
+
+    def __init__(self, service: ControlService) -> None:
+        self.service = service
+
+
+class ControlService(Service):
+    """
+    Serve the control socket at C{socketPath} for the queue runner
+    C{runner} and its spool C{spool}.
+
+    A leftover socket from a crashed server is replaced; if another server
+    still answers on it, the start fails.
+    """
+
+    name = "control"  # type: ignore[assignment]  # Twisted types it as None
+
+    def __init__(self, socketPath: str, runner, spool: Spool, reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.socketPath = socketPath
+        self.runner = runner
+        self.spool = spool
+        self._reactor = reactor
+        self._port = None
+        self._address: _Address | None = None
+
+    def startService(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.socketPath))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        mode = stat.S_IMODE(os.stat(directory).st_mode)
+        if mode & 0o077:
+            log.warn(
+                "{directory} has mode {mode:04o}: the control socket relies on "
+                "its own mode 0600; chmod 700 the directory",
+                directory=directory,
+                mode=mode,
+            )
+        self._removeStale()
+        factory = _ControlFactory(self)
+        self._address = _Address(self.socketPath)
+        try:
+            self._port = self._reactor.listenUNIX(
+                self._address.path, factory, mode=0o600, wantPID=False
+            )
+        except BaseException:
+            self._address.close()
+            raise
+        # listenUNIX applies the mode after bind; make sure it holds.
+        os.chmod(self.socketPath, 0o600)
+        super().startService()
+        log.info("queue control socket at {path}", path=self.socketPath)
+
+    def _removeStale(self) -> None:
+        try:
+            st = os.lstat(self.socketPath)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(f"{self.socketPath} exists and is not a socket")
+        address = _Address(self.socketPath)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(1)
+                try:
+                    s.connect(address.path)
+                except OSError:
+                    os.unlink(self.socketPath)
+                    log.info(
+                        "removed stale control socket {path}", path=self.socketPath
+                    )
+                    return
+        finally:
+            address.close()
+        raise OSError(
+            f"{self.socketPath}: another MSA answers on it (same state directory?)"
+        )
+
+    def stopService(self):
+        super().stopService()
+        port, self._port = self._port, None
+        if port is not None:
+            # The port removes the socket through the address: close the
+            # directory only afterwards.
+            return defer.maybeDeferred(port.stopListening).addBoth(self._stopped)
+
+    def _stopped(self, result):
+        self._address.close()
+        return result
+
+    def execute(self, line: str) -> defer.Deferred:
+        """
+        Run one request line.
+
+        @return: a L{Deferred} of the reply, C{{"ok": True, "result": ...}}
+            or C{{"ok": False, "error": message}}; it never fails.
+        """
+        try:
+            command, queueId = parseRequest(line)
+        except ControlError as e:
+            return defer.succeed({"ok": False, "error": str(e)})
+        d = defer.maybeDeferred(getattr(self, "do_" + command), queueId)
+
+        def ok(result):
+            return {"ok": True, "result": result}
+
+        def failed(failure):
+            if failure.check(ControlError):
+                error = str(failure.value)
+            elif failure.check(KeyError):
+                error = f"no message {queueId} in the queue"
+            else:
+                log.failure("control command {line!r} failed", failure, line=line)
+                error = f"internal error: {failure.getErrorMessage()}"
+            return {"ok": False, "error": error}
+
+        return d.addCallbacks(ok, failed)
+
+    def do_list(self, _):
+        return self.runner.describe()
+
+    @defer.inlineCallbacks
+    def do_show(self, queueId):
+        described = yield defer.maybeDeferred(self.runner.describe)
+        summary = next((d for d in described if d["id"] == queueId), None)
+        if summary is None:
+            raise KeyError(queueId)
+        return showEntry(self.spool, queueId, summary)
+
+    def do_flush(self, queueId):
+        return self.runner.flush(queueId)
+
+    def do_delete(self, queueId):
+        return self.runner.delete(queueId)
+
+    def do_hold(self, queueId):
+        return self.runner.hold(queueId)
+
+    def do_release(self, queueId):
+        return self.runner.release(queueId)
+
+
+# The client side.
+
+
+def request(
+    path: str, command: str, queueId: str | None = None, timeout: float = 30
+) -> object:
+    """
+    Send one command to the running MSA and wait for its reply (blocking).
+
+    @return: the result.
+    @raise ServerNotRunning: when nothing listens on C{path}.
+    @raise ControlError: when the server refused the command.
+    """
+    line = command if queueId is None else f"{command} {queueId}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            address = _Address(path)
+        except FileNotFoundError as e:
+            raise ServerNotRunning(f"the MSA is not running ({path}: {e.strerror})")
+        try:
+            s.connect(address.path)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise ServerNotRunning(f"the MSA is not running ({path}: {e.strerror})")
+        except OSError as e:
+            raise ControlError(f"{path}: {e.strerror or e}")
+        finally:
+            address.close()
+        s.sendall(line.encode("utf-8") + b"\r\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                raise ControlError(f"no answer from the MSA within {timeout}s")
+            if not chunk:
+                raise ControlError("the MSA closed the control connection")
+            data += chunk
+    reply = json.loads(data)
+    if not reply.get("ok"):
+        raise ControlError(reply.get("error") or "failed")
+    return reply.get("result")
+
+
+def summarizeRecipients(recipients: dict[str, str]) -> str:
+    return ", ".join(
+        r if status == PENDING else f"{r} ({status})"
+        for r, status in recipients.items()
+    )

@@ -1,0 +1,420 @@
+"""
+C{twistd digipoort-msa}: command-line options and L{makeService}, which turns
+a configuration into the running MSA (listeners, account store, spool and
+relay runner) as one L{MultiService}.  An embedder that has its own Twisted
+application calls L{buildService} with a L{msa.service.config.Config}, or builds a
+L{msa.submission.server.SubmissionFactory} itself.
+"""
+
+import os
+import re
+import signal
+from typing import Any
+
+import attrs
+from twisted.application import internet, service
+from twisted.application.service import MultiService
+from twisted.cred.portal import Portal
+from twisted.internet import endpoints
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.logger import Logger, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+from twisted.web.server import Site
+
+from msa import __version__, metrics, tls
+from msa.accounts.checkers import AccountChecker, SubmissionRealm
+from msa.accounts.clientcert import CertificateBindingRealm, CertificateChecker
+from msa.accounts.filestore import AccountFile
+from msa.accounts.model import (
+    AccountsFileError,
+    makeAccount,
+    verifyHash,
+    writeAccounts,
+)
+from msa.accounts.passwords import PasswordVerifier, limitScryptMemory
+from msa.policy.authorization import AuthThrottle, ServerRules
+from msa.queue.spool import Spool
+from msa.relay.runner import OutboxDownstream, RelayRunner, SMTPDownstream
+from msa.sasl import MechanismContext
+from msa.service import logs
+from msa.service.config import Config, ConfigError, loadConfig
+from msa.service.controlsocket import ControlService, socketPath
+from msa.service.startupchecks import StartupCheckError, checkFileLimit, runChecks
+from msa.submission.avatar import submissionFactory
+from msa.submission.proxyheader import ProxyHeaderFactory, splitDescription
+from msa.submission.server import ServerPolicy, SubmissionFactory
+from msa.submission.sessions import SessionRegistry
+
+log = Logger()
+
+#: The account made on a first start with built-in defaults (README.rst).
+DEMO_ACCOUNT = ("demo", "demo-password")
+DEMO_SENDERS = ("@mijnbedrijf.nl", "@example.nl")
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Digipoort SMTP Message Submission Agent.  Without --config it runs on "
+        "built-in defaults: 127.0.0.1 ports 2587 (STARTTLS) and 2465 (implicit "
+        "TLS), state under ./msa-state, accepted mail to ./msa-state/outbox."
+    )
+    optParameters = [
+        ["config", "c", None, "Configuration file (TOML); see etc/digipoort-msa.toml."],
+    ]
+
+    def opt_version(self):
+        print(f"digipoort-msa {__version__}")
+        raise SystemExit(0)
+
+
+def makeService(options: Options) -> MultiService:
+    limitScryptMemory()
+    try:
+        config = loadConfig(options["config"])
+    except ConfigError as e:
+        raise SystemExit(f"digipoort-msa: {e}") from e
+    try:
+        return buildService(config)
+    except (
+        StartupCheckError,
+        ConfigError,
+        AccountsFileError,
+        tls.TLSConfigurationError,
+        OSError,
+        ValueError,
+    ) as e:
+        raise SystemExit(f"digipoort-msa: cannot start: {e}") from e
+
+
+def _ensureDemoAccounts(config: Config) -> None:
+    """
+    On built-in defaults only: make an accounts file with the demo account
+    when there is none, so that a first start can be tried at once.
+    """
+    path = config.accountsFile
+    if not config.usesDefaults or os.path.exists(path):
+        return
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    name, password = DEMO_ACCOUNT
+    account = makeAccount(name, password, [config.realm])
+    account = attrs.evolve(account, extra={"senders": list(DEMO_SENDERS)})
+    writeAccounts(path, {name: account})
+    log.warn(
+        "Made {path} with the demo account {name!r} (its password is in "
+        "README.rst) because the MSA runs on built-in defaults; do not use it "
+        "in production",
+        path=path,
+        name=name,
+    )
+
+
+def _downstream(config: Config):
+    relay = config["relay"]
+    if not relay["host"]:
+        log.warn(
+            "No core MTA configured ([relay] host): accepted messages are written "
+            "to the outbox {outbox}, one file per message, and not relayed",
+            outbox=relay["outbox"],
+        )
+        return OutboxDownstream(relay["outbox"])
+    contextFactory = None
+    if relay["tls"] != "none":
+        contextFactory = tls.clientContextFactory(
+            relay["server_name"],
+            caFile=relay["ca_file"],
+            clientCertFile=relay["client_certificate"],
+            clientKeyFile=relay["client_key"],
+            verify=relay["verify_certificate"],
+        )
+    password = None
+    if relay["auth_password_file"]:
+        with open(relay["auth_password_file"]) as f:
+            password = f.read().strip()
+    return SMTPDownstream(
+        relay["host"],
+        relay["port"],
+        tlsMode=relay["tls"],
+        contextFactory=contextFactory,
+        heloName=relay["helo_name"],
+        authUsername=relay["auth_username"],
+        authPassword=password,
+        connectTimeout=relay["connect_timeout"],
+        commandTimeout=relay["command_timeout"],
+        dataTimeout=relay["data_timeout"],
+        idleTimeout=relay["idle_timeout"],
+        maxTransactions=relay["max_messages_per_connection"],
+    )
+
+
+def buildService(config: Config, reactor=None) -> MultiService:
+    """
+    Everything the MSA runs, from a validated configuration.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    server, tlsConfig = config["server"], config["tls"]
+    top = MultiService()
+    os.makedirs(server["state_dir"], mode=0o700, exist_ok=True)
+
+    certFile, keyFile = tlsConfig["certificate"], tlsConfig["key"]
+    if certFile is None:
+        certFile, keyFile = tls.ensureSelfSignedCertificate(
+            server["state_dir"], server["hostname"]
+        )
+    tlsArgs = {
+        k: v
+        for k, v in (
+            ("ciphers", tlsConfig["ciphers"]),
+            ("groups", tlsConfig["groups"]),
+            ("minimumVersion", tlsConfig["minimum_version"]),
+        )
+        if v is not None
+    }
+    contextFactory = tls.serverContextFactory(
+        certFile,
+        keyFile,
+        tlsConfig["chain"],
+        clientCertificates=tlsConfig["client_certificates"],
+        clientCAFile=tlsConfig["client_ca"],
+        clientCRLFile=tlsConfig["client_crl"],
+        ocspResponseFile=tlsConfig["ocsp_response"],
+        **tlsArgs,
+    )
+
+    _ensureDemoAccounts(config)
+    store = AccountFile(config.accountsFile, reactor)
+    watcher = _AccountWatcher(store, config["accounts"]["watch_interval"])
+    watcher.setServiceParent(top)
+
+    spool = Spool(config["spool"]["directory"], reactor)
+    runChecks(certFile, tlsConfig["chain"], config["spool"]["directory"])
+    spool.recover()
+    relay = config["relay"]
+    for problem in checkFileLimit(server["max_connections"], relay["concurrency"]):
+        log.warn("startup check: {problem}", problem=problem)
+    runner = RelayRunner(
+        spool,
+        _downstream(config),
+        reactor,
+        retryBase=relay["retry_base"],
+        retryMax=relay["retry_max"],
+        maxLifetime=relay["max_lifetime"],
+        concurrency=relay["concurrency"],
+        dsnHostname=server["hostname"] if relay["send_dsn"] else None,
+        delayWarningAfter=relay["delay_warning_after"],
+    )
+    runner.setServiceParent(top)
+    metrics.watchQueue(spool)
+    if config["metrics"]["listen"]:
+        site = Site(
+            metrics.metricsResource(
+                spool, config["metrics"]["health_window"], relay=runner
+            )
+        )
+        endpoint = endpoints.serverFromString(reactor, config["metrics"]["listen"])
+        metricsService = internet.StreamServerEndpointService(endpoint, site)
+        metricsService._raiseSynchronously = True
+        metricsService.setServiceParent(top)
+    if config["logging"]["json_file"]:
+        _JSONLog(config["logging"]["json_file"]).setServiceParent(top)
+    ControlService(
+        socketPath(server["state_dir"]), runner, spool, reactor
+    ).setServiceParent(top)
+
+    if server["accepted_recipients"] is None:
+        log.warn(
+            "No [server] accepted_recipients configured: any recipient is accepted; "
+            "a gateway into Digipoort should name the domains it serves"
+        )
+    serverRules = ServerRules(
+        recipients=server["accepted_recipients"],
+        throttle=AuthThrottle(
+            base=server["auth_delay_base"], maximum=server["auth_delay_max"]
+        ),
+    )
+    realm = CertificateBindingRealm(
+        SubmissionRealm(
+            store,
+            submissionFactory(
+                spool, server["hostname"], serverRules, config["content"]["chain"]
+            ),
+        ),
+        store,
+    )
+    verifier = PasswordVerifier(
+        verifyHash, ttl=config["accounts"]["auth_cache_ttl"], reactor=reactor
+    )
+    portal = Portal(
+        realm, [AccountChecker(store, verifier=verifier), CertificateChecker(store)]
+    )
+    mechanismContext = MechanismContext(
+        realm=server["sasl_realm"],
+        serverNames=list(server["server_names"]),
+        scramParameters=store.scramParameters,
+    )
+    registry = SessionRegistry()
+    _checkBacklog(server["listen_backlog"])
+    _SessionShutdown(registry, server["shutdown_grace"]).setServiceParent(top)
+    for implicit, key in (
+        (False, "starttls_listeners"),
+        (True, "implicit_tls_listeners"),
+    ):
+        policy = ServerPolicy(
+            hostname=server["hostname"],
+            implicitTLS=implicit,
+            maxMessageSize=server["max_message_size"],
+            maxLineLength=server["max_line_length"],
+            maxRecipients=server["max_recipients"],
+            maxErrors=server["max_errors"],
+            maxAuthFailures=server["max_auth_failures"],
+            idleTimeout=server["idle_timeout"],
+            tlsHandshakeTimeout=server["tls_handshake_timeout"],
+            commandLineTimeout=server["command_line_timeout"],
+            loginTimeout=server["login_timeout"],
+            dataTimeout=server["data_timeout"],
+            dataMinRate=server["data_min_rate"],
+            maxConnections=server["max_connections"],
+            maxConnectionsPerClient=server["max_connections_per_client"],
+            mechanisms=tuple(server["mechanisms"]),
+        )
+        factory = SubmissionFactory(
+            portal,
+            policy,
+            tlsContextFactory=contextFactory,
+            mechanismContext=mechanismContext,
+            registry=registry,
+            authThrottle=serverRules.throttle,
+            reactor=reactor,
+        )
+        served: IProtocolFactory = factory
+        if implicit:
+            served = TLSMemoryBIOFactory(contextFactory, False, factory)
+        for description in server[key]:
+            proxied, inner = splitDescription(description)
+            endpoint = endpoints.serverFromString(
+                reactor, withBacklog(inner, server["listen_backlog"])
+            )
+            listenerFactory = served
+            if proxied:
+                listenerFactory = ProxyHeaderFactory(served, reactor)
+            listener = internet.StreamServerEndpointService(endpoint, listenerFactory)
+            listener._raiseSynchronously = True
+            listener.setServiceParent(top)
+    return top
+
+
+class _JSONLog(service.Service):
+    """
+    The MSA's log events (and errors) also as flat JSON objects, one per
+    line, in a file, for log shippers (the same as C{twistd --logger
+    msa.service.logs.jsonLogger}; fields in L{msa.service.logs}).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._observer: logs.FlatJSONObserver | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._file = open(self.path, "a", encoding="utf-8")
+        observer = logs.FlatJSONObserver(self._file)
+        globalLogPublisher.addObserver(observer)
+        self._observer = observer
+
+    def stopService(self):
+        if self._observer is not None:
+            globalLogPublisher.removeObserver(self._observer)
+            self._file.close()
+            self._observer = None
+        return super().stopService()
+
+
+class _SessionShutdown(service.Service):
+    """
+    On stop (SIGTERM), let sessions in progress finish their message, up to
+    C{grace} seconds, then tell the rest 421.  The listeners stop accepting
+    at the same moment, since all services stop together.
+    """
+
+    def __init__(self, registry: SessionRegistry, grace: float) -> None:
+        self.registry = registry
+        self.grace = grace
+
+    def stopService(self):
+        super().stopService()
+        return self.registry.shutdown(self.grace)
+
+
+class _AccountWatcher(service.Service):
+    """
+    Reload the accounts file when it changes, and on SIGHUP.
+    """
+
+    def __init__(self, store: AccountFile, interval: float) -> None:
+        self.store = store
+        self.interval = interval
+
+    _previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.store.startWatching(self.interval)
+        from twisted.internet import reactor
+
+        def hangup(signum, frame):
+            reactor.callFromThread(self.store.reload)
+
+        try:
+            self._previous = signal.signal(signal.SIGHUP, hangup)
+        except ValueError:
+            # Not the main thread (an embedder's choice): polling only.
+            self._previous = None
+
+    def stopService(self):
+        self.store.stopWatching()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+        return super().stopService()
+
+
+#: Endpoint types whose description takes C{backlog=}.
+_BACKLOG_TYPES = ("tcp", "tcp6", "unix")
+
+
+def withBacklog(description: str, backlog: int) -> str:
+    """
+    A listener's endpoint description with the listen backlog
+    (C{[server] listen_backlog}) added, so that a burst of connections waits
+    in the kernel's queue instead of being dropped (Twisted's default is
+    50).  An explicit C{backlog=} is kept; C{systemd:} sockets get theirs
+    from the socket unit (C{Backlog=} in C{etc/digipoort-msa.socket}).
+    """
+    parts = re.split(r"(?<!\\):", description)
+    if parts[0] not in _BACKLOG_TYPES or any(
+        p.startswith("backlog=") for p in parts[1:]
+    ):
+        return description
+    return f"{description}:backlog={backlog}"
+
+
+def _checkBacklog(backlog: int, somaxconn: str = "/proc/sys/net/core/somaxconn"):
+    """
+    Say so at start when the kernel will shorten the listen backlog.
+    """
+    try:
+        with open(somaxconn) as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        return
+    if backlog > limit:
+        log.warn(
+            "The listen backlog ([server] listen_backlog, default twice "
+            "max_connections) is {backlog}, but the kernel caps it at "
+            "net.core.somaxconn = {limit}; raise that (sysctl) for the whole "
+            "backlog",
+            backlog=backlog,
+            limit=limit,
+        )

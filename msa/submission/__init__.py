@@ -1,0 +1,5 @@
+"""
+The submission server: the SMTP protocol a client talks to, its session
+state, line framing and DATA filter, address parsing, per-connection limits
+and the PROXY header.
+"""

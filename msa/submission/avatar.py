@@ -1,0 +1,202 @@
+"""
+The avatar of an authenticated account (L{Submission}): it judges MAIL and
+RCPT for that account and streams each accepted message, with one Received
+trace header in front, into the spool exactly once, however many recipients
+it has.  The protocol layer never touches files; this is where a message
+meets the disk.
+"""
+
+import email.utils
+import hashlib
+
+from zope.interface import implementer
+
+from msa.envelope import Envelope, SessionInfo
+from msa.errors import SMTPReply
+from msa.interfaces import IAcceptedMessage, ISpool, ISpoolWriter, ISubmission
+from msa.policy.authorization import AccountRules, HeaderFromPolicy, ServerRules
+from msa.policy.content import MAX_HEADER_FIELDS, MAX_HEADER_SIZE, ContentPolicyChain
+
+SOFTWARE = "digipoort-msa"
+
+
+def receivedHeader(hostname: str, session: SessionInfo, envelope: Envelope) -> bytes:
+    """
+    The Received trace header (RFC 5321 4.4) the MSA prepends, folded, with
+    CRLF line ends.  ESMTPSA: ESMTP, TLS and AUTH (RFC 3848).  The account
+    name is not disclosed; the queue id ties the header to the logs.
+    """
+    helo = session.helo or "unknown"
+    tls = ""
+    if session.tlsVersion:
+        tls = f" ({session.tlsVersion}:{session.tlsCipher})"
+    protocol = (
+        "ESMTPSA" if session.account else "ESMTPS" if session.tlsVersion else "ESMTP"
+    )
+    forClause = (
+        f" for <{envelope.recipients[0]}>" if len(envelope.recipients) == 1 else ""
+    )
+    date = email.utils.formatdate(envelope.receivedAt, localtime=True)
+    lines = [
+        f"Received: from {helo} ([{session.clientAddress}])",
+        f"\tby {hostname} ({SOFTWARE}) with {protocol}{tls}",
+        f"\tid {envelope.queueId}{forClause}; {date}",
+    ]
+    return "\r\n".join(lines).encode("ascii", "replace") + b"\r\n"
+
+
+@implementer(IAcceptedMessage)
+class SpooledMessage:
+    """
+    One message streaming into the spool.
+    """
+
+    def __init__(self, writer: ISpoolWriter, onCommitted=None, checker=None) -> None:
+        self.writer = writer
+        self.queueId = writer.queueId
+        self._onCommitted = onCommitted
+        self._checker = checker
+        self._digest = hashlib.sha256()
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._checker is not None:
+            self._checker.lineReceived(line)
+        line += b"\r\n"
+        self._digest.update(line)
+        self.writer.write(line)
+
+    @property
+    def acceptsBlocks(self) -> bool:
+        """
+        Whether L{blockReceived} may be used: not when a content policy
+        needs to see each line.
+        """
+        return self._checker is None
+
+    def blockReceived(self, data: bytes) -> None:
+        """
+        Several lines at once, each with its CRLF, dot-unstuffed.
+        """
+        self._digest.update(data)
+        self.writer.write(data)
+
+    def sha256(self) -> str:
+        """
+        The SHA-256 of the message as accepted from the client (without the
+        MSA's Received header), for the log.
+        """
+        return self._digest.hexdigest()
+
+    def eomReceived(self):
+        if self._checker is not None:
+            try:
+                self._checker.eomReceived()
+            except BaseException:
+                self.writer.abort()
+                raise
+        d = self.writer.commit()
+        if self._onCommitted is not None:
+            d.addCallback(self._committed)
+        return d
+
+    def _committed(self, queueId):
+        self._onCommitted()
+        return queueId
+
+    def connectionLost(self) -> None:
+        self.writer.abort()
+
+
+@implementer(ISubmission)
+class Submission:
+    """
+    What an authenticated account may do (R9, R10): send as the addresses
+    issued to it, to the recipients the gateway serves, within its limits.
+    """
+
+    def __init__(
+        self,
+        account,
+        spool: ISpool,
+        hostname: str,
+        serverRules: ServerRules | None = None,
+        contentPolicy: ContentPolicyChain | None = None,
+    ) -> None:
+        self.accountRecord = account
+        self.account: str = account.name
+        self.spool = spool
+        self.hostname = hostname
+        self.serverRules = serverRules if serverRules is not None else ServerRules()
+        self.rules = AccountRules.fromExtra(getattr(account, "extra", {}))
+        self.maxMessageSize = self.rules.maxMessageSize
+        self.maxRecipients = self.rules.maxRecipients
+        self.maxSessions = self.rules.maxSessions
+        policies = list(contentPolicy.policies) if contentPolicy is not None else []
+        if self.rules.requireHeaderFrom:
+            policies.append(
+                ("account-header-from", HeaderFromPolicy(self.rules.senders))
+            )
+        self.contentPolicy = None
+        if policies:
+            self.contentPolicy = ContentPolicyChain(
+                policies,
+                maxHeaderSize=getattr(contentPolicy, "maxHeaderSize", MAX_HEADER_SIZE),
+                maxHeaderFields=getattr(
+                    contentPolicy, "maxHeaderFields", MAX_HEADER_FIELDS
+                ),
+            )
+
+    def validateFrom(self, session: SessionInfo, sender: str, params: dict) -> None:
+        if not sender:
+            raise SMTPReply(
+                553, "5.7.1", "The null sender <> is not accepted for submissions"
+            )
+        if not self.rules.senders.matches(sender):
+            raise SMTPReply(
+                553,
+                "5.7.1",
+                f"Sender address <{sender}> is not owned by the authenticated account",
+            )
+        self.serverRules.rates.check(self.account, self.rules)
+
+    def validateTo(self, session: SessionInfo, recipient: str, params: dict) -> None:
+        for allowed in (self.serverRules.recipients, self.rules.recipients):
+            if allowed is not None and not allowed.matches(recipient):
+                raise SMTPReply(
+                    550,
+                    "5.7.1",
+                    f"Recipient <{recipient}> is not served by this gateway "
+                    "for this account",
+                )
+
+    def startMessage(self, session: SessionInfo, envelope: Envelope) -> SpooledMessage:
+        checker = None
+        if self.contentPolicy is not None:
+            checker = self.contentPolicy.startMessage(envelope)
+        writer = self.spool.newMessage(envelope)
+        try:
+            writer.write(receivedHeader(self.hostname, session, envelope))
+        except BaseException:
+            writer.abort()
+            raise
+        return SpooledMessage(
+            writer, lambda: self.serverRules.rates.record(self.account), checker
+        )
+
+
+def submissionFactory(
+    spool: ISpool,
+    hostname: str,
+    serverRules: ServerRules | None = None,
+    contentPolicy: ContentPolicyChain | None = None,
+):
+    """
+    The C{avatarFactory} for L{msa.accounts.checkers.SubmissionRealm}.
+    """
+    if serverRules is None:
+        serverRules = ServerRules()
+
+    def makeSubmission(account) -> Submission:
+        return Submission(account, spool, hostname, serverRules, contentPolicy)
+
+    return makeSubmission
