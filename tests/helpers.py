@@ -89,7 +89,8 @@ class SimpleRealm:
         account = FakeAccount(name)
         if name in self.extras:
             account.extra = self.extras[name]
-        return ISubmission, self.makeSubmission(account), lambda: None
+        avatar = self.makeSubmission(account)
+        return ISubmission, avatar, getattr(avatar, "logout", lambda: None)
 
 
 @implementer(ICredentialsChecker)
