@@ -1,0 +1,298 @@
+# -*- test-case-name: tests.test_mutants -*-
+"""
+Tests that kill the mutants C{tools/mutate.py} found surviving (issue 10,
+"a mutation check"): each pins down a limit or a step that the existing
+tests did not notice being removed.
+
+  - the 256-octet path limit, at 256 and 257 octets, over the protocol;
+  - the "no From:" refusal of an account with C{requireHeaderFrom};
+  - the directory fsync after the renames of a commit (and after the
+    state update and the removal);
+  - L{Spool.pending} requiring the C{.msg} file beside the C{.json};
+  - smaller edges of the address parser and the line framer.
+"""
+
+import os
+import stat
+
+from twisted.internet import task
+from twisted.trial import unittest
+
+from msa import addresses, spool
+from msa.errors import SMTPReply
+from msa.framing import LineFramer
+from tests.helpers import SENDERS, Harness
+from tests.test_spool import MESSAGE, makeEnvelope
+
+
+def address(length: int, localLength: int = 64) -> str:
+    """
+    A valid address of C{length} octets: a local part of C{localLength},
+    then a domain of labels of at most 63 octets ending in C{.nl}.
+    """
+    domainLength = length - localLength - 1
+    labels, left = [], domainLength - 3
+    while left > 0:
+        size = min(63, left - 1) if left > 64 else left
+        if left - size == 1:
+            size -= 1
+        labels.append("d" * size)
+        left -= size + 1
+    domain = ".".join(labels) + ".nl"
+    result = "l" * localLength + "@" + domain
+    assert len(result) == length and len(domain) == domainLength, result
+    return result
+
+
+class PathLengthProtocolTests(unittest.TestCase):
+    """
+    RFC 5321 4.5.3.1.3: a path is at most 256 octets.  Over the protocol,
+    as RCPT TO (any recipient is served in this harness).
+    """
+
+    def setUp(self):
+        self.h = Harness(self)
+        self.h.login()
+        self.assertEqual(
+            self.h.command(b"MAIL FROM:<ik@mijnbedrijf.nl>"), [b"250 2.1.0 Ok"]
+        )
+
+    def rcpt(self, to: str) -> list[bytes]:
+        return self.h.command(b"RCPT TO:<" + to.encode() + b">")
+
+    def test_256Octets(self):
+        self.assertEqual(self.rcpt(address(256)), [b"250 2.1.5 Ok"])
+
+    def test_257Octets(self):
+        self.assertEqual(
+            self.rcpt(address(257)),
+            [b"553 5.1.3 Address too long (RFC 5321 4.5.3.1)"],
+        )
+
+    def test_localPart64And65(self):
+        self.assertEqual(self.rcpt(address(100, 64)), [b"250 2.1.5 Ok"])
+        self.assertEqual(
+            self.rcpt(address(100, 65)),
+            [b"553 5.1.3 Address too long (RFC 5321 4.5.3.1)"],
+        )
+
+
+class AddressParserEdgeTests(unittest.TestCase):
+    def test_sourceRouteText(self):
+        error = self.assertRaises(
+            SMTPReply, addresses.parseRcptArgument, b"TO:<@relay.nl:a@example.nl>"
+        )
+        self.assertEqual(
+            (error.code, error.status, error.text),
+            (553, "5.1.3", "Source routes are not accepted"),
+        )
+
+    def test_wrongKeyword(self):
+        for argument, verb in ((b"TO:<a@example.nl>", "MAIL FROM"),):
+            error = self.assertRaises(SMTPReply, addresses.parseMailArgument, argument)
+            self.assertEqual(
+                (error.code, error.status, error.text),
+                (501, "5.5.4", f"Syntax: {verb}:<address>"),
+            )
+        error = self.assertRaises(
+            SMTPReply, addresses.parseRcptArgument, b"FROM:<a@example.nl>"
+        )
+        self.assertEqual(error.text, "Syntax: RCPT TO:<address>")
+
+    def test_notUTF8(self):
+        error = self.assertRaises(
+            SMTPReply, addresses.parseRcptArgument, b"TO:<\xff@example.nl>"
+        )
+        self.assertEqual(
+            (error.code, error.status, error.text),
+            (553, "5.6.7", "Non-ASCII addresses are not supported (no SMTPUTF8)"),
+        )
+
+    def test_escapedQuoteInQuotedString(self):
+        """
+        An escaped quote does not end the quoted string, so the C{>} after
+        it is part of the local part, not the end of the path.
+        """
+        self.assertEqual(
+            addresses.parseRcptArgument(b'TO:<"a\\">b"@example.nl>'),
+            ('"a\\">b"@example.nl', {}),
+        )
+
+
+class HeaderFromRequiredTests(unittest.TestCase):
+    """
+    An account with C{requireHeaderFrom}: a message without any From:
+    mailbox is refused after the final dot, and nothing is queued.
+    """
+
+    def test_noFromRefused(self):
+        h = Harness(
+            self,
+            realmArgs={
+                "extras": {
+                    "alice": {"senders": list(SENDERS), "requireHeaderFrom": True}
+                }
+            },
+        )
+        h.login()
+        h.transaction(sender=b"ik@mijnbedrijf.nl")
+        reply = h.send(b"To: b@example.nl\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+        self.assertEqual(reply, [b"550 5.7.1 Message refused: no From: address"])
+        self.assertEqual(h.spool.committed, [])
+
+    def test_emptyFromRefused(self):
+        h = Harness(
+            self,
+            realmArgs={
+                "extras": {
+                    "alice": {"senders": list(SENDERS), "requireHeaderFrom": True}
+                }
+            },
+        )
+        h.login()
+        h.transaction(sender=b"ik@mijnbedrijf.nl")
+        reply = h.send(b"From: \r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+        self.assertEqual(reply, [b"550 5.7.1 Message refused: no From: address"])
+
+
+class DirectoryFsyncTests(unittest.TestCase):
+    """
+    After a rename or an unlink in C{queue/}, the directory itself is
+    fsynced, or a power loss could forget the new name although the 250
+    was sent.  A real power loss cannot be produced in a test (the page
+    cache survives anything short of the machine losing power, and no
+    unprivileged test can cut it), so these tests observe the fsync calls
+    themselves: C{os.fsync} is wrapped, and each call records whether its
+    file descriptor is the queue directory and what the directory held at
+    that moment.
+    """
+
+    def setUp(self):
+        clock = task.Clock()
+        clock.advance(1_700_000_000)
+        self.spool = spool.Spool(self.mktemp(), reactor=clock)
+        self.calls = []
+        realFsync = os.fsync
+        queueDirectory = os.path.realpath(self.spool.queueDirectory)
+
+        def fsync(fd):
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if target == queueDirectory:
+                    self.calls.append(sorted(os.listdir(queueDirectory)))
+            return realFsync(fd)
+
+        self.patch(os, "fsync", fsync)
+
+    def commit(self) -> str:
+        writer = self.spool.newMessage(makeEnvelope())
+        writer.write(MESSAGE)
+        return self.successResultOf(writer.commit())
+
+    def test_afterCommitRenames(self):
+        queueId = self.commit()
+        self.assertEqual(self.calls, [[queueId + ".json", queueId + ".msg"]])
+
+    def test_afterUpdate(self):
+        queueId = self.commit()
+        entry = self.spool.load(queueId)
+        del self.calls[:]
+        self.spool.update(entry)
+        self.assertEqual(self.calls, [[queueId + ".json", queueId + ".msg"]])
+
+    def test_afterRemovingTheStateFile(self):
+        """
+        L{Spool.remove}: the directory is fsynced after the state file is
+        gone and before the message file goes.
+        """
+        queueId = self.commit()
+        del self.calls[:]
+        self.spool.remove(queueId)
+        self.assertEqual(self.calls, [[queueId + ".msg"]])
+        self.assertEqual(os.listdir(self.spool.queueDirectory), [])
+
+    def test_afterRecover(self):
+        queueId = self.commit()
+        open(os.path.join(self.spool.queueDirectory, "orphan.msg"), "wb").close()
+        del self.calls[:]
+        self.assertEqual(self.spool.recover(), [queueId])
+        self.assertEqual(self.calls, [[queueId + ".json", queueId + ".msg"]])
+
+
+class PendingNeedsMessageTests(unittest.TestCase):
+    """
+    L{Spool.pending} lists an entry only when both its files are there: a
+    state file without its message cannot be delivered.
+    """
+
+    def test_stateWithoutMessage(self):
+        clock = task.Clock()
+        s = spool.Spool(self.mktemp(), reactor=clock)
+        writer = s.newMessage(makeEnvelope())
+        writer.write(MESSAGE)
+        queueId = self.successResultOf(writer.commit())
+        with open(os.path.join(s.queueDirectory, "lonely.json"), "wb") as f:
+            f.write(b"{}")
+        open(os.path.join(s.queueDirectory, "other.msg"), "wb").close()
+        self.assertEqual(s.pending(), [queueId])
+        os.unlink(os.path.join(s.queueDirectory, queueId + ".msg"))
+        self.assertEqual(s.pending(), [])
+
+
+class LineFramerEdgeTests(unittest.TestCase):
+    """
+    L{LineFramer.completeLines} and L{LineFramer.skip}, the block path's
+    view of the buffer.
+    """
+
+    def test_completeLines(self):
+        framer = LineFramer()
+        self.assertEqual(framer.completeLines(), b"")
+        framer.feed(b"one\r\ntwo\r\nthr")
+        self.assertEqual(framer.completeLines(), b"one\r\ntwo\r\n")
+        framer.skip(5)
+        self.assertEqual(framer.completeLines(), b"two\r\n")
+        self.assertEqual(framer.buffered, 8)
+        framer.skip(5)
+        self.assertEqual(framer.completeLines(), b"")
+        framer.feed(b"ee\r\n")
+        self.assertEqual(framer.completeLines(), b"three\r\n")
+        self.assertEqual(framer.nextLine(100), (b"three", False))
+
+    def test_noCompleteLinesWhileDiscarding(self):
+        framer = LineFramer()
+        framer.feed(b"x" * 20)
+        self.assertIsNone(framer.nextLine(10))
+        framer.feed(b"y\r\nz\r\n")
+        self.assertEqual(framer.completeLines(), b"")
+        self.assertEqual(framer.nextLine(10), (b"x" * 10, True))
+        self.assertEqual(framer.completeLines(), b"z\r\n")
+
+    def test_clear(self):
+        framer = LineFramer()
+        framer.feed(b"x" * 20)
+        framer.nextLine(10)
+        framer.feed(b"a\r\nb")
+        framer.clear()
+        self.assertEqual(framer.buffered, 0)
+        framer.feed(b"c\r\n")
+        self.assertEqual(framer.nextLine(10), (b"c", False))
+
+    def test_edgeOfTheLimitWithoutCRLF(self):
+        """
+        Without a CRLF yet, up to C{maxLength + 1} bytes are kept (the line
+        and a CR); one more and the line is known to be too long.
+        """
+        framer = LineFramer()
+        framer.feed(b"x" * 11)
+        self.assertIsNone(framer.nextLine(10))
+        framer.feed(b"\r\n")
+        self.assertEqual(framer.nextLine(10), (b"x" * 10, True))
+        framer.feed(b"x" * 12)
+        self.assertIsNone(framer.nextLine(10))
+        framer.feed(b"\r\n")
+        self.assertEqual(framer.nextLine(10), (b"x" * 10, True))
+        framer.feed(b"x" * 10 + b"\r")
+        self.assertIsNone(framer.nextLine(10))
+        framer.feed(b"\n")
+        self.assertEqual(framer.nextLine(10), (b"x" * 10, False))
