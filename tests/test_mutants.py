@@ -19,9 +19,11 @@ from twisted.internet import task
 from twisted.trial import unittest
 
 from msa import addresses, spool
+from msa.authorization import AccountRules, AddressList, RateLimiter
 from msa.errors import SMTPReply
-from msa.framing import LineFramer
+from msa.framing import DataFilter, LineFramer
 from tests.helpers import SENDERS, Harness
+from tests.test_authorization import FakeTime
 from tests.test_spool import MESSAGE, makeEnvelope
 
 
@@ -118,6 +120,38 @@ class AddressParserEdgeTests(unittest.TestCase):
             ('"a\\">b"@example.nl', {}),
         )
 
+    def assertReply(self, parse, argument, reply):
+        error = self.assertRaises(SMTPReply, parse, argument)
+        self.assertEqual((error.code, error.status, error.text), reply)
+
+    def test_backslashOutsideQuotes(self):
+        """
+        A backslash escapes only inside a quoted string: outside, the C{>}
+        after it closes the path, and the rest is a syntax error.
+        """
+        self.assertReply(
+            addresses.parseRcptArgument,
+            b"TO:<a\\>b@example.nl>",
+            (501, "5.5.4", "Syntax error after the address"),
+        )
+
+    def test_badParameterSyntax(self):
+        for word in ("SIZE=", "-X", "=1"):
+            self.assertReply(
+                addresses.parseMailArgument,
+                b"FROM:<a@example.nl> " + word.encode(),
+                (501, "5.5.4", f"Bad parameter syntax: {word}"),
+            )
+        self.assertReply(
+            addresses.parseMailArgument,
+            b"FROM:<a@example.nl> FOO",
+            (555, "5.5.4", "Unsupported parameter: FOO"),
+        )
+        self.assertEqual(
+            addresses.parseMailArgument(b"FROM:<a@example.nl> SIZE=10 BODY=8bitmime"),
+            ("a@example.nl", {"SIZE": "10", "BODY": "8BITMIME"}),
+        )
+
 
 class HeaderFromRequiredTests(unittest.TestCase):
     """
@@ -125,7 +159,7 @@ class HeaderFromRequiredTests(unittest.TestCase):
     mailbox is refused after the final dot, and nothing is queued.
     """
 
-    def test_noFromRefused(self):
+    def submit(self, message: bytes) -> list[bytes]:
         h = Harness(
             self,
             realmArgs={
@@ -136,23 +170,18 @@ class HeaderFromRequiredTests(unittest.TestCase):
         )
         h.login()
         h.transaction(sender=b"ik@mijnbedrijf.nl")
-        reply = h.send(b"To: b@example.nl\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+        self.spool = h.spool
+        return h.send(message)
+
+    def test_noFromRefused(self):
+        reply = self.submit(b"To: b@example.nl\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
         self.assertEqual(reply, [b"550 5.7.1 Message refused: no From: address"])
-        self.assertEqual(h.spool.committed, [])
+        self.assertEqual(self.spool.committed, [])
 
     def test_emptyFromRefused(self):
-        h = Harness(
-            self,
-            realmArgs={
-                "extras": {
-                    "alice": {"senders": list(SENDERS), "requireHeaderFrom": True}
-                }
-            },
-        )
-        h.login()
-        h.transaction(sender=b"ik@mijnbedrijf.nl")
-        reply = h.send(b"From: \r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+        reply = self.submit(b"From: \r\nSubject: x\r\n\r\nbody\r\n.\r\n")
         self.assertEqual(reply, [b"550 5.7.1 Message refused: no From: address"])
+        self.assertEqual(self.spool.committed, [])
 
 
 class DirectoryFsyncTests(unittest.TestCase):
@@ -296,3 +325,154 @@ class LineFramerEdgeTests(unittest.TestCase):
         self.assertIsNone(framer.nextLine(10))
         framer.feed(b"\n")
         self.assertEqual(framer.nextLine(10), (b"x" * 10, False))
+
+    def test_freshFramerIsEmpty(self):
+        framer = LineFramer()
+        self.assertEqual(framer.buffered, 0)
+        self.assertIsNone(framer.nextLine(10))
+        framer.feed(b"abc")
+        self.assertEqual(framer.completeLines(), b"")
+        framer.feed(b"\r\n\r\n")
+        self.assertEqual(framer.completeLines(), b"abc\r\n\r\n")
+
+    def test_emptyLineIsComplete(self):
+        framer = LineFramer()
+        framer.feed(b"\r\n")
+        self.assertEqual(framer.completeLines(), b"\r\n")
+
+    def test_overLongLineNotKept(self):
+        """
+        Memory is bounded: once a line is known to be too long, its bytes
+        are dropped from the buffer (only the first C{maxLength} are kept
+        aside), and taken lines do not stay in the buffer either.
+        """
+        framer = LineFramer()
+        framer.feed(b"ab\r\n" + b"x" * 12)
+        self.assertEqual(framer.nextLine(10), (b"ab", False))
+        self.assertIsNone(framer.nextLine(10))
+        self.assertEqual(framer.buffered, 0)
+        framer.feed(b"x" * 11 + b"\r")
+        self.assertIsNone(framer.nextLine(10))
+        self.assertEqual(framer.buffered, 1)
+        framer.feed(b"\nnext\r\n")
+        self.assertEqual(framer.nextLine(10), (b"x" * 10, True))
+        self.assertEqual(framer.nextLine(10), (b"next", False))
+        framer.feed(b"more\r\n" * 100)
+        for _ in range(100):
+            framer.nextLine(10)
+        framer.feed(b"last")
+        self.assertEqual(len(framer._buffer), 4)
+
+
+class DataBlockEdgeTests(unittest.TestCase):
+    """
+    L{DataFilter.blockReceived} takes a block only when every line in it is
+    ordinary; otherwise it changes nothing and says L{None}.
+    """
+
+    def test_ordinaryBlock(self):
+        f = DataFilter(maxSize=100)
+        self.assertEqual(f.blockReceived(b"a\r\n..b\r\n.c\r\n"), b"a\r\n.b\r\nc\r\n")
+        self.assertEqual(f.size, 10)
+        self.assertEqual(f.blockReceived(b".\r\n"[1:] + b"d\r\n"), b"\r\nd\r\n")
+        self.assertEqual(f.size, 15)
+
+    def test_notAfterARefusal(self):
+        f = DataFilter(maxSize=100)
+        first = SMTPReply(550, "5.7.1", "first")
+        f.refuse(first)
+        f.refuse(SMTPReply(552, "5.3.4", "second"))
+        self.assertIs(f.error, first)
+        self.assertIsNone(f.blockReceived(b"a\r\n"))
+        self.assertEqual(f.size, 0)
+
+    def test_finalDot(self):
+        f = DataFilter(maxSize=100)
+        self.assertIsNone(f.blockReceived(b"a\r\n.\r\n"))
+        self.assertIsNone(f.blockReceived(b".\r\n"))
+        self.assertEqual(f.size, 0)
+
+    def test_bareCROrLF(self):
+        f = DataFilter(maxSize=100)
+        self.assertIsNone(f.blockReceived(b"a\rb\r\n"))
+        self.assertIsNone(f.blockReceived(b"a\nb\r\n"))
+        self.assertEqual(f.size, 0)
+
+    def test_lineLength(self):
+        """
+        The default limit is 998 octets without the CRLF (RFC 5321
+        4.5.3.1.6); a longer line goes the line-by-line way.
+        """
+        f = DataFilter(maxSize=10000)
+        self.assertEqual(f.blockReceived(b"x" * 998 + b"\r\n"), b"x" * 998 + b"\r\n")
+        self.assertIsNone(f.blockReceived(b"y\r\n" + b"x" * 999 + b"\r\n"))
+        self.assertEqual(f.size, 1000)
+        refused = DataFilter(maxSize=10000)
+        self.assertIsNone(refused.lineReceived(b"x" * 998, True))
+        self.assertIn("longer than 1000 octets", refused.error.text)
+
+    def test_size(self):
+        f = DataFilter(maxSize=10)
+        self.assertIsNone(f.blockReceived(b"abcdefghi\r\n"))
+        self.assertEqual(f.blockReceived(b"abcdefgh\r\n"), b"abcdefgh\r\n")
+        self.assertEqual(f.size, 10)
+        self.assertIsNone(f.blockReceived(b"\r\n"))
+        self.assertEqual(f.size, 10)
+
+
+class AuthorizationRuleEdgeTests(unittest.TestCase):
+    def test_addressListTruth(self):
+        self.assertFalse(AddressList())
+        self.assertTrue(AddressList.parse(["ik@mijnbedrijf.nl"]))
+        self.assertTrue(AddressList.parse(["@mijnbedrijf.nl"]))
+
+    def test_fieldTypes(self):
+        for extra, message in [
+            (
+                {"requireHeaderFrom": "yes"},
+                "key 'requireHeaderFrom' must be true or false",
+            ),
+            ({"senders": "@mijnbedrijf.nl"}, "key 'senders' must be a list"),
+            ({"recipients": None}, "key 'recipients' must be a list"),
+        ]:
+            error = self.assertRaises(ValueError, AccountRules.fromExtra, extra)
+            self.assertEqual(str(error), message)
+
+    def test_dayWindowEdge(self):
+        """
+        A message counts against the day for exactly 86,400 seconds.
+        """
+        clock = FakeTime()
+        limiter = RateLimiter(clock)
+        rules = AccountRules(messagesPerDay=1)
+        limiter.reserve("acme", rules).commit()
+        clock.now += 86399
+        error = self.assertRaises(SMTPReply, limiter.reserve, "acme", rules)
+        self.assertIn("1 messages per day", error.text)
+        self.assertIn("try again in 2 seconds", error.text)
+        clock.now += 1
+        limiter.reserve("acme", rules).commit()
+
+    def test_minuteWindowEdge(self):
+        clock = FakeTime()
+        limiter = RateLimiter(clock)
+        rules = AccountRules(messagesPerMinute=1)
+        limiter.reserve("acme", rules).commit()
+        clock.now += 59
+        self.assertRaises(SMTPReply, limiter.reserve, "acme", rules)
+        clock.now += 1
+        limiter.reserve("acme", rules).commit()
+
+    def test_sentTimesForgottenAfterADay(self):
+        """
+        Memory is bounded: send times older than a day are dropped when the
+        next message is counted.
+        """
+        clock = FakeTime()
+        limiter = RateLimiter(clock)
+        limiter.record("acme")
+        clock.now += 1
+        limiter.record("acme")
+        clock.now += 86399
+        limiter.record("acme")
+        self.assertEqual(list(limiter._sent["acme"]), [clock.now - 86399, clock.now])
