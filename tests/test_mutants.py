@@ -12,10 +12,12 @@ tests did not notice being removed.
   - smaller edges of the address parser and the line framer.
 """
 
+import json
 import os
 import stat
+import time
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from msa import addresses, spool
@@ -476,3 +478,231 @@ class AuthorizationRuleEdgeTests(unittest.TestCase):
         clock.now += 86399
         limiter.record("acme")
         self.assertEqual(list(limiter._sent["acme"]), [clock.now - 86399, clock.now])
+
+
+def openDescriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class SpoolEdgeTests(unittest.TestCase):
+    """
+    The spool's smaller promises: what is fsynced with what on disk,
+    descriptors closed, file modes, queue ids, refusals of a closed writer,
+    and the cleanup of a failed or aborted commit.
+    """
+
+    def setUp(self):
+        clock = task.Clock()
+        clock.advance(1_700_000_000)
+        self.directory = os.path.abspath(self.mktemp())
+        self.spool = spool.Spool(self.directory, reactor=clock)
+
+    def writer(self, data: bytes = MESSAGE):
+        writer = self.spool.newMessage(makeEnvelope())
+        writer.write(data)
+        return writer
+
+    def test_fsyncedWithTheirContent(self):
+        """
+        Each file is fsynced once it holds all its bytes: the message (its
+        buffer flushed first) and the state file.
+        """
+        fsynced = {}
+        realFsync = os.fsync
+
+        def fsync(fd):
+            if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                path = os.readlink(f"/proc/self/fd/{fd}")
+                fsynced[os.path.basename(path)] = os.fstat(fd).st_size
+            return realFsync(fd)
+
+        self.patch(os, "fsync", fsync)
+        writer = self.writer()
+        queueId = self.successResultOf(writer.commit())
+        queue = self.spool.queueDirectory
+        self.assertEqual(
+            fsynced,
+            {
+                queueId + ".msg": os.path.getsize(
+                    os.path.join(queue, queueId + ".msg")
+                ),
+                queueId + ".json": os.path.getsize(
+                    os.path.join(queue, queueId + ".json")
+                ),
+            },
+        )
+        self.assertEqual(fsynced[queueId + ".msg"], len(MESSAGE))
+
+    def test_descriptorsClosed(self):
+        before = openDescriptors()
+        writer = self.writer()
+        self.successResultOf(writer.commit())
+        self.spool.update(self.spool.load(writer.queueId))
+        self.spool.remove(writer.queueId)
+        aborted = self.writer()
+        aborted.abort()
+        self.assertEqual(openDescriptors(), before)
+
+    def test_modes(self):
+        writer = self.writer()
+        queueId = self.successResultOf(writer.commit())
+        self.assertEqual(self.spool.directory, self.directory)
+        for directory in (
+            self.directory,
+            self.spool.tmpDirectory,
+            self.spool.queueDirectory,
+        ):
+            self.assertEqual(stat.S_IMODE(os.stat(directory).st_mode), 0o700)
+        for suffix in (".msg", ".json"):
+            path = os.path.join(self.spool.queueDirectory, queueId + suffix)
+            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+
+    def test_stateFile(self):
+        """
+        The state file: version 1, keys sorted; a state file written
+        without the optional keys loads with their defaults.
+        """
+        queueId = self.successResultOf(self.writer().commit())
+        path = os.path.join(self.spool.queueDirectory, queueId + ".json")
+        with open(path, "rb") as f:
+            text = f.read()
+        data = json.loads(text)
+        self.assertEqual(data["version"], 1)
+        self.assertEqual(text, json.dumps(data, sort_keys=True).encode())
+        self.assertEqual(
+            (data["eightBit"], data["isBounce"], data["held"]), (False, False, False)
+        )
+        minimal = {k: data[k] for k in ("queueId", "envelope", "recipients")}
+        with open(path, "w") as f:
+            json.dump(minimal, f)
+        entry = self.spool.load(queueId)
+        self.assertEqual(
+            (entry.attempts, entry.nextAttempt, entry.lastError, entry.createdAt),
+            (0, 0.0, "", 0.0),
+        )
+        self.assertEqual(
+            (
+                entry.eightBit,
+                entry.held,
+                entry.isBounce,
+                entry.delayWarned,
+                entry.errors,
+            ),
+            (False, False, False, False, {}),
+        )
+        self.assertEqual(entry.size, len(MESSAGE))
+
+    def test_eightBit(self):
+        writer = self.spool.newMessage(makeEnvelope())
+        writer.write(b"\xc3\xa9\r\n")
+        writer.write(b"ascii\r\n")
+        queueId = self.successResultOf(writer.commit())
+        self.assertTrue(self.spool.load(queueId).eightBit)
+        entry = spool.SpoolEntry(queueId="x", envelope=makeEnvelope(), recipients={})
+        self.assertEqual(
+            (entry.eightBit, entry.size, entry.isBounce), (False, 0, False)
+        )
+
+    def test_queueIds(self):
+        """
+        13 hex digits of microseconds since the epoch, strictly increasing,
+        then 5 random hex digits.
+        """
+        ids = [spool.newQueueId() for _ in range(2000)]
+        stamps = [int(i[:13], 16) for i in ids]
+        self.assertEqual({len(i) for i in ids}, {18})
+        self.assertEqual(stamps, sorted(set(stamps)))
+        self.assertLess(abs(stamps[0] / 1e6 - time.time()), 60)
+        self.assertEqual(len({i[13] for i in ids}), 16)
+
+    def test_closedWriterRefuses(self):
+        committed = self.writer()
+        self.successResultOf(committed.commit())
+        self.assertRaises(RuntimeError, committed.write, b"more")
+        self.failureResultOf(committed.commit(), RuntimeError)
+        aborted = self.writer()
+        aborted.abort()
+        self.assertRaises(RuntimeError, aborted.write, b"more")
+        self.failureResultOf(aborted.commit(), RuntimeError)
+        self.assertEqual(os.listdir(self.spool.tmpDirectory), [])
+
+    def test_writeFails(self):
+        """
+        The disk refuses the data: 452 4.3.1, and the size does not grow.
+        """
+
+        class Full:
+            def write(self, data):
+                raise OSError(28, "No space left on device")
+
+        writer = self.writer()
+        realFile, writer._file = writer._file, Full()
+        self.addCleanup(realFile.close)
+        error = self.assertRaises(SMTPReply, writer.write, b"x" * 10)
+        self.assertEqual(
+            (error.code, error.status, error.text),
+            (452, "4.3.1", "Insufficient system storage"),
+        )
+        self.assertEqual(writer._size, len(MESSAGE))
+        self.flushLoggedErrors()
+
+    def test_commitFails(self):
+        """
+        The second rename fails: the commit says 451 4.3.0 and leaves
+        nothing behind in C{tmp/} or C{queue/}.
+        """
+        realRename = os.rename
+
+        def rename(source, target):
+            if target.endswith(".json"):
+                raise OSError(5, "Input/output error")
+            return realRename(source, target)
+
+        self.patch(os, "rename", rename)
+        failure = self.failureResultOf(self.writer().commit(), SMTPReply)
+        self.assertEqual(
+            (failure.value.code, failure.value.status, failure.value.text),
+            (451, "4.3.0", "Cannot queue the message, try again later"),
+        )
+        self.assertEqual(os.listdir(self.spool.tmpDirectory), [])
+        self.assertEqual(os.listdir(self.spool.queueDirectory), [])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_abortedDuringCommit(self):
+        """
+        The client went away while the fsyncs ran: the committed copy is
+        removed, the commit fails with 451 4.3.0, and no listener hears of it.
+        """
+        pending = []
+
+        def runBlocking(f, *args):
+            d = defer.Deferred()
+            pending.append(lambda: d.callback(f(*args)))
+            return d
+
+        self.patch(self.spool, "_runBlocking", runBlocking)
+        heard = []
+        self.spool.addListener(heard.append)
+        writer = self.writer()
+        d = writer.commit()
+        writer.abort()
+        pending.pop()()
+        failure = self.failureResultOf(d, SMTPReply)
+        self.assertEqual(
+            (failure.value.code, failure.value.status, failure.value.text),
+            (451, "4.3.0", "Message aborted"),
+        )
+        self.assertEqual(os.listdir(self.spool.queueDirectory), [])
+        self.assertEqual(heard, [])
+
+    def test_failingListenerLogged(self):
+        heard = []
+
+        def broken(queueId):
+            raise ValueError(queueId)
+
+        self.spool.addListener(broken)
+        self.spool.addListener(heard.append)
+        queueId = self.successResultOf(self.writer().commit())
+        self.assertEqual(heard, [queueId])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
