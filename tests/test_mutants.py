@@ -24,6 +24,13 @@ from msa import addresses, spool
 from msa.authorization import AccountRules, AddressList, RateLimiter
 from msa.errors import SMTPReply
 from msa.framing import DataFilter, LineFramer
+from msa.sasl import MechanismContext, digest_md5
+from msa.sasl.digest_md5 import (
+    DigestMD5Mechanism,
+    parseDirectives,
+    responseValue,
+    rspauthValue,
+)
 from tests.helpers import SENDERS, Harness
 from tests.test_authorization import FakeTime
 from tests.test_spool import MESSAGE, makeEnvelope
@@ -706,3 +713,95 @@ class SpoolEdgeTests(unittest.TestCase):
         queueId = self.successResultOf(self.writer().commit())
         self.assertEqual(heard, [queueId])
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+
+class DigestDirectiveEdgeTests(unittest.TestCase):
+    """
+    L{parseDirectives} at the edges of RFC 2831's grammar and its size
+    limit; each refusal is C{501 5.5.2} with its own text.
+    """
+
+    def refused(self, data: bytes, text: str):
+        error = self.assertRaises(SMTPReply, parseDirectives, data)
+        self.assertEqual((error.code, error.status, error.text), (501, "5.5.2", text))
+
+    def test_sizeLimit(self):
+        self.assertEqual(len(b"a=" + b"x" * 4094), digest_md5.MAX_RESPONSE)
+        self.assertEqual(parseDirectives(b"a=" + b"x" * 4094), {"a": b"x" * 4094})
+        self.refused(b"a=" + b"x" * 4095, "DIGEST-MD5 response too long")
+
+    def test_tokenAndBareCharacters(self):
+        self.assertEqual(parseDirectives(b"!a=!,~b=~"), {"!a": b"!", "~b": b"~"})
+        self.assertEqual(parseDirectives(b'c=" "'), {"c": b" "})
+        self.refused(b"\x7fa=1", "DIGEST-MD5 directive expected")
+        self.refused(b"a=x\x7f", "DIGEST-MD5 comma expected")
+        self.refused(b"\x20=1", "DIGEST-MD5 directive expected")
+
+    def test_directiveExpected(self):
+        for data in (b"=x", b"abc", b"abc x=1", b"a=1,b"):
+            self.refused(data, "DIGEST-MD5 directive expected")
+
+    def test_controlCharacters(self):
+        self.assertEqual(parseDirectives(b'a="x\ty"'), {"a": b"x\ty"})
+        for data in (b'a="x\x01"', b'a="x\x1f"', b'a="x\x7f"', b'a="x\\\x00"'):
+            self.refused(data, "DIGEST-MD5 control character")
+        self.refused(b'a="x\\', "DIGEST-MD5 unterminated quoted string")
+
+    def test_valueExpected(self):
+        self.refused(b"a=,b=1", "DIGEST-MD5 directive value expected")
+        self.refused(b"a=", "DIGEST-MD5 directive value expected")
+
+    def test_commaExpected(self):
+        self.refused(b"a=1 b=2", "DIGEST-MD5 comma expected")
+        self.refused(b'a="1"b=2', "DIGEST-MD5 comma expected")
+        self.assertEqual(parseDirectives(b" a = 1 ,, b=2 "), {"a": b"1", "b": b"2"})
+
+    def test_empty(self):
+        for data in (b"", b" , ,\t"):
+            self.refused(data, "DIGEST-MD5 empty response")
+
+    def test_nonce(self):
+        nonces = {digest_md5._newNonce() for _ in range(10)}
+        self.assertEqual(len(nonces), 10)
+        for nonce in nonces:
+            self.assertRegex(nonce, r"\A[A-Za-z0-9_-]{32}\Z")
+
+    def test_digestUri(self):
+        """
+        C{smtp/host} or C{smtp/host/host}, where host is one of the server's
+        names or its realm.
+        """
+        mechanism = DigestMD5Mechanism(
+            MechanismContext(realm="Realm.Example", serverNames=["smtp.example.org"])
+        )
+        for uri in (
+            "smtp/smtp.example.org",
+            "SMTP/realm.example",
+            "smtp/smtp.example.org/SMTP.example.org",
+        ):
+            self.assertTrue(mechanism._acceptableUri(uri), uri)
+        for uri in (
+            "imap/smtp.example.org",
+            "smtp",
+            "smtp/",
+            "smtp/other.example",
+            "smtp/smtp.example.org/other.example",
+            "smtp/a/a/a",
+        ):
+            self.assertFalse(mechanism._acceptableUri(uri), uri)
+
+    def test_authzidInA1(self):
+        """
+        An authzid is part of A1 (RFC 2831 2.1.2.1), so it changes the
+        response.
+        """
+        args = (
+            digest_md5.computeHA1("u", "r", "p"),
+            "n",
+            "00000001",
+            "c",
+            "auth",
+            "smtp/h",
+        )
+        self.assertNotEqual(responseValue(*args), responseValue(*args, authzid="other"))
+        self.assertNotEqual(rspauthValue(*args), rspauthValue(*args, authzid="other"))

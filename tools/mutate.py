@@ -46,7 +46,7 @@ TARGETS = {
         "tests.test_mutants",
     ],
     "msa/spool.py": ["tests.test_spool", "tests.test_mutants"],
-    "msa/sasl/digest_md5.py": ["tests.test_sasl_digest_md5"],
+    "msa/sasl/digest_md5.py": ["tests.test_sasl_digest_md5", "tests.test_mutants"],
 }
 
 _FLIP = {
