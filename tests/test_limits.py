@@ -277,6 +277,30 @@ class RateReservationProtocolTests(unittest.TestCase):
         self.assertEqual(self.limiter.held("alice"), 0)
         self.assertEqual(self.mail(), [b"250 2.1.0 Ok"])
 
+    def test_policyRefusal(self):
+        """
+        A content policy refuses the message (the account requires a From:
+        of its own): the slot is released.
+        """
+        self.h.close()
+        realmArgs = {
+            "serverRules": ServerRules(rates=self.limiter),
+            "extras": {
+                "alice": {
+                    "senders": list(SENDERS),
+                    "messagesPerMinute": 1,
+                    "requireHeaderFrom": True,
+                }
+            },
+        }
+        self.h = Harness(self, realmArgs=realmArgs)
+        self.h.login()
+        self.h.transaction(sender=b"ik@mijnbedrijf.nl")
+        reply = self.h.send(b"From: x@elders.example\r\n\r\nbody\r\n.\r\n")[-1]
+        self.assertTrue(reply.startswith(b"550 5.7.1 Message refused: From: "), reply)
+        self.assertEqual(self.limiter.held("alice"), 0)
+        self.assertEqual(self.mail(), [b"250 2.1.0 Ok"])
+
     def test_queuedMessageKeepsTheSlot(self):
         self.h.transaction(sender=b"ik@mijnbedrijf.nl")
         reply = self.h.send(b"Subject: x\r\n\r\n.\r\n")[-1]
