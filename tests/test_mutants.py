@@ -21,7 +21,7 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from msa import addresses, spool
-from msa.authorization import AccountRules, AddressList, RateLimiter
+from msa.authorization import AccountRules, AddressList, AuthThrottle, RateLimiter
 from msa.errors import SMTPReply
 from msa.framing import DataFilter, LineFramer
 from msa.sasl import MechanismContext, digest_md5
@@ -155,6 +155,16 @@ class AddressParserEdgeTests(unittest.TestCase):
             addresses.parseMailArgument,
             b"FROM:<a@example.nl> FOO",
             (555, "5.5.4", "Unsupported parameter: FOO"),
+        )
+        self.assertReply(
+            addresses.parseMailArgument,
+            b"FROM:<a@example.nl> SIZE",
+            (501, "5.5.4", "SIZE needs a number of octets"),
+        )
+        self.assertReply(
+            addresses.parseMailArgument,
+            b"FROM:<a@example.nl> BODY",
+            (501, "5.5.4", "BODY must be 7BIT or 8BITMIME"),
         )
         self.assertEqual(
             addresses.parseMailArgument(b"FROM:<a@example.nl> SIZE=10 BODY=8bitmime"),
@@ -675,6 +685,60 @@ class SpoolEdgeTests(unittest.TestCase):
         self.assertEqual(os.listdir(self.spool.queueDirectory), [])
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
+    def test_commitFailsAtTheFirstFsync(self):
+        """
+        EIO on the message's fsync: 451 4.3.0, the file closed and removed.
+        """
+
+        def fsync(fd):
+            raise OSError(5, "Input/output error")
+
+        before = openDescriptors()
+        writer = self.writer()
+        self.patch(os, "fsync", fsync)
+        failure = self.failureResultOf(writer.commit(), SMTPReply)
+        self.assertEqual((failure.value.code, failure.value.status), (451, "4.3.0"))
+        self.assertEqual(os.listdir(self.spool.tmpDirectory), [])
+        self.assertEqual(os.listdir(self.spool.queueDirectory), [])
+        self.assertEqual(openDescriptors(), before)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_updateFails(self):
+        """
+        The state cannot be replaced: the error propagates, the old state
+        stays, and no temporary state file is left.
+        """
+        queueId = self.successResultOf(self.writer().commit())
+        entry = self.spool.load(queueId)
+        entry.attempts = 3
+
+        def replace(source, target):
+            raise OSError(30, "Read-only file system")
+
+        self.patch(os, "replace", replace)
+        self.assertRaises(OSError, self.spool.update, entry)
+        self.assertEqual(
+            sorted(os.listdir(self.spool.queueDirectory)),
+            [queueId + ".json", queueId + ".msg"],
+        )
+        self.assertEqual(self.spool.load(queueId).attempts, 0)
+
+    def test_closedWhileCommitting(self):
+        pending = []
+
+        def runBlocking(f, *args):
+            d = defer.Deferred()
+            pending.append(lambda: d.callback(f(*args)))
+            return d
+
+        self.patch(self.spool, "_runBlocking", runBlocking)
+        writer = self.writer()
+        d = writer.commit()
+        self.assertRaises(RuntimeError, writer.write, b"more")
+        self.failureResultOf(writer.commit(), RuntimeError)
+        pending.pop()()
+        self.assertEqual(self.successResultOf(d), writer.queueId)
+
     def test_abortedDuringCommit(self):
         """
         The client went away while the fsyncs ran: the committed copy is
@@ -805,3 +869,61 @@ class DigestDirectiveEdgeTests(unittest.TestCase):
         )
         self.assertNotEqual(responseValue(*args), responseValue(*args, authzid="other"))
         self.assertNotEqual(rspauthValue(*args), rspauthValue(*args, authzid="other"))
+
+
+class AuthThrottleEdgeTests(unittest.TestCase):
+    def test_capIs64Doublings(self):
+        throttle = AuthThrottle(base=1.0, maximum=float("inf"), clock=FakeTime())
+        key = ("account", "acme", "198.51.100.7")
+        for count, delay in ((64, 2.0**63), (65, 2.0**64), (66, 2.0**64)):
+            throttle._failures[key] = (count, throttle.clock())
+            self.assertEqual(throttle.delay("198.51.100.7", "acme"), delay)
+
+    def test_perAddressCountsAQuarter(self):
+        throttle = AuthThrottle(base=0.5, clock=FakeTime())
+        for i in range(12):
+            throttle.failed("198.51.100.7", f"user{i}")
+        self.assertEqual(throttle.delay("198.51.100.7", "user99"), 2.0)
+
+    def test_forgetEdge(self):
+        """
+        A count is kept for exactly C{forget} seconds after the last
+        failure, then dropped from memory.
+        """
+        clock = FakeTime()
+        throttle = AuthThrottle(base=0.5, forget=900, clock=clock)
+        throttle.failed("198.51.100.7", "acme")
+        clock.now += 900
+        self.assertEqual(throttle.delay("198.51.100.7", "acme"), 0.5)
+        clock.now += 0.5
+        self.assertEqual(throttle.delay("198.51.100.7", "acme"), 0)
+        self.assertEqual(throttle._failures, {})
+
+    def fill(self, throttle, count: int, age: float) -> None:
+        when = throttle.clock() - age
+        for i in range(count):
+            throttle._failures[("ip", f"old{i}")] = (1, when)
+
+    def test_expiredAbove100000Entries(self):
+        """
+        Memory is bounded: past 100,000 counters, the forgotten ones are
+        dropped at the next failure.
+        """
+        clock = FakeTime()
+        clock.now = 10_000
+        throttle = AuthThrottle(forget=900, clock=clock)
+        self.fill(throttle, 99998, 901)
+        throttle.failed("198.51.100.7", "acme")
+        self.assertEqual(len(throttle._failures), 100000)
+        throttle._failures.clear()
+        self.fill(throttle, 99999, 901)
+        throttle.failed("198.51.100.7", "acme")
+        self.assertEqual(len(throttle._failures), 2)
+
+    def test_expireKeepsRecentCounts(self):
+        clock = FakeTime()
+        clock.now = 10_000
+        throttle = AuthThrottle(forget=900, clock=clock)
+        self.fill(throttle, 99999, 900)
+        throttle.failed("198.51.100.7", "acme")
+        self.assertEqual(len(throttle._failures), 100001)
