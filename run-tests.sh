@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 # Real client programs for the interop tests (curl, swaks with SASL), from
 # Debian.  Only as root with apt-get; elsewhere those tests skip (but under
 # CI=true a missing program fails them).
-SYSTEM_PACKAGES="curl swaks haproxy systemd msmtp gsasl sasl2-bin libsasl2-modules libauthen-sasl-perl libnet-ssleay-perl libio-socket-ssl-perl libdigest-hmac-perl"
+SYSTEM_PACKAGES="curl swaks haproxy systemd msmtp gsasl sasl2-bin libsasl2-modules libauthen-sasl-perl libnet-ssleay-perl libio-socket-ssl-perl libdigest-hmac-perl default-jdk-headless iproute2 mount"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   if ! dpkg -s $SYSTEM_PACKAGES >/dev/null 2>&1; then
     echo "run-tests: installing $SYSTEM_PACKAGES"
@@ -28,6 +28,23 @@ if [ ! -x .venv-scan/bin/sslyze ]; then
     | grep -v '^WARNING: Location' || true
 fi
 
+# nodemailer for its interop test, from the npm registry, into .node-interop/
+# (Node.js and npm come with the machine; Debian's where they do not).
+if ! command -v npm >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+if command -v npm >/dev/null && [ ! -d .node-interop/node_modules/nodemailer ]; then
+  npm install --prefix .node-interop --no-audit --no-fund --silent nodemailer@10 \
+    >/dev/null 2>&1 || echo "run-tests: npm install nodemailer failed"
+fi
+
+# Style and types first: a regression here fails the run like a failed test.
+lint=0
+.venv/bin/ruff check -q . || lint=1
+.venv/bin/ruff format --check -q . || lint=1
+.venv/bin/mypy || lint=1
+
 log=$(mktemp)
 .venv/bin/python -m twisted.trial --temp-directory=_trial_temp "${@:-tests}" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
@@ -40,4 +57,8 @@ skipped=$(count skips)
 [ -n "$last" ] || failed=$((failed + 1))
 rm -f "$log"
 echo "trial: ${passed} passed, ${failed} failed, ${skipped} skipped"
+if [ "$lint" != 0 ]; then
+  echo "run-tests: ruff or mypy reported problems (see above)"
+  [ "$rc" != 0 ] || rc=1
+fi
 exit "$rc"

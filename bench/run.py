@@ -19,6 +19,13 @@ Scenarios:
   e  as a, but 10 messages per connection (no target: shows the cost of
      everything but the login, which dominates a)
 
+And, on its own (``--drain N``): the relay's drain rate.  N messages (10 KB)
+are submitted while the core MTA is down (the relay's first attempts fail
+and are deferred for an hour), then a fast sink (``bench/sink.py``, STARTTLS)
+starts on the core's port and the queue is flushed; measured: messages/s from
+the flush's reply until the spool's queue is empty (the flush itself, which
+rewrites each entry's state, is timed apart), and the MSA's CPU.
+
 Usage::
 
     .venv/bin/python bench/run.py                # all scenarios, full size
@@ -27,6 +34,7 @@ Usage::
     .venv/bin/python bench/run.py --implicit     # implicit TLS instead of STARTTLS
     .venv/bin/python bench/run.py --profile cprofile   # MSA only, scenario a, profiled
     .venv/bin/python bench/run.py --profile py-spy --py-spy /path/to/py-spy
+    .venv/bin/python bench/run.py --drain 2000   # relay drain of a backlog
 
 Exits non-zero when any session had an error (and says so loudly); target
 misses are reported, not fatal, unless ``--strict``.
@@ -660,6 +668,90 @@ def summarisePySpy(path: str, top: int, rate: int = 200) -> None:
         print(f"{100 * n / total:6.1f}%  {n / rate:7.2f} s  {name}")
 
 
+# -- drain ------------------------------------------------------------------
+
+
+def drain(args, cert: str, keyFile: str, count: int) -> dict:
+    """
+    The drain measurement (see the module docstring).
+    """
+    work = tempfile.mkdtemp(prefix="bench-drain-", dir=args.tmp)
+    certDir = os.path.dirname(cert)
+    sinkPort = freePort()
+    MSA_OPTIONS.extend(
+        [
+            'relay.host="127.0.0.1"',
+            f"relay.port={sinkPort}",
+            'relay.server_name="localhost"',
+            f"relay.ca_file={json.dumps(cert)}",
+            "relay.retry_base=3600",
+            "relay.retry_max=3600",
+        ]
+    )
+    msa = MSA(work, cert, keyFile, args.implicit, serverEnv(args))
+    sink = None
+    try:
+        msa.start()
+        queueDir = os.path.join(work, "msa-state", "spool", "queue")
+
+        def queued() -> int:
+            return sum(1 for n in os.listdir(queueDir) if n.endswith(".json"))
+
+        params = dict(concurrency=50, messages=count, size=10 * KB, per_connection=10)
+        loaded = subprocess.run(
+            clientCommand(msa, params, args.timeout),
+            stdout=subprocess.PIPE,
+            text=True,
+            timeout=args.timeout + 30,
+        )
+        sent = json.loads(loaded.stdout.strip().splitlines()[-1])["sent"]
+        backlog = queued()
+        print(f"  [drain] {sent} sent, {backlog} queued", file=sys.stderr)
+        sink = subprocess.Popen(
+            [PYTHON, os.path.join(HERE, "sink.py"), "--port", str(sinkPort)]
+            + ["--dir", certDir],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        if not sink.stdout.readline().startswith("READY"):
+            raise RuntimeError("sink did not start")
+        cpu0 = cpuSeconds(msa.pid())
+        started = time.monotonic()
+        subprocess.run(
+            [os.path.join(os.path.dirname(PYTHON), "digipoort-msa-admin")]
+            + ["--config", os.path.join(work, "msa.toml"), "queue", "flush"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        # The flush itself rewrites every entry's state (2 fsyncs each):
+        # the deliveries are timed from its reply on.
+        flushed = time.monotonic()
+        deadline = started + args.timeout
+        while queued() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        end = time.monotonic()
+        left = queued()
+        cpu = cpuSeconds(msa.pid()) - cpu0
+        sink.send_signal(signal.SIGTERM)
+        received = int(sink.communicate(timeout=30)[0].split()[-1])
+    finally:
+        msa.stop()
+        if sink is not None and sink.poll() is None:
+            sink.kill()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return dict(
+        backlog=backlog,
+        drained=backlog - left,
+        received=received,
+        flush=flushed - started,
+        wall=end - flushed,
+        rate=(backlog - left) / (end - flushed),
+        cpu_per_msg=cpu / max(1, backlog - left),
+    )
+
+
 # -- main -------------------------------------------------------------------
 
 
@@ -679,6 +771,13 @@ def main() -> int:
     parser.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
     parser.add_argument("--native", action="store_true", help="py-spy --native")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument(
+        "--drain",
+        type=int,
+        metavar="N",
+        default=None,
+        help="only measure the relay draining a backlog of N messages",
+    )
     parser.add_argument(
         "--msa-option",
         action="append",
@@ -701,6 +800,16 @@ def main() -> int:
         if args.profile:
             profile(args, cert, keyFile)
             return 0
+        if args.drain:
+            r = drain(args, cert, keyFile, args.drain)
+            print(
+                f"drain: {r['drained']} of a {r['backlog']}-message backlog in "
+                f"{r['wall']:.2f} s = {r['rate']:.0f} messages/s after a flush of "
+                f"{r['flush']:.2f} s "
+                f"(sink received {r['received']}; MSA CPU "
+                f"{1000 * r['cpu_per_msg']:.2f} ms/message)"
+            )
+            return 0 if r["drained"] == r["backlog"] == r["received"] else 1
         scenarios = QUICK if args.quick else FULL
         keys = args.scenario or list(scenarios)
         command = " ".join(["bench/run.py"] + sys.argv[1:])

@@ -20,6 +20,10 @@ operator can read and diff it::
       "version": 1
     }
 
+An account whose name or password is not ASCII keeps a list of up to three
+H(A1) per realm instead of one (L{msa.sasl.digest_md5.ha1Variants}: the
+clients convert to ISO 8859-1 differently).
+
 No password is ever stored, but two of these secrets are I{password
 equivalent} for their mechanism: whoever reads C{digestHA1} can log in with
 DIGEST-MD5 for that realm, and whoever reads C{storedKey} and C{serverKey}
@@ -46,7 +50,7 @@ import attrs
 
 from msa.authorization import AccountRules
 from msa.passwordcheck import b64, hashPassword, parseScrypt, unb64, verifyHash
-from msa.sasl.digest_md5 import computeHA1
+from msa.sasl.digest_md5 import ha1Variants
 from msa.sasl.scram import deriveKeys
 
 FILE_VERSION = 1
@@ -75,6 +79,23 @@ def _mechanisms(names: Iterable[str]) -> frozenset[str]:
     return frozenset(name.strip().upper() for name in names)
 
 
+def _isHA1(value: object) -> bool:
+    return isinstance(value, str) and _HEX_HA1.fullmatch(value) is not None
+
+
+def _digestSecrets(
+    values: Mapping[str, str | Iterable[str]],
+) -> dict[str, tuple[str, ...]]:
+    """
+    Realm -> one hex H(A1) (as files written before variants hold it) or
+    several, as a L{tuple} of lower-case hex values.
+    """
+    return {
+        realm: tuple(h.lower() for h in ((value,) if isinstance(value, str) else value))
+        for realm, value in values.items()
+    }
+
+
 @attrs.frozen
 class Account:
     """
@@ -85,9 +106,12 @@ class Account:
     @ivar mechanisms: upper-case SASL mechanism names it may use.
     @ivar passwordHash: C{scrypt$n$r$p$<b64 salt>$<b64 hash>}, for PLAIN and
         LOGIN.
-    @ivar digestHA1: realm -> hex MD5(name:realm:password), present only when
-        DIGEST-MD5 is allowed.  B{Password equivalent} for DIGEST-MD5 in that
-        realm.
+    @ivar digestHA1: realm -> the hex H(A1) values (MD5(name:realm:password),
+        L{msa.sasl.digest_md5.ha1Variants}) real clients compute, present only
+        when DIGEST-MD5 is allowed: one for an ASCII name and password, up to
+        three otherwise.  In the file a single value is a string (the format
+        of files written before there were variants), several a list.  Each
+        is a B{password equivalent} for DIGEST-MD5 in that realm.
     @ivar scram: SCRAM mechanism -> C{{"salt": b64, "iterations": int,
         "storedKey": b64, "serverKey": b64}}.
     @ivar extra: every other key of the account in the file, kept unchanged.
@@ -99,7 +123,9 @@ class Account:
         default=DEFAULT_MECHANISMS, converter=_mechanisms
     )
     passwordHash: str = ""
-    digestHA1: dict[str, str] = attrs.field(factory=dict)
+    digestHA1: dict[str, tuple[str, ...]] = attrs.field(
+        factory=dict, converter=_digestSecrets
+    )
     scram: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     extra: dict[str, Any] = attrs.field(factory=dict)
 
@@ -116,7 +142,9 @@ class Account:
         digestHA1 = {}
         if "DIGEST-MD5" in self.mechanisms:
             for realm in realms:
-                digestHA1[realm] = computeHA1(self.name, realm, password).hex()
+                digestHA1[realm] = tuple(
+                    ha1.hex() for ha1 in ha1Variants(self.name, realm, password)
+                )
         scram = {}
         if "SCRAM-SHA-256" in self.mechanisms:
             salt = secrets.token_bytes(16)
@@ -193,7 +221,10 @@ def _accountToJSON(account: Account) -> dict[str, Any]:
         passwordHash=account.passwordHash,
     )
     if account.digestHA1:
-        document["digestHA1"] = dict(account.digestHA1)
+        document["digestHA1"] = {
+            realm: hexes[0] if len(hexes) == 1 else list(hexes)
+            for realm, hexes in account.digestHA1.items()
+        }
     if account.scram:
         document["scram"] = {m: dict(k) for m, k in account.scram.items()}
     return document
@@ -223,9 +254,19 @@ def _accountFromJSON(where: str, name: str, document: object) -> Account:
         raise fail(f"key 'passwordHash': {e}")
     digestHA1 = document.get("digestHA1", {})
     if not isinstance(digestHA1, dict) or not all(
-        isinstance(v, str) and _HEX_HA1.fullmatch(v) for v in digestHA1.values()
+        _isHA1(v)
+        or (
+            isinstance(v, list)
+            and 0 < len(v) <= 3
+            and len(set(v)) == len(v)
+            and all(_isHA1(h) for h in v)
+        )
+        for v in digestHA1.values()
     ):
-        raise fail("key 'digestHA1' must map realms to 32 hex digits")
+        raise fail(
+            "key 'digestHA1' must map realms to 32 hex digits "
+            "(or a list of up to three different such values)"
+        )
     scram = document.get("scram", {})
     if not isinstance(scram, dict):
         raise fail("key 'scram' must be a JSON object")
@@ -252,7 +293,7 @@ def _accountFromJSON(where: str, name: str, document: object) -> Account:
         enabled=enabled,
         mechanisms=mechanisms,
         passwordHash=passwordHash,
-        digestHA1={realm: ha1.lower() for realm, ha1 in digestHA1.items()},
+        digestHA1=digestHA1,
         scram=scram,
         extra=extra,
     )

@@ -36,6 +36,7 @@ class AccountFile:
     ) -> None:
         self.path = os.fspath(path)
         self._reactor = reactor
+        self._stamp: tuple | None
         self._accounts, self._stamp = readChecked(self.path, checkMode=True)
         self._watcher: LoopingCall | None = None
 

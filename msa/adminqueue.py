@@ -152,6 +152,7 @@ def queueCommand(config: Any, args: argparse.Namespace, stdout, stderr) -> int:
         raise _Failed(str(e), 2)
     path = controlsocket.socketPath(config["server"]["state_dir"])
     now = time.time()
+    result: Any
     try:
         result = controlsocket.request(path, command, queueId)
         online = True
@@ -178,7 +179,7 @@ def queueCommand(config: Any, args: argparse.Namespace, stdout, stderr) -> int:
         else:
             spool = Spool(directory, reactor=object())
             try:
-                if command == "list":
+                if queueId is None:
                     result = controlsocket.describeSpool(spool, now)
                 else:
                     result = controlsocket.showEntry(spool, queueId)

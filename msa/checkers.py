@@ -25,6 +25,12 @@ from msa.interfaces import (
 from msa.passwordcheck import DUMMY_HASH, PasswordVerifier, unb64, verifyHash
 
 
+def _globalReactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
 def _refused(*ignored: object) -> str:
     raise UnauthorizedLogin(FAILURE_TEXT)
 
@@ -53,11 +59,9 @@ class AccountChecker:
         self._store = store
         self._threaded = threaded
         if verifier is None:
-            if threaded:
-                from twisted.internet import reactor
-            else:
-                reactor = None
-            verifier = PasswordVerifier(verifyHash, reactor=reactor)
+            verifier = PasswordVerifier(
+                verifyHash, reactor=_globalReactor() if threaded else None
+            )
         self._verifier = verifier
 
     def requestAvatarId(self, credentials: object) -> Deferred:
@@ -80,7 +84,7 @@ class AccountChecker:
             account is not None and account.enabled and mechanism in account.mechanisms
         )
         if IScramCredentials.providedBy(credentials):
-            keys = account.scram.get(mechanism) if account is not None else None
+            keys = account.scram.get(mechanism or "") if account is not None else None
             if keys is None:
                 allowed, storedKey, serverKey = False, bytes(32), bytes(32)
             else:
@@ -92,16 +96,17 @@ class AccountChecker:
                 credentials.checkKeys(storedKey, serverKey), allowed, account
             )
         if IDigestMD5Credentials.providedBy(credentials):
-            ha1 = (
+            variants = (
                 account.digestHA1.get(credentials.realm)
                 if account is not None
                 else None
             )
-            if ha1 is None:
-                allowed, ha1 = False, "00" * 16
-            return self._decide(
-                credentials.checkHA1(bytes.fromhex(ha1)), allowed, account
-            )
+            if not variants:
+                allowed, variants = False, ("00" * 16,)
+            # Each variant is the same password as some real client hashes
+            # it (msa.sasl.digest_md5.ha1Variants); all are checked.
+            matches = [credentials.checkHA1(bytes.fromhex(h)) for h in variants]
+            return self._decide(any(matches), allowed, account)
         if IUsernamePassword.providedBy(credentials):
             password = credentials.password
             if isinstance(password, str):
@@ -134,9 +139,14 @@ class SubmissionRealm:
         self._store = store
         self._avatarFactory = avatarFactory
 
-    def requestAvatar(self, avatarId: str | bytes, mind: object, *interfaces: Any):
+    def requestAvatar(
+        self, avatarId: str | bytes | tuple[()], mind: object, *interfaces: Any
+    ):
         if ISubmission not in interfaces:
             raise NotImplementedError("SubmissionRealm only provides ISubmission")
+        if isinstance(avatarId, tuple):
+            # Anonymous: there is no anonymous submission (R4).
+            raise UnauthorizedLogin(FAILURE_TEXT)
         if isinstance(avatarId, bytes):
             avatarId = avatarId.decode("utf-8")
         account = self._store.getAccount(avatarId)

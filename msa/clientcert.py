@@ -22,6 +22,7 @@ from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
 
 from msa.interfaces import IMechanismCredentials
+from msa.tls import clientCertificateVerified
 
 
 class ICertificateCredentials(Interface):
@@ -42,7 +43,10 @@ def certificateIdentities(certificate: x509.Certificate) -> tuple[str, ...]:
         "sha256:" + hashlib.sha256(certificate.public_bytes(Encoding.DER)).hexdigest()
     ]
     for attribute in certificate.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER):
-        identities.append(f"serialNumber:{attribute.value}")
+        value = attribute.value
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        identities.append(f"serialNumber:{value}")
     return tuple(identities)
 
 
@@ -50,8 +54,12 @@ def peerIdentities(transport) -> tuple[str, ...]:
     """
     The identities of the verified client certificate of a TLS transport,
     or C{()} when there is none.  OpenSSL has verified the chain against
-    the listener's client CA before the handshake completed.
+    the listener's client CA before the handshake completed; with
+    C{request}, a certificate that did not verify was let through and
+    identifies no one.
     """
+    if not clientCertificateVerified(transport):
+        return ()
     getPeerCertificate = getattr(transport, "getPeerCertificate", None)
     if getPeerCertificate is None:
         return ()

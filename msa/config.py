@@ -38,6 +38,12 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "mechanisms": ((list,), ["SCRAM-SHA-256", "DIGEST-MD5", "PLAIN", "LOGIN"]),
         "sasl_realm": ((str,), None),
         "server_names": ((list,), None),
+        "tls_handshake_timeout": ((int, float), 30),
+        "command_line_timeout": ((int, float), 60),
+        "login_timeout": ((int, float), 120),
+        "data_timeout": ((int, float), 300),
+        "data_min_rate": ((int, float), 1024),
+        "listen_backlog": ((int,), None),
     },
     "tls": {
         "certificate": ((str,), None),
@@ -49,6 +55,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "client_certificates": ((str,), "off"),
         "client_ca": ((str,), None),
         "client_crl": ((str,), None),
+        "ocsp_response": ((str,), None),
     },
     "accounts": {
         "file": ((str,), None),
@@ -188,6 +195,7 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
         return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
 
     state = absolute(server["state_dir"])
+    assert state is not None  # the schema gives state_dir a default
     server["state_dir"] = state
     server["sasl_realm"] = server["sasl_realm"] or server["hostname"]
     if not server["server_names"]:
@@ -203,6 +211,7 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
         server["server_names"] = names
     for key in ("certificate", "key", "chain", "client_ca", "client_crl"):
         tls[key] = absolute(tls[key])
+    _resolveTLS(path, tls, absolute)
     if tls["client_certificates"] not in ("off", "request", "require"):
         raise ConfigError(
             f"{_where(path, 'tls', 'client_certificates')}: must be off, request "
@@ -303,6 +312,47 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
         raise ConfigError(
             f"{_where(path, 'server', 'max_line_length')}: must be 78 to 65536"
         )
+    for key in (
+        "tls_handshake_timeout",
+        "command_line_timeout",
+        "login_timeout",
+        "data_timeout",
+        "data_min_rate",
+    ):
+        if server[key] <= 0:
+            raise ConfigError(f"{_where(path, 'server', key)}: must be positive")
+    if server["listen_backlog"] is None:
+        # Room in the kernel's queue for a burst of twice the connection
+        # limit, so that each connection over it gets its 421 at once.
+        server["listen_backlog"] = max(2 * server["max_connections"], 50)
+    elif server["listen_backlog"] <= 0:
+        raise ConfigError(
+            f"{_where(path, 'server', 'listen_backlog')}: must be positive"
+        )
+
+
+def _resolveTLS(path: str | None, tls: dict[str, Any], absolute) -> None:
+    """
+    Check C{[tls] minimum_version} and C{[tls] ocsp_response}.
+    """
+    from msa.tls import MINIMUM_VERSIONS, readOCSPResponse
+
+    if tls["minimum_version"] not in MINIMUM_VERSIONS:
+        raise ConfigError(
+            f"{_where(path, 'tls', 'minimum_version')}: must be "
+            f"{' or '.join(MINIMUM_VERSIONS)}, not {tls['minimum_version']!r}"
+        )
+    tls["ocsp_response"] = absolute(tls["ocsp_response"])
+    if tls["ocsp_response"] is not None:
+        try:
+            readOCSPResponse(tls["ocsp_response"])
+        except OSError as e:
+            raise ConfigError(
+                f"{_where(path, 'tls', 'ocsp_response')}: cannot read "
+                f"{tls['ocsp_response']}: {e.strerror}"
+            ) from e
+        except ValueError as e:
+            raise ConfigError(f"{_where(path, 'tls', 'ocsp_response')}: {e}") from e
 
 
 def _tomlValue(value: Any) -> str:

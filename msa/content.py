@@ -40,6 +40,7 @@ with C{451 4.3.0} (and is logged).
 
 import re
 from collections.abc import Iterator
+from typing import Any
 
 from twisted.logger import Logger
 from zope.interface import Interface
@@ -329,7 +330,7 @@ class ContentPolicyChain:
         maxHeaderSize: int = MAX_HEADER_SIZE,
         maxHeaderFields: int = MAX_HEADER_FIELDS,
     ) -> None:
-        self.policies: list[tuple[str, object]] = [
+        self.policies: list[tuple[str, Any]] = [
             p if isinstance(p, tuple) else (type(p).__name__, p) for p in policies
         ]
         self.maxHeaderSize = maxHeaderSize

@@ -226,7 +226,8 @@ class ControlProtocol(LineOnlyReceiver):
 
     def lineReceived(self, line: bytes) -> None:
         text = line.rstrip(b"\r").decode("utf-8", "replace")
-        self._queue.addCallback(lambda _: self.factory.service.execute(text))
+        factory: _ControlFactory = self.factory  # type: ignore[assignment]
+        self._queue.addCallback(lambda _: factory.service.execute(text))
         self._queue.addCallback(self._send)
 
     def _send(self, reply: dict) -> None:
@@ -235,7 +236,15 @@ class ControlProtocol(LineOnlyReceiver):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._send({"ok": False, "error": "request too long"})
-        self.transport.loseConnection()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+class _ControlFactory(protocol.Factory):
+    protocol = ControlProtocol
+
+    def __init__(self, service: ControlService) -> None:
+        self.service = service
 
 
 class ControlService(Service):
@@ -247,7 +256,7 @@ class ControlService(Service):
     still answers on it, the start fails.
     """
 
-    name = "control"
+    name = "control"  # type: ignore[assignment]  # Twisted types it as None
 
     def __init__(self, socketPath: str, runner, spool: Spool, reactor=None) -> None:
         if reactor is None:
@@ -271,8 +280,7 @@ class ControlService(Service):
                 mode=mode,
             )
         self._removeStale()
-        factory = protocol.Factory.forProtocol(ControlProtocol)
-        factory.service = self
+        factory = _ControlFactory(self)
         self._address = _Address(self.socketPath)
         try:
             self._port = self._reactor.listenUNIX(

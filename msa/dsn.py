@@ -331,6 +331,7 @@ def queueDSN(
         recipients=[sender],
         account="",
         mailParams={} if sender.isascii() else {"SMTPUTF8": None},
+        receivedAt=now,
     )
     writer = spool.newMessage(envelope)
     writer.isBounce = True

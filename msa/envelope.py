@@ -35,6 +35,9 @@ class Envelope:
     @ivar recipients: forward-paths, complete addresses, in RCPT order.
     @ivar mailParams: MAIL parameters (upper-case keys), e.g. C{BODY}.
     @ivar queueId: set by the spool when the message is allocated.
+    @ivar receivedAt: POSIX time of the DATA command; the server passes its
+        reactor's C{seconds()} (one clock for the whole session), the
+        default is only for envelopes made outside a session.
     """
 
     sender: str

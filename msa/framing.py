@@ -31,23 +31,31 @@ class LineFramer:
     def __init__(self) -> None:
         # The bytes not yet taken start at _pos: taking a line moves the
         # offset instead of copying the rest of the buffer each time.
-        self._buffer = b""
+        self._buffer = bytearray()
         self._pos = 0
         self._discarding = False
         self._kept = b""
 
     def feed(self, data: bytes) -> None:
-        if self._pos:
-            self._buffer = self._buffer[self._pos :] + data
+        """
+        Add received bytes.  Linear in the bytes fed, however they are cut:
+        the bytes are appended in place (amortised), and the prefix already
+        taken is dropped only once it is at least as long as what is left,
+        so no byte is moved more than a bounded number of times.  (Copying
+        the whole buffer on each call made a flood of small packets, held
+        while a reply was pending, quadratic.)
+        """
+        buffer, pos = self._buffer, self._pos
+        if pos and pos >= len(buffer) - pos:
+            del buffer[:pos]
             self._pos = 0
-        else:
-            self._buffer += data
+        buffer += data
 
     def clear(self) -> None:
         """
         Throw away everything received and not yet taken as a line.
         """
-        self._buffer = b""
+        self._buffer = bytearray()
         self._pos = 0
         self._discarding = False
         self._kept = b""
@@ -63,7 +71,7 @@ class LineFramer:
         end = self._buffer.rfind(b"\r\n", self._pos)
         if end < 0:
             return b""
-        return self._buffer[self._pos : end + 2]
+        return bytes(self._buffer[self._pos : end + 2])
 
     def skip(self, count: int) -> None:
         """
@@ -90,9 +98,9 @@ class LineFramer:
             if len(buffer) - pos > maxLength + 1:
                 # Keep a trailing CR: it may start the CRLF of the next packet.
                 if not self._discarding:
-                    self._kept = buffer[pos : pos + maxLength]
+                    self._kept = bytes(buffer[pos : pos + maxLength])
                     self._discarding = True
-                self._buffer = b"\r" if buffer[-1:] == b"\r" else b""
+                self._buffer = bytearray(b"\r" if buffer[-1:] == b"\r" else b"")
                 self._pos = 0
             return None
         self._pos = end + 2
@@ -102,8 +110,8 @@ class LineFramer:
             self._kept = b""
             return kept, True
         if end - pos > maxLength:
-            return buffer[pos : pos + maxLength], True
-        return buffer[pos:end], False
+            return bytes(buffer[pos : pos + maxLength]), True
+        return bytes(buffer[pos:end]), False
 
 
 #: What L{DataFilter.lineReceived} says to do with a line.
@@ -118,7 +126,9 @@ class DataFilter:
     @ivar maxSize: the largest message accepted, in octets as received
         (CRLF included, dot-stuffing removed).
     @ivar maxLineLength: the longest text line, without its CRLF
-        (RFC 5321 4.5.3.1.6: 1000 octets with it).
+        (RFC 5321 4.5.3.1.6: 1000 octets with it), counted after
+        dot-unstuffing: the dot a client adds for transparency is not part
+        of the line (RFC 5321 4.5.3.1.6, 4.5.2).
     @ivar error: the reply to send after the final dot instead of accepting
         the message, once any line has been refused.
     @ivar size: octets received so far.
@@ -129,9 +139,21 @@ class DataFilter:
     error: SMTPReply | None = None
     size: int = 0
 
+    @property
+    def framingLimit(self) -> int:
+        """
+        The longest line, as received, that the line framer must hand over
+        whole: one octet more than L{maxLineLength}, for the transparency
+        dot.  This filter judges the length itself once the dot is gone.
+        """
+        return self.maxLineLength + 1
+
     def lineReceived(self, line: bytes, tooLong: bool = False) -> object:
         """
         Judge one line.
+
+        @param tooLong: the framer found the line longer than
+            L{framingLimit} (C{line} is then only its start).
 
         @return: L{END} for the final dot; the unstuffed line to store; or
             L{None} when the line must be dropped (the message is already
@@ -143,7 +165,7 @@ class DataFilter:
             line = line[1:]
         if self.error is not None:
             return None
-        if tooLong:
+        if tooLong or len(line) > self.maxLineLength:
             return self.refuse(
                 SMTPReply(
                     550,
@@ -191,10 +213,11 @@ class DataFilter:
         lines = block.count(b"\r\n")
         if block.count(b"\r") != lines or block.count(b"\n") != lines:
             return None
-        # Without bare CR or LF, the pieces between CRLFs are the lines.
-        if max(map(len, block.split(b"\r\n"))) > self.maxLineLength:
-            return None
         data = marked.replace(b"\r\n.", b"\r\n")[2:]
+        # Without bare CR or LF, the pieces between CRLFs are the lines; their
+        # length counts without the transparency dot, as in lineReceived.
+        if max(map(len, data.split(b"\r\n"))) > self.maxLineLength:
+            return None
         if self.size + len(data) > self.maxSize:
             return None
         self.size += len(data)

@@ -1,19 +1,221 @@
+# -*- test-case-name: tests.test_jsonlog -*-
 """
-Log output for operators: C{twistd --logger msa.logs.jsonLogger} writes
-every event as one JSON object per line on standard output (for journald or
-a log shipper).  Every event of a session carries C{session}, and once
-known C{queueId}; C{event} names what happened (connection, tls, auth,
-accepted, refused, relay, disconnected).  No event ever carries a password,
-a password hash or a SASL response.
+Log output for operators and log shippers: one flat JSON object per line
+per event, in C{[logging] json_file} or, with C{twistd --logger
+msa.logs.jsonLogger}, on standard output (for journald, Loki,
+Elasticsearch).  The fields are documented in README.rst ("JSON log
+lines") and are stable:
+
+  - C{time} (ISO 8601, UTC), C{level}, C{event}, C{namespace}, C{text};
+  - C{session}, C{queue_id}, C{account}, C{client} when known;
+  - the event's own fields (C{outcome}, C{mechanism}, C{size}, C{sha256},
+    ...), their names in snake_case;
+  - C{traceback} for an error.
+
+C{event} names what happened: connection, tls, auth, accepted, refused,
+relay, disconnected; C{log} for the MSA's other messages and C{error} for
+an error without a name of its own.  Only the MSA's own events go there,
+and errors (with their traceback) from anywhere; not Twisted's
+informational lines (such as the metrics listener's HTTP access lines).
+No event ever carries a password, a password hash or a SASL response.
 """
 
+import datetime
+import json
+import re
 import sys
+from collections import OrderedDict
+from typing import IO, Any
 
-from twisted.logger import jsonFileLogObserver
+from twisted.logger import ILogObserver, LogLevel, formatEvent
+from zope.interface import implementer
+
+#: The fields every line has, or has when known, in this order.
+COMMON_FIELDS = (
+    "time",
+    "level",
+    "event",
+    "session",
+    "queue_id",
+    "account",
+    "client",
+    "namespace",
+    "text",
+)
+
+#: The names of Twisted's levels in the output (syslog's spelling).
+_LEVELS = {
+    LogLevel.debug: "debug",
+    LogLevel.info: "info",
+    LogLevel.warn: "warning",
+    LogLevel.error: "error",
+    LogLevel.critical: "critical",
+}
+
+#: Keys of an event that are Twisted's bookkeeping (the legacy
+#: C{twisted.python.log} ones too), not fields of the event.
+_INTERNAL = {"message", "isError", "system", "time", "format", "why", "failure"}
+
+#: Event keys that become common fields, under their common name.
+_COMMON_KEYS = {
+    "event": "event",
+    "session": "session",
+    "queueId": "queue_id",
+    "account": "account",
+    "client": "client",
+}
+
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+#: How many sessions and queued messages the observer remembers the client
+#: and account of (the oldest are forgotten first).
+REMEMBER = 10000
+
+
+def _snake(name: str) -> str:
+    return _CAMEL.sub("_", name).lower()
+
+
+def _jsonValue(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return value
+
+
+def _isMSA(namespace: str) -> bool:
+    return namespace == "msa" or namespace.startswith("msa.")
+
+
+class _Recent(OrderedDict):
+    """
+    A mapping that forgets its oldest entries past L{REMEMBER}.
+    """
+
+    def remember(self, key, value: dict) -> None:
+        self.setdefault(key, {}).update(value)
+        self.move_to_end(key)
+        while len(self) > REMEMBER:
+            self.popitem(last=False)
+
+
+@implementer(ILogObserver)
+class FlatJSONObserver:
+    """
+    Write each MSA event (and each error) as one flat JSON object on a line
+    of C{outFile}.
+
+    The client address and account of a session, and of a message once it
+    is accepted, are remembered from the events that name them, so that
+    later events of the same session (and the relay of the message) carry
+    them too.
+    """
+
+    def __init__(self, outFile: IO[str]) -> None:
+        self.outFile = outFile
+        self._sessions = _Recent()
+        self._messages = _Recent()
+
+    def __call__(self, event: dict) -> None:
+        try:
+            line = self.flatten(event)
+        except Exception as e:
+            line = {
+                "time": _isoTime(event.get("log_time")),
+                "level": "error",
+                "event": "error",
+                "text": f"cannot write this event as JSON: {e!r}",
+            }
+        if line is None:
+            return
+        self.outFile.write(json.dumps(line, ensure_ascii=False) + "\n")
+        self.outFile.flush()
+
+    def flatten(self, event: dict) -> dict | None:
+        """
+        The flat object for C{event}, or L{None} when it does not belong in
+        this log.
+        """
+        namespace = event.get("log_namespace") or ""
+        level = event.get("log_level")
+        failure = event.get("log_failure")
+        isError = (
+            failure is not None
+            or event.get("isError")
+            or level in (LogLevel.error, LogLevel.critical)
+        )
+        if not _isMSA(namespace) and not isError:
+            return None
+        line: dict[str, Any] = {
+            "time": _isoTime(event.get("log_time")),
+            "level": "error" if failure is not None else _LEVELS.get(level, "info"),
+            "event": "error" if isError else "log",
+        }
+        own: dict[str, Any] = {}
+        for key, value in event.items():
+            if key.startswith("log_") or key in _INTERNAL:
+                continue
+            if key in _COMMON_KEYS:
+                if value not in (None, ""):
+                    line[_COMMON_KEYS[key]] = _jsonValue(value)
+                continue
+            name = _snake(key)
+            if name in COMMON_FIELDS or name == "traceback":
+                name = "field_" + name
+            own[name] = _jsonValue(value)
+        self._remember(line, own)
+        line["namespace"] = namespace
+        line["text"] = formatEvent(event) or " ".join(
+            str(part) for part in event.get("message", ())
+        )
+        line.update(own)
+        if failure is not None:
+            line["traceback"] = failure.getTraceback()
+        ordered = {k: line[k] for k in COMMON_FIELDS if k in line}
+        ordered.update(line)
+        return ordered
+
+    def _remember(self, line: dict, own: dict) -> None:
+        """
+        Fill in a session's client and account, and a message's, from what
+        earlier events said, and learn from this one.
+        """
+        session, queueId = line.get("session"), line.get("queue_id")
+        known = {k: line[k] for k in ("client", "account") if k in line}
+        if session:
+            if known:
+                self._sessions.remember(session, known)
+            for key, value in self._sessions.get(session, {}).items():
+                line.setdefault(key, value)
+        if queueId:
+            if line["event"] == "accepted":
+                self._messages.remember(
+                    queueId, {k: line[k] for k in ("client", "account") if k in line}
+                )
+            for key, value in self._messages.get(queueId, {}).items():
+                line.setdefault(key, value)
+            if line["event"] == "relay" and own.get("outcome") in (
+                "delivered",
+                "failed",
+            ):
+                self._messages.pop(queueId, None)
+        if session and line["event"] == "disconnected":
+            self._sessions.pop(session, None)
+
+
+def _isoTime(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    when = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def jsonLogger():
     """
-    The observer factory for C{twistd --logger}.
+    The observer factory for C{twistd --logger msa.logs.jsonLogger}: flat
+    JSON lines on standard output.
     """
-    return jsonFileLogObserver(sys.stdout, recordSeparator="")
+    return FlatJSONObserver(sys.stdout)

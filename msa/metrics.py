@@ -7,7 +7,9 @@ L{metricsResource} on a separate endpoint:
 
   - C{/metrics}: the Prometheus text format;
   - C{/health}: 200 when the core MTA accepted a message or answered a
-    connection recently (or nothing was waiting to be relayed), else 503.
+    connection recently (or nothing was waiting to be relayed), else 503;
+    always 503 while the relay holds messages the core acknowledged but the
+    spool could not remove (L{msa.relay.RelayRunner.unremovable}).
 """
 
 import time
@@ -115,14 +117,25 @@ class HealthResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, spool, window: float = 900.0, clock=time.time) -> None:
+    def __init__(
+        self, spool, window: float = 900.0, clock=time.time, relay=None
+    ) -> None:
         super().__init__()
         self.spool = spool
         self.window = window
         self.clock = clock
+        self.relay = relay
 
     def render_GET(self, request) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        unremovable = getattr(self.relay, "unremovable", None)
+        if unremovable:
+            request.setResponseCode(503)
+            reasons = "".join(f"{reason}\n" for reason in unremovable.values())
+            return (
+                f"spool cannot be changed: {len(unremovable)} message(s) "
+                f"delivered but not removed\n{reasons}"
+            ).encode()
         last = CORE_LAST_SUCCESS._value.get()
         queued = len(self.spool.pending())
         recent = last and self.clock() - last <= self.window
@@ -136,8 +149,8 @@ class HealthResource(Resource):
         ).encode()
 
 
-def metricsResource(spool, healthWindow: float = 900.0) -> Resource:
+def metricsResource(spool, healthWindow: float = 900.0, relay=None) -> Resource:
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry=REGISTRY))
-    root.putChild(b"health", HealthResource(spool, healthWindow))
+    root.putChild(b"health", HealthResource(spool, healthWindow, relay=relay))
     return root

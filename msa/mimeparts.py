@@ -195,7 +195,7 @@ class _MimeChecker(_NullChecker):
 
     def _capture(self, data: bytes) -> None:
         room = _MAX_CONTENT_TYPE - self.capturedSize
-        if room > 0:
+        if room > 0 and self.contentType is not None:
             self.contentType.append(data[:room])
             self.capturedSize += min(len(data), room)
 

@@ -11,7 +11,8 @@ the real client's address; a connection without a valid header within
 C{headerTimeout} seconds is closed without a word.
 """
 
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
@@ -19,11 +20,13 @@ from twisted.protocols.haproxy._wrapper import (
     HAProxyProtocolWrapper,
     HAProxyWrappingFactory,
 )
-from zope.interface import directlyProvides, providedBy
+from twisted.python.failure import Failure
+from zope.interface import directlyProvides, implementer, providedBy
 
 PREFIX = "haproxy:"
 
 
+@implementer(IHandshakeListener)
 class ProxyHeaderWrapper(HAProxyProtocolWrapper):
     headerTimeout = 10.0
     _started = False
@@ -58,11 +61,22 @@ class ProxyHeaderWrapper(HAProxyProtocolWrapper):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._started = True
-        self.wrappedProtocol.makeConnection(self)
+        # A ProtocolWrapper is its wrapped protocol's transport (as in
+        # twisted.protocols.policies); Twisted's stubs do not say so.
+        self.wrappedProtocol.makeConnection(self)  # type: ignore[arg-type]
         if remaining:
             self.wrappedProtocol.dataReceived(remaining)
 
-    def connectionLost(self, reason) -> None:
+    def handshakeCompleted(self) -> None:
+        """
+        STARTTLS under the PROXY header: TLS wraps this wrapper, so pass the
+        end of the handshake on to the SMTP session (its handshake deadline
+        and its log of the TLS version depend on it).
+        """
+        if self._started and IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self._started:
@@ -72,7 +86,7 @@ class ProxyHeaderWrapper(HAProxyProtocolWrapper):
 
 
 class ProxyHeaderFactory(HAProxyWrappingFactory):
-    protocol = ProxyHeaderWrapper
+    protocol = ProxyHeaderWrapper  # type: ignore[assignment]  # a subclass
 
     def __init__(self, wrappedFactory, reactor) -> None:
         super().__init__(wrappedFactory)

@@ -76,7 +76,7 @@ class QueueControl:
         now = self._reactor.seconds()
         flushed = []
         for entry in entries:
-            if entry.held:
+            if entry.held or entry.queueId in self.unremovable:
                 continue
             flushed.append(entry.queueId)
             if entry.queueId in self._inFlight:

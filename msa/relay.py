@@ -109,6 +109,12 @@ class RelayRunner(QueueControl, Service):
         self._deleted: set[str] = set()
         self._heldInFlight: dict[str, bool] = {}
         self._flushAfter: set[str] = set()
+        #: Entries the core has acknowledged but whose new state the spool
+        #: could not record (e.g. remounted read-only): never sent again by
+        #: this process; queue id to the reason, for the log and /health.
+        self.unremovable: dict[str, str] = {}
+        # Failed attempts to queue the owed "failed" notices, per entry.
+        self._noticeTries: dict[str, int] = {}
 
     def startService(self) -> None:
         super().startService()
@@ -230,9 +236,19 @@ class RelayRunner(QueueControl, Service):
         return delay * random.uniform(0.9, 1.1)
 
     async def _attempt(self, queueId: str) -> None:
+        if queueId in self.unremovable:
+            # The core has it: never again from this process.
+            return
         try:
             entry = self.spool.load(queueId)
         except FileNotFoundError:
+            return
+        except OSError as e:
+            # E.g. EMFILE: the state cannot even be read, so neither can the
+            # attempts be counted; try again soon, the entry is intact.
+            log.error("cannot load {queueId} ({e}); retry later", queueId=queueId, e=e)
+            if self.running:
+                self._schedule(queueId, self.retryBase)
             return
         except Exception:
             log.failure("cannot load {queueId}; retry later", queueId=queueId)
@@ -241,13 +257,23 @@ class RelayRunner(QueueControl, Service):
             return
         if entry.held:
             return
+        if entry.owedNotices and not await self._payNotices(entry):
+            return
         if not entry.pendingRecipients():
             self._finish(entry)
             return
         try:
             messageFile = self.spool.openMessage(queueId)
-        except OSError:
-            log.failure("cannot open the message of {queueId}", queueId=queueId)
+        except OSError as e:
+            # E.g. EMFILE: a temporary failure of this attempt like any
+            # other, so that the backoff, the expiry and the notifications
+            # apply (the message is never stranded).
+            log.error("cannot open the message of {queueId}: {e}", queueId=queueId, e=e)
+            text = f"local error: cannot open the queued message: {e}"
+            bad = RecipientResult(TEMPORARY, 0, text)
+            result = DeliveryResult({r: bad for r in entry.pendingRecipients()}, text)
+            self._record(entry, result, 0.0)
+            await self._apply(entry, result)
             return
         started = self._reactor.seconds()
         try:
@@ -292,6 +318,27 @@ class RelayRunner(QueueControl, Service):
         )
 
     async def _apply(self, entry: SpoolEntry, result: DeliveryResult) -> None:
+        """
+        Record the outcome of an attempt.  When the core has decided about
+        a recipient (accepted or refused it), or the message expires, and
+        the spool cannot record it,
+        the entry is held in memory (L{_holdUnremovable}): sending it again
+        would deliver it twice.
+        """
+        expiring = self._reactor.seconds() - entry.createdAt >= self.maxLifetime
+        decided = any(
+            result.recipients.get(r) is not None
+            and result.recipients[r].status in (ACCEPTED, PERMANENT)
+            for r in entry.pendingRecipients()
+        ) or (expiring and bool(entry.pendingRecipients()))
+        try:
+            await self._applyResult(entry, result)
+        except Exception as e:
+            if not decided:
+                raise
+            self._holdUnremovable(entry, e)
+
+    async def _applyResult(self, entry: SpoolEntry, result: DeliveryResult) -> None:
         queueId = entry.queueId
         if queueId in self._deleted:
             log.info("{queueId} was deleted during its delivery", queueId=queueId)
@@ -334,14 +381,18 @@ class RelayRunner(QueueControl, Service):
                     delayed = temporary
         # Notifications first: a crash after them and before the state is
         # written means a duplicate notification, never a lost one.
-        if failedNow:
-            await self._hook(entry, failedNow, result.reply)
-        if expired:
-            await self._hook(
-                entry,
-                expired,
-                f"{EXPIRED} {entry.attempts} attempt(s); last error: {entry.lastError}",
-            )
+        # A notice that cannot be queued now is owed: the entry stays in
+        # the queue (its recipients failed) until it is queued.
+        if failedNow and not await self._hook(entry, failedNow, result.reply):
+            entry.owedNotices += failedNow
+        if expired and not await self._hook(
+            entry,
+            expired,
+            f"{EXPIRED} {entry.attempts} attempt(s); last error: {entry.lastError}",
+        ):
+            entry.owedNotices += expired
+        if entry.owedNotices and not entry.pendingRecipients():
+            entry.nextAttempt = now + self._noticeDelay(queueId)
         if delayed:
             entry.delayWarned = await self._notify(entry, delayed, dsn.DELAYED)
         if queueId in self._deleted:
@@ -350,7 +401,7 @@ class RelayRunner(QueueControl, Service):
         entry.held = self._heldInFlight.get(queueId, entry.held)
         if queueId in self._flushAfter:
             entry.nextAttempt = now
-        if entry.pendingRecipients():
+        if entry.pendingRecipients() or entry.owedNotices:
             self.spool.update(entry)
             log.info(
                 "{queueId} deferred (attempt {attempts}) until {nextAttempt}: {error}",
@@ -364,18 +415,105 @@ class RelayRunner(QueueControl, Service):
         else:
             self._finish(entry)
 
-    async def _hook(self, entry: SpoolEntry, recipients: list[str], reply: str):
+    async def _hook(self, entry: SpoolEntry, recipients: list[str], reply: str) -> bool:
+        """
+        Call L{onPermanentFailure}.
+
+        @return: whether it succeeded (the notice, if any, is queued).
+        """
         try:
             await defer.maybeDeferred(self.onPermanentFailure, entry, recipients, reply)
-        except Exception:
-            log.failure("cannot report the failure of {queueId}", queueId=entry.queueId)
+        except Exception as e:
+            log.error(
+                "cannot report the failure of {queueId} ({error}); it stays "
+                "queued until the notice is queued",
+                queueId=entry.queueId,
+                error=e,
+            )
+            return False
+        return True
+
+    def _noticeDelay(self, queueId: str) -> float:
+        """
+        The delay before the next try at queueing owed notices, with the
+        same backoff as deliveries.
+        """
+        tries = self._noticeTries.get(queueId, 0) + 1
+        self._noticeTries[queueId] = tries
+        return self.retryDelay(tries)
+
+    async def _payNotices(self, entry: SpoolEntry) -> bool:
+        """
+        Queue the "failed" notices C{entry} owes (an earlier try failed):
+        the entry leaves the queue only once they are durably queued.  If
+        they are not, the entry is rescheduled; if they are but the spool
+        cannot record it, the entry is held (L{_holdUnremovable}), so that
+        the notice is not queued twice.
+
+        @return: whether recipients are still to be delivered now.
+        """
+        queueId = entry.queueId
+        try:
+            await self._notifyOrRaise(entry, entry.owedNotices, dsn.FAILED)
+        except Exception as e:
+            log.error(
+                "cannot queue the failure notice about {queueId} ({error}); "
+                "retry later",
+                queueId=queueId,
+                error=e,
+            )
+            now = self._reactor.seconds()
+            entry.nextAttempt = now + self._noticeDelay(queueId)
+            self.spool.update(entry)
+            if self.running:
+                self._schedule(queueId, entry.nextAttempt - now)
+            return False
+        self._noticeTries.pop(queueId, None)
+        entry.owedNotices = []
+        try:
+            if not entry.pendingRecipients():
+                self._finish(entry)
+                return False
+            self.spool.update(entry)
+        except Exception as e:
+            self._holdUnremovable(entry, e)
+            return False
+        return True
 
     def _finish(self, entry: SpoolEntry) -> None:
         """
         No recipient is pending: the entry leaves the queue.
         """
+        self._noticeTries.pop(entry.queueId, None)
         self.spool.remove(entry.queueId)
         log.debug("{queueId} removed from the queue", queueId=entry.queueId)
+
+    def _holdUnremovable(self, entry: SpoolEntry, error: Exception) -> None:
+        """
+        The core has decided about C{entry} (accepted or refused recipients)
+        but the spool cannot record it (e.g. it was remounted read-only).
+        Sending it again would deliver it twice: it is held in memory, never
+        attempted again by this process, logged at critical level and
+        reported by /health.  After a restart the spool's old state counts
+        again: the operator must check the core before restarting.
+        """
+        queueId = entry.queueId
+        self._unschedule(queueId)
+        reason = (
+            f"{queueId}: delivered or failed, but the spool cannot record that "
+            f"({error}); held, not sent again"
+        )
+        self.unremovable[queueId] = reason
+        log.critical(
+            "SPOOL CANNOT BE CHANGED: the core MTA accepted or refused {queueId} "
+            "(or its notice is queued), but its state cannot be written "
+            "({error}).  It is held "
+            "and never sent again by this process; fix the spool, check the "
+            "core for {queueId} and delete it from the queue before a restart.",
+            event="unremovable",
+            queueId=queueId,
+            error=error,
+        )
 
     def onPermanentFailure(
         self, entry: SpoolEntry, recipients: list[str], reply: str
@@ -395,13 +533,35 @@ class RelayRunner(QueueControl, Service):
             recipients=", ".join(recipients),
             reply=reply,
         )
-        return defer.ensureDeferred(self._notify(entry, recipients, dsn.FAILED))
+        return defer.ensureDeferred(self._notifyOrRaise(entry, recipients, dsn.FAILED))
 
     async def _notify(self, entry: SpoolEntry, recipients: list[str], action) -> bool:
         """
-        Queue a notification of C{action} about C{recipients} of C{entry}.
+        Queue a notification of C{action} about C{recipients} of C{entry};
+        a failure is logged.
 
         @return: whether one was queued.
+        """
+        try:
+            return await self._notifyOrRaise(entry, recipients, action)
+        except Exception as e:
+            log.error(
+                "cannot queue the {action} DSN about {queueId}: {error}",
+                action=action,
+                queueId=entry.queueId,
+                error=e,
+            )
+            return False
+
+    async def _notifyOrRaise(
+        self, entry: SpoolEntry, recipients: list[str], action
+    ) -> bool:
+        """
+        Queue a notification of C{action} about C{recipients} of C{entry}.
+
+        @return: whether one was queued (none is due for the null sender,
+            a DSN, or without C{dsnHostname}).
+        @raise Exception: when it could not be queued.
         """
         if self.dsnHostname is None or not dsn.needsNotification(entry):
             return False
@@ -410,20 +570,12 @@ class RelayRunner(QueueControl, Service):
             dsn.recipientStatus(r, action, entry.errors.get(r, ""), remote)
             for r in recipients
         ]
-        try:
-            await dsn.queueDSN(
-                self.spool,
-                entry,
-                statuses,
-                self.dsnHostname,
-                self._reactor.seconds(),
-                willRetryUntil=entry.createdAt + self.maxLifetime,
-            )
-        except Exception:
-            log.failure(
-                "cannot queue the {action} DSN about {queueId}",
-                action=action,
-                queueId=entry.queueId,
-            )
-            return False
+        await dsn.queueDSN(
+            self.spool,
+            entry,
+            statuses,
+            self.dsnHostname,
+            self._reactor.seconds(),
+            willRetryUntil=entry.createdAt + self.maxLifetime,
+        )
         return True

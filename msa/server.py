@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from msa import metrics
 from msa.authorization import AuthThrottle
+from msa.deadlines import DeadlineMixin
 from msa.envelope import SessionInfo
 from msa.errors import SMTPReply
 from msa.framing import LineFramer
@@ -39,6 +40,13 @@ MAX_COMMAND_LINE = 510
 
 #: Before TLS only these are honoured (R3).
 PRE_TLS_COMMANDS = frozenset({b"NOOP", b"EHLO", b"QUIT", b"STARTTLS"})
+
+#: While a reply is held back (a failed login's delay, a message being
+#: committed) the session stops reading from the client; what was already
+#: read keeps arriving for a moment (the rest of one read, a TLS record).
+#: More input than this held unprocessed means the transport did not pause:
+#: the session ends with 421 rather than buffer without limit.
+MAX_HELD_INPUT = 1024 * 1024
 
 
 @attrs.define
@@ -58,11 +66,16 @@ class ServerPolicy:
     maxConnections: int = 1000
     maxConnectionsPerClient: int = 20
     idleTimeout: float = 300.0
+    tlsHandshakeTimeout: float = 30.0
+    commandLineTimeout: float = 60.0
+    loginTimeout: float = 120.0
+    dataTimeout: float = 300.0
+    dataMinRate: float = 1024.0
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
 
 
 @implementer(IHandshakeListener)
-class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
+class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin, ESMTP):
     """
     One client connection.  Created by L{SubmissionFactory}.
     """
@@ -77,6 +90,10 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
         self.noisy = False
         self._framer = LineFramer()
         self._waiting = 0
+        self._paused = False
+        self._hungUp = False
+        self._forced = False
+        self._committing = None
         self._tls = False
         self._errors = 0
         self._attemptedUser = ""
@@ -98,6 +115,10 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
         )
         self._tls = self.policy.implicitTLS
         self._started = self.factory.reactor.seconds()
+        if self.policy.implicitTLS:
+            # Also for a connection refused below: its 421 waits for the
+            # handshake, and must not wait for ever.
+            self._startHandshakeDeadline()
         registry = self.factory.registry
         registry.add(self)
         if registry.closing:
@@ -116,7 +137,7 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
             self.reply(
                 421, "4.7.0", f"{self.policy.hostname} Error: too many connections"
             )
-            self.transport.loseConnection()
+            self._hangUp()
             return
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)
@@ -135,26 +156,83 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
         ).inc()
         self.sendCode(220, self.greeting())
         self.setTimeout(self.timeout)
+        self._startDeadlines()
 
     def greeting(self) -> bytes:
         return self.host + b" ESMTP"
 
     def timeoutConnection(self) -> None:
+        if self._handshakePending:
+            self._handshakeExpired()
+            return
+        if self._committing is not None:
+            # The client is waiting for us, not idle: its 250 comes first.
+            self.resetTimeout()
+            return
         self.reply(421, "4.4.2", f"{self.policy.hostname} Error: timeout exceeded")
-        self.transport.loseConnection()
+        self._hangUp()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._hungUp:
+            # The server has said its last word (421, 221): nothing the
+            # client sends after it is a command or message text.
+            return
         self.resetTimeout()
+        self._deadlineBytes(data)
         self._framer.feed(data)
+        if self._waiting and self._framer.buffered > MAX_HELD_INPUT:
+            log.info(
+                "session {session}: closed, {size} octets of input while a "
+                "reply was pending",
+                event="input-limit",
+                session=self.session.sessionId,
+                size=self._framer.buffered,
+            )
+            self.reply(
+                421, "4.7.0", f"{self.policy.hostname} Error: too much pipelined input"
+            )
+            self._hangUp()
+            return
         self._processLines()
 
     def _maxLineLength(self) -> int:
-        if self.mode == DATA:
-            return self.policy.maxLineLength
+        if self.mode == DATA and self._filter is not None:
+            # The transparency dot does not count; the filter judges the rest.
+            return self._filter.framingLimit
         return MAX_AUTH_LINE
 
+    def _hangUp(self) -> None:
+        """
+        End the session from the server's side, after its last reply (421,
+        221).  From here on no input is processed: a message still open in
+        DATA is abandoned (its spool file removed; the client saw no 250 and
+        sends it again), and bytes already received or still arriving are
+        thrown away.  Reading resumes if it was paused, so that the TLS
+        close can complete.  A message whose final dot was already taken is
+        committed all the same (see L{msa.transaction}).
+        """
+        if self._hungUp:
+            return
+        self._hungUp = True
+        self._framer.clear()
+        if self.mode == DATA:
+            self._abandonMessage("the server closed the session")
+        self._resumeReading()
+        self.transport.loseConnection()
+        self._startCloseDeadline()
+
+    def _pauseReading(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _resumeReading(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resumeProducing()
+
     def _processLines(self) -> None:
-        while not self._waiting and self.transport is not None:
+        while not self._waiting and not self._hungUp and self.transport is not None:
             if self.mode == DATA and self._dataBlock():
                 continue
             item = self._framer.nextLine(self._maxLineLength())
@@ -171,16 +249,18 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
                 self._authFinal(line)
             else:
                 self._commandLine(line)
-            if self._closing and self.transport and not self.transport.disconnecting:
+            if self._closing and not self._hungUp:
                 self._afterTransaction()
-            if self.transport is None or self.transport.disconnecting:
+            if self._hungUp or self.transport is None or self.transport.disconnecting:
                 self._framer.clear()
                 return
 
     def _wait(self, d: defer.Deferred) -> None:
         """
         Hold back further pipelined commands until C{d} has fired, so that
-        replies go out in order.
+        replies go out in order.  Meanwhile the session stops reading from
+        the client (see L{MAX_HELD_INPUT}): pipelined input waits in the
+        kernel and the client's socket, not in our memory.
         """
         self._waiting += 1
 
@@ -189,22 +269,39 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
             self._waiting -= 1
             if self._waiting:
                 return result
-            if self.transport is not None and not self.transport.disconnecting:
+            if self._forced and not self._hungUp:
+                # The grace period ended while this reply was pending.
+                self._shutdownReply()
+            if not self._hungUp and self.transport is not None:
                 self._processLines()
-                if self._closing and not self.transport.disconnecting:
+                if self._closing and not self._hungUp:
                     self._afterTransaction()
+            if not self._waiting:
+                self._resumeReading()
             return result
 
         d.addBoth(resume)
+        if self._waiting:
+            self._pauseReading()
 
     def connectionLost(self, reason: Failure) -> None:
+        self._hungUp = True
         self.factory.registry.remove(self)
-        if self.mode == DATA and self._message is not None:
-            self._abortMessage()
+        if self.mode == DATA:
+            self._abandonMessage("the client closed the connection")
+        if self._committing is not None:
+            log.info(
+                "session {session}: the client left while message {queueId} was "
+                "being committed; it is delivered all the same",
+                event="left-during-commit",
+                session=self.session.sessionId,
+                queueId=self._queueId,
+            )
         if self._logout is not None:
             logout, self._logout = self._logout, None
             logout()
         self.setTimeout(None)
+        self._stopDeadlines()
         duration = self.factory.reactor.seconds() - self._started
         metrics.SESSION_SECONDS.observe(duration)
         log.info(
@@ -218,6 +315,7 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
         """
         The TLS handshake is done (STARTTLS or implicit TLS).
         """
+        self._handshakeDone()
         version, cipher = describeTLS(self.transport)
         self.session.tlsVersion, self.session.tlsCipher = version, cipher
         metrics.TLS_HANDSHAKES.labels(version or "unknown").inc()
@@ -236,7 +334,7 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
 
     def _shutdownReply(self) -> None:
         self.reply(421, "4.3.2", f"{self.policy.hostname} Service shutting down")
-        self.transport.loseConnection()
+        self._hangUp()
 
     def beginShutdown(self) -> None:
         """
@@ -250,11 +348,13 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
     def forceShutdown(self) -> None:
         """
         The grace period is over: a message in progress is abandoned (it was
-        not acknowledged, so the client will send it again).
+        not acknowledged, so the client will send it again).  A message
+        whose final dot has arrived is committed and acknowledged first
+        (see L{msa.transaction}): its 250, then the 421.
         """
-        if self.mode == DATA:
-            self._abortMessage()
-            self.mode = COMMAND
+        if self._committing is not None:
+            self._forced = True
+            return
         self._shutdownReply()
 
     def _afterTransaction(self) -> None:
@@ -262,6 +362,12 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
             self._shutdownReply()
 
     # -- replies ------------------------------------------------------
+
+    def sendCode(self, code: int, message: bytes = b"") -> None:
+        # After the server's last word (421, 221) nothing more is said, not
+        # even the reply to something already under way.
+        if not self._hungUp:
+            super().sendCode(code, message)
 
     def reply(self, code: int, status: str, text: str) -> None:
         self.sendCode(code, f"{status} {text}".encode("ascii", "replace"))
@@ -276,7 +382,7 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
         self._errors += 1
         if self._errors > self.policy.maxErrors:
             self.reply(421, "4.7.0", f"{self.policy.hostname} Error: too many errors")
-            self.transport.loseConnection()
+            self._hangUp()
             return
         self.reply(code, status, text)
 
@@ -308,7 +414,7 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
 
     def smtp_QUIT(self, rest: bytes) -> None:
         self.reply(221, "2.0.0", "Bye")
-        self.transport.loseConnection()
+        self._hangUp()
 
     def smtp_HELP(self, rest: bytes) -> None:
         self.reply(214, "2.0.0", "See RFC 5321 and RFC 6409")
@@ -365,6 +471,7 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
         self.transport.startTLS(self.ctx)
         self._tls = True
         self.startedTLS = True
+        self._startHandshakeDeadline()
 
     def smtp_RSET(self, rest: bytes) -> None:
         self._resetTransaction()
@@ -385,6 +492,7 @@ class SubmissionServer(AuthenticationMixin, MailTransactionMixin, ESMTP):
         self.mode = COMMAND
         self._resetTransaction()
         self._message = None
+        self._queueId = ""
         self._filter = None
         self._pendingLogin = None
         if hasattr(self, "session"):

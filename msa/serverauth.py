@@ -33,6 +33,10 @@ MAX_AUTH_LINE = 12286
 #: finds data.
 SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
 
+#: The client-certificate mechanism, offered only where L{peerIdentities}
+#: finds a verified certificate.
+EXTERNAL = "EXTERNAL"
+
 
 def channelBindings(transport) -> dict[str, bytes]:
     """
@@ -73,11 +77,16 @@ class AuthenticationMixin:
     def offeredMechanisms(self) -> list[str]:
         """
         The configured mechanisms this session can use: SCRAM-SHA-256-PLUS
-        only with channel binding data (TLS 1.3).
+        only with channel binding data (TLS 1.3), EXTERNAL only on a
+        connection with a verified client certificate.  A client such as
+        the JDK takes the first advertised mechanism it knows and does not
+        fall back when it fails, so nothing unusable is offered.
         """
         mechanisms = list(self.policy.mechanisms)
         if SCRAM_PLUS in mechanisms and not self._channelBindings():
             mechanisms.remove(SCRAM_PLUS)
+        if EXTERNAL in mechanisms and not peerIdentities(self.transport):
+            mechanisms.remove(EXTERNAL)
         return mechanisms
 
     def smtp_AUTH(self, rest: bytes) -> None:
@@ -99,6 +108,13 @@ class AuthenticationMixin:
         name = parts[0].upper().decode("ascii", "replace")
         factory = self.factory.mechanismFactories.get(name)
         if name not in self.offeredMechanisms() or factory is None:
+            if name == EXTERNAL and EXTERNAL in self.policy.mechanisms:
+                # Configured, but this connection has no verified
+                # certificate: not offered here, and not a failed login.
+                self.protocolError(
+                    504, "5.5.4", "EXTERNAL needs a verified client certificate"
+                )
+                return
             self.protocolError(504, "5.5.4", "Unrecognized authentication type")
             return
         initial = None
@@ -107,7 +123,7 @@ class AuthenticationMixin:
             if initial is None:
                 return
         context = self.factory.mechanismContext
-        if name == "EXTERNAL":
+        if name == EXTERNAL:
             self.session.clientCertificate = peerIdentities(self.transport)
             context = attrs.evolve(
                 context, peerIdentities=self.session.clientCertificate
@@ -265,14 +281,14 @@ class AuthenticationMixin:
         self._wait(d)
 
     def _failedReply(self, error: SMTPReply) -> None:
-        if self.transport is None or self.transport.disconnecting:
+        if self._hungUp or self.transport is None or self.transport.disconnecting:
             return
         if self._authFailures >= self.policy.maxAuthFailures:
             self.sendReply(error)
             self.reply(
                 421, "4.7.0", f"{self.policy.hostname} Error: too many failed logins"
             )
-            self.transport.loseConnection()
+            self._hangUp()
             return
         self.protocolError(error.code, error.status, error.text)
 

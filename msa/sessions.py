@@ -56,7 +56,7 @@ class SessionRegistry:
         )
         for session in list(self.sessions):
             session.beginShutdown()
-        done = defer.Deferred()
+        done: defer.Deferred[None] = defer.Deferred()
         if not self.sessions:
             return defer.succeed(None)
         self._emptied.append(done)

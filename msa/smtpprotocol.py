@@ -238,6 +238,15 @@ class SMTPClientProtocol(LineReceiver):
         d.addTimeout(timeout, self._reactor, onTimeoutCancel=timedOut)
         return d
 
+    def connectionMade(self) -> None:
+        """
+        Turn Nagle's algorithm off, as the server side does: a command or
+        the last segment of the data must not wait for the core's delayed
+        ACK (about 40 ms per message otherwise).
+        """
+        super().connectionMade()
+        setTcpNoDelay(self.transport)
+
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
         self._closed = True
@@ -245,6 +254,26 @@ class SMTPClientProtocol(LineReceiver):
         waiters, self._lostWaiters = self._lostWaiters, []
         for d in waiters:
             d.callback(None)
+
+
+def setTcpNoDelay(transport) -> bool:
+    """
+    Set C{TCP_NODELAY} on the TCP connection under C{transport}, which may
+    be wrapped in TLS (implicit TLS: a L{TLSMemoryBIOProtocol} whose own
+    C{transport} is the TCP connection).
+
+    @return: whether a TCP connection was found and set.
+    """
+    for _ in range(4):
+        if transport is None:
+            return False
+        # Look the method up on the class: a TLS wrapper forwards unknown
+        # attributes to the protocol it wraps, not to the connection.
+        if getattr(type(transport), "setTcpNoDelay", None) is not None:
+            transport.setTcpNoDelay(True)
+            return True
+        transport = vars(transport).get("transport")
+    return False
 
 
 @attrs.frozen

@@ -23,6 +23,7 @@ are small and their ordering with the relay's decisions must be exact.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -74,6 +75,24 @@ def _unlinkQuietly(path: str) -> None:
         pass
 
 
+def _discard(path: str) -> None:
+    """
+    Remove a file that nobody was told about, on a path that must not fail
+    (a refusal already on its way to the client): a disk that refuses even
+    that is logged, and L{Spool.recover} removes the file at the next start.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.error("cannot remove {path}: {e}", path=path, e=e)
+
+
+#: Errors that mean the spool's file system is full (RFC 3463 4.3.1).
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 _lastTimestamp = 0
 
 
@@ -103,6 +122,8 @@ class SpoolEntry:
     @ivar isBounce: a delivery status notification made by this MSA (never
         the subject of another one).
     @ivar delayWarned: a "delayed" notification was sent for it.
+    @ivar owedNotices: failed recipients whose "failed" notification could
+        not be queued yet: the entry stays in the queue until it is.
     """
 
     queueId: str
@@ -119,6 +140,7 @@ class SpoolEntry:
     held: bool = False
     isBounce: bool = False
     delayWarned: bool = False
+    owedNotices: list[str] = attrs.Factory(list)
 
     def pendingRecipients(self) -> list[str]:
         return [r for r, status in self.recipients.items() if status == PENDING]
@@ -138,6 +160,7 @@ class SpoolEntry:
             "held": self.held,
             "isBounce": self.isBounce,
             "delayWarned": self.delayWarned,
+            "owedNotices": self.owedNotices,
         }
 
     @classmethod
@@ -157,6 +180,7 @@ class SpoolEntry:
             held=bool(data.get("held", False)),
             isBounce=bool(data.get("isBounce", False)),
             delayWarned=bool(data.get("delayWarned", False)),
+            owedNotices=list(data.get("owedNotices", [])),
         )
 
 
@@ -249,8 +273,10 @@ class SpoolWriter:
     def _committed(self, _: None) -> str:
         self._done = True
         if self._abortRequested:
-            # The client went away before it could hear the 250: it will
-            # send the message again, so drop this copy.
+            # Whoever asked for the abort will not announce this message.
+            # (The SMTP server never does this: a message whose final dot
+            # arrived is delivered even if its client leaves before the
+            # 250, see msa.transaction.  abort() stays safe at any time.)
             self._spool.remove(self.queueId)
             log.info(
                 "queue id {queueId} dropped: aborted during commit",
@@ -270,16 +296,43 @@ class SpoolWriter:
         return self.queueId
 
     def _commitFailed(self, failure):
+        """
+        The commit failed: nothing of the message may stay behind and the
+        client hears a 4xx (the message is not queued; it may send it
+        again).  On a full file system (ENOSPC, EDQUOT) that is 452 4.3.1
+        ("mail system full", RFC 3463); on any other error 451 4.3.0.
+        """
         self._done = True
-        log.failure("cannot commit {queueId}", failure, queueId=self.queueId)
-        self._file.close()
-        _unlinkQuietly(self._msgPath)
-        _unlinkQuietly(self._statePath)
+        if failure.check(OSError):
+            # The disk's answer (ENOSPC, EIO...): expected, no traceback.
+            log.error(
+                "cannot commit {queueId}: {error}",
+                queueId=self.queueId,
+                error=failure.value,
+            )
+        else:
+            log.failure("cannot commit {queueId}", failure, queueId=self.queueId)
+        self._closeQuietly()
+        _discard(self._msgPath)
+        _discard(self._statePath)
         queueDir = self._spool.queueDirectory
         # The order of the renames means a .json in queue/ implies its .msg.
-        _unlinkQuietly(os.path.join(queueDir, self.queueId + ".json"))
-        _unlinkQuietly(os.path.join(queueDir, self.queueId + ".msg"))
+        _discard(os.path.join(queueDir, self.queueId + ".json"))
+        _discard(os.path.join(queueDir, self.queueId + ".msg"))
+        if isinstance(failure.value, OSError) and failure.value.errno in _FULL:
+            raise SMTPReply(452, "4.3.1", "Insufficient system storage")
         raise SMTPReply(451, "4.3.0", "Cannot queue the message, try again later")
+
+    def _closeQuietly(self) -> None:
+        """
+        Close the message file, whose data is being thrown away: closing
+        flushes the buffer, which fails again on a full disk (the file
+        descriptor is closed all the same), and must not stop the cleanup.
+        """
+        try:
+            self._file.close()
+        except OSError as e:
+            log.info("discarding the data of {queueId}: {e}", queueId=self.queueId, e=e)
 
     def abort(self) -> None:
         """
@@ -293,8 +346,8 @@ class SpoolWriter:
             self._abortRequested = True
             return
         self._done = True
-        self._file.close()
-        _unlinkQuietly(self._msgPath)
+        self._closeQuietly()
+        _discard(self._msgPath)
 
 
 @implementer(ISpool)

@@ -2,13 +2,15 @@
 Checks made once at start, so that a hardened host fails early and says why
 instead of failing the first client: the certificate (expired, expiring
 within 30 days, chain incomplete) and the spool directory (owned by the user
-the MSA runs as, not readable by others).  The key matching the certificate
+the MSA runs as, not readable by others) and the limit on open files
+(enough for the configured connections).  The key matching the certificate
 is checked when the TLS context is built (L{msa.tls.serverContextFactory});
 the accounts file's mode when it is read (L{msa.accountstore.AccountFile}).
 """
 
 import datetime
 import os
+import resource
 import stat
 
 from cryptography import x509
@@ -97,6 +99,69 @@ def checkSpoolDirectory(directory: str) -> None:
             f"{directory}: group or others have access (mode "
             f"{stat.S_IMODE(st.st_mode):o}); messages are confidential: chmod 700"
         )
+
+
+#: File descriptors one client connection may hold: its socket and, in DATA,
+#: the spool file.
+FDS_PER_CONNECTION = 2
+
+#: File descriptors one relay delivery may hold: the connection to the core,
+#: the message file, and a notification being written.
+FDS_PER_DELIVERY = 3
+
+#: For the rest: listeners, logs, the control socket, the accounts file,
+#: the spool's state files and directory fsyncs, the thread pool.
+FD_MARGIN = 256
+
+
+def filesNeeded(maxConnections: int, relayConcurrency: int) -> int:
+    """
+    @return: how many open files the MSA may need at its configured limits.
+    """
+    return (
+        maxConnections * FDS_PER_CONNECTION
+        + relayConcurrency * FDS_PER_DELIVERY
+        + FD_MARGIN
+    )
+
+
+def checkFileLimit(
+    maxConnections: int, relayConcurrency: int, resource=resource
+) -> list[str]:
+    """
+    Compare C{RLIMIT_NOFILE} with what the configured limits need; a soft
+    limit that is too low is raised (up to the hard limit) first.  Running
+    out means EMFILE: connections refused at accept and messages refused
+    with 4xx, so this is a warning, not a reason not to start.
+
+    @param resource: the L{resource} module (a fake in tests).
+    @return: warnings (the start goes on).
+    """
+    needed = filesNeeded(maxConnections, relayConcurrency)
+    infinity = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == infinity or soft >= needed:
+        return []
+    target = needed if hard == infinity else min(needed, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.info("cannot raise the open files limit: {e}", e=e)
+        else:
+            log.info(
+                "open files limit raised from {soft} to {target}",
+                soft=soft,
+                target=target,
+            )
+            soft = target
+    if soft >= needed:
+        return []
+    return [
+        f"the open files limit (RLIMIT_NOFILE) is {soft}, but max_connections "
+        f"{maxConnections} and relay concurrency {relayConcurrency} may need "
+        f"{needed}; raise it (systemd: LimitNOFILE=) or lower max_connections"
+    ]
 
 
 def runChecks(certFile: str, chainFile: str | None, spoolDirectory: str) -> None:

@@ -7,19 +7,22 @@ L{msa.server.SubmissionFactory} itself.
 """
 
 import os
+import re
 import signal
+from typing import Any
 
 import attrs
 from twisted.application import internet, service
 from twisted.application.service import MultiService
 from twisted.cred.portal import Portal
 from twisted.internet import endpoints
-from twisted.logger import Logger, globalLogPublisher, jsonFileLogObserver
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.web.server import Site
 
-from msa import __version__, metrics, tls
+from msa import __version__, logs, metrics, tls
 from msa.accounts import (
     AccountsFileError,
     makeAccount,
@@ -40,7 +43,7 @@ from msa.sasl import MechanismContext
 from msa.server import ServerPolicy, SubmissionFactory
 from msa.sessions import SessionRegistry
 from msa.spool import Spool
-from msa.startupchecks import StartupCheckError, runChecks
+from msa.startupchecks import StartupCheckError, checkFileLimit, runChecks
 
 log = Logger()
 
@@ -175,6 +178,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
         clientCertificates=tlsConfig["client_certificates"],
         clientCAFile=tlsConfig["client_ca"],
         clientCRLFile=tlsConfig["client_crl"],
+        ocspResponseFile=tlsConfig["ocsp_response"],
         **tlsArgs,
     )
 
@@ -187,6 +191,8 @@ def buildService(config: Config, reactor=None) -> MultiService:
     runChecks(certFile, tlsConfig["chain"], config["spool"]["directory"])
     spool.recover()
     relay = config["relay"]
+    for problem in checkFileLimit(server["max_connections"], relay["concurrency"]):
+        log.warn("startup check: {problem}", problem=problem)
     runner = RelayRunner(
         spool,
         _downstream(config),
@@ -201,7 +207,11 @@ def buildService(config: Config, reactor=None) -> MultiService:
     runner.setServiceParent(top)
     metrics.watchQueue(spool)
     if config["metrics"]["listen"]:
-        site = Site(metrics.metricsResource(spool, config["metrics"]["health_window"]))
+        site = Site(
+            metrics.metricsResource(
+                spool, config["metrics"]["health_window"], relay=runner
+            )
+        )
         endpoint = endpoints.serverFromString(reactor, config["metrics"]["listen"])
         metricsService = internet.StreamServerEndpointService(endpoint, site)
         metricsService._raiseSynchronously = True
@@ -225,7 +235,10 @@ def buildService(config: Config, reactor=None) -> MultiService:
     )
     realm = CertificateBindingRealm(
         SubmissionRealm(
-            store, submissionFactory(spool, server["hostname"], serverRules)
+            store,
+            submissionFactory(
+                spool, server["hostname"], serverRules, config["content"]["chain"]
+            ),
         ),
         store,
     )
@@ -241,6 +254,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
         scramParameters=store.scramParameters,
     )
     registry = SessionRegistry()
+    _checkBacklog(server["listen_backlog"])
     _SessionShutdown(registry, server["shutdown_grace"]).setServiceParent(top)
     for implicit, key in (
         (False, "starttls_listeners"),
@@ -255,6 +269,11 @@ def buildService(config: Config, reactor=None) -> MultiService:
             maxErrors=server["max_errors"],
             maxAuthFailures=server["max_auth_failures"],
             idleTimeout=server["idle_timeout"],
+            tlsHandshakeTimeout=server["tls_handshake_timeout"],
+            commandLineTimeout=server["command_line_timeout"],
+            loginTimeout=server["login_timeout"],
+            dataTimeout=server["data_timeout"],
+            dataMinRate=server["data_min_rate"],
             maxConnections=server["max_connections"],
             maxConnectionsPerClient=server["max_connections_per_client"],
             mechanisms=tuple(server["mechanisms"]),
@@ -268,14 +287,17 @@ def buildService(config: Config, reactor=None) -> MultiService:
             authThrottle=serverRules.throttle,
             reactor=reactor,
         )
+        served: IProtocolFactory = factory
         if implicit:
-            factory = TLSMemoryBIOFactory(contextFactory, False, factory)
+            served = TLSMemoryBIOFactory(contextFactory, False, factory)
         for description in server[key]:
             proxied, inner = splitDescription(description)
-            endpoint = endpoints.serverFromString(reactor, inner)
-            listenerFactory = factory
+            endpoint = endpoints.serverFromString(
+                reactor, withBacklog(inner, server["listen_backlog"])
+            )
+            listenerFactory = served
             if proxied:
-                listenerFactory = ProxyHeaderFactory(factory, reactor)
+                listenerFactory = ProxyHeaderFactory(served, reactor)
             listener = internet.StreamServerEndpointService(endpoint, listenerFactory)
             listener._raiseSynchronously = True
             listener.setServiceParent(top)
@@ -284,19 +306,21 @@ def buildService(config: Config, reactor=None) -> MultiService:
 
 class _JSONLog(service.Service):
     """
-    Every log event also as one JSON object per line in a file, for log
-    shippers (the same as C{twistd --logger msa.logs.jsonLogger}).
+    The MSA's log events (and errors) also as flat JSON objects, one per
+    line, in a file, for log shippers (the same as C{twistd --logger
+    msa.logs.jsonLogger}; fields in L{msa.logs}).
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._observer = None
+        self._observer: logs.FlatJSONObserver | None = None
 
     def startService(self) -> None:
         super().startService()
         self._file = open(self.path, "a", encoding="utf-8")
-        self._observer = jsonFileLogObserver(self._file, recordSeparator="")
-        globalLogPublisher.addObserver(self._observer)
+        observer = logs.FlatJSONObserver(self._file)
+        globalLogPublisher.addObserver(observer)
+        self._observer = observer
 
     def stopService(self):
         if self._observer is not None:
@@ -331,7 +355,7 @@ class _AccountWatcher(service.Service):
         self.store = store
         self.interval = interval
 
-    _previous = None
+    _previous: Any = None
 
     def startService(self) -> None:
         super().startService()
@@ -353,3 +377,43 @@ class _AccountWatcher(service.Service):
             signal.signal(signal.SIGHUP, self._previous)
             self._previous = None
         return super().stopService()
+
+
+#: Endpoint types whose description takes C{backlog=}.
+_BACKLOG_TYPES = ("tcp", "tcp6", "unix")
+
+
+def withBacklog(description: str, backlog: int) -> str:
+    """
+    A listener's endpoint description with the listen backlog
+    (C{[server] listen_backlog}) added, so that a burst of connections waits
+    in the kernel's queue instead of being dropped (Twisted's default is
+    50).  An explicit C{backlog=} is kept; C{systemd:} sockets get theirs
+    from the socket unit (C{Backlog=} in C{etc/digipoort-msa.socket}).
+    """
+    parts = re.split(r"(?<!\\):", description)
+    if parts[0] not in _BACKLOG_TYPES or any(
+        p.startswith("backlog=") for p in parts[1:]
+    ):
+        return description
+    return f"{description}:backlog={backlog}"
+
+
+def _checkBacklog(backlog: int, somaxconn: str = "/proc/sys/net/core/somaxconn"):
+    """
+    Say so at start when the kernel will shorten the listen backlog.
+    """
+    try:
+        with open(somaxconn) as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        return
+    if backlog > limit:
+        log.warn(
+            "The listen backlog ([server] listen_backlog, default twice "
+            "max_connections) is {backlog}, but the kernel caps it at "
+            "net.core.somaxconn = {limit}; raise that (sysctl) for the whole "
+            "backlog",
+            backlog=backlog,
+            limit=limit,
+        )

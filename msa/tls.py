@@ -6,18 +6,24 @@ and the self-signed certificate made on first start with built-in defaults.
 Secure by default, as the Dutch NCSC guidelines and Mozilla's "intermediate"
 profile ask: TLS 1.2 and 1.3 only, ECDHE with AEAD ciphers only, groups
 X25519, P-256 and P-384, no compression, no client-initiated renegotiation,
-the whole certificate chain sent.
+the whole certificate chain sent, signature hashes SHA-256 and up, ALPN
+ignored (SMTP has no ALPN name), and an OCSP response stapled when the
+operator provides one.
 """
 
 import datetime
 import ipaddress
 import os
+import weakref
+from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 from twisted.internet import ssl
 from twisted.internet._sslverify import ClientTLSOptions
@@ -38,6 +44,38 @@ DEFAULT_CIPHERS = ":".join(
     ]
 )
 DEFAULT_GROUPS = "X25519:P-256:P-384"
+#: Signature algorithms for handshake signatures, both ways: SHA-256 and up
+#: only (NCSC phases out SHA-224 and SHA-1).
+DEFAULT_SIGALGS = ":".join(
+    [
+        "ECDSA+SHA256",
+        "ECDSA+SHA384",
+        "ECDSA+SHA512",
+        "ed25519",
+        "ed448",
+        "rsa_pss_rsae_sha256",
+        "rsa_pss_rsae_sha384",
+        "rsa_pss_rsae_sha512",
+        "rsa_pss_pss_sha256",
+        "rsa_pss_pss_sha384",
+        "rsa_pss_pss_sha512",
+        "RSA+SHA256",
+        "RSA+SHA384",
+        "RSA+SHA512",
+    ]
+)
+#: The accepted C{[tls] minimum_version} values, as L{ssl.TLSVersion} names.
+MINIMUM_VERSIONS = ("TLSv1_2", "TLSv1_3")
+#: OpenSSL functions that pyOpenSSL has no public API for; the only private
+#: API this module uses, reached through L{_privateFunction}.
+PRIVATE_FUNCTIONS = (
+    "SSL_CTX_set1_curves_list",
+    "SSL_CTX_set1_sigalgs_list",
+    "X509_verify_cert_error_string",
+)
+#: X509_V_ERR_CERT_REVOKED: a client certificate the CA revoked is refused
+#: even with C{request}.
+_CERT_REVOKED = 23
 
 
 class TLSConfigurationError(Exception):
@@ -46,13 +84,32 @@ class TLSConfigurationError(Exception):
     """
 
 
+def _privateFunction(name: str):
+    """
+    An OpenSSL function from the binding pyOpenSSL uses, or L{None} when
+    this cryptography does not bind it.  C{tests.test_tlsextra} fails
+    loudly when one of L{PRIVATE_FUNCTIONS} disappears.
+    """
+    assert name in PRIVATE_FUNCTIONS, name
+    return getattr(_lib, name, None)
+
+
 def _hardenContext(context: SSL.Context, groups: str) -> None:
     context.set_options(
         SSL.OP_NO_COMPRESSION
         | SSL.OP_NO_RENEGOTIATION
         | SSL.OP_CIPHER_SERVER_PREFERENCE
     )
-    setGroups = getattr(_lib, "SSL_CTX_set1_curves_list", None)
+    # Twisted (26.10) always installs an ALPN callback that answers a client
+    # offering ALPN with nothing, which OpenSSL turns into alert 80.  SMTP
+    # has no ALPN name: carry on without selecting one (RFC 7301 3.2).
+    context.set_alpn_select_callback(lambda conn, offered: SSL.NO_OVERLAPPING_PROTOCOLS)
+    setSigalgs = _privateFunction("SSL_CTX_set1_sigalgs_list")
+    if setSigalgs is None:
+        log.warn("this cryptography cannot restrict TLS signature algorithms")
+    elif not setSigalgs(context._context, DEFAULT_SIGALGS.encode("ascii")):
+        raise TLSConfigurationError("cannot set the TLS signature algorithms")
+    setGroups = _privateFunction("SSL_CTX_set1_curves_list")
     if setGroups is None:
         # An old cryptography without the binding: P-256 alone is still
         # within the policy, if narrower than asked.
@@ -63,22 +120,184 @@ def _hardenContext(context: SSL.Context, groups: str) -> None:
         raise TLSConfigurationError(f"unsupported TLS groups: {groups!r}")
 
 
+#: Connections whose client certificate did not verify (C{request} mode):
+#: L{SSL.Connection} -> why.
+_unverified: "weakref.WeakKeyDictionary[SSL.Connection, str]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def clientCertificateVerified(transport) -> bool:
+    """
+    Whether the client certificate of a TLS transport, if any, verified.
+    With C{request}, a certificate that does not verify leaves the
+    connection up but must not identify anyone.
+    """
+    conn = getattr(transport, "getHandle", lambda: None)()
+    return isinstance(conn, SSL.Connection) and conn not in _unverified
+
+
+def _requestVerify(conn: SSL.Connection, cert, errno: int, depth: int, ok: int):
+    """
+    The verify callback for C{client_certificates = "request"}: a client
+    certificate that does not verify (an unknown CA, expired, ...) is
+    noted and logged, and the handshake goes on without it, so that the
+    client can still log in by password.  A revoked one is refused.
+    """
+    if ok:
+        return True
+    if errno == _CERT_REVOKED:
+        return False
+    if conn not in _unverified:
+        reason = _verifyErrorString(errno)
+        _unverified[conn] = reason
+        client, session = _describePeer(conn)
+        log.warn(
+            "session {session}: client certificate not verified ({reason}; "
+            "{subject}, depth {depth}) from {client}: the connection goes on "
+            "without a certificate identity",
+            event="client_certificate_unverified",
+            session=session,
+            reason=reason,
+            subject=cert.to_cryptography().subject.rfc4514_string(),
+            depth=depth,
+            client=client,
+        )
+    return True
+
+
+def _describePeer(conn: SSL.Connection) -> tuple[str, str]:
+    """
+    The peer's address and the SMTP session id (when the protocol under
+    the TLS layer has one) of a connection in its handshake, for the log.
+    """
+    tlsProtocol = conn.get_app_data()
+    peer = getattr(tlsProtocol, "getPeer", lambda: None)()
+    protocol, session = tlsProtocol, ""
+    while protocol is not None and not session:
+        session = getattr(getattr(protocol, "session", None), "sessionId", "")
+        protocol = getattr(protocol, "wrappedProtocol", None)
+    return getattr(peer, "host", "?"), session
+
+
+def _verifyErrorString(errno: int) -> str:
+    describe = _privateFunction("X509_verify_cert_error_string")
+    if describe is None:
+        return f"verify error {errno}"
+    return _ffi.string(describe(errno)).decode("ascii", "replace")
+
+
+class _OCSPStaple:
+    """
+    The DER OCSP response in a file, re-read when its modification time or
+    size changes, so that a cron job can refresh it without a restart.
+    """
+
+    def __init__(self, path: str, serialNumber: int | None = None) -> None:
+        self._path = path
+        self._serialNumber = serialNumber
+        self._stamp: tuple[int, int] | None = None
+        self._data = b""
+        self._failing = False
+        self.refresh(strict=True)
+
+    def refresh(self, strict: bool = False) -> bytes:
+        try:
+            st = os.stat(self._path)
+            stamp = (st.st_mtime_ns, st.st_size)
+            if stamp != self._stamp:
+                self._data = readOCSPResponse(self._path, self._serialNumber)
+                self._stamp = stamp
+                self._failing = False
+        except (OSError, ValueError) as e:
+            if strict:
+                raise
+            if not self._failing:
+                log.warn(
+                    "cannot re-read the OCSP response {path}: {error}; stapling "
+                    "the last one read",
+                    path=self._path,
+                    error=e,
+                )
+            self._failing = True
+        return self._data
+
+    def __call__(self, conn: SSL.Connection, data) -> bytes:
+        return self.refresh()
+
+
+def readOCSPResponse(path: str, serialNumber: int | None = None) -> bytes:
+    """
+    The bytes of a DER OCSP response file.
+
+    @param serialNumber: when given, the response must be a successful one
+        for the certificate with this serial number.
+    @raise OSError: when it cannot be read.
+    @raise ValueError: when it is not a DER OCSP response, or not one for
+        the certificate.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        response = ocsp.load_der_ocsp_response(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a DER OCSP response ({e})") from e
+    if serialNumber is None:
+        return data
+    if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+        raise ValueError(f"{path}: OCSP response status {response.response_status}")
+    if response.serial_number != serialNumber:
+        raise ValueError(
+            f"{path}: the OCSP response is for serial number "
+            f"{response.serial_number:x}, not the certificate's {serialNumber:x}"
+        )
+    nextUpdate = response.next_update_utc
+    if nextUpdate is not None and nextUpdate < datetime.datetime.now(datetime.UTC):
+        log.warn(
+            "the OCSP response {path} expired at {nextUpdate}; clients may "
+            "refuse it: fetch a fresh one",
+            path=path,
+            nextUpdate=nextUpdate.isoformat(),
+        )
+    return data
+
+
 class _HardenedOptions(ssl.CertificateOptions):
     """
     L{CertificateOptions} that also restricts the key-exchange groups and
-    forbids renegotiation, which Twisted has no switch for.
+    signature algorithms, forbids renegotiation, ignores ALPN and, for a
+    listener, names the acceptable client CAs, lets an unverifiable client
+    certificate through unidentified with C{request}, and staples OCSP.
     """
 
     def __init__(
-        self, *args, groups: str = DEFAULT_GROUPS, crlFile: str | None = None, **kwargs
+        self,
+        *args,
+        groups: str = DEFAULT_GROUPS,
+        crlFile: str | None = None,
+        clientCAs: Sequence[crypto.X509] = (),
+        requestOnly: bool = False,
+        ocsp: "_OCSPStaple | None" = None,
+        **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._groups = groups
         self._crlFile = crlFile
+        self._clientCAs = list(clientCAs)
+        self._requestOnly = requestOnly
+        self._ocsp = ocsp
 
-    def _makeContext(self) -> SSL.Context:
-        context = super()._makeContext()
+    def _makeContext(self, skipCiphers: bool = False) -> SSL.Context:
+        context = super()._makeContext(skipCiphers)
         _hardenContext(context, self._groups)
+        for ca in self._clientCAs:
+            # The CertificateRequest names them, so that a client holding
+            # several certificates can choose.
+            context.add_client_ca(ca)
+        if self._requestOnly:
+            context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _requestVerify)
+        if self._ocsp is not None:
+            context.set_ocsp_server_callback(self._ocsp)
         if self._crlFile:
             with open(self._crlFile, "rb") as f:
                 data = f.read()
@@ -87,6 +306,7 @@ class _HardenedOptions(ssl.CertificateOptions):
             except ValueError:
                 crl = x509.load_der_x509_crl(data)
             store = context.get_cert_store()
+            assert store is not None  # a server context always has one
             store.add_crl(crl)
             store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
         return context
@@ -110,6 +330,7 @@ def serverContextFactory(
     clientCertificates: str = "off",
     clientCAFile: str | None = None,
     clientCRLFile: str | None = None,
+    ocspResponseFile: str | None = None,
 ) -> ssl.CertificateOptions:
     """
     Build the context factory for a listener.
@@ -122,7 +343,14 @@ def serverContextFactory(
         offered) or C{"require"} (the handshake fails without one), R13.
     @param clientCAFile: the CAs client certificates must chain to.
     @param clientCRLFile: a CRL (PEM or DER) checked for client certificates.
+    @param ocspResponseFile: a DER OCSP response for the certificate, stapled
+        when a client asks; re-read when the file changes.
     """
+    if minimumVersion not in MINIMUM_VERSIONS:
+        raise TLSConfigurationError(
+            f"minimum TLS version must be one of {', '.join(MINIMUM_VERSIONS)}, "
+            f"not {minimumVersion!r}"
+        )
     verifyArgs: dict = {}
     if clientCertificates != "off":
         if clientCertificates not in ("request", "require") or not clientCAFile:
@@ -130,10 +358,13 @@ def serverContextFactory(
                 "client certificates need 'request' or 'require' and a CA file"
             )
         try:
+            clientCAs = _readPEMChain(clientCAFile)
             verifyArgs = {
                 "verify": True,
-                "caCerts": _readPEMChain(clientCAFile),
+                "caCerts": clientCAs,
+                "clientCAs": clientCAs,
                 "requireCertificate": clientCertificates == "require",
+                "requestOnly": clientCertificates == "request",
                 "crlFile": clientCRLFile,
             }
         except (OSError, ValueError) as e:
@@ -141,15 +372,22 @@ def serverContextFactory(
     try:
         chain = _readPEMChain(certFile)
         with open(keyFile, "rb") as f:
-            key = crypto.PKey.from_cryptography_key(
-                serialization.load_pem_private_key(f.read(), password=None)
-            )
+            loaded = serialization.load_pem_private_key(f.read(), password=None)
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise ValueError(f"{keyFile}: not an ECDSA or RSA private key")
+        key = crypto.PKey.from_cryptography_key(loaded)
         if chainFile:
             chain += _readPEMChain(chainFile)
     except (OSError, ValueError) as e:
         raise TLSConfigurationError(f"cannot load certificate or key: {e}") from e
     if not chain:
         raise TLSConfigurationError(f"no certificate in {certFile}")
+    staple = None
+    if ocspResponseFile:
+        try:
+            staple = _OCSPStaple(ocspResponseFile, chain[0].get_serial_number())
+        except (OSError, ValueError) as e:
+            raise TLSConfigurationError(f"cannot load the OCSP response: {e}") from e
     options = _HardenedOptions(
         privateKey=key,
         certificate=chain[0],
@@ -157,6 +395,7 @@ def serverContextFactory(
         raiseMinimumTo=getattr(ssl.TLSVersion, minimumVersion),
         acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers),
         groups=groups,
+        ocsp=staple,
         **verifyArgs,
     )
     # Load it once now, so that a bad key or mismatched certificate stops the

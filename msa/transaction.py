@@ -4,6 +4,28 @@ DATA (RFC 5321 3.3) with the replies of the spec example (R7), complete
 addresses (R8), SIZE (RFC 1870), and the message streamed through the DATA
 filter into the account's avatar, which spools it once.  The 250 after the
 final dot goes out only when the spool says the message is on disk.
+
+When the session ends before the 250, one rule decides what happens to the
+message, and it is the final dot:
+
+  - Before the final dot has been taken, nothing is kept.  Whether the
+    client leaves in DATA, or the server ends the session (idle timeout
+    421, too many errors, shutdown), the message and its spool file are
+    dropped, and whatever the client sends after the server's 421 or 221 is
+    never read as commands or message text.  The client saw no 250 and
+    sends the message again.
+  - Once the final dot has been taken, the message is committed and
+    delivered, even if the client leaves (or the grace period of a shutdown
+    ends) before the 250 reaches it.  This is what Postfix does.  The 250
+    can be lost on the wire after the commit whatever the server does, so
+    SMTP always leaves a window in which a client resends a message the MSA
+    already has (RFC 1047); aborting the commit when the connection drops
+    would narrow that window only by the time an fsync takes, would make
+    the outcome depend on when the kernel reports the loss, and would drop
+    the message of a client that sent its final dot and QUIT without
+    waiting for the reply.  Such a message is logged as accepted like any
+    other.  (While the commit runs the session does not read, so it
+    usually learns that the client left only afterwards.)
 """
 
 from twisted.internet import defer
@@ -137,9 +159,14 @@ class MailTransactionMixin:
             mailParams=dict(self._mailParams),
             clientAddress=self.session.clientAddress,
             helo=self.session.helo,
+            # The reactor's clock, as for every other time of the session
+            # (a fake clock in tests: the Received date is reproducible).
+            receivedAt=self.factory.reactor.seconds(),
         )
+        self._lineByLine = 0
         try:
             self._message = self._submission.startMessage(self.session, envelope)
+            self._queueId = getattr(self._message, "queueId", "") or ""
         except SMTPReply as e:
             self.sendReply(e)
             return
@@ -164,17 +191,20 @@ class MailTransactionMixin:
 
         @return: whether it took any.
         """
+        if self._lineByLine or not getattr(self._message, "acceptsBlocks", False):
+            return False
         block = self._framer.completeLines()
         # Up to the final dot, if it is there: that line goes the usual way.
         end = (b"\r\n" + block).find(b"\r\n.\r\n")
         if end >= 0:
             block = block[:end]
-        if len(block) < BLOCK_MINIMUM or not getattr(
-            self._message, "acceptsBlocks", False
-        ):
+        if len(block) < BLOCK_MINIMUM:
             return False
         data = self._filter.blockReceived(block)
         if data is None:
+            # Its lines go one by one before the next block is tried, so that
+            # the same bytes are not judged as a block again for each line.
+            self._lineByLine = block.count(b"\r\n")
             return False
         self._framer.skip(len(block))
         try:
@@ -195,6 +225,8 @@ class MailTransactionMixin:
         return True
 
     def _dataLine(self, line: bytes, tooLong: bool) -> None:
+        if self._lineByLine:
+            self._lineByLine -= 1
         hadError = self._filter.error is not None
         result = self._filter.lineReceived(line, tooLong)
         if result is END:
@@ -219,14 +251,47 @@ class MailTransactionMixin:
             self._abortMessage()
 
     def _refused(self, reply: SMTPReply, queueId: str) -> None:
+        """
+        Log and count a message refused after its final dot.  C{queueId} is
+        the id the spool gave it at DATA (its file is gone), so that the
+        refusal can be found beside the session's other events.
+        """
         metrics.MESSAGES.labels(str(reply.code)).inc()
-        log.info(
-            "session {session}: message {queueId} refused: {reply}",
+        fields = dict(
             event="refused",
             session=self.session.sessionId,
-            queueId=queueId,
+            account=self.session.account,
+            code=reply.code,
+            status=reply.status,
             reply=str(reply),
         )
+        if queueId:
+            log.info(
+                "session {session}: message {queueId} from {account} refused: {reply}",
+                queueId=queueId,
+                **fields,
+            )
+        else:
+            log.info(
+                "session {session}: message from {account} refused: {reply}", **fields
+            )
+
+    def _abandonMessage(self, reason: str) -> None:
+        """
+        The session ends in DATA, before the final dot: the message is
+        dropped with its spool file (the client saw no 250).
+        """
+        log.info(
+            "session {session}: message {queueId} abandoned before its final "
+            "dot: {reason}",
+            event="abandoned",
+            session=self.session.sessionId,
+            queueId=self._queueId or "-",
+            reason=reason,
+        )
+        self._abortMessage()
+        self.mode = COMMAND
+        self._filter = None
 
     def _abortMessage(self) -> None:
         message, self._message = self._message, None
@@ -245,13 +310,23 @@ class MailTransactionMixin:
         message, self._message = self._message, None
         recipients = len(self._recipients)
         self._resetTransaction()
+        queueId = self._queueId
         if dataFilter.error is not None:
-            self._refused(dataFilter.error, getattr(message, "queueId", ""))
+            self._refused(dataFilter.error, queueId)
             self.protocolError(
                 dataFilter.error.code, dataFilter.error.status, dataFilter.error.text
             )
             return
+        # From here on the message is committed whatever the client does
+        # (see the module docstring).
+        self._committing = message
         d = defer.maybeDeferred(message.eomReceived)
+
+        def committed(result):
+            self._committing = None
+            return result
+
+        d.addBoth(committed)
 
         def queued(queueId):
             log.info(
@@ -271,7 +346,7 @@ class MailTransactionMixin:
 
         def failed(failure):
             if failure.check(SMTPReply):
-                self._refused(failure.value, getattr(message, "queueId", ""))
+                self._refused(failure.value, queueId)
                 self.sendReply(failure.value)
                 return
             metrics.MESSAGES.labels("451").inc()

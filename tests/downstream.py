@@ -224,7 +224,8 @@ class _ServerProtocol(LineReceiver):
                     self.authenticated,
                 )
             )
-            self.reply(250, f"2.0.0 Ok: queued as CORE{len(server.messages)}")
+            then = self.transport.loseConnection if server.closeAfterData else None
+            self.reply(250, f"2.0.0 Ok: queued as CORE{len(server.messages)}", then)
         self._reset()
 
     def do_RSET(self, arg: str) -> None:
@@ -257,7 +258,8 @@ class DownstreamServer:
     never replies again, on any connection, until C{hung} is reset),
     C{dropMidData} (abort the connection at the first line of data),
     C{replyDelay} (seconds before each reply), C{breakTLS} (answer
-    STARTTLS with 220 but stay in plaintext, so the handshake fails).
+    STARTTLS with 220 but stay in plaintext, so the handshake fails),
+    C{closeAfterData} (close the connection right after the 250 to the data).
     """
 
     def __init__(
@@ -281,6 +283,7 @@ class DownstreamServer:
         self.dropMidData = False
         self.replyDelay = 0.0
         self.breakTLS = False
+        self.closeAfterData = False
         self._delayed: list = []
         self.messages: list[ReceivedMessage] = []
         self.commands: list[tuple[bool, bytes]] = []
@@ -288,9 +291,9 @@ class DownstreamServer:
         self._port = None
         self._protocols: list[_ServerProtocol] = []
 
-    def start(self) -> int:
+    def start(self, port: int = 0) -> int:
         """
-        Listen on 127.0.0.1.
+        Listen on 127.0.0.1, on C{port} (by default one the system picks).
 
         @return: the port number.
         """
@@ -305,10 +308,10 @@ class DownstreamServer:
         factory.buildProtocol = build
         if self.tlsMode == "implicit":
             self._port = reactor.listenSSL(
-                0, factory, self.contextFactory, interface="127.0.0.1"
+                port, factory, self.contextFactory, interface="127.0.0.1"
             )
         else:
-            self._port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+            self._port = reactor.listenTCP(port, factory, interface="127.0.0.1")
         return self._port.getHost().port
 
     def stop(self) -> defer.Deferred:

@@ -17,7 +17,7 @@ from twisted.internet import defer, reactor, task, utils
 from twisted.trial.unittest import SkipTest
 
 from msa.accounts import makeAccount, writeAccounts
-from msa.config import loadConfig, writeConfig
+from msa.config import _tomlValue, loadConfig, writeConfig
 from msa.tap import buildService
 from msa.tls import ensureSelfSignedCertificate
 
@@ -93,6 +93,9 @@ class RunningMSA:
         extraAccounts: dict | None = None,
         logging: dict | None = None,
         metrics: dict | None = None,
+        spool: dict | None = None,
+        content: list[dict] | None = None,
+        baseConfig: str | None = None,
     ):
         self.testCase = testCase
         self.directory = os.path.abspath(testCase.mktemp())
@@ -120,8 +123,19 @@ class RunningMSA:
             sections["logging"] = logging
         if metrics:
             sections["metrics"] = metrics
+        if spool:
+            sections["spool"] = spool
         self.configFile = os.path.join(self.directory, "msa.toml")
-        writeConfig(self.configFile, sections)
+        if baseConfig is None:
+            writeConfig(self.configFile, sections)
+        else:
+            with open(baseConfig, encoding="utf-8") as f:
+                text = rewriteConfig(f.read(), sections)
+            with open(self.configFile, "w", encoding="utf-8") as f:
+                f.write(text)
+        if content:
+            with open(self.configFile, "a", encoding="utf-8") as f:
+                f.write(policyTables(content))
         writeAccounts(
             self.accountsFile,
             {
@@ -180,7 +194,11 @@ class AiosmtpdCore:
     """
 
     def __init__(
-        self, testCase, requireStartTLS: bool = True, clientCA: str | None = None
+        self,
+        testCase,
+        requireStartTLS: bool = True,
+        clientCA: str | None = None,
+        alpnProtocols: list[str] | None = None,
     ):
         from aiosmtpd.controller import Controller
 
@@ -194,6 +212,9 @@ class AiosmtpdCore:
             # Two-way TLS: the core wants the MSA's client certificate.
             context.verify_mode = ssl.CERT_REQUIRED
             context.load_verify_locations(clientCA)
+        if alpnProtocols:
+            # A core that speaks ALPN (selects when a client offers).
+            context.set_alpn_protocols(alpnProtocols)
         self.messages: list = []
         self.port = freePort()
         self._lock = threading.Lock()
@@ -241,3 +262,70 @@ class AiosmtpdCore:
             "ca_file": self.certFile,
             "retry_base": 1,
         }
+
+
+def policyTables(policies: list[dict]) -> str:
+    """
+    C{[[content.policy]]} tables for a configuration file, one per L{dict}
+    of the policy's keys (C{name} and its options).
+    """
+    lines = []
+    for table in policies:
+        lines.append("[[content.policy]]")
+        lines.extend(f"{key} = {_tomlValue(value)}" for key, value in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def rewriteConfig(text: str, sections: dict[str, dict]) -> str:
+    """
+    A configuration file's text with some keys changed, everything else
+    (comments, C{[[content.policy]]} tables) as it was: for etc/
+    digipoort-msa.toml with its paths pointed at a test's directory.
+
+    @param sections: C{{section: {key: value}}}; a value replaces the key's
+        line in that section, or is added after the section's header when
+        the key is not set there; L{None} removes the key.
+    """
+
+    def parse(line: str) -> tuple[str | None, str | None]:
+        stripped = line.strip()
+        if stripped.startswith("[["):
+            return "", None
+        if stripped.startswith("["):
+            return stripped.strip("[]").strip(), None
+        if stripped.startswith("#") or "=" not in stripped:
+            return None, None
+        return None, stripped.split("=", 1)[0].strip()
+
+    lines = text.splitlines()
+    present, section = set(), ""
+    for line in lines:
+        header, key = parse(line)
+        if header is not None:
+            section = header
+        elif key:
+            present.add((section, key))
+    out: list[str] = []
+    section = ""
+    for line in lines:
+        header, key = parse(line)
+        if header is not None:
+            section = header
+            out.append(line)
+            for name, value in sections.get(section, {}).items():
+                if (section, name) not in present and value is not None:
+                    out.append(f"{name} = {_tomlValue(value)}")
+            continue
+        changed = sections.get(section, {})
+        if key and key in changed:
+            if changed[key] is not None:
+                out.append(f"{key} = {_tomlValue(changed[key])}")
+            continue
+        out.append(line)
+    for name, keys in sections.items():
+        if not any(parse(line)[0] == name for line in lines):
+            out.append(f"[{name}]")
+            out.extend(
+                f"{k} = {_tomlValue(v)}" for k, v in keys.items() if v is not None
+            )
+    return "\n".join(out) + "\n"

@@ -81,7 +81,7 @@ class AdminTests(unittest.TestCase):
         self.assertIn("DIGEST-MD5 secret: set for realm(s) mail.example.org", out)
         self.assertIn("SCRAM-SHA-256 keys: set (4096 iterations)", out)
         self.assertNotIn("scrypt$", out)
-        for secret in alice.digestHA1.values():
+        for [secret] in alice.digestHA1.values():
             self.assertNotIn(secret, out)
         code, out, err = self.runAdmin("accounts", "show", "bob")
         self.assertIn("DIGEST-MD5 secret: not set", out)

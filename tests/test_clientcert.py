@@ -54,14 +54,14 @@ class ClientPKI:
     A client CA and certificates for two companies, one of them revoked.
     """
 
-    def __init__(self, directory):
+    def __init__(self, directory, caName="Test Client CA"):
         os.makedirs(directory, exist_ok=True)
         self.directory = directory
         self.caKey = ec.generate_private_key(ec.SECP256R1())
         self.ca = (
             x509.CertificateBuilder()
-            .subject_name(_name("Test Client CA"))
-            .issuer_name(_name("Test Client CA"))
+            .subject_name(_name(caName))
+            .issuer_name(_name(caName))
             .public_key(self.caKey.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(NOW - datetime.timedelta(minutes=1))
@@ -245,7 +245,9 @@ class ClientCertificateTests(unittest.TestCase):
         )
         self.assertEqual(asAlice, (535, b"5.7.8 Authentication credentials invalid"))
         noCert = yield threads.deferToThread(self.smtplibExternal, None, None)
-        self.assertEqual(noCert, (535, b"5.7.8 Authentication credentials invalid"))
+        self.assertEqual(
+            noCert, (504, b"5.5.4 EXTERNAL needs a verified client certificate")
+        )
         unlisted = yield threads.deferToThread(
             self.smtplibExternal, self.otherFile, self.otherKey
         )

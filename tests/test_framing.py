@@ -128,3 +128,98 @@ class DataFilterTests(unittest.TestCase):
         self.assertIsNone(f.lineReceived(b"x" * 2000, tooLong=True))
         self.assertIs(f.error, first)
         self.assertIs(f.lineReceived(b"."), END)
+
+
+class TransparencyDotTests(unittest.TestCase):
+    """
+    RFC 5321 4.5.3.1.6: a text line is at most 998 octets without its CRLF,
+    and the dot a client adds for transparency does not count.  Both the
+    line path and the block path judge the unstuffed line.
+    """
+
+    def test_framingLimit(self):
+        f = DataFilter(maxSize=10**6)
+        self.assertEqual(f.framingLimit, 999)
+        framer = LineFramer()
+        framer.feed(b".." + b"x" * 997 + b"\r\n" + b".." + b"x" * 998 + b"\r\n")
+        self.assertEqual(framer.nextLine(f.framingLimit), (b".." + b"x" * 997, False))
+        self.assertEqual(framer.nextLine(f.framingLimit), (b".." + b"x" * 997, True))
+
+    def test_lineEdge(self):
+        f = DataFilter(maxSize=10**6)
+        self.assertEqual(f.lineReceived(b".." + b"x" * 997), b"." + b"x" * 997)
+        self.assertEqual(f.lineReceived(b"." + b"y" * 998), b"y" * 998)
+        self.assertEqual(f.lineReceived(b"z" * 998), b"z" * 998)
+        self.assertIsNone(f.error)
+        for line in [b".." + b"x" * 998, b"x" * 999, b"." + b"x" * 999]:
+            f = DataFilter(maxSize=10**6)
+            self.assertIsNone(f.lineReceived(line), line[:3])
+            self.assertEqual((f.error.code, f.error.status), (550, "5.6.0"))
+
+    def test_blockEdge(self):
+        f = DataFilter(maxSize=10**6)
+        block = (b".." + b"x" * 997 + b"\r\n") * 3
+        self.assertEqual(f.blockReceived(block), (b"." + b"x" * 997 + b"\r\n") * 3)
+        self.assertEqual(f.size, 3 * 1000)
+        # One unstuffed octet too many: the block path declines, the line
+        # path refuses.
+        f = DataFilter(maxSize=10**6)
+        self.assertIsNone(f.blockReceived(block + b".." + b"x" * 998 + b"\r\n"))
+        self.assertIsNone(f.error)
+        self.assertEqual(f.size, 0)
+
+
+class _CountingBuffer(bytearray):
+    """
+    A framer buffer that adds up the bytes moved by dropping a prefix.
+    """
+
+    moved = 0
+
+    def __delitem__(self, index):
+        before = len(self)
+        super().__delitem__(index)
+        self.moved += len(self)
+        assert isinstance(index, slice) and before - len(self) == index.stop
+
+
+class LinearFeedTests(unittest.TestCase):
+    """
+    Issue 9 item 8: feeding is linear in the bytes fed, however they are
+    cut, so a flood of small packets held while a reply is pending does not
+    cost quadratic copying.  Asserted on the buffer's structure, not time.
+    """
+
+    def test_appendsInPlace(self):
+        """
+        Bytes fed while nothing is taken go into one buffer, never copied.
+        """
+        framer = LineFramer()
+        buffer = framer._buffer
+        for _ in range(100000):
+            framer.feed(b"x")
+        self.assertIs(framer._buffer, buffer)
+        self.assertEqual(len(buffer), 100000)
+        self.assertEqual(framer.buffered, 100000)
+
+    def test_takenBytesMovedAtMostOnce(self):
+        """
+        Lines taken while more arrive: the bytes moved to drop taken
+        prefixes add up to less than the bytes fed, and the taken prefix
+        kept never outgrows what is left.
+        """
+        framer = LineFramer()
+        framer._buffer = buffer = _CountingBuffer()
+        fed = 0
+        for i in range(20000):
+            packet = b"NOOP %d\r\n" % i
+            for part in (packet[:3], packet[3:]):
+                framer.feed(part)
+                # Right after a feed, the taken prefix is at most half.
+                self.assertLessEqual(len(buffer), 2 * framer.buffered)
+            fed += len(packet)
+            if i % 3 == 0:
+                while framer.nextLine(100) is not None:
+                    pass
+        self.assertIs(framer._buffer, buffer)
+        self.assertLess(buffer.moved, fed)

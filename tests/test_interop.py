@@ -120,7 +120,9 @@ class CurlTests(unittest.TestCase):
         self.msa = RunningMSA(self)
         self.messageFile = writeMessage(self)
 
-    def curlArgs(self, implicit: bool, mechanism: str, password=PASSWORD, extra=()):
+    def curlArgs(
+        self, implicit: bool, mechanism: str, password=PASSWORD, extra=(), user="alice"
+    ):
         if implicit:
             url = [f"smtps://127.0.0.1:{self.msa.implicitPort}"]
         else:
@@ -136,7 +138,7 @@ class CurlTests(unittest.TestCase):
             f"AUTH={mechanism}",
             *extra,
             "-u",
-            f"alice:{password}",
+            f"{user}:{password}",
             "--mail-from",
             FROM,
             "--mail-rcpt",
@@ -248,7 +250,9 @@ class SwaksTests(unittest.TestCase):
         self.msa = RunningMSA(self)
         self.messageFile = writeMessage(self)
 
-    def swaksArgs(self, implicit, mechanism, server="127.0.0.1", password=PASSWORD):
+    def swaksArgs(
+        self, implicit, mechanism, server="127.0.0.1", password=PASSWORD, user="alice"
+    ):
         if implicit:
             mode = ["--port", str(self.msa.implicitPort), "--tls-on-connect"]
         else:
@@ -263,7 +267,7 @@ class SwaksTests(unittest.TestCase):
             "--auth",
             mechanism,
             "--auth-user",
-            "alice",
+            user,
             "--auth-password",
             password,
             "--from",

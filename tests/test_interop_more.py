@@ -440,6 +440,7 @@ class CyrusSampleClient:
         password: str,
         authzid: str | None = None,
         timeout: float = 10.0,
+        user: str = "alice",
     ):
         self.password = password
         self.deadline = time.monotonic() + timeout
@@ -455,7 +456,7 @@ class CyrusSampleClient:
                 "-m",
                 mechanism,
                 "-a",
-                "alice",
+                user,
                 *(["-u", authzid] if authzid else []),
             ],
             stdin=subprocess.PIPE,
@@ -541,7 +542,13 @@ class CyrusSASLTests(unittest.TestCase):
         requireProgram(self, "stdbuf")
         self.msa = RunningMSA(self)
 
-    def session(self, mechanism: str, password: str, authzid: str | None = None):
+    def session(
+        self,
+        mechanism: str,
+        password: str,
+        authzid: str | None = None,
+        user: str = "alice",
+    ):
         """
         Authenticate; on success submit L{MESSAGE}.
 
@@ -559,7 +566,7 @@ class CyrusSASLTests(unittest.TestCase):
             smtp.ehlo()
             advertised = smtp.esmtp_features["auth"].split()
             assert mechanism in advertised, advertised
-            client = CyrusSampleClient(mechanism, password, authzid)
+            client = CyrusSampleClient(mechanism, password, authzid, user=user)
             client.send(" ".join(advertised).encode("ascii"))
             start = client.receive()
             name, _, initial = start.partition(b"\0")

@@ -93,7 +93,7 @@ class LogEventTests(unittest.TestCase):
             lines = [json.loads(line) for line in f if line.strip()]
         self.assertTrue(
             any(
-                e.get("event") == "accepted" and e.get("queueId") == queueId
+                e.get("event") == "accepted" and e.get("queue_id") == queueId
                 for e in lines
             )
         )

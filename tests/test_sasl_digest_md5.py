@@ -135,7 +135,9 @@ class ComputationTests(unittest.TestCase):
 
     def test_ha1Latin1(self) -> None:
         """
-        Strings that fit ISO 8859-1 are hashed as ISO 8859-1, others as UTF-8.
+        Each field that fits ISO 8859-1 is hashed as ISO 8859-1, each other
+        one as UTF-8 (RFC 2831 section 2.1.2.1: the fields separately, not
+        the joined string).
         """
         self.assertEqual(
             computeHA1("j\u00fcrgen", "r", "p\u00e4ss"),
@@ -143,7 +145,7 @@ class ComputationTests(unittest.TestCase):
         )
         self.assertEqual(
             computeHA1("j\u00fcrgen", "r", "\u20ac"),
-            hashlib.md5("j\u00fcrgen:r:\u20ac".encode()).digest(),
+            hashlib.md5(b"j\xfcrgen:r:" + "\u20ac".encode()).digest(),
         )
 
     def test_parseSyntax(self) -> None:

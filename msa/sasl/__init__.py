@@ -89,10 +89,12 @@ class UsernamePassword:
         self.password = password
         self.mechanism = mechanism
 
-    def checkPassword(self, password: str) -> bool:
+    def checkPassword(self, password: bytes | str) -> bool:
         import hmac
 
-        return hmac.compare_digest(self.password.encode(), password.encode())
+        if isinstance(password, str):
+            password = password.encode()
+        return hmac.compare_digest(self.password.encode(), password)
 
 
 def _declare() -> None:

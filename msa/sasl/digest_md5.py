@@ -3,7 +3,8 @@ SASL DIGEST-MD5 (RFC 2831), server side, authentication only (qop=auth).
 
 DIGEST-MD5 is obsolete (RFC 6331) but still spoken by curl, swaks, GNU SASL
 and Cyrus clients.  The server never sees the password: the account store
-keeps H(A1) = MD5(username:realm:password) (see L{computeHA1}) and the cred
+keeps H(A1) = MD5(username:realm:password) (see L{computeHA1}; for non-ASCII
+names the few variants real clients compute, L{ha1Variants}) and the cred
 checker hands those 16 raw bytes to L{DigestMD5Credentials.checkHA1}.
 
 The exchange::
@@ -59,23 +60,72 @@ def _quote(value: str) -> bytes:
     return b'"' + escaped.encode("utf-8") + b'"'
 
 
+def _latin1IfPossible(text: str) -> bytes:
+    """
+    RFC 2831 section 2.1.2.1: a field all of whose characters are in ISO
+    8859-1 is hashed as ISO 8859-1, any other as UTF-8.
+    """
+    try:
+        return text.encode("iso-8859-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8")
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8")
+
+
+def _ha1(username: bytes, realm: bytes, password: bytes) -> bytes:
+    return hashlib.md5(username + b":" + realm + b":" + password).digest()
+
+
 def computeHA1(username: str, realm: str, password: str) -> bytes:
     """
     The secret the account store keeps for DIGEST-MD5: the 16 raw bytes of
-    MD5(username:realm:password).
-
-    Per RFC 2831 section 2.1.2.1 the string is hashed as ISO 8859-1 when
-    every character of it fits that charset, and as UTF-8 otherwise; a
-    conforming client does the same whether or not it sent charset=utf-8.
+    MD5(username:realm:password), as RFC 2831 section 2.1.2.1 computes it:
+    each of the three fields is converted to ISO 8859-1 on its own when all
+    its characters fit that charset, and left in UTF-8 otherwise.  That is
+    what the JDK (javax.security.sasl) and Cyrus libsasl2 compute; for an
+    ASCII account it is the only value any client computes.  Other real
+    clients differ for non-ASCII names: see L{ha1Variants}.
 
     @return: 16 bytes (not hex).
     """
-    joined = f"{username}:{realm}:{password}"
-    try:
-        encoded = joined.encode("iso-8859-1")
-    except UnicodeEncodeError:
-        encoded = joined.encode("utf-8")
-    return hashlib.md5(encoded).digest()
+    return _ha1(
+        _latin1IfPossible(username),
+        _latin1IfPossible(realm),
+        _latin1IfPossible(password),
+    )
+
+
+def ha1Variants(username: str, realm: str, password: str) -> list[bytes]:
+    """
+    Every H(A1) a real client computes for these names and password,
+    without repeats, the RFC's first.  They are all password equivalents of
+    the same password; they differ only when a field is not ASCII:
+
+      1. RFC 2831 (L{computeHA1}): each field converted to ISO 8859-1 when
+         it fits: the JDK, Cyrus libsasl2.
+      2. Only the password converted, user name and realm in UTF-8: GNU
+         SASL (msmtp, mutt, gsasl).
+      3. Nothing converted, all UTF-8: Perl's Authen::SASL::Perl (swaks),
+         pure-sasl, curl.
+
+    (The single value this program stored before, MD5 of the whole string
+    in ISO 8859-1 if all of it fit and UTF-8 otherwise, is always the first
+    or the last of these.)
+
+    @return: one to three 16-byte values; exactly one for ASCII input.
+    """
+    variants = []
+    for ha1 in (
+        computeHA1(username, realm, password),
+        _ha1(_utf8(username), _utf8(realm), _latin1IfPossible(password)),
+        _ha1(_utf8(username), _utf8(realm), _utf8(password)),
+    ):
+        if ha1 not in variants:
+            variants.append(ha1)
+    return variants
 
 
 def _digest(
@@ -248,7 +298,7 @@ class DigestMD5Credentials:
     def checkHA1(self, ha1: bytes) -> bool:
         """
         @param ha1: the 16 raw bytes of MD5(username:realm:password), as
-            returned by L{computeHA1}.
+            returned by L{computeHA1} or L{ha1Variants}.
         @raise ValueError: if C{ha1} is not 16 bytes long (a hex digest
             passed by mistake).
         @return: L{True} if the client's response was computed from
@@ -326,13 +376,17 @@ class DigestMD5Mechanism:
         charset = directives.get("charset")
         if charset is not None and charset.lower() != b"utf-8":
             raise authenticationFailed()
-        encoding = "utf-8" if charset is not None else "iso-8859-1"
 
         def text(raw: bytes) -> str:
             try:
-                return raw.decode(encoding)
+                return raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise malformed("DIGEST-MD5 response is not valid UTF-8")
+                if charset is not None:
+                    raise malformed("DIGEST-MD5 response is not valid UTF-8")
+            # Without charset the RFC says ISO 8859-1, but Cyrus, pure-sasl
+            # and curl send UTF-8 without saying so.  ISO 8859-1 text
+            # that happens to be valid UTF-8 is not a plausible name.
+            return raw.decode("iso-8859-1")
 
         username = text(directives["username"])
         realm = text(directives.get("realm", b""))

@@ -250,7 +250,7 @@ class ScramSHA256Mechanism:
         self._serverFirst = ""
         self._nonce = ""
 
-    def start(self, initialResponse: bytes | None) -> Challenge:
+    def start(self, initialResponse: bytes | None) -> Challenge | Authenticate:
         """
         Begin: the client-first message may come as the initial response.
         """
