@@ -89,82 +89,69 @@ class PathLengthProtocolTests(unittest.TestCase):
 
 
 class AddressParserEdgeTests(unittest.TestCase):
-    def test_sourceRouteText(self):
-        error = self.assertRaises(
-            SMTPReply, addresses.parseRcptArgument, b"TO:<@relay.nl:a@example.nl>"
-        )
-        self.assertEqual(
-            (error.code, error.status, error.text),
+    #: (MAIL or RCPT, argument, exact refusal).
+    REFUSALS = [
+        (
+            "RCPT",
+            b"TO:<@relay.nl:a@example.nl>",
             (553, "5.1.3", "Source routes are not accepted"),
-        )
-
-    def test_wrongKeyword(self):
-        for argument, verb in ((b"TO:<a@example.nl>", "MAIL FROM"),):
-            error = self.assertRaises(SMTPReply, addresses.parseMailArgument, argument)
-            self.assertEqual(
-                (error.code, error.status, error.text),
-                (501, "5.5.4", f"Syntax: {verb}:<address>"),
-            )
-        error = self.assertRaises(
-            SMTPReply, addresses.parseRcptArgument, b"FROM:<a@example.nl>"
-        )
-        self.assertEqual(error.text, "Syntax: RCPT TO:<address>")
-
-    def test_notUTF8(self):
-        error = self.assertRaises(
-            SMTPReply, addresses.parseRcptArgument, b"TO:<\xff@example.nl>"
-        )
-        self.assertEqual(
-            (error.code, error.status, error.text),
+        ),
+        ("MAIL", b"TO:<a@example.nl>", (501, "5.5.4", "Syntax: MAIL FROM:<address>")),
+        ("RCPT", b"FROM:<a@example.nl>", (501, "5.5.4", "Syntax: RCPT TO:<address>")),
+        (
+            "RCPT",
+            b"TO:<\xff@example.nl>",
             (553, "5.6.7", "Non-ASCII addresses are not supported (no SMTPUTF8)"),
-        )
+        ),
+        # A backslash escapes only inside a quoted string: outside, the ">"
+        # after it closes the path, and the rest is a syntax error.
+        (
+            "RCPT",
+            b"TO:<a\\>b@example.nl>",
+            (501, "5.5.4", "Syntax error after the address"),
+        ),
+        (
+            "MAIL",
+            b"FROM:<a@example.nl> SIZE=",
+            (501, "5.5.4", "Bad parameter syntax: SIZE="),
+        ),
+        ("MAIL", b"FROM:<a@example.nl> -X", (501, "5.5.4", "Bad parameter syntax: -X")),
+        ("MAIL", b"FROM:<a@example.nl> =1", (501, "5.5.4", "Bad parameter syntax: =1")),
+        (
+            "MAIL",
+            b"FROM:<a@example.nl> FOO",
+            (555, "5.5.4", "Unsupported parameter: FOO"),
+        ),
+        (
+            "MAIL",
+            b"FROM:<a@example.nl> SIZE",
+            (501, "5.5.4", "SIZE needs a number of octets"),
+        ),
+        (
+            "MAIL",
+            b"FROM:<a@example.nl> BODY",
+            (501, "5.5.4", "BODY must be 7BIT or 8BITMIME"),
+        ),
+    ]
 
-    def test_escapedQuoteInQuotedString(self):
+    def test_refusals(self):
+        parsers = {
+            "MAIL": addresses.parseMailArgument,
+            "RCPT": addresses.parseRcptArgument,
+        }
+        for verb, argument, reply in self.REFUSALS:
+            error = self.assertRaises(SMTPReply, parsers[verb], argument)
+            self.assertEqual((error.code, error.status, error.text), reply, argument)
+
+    def test_accepted(self):
         """
         An escaped quote does not end the quoted string, so the C{>} after
-        it is part of the local part, not the end of the path.
+        it is part of the local part, not the end of the path; parameters
+        are upper-cased.
         """
         self.assertEqual(
             addresses.parseRcptArgument(b'TO:<"a\\">b"@example.nl>'),
             ('"a\\">b"@example.nl', {}),
-        )
-
-    def assertReply(self, parse, argument, reply):
-        error = self.assertRaises(SMTPReply, parse, argument)
-        self.assertEqual((error.code, error.status, error.text), reply)
-
-    def test_backslashOutsideQuotes(self):
-        """
-        A backslash escapes only inside a quoted string: outside, the C{>}
-        after it closes the path, and the rest is a syntax error.
-        """
-        self.assertReply(
-            addresses.parseRcptArgument,
-            b"TO:<a\\>b@example.nl>",
-            (501, "5.5.4", "Syntax error after the address"),
-        )
-
-    def test_badParameterSyntax(self):
-        for word in ("SIZE=", "-X", "=1"):
-            self.assertReply(
-                addresses.parseMailArgument,
-                b"FROM:<a@example.nl> " + word.encode(),
-                (501, "5.5.4", f"Bad parameter syntax: {word}"),
-            )
-        self.assertReply(
-            addresses.parseMailArgument,
-            b"FROM:<a@example.nl> FOO",
-            (555, "5.5.4", "Unsupported parameter: FOO"),
-        )
-        self.assertReply(
-            addresses.parseMailArgument,
-            b"FROM:<a@example.nl> SIZE",
-            (501, "5.5.4", "SIZE needs a number of octets"),
-        )
-        self.assertReply(
-            addresses.parseMailArgument,
-            b"FROM:<a@example.nl> BODY",
-            (501, "5.5.4", "BODY must be 7BIT or 8BITMIME"),
         )
         self.assertEqual(
             addresses.parseMailArgument(b"FROM:<a@example.nl> SIZE=10 BODY=8bitmime"),
