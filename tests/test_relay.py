@@ -12,6 +12,7 @@ import os
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
+from msa.queue.control import QueueControl
 from msa.queue.spool import DELIVERED, FAILED, PENDING, Spool
 from msa.relay.client import SMTPDownstream
 from msa.relay.protocol import (
@@ -318,3 +319,73 @@ class EndToEndFailureTests(unittest.TestCase):
         entry = yield self.runOnce(server)
         self.assertIn("STARTTLS", entry.lastError)
         self.assertEqual(server.plaintextCommands(), [b"EHLO localhost"])
+
+
+class QueueRunnerInterfaceTests(unittest.TestCase):
+    """
+    What the runner offers its queue control
+    (L{msa.queue.control.QueueRunner}), with a fake clock and downstream.
+    """
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(1_700_000_000)
+        self.spool = Spool(self.mktemp(), reactor=self.clock)
+        self.downstream = FakeDownstream()
+        self.runner = RelayRunner(self.spool, self.downstream, reactor=self.clock)
+
+    def queue(self):
+        writer = self.spool.newMessage(makeEnvelope())
+        writer.write(DOTTY)
+        return self.successResultOf(writer.commit())
+
+    def test_control(self):
+        """
+        The runner owns one queue control, on its spool.
+        """
+        self.assertIsInstance(self.runner.control, QueueControl)
+        self.assertIs(self.runner.control.spool, self.spool)
+
+    def test_isInFlight(self):
+        self.runner.startService()
+        queueId = self.queue()
+        self.assertFalse(self.runner.isInFlight(queueId))
+        self.clock.advance(0)
+        self.assertTrue(self.runner.isInFlight(queueId))
+        entry, _, d = self.downstream.calls[0]
+        d.callback(allWith(entry, TEMPORARY, 451, "4.3.0 later"))
+        self.assertFalse(self.runner.isInFlight(queueId))
+
+    def test_attemptNowStopped(self):
+        """
+        A stopped runner attempts nothing; a running one at once.
+        """
+        queueId = self.queue()
+        self.runner.attemptNow(queueId)
+        self.clock.advance(0)
+        self.assertEqual(self.downstream.calls, [])
+        self.runner.startService()
+        self.clock.advance(0)
+        self.downstream.calls.pop()[2].callback(
+            allWith(self.spool.load(queueId), TEMPORARY, 451, "4.3.0 later")
+        )
+        self.runner.attemptNow(queueId)
+        self.clock.advance(0)
+        self.assertEqual([c[0].queueId for c in self.downstream.calls], [queueId])
+
+    def test_unschedule(self):
+        """
+        An unscheduled entry is not attempted when it falls due.
+        """
+        self.runner.startService()
+        queueId = self.queue()
+        self.runner.unschedule(queueId)
+        self.clock.advance(100000)
+        self.assertEqual(self.downstream.calls, [])
+        self.assertEqual(self.spool.pending(), [queueId])
+
+    def test_isUnremovable(self):
+        queueId = self.queue()
+        self.assertFalse(self.runner.isUnremovable(queueId))
+        self.runner.unremovable[queueId] = "read-only"
+        self.assertTrue(self.runner.isUnremovable(queueId))
