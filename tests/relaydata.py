@@ -4,10 +4,12 @@ modules (L{tests.test_relay}, L{tests.test_relay_client},
 L{tests.test_outbox}, L{tests.test_queue_control}, L{tests.test_faultunits}).
 """
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from msa.envelope import Envelope
+from msa.queue.spool import Spool
 from msa.relay.protocol import DeliveryResult, RecipientResult
+from msa.relay.runner import RelayRunner
 
 DOTTY = (
     b"Subject: dots\r\n\r\n.\r\n..\r\n.a\r\nb.\r\n\r\n...c\r\nd\r\n.e\r\n"
@@ -57,3 +59,28 @@ def allWith(entry, status, code=0, text=""):
         {r: RecipientResult(status, code, text) for r in entry.pendingRecipients()},
         f"{code} {text}",
     )
+
+
+class RunnerFixture:
+    """
+    Mixin for a L{twisted.trial.unittest.TestCase}: a L{RelayRunner}
+    (C{self.runner}, not started) on a spool (C{self.spool}) with a fake
+    clock (C{self.clock}) and a L{FakeDownstream} (C{self.downstream}).
+    """
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(1_700_000_000)
+        self.spool = Spool(self.mktemp(), reactor=self.clock)
+        self.downstream = FakeDownstream()
+        self.runner = RelayRunner(self.spool, self.downstream, reactor=self.clock)
+
+    def queue(self, recipients=("bob@example.org",)):
+        """
+        Commit L{DOTTY} for C{recipients}.
+
+        @return: its queue id.
+        """
+        writer = self.spool.newMessage(makeEnvelope(recipients))
+        writer.write(DOTTY)
+        return self.successResultOf(writer.commit())

@@ -19,26 +19,14 @@ from msa.relay.protocol import (
     DeliveryResult,
     RecipientResult,
 )
-from msa.relay.runner import RelayRunner
-from tests.relaydata import DOTTY, FakeDownstream, allWith, makeEnvelope
+from tests.relaydata import DOTTY, RunnerFixture, allWith, makeEnvelope
 
 
-class QueueControlTests(unittest.TestCase):
+class QueueControlTests(RunnerFixture, unittest.TestCase):
     """
-    flush, hold, release, delete and describe, with a fake clock.
+    flush, hold, release, delete and describe through the runner's
+    control, with a fake clock.
     """
-
-    def setUp(self):
-        self.clock = task.Clock()
-        self.clock.advance(1_700_000_000)
-        self.spool = Spool(self.mktemp(), reactor=self.clock)
-        self.downstream = FakeDownstream()
-        self.runner = RelayRunner(self.spool, self.downstream, reactor=self.clock)
-
-    def queue(self, recipients=("bob@example.org",)):
-        writer = self.spool.newMessage(makeEnvelope(recipients))
-        writer.write(DOTTY)
-        return self.successResultOf(writer.commit())
 
     def fail451(self):
         entry, _, d = self.downstream.calls[-1]

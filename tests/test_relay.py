@@ -27,33 +27,24 @@ from msa.tls import clientContextFactory
 from tests.downstream import DownstreamServer
 from tests.relaydata import (
     DOTTY,
-    FakeDownstream,
+    RunnerFixture,
     allWith,
     bigMessage,
     makeEnvelope,
 )
 
 
-class RelayRunnerTests(unittest.TestCase):
+class RelayRunnerTests(RunnerFixture, unittest.TestCase):
     """
     Scheduling and state logic with a fake clock and downstream.
     """
 
     def setUp(self):
-        self.clock = task.Clock()
-        self.clock.advance(1_700_000_000)
-        self.spool = Spool(self.mktemp(), reactor=self.clock)
-        self.downstream = FakeDownstream()
-        self.runner = RelayRunner(self.spool, self.downstream, reactor=self.clock)
+        super().setUp()
         self.failures = []
         self.runner.onPermanentFailure = lambda e, r, reply: self.failures.append(
             (e.queueId, r, reply)
         )
-
-    def queue(self, recipients=("bob@example.org",)):
-        writer = self.spool.newMessage(makeEnvelope(recipients))
-        writer.write(DOTTY)
-        return self.successResultOf(writer.commit())
 
     def test_wakeDelivers(self):
         """
@@ -321,23 +312,11 @@ class EndToEndFailureTests(unittest.TestCase):
         self.assertEqual(server.plaintextCommands(), [b"EHLO localhost"])
 
 
-class QueueRunnerInterfaceTests(unittest.TestCase):
+class QueueRunnerInterfaceTests(RunnerFixture, unittest.TestCase):
     """
     What the runner offers its queue control
     (L{msa.queue.control.QueueRunner}), with a fake clock and downstream.
     """
-
-    def setUp(self):
-        self.clock = task.Clock()
-        self.clock.advance(1_700_000_000)
-        self.spool = Spool(self.mktemp(), reactor=self.clock)
-        self.downstream = FakeDownstream()
-        self.runner = RelayRunner(self.spool, self.downstream, reactor=self.clock)
-
-    def queue(self):
-        writer = self.spool.newMessage(makeEnvelope())
-        writer.write(DOTTY)
-        return self.successResultOf(writer.commit())
 
     def test_control(self):
         """
