@@ -5,8 +5,8 @@ is still there and still does what the MSA needs.  A failure names the
 private name that changed, so that an upgrade past the versions pinned in
 C{constraints.txt} says exactly what to fix.  The public replacements of
 former private uses (C{getContext}, C{clientConnectionForTLS},
-C{strports.service}) are checked here too, since the policy silently
-weakens if Twisted stops routing through them.
+C{strports.service}, a gauge's C{collect}) are checked here too, since the
+policy silently weakens if Twisted stops routing through them.
 """
 
 import ast
@@ -20,7 +20,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.trial import unittest
 
 import msa
-from msa import _compat, tls
+from msa import _compat, metrics, tls
 
 
 def _privateName(testCase, module: str, name: str):
@@ -273,6 +273,16 @@ class PublicReplacementTests(unittest.TestCase):
             f"tcp:{port}:interface=127.0.0.1", protocol.Factory(), reactor
         )
         self.assertRaises(error.CannotListenError, service.privilegedStartService)
+
+    def test_lastCoreSuccess(self):
+        """
+        The health check reads the gauge through its public C{collect()}
+        (formerly prometheus_client's private C{_value}).
+        """
+        before = metrics.lastCoreSuccess()
+        self.addCleanup(metrics.CORE_LAST_SUCCESS.set, before)
+        metrics.CORE_LAST_SUCCESS.set(1234.5)
+        self.assertEqual(metrics.lastCoreSuccess(), 1234.5)
 
 
 class OnlyCompatTests(unittest.TestCase):
