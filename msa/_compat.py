@@ -75,11 +75,18 @@ def opensslFunction(name: str) -> Callable | None:
     return getattr(_lib, name, None)
 
 
-def _contextPointer(context: SSL.Context):
+def _setList(function: str, context: SSL.Context, value: str) -> bool | None:
     """
-    The C{SSL_CTX *} under a pyOpenSSL context.
+    Call an OpenSSL C{SSL_CTX_set1_*_list} function on the C{SSL_CTX *}
+    under a pyOpenSSL context (its private C{_context}).
+
+    @return: L{None} when this binding lacks the function, else whether
+        OpenSSL took the list.
     """
-    return context._context
+    setter = opensslFunction(function)
+    if setter is None:
+        return None
+    return bool(setter(context._context, value.encode("ascii")))
 
 
 def setSignatureAlgorithms(context: SSL.Context, sigalgs: str) -> bool | None:
@@ -90,10 +97,7 @@ def setSignatureAlgorithms(context: SSL.Context, sigalgs: str) -> bool | None:
     @return: L{None} when this binding cannot, else whether OpenSSL took the
         list.
     """
-    function = opensslFunction("SSL_CTX_set1_sigalgs_list")
-    if function is None:
-        return None
-    return bool(function(_contextPointer(context), sigalgs.encode("ascii")))
+    return _setList("SSL_CTX_set1_sigalgs_list", context, sigalgs)
 
 
 def setGroups(context: SSL.Context, groups: str) -> bool | None:
@@ -104,10 +108,7 @@ def setGroups(context: SSL.Context, groups: str) -> bool | None:
     @return: L{None} when this binding cannot, else whether OpenSSL took the
         list.
     """
-    function = opensslFunction("SSL_CTX_set1_curves_list")
-    if function is None:
-        return None
-    return bool(function(_contextPointer(context), groups.encode("ascii")))
+    return _setList("SSL_CTX_set1_curves_list", context, groups)
 
 
 def verifyErrorString(errno: int) -> str | None:
