@@ -162,10 +162,10 @@ TITLES = {
     "a": "(a) C=50, 10 KB, 1 message/connection",
     "a1": "(a1) C=1, 10 KB (latency)",
     "b": "(b) C=50, 10 KB, 20 messages/connection",
-    "size-1k": "size sweep: 1 KB, C=20",
-    "size-10k": "size sweep: 10 KB, C=20",
-    "size-100k": "size sweep: 100 KB, C=20",
-    "size-1m": "size sweep: 1 MB, C=20",
+    "size-1k": "size sweep: 1 KB",
+    "size-10k": "size sweep: 10 KB",
+    "size-100k": "size sweep: 100 KB",
+    "size-1m": "size sweep: 1 MB",
     "big": "one 50 MB message (peak memory, CPU)",
     "idle": "idle authenticated connections (memory)",
     "drain": "drain of a queued backlog (10 KB) once the sink is up",
@@ -562,7 +562,9 @@ class Postfix(Server):
         self.etc = os.path.join(self.work, "etc")
         queue = os.path.join(self.work, "queue")
         data = os.path.join(self.work, "data")
-        sasl = os.path.join(self.work, "sasl")
+        # Debian's smtpd reads smtpd.conf from $config_directory/sasl (strace:
+        # it does not look in cyrus_sasl_config_path), so it goes there.
+        sasl = os.path.join(self.etc, "sasl")
         for d in (self.etc, queue, data, sasl):
             os.makedirs(d, exist_ok=True)
         os.chmod(self.work, 0o755)
@@ -592,6 +594,7 @@ class Postfix(Server):
             "inet_protocols": "ipv4",
             "mynetworks": "",
             "maillog_file": os.path.join(self.work, "maillog"),
+            "maillog_file_prefixes": self.work,
             "message_size_limit": "52428800",
             "mailbox_size_limit": "0",
             "default_process_limit": "5000",
