@@ -728,6 +728,41 @@ SERVERS = {"msa": MSA, "aiosmtpd": Peer, "postfix": Postfix}
 
 # -- one measurement --------------------------------------------------------
 
+#: --syscalls: the file-system calls counted (strace -c) during load batches
+SYSCALLS: list[str] = []
+COUNTED = "fsync,fdatasync,openat,rename,renameat2,unlink,unlinkat,mkdir"
+
+
+class SyscallCounter:
+    """
+    C{strace -f -c} attached to every process of a server for one batch:
+    how many fsyncs, opens, renames and unlinks the server makes per
+    message.  (strace slows the server down: no timings from such runs.)
+    """
+
+    def __init__(self, pid: int, work: str) -> None:
+        self.out = os.path.join(work, "strace.txt")
+        command = ["strace", "-f", "-qq", "-c", "-e", f"trace={COUNTED}"]
+        command += ["-o", self.out]
+        for p in tree(pid):
+            command += ["-p", str(p)]
+        self.proc = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+        time.sleep(1)
+
+    def stop(self, messages: int) -> dict:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=30)
+        counts = {}
+        with open(self.out) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 5 and fields[-1] in COUNTED.split(","):
+                    counts[fields[-1]] = int(fields[3])
+        return {
+            f"sys_{name}": counts.get(name, 0) / max(1, messages)
+            for name in COUNTED.split(",")
+        }
+
 
 def percentile(values: list[float], p: float) -> float | None:
     if not values:
@@ -824,6 +859,7 @@ def measure(server: Server, params: dict, sink: Sink | None, timeout: float) -> 
         result["peak"] = peakMemory(server, sampler)
         return result
     base = currentMemory(server)
+    counter = SyscallCounter(pid, server.work) if SYSCALLS else None
     cpu0 = cpuSeconds(pid)
     started = time.monotonic()
     client = subprocess.run(
@@ -851,6 +887,8 @@ def measure(server: Server, params: dict, sink: Sink | None, timeout: float) -> 
         while server.delivered() < sent and time.monotonic() < deadline:
             time.sleep(0.02)
     cpu = cpuSeconds(pid) - cpu0
+    if counter is not None:
+        result.update(counter.stop(sent))
     result.update(
         wall=data["wall"],
         rate=sent / data["wall"] if data["wall"] else 0,
@@ -972,6 +1010,9 @@ LOAD_METRICS = [
     ("lag", "... of which after the last 250 (queue left)", "s"),
     ("mem_base", "server memory before", "MB"),
     ("peak", "server peak memory", "MB"),
+] + [
+    (f"sys_{name}", f"{name} calls per message (--syscalls)", "")
+    for name in COUNTED.split(",")
 ]
 IDLE_METRICS = [
     ("held", "connections held", ""),
@@ -1037,6 +1078,7 @@ def table(key: str, params: dict, results: dict, markdownStyle: bool) -> list[st
     rowsOut = [
         [label + unitName.get(unit, ""), *(summary(results[n], k, unit) for n in names)]
         for k, label, unit in metricsFor(params)
+        if not k.startswith("sys_") or SYSCALLS
     ]
     rowsOut.append(
         [
@@ -1379,6 +1421,14 @@ def main() -> int:
         help="Postfix's SASL: Cyrus sasldb in the temp dir (default) or a "
         "Dovecot auth process in the temp dir",
     )
+    parser.add_argument(
+        "--syscalls",
+        action="store_true",
+        help="count the file-system calls per message (fsync, openat, rename, "
+        "unlink, ...) of every server with strace -f -c during the load "
+        "scenarios; strace slows the servers, so timings from such a run "
+        "are not results",
+    )
     parser.add_argument("--implicit", action="store_true", help="implicit TLS")
     parser.add_argument("--timeout", type=float, default=300, help="per batch, s")
     parser.add_argument(
@@ -1413,6 +1463,8 @@ def main() -> int:
         help="environment for the servers (experiments, e.g. MALLOC_ARENA_MAX=2)",
     )
     args = parser.parse_args()
+    if args.syscalls:
+        SYSCALLS.append("on")
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
     args.tmp = args.tmp or tempfile.gettempdir()
