@@ -66,7 +66,7 @@ the versions are printed with the results.
 Measured from ``/proc``: server CPU = utime+stime(+cutime+cstime) summed over
 the server's process tree (Postfix is many processes); peak memory = VmHWM
 for a single-process server, and for Postfix the peak of the summed PSS of
-its processes, sampled every 0.1 s.
+its processes, sampled every 0.2 s.
 
 Usage::
 
@@ -142,18 +142,18 @@ FULL = {
     "nocache": load(50, 1000, nocache=True),
 }
 QUICK = {
-    "relay": load(50, 300),
-    "outbox": load(50, 300, mode="outbox"),
+    "relay": load(50, 200),
+    "outbox": load(50, 200, mode="outbox"),
     "a": load(50, 200),
     "a1": load(1, 40),
-    "b": load(50, 400, m=20),
+    "b": load(50, 300, m=20),
     "size-1k": load(20, 100, size=KB),
     "size-10k": load(20, 100, size=10 * KB),
     "size-100k": load(20, 60, size=100 * KB),
     "size-1m": load(10, 20, size=MB),
     "big": load(1, 1, size=50_000_000),
     "idle": dict(concurrency=50, idle=200, mode="relay"),
-    "drain": load(50, 300, m=20, drain=True),
+    "drain": load(50, 200, m=20, drain=True),
     "nocache": load(50, 100, nocache=True),
 }
 TITLES = {
@@ -243,7 +243,7 @@ def treePss(pid: int) -> int:
 
 class PeakSampler:
     """
-    The peak of the summed PSS of a process tree, sampled every 0.1 s in a
+    The peak of the summed PSS of a process tree, sampled every 0.2 s in a
     thread (for Postfix, whose memory is spread over many processes).
     """
 
@@ -255,7 +255,7 @@ class PeakSampler:
         self.thread.start()
 
     def run(self) -> None:
-        while not self.stopped.wait(0.1):
+        while not self.stopped.wait(0.2):
             self.peak = max(self.peak, treePss(self.pid))
 
     def stop(self) -> int:
