@@ -239,6 +239,12 @@ class Relay:
 
 
 class Connection:
+    """
+    One SMTP client connection of the peer's relay.
+    """
+
+    writer: asyncio.StreamWriter | None = None
+
     async def reply(self) -> bytes:
         while True:
             line = await self.reader.readline()
@@ -280,7 +286,8 @@ class Connection:
         self.abort()
 
     def abort(self) -> None:
-        self.writer.transport.abort()
+        if self.writer is not None:
+            self.writer.transport.abort()
 
 
 def fsyncDirectory(directory: str) -> None:
