@@ -188,3 +188,13 @@ class IMechanismCredentials(Interface):
     """
 
     mechanism = Attribute("Upper-case mechanism name, L{str}.")
+
+
+class ICertificateCredentials(Interface):
+    """
+    SASL EXTERNAL: the identities of the connection's verified client
+    certificate, and the authorization identity the client asked for.
+    """
+
+    identities = Attribute("L{tuple} of identity strings of the certificate.")
+    authzid = Attribute("The requested account name (L{str}); empty for any.")
