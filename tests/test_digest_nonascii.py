@@ -53,7 +53,7 @@ from msa.sasl.digest_md5 import (
 )
 from tests import test_interop, test_interop_more
 from tests.e2e import MESSAGE, SENDERS, RunningMSA, requireProgram, runProgram
-from tests.test_accounts import DictStore
+from tests.test_checkers import DictStore
 from tests.test_interop_more import checkOutboxFile, runWithStdin, writeFile
 
 FROM = "ik@mijnbedrijf.nl"
