@@ -456,6 +456,19 @@ class LoadPolicyTests(unittest.TestCase):
             e = self.assertRaises(ValueError, loadPolicy, spec)
             self.assertEqual(str(e), message)
 
+    def test_optionalIntegerType(self):
+        """
+        An option that takes an integer (or nothing) names the type it wants
+        when given another, as every option does, rather than failing with
+        a L{KeyError}.
+        """
+        e = self.assertRaises(
+            ValueError, loadPolicy, {"name": "mime-parts", "max_part_size": "10"}
+        )
+        self.assertEqual(
+            str(e), "content policy 'mime-parts': max_part_size must be an integer"
+        )
+
     def test_nameNotAString(self):
         """
         A name that is not a non-empty string is refused.
