@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_testing,tests.test_sasl -*-
 """
 The seams of the MSA: every arrow in DESIGN.md's data flow is one of these
 interfaces, so that an embedder can replace any box (its own account store,

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_observability -*-
 """
 Prometheus metrics and the health check, in a registry of the MSA's own
 (so that an embedding program's metrics and ours do not collide).  The

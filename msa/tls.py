@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_tls,tests.test_tls_daemon -*-
 """
 TLS policy for both directions (R2, R14): server contexts for the STARTTLS
 and implicit-TLS listeners, the client context for the relay to the core MTA,

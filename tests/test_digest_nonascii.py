@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_digest_nonascii -*-
 """
 DIGEST-MD5 with non-ASCII user names and passwords (issue 9 item 5).
 

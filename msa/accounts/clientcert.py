@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_clientcert -*-
+# -*- test-case-name: tests.test_clientcert,tests.test_external_offer -*-
 """
 Client certificates (R13, the scale-up path): what identifies a verified
 certificate, SASL EXTERNAL's checker, and the rule that an account marked

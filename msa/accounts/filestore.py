@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_filestore -*-
 """
 The live account store: L{AccountFile} serves the accounts of the file
 (L{msa.accounts.model}) to the checkers, refuses a file others can read, and

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_controlsocket -*-
 """
 The queue control socket: how C{digipoort-msa-admin queue ...} talks to the
 running MSA.
