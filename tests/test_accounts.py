@@ -19,13 +19,13 @@ from msa.accounts.model import (
     DEFAULT_MECHANISMS,
     Account,
     AccountsFileError,
-    hashPassword,
     makeAccount,
     parseAccounts,
     readAccounts,
     verifyPassword,
     writeAccounts,
 )
+from msa.accounts.passwords import hashPassword
 from msa.sasl.digest_md5 import computeHA1
 from msa.sasl.scram import deriveKeys
 
