@@ -31,6 +31,25 @@ from msa.sasl.registry import mechanismFactories
 SASL_DIRECTORY = os.path.dirname(msa.sasl.__file__)
 
 
+class PasswordCredentialsMixin:
+    """
+    For the tests of PLAIN and LOGIN: C{assertCredentials} checks that an
+    exchange ended with the user name and password of the mechanism named
+    by C{mechanismName}.
+    """
+
+    mechanismName: str
+
+    def assertCredentials(self, step, username, password):
+        self.assertIsInstance(step, Authenticate)
+        credentials = step.credentials
+        self.assertIsInstance(credentials, UsernamePassword)
+        self.assertEqual(
+            (credentials.username, credentials.password, credentials.mechanism),
+            (username, password, self.mechanismName),
+        )
+
+
 class StepTests(unittest.TestCase):
     """
     L{Challenge} and L{Authenticate}: the two things a mechanism's C{start}

@@ -8,19 +8,13 @@ at and past its edge.
 from twisted.trial import unittest
 
 from msa.errors import SMTPReply
-from msa.sasl.base import Authenticate, Challenge, MechanismContext, UsernamePassword
+from msa.sasl.base import Challenge, MechanismContext
 from msa.sasl.login import MAX_FIELD, LoginMechanism
+from tests.test_sasl import PasswordCredentialsMixin
 
 
-class LoginMechanismTests(unittest.TestCase):
-    def assertCredentials(self, step, username, password):
-        self.assertIsInstance(step, Authenticate)
-        credentials = step.credentials
-        self.assertIsInstance(credentials, UsernamePassword)
-        self.assertEqual(
-            (credentials.username, credentials.password, credentials.mechanism),
-            (username, password, "LOGIN"),
-        )
+class LoginMechanismTests(PasswordCredentialsMixin, unittest.TestCase):
+    mechanismName = "LOGIN"
 
     def assertRefused(self, call, data, text):
         error = self.assertRaises(SMTPReply, call, data)

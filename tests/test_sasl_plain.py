@@ -7,21 +7,15 @@ every refusal and the 255-octet limit of each field at and past its edge.
 from twisted.trial import unittest
 
 from msa.errors import SMTPReply
-from msa.sasl.base import Authenticate, Challenge, MechanismContext, UsernamePassword
+from msa.sasl.base import Challenge, MechanismContext
 from msa.sasl.plain import MAX_FIELD, PlainMechanism
+from tests.test_sasl import PasswordCredentialsMixin
 
 SYNTAX = "PLAIN needs authzid NUL authcid NUL passwd"
 
 
-class PlainMechanismTests(unittest.TestCase):
-    def assertCredentials(self, step, username, password):
-        self.assertIsInstance(step, Authenticate)
-        credentials = step.credentials
-        self.assertIsInstance(credentials, UsernamePassword)
-        self.assertEqual(
-            (credentials.username, credentials.password, credentials.mechanism),
-            (username, password, "PLAIN"),
-        )
+class PlainMechanismTests(PasswordCredentialsMixin, unittest.TestCase):
+    mechanismName = "PLAIN"
 
     def assertRefused(self, data, code, text):
         error = self.assertRaises(SMTPReply, PlainMechanism().start, data)
