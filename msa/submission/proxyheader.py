@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_proxy -*-
 """
 The PROXY protocol (v1 and v2, as HAProxy sends it) in front of the SMTP
 listeners, for running several MSA instances behind a load balancer.

@@ -486,6 +486,10 @@ class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin,
     # -- state --------------------------------------------------------
 
     def _resetTransaction(self) -> None:
+        # The avatar releases what it held for the transaction (a rate slot).
+        endTransaction = getattr(self._submission, "endTransaction", None)
+        if endTransaction is not None:
+            endTransaction()
         self._sender: str | None = None
         self._mailParams: dict = {}
         self._recipients: list[str] = []
