@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_server -*-
 """
 Protocol unit tests of L{msa.submission.server.SubmissionServer} without sockets: the
 TLS gate, AUTH error paths, the transaction replies, limits at and past
@@ -670,88 +671,6 @@ class SessionLimitTests(unittest.TestCase):
             h.transport.value(), b"421 4.4.2 msa.example.nl Error: timeout exceeded\r\n"
         )
         self.assertTrue(h.transport.disconnecting)
-
-
-class ShutdownTests(unittest.TestCase):
-    """
-    SIGTERM: idle sessions end at once with 421, a message in progress may
-    finish, the grace period bounds the wait.
-    """
-
-    def shutdown(self, h, clock, grace=30):
-        d = h.factory.registry.shutdown(grace, clock)
-        fired = []
-        d.addCallback(fired.append)
-        return fired
-
-    def test_idleSessionTold421(self):
-        clock = Clock()
-        h = Harness(self)
-        h.login()
-        h.transport.clear()
-        fired = self.shutdown(h, clock)
-        self.assertEqual(
-            h.transport.value(), b"421 4.3.2 msa.example.nl Service shutting down\r\n"
-        )
-        self.assertTrue(h.transport.disconnecting)
-        self.assertEqual(fired, [])
-        h.server.connectionLost(None)
-        self.assertEqual(fired, [None])
-
-    def test_messageInProgressFinishes(self):
-        clock = Clock()
-        h = Harness(self)
-        h.login()
-        h.command(b"MAIL FROM:<a@example.nl>")
-        fired = self.shutdown(h, clock)
-        self.assertFalse(h.transport.disconnecting)
-        self.assertEqual(h.command(b"RCPT TO:<b@example.nl>"), [b"250 2.1.5 Ok"])
-        h.command(b"DATA")
-        self.assertEqual(
-            h.send(b"Subject: x\r\n\r\nbody\r\n.\r\n"),
-            [
-                b"250 2.0.0 Ok: queued as Q0001",
-                b"421 4.3.2 msa.example.nl Service shutting down",
-            ],
-        )
-        self.assertEqual(len(h.spool.committed), 1)
-        h.server.connectionLost(None)
-        self.assertEqual(fired, [None])
-
-    def test_graceExpires(self):
-        clock = Clock()
-        h = Harness(self)
-        h.login()
-        h.transaction()
-        h.send(b"Subject: x\r\n\r\nslow client")
-        fired = self.shutdown(h, clock, grace=30)
-        clock.advance(29)
-        self.assertFalse(h.transport.disconnecting)
-        h.transport.clear()
-        clock.advance(1)
-        self.assertEqual(
-            h.transport.value(), b"421 4.3.2 msa.example.nl Service shutting down\r\n"
-        )
-        self.assertTrue(h.spool.writers[0].aborted)
-        self.assertEqual(h.spool.committed, [])
-        h.server.connectionLost(None)
-        self.assertEqual(fired, [None])
-
-    def test_newConnectionWhileClosing(self):
-        h = Harness(self)
-        h.factory.registry.closing = True
-        late = h.factory.buildProtocol(None)
-        transport = type(h.transport)()
-        late.makeConnection(transport)
-        self.assertEqual(
-            transport.value(), b"421 4.3.2 msa.example.nl Service shutting down\r\n"
-        )
-        late.connectionLost(None)
-
-    def test_noSessions(self):
-        h = Harness(self)
-        h.server.connectionLost(None)
-        self.assertEqual(self.shutdown(h, Clock()), [None])
 
 
 class DataBlockEquivalenceTests(unittest.TestCase):
