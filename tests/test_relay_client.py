@@ -36,6 +36,7 @@ from msa.relay.runner import RelayRunner
 from msa.tls import clientContextFactory
 from tests.downstream import DownstreamServer
 from tests.relaydata import DOTTY, bigMessage, makeEnvelope
+from tests.waiting import waitUntil
 
 
 def unstuff(wire: bytes) -> bytes:
@@ -558,10 +559,7 @@ class ConnectionReuseTests(unittest.TestCase):
         runner.startService()
         self.addCleanup(runner.stopService)
         yield self.server.waitForMessages(count)
-        for _ in range(100):
-            if not self.spool.pending():
-                break
-            yield task.deferLater(reactor, 0.02, lambda: None)
+        yield waitUntil(lambda: not self.spool.pending(), what="an empty queue")
         self.assertEqual(self.spool.pending(), [])
         self.assertEqual(sorted(m.data for m in self.server.messages), sorted(bodies))
         return bodies
