@@ -363,8 +363,10 @@ class QueueAdminTests(unittest.TestCase):
 
         return waitUntil(
             attempted,
-            what=lambda: f"{count} attempted messages, queue: "
-            f"{controlsocket.describeSpool(self.runner.spool)}",
+            what=lambda: (
+                f"{count} attempted messages, queue: "
+                f"{controlsocket.describeSpool(self.runner.spool)}"
+            ),
         )
 
     def subjects(self):
@@ -422,6 +424,7 @@ class QueueAdminTests(unittest.TestCase):
         # flush ID: one more attempt of that message only (still refused).
         code, out, err = yield self.runAdmin("queue", "flush", b)
         self.assertEqual((code, out, err), (0, f"flushed 1 message(s): {b}\n", ""))
+
         def attempts():
             return {
                 i["id"]: i["attempts"]
