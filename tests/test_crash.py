@@ -335,6 +335,8 @@ class CrashTests(unittest.TestCase):
         self.assertIn(f"recover: removing unacknowledged {name}", self.msa.log())
         self.assertEqual(self.msa.files("tmp"), [])
         self.assertEqual(self.msa.files("queue"), [])
+        # Nothing must be delivered: give a wrong delivery time to show,
+        # then assert it did not happen.
         yield defer.ensureDeferred(sleep(1.5))
         self.assertDelivered(0)
         self.assertEqual(self.core.connections, 0)

@@ -623,9 +623,11 @@ class ConnectionReuseTests(unittest.TestCase):
         queueId = yield self.queue(DOTTY)
         yield self.deliver(downstream, queueId)
         self.assertEqual(downstream.idleConnections, 1)
-        yield task.deferLater(reactor, 0.3, lambda: None)
+        yield waitUntil(
+            lambda: self.server.commands[-1] == (True, b"QUIT"),
+            what=lambda: f"QUIT after the idle time-out: {self.server.commands[-1:]}",
+        )
         self.assertEqual(downstream.idleConnections, 0)
-        self.assertEqual(self.server.commands[-1], (True, b"QUIT"))
 
     @defer.inlineCallbacks
     def test_maxTransactions(self):
