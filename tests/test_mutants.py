@@ -669,6 +669,8 @@ class SpoolEdgeTests(unittest.TestCase):
             return realRename(source, target)
 
         self.patch(os, "rename", rename)
+        # The spool renames with os.replace.
+        self.patch(os, "replace", rename)
         failure = self.failureResultOf(self.writer().commit(), SMTPReply)
         self.assertEqual(
             (failure.value.code, failure.value.status, failure.value.text),

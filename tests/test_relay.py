@@ -250,14 +250,15 @@ class EndToEndTests(unittest.TestCase):
         [message] = yield server.waitForMessages(1)
         self.assertEqual(message.data, data)
         self.assertEqual(message.recipients, ["bob@example.org"])
+        msgPath = os.path.join(spool.queueDirectory, queueId + ".msg")
+        # The message file goes in a thread after the state file (and the
+        # directory fsync): wait for both.
         for _ in range(100):
-            if not spool.pending():
+            if not spool.pending() and not os.path.exists(msgPath):
                 break
             yield task.deferLater(reactor, 0.02, lambda: None)
         self.assertEqual(spool.pending(), [])
-        self.assertFalse(
-            os.path.exists(os.path.join(spool.queueDirectory, queueId + ".msg"))
-        )
+        self.assertFalse(os.path.exists(msgPath))
 
 
 class EndToEndFailureTests(unittest.TestCase):

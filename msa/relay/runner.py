@@ -295,7 +295,7 @@ class RelayRunner(Service):
         if entry.owedNotices and not await self._payNotices(entry):
             return
         if not entry.pendingRecipients():
-            self._finish(entry)
+            await self._finish(entry)
             return
         try:
             messageFile = self.spool.openMessage(queueId)
@@ -438,7 +438,8 @@ class RelayRunner(Service):
         self.control.applyRequests(entry, now)
         if entry.pendingRecipients() or entry.owedNotices:
             self.spool.update(entry)
-            log.info(
+            # The attempt's outcome was logged (INFO) by _record.
+            log.debug(
                 "{queueId} deferred (attempt {attempts}) until {nextAttempt}: {error}",
                 queueId=queueId,
                 attempts=entry.attempts,
@@ -448,7 +449,7 @@ class RelayRunner(Service):
             if self.running and not entry.held:
                 self._schedule(queueId, entry.nextAttempt - now)
         else:
-            self._finish(entry)
+            await self._finish(entry)
 
     async def _hook(self, entry: SpoolEntry, recipients: list[str], reply: str) -> bool:
         """
@@ -507,7 +508,7 @@ class RelayRunner(Service):
         entry.owedNotices = []
         try:
             if not entry.pendingRecipients():
-                self._finish(entry)
+                await self._finish(entry)
                 return False
             self.spool.update(entry)
         except Exception as e:
@@ -515,12 +516,15 @@ class RelayRunner(Service):
             return False
         return True
 
-    def _finish(self, entry: SpoolEntry) -> None:
+    async def _finish(self, entry: SpoolEntry) -> None:
         """
-        No recipient is pending: the entry leaves the queue.
+        No recipient is pending: the entry leaves the queue.  The attempt
+        ends only once the removal is durable
+        (L{msa.queue.spool.Spool.removeDelivered}: the disk work is done in
+        a thread, with the fsyncs of concurrent removals and commits shared).
         """
         self._noticeTries.pop(entry.queueId, None)
-        self.spool.remove(entry.queueId)
+        await self.spool.removeDelivered(entry.queueId)
         log.debug("{queueId} removed from the queue", queueId=entry.queueId)
 
     def _holdUnremovable(self, entry: SpoolEntry, error: Exception) -> None:
