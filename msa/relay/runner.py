@@ -253,7 +253,15 @@ class RelayRunner(Service):
         The attempt itself broke (e.g. the state could not be written): log
         it and try again later, the entry is still in the spool.
         """
-        log.failure("relay of {queueId} failed", failure, queueId=queueId)
+        if failure.check(OSError):
+            # The disk's answer (read-only, full, EIO): expected, no traceback.
+            log.error(
+                "relay of {queueId} failed: {error}; it stays queued, retry later",
+                queueId=queueId,
+                error=failure.value,
+            )
+        else:
+            log.failure("relay of {queueId} failed", failure, queueId=queueId)
         if self.running and not self.control.isDeleted(queueId):
             self._schedule(queueId, self.retryBase)
 
