@@ -253,7 +253,15 @@ class RelayRunner(Service):
         The attempt itself broke (e.g. the state could not be written): log
         it and try again later, the entry is still in the spool.
         """
-        log.failure("relay of {queueId} failed", failure, queueId=queueId)
+        if failure.check(OSError):
+            # The disk's answer (read-only, full, EIO): expected, no traceback.
+            log.error(
+                "relay of {queueId} failed: {error}; it stays queued, retry later",
+                queueId=queueId,
+                error=failure.value,
+            )
+        else:
+            log.failure("relay of {queueId} failed", failure, queueId=queueId)
         if self.running and not self.control.isDeleted(queueId):
             self._schedule(queueId, self.retryBase)
 
@@ -295,7 +303,7 @@ class RelayRunner(Service):
         if entry.owedNotices and not await self._payNotices(entry):
             return
         if not entry.pendingRecipients():
-            self._finish(entry)
+            await self._finish(entry)
             return
         try:
             messageFile = self.spool.openMessage(queueId)
@@ -451,7 +459,8 @@ class RelayRunner(Service):
         self.control.applyRequests(entry, now)
         if entry.pendingRecipients() or entry.owedNotices:
             self.spool.update(entry)
-            log.info(
+            # The attempt's outcome was logged (INFO) by _record.
+            log.debug(
                 "{queueId} deferred (attempt {attempts}) until {nextAttempt}: {error}",
                 queueId=queueId,
                 attempts=entry.attempts,
@@ -461,7 +470,7 @@ class RelayRunner(Service):
             if self.running and not entry.held:
                 self._schedule(queueId, entry.nextAttempt - now)
         else:
-            self._finish(entry)
+            await self._finish(entry)
 
     async def _hook(self, entry: SpoolEntry, recipients: list[str], reply: str) -> bool:
         """
@@ -520,7 +529,7 @@ class RelayRunner(Service):
         entry.owedNotices = []
         try:
             if not entry.pendingRecipients():
-                self._finish(entry)
+                await self._finish(entry)
                 return False
             self.spool.update(entry)
         except Exception as e:
@@ -528,12 +537,15 @@ class RelayRunner(Service):
             return False
         return True
 
-    def _finish(self, entry: SpoolEntry) -> None:
+    async def _finish(self, entry: SpoolEntry) -> None:
         """
-        No recipient is pending: the entry leaves the queue.
+        No recipient is pending: the entry leaves the queue.  The attempt
+        ends only once the removal is durable
+        (L{msa.queue.spool.Spool.removeDelivered}: the disk work is done in
+        a thread, with the fsyncs of concurrent removals and commits shared).
         """
         self._noticeTries.pop(entry.queueId, None)
-        self.spool.remove(entry.queueId)
+        await self.spool.removeDelivered(entry.queueId)
         log.debug("{queueId} removed from the queue", queueId=entry.queueId)
 
     def _holdUnremovable(self, entry: SpoolEntry, error: Exception) -> None:
