@@ -382,19 +382,9 @@ class RelayRunner(Service):
             if decided:
                 self._holdUnremovable(entry, e)
                 return
-            if not isinstance(e, OSError):
-                raise
-            # Nothing was delivered: the entry stays as the spool has it
-            # (its previous state) and is simply tried again.
-            log.error(
-                "{queueId}: the spool cannot record the deferred attempt "
-                "({error}); it stays queued and is tried again in {delay:.0f}s",
-                queueId=entry.queueId,
-                error=e,
-                delay=self.retryBase,
-            )
-            if self.running and not self.control.isDeleted(entry.queueId):
-                self._schedule(entry.queueId, self.retryBase)
+            # Nothing was delivered: the entry stays as the spool has it and
+            # is tried again (L{_attemptFailed}).
+            raise
 
     async def _applyResult(self, entry: SpoolEntry, result: DeliveryResult) -> None:
         queueId = entry.queueId
