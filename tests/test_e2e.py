@@ -243,11 +243,21 @@ class TwistdDefaultsTests(unittest.TestCase):
         self.addCleanup(stop)
 
         def waitAndSubmit():
-            waitUntilBlocking(lambda: listening(2465), what="twistd to listen")
             state = os.path.join(cwd, "msa-state")
-            context = ssl.create_default_context(
-                cafile=os.path.join(state, "selfsigned-cert.pem")
+            cert = os.path.join(state, "selfsigned-cert.pem")
+            # Our twistd, not another program on the same fixed port: it has
+            # made its certificate and is still running.
+            waitUntilBlocking(
+                lambda: (
+                    process.poll() is not None
+                    or (os.path.exists(cert) and listening(2465))
+                ),
+                what="twistd to listen",
             )
+            if process.poll() is not None:
+                with open(logPath, "rb") as f:
+                    raise AssertionError(f"twistd exited: {f.read()[-2000:]!r}")
+            context = ssl.create_default_context(cafile=cert)
             return submit(2587, context, user="demo", password="demo-password"), submit(
                 2465, context, implicit=True, user="demo", password="demo-password"
             )
