@@ -92,7 +92,7 @@ class PreTLSGateTests(unittest.TestCase):
             h.command(b"EHLO client.example.nl")
             self.assertEqual(h.command(command), [NOT_TLS], command)
             self.assertFalse(h.transport.disconnecting)
-            self.assertIsNone(h.server._submission)
+            self.assertIsNone(h.server.avatar)
 
     def test_honoured(self):
         h = Harness(self)
@@ -204,7 +204,7 @@ class AuthTests(unittest.TestCase):
             self.h.command(b"AUTH PLAIN " + b64(b"bob\0alice\0wonderland")),
             [b"535 5.7.8 Authentication credentials invalid"],
         )
-        self.assertIsNone(self.h.server._submission)
+        self.assertIsNone(self.h.server.avatar)
 
     def test_wrongPassword(self):
         self.assertEqual(
@@ -591,7 +591,7 @@ class DataLimitTests(unittest.TestCase):
         h.transaction()
         for _ in range(100):
             h.send(b"z" * 65536)
-        self.assertLess(h.server._framer.buffered, 2000)
+        self.assertLess(h.server.framer.buffered, 2000)
         [reply] = h.send(b"\r\n.\r\n")
         self.assertTrue(reply.startswith(b"550 5.6.0 "))
 
@@ -792,16 +792,16 @@ class DataBlockEquivalenceTests(unittest.TestCase):
     def feed(self, data, cuts, maxSize, fast):
         h = Harness(self, maxMessageSize=maxSize)
         if not fast:
-            h.server._dataBlock = lambda: False
+            h.server.transaction.dataBlock = lambda: False
         else:
-            original = h.server._dataBlock
+            original = h.server.transaction.dataBlock
 
             def counting():
                 taken = original()
                 self.blocksTaken += taken
                 return taken
 
-            h.server._dataBlock = counting
+            h.server.transaction.dataBlock = counting
         h.login()
         h.transaction()
         replies = []
@@ -835,14 +835,14 @@ class DataBlockEquivalenceTests(unittest.TestCase):
         h.login()
         h.transaction()
         calls = []
-        original = h.server._dataBlock
+        original = h.server.transaction.dataBlock
 
         def counting():
             taken = original()
             calls.append(taken)
             return taken
 
-        h.server._dataBlock = counting
+        h.server.transaction.dataBlock = counting
         self.assertEqual(
             h.send(b"Subject: x\r\n\r\n" + b"..dot line\r\n" * 200 + b".\r\n"),
             [b"250 2.0.0 Ok: queued as Q0001"],
