@@ -88,7 +88,7 @@ class AuthExchange:
         self._server = server
         self._mechanism: Any = None
         self._awaitingFinal = False
-        self._pendingLogin: tuple[Any, Callable[[], None]] | None = None
+        self._pendingLogin: tuple[ISubmission, Callable[[], None]] | None = None
         self._attemptedUser = ""
         self.failures = 0
 
@@ -235,7 +235,7 @@ class AuthExchange:
             mechanism = self._mechanism
             self._saslStep(lambda: mechanism.respond(decoded))
 
-    def _loggedIn(self, result: tuple[Any, Any, Callable[[], None]]) -> None:
+    def _loggedIn(self, result: tuple[object, ISubmission, Callable[[], None]]) -> None:
         interface, avatar, logout = result
         self._pendingLogin = (avatar, logout)
         final = self._mechanism.serverFinal()

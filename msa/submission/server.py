@@ -42,6 +42,7 @@ from zope.interface import implementer
 from msa import metrics
 from msa.envelope import SessionInfo
 from msa.errors import SMTPReply
+from msa.interfaces import ISubmission
 from msa.policy.authorization import AuthThrottle
 from msa.sasl import MechanismContext
 from msa.submission.auth import MAX_AUTH_LINE, AuthExchange
@@ -144,7 +145,7 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
         self.session = SessionInfo(sessionId="", clientAddress="")
         self.phase = SessionPhase.BEFORE_TLS
         self.framer = LineFramer()
-        self.avatar: Any = None
+        self.avatar: ISubmission | None = None
         self.auth = AuthExchange(self)
         self.transaction = MailTransaction(self)
         self.deadlines = SessionDeadlines(self)
@@ -173,7 +174,7 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
         """
         return self.phase is SessionPhase.CLOSING
 
-    def loggedIn(self, avatar: Any, logout: Callable[[], None]) -> None:
+    def loggedIn(self, avatar: ISubmission, logout: Callable[[], None]) -> None:
         """
         AUTH succeeded: C{avatar} submits this session's messages, and
         C{logout} is called when the connection is gone.

@@ -29,7 +29,7 @@ message, and it is the final dot:
     usually learns that the client left only afterwards.)
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol, cast
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from msa import metrics
 from msa.envelope import Envelope
 from msa.errors import SMTPReply
+from msa.interfaces import IAcceptedMessage
 from msa.submission import addresses
 from msa.submission.framing import END, DataFilter
 from msa.submission.phase import SessionPhase
@@ -56,6 +57,21 @@ BLOCK_MINIMUM = 512
 TEMPORARY_FAILURE = SMTPReply(
     451, "4.3.0", "Error: temporary local problem, try again later"
 )
+
+
+class BlockMessage(Protocol):
+    """
+    A message (L{IAcceptedMessage}) that also takes a run of whole lines at
+    once, as the spool's does (L{msa.submission.avatar}); offered blocks
+    only while its C{acceptsBlocks} is true.
+    """
+
+    acceptsBlocks: bool
+
+    def blockReceived(self, data: bytes) -> None:
+        """
+        Complete lines, CRLFs included, already judged by the DATA filter.
+        """
 
 
 def _lower(serverLimit: int, submission: object, name: str) -> int:
@@ -95,12 +111,12 @@ class MailTransaction:
     def __init__(self, server: "SubmissionServer") -> None:
         self._server = server
         self.sender: str | None = None
-        self.mailParams: dict[str, str] = {}
+        self.mailParams: dict[str, str | None] = {}
         self.recipients: list[str] = []
-        self.message: Any = None
+        self.message: IAcceptedMessage | None = None
         self.queueId = ""
         self.filter: DataFilter | None = None
-        self.committing: Any = None
+        self.committing: IAcceptedMessage | None = None
         self._lineByLine = 0
 
     @property
@@ -172,6 +188,7 @@ class MailTransaction:
         except SMTPReply as e:
             server.protocolError(e.code, e.status, e.text)
             return
+        assert server.avatar is not None
         d = defer.maybeDeferred(
             server.avatar.validateFrom, server.session, sender, params
         )
@@ -213,6 +230,7 @@ class MailTransaction:
         if len(self.recipients) >= limit:
             server.reply(452, "4.5.3", "Error: too many recipients")
             return
+        assert server.avatar is not None
         d = defer.maybeDeferred(
             server.avatar.validateTo, server.session, recipient, params
         )
@@ -262,7 +280,7 @@ class MailTransaction:
         if refusal is not None:
             server.protocolError(refusal.code, refusal.status, refusal.text)
             return
-        assert self.sender is not None
+        assert self.sender is not None and server.avatar is not None
         session = server.session
         tlsVersion, cipher = describeTLS(server.transport)
         session.tlsVersion, session.tlsCipher = tlsVersion, cipher
@@ -333,7 +351,7 @@ class MailTransaction:
             return False
         framer.skip(len(block))
         try:
-            self.message.blockReceived(data)
+            cast(BlockMessage, self.message).blockReceived(data)
         except SMTPReply as e:
             self.filter.refuse(e)
             self._abortMessage()
@@ -359,6 +377,7 @@ class MailTransaction:
             self._endOfData()
             return
         if result is not None:
+            assert self.message is not None
             try:
                 self.message.lineReceived(result)
             except SMTPReply as e:
@@ -435,6 +454,7 @@ class MailTransaction:
         assert dataFilter is not None
         self.filter = None
         message, self.message = self.message, None
+        assert message is not None
         recipients = len(self.recipients)
         self.reset()
         queueId = self.queueId
