@@ -454,7 +454,6 @@ class MailTransaction:
         assert dataFilter is not None
         self.filter = None
         message, self.message = self.message, None
-        assert message is not None
         recipients = len(self.recipients)
         self.reset()
         queueId = self.queueId
@@ -464,6 +463,8 @@ class MailTransaction:
                 dataFilter.error.code, dataFilter.error.status, dataFilter.error.text
             )
             return
+        # A message that was not refused is still open.
+        assert message is not None
         # From here on the message is committed whatever the client does
         # (see the module docstring).
         self.committing = message
