@@ -1,10 +1,11 @@
 # -*- test-case-name: tests.test_submission_auth -*-
 """
-SMTP AUTH (RFC 4954) for L{msa.submission.server.SubmissionServer}: drives the SASL
-state machines of L{msa.sasl}, logs in through the cred portal, and sends
-the server's final SASL data (DIGEST-MD5 rspauth, SCRAM's v=) before 235,
-which Twisted's C{state_AUTH} cannot do.  Every error is a reply with an
-enhanced status code; nothing raises out of the protocol.
+SMTP AUTH (RFC 4954) for L{msa.submission.server.SubmissionServer}: one
+L{AuthExchange} per session, owned by the server, drives the SASL state
+machines of L{msa.sasl}, logs in through the cred portal, and sends the
+server's final SASL data (DIGEST-MD5 rspauth, SCRAM's v=) before 235, which
+Twisted's C{state_AUTH} cannot do.  Every error is a reply with an enhanced
+status code; nothing raises out of the protocol.
 """
 
 import base64

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_transaction -*-
 """
-The mail transaction of L{msa.submission.server.SubmissionServer}: MAIL, RCPT and
-DATA (RFC 5321 3.3) with the replies of the spec example (R7), complete
+The mail transaction of L{msa.submission.server.SubmissionServer}, one
+L{MailTransaction} per session, owned by the server: MAIL, RCPT and DATA
+(RFC 5321 3.3) with the replies of the spec example (R7), complete
 addresses (R8), SIZE (RFC 1870), and the message streamed through the DATA
 filter into the account's avatar, which spools it once.  The 250 after the
 final dot goes out only when the spool says the message is on disk.
