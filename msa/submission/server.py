@@ -139,7 +139,6 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
         self.policy: ServerPolicy = factory.policy
         self.host = self.policy.hostname.encode("idna")
         self.timeout = self.policy.idleTimeout
-        self.noisy = False
         self.ctx = factory.tlsContextFactory
         self.canStartTLS = False
         self.session = SessionInfo(sessionId="", clientAddress="")
