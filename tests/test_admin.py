@@ -335,7 +335,9 @@ class QueueAdminTests(unittest.TestCase):
         except KeyError:
             # msa.service.tap does not start the control socket (yet): as it would.
             control = ControlService(
-                controlsocket.socketPath(self.msa.state), self.runner, self.runner.spool
+                controlsocket.socketPath(self.msa.state),
+                self.runner.control,
+                self.runner.spool,
             )
             control.startService()
             self.addCleanup(control.stopService)

@@ -31,7 +31,8 @@ MESSAGE = (
 
 class FakeRunner:
     """
-    The L{msa.relay.runner.RelayRunner} queue methods, recording calls.
+    The methods of the queue runner's L{msa.queue.control.QueueControl},
+    recording calls.
     """
 
     def __init__(self, ids):

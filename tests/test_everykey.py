@@ -1003,7 +1003,7 @@ def _attribute(get: Callable[[Env], Any], name: str) -> Callable[[Env], Any]:
 
 _RUNNER_TESTS = "tests.test_relay.RelayRunnerTests."
 _FAILURE_TESTS = "tests.test_relay_failures.FailureMatrixTests."
-_REUSE_TESTS = "tests.test_relay.ConnectionReuseTests."
+_REUSE_TESTS = "tests.test_relay_client.ConnectionReuseTests."
 ROWS += [
     Row(
         "relay.retry_base",
@@ -1063,7 +1063,7 @@ ROWS += [
         reason=_TIMING,
         coveredBy=(
             _FAILURE_TESTS + "test_serverHangs",
-            "tests.test_relay.SMTPDownstreamTests.test_greetingTimeout",
+            "tests.test_relay_client.SMTPDownstreamTests.test_greetingTimeout",
         ),
     ),
     Row(

@@ -25,7 +25,8 @@ from twisted.trial import unittest
 
 from msa.envelope import Envelope
 from msa.queue.spool import FAILED, PENDING, Spool
-from msa.relay.runner import RelayRunner, SMTPDownstream
+from msa.relay.client import SMTPDownstream
+from msa.relay.runner import RelayRunner
 from msa.tls import clientContextFactory
 from tests.downstream import DownstreamServer
 from tests.e2e import MESSAGE, RunningMSA, freePort
@@ -416,7 +417,7 @@ class ReadOnlySpoolTests(unittest.TestCase):
             self, lambda: len(runner.unremovable) == 5, what="five held messages"
         )
         self.assertEqual(sorted(runner.unremovable), queued)
-        self.assertEqual(runner.flush(), [])
+        self.assertEqual(runner.control.flush(), [])
         # Several retry periods later: still one copy each.
         yield pause(1.5)
         self.assertEqual(len(core.messages), 5)
@@ -482,7 +483,7 @@ class CoreMisbehaviourTests(unittest.TestCase):
         queueId = yield relay.queue()
         yield waitUntil(self, lambda: not relay.spool.pending(), what="delivery")
         self.assertIsNone(relay.entry(queueId))
-        self.assertEqual(relay.runner.flush(), [])
+        self.assertEqual(relay.runner.control.flush(), [])
         yield relay.queue()
         yield waitUntil(self, lambda: not relay.spool.pending(), what="delivery")
         self.assertEqual(

@@ -16,10 +16,11 @@ from twisted.trial import unittest
 
 from msa import metrics
 from msa.queue.spool import FAILED, PENDING, Spool
-from msa.relay.runner import ACCEPTED, PERMANENT, RelayRunner
+from msa.relay.protocol import ACCEPTED, PERMANENT
+from msa.relay.runner import RelayRunner
 from msa.service.startupchecks import checkFileLimit, filesNeeded
 from tests.helpers import Harness
-from tests.test_relay import FakeDownstream, allWith, makeEnvelope
+from tests.relaydata import FakeDownstream, allWith, makeEnvelope
 
 DAY = 86400.0
 
@@ -163,7 +164,7 @@ class RelayFaultTests(unittest.TestCase):
         self.clock.advance(3600)
         self.assertIn(queueId, self.runner.unremovable)
         self.assertEqual(len(self.bounces()), 1)
-        self.runner.flush()
+        self.runner.control.flush()
         self.clock.advance(DAY)
         self.assertEqual(len(self.bounces()), 1)
         [_, (bounce, _, d)] = self.downstream.calls
@@ -223,7 +224,7 @@ class RelayFaultTests(unittest.TestCase):
         d.callback(allWith(entry, ACCEPTED, 250, "2.0.0 ok"))
         self.assertIn(queueId, self.runner.unremovable)
         self.assertIn("Read-only file system", self.runner.unremovable[queueId])
-        self.assertEqual(self.runner.flush(), [])
+        self.assertEqual(self.runner.control.flush(), [])
         self.runner.wake(queueId)
         self.clock.advance(DAY)
         self.assertEqual(len(self.downstream.calls), 1)

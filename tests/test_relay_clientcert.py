@@ -44,7 +44,7 @@ class RelayClientCertificateTests(unittest.TestCase):
         queueId = text.split()[-1].decode()
         runner = msa.service.getServiceNamed("relay")
         for _ in range(100):
-            described = {d["id"]: d for d in runner.describe()}
+            described = {d["id"]: d for d in runner.control.describe()}
             if described.get(queueId, {}).get("attempts", 0) >= 1:
                 break
             yield task.deferLater(reactor, 0.05, lambda: None)

@@ -15,7 +15,8 @@ from twisted.trial import unittest
 
 from msa.envelope import Envelope
 from msa.queue.spool import PENDING, Spool
-from msa.relay.runner import RelayRunner, SMTPDownstream
+from msa.relay.client import SMTPDownstream
+from msa.relay.runner import RelayRunner
 from msa.tls import clientContextFactory
 from tests.downstream import DownstreamServer
 
@@ -129,7 +130,7 @@ class FailureMatrixTests(unittest.TestCase):
 
         def done():
             entry = self.entry(queueId)
-            return queueId not in self.runner._inFlight and (
+            return not self.runner.isInFlight(queueId) and (
                 entry is None or entry.attempts >= attempts
             )
 
@@ -154,7 +155,7 @@ class FailureMatrixTests(unittest.TestCase):
         Once the server behaves, a flush delivers the message exactly once
         and empties the queue; no DSN.
         """
-        self.assertEqual(self.runner.flush(), [queueId])
+        self.assertEqual(self.runner.control.flush(), [queueId])
         yield self.waitFor(lambda: not self.spool.pending(), what="an empty queue")
         [message] = self.server.messages
         self.assertEqual(message.data, data)
@@ -277,7 +278,7 @@ class FailureMatrixTests(unittest.TestCase):
         self.downstream.contextFactory = clientContextFactory(
             "localhost", caFile=server.caFile
         )
-        self.assertEqual(self.runner.flush(), [queueId])
+        self.assertEqual(self.runner.control.flush(), [queueId])
         yield self.waitFor(lambda: not self.spool.pending(), what="an empty queue")
         self.assertEqual([m.data for m in server.messages], [MESSAGE])
 
@@ -358,7 +359,7 @@ class FailureMatrixTests(unittest.TestCase):
         self.assertEqual(bounce.data, self.dsns[0][1])
         self.assertIn("queue id " + queueId, message.get_payload()[0].get_payload())
         # Nothing left to retry: Bob gets the message once.
-        self.assertEqual(self.runner.flush(), [])
+        self.assertEqual(self.runner.control.flush(), [])
         yield task.deferLater(reactor, 0.1, lambda: None)
         self.assertEqual(len(self.server.messages), 2)
 
@@ -458,12 +459,12 @@ class FailureMatrixTests(unittest.TestCase):
         self.assertEqual(perRcpt["Status"], "4.3.0")
         self.assertEqual(perRcpt["Diagnostic-Code"], "smtp; 451 4.3.0 Try again later")
         self.assertIsNotNone(perRcpt["Will-Retry-Until"])
-        self.assertIn(queueId, self.runner.flush())
+        self.assertIn(queueId, self.runner.control.flush())
         entry = yield self.attempted(queueId, 2)
         self.assertEqual(len(self.dsns), 1)
         self.server.mailReply = None
         self.assertEqual(
-            sorted(self.runner.flush()), sorted([queueId, dsnEntry.queueId])
+            sorted(self.runner.control.flush()), sorted([queueId, dsnEntry.queueId])
         )
         yield self.waitFor(lambda: not self.spool.pending(), what="an empty queue")
         self.assertEqual(

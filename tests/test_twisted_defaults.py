@@ -11,7 +11,7 @@ from twisted.mail import smtp
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from msa.relay.client import dotStuff
+from msa.relay.protocol import dotStuff
 from msa.submission.framing import DataFilter
 from tests.helpers import Harness, TLSStringTransport
 

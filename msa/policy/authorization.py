@@ -125,6 +125,11 @@ class AccountRules:
 class RateLimiter:
     """
     Messages per minute and per day for each account, over sliding windows.
+
+    A slot is reserved at MAIL (L{reserve}: the check and the count in one
+    step, so that concurrent sessions of one account cannot all pass the
+    check before any of them is counted) and then either committed with the
+    message or released when the transaction ends without one.
     """
 
     WINDOWS = (("messagesPerMinute", 60, "minute"), ("messagesPerDay", 86400, "day"))
@@ -132,20 +137,23 @@ class RateLimiter:
     def __init__(self, clock=time.time) -> None:
         self.clock = clock
         self._sent: dict[str, collections.deque] = {}
+        self._held: dict[str, int] = {}
 
     def check(self, account: str, rules: AccountRules) -> None:
         """
         @raise SMTPReply: 451 4.7.1 saying when to retry, past a limit.
+            Reserved slots count as messages sent now.
         """
         now = self.clock()
-        sent = self._sent.get(account)
-        if not sent:
+        sent = self._sent.get(account, ())
+        held = self._held.get(account, 0)
+        if not sent and not held:
             return
         for key, window, name in self.WINDOWS:
             limit = getattr(rules, key)
             if limit is None:
                 continue
-            inWindow = [t for t in sent if t > now - window]
+            inWindow = [t for t in sent if t > now - window] + [now] * held
             if len(inWindow) >= limit:
                 retry = int(inWindow[-limit] + window - now) + 1
                 raise SMTPReply(
@@ -155,12 +163,66 @@ class RateLimiter:
                     f"account; try again in {retry} seconds",
                 )
 
+    def reserve(self, account: str, rules: AccountRules) -> "RateReservation":
+        """
+        Check and hold one message slot of C{account}, atomically (the
+        reactor runs one call at a time).
+
+        @raise SMTPReply: as L{check}; nothing is held then.
+        """
+        self.check(account, rules)
+        self._held[account] = self._held.get(account, 0) + 1
+        return RateReservation(self, account)
+
+    def held(self, account: str) -> int:
+        """
+        How many slots of C{account} are reserved and not yet settled.
+        """
+        return self._held.get(account, 0)
+
+    def _unhold(self, account: str) -> None:
+        left = self._held.get(account, 0) - 1
+        if left > 0:
+            self._held[account] = left
+        else:
+            self._held.pop(account, None)
+
     def record(self, account: str) -> None:
         now = self.clock()
         sent = self._sent.setdefault(account, collections.deque())
         sent.append(now)
         while sent and sent[0] <= now - 86400:
             sent.popleft()
+
+
+class RateReservation:
+    """
+    One message slot held by L{RateLimiter.reserve}: L{commit} counts it as
+    a message sent, L{release} gives it back.  Only the first of the two
+    calls has an effect, so every path that ends a transaction may call them.
+    """
+
+    def __init__(self, limiter: RateLimiter, account: str) -> None:
+        self._limiter = limiter
+        self.account = account
+        self.settled = False
+
+    def commit(self) -> None:
+        """
+        The message is queued: it counts against the account's rates.
+        """
+        if not self.settled:
+            self.settled = True
+            self._limiter._unhold(self.account)
+            self._limiter.record(self.account)
+
+    def release(self) -> None:
+        """
+        The transaction ended without a queued message.
+        """
+        if not self.settled:
+            self.settled = True
+            self._limiter._unhold(self.account)
 
 
 class AuthThrottle:
@@ -174,6 +236,10 @@ class AuthThrottle:
     @ivar maximum: the longest delay.
     @ivar forget: seconds after the last failure when the count is forgotten.
     """
+
+    #: Doublings counted at most: far past any configured maximum, and far
+    #: below where the delay would overflow a float.
+    MAX_EXPONENT = 64
 
     def __init__(
         self,
@@ -205,7 +271,10 @@ class AuthThrottle:
         )
         if count == 0:
             return 0.0
-        return min(self.maximum, self.base * 2 ** (count - 1))
+        # The exponent is capped: 2 ** 1024 no longer fits a float, and the
+        # OverflowError would leave that AUTH without any reply.
+        exponent = min(count - 1, self.MAX_EXPONENT)
+        return min(self.maximum, self.base * 2.0**exponent)
 
     def failed(self, clientAddress: str, account: str) -> None:
         now = self.clock()

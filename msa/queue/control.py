@@ -1,24 +1,38 @@
+# -*- test-case-name: tests.test_queue_control -*-
 """
 Operator control of the relay queue: flush, hold, release, delete and a
-description of every entry, as a mixin of L{msa.relay.runner.RelayRunner} (which
-supplies the spool, the scheduling and the bookkeeping of deliveries in
-flight).  Every change of state goes through L{msa.queue.spool.Spool.update}.
+description of every entry.
+
+L{QueueControl} is a small object the queue runner
+(L{msa.relay.runner.RelayRunner}) owns as its C{control}; the control socket
+(L{msa.service.controlsocket}) calls it.  What it needs of the runner is the
+narrow L{QueueRunner} interface: whether an entry is in flight or held
+unremovable, and scheduling.  What the operator asks about an entry in
+flight (hold, release, flush, delete) is kept here and handed back to the
+runner when the attempt ends (L{QueueControl.isDeleted},
+L{QueueControl.applyRequests}, L{QueueControl.attemptEnded}).
+
+Every change of state goes through L{msa.queue.spool.Spool.update} or
+L{msa.queue.spool.Spool.remove}.  An unknown (or malformed) queue id raises
+C{KeyError(queueId)}.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any, Protocol
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from msa.queue.spool import SpoolEntry
+from msa.queue.spool import Spool, SpoolEntry
 
 log = Logger()
 
 _QUEUE_ID = re.compile(r"[0-9A-Za-z]{1,64}")
 
 
-def describeEntry(entry, now: float, inFlight: bool = False) -> dict:
+def describeEntry(entry: SpoolEntry, now: float, inFlight: bool = False) -> dict:
     """
     One queue entry as the admin command shows it (see
     L{QueueControl.describe}).
@@ -39,13 +53,55 @@ def describeEntry(entry, now: float, inFlight: bool = False) -> dict:
     }
 
 
-class QueueControl:
+class QueueRunner(Protocol):
     """
-    Mixin for L{msa.relay.runner.RelayRunner}.  An unknown (or malformed) queue
-    id raises C{KeyError(queueId)}.
+    What L{QueueControl} needs of the queue runner that owns it.
     """
 
-    def _load(self, queueId: str) -> SpoolEntry:
+    def isInFlight(self, queueId: str) -> bool:
+        """
+        Whether a delivery attempt of C{queueId} is running now.
+        """
+
+    def isUnremovable(self, queueId: str) -> bool:
+        """
+        Whether C{queueId} is held in memory because the spool could not
+        record its delivery: it must never be attempted again.
+        """
+
+    def attemptNow(self, queueId: str) -> None:
+        """
+        Attempt C{queueId} as soon as a delivery slot is free (nothing
+        while the runner is stopped).
+        """
+
+    def unschedule(self, queueId: str) -> None:
+        """
+        Cancel the scheduled attempt of C{queueId}, if any.
+        """
+
+
+class QueueControl:
+    """
+    The operator's commands on the queue.
+
+    @param spool: the spool of the queue.
+    @param runner: the queue runner delivering from C{spool}.
+    @param clock: the runner's clock (C{nextAttempt} and ages are its
+        seconds).
+    """
+
+    def __init__(self, spool: Spool, runner: QueueRunner, clock: IReactorTime) -> None:
+        self.spool = spool
+        self._runner = runner
+        self._clock = clock
+        # Operator requests about entries in flight, applied when the
+        # attempt ends.
+        self._deleted: set[str] = set()
+        self._heldInFlight: dict[str, bool] = {}
+        self._flushAfter: set[str] = set()
+
+    def _load(self, queueId: Any) -> SpoolEntry:
         if (
             not isinstance(queueId, str)
             or not _QUEUE_ID.fullmatch(queueId)
@@ -59,9 +115,10 @@ class QueueControl:
 
     def flush(self, queueId: str | None = None) -> list[str]:
         """
-        Attempt C{queueId}, or every entry not on hold, now.
+        Attempt C{queueId}, or every entry not on hold, now.  An entry in
+        flight is attempted again right after its attempt.
 
-        @return: the ids scheduled (a held entry is not).
+        @return: the ids scheduled (a held or unremovable entry is not).
         @raise KeyError: for an unknown C{queueId}.
         """
         if queueId is not None:
@@ -73,19 +130,18 @@ class QueueControl:
                     entries.append(self._load(name))
                 except (KeyError, ValueError):
                     continue
-        now = self._reactor.seconds()
+        now = self._clock.seconds()
         flushed = []
         for entry in entries:
-            if entry.held or entry.queueId in self.unremovable:
+            if entry.held or self._runner.isUnremovable(entry.queueId):
                 continue
             flushed.append(entry.queueId)
-            if entry.queueId in self._inFlight:
+            if self._runner.isInFlight(entry.queueId):
                 self._flushAfter.add(entry.queueId)
                 continue
             entry.nextAttempt = now
             self.spool.update(entry)
-            if self.running:
-                self._schedule(entry.queueId, 0)
+            self._runner.attemptNow(entry.queueId)
         log.info("flush: {count} message(s)", count=len(flushed))
         return flushed
 
@@ -93,28 +149,34 @@ class QueueControl:
         """
         Put C{queueId} on hold: it is not attempted until L{release}d (a
         delivery in flight finishes, but is not retried).
+
+        @raise KeyError: for an unknown C{queueId}.
         """
         entry = self._load(queueId)
         entry.held = True
         self.spool.update(entry)
-        self._unschedule(queueId)
-        if queueId in self._inFlight:
+        self._runner.unschedule(queueId)
+        if self._runner.isInFlight(queueId):
             self._heldInFlight[queueId] = True
         log.info("{queueId} put on hold", queueId=queueId)
 
     def release(self, queueId: str) -> None:
         """
-        Take C{queueId} off hold and attempt it now.
+        Take C{queueId} off hold and attempt it now (right after its
+        attempt in flight, if any).
+
+        @raise KeyError: for an unknown C{queueId}.
         """
         entry = self._load(queueId)
         entry.held = False
-        entry.nextAttempt = self._reactor.seconds()
-        if queueId in self._inFlight:
+        entry.nextAttempt = self._clock.seconds()
+        inFlight = self._runner.isInFlight(queueId)
+        if inFlight:
             self._heldInFlight[queueId] = False
             self._flushAfter.add(queueId)
         self.spool.update(entry)
-        if self.running and queueId not in self._inFlight:
-            self._schedule(queueId, 0)
+        if not inFlight:
+            self._runner.attemptNow(queueId)
         log.info("{queueId} released", queueId=queueId)
 
     def delete(self, queueId: str) -> None:
@@ -122,10 +184,12 @@ class QueueControl:
         Remove C{queueId} from the queue, without a notification.  A
         delivery in flight finishes (the core may still get the message)
         but its outcome is ignored.
+
+        @raise KeyError: for an unknown C{queueId}.
         """
         self._load(queueId)
-        self._unschedule(queueId)
-        if queueId in self._inFlight:
+        self._runner.unschedule(queueId)
+        if self._runner.isInFlight(queueId):
             self._deleted.add(queueId)
         self.spool.remove(queueId)
         log.warn("{queueId} deleted by the operator", queueId=queueId)
@@ -138,12 +202,39 @@ class QueueControl:
         the last reply about it), C{attempts}, C{nextAttempt} (POSIX time),
         C{lastError}, C{held}, C{inFlight}, C{isBounce}.
         """
-        now = self._reactor.seconds()
+        now = self._clock.seconds()
         out = []
         for queueId in self.spool.pending():
             try:
                 entry = self._load(queueId)
             except (KeyError, ValueError):
                 continue
-            out.append(describeEntry(entry, now, queueId in self._inFlight))
+            out.append(describeEntry(entry, now, self._runner.isInFlight(queueId)))
         return out
+
+    # What the runner asks when an attempt ends.
+
+    def isDeleted(self, queueId: str) -> bool:
+        """
+        Whether the operator deleted C{queueId} while it was in flight: the
+        outcome of the attempt is to be ignored.
+        """
+        return queueId in self._deleted
+
+    def applyRequests(self, entry: SpoolEntry, now: float) -> None:
+        """
+        Apply to C{entry}, whose attempt just ended, what the operator asked
+        during it: the hold or release, and a flush (the next attempt at
+        C{now}).  The runner then writes C{entry}.
+        """
+        entry.held = self._heldInFlight.get(entry.queueId, entry.held)
+        if entry.queueId in self._flushAfter:
+            entry.nextAttempt = now
+
+    def attemptEnded(self, queueId: str) -> None:
+        """
+        The attempt of C{queueId} is over: forget the requests about it.
+        """
+        self._deleted.discard(queueId)
+        self._heldInFlight.pop(queueId, None)
+        self._flushAfter.discard(queueId)

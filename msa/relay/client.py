@@ -1,51 +1,39 @@
+# -*- test-case-name: tests.test_relay_client -*-
 """
-Delivery to the core MTA over SMTP: L{SMTPDownstream}, which hands spooled
-messages to the core over connections it keeps open for a while and reuses
-(RSET between messages), and the result types the relay runner applies.
+The SMTP client to the core MTA: L{SMTPDownstream}, the relay runner's
+downstream when a core MTA is configured.  It hands spooled messages to the
+core over connections it keeps open for a while and reuses (RSET between
+messages): greeting, EHLO, STARTTLS (required unless configured otherwise,
+the certificate verified), AUTH PLAIN, then MAIL, RCPT and the data, each
+reply mapped to a L{msa.relay.protocol.RecipientResult}.
 
-The protocol itself (dot-stuffing, commands and replies) is in
-L{msa.relay.protocol}.
+The SMTP client protocol itself (dot-stuffing, commands and replies, the
+result types) is in L{msa.relay.protocol}.
 """
 
 from __future__ import annotations
 
 import base64
 import functools
-from typing import BinaryIO
+from typing import Any, BinaryIO, cast
 
 from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
 
+from msa.queue.spool import SpoolEntry
 from msa.relay.protocol import (
     ACCEPTED,
-    PERMANENT,
     TEMPORARY,
     DeliveryResult,
-    DotStuffer,
     RecipientResult,
     Reply,
     SMTPClientError,
     SMTPClientProtocol,
     SMTPConnectionLost,
-    dotStuff,
     resultFor,
 )
-
-__all__ = [
-    "ACCEPTED",
-    "PERMANENT",
-    "TEMPORARY",
-    "DeliveryResult",
-    "DotStuffer",
-    "RecipientResult",
-    "Reply",
-    "SMTPClientError",
-    "SMTPClientProtocol",
-    "SMTPDownstream",
-    "TLSFailure",
-    "dotStuff",
-]
 
 log = Logger()
 
@@ -70,12 +58,14 @@ class _Connection:
     AUTH done).
     """
 
-    def __init__(self, proto: SMTPClientProtocol, extensions: dict, generation: int):
+    def __init__(
+        self, proto: SMTPClientProtocol, extensions: dict[str, str], generation: int
+    ) -> None:
         self.proto = proto
         self.extensions = extensions
         self.generation = generation
         self.transactions = 0
-        self.idleTimer = None
+        self.idleTimer: IDelayedCall | None = None
 
     def close(self, quit: bool = True) -> None:
         if self.idleTimer is not None and self.idleTimer.active():
@@ -118,11 +108,11 @@ class SMTPDownstream:
         host: str,
         port: int,
         tlsMode: str = "starttls",
-        contextFactory=None,
+        contextFactory: Any = None,
         heloName: str = "localhost",
         authUsername: str | None = None,
         authPassword: str | None = None,
-        reactor=None,
+        reactor: Any = None,
         connectTimeout: float = 30,
         commandTimeout: float = 300,
         dataTimeout: float = 600,
@@ -164,7 +154,9 @@ class SMTPDownstream:
     def __repr__(self) -> str:
         return f"<SMTPDownstream {self.host}:{self.port} tls={self.tlsMode}>"
 
-    def deliver(self, entry, messageFile: BinaryIO) -> defer.Deferred:
+    def deliver(
+        self, entry: SpoolEntry, messageFile: BinaryIO
+    ) -> defer.Deferred[DeliveryResult]:
         """
         Deliver C{entry}'s message to its pending recipients, over an idle
         connection when there is one.
@@ -175,7 +167,7 @@ class SMTPDownstream:
         """
         return defer.ensureDeferred(self._deliver(entry, messageFile))
 
-    def close(self) -> defer.Deferred:
+    def close(self) -> defer.Deferred[None]:
         """
         Close the idle connections (QUIT); deliveries in flight keep theirs
         but do not park them afterwards.
@@ -195,7 +187,9 @@ class SMTPDownstream:
     def idleConnections(self) -> int:
         return len(self._idle)
 
-    async def _deliver(self, entry, messageFile: BinaryIO) -> DeliveryResult:
+    async def _deliver(
+        self, entry: SpoolEntry, messageFile: BinaryIO
+    ) -> DeliveryResult:
         result = DeliveryResult()
         pending = entry.pendingRecipients()
         conn: _Connection | None = None
@@ -287,7 +281,7 @@ class SMTPDownstream:
         return None
 
     async def _connect(self) -> _Connection:
-        endpoint = HostnameEndpoint(
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
             self._reactor, self.host, self.port, timeout=self.connectTimeout
         )
         if self.tlsMode == "implicit":
@@ -295,7 +289,7 @@ class SMTPDownstream:
         factory = protocol.Factory.forProtocol(
             functools.partial(SMTPClientProtocol, self._reactor)
         )
-        proto = await endpoint.connect(factory)
+        proto = cast(SMTPClientProtocol, await endpoint.connect(factory))
         try:
             extensions = await self._handshake(proto)
         except BaseException:
@@ -348,13 +342,13 @@ class SMTPDownstream:
             except SMTPClientError as e:
                 raise SMTPClientError(f"after STARTTLS (TLS handshake?): {e}")
         if self.authUsername is not None:
-            await self._auth(proto, extensions)
+            await self._auth(proto, extensions, self.authUsername)
         return extensions
 
     async def _transaction(
         self,
         conn: _Connection,
-        entry,
+        entry: SpoolEntry,
         pending: list[str],
         messageFile: BinaryIO,
         result: DeliveryResult,
@@ -411,20 +405,25 @@ class SMTPDownstream:
         return reply.code != 421
 
     @staticmethod
-    def _setAll(result, recipients, outcome: RecipientResult, reply: Reply) -> None:
+    def _setAll(
+        result: DeliveryResult,
+        recipients: list[str],
+        outcome: RecipientResult,
+        reply: Reply,
+    ) -> None:
         for rcpt in recipients:
             result.recipients[rcpt] = outcome
         result.reply = str(reply)
 
-    async def _auth(self, proto: SMTPClientProtocol, extensions: dict) -> None:
+    async def _auth(
+        self, proto: SMTPClientProtocol, extensions: dict[str, str], username: str
+    ) -> None:
         if self.tlsMode == "none":
             raise SMTPClientError("refusing to send credentials without TLS")
         if "PLAIN" not in extensions.get("AUTH", "").upper().split():
             raise SMTPClientError("the core MTA does not offer AUTH PLAIN")
         token = b"\0" + (
-            self.authUsername.encode("utf-8")
-            + b"\0"
-            + (self.authPassword or "").encode("utf-8")
+            username.encode("utf-8") + b"\0" + (self.authPassword or "").encode("utf-8")
         )
         reply = await proto.command(
             b"AUTH PLAIN " + base64.b64encode(token), self.commandTimeout
@@ -434,7 +433,9 @@ class SMTPDownstream:
             log.error("the core MTA refused our AUTH: {reply}", reply=str(reply))
             raise SMTPClientError(f"AUTH refused: {reply}")
 
-    async def _mailFrom(self, proto: SMTPClientProtocol, entry, extensions) -> Reply:
+    async def _mailFrom(
+        self, proto: SMTPClientProtocol, entry: SpoolEntry, extensions: dict[str, str]
+    ) -> Reply:
         params = entry.envelope.mailParams or {}
         line = b"MAIL FROM:<" + _address(entry.envelope.sender) + b">"
         body = params.get("BODY")
@@ -448,6 +449,7 @@ class SMTPDownstream:
             line += b" SIZE=%d" % (entry.size,)
         if "DSN" in extensions:
             for key in ("RET", "ENVID"):
-                if params.get(key):
-                    line += b" %s=%s" % (key.encode(), params[key].encode("ascii"))
+                value = params.get(key)
+                if value:
+                    line += b" %s=%s" % (key.encode(), value.encode("ascii"))
         return await proto.command(line, self.commandTimeout)

@@ -1,8 +1,18 @@
+# -*- test-case-name: tests.test_relay_client -*-
 """
-The relay's ESMTP client protocol: a stateful dot-stuffer and a line
-protocol that turns commands into L{Deferred} replies.  L{msa.relay.client}
-builds the delivery to the core MTA on top of it.  The result types of a
-delivery are here too.
+The SMTP I{client} side of the relay, the MSA speaking to the core MTA (the
+server side, where mail clients submit, is L{msa.submission.server}):
+
+  - L{DotStuffer}, a stateful dot-stuffer for data fed in chunks;
+  - L{SMTPClientProtocol}, a line protocol that turns each command into a
+    L{Deferred} of the core's L{Reply}, failing with L{SMTPClientError};
+  - the results of a delivery attempt (L{DeliveryResult},
+    L{RecipientResult}, L{ACCEPTED}, L{TEMPORARY}, L{PERMANENT}), which every
+    downstream returns (L{msa.relay.outbox} too), and L{resultFor}, which
+    maps a reply to one.
+
+L{msa.relay.client.SMTPDownstream} builds the delivery to the core MTA
+(connections, STARTTLS, AUTH, the mail transaction) on top of it.
 
 Twisted's own C{ESMTPClient} is not used: it dot-stuffs each 16 KiB chunk on
 its own and misses a "." that starts a chunk.
@@ -11,11 +21,14 @@ its own and misses a "." that starts a chunk.
 from __future__ import annotations
 
 from collections import deque
-from typing import BinaryIO
+from typing import Any, BinaryIO, cast
 
 import attrs
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, ITLSTransport
+from twisted.internet.protocol import connectionDone
 from twisted.protocols.basic import FileSender, LineReceiver
+from twisted.python.failure import Failure
 
 ACCEPTED = "accepted"
 TEMPORARY = "temporary"
@@ -96,24 +109,34 @@ class SMTPConnectionLost(SMTPClientError):
 
 class SMTPClientProtocol(LineReceiver):
     """
-    A line protocol for the client side: L{command} sends a line and
-    returns a L{Deferred} firing with the next L{Reply}.
+    The client side of an SMTP connection to the core MTA: L{command} sends
+    a line and returns a L{Deferred} firing with the next L{Reply}.
+
+    @ivar tlsStarted: whether L{startTLS} was called (the handshake may
+        still fail).
     """
 
     delimiter = b"\r\n"
     MAX_LENGTH = 4096
 
-    def __init__(self, reactor) -> None:
+    def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
         self._replies: deque[Reply] = deque()
         self._partial: list[str] = []
-        self._waiter: defer.Deferred | None = None
-        self._timer = None
+        self._waiter: defer.Deferred[Reply] | None = None
+        self._timer: IDelayedCall | None = None
         self._lost: Exception | None = None
-        #: Whether L{startTLS} was called (the handshake may still fail).
         self.tlsStarted = False
-        self._lostWaiters: list[defer.Deferred] = []
+        self._lostWaiters: list[defer.Deferred[None]] = []
         self._closed = False
+
+    @property
+    def _connection(self) -> ITLSTransport:
+        """
+        The transport: a TCP connection, which can start TLS.
+        """
+        assert self.transport is not None, "not connected"
+        return cast(ITLSTransport, self.transport)
 
     @property
     def lost(self) -> bool:
@@ -131,13 +154,13 @@ class SMTPClientProtocol(LineReceiver):
         """
         return bool(self._replies or self._partial)
 
-    def notifyLost(self) -> defer.Deferred:
+    def notifyLost(self) -> defer.Deferred[None]:
         """
         @return: a L{Deferred} firing when the connection is closed.
         """
         if self._closed:
             return defer.succeed(None)
-        d = defer.Deferred()
+        d: defer.Deferred[None] = defer.Deferred()
         self._lostWaiters.append(d)
         return d
 
@@ -145,7 +168,7 @@ class SMTPClientProtocol(LineReceiver):
         code, sep = line[:3], line[3:4]
         if len(line) < 3 or not code.isdigit() or sep not in (b"", b" ", b"-"):
             self._fail(SMTPClientError(f"malformed reply line {line[:100]!r}"))
-            self.transport.abortConnection()
+            self._connection.abortConnection()
             return
         self._partial.append(line[4:].decode("utf-8", "replace"))
         if sep == b"-":
@@ -161,7 +184,7 @@ class SMTPClientProtocol(LineReceiver):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._fail(SMTPClientError("reply line too long"))
-        self.transport.abortConnection()
+        self._connection.abortConnection()
 
     def _cancelTimer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -179,9 +202,9 @@ class SMTPClientProtocol(LineReceiver):
     def _timedOut(self, what: str, timeout: float) -> None:
         self._timer = None
         self._fail(SMTPClientError(f"timed out after {timeout:g}s waiting for {what}"))
-        self.transport.abortConnection()
+        self._connection.abortConnection()
 
-    def readReply(self, timeout: float, what: str = "a reply") -> defer.Deferred:
+    def readReply(self, timeout: float, what: str = "a reply") -> defer.Deferred[Reply]:
         """
         @return: a L{Deferred} firing with the next L{Reply}, failing with
             L{SMTPClientError} after C{timeout} seconds or when the
@@ -192,11 +215,12 @@ class SMTPClientProtocol(LineReceiver):
         if self._lost is not None:
             return defer.fail(self._lost)
         assert self._waiter is None, "one command at a time"
-        self._waiter = defer.Deferred()
+        waiter: defer.Deferred[Reply] = defer.Deferred()
+        self._waiter = waiter
         self._timer = self._reactor.callLater(timeout, self._timedOut, what, timeout)
-        return self._waiter
+        return waiter
 
-    def command(self, line: bytes, timeout: float) -> defer.Deferred:
+    def command(self, line: bytes, timeout: float) -> defer.Deferred[Reply]:
         """
         Send one command line and read its reply.
         """
@@ -205,18 +229,18 @@ class SMTPClientProtocol(LineReceiver):
             timeout, repr(line.split(b" ", 1)[0].decode("ascii", "replace"))
         )
 
-    def startTLS(self, contextFactory) -> None:
+    def startTLS(self, contextFactory: Any) -> None:
         """
         Switch to TLS after the 220 to STARTTLS.  Anything the server sent
         after that reply (before the handshake) is an injection attempt.
         """
         if self.clearLineBuffer() or self._replies or self._partial:
-            self.transport.abortConnection()
+            self._connection.abortConnection()
             raise SMTPClientError("data after the STARTTLS reply: possible injection")
         self.tlsStarted = True
-        self.transport.startTLS(contextFactory)
+        self._connection.startTLS(contextFactory)
 
-    def sendFile(self, messageFile: BinaryIO, timeout: float) -> defer.Deferred:
+    def sendFile(self, messageFile: BinaryIO, timeout: float) -> defer.Deferred[None]:
         """
         Stream C{messageFile}, dot-stuffed and terminated, through a pull
         producer, so that only a chunk at a time is in memory.
@@ -227,11 +251,11 @@ class SMTPClientProtocol(LineReceiver):
         stuffer = DotStuffer()
         d = FileSender().beginFileTransfer(messageFile, self.transport, stuffer.feed)
 
-        def finished(_):
-            self.transport.write(stuffer.finish())
+        def finished(_: object) -> None:
+            self._connection.write(stuffer.finish())
 
-        def timedOut(_, __):
-            self.transport.abortConnection()
+        def timedOut(_: object, __: float) -> None:
+            self._connection.abortConnection()
             raise SMTPClientError(f"timed out after {timeout:g}s sending the message")
 
         d.addCallback(finished)
@@ -247,7 +271,7 @@ class SMTPClientProtocol(LineReceiver):
         super().connectionMade()
         setTcpNoDelay(self.transport)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         self._closed = True
         self._fail(SMTPConnectionLost(f"connection lost: {reason.getErrorMessage()}"))
@@ -256,7 +280,7 @@ class SMTPClientProtocol(LineReceiver):
             d.callback(None)
 
 
-def setTcpNoDelay(transport) -> bool:
+def setTcpNoDelay(transport: Any) -> bool:
     """
     Set C{TCP_NODELAY} on the TCP connection under C{transport}, which may
     be wrapped in TLS (implicit TLS: a L{TLSMemoryBIOProtocol} whose own
@@ -320,5 +344,9 @@ class DeliveryResult:
 
 
 def resultFor(reply: Reply) -> RecipientResult:
+    """
+    What C{reply}, a refusal, means for a recipient: L{PERMANENT} for a
+    5xx, L{TEMPORARY} otherwise.
+    """
     status = PERMANENT if reply.code >= 500 else TEMPORARY
     return RecipientResult(status, reply.code, reply.text)

@@ -1,52 +1,44 @@
+# -*- test-case-name: tests.test_relay,tests.test_relay_failures -*-
 """
 The relay: the queue runner that takes committed messages out of the spool
-and hands them to a downstream (the core MTA over SMTP, or an outbox
-directory when no core MTA is configured), with retries and expiry.
+and hands them to a downstream (the core MTA over SMTP,
+L{msa.relay.client.SMTPDownstream}, or an outbox directory,
+L{msa.relay.outbox.OutboxDownstream}, when no core MTA is configured), with
+retries and expiry.
 
 A message leaves the spool only after the downstream accepted it (the
 core's 250 to the data); recipients already accepted are never sent again.
 Permanent failures and expiry produce a delivery status notification
-(L{msa.queue.dsn}) to the sender, queued like any message; the operator controls
-the queue through L{RelayRunner.flush}, L{RelayRunner.hold},
-L{RelayRunner.release}, L{RelayRunner.delete} and L{RelayRunner.describe}.
+(L{msa.queue.dsn}) to the sender, queued like any message.  The operator
+controls the queue through the runner's L{RelayRunner.control}, a
+L{msa.queue.control.QueueControl}, which calls back only through the
+runner's L{msa.queue.control.QueueRunner} interface (L{RelayRunner.isInFlight},
+L{RelayRunner.isUnremovable}, L{RelayRunner.attemptNow},
+L{RelayRunner.unschedule}).
 """
 
 from __future__ import annotations
 
 import random
+from typing import BinaryIO, Protocol
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from msa import metrics
 from msa.queue import dsn
 from msa.queue.control import QueueControl
 from msa.queue.spool import DELIVERED, FAILED, Spool, SpoolEntry
-from msa.relay.client import (
+from msa.relay.protocol import (
     ACCEPTED,
     PERMANENT,
     TEMPORARY,
     DeliveryResult,
-    DotStuffer,
     RecipientResult,
-    SMTPDownstream,
-    dotStuff,
 )
-from msa.relay.outbox import OutboxDownstream
-
-__all__ = [
-    "ACCEPTED",
-    "PERMANENT",
-    "TEMPORARY",
-    "DeliveryResult",
-    "DotStuffer",
-    "OutboxDownstream",
-    "RecipientResult",
-    "RelayRunner",
-    "SMTPDownstream",
-    "dotStuff",
-]
 
 log = Logger()
 
@@ -55,14 +47,38 @@ log = Logger()
 EXPIRED = "expired after"
 
 
-class RelayRunner(QueueControl, Service):
+class Downstream(Protocol):
+    """
+    Where the runner hands messages: L{msa.relay.client.SMTPDownstream} or
+    L{msa.relay.outbox.OutboxDownstream}.  It may also have C{close()}
+    (called on stop, may return a L{Deferred}) and C{host} (the remote
+    host named in notifications).
+    """
+
+    def deliver(
+        self, entry: SpoolEntry, messageFile: BinaryIO
+    ) -> defer.Deferred[DeliveryResult]:
+        """
+        Deliver C{entry}'s message (C{messageFile}, open for binary reading)
+        to its pending recipients.
+
+        @return: a L{Deferred} of the L{DeliveryResult}.
+        """
+
+
+class RelayRunner(Service):
     """
     The queue runner.
 
+    @ivar control: the operator's commands on the queue (flush, hold,
+        release, delete, describe).
+    @ivar unremovable: entries the core has acknowledged but whose new
+        state the spool could not record (e.g. remounted read-only): never
+        sent again by this process; queue id to the reason, for the log and
+        /health.
+
     @param spool: the L{Spool}.
-    @param downstream: anything with C{deliver(entry, messageFile)}
-        returning a L{Deferred} of L{DeliveryResult}, and optionally
-        C{close()} (called on stop).
+    @param downstream: the L{Downstream}.
     @param retryBase: delay after the first failed attempt, doubled after
         each further one up to C{retryMax}, with +-10% jitter.
     @param maxLifetime: after this many seconds in the queue, recipients
@@ -75,12 +91,12 @@ class RelayRunner(QueueControl, Service):
         "delayed" notification is sent, once per message; L{None}: never.
     """
 
-    name = "relay"
+    name = "relay"  # type: ignore[assignment]  # Twisted types it as None
 
     def __init__(
         self,
         spool: Spool,
-        downstream,
+        downstream: Downstream,
         reactor=None,
         retryBase: float = 60,
         retryMax: float = 3600,
@@ -102,18 +118,11 @@ class RelayRunner(QueueControl, Service):
         self.stopTimeout = stopTimeout
         self.dsnHostname = dsnHostname
         self.delayWarningAfter = delayWarningAfter
-        self._timers: dict[str, object] = {}
+        self._timers: dict[str, IDelayedCall] = {}
         self._ready: list[str] = []
-        self._inFlight: dict[str, defer.Deferred] = {}
-        # Operator requests about entries in flight, applied when the
-        # attempt ends.
-        self._deleted: set[str] = set()
-        self._heldInFlight: dict[str, bool] = {}
-        self._flushAfter: set[str] = set()
-        #: Entries the core has acknowledged but whose new state the spool
-        #: could not record (e.g. remounted read-only): never sent again by
-        #: this process; queue id to the reason, for the log and /health.
+        self._inFlight: dict[str, defer.Deferred[None]] = {}
         self.unremovable: dict[str, str] = {}
+        self.control = QueueControl(spool, self, reactor)
         # Failed attempts to queue the owed "failed" notices, per entry.
         self._noticeTries: dict[str, int] = {}
 
@@ -139,7 +148,7 @@ class RelayRunner(QueueControl, Service):
             held=held,
         )
 
-    def stopService(self) -> defer.Deferred:
+    def stopService(self) -> defer.Deferred[None]:
         """
         Stop scheduling and wait (at most C{stopTimeout} seconds) for the
         deliveries in flight; their entries stay queued if cut short.  Then
@@ -151,7 +160,7 @@ class RelayRunner(QueueControl, Service):
             timer.cancel()
         self._timers.clear()
         self._ready.clear()
-        stopped = defer.Deferred()
+        stopped: defer.Deferred[None] = defer.Deferred()
         close = getattr(self.downstream, "close", None)
         if close is not None:
             stopped.addCallback(lambda _: close())
@@ -160,13 +169,13 @@ class RelayRunner(QueueControl, Service):
             return stopped
         allDone = defer.DeferredList(list(self._inFlight.values()), consumeErrors=True)
 
-        def fire(_=None):
+        def fire(_: object = None) -> None:
             if not stopped.called:
                 if timer.active():
                     timer.cancel()
                 stopped.callback(None)
 
-        def tooLong():
+        def tooLong() -> None:
             log.warn(
                 "relay stopped with {count} delivery(ies) still in flight",
                 count=len(self._inFlight),
@@ -184,18 +193,45 @@ class RelayRunner(QueueControl, Service):
         if self.running:
             self._schedule(queueId, 0)
 
-    def _schedule(self, queueId: str, delay: float) -> None:
-        self._unschedule(queueId)
-        self._timers[queueId] = self._reactor.callLater(
-            max(0.0, delay), self._makeReady, queueId
-        )
+    # The interface of the queue control (msa.queue.control.QueueRunner).
 
-    def _unschedule(self, queueId: str) -> None:
+    def isInFlight(self, queueId: str) -> bool:
+        """
+        Whether a delivery attempt of C{queueId} is running now.
+        """
+        return queueId in self._inFlight
+
+    def isUnremovable(self, queueId: str) -> bool:
+        """
+        Whether C{queueId} is in L{unremovable}: never attempted again.
+        """
+        return queueId in self.unremovable
+
+    def attemptNow(self, queueId: str) -> None:
+        """
+        Attempt C{queueId} as soon as a delivery slot is free; nothing
+        while the runner is stopped.
+        """
+        if self.running:
+            self._schedule(queueId, 0)
+
+    def unschedule(self, queueId: str) -> None:
+        """
+        Cancel the scheduled attempt of C{queueId}, if any.
+        """
         timer = self._timers.pop(queueId, None)
         if timer is not None and timer.active():
             timer.cancel()
         if queueId in self._ready:
             self._ready.remove(queueId)
+
+    # Scheduling.
+
+    def _schedule(self, queueId: str, delay: float) -> None:
+        self.unschedule(queueId)
+        self._timers[queueId] = self._reactor.callLater(
+            max(0.0, delay), self._makeReady, queueId
+        )
 
     def _makeReady(self, queueId: str) -> None:
         self._timers.pop(queueId, None)
@@ -212,20 +248,18 @@ class RelayRunner(QueueControl, Service):
             d.addErrback(self._attemptFailed, queueId)
             d.addBoth(self._attemptDone, queueId)
 
-    def _attemptFailed(self, failure, queueId: str) -> None:
+    def _attemptFailed(self, failure: Failure, queueId: str) -> None:
         """
         The attempt itself broke (e.g. the state could not be written): log
         it and try again later, the entry is still in the spool.
         """
         log.failure("relay of {queueId} failed", failure, queueId=queueId)
-        if self.running and queueId not in self._deleted:
+        if self.running and not self.control.isDeleted(queueId):
             self._schedule(queueId, self.retryBase)
 
-    def _attemptDone(self, _, queueId: str) -> None:
+    def _attemptDone(self, _: object, queueId: str) -> None:
         del self._inFlight[queueId]
-        self._deleted.discard(queueId)
-        self._heldInFlight.pop(queueId, None)
-        self._flushAfter.discard(queueId)
+        self.control.attemptEnded(queueId)
         self._pump()
 
     def retryDelay(self, attempts: int) -> float:
@@ -289,7 +323,9 @@ class RelayRunner(QueueControl, Service):
         self._record(entry, result, self._reactor.seconds() - started)
         await self._apply(entry, result)
 
-    def _record(self, entry: SpoolEntry, result: DeliveryResult, seconds: float):
+    def _record(
+        self, entry: SpoolEntry, result: DeliveryResult, seconds: float
+    ) -> None:
         """
         One relay attempt for the log and the metrics.
         """
@@ -341,7 +377,7 @@ class RelayRunner(QueueControl, Service):
 
     async def _applyResult(self, entry: SpoolEntry, result: DeliveryResult) -> None:
         queueId = entry.queueId
-        if queueId in self._deleted:
+        if self.control.isDeleted(queueId):
             log.info("{queueId} was deleted during its delivery", queueId=queueId)
             return
         now = self._reactor.seconds()
@@ -396,12 +432,10 @@ class RelayRunner(QueueControl, Service):
             entry.nextAttempt = now + self._noticeDelay(queueId)
         if delayed:
             entry.delayWarned = await self._notify(entry, delayed, dsn.DELAYED)
-        if queueId in self._deleted:
+        if self.control.isDeleted(queueId):
             log.info("{queueId} was deleted during its delivery", queueId=queueId)
             return
-        entry.held = self._heldInFlight.get(queueId, entry.held)
-        if queueId in self._flushAfter:
-            entry.nextAttempt = now
+        self.control.applyRequests(entry, now)
         if entry.pendingRecipients() or entry.owedNotices:
             self.spool.update(entry)
             log.info(
@@ -499,7 +533,7 @@ class RelayRunner(QueueControl, Service):
         again: the operator must check the core before restarting.
         """
         queueId = entry.queueId
-        self._unschedule(queueId)
+        self.unschedule(queueId)
         reason = (
             f"{queueId}: delivered or failed, but the spool cannot record that "
             f"({error}); held, not sent again"
@@ -536,7 +570,9 @@ class RelayRunner(QueueControl, Service):
         )
         return defer.ensureDeferred(self._notifyOrRaise(entry, recipients, dsn.FAILED))
 
-    async def _notify(self, entry: SpoolEntry, recipients: list[str], action) -> bool:
+    async def _notify(
+        self, entry: SpoolEntry, recipients: list[str], action: str
+    ) -> bool:
         """
         Queue a notification of C{action} about C{recipients} of C{entry};
         a failure is logged.
@@ -555,7 +591,7 @@ class RelayRunner(QueueControl, Service):
             return False
 
     async def _notifyOrRaise(
-        self, entry: SpoolEntry, recipients: list[str], action
+        self, entry: SpoolEntry, recipients: list[str], action: str
     ) -> bool:
         """
         Queue a notification of C{action} about C{recipients} of C{entry}.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_controlsocket,tests.test_admin -*-
 """
 The queue control socket: how C{digipoort-msa-admin queue ...} talks to the
 running MSA.
@@ -13,12 +14,12 @@ C{socat - UNIX-CONNECT:control.sock}::
     reply:    {"ok": true, "result": ...} LF
          or   {"ok": false, "error": "no message X in the queue"} LF
 
-Each command maps to a method of the L{msa.relay.runner.RelayRunner} (C{describe},
-C{flush}, C{delete}, C{hold}, C{release}: L{msa.queue.control}); C{show}
-reads the envelope and the message's header section (bounded) from the
-L{msa.queue.spool.Spool}.  The queue runner owns the queue while the server runs:
-every change goes through it, in the reactor thread, so it never races a
-delivery.
+Each command maps to a method of the queue runner's
+L{msa.queue.control.QueueControl} (C{describe}, C{flush}, C{delete},
+C{hold}, C{release}); C{show} reads the envelope and the message's header
+section (bounded) from the L{msa.queue.spool.Spool}.  The queue runner owns
+the queue while the server runs: every change goes through its queue
+control, in the reactor thread, so it never races a delivery.
 
 L{request} is the blocking client.  L{describeSpool} and L{showEntry} read
 the spool files directly (read-only): the admin command uses them for
@@ -39,7 +40,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
-from msa.queue.control import describeEntry
+from msa.queue.control import QueueControl, describeEntry
 from msa.queue.spool import PENDING, Spool
 
 log = Logger()
@@ -167,7 +168,7 @@ def _readHeaders(path: str) -> tuple[list[str], bool]:
 
 def describeSpool(spool: Spool, now: float | None = None) -> list[dict]:
     """
-    What L{msa.relay.runner.RelayRunner.describe} tells, read from the files: for
+    What L{msa.queue.control.QueueControl.describe} tells, read from the files: for
     the admin command when the server is not running.
     """
     if now is None:
@@ -249,8 +250,9 @@ class _ControlFactory(protocol.Factory):
 
 class ControlService(Service):
     """
-    Serve the control socket at C{socketPath} for the queue runner
-    C{runner} and its spool C{spool}.
+    Serve the control socket at C{socketPath} for the queue control
+    C{control} (a L{msa.queue.control.QueueControl}, the queue runner's)
+    and its spool C{spool}.
 
     A leftover socket from a crashed server is replaced; if another server
     still answers on it, the start fails.
@@ -258,11 +260,13 @@ class ControlService(Service):
 
     name = "control"  # type: ignore[assignment]  # Twisted types it as None
 
-    def __init__(self, socketPath: str, runner, spool: Spool, reactor=None) -> None:
+    def __init__(
+        self, socketPath: str, control: QueueControl, spool: Spool, reactor=None
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.socketPath = socketPath
-        self.runner = runner
+        self.control = control
         self.spool = spool
         self._reactor = reactor
         self._port = None
@@ -360,27 +364,27 @@ class ControlService(Service):
         return d.addCallbacks(ok, failed)
 
     def do_list(self, _):
-        return self.runner.describe()
+        return self.control.describe()
 
     @defer.inlineCallbacks
     def do_show(self, queueId):
-        described = yield defer.maybeDeferred(self.runner.describe)
+        described = yield defer.maybeDeferred(self.control.describe)
         summary = next((d for d in described if d["id"] == queueId), None)
         if summary is None:
             raise KeyError(queueId)
         return showEntry(self.spool, queueId, summary)
 
     def do_flush(self, queueId):
-        return self.runner.flush(queueId)
+        return self.control.flush(queueId)
 
     def do_delete(self, queueId):
-        return self.runner.delete(queueId)
+        return self.control.delete(queueId)
 
     def do_hold(self, queueId):
-        return self.runner.hold(queueId)
+        return self.control.hold(queueId)
 
     def do_release(self, queueId):
-        return self.runner.release(queueId)
+        return self.control.release(queueId)
 
 
 # The client side.

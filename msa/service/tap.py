@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_everykey,tests.test_e2e -*-
 """
 C{twistd digipoort-msa}: command-line options and L{makeService}, which turns
 a configuration into the running MSA (listeners, account store, spool and
@@ -35,7 +36,9 @@ from msa.accounts.model import (
 from msa.accounts.passwords import PasswordVerifier, limitScryptMemory
 from msa.policy.authorization import AuthThrottle, ServerRules
 from msa.queue.spool import Spool
-from msa.relay.runner import OutboxDownstream, RelayRunner, SMTPDownstream
+from msa.relay.client import SMTPDownstream
+from msa.relay.outbox import OutboxDownstream
+from msa.relay.runner import RelayRunner
 from msa.sasl import MechanismContext
 from msa.service import logs
 from msa.service.config import Config, ConfigError, loadConfig
@@ -220,7 +223,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
     if config["logging"]["json_file"]:
         _JSONLog(config["logging"]["json_file"]).setServiceParent(top)
     ControlService(
-        socketPath(server["state_dir"]), runner, spool, reactor
+        socketPath(server["state_dir"]), runner.control, spool, reactor
     ).setServiceParent(top)
 
     if server["accepted_recipients"] is None:

@@ -14,7 +14,12 @@ from zope.interface import implementer
 from msa.envelope import Envelope, SessionInfo
 from msa.errors import SMTPReply
 from msa.interfaces import IAcceptedMessage, ISpool, ISpoolWriter, ISubmission
-from msa.policy.authorization import AccountRules, HeaderFromPolicy, ServerRules
+from msa.policy.authorization import (
+    AccountRules,
+    HeaderFromPolicy,
+    RateReservation,
+    ServerRules,
+)
 from msa.policy.content import MAX_HEADER_FIELDS, MAX_HEADER_SIZE, ContentPolicyChain
 
 SOFTWARE = "digipoort-msa"
@@ -49,12 +54,23 @@ def receivedHeader(hostname: str, session: SessionInfo, envelope: Envelope) -> b
 class SpooledMessage:
     """
     One message streaming into the spool.
+
+    @param onCommitted: called once the message is on disk.
+    @param onAbandoned: called once if it will not be (refused, aborted, or
+        the spool failed); used to release the account's rate slot.
     """
 
-    def __init__(self, writer: ISpoolWriter, onCommitted=None, checker=None) -> None:
+    def __init__(
+        self,
+        writer: ISpoolWriter,
+        onCommitted=None,
+        checker=None,
+        onAbandoned=None,
+    ) -> None:
         self.writer = writer
         self.queueId = writer.queueId
         self._onCommitted = onCommitted
+        self._onAbandoned = onAbandoned
         self._checker = checker
         self._digest = hashlib.sha256()
 
@@ -88,23 +104,40 @@ class SpooledMessage:
         return self._digest.hexdigest()
 
     def eomReceived(self):
-        if self._checker is not None:
-            try:
-                self._checker.eomReceived()
-            except BaseException:
-                self.writer.abort()
-                raise
-        d = self.writer.commit()
+        try:
+            if self._checker is not None:
+                try:
+                    self._checker.eomReceived()
+                except BaseException:
+                    self.writer.abort()
+                    raise
+            d = self.writer.commit()
+        except BaseException:
+            self._abandoned()
+            raise
         if self._onCommitted is not None:
             d.addCallback(self._committed)
+        d.addErrback(self._commitFailed)
         return d
 
     def _committed(self, queueId):
         self._onCommitted()
         return queueId
 
+    def _commitFailed(self, failure):
+        self._abandoned()
+        return failure
+
+    def _abandoned(self) -> None:
+        onAbandoned, self._onAbandoned = self._onAbandoned, None
+        if onAbandoned is not None:
+            onAbandoned()
+
     def connectionLost(self) -> None:
-        self.writer.abort()
+        try:
+            self.writer.abort()
+        finally:
+            self._abandoned()
 
 
 @implementer(ISubmission)
@@ -131,6 +164,9 @@ class Submission:
         self.maxMessageSize = self.rules.maxMessageSize
         self.maxRecipients = self.rules.maxRecipients
         self.maxSessions = self.rules.maxSessions
+        #: The rate slot reserved at MAIL, until the message takes it over
+        #: (L{startMessage}) or the transaction ends (L{endTransaction}).
+        self._reservation: RateReservation | None = None
         policies = list(contentPolicy.policies) if contentPolicy is not None else []
         if self.rules.requireHeaderFrom:
             policies.append(
@@ -157,7 +193,25 @@ class Submission:
                 "5.7.1",
                 f"Sender address <{sender}> is not owned by the authenticated account",
             )
-        self.serverRules.rates.check(self.account, self.rules)
+        self.endTransaction()
+        self._reservation = self.serverRules.rates.reserve(self.account, self.rules)
+
+    def endTransaction(self) -> None:
+        """
+        The transaction ended (RSET, HELO/EHLO, or a new MAIL) before any
+        message took over its rate slot: release the slot.  Called by the
+        protocol; not part of L{ISubmission}, so other avatars may lack it.
+        """
+        reservation, self._reservation = self._reservation, None
+        if reservation is not None:
+            reservation.release()
+
+    def logout(self) -> None:
+        """
+        The session is over (called by the realm's logout): a slot still
+        reserved is released.
+        """
+        self.endTransaction()
 
     def validateTo(self, session: SessionInfo, recipient: str, params: dict) -> None:
         for allowed in (self.serverRules.recipients, self.rules.recipients):
@@ -179,8 +233,14 @@ class Submission:
         except BaseException:
             writer.abort()
             raise
+        reservation, self._reservation = self._reservation, None
+        if reservation is None:
+            # MAIL was judged elsewhere (an embedder's protocol): count only.
+            return SpooledMessage(
+                writer, lambda: self.serverRules.rates.record(self.account), checker
+            )
         return SpooledMessage(
-            writer, lambda: self.serverRules.rates.record(self.account), checker
+            writer, reservation.commit, checker, onAbandoned=reservation.release
         )
 
 
