@@ -20,8 +20,8 @@ fi
 # The project and its test dependencies; the TLS scanner in a venv of its own
 # (sslyze pins an older cryptography than the MSA wants).
 python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]' \
-  --config-settings editable_mode=compat 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt \
+  -e '.[test]' --config-settings editable_mode=compat 2>&1 | grep -v '^WARNING: Location' || true
 if [ ! -x .venv-scan/bin/sslyze ]; then
   python3 -m venv .venv-scan
   .venv-scan/bin/pip install -q --disable-pip-version-check sslyze 2>&1 \
@@ -44,6 +44,7 @@ lint=0
 .venv/bin/ruff check -q . || lint=1
 .venv/bin/ruff format --check -q . || lint=1
 .venv/bin/mypy || lint=1
+.venv/bin/lint-imports --no-logo || lint=1
 
 log=$(mktemp)
 .venv/bin/python -m twisted.trial --temp-directory=_trial_temp "${@:-tests}" 2>&1 | tee "$log"
@@ -58,7 +59,7 @@ skipped=$(count skips)
 rm -f "$log"
 echo "trial: ${passed} passed, ${failed} failed, ${skipped} skipped"
 if [ "$lint" != 0 ]; then
-  echo "run-tests: ruff or mypy reported problems (see above)"
+  echo "run-tests: ruff, mypy or lint-imports reported problems (see above)"
   [ "$rc" != 0 ] || rc=1
 fi
 exit "$rc"

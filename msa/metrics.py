@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_observability -*-
 """
 Prometheus metrics and the health check, in a registry of the MSA's own
 (so that an embedding program's metrics and ours do not collide).  The
@@ -86,6 +87,17 @@ def relayOutcome(outcome: str, seconds: float) -> None:
         CORE_LAST_SUCCESS.set(time.time())
 
 
+def lastCoreSuccess() -> float:
+    """
+    The Unix time of the core's last answer (0 when none yet), read through
+    the gauge's public collector interface.
+    """
+    for metric in CORE_LAST_SUCCESS.collect():
+        for sample in metric.samples:
+            return sample.value
+    return 0.0
+
+
 def watchQueue(spool) -> None:
     """
     Let the queue gauges read the spool when they are scraped.
@@ -136,7 +148,7 @@ class HealthResource(Resource):
                 f"spool cannot be changed: {len(unremovable)} message(s) "
                 f"delivered but not removed\n{reasons}"
             ).encode()
-        last = CORE_LAST_SUCCESS._value.get()
+        last = lastCoreSuccess()
         queued = len(self.spool.pending())
         recent = last and self.clock() - last <= self.window
         if recent or queued == 0:

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_tls,tests.test_tls_daemon -*-
 """
 TLS policy for both directions (R2, R14): server contexts for the STARTTLS
 and implicit-TLS listeners, the client context for the relay to the core MTA,
@@ -23,11 +24,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
-from OpenSSL._util import ffi as _ffi
-from OpenSSL._util import lib as _lib
 from twisted.internet import ssl
-from twisted.internet._sslverify import ClientTLSOptions
 from twisted.logger import Logger
+
+from msa import _compat
 
 log = Logger()
 
@@ -66,13 +66,6 @@ DEFAULT_SIGALGS = ":".join(
 )
 #: The accepted C{[tls] minimum_version} values, as L{ssl.TLSVersion} names.
 MINIMUM_VERSIONS = ("TLSv1_2", "TLSv1_3")
-#: OpenSSL functions that pyOpenSSL has no public API for; the only private
-#: API this module uses, reached through L{_privateFunction}.
-PRIVATE_FUNCTIONS = (
-    "SSL_CTX_set1_curves_list",
-    "SSL_CTX_set1_sigalgs_list",
-    "X509_verify_cert_error_string",
-)
 #: X509_V_ERR_CERT_REVOKED: a client certificate the CA revoked is refused
 #: even with C{request}.
 _CERT_REVOKED = 23
@@ -82,16 +75,6 @@ class TLSConfigurationError(Exception):
     """
     The operator's TLS settings cannot be used; the message says why.
     """
-
-
-def _privateFunction(name: str):
-    """
-    An OpenSSL function from the binding pyOpenSSL uses, or L{None} when
-    this cryptography does not bind it.  C{tests.test_tlsextra} fails
-    loudly when one of L{PRIVATE_FUNCTIONS} disappears.
-    """
-    assert name in PRIVATE_FUNCTIONS, name
-    return getattr(_lib, name, None)
 
 
 def _hardenContext(context: SSL.Context, groups: str) -> None:
@@ -104,19 +87,20 @@ def _hardenContext(context: SSL.Context, groups: str) -> None:
     # offering ALPN with nothing, which OpenSSL turns into alert 80.  SMTP
     # has no ALPN name: carry on without selecting one (RFC 7301 3.2).
     context.set_alpn_select_callback(lambda conn, offered: SSL.NO_OVERLAPPING_PROTOCOLS)
-    setSigalgs = _privateFunction("SSL_CTX_set1_sigalgs_list")
-    if setSigalgs is None:
+    # pyOpenSSL has no API for these two: msa._compat reaches OpenSSL's.
+    sigalgsSet = _compat.setSignatureAlgorithms(context, DEFAULT_SIGALGS)
+    if sigalgsSet is None:
         log.warn("this cryptography cannot restrict TLS signature algorithms")
-    elif not setSigalgs(context._context, DEFAULT_SIGALGS.encode("ascii")):
+    elif not sigalgsSet:
         raise TLSConfigurationError("cannot set the TLS signature algorithms")
-    setGroups = _privateFunction("SSL_CTX_set1_curves_list")
-    if setGroups is None:
+    groupsSet = _compat.setGroups(context, groups)
+    if groupsSet is None:
         # An old cryptography without the binding: P-256 alone is still
         # within the policy, if narrower than asked.
         context.set_tmp_ecdh(crypto.get_elliptic_curve("prime256v1"))
         log.warn("this cryptography cannot set TLS groups; using P-256 only")
         return
-    if not setGroups(context._context, groups.encode("ascii")):
+    if not groupsSet:
         raise TLSConfigurationError(f"unsupported TLS groups: {groups!r}")
 
 
@@ -181,10 +165,10 @@ def _describePeer(conn: SSL.Connection) -> tuple[str, str]:
 
 
 def _verifyErrorString(errno: int) -> str:
-    describe = _privateFunction("X509_verify_cert_error_string")
-    if describe is None:
+    description = _compat.verifyErrorString(errno)
+    if description is None:
         return f"verify error {errno}"
-    return _ffi.string(describe(errno)).decode("ascii", "replace")
+    return description
 
 
 class _OCSPStaple:
@@ -286,9 +270,23 @@ class _HardenedOptions(ssl.CertificateOptions):
         self._clientCAs = list(clientCAs)
         self._requestOnly = requestOnly
         self._ocsp = ocsp
+        self._hardened: SSL.Context | None = None
 
-    def _makeContext(self, skipCiphers: bool = False) -> SSL.Context:
-        context = super()._makeContext(skipCiphers)
+    def getContext(self) -> SSL.Context:
+        """
+        The context, made once and hardened once.  Twisted makes every
+        connection (C{serverConnectionForTLS}, C{clientConnectionForTLS})
+        from this public method's context; C{tests.test_compat} checks that
+        it still does, since a connection made around it would silently lose
+        the policy.
+        """
+        if self._hardened is None:
+            context = super().getContext()
+            self._harden(context)
+            self._hardened = context
+        return self._hardened
+
+    def _harden(self, context: SSL.Context) -> None:
         _hardenContext(context, self._groups)
         for ca in self._clientCAs:
             # The CertificateRequest names them, so that a client holding
@@ -309,7 +307,6 @@ class _HardenedOptions(ssl.CertificateOptions):
             assert store is not None  # a server context always has one
             store.add_crl(crl)
             store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
-        return context
 
 
 def _readPEMChain(path: str) -> list[crypto.X509]:
@@ -460,7 +457,9 @@ def clientContextFactory(
     )
     if not verify:
         return options
-    return ClientTLSOptions(options._makeTLSConnection, hostname)
+    # Hostname verification and SNI over the hardened options: Twisted's
+    # public optionsForClientTLS only wraps options it builds itself.
+    return _compat.ClientTLSOptions(options.clientConnectionForTLS, hostname)
 
 
 def ensureSelfSignedCertificate(directory: str, hostname: str) -> tuple[str, str]:

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_accounts,tests.test_durable -*-
 """
 The accounts that may submit mail and the file they live in.  The
 twisted.cred checker and realm built on it are in L{msa.accounts.checkers}.
@@ -42,13 +43,13 @@ import os
 import re
 import secrets
 import stat
-import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
 
 from msa.accounts.passwords import b64, hashPassword, parseScrypt, unb64, verifyHash
+from msa.durable import writeDurably
 from msa.policy.authorization import AccountRules
 from msa.sasl.digest_md5 import ha1Variants
 from msa.sasl.scram import deriveKeys
@@ -366,31 +367,12 @@ def writeAccounts(
     """
     Replace the file at C{path} atomically with C{accounts} (keyed by
     L{Account.name}): write a mode 0600 temporary file in the same
-    directory, fsync it, rename it over C{path} and fsync the directory.
+    directory, fsync it, rename it over C{path} and fsync the directory
+    (L{msa.durable.writeDurably}).
     """
-    path = os.fspath(path)
     document = {
         "version": FILE_VERSION,
         "accounts": {a.name: _accountToJSON(a) for a in accounts.values()},
     }
     data = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".accounts-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dirfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    writeDurably(path, data, mode=0o600)

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_spool,tests.test_crash,tests.test_faults -*-
 """
 The durable spool: what makes "250 queued as ID" a promise.
 
@@ -35,6 +36,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from msa.durable import fsyncDirectory, publish, writeDurably, writeSynced
 from msa.envelope import Envelope
 from msa.errors import SMTPReply
 from msa.interfaces import ISpool, ISpoolWriter
@@ -47,25 +49,6 @@ FAILED = "failed"
 
 #: Size of the writer's buffer: at most this much of a message is in memory.
 WRITE_BUFFER = 64 * 1024
-
-
-def _fsyncDirectory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _writeFileSynced(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlinkQuietly(path: str) -> None:
@@ -265,10 +248,14 @@ class SpoolWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        _writeFileSynced(self._statePath, state)
-        os.rename(self._msgPath, os.path.join(queueDir, self.queueId + ".msg"))
-        os.rename(self._statePath, os.path.join(queueDir, self.queueId + ".json"))
-        _fsyncDirectory(queueDir)
+        writeSynced(self._statePath, state)
+        publish(
+            [
+                (self._msgPath, os.path.join(queueDir, self.queueId + ".msg")),
+                (self._statePath, os.path.join(queueDir, self.queueId + ".json")),
+            ],
+            queueDir,
+        )
 
     def _committed(self, _: None) -> str:
         self._done = True
@@ -430,14 +417,8 @@ class Spool:
         fsync it, rename it over the state file, fsync the directory.
         """
         _, statePath = self._paths(entry.queueId)
-        tmpPath = statePath + ".tmp"
-        try:
-            _writeFileSynced(tmpPath, _encodeState(entry))
-            os.replace(tmpPath, statePath)
-        except BaseException:
-            _unlinkQuietly(tmpPath)
-            raise
-        _fsyncDirectory(self.queueDirectory)
+        # The temporary name ends in .tmp: recover() removes a leftover.
+        writeDurably(statePath, _encodeState(entry), tmpPath=statePath + ".tmp")
 
     def remove(self, queueId: str) -> None:
         """
@@ -447,7 +428,7 @@ class Spool:
         """
         msgPath, statePath = self._paths(queueId)
         _unlinkQuietly(statePath)
-        _fsyncDirectory(self.queueDirectory)
+        fsyncDirectory(self.queueDirectory)
         _unlinkQuietly(msgPath)
 
     def openMessage(self, queueId: str):
@@ -483,7 +464,7 @@ class Spool:
                     name=name,
                 )
                 os.replace(path, path + ".broken")
-        _fsyncDirectory(self.queueDirectory)
+        fsyncDirectory(self.queueDirectory)
         ids = self.pending()
         log.info("recover: {count} message(s) in the queue", count=len(ids))
         return ids

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_relay,tests.test_durable -*-
 """
 The downstream for a start without a core MTA: an outbox directory.
 """
@@ -5,11 +6,13 @@ The downstream for a start without a core MTA: an outbox directory.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from msa.durable import writeDurably
 from msa.queue.spool import SpoolEntry
 from msa.relay.protocol import ACCEPTED, TEMPORARY, DeliveryResult, RecipientResult
 
@@ -69,25 +72,21 @@ class OutboxDownstream:
 
     def _write(self, entry: SpoolEntry, messageFile: BinaryIO) -> str:
         path = os.path.join(self.directory, entry.queueId + ".eml")
+        # A hidden temporary name: whoever reads the outbox skips it.  Mode
+        # 0666 less the umask, as a plain open() gives.
         tmpPath = os.path.join(self.directory, "." + entry.queueId + ".eml.tmp")
-        try:
-            with open(tmpPath, "wb") as out:
-                last = b""
-                while chunk := messageFile.read(65536):
-                    out.write(chunk)
-                    last = (last + chunk)[-2:]
-                if last and last != b"\r\n":
-                    out.write(b"\r\n")
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmpPath, path)
-        except BaseException:
-            if os.path.exists(tmpPath):
-                os.unlink(tmpPath)
-            raise
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        writeDurably(path, _terminated(messageFile), mode=0o666, tmpPath=tmpPath)
         return path
+
+
+def _terminated(messageFile: BinaryIO) -> Iterator[bytes]:
+    """
+    The message file in chunks of 64 KiB, ending with CRLF (added when the
+    message does not end with one), as it would go to the core.
+    """
+    last = b""
+    while chunk := messageFile.read(65536):
+        yield chunk
+        last = (last + chunk)[-2:]
+    if last and last != b"\r\n":
+        yield b"\r\n"

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_everykey,tests.test_e2e -*-
+# -*- test-case-name: tests.test_e2e,tests.test_everykey,tests.test_deployment -*-
 """
 C{twistd digipoort-msa}: command-line options and L{makeService}, which turns
 a configuration into the running MSA (listeners, account store, spool and
@@ -13,10 +13,9 @@ import signal
 from typing import Any
 
 import attrs
-from twisted.application import internet, service
+from twisted.application import service, strports
 from twisted.application.service import MultiService
 from twisted.cred.portal import Portal
-from twisted.internet import endpoints
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -216,9 +215,8 @@ def buildService(config: Config, reactor=None) -> MultiService:
                 spool, config["metrics"]["health_window"], relay=runner
             )
         )
-        endpoint = endpoints.serverFromString(reactor, config["metrics"]["listen"])
-        metricsService = internet.StreamServerEndpointService(endpoint, site)
-        metricsService._raiseSynchronously = True
+        # strports.service: a port that cannot be bound fails the start.
+        metricsService = strports.service(config["metrics"]["listen"], site, reactor)
         metricsService.setServiceParent(top)
     if config["logging"]["json_file"]:
         _JSONLog(config["logging"]["json_file"]).setServiceParent(top)
@@ -296,14 +294,13 @@ def buildService(config: Config, reactor=None) -> MultiService:
             served = TLSMemoryBIOFactory(contextFactory, False, factory)
         for description in server[key]:
             proxied, inner = splitDescription(description)
-            endpoint = endpoints.serverFromString(
-                reactor, withBacklog(inner, server["listen_backlog"])
-            )
             listenerFactory = served
             if proxied:
                 listenerFactory = ProxyHeaderFactory(served, reactor)
-            listener = internet.StreamServerEndpointService(endpoint, listenerFactory)
-            listener._raiseSynchronously = True
+            # A listener that cannot bind fails the start (twistd exits).
+            listener = strports.service(
+                withBacklog(inner, server["listen_backlog"]), listenerFactory, reactor
+            )
             listener.setServiceParent(top)
     return top
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_proxy -*-
 """
 The PROXY protocol (v1 and v2, as HAProxy sends it) in front of the SMTP
 listeners, for running several MSA instances behind a load balancer.
@@ -9,28 +10,40 @@ This wrapper starts the SMTP session only once the header has been read, so
 the greeting, the connection limits, the log and the Received header all see
 the real client's address; a connection without a valid header within
 C{headerTimeout} seconds is closed without a word.
+
+The wrapper is built on Twisted's public L{ProtocolWrapper}; only the header
+parsers are private to Twisted, and come through L{msa._compat}.
 """
 
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IAddress, IHandshakeListener, ILoggingContext
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
-from twisted.protocols.haproxy._v1parser import V1Parser
-from twisted.protocols.haproxy._v2parser import V2Parser
-from twisted.protocols.haproxy._wrapper import (
-    HAProxyProtocolWrapper,
-    HAProxyWrappingFactory,
-)
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
+
+from msa._compat import InvalidProxyHeader, ProxyInfo, V1Parser, V2Parser
 
 PREFIX = "haproxy:"
 
 
 @implementer(IHandshakeListener)
-class ProxyHeaderWrapper(HAProxyProtocolWrapper):
+class ProxyHeaderWrapper(ProtocolWrapper):
+    """
+    Reads the PROXY header, then starts the wrapped protocol with the
+    header's addresses as its peer and host.
+    """
+
     headerTimeout = 10.0
     _started = False
     _timer = None
+
+    def __init__(
+        self, factory: "WrappingFactory[ProxyHeaderWrapper]", wrappedProtocol
+    ) -> None:
+        super().__init__(factory, wrappedProtocol)
+        #: The parsed header (source, destination), once complete.
+        self._proxyInfo: ProxyInfo | None = None
+        self._parser: V1Parser | V2Parser | None = None
 
     def makeConnection(self, transport) -> None:
         directlyProvides(self, providedBy(transport))
@@ -84,13 +97,36 @@ class ProxyHeaderWrapper(HAProxyProtocolWrapper):
         else:
             self.factory.unregisterProtocol(self)
 
+    def getPeer(self) -> IAddress:
+        if self._proxyInfo is not None and self._proxyInfo.source:
+            return self._proxyInfo.source
+        assert self.transport is not None
+        return self.transport.getPeer()
 
-class ProxyHeaderFactory(HAProxyWrappingFactory):
-    protocol = ProxyHeaderWrapper  # type: ignore[assignment]  # a subclass
+    def getHost(self) -> IAddress:
+        if self._proxyInfo is not None and self._proxyInfo.destination:
+            return self._proxyInfo.destination
+        assert self.transport is not None
+        return self.transport.getHost()
+
+
+class ProxyHeaderFactory(WrappingFactory):
+    protocol = ProxyHeaderWrapper
 
     def __init__(self, wrappedFactory, reactor) -> None:
         super().__init__(wrappedFactory)
         self.reactor = reactor
+
+    def logPrefix(self) -> str:
+        """
+        The wrapped factory's log prefix, marked as behind the PROXY header
+        (as Twisted's own C{HAProxyWrappingFactory} does).
+        """
+        if ILoggingContext.providedBy(self.wrappedFactory):
+            logPrefix = self.wrappedFactory.logPrefix()
+        else:
+            logPrefix = self.wrappedFactory.__class__.__name__
+        return f"{logPrefix} (PROXY)"
 
 
 def splitDescription(description: str) -> tuple[bool, str]:

@@ -1,0 +1,122 @@
+# -*- test-case-name: tests.test_compat -*-
+"""
+Every private name of Twisted and pyOpenSSL the MSA relies on, in one place.
+
+These libraries have no public API for what follows; anything else of theirs
+the MSA uses is public.  Nothing outside this module imports or touches a
+private name of a third-party library, so a new release breaks one module,
+and C{tests.test_compat} says which name went missing, by name.  The
+versions the tests ran against are pinned in C{constraints.txt} (used by
+C{run-tests.sh}) and bounded above in C{setup.cfg}.
+
+pyOpenSSL (through cryptography's OpenSSL binding):
+    - C{OpenSSL._util.lib} / C{ffi}: C{SSL_CTX_set1_sigalgs_list},
+      C{SSL_CTX_set1_curves_list} and C{X509_verify_cert_error_string}
+      (L{PRIVATE_FUNCTIONS}); pyOpenSSL's L{SSL.Context} can neither restrict
+      the handshake signature algorithms nor set more than one key-exchange
+      group, and names no verify error.
+    - C{SSL.Context._context}: the C{SSL_CTX *} those functions take.
+
+Twisted:
+    - C{twisted.internet._sslverify.ClientTLSOptions}: hostname verification
+      (service-identity) and SNI over any client connection creator.  The
+      public L{twisted.internet.ssl.optionsForClientTLS} wraps a plain
+      L{CertificateOptions} only, not the MSA's hardened subclass.
+    - C{twisted.protocols.haproxy._v1parser.V1Parser},
+      C{_v2parser.V2Parser}, C{_exceptions.InvalidProxyHeader}: the PROXY
+      header parsers, and C{_info.ProxyInfo}, what they return.  The
+      public C{proxyEndpoint} starts the wrapped protocol before the header
+      has arrived, which an SMTP server cannot use (see
+      L{msa.submission.proxyheader}).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
+from twisted.internet._sslverify import ClientTLSOptions
+from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._info import ProxyInfo
+from twisted.protocols.haproxy._v1parser import V1Parser
+from twisted.protocols.haproxy._v2parser import V2Parser
+
+__all__ = [
+    "PRIVATE_FUNCTIONS",
+    "ClientTLSOptions",
+    "InvalidProxyHeader",
+    "ProxyInfo",
+    "V1Parser",
+    "V2Parser",
+    "opensslFunction",
+    "setGroups",
+    "setSignatureAlgorithms",
+    "verifyErrorString",
+]
+
+#: OpenSSL functions that pyOpenSSL has no public API for, reached through
+#: L{opensslFunction}.
+PRIVATE_FUNCTIONS = (
+    "SSL_CTX_set1_curves_list",
+    "SSL_CTX_set1_sigalgs_list",
+    "X509_verify_cert_error_string",
+)
+
+
+def opensslFunction(name: str) -> Callable | None:
+    """
+    An OpenSSL function from the binding pyOpenSSL uses, or L{None} when
+    this cryptography does not bind it.  C{tests.test_compat} fails loudly
+    when one of L{PRIVATE_FUNCTIONS} disappears.
+    """
+    assert name in PRIVATE_FUNCTIONS, name
+    return getattr(_lib, name, None)
+
+
+def _setList(function: str, context: SSL.Context, value: str) -> bool | None:
+    """
+    Call an OpenSSL C{SSL_CTX_set1_*_list} function on the C{SSL_CTX *}
+    under a pyOpenSSL context (its private C{_context}).
+
+    @return: L{None} when this binding lacks the function, else whether
+        OpenSSL took the list.
+    """
+    setter = opensslFunction(function)
+    if setter is None:
+        return None
+    return bool(setter(context._context, value.encode("ascii")))
+
+
+def setSignatureAlgorithms(context: SSL.Context, sigalgs: str) -> bool | None:
+    """
+    Restrict the handshake signature algorithms of C{context}, both ways.
+
+    @param sigalgs: an OpenSSL list, e.g. C{"ECDSA+SHA256:rsa_pss_rsae_sha256"}.
+    @return: L{None} when this binding cannot, else whether OpenSSL took the
+        list.
+    """
+    return _setList("SSL_CTX_set1_sigalgs_list", context, sigalgs)
+
+
+def setGroups(context: SSL.Context, groups: str) -> bool | None:
+    """
+    Set the key-exchange groups of C{context}.
+
+    @param groups: an OpenSSL list, e.g. C{"X25519:P-256"}.
+    @return: L{None} when this binding cannot, else whether OpenSSL took the
+        list.
+    """
+    return _setList("SSL_CTX_set1_curves_list", context, groups)
+
+
+def verifyErrorString(errno: int) -> str | None:
+    """
+    OpenSSL's text for an C{X509_V_ERR_*} number, or L{None} when this
+    binding has no C{X509_verify_cert_error_string}.
+    """
+    describe = opensslFunction("X509_verify_cert_error_string")
+    if describe is None:
+        return None
+    return _ffi.string(describe(errno)).decode("ascii", "replace")
