@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_readme -*-
 """
 digipoort-msa: the SMTP Message Submission Agent of Digipoort (RFC 6409).
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_envelope -*-
 """
 Small value types shared by the protocol, the delivery avatar, the spool and
 the relay: what is known about a session, and the envelope of one message.

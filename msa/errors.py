@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_errors -*-
 """
 SMTP replies as exceptions: any layer can refuse with the exact code,
 enhanced status code (RFC 3463) and text the client must see.

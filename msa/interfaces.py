@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_testing,tests.test_sasl -*-
 """
 The seams of the MSA: every arrow in DESIGN.md's data flow is one of these
 interfaces, so that an embedder can replace any box (its own account store,
@@ -188,3 +189,13 @@ class IMechanismCredentials(Interface):
     """
 
     mechanism = Attribute("Upper-case mechanism name, L{str}.")
+
+
+class ICertificateCredentials(Interface):
+    """
+    SASL EXTERNAL: the identities of the connection's verified client
+    certificate, and the authorization identity the client asked for.
+    """
+
+    identities = Attribute("L{tuple} of identity strings of the certificate.")
+    authzid = Attribute("The requested account name (L{str}); empty for any.")

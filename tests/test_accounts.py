@@ -1,93 +1,39 @@
+# -*- test-case-name: tests.test_accounts -*-
 """
-Tests for L{msa.accounts.model}: the accounts file, its store, checker and realm.
+Tests for L{msa.accounts.model}: the accounts, their secrets and the file
+they live in.  The live store is tested in L{tests.test_filestore}, the cred
+checker and realm in L{tests.test_checkers}.
 """
 
 import base64
 import hashlib
-import hmac
 import json
 import os
 import re
 import stat
 
 import attrs
-import scramp
-from puresasl.client import SASLClient
-from scramp import ScramMechanism
-from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.portal import Portal
-from twisted.internet.task import Clock
-from twisted.logger import capturedLogs
 from twisted.trial import unittest
-from zope.interface import Interface, implementer
 
-from msa.accounts.checkers import AccountChecker, SubmissionRealm
-from msa.accounts.filestore import AccountFile
 from msa.accounts.model import (
     DEFAULT_MECHANISMS,
     Account,
     AccountsFileError,
-    hashPassword,
     makeAccount,
     parseAccounts,
     readAccounts,
     verifyPassword,
     writeAccounts,
 )
-from msa.interfaces import (
-    IDigestMD5Credentials,
-    IMechanismCredentials,
-    IScramCredentials,
-    ISubmission,
-)
-from msa.sasl import MechanismContext, UsernamePassword
-from msa.sasl.digest_md5 import DigestMD5Mechanism
-from msa.sasl.scram import ScramSHA256Mechanism
+from msa.accounts.passwords import hashPassword
+from msa.sasl.digest_md5 import computeHA1
+from msa.sasl.scram import deriveKeys
 
 REALM = "mail.example.org"
 
 
 def expectedHA1(username: str, realm: str, password: str) -> bytes:
     return hashlib.md5(f"{username}:{realm}:{password}".encode("latin-1")).digest()
-
-
-@implementer(IDigestMD5Credentials, IMechanismCredentials)
-class FakeDigestCredentials:
-    """
-    What a DIGEST-MD5 exchange by a client knowing C{password} yields.
-    """
-
-    def __init__(self, username, realm, password, mechanism="DIGEST-MD5"):
-        self.username = username
-        self.realm = realm
-        self.mechanism = mechanism
-        self._secret = expectedHA1(username, realm, password)
-
-    def checkHA1(self, ha1):
-        return hmac.compare_digest(ha1, self._secret)
-
-
-@implementer(IScramCredentials, IMechanismCredentials)
-class FakeScramCredentials:
-    """
-    What a SCRAM-SHA-256 exchange by a client knowing C{password} yields;
-    the keys are derived independently with scramp.
-    """
-
-    def __init__(self, store, username, password, mechanism="SCRAM-SHA-256"):
-        self.username = username
-        self.mechanism = mechanism
-        parameters = store.scramParameters(username, mechanism)
-        salt, iterations = parameters if parameters else (b"salt" * 4, 4096)
-        info = ScramMechanism("SCRAM-SHA-256").make_auth_info(
-            password, iteration_count=iterations, salt=salt
-        )
-        self._keys = info[1], info[2]
-
-    def checkKeys(self, storedKey, serverKey):
-        return hmac.compare_digest(storedKey, self._keys[0]) and hmac.compare_digest(
-            serverKey, self._keys[1]
-        )
 
 
 class FileTests(unittest.TestCase):
@@ -255,216 +201,18 @@ class FileTests(unittest.TestCase):
             self.assertTrue(str(e).startswith("F: "), str(e))
 
 
-class AccountFileTests(unittest.TestCase):
-    def setUp(self):
-        self.path = os.path.join(os.path.abspath(self.mktemp()), "accounts.json")
-        os.makedirs(os.path.dirname(self.path))
-        self.alice = makeAccount("alice", "pw-alice", [REALM])
-        writeAccounts(self.path, {"alice": self.alice})
+class MechanismSecretsTests(unittest.TestCase):
+    """
+    The secrets L{makeAccount} stores are those the real mechanisms compute.
+    """
 
-    def test_load(self):
-        store = AccountFile(self.path)
-        self.assertEqual(store.getAccount("alice"), self.alice)
-        self.assertIsNone(store.getAccount("bob"))
-
-    def test_refuseLooseMode(self):
-        """
-        A file readable by others is refused, saying why and how to fix it.
-        """
-        os.chmod(self.path, 0o644)
-        e = self.assertRaises(AccountsFileError, AccountFile, self.path)
-        self.assertIn(self.path, str(e))
-        self.assertIn("0644", str(e))
-        self.assertIn("chmod 600", str(e))
-
-    def test_missingFile(self):
-        e = self.assertRaises(AccountsFileError, AccountFile, self.path + ".no")
-        self.assertIn(self.path + ".no", str(e))
-
-    def test_reloadKeepsLastGood(self):
-        """
-        A malformed file or a loose mode on reload is logged and the accounts
-        read last stay in use.
-        """
-        store = AccountFile(self.path)
-        with open(self.path, "w") as f:
-            f.write("not json")
-        with capturedLogs() as events:
-            self.assertFalse(store.reload())
-        self.assertEqual(store.getAccount("alice"), self.alice)
-        self.assertEqual(len(events), 1)
-        self.assertEqual(events[0]["log_level"].name, "error")
-        self.assertIn(self.path, events[0]["error"])
-        writeAccounts(self.path, {})
-        os.chmod(self.path, 0o640)
-        self.assertFalse(store.reload())
-        self.assertEqual(store.getAccount("alice"), self.alice)
-        os.chmod(self.path, 0o600)
-        self.assertTrue(store.reload())
-        self.assertIsNone(store.getAccount("alice"))
-
-    def test_watching(self):
-        """
-        L{AccountFile.startWatching} polls the file on the given reactor and
-        reloads it when it changes, and only then.
-        """
-        clock = Clock()
-        store = AccountFile(self.path, reactor=clock)
-        reloads = []
-        original = store.reload
-        store.reload = lambda: reloads.append(1) or original()
-        d = store.startWatching(2.0)
-        clock.advance(2)
-        self.assertEqual(reloads, [])
-        bob = makeAccount("bob", "pw-bob", [], ["PLAIN"])
-        writeAccounts(self.path, {"bob": bob})
-        clock.advance(1)
-        self.assertIsNone(store.getAccount("bob"))
-        clock.advance(1)
-        self.assertEqual(store.getAccount("bob"), bob)
-        self.assertEqual(reloads, [1])
-        # A touch (new mtime, same contents) is noticed too.
-        st = os.stat(self.path)
-        os.utime(self.path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-        clock.advance(2)
-        self.assertEqual(reloads, [1, 1])
-        # A broken file is reported once, not on every poll.
-        with open(self.path, "w") as f:
-            f.write("{")
-        with capturedLogs() as events:
-            clock.advance(2)
-            clock.advance(2)
-        self.assertEqual(len(events), 1)
-        self.assertEqual(store.getAccount("bob"), bob)
-        store.stopWatching()
-        self.assertEqual(clock.getDelayedCalls(), [])
-        return d
-
-    def test_scramParameters(self):
-        store = AccountFile(self.path)
-        salt, iterations = store.scramParameters("alice", "SCRAM-SHA-256")
-        keys = self.alice.scram["SCRAM-SHA-256"]
-        self.assertEqual(salt, base64.b64decode(keys["salt"]))
-        self.assertEqual(iterations, keys["iterations"])
-        self.assertEqual(len(salt), 16)
-        self.assertIsNone(store.scramParameters("bob", "SCRAM-SHA-256"))
-        self.assertIsNone(store.scramParameters("alice", "SCRAM-SHA-1"))
-
-
-class DictStore:
-    def __init__(self, *accounts):
-        self.accounts = {a.name: a for a in accounts}
-
-    def getAccount(self, name):
-        return self.accounts.get(name)
-
-    def scramParameters(self, username, mechanism):
-        account = self.accounts.get(username)
-        keys = account and account.scram.get(mechanism)
-        return keys and (base64.b64decode(keys["salt"]), keys["iterations"])
-
-
-class CheckerTests(unittest.TestCase):
     def setUp(self):
         self.alice = makeAccount("alice", "pw-alice", [REALM])
-        self.plainOnly = makeAccount("plain", "pw-plain", [REALM], ["PLAIN"])
-        self.disabled = attrs.evolve(
-            makeAccount("off", "pw-off", [REALM]), enabled=False
-        )
-        self.store = DictStore(self.alice, self.plainOnly, self.disabled)
-        self.checker = AccountChecker(self.store, threaded=False)
-
-    def assertAccepted(self, credentials, name):
-        self.assertEqual(
-            self.successResultOf(self.checker.requestAvatarId(credentials)), name
-        )
-
-    def assertRefused(self, credentials):
-        failure = self.failureResultOf(
-            self.checker.requestAvatarId(credentials), UnauthorizedLogin
-        )
-        self.assertEqual(str(failure.value), "Authentication failed")
-
-    def test_passwordMechanisms(self):
-        for mechanism in ("PLAIN", "LOGIN"):
-            self.assertAccepted(
-                UsernamePassword("alice", "pw-alice", mechanism), "alice"
-            )
-            self.assertRefused(UsernamePassword("alice", "pw-alicE", mechanism))
-        self.assertAccepted(UsernamePassword("plain", "pw-plain", "PLAIN"), "plain")
-
-    def test_refusals(self):
-        """
-        Unknown users, disabled accounts and mechanisms the account may not
-        use are refused just like a wrong password.
-        """
-        self.assertRefused(UsernamePassword("nobody", "pw-alice", "PLAIN"))
-        self.assertRefused(UsernamePassword("off", "pw-off", "PLAIN"))
-        self.assertRefused(UsernamePassword("plain", "pw-plain", "LOGIN"))
-        self.assertRefused(FakeDigestCredentials("plain", REALM, "pw-plain"))
-        self.assertRefused(FakeScramCredentials(self.store, "plain", "pw-plain"))
-        self.assertRefused(FakeDigestCredentials("off", REALM, "pw-off"))
-        self.assertRefused(FakeScramCredentials(self.store, "off", "pw-off"))
-
-    def test_unknownUserCostsScrypt(self):
-        """
-        An unknown user's password is still run through scrypt.
-        """
-        import msa.accounts.passwords
-
-        calls = []
-        original = msa.accounts.passwords._scrypt
-        self.patch(
-            msa.accounts.passwords,
-            "_scrypt",
-            lambda *a: calls.append(a) or original(*a),
-        )
-        self.assertRefused(UsernamePassword("nobody", "pw", "PLAIN"))
-        self.assertEqual(len(calls), 1)
-        self.assertEqual(calls[0][2:5], (2**14, 8, 1))
-
-    def test_digestMD5(self):
-        self.assertAccepted(FakeDigestCredentials("alice", REALM, "pw-alice"), "alice")
-        self.assertRefused(FakeDigestCredentials("alice", REALM, "wrong"))
-        self.assertRefused(FakeDigestCredentials("alice", "other.realm", "pw-alice"))
-        self.assertRefused(FakeDigestCredentials("nobody", REALM, "pw-alice"))
-
-    def test_scram(self):
-        self.assertAccepted(
-            FakeScramCredentials(self.store, "alice", "pw-alice"), "alice"
-        )
-        self.assertRefused(FakeScramCredentials(self.store, "alice", "wrong"))
-        self.assertRefused(FakeScramCredentials(self.store, "nobody", "pw-alice"))
-        withoutKeys = attrs.evolve(self.alice, scram={})
-        self.store.accounts["alice"] = withoutKeys
-        self.assertRefused(FakeScramCredentials(self.store, "alice", "pw-alice"))
-
-    def test_noMechanism(self):
-        """
-        Credentials that do not say which mechanism made them are refused.
-        """
-        credentials = UsernamePassword("alice", "pw-alice", "PLAIN")
-        del credentials.mechanism
-        self.assertRefused(credentials)
-
-    def test_threaded(self):
-        """
-        By default scrypt runs in a thread; the results are the same.
-        """
-        checker = AccountChecker(self.store)
-        d = checker.requestAvatarId(UsernamePassword("alice", "pw-alice", "PLAIN"))
-        d.addCallback(self.assertEqual, "alice")
-        d.addCallback(
-            lambda _: checker.requestAvatarId(UsernamePassword("alice", "x", "PLAIN"))
-        )
-        return self.assertFailure(d, UnauthorizedLogin)
 
     def test_realDigestMD5(self):
         """
         The stored H(A1) is L{msa.sasl.digest_md5.computeHA1}'s.
         """
-        from msa.sasl.digest_md5 import computeHA1
-
         self.assertEqual(
             (computeHA1("alice", REALM, "pw-alice").hex(),),
             self.alice.digestHA1[REALM],
@@ -474,122 +222,12 @@ class CheckerTests(unittest.TestCase):
         """
         The stored SCRAM keys are L{msa.sasl.scram.deriveKeys}'s.
         """
-        from msa.sasl.scram import deriveKeys
-
         keys = self.alice.scram["SCRAM-SHA-256"]
         stored, server = deriveKeys(
             "pw-alice", base64.b64decode(keys["salt"]), keys["iterations"]
         )
         self.assertEqual(base64.b64encode(stored).decode(), keys["storedKey"])
         self.assertEqual(base64.b64encode(server).decode(), keys["serverKey"])
-
-
-class RealMechanismTests(unittest.TestCase):
-    """
-    Whole exchanges with the real mechanisms and independent clients, checked
-    by L{AccountChecker} against an L{AccountFile}.
-    """
-
-    def setUp(self):
-        path = os.path.join(os.path.abspath(self.mktemp()), "accounts.json")
-        os.makedirs(os.path.dirname(path))
-        self.alice = makeAccount("alice", "pw-alice", [REALM])
-        writeAccounts(path, {"alice": self.alice})
-        self.store = AccountFile(path)
-        self.checker = AccountChecker(self.store, threaded=False)
-        self.context = MechanismContext(
-            realm=REALM,
-            serverNames=[REALM],
-            scramParameters=self.store.scramParameters,
-        )
-
-    def scram(self, username, password):
-        client = scramp.ScramClient(["SCRAM-SHA-256"], username, password)
-        mechanism = ScramSHA256Mechanism(self.context)
-        first = mechanism.start(client.get_client_first().encode()).data
-        client.set_server_first(first.decode())
-        result = mechanism.respond(client.get_client_final().encode())
-        return self.checker.requestAvatarId(result.credentials)
-
-    def digest(self, username, password):
-        client = SASLClient(
-            REALM, "smtp", mechanism="DIGEST-MD5", username=username, password=password
-        )
-        mechanism = DigestMD5Mechanism(self.context)
-        response = client.process(mechanism.start(None).data)
-        credentials = mechanism.respond(response).credentials
-        return self.checker.requestAvatarId(credentials)
-
-    def test_scram(self):
-        self.assertEqual(self.successResultOf(self.scram("alice", "pw-alice")), "alice")
-        self.failureResultOf(self.scram("alice", "pw-bob"), UnauthorizedLogin)
-        self.failureResultOf(self.scram("bob", "pw-alice"), UnauthorizedLogin)
-
-    def test_digestMD5(self):
-        self.assertEqual(
-            self.successResultOf(self.digest("alice", "pw-alice")), "alice"
-        )
-        self.failureResultOf(self.digest("alice", "pw-bob"), UnauthorizedLogin)
-        self.failureResultOf(self.digest("bob", "pw-alice"), UnauthorizedLogin)
-
-    def test_portal(self):
-        """
-        Through a L{Portal}: PLAIN logs in and yields the factory's avatar.
-        """
-        realm = SubmissionRealm(self.store, lambda account: ("avatar", account.name))
-        portal = Portal(realm, [self.checker])
-        credentials = UsernamePassword("alice", "pw-alice", "PLAIN")
-        d = portal.login(credentials, None, ISubmission)
-        interface, avatar, logout = self.successResultOf(d)
-        self.assertEqual((interface, avatar), (ISubmission, ("avatar", "alice")))
-        bad = UsernamePassword("alice", "nope", "PLAIN")
-        self.failureResultOf(portal.login(bad, None, ISubmission), UnauthorizedLogin)
-
-
-class IOther(Interface):
-    pass
-
-
-class RealmTests(unittest.TestCase):
-    def setUp(self):
-        self.alice = makeAccount("alice", "pw", [], ["PLAIN"])
-        self.made = []
-        self.realm = SubmissionRealm(DictStore(self.alice), self.factory)
-
-    def factory(self, account):
-        avatar = attrs.make_class("Avatar", ["account", "loggedOut"])(account, False)
-        self.made.append(avatar)
-        return avatar
-
-    def test_avatar(self):
-        interface, avatar, logout = self.realm.requestAvatar("alice", None, ISubmission)
-        self.assertIs(interface, ISubmission)
-        self.assertEqual(self.made, [avatar])
-        self.assertIs(avatar.account, self.alice)
-        logout()
-
-    def test_logout(self):
-        """
-        The avatar's own C{logout}, if it has one, is called on logout.
-        """
-        calls = []
-
-        def factory(account):
-            return attrs.make_class("A", ["logout"])(lambda: calls.append(account.name))
-
-        self.realm = SubmissionRealm(DictStore(self.alice), factory)
-        self.realm.requestAvatar(b"alice", None, IOther, ISubmission)[2]()
-        self.assertEqual(calls, ["alice"])
-
-    def test_otherInterface(self):
-        self.assertRaises(
-            NotImplementedError, self.realm.requestAvatar, "alice", None, IOther
-        )
-
-    def test_goneAccount(self):
-        self.assertRaises(
-            UnauthorizedLogin, self.realm.requestAvatar, "bob", None, ISubmission
-        )
 
 
 class DefaultsTests(unittest.TestCase):

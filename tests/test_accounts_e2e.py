@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_accounts_e2e -*-
 """
 The admin command and the running server together (issue: SASL and
 accounts): an account added with C{digipoort-msa-admin} can submit at

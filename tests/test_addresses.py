@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_addresses -*-
 """
 L{msa.submission.addresses}: MAIL and RCPT arguments, complete addresses only (R8).
 """

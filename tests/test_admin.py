@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_admin -*-
 """
 Tests for L{msa.admin.command}, the C{digipoort-msa-admin} program.
 """

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_authorization -*-
 """
 Authorization and abuse limits (R9, R10): the rule objects on their own,
 then each rule through the protocol with its exact reply, at and past its

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_clientcert -*-
 """
 Client certificates (R13) end to end: a company whose account is bound to
 its certificate submits with curl using --cert/--key plus its password;

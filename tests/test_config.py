@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config -*-
 """
 L{msa.service.config}: defaults, paths, and errors that name the file and the key.
 """

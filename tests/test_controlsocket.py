@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_controlsocket -*-
 """
 Tests for L{msa.service.controlsocket}: the control socket of the running MSA, its
 line protocol and blocking client, against a fake queue runner; and the

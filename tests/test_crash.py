@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_crash -*-
 """
 Crash safety with the real server process: C{twistd -n digipoort-msa} is
 killed with SIGKILL at each stage of a message's life, started again, and

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_deployment -*-
 """
 Deployment on hardened hosts: the systemd units in etc/ are valid
 (C{systemd-analyze verify}), and the MSA really runs socket-activated: a

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_digest_nonascii -*-
 """
 DIGEST-MD5 with non-ASCII user names and passwords (issue 9 item 5).
 
@@ -53,7 +54,7 @@ from msa.sasl.digest_md5 import (
 )
 from tests import test_interop, test_interop_more
 from tests.e2e import MESSAGE, SENDERS, RunningMSA, requireProgram, runProgram
-from tests.test_accounts import DictStore
+from tests.test_checkers import DictStore
 from tests.test_interop_more import checkOutboxFile, runWithStdin, writeFile
 
 FROM = "ik@mijnbedrijf.nl"

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_dotline -*-
 """
 A 998-octet text line that starts with "." (issue 9 item 2): the dot a
 client adds for transparency does not count towards the 1000-octet limit

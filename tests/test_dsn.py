@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_dsn -*-
 """
 Tests for L{msa.queue.dsn}: the RFC 3464 report, parsed back with Python's
 C{email} package, and its queueing in the spool.

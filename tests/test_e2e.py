@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_e2e -*-
 """
 End to end over real loopback sockets and real TLS: Python's smtplib (an
 independent client) submits to the MSA as the spec example does, over

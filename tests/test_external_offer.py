@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_external_offer -*-
 """
 SASL EXTERNAL is advertised only where it can work (issue 9 item 6): on a
 connection with a verified client certificate.  A client that takes the

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_framing -*-
 """
 L{msa.submission.framing}: the line framer and the DATA filter, exhaustively and
 without sockets.

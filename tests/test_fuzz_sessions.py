@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_fuzz_sessions -*-
 """
 A seeded whole-session fuzzer over real sockets against the assembled
 daemon, relaying to an independent core (aiosmtpd).

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_hangup -*-
 """
 The server's last word is final, and one rule for a client that leaves
 before its 250 (issue 9, items 3 and 13; the rule is in the docstring of

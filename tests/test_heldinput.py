@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_heldinput -*-
 """
 Input while a reply is held (issue 9 item 8): during a failed login's delay
 or a message's commit the session stops reading from the client, so

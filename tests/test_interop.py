@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_interop -*-
 """
 Interoperability: real, independent SMTP/SASL client implementations talk to
 the whole MSA (L{tests.e2e.RunningMSA}) over real loopback sockets with real,

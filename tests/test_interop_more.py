@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_interop_more -*-
 """
 More interoperability: three more independent SASL stacks talk to the whole
 MSA (L{tests.e2e.RunningMSA}) over real loopback sockets with verified TLS.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_jdk_interop -*-
 """
 The JDK as a mail client: C{tests/JavaSmtpSasl.java} speaks SMTP over
 verified implicit TLS by hand and does AUTH with the JDK's own

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_observability -*-
 """
 What an operator sees: the log events of a submission and its relay (with
 the session id and queue id, the SHA-256 of the accepted bytes, and never a

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_passwordcheck -*-
 """
 L{msa.accounts.passwords.PasswordVerifier}: the cache of recent successes never
 lets a wrong or changed password through, and every wrong guess still pays

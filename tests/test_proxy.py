@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_proxy -*-
 """
 Scale-out behind a load balancer: listeners given as C{haproxy:} endpoint
 strings take the PROXY protocol (v1 and v2) header from the balancer, and

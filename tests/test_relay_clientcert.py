@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_relay_clientcert -*-
 """
 Two-way TLS towards the core MTA (the core may require the MSA's client
 certificate): with the certificate configured the message is delivered;

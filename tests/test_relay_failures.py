@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_relay_failures -*-
 """
 The failure matrix: the relay runner against a real downstream SMTP server
 over real sockets, the server misbehaving in each way the core MTA or the

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_sasl_digest_md5 -*-
 """
 Tests for L{msa.sasl.digest_md5}: the RFC 2831 examples, real clients
 (pure-sasl, and responses written the way curl and swaks/GNU SASL write

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_sasl_scram -*-
 """
 Tests for L{msa.sasl.scram}: the RFC 7677 test vector, a round trip with the
 scramp client, every refusal, SASLprep, and random input; SCRAM-SHA-256-PLUS

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_scram_plus -*-
 """
 End-to-end SCRAM-SHA-256-PLUS (RFC 5802 channel binding, tls-exporter of
 RFC 9266) against the whole MSA: a pyOpenSSL client (Python's C{ssl} cannot

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_spool -*-
 """
 Tests for L{msa.queue.spool}.
 """

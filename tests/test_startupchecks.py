@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_startupchecks -*-
 """
 L{msa.service.startupchecks}: what stops the start, what only warns.
 """

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_tls -*-
 """
 L{msa.tls}: the server's TLS policy checked with real handshakes from
 Python's ssl module (a scanner's view is in test_interop), the chain sent

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_twisted_defaults -*-
 """
 Each Twisted default that DESIGN.md lists as wrong for an MSA, shown twice:
 the defect on plain C{twisted.mail.smtp.ESMTP} / C{SMTPClient} (so that we

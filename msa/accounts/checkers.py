@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_checkers -*-
 """
 The cred side of the account store: L{AccountChecker} checks the
 credentials of every SASL mechanism against an L{IAccountStore} (the same

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_clientcert,tests.test_external_offer -*-
 """
 Client certificates (R13, the scale-up path): what identifies a verified
 certificate, SASL EXTERNAL's checker, and the rule that an account marked
@@ -19,20 +20,10 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
 from twisted.internet import defer
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
-from msa.interfaces import IMechanismCredentials
+from msa.interfaces import ICertificateCredentials
 from msa.tls import clientCertificateVerified
-
-
-class ICertificateCredentials(Interface):
-    """
-    SASL EXTERNAL: the identities of the connection's verified client
-    certificate, and the authorization identity the client asked for.
-    """
-
-    identities = Attribute("L{tuple} of identity strings of the certificate.")
-    authzid = Attribute("The requested account name (L{str}); empty for any.")
 
 
 def certificateIdentities(certificate: x509.Certificate) -> tuple[str, ...]:
@@ -81,16 +72,6 @@ def _normalise(identity: str) -> str:
 
 def accountCertificates(account) -> set[str]:
     return {_normalise(c) for c in account.extra.get("certificates", [])}
-
-
-@implementer(ICertificateCredentials, IMechanismCredentials)
-class CertificateCredentials:
-    mechanism = "EXTERNAL"
-
-    def __init__(self, identities: tuple[str, ...], authzid: str) -> None:
-        self.identities = identities
-        self.authzid = authzid
-        self.username = authzid
 
 
 @implementer(ICredentialsChecker)

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_filestore -*-
 """
 The live account store: L{AccountFile} serves the accounts of the file
 (L{msa.accounts.model}) to the checkers, refuses a file others can read, and
@@ -13,7 +14,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from msa.accounts.model import Account, AccountsFileError, fileStamp, readChecked, unb64
+from msa.accounts.model import Account, AccountsFileError, fileStamp, readChecked
+from msa.accounts.passwords import unb64
 from msa.interfaces import IAccountStore
 
 

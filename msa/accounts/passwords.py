@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_passwordcheck -*-
 """
 Passwords for PLAIN and LOGIN: their scrypt hashes (C{scrypt$n$r$p$salt$hash},
 never the password), and where they are checked:

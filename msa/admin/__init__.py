@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_admin -*-
 """
 The operator command line, digipoort-msa-admin.
 """

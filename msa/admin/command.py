@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_admin,tests.test_accounts_e2e -*-
 """
 C{digipoort-msa-admin}: manage the accounts file and the mail queue.
 

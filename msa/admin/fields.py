@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_admin -*-
 """
 The authorization fields (R9, R10) as options of C{digipoort-msa-admin
 accounts add|set}: C{--sender}, C{--recipient}, C{--certificate},

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_admin -*-
 """
 The C{queue} commands of C{digipoort-msa-admin}: list, show, flush, delete,
 hold and release queued messages.  Changes go through the running server's

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_content,tests.test_content_e2e -*-
 """
 Pluggable content policies (R12): checks run on every message while it
 streams in, able to refuse it with an exact SMTP reply.

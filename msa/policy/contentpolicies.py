@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_contentpolicies -*-
 """
 The built-in content policies (R12) and L{loadPolicies}, which turns the
 C{[[content.policy]]} tables of the configuration into a
@@ -11,13 +12,11 @@ L{msa.policy.content.ContentPolicyChain}:
     L{msa.interfaces.IContentPolicy}, called with the table's other keys.
 """
 
-import email.message
 import email.policy
 import email.utils
 import importlib
 import re
 
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from msa.interfaces import IContentPolicy
@@ -30,9 +29,6 @@ from msa.policy.content import (
     _refuse,
 )
 from msa.policy.mimeparts import MimePartsPolicy
-
-log = Logger()
-
 
 #: RFC 5322 3.6: the fields that may occur at most once, canonical spelling.
 _AT_MOST_ONCE = (
@@ -157,7 +153,7 @@ class _HeaderChecker(_NullChecker):
                 )
 
 
-#: Part header bytes kept for the Content-Type value; the rest is skipped.
+#: The policies the configuration names without a module.
 BUILTIN = {
     "headers": HeaderPolicy,
     "mime-parts": MimePartsPolicy,
@@ -200,7 +196,8 @@ def _builtin(name: str, cls, options: dict):
         if isinstance(value, bool) is not (bool in types) or not isinstance(
             value, types
         ):
-            expected = " or ".join(_TYPE_NAMES[t] for t in types)
+            # None is only a default (TOML has no null): name the others.
+            expected = " or ".join(_TYPE_NAMES[t] for t in types if t in _TYPE_NAMES)
             raise ValueError(f"content policy {name!r}: {key} must be {expected}")
         kwargs[argument] = value
     try:

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_mimeparts -*-
 """
 The C{mime-parts} content policy (R12): the number, nesting depth and size
 of the MIME parts of a message, counted while the body streams by (only the
@@ -5,10 +6,7 @@ open boundaries and a bounded piece of each part's Content-Type are kept).
 """
 
 import email.message
-import email.policy
-import email.utils
 
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from msa.interfaces import IContentPolicy
@@ -21,9 +19,7 @@ from msa.policy.content import (
     _tooBig,
 )
 
-log = Logger()
-
-
+#: Part header bytes kept for the Content-Type value; the rest is skipped.
 _MAX_CONTENT_TYPE = 8192
 
 
@@ -232,6 +228,3 @@ class _MimeChecker(_NullChecker):
         limit = self.policy.maxPartSize
         if limit is not None and self.partSize > limit:
             raise _tooBig(f"a MIME part exceeds {limit} octets")
-
-
-#: The policies the configuration names without a module.

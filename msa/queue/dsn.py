@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_dsn -*-
 """
 Delivery status notifications (RFC 3464): what the sender of a message gets
 when the core MTA refused it for good, when it expired in the queue, or

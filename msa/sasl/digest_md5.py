@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_sasl_digest_md5,tests.test_digest_nonascii -*-
 """
 SASL DIGEST-MD5 (RFC 2831), server side, authentication only (qop=auth).
 
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from zope.interface import implementer
 
 from msa.interfaces import IDigestMD5Credentials, IMechanismCredentials
-from msa.sasl import (
+from msa.sasl.base import (
     Authenticate,
     Challenge,
     MechanismContext,

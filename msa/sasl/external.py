@@ -1,12 +1,35 @@
+# -*- test-case-name: tests.test_sasl_external -*-
 """
 SASL EXTERNAL (RFC 4422 appendix A): the client is who its verified TLS
 client certificate says (R13).  The optional message is the authorization
 identity: the account to act as, which must be the certificate's own.
+
+The credentials it yields (L{CertificateCredentials}) only carry the
+certificate's identities; which account lists them is for the checker
+(L{msa.accounts.clientcert.CertificateChecker}) to decide.
 """
 
-from msa.sasl import Authenticate, Challenge, MechanismContext, malformed
+from zope.interface import implementer
+
+from msa.interfaces import ICertificateCredentials, IMechanismCredentials
+from msa.sasl.base import Authenticate, Challenge, MechanismContext, malformed
 
 MAX_AUTHZID = 255
+
+
+@implementer(ICertificateCredentials, IMechanismCredentials)
+class CertificateCredentials:
+    """
+    The identities of the connection's verified client certificate and the
+    account the client asked to act as (C{""}: whichever lists them).
+    """
+
+    mechanism = "EXTERNAL"
+
+    def __init__(self, identities: tuple[str, ...], authzid: str) -> None:
+        self.identities = identities
+        self.authzid = authzid
+        self.username = authzid
 
 
 class ExternalMechanism:
@@ -21,8 +44,6 @@ class ExternalMechanism:
         return self.respond(initialResponse)
 
     def respond(self, data: bytes) -> Authenticate:
-        from msa.accounts.clientcert import CertificateCredentials
-
         if len(data) > MAX_AUTHZID:
             raise malformed("EXTERNAL authorization identity too long")
         try:

@@ -1,10 +1,11 @@
+# -*- test-case-name: tests.test_sasl_login -*-
 """
 SASL LOGIN (draft-murchison-sasl-login): the user name and the password,
 each asked for with a challenge.  Obsolete, but R5 requires it and many
 programs still use it.
 """
 
-from msa.sasl import (
+from msa.sasl.base import (
     Authenticate,
     Challenge,
     MechanismContext,

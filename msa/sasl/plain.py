@@ -1,8 +1,9 @@
+# -*- test-case-name: tests.test_sasl_plain -*-
 """
 SASL PLAIN (RFC 4616): authzid NUL authcid NUL passwd, in one message.
 """
 
-from msa.sasl import (
+from msa.sasl.base import (
     Authenticate,
     Challenge,
     MechanismContext,

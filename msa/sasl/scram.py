@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_sasl_scram,tests.test_scram_plus -*-
 """
 SASL SCRAM-SHA-256 and SCRAM-SHA-256-PLUS (RFC 5802, RFC 7677), server
 side, with the C{tls-exporter} channel binding of RFC 9266.
@@ -54,7 +55,7 @@ from collections.abc import Callable
 from zope.interface import implementer
 
 from msa.interfaces import IMechanismCredentials, IScramCredentials
-from msa.sasl import (
+from msa.sasl.base import (
     Authenticate,
     Challenge,
     MechanismContext,

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config -*-
 """
 The configuration file (TOML): loading, defaults and validation.  Every key
 is listed in L{SCHEMA}, with its type and default; a wrong or unknown key

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_startupchecks -*-
 """
 Checks made once at start, so that a hardened host fails early and says why
 instead of failing the first client: the certificate (expired, expiring

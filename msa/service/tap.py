@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_e2e,tests.test_everykey,tests.test_deployment -*-
+# -*- test-case-name: tests.test_e2e,tests.test_everykey,tests.test_filestore -*-
 """
 C{twistd digipoort-msa}: command-line options and L{makeService}, which turns
 a configuration into the running MSA (listeners, account store, spool and

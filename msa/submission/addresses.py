@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_addresses,tests.test_mutants -*-
 """
 Parsing of MAIL FROM and RCPT TO arguments (RFC 5321 4.1.2): paths and
 ESMTP parameters.  Addresses must be complete on injection (R8): the MSA

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_authorization,tests.test_testing -*-
 """
 The avatar of an authenticated account (L{Submission}): it judges MAIL and
 RCPT for that account and streams each accepted message, with one Received

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_framing -*-
+# -*- test-case-name: tests.test_framing,tests.test_mutants -*-
 """
 The two pure state machines under the SMTP server: L{LineFramer} cuts the
 byte stream into CRLF-terminated lines with bounded memory, and L{DataFilter}

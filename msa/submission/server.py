@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_server -*-
+# -*- test-case-name: tests.test_server,tests.test_hangup,tests.test_heldinput -*-
 """
 The submission protocol (RFC 6409): the TLS gate (R3), AUTH through
 twisted.cred before MAIL (R4), the replies of the spec example (R7),

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_sessions -*-
 """
 The sessions in progress, and how they end when the MSA stops (SIGTERM):
 idle sessions are told 421 at once, a session in the middle of a message may
