@@ -18,10 +18,11 @@ import base64
 import os
 
 import attrs
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor
 from twisted.protocols.basic import LineReceiver
 
 from msa.tls import ensureSelfSignedCertificate, serverContextFactory
+from tests.waiting import waitUntil
 
 
 @attrs.define
@@ -355,12 +356,9 @@ class DownstreamServer:
 
         @return: a L{Deferred} firing with the list of messages.
         """
-        waited = 0.0
-        while len(self.messages) < count:
-            if waited >= timeout:
-                raise AssertionError(
-                    f"{len(self.messages)} of {count} messages after {timeout}s"
-                )
-            yield task.deferLater(reactor, 0.02, lambda: None)
-            waited += 0.02
+        yield waitUntil(
+            lambda: len(self.messages) >= count,
+            timeout,
+            lambda: f"{count} messages (have {len(self.messages)})",
+        )
         return list(self.messages)

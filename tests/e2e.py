@@ -13,13 +13,14 @@ import ssl
 import threading
 
 import attrs
-from twisted.internet import defer, reactor, task, utils
+from twisted.internet import defer, utils
 from twisted.trial.unittest import SkipTest
 
 from msa.accounts.model import makeAccount, writeAccounts
 from msa.service.config import _tomlValue, loadConfig, writeConfig
 from msa.service.tap import buildService
 from msa.tls import ensureSelfSignedCertificate
+from tests.waiting import waitUntil
 
 USERS = {"alice": "wonderland", "bob": "builder pass"}
 SENDERS = ["@mijnbedrijf.nl"]
@@ -170,12 +171,12 @@ class RunningMSA:
 
     @defer.inlineCallbacks
     def waitForOutbox(self, count: int, timeout: float = 10.0):
-        for _ in range(int(timeout / 0.05)):
-            files = self.outboxFiles()
-            if len(files) >= count:
-                return files
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        self.testCase.fail(f"outbox has {self.outboxFiles()}, expected {count} file(s)")
+        yield waitUntil(
+            lambda: len(self.outboxFiles()) >= count,
+            timeout,
+            lambda: f"{count} file(s) in the outbox (has {self.outboxFiles()})",
+        )
+        return self.outboxFiles()
 
 
 def runProgram(executable: str, args: list[str]):
@@ -244,14 +245,23 @@ class AiosmtpdCore:
         self.controller.start()
         testCase.addCleanup(self.controller.stop)
 
-    @defer.inlineCallbacks
     def waitForMessages(self, count: int, timeout: float = 10.0):
-        for _ in range(int(timeout / 0.05)):
+        """
+        Wait without blocking the reactor until the core has C{count}
+        messages.
+
+        @return: a L{Deferred} firing with a copy of the list of messages.
+        """
+
+        def enough():
             with self._lock:
-                if len(self.messages) >= count:
-                    return list(self.messages)
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        raise AssertionError(f"core received {len(self.messages)}, expected {count}")
+                return list(self.messages) if len(self.messages) >= count else None
+
+        return waitUntil(
+            enough,
+            timeout,
+            lambda: f"the core to receive {count} (has {len(self.messages)})",
+        )
 
     def relayConfig(self) -> dict:
         return {

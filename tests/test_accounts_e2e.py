@@ -11,13 +11,14 @@ import io
 import os
 import smtplib
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from msa.admin import command as admin
 from msa.service import tap
 from tests.e2e import RunningMSA
 from tests.test_e2e import submit
+from tests.waiting import waitUntil
 
 
 def runAdmin(configFile: str, *args: str, stdin: str = "") -> tuple[int, str, str]:
@@ -31,6 +32,22 @@ def runAdmin(configFile: str, *args: str, stdin: str = "") -> tuple[int, str, st
     finally:
         sys.stdin, sys.stdout, sys.stderr = saved
     return code, out.getvalue(), err.getvalue()
+
+
+def accountsReloaded(msa):
+    """
+    Wait until the running service's account store has read the accounts
+    file as it is now (by its polling, or a SIGHUP): its stamp of the file
+    is the file's.
+
+    @return: a L{Deferred} that fails loudly if that does not happen.
+    """
+    [watcher] = [s for s in msa.service if isinstance(s, tap._AccountWatcher)]
+    store = watcher.store
+    return waitUntil(
+        lambda: store._currentStamp() == store._stamp,
+        what=f"the service to read {store.path} again",
+    )
 
 
 class AdminRoundTripTests(unittest.TestCase):
@@ -53,10 +70,8 @@ class AdminRoundTripTests(unittest.TestCase):
             mechanism=mechanism,
         )
 
-    @defer.inlineCallbacks
     def waitForReload(self):
-        # The store polls every 0.05 s; give it a few rounds.
-        yield task.deferLater(reactor, 0.3, lambda: None)
+        return accountsReloaded(self.msa)
 
     @defer.inlineCallbacks
     def test_addSubmitDisableRefused(self):
@@ -188,7 +203,7 @@ class AuthorizationFieldsThroughAdminTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_senderTakesEffect(self):
         self.admin("accounts", "set", "alice", "--sender", "@acme.nl")
-        yield task.deferLater(reactor, 0.3, lambda: None)
+        yield accountsReloaded(self.msa)
         error = yield self.assertFailure(
             threads.deferToThread(
                 submit,
@@ -234,6 +249,6 @@ class HangupReloadTests(unittest.TestCase):
 
         yield self.assertFailure(login(), smtplib.SMTPAuthenticationError)
         os.kill(os.getpid(), signal.SIGHUP)
-        yield task.deferLater(reactor, 0.2, lambda: None)
+        yield accountsReloaded(msa)
         code, _ = yield login()
         self.assertEqual(code, 250)

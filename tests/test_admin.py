@@ -23,6 +23,7 @@ from msa.service.controlsocket import ControlService
 from tests.downstream import DownstreamServer
 from tests.e2e import MESSAGE, RunningMSA
 from tests.test_e2e import submit
+from tests.waiting import waitUntil
 
 
 class FakeTerminal(io.StringIO):
@@ -354,14 +355,19 @@ class QueueAdminTests(unittest.TestCase):
         self.assertEqual(code, 250)
         return text.split()[-1].decode()
 
-    @defer.inlineCallbacks
     def waitForAttempts(self, count: int):
-        for _ in range(200):
+        def attempted():
             items = controlsocket.describeSpool(self.runner.spool)
             if len(items) == count and all(i["attempts"] >= 1 for i in items):
                 return items
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        self.fail(f"queue: {controlsocket.describeSpool(self.runner.spool)}")
+
+        return waitUntil(
+            attempted,
+            what=lambda: (
+                f"{count} attempted messages, queue: "
+                f"{controlsocket.describeSpool(self.runner.spool)}"
+            ),
+        )
 
     def subjects(self):
         return [
@@ -418,15 +424,15 @@ class QueueAdminTests(unittest.TestCase):
         # flush ID: one more attempt of that message only (still refused).
         code, out, err = yield self.runAdmin("queue", "flush", b)
         self.assertEqual((code, out, err), (0, f"flushed 1 message(s): {b}\n", ""))
-        for _ in range(100):
-            attempts = {
+
+        def attempts():
+            return {
                 i["id"]: i["attempts"]
                 for i in controlsocket.describeSpool(self.runner.spool)
             }
-            if attempts[b] == 2:
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        self.assertEqual(attempts, {a: 1, b: 2})
+
+        yield waitUntil(lambda: attempts().get(b) == 2, what=f"a 2nd attempt of {b}")
+        self.assertEqual(attempts(), {a: 1, b: 2})
 
         code, out, err = yield self.runAdmin("queue", "hold", a)
         self.assertEqual((code, out, err), (0, f"held {a}\n", ""))
@@ -440,6 +446,8 @@ class QueueAdminTests(unittest.TestCase):
         self.assertEqual((code, err), (0, ""))
         self.assertTrue(out.startswith("flushed "), out)
         yield self.core.waitForMessages(1)
+        # The held message must stay undelivered: give a wrong delivery of
+        # it time to show, then assert it did not happen.
         yield task.deferLater(reactor, 0.5, lambda: None)
         self.assertEqual(self.subjects(), ["B"])
         self.assertEqual(
@@ -451,12 +459,10 @@ class QueueAdminTests(unittest.TestCase):
         self.assertEqual((code, out, err), (0, f"released {a}\n", ""))
         yield self.core.waitForMessages(2)
         self.assertEqual(self.subjects(), ["B", "A"])
-        for _ in range(100):
-            if not self.runner.spool.pending():
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield waitUntil(lambda: not self.runner.spool.pending(), what="an empty queue")
         code, out, err = yield self.runAdmin("queue", "list")
         self.assertEqual((code, out, err), (0, "queue is empty\n", ""))
+        # Nothing is delivered a second time: wait a moment, then assert.
         yield task.deferLater(reactor, 0.3, lambda: None)
         self.assertEqual(self.subjects(), ["B", "A"])
 

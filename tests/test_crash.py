@@ -39,6 +39,7 @@ from msa.accounts.model import makeAccount, writeAccounts
 from tests.downstream import DownstreamServer, _ServerProtocol
 from tests.e2e import MESSAGE, freePort, writeConfig
 from tests.test_e2e import SENDER, splitReceived, submit
+from tests.waiting import waitUntil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -54,16 +55,12 @@ async def sleep(seconds: float) -> None:
     await task.deferLater(reactor, seconds, lambda: None)
 
 
-async def waitFor(condition, what: str, timeout: float = 10.0):
+def waitFor(condition, what: str, timeout: float = 10.0):
     """
-    Poll C{condition} without blocking the reactor until it is true.
+    L{waitUntil} in this module's argument order: a L{Deferred}, which the
+    C{async def} helpers here can await.
     """
-    for _ in range(int(timeout / 0.05)):
-        value = condition()
-        if value:
-            return value
-        await sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    return waitUntil(condition, timeout, what)
 
 
 class _Recorded(list):
@@ -338,6 +335,8 @@ class CrashTests(unittest.TestCase):
         self.assertIn(f"recover: removing unacknowledged {name}", self.msa.log())
         self.assertEqual(self.msa.files("tmp"), [])
         self.assertEqual(self.msa.files("queue"), [])
+        # Nothing must be delivered: give a wrong delivery time to show,
+        # then assert it did not happen.
         yield defer.ensureDeferred(sleep(1.5))
         self.assertDelivered(0)
         self.assertEqual(self.core.connections, 0)

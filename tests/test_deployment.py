@@ -22,6 +22,7 @@ from msa.accounts.model import makeAccount, writeAccounts
 from msa.tls import ensureSelfSignedCertificate
 from tests.e2e import MESSAGE, freePort, requireProgram, writeConfig
 from tests.test_e2e import submit
+from tests.waiting import waitUntil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -150,10 +151,10 @@ class SocketActivationTests(unittest.TestCase):
         first, second = yield threads.deferToThread(run)
         self.assertEqual((first[0], second[0]), (250, 250))
         outbox = os.path.join(state, "outbox")
-        for _ in range(100):
-            if os.path.isdir(outbox) and len(os.listdir(outbox)) == 2:
-                break
-            yield threads.deferToThread(time.sleep, 0.05)
+        yield waitUntil(
+            lambda: os.path.isdir(outbox) and len(os.listdir(outbox)) == 2,
+            what="2 files in the outbox",
+        )
         names = sorted(os.listdir(outbox))
         self.assertEqual(len(names), 2)
         for name in names:

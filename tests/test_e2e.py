@@ -15,12 +15,12 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from tests.e2e import MESSAGE, AiosmtpdCore, RunningMSA
+from tests.waiting import listening, waitUntil, waitUntilBlocking
 
 SENDER = "ik@mijnbedrijf.nl"
 RECIPIENT = "belastingdienst@overheid.nl"
@@ -180,10 +180,7 @@ class RelayToCoreTests(unittest.TestCase):
         queueId = text.split()[-1].decode()
         self.assertIn(f"id {queueId};".encode(), header)
         queue = os.path.join(msa.state, "spool", "queue")
-        for _ in range(100):
-            if not os.listdir(queue):
-                break
-            yield threads.deferToThread(time.sleep, 0.05)
+        yield waitUntil(lambda: not os.listdir(queue), what="an empty queue")
         self.assertEqual(os.listdir(queue), [])
         self.assertEqual(msa.outboxFiles(), [])
 
@@ -246,11 +243,7 @@ class TwistdDefaultsTests(unittest.TestCase):
         self.addCleanup(stop)
 
         def waitAndSubmit():
-            for _ in range(200):
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", 2465)) == 0:
-                        break
-                time.sleep(0.05)
+            waitUntilBlocking(lambda: listening(2465), what="twistd to listen")
             state = os.path.join(cwd, "msa-state")
             context = ssl.create_default_context(
                 cafile=os.path.join(state, "selfsigned-cert.pem")
@@ -262,10 +255,7 @@ class TwistdDefaultsTests(unittest.TestCase):
         replies = yield threads.deferToThread(waitAndSubmit)
         self.assertEqual([code for code, _ in replies], [250, 250])
         outbox = os.path.join(cwd, "msa-state", "outbox")
-        for _ in range(100):
-            if len(os.listdir(outbox)) == 2:
-                break
-            yield threads.deferToThread(time.sleep, 0.05)
+        yield waitUntil(lambda: len(os.listdir(outbox)) == 2, what="2 outbox files")
         self.assertEqual(len(os.listdir(outbox)), 2)
         stop()
         with open(logPath, "rb") as f:

@@ -24,7 +24,6 @@ import re
 import smtplib
 import socket
 import ssl
-import time
 import tomllib
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +37,7 @@ from msa.accounts.model import makeAccount
 from msa.policy.contentpolicies import BUILTIN
 from msa.service.config import SCHEMA
 from msa.tls import ensureSelfSignedCertificate
+from tests import waiting
 from tests.downstream import DownstreamServer
 from tests.e2e import SENDERS, USERS, AiosmtpdCore, RunningMSA, freePort
 from tests.test_clientcert import ClientPKI
@@ -283,12 +283,10 @@ def rawLines(port: int, count: int, send: bytes = b"") -> list[bytes]:
 
 
 def eventually(condition: Callable[[], Any], what: str, timeout: float = 10.0):
-    for _ in range(int(timeout / 0.05)):
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {what}")
+    """
+    L{waiting.waitUntilBlocking}: the rows' checks run in a thread.
+    """
+    return waiting.waitUntilBlocking(condition, timeout, what)
 
 
 def tlsRefused(env: Env, context: ssl.SSLContext) -> str:

@@ -28,6 +28,7 @@ from msa.queue.spool import FAILED, PENDING, Spool
 from msa.relay.client import SMTPDownstream
 from msa.relay.runner import RelayRunner
 from msa.tls import clientContextFactory
+from tests import waiting
 from tests.downstream import DownstreamServer
 from tests.e2e import MESSAGE, RunningMSA, freePort
 from tests.faultfs import (
@@ -50,16 +51,11 @@ BODY = (
 )
 
 
-@defer.inlineCallbacks
 def waitUntil(testCase, predicate, timeout=10.0, what="the condition"):
     """
-    Poll C{predicate} without blocking the reactor; fail loudly on time-out.
+    L{waiting.waitUntil}, called here with the test case first.
     """
-    for _ in range(int(timeout / 0.02)):
-        if predicate():
-            return
-        yield task.deferLater(reactor, 0.02, lambda: None)
-    testCase.fail(f"timed out after {timeout}s waiting for {what}")
+    return waiting.waitUntil(predicate, timeout, what)
 
 
 def pause(seconds: float):

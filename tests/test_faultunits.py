@@ -260,6 +260,37 @@ class RelayFaultTests(unittest.TestCase):
         self.clock.advance(DAY)
         self.assertEqual(len(self.downstream.calls), 1)
 
+    def test_stateNotWrittenAfterDeferral(self):
+        """
+        Nothing delivered (the core said 451) and the state cannot be
+        written: no error escapes the runner, the message stays queued as
+        it was and is tried again after C{retryBase}.
+        """
+        envelope = makeEnvelope(("bob@example.org",))
+        writer = self.spool.newMessage(envelope)
+        writer.write(b"Subject: s\r\n\r\nbody\r\n")
+        queueId = self.successResultOf(writer.commit())
+        self.clock.advance(0)
+        [(entry, _, d)] = self.downstream.calls
+        realUpdate = self.spool.update
+
+        def readOnly(entry):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        self.spool.update = readOnly
+        d.callback(allWith(entry, "temporary", 451, "later"))
+        self.assertNotIn(queueId, self.runner.unremovable)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.spool.update = realUpdate
+        self.clock.advance(self.runner.retryBase - 1)
+        self.assertEqual(len(self.downstream.calls), 1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.downstream.calls), 2)
+        entry, _, d = self.downstream.calls[1]
+        self.assertEqual(entry.attempts, 0)  # the unrecorded attempt is lost
+        d.callback(allWith(entry, ACCEPTED, 250, "ok"))
+        self.assertEqual(self.spool.pending(), [])
+
 
 class _Request:
     code = 200

@@ -10,7 +10,7 @@ import base64
 import os
 import signal
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial import unittest
@@ -19,6 +19,7 @@ from msa.accounts.filestore import AccountFile
 from msa.accounts.model import AccountsFileError, makeAccount, writeAccounts
 from msa.service.tap import _AccountWatcher
 from tests.test_accounts import REALM
+from tests.waiting import waitUntil
 
 
 class AccountFileTests(unittest.TestCase):
@@ -294,10 +295,9 @@ class HangupTests(unittest.TestCase):
         bob = makeAccount("bob", "pw", [], ["PLAIN"])
         writeAccounts(self.path, {"bob": bob})
         os.kill(os.getpid(), signal.SIGHUP)
-        for _ in range(1000):
-            if self.store.getAccount("bob") is not None:
-                break
-            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield waitUntil(
+            lambda: self.store.getAccount("bob") is not None, what="bob after SIGHUP"
+        )
         self.assertEqual(self.store.getAccount("bob"), bob)
         with open(self.path, "w") as f:
             f.write("{")
@@ -306,10 +306,7 @@ class HangupTests(unittest.TestCase):
         self.store.reload = lambda: reloads.append(original())
         with capturedLogs() as events:
             os.kill(os.getpid(), signal.SIGHUP)
-            for _ in range(1000):
-                if reloads:
-                    break
-                yield task.deferLater(reactor, 0.01, lambda: None)
+            yield waitUntil(lambda: reloads, what="a reload after SIGHUP")
         self.assertEqual(reloads, [False])
         self.assertEqual([e["log_level"].name for e in events], ["error"])
         self.assertEqual(self.store.getAccount("bob"), bob)

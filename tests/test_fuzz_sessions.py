@@ -35,13 +35,14 @@ import random
 import re
 
 import attrs
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, threads
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 
 from tests.e2e import AiosmtpdCore, RunningMSA
 from tests.sessionclient import Closed, RawSession
 from tests.test_e2e import splitReceived
+from tests.waiting import waitUntil
 
 SEED = int(os.environ.get("FUZZ_SEED", "20261201"))
 SESSIONS = int(os.environ.get("FUZZ_SESSIONS", "200"))
@@ -527,10 +528,9 @@ class SessionFuzzTests(unittest.TestCase):
         messages = yield core.waitForMessages(len(queued), timeout=60)
         # Every message the relay took is through: nothing more can arrive.
         queue = os.path.join(msa.state, "spool", "queue")
-        for _ in range(600):
-            if not os.listdir(queue):
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield waitUntil(
+            lambda: not os.listdir(queue), 30, lambda: f"an empty queue {where}"
+        )
         self.assertEqual(os.listdir(queue), [], where)
         delivered: dict[str, bytes] = {}
         for sender, _recipients, data, _ in core.messages:

@@ -19,7 +19,7 @@ moment.
 import os
 import threading
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, threads
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
@@ -28,6 +28,7 @@ from msa.queue.spool import SpoolWriter
 from tests.e2e import RunningMSA
 from tests.helpers import Harness
 from tests.sessionclient import RawSession, sessionRegistry
+from tests.waiting import waitUntil
 
 SENDER = b"ik@mijnbedrijf.nl"
 RECIPIENT = b"belastingdienst@overheid.nl"
@@ -58,18 +59,17 @@ def openTransaction(msa) -> RawSession:
     return client
 
 
-@defer.inlineCallbacks
 def sessionsGone(msa, timeout: float = 10.0):
     """
     Wait until the service has no session left (each one's connectionLost
     has run).
     """
     registry = sessionRegistry(msa.service)
-    for _ in range(int(timeout / 0.02)):
-        if not registry.sessions:
-            return
-        yield task.deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError(f"sessions still open: {registry.sessions}")
+    return waitUntil(
+        lambda: not registry.sessions,
+        timeout,
+        lambda: f"no session left (still open: {registry.sessions})",
+    )
 
 
 def spoolFiles(msa) -> dict[str, list[str]]:

@@ -16,11 +16,9 @@ import os
 import re
 import signal
 import smtplib
-import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.request
 
 import attrs
@@ -36,6 +34,7 @@ from msa.service.config import writeConfig
 from tests.downstream import DownstreamServer
 from tests.e2e import MESSAGE, SENDERS, RunningMSA, freePort
 from tests.test_e2e import ROOT, submit
+from tests.waiting import listening, waitUntil, waitUntilBlocking
 
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z\Z")
 
@@ -201,13 +200,13 @@ class JSONFileTests(unittest.TestCase):
         """
         The file's lines, parsed, once one of them meets C{condition}.
         """
-        for _ in range(int(timeout / 0.05)):
+
+        def lines():
             with open(path, encoding="utf-8") as f:
                 lines = [json.loads(line) for line in f]
-            if any(condition(e) for e in lines):
-                return lines
-            yield threads.deferToThread(time.sleep, 0.05)
-        self.fail(f"no such line in {path}")
+            return lines if any(condition(e) for e in lines) else None
+
+        return (yield waitUntil(lines, timeout, f"the awaited line in {path}"))
 
 
 class TwistdLoggerTests(unittest.TestCase):
@@ -264,11 +263,7 @@ class TwistdLoggerTests(unittest.TestCase):
         self.addCleanup(stop)
 
         def waitAndSubmit():
-            for _ in range(200):
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", port)) == 0:
-                        break
-                time.sleep(0.05)
+            waitUntilBlocking(lambda: listening(port), what="twistd to listen")
             context = ssl.create_default_context(
                 cafile=os.path.join(state, "selfsigned-cert.pem")
             )

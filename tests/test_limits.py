@@ -18,7 +18,7 @@ import smtplib
 import threading
 
 import attrs
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from msa.accounts.model import makeAccount
@@ -32,6 +32,7 @@ from msa.policy.authorization import (
 from tests.e2e import SENDERS, RunningMSA
 from tests.helpers import Harness
 from tests.test_authorization import FakeTime
+from tests.waiting import waitUntil
 
 SENDER = "ik@mijnbedrijf.nl"
 RECIPIENT = "belastingdienst@overheid.nl"
@@ -480,14 +481,19 @@ class RateRaceTests(unittest.TestCase):
         self.assertEqual(refused[0], 451)
         # The server learns of the disconnect a moment later: ask again
         # until it has, and fail loudly if it never does.
-        for _ in range(100):
-            reply = yield threads.deferToThread(self.tryMail, send=True)
-            if reply[0] == 250:
-                break
-            yield task.deferLater(reactor, 0.1, lambda: None)
-        else:
-            self.fail(f"the dropped session's slot was not freed: {reply}")
-        self.assertEqual(reply, (250, b"2.0.0 queued"))
+        replies = []
+
+        def freed():
+            d = threads.deferToThread(self.tryMail, send=True)
+            d.addCallback(lambda reply: replies.append(reply) or reply[0] == 250)
+            return d
+
+        yield waitUntil(
+            freed,
+            what=lambda: f"the dropped session's slot to be freed: {replies[-1:]}",
+            interval=0.1,
+        )
+        self.assertEqual(replies[-1], (250, b"2.0.0 queued"))
         files = yield self.msa.waitForOutbox(5)
         self.assertEqual(len(files), 5)
 

@@ -661,14 +661,15 @@ class SpoolEdgeTests(unittest.TestCase):
         The second rename fails: the commit says 451 4.3.0 and leaves
         nothing behind in C{tmp/} or C{queue/}.
         """
-        realRename = os.rename
+        realReplace = os.replace
 
-        def rename(source, target):
+        def replace(source, target):
             if target.endswith(".json"):
                 raise OSError(5, "Input/output error")
-            return realRename(source, target)
+            return realReplace(source, target)
 
-        self.patch(os, "rename", rename)
+        # The spool publishes its files with os.replace (msa.durable.publish).
+        self.patch(os, "replace", replace)
         failure = self.failureResultOf(self.writer().commit(), SMTPReply)
         self.assertEqual(
             (failure.value.code, failure.value.status, failure.value.text),

@@ -18,6 +18,7 @@ from twisted.trial import unittest
 
 from tests.e2e import MESSAGE, RunningMSA, freePort
 from tests.test_e2e import splitReceived
+from tests.waiting import listening, waitUntil, waitUntilBlocking
 
 
 def proxyV1(client: str, port: int) -> bytes:
@@ -158,7 +159,6 @@ class RealHAProxyTests(unittest.TestCase):
     def test_twoInstancesBehindHAProxy(self):
         import os
         import subprocess
-        import time
 
         from msa.tls import ensureSelfSignedCertificate
         from tests.e2e import requireProgram
@@ -209,11 +209,7 @@ class RealHAProxyTests(unittest.TestCase):
         self.addCleanup(stop)
 
         def submitFour():
-            for _ in range(100):
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", front)) == 0:
-                        break
-                time.sleep(0.05)
+            waitUntilBlocking(lambda: listening(front), what="HAProxy to listen")
             replies = []
             for _ in range(4):
                 client = smtplib.SMTP(
@@ -240,8 +236,8 @@ class RealHAProxyTests(unittest.TestCase):
                 received, body = splitReceived(msa.readOutbox(name))
                 self.assertEqual(body, MESSAGE)
                 self.assertIn(b"([127.0.0.2])", received)
-        for _ in range(100):
-            if sum(len(msa.outboxFiles()) for _, msa in instances) == 4:
-                break
-            yield threads.deferToThread(time.sleep, 0.05)
+        yield waitUntil(
+            lambda: sum(len(msa.outboxFiles()) for _, msa in instances) == 4,
+            what="4 files in the outboxes",
+        )
         self.assertEqual(sum(len(msa.outboxFiles()) for _, msa in instances), 4)

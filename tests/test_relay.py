@@ -9,7 +9,7 @@ L{tests.test_queue_control}.
 
 import os
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from msa.queue.control import QueueControl
@@ -32,6 +32,7 @@ from tests.relaydata import (
     bigMessage,
     makeEnvelope,
 )
+from tests.waiting import waitUntil
 
 
 class RelayRunnerTests(RunnerFixture, unittest.TestCase):
@@ -250,10 +251,7 @@ class EndToEndTests(unittest.TestCase):
         [message] = yield server.waitForMessages(1)
         self.assertEqual(message.data, data)
         self.assertEqual(message.recipients, ["bob@example.org"])
-        for _ in range(100):
-            if not spool.pending():
-                break
-            yield task.deferLater(reactor, 0.02, lambda: None)
+        yield waitUntil(lambda: not spool.pending(), what="an empty queue")
         self.assertEqual(spool.pending(), [])
         self.assertFalse(
             os.path.exists(os.path.join(spool.queueDirectory, queueId + ".msg"))
@@ -285,11 +283,12 @@ class EndToEndFailureTests(unittest.TestCase):
         writer = spool.newMessage(makeEnvelope())
         writer.write(DOTTY)
         queueId = yield writer.commit()
-        for _ in range(200):
+
+        def attempted():
             entry = spool.load(queueId)
-            if entry.attempts:
-                break
-            yield task.deferLater(reactor, 0.02, lambda: None)
+            return entry if entry.attempts else None
+
+        entry = yield waitUntil(attempted, what=f"a first attempt of {queueId}")
         self.assertEqual(spool.pending(), [queueId])
         self.assertEqual(entry.attempts, 1)
         self.assertEqual(entry.recipients, {"bob@example.org": PENDING})

@@ -36,6 +36,7 @@ from msa.relay.runner import RelayRunner
 from msa.tls import clientContextFactory
 from tests.downstream import DownstreamServer
 from tests.relaydata import DOTTY, bigMessage, makeEnvelope
+from tests.waiting import waitUntil
 
 
 def unstuff(wire: bytes) -> bytes:
@@ -558,10 +559,7 @@ class ConnectionReuseTests(unittest.TestCase):
         runner.startService()
         self.addCleanup(runner.stopService)
         yield self.server.waitForMessages(count)
-        for _ in range(100):
-            if not self.spool.pending():
-                break
-            yield task.deferLater(reactor, 0.02, lambda: None)
+        yield waitUntil(lambda: not self.spool.pending(), what="an empty queue")
         self.assertEqual(self.spool.pending(), [])
         self.assertEqual(sorted(m.data for m in self.server.messages), sorted(bodies))
         return bodies
@@ -625,9 +623,11 @@ class ConnectionReuseTests(unittest.TestCase):
         queueId = yield self.queue(DOTTY)
         yield self.deliver(downstream, queueId)
         self.assertEqual(downstream.idleConnections, 1)
-        yield task.deferLater(reactor, 0.3, lambda: None)
+        yield waitUntil(
+            lambda: self.server.commands[-1] == (True, b"QUIT"),
+            what=lambda: f"QUIT after the idle time-out: {self.server.commands[-1:]}",
+        )
         self.assertEqual(downstream.idleConnections, 0)
-        self.assertEqual(self.server.commands[-1], (True, b"QUIT"))
 
     @defer.inlineCallbacks
     def test_maxTransactions(self):

@@ -8,12 +8,13 @@ failure, and nothing goes out in plaintext.
 
 import os
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from tests.e2e import MESSAGE, AiosmtpdCore, RunningMSA
 from tests.test_clientcert import ClientPKI
 from tests.test_e2e import splitReceived, submit
+from tests.waiting import waitUntil
 
 
 class RelayClientCertificateTests(unittest.TestCase):
@@ -44,12 +45,13 @@ class RelayClientCertificateTests(unittest.TestCase):
         self.assertEqual(code, 250)
         queueId = text.split()[-1].decode()
         runner = msa.service.getServiceNamed("relay")
-        for _ in range(100):
+
+        def attempted():
             described = {d["id"]: d for d in runner.control.describe()}
-            if described.get(queueId, {}).get("attempts", 0) >= 1:
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        entry = described[queueId]
+            entry = described.get(queueId, {})
+            return entry if entry.get("attempts", 0) >= 1 else None
+
+        entry = yield waitUntil(attempted, what=f"a first attempt of {queueId}")
         self.assertEqual(entry["attempts"], 1)
         self.assertEqual(
             entry["recipients"], {"belastingdienst@overheid.nl": "pending"}

@@ -20,6 +20,7 @@ from msa.relay.client import SMTPDownstream
 from msa.relay.runner import RelayRunner
 from msa.tls import clientContextFactory
 from tests.downstream import DownstreamServer
+from tests.waiting import waitUntil
 
 SENDER = "alice@example.com"
 BOB = "bob@example.org"
@@ -108,13 +109,8 @@ class FailureMatrixTests(unittest.TestCase):
         queueId = yield writer.commit()
         return queueId
 
-    @defer.inlineCallbacks
     def waitFor(self, predicate, timeout=5.0, what="the condition"):
-        for _ in range(int(timeout / 0.01)):
-            if predicate():
-                return
-            yield task.deferLater(reactor, 0.01, lambda: None)
-        self.fail(f"timed out waiting for {what}")
+        return waitUntil(predicate, timeout, what)
 
     def entry(self, queueId):
         try:

@@ -17,6 +17,7 @@ Rates and failed-login counters are kept in memory, per MSA instance.
 import collections
 import email.utils
 import time
+from typing import Any
 
 import attrs
 from zope.interface import implementer
@@ -96,7 +97,7 @@ class AccountRules:
         @param extra: the account's fields beyond its secrets.
         @raise ValueError: naming the key at fault.
         """
-        values = {}
+        values: dict[str, Any] = {}
         for key in _INT_KEYS:
             if key in extra:
                 value = extra[key]

@@ -371,9 +371,22 @@ class RelayRunner(Service):
         try:
             await self._applyResult(entry, result)
         except Exception as e:
-            if not decided:
+            if decided:
+                self._holdUnremovable(entry, e)
+                return
+            if not isinstance(e, OSError):
                 raise
-            self._holdUnremovable(entry, e)
+            # Nothing was delivered: the entry stays as the spool has it
+            # (its previous state) and is simply tried again.
+            log.error(
+                "{queueId}: the spool cannot record the deferred attempt "
+                "({error}); it stays queued and is tried again in {delay:.0f}s",
+                queueId=entry.queueId,
+                error=e,
+                delay=self.retryBase,
+            )
+            if self.running and not self.control.isDeleted(entry.queueId):
+                self._schedule(entry.queueId, self.retryBase)
 
     async def _applyResult(self, entry: SpoolEntry, result: DeliveryResult) -> None:
         queueId = entry.queueId

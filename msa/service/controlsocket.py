@@ -332,7 +332,8 @@ class ControlService(Service):
             return defer.maybeDeferred(port.stopListening).addBoth(self._stopped)
 
     def _stopped(self, result):
-        self._address.close()
+        if self._address is not None:
+            self._address.close()
         return result
 
     def execute(self, line: str) -> defer.Deferred:

@@ -364,7 +364,9 @@ class _AccountWatcher(service.Service):
         from twisted.internet import reactor
 
         def hangup(signum, frame):
-            reactor.callFromThread(self.store.reload)
+            # Signal handlers run between bytecodes of the reactor thread:
+            # hand the reload to the reactor's next turn.
+            reactor.callFromThread(self.store.reload)  # type: ignore[attr-defined]
 
         try:
             self._previous = signal.signal(signal.SIGHUP, hangup)

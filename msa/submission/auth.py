@@ -298,7 +298,7 @@ class AuthExchange:
     def _loginFailed(self, failure: Failure) -> None:
         if failure.check(UnauthorizedLogin):
             self._failed(SMTPReply(535, "5.7.8", "Authentication credentials invalid"))
-        elif failure.check(SMTPReply):
+        elif isinstance(failure.value, SMTPReply):
             self._failed(failure.value)
         else:
             log.failure(

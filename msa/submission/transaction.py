@@ -245,8 +245,8 @@ class MailTransaction:
 
     def _validationFailed(self, failure: Failure) -> None:
         server = self._server
-        if failure.check(SMTPReply):
-            error = failure.value
+        error = failure.value
+        if isinstance(error, SMTPReply):
             server.protocolError(error.code, error.status, error.text)
         else:
             log.failure(
@@ -494,9 +494,10 @@ class MailTransaction:
             server.reply(250, "2.0.0", f"Ok: queued as {queueId}")
 
         def failed(failure: Failure) -> None:
-            if failure.check(SMTPReply):
-                self._refused(failure.value, queueId)
-                server.sendReply(failure.value)
+            error = failure.value
+            if isinstance(error, SMTPReply):
+                self._refused(error, queueId)
+                server.sendReply(error)
                 return
             metrics.MESSAGES.labels("451").inc()
             log.failure(
