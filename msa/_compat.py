@@ -28,6 +28,10 @@ Twisted:
       public C{proxyEndpoint} starts the wrapped protocol before the header
       has arrived, which an SMTP server cannot use (see
       L{msa.submission.proxyheader}).
+    - C{twisted.logger.LogPublisher._observers}: the observers of the global
+      log publisher, so that the C{[logging] level} filter can be put in
+      front of the ones twistd installed (L{publisherObservers}); Twisted
+      has no public way to list them, nor to filter a publisher.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 from twisted.internet._sslverify import ClientTLSOptions
+from twisted.logger import ILogObserver, LogPublisher
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._info import ProxyInfo
 from twisted.protocols.haproxy._v1parser import V1Parser
@@ -51,6 +56,7 @@ __all__ = [
     "V1Parser",
     "V2Parser",
     "opensslFunction",
+    "publisherObservers",
     "setGroups",
     "setSignatureAlgorithms",
     "verifyErrorString",
@@ -120,3 +126,10 @@ def verifyErrorString(errno: int) -> str | None:
     if describe is None:
         return None
     return _ffi.string(describe(errno)).decode("ascii", "replace")
+
+
+def publisherObservers(publisher: LogPublisher) -> list[ILogObserver]:
+    """
+    The observers of C{publisher}, in the order it calls them (a copy).
+    """
+    return list(publisher._observers)

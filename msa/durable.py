@@ -16,9 +16,16 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
 
-__all__ = ["fsyncDirectory", "publish", "writeDurably", "writeSynced"]
+__all__ = [
+    "DirectorySync",
+    "fsyncDirectory",
+    "publish",
+    "writeDurably",
+    "writeSynced",
+]
 
 
 def fsyncDirectory(path: str) -> None:
@@ -31,6 +38,80 @@ def fsyncDirectory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _Round:
+    """
+    One directory fsync of L{DirectorySync} and the callers it serves.
+    """
+
+    done = False
+    error: BaseException | None = None
+
+
+class DirectorySync:
+    """
+    Group commit of a directory's fsync: threads that each need their own
+    changes to the directory (renames, creations, removals) made durable
+    call L{sync}; concurrent callers share one fsync.
+
+    The guarantee for each caller is the same as its own L{fsyncDirectory}
+    would give: L{sync} returns only after an fsync of the directory that
+    I{started after} the call did, so after every change the caller made
+    before calling it.  Callers that arrive while an fsync runs join the
+    next round, which one of them runs when the current one is over; so at
+    most one fsync of the directory runs at a time, and under load one
+    fsync serves many messages.
+
+    @ivar fsyncs: how many fsyncs were run (for tests and curiosity).
+    @ivar waiting: how many callers wait for another's fsync (for tests).
+    """
+
+    def __init__(
+        self, path: str, fsync: Callable[[str], None] = fsyncDirectory
+    ) -> None:
+        self.path = path
+        self._fsync = fsync
+        self._lock = threading.Condition()
+        self._pending: _Round | None = None
+        self._running = False
+        self.fsyncs = 0
+        self.waiting = 0
+
+    def sync(self) -> None:
+        """
+        Make the entries of the directory durable, as L{fsyncDirectory}
+        does; blocks (call it in a thread, never the reactor's).
+
+        @raise OSError: the error of the fsync that served this call: every
+            caller of a failed round gets it.
+        """
+        with self._lock:
+            current = self._pending
+            if current is None:
+                current = self._pending = _Round()
+            while not current.done:
+                if self._running:
+                    self.waiting += 1
+                    self._lock.wait()
+                    self.waiting -= 1
+                    continue
+                # Nobody runs an fsync: this caller runs its round's.
+                self._pending = None
+                self._running = True
+                self._lock.release()
+                try:
+                    self._fsync(self.path)
+                except BaseException as e:
+                    current.error = e
+                finally:
+                    self._lock.acquire()
+                    self.fsyncs += 1
+                    current.done = True
+                    self._running = False
+                    self._lock.notify_all()
+        if current.error is not None:
+            raise current.error
 
 
 def writeSynced(

@@ -316,3 +316,22 @@ class OnlyCompatTests(unittest.TestCase):
                             ):
                                 found.append(f"{path}:{node.lineno}: {alias.name}")
         self.assertEqual(found, [])
+
+
+class LogPublisherPrivateTests(unittest.TestCase):
+    """
+    C{LogPublisher._observers}, behind L{_compat.publisherObservers}.
+    """
+
+    def test_observersListed(self):
+        from twisted.logger import LogPublisher
+
+        from msa._compat import publisherObservers
+
+        first, second = [].append, [].append
+        publisher = LogPublisher(first)
+        publisher.addObserver(second)
+        self.assertTrue(
+            hasattr(publisher, "_observers"), "LogPublisher._observers is gone"
+        )
+        self.assertEqual(publisherObservers(publisher), [first, second])

@@ -592,6 +592,38 @@ def checkJSONFile(env):
     )
 
 
+def checkLogLevel(env):
+    """
+    With C{level = "warn"}, the JSON log gets the error of a broken
+    accounts file, and neither the C{accepted} line of the submission made
+    before it nor any other INFO or DEBUG line.
+    """
+    queueId = queued(send(env, message()))
+    with open(env.msa.accountsFile, "w") as f:
+        f.write("{ not json")
+
+    def lines():
+        with open(env.path("events.json"), encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    eventually(
+        lambda: any(e["level"] == "error" for e in lines()),
+        "the error line in the JSON file",
+    )
+    written = lines()
+    env.testCase.assertEqual(
+        [
+            e
+            for e in written
+            if e.get("queue_id") == queueId or e["event"] == "accepted"
+        ],
+        [],
+    )
+    env.testCase.assertEqual(
+        {e["level"] for e in written} - {"warning", "error", "critical"}, set()
+    )
+
+
 def httpGet(port: int, path: str) -> tuple[int, bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
@@ -959,6 +991,7 @@ ROWS: list[Row] = [
     Row("spool.directory", lambda env: env.path("queue"), checkSpool),
     # [logging], [metrics]
     Row("logging.json_file", lambda env: env.path("events.json"), checkJSONFile),
+    Row("logging.level", "warn", checkLogLevel, "loglevel"),
     Row(
         "metrics.listen",
         lambda env: f"tcp:{env.port('metrics')}:interface=127.0.0.1",
@@ -1232,6 +1265,12 @@ GROUP_BASE: dict[str, Callable[[Env], dict[str, dict]]] = {
             "certificate": ocspChain(env)[0]["full"],
             "key": ocspChain(env)[0]["key"],
         }
+    },
+    # The JSON log shows what the level lets through; the accounts file is
+    # watched often, so that its breakage (an error) shows soon.
+    "loglevel": lambda env: {
+        "logging": {"json_file": env.path("events.json")},
+        "accounts": {"watch_interval": 0.2},
     },
     # The core's host and port; its name, CA and client certificate are rows.
     "relay2": lambda env: {

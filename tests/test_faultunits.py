@@ -160,7 +160,7 @@ class RelayFaultTests(unittest.TestCase):
         def readOnly(queueId):
             raise OSError(errno.EROFS, "Read-only file system")
 
-        self.spool.remove = readOnly
+        self.spool.removeDelivered = readOnly
         self.clock.advance(3600)
         self.assertIn(queueId, self.runner.unremovable)
         self.assertEqual(len(self.bounces()), 1)
@@ -184,7 +184,7 @@ class RelayFaultTests(unittest.TestCase):
         def full(entry):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        self.spool.remove = full
+        self.spool.removeDelivered = full
         d.callback(allWith(entry, "temporary", 451, "4.3.0 later"))
         self.assertIn(queueId, self.runner.unremovable)
         self.assertEqual(len(self.bounces()), 1)
@@ -220,7 +220,7 @@ class RelayFaultTests(unittest.TestCase):
         def readOnly(queueId):
             raise OSError(errno.EROFS, "Read-only file system")
 
-        self.spool.remove = readOnly
+        self.spool.removeDelivered = readOnly
         d.callback(allWith(entry, ACCEPTED, 250, "2.0.0 ok"))
         self.assertIn(queueId, self.runner.unremovable)
         self.assertIn("Read-only file system", self.runner.unremovable[queueId])

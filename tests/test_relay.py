@@ -251,11 +251,15 @@ class EndToEndTests(unittest.TestCase):
         [message] = yield server.waitForMessages(1)
         self.assertEqual(message.data, data)
         self.assertEqual(message.recipients, ["bob@example.org"])
-        yield waitUntil(lambda: not spool.pending(), what="an empty queue")
-        self.assertEqual(spool.pending(), [])
-        self.assertFalse(
-            os.path.exists(os.path.join(spool.queueDirectory, queueId + ".msg"))
+        msgPath = os.path.join(spool.queueDirectory, queueId + ".msg")
+        # The message file goes in a thread after the state file (and the
+        # directory fsync): wait for both.
+        yield waitUntil(
+            lambda: not spool.pending() and not os.path.exists(msgPath),
+            what="an empty queue and the message file removed",
         )
+        self.assertEqual(spool.pending(), [])
+        self.assertFalse(os.path.exists(msgPath))
 
 
 class EndToEndFailureTests(unittest.TestCase):

@@ -12,7 +12,8 @@ flight (hold, release, flush, delete) is kept here and handed back to the
 runner when the attempt ends (L{QueueControl.isDeleted},
 L{QueueControl.applyRequests}, L{QueueControl.attemptEnded}).
 
-Every change of state goes through L{msa.queue.spool.Spool.update} or
+Every change of state goes through L{msa.queue.spool.Spool.update} (or
+L{msa.queue.spool.Spool.updateMany}, for a flush) or
 L{msa.queue.spool.Spool.remove}.  An unknown (or malformed) queue id raises
 C{KeyError(queueId)}.
 """
@@ -132,6 +133,7 @@ class QueueControl:
                     continue
         now = self._clock.seconds()
         flushed = []
+        due = []
         for entry in entries:
             if entry.held or self._runner.isUnremovable(entry.queueId):
                 continue
@@ -140,7 +142,10 @@ class QueueControl:
                 self._flushAfter.add(entry.queueId)
                 continue
             entry.nextAttempt = now
-            self.spool.update(entry)
+            due.append(entry)
+        # Written together: one directory fsync for the whole flush.
+        self.spool.updateMany(due)
+        for entry in due:
             self._runner.attemptNow(entry.queueId)
         log.info("flush: {count} message(s)", count=len(flushed))
         return flushed

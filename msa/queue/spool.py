@@ -18,8 +18,14 @@ L{Spool.recover}) or a complete entry.
 The fsyncs of a commit run in the reactor's thread pool (when the reactor has
 one; with a fake reactor such as L{twisted.internet.task.Clock} they run
 synchronously).  The writer's file is not touched by the reactor thread while
-the commit runs.  L{Spool.update} and L{Spool.remove} are synchronous: they
-are small and their ordering with the relay's decisions must be exact.
+the commit runs.  The fsyncs of C{queue/} itself are shared by concurrent
+commits and removals (L{msa.durable.DirectorySync}, a group commit): each
+commit still returns only after an fsync of the directory that started
+after its own renames.  L{Spool.update} and L{Spool.remove} are
+synchronous: they are small and their ordering with the relay's decisions
+must be exact.  L{Spool.removeDelivered} removes the state file at once,
+on the calling thread, and leaves the directory fsync and the removal of
+the message file to a thread.
 """
 
 from __future__ import annotations
@@ -36,7 +42,13 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from msa.durable import fsyncDirectory, publish, writeDurably, writeSynced
+from msa.durable import (
+    DirectorySync,
+    fsyncDirectory,
+    publish,
+    writeDurably,
+    writeSynced,
+)
 from msa.envelope import Envelope
 from msa.errors import SMTPReply
 from msa.interfaces import ISpool, ISpoolWriter
@@ -249,13 +261,10 @@ class SpoolWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         writeSynced(self._statePath, state)
-        publish(
-            [
-                (self._msgPath, os.path.join(queueDir, self.queueId + ".msg")),
-                (self._statePath, os.path.join(queueDir, self.queueId + ".json")),
-            ],
-            queueDir,
-        )
+        # The message first: a .json in queue/ implies its .msg.
+        os.replace(self._msgPath, os.path.join(queueDir, self.queueId + ".msg"))
+        os.replace(self._statePath, os.path.join(queueDir, self.queueId + ".json"))
+        self._spool.queueSync.sync()
 
     def _committed(self, _: None) -> str:
         self._done = True
@@ -355,6 +364,8 @@ class Spool:
         self.queueDirectory = os.path.join(directory, "queue")
         for d in (directory, self.tmpDirectory, self.queueDirectory):
             os.makedirs(d, mode=0o700, exist_ok=True)
+        #: The group commit of C{queue/}'s fsyncs (commits and removals).
+        self.queueSync = DirectorySync(self.queueDirectory)
         self._listeners: list[Callable[[str], object]] = []
 
     def _runBlocking(self, f, *args) -> defer.Deferred:
@@ -420,6 +431,31 @@ class Spool:
         # The temporary name ends in .tmp: recover() removes a leftover.
         writeDurably(statePath, _encodeState(entry), tmpPath=statePath + ".tmp")
 
+    def updateMany(self, entries: list[SpoolEntry]) -> None:
+        """
+        Replace the state of each of C{entries} as L{update} does, with one
+        directory fsync for all of them: every new state is written to its
+        temporary file and fsynced, then all are renamed, then the
+        directory is fsynced.  (For the operator's flush of the whole
+        queue: one fsync per entry instead of two.)
+
+        @raise OSError: when a state cannot be written: then no entry has
+            changed and the temporary files are gone; or when a rename or
+            the fsync fails (a leftover temporary file is removed by
+            L{recover}).
+        """
+        moves: list[tuple[str, str]] = []
+        try:
+            for entry in entries:
+                _, statePath = self._paths(entry.queueId)
+                moves.append((statePath + ".tmp", statePath))
+                writeSynced(statePath + ".tmp", _encodeState(entry))
+        except BaseException:
+            for tmpPath, _ in moves:
+                _discard(tmpPath)
+            raise
+        publish(moves, self.queueDirectory)
+
     def remove(self, queueId: str) -> None:
         """
         Remove an entry: the state file first, so that a crash in between
@@ -429,6 +465,30 @@ class Spool:
         msgPath, statePath = self._paths(queueId)
         _unlinkQuietly(statePath)
         fsyncDirectory(self.queueDirectory)
+        _unlinkQuietly(msgPath)
+
+    def removeDelivered(self, queueId: str) -> defer.Deferred[None]:
+        """
+        Remove an entry, as L{remove} does, with the disk work off the
+        calling (reactor) thread: the state file is removed now, so that
+        the entry is gone for every reader as soon as this returns; then,
+        in the reactor's thread pool, the directory is fsynced (shared with
+        concurrent commits and removals, L{DirectorySync}) and only then is
+        the message file removed.
+
+        @return: a L{Deferred} firing when the removal is durable.
+        @raise OSError: when the state file cannot be removed (the entry is
+            then unchanged).
+        """
+        msgPath, statePath = self._paths(queueId)
+        _unlinkQuietly(statePath)
+        return self._runBlocking(self._removedBlocking, msgPath)
+
+    def _removedBlocking(self, msgPath: str) -> None:
+        """
+        The disk part of L{removeDelivered}: runs in a thread.
+        """
+        self.queueSync.sync()
         _unlinkQuietly(msgPath)
 
     def openMessage(self, queueId: str):

@@ -1,10 +1,18 @@
 # -*- test-case-name: tests.test_relay,tests.test_durable -*-
 """
 The downstream for a start without a core MTA: an outbox directory.
+
+A message that ends with CRLF (as every message the MSA receives does) goes
+there by a hard link to its spool file, already fsynced when it was
+queued, and an fsync of the outbox directory: no copy and no second fsync
+of its bytes.  Otherwise (a message without the final CRLF, an outbox on
+another file system, a file system without hard links) it is copied
+durably (L{msa.durable.writeDurably}).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -12,7 +20,7 @@ from typing import BinaryIO
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from msa.durable import writeDurably
+from msa.durable import fsyncDirectory, writeDurably
 from msa.queue.spool import SpoolEntry
 from msa.relay.protocol import ACCEPTED, TEMPORARY, DeliveryResult, RecipientResult
 
@@ -51,7 +59,8 @@ class OutboxDownstream:
         )
 
         def done(path):
-            log.info(
+            # The relay runner logs the outcome (INFO); this is the detail.
+            log.debug(
                 "{queueId} written to the outbox: {path}",
                 queueId=entry.queueId,
                 path=path,
@@ -75,8 +84,59 @@ class OutboxDownstream:
         # A hidden temporary name: whoever reads the outbox skips it.  Mode
         # 0666 less the umask, as a plain open() gives.
         tmpPath = os.path.join(self.directory, "." + entry.queueId + ".eml.tmp")
+        source = getattr(entry, "messagePath", "")
+        fileno = getattr(messageFile, "fileno", None)
+        if source and fileno is not None and _endsWithCRLF(fileno()):
+            try:
+                _linkDurably(source, path, tmpPath, self.directory)
+                return path
+            except OSError as e:
+                if e.errno not in _NO_LINK:
+                    raise
         writeDurably(path, _terminated(messageFile), mode=0o666, tmpPath=tmpPath)
         return path
+
+
+#: Errors of L{os.link} that mean "copy instead": another file system, or
+#: one without hard links.
+_NO_LINK = (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK)
+
+
+def _endsWithCRLF(fd: int) -> bool:
+    """
+    Whether the message file open as C{fd} is empty or ends with CRLF: then
+    it is exactly what goes to the outbox.  (Read without moving the
+    file's position.)
+    """
+    size = os.fstat(fd).st_size
+    return size == 0 or (size >= 2 and os.pread(fd, 2, size - 2) == b"\r\n")
+
+
+def _linkDurably(source: str, path: str, tmpPath: str, directory: str) -> None:
+    """
+    Make C{path} a hard link to C{source} (whose bytes are durable), then
+    fsync C{directory}.  A C{path} left by an earlier attempt (a crash
+    before the spool recorded the delivery) is replaced atomically, through
+    C{tmpPath}.
+    """
+    try:
+        os.link(source, path)
+    except FileExistsError:
+        if not os.path.samefile(source, path):
+            _unlinkQuietly(tmpPath)
+            try:
+                os.link(source, tmpPath)
+                os.replace(tmpPath, path)
+            finally:
+                _unlinkQuietly(tmpPath)
+    fsyncDirectory(directory)
+
+
+def _unlinkQuietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _terminated(messageFile: BinaryIO) -> Iterator[bytes]:

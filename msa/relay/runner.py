@@ -253,7 +253,15 @@ class RelayRunner(Service):
         The attempt itself broke (e.g. the state could not be written): log
         it and try again later, the entry is still in the spool.
         """
-        log.failure("relay of {queueId} failed", failure, queueId=queueId)
+        if failure.check(OSError):
+            # The disk's answer (read-only, full, EIO): expected, no traceback.
+            log.error(
+                "relay of {queueId} failed: {error}; it stays queued, retry later",
+                queueId=queueId,
+                error=failure.value,
+            )
+        else:
+            log.failure("relay of {queueId} failed", failure, queueId=queueId)
         if self.running and not self.control.isDeleted(queueId):
             self._schedule(queueId, self.retryBase)
 
@@ -295,7 +303,7 @@ class RelayRunner(Service):
         if entry.owedNotices and not await self._payNotices(entry):
             return
         if not entry.pendingRecipients():
-            self._finish(entry)
+            await self._finish(entry)
             return
         try:
             messageFile = self.spool.openMessage(queueId)
@@ -374,19 +382,9 @@ class RelayRunner(Service):
             if decided:
                 self._holdUnremovable(entry, e)
                 return
-            if not isinstance(e, OSError):
-                raise
-            # Nothing was delivered: the entry stays as the spool has it
-            # (its previous state) and is simply tried again.
-            log.error(
-                "{queueId}: the spool cannot record the deferred attempt "
-                "({error}); it stays queued and is tried again in {delay:.0f}s",
-                queueId=entry.queueId,
-                error=e,
-                delay=self.retryBase,
-            )
-            if self.running and not self.control.isDeleted(entry.queueId):
-                self._schedule(entry.queueId, self.retryBase)
+            # Nothing was delivered: the entry stays as the spool has it and
+            # is tried again (L{_attemptFailed}).
+            raise
 
     async def _applyResult(self, entry: SpoolEntry, result: DeliveryResult) -> None:
         queueId = entry.queueId
@@ -451,7 +449,8 @@ class RelayRunner(Service):
         self.control.applyRequests(entry, now)
         if entry.pendingRecipients() or entry.owedNotices:
             self.spool.update(entry)
-            log.info(
+            # The attempt's outcome was logged (INFO) by _record.
+            log.debug(
                 "{queueId} deferred (attempt {attempts}) until {nextAttempt}: {error}",
                 queueId=queueId,
                 attempts=entry.attempts,
@@ -461,7 +460,7 @@ class RelayRunner(Service):
             if self.running and not entry.held:
                 self._schedule(queueId, entry.nextAttempt - now)
         else:
-            self._finish(entry)
+            await self._finish(entry)
 
     async def _hook(self, entry: SpoolEntry, recipients: list[str], reply: str) -> bool:
         """
@@ -520,7 +519,7 @@ class RelayRunner(Service):
         entry.owedNotices = []
         try:
             if not entry.pendingRecipients():
-                self._finish(entry)
+                await self._finish(entry)
                 return False
             self.spool.update(entry)
         except Exception as e:
@@ -528,12 +527,15 @@ class RelayRunner(Service):
             return False
         return True
 
-    def _finish(self, entry: SpoolEntry) -> None:
+    async def _finish(self, entry: SpoolEntry) -> None:
         """
-        No recipient is pending: the entry leaves the queue.
+        No recipient is pending: the entry leaves the queue.  The attempt
+        ends only once the removal is durable
+        (L{msa.queue.spool.Spool.removeDelivered}: the disk work is done in
+        a thread, with the fsyncs of concurrent removals and commits shared).
         """
         self._noticeTries.pop(entry.queueId, None)
-        self.spool.remove(entry.queueId)
+        await self.spool.removeDelivered(entry.queueId)
         log.debug("{queueId} removed from the queue", queueId=entry.queueId)
 
     def _holdUnremovable(self, entry: SpoolEntry, error: Exception) -> None:

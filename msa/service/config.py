@@ -71,6 +71,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     },
     "logging": {
         "json_file": ((str,), None),
+        "level": ((str,), "info"),
     },
     "metrics": {
         "listen": ((str,), None),
@@ -104,6 +105,9 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
 }
 
 RELAY_TLS_MODES = ("starttls", "implicit", "none")
+
+#: The values of C{[logging] level} (L{msa.service.logs.LEVELS}).
+LOG_LEVELS = ("debug", "info", "warn", "error")
 
 
 class ConfigError(Exception):
@@ -234,6 +238,10 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
     )
     relay["outbox"] = absolute(relay["outbox"], os.path.join(state, "outbox"))
     config["logging"]["json_file"] = absolute(config["logging"]["json_file"])
+    if config["logging"]["level"] not in LOG_LEVELS:
+        levels = ", ".join(LOG_LEVELS)
+        where = _where(path, "logging", "level")
+        raise ConfigError(f"{where}: must be one of {levels}")
     for key in ("ca_file", "client_certificate", "client_key", "auth_password_file"):
         relay[key] = absolute(relay[key])
     if relay["tls"] not in RELAY_TLS_MODES:

@@ -27,7 +27,15 @@ import sys
 from collections import OrderedDict
 from typing import IO, Any
 
-from twisted.logger import ILogObserver, LogLevel, formatEvent
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogFilterPredicate,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    PredicateResult,
+    formatEvent,
+)
 from zope.interface import implementer
 
 #: The fields every line has, or has when known, in this order.
@@ -204,6 +212,40 @@ class FlatJSONObserver:
                 self._messages.pop(queueId, None)
         if session and line["event"] == "disconnected":
             self._sessions.pop(session, None)
+
+
+#: The values of C{[logging] level}: the least severe level written.
+LEVELS = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+}
+
+
+@implementer(ILogFilterPredicate)
+class LevelPredicate:
+    """
+    Drop the events below C{level}, before any observer formats or writes
+    them (the C{[logging] level} setting).  An event without a level or a
+    namespace (which L{LogLevelFilterPredicate} alone would drop) passes.
+    """
+
+    def __init__(self, level: LogLevel) -> None:
+        self.level = level
+        self._predicate = LogLevelFilterPredicate(defaultLogLevel=level)
+
+    def __call__(self, event: dict) -> Any:
+        if event.get("log_level") is None or not event.get("log_namespace"):
+            return PredicateResult.maybe
+        return self._predicate(event)
+
+
+def levelFilter(observer: ILogObserver, level: LogLevel) -> FilteringLogObserver:
+    """
+    C{observer}, behind a filter that drops the events below C{level}.
+    """
+    return FilteringLogObserver(observer, [LevelPredicate(level)])
 
 
 def _isoTime(timestamp: float | None) -> str | None:

@@ -17,12 +17,19 @@ from twisted.application import service, strports
 from twisted.application.service import MultiService
 from twisted.cred.portal import Portal
 from twisted.internet.interfaces import IProtocolFactory
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogLevel,
+    LogPublisher,
+    globalLogPublisher,
+)
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.web.server import Site
 
 from msa import __version__, metrics, tls
+from msa._compat import publisherObservers
 from msa.accounts.checkers import AccountChecker, SubmissionRealm
 from msa.accounts.clientcert import CertificateBindingRealm, CertificateChecker
 from msa.accounts.filestore import AccountFile
@@ -158,6 +165,9 @@ def buildService(config: Config, reactor=None) -> MultiService:
         from twisted.internet import reactor
     server, tlsConfig = config["server"], config["tls"]
     top = MultiService()
+    # First, so that it is in place before the other services log.
+    level = logs.LEVELS[config["logging"]["level"]]
+    _LogLevel(level).setServiceParent(top)
     os.makedirs(server["state_dir"], mode=0o700, exist_ok=True)
 
     certFile, keyFile = tlsConfig["certificate"], tlsConfig["key"]
@@ -219,7 +229,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
         metricsService = strports.service(config["metrics"]["listen"], site, reactor)
         metricsService.setServiceParent(top)
     if config["logging"]["json_file"]:
-        _JSONLog(config["logging"]["json_file"]).setServiceParent(top)
+        _JSONLog(config["logging"]["json_file"], level).setServiceParent(top)
     ControlService(
         socketPath(server["state_dir"]), runner.control, spool, reactor
     ).setServiceParent(top)
@@ -305,6 +315,38 @@ def buildService(config: Config, reactor=None) -> MultiService:
     return top
 
 
+class _LogLevel(service.Service):
+    """
+    The C{[logging] level}: while running, every observer of the global log
+    publisher (twistd's text log, and any other present at the start) sits
+    behind a filter (L{msa.service.logs.levelFilter}), so that the events
+    below C{level} are neither formatted nor written.  On stop, the
+    observers are put back as they were.
+    """
+
+    def __init__(self, level: LogLevel, publisher: LogPublisher | None = None) -> None:
+        self.level = level
+        self.publisher = globalLogPublisher if publisher is None else publisher
+        self._wrapped: list[tuple[ILogObserver, ILogObserver]] = []
+
+    def startService(self) -> None:
+        super().startService()
+        for observer in publisherObservers(self.publisher):
+            wrapped = logs.levelFilter(observer, self.level)
+            self.publisher.removeObserver(observer)
+            self.publisher.addObserver(wrapped)
+            self._wrapped.append((observer, wrapped))
+
+    def stopService(self):
+        present = publisherObservers(self.publisher)
+        for observer, wrapped in self._wrapped:
+            if wrapped in present:
+                self.publisher.removeObserver(wrapped)
+                self.publisher.addObserver(observer)
+        self._wrapped = []
+        return super().stopService()
+
+
 class _JSONLog(service.Service):
     """
     The MSA's log events (and errors) also as flat JSON objects, one per
@@ -312,14 +354,15 @@ class _JSONLog(service.Service):
     msa.service.logs.jsonLogger}; fields in L{msa.service.logs}).
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, level: LogLevel = LogLevel.info) -> None:
         self.path = path
-        self._observer: logs.FlatJSONObserver | None = None
+        self.level = level
+        self._observer: ILogObserver | None = None
 
     def startService(self) -> None:
         super().startService()
         self._file = open(self.path, "a", encoding="utf-8")
-        observer = logs.FlatJSONObserver(self._file)
+        observer = logs.levelFilter(logs.FlatJSONObserver(self._file), self.level)
         globalLogPublisher.addObserver(observer)
         self._observer = observer
 

@@ -1,0 +1,394 @@
+# -*- test-case-name: tests.test_groupcommit -*-
+"""
+Fewer file system operations per message, with the same durability:
+
+  - L{msa.durable.DirectorySync}, the group commit of a directory's fsync:
+    concurrent callers share one fsync, and each returns only after an
+    fsync that started after its call;
+  - the spool's commit and L{msa.queue.spool.Spool.removeDelivered} use it,
+    in order (renames, then the fsync; state file, fsync, then message
+    file);
+  - the outbox is filled by a hard link to the (already durable) spool
+    file, not a copy and a second fsync.
+"""
+
+import errno
+import os
+import threading
+
+from twisted.internet import task
+from twisted.trial import unittest
+
+import msa.queue.spool
+from msa import durable
+from msa.durable import DirectorySync
+from msa.queue.spool import Spool
+from msa.relay import outbox
+from msa.relay.outbox import OutboxDownstream
+from tests.relaydata import makeEnvelope
+
+
+class BlockingFsync:
+    """
+    A fake directory fsync that records its calls and, for the first one,
+    waits until released, so that other callers arrive while it runs.
+    """
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls = 0
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.fail = fail
+        self.log: list[str] = []
+
+    def __call__(self, path: str) -> None:
+        self.calls += 1
+        self.log.append(f"fsync {self.calls} start")
+        if self.calls == 1:
+            self.started.set()
+            self.release.wait(10)
+            if self.fail:
+                raise OSError(errno.EIO, "Input/output error")
+
+
+def _waitFor(condition, what: str) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class DirectorySyncTests(unittest.TestCase):
+    """
+    L{DirectorySync.sync}.
+    """
+
+    def test_single(self):
+        """
+        One caller, one real fsync of the directory.
+        """
+        calls = []
+        syncer = DirectorySync(self.mktemp(), calls.append)
+        syncer.sync()
+        syncer.sync()
+        self.assertEqual(calls, [syncer.path, syncer.path])
+        self.assertEqual(syncer.fsyncs, 2)
+
+    def test_realDirectory(self):
+        path = self.mktemp()
+        os.mkdir(path)
+        DirectorySync(path).sync()
+
+    def _concurrent(self, fsync: BlockingFsync, late: int):
+        """
+        One caller starts an fsync; C{late} callers arrive while it runs.
+
+        @return: the syncer, the results (None or the exception) of the
+            first caller and of the late ones, and the log of events.
+        """
+        syncer = DirectorySync("dir", fsync)
+        results: dict[int, object] = {}
+
+        def call(n):
+            try:
+                syncer.sync()
+                results[n] = None
+            except OSError as e:
+                results[n] = e
+            fsync.log.append(f"caller {n} returned")
+
+        first = threading.Thread(target=call, args=(0,))
+        first.start()
+        self.assertTrue(fsync.started.wait(10))
+        others = [threading.Thread(target=call, args=(n,)) for n in range(1, late + 1)]
+        for t in others:
+            t.start()
+        _waitFor(lambda: syncer.waiting == late, "the late callers to wait")
+        fsync.release.set()
+        for t in [first, *others]:
+            t.join(10)
+        return syncer, results, fsync.log
+
+    def test_lateCallersShareOneFsync(self):
+        """
+        Callers that arrive while an fsync runs are served by one fsync
+        that starts after that one ends, not by the one already running.
+        """
+        fsync = BlockingFsync()
+        syncer, results, log = self._concurrent(fsync, 5)
+        self.assertEqual(fsync.calls, 2)
+        self.assertEqual(syncer.fsyncs, 2)
+        self.assertEqual(results, {n: None for n in range(6)})
+        second = log.index("fsync 2 start")
+        for n in range(1, 6):
+            self.assertGreater(log.index(f"caller {n} returned"), second)
+        self.assertLess(log.index("caller 0 returned"), second)
+
+    def test_failureReachesItsRound(self):
+        """
+        A failed fsync fails every caller it served, and only them; the next
+        round runs its own fsync.
+        """
+        fsync = BlockingFsync(fail=True)
+        syncer, results, log = self._concurrent(fsync, 3)
+        self.assertIsInstance(results[0], OSError)
+        self.assertEqual(results[0].errno, errno.EIO)
+        self.assertEqual(
+            {n: results[n] for n in (1, 2, 3)}, {1: None, 2: None, 3: None}
+        )
+        self.assertEqual(fsync.calls, 2)
+        syncer.sync()
+        self.assertEqual(fsync.calls, 3)
+
+
+class SpoolGroupCommitTests(unittest.TestCase):
+    """
+    The spool's commit and removal go through its L{DirectorySync}, after
+    the renames (commit) and after the state file's removal and before the
+    message file's (removal).
+    """
+
+    def setUp(self):
+        self.spool = Spool(self.mktemp(), task.Clock())
+        self.seen: list[tuple[bool, bool]] = []
+        self.fail = False
+
+        def fsync(path):
+            self.assertEqual(path, self.spool.queueDirectory)
+            names = os.listdir(path)
+            self.seen.append(
+                (
+                    any(n.endswith(".msg") for n in names),
+                    any(n.endswith(".json") for n in names),
+                )
+            )
+            if self.fail:
+                raise OSError(errno.EIO, "Input/output error")
+
+        self.spool.queueSync = DirectorySync(self.spool.queueDirectory, fsync)
+
+    def commit(self) -> str:
+        writer = self.spool.newMessage(makeEnvelope(("bob@example.org",)))
+        writer.write(b"Subject: x\r\n\r\nbody\r\n")
+        return self.successResultOf(writer.commit())
+
+    def test_commitSyncsAfterRenames(self):
+        queueId = self.commit()
+        self.assertEqual(self.seen, [(True, True)])
+        self.assertEqual(self.spool.pending(), [queueId])
+        self.assertEqual(os.listdir(self.spool.tmpDirectory), [])
+
+    def test_commitFsyncFails(self):
+        """
+        The directory fsync fails: the commit fails with 451 and nothing of
+        the message stays.
+        """
+        self.fail = True
+        writer = self.spool.newMessage(makeEnvelope(("bob@example.org",)))
+        writer.write(b"Subject: x\r\n\r\nbody\r\n")
+        failure = self.failureResultOf(writer.commit())
+        self.assertEqual(failure.value.code, 451)
+        self.assertEqual(os.listdir(self.spool.queueDirectory), [])
+
+    def test_removeDelivered(self):
+        """
+        The state file goes at once; the fsync sees the message file still
+        there and the state file gone; then the message file goes.
+        """
+        queueId = self.commit()
+        del self.seen[:]
+        d = self.spool.removeDelivered(queueId)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.seen, [(True, False)])
+        self.assertEqual(os.listdir(self.spool.queueDirectory), [])
+
+    def test_removeDeliveredFsyncFails(self):
+        """
+        The fsync fails: the L{Deferred} fails, the entry is gone from the
+        queue, and its message file stays for L{Spool.recover}.
+        """
+        queueId = self.commit()
+        self.fail = True
+        failure = self.failureResultOf(self.spool.removeDelivered(queueId))
+        self.assertEqual(failure.value.errno, errno.EIO)
+        self.assertEqual(self.spool.pending(), [])
+        self.assertEqual(os.listdir(self.spool.queueDirectory), [queueId + ".msg"])
+        self.fail = False
+        self.assertEqual(self.spool.recover(), [])
+        self.assertEqual(os.listdir(self.spool.queueDirectory), [])
+
+    def test_removeDeliveredStateRefused(self):
+        """
+        The state file cannot be removed (a read-only spool): the error is
+        raised at once and the entry is intact.
+        """
+        queueId = self.commit()
+
+        def refuse(path):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        self.patch(os, "unlink", refuse)
+        self.assertRaises(OSError, self.spool.removeDelivered, queueId)
+        self.patch(os, "unlink", os.remove)
+        self.assertEqual(self.spool.pending(), [queueId])
+
+
+class OutboxLinkTests(unittest.TestCase):
+    """
+    The outbox gets a hard link to the spool's message file when that is
+    exactly the outbox's content, and a durable copy otherwise.
+    """
+
+    def setUp(self):
+        self.spool = Spool(self.mktemp(), task.Clock())
+        self.directory = os.path.join(self.mktemp(), "outbox")
+        self.outbox = OutboxDownstream(self.directory, task.Clock())
+        self.fsyncs: list[str] = []
+        real = durable.fsyncDirectory
+
+        def fsyncDirectory(path):
+            self.fsyncs.append(path)
+            real(path)
+
+        self.patch(outbox, "fsyncDirectory", fsyncDirectory)
+
+    def write(self, data: bytes) -> tuple[object, str]:
+        writer = self.spool.newMessage(makeEnvelope(("bob@example.org",)))
+        writer.write(data)
+        queueId = self.successResultOf(writer.commit())
+        entry = self.spool.load(queueId)
+        with self.spool.openMessage(queueId) as f:
+            path = self.outbox._write(entry, f)
+        return entry, path
+
+    def test_linked(self):
+        data = b"Subject: x\r\n\r\nbody\r\n"
+        entry, path = self.write(data)
+        self.assertTrue(os.path.samefile(path, entry.messagePath))
+        self.assertEqual(self.fsyncs, [self.directory])
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), data)
+        self.assertEqual(os.listdir(self.directory), [entry.queueId + ".eml"])
+        # The spool's removal leaves the outbox's file whole.
+        self.successResultOf(self.spool.removeDelivered(entry.queueId))
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    def test_emptyLinked(self):
+        entry, path = self.write(b"")
+        self.assertTrue(os.path.samefile(path, entry.messagePath))
+
+    def test_withoutCRLFCopied(self):
+        entry, path = self.write(b"Subject: x\r\n\r\nno newline")
+        self.assertFalse(os.path.samefile(path, entry.messagePath))
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"Subject: x\r\n\r\nno newline\r\n")
+
+    def test_earlierFileReplaced(self):
+        """
+        A file of an earlier attempt (a crash before the spool recorded the
+        delivery) is replaced by the link; no temporary file stays.
+        """
+        data = b"Subject: x\r\n\r\nbody\r\n"
+        writer = self.spool.newMessage(makeEnvelope(("bob@example.org",)))
+        writer.write(data)
+        queueId = self.successResultOf(writer.commit())
+        stale = os.path.join(self.directory, queueId + ".eml")
+        with open(stale, "wb") as f:
+            f.write(b"partial")
+        entry = self.spool.load(queueId)
+        with self.spool.openMessage(queueId) as f:
+            path = self.outbox._write(entry, f)
+        self.assertTrue(os.path.samefile(path, entry.messagePath))
+        self.assertEqual(os.listdir(self.directory), [queueId + ".eml"])
+        # Again (the same link already there): still one file.
+        with self.spool.openMessage(queueId) as f:
+            self.outbox._write(entry, f)
+        self.assertEqual(os.listdir(self.directory), [queueId + ".eml"])
+
+    def test_otherFileSystemCopied(self):
+        """
+        Where a hard link is refused (another file system), the message is
+        copied durably.
+        """
+
+        def crossDevice(source, target):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        self.patch(os, "link", crossDevice)
+        data = b"Subject: x\r\n\r\nbody\r\n"
+        entry, path = self.write(data)
+        self.assertFalse(os.path.samefile(path, entry.messagePath))
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    def test_otherLinkErrorRaised(self):
+        """
+        Any other error of the link (a full disk, EIO) is the attempt's
+        failure, as a failed copy would be.
+        """
+
+        def full(source, target):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(os, "link", full)
+        self.assertRaises(OSError, self.write, b"Subject: x\r\n\r\nbody\r\n")
+
+
+class UpdateManyTests(unittest.TestCase):
+    """
+    L{Spool.updateMany}, the operator's flush: every state written and
+    fsynced, all renamed, one directory fsync.
+    """
+
+    def setUp(self):
+        self.spool = Spool(self.mktemp(), task.Clock())
+        self.ids = []
+        for _ in range(3):
+            writer = self.spool.newMessage(makeEnvelope(("bob@example.org",)))
+            writer.write(b"Subject: x\r\n\r\nbody\r\n")
+            self.ids.append(self.successResultOf(writer.commit()))
+        self.fsyncs: list[str] = []
+        self.patch(durable, "fsyncDirectory", self.fsyncs.append)
+
+    def test_allWrittenOneFsync(self):
+        entries = [self.spool.load(q) for q in self.ids]
+        for n, entry in enumerate(entries):
+            entry.nextAttempt = 1000.0 + n
+        self.spool.updateMany(entries)
+        self.assertEqual(
+            [self.spool.load(q).nextAttempt for q in self.ids], [1000.0, 1001.0, 1002.0]
+        )
+        self.assertEqual(self.fsyncs, [self.spool.queueDirectory])
+        self.assertEqual(
+            sorted(os.listdir(self.spool.queueDirectory)),
+            sorted(q + ext for q in self.ids for ext in (".json", ".msg")),
+        )
+
+    def test_writeFailsNothingChanged(self):
+        """
+        The second state cannot be written: no entry changed, no temporary
+        file left, the error raised.
+        """
+        entries = [self.spool.load(q) for q in self.ids]
+        before = [e.nextAttempt for e in entries]
+        for entry in entries:
+            entry.nextAttempt = 5000.0
+        real = durable.writeSynced
+        calls = []
+
+        def writeSynced(path, data, *args, **kwargs):
+            calls.append(path)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, data, *args, **kwargs)
+
+        self.patch(msa.queue.spool, "writeSynced", writeSynced)
+        error = self.assertRaises(OSError, self.spool.updateMany, entries)
+        self.assertEqual(error.errno, errno.ENOSPC)
+        self.assertEqual([self.spool.load(q).nextAttempt for q in self.ids], before)
+        self.assertFalse(
+            [n for n in os.listdir(self.spool.queueDirectory) if n.endswith(".tmp")]
+        )
+        self.assertEqual(self.fsyncs, [])

@@ -1,0 +1,156 @@
+# -*- test-case-name: tests.test_loglevel -*-
+"""
+The C{[logging] level} setting: the predicate and filter of
+L{msa.service.logs}, the service that puts the filter in front of the
+global log publisher's observers (L{msa.service.tap._LogLevel}), and the
+configuration error for a bad value.  Its effect over the daemon is the
+C{logging.level} row of L{tests.test_everykey}.
+"""
+
+import os
+
+from twisted.logger import Logger, LogLevel, LogPublisher, formatEvent
+from twisted.trial import unittest
+
+from msa._compat import publisherObservers
+from msa.service import logs
+from msa.service.config import ConfigError, loadConfig
+from msa.service.tap import Options, _LogLevel, makeService
+
+
+def _events(publisher: LogPublisher) -> tuple[list[dict], Logger]:
+    seen: list[dict] = []
+    publisher.addObserver(seen.append)
+    return seen, Logger(namespace="msa.test", observer=publisher)
+
+
+class LevelPredicateTests(unittest.TestCase):
+    """
+    L{logs.levelFilter} drops the events below its level, before the
+    observer behind it sees (and formats) them.
+    """
+
+    def test_levels(self):
+        for name, level in logs.LEVELS.items():
+            seen: list[dict] = []
+            log = Logger(
+                namespace="msa.test", observer=logs.levelFilter(seen.append, level)
+            )
+            log.debug("d")
+            log.info("i")
+            log.warn("w")
+            log.error("e")
+            log.critical("c")
+            expected = {
+                "debug": ["d", "i", "w", "e", "c"],
+                "info": ["i", "w", "e", "c"],
+                "warn": ["w", "e", "c"],
+                "error": ["e", "c"],
+            }[name]
+            self.assertEqual([e["log_format"] for e in seen], expected, name)
+
+    def test_notFormatted(self):
+        """
+        A dropped event is not formatted: an argument whose C{str} would
+        raise is never asked for it.
+        """
+
+        class Boom:
+            def __str__(self):
+                raise AssertionError("formatted")
+
+        seen: list[dict] = []
+        log = Logger(
+            namespace="msa.test",
+            observer=logs.levelFilter(
+                lambda e: seen.append(formatEvent(e)), LogLevel.info
+            ),
+        )
+        log.debug("{x}", x=Boom())
+        log.info("kept {x}", x=1)
+        self.assertEqual(seen, ["kept 1"])
+
+    def test_eventWithoutLevelPasses(self):
+        """
+        An event without a level or a namespace (which Twisted's own
+        predicate would drop) passes.
+        """
+        seen: list[dict] = []
+        observer = logs.levelFilter(seen.append, LogLevel.error)
+        observer({"log_format": "no level", "log_namespace": "x"})
+        observer({"log_format": "no namespace", "log_level": LogLevel.info})
+        self.assertEqual(len(seen), 2)
+
+
+class LogLevelServiceTests(unittest.TestCase):
+    """
+    L{_LogLevel} filters every observer of its publisher while it runs,
+    and puts them back when it stops.
+    """
+
+    def test_filtersWhileRunning(self):
+        publisher = LogPublisher()
+        seen, log = _events(publisher)
+        service = _LogLevel(LogLevel.warn, publisher)
+        service.startService()
+        log.info("hidden")
+        log.warn("shown")
+        service.stopService()
+        log.debug("after")
+        self.assertEqual([e["log_format"] for e in seen], ["shown", "after"])
+        self.assertEqual(publisherObservers(publisher), [seen.append])
+
+    def test_removedObserverStaysRemoved(self):
+        """
+        An observer whose filter was removed while the service ran is not
+        put back on stop.
+        """
+        publisher = LogPublisher()
+        seen, log = _events(publisher)
+        service = _LogLevel(LogLevel.info, publisher)
+        service.startService()
+        [wrapped] = publisherObservers(publisher)
+        publisher.removeObserver(wrapped)
+        service.stopService()
+        self.assertEqual(publisherObservers(publisher), [])
+
+
+class LevelConfigTests(unittest.TestCase):
+    """
+    C{[logging] level}: default C{info}; anything but debug, info, warn,
+    error is the one-line configuration error naming the key.
+    """
+
+    def write(self, text: str) -> str:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_default(self):
+        self.assertEqual(loadConfig(self.write(""))["logging"]["level"], "info")
+
+    def test_accepted(self):
+        for name in ("debug", "info", "warn", "error"):
+            path = self.write(f'[logging]\nlevel = "{name}"\n')
+            self.assertEqual(loadConfig(path)["logging"]["level"], name)
+
+    def test_refused(self):
+        for value in ('"verbose"', '"INFO"', '"warning"', '""', "3"):
+            path = self.write(f"[logging]\nlevel = {value}\n")
+            error = self.assertRaises(ConfigError, loadConfig, path)
+            self.assertIn(f"{path}: [logging] level: must be ", str(error))
+
+    def test_daemonRefuses(self):
+        """
+        twistd exits with the one line naming the file and the key.
+        """
+        path = self.write('[logging]\nlevel = "verbose"\n')
+        options = Options()
+        options.parseOptions(["--config", path])
+        error = self.assertRaises(SystemExit, makeService, options)
+        self.assertEqual(
+            str(error),
+            f"digipoort-msa: {path}: [logging] level: must be one of "
+            "debug, info, warn, error",
+        )
