@@ -57,6 +57,7 @@ from msa.interfaces import IAccountStore, ISpool, ISpoolWriter
 from msa.policy.authorization import ServerRules
 from msa.policy.content import ContentPolicyChain
 from msa.submission.avatar import submissionFactory
+from msa.submission.phase import SessionPhase
 from msa.submission.server import ServerPolicy, SubmissionFactory, SubmissionServer
 
 __all__ = [
@@ -494,7 +495,7 @@ class Harness:
 
         @return: the reply to the last line of the exchange.
         """
-        if not self.server._tls:
+        if self.server.phase is SessionPhase.BEFORE_TLS:
             self.startTLS()
         if mechanism == "LOGIN":
             self.command(b"AUTH LOGIN")

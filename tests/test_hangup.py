@@ -319,7 +319,7 @@ class RefusedLogTests(unittest.TestCase):
         h = Harness(self)
         h.login()
         h.transaction()
-        h.server._queueId = ""
+        h.server.transaction.queueId = ""
         h.send(b"x\ny\r\n.\r\n")
         [refused] = named(events, "refused")
         self.assertEqual(

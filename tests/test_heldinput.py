@@ -63,14 +63,14 @@ class HeldInputProtocolTests(unittest.TestCase):
         h = self.heldLogin()
         h.server.dataReceived(b"x" * (MAX_HELD_INPUT - 2) + b"\r\n")
         self.assertFalse(h.transport.disconnecting)
-        self.assertEqual(h.server._framer.buffered, MAX_HELD_INPUT)
+        self.assertEqual(h.server.framer.buffered, MAX_HELD_INPUT)
         h.server.dataReceived(b"N")
         self.assertEqual(
             h.transport.value(),
             b"421 4.7.0 msa.example.nl Error: too much pipelined input\r\n",
         )
         self.assertTrue(h.transport.disconnecting)
-        self.assertEqual(h.server._framer.buffered, 0)
+        self.assertEqual(h.server.framer.buffered, 0)
         h.transport.clear()
         h.clock.advance(30)
         self.assertEqual(h.transport.value(), b"")
@@ -130,7 +130,7 @@ class DataPathLinearTests(unittest.TestCase):
 
     def test_declinedBlockJudgedOnce(self):
         h = Harness(self)
-        h.server._framer = framer = CountingFramer()
+        h.server.framer = framer = CountingFramer()
         h.login()
         h.transaction()
         data = b"short line of text\r\n" * 3000 + b"bare\nLF\r\n"
@@ -145,12 +145,12 @@ class DataPathLinearTests(unittest.TestCase):
         a block.
         """
         h = Harness(self)
-        h.server._framer = framer = CountingFramer()
+        h.server.framer = framer = CountingFramer()
         h.login()
         h.transaction()
-        h.server._message._checker = object()
-        self.assertFalse(h.server._message.acceptsBlocks)
-        h.server._dataBlock()
+        h.server.transaction.message._checker = object()
+        self.assertFalse(h.server.transaction.message.acceptsBlocks)
+        h.server.transaction.dataBlock()
         self.assertEqual(framer.judged, 0)
 
 
@@ -169,7 +169,7 @@ class FloodWhileLoginDelayedTests(unittest.TestCase):
         def recording(server, data):
             waiting = server._waiting
             original(server, data)
-            records.append((waiting, len(data), server._framer.buffered))
+            records.append((waiting, len(data), server.framer.buffered))
 
         self.patch(SubmissionServer, "dataReceived", recording)
         msa = RunningMSA(self, server={"auth_delay_base": 2})
@@ -179,7 +179,7 @@ class FloodWhileLoginDelayedTests(unittest.TestCase):
         def poll():
             for session in registry.sessions:
                 observed.append(
-                    (session._waiting, session._paused, session._framer.buffered)
+                    (session._waiting, session._paused, session.framer.buffered)
                 )
 
         poller = task.LoopingCall(poll)

@@ -157,7 +157,7 @@ class TwistedDefaultsTests(unittest.TestCase):
         self.assertTrue(talk(server, transport, b"x\r\n.\r\n").startswith(b"550"))
         self.flushLoggedErrors(OSError)
         # Ours answers 451 for the same failure: see
-        # test_server.TransactionTests.test_temporarySpoolFailure.
+        # test_transaction.TransactionTests.test_temporarySpoolFailure.
 
     def test_oneMessagePerRecipient(self):
         delivery = PlainDelivery()

@@ -1,13 +1,17 @@
+# -*- test-case-name: tests.test_submission_auth -*-
 """
-SMTP AUTH (RFC 4954) for L{msa.submission.server.SubmissionServer}: drives the SASL
-state machines of L{msa.sasl}, logs in through the cred portal, and sends
-the server's final SASL data (DIGEST-MD5 rspauth, SCRAM's v=) before 235,
-which Twisted's C{state_AUTH} cannot do.  Every error is a reply with an
-enhanced status code; nothing raises out of the protocol.
+SMTP AUTH (RFC 4954) for L{msa.submission.server.SubmissionServer}: one
+L{AuthExchange} per session, owned by the server, drives the SASL state
+machines of L{msa.sasl}, logs in through the cred portal, and sends the
+server's final SASL data (DIGEST-MD5 rspauth, SCRAM's v=) before 235, which
+Twisted's C{state_AUTH} cannot do.  Every error is a reply with an enhanced
+status code; nothing raises out of the protocol.
 """
 
 import base64
 import binascii
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from OpenSSL import SSL
@@ -21,10 +25,12 @@ from msa.accounts.clientcert import peerIdentities
 from msa.errors import SMTPReply
 from msa.interfaces import ISubmission
 from msa.sasl import Authenticate, Challenge
+from msa.submission.phase import SessionPhase
+
+if TYPE_CHECKING:
+    from msa.submission.server import SubmissionServer
 
 log = Logger()
-
-COMMAND, AUTH, AUTH_FINAL = "COMMAND", "AUTH", "AUTH_FINAL"
 
 #: RFC 4954 4: an AUTH line (command or response) may be 12288 octets.
 MAX_AUTH_LINE = 12286
@@ -38,7 +44,7 @@ SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
 EXTERNAL = "EXTERNAL"
 
 
-def channelBindings(transport) -> dict[str, bytes]:
+def channelBindings(transport: object) -> dict[str, bytes]:
     """
     The channel bindings of a TLS transport: C{{"tls-exporter": data}}
     (RFC 9266: the exporter with label C{EXPORTER-Channel-Binding}, no
@@ -58,21 +64,49 @@ def channelBindings(transport) -> dict[str, bytes]:
     return {"tls-exporter": data}
 
 
-class AuthenticationMixin:
+class AuthExchange:
     """
-    The AUTH command and its exchange; mixed into the server protocol,
-    whose C{reply}, C{protocolError}, C{_wait}, C{session}, C{policy} and
-    C{factory} it uses.
+    The AUTH command and its SASL exchange, for one session.  The server
+    owns this object, passes it the AUTH command (L{command}) and, in the
+    AUTH exchange phase, the client's lines (L{lineReceived}); it answers
+    through the server's C{reply}, C{sendCode}, C{protocolError} and
+    C{wait}, and hands the logged-in avatar to the server's C{loggedIn}.
+    The checks that precede the exchange return their refusal
+    (L{refusal}) rather than send it.
+
+    @ivar _server: the session.
+    @ivar _mechanism: the SASL state machine of the exchange in progress.
+    @ivar _awaitingFinal: whether the server has sent its final SASL data
+        (334) and waits for the client's empty line (RFC 4954 4).
+    @ivar _pendingLogin: the avatar and logout of a login the portal has
+        accepted, until the exchange completes.
+    @ivar _attemptedUser: the user name of the credentials being checked,
+        for the failed-login throttle and the log.
+    @ivar failures: the failed logins (535) of this session.
     """
+
+    def __init__(self, server: "SubmissionServer") -> None:
+        self._server = server
+        self._mechanism: Any = None
+        self._awaitingFinal = False
+        self._pendingLogin: tuple[ISubmission, Callable[[], None]] | None = None
+        self._attemptedUser = ""
+        self.failures = 0
+
+    def resetSession(self) -> None:
+        """
+        The session starts anew (STARTTLS): no login is pending.
+        """
+        self._pendingLogin = None
 
     def _channelBindings(self) -> dict[str, bytes]:
         """
         The channel bindings of this session when SCRAM-SHA-256-PLUS is
         configured, else nothing.
         """
-        if SCRAM_PLUS not in self.policy.mechanisms:
+        if SCRAM_PLUS not in self._server.policy.mechanisms:
             return {}
-        return channelBindings(self.transport)
+        return channelBindings(self._server.transport)
 
     def offeredMechanisms(self) -> list[str]:
         """
@@ -82,59 +116,79 @@ class AuthenticationMixin:
         the JDK takes the first advertised mechanism it knows and does not
         fall back when it fails, so nothing unusable is offered.
         """
-        mechanisms = list(self.policy.mechanisms)
+        mechanisms = list(self._server.policy.mechanisms)
         if SCRAM_PLUS in mechanisms and not self._channelBindings():
             mechanisms.remove(SCRAM_PLUS)
-        if EXTERNAL in mechanisms and not peerIdentities(self.transport):
+        if EXTERNAL in mechanisms and not peerIdentities(self._server.transport):
             mechanisms.remove(EXTERNAL)
         return mechanisms
 
-    def smtp_AUTH(self, rest: bytes) -> None:
-        if self._submission is not None:
-            self.protocolError(503, "5.5.1", "Error: already authenticated")
-            return
-        if not self.session.helo:
-            self.protocolError(503, "5.5.1", "Error: send EHLO first")
-            return
-        if self._sender is not None:
-            self.protocolError(503, "5.5.1", "Error: MAIL transaction in progress")
-            return
+    def refusal(self, rest: bytes) -> SMTPReply | None:
+        """
+        Why this AUTH command cannot start an exchange, if it cannot.
+        """
+        server = self._server
+        if server.avatar is not None:
+            return SMTPReply(503, "5.5.1", "Error: already authenticated")
+        if not server.session.helo:
+            return SMTPReply(503, "5.5.1", "Error: send EHLO first")
+        if server.transaction.inProgress:
+            return SMTPReply(503, "5.5.1", "Error: MAIL transaction in progress")
         parts = rest.split()
         if not parts or len(parts) > 2:
-            self.protocolError(
-                501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"
-            )
-            return
+            return SMTPReply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
         name = parts[0].upper().decode("ascii", "replace")
-        factory = self.factory.mechanismFactories.get(name)
-        if name not in self.offeredMechanisms() or factory is None:
-            if name == EXTERNAL and EXTERNAL in self.policy.mechanisms:
+        if name not in self.offeredMechanisms() or (
+            name not in server.factory.mechanismFactories
+        ):
+            if name == EXTERNAL and EXTERNAL in server.policy.mechanisms:
                 # Configured, but this connection has no verified
                 # certificate: not offered here, and not a failed login.
-                self.protocolError(
+                return SMTPReply(
                     504, "5.5.4", "EXTERNAL needs a verified client certificate"
                 )
-                return
-            self.protocolError(504, "5.5.4", "Unrecognized authentication type")
+            return SMTPReply(504, "5.5.4", "Unrecognized authentication type")
+        return None
+
+    def command(self, rest: bytes) -> None:
+        """
+        AUTH mechanism [initial-response]: start the exchange.
+        """
+        server = self._server
+        refusal = self.refusal(rest)
+        if refusal is not None:
+            server.protocolError(refusal.code, refusal.status, refusal.text)
             return
+        parts = rest.split()
+        name = parts[0].upper().decode("ascii", "replace")
+        factory = server.factory.mechanismFactories[name]
         initial = None
         if len(parts) == 2:
             initial = self._decodeSASL(parts[1])
             if initial is None:
                 return
-        context = self.factory.mechanismContext
+        context = server.factory.mechanismContext
+        session = server.session
         if name == EXTERNAL:
-            self.session.clientCertificate = peerIdentities(self.transport)
-            context = attrs.evolve(
-                context, peerIdentities=self.session.clientCertificate
-            )
+            session.clientCertificate = peerIdentities(server.transport)
+            context = attrs.evolve(context, peerIdentities=session.clientCertificate)
         elif name in ("SCRAM-SHA-256", SCRAM_PLUS):
             # -PLUS needs the data; plain SCRAM needs to know whether -PLUS
             # is offered here (downgrade protection).
             context = attrs.evolve(context, channelBindings=self._channelBindings())
-        self._mechanism = factory(context)
-        self.session.mechanism = name
-        self._saslStep(lambda: self._mechanism.start(initial))
+        mechanism = self._mechanism = factory(context)
+        session.mechanism = name
+        self._saslStep(lambda: mechanism.start(initial))
+
+    def lineReceived(self, line: bytes) -> None:
+        """
+        A line of the exchange: the response to a challenge, or the empty
+        line after the server's final data.
+        """
+        if self._awaitingFinal:
+            self._finalReceived(line)
+        else:
+            self._responseReceived(line)
 
     def _decodeSASL(self, data: bytes) -> bytes | None:
         if data == b"=":
@@ -142,158 +196,168 @@ class AuthenticationMixin:
         try:
             return base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
-            self._endAuth()
-            self.protocolError(501, "5.5.2", "Error: invalid base64 data")
+            self._end()
+            self._server.protocolError(501, "5.5.2", "Error: invalid base64 data")
             return None
 
-    def _saslStep(self, step) -> None:
+    def _saslStep(self, step: Callable[[], object]) -> None:
+        server = self._server
         try:
             result = step()
         except SMTPReply as e:
-            self._authFailed(e)
+            self._failed(e)
             return
         except Exception:
-            log.failure("session {session}: SASL error", session=self.session.sessionId)
-            self._endAuth()
-            self.reply(454, "4.7.0", "Temporary authentication failure")
+            log.failure(
+                "session {session}: SASL error", session=server.session.sessionId
+            )
+            self._end()
+            server.reply(454, "4.7.0", "Temporary authentication failure")
             return
         if isinstance(result, Challenge):
-            self.mode = AUTH
-            self.sendCode(334, base64.b64encode(result.data))
+            server.enter(SessionPhase.AUTH_EXCHANGE)
+            server.sendCode(334, base64.b64encode(result.data))
             return
         assert isinstance(result, Authenticate)
-        self.mode = COMMAND
+        server.enter(SessionPhase.COMMAND)
         self._attemptedUser = str(getattr(result.credentials, "username", ""))
-        self.session.clientCertificate = peerIdentities(self.transport)
-        d = self.portal.login(result.credentials, self.session, ISubmission)
+        server.session.clientCertificate = peerIdentities(server.transport)
+        d = server.factory.portal.login(result.credentials, server.session, ISubmission)
         d.addCallbacks(self._loggedIn, self._loginFailed)
-        self._wait(d)
+        server.wait(d)
 
-    def _authResponse(self, line: bytes) -> None:
+    def _responseReceived(self, line: bytes) -> None:
         if line == b"*":
-            self._endAuth()
-            self.protocolError(501, "5.7.0", "Authentication aborted")
+            self._end()
+            self._server.protocolError(501, "5.7.0", "Authentication aborted")
             return
         decoded = self._decodeSASL(line)
         if decoded is not None:
-            self._saslStep(lambda: self._mechanism.respond(decoded))
+            mechanism = self._mechanism
+            self._saslStep(lambda: mechanism.respond(decoded))
 
-    def _loggedIn(self, result) -> None:
+    def _loggedIn(self, result: tuple[object, ISubmission, Callable[[], None]]) -> None:
         interface, avatar, logout = result
         self._pendingLogin = (avatar, logout)
         final = self._mechanism.serverFinal()
         if final is not None:
-            self.mode = AUTH_FINAL
-            self.sendCode(334, base64.b64encode(final))
+            self._awaitingFinal = True
+            self._server.enter(SessionPhase.AUTH_EXCHANGE)
+            self._server.sendCode(334, base64.b64encode(final))
             return
-        self._completeAuth()
+        self._complete()
 
-    def _authFinal(self, line: bytes) -> None:
+    def _finalReceived(self, line: bytes) -> None:
         # After the server's final data (rspauth, SCRAM's v=) the client
         # must answer an empty line (RFC 4954 4).
         if line.strip():
+            assert self._pendingLogin is not None
             avatar, logout = self._pendingLogin
             self._pendingLogin = None
             logout()
-            self._endAuth()
-            self.protocolError(501, "5.7.0", "Authentication aborted")
+            self._end()
+            self._server.protocolError(501, "5.7.0", "Authentication aborted")
             return
-        self._completeAuth()
+        self._complete()
 
-    def _completeAuth(self) -> None:
+    def _complete(self) -> None:
+        server = self._server
+        session = server.session
+        assert self._pendingLogin is not None
         avatar, logout = self._pendingLogin
         self._pendingLogin = None
         maxSessions = getattr(avatar, "maxSessions", None)
         if maxSessions is not None and (
-            self.factory.registry.sessionsOf(avatar.account) >= maxSessions
+            server.factory.registry.sessionsOf(avatar.account) >= maxSessions
         ):
             logout()
-            self._endAuth()
-            self.reply(
+            self._end()
+            server.reply(
                 454,
                 "4.7.0",
                 f"Too many concurrent sessions for this account (at most "
                 f"{maxSessions}); try again later",
             )
             return
-        self.factory.authThrottle.succeeded(
-            self.session.clientAddress, self._attemptedUser
+        server.factory.authThrottle.succeeded(
+            session.clientAddress, self._attemptedUser
         )
-        self._submission = avatar
-        self._logout = logout
-        self.session.account = avatar.account
-        self.authenticated = True
-        self._endAuth()
+        server.loggedIn(avatar, logout)
+        self._end()
         log.info(
             "session {session}: authenticated as {account} with {mechanism}",
             event="auth",
             outcome="success",
-            session=self.session.sessionId,
-            account=self.session.account,
-            mechanism=self.session.mechanism,
+            session=session.sessionId,
+            account=session.account,
+            mechanism=session.mechanism,
         )
-        metrics.AUTH_RESULTS.labels(self.session.mechanism, "success").inc()
-        self.reply(235, "2.7.0", "Authentication successful")
+        metrics.AUTH_RESULTS.labels(session.mechanism, "success").inc()
+        server.reply(235, "2.7.0", "Authentication successful")
 
     def _loginFailed(self, failure: Failure) -> None:
         if failure.check(UnauthorizedLogin):
-            self._authFailed(
-                SMTPReply(535, "5.7.8", "Authentication credentials invalid")
-            )
-        elif failure.check(SMTPReply):
-            self._authFailed(failure.value)
+            self._failed(SMTPReply(535, "5.7.8", "Authentication credentials invalid"))
+        elif isinstance(failure.value, SMTPReply):
+            self._failed(failure.value)
         else:
             log.failure(
                 "session {session}: login error",
                 failure,
-                session=self.session.sessionId,
+                session=self._server.session.sessionId,
             )
-            self._endAuth()
-            self.reply(454, "4.7.0", "Temporary authentication failure")
+            self._end()
+            self._server.reply(454, "4.7.0", "Temporary authentication failure")
 
-    def _authFailed(self, error: SMTPReply) -> None:
-        self._failedMechanism = self.session.mechanism
-        self._endAuth()
+    def _failed(self, error: SMTPReply) -> None:
+        server = self._server
+        session = server.session
+        mechanism = session.mechanism
+        self._end()
         user, self._attemptedUser = self._attemptedUser, ""
-        mechanism = self._failedMechanism
         log.info(
             "session {session}: authentication failed for {user!r} with "
             "{mechanism}: {code}",
             event="auth",
             outcome="failure",
-            session=self.session.sessionId,
+            session=session.sessionId,
             user=user[:64],
             mechanism=mechanism,
             code=error.code,
         )
         metrics.AUTH_RESULTS.labels(mechanism or "none", f"failure-{error.code}").inc()
         if error.code != 535:
-            self.protocolError(error.code, error.status, error.text)
+            server.protocolError(error.code, error.status, error.text)
             return
-        self._authFailures += 1
-        throttle = self.factory.authThrottle
-        client = self.session.clientAddress
+        self.failures += 1
+        throttle = server.factory.authThrottle
+        client = session.clientAddress
         delay = throttle.delay(client, user)
         throttle.failed(client, user)
         # The delay holds back this session's next command too, so that a
         # pipelining guesser gains nothing.
-        d = task.deferLater(self.factory.reactor, delay, self._failedReply, error)
-        self._wait(d)
+        d = task.deferLater(server.factory.reactor, delay, self._failedReply, error)
+        server.wait(d)
 
     def _failedReply(self, error: SMTPReply) -> None:
-        if self._hungUp or self.transport is None or self.transport.disconnecting:
+        server = self._server
+        if server.hungUp or server.transport is None or server.transport.disconnecting:
             return
-        if self._authFailures >= self.policy.maxAuthFailures:
-            self.sendReply(error)
-            self.reply(
-                421, "4.7.0", f"{self.policy.hostname} Error: too many failed logins"
+        if self.failures >= server.policy.maxAuthFailures:
+            server.sendReply(error)
+            server.reply(
+                421, "4.7.0", f"{server.policy.hostname} Error: too many failed logins"
             )
-            self._hangUp()
+            server.hangUp()
             return
-        self.protocolError(error.code, error.status, error.text)
+        server.protocolError(error.code, error.status, error.text)
 
-    def _endAuth(self) -> None:
-        self.mode = COMMAND
+    def _end(self) -> None:
+        """
+        The exchange is over, whatever its outcome: back to commands.
+        """
+        self._server.enter(SessionPhase.COMMAND)
         self._mechanism = None
-        if self._submission is None:
-            self.session.mechanism = ""
+        self._awaitingFinal = False
+        if self._server.avatar is None:
+            self._server.session.mechanism = ""

@@ -42,9 +42,16 @@ All timers are the reactor's (C{callLater}), so that tests drive them with
 L{twisted.internet.task.Clock}.
 """
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from msa.submission.transaction import DATA
+from msa.submission.phase import SessionPhase
+
+if TYPE_CHECKING:
+    from msa.submission.server import SubmissionServer
 
 log = Logger()
 
@@ -53,76 +60,99 @@ log = Logger()
 CLOSE_TIMEOUT = 10.0
 
 
-class DeadlineMixin:
+class SessionDeadlines:
     """
-    The deadlines of one L{msa.submission.server.SubmissionServer}; mixed in before
-    L{twisted.mail.smtp.ESMTP}, whose C{sendCode} it watches for the 354.
-    It uses the server's C{policy}, C{factory.reactor}, C{session},
-    C{mode}, C{reply}, C{_hangUp}, C{_framer} and C{_submission}.
+    The deadlines of one L{msa.submission.server.SubmissionServer}, which
+    owns this object and tells it what happens: bytes received
+    (L{bytesReceived}), the greeting (L{start}), a TLS handshake starting
+    and ending, the 354 (L{startData}), the server's last word
+    (L{startClose}) and the end of the connection (L{stop}).  It reads the
+    server's public state (C{phase}, C{avatar}, C{transport}, C{policy},
+    C{session}) and ends a session through the server's C{timedOut}.
+
+    @ivar _server: the session these deadlines watch.
+    @ivar _handshakeTimer: runs from the start of a TLS handshake to its end.
+    @ivar _lineTimer: runs from the first byte of a command line to its CRLF.
+    @ivar _loginTimer: runs from the greeting to a successful AUTH.
+    @ivar _dataTimer: the next check of the DATA phase's deadline.
+    @ivar _closeTimer: runs from the server's last reply to the close.
+    @ivar _lastByte: the last byte received outside DATA, to see a CRLF
+        split over two reads.
+    @ivar _dataStarted: the reactor time of the 354.
+    @ivar _dataOctets: the octets received since the 354.
     """
 
-    _handshakeTimer = None
-    _lineTimer = None
-    _loginTimer = None
-    _dataTimer = None
-    _closeTimer = None
-    _lastByte = b""
-    _dataStarted = 0.0
-    _dataOctets = 0
+    def __init__(self, server: "SubmissionServer") -> None:
+        self._server = server
+        self._handshakeTimer: IDelayedCall | None = None
+        self._lineTimer: IDelayedCall | None = None
+        self._loginTimer: IDelayedCall | None = None
+        self._dataTimer: IDelayedCall | None = None
+        self._closeTimer: IDelayedCall | None = None
+        self._lastByte = b""
+        self._dataStarted = 0.0
+        self._dataOctets = 0
 
-    def _callLater(self, delay: float, f, *args):
-        return self.factory.reactor.callLater(delay, f, *args)
+    def _callLater(self, delay: float, f: Callable[[], object]) -> IDelayedCall:
+        return self._server.factory.reactor.callLater(delay, f)
 
     @staticmethod
-    def _cancel(timer) -> None:
+    def _cancel(timer: IDelayedCall | None) -> None:
         if timer is not None and timer.active():
             timer.cancel()
 
-    def _startDeadlines(self) -> None:
+    def start(self) -> None:
         """
         The connection has been greeted: the login deadline runs.
         """
-        self._loginTimer = self._callLater(self.policy.loginTimeout, self._loginExpired)
+        self._loginTimer = self._callLater(
+            self._server.policy.loginTimeout, self._loginExpired
+        )
 
-    def _stopDeadlines(self) -> None:
-        for name in (
-            "_handshakeTimer",
-            "_lineTimer",
-            "_loginTimer",
-            "_dataTimer",
-            "_closeTimer",
+    def stop(self) -> None:
+        """
+        Cancel every deadline (the connection is closing or gone).
+        """
+        for timer in (
+            self._handshakeTimer,
+            self._lineTimer,
+            self._loginTimer,
+            self._dataTimer,
+            self._closeTimer,
         ):
-            self._cancel(getattr(self, name))
-            setattr(self, name, None)
+            self._cancel(timer)
+        self._handshakeTimer = self._lineTimer = self._loginTimer = None
+        self._dataTimer = self._closeTimer = None
 
     # -- closing ----------------------------------------------------------
 
-    def _startCloseDeadline(self) -> None:
+    def startClose(self) -> None:
         """
         The server has said its last word and closed its side.  Over TLS the
         close waits for the client's close_notify, which a client may never
         send: after L{CLOSE_TIMEOUT} seconds the connection is aborted so
         that it does not hold its slot.
         """
-        self._stopDeadlines()
+        self.stop()
         self._closeTimer = self._callLater(CLOSE_TIMEOUT, self._closeExpired)
 
     def _closeExpired(self) -> None:
         self._closeTimer = None
-        if self.transport is not None:
+        server = self._server
+        if server.transport is not None:
             log.info(
                 "session {session}: the client did not close within {seconds}s "
                 "of the server's last reply; aborting",
                 event="timeout",
                 deadline="close",
-                session=self.session.sessionId,
+                session=server.session.sessionId,
                 seconds=CLOSE_TIMEOUT,
             )
-            self.transport.abortConnection()
+            server.transport.abortConnection()
 
     # -- TLS handshake --------------------------------------------------
 
-    def _startHandshakeDeadline(self) -> None:
+    def startHandshake(self) -> None:
         """
         A TLS handshake starts now.  Whatever plaintext was buffered has been
         thrown away, so no command line is in progress either.
@@ -130,44 +160,55 @@ class DeadlineMixin:
         self._cancel(self._lineTimer)
         self._lastByte = b""
         self._handshakeTimer = self._callLater(
-            self.policy.tlsHandshakeTimeout, self._handshakeExpired
+            self._server.policy.tlsHandshakeTimeout, self.handshakeExpired
         )
 
-    def _handshakeDone(self) -> None:
+    def handshakeDone(self) -> None:
+        """
+        The TLS handshake has completed.
+        """
         self._cancel(self._handshakeTimer)
         self._handshakeTimer = None
 
     @property
-    def _handshakePending(self) -> bool:
+    def handshakePending(self) -> bool:
+        """
+        Whether a TLS handshake has started and not yet completed.
+        """
         return self._handshakeTimer is not None and self._handshakeTimer.active()
 
-    def _handshakeExpired(self) -> None:
+    def handshakeExpired(self) -> None:
+        """
+        The handshake did not complete in time: abort the connection without
+        a word.
+        """
         self._handshakeTimer = None
-        if self.transport is None:
+        server = self._server
+        if server.transport is None:
             return
         log.info(
             "session {session}: TLS handshake not completed within {seconds}s, closing",
             event="timeout",
             deadline="tls_handshake",
-            session=self.session.sessionId,
-            seconds=self.policy.tlsHandshakeTimeout,
+            session=server.session.sessionId,
+            seconds=server.policy.tlsHandshakeTimeout,
         )
         # Not loseConnection(): the TLS layer would wait for the handshake to
         # finish before closing, which is exactly what never happens here.
-        self.transport.abortConnection()
+        server.transport.abortConnection()
 
     # -- command lines -------------------------------------------------
 
-    def _deadlineBytes(self, data: bytes) -> None:
+    def bytesReceived(self, data: bytes) -> None:
         """
         Bytes arrived: note the start and end of command lines, and count
         the octets of a message.
         """
-        if self._handshakePending:
+        if self.handshakePending:
             # Application data comes only out of a finished handshake (in
             # case a wrapper did not pass handshakeCompleted on).
-            self._handshakeDone()
-        if self.mode == DATA:
+            self.handshakeDone()
+        if self._server.phase is SessionPhase.DATA:
             self._cancel(self._lineTimer)
             self._dataOctets += len(data)
             self._lastByte = data[-1:]
@@ -186,80 +227,82 @@ class DeadlineMixin:
 
     def _startLineDeadline(self) -> None:
         self._lineTimer = self._callLater(
-            self.policy.commandLineTimeout, self._lineExpired
+            self._server.policy.commandLineTimeout, self._lineExpired
         )
 
     def _lineExpired(self) -> None:
         self._lineTimer = None
-        if self.mode == DATA:
+        if self._server.phase is SessionPhase.DATA:
             # The DATA phase has a deadline of its own.
             return
-        self._deadlineExpired("command line", self.policy.commandLineTimeout)
+        self._expired("command line", self._server.policy.commandLineTimeout)
 
     # -- login ---------------------------------------------------------
 
     def _loginExpired(self) -> None:
         self._loginTimer = None
-        if self._submission is not None:
+        if self._server.avatar is not None:
             return
-        self._deadlineExpired("login", self.policy.loginTimeout)
+        self._expired("login", self._server.policy.loginTimeout)
 
     # -- DATA ----------------------------------------------------------
 
-    def sendCode(self, code: int, message: bytes = b"") -> None:
-        if code == 354:
-            self._startDataDeadline()
-        super().sendCode(code, message)
-
-    def _startDataDeadline(self) -> None:
+    def startData(self) -> None:
+        """
+        The 354 goes out: the DATA phase's deadline runs.
+        """
         self._cancel(self._dataTimer)
-        self._dataStarted = self.factory.reactor.seconds()
+        self._dataStarted = self._server.factory.reactor.seconds()
         self._dataOctets = 0
-        self._dataTimer = self._callLater(self.policy.dataTimeout, self._checkData)
+        self._dataTimer = self._callLater(
+            self._server.policy.dataTimeout, self._checkData
+        )
 
     def _dataAllowed(self) -> float:
         """
         The seconds the DATA phase may take with the octets received so far.
         """
-        octets = min(self._dataOctets, self._maxMessageSize())
-        return self.policy.dataTimeout + octets / self.policy.dataMinRate
+        server = self._server
+        octets = min(self._dataOctets, server.transaction.maxMessageSize())
+        return server.policy.dataTimeout + octets / server.policy.dataMinRate
 
     def _checkData(self) -> None:
         self._dataTimer = None
-        if self.mode != DATA:
+        if self._server.phase is not SessionPhase.DATA:
             return
         due = self._dataStarted + self._dataAllowed()
-        now = self.factory.reactor.seconds()
+        now = self._server.factory.reactor.seconds()
         if now < due:
             self._dataTimer = self._callLater(due - now, self._checkData)
             return
-        self._deadlineExpired("DATA", self._dataAllowed())
+        self._expired("DATA", self._dataAllowed())
 
     # -- expiry --------------------------------------------------------
 
-    def _deadlineExpired(self, what: str, seconds: float) -> None:
+    def _expired(self, what: str, seconds: float) -> None:
         """
         Tell the client 421 4.4.2 and close; a message in progress is
         aborted, so nothing is queued.
         """
-        if self.transport is None or self.transport.disconnecting or self._hungUp:
+        server = self._server
+        if server.transport is None or server.transport.disconnecting or server.hungUp:
             return
-        if self._handshakePending:
+        if self.handshakePending:
             # Nothing can be said before the handshake is done.
-            self._handshakeExpired()
+            self.handshakeExpired()
             return
         log.info(
             "session {session}: {what} not completed within {seconds:.0f}s, "
             "closing{aborted}",
             event="timeout",
             deadline=what,
-            session=self.session.sessionId,
+            session=server.session.sessionId,
             what=what,
             seconds=seconds,
-            aborted=", message aborted" if self.mode == DATA else "",
+            aborted=", message aborted" if server.phase is SessionPhase.DATA else "",
         )
-        self.reply(
-            421, "4.4.2", f"{self.policy.hostname} Error: timeout exceeded ({what})"
+        server.reply(
+            421, "4.4.2", f"{server.policy.hostname} Error: timeout exceeded ({what})"
         )
         # The server's last word: an open message is dropped, no more input.
-        self._hangUp()
+        server.hangUp()

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_framing,tests.test_mutants -*-
 """
 The two pure state machines under the SMTP server: L{LineFramer} cuts the
 byte stream into CRLF-terminated lines with bounded memory, and L{DataFilter}
@@ -166,7 +167,7 @@ class DataFilter:
         if self.error is not None:
             return None
         if tooLong or len(line) > self.maxLineLength:
-            return self.refuse(
+            self.refuse(
                 SMTPReply(
                     550,
                     "5.6.0",
@@ -175,8 +176,9 @@ class DataFilter:
                     "use a MIME content transfer encoding",
                 )
             )
+            return None
         if b"\r" in line or b"\n" in line:
-            return self.refuse(
+            self.refuse(
                 SMTPReply(
                     550,
                     "5.5.2",
@@ -184,15 +186,17 @@ class DataFilter:
                     "lines must end with CRLF",
                 )
             )
+            return None
         self.size += len(line) + 2
         if self.size > self.maxSize:
-            return self.refuse(
+            self.refuse(
                 SMTPReply(
                     552,
                     "5.3.4",
                     f"Message size exceeds fixed maximum message size ({self.maxSize})",
                 )
             )
+            return None
         return line
 
     def blockReceived(self, block: bytes) -> bytes | None:
@@ -230,4 +234,3 @@ class DataFilter:
         """
         if self.error is None:
             self.error = reply
-        return None

@@ -1,41 +1,56 @@
+# -*- test-case-name: tests.test_server,tests.test_hangup,tests.test_heldinput -*-
 """
-The submission protocol (RFC 6409) on top of Twisted's ESMTP: the TLS gate
-(R3), AUTH through twisted.cred before MAIL (R4), the replies of the spec
-example (R7), complete addresses only (R8), SIZE, line limits, and a DATA
-phase that can neither be smuggled into nor fall back to command mode.
+The submission protocol (RFC 6409): the TLS gate (R3), AUTH through
+twisted.cred before MAIL (R4), the replies of the spec example (R7),
+complete addresses only (R8), SIZE, line limits, and a DATA phase that can
+neither be smuggled into nor fall back to command mode.
 
-Twisted's L{ESMTP} is kept as the base for its reply helpers, command
-lookup, timeouts and cred conventions; every default that is wrong for an
-MSA (see DESIGN.md) is overridden here, each with a test in
-C{tests/test_server.py}.
+One L{SubmissionServer} is one connection.  Its state is explicit: a
+L{SessionPhase} says what the next line from the client is, and every
+field is documented on the class.  It owns three small objects and calls
+them; none of them reaches into another's private attributes:
+
+  - L{AuthExchange} (L{msa.submission.auth}): the AUTH command and its SASL
+    exchange;
+  - L{MailTransaction} (L{msa.submission.transaction}): MAIL, RCPT, DATA
+    and the message;
+  - L{SessionDeadlines} (L{msa.submission.deadlines}): the deadlines that do
+    not restart on bytes.
+
+Why not Twisted's C{twisted.mail.smtp.ESMTP} as the base class: of it, this
+protocol used only C{sendCode}, the L{TimeoutMixin} and the C{ctx} and
+C{canStartTLS} attributes.  Its command dispatch, its line reader, its
+MAIL/RCPT/DATA and AUTH states are each wrong for an MSA (see DESIGN.md and
+C{tests/test_twisted_defaults.py}) and were all re-implemented here, so
+inheriting them only hid which code runs.  The protocol is therefore a
+plain L{Protocol} with L{TimeoutMixin} for the idle timeout, and writes its
+replies exactly as C{ESMTP.sendCode} did (one C{writeSequence} per line).
 """
 
 import secrets
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 from twisted.internet import defer, interfaces, protocol
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import Logger
-from twisted.mail.smtp import ESMTP
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from msa import metrics
 from msa.envelope import SessionInfo
 from msa.errors import SMTPReply
+from msa.interfaces import ISubmission
 from msa.policy.authorization import AuthThrottle
 from msa.sasl import MechanismContext
-from msa.submission.auth import (
-    AUTH,
-    AUTH_FINAL,
-    COMMAND,
-    MAX_AUTH_LINE,
-    AuthenticationMixin,
-)
-from msa.submission.deadlines import DeadlineMixin
+from msa.submission.auth import MAX_AUTH_LINE, AuthExchange
+from msa.submission.deadlines import SessionDeadlines
 from msa.submission.framing import LineFramer
+from msa.submission.phase import SessionPhase
 from msa.submission.sessions import SessionRegistry
-from msa.submission.transaction import DATA, MailTransactionMixin
+from msa.submission.transaction import MailTransaction
 from msa.tls import describeTLS
 
 log = Logger()
@@ -81,34 +96,91 @@ class ServerPolicy:
 
 
 @implementer(IHandshakeListener)
-class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin, ESMTP):
+class SubmissionServer(TimeoutMixin, protocol.Protocol):
     """
     One client connection.  Created by L{SubmissionFactory}.
+
+    @ivar factory: the listener's L{SubmissionFactory} (portal, mechanisms,
+        registry, throttle, reactor).
+    @ivar policy: the listener's limits, L{ServerPolicy}.
+    @ivar host: the host name in the greeting, IDNA-encoded.
+    @ivar timeout: the idle timeout in seconds (L{TimeoutMixin}): it
+        restarts on every byte.
+    @ivar ctx: the TLS context factory for STARTTLS, or C{None}.
+    @ivar canStartTLS: whether STARTTLS can be offered on this transport.
+    @ivar session: what is known about the session (L{SessionInfo}): id,
+        client, HELO name, TLS, account, mechanism; set at connection.
+    @ivar phase: what the next line from the client is (L{SessionPhase}).
+    @ivar framer: cuts the received bytes into lines (L{LineFramer}).
+    @ivar avatar: the L{ISubmission} avatar of the logged-in account, or
+        C{None} before a successful AUTH.
+    @ivar auth: the AUTH exchange (L{AuthExchange}).
+    @ivar transaction: the mail transaction (L{MailTransaction}).
+    @ivar deadlines: the session's deadlines (L{SessionDeadlines}).
+    @ivar _logout: the avatar's logout, called once when the connection is
+        gone.
+    @ivar _waiting: how many replies are held back (a login, its failure
+        delay, a validation, a commit); while any is, no line is processed
+        and reading is paused.
+    @ivar _paused: whether reading from the transport is paused.
+    @ivar _errors: the protocol errors so far (see L{protocolError}).
+    @ivar _closing: the MSA is stopping: the session ends after the message
+        in progress.
+    @ivar _forced: the grace period of a shutdown ended while a reply was
+        held back: the session ends once it has gone out.
+    @ivar _started: the reactor time of the connection, for its duration.
     """
 
+    #: The transport: TCP, TLS over TCP, or a test's string transport.
+    transport: Any
+
     def __init__(self, factory: "SubmissionFactory") -> None:
-        ESMTP.__init__(self, contextFactory=factory.tlsContextFactory)
         self.factory = factory
         self.policy: ServerPolicy = factory.policy
-        self.portal = factory.portal
         self.host = self.policy.hostname.encode("idna")
         self.timeout = self.policy.idleTimeout
-        self.noisy = False
-        self._framer = LineFramer()
+        self.ctx = factory.tlsContextFactory
+        self.canStartTLS = False
+        self.session = SessionInfo(sessionId="", clientAddress="")
+        self.phase = SessionPhase.BEFORE_TLS
+        self.framer = LineFramer()
+        self.avatar: ISubmission | None = None
+        self.auth = AuthExchange(self)
+        self.transaction = MailTransaction(self)
+        self.deadlines = SessionDeadlines(self)
+        self._logout: Callable[[], None] | None = None
         self._waiting = 0
         self._paused = False
-        self._hungUp = False
-        self._forced = False
-        self._committing = None
-        self._tls = False
         self._errors = 0
-        self._attemptedUser = ""
         self._closing = False
-        self._authFailures = 0
-        self._submission = None
-        self._logout = None
-        self._mechanism = None
-        self._resetSession()
+        self._forced = False
+        self._started = 0.0
+
+    # -- phase --------------------------------------------------------
+
+    def enter(self, phase: SessionPhase) -> None:
+        """
+        Move to C{phase}.  L{SessionPhase.CLOSING} is final: a reply that
+        completes after the server's last word changes nothing.
+        """
+        if self.phase is not SessionPhase.CLOSING:
+            self.phase = phase
+
+    @property
+    def hungUp(self) -> bool:
+        """
+        Whether the server has said its last word or the connection is gone.
+        """
+        return self.phase is SessionPhase.CLOSING
+
+    def loggedIn(self, avatar: ISubmission, logout: Callable[[], None]) -> None:
+        """
+        AUTH succeeded: C{avatar} submits this session's messages, and
+        C{logout} is called when the connection is gone.
+        """
+        self.avatar = avatar
+        self._logout = logout
+        self.session.account = avatar.account
 
     # -- connection and framing --------------------------------------
 
@@ -119,12 +191,13 @@ class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin,
             clientAddress=getattr(peer, "host", str(peer)),
             clientPort=getattr(peer, "port", 0),
         )
-        self._tls = self.policy.implicitTLS
+        if self.policy.implicitTLS:
+            self.enter(SessionPhase.COMMAND)
         self._started = self.factory.reactor.seconds()
         if self.policy.implicitTLS:
             # Also for a connection refused below: its 421 waits for the
             # handshake, and must not wait for ever.
-            self._startHandshakeDeadline()
+            self.deadlines.startHandshake()
         registry = self.factory.registry
         registry.add(self)
         if registry.closing:
@@ -143,7 +216,7 @@ class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin,
             self.reply(
                 421, "4.7.0", f"{self.policy.hostname} Error: too many connections"
             )
-            self._hangUp()
+            self.hangUp()
             return
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)
@@ -162,52 +235,52 @@ class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin,
         ).inc()
         self.sendCode(220, self.greeting())
         self.setTimeout(self.timeout)
-        self._startDeadlines()
+        self.deadlines.start()
 
     def greeting(self) -> bytes:
         return self.host + b" ESMTP"
 
     def timeoutConnection(self) -> None:
-        if self._handshakePending:
-            self._handshakeExpired()
+        if self.deadlines.handshakePending:
+            self.deadlines.handshakeExpired()
             return
-        if self._committing is not None:
+        if self.transaction.committing is not None:
             # The client is waiting for us, not idle: its 250 comes first.
             self.resetTimeout()
             return
         self.reply(421, "4.4.2", f"{self.policy.hostname} Error: timeout exceeded")
-        self._hangUp()
+        self.hangUp()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._hungUp:
+        if self.hungUp:
             # The server has said its last word (421, 221): nothing the
             # client sends after it is a command or message text.
             return
         self.resetTimeout()
-        self._deadlineBytes(data)
-        self._framer.feed(data)
-        if self._waiting and self._framer.buffered > MAX_HELD_INPUT:
+        self.deadlines.bytesReceived(data)
+        self.framer.feed(data)
+        if self._waiting and self.framer.buffered > MAX_HELD_INPUT:
             log.info(
                 "session {session}: closed, {size} octets of input while a "
                 "reply was pending",
                 event="input-limit",
                 session=self.session.sessionId,
-                size=self._framer.buffered,
+                size=self.framer.buffered,
             )
             self.reply(
                 421, "4.7.0", f"{self.policy.hostname} Error: too much pipelined input"
             )
-            self._hangUp()
+            self.hangUp()
             return
         self._processLines()
 
     def _maxLineLength(self) -> int:
-        if self.mode == DATA and self._filter is not None:
+        if self.phase is SessionPhase.DATA and self.transaction.filter is not None:
             # The transparency dot does not count; the filter judges the rest.
-            return self._filter.framingLimit
+            return self.transaction.framingLimit
         return MAX_AUTH_LINE
 
-    def _hangUp(self) -> None:
+    def hangUp(self) -> None:
         """
         End the session from the server's side, after its last reply (421,
         221).  From here on no input is processed: a message still open in
@@ -217,15 +290,16 @@ class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin,
         close can complete.  A message whose final dot was already taken is
         committed all the same (see L{msa.submission.transaction}).
         """
-        if self._hungUp:
+        if self.hungUp:
             return
-        self._hungUp = True
-        self._framer.clear()
-        if self.mode == DATA:
-            self._abandonMessage("the server closed the session")
+        wasData = self.phase is SessionPhase.DATA
+        self.phase = SessionPhase.CLOSING
+        self.framer.clear()
+        if wasData:
+            self.transaction.abandon("the server closed the session")
         self._resumeReading()
         self.transport.loseConnection()
-        self._startCloseDeadline()
+        self.deadlines.startClose()
 
     def _pauseReading(self) -> None:
         if not self._paused and self.transport is not None:
@@ -238,30 +312,28 @@ class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin,
             self.transport.resumeProducing()
 
     def _processLines(self) -> None:
-        while not self._waiting and not self._hungUp and self.transport is not None:
-            if self.mode == DATA and self._dataBlock():
+        while not self._waiting and not self.hungUp and self.transport is not None:
+            if self.phase is SessionPhase.DATA and self.transaction.dataBlock():
                 continue
-            item = self._framer.nextLine(self._maxLineLength())
+            item = self.framer.nextLine(self._maxLineLength())
             if item is None:
                 return
             line, tooLong = item
-            if self.mode == DATA:
-                self._dataLine(line, tooLong)
+            if self.phase is SessionPhase.DATA:
+                self.transaction.dataLine(line, tooLong)
             elif tooLong:
                 self.protocolError(500, "5.5.6", "Error: line too long")
-            elif self.mode == AUTH:
-                self._authResponse(line)
-            elif self.mode == AUTH_FINAL:
-                self._authFinal(line)
+            elif self.phase is SessionPhase.AUTH_EXCHANGE:
+                self.auth.lineReceived(line)
             else:
                 self._commandLine(line)
-            if self._closing and not self._hungUp:
+            if self._closing and not self.hungUp:
                 self._afterTransaction()
-            if self._hungUp or self.transport is None or self.transport.disconnecting:
-                self._framer.clear()
+            if self.hungUp or self.transport is None or self.transport.disconnecting:
+                self.framer.clear()
                 return
 
-    def _wait(self, d: defer.Deferred) -> None:
+    def wait(self, d: defer.Deferred[Any]) -> None:
         """
         Hold back further pipelined commands until C{d} has fired, so that
         replies go out in order.  Meanwhile the session stops reading from
@@ -270,17 +342,17 @@ class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin,
         """
         self._waiting += 1
 
-        def resume(result):
+        def resume(result: object) -> object:
             # Waits may nest (a failed login's delay inside the login itself).
             self._waiting -= 1
             if self._waiting:
                 return result
-            if self._forced and not self._hungUp:
+            if self._forced and not self.hungUp:
                 # The grace period ended while this reply was pending.
                 self._shutdownReply()
-            if not self._hungUp and self.transport is not None:
+            if not self.hungUp and self.transport is not None:
                 self._processLines()
-                if self._closing and not self._hungUp:
+                if self._closing and not self.hungUp:
                     self._afterTransaction()
             if not self._waiting:
                 self._resumeReading()
@@ -290,24 +362,25 @@ class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin,
         if self._waiting:
             self._pauseReading()
 
-    def connectionLost(self, reason: Failure) -> None:
-        self._hungUp = True
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        wasData = self.phase is SessionPhase.DATA
+        self.phase = SessionPhase.CLOSING
         self.factory.registry.remove(self)
-        if self.mode == DATA:
-            self._abandonMessage("the client closed the connection")
-        if self._committing is not None:
+        if wasData:
+            self.transaction.abandon("the client closed the connection")
+        if self.transaction.committing is not None:
             log.info(
                 "session {session}: the client left while message {queueId} was "
                 "being committed; it is delivered all the same",
                 event="left-during-commit",
                 session=self.session.sessionId,
-                queueId=self._queueId,
+                queueId=self.transaction.queueId,
             )
         if self._logout is not None:
             logout, self._logout = self._logout, None
             logout()
         self.setTimeout(None)
-        self._stopDeadlines()
+        self.deadlines.stop()
         duration = self.factory.reactor.seconds() - self._started
         metrics.SESSION_SECONDS.observe(duration)
         log.info(
@@ -321,7 +394,7 @@ class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin,
         """
         The TLS handshake is done (STARTTLS or implicit TLS).
         """
-        self._handshakeDone()
+        self.deadlines.handshakeDone()
         version, cipher = describeTLS(self.transport)
         self.session.tlsVersion, self.session.tlsCipher = version, cipher
         metrics.TLS_HANDSHAKES.labels(version or "unknown").inc()
@@ -336,11 +409,15 @@ class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin,
     # -- shutdown -----------------------------------------------------
 
     def _inTransaction(self) -> bool:
-        return bool(self._waiting) or self.mode != COMMAND or self._sender is not None
+        return (
+            bool(self._waiting)
+            or self.phase in (SessionPhase.AUTH_EXCHANGE, SessionPhase.DATA)
+            or self.transaction.inProgress
+        )
 
     def _shutdownReply(self) -> None:
         self.reply(421, "4.3.2", f"{self.policy.hostname} Service shutting down")
-        self._hangUp()
+        self.hangUp()
 
     def beginShutdown(self) -> None:
         """
@@ -358,7 +435,7 @@ class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin,
         whose final dot has arrived is committed and acknowledged first
         (see L{msa.submission.transaction}): its 250, then the 421.
         """
-        if self._committing is not None:
+        if self.transaction.committing is not None:
             self._forced = True
             return
         self._shutdownReply()
@@ -370,10 +447,19 @@ class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin,
     # -- replies ------------------------------------------------------
 
     def sendCode(self, code: int, message: bytes = b"") -> None:
-        # After the server's last word (421, 221) nothing more is said, not
-        # even the reply to something already under way.
-        if not self._hungUp:
-            super().sendCode(code, message)
+        """
+        Send a reply, one line per line of C{message} (C{250-} before the
+        last, C{250 } on it), each written as
+        C{twisted.mail.smtp.SMTP.sendCode} writes it.  After the server's
+        last word (421, 221) nothing more is said, not even the reply to
+        something already under way.
+        """
+        if self.hungUp:
+            return
+        lines = message.splitlines() or [b""]
+        for line in lines[:-1]:
+            self.transport.writeSequence((b"%03d-" % (code,) + line, b"\r\n"))
+        self.transport.writeSequence((b"%03d " % (code,) + lines[-1], b"\r\n"))
 
     def reply(self, code: int, status: str, text: str) -> None:
         self.sendCode(code, f"{status} {text}".encode("ascii", "replace"))
@@ -388,7 +474,7 @@ class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin,
         self._errors += 1
         if self._errors > self.policy.maxErrors:
             self.reply(421, "4.7.0", f"{self.policy.hostname} Error: too many errors")
-            self._hangUp()
+            self.hangUp()
             return
         self.reply(code, status, text)
 
@@ -404,23 +490,23 @@ class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin,
         if len(line) > MAX_COMMAND_LINE and command != b"AUTH":
             self.protocolError(500, "5.5.6", "Error: line too long")
             return
-        if not self._tls and command not in PRE_TLS_COMMANDS:
+        if self.phase is SessionPhase.BEFORE_TLS and command not in PRE_TLS_COMMANDS:
             self.protocolError(530, "5.7.0", "Must issue a STARTTLS command first")
             return
-        method = None
+        handler = None
         if command.isalpha():
-            method = getattr(self, "smtp_" + command.decode("ascii"), None)
-        if method is None:
+            handler = getattr(self, "smtp_" + command.decode("ascii"), None)
+        if handler is None:
             self.protocolError(500, "5.5.2", "Error: command not recognized")
             return
-        method(rest)
+        handler(rest)
 
     def smtp_NOOP(self, rest: bytes) -> None:
         self.reply(250, "2.0.0", "Ok")
 
     def smtp_QUIT(self, rest: bytes) -> None:
         self.reply(221, "2.0.0", "Bye")
-        self._hangUp()
+        self.hangUp()
 
     def smtp_HELP(self, rest: bytes) -> None:
         self.reply(214, "2.0.0", "See RFC 5321 and RFC 6409")
@@ -435,7 +521,7 @@ class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin,
         if not rest.strip():
             self.protocolError(501, "5.5.4", "Syntax: HELO hostname")
             return
-        self._resetTransaction()
+        self.transaction.reset()
         self.session.helo = _printable(rest)
         self.reply(250, "2.0.0", self.policy.hostname)
 
@@ -443,7 +529,7 @@ class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin,
         if not rest.strip():
             self.protocolError(501, "5.5.4", "Syntax: EHLO hostname")
             return
-        self._resetTransaction()
+        self.transaction.reset()
         self.session.helo = _printable(rest)
         lines = [
             self.policy.hostname,
@@ -452,15 +538,16 @@ class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin,
             "ENHANCEDSTATUSCODES",
             "8BITMIME",
         ]
-        if not self._tls and self.canStartTLS:
+        beforeTLS = self.phase is SessionPhase.BEFORE_TLS
+        if beforeTLS and self.canStartTLS:
             lines.append("STARTTLS")
-        mechanisms = self.offeredMechanisms() if self._tls else []
+        mechanisms = [] if beforeTLS else self.auth.offeredMechanisms()
         if mechanisms:
             lines.append("AUTH " + " ".join(mechanisms))
         self.sendCode(250, "\n".join(lines).encode("ascii"))
 
     def smtp_STARTTLS(self, rest: bytes) -> None:
-        if self._tls:
+        if self.phase is not SessionPhase.BEFORE_TLS:
             self.protocolError(554, "5.5.1", "Error: TLS already active")
             return
         if rest.strip():
@@ -472,37 +559,29 @@ class SubmissionServer(DeadlineMixin, AuthenticationMixin, MailTransactionMixin,
         self.reply(220, "2.0.0", "Ready to start TLS")
         # RFC 3207 4.2 and CVE-2011-0411: whatever the client pipelined after
         # STARTTLS in plaintext is discarded, and the session starts anew.
-        self._framer.clear()
-        self._resetSession()
+        self.framer.clear()
+        self.transaction.resetSession()
+        self.auth.resetSession()
+        self.session.helo = ""
         self.transport.startTLS(self.ctx)
-        self._tls = True
-        self.startedTLS = True
-        self._startHandshakeDeadline()
+        self.enter(SessionPhase.COMMAND)
+        self.deadlines.startHandshake()
 
     def smtp_RSET(self, rest: bytes) -> None:
-        self._resetTransaction()
+        self.transaction.reset()
         self.reply(250, "2.0.0", "Ok")
 
-    # -- state --------------------------------------------------------
+    def smtp_AUTH(self, rest: bytes) -> None:
+        self.auth.command(rest)
 
-    def _resetTransaction(self) -> None:
-        # The avatar releases what it held for the transaction (a rate slot).
-        endTransaction = getattr(self._submission, "endTransaction", None)
-        if endTransaction is not None:
-            endTransaction()
-        self._sender: str | None = None
-        self._mailParams: dict = {}
-        self._recipients: list[str] = []
+    def smtp_MAIL(self, rest: bytes) -> None:
+        self.transaction.mail(rest)
 
-    def _resetSession(self) -> None:
-        self.mode = COMMAND
-        self._resetTransaction()
-        self._message = None
-        self._queueId = ""
-        self._filter = None
-        self._pendingLogin = None
-        if hasattr(self, "session"):
-            self.session.helo = ""
+    def smtp_RCPT(self, rest: bytes) -> None:
+        self.transaction.rcpt(rest)
+
+    def smtp_DATA(self, rest: bytes) -> None:
+        self.transaction.data(rest)
 
 
 def _printable(raw: bytes) -> str:

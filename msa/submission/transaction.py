@@ -1,6 +1,8 @@
+# -*- test-case-name: tests.test_transaction -*-
 """
-The mail transaction of L{msa.submission.server.SubmissionServer}: MAIL, RCPT and
-DATA (RFC 5321 3.3) with the replies of the spec example (R7), complete
+The mail transaction of L{msa.submission.server.SubmissionServer}, one
+L{MailTransaction} per session, owned by the server: MAIL, RCPT and DATA
+(RFC 5321 3.3) with the replies of the spec example (R7), complete
 addresses (R8), SIZE (RFC 1870), and the message streamed through the DATA
 filter into the account's avatar, which spools it once.  The 250 after the
 final dot goes out only when the spool says the message is on disk.
@@ -28,6 +30,8 @@ message, and it is the final dot:
     usually learns that the client left only afterwards.)
 """
 
+from typing import TYPE_CHECKING, Protocol, cast
+
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,21 +39,43 @@ from twisted.python.failure import Failure
 from msa import metrics
 from msa.envelope import Envelope
 from msa.errors import SMTPReply
+from msa.interfaces import IAcceptedMessage
 from msa.submission import addresses
-from msa.submission.auth import COMMAND
 from msa.submission.framing import END, DataFilter
+from msa.submission.phase import SessionPhase
 from msa.tls import describeTLS
 
-log = Logger()
+if TYPE_CHECKING:
+    from msa.submission.server import SubmissionServer
 
-DATA = "DATA"
+log = Logger()
 
 #: Below this many buffered bytes of complete lines the body is taken line
 #: by line; above it, in one block when it is ordinary text.
 BLOCK_MINIMUM = 512
 
+#: The reply to a local failure: the client keeps the message and retries.
+TEMPORARY_FAILURE = SMTPReply(
+    451, "4.3.0", "Error: temporary local problem, try again later"
+)
 
-def _lower(serverLimit: int, submission, name: str) -> int:
+
+class BlockMessage(Protocol):
+    """
+    A message (L{IAcceptedMessage}) that also takes a run of whole lines at
+    once, as the spool's does (L{msa.submission.avatar}); offered blocks
+    only while its C{acceptsBlocks} is true.
+    """
+
+    acceptsBlocks: bool
+
+    def blockReceived(self, data: bytes) -> None:
+        """
+        Complete lines, CRLFs included, already judged by the DATA filter.
+        """
+
+
+def _lower(serverLimit: int, submission: object, name: str) -> int:
     """
     The server's limit, or the account's where it is lower (R10).  EHLO
     keeps advertising the server's SIZE.
@@ -60,131 +86,246 @@ def _lower(serverLimit: int, submission, name: str) -> int:
     return min(serverLimit, accountLimit)
 
 
-class MailTransactionMixin:
+class MailTransaction:
     """
-    MAIL, RCPT, DATA; mixed into the server protocol, whose C{reply},
-    C{protocolError}, C{_wait}, C{session} and C{policy} it uses.
+    MAIL, RCPT and DATA of one session.  The server owns this object,
+    passes it the commands and, in the DATA phase, the lines of the message;
+    it answers through the server's C{reply}, C{protocolError} and C{wait}
+    and reads the logged-in C{avatar}.  The checks that precede each
+    command return their refusal (L{mailRefusal}, L{rcptRefusal},
+    L{dataRefusal}) rather than send it.
+
+    @ivar sender: the reverse-path of the open transaction, C{None} when no
+        MAIL has been accepted.
+    @ivar mailParams: the MAIL parameters (upper-case keys).
+    @ivar recipients: the accepted forward-paths, in RCPT order.
+    @ivar message: the avatar's message object from the 354 to the final dot.
+    @ivar queueId: the spool's id of the message of the last DATA (C{""}
+        when the avatar gave none), for the log.
+    @ivar filter: the L{DataFilter} judging the lines of the message.
+    @ivar committing: the message whose final dot was taken, while the spool
+        commits it; C{None} otherwise.
+    @ivar _lineByLine: how many more lines go one by one before a block is
+        tried again (see L{dataBlock}).
     """
 
-    def _maxMessageSize(self) -> int:
-        return _lower(self.policy.maxMessageSize, self._submission, "maxMessageSize")
+    def __init__(self, server: "SubmissionServer") -> None:
+        self._server = server
+        self.sender: str | None = None
+        self.mailParams: dict[str, str | None] = {}
+        self.recipients: list[str] = []
+        self.message: IAcceptedMessage | None = None
+        self.queueId = ""
+        self.filter: DataFilter | None = None
+        self.committing: IAcceptedMessage | None = None
+        self._lineByLine = 0
 
-    def smtp_MAIL(self, rest: bytes) -> None:
-        if self._submission is None:
-            self.protocolError(530, "5.7.0", "Authentication required")
-            return
-        if self._sender is not None:
-            self.protocolError(503, "5.5.1", "Error: nested MAIL command")
+    @property
+    def inProgress(self) -> bool:
+        """
+        Whether a MAIL command has been accepted and the transaction is open.
+        """
+        return self.sender is not None
+
+    def reset(self) -> None:
+        """
+        End the transaction (RSET, HELO, EHLO, after the final dot).
+        """
+        # The avatar releases what it held for the transaction (a rate slot).
+        endTransaction = getattr(self._server.avatar, "endTransaction", None)
+        if endTransaction is not None:
+            endTransaction()
+        self.sender = None
+        self.mailParams = {}
+        self.recipients = []
+
+    def resetSession(self) -> None:
+        """
+        The session starts anew (STARTTLS): no transaction, no message.
+        """
+        self.reset()
+        self.message = None
+        self.queueId = ""
+        self.filter = None
+
+    def maxMessageSize(self) -> int:
+        """
+        The message size limit of this session: the server's, or the
+        account's where it is lower.
+        """
+        return _lower(
+            self._server.policy.maxMessageSize, self._server.avatar, "maxMessageSize"
+        )
+
+    # -- MAIL, RCPT ---------------------------------------------------
+
+    def mailRefusal(self) -> SMTPReply | None:
+        """
+        Why a MAIL command cannot be taken now, if it cannot.
+        """
+        if self._server.avatar is None:
+            return SMTPReply(530, "5.7.0", "Authentication required")
+        if self.sender is not None:
+            return SMTPReply(503, "5.5.1", "Error: nested MAIL command")
+        return None
+
+    def mail(self, rest: bytes) -> None:
+        """
+        MAIL FROM: parse it, check SIZE, and let the avatar validate the
+        sender; 250 once it has.
+        """
+        server = self._server
+        refusal = self.mailRefusal()
+        if refusal is not None:
+            server.protocolError(refusal.code, refusal.status, refusal.text)
             return
         try:
             sender, params = addresses.parseMailArgument(rest)
             size = params.get("SIZE")
-            if size is not None and int(size) > self._maxMessageSize():
+            if size is not None and int(size) > self.maxMessageSize():
                 raise SMTPReply(
                     552, "5.3.4", "Message size exceeds fixed maximum message size"
                 )
         except SMTPReply as e:
-            self.protocolError(e.code, e.status, e.text)
+            server.protocolError(e.code, e.status, e.text)
             return
+        assert server.avatar is not None
         d = defer.maybeDeferred(
-            self._submission.validateFrom, self.session, sender, params
+            server.avatar.validateFrom, server.session, sender, params
         )
 
-        def accepted(_):
-            self._sender = sender
-            self._mailParams = params
-            self.reply(250, "2.1.0", "Ok")
+        def accepted(_: object) -> None:
+            self.sender = sender
+            self.mailParams = params
+            server.reply(250, "2.1.0", "Ok")
 
         d.addCallbacks(accepted, self._validationFailed)
-        self._wait(d)
+        server.wait(d)
 
-    def smtp_RCPT(self, rest: bytes) -> None:
-        if self._submission is None:
-            self.protocolError(530, "5.7.0", "Authentication required")
-            return
-        if self._sender is None:
-            self.protocolError(503, "5.5.1", "Error: need MAIL command")
+    def rcptRefusal(self) -> SMTPReply | None:
+        """
+        Why a RCPT command cannot be taken now, if it cannot.
+        """
+        if self._server.avatar is None:
+            return SMTPReply(530, "5.7.0", "Authentication required")
+        if self.sender is None:
+            return SMTPReply(503, "5.5.1", "Error: need MAIL command")
+        return None
+
+    def rcpt(self, rest: bytes) -> None:
+        """
+        RCPT TO: parse it, check the recipient limit, and let the avatar
+        validate the recipient; 250 once it has.
+        """
+        server = self._server
+        refusal = self.rcptRefusal()
+        if refusal is not None:
+            server.protocolError(refusal.code, refusal.status, refusal.text)
             return
         try:
             recipient, params = addresses.parseRcptArgument(rest)
         except SMTPReply as e:
-            self.protocolError(e.code, e.status, e.text)
+            server.protocolError(e.code, e.status, e.text)
             return
-        limit = _lower(self.policy.maxRecipients, self._submission, "maxRecipients")
-        if len(self._recipients) >= limit:
-            self.reply(452, "4.5.3", "Error: too many recipients")
+        limit = _lower(server.policy.maxRecipients, server.avatar, "maxRecipients")
+        if len(self.recipients) >= limit:
+            server.reply(452, "4.5.3", "Error: too many recipients")
             return
+        assert server.avatar is not None
         d = defer.maybeDeferred(
-            self._submission.validateTo, self.session, recipient, params
+            server.avatar.validateTo, server.session, recipient, params
         )
 
-        def accepted(_):
-            self._recipients.append(recipient)
-            self.reply(250, "2.1.5", "Ok")
+        def accepted(_: object) -> None:
+            self.recipients.append(recipient)
+            server.reply(250, "2.1.5", "Ok")
 
         d.addCallbacks(accepted, self._validationFailed)
-        self._wait(d)
+        server.wait(d)
 
     def _validationFailed(self, failure: Failure) -> None:
-        if failure.check(SMTPReply):
-            self.protocolError(
-                failure.value.code, failure.value.status, failure.value.text
-            )
+        server = self._server
+        error = failure.value
+        if isinstance(error, SMTPReply):
+            server.protocolError(error.code, error.status, error.text)
         else:
             log.failure(
                 "session {session}: validation error",
                 failure,
-                session=self.session.sessionId,
+                session=server.session.sessionId,
             )
-            self.reply(451, "4.3.0", "Error: temporary local problem, try again later")
+            server.sendReply(TEMPORARY_FAILURE)
 
-    def smtp_DATA(self, rest: bytes) -> None:
-        if self._submission is None:
-            self.protocolError(530, "5.7.0", "Authentication required")
-            return
+    # -- DATA ---------------------------------------------------------
+
+    def dataRefusal(self, rest: bytes) -> SMTPReply | None:
+        """
+        Why a DATA command cannot be taken now, if it cannot.
+        """
+        if self._server.avatar is None:
+            return SMTPReply(530, "5.7.0", "Authentication required")
         if rest.strip():
-            self.protocolError(501, "5.5.4", "Syntax: DATA")
+            return SMTPReply(501, "5.5.4", "Syntax: DATA")
+        if self.sender is None:
+            return SMTPReply(503, "5.5.1", "Error: need MAIL command")
+        if not self.recipients:
+            return SMTPReply(554, "5.5.1", "Error: no valid recipients")
+        return None
+
+    def data(self, rest: bytes) -> None:
+        """
+        DATA: the avatar starts the message; 354 and the DATA phase.
+        """
+        server = self._server
+        refusal = self.dataRefusal(rest)
+        if refusal is not None:
+            server.protocolError(refusal.code, refusal.status, refusal.text)
             return
-        if self._sender is None:
-            self.protocolError(503, "5.5.1", "Error: need MAIL command")
-            return
-        if not self._recipients:
-            self.protocolError(554, "5.5.1", "Error: no valid recipients")
-            return
-        tlsVersion, cipher = describeTLS(self.transport)
-        self.session.tlsVersion, self.session.tlsCipher = tlsVersion, cipher
+        assert self.sender is not None and server.avatar is not None
+        session = server.session
+        tlsVersion, cipher = describeTLS(server.transport)
+        session.tlsVersion, session.tlsCipher = tlsVersion, cipher
         envelope = Envelope(
-            sender=self._sender,
-            recipients=list(self._recipients),
-            account=self.session.account,
-            mailParams=dict(self._mailParams),
-            clientAddress=self.session.clientAddress,
-            helo=self.session.helo,
+            sender=self.sender,
+            recipients=list(self.recipients),
+            account=session.account,
+            mailParams=dict(self.mailParams),
+            clientAddress=session.clientAddress,
+            helo=session.helo,
             # The reactor's clock, as for every other time of the session
             # (a fake clock in tests: the Received date is reproducible).
-            receivedAt=self.factory.reactor.seconds(),
+            receivedAt=server.factory.reactor.seconds(),
         )
         self._lineByLine = 0
         try:
-            self._message = self._submission.startMessage(self.session, envelope)
-            self._queueId = getattr(self._message, "queueId", "") or ""
+            self.message = server.avatar.startMessage(session, envelope)
+            self.queueId = getattr(self.message, "queueId", "") or ""
         except SMTPReply as e:
-            self.sendReply(e)
+            server.sendReply(e)
             return
         except Exception:
             log.failure(
                 "session {session}: cannot start message",
-                session=self.session.sessionId,
+                session=session.sessionId,
             )
-            self.reply(451, "4.3.0", "Error: temporary local problem, try again later")
+            server.sendReply(TEMPORARY_FAILURE)
             return
-        self._filter = DataFilter(
-            maxSize=self._maxMessageSize(), maxLineLength=self.policy.maxLineLength
+        self.filter = DataFilter(
+            maxSize=self.maxMessageSize(), maxLineLength=server.policy.maxLineLength
         )
-        self.mode = DATA
-        self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+        server.enter(SessionPhase.DATA)
+        server.deadlines.startData()
+        server.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
 
-    def _dataBlock(self) -> bool:
+    @property
+    def framingLimit(self) -> int:
+        """
+        The longest line of message text the framer hands over whole.
+        """
+        assert self.filter is not None
+        return self.filter.framingLimit
+
+    def dataBlock(self) -> bool:
         """
         Take all complete lines of the message body buffered at once, when
         the DATA filter and the message allow it (see
@@ -192,63 +333,63 @@ class MailTransactionMixin:
 
         @return: whether it took any.
         """
-        if self._lineByLine or not getattr(self._message, "acceptsBlocks", False):
+        if self._lineByLine or not getattr(self.message, "acceptsBlocks", False):
             return False
-        block = self._framer.completeLines()
+        assert self.filter is not None
+        framer = self._server.framer
+        block = framer.completeLines()
         # Up to the final dot, if it is there: that line goes the usual way.
         end = (b"\r\n" + block).find(b"\r\n.\r\n")
         if end >= 0:
             block = block[:end]
         if len(block) < BLOCK_MINIMUM:
             return False
-        data = self._filter.blockReceived(block)
+        data = self.filter.blockReceived(block)
         if data is None:
             # Its lines go one by one before the next block is tried, so that
             # the same bytes are not judged as a block again for each line.
             self._lineByLine = block.count(b"\r\n")
             return False
-        self._framer.skip(len(block))
+        framer.skip(len(block))
         try:
-            self._message.blockReceived(data)
+            cast(BlockMessage, self.message).blockReceived(data)
         except SMTPReply as e:
-            self._filter.refuse(e)
+            self.filter.refuse(e)
             self._abortMessage()
         except Exception:
             log.failure(
-                "session {session}: spool write failed", session=self.session.sessionId
+                "session {session}: spool write failed",
+                session=self._server.session.sessionId,
             )
-            self._filter.refuse(
-                SMTPReply(
-                    451, "4.3.0", "Error: temporary local problem, try again later"
-                )
-            )
+            self.filter.refuse(TEMPORARY_FAILURE)
             self._abortMessage()
         return True
 
-    def _dataLine(self, line: bytes, tooLong: bool) -> None:
+    def dataLine(self, line: bytes, tooLong: bool) -> None:
+        """
+        One line of message text (or the final dot).
+        """
         if self._lineByLine:
             self._lineByLine -= 1
-        hadError = self._filter.error is not None
-        result = self._filter.lineReceived(line, tooLong)
+        assert self.filter is not None
+        hadError = self.filter.error is not None
+        result = self.filter.lineReceived(line, tooLong)
         if result is END:
             self._endOfData()
             return
         if result is not None:
+            assert self.message is not None
             try:
-                self._message.lineReceived(result)
+                self.message.lineReceived(result)
             except SMTPReply as e:
-                self._filter.refuse(e)
+                self.filter.refuse(e)
             except Exception:
                 log.failure(
                     "session {session}: spool write failed",
-                    session=self.session.sessionId,
+                    session=self._server.session.sessionId,
                 )
-                self._filter.refuse(
-                    SMTPReply(
-                        451, "4.3.0", "Error: temporary local problem, try again later"
-                    )
-                )
-        if not hadError and self._filter.error is not None:
+                self.filter.refuse(TEMPORARY_FAILURE)
+        if not hadError and self.filter.error is not None:
             self._abortMessage()
 
     def _refused(self, reply: SMTPReply, queueId: str) -> None:
@@ -257,11 +398,12 @@ class MailTransactionMixin:
         the id the spool gave it at DATA (its file is gone), so that the
         refusal can be found beside the session's other events.
         """
+        session = self._server.session
         metrics.MESSAGES.labels(str(reply.code)).inc()
         fields = dict(
             event="refused",
-            session=self.session.sessionId,
-            account=self.session.account,
+            session=session.sessionId,
+            account=session.account,
             code=reply.code,
             status=reply.status,
             reply=str(reply),
@@ -277,7 +419,7 @@ class MailTransactionMixin:
                 "session {session}: message from {account} refused: {reply}", **fields
             )
 
-    def _abandonMessage(self, reason: str) -> None:
+    def abandon(self, reason: str) -> None:
         """
         The session ends in DATA, before the final dot: the message is
         dropped with its spool file (the client saw no 250).
@@ -286,56 +428,62 @@ class MailTransactionMixin:
             "session {session}: message {queueId} abandoned before its final "
             "dot: {reason}",
             event="abandoned",
-            session=self.session.sessionId,
-            queueId=self._queueId or "-",
+            session=self._server.session.sessionId,
+            queueId=self.queueId or "-",
             reason=reason,
         )
         self._abortMessage()
-        self.mode = COMMAND
-        self._filter = None
+        self._server.enter(SessionPhase.COMMAND)
+        self.filter = None
 
     def _abortMessage(self) -> None:
-        message, self._message = self._message, None
+        message, self.message = self.message, None
         if message is not None:
             try:
                 message.connectionLost()
             except Exception:
                 log.failure(
-                    "session {session}: abort failed", session=self.session.sessionId
+                    "session {session}: abort failed",
+                    session=self._server.session.sessionId,
                 )
 
     def _endOfData(self) -> None:
-        self.mode = COMMAND
-        dataFilter = self._filter
-        self._filter = None
-        message, self._message = self._message, None
-        recipients = len(self._recipients)
-        self._resetTransaction()
-        queueId = self._queueId
+        server = self._server
+        session = server.session
+        server.enter(SessionPhase.COMMAND)
+        dataFilter = self.filter
+        assert dataFilter is not None
+        self.filter = None
+        message, self.message = self.message, None
+        recipients = len(self.recipients)
+        self.reset()
+        queueId = self.queueId
         if dataFilter.error is not None:
             self._refused(dataFilter.error, queueId)
-            self.protocolError(
+            server.protocolError(
                 dataFilter.error.code, dataFilter.error.status, dataFilter.error.text
             )
             return
+        # A message that was not refused is still open.
+        assert message is not None
         # From here on the message is committed whatever the client does
         # (see the module docstring).
-        self._committing = message
+        self.committing = message
         d = defer.maybeDeferred(message.eomReceived)
 
-        def committed(result):
-            self._committing = None
+        def committed(result: object) -> object:
+            self.committing = None
             return result
 
         d.addBoth(committed)
 
-        def queued(queueId):
+        def queued(queueId: str) -> None:
             log.info(
                 "session {session}: message {queueId} accepted from {account}, "
                 "{size} octets, {recipients} recipient(s), sha256 {sha256}",
                 event="accepted",
-                session=self.session.sessionId,
-                account=self.session.account,
+                session=session.sessionId,
+                account=session.account,
                 queueId=queueId,
                 size=dataFilter.size,
                 recipients=recipients,
@@ -343,20 +491,21 @@ class MailTransactionMixin:
             )
             metrics.MESSAGES.labels("250").inc()
             metrics.BYTES_ACCEPTED.inc(dataFilter.size)
-            self.reply(250, "2.0.0", f"Ok: queued as {queueId}")
+            server.reply(250, "2.0.0", f"Ok: queued as {queueId}")
 
-        def failed(failure):
-            if failure.check(SMTPReply):
-                self._refused(failure.value, queueId)
-                self.sendReply(failure.value)
+        def failed(failure: Failure) -> None:
+            error = failure.value
+            if isinstance(error, SMTPReply):
+                self._refused(error, queueId)
+                server.sendReply(error)
                 return
             metrics.MESSAGES.labels("451").inc()
             log.failure(
                 "session {session}: message not queued",
                 failure,
-                session=self.session.sessionId,
+                session=session.sessionId,
             )
-            self.reply(451, "4.3.0", "Error: temporary local problem, try again later")
+            server.sendReply(TEMPORARY_FAILURE)
 
         d.addCallbacks(queued, failed)
-        self._wait(d)
+        server.wait(d)
