@@ -282,8 +282,9 @@ class RefusedLogTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_refusedEvent(self):
-        events = observeLog(self)
         msa = RunningMSA(self)
+        # After the start: the DEBUG "connection" event is seen too.
+        events = observeLog(self)
 
         def talk():
             client = openTransaction(msa)
@@ -298,6 +299,7 @@ class RefusedLogTests(unittest.TestCase):
         [refused] = named(events, "refused")
         [connection] = named(events, "connection")
         self.assertEqual(refused["session"], connection["session"])
+        self.assertEqual(refused["client"], connection["client"])
         self.assertEqual(refused["account"], "alice")
         self.assertEqual(refused["code"], 550)
         self.assertEqual(refused["status"], "5.5.2")

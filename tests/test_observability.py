@@ -13,7 +13,7 @@ import os
 import urllib.request
 
 from twisted.internet import defer, threads
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 
 from msa import metrics
@@ -26,14 +26,16 @@ PASSWORD = "wonderland"
 class LogEventTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_eventsOfOneSubmission(self):
-        events = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         core = AiosmtpdCore(self)
         jsonFile = os.path.join(os.path.abspath(self.mktemp()) + "-events.json")
         msa = RunningMSA(
             self, relay=core.relayConfig(), logging={"json_file": jsonFile}
         )
+        # Added after the start, so not behind the daemon's level filter
+        # (info): it sees the DEBUG events too.
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         for mechanism in ("PLAIN", "LOGIN"):
             code, text = yield threads.deferToThread(
                 submit,
@@ -67,8 +69,18 @@ class LogEventTests(unittest.TestCase):
             (auth["outcome"], auth["account"], auth["mechanism"]),
             ("success", "alice", "PLAIN"),
         )
+        disconnected = [e for e in byEvent["disconnected"] if e["session"] == session]
+        # The session's own events are DEBUG: the accepted one is its INFO line.
+        for e in (connection, tls[0], auth, disconnected[0]):
+            self.assertEqual(e["log_level"], LogLevel.debug, e)
         accepted = [e for e in byEvent["accepted"] if e["queueId"] == queueId]
         self.assertEqual(len(accepted), 1)
+        self.assertEqual(accepted[0]["log_level"], LogLevel.info)
+        self.assertEqual(
+            (accepted[0]["client"], accepted[0]["tls"], accepted[0]["account"]),
+            ("127.0.0.1", "TLSv1.3", "alice"),
+        )
+        self.assertIsInstance(accepted[0]["duration"], float)
         self.assertEqual(accepted[0]["size"], len(MESSAGE))
         self.assertEqual(accepted[0]["recipients"], 1)
         self.assertEqual(accepted[0]["sha256"], hashlib.sha256(MESSAGE).hexdigest())
@@ -126,6 +138,9 @@ class LogEventTests(unittest.TestCase):
                 failure["code"],
             ),
             ("failure", "alice", "PLAIN", 535),
+        )
+        self.assertEqual(
+            (failure["log_level"], failure["client"]), (LogLevel.info, "127.0.0.1")
         )
         for e in events:
             self.assertNotIn("Guess-Me-123", repr(e))

@@ -249,15 +249,18 @@ class RequestedCertificateTests(unittest.TestCase):
             extra={"senders": ["@mijnbedrijf.nl"], "certificates": [fingerprint]},
         )
         self.events = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
     def start(self, mode):
-        return RunningMSA(
+        msa = RunningMSA(
             self,
             tls={"client_certificates": mode, "client_ca": self.caBundle},
             extraAccounts={"foreign": self.account},
         )
+        # Added after the start, so not behind the daemon's level filter:
+        # the DEBUG "tls" events are seen too.
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        return msa
 
     def context(self, msa):
         context = msa.clientContext()

@@ -284,7 +284,8 @@ class AuthExchange:
         )
         server.loggedIn(avatar, logout)
         self._end()
-        log.info(
+        # DEBUG: the accepted message's INFO line names the account.
+        log.debug(
             "session {session}: authenticated as {account} with {mechanism}",
             event="auth",
             outcome="success",
@@ -321,6 +322,7 @@ class AuthExchange:
             event="auth",
             outcome="failure",
             session=session.sessionId,
+            client=session.clientAddress,
             user=user[:64],
             mechanism=mechanism,
             code=error.code,

@@ -146,6 +146,7 @@ class SessionDeadlines:
                 event="timeout",
                 deadline="close",
                 session=server.session.sessionId,
+                client=server.session.clientAddress,
                 seconds=CLOSE_TIMEOUT,
             )
             server.transport.abortConnection()
@@ -191,6 +192,7 @@ class SessionDeadlines:
             event="timeout",
             deadline="tls_handshake",
             session=server.session.sessionId,
+            client=server.session.clientAddress,
             seconds=server.policy.tlsHandshakeTimeout,
         )
         # Not loseConnection(): the TLS layer would wait for the handshake to
@@ -297,6 +299,7 @@ class SessionDeadlines:
             event="timeout",
             deadline=what,
             session=server.session.sessionId,
+            client=server.session.clientAddress,
             what=what,
             seconds=seconds,
             aborted=", message aborted" if server.phase is SessionPhase.DATA else "",

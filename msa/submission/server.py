@@ -223,7 +223,8 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
         self.canStartTLS = (
             interfaces.ITLSTransport.providedBy(self.transport) and self.ctx is not None
         )
-        log.info(
+        # DEBUG: the accepted message's INFO line carries these facts.
+        log.debug(
             "session {session}: connection from {client}:{port}",
             event="connection",
             session=self.session.sessionId,
@@ -236,6 +237,13 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
         self.sendCode(220, self.greeting())
         self.setTimeout(self.timeout)
         self.deadlines.start()
+
+    def sessionSeconds(self) -> float:
+        """
+        How long the session has lasted so far, in seconds (reactor time):
+        for the accepted message's log line and the disconnection.
+        """
+        return self.factory.reactor.seconds() - self._started
 
     def greeting(self) -> bytes:
         return self.host + b" ESMTP"
@@ -265,6 +273,7 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
                 "reply was pending",
                 event="input-limit",
                 session=self.session.sessionId,
+                client=self.session.clientAddress,
                 size=self.framer.buffered,
             )
             self.reply(
@@ -374,6 +383,7 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
                 "being committed; it is delivered all the same",
                 event="left-during-commit",
                 session=self.session.sessionId,
+                client=self.session.clientAddress,
                 queueId=self.transaction.queueId,
             )
         if self._logout is not None:
@@ -381,9 +391,9 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
             logout()
         self.setTimeout(None)
         self.deadlines.stop()
-        duration = self.factory.reactor.seconds() - self._started
+        duration = self.sessionSeconds()
         metrics.SESSION_SECONDS.observe(duration)
-        log.info(
+        log.debug(
             "session {session}: disconnected after {duration:.3f}s",
             event="disconnected",
             session=self.session.sessionId,
@@ -398,7 +408,7 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
         version, cipher = describeTLS(self.transport)
         self.session.tlsVersion, self.session.tlsCipher = version, cipher
         metrics.TLS_HANDSHAKES.labels(version or "unknown").inc()
-        log.info(
+        log.debug(
             "session {session}: TLS established, {version} {cipher}",
             event="tls",
             session=self.session.sessionId,

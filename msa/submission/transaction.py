@@ -404,6 +404,7 @@ class MailTransaction:
             event="refused",
             session=session.sessionId,
             account=session.account,
+            client=session.clientAddress,
             code=reply.code,
             status=reply.status,
             reply=str(reply),
@@ -429,6 +430,7 @@ class MailTransaction:
             "dot: {reason}",
             event="abandoned",
             session=self._server.session.sessionId,
+            client=self._server.session.clientAddress,
             queueId=self.queueId or "-",
             reason=reason,
         )
@@ -478,16 +480,26 @@ class MailTransaction:
         d.addBoth(committed)
 
         def queued(queueId: str) -> None:
+            # The one INFO line of a successful session's message: it
+            # carries the session's facts (client, TLS, account, duration)
+            # whose own events are DEBUG.
             log.info(
-                "session {session}: message {queueId} accepted from {account}, "
-                "{size} octets, {recipients} recipient(s), sha256 {sha256}",
+                "session {session}: message {queueId} accepted from {account} "
+                "at {client}:{port} over {tls}, {size} octets, {recipients} "
+                "recipient(s), sha256 {sha256}, after {duration:.3f}s",
                 event="accepted",
                 session=session.sessionId,
                 account=session.account,
+                mechanism=session.mechanism,
+                client=session.clientAddress,
+                port=session.clientPort,
+                tls=session.tlsVersion or "plaintext",
+                cipher=session.tlsCipher,
                 queueId=queueId,
                 size=dataFilter.size,
                 recipients=recipients,
                 sha256=getattr(message, "sha256", lambda: "")(),
+                duration=server.sessionSeconds(),
             )
             metrics.MESSAGES.labels("250").inc()
             metrics.BYTES_ACCEPTED.inc(dataFilter.size)
