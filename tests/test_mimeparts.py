@@ -25,7 +25,16 @@ def mimeRefusal(body: bytes, headers: bytes = b"", **options) -> SMTPReply | Non
     return check(chain, b"From: a@b\r\n" + headers + body)
 
 
-class MimePartsPolicyTests(unittest.TestCase):
+class RefusalAssertions:
+    def assertRefused(self, reply: SMTPReply | None, text: str) -> None:
+        """
+        C{reply} is the exact refusal a client gets: 552 5.3.4 and C{text}.
+        """
+        assert reply is not None, f"not refused; expected {text!r}"
+        assert (reply.code, reply.status, reply.text) == (552, "5.3.4", text), reply
+
+
+class MimePartsPolicyTests(RefusalAssertions, unittest.TestCase):
     def test_notMultipart(self):
         self.assertIsNone(mimeRefusal(b"\r\nbody\r\n", maxParts=0))
         self.assertIsNone(mimeRefusal(b"", maxParts=0))
@@ -41,7 +50,10 @@ class MimePartsPolicyTests(unittest.TestCase):
 
     def test_defaultLimit(self):
         self.assertIsNone(mimeRefusal(multipart(b"b", [b""] * 100)))
-        self.assertIsNotNone(mimeRefusal(multipart(b"b", [b""] * 101)))
+        self.assertRefused(
+            mimeRefusal(multipart(b"b", [b""] * 101)),
+            "Message refused: more than 100 MIME body parts",
+        )
 
     def test_nested(self):
         """
@@ -50,7 +62,10 @@ class MimePartsPolicyTests(unittest.TestCase):
         inner = multipart(b"inner", [text(), text(b"<p>hi</p>")], b"alternative")
         message = multipart(b"outer", [inner, text(), text()])
         self.assertIsNone(mimeRefusal(message, maxParts=5))
-        self.assertIsNotNone(mimeRefusal(message, maxParts=4))
+        self.assertRefused(
+            mimeRefusal(message, maxParts=4),
+            "Message refused: more than 4 MIME body parts",
+        )
 
     def test_partHeadersFolded(self):
         inner = (
@@ -60,7 +75,10 @@ class MimePartsPolicyTests(unittest.TestCase):
         )
         message = multipart(b"outer", [inner])
         self.assertIsNone(mimeRefusal(message, maxParts=3))
-        self.assertIsNotNone(mimeRefusal(message, maxParts=2))
+        self.assertRefused(
+            mimeRefusal(message, maxParts=2),
+            "Message refused: more than 2 MIME body parts",
+        )
 
     def test_boundaryMustMatchExactly(self):
         """
@@ -72,7 +90,10 @@ class MimePartsPolicyTests(unittest.TestCase):
             b"--bb\r\n--b x\r\n -b\r\n--b \t\r\n\r\n--B\r\n--b--\r\n--b\r\n"
         )
         self.assertIsNone(mimeRefusal(body, maxParts=2))
-        self.assertIsNotNone(mimeRefusal(body, maxParts=1))
+        self.assertRefused(
+            mimeRefusal(body, maxParts=1),
+            "Message refused: more than 1 MIME body parts",
+        )
 
     def test_outerBoundaryClosesInner(self):
         """
@@ -110,7 +131,10 @@ class MimePartsPolicyTests(unittest.TestCase):
         )
         message = multipart(b"out", [text(), embedded])
         self.assertIsNone(mimeRefusal(message, maxParts=4))
-        self.assertIsNotNone(mimeRefusal(message, maxParts=3))
+        self.assertRefused(
+            mimeRefusal(message, maxParts=3),
+            "Message refused: more than 3 MIME body parts",
+        )
 
     def test_digest(self):
         """
@@ -119,7 +143,10 @@ class MimePartsPolicyTests(unittest.TestCase):
         part = b"\r\nFrom: x@y\r\n" + multipart(b"d2", [text()])
         message = multipart(b"d1", [part, part], b"digest")
         self.assertIsNone(mimeRefusal(message, maxParts=4))
-        self.assertIsNotNone(mimeRefusal(message, maxParts=3))
+        self.assertRefused(
+            mimeRefusal(message, maxParts=3),
+            "Message refused: more than 3 MIME body parts",
+        )
 
     def test_partSizeAtLimit(self):
         """
@@ -139,11 +166,17 @@ class MimePartsPolicyTests(unittest.TestCase):
         inner = multipart(b"in", [part])
         message = multipart(b"out", [inner])
         self.assertIsNone(mimeRefusal(message, maxPartSize=5))
-        self.assertIsNotNone(mimeRefusal(message, maxPartSize=4))
+        self.assertRefused(
+            mimeRefusal(message, maxPartSize=4),
+            "Message refused: a MIME part exceeds 4 octets",
+        )
 
     def test_singlePartSize(self):
         self.assertIsNone(mimeRefusal(b"\r\n12345\r\n", maxPartSize=5))
-        self.assertIsNotNone(mimeRefusal(b"\r\n12345\r\n6\r\n", maxPartSize=5))
+        self.assertRefused(
+            mimeRefusal(b"\r\n12345\r\n6\r\n", maxPartSize=5),
+            "Message refused: a MIME part exceeds 5 octets",
+        )
 
     def test_partWithoutHeaderSection(self):
         """
@@ -154,7 +187,10 @@ class MimePartsPolicyTests(unittest.TestCase):
             b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nabcdef\r\n--b--"
         )
         self.assertIsNone(mimeRefusal(body, maxPartSize=6))
-        self.assertIsNotNone(mimeRefusal(body, maxPartSize=5))
+        self.assertRefused(
+            mimeRefusal(body, maxPartSize=5),
+            "Message refused: a MIME part exceeds 5 octets",
+        )
 
     def test_depth(self):
         def nest(depth):
@@ -173,7 +209,10 @@ class MimePartsPolicyTests(unittest.TestCase):
             ),
         )
         self.assertIsNone(mimeRefusal(nest(2), maxDepth=2))
-        self.assertIsNotNone(mimeRefusal(nest(3), maxDepth=2))
+        self.assertRefused(
+            mimeRefusal(nest(3), maxDepth=2),
+            "Message refused: MIME multiparts nested deeper than 2 levels",
+        )
 
     def test_badOptions(self):
         self.assertRaises(ValueError, MimePartsPolicy, maxParts=-1)
@@ -237,7 +276,7 @@ class MimePartsPolicyTests(unittest.TestCase):
         self.assertIsNone(mime.contentType)
 
 
-class MimePartsMoreTests(unittest.TestCase):
+class MimePartsMoreTests(RefusalAssertions, unittest.TestCase):
     """
     The policy's behaviours without a test of their own before the tests
     followed the modules.
@@ -253,7 +292,10 @@ class MimePartsMoreTests(unittest.TestCase):
         )
         message = multipart(b"out", [embedded])
         self.assertIsNone(mimeRefusal(message, maxParts=3))
-        self.assertIsNotNone(mimeRefusal(message, maxParts=2))
+        self.assertRefused(
+            mimeRefusal(message, maxParts=2),
+            "Message refused: more than 2 MIME body parts",
+        )
 
     def test_noPartLimit(self):
         """
@@ -284,7 +326,10 @@ class MimePartsMoreTests(unittest.TestCase):
         )
         message = multipart(b"out", [part])
         self.assertIsNone(mimeRefusal(message, maxParts=3))
-        self.assertIsNotNone(mimeRefusal(message, maxParts=2))
+        self.assertRefused(
+            mimeRefusal(message, maxParts=2),
+            "Message refused: more than 2 MIME body parts",
+        )
 
     def test_contentTypeBounded(self):
         """
