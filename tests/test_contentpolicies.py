@@ -91,7 +91,11 @@ class HeaderPolicyTests(unittest.TestCase):
 
     def test_badDateNotRequired(self):
         message = adding(without(GOOD, b"Date"), b"Date: soon")
-        self.assertIsNotNone(headerRefusal(message, requireDate=False))
+        self.assertRefused(
+            headerRefusal(message, requireDate=False),
+            "Message refused: the Date: header field is not a valid date-time "
+            "(RFC 5322 3.3)",
+        )
 
     def test_dateFormats(self):
         for date in [
@@ -394,7 +398,11 @@ class HeaderPolicyMoreTests(unittest.TestCase):
             "Message refused: the From: header field must hold exactly one mailbox",
         )
         badId = adding(without(GOOD, b"Message-ID"), b"Message-ID: nonsense")
-        self.assertIsNotNone(headerRefusal(badId, requireMessageId=False))
+        self.assertEqual(
+            headerRefusal(badId, requireMessageId=False).text,
+            "Message refused: the Message-ID: header field is not a valid msg-id "
+            "(RFC 5322 3.6.4)",
+        )
 
     def test_refusedBeforeBody(self):
         """
