@@ -58,7 +58,6 @@ class AccountChecker:
         verifier: PasswordVerifier | None = None,
     ) -> None:
         self._store = store
-        self._threaded = threaded
         if verifier is None:
             verifier = PasswordVerifier(
                 verifyHash, reactor=_globalReactor() if threaded else None
