@@ -10,6 +10,7 @@ C{digipoort-msa-admin}: manage the accounts file and the mail queue.
         accounts list
     digipoort-msa-admin [--config PATH]
         queue list | show ID | flush [ID] | delete ID | hold ID | release ID
+        queue verify
 
 Passwords are never taken from the command line (where other users could
 see them in the process list): they are asked for twice when standard input
@@ -27,6 +28,9 @@ When the server is not running, C{list} and C{show} read the spool files
 (read-only) and say so on stderr; C{flush}, C{delete}, C{hold} and
 C{release} fail: the queue belongs to the server's queue runner, and
 changing its files behind its back could race a delivery in progress.
+C{verify} always reads the spool files: it re-hashes every queued message
+and exits 1 when any is not the message acknowledged
+(L{msa.queue.integrity}).
 
 Exit codes: 0 on success, 1 when the command failed (unknown or existing
 account, unreadable file, refused password), 2 for usage errors.
@@ -136,6 +140,9 @@ def _parser() -> argparse.ArgumentParser:
     queue = topics.add_parser("queue", help="inspect and manage the mail queue")
     queueCommands = queue.add_subparsers(dest="queueCommand", required=True)
     queueCommands.add_parser("list", help="list the queued messages")
+    queueCommands.add_parser(
+        "verify", help="re-hash every queued message against its recorded digest"
+    )
     for name, text in [
         ("show", "show a message's envelope, state and headers"),
         ("delete", "remove a message from the queue (never delivered)"),

@@ -51,7 +51,7 @@ def describeEntry(entry: SpoolEntry, now: float, inFlight: bool = False) -> dict
         "held": entry.held,
         "inFlight": inFlight,
         "isBounce": entry.isBounce,
-    }
+    } | ({"heldReason": entry.heldReason} if entry.heldReason else {})
 
 
 class QueueRunner(Protocol):
@@ -174,6 +174,9 @@ class QueueControl:
         """
         entry = self._load(queueId)
         entry.held = False
+        # An integrity hold comes back at the next attempt if the bytes are
+        # still not the acknowledged ones.
+        entry.heldReason = ""
         entry.nextAttempt = self._clock.seconds()
         inFlight = self._runner.isInFlight(queueId)
         if inFlight:
@@ -205,7 +208,9 @@ class QueueControl:
         C{size} (bytes), C{sender}, C{recipients} (address to
         C{"pending"}, C{"delivered"} or C{"failed"}), C{errors} (address to
         the last reply about it), C{attempts}, C{nextAttempt} (POSIX time),
-        C{lastError}, C{held}, C{inFlight}, C{isBounce}.
+        C{lastError}, C{held}, C{inFlight}, C{isBounce}, and
+        C{heldReason} (why the MSA held it, L{msa.queue.integrity}) when
+        it did.
         """
         now = self._clock.seconds()
         out = []

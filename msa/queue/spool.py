@@ -31,6 +31,7 @@ the message file to a thread.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import secrets
@@ -119,6 +120,13 @@ class SpoolEntry:
     @ivar delayWarned: a "delayed" notification was sent for it.
     @ivar owedNotices: failed recipients whose "failed" notification could
         not be queued yet: the entry stays in the queue until it is.
+    @ivar sha256: the SHA-256 of the message bytes acknowledged with the
+        250 (after the trace header); C{""} for an entry spooled by an
+        earlier version.  See L{msa.queue.integrity}.
+    @ivar traceLength: the length of the trace header the MSA put in front.
+    @ivar traceSha256: its SHA-256 (C{""} when there is none).
+    @ivar heldReason: why the MSA itself put the entry on hold (an
+        integrity mismatch); C{""} otherwise.
     """
 
     queueId: str
@@ -136,6 +144,10 @@ class SpoolEntry:
     isBounce: bool = False
     delayWarned: bool = False
     owedNotices: list[str] = attrs.Factory(list)
+    sha256: str = ""
+    traceLength: int = 0
+    traceSha256: str = ""
+    heldReason: str = ""
 
     def pendingRecipients(self) -> list[str]:
         return [r for r, status in self.recipients.items() if status == PENDING]
@@ -156,6 +168,10 @@ class SpoolEntry:
             "isBounce": self.isBounce,
             "delayWarned": self.delayWarned,
             "owedNotices": self.owedNotices,
+            "sha256": self.sha256,
+            "traceLength": self.traceLength,
+            "traceSha256": self.traceSha256,
+            "heldReason": self.heldReason,
         }
 
     @classmethod
@@ -176,6 +192,11 @@ class SpoolEntry:
             isBounce=bool(data.get("isBounce", False)),
             delayWarned=bool(data.get("delayWarned", False)),
             owedNotices=list(data.get("owedNotices", [])),
+            # Absent in a state written by an earlier version.
+            sha256=str(data.get("sha256", "")),
+            traceLength=int(data.get("traceLength", 0)),
+            traceSha256=str(data.get("traceSha256", "")),
+            heldReason=str(data.get("heldReason", "")),
         )
 
 
@@ -187,7 +208,9 @@ def _encodeState(entry: SpoolEntry) -> bytes:
 class SpoolWriter:
     """
     The file of one message being received, in C{tmp/}.  Data goes to the
-    file through a buffer of L{WRITE_BUFFER} bytes, never kept whole.
+    file through a buffer of L{WRITE_BUFFER} bytes, never kept whole, and
+    is hashed on its way (L{sha256}), so that the commit records the digest
+    of exactly the bytes stored (L{msa.queue.integrity}).
 
     @ivar isBounce: set before L{commit} for a delivery status notification.
     """
@@ -207,6 +230,28 @@ class SpoolWriter:
         self._committing = False
         self._done = False
         self._abortRequested = False
+        self._digest = hashlib.sha256()
+        self._traceLength = 0
+        self._traceSha256 = ""
+
+    def writeTrace(self, data: bytes) -> None:
+        """
+        Write the MSA's trace header, in front of the message: hashed apart
+        from it, so that L{sha256} is the digest of the client's bytes.
+        Only before any L{write}.
+        """
+        if self._size:
+            raise RuntimeError("the trace header goes before the message")
+        self.write(data)
+        self._digest = hashlib.sha256()
+        self._traceLength = len(data)
+        self._traceSha256 = hashlib.sha256(data).hexdigest()
+
+    def sha256(self) -> str:
+        """
+        The SHA-256 of the bytes written so far after the trace header.
+        """
+        return self._digest.hexdigest()
 
     def write(self, data: bytes) -> None:
         """
@@ -226,6 +271,7 @@ class SpoolWriter:
             )
             raise SMTPReply(452, "4.3.1", "Insufficient system storage")
         self._size += len(data)
+        self._digest.update(data)
 
     def commit(self) -> defer.Deferred:
         """
@@ -246,6 +292,9 @@ class SpoolWriter:
             nextAttempt=spool.reactor.seconds(),
             eightBit=self._eightBit,
             isBounce=self.isBounce,
+            sha256=self.sha256(),
+            traceLength=self._traceLength,
+            traceSha256=self._traceSha256,
         )
         state = _encodeState(entry)
         d = spool._runBlocking(self._commitBlocking, state)
