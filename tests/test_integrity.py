@@ -136,6 +136,21 @@ def attempted(spool: Spool, queueId: str):
     )
 
 
+@defer.inlineCallbacks
+def queuedAndTampered(msa: RunningMSA, spool: Spool):
+    """
+    Submit L{MESSAGE} to C{msa} (whose core is unreachable), wait for the
+    first failed attempt, and flip a bit of the queued message.
+
+    @return: a L{Deferred} of the queue id and the SHA-256 of the changed
+        message (after the trace header).
+    """
+    queueId = yield submitTo(msa)
+    yield attempted(spool, queueId)
+    tampered = tamper(spool.load(queueId).messagePath)
+    return queueId, hashlib.sha256(splitReceived(tampered)[1]).hexdigest()
+
+
 def held(spool: Spool, queueId: str):
     return waitUntil(lambda: spool.load(queueId).held, 10, f"{queueId} to be held")
 
@@ -235,10 +250,7 @@ class RelayIntegrityTests(IntegrityAssertions, unittest.TestCase):
         port = freePort()
         msa = RunningMSA(self, relay=unreachable(core.certFile, port))
         spool = spoolOf(msa)
-        queueId = yield submitTo(msa)
-        yield attempted(spool, queueId)
-        tampered = tamper(spool.load(queueId).messagePath)
-        actual = hashlib.sha256(splitReceived(tampered)[1]).hexdigest()
+        queueId, actual = yield queuedAndTampered(msa, spool)
         self.assertNotEqual(actual, DIGEST)
 
         forwarder = CountingForwarder("127.0.0.1", core.port)
@@ -282,10 +294,7 @@ class RelayIntegrityTests(IntegrityAssertions, unittest.TestCase):
         relay = unreachable(core.certFile, port)
         msa = RunningMSA(self, relay=relay, spool={"directory": directory})
         spool = Spool(directory, reactor=object())
-        queueId = yield submitTo(msa)
-        yield attempted(spool, queueId)
-        tampered = tamper(spool.load(queueId).messagePath)
-        actual = hashlib.sha256(splitReceived(tampered)[1]).hexdigest()
+        queueId, actual = yield queuedAndTampered(msa, spool)
         forwarder = CountingForwarder("127.0.0.1", core.port)
         listening = reactor.listenTCP(port, forwarder, interface="127.0.0.1")
         self.addCleanup(listening.stopListening)
@@ -458,10 +467,7 @@ class DSNIntegrityTests(IntegrityAssertions, unittest.TestCase):
         port = freePort()
         msa = RunningMSA(self, relay=unreachable(core.caFile, port))
         spool = spoolOf(msa)
-        queueId = yield submitTo(msa)
-        yield attempted(spool, queueId)
-        tampered = tamper(spool.load(queueId).messagePath)
-        actual = hashlib.sha256(splitReceived(tampered)[1]).hexdigest()
+        queueId, actual = yield queuedAndTampered(msa, spool)
         core.start(port)
         self.addCleanup(core.stop)
         yield admin(msa, "queue", "flush")
