@@ -7,7 +7,9 @@ Layout under the spool directory::
     tmp/<id>.msg      message being received (never acknowledged)
     tmp/<id>.json     its state file, written just before the commit
     queue/<id>.msg    committed message, CRLF line endings, not dot-stuffed
-    queue/<id>.json   committed state: the envelope and per-recipient status
+    queue/<id>.json   committed state: the envelope and per-recipient status,
+                      and the SHA-256 of the acknowledged bytes
+                      (L{msa.queue.integrity})
 
 A message is committed when C{queue/<id>.json} exists: the message file is
 fsynced and renamed into C{queue/} first, then the state file, then the
