@@ -45,7 +45,6 @@ from zope.interface import implementer
 from msa.durable import (
     DirectorySync,
     fsyncDirectory,
-    publish,
     writeDurably,
     writeSynced,
 )
@@ -430,31 +429,6 @@ class Spool:
         _, statePath = self._paths(entry.queueId)
         # The temporary name ends in .tmp: recover() removes a leftover.
         writeDurably(statePath, _encodeState(entry), tmpPath=statePath + ".tmp")
-
-    def updateMany(self, entries: list[SpoolEntry]) -> None:
-        """
-        Replace the state of each of C{entries} as L{update} does, with one
-        directory fsync for all of them: every new state is written to its
-        temporary file and fsynced, then all are renamed, then the
-        directory is fsynced.  (For the operator's flush of the whole
-        queue: one fsync per entry instead of two.)
-
-        @raise OSError: when a state cannot be written: then no entry has
-            changed and the temporary files are gone; or when a rename or
-            the fsync fails (a leftover temporary file is removed by
-            L{recover}).
-        """
-        moves: list[tuple[str, str]] = []
-        try:
-            for entry in entries:
-                _, statePath = self._paths(entry.queueId)
-                moves.append((statePath + ".tmp", statePath))
-                writeSynced(statePath + ".tmp", _encodeState(entry))
-        except BaseException:
-            for tmpPath, _ in moves:
-                _discard(tmpPath)
-            raise
-        publish(moves, self.queueDirectory)
 
     def remove(self, queueId: str) -> None:
         """
