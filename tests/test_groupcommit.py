@@ -16,7 +16,7 @@ import errno
 import os
 import threading
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from msa import durable
@@ -219,8 +219,9 @@ class SpoolGroupCommitTests(unittest.TestCase):
 
     def test_removeDeliveredStateRefused(self):
         """
-        The state file cannot be removed (a read-only spool): the error is
-        raised at once and the entry is intact.
+        The state file cannot be removed (a read-only spool): the
+        L{Deferred} fails with the error and the entry is intact, visible
+        again.
         """
         queueId = self.commit()
 
@@ -228,9 +229,31 @@ class SpoolGroupCommitTests(unittest.TestCase):
             raise OSError(errno.EROFS, "Read-only file system")
 
         self.patch(os, "unlink", refuse)
-        self.assertRaises(OSError, self.spool.removeDelivered, queueId)
+        failure = self.failureResultOf(self.spool.removeDelivered(queueId))
+        self.assertEqual(failure.value.errno, errno.EROFS)
         self.patch(os, "unlink", os.remove)
         self.assertEqual(self.spool.pending(), [queueId])
+        self.assertEqual(self.spool.load(queueId).queueId, queueId)
+
+    def test_removeDeliveredInvisibleAtOnce(self):
+        """
+        While the removal runs in its thread, the entry is already gone for
+        the readers of this process (L{Spool.pending}, L{Spool.load}), so
+        that a queue listing or a flush never sees a delivered entry.
+        """
+        queueId = self.commit()
+        started = []
+        self.patch(
+            self.spool,
+            "_runBlocking",
+            lambda f, *a: started.append(a) or defer.Deferred(),
+        )
+        self.spool.removeDelivered(queueId)
+        self.assertEqual(len(started), 1)
+        self.assertEqual(self.spool.pending(), [])
+        self.assertRaises(FileNotFoundError, self.spool.load, queueId)
+        # Not yet removed from disk: the thread does that.
+        self.assertIn(queueId + ".json", os.listdir(self.spool.queueDirectory))
 
 
 class OutboxLinkTests(unittest.TestCase):
