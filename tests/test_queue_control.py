@@ -8,7 +8,7 @@ real L{msa.relay.runner.RelayRunner} with a fake clock and downstream.
 import errno
 import os
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from msa.queue.control import QueueControl, describeEntry
@@ -325,6 +325,19 @@ class QueueControlUnitTests(unittest.TestCase):
         self.patch(self.spool, "load", unreadable)
         self.assertEqual(self.control.flush(), ids)
         self.assertEqual(self.runner.calls, [("attemptNow", q) for q in ids])
+
+    def test_flushAllSkipsDelivered(self):
+        """
+        An entry whose attempt delivered it and whose removal is still
+        running (in flight for the runner, gone for the spool's readers) is
+        not flushed: nothing is left to send.
+        """
+        queueId = self.queue()
+        self.runner.inFlight.add(queueId)
+        self.patch(self.spool, "_runBlocking", lambda f, *a: defer.Deferred())
+        self.spool.removeDelivered(queueId)
+        self.assertEqual(self.control.flush(), [])
+        self.assertEqual(self.runner.calls, [])
 
     def test_flushAllSkipsHeldInFlight(self):
         """

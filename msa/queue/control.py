@@ -143,7 +143,9 @@ class QueueControl:
             candidates = sorted(
                 q
                 for q in set(self._runner.queued())
-                if q not in self._deleted and not self._heldInFlight.get(q)
+                if q not in self._deleted
+                and not self._heldInFlight.get(q)
+                and not self.spool.isBeingRemoved(q)
             )
         flushed = []
         for name in candidates:

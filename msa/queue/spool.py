@@ -508,6 +508,13 @@ class Spool:
 
         return d.addBoth(visible)
 
+    def isBeingRemoved(self, queueId: str) -> bool:
+        """
+        Whether L{removeDelivered} is removing C{queueId} (for this
+        process's readers it is gone already).
+        """
+        return queueId in self._removing
+
     def _removedBlocking(self, msgPath: str, statePath: str) -> None:
         """
         The disk part of L{removeDelivered}: runs in a thread.
