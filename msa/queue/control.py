@@ -12,10 +12,14 @@ flight (hold, release, flush, delete) is kept here and handed back to the
 runner when the attempt ends (L{QueueControl.isDeleted},
 L{QueueControl.applyRequests}, L{QueueControl.attemptEnded}).
 
-Every change of state goes through L{msa.queue.spool.Spool.update} (or
-L{msa.queue.spool.Spool.updateMany}, for a flush) or
-L{msa.queue.spool.Spool.remove}.  An unknown (or malformed) queue id raises
-C{KeyError(queueId)}.
+Every change of state goes through L{msa.queue.spool.Spool.update} or
+L{msa.queue.spool.Spool.remove}, with one exception: a flush writes
+nothing.  It only asks the runner to attempt the entries now; their
+C{nextAttempt} on disk stays as it was, so that a flush of a large backlog
+costs no write per message (as Postfix's C{postqueue -f}).  After a crash
+before the attempt, the entries wait for their recorded time again: the
+operator's flush is lost, never a message.  An unknown (or malformed) queue
+id raises C{KeyError(queueId)}.
 """
 
 from __future__ import annotations
@@ -81,6 +85,13 @@ class QueueRunner(Protocol):
         Cancel the scheduled attempt of C{queueId}, if any.
         """
 
+    def queued(self) -> list[str]:
+        """
+        The ids of the entries the runner will attempt (scheduled, due or in
+        flight), in no particular order; held and unremovable ones are not
+        among them.
+        """
+
 
 class QueueControl:
     """
@@ -117,36 +128,34 @@ class QueueControl:
     def flush(self, queueId: str | None = None) -> list[str]:
         """
         Attempt C{queueId}, or every entry not on hold, now.  An entry in
-        flight is attempted again right after its attempt.
+        flight is attempted again right after its attempt.  Nothing is
+        written (see the module's docstring): for the whole queue not even
+        read, the runner knows what it will attempt.
 
-        @return: the ids scheduled (a held or unremovable entry is not).
+        @return: the ids scheduled, oldest first (a held or unremovable
+            entry is not).
         @raise KeyError: for an unknown C{queueId}.
         """
         if queueId is not None:
-            entries = [self._load(queueId)]
+            entry = self._load(queueId)
+            candidates = [] if entry.held else [queueId]
         else:
-            entries = []
-            for name in self.spool.pending():
-                try:
-                    entries.append(self._load(name))
-                except (KeyError, ValueError):
-                    continue
-        now = self._clock.seconds()
+            candidates = sorted(
+                q
+                for q in set(self._runner.queued())
+                if q not in self._deleted
+                and not self._heldInFlight.get(q)
+                and not self.spool.isBeingRemoved(q)
+            )
         flushed = []
-        due = []
-        for entry in entries:
-            if entry.held or self._runner.isUnremovable(entry.queueId):
+        for name in candidates:
+            if self._runner.isUnremovable(name):
                 continue
-            flushed.append(entry.queueId)
-            if self._runner.isInFlight(entry.queueId):
-                self._flushAfter.add(entry.queueId)
-                continue
-            entry.nextAttempt = now
-            due.append(entry)
-        # Written together: one directory fsync for the whole flush.
-        self.spool.updateMany(due)
-        for entry in due:
-            self._runner.attemptNow(entry.queueId)
+            flushed.append(name)
+            if self._runner.isInFlight(name):
+                self._flushAfter.add(name)
+            else:
+                self._runner.attemptNow(name)
         log.info("flush: {count} message(s)", count=len(flushed))
         return flushed
 

@@ -25,9 +25,10 @@ commits and removals (L{msa.durable.DirectorySync}, a group commit): each
 commit still returns only after an fsync of the directory that started
 after its own renames.  L{Spool.update} and L{Spool.remove} are
 synchronous: they are small and their ordering with the relay's decisions
-must be exact.  L{Spool.removeDelivered} removes the state file at once,
-on the calling thread, and leaves the directory fsync and the removal of
-the message file to a thread.
+must be exact.  L{Spool.removeDelivered} makes the entry invisible to this
+process's readers at once (L{Spool.pending}, L{Spool.load}) and leaves all
+the disk work to a thread: the removal of the state file, the directory
+fsync and the removal of the message file.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from typing import BinaryIO
 
 import attrs
 from twisted.internet import defer, threads
@@ -48,7 +50,6 @@ from zope.interface import implementer
 from msa.durable import (
     DirectorySync,
     fsyncDirectory,
-    publish,
     writeDurably,
     writeSynced,
 )
@@ -214,6 +215,13 @@ class SpoolWriter:
     is hashed on its way (L{sha256}), so that the commit records the digest
     of exactly the bytes stored (L{msa.queue.integrity}).
 
+    The file is created only when the data outgrows that buffer; a message
+    that fits (the common case) is written, fsynced and closed by the
+    commit, in the thread of its fsyncs, so the reactor thread never waits
+    for a file creation, which on a busy journal can stall it.  A failure
+    to create the file (EMFILE, ENOSPC) then surfaces at the commit, as a
+    4xx to the final dot instead of to DATA: never acknowledged either way.
+
     @ivar isBounce: set before L{commit} for a delivery status notification.
     """
 
@@ -225,8 +233,8 @@ class SpoolWriter:
         self.queueId = envelope.queueId
         self._msgPath = os.path.join(spool.tmpDirectory, self.queueId + ".msg")
         self._statePath = os.path.join(spool.tmpDirectory, self.queueId + ".json")
-        fd = os.open(self._msgPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
+        self._file: BinaryIO | None = None
+        self._pending = bytearray()
         self._size = 0
         self._eightBit = False
         self._committing = False
@@ -266,7 +274,13 @@ class SpoolWriter:
         if not self._eightBit and not data.isascii():
             self._eightBit = True
         try:
-            self._file.write(data)
+            if self._file is not None:
+                self._file.write(data)
+            elif len(self._pending) + len(data) <= WRITE_BUFFER:
+                self._pending += data
+            else:
+                self._file = self._create()
+                self._file.write(data)
         except OSError as e:
             log.error(
                 "spool write failed for {queueId}: {e}", queueId=self.queueId, e=e
@@ -303,11 +317,28 @@ class SpoolWriter:
         d.addCallbacks(self._committed, self._commitFailed)
         return d
 
+    def _create(self) -> BinaryIO:
+        """
+        Create the message file and write what was buffered so far.
+        """
+        fd = os.open(self._msgPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        f = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
+        try:
+            f.write(self._pending)
+        except BaseException:
+            # Closing flushes again, which fails again: the cleanup goes on.
+            self._file = f
+            raise
+        self._pending = bytearray()
+        return f
+
     def _commitBlocking(self, state: bytes) -> None:
         """
         The disk part of L{commit}: runs in a thread.
         """
         queueDir = self._spool.queueDirectory
+        if self._file is None:
+            self._file = self._create()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -376,6 +407,8 @@ class SpoolWriter:
         flushes the buffer, which fails again on a full disk (the file
         descriptor is closed all the same), and must not stop the cleanup.
         """
+        if self._file is None:
+            return
         try:
             self._file.close()
         except OSError as e:
@@ -418,6 +451,9 @@ class Spool:
         #: The group commit of C{queue/}'s fsyncs (commits and removals).
         self.queueSync = DirectorySync(self.queueDirectory)
         self._listeners: list[Callable[[str], object]] = []
+        #: Entries being removed by L{removeDelivered}: already gone for
+        #: the readers of this process.
+        self._removing: set[str] = set()
 
     def _runBlocking(self, f, *args) -> defer.Deferred:
         getThreadPool = getattr(self.reactor, "getThreadPool", None)
@@ -460,7 +496,11 @@ class Spool:
         """
         names = set(os.listdir(self.queueDirectory))
         return sorted(
-            n[:-5] for n in names if n.endswith(".json") and n[:-5] + ".msg" in names
+            n[:-5]
+            for n in names
+            if n.endswith(".json")
+            and n[:-5] + ".msg" in names
+            and n[:-5] not in self._removing
         )
 
     def load(self, queueId: str) -> SpoolEntry:
@@ -469,6 +509,8 @@ class Spool:
         @raise ValueError: when the state file is unreadable.
         """
         msgPath, statePath = self._paths(queueId)
+        if queueId in self._removing:
+            raise FileNotFoundError(errno.ENOENT, "being removed", statePath)
         with open(statePath, "rb") as f:
             data = json.loads(f.read())
         return SpoolEntry.fromJSON(data, msgPath, os.stat(msgPath).st_size)
@@ -481,31 +523,6 @@ class Spool:
         _, statePath = self._paths(entry.queueId)
         # The temporary name ends in .tmp: recover() removes a leftover.
         writeDurably(statePath, _encodeState(entry), tmpPath=statePath + ".tmp")
-
-    def updateMany(self, entries: list[SpoolEntry]) -> None:
-        """
-        Replace the state of each of C{entries} as L{update} does, with one
-        directory fsync for all of them: every new state is written to its
-        temporary file and fsynced, then all are renamed, then the
-        directory is fsynced.  (For the operator's flush of the whole
-        queue: one fsync per entry instead of two.)
-
-        @raise OSError: when a state cannot be written: then no entry has
-            changed and the temporary files are gone; or when a rename or
-            the fsync fails (a leftover temporary file is removed by
-            L{recover}).
-        """
-        moves: list[tuple[str, str]] = []
-        try:
-            for entry in entries:
-                _, statePath = self._paths(entry.queueId)
-                moves.append((statePath + ".tmp", statePath))
-                writeSynced(statePath + ".tmp", _encodeState(entry))
-        except BaseException:
-            for tmpPath, _ in moves:
-                _discard(tmpPath)
-            raise
-        publish(moves, self.queueDirectory)
 
     def remove(self, queueId: str) -> None:
         """
@@ -521,24 +538,39 @@ class Spool:
     def removeDelivered(self, queueId: str) -> defer.Deferred[None]:
         """
         Remove an entry, as L{remove} does, with the disk work off the
-        calling (reactor) thread: the state file is removed now, so that
-        the entry is gone for every reader as soon as this returns; then,
-        in the reactor's thread pool, the directory is fsynced (shared with
+        calling (reactor) thread: the entry is gone for every reader in
+        this process as soon as this returns; then, in the reactor's thread
+        pool, the state file is removed, the directory fsynced (shared with
         concurrent commits and removals, L{DirectorySync}) and only then is
         the message file removed.
 
-        @return: a L{Deferred} firing when the removal is durable.
-        @raise OSError: when the state file cannot be removed (the entry is
-            then unchanged).
+        @return: a L{Deferred} firing when the removal is durable, or
+            failing with the L{OSError}: when the state file could not be
+            removed, the entry is unchanged (and visible again); when the
+            fsync failed, the entry is gone and its message file left for
+            L{recover}.
         """
-        msgPath, statePath = self._paths(queueId)
-        _unlinkQuietly(statePath)
-        return self._runBlocking(self._removedBlocking, msgPath)
+        self._removing.add(queueId)
+        d = self._runBlocking(self._removedBlocking, *self._paths(queueId))
 
-    def _removedBlocking(self, msgPath: str) -> None:
+        def visible(result: object) -> object:
+            self._removing.discard(queueId)
+            return result
+
+        return d.addBoth(visible)
+
+    def isBeingRemoved(self, queueId: str) -> bool:
+        """
+        Whether L{removeDelivered} is removing C{queueId} (for this
+        process's readers it is gone already).
+        """
+        return queueId in self._removing
+
+    def _removedBlocking(self, msgPath: str, statePath: str) -> None:
         """
         The disk part of L{removeDelivered}: runs in a thread.
         """
+        _unlinkQuietly(statePath)
         self.queueSync.sync()
         _unlinkQuietly(msgPath)
 

@@ -14,7 +14,7 @@ controls the queue through the runner's L{RelayRunner.control}, a
 L{msa.queue.control.QueueControl}, which calls back only through the
 runner's L{msa.queue.control.QueueRunner} interface (L{RelayRunner.isInFlight},
 L{RelayRunner.isUnremovable}, L{RelayRunner.attemptNow},
-L{RelayRunner.unschedule}).
+L{RelayRunner.unschedule}, L{RelayRunner.queued}).
 """
 
 from __future__ import annotations
@@ -224,6 +224,12 @@ class RelayRunner(Service):
             timer.cancel()
         if queueId in self._ready:
             self._ready.remove(queueId)
+
+    def queued(self) -> list[str]:
+        """
+        The ids this runner will attempt: scheduled, due or in flight.
+        """
+        return [*self._timers, *self._ready, *self._inFlight]
 
     # Scheduling.
 
