@@ -51,6 +51,16 @@ def receivedHeader(hostname: str, session: SessionInfo, envelope: Envelope) -> b
     return "\r\n".join(lines).encode("ascii", "replace") + b"\r\n"
 
 
+def _noteAudit(writer: ISpoolWriter, **fields: object) -> None:
+    """
+    Add C{fields} to the message's acceptance record in the audit log
+    (L{msa.queue.spool.SpoolWriter.noteAudit}), when the writer keeps one.
+    """
+    note = getattr(writer, "noteAudit", None)
+    if note is not None:
+        note(**fields)
+
+
 @implementer(IAcceptedMessage)
 class SpooledMessage:
     """
@@ -74,12 +84,14 @@ class SpooledMessage:
         self._onAbandoned = onAbandoned
         self._checker = checker
         self._digest = hashlib.sha256()
+        self._size = 0
 
     def lineReceived(self, line: bytes) -> None:
         if self._checker is not None:
             self._checker.lineReceived(line)
         line += b"\r\n"
         self._digest.update(line)
+        self._size += len(line)
         self.writer.write(line)
 
     @property
@@ -95,6 +107,7 @@ class SpooledMessage:
         Several lines at once, each with its CRLF, dot-unstuffed.
         """
         self._digest.update(data)
+        self._size += len(data)
         self.writer.write(data)
 
     def sha256(self) -> str:
@@ -112,6 +125,7 @@ class SpooledMessage:
                 except BaseException:
                     self.writer.abort()
                     raise
+            _noteAudit(self.writer, size=self._size, sha256=self.sha256())
             d = self.writer.commit()
         except BaseException:
             self._abandoned()
@@ -229,6 +243,14 @@ class Submission:
         if self.contentPolicy is not None:
             checker = self.contentPolicy.startMessage(envelope)
         writer = self.spool.newMessage(envelope)
+        _noteAudit(
+            writer,
+            session=session.sessionId,
+            clientPort=session.clientPort,
+            mechanism=session.mechanism,
+            tls=session.tlsVersion or "plaintext",
+            cipher=session.tlsCipher,
+        )
         try:
             writer.write(receivedHeader(self.hostname, session, envelope))
         except BaseException:
