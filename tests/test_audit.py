@@ -27,9 +27,13 @@ from msa.audit import (
     AuditLog,
     chainFiles,
     lineHash,
+    recoverRecords,
     rotatedFiles,
     verifyFiles,
 )
+from msa.envelope import Envelope
+from msa.queue.spool import Spool
+from msa.service.startupchecks import StartupCheckError
 from tests.downstream import DownstreamServer
 from tests.e2e import MESSAGE, USERS, AiosmtpdCore, RunningMSA, freePort
 from tests.faultfs import fillFileSystem, mountTmpfs
@@ -247,6 +251,73 @@ class ChainTests(unittest.TestCase):
         self.addCleanup(log.close)
         error = self.assertRaises(AuditError, log.open)
         self.assertIn("the last record is unreadable", str(error))
+
+
+class RecoveryTests(unittest.TestCase):
+    """
+    A crash between a message's commit and its acceptance record: the next
+    start records it as recovered.
+    """
+
+    @defer.inlineCallbacks
+    def test_queuedWithoutRecord(self):
+        directory = os.path.abspath(self.mktemp())
+        spool = Spool(os.path.join(directory, "spool"))
+        audit = AuditLog(os.path.join(directory, "audit.jsonl"))
+        self.addCleanup(audit.close)
+        spool.audit = audit
+        recorded = yield queueOne(spool, "a@mijnbedrijf.nl")
+        # The crash window: committed, but no record (as if the process
+        # died before the record's fdatasync).
+        spool.audit = None
+        lost = yield queueOne(spool, "b@mijnbedrijf.nl")
+        self.assertEqual(recoverRecords(audit, spool), [lost])
+        last = records(audit.path)[-1]
+        self.assertEqual(
+            (last["event"], last["queueId"], last["sender"], last["recipients"]),
+            ("recovered", lost, "b@mijnbedrijf.nl", [RECIPIENT]),
+        )
+        self.assertNotEqual(recorded, lost)
+        # Once only.
+        self.assertEqual(recoverRecords(audit, spool), [])
+        self.assertIsNone(verifyFiles([audit.path]).error)
+
+    @defer.inlineCallbacks
+    def test_olderThanTheLog(self):
+        """
+        Messages queued before the log's first record (the log was just
+        enabled) are not recovered.
+        """
+        directory = os.path.abspath(self.mktemp())
+        spool = Spool(os.path.join(directory, "spool"))
+        yield queueOne(spool, "a@mijnbedrijf.nl")
+        audit = AuditLog(os.path.join(directory, "audit.jsonl"))
+        self.addCleanup(audit.close)
+        self.assertEqual(recoverRecords(audit, spool), [])
+        audit.append("account", action="added", account="x")
+        self.assertEqual(recoverRecords(audit, spool), [])
+
+    def test_unreadableLogStopsTheStart(self):
+        """
+        A log whose last record cannot be read: the daemon does not start
+        (it could not continue the chain).
+        """
+        directory = os.path.abspath(self.mktemp())
+        path = os.path.join(directory, "audit.jsonl")
+        os.makedirs(directory)
+        with open(path, "wb") as f:
+            f.write(b"garbage\n")
+        error = self.assertRaises(
+            StartupCheckError, RunningMSA, self, audit={"path": path}
+        )
+        self.assertIn("audit log: ", str(error))
+        self.assertIn("the last record is unreadable", str(error))
+
+
+def queueOne(spool: Spool, sender: str):
+    writer = spool.newMessage(Envelope(sender, [RECIPIENT], account="alice"))
+    writer.write(b"Subject: x\r\n\r\nbody\r\n")
+    return writer.commit()
 
 
 class VerifyTests(unittest.TestCase):

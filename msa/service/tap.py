@@ -40,7 +40,7 @@ from msa.accounts.model import (
     writeAccounts,
 )
 from msa.accounts.passwords import PasswordVerifier, limitScryptMemory
-from msa.audit import AuditError, AuditLog, logHead
+from msa.audit import AuditError, AuditLog, logHead, recoverRecords
 from msa.policy.authorization import AuthThrottle, ServerRules
 from msa.queue.spool import Spool
 from msa.relay.client import SMTPDownstream
@@ -390,6 +390,12 @@ class _AuditService(service.Service):
     def __init__(self, spool: Spool, audit: AuditLog) -> None:
         try:
             audit.open()
+            for queueId in recoverRecords(audit, spool):
+                log.warn(
+                    "audit: {queueId} was queued without its acceptance record "
+                    "(a crash during its commit): recorded as recovered",
+                    queueId=queueId,
+                )
         except AuditError as e:
             raise StartupCheckError(f"audit log: {e}") from e
         self.audit = audit
