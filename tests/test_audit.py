@@ -809,11 +809,16 @@ class DaemonTests(unittest.TestCase):
         os.unlink(filler)
         queueId = queueIdOf((yield self.submit(msa)))
         self.assertEqual(
-            [(r["seq"], r["event"], r["queueId"]) for r in records(path)],
+            [(r["seq"], r["event"], r["queueId"]) for r in records(path)][:1],
             [(1, "accepted", queueId)],
         )
-        self.assertIsNone(verifyFiles([path]).error)
         yield msa.waitForOutbox(1)
+        yield waitUntil(lambda: len(records(path)) == 2, 10, "the relayed record")
+        self.assertEqual(
+            [(r["seq"], r["event"], r["queueId"]) for r in records(path)],
+            [(1, "accepted", queueId), (2, "relayed", queueId)],
+        )
+        self.assertIsNone(verifyFiles([path]).error)
 
 
 class KillTests(unittest.TestCase):

@@ -532,8 +532,7 @@ class Spool:
         """
         if self.audit is None:
             return defer.succeed(None)
-        audit = self.audit
-        d = self._runBlocking(lambda: audit.append(event, **fields))
+        d = self._runBlocking(self._auditBlocking, event, fields)
 
         def failed(failure) -> None:
             log.critical(
@@ -544,6 +543,13 @@ class Spool:
             )
 
         return d.addCallbacks(lambda _: None, failed)
+
+    def _auditBlocking(self, event: str, fields: dict) -> None:
+        """
+        The disk part of L{auditEvent}: runs in a thread.
+        """
+        assert self.audit is not None
+        self.audit.append(event, **fields)
 
     def openMessage(self, queueId: str):
         """
