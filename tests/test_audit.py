@@ -33,10 +33,18 @@ from msa.audit import (
 )
 from msa.envelope import Envelope
 from msa.queue.spool import Spool
+from msa.relay.protocol import (
+    ACCEPTED,
+    PERMANENT,
+    TEMPORARY,
+    DeliveryResult,
+    RecipientResult,
+)
 from msa.service.startupchecks import StartupCheckError
 from tests.downstream import DownstreamServer
 from tests.e2e import MESSAGE, USERS, AiosmtpdCore, RunningMSA, freePort
 from tests.faultfs import fillFileSystem, mountTmpfs
+from tests.relaydata import RunnerFixture, allWith
 from tests.test_crash import Core, MSAProcess, sleep
 from tests.test_e2e import RECIPIENT, SENDER, submit
 from tests.waiting import waitUntil
@@ -312,6 +320,68 @@ class RecoveryTests(unittest.TestCase):
         )
         self.assertIn("audit log: ", str(error))
         self.assertIn("the last record is unreadable", str(error))
+
+
+class RunnerRecordTests(RunnerFixture, unittest.TestCase):
+    """
+    The queue runner's records, with a fake clock and downstream: relayed,
+    bounced, expired.
+    """
+
+    def setUp(self):
+        RunnerFixture.setUp(self)
+        self.audit = AuditLog(os.path.join(os.path.abspath(self.mktemp()), "a.jsonl"))
+        self.addCleanup(self.audit.close)
+        self.spool.audit = self.audit
+        self.runner.dsnHostname = "localhost"
+
+    def events(self, queueId):
+        return [
+            (r["event"], r.get("recipients"), r.get("reply"))
+            for r in records(self.audit.path)
+            if r.get("queueId") == queueId
+        ]
+
+    def test_relayedAndBounced(self):
+        self.runner.startService()
+        queueId = self.queue(["ok@example.org", "bad@example.org"])
+        self.clock.advance(0)
+        entry, _, d = self.downstream.calls[-1]
+        d.callback(
+            DeliveryResult(
+                {
+                    "ok@example.org": RecipientResult(ACCEPTED, 250, "2.0.0 ok"),
+                    "bad@example.org": RecipientResult(PERMANENT, 550, "5.1.1 no"),
+                },
+                "250 2.0.0 queued as C1",
+            )
+        )
+        self.assertEqual(
+            self.events(queueId),
+            [
+                ("accepted", ["ok@example.org", "bad@example.org"], None),
+                ("relayed", ["ok@example.org"], "250 2.0.0 queued as C1"),
+                ("bounced", ["bad@example.org"], "250 2.0.0 queued as C1"),
+            ],
+        )
+        bounced = records(self.audit.path)[2]
+        self.assertEqual(bounced["replies"], {"bad@example.org": "550 5.1.1 no"})
+        self.assertEqual(records(self.audit.path)[3]["event"], "dsn-queued")
+
+    def test_expired(self):
+        self.runner.maxLifetime = 300
+        self.runner.startService()
+        queueId = self.queue()
+        self.clock.advance(0)
+        for _ in range(10):
+            if not self.downstream.calls[-1][2].called:
+                entry, _, d = self.downstream.calls[-1]
+                d.callback(allWith(entry, TEMPORARY, 421, "down"))
+            self.clock.advance(3600)
+        [expired] = [e for e in self.events(queueId) if e[0] == "expired"]
+        self.assertEqual(expired[1], ["bob@example.org"])
+        self.assertTrue(expired[2].startswith("expired after "), expired)
+        self.assertIsNone(verifyFiles([self.audit.path]).error)
 
 
 def queueOne(spool: Spool, sender: str):
