@@ -40,6 +40,7 @@ from msa.relay.protocol import (
     DeliveryResult,
     RecipientResult,
 )
+from msa.service.config import ConfigError, loadConfig
 from msa.service.startupchecks import StartupCheckError
 from tests.downstream import DownstreamServer
 from tests.e2e import MESSAGE, USERS, AiosmtpdCore, RunningMSA, freePort
@@ -952,3 +953,45 @@ class KillTests(unittest.TestCase):
         result = verifyFiles(chainFiles(path))
         self.assertIsNone(result.error)
         self.assertEqual(result.notes, [])
+
+
+class ConfigTests(unittest.TestCase):
+    """
+    The [audit] keys: defaults and validation.
+    """
+
+    def load(self, text: str):
+        path = os.path.join(os.path.abspath(self.mktemp()), "msa.toml")
+        os.makedirs(os.path.dirname(path))
+        with open(path, "w") as f:
+            f.write('[server]\nstate_dir = "state"\n' + text)
+        return path, loadConfig(path)
+
+    def test_defaults(self):
+        path, config = self.load("")
+        state = os.path.join(os.path.dirname(path), "state")
+        self.assertEqual(
+            config["audit"],
+            {
+                "enabled": True,
+                "path": os.path.join(state, "audit", "audit.jsonl"),
+                "max_bytes": 64 * 1024 * 1024,
+            },
+        )
+
+    def test_relativePath(self):
+        path, config = self.load('[audit]\npath = "trail/a.jsonl"\n')
+        self.assertEqual(
+            config["audit"]["path"],
+            os.path.join(os.path.dirname(path), "trail", "a.jsonl"),
+        )
+
+    def test_invalid(self):
+        for text, message in [
+            ("max_bytes = 100", "[audit] max_bytes: must be at least 4096"),
+            ('enabled = "yes"', "[audit] enabled: must be bool"),
+            ("path = 3", "[audit] path: must be str"),
+            ("rotate = 1", "[audit] rotate: unknown key"),
+        ]:
+            error = self.assertRaises(ConfigError, self.load, "[audit]\n" + text)
+            self.assertIn(message, str(error))

@@ -309,6 +309,9 @@ class SpoolWriter:
                 "queue id {queueId} dropped: aborted during commit",
                 queueId=self.queueId,
             )
+            self._spool.auditEvent(
+                "dropped", queueId=self.queueId, reason="aborted during its commit"
+            )
             raise SMTPReply(451, "4.3.0", "Message aborted")
         # The server logs the acceptance (with more detail); this is for
         # debugging the spool itself.
