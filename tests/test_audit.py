@@ -32,6 +32,7 @@ from msa.audit import (
     verifyFiles,
 )
 from msa.envelope import Envelope
+from msa.errors import SMTPReply
 from msa.queue.spool import Spool
 from msa.relay.protocol import (
     ACCEPTED,
@@ -383,6 +384,58 @@ class RunnerRecordTests(RunnerFixture, unittest.TestCase):
         self.assertEqual(expired[1], ["bob@example.org"])
         self.assertTrue(expired[2].startswith("expired after "), expired)
         self.assertIsNone(verifyFiles([self.audit.path]).error)
+
+
+class SpoolCommitTests(unittest.TestCase):
+    """
+    The acceptance record inside the spool's commit.
+    """
+
+    def setUp(self):
+        directory = os.path.abspath(self.mktemp())
+        self.spool = Spool(os.path.join(directory, "spool"))
+        self.audit = AuditLog(os.path.join(directory, "audit.jsonl"))
+        self.addCleanup(self.audit.close)
+        self.spool.audit = self.audit
+
+    @defer.inlineCallbacks
+    def test_recordBeforeTheCommitReturns(self):
+        queueId = yield queueOne(self.spool, "a@mijnbedrijf.nl")
+        [record] = records(self.audit.path)
+        self.assertEqual(
+            {k: record[k] for k in ("event", "queueId", "account", "sender")},
+            {
+                "event": "accepted",
+                "queueId": queueId,
+                "account": "alice",
+                "sender": "a@mijnbedrijf.nl",
+            },
+        )
+        self.assertEqual(record["size"], len(b"Subject: x\r\n\r\nbody\r\n"))
+
+    @defer.inlineCallbacks
+    def test_recordFails(self):
+        """
+        The record cannot be made durable (EIO on fdatasync): the commit
+        fails with 451 4.3.0, the message's files are gone, the log is as
+        it was.
+        """
+
+        def failing(fd):
+            raise OSError(errno.EIO, "Input/output error")
+
+        self.audit.open()
+        self.audit._fdatasync = failing
+        error = yield self.assertFailure(
+            queueOne(self.spool, "a@mijnbedrijf.nl"), SMTPReply
+        )
+        self.assertEqual(
+            (error.code, error.status, error.text),
+            (451, "4.3.0", "Cannot queue the message, try again later"),
+        )
+        self.assertEqual(os.listdir(self.spool.tmpDirectory), [])
+        self.assertEqual(os.listdir(self.spool.queueDirectory), [])
+        self.assertEqual(os.path.getsize(self.audit.path), 0)
 
 
 def queueOne(spool: Spool, sender: str):
