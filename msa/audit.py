@@ -52,6 +52,7 @@ that an operator can anchor it (a remote syslog, an external notary).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -63,6 +64,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import attrs
+from twisted.logger import Logger
+
+from msa.durable import fsyncDirectory
 
 __all__ = [
     "GENESIS",
@@ -70,8 +74,14 @@ __all__ = [
     "AuditLog",
     "Verification",
     "chainFiles",
+    "lineHash",
+    "logHead",
+    "recoverRecords",
+    "rotatedFiles",
     "verifyFiles",
 ]
+
+_log = Logger()
 
 #: The C{prev} of the first record of the first file.
 GENESIS = "0" * 64
@@ -149,7 +159,7 @@ def chainFiles(path: str) -> list[str]:
     """
     files = rotatedFiles(path)
     if os.path.exists(path):
-        files.append(path)
+        files.append(os.path.abspath(path))
     return files
 
 
@@ -273,26 +283,22 @@ class AuditLog:
             self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
         )
         if created:
-            from msa.durable import fsyncDirectory
-
             fsyncDirectory(os.path.dirname(self.path))
         st = os.fstat(self._fd)
         self._ino = (st.st_dev, st.st_ino)
         self._offset = -1
 
-    class _Lock:
-        def __init__(self, fd: int) -> None:
-            self.fd = fd
-
-        def __enter__(self) -> None:
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-
-        def __exit__(self, *exc: object) -> None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-
-    def _locked(self) -> AuditLog._Lock:
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """
+        The exclusive lock of the log among processes (C{<path>.lock}).
+        """
         assert self._lockFd is not None
-        return self._Lock(self._lockFd)
+        fcntl.flock(self._lockFd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lockFd, fcntl.LOCK_UN)
 
     def _sync(self) -> None:
         """
@@ -416,8 +422,6 @@ class AuditLog:
         Under the lock: rename the full file to the next C{<path>.NNNNNN}
         and start a new one with a C{rotated} record.
         """
-        from msa.durable import fsyncDirectory
-
         older = rotatedFiles(self.path)
         number = 1
         if older:
@@ -439,7 +443,7 @@ class AuditLog:
             ],
             mayRotate=False,
         )
-        _headLogged(self, "rotated")
+        logHead(self, "rotated")
 
     def append(self, event: str, **fields: Any) -> int:
         """
@@ -494,10 +498,12 @@ class AuditLog:
             self._cond.acquire()
 
 
-def _headLogged(audit: AuditLog, why: str) -> None:
-    from twisted.logger import Logger
-
-    Logger(namespace="msa.audit").info(
+def logHead(audit: AuditLog, why: str) -> None:
+    """
+    Log the chain head, for an anchor outside the file (see the module
+    docstring).
+    """
+    _log.info(
         "audit log head ({why}): seq {seq} sha256 {head} in {path}",
         event="audit-head",
         why=why,
@@ -505,14 +511,6 @@ def _headLogged(audit: AuditLog, why: str) -> None:
         head=audit.head,
         path=audit.path,
     )
-
-
-def logHead(audit: AuditLog, why: str) -> None:
-    """
-    Log the chain head, for an anchor outside the file (see the module
-    docstring).
-    """
-    _headLogged(audit, why)
 
 
 # -- after a crash ---------------------------------------------------------
