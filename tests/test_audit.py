@@ -764,27 +764,34 @@ class DaemonTests(unittest.TestCase):
                 self.assertNotIn(keys["serverKey"].encode(), text)
         self.assertIsNone(verifyFiles(chainFiles(auditPath(msa))).error)
 
-    @defer.inlineCallbacks
-    def test_bounced(self):
+    def withCore(self, recipient: str, reply: tuple[int, str], retryBase: float):
         """
-        A recipient the core refuses for good: a bounced record with the
-        core's reply, and the notification's own dsn-queued record.
+        The MSA relaying to a core (L{DownstreamServer}, C{self.core}) that
+        answers C{reply} to RCPT C{recipient}.
         """
-        core = DownstreamServer(os.path.abspath(self.mktemp()))
-        core.rcptReplies[BOUNCING] = (550, "5.1.1 no such user")
-        port = core.start()
-        self.addCleanup(core.stop)
-        msa = RunningMSA(
+        self.core = DownstreamServer(os.path.abspath(self.mktemp()))
+        self.core.rcptReplies[recipient] = reply
+        port = self.core.start()
+        self.addCleanup(self.core.stop)
+        return RunningMSA(
             self,
             relay={
                 "host": "127.0.0.1",
                 "port": port,
                 "tls": "starttls",
                 "server_name": "localhost",
-                "ca_file": core.caFile,
-                "retry_base": 1,
+                "ca_file": self.core.caFile,
+                "retry_base": retryBase,
             },
         )
+
+    @defer.inlineCallbacks
+    def test_bounced(self):
+        """
+        A recipient the core refuses for good: a bounced record with the
+        core's reply, and the notification's own dsn-queued record.
+        """
+        msa = self.withCore(BOUNCING, (550, "5.1.1 no such user"), retryBase=1)
         queueId = queueIdOf((yield self.submit(msa, recipients=[BOUNCING])))
         [bounced] = yield waitForRecord(
             msa, lambda r: r["event"] == "bounced", "the bounced record"
@@ -805,21 +812,8 @@ class DaemonTests(unittest.TestCase):
         hold, release and delete through digipoort-msa-admin (the control
         socket) are recorded.
         """
-        core = DownstreamServer(os.path.abspath(self.mktemp()))
-        core.rcptReplies[STUCK] = (451, "4.3.0 later")
-        port = core.start()
-        self.addCleanup(core.stop)
-        msa = RunningMSA(
-            self,
-            relay={
-                "host": "127.0.0.1",
-                "port": port,
-                "tls": "starttls",
-                "server_name": "localhost",
-                "ca_file": core.caFile,
-                "retry_base": 3600,
-            },
-        )
+        msa = self.withCore(STUCK, (451, "4.3.0 later"), retryBase=3600)
+        core = self.core
         queueId = queueIdOf((yield self.submit(msa, recipients=[STUCK])))
         yield waitUntil(lambda: core.connections > 0, 10, "an attempt")
         for command in ("hold", "release", "delete"):

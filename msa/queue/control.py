@@ -218,7 +218,7 @@ class QueueControl:
                 queueId=entry.queueId,
                 by="operator",
                 sender=entry.envelope.sender,
-                recipients=list(entry.recipients),
+                recipients=list(entry.envelope.recipients),
             )
         except Exception as e:
             log.critical(
