@@ -173,6 +173,7 @@ class QueueControl:
         if self._runner.isInFlight(queueId):
             self._heldInFlight[queueId] = True
         log.info("{queueId} put on hold", queueId=queueId)
+        self._audit("held", entry)
 
     def release(self, queueId: str) -> None:
         """
@@ -195,6 +196,7 @@ class QueueControl:
         if not inFlight:
             self._runner.attemptNow(queueId)
         log.info("{queueId} released", queueId=queueId)
+        self._audit("released", entry)
 
     def delete(self, queueId: str) -> None:
         """
@@ -204,12 +206,40 @@ class QueueControl:
 
         @raise KeyError: for an unknown C{queueId}.
         """
-        self._load(queueId)
+        entry = self._load(queueId)
         self._runner.unschedule(queueId)
         if self._runner.isInFlight(queueId):
             self._deleted.add(queueId)
         self.spool.remove(queueId)
         log.warn("{queueId} deleted by the operator", queueId=queueId)
+        self._audit("deleted", entry)
+
+    def _audit(self, event: str, entry: SpoolEntry) -> None:
+        """
+        The audit record of an operator's command (L{msa.audit}), appended
+        on the calling thread like the spool's state: rare and small.  If
+        it cannot be written the command reports an error (the change is
+        made; the critical log line says it is unrecorded).
+        """
+        audit = self.spool.audit
+        if audit is None:
+            return
+        try:
+            audit.append(
+                event,
+                queueId=entry.queueId,
+                by="operator",
+                sender=entry.envelope.sender,
+                recipients=list(entry.envelope.recipients),
+            )
+        except Exception as e:
+            log.critical(
+                "AUDIT RECORD LOST: {what} of {queueId}: {error}",
+                what=event,
+                queueId=entry.queueId,
+                error=e,
+            )
+            raise
 
     def describe(self) -> list[dict]:
         """

@@ -47,6 +47,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from msa.audit import AuditError, AuditLog
 from msa.durable import (
     DirectorySync,
     fsyncDirectory,
@@ -243,6 +244,8 @@ class SpoolWriter:
         self._digest = hashlib.sha256()
         self._traceLength = 0
         self._traceSha256 = ""
+        #: What the submission adds to the acceptance record (L{noteAudit}).
+        self._auditFields: dict = {}
 
     def writeTrace(self, data: bytes) -> None:
         """
@@ -347,6 +350,34 @@ class SpoolWriter:
         os.replace(self._msgPath, os.path.join(queueDir, self.queueId + ".msg"))
         os.replace(self._statePath, os.path.join(queueDir, self.queueId + ".json"))
         self._spool.queueSync.sync()
+        # The acceptance record, durable before the 250 (msa.audit); if it
+        # cannot be written the commit fails and the message is removed.
+        if self._spool.audit is not None:
+            self._spool.audit.append(**self.auditRecord())
+
+    def noteAudit(self, **fields) -> None:
+        """
+        Add C{fields} to this message's acceptance record (the submission's
+        facts: TLS version, the digest of the bytes acknowledged...).
+        """
+        self._auditFields.update(fields)
+
+    def auditRecord(self) -> dict:
+        """
+        The audit record of this commit: C{accepted} for a submission,
+        C{dsn-queued} for a notification made by the MSA.
+        """
+        envelope = self.envelope
+        return {
+            "event": "dsn-queued" if self.isBounce else "accepted",
+            "queueId": self.queueId,
+            "account": envelope.account,
+            "client": envelope.clientAddress,
+            "sender": envelope.sender,
+            "recipients": list(envelope.recipients),
+            "size": self._size,
+            **self._auditFields,
+        }
 
     def _committed(self, _: None) -> str:
         self._done = True
@@ -359,6 +390,9 @@ class SpoolWriter:
             log.info(
                 "queue id {queueId} dropped: aborted during commit",
                 queueId=self.queueId,
+            )
+            self._spool.auditEvent(
+                "dropped", queueId=self.queueId, reason="aborted during its commit"
             )
             raise SMTPReply(451, "4.3.0", "Message aborted")
         # The server logs the acceptance (with more detail); this is for
@@ -381,7 +415,7 @@ class SpoolWriter:
         ("mail system full", RFC 3463); on any other error 451 4.3.0.
         """
         self._done = True
-        if failure.check(OSError):
+        if failure.check(OSError, AuditError):
             # The disk's answer (ENOSPC, EIO...): expected, no traceback.
             log.error(
                 "cannot commit {queueId}: {error}",
@@ -450,6 +484,8 @@ class Spool:
             os.makedirs(d, mode=0o700, exist_ok=True)
         #: The group commit of C{queue/}'s fsyncs (commits and removals).
         self.queueSync = DirectorySync(self.queueDirectory)
+        #: The audit log (L{msa.audit}) each commit appends to, if any.
+        self.audit: AuditLog | None = None
         self._listeners: list[Callable[[str], object]] = []
         #: Entries being removed by L{removeDelivered}: already gone for
         #: the readers of this process.
@@ -573,6 +609,33 @@ class Spool:
         _unlinkQuietly(statePath)
         self.queueSync.sync()
         _unlinkQuietly(msgPath)
+
+    def auditEvent(self, event: str, **fields) -> defer.Deferred[None]:
+        """
+        Append a record to the audit log, if any, in the thread pool.  A
+        failure is logged at critical level, never raised: the event (a
+        delivery, a bounce) has happened whether or not it is recorded.
+        """
+        if self.audit is None:
+            return defer.succeed(None)
+        d = self._runBlocking(self._auditBlocking, event, fields)
+
+        def failed(failure) -> None:
+            log.critical(
+                "AUDIT RECORD LOST: {what} of {queueId}: {error}",
+                what=event,
+                queueId=fields.get("queueId", "-"),
+                error=failure.value,
+            )
+
+        return d.addCallbacks(lambda _: None, failed)
+
+    def _auditBlocking(self, event: str, fields: dict) -> None:
+        """
+        The disk part of L{auditEvent}: runs in a thread.
+        """
+        assert self.audit is not None
+        self.audit.append(event, **fields)
 
     def openMessage(self, queueId: str):
         """

@@ -344,6 +344,17 @@ class RelayRunner(Service):
             self._holdMismatch(entry, result.mismatch)
             return
         self._record(entry, result, self._reactor.seconds() - started)
+        if result.accepted:
+            # The audit record of the hand-off, durable before the state.
+            await self.spool.auditEvent(
+                "relayed",
+                queueId=entry.queueId,
+                recipients=[
+                    r for r in entry.envelope.recipients if r in result.accepted
+                ],
+                reply=result.reply,
+                attempt=entry.attempts + 1,
+            )
         await self._apply(entry, result)
 
     def _record(
@@ -634,7 +645,18 @@ class RelayRunner(Service):
             recipients=", ".join(recipients),
             reply=reply,
         )
-        return defer.ensureDeferred(self._notifyOrRaise(entry, recipients, dsn.FAILED))
+        audited = self.spool.auditEvent(
+            "expired" if reply.startswith(EXPIRED) else "bounced",
+            queueId=entry.queueId,
+            recipients=list(recipients),
+            reply=reply,
+            replies={r: entry.errors.get(r, "") for r in recipients},
+        )
+        return audited.addCallback(
+            lambda _: defer.ensureDeferred(
+                self._notifyOrRaise(entry, recipients, dsn.FAILED)
+            )
+        )
 
     async def _notify(
         self, entry: SpoolEntry, recipients: list[str], action: str

@@ -51,6 +51,16 @@ def receivedHeader(hostname: str, session: SessionInfo, envelope: Envelope) -> b
     return "\r\n".join(lines).encode("ascii", "replace") + b"\r\n"
 
 
+def _noteAudit(writer: ISpoolWriter, **fields: object) -> None:
+    """
+    Add C{fields} to the message's acceptance record in the audit log
+    (L{msa.queue.spool.SpoolWriter.noteAudit}), when the writer keeps one.
+    """
+    note = getattr(writer, "noteAudit", None)
+    if note is not None:
+        note(**fields)
+
+
 @implementer(IAcceptedMessage)
 class SpooledMessage:
     """
@@ -76,6 +86,7 @@ class SpooledMessage:
         # The spool's writer hashes what it stores (the digest it records
         # for the check at hand-off, msa.queue.integrity): no second hash.
         self._digest = None if hasattr(writer, "sha256") else hashlib.sha256()
+        self._size = 0
 
     def lineReceived(self, line: bytes) -> None:
         if self._checker is not None:
@@ -83,6 +94,7 @@ class SpooledMessage:
         line += b"\r\n"
         if self._digest is not None:
             self._digest.update(line)
+        self._size += len(line)
         self.writer.write(line)
 
     @property
@@ -99,6 +111,7 @@ class SpooledMessage:
         """
         if self._digest is not None:
             self._digest.update(data)
+        self._size += len(data)
         self.writer.write(data)
 
     def sha256(self) -> str:
@@ -118,6 +131,7 @@ class SpooledMessage:
                 except BaseException:
                     self.writer.abort()
                     raise
+            _noteAudit(self.writer, size=self._size, sha256=self.sha256())
             d = self.writer.commit()
         except BaseException:
             self._abandoned()
@@ -237,6 +251,14 @@ class Submission:
         writer = self.spool.newMessage(envelope)
         # A writer that hashes apart the trace header (msa.queue.spool).
         writeTrace = getattr(writer, "writeTrace", writer.write)
+        _noteAudit(
+            writer,
+            session=session.sessionId,
+            clientPort=session.clientPort,
+            mechanism=session.mechanism,
+            tls=session.tlsVersion or "plaintext",
+            cipher=session.tlsCipher,
+        )
         try:
             writeTrace(receivedHeader(self.hostname, session, envelope))
         except BaseException:
