@@ -265,7 +265,9 @@ class RedisConnection:
         address = self.address
         factory = txredisapi.RedisFactory(
             address.describe(),
-            address.db,
+            # Database 0 needs no SELECT: txredisapi stops reconnecting for
+            # good when the connection drops during its SELECT (or AUTH).
+            address.db or None,
             1,
             isLazy=True,
             password=address.password,
