@@ -97,6 +97,7 @@ class RunningMSA:
         spool: dict | None = None,
         content: list[dict] | None = None,
         baseConfig: str | None = None,
+        limits: dict | None = None,
     ):
         self.testCase = testCase
         self.directory = os.path.abspath(testCase.mktemp())
@@ -126,6 +127,8 @@ class RunningMSA:
             sections["metrics"] = metrics
         if spool:
             sections["spool"] = spool
+        if limits:
+            sections["limits"] = limits
         self.configFile = os.path.join(self.directory, "msa.toml")
         if baseConfig is None:
             writeConfig(self.configFile, sections)
