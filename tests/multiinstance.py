@@ -18,11 +18,8 @@ import smtplib
 import ssl
 import subprocess
 
-import attrs
-
-from msa.accounts.model import makeAccount, writeAccounts
 from msa.tls import ensureSelfSignedCertificate
-from tests.e2e import SENDERS, USERS, RunningMSA, freePort, requireProgram
+from tests.e2e import RunningMSA, freePort, requireProgram
 from tests.waiting import listening, waitUntilBlocking
 
 #: The address clients connect from, through HAProxy.
@@ -125,17 +122,6 @@ class Instances:
         self.certFile, keyFile = ensureSelfSignedCertificate(
             self.directory, "localhost"
         )
-        self.accountsFile = os.path.join(self.directory, "accounts.json")
-        writeAccounts(
-            self.accountsFile,
-            {
-                name: attrs.evolve(
-                    makeAccount(name, pw, ["localhost"]), extra={"senders": SENDERS}
-                )
-                for name, pw in USERS.items()
-            }
-            | (extraAccounts or {}),
-        )
         self.msas: list[RunningMSA] = []
         self.ports: list[int] = []
         self.metricsPorts: list[int] = []
@@ -150,7 +136,9 @@ class Instances:
                     **(server or {}),
                 },
                 tls={"certificate": self.certFile, "key": keyFile},
-                accounts={"file": self.accountsFile},
+                # The first instance writes the accounts file; all read it.
+                accounts={"file": self.msas[0].accountsFile} if self.msas else None,
+                extraAccounts=extraAccounts,
                 logging={"json_file": os.path.join(self.directory, f"events{i}.json")},
                 metrics=(
                     {"listen": f"tcp:{metricsPort}:interface=127.0.0.1"}
@@ -162,6 +150,7 @@ class Instances:
             self.msas.append(msa)
             self.ports.append(port)
             self.metricsPorts.append(metricsPort)
+        self.accountsFile = self.msas[0].accountsFile
         self.haproxy = HAProxy(testCase, self.directory, self.ports)
 
     def context(self) -> ssl.SSLContext:
