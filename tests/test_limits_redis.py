@@ -422,3 +422,118 @@ class BrokenRedisTests(unittest.TestCase):
     def test_droppedBeforeTheReply(self):
         error = yield self.check(drop=True)
         self.assertIn("ConnectionError", error)
+
+
+class UnavailableThrottle:
+    """
+    A shared throttle whose store cannot be reached.
+    """
+
+    base, maximum = 0.5, 16.0
+
+    def failedLogin(self, clientAddress, account):
+        return defer.fail(LimitsUnavailable("down"))
+
+    def succeededLogin(self, clientAddress, account):
+        return defer.fail(LimitsUnavailable("down"))
+
+
+class SlowRates:
+    """
+    A shared rate limiter whose answers the test gives.
+    """
+
+    def __init__(self):
+        self.pending: list[defer.Deferred] = []
+
+    def reserve(self, account, rules):
+        d: defer.Deferred = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+    def record(self, account):
+        pass
+
+
+class Reservation:
+    account = "alice"
+    released = committed = False
+
+    def release(self):
+        self.released = True
+
+    def commit(self):
+        self.committed = True
+
+
+class ProtocolTests(unittest.TestCase):
+    """
+    Through the protocol (string transport, fake clock), the replies while
+    the shared limits cannot be asked, and a reservation answered after the
+    session ended.
+    """
+
+    def test_authUnavailableSameForAnyPassword(self):
+        """
+        A right and a wrong password both get 454 4.7.0, and both count
+        towards max_auth_failures, so that an outage tells a guesser
+        nothing.
+        """
+        from tests.helpers import Harness
+
+        h = Harness(self)
+        h.factory.authThrottle = UnavailableThrottle()
+        h.startTLS()
+        temporary = b"454 4.7.0 Temporary authentication failure"
+        self.assertEqual(h.login(), [temporary])
+        self.assertEqual(h.login(password=b"wrong"), [temporary])
+        self.assertEqual(
+            h.login(),
+            [temporary, b"421 4.7.0 msa.example.nl Error: too many failed logins"],
+        )
+        self.assertIsNone(h.server.avatar)
+
+    def test_mailWaitsForTheReservation(self):
+        from msa.policy.authorization import ServerRules
+        from tests.helpers import Harness
+
+        rates = SlowRates()
+        h = Harness(
+            self,
+            realmArgs={
+                "serverRules": ServerRules(rates=rates),
+                "extras": {"alice": {"senders": ["@example.nl"]}},
+            },
+        )
+        h.login()
+        self.assertEqual(h.command(b"MAIL FROM:<a@example.nl>"), [])
+        reservation = Reservation()
+        h.transport.clear()
+        rates.pending[0].callback(reservation)
+        self.assertEqual(h.transport.value(), b"250 2.1.0 Ok\r\n")
+        h.command(b"RSET")
+        self.assertTrue(reservation.released)
+
+    def test_reservationAfterTheSessionEnded(self):
+        """
+        The client left while the reservation was made: the slot it
+        brings is released at once.
+        """
+        from msa.policy.authorization import ServerRules
+        from tests.helpers import Harness
+
+        rates = SlowRates()
+        h = Harness(
+            self,
+            realmArgs={
+                "serverRules": ServerRules(rates=rates),
+                "extras": {"alice": {"senders": ["@example.nl"]}},
+            },
+        )
+        h.login()
+        h.command(b"MAIL FROM:<a@example.nl>")
+        h.close()
+        reservation = Reservation()
+        rates.pending[0].callback(reservation)
+        self.assertTrue(reservation.released)
+        self.assertFalse(reservation.committed)
