@@ -493,7 +493,10 @@ class ProtocolTests(unittest.TestCase):
         )
         self.assertIsNone(h.server.avatar)
 
-    def test_mailWaitsForTheReservation(self):
+    def slowRates(self):
+        """
+        A session logged in as alice, whose rate limiter the test answers.
+        """
         from msa.policy.authorization import ServerRules
         from tests.helpers import Harness
 
@@ -506,6 +509,10 @@ class ProtocolTests(unittest.TestCase):
             },
         )
         h.login()
+        return rates, h
+
+    def test_mailWaitsForTheReservation(self):
+        rates, h = self.slowRates()
         self.assertEqual(h.command(b"MAIL FROM:<a@example.nl>"), [])
         reservation = Reservation()
         h.transport.clear()
@@ -519,18 +526,7 @@ class ProtocolTests(unittest.TestCase):
         The client left while the reservation was made: the slot it
         brings is released at once.
         """
-        from msa.policy.authorization import ServerRules
-        from tests.helpers import Harness
-
-        rates = SlowRates()
-        h = Harness(
-            self,
-            realmArgs={
-                "serverRules": ServerRules(rates=rates),
-                "extras": {"alice": {"senders": ["@example.nl"]}},
-            },
-        )
-        h.login()
+        rates, h = self.slowRates()
         h.command(b"MAIL FROM:<a@example.nl>")
         h.close()
         reservation = Reservation()
