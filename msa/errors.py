@@ -32,3 +32,12 @@ class SMTPReply(Exception):
 
     def __str__(self) -> str:
         return f"{self.code} {self.status} {self.text}"
+
+
+class LimitsUnavailable(Exception):
+    """
+    The shared limits store (Redis, C{[limits] backend = "redis"}) cannot
+    be reached, or gave no usable answer in time: a limit cannot be
+    checked, so the client gets a temporary reply (or, with C{fallback =
+    "local"}, the instance counts on its own).
+    """

@@ -199,3 +199,97 @@ class ICertificateCredentials(Interface):
 
     identities = Attribute("L{tuple} of identity strings of the certificate.")
     authzid = Attribute("The requested account name (L{str}); empty for any.")
+
+
+class IRateLimiter(Interface):
+    """
+    Messages per minute and per day for each account (R10), kept in memory
+    per instance (L{msa.policy.authorization.RateLimiter}) or shared by
+    every instance (L{msa.policy.redislimits.RedisRateLimiter}).
+    """
+
+    def reserve(account, rules):
+        """
+        Check the account's rates and hold one message slot, in one step,
+        so that concurrent sessions cannot all pass the check.
+
+        @param account: the account name, L{str}.
+        @param rules: its L{msa.policy.authorization.AccountRules}.
+        @return: an L{IRateReservation}, or a L{Deferred} firing with one
+            (the memory limiter answers at once, without a L{Deferred}).
+        @raise msa.errors.SMTPReply: (or fail with it) C{451 4.7.1} past
+            a limit; C{451 4.3.0} when the limits cannot be checked now.
+        """
+
+    def record(account):
+        """
+        Count a message that was not reserved (MAIL judged by an
+        embedder's protocol).
+        """
+
+
+class IRateReservation(Interface):
+    """
+    One message slot held by L{IRateLimiter.reserve}.  Only the first of
+    L{commit} and L{release} has an effect; neither waits for anything.
+    """
+
+    account = Attribute("The account name (L{str}).")
+
+    def commit():
+        """
+        The message is queued: it counts against the account's rates.
+        """
+
+    def release():
+        """
+        The transaction ended without a queued message.
+        """
+
+
+class IAuthThrottle(Interface):
+    """
+    The escalating delay before a failed login's reply, per client address
+    and per (account, client address).
+    """
+
+    base = Attribute("Delay after the first failure, seconds.")
+    maximum = Attribute("The longest delay, seconds.")
+
+    def failedLogin(clientAddress, account):
+        """
+        Count a failed login and say how long to wait before answering it.
+
+        @return: the delay in seconds (L{float}), or a L{Deferred} firing
+            with it; fails with L{msa.errors.LimitsUnavailable} when the
+            count cannot be kept.
+        """
+
+    def succeededLogin(clientAddress, account):
+        """
+        Forget the failures of (account, client address).
+
+        @return: L{None}, or a L{Deferred}; fails with
+            L{msa.errors.LimitsUnavailable} as L{failedLogin}.
+        """
+
+
+class ISessionLimiter(Interface):
+    """
+    Concurrent sessions per account (C{maxSessions}).
+    """
+
+    def acquire(account, maximum, sessionId):
+        """
+        Count session C{sessionId} as one of C{account}'s, unless it
+        already has C{maximum}.
+
+        @return: whether the session may go on (L{bool}), or a L{Deferred}
+            firing with it; fails with L{msa.errors.LimitsUnavailable}
+            when the count cannot be kept.
+        """
+
+    def release(account, sessionId):
+        """
+        The session acquired by L{acquire} is over.
+        """

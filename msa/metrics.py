@@ -10,7 +10,8 @@ L{metricsResource} on a separate endpoint:
   - C{/health}: 200 when the core MTA accepted a message or answered a
     connection recently (or nothing was waiting to be relayed), else 503;
     always 503 while the relay holds messages the core acknowledged but the
-    spool could not remove (L{msa.relay.runner.RelayRunner.unremovable}).
+    spool could not remove (L{msa.relay.runner.RelayRunner.unremovable}),
+    and while the shared limits store (Redis) cannot be reached.
 """
 
 import time
@@ -130,13 +131,16 @@ class HealthResource(Resource):
     isLeaf = True
 
     def __init__(
-        self, spool, window: float = 900.0, clock=time.time, relay=None
+        self, spool, window: float = 900.0, clock=time.time, relay=None, limits=None
     ) -> None:
         super().__init__()
         self.spool = spool
         self.window = window
         self.clock = clock
         self.relay = relay
+        #: The shared limits (L{msa.policy.redislimits.RedisLimits}), or
+        #: L{None}: its C{healthProblem()} says why it is unhealthy.
+        self.limits = limits
 
     def render_GET(self, request) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
@@ -148,6 +152,10 @@ class HealthResource(Resource):
                 f"spool cannot be changed: {len(unremovable)} message(s) "
                 f"delivered but not removed\n{reasons}"
             ).encode()
+        problem = self.limits.healthProblem() if self.limits is not None else None
+        if problem:
+            request.setResponseCode(503)
+            return f"{problem}\n".encode()
         last = lastCoreSuccess()
         queued = len(self.spool.pending())
         recent = last and self.clock() - last <= self.window
@@ -161,8 +169,12 @@ class HealthResource(Resource):
         ).encode()
 
 
-def metricsResource(spool, healthWindow: float = 900.0, relay=None) -> Resource:
+def metricsResource(
+    spool, healthWindow: float = 900.0, relay=None, limits=None
+) -> Resource:
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry=REGISTRY))
-    root.putChild(b"health", HealthResource(spool, healthWindow, relay=relay))
+    root.putChild(
+        b"health", HealthResource(spool, healthWindow, relay=relay, limits=limits)
+    )
     return root

@@ -98,6 +98,7 @@ class RunningMSA:
         content: list[dict] | None = None,
         baseConfig: str | None = None,
         audit: dict | None = None,
+        limits: dict | None = None,
     ):
         self.testCase = testCase
         self.directory = os.path.abspath(testCase.mktemp())
@@ -129,6 +130,8 @@ class RunningMSA:
             sections["spool"] = spool
         if audit:
             sections["audit"] = audit
+        if limits:
+            sections["limits"] = limits
         self.configFile = os.path.join(self.directory, "msa.toml")
         if baseConfig is None:
             writeConfig(self.configFile, sections)

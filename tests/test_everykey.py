@@ -1301,6 +1301,73 @@ ROWS += [
 ]
 
 
+# [limits]: one Redis for the "redis" group, started with its rows' values.
+
+
+def _redis(env: Env):
+    from tests.redisserver import RedisServer
+
+    return env.memo("redis", lambda: RedisServer(env.testCase))
+
+
+def checkSharedCounts(env):
+    """
+    A failed login is counted in the configured Redis, under the configured
+    prefix.
+    """
+    client = connect(env)
+    token = base64.b64encode(b"\0nobody\0wrong").decode()
+    assert client.docmd("AUTH PLAIN", token)[0] == 535
+    client.close()
+    key = f"{env.values['limits.key_prefix']}authfail:account:nobody:127.0.0.1"
+    assert _redis(env).integer("GET", key) >= 1, key
+
+
+def checkFallback(env):
+    """
+    Last of its group: Redis stops; with C{fallback = "local"} a failed
+    login is still counted (here, in memory) and answered 535, not 454.
+    """
+    _redis(env).stop()
+    client = connect(env)
+    token = base64.b64encode(b"\0nobody\0wrong").decode()
+    reply = client.docmd("AUTH PLAIN", token)
+    client.close()
+    assert reply == (535, b"5.7.8 Authentication credentials invalid"), reply
+
+
+def _limits(env):
+    return env.service("RedisLimits")
+
+
+_REDIS_TESTS = "tests.test_limits_redis."
+ROWS += [
+    Row("limits.backend", "redis", checkSharedCounts, "redis"),
+    Row("limits.url", lambda env: _redis(env).url, checkSharedCounts, "redis"),
+    Row("limits.key_prefix", "everykey:", checkSharedCounts, "redis"),
+    Row(
+        "limits.timeout",
+        2.5,
+        group="redis",
+        wired=lambda env: _limits(env).connection.timeout,
+        reason=_TIMING,
+        coveredBy=(_REDIS_TESTS + "BrokenRedisTests.test_noAnswer",),
+    ),
+    Row(
+        "limits.lease",
+        30,
+        group="redis",
+        wired=_attribute(_limits, "lease"),
+        reason=_TIMING + " (how long a crashed instance's slots stay counted)",
+        coveredBy=(
+            _REDIS_TESTS + "RatesTests.test_crashedInstanceHoldsLapse",
+            _REDIS_TESTS + "SessionTests.test_crashedInstanceSessionsLapse",
+        ),
+    ),
+    Row("limits.fallback", "local", checkFallback, "redis"),
+]
+
+
 #: What a group needs besides its rows' keys.
 GROUP_BASE: dict[str, Callable[[Env], dict[str, dict]]] = {
     # OpenSSL staples only for a certificate whose issuer is in the chain.
@@ -1365,6 +1432,7 @@ SECTIONS = (
     "metrics",
     "relay",
     "audit",
+    "limits",
 )
 
 

@@ -11,7 +11,9 @@ Per account (JSON keys in the account's entry, all optional unless said):
   - C{maxMessageSize}, C{maxRecipients}: below the server's own limits.
   - C{messagesPerMinute}, C{messagesPerDay}, C{maxSessions}: rates.
 
-Rates and failed-login counters are kept in memory, per MSA instance.
+Rates and failed-login counters are kept in memory, per MSA instance, by
+the classes here; with C{[limits] backend = "redis"} every instance shares
+them (L{msa.policy.redislimits}).
 """
 
 import collections
@@ -23,7 +25,12 @@ import attrs
 from zope.interface import implementer
 
 from msa.errors import SMTPReply
-from msa.interfaces import IContentPolicy
+from msa.interfaces import (
+    IAuthThrottle,
+    IContentPolicy,
+    IRateLimiter,
+    IRateReservation,
+)
 
 _INT_KEYS = (
     "maxMessageSize",
@@ -123,6 +130,20 @@ class AccountRules:
         return cls(**values)
 
 
+def rateLimitReply(limit: int, name: str, retry: int) -> SMTPReply:
+    """
+    The reply at MAIL past a rate: C{name} is C{"minute"} or C{"day"},
+    C{retry} the seconds until a slot frees up.
+    """
+    return SMTPReply(
+        451,
+        "4.7.1",
+        f"Rate limit of {limit} messages per {name} reached for this "
+        f"account; try again in {retry} seconds",
+    )
+
+
+@implementer(IRateLimiter)
 class RateLimiter:
     """
     Messages per minute and per day for each account, over sliding windows.
@@ -157,12 +178,7 @@ class RateLimiter:
             inWindow = [t for t in sent if t > now - window] + [now] * held
             if len(inWindow) >= limit:
                 retry = int(inWindow[-limit] + window - now) + 1
-                raise SMTPReply(
-                    451,
-                    "4.7.1",
-                    f"Rate limit of {limit} messages per {name} reached for this "
-                    f"account; try again in {retry} seconds",
-                )
+                raise rateLimitReply(limit, name, retry)
 
     def reserve(self, account: str, rules: AccountRules) -> "RateReservation":
         """
@@ -196,6 +212,7 @@ class RateLimiter:
             sent.popleft()
 
 
+@implementer(IRateReservation)
 class RateReservation:
     """
     One message slot held by L{RateLimiter.reserve}: L{commit} counts it as
@@ -226,6 +243,25 @@ class RateReservation:
             self._limiter._unhold(self.account)
 
 
+def failedLoginDelay(
+    base: float, maximum: float, addressFailures: int, accountFailures: int
+) -> float:
+    """
+    The delay before answering a failed login, from the failures counted so
+    far for the client address and for (account, client address): it
+    doubles with each failure of the account from that address, and with
+    every fourth of the address whatever the account.
+    """
+    count = max(addressFailures // 4, accountFailures)
+    if count == 0:
+        return 0.0
+    # The exponent is capped: 2 ** 1024 no longer fits a float, and the
+    # OverflowError would leave that AUTH without any reply.
+    exponent = min(count - 1, AuthThrottle.MAX_EXPONENT)
+    return min(maximum, base * 2.0**exponent)
+
+
+@implementer(IAuthThrottle)
 class AuthThrottle:
     """
     Escalating delay before a failed login's 535, counted per client address
@@ -266,16 +302,23 @@ class AuthThrottle:
         """
         How long to wait before answering a failed login now.
         """
-        count = max(
-            self._count(("ip", clientAddress)) // 4,
+        return failedLoginDelay(
+            self.base,
+            self.maximum,
+            self._count(("ip", clientAddress)),
             self._count(("account", account, clientAddress)),
         )
-        if count == 0:
-            return 0.0
-        # The exponent is capped: 2 ** 1024 no longer fits a float, and the
-        # OverflowError would leave that AUTH without any reply.
-        exponent = min(count - 1, self.MAX_EXPONENT)
-        return min(self.maximum, self.base * 2.0**exponent)
+
+    def failedLogin(self, clientAddress: str, account: str) -> float:
+        """
+        L{IAuthThrottle}: the delay, then count the failure.
+        """
+        delay = self.delay(clientAddress, account)
+        self.failed(clientAddress, account)
+        return delay
+
+    def succeededLogin(self, clientAddress: str, account: str) -> None:
+        self.succeeded(clientAddress, account)
 
     def failed(self, clientAddress: str, account: str) -> None:
         now = self.clock()
@@ -343,5 +386,5 @@ class ServerRules:
     """
 
     recipients: AddressList | None = None
-    rates: RateLimiter = attrs.Factory(RateLimiter)
-    throttle: AuthThrottle = attrs.Factory(AuthThrottle)
+    rates: IRateLimiter = attrs.Factory(RateLimiter)
+    throttle: IAuthThrottle = attrs.Factory(AuthThrottle)

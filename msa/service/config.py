@@ -107,9 +107,21 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "idle_timeout": ((int, float), 5),
         "max_messages_per_connection": ((int,), 100),
     },
+    "limits": {
+        "backend": ((str,), "memory"),
+        "url": ((str,), "redis://127.0.0.1:6379/0"),
+        "key_prefix": ((str,), "digipoort-msa:"),
+        "timeout": ((int, float), 1.0),
+        "lease": ((int, float), 60),
+        "fallback": ((str,), "refuse"),
+    },
 }
 
 RELAY_TLS_MODES = ("starttls", "implicit", "none")
+
+#: The values of C{[limits] backend} and C{[limits] fallback}.
+LIMITS_BACKENDS = ("memory", "redis")
+LIMITS_FALLBACKS = ("refuse", "local")
 
 #: The values of C{[logging] level} (L{msa.service.logs.LEVELS}).
 LOG_LEVELS = ("debug", "info", "warn", "error")
@@ -341,6 +353,7 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
     ):
         if server[key] <= 0:
             raise ConfigError(f"{_where(path, 'server', key)}: must be positive")
+    _resolveLimits(path, config["limits"])
     if server["listen_backlog"] is None:
         # Room in the kernel's queue for a burst of twice the connection
         # limit, so that each connection over it gets its 421 at once.
@@ -349,6 +362,45 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
         raise ConfigError(
             f"{_where(path, 'server', 'listen_backlog')}: must be positive"
         )
+
+
+def _resolveLimits(path: str | None, limits: dict[str, Any]) -> None:
+    """
+    Check C{[limits]}: the backend, Redis's URL, the fallback, the times.
+    """
+    for key, allowed in (
+        ("backend", LIMITS_BACKENDS),
+        ("fallback", LIMITS_FALLBACKS),
+    ):
+        if limits[key] not in allowed:
+            raise ConfigError(
+                f"{_where(path, 'limits', key)}: must be "
+                f"{' or '.join(allowed)}, not {limits[key]!r}"
+            )
+    from msa.policy.redislimits import RedisAddress
+
+    try:
+        limits["address"] = RedisAddress.parse(limits["url"])
+    except ValueError as e:
+        raise ConfigError(f"{_where(path, 'limits', 'url')}: {e}") from None
+    for key in ("timeout", "lease"):
+        if limits[key] <= 0:
+            raise ConfigError(f"{_where(path, 'limits', key)}: must be positive")
+    if limits["lease"] < 3 * limits["timeout"]:
+        raise ConfigError(
+            f"{_where(path, 'limits', 'lease')}: must be at least three times "
+            "timeout (a hold is refreshed every lease / 3 seconds)"
+        )
+    if limits["backend"] == "redis":
+        try:
+            import txredisapi  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f"{_where(path, 'limits', 'backend')}: redis needs the Redis "
+                "client: pip install 'digipoort-msa[redis]' (txredisapi)"
+            ) from None
+    if not limits["key_prefix"].strip():
+        raise ConfigError(f"{_where(path, 'limits', 'key_prefix')}: must not be empty")
 
 
 def _resolveTLS(path: str | None, tls: dict[str, Any], absolute) -> None:

@@ -42,6 +42,7 @@ from msa.accounts.model import (
 from msa.accounts.passwords import PasswordVerifier, limitScryptMemory
 from msa.audit import AuditError, AuditLog, logHead, recoverRecords
 from msa.policy.authorization import AuthThrottle, ServerRules
+from msa.policy.redislimits import RedisLimits
 from msa.queue.spool import Spool
 from msa.relay.client import SMTPDownstream
 from msa.relay.outbox import OutboxDownstream
@@ -54,7 +55,7 @@ from msa.service.startupchecks import StartupCheckError, checkFileLimit, runChec
 from msa.submission.avatar import submissionFactory
 from msa.submission.proxyheader import ProxyHeaderFactory, splitDescription
 from msa.submission.server import ServerPolicy, SubmissionFactory
-from msa.submission.sessions import SessionRegistry
+from msa.submission.sessions import MemorySessionLimiter, SessionRegistry
 
 log = Logger()
 
@@ -223,11 +224,20 @@ def buildService(config: Config, reactor=None) -> MultiService:
         delayWarningAfter=relay["delay_warning_after"],
     )
     runner.setServiceParent(top)
+    throttle = AuthThrottle(
+        base=server["auth_delay_base"], maximum=server["auth_delay_max"]
+    )
+    sharedLimits = _sharedLimits(config, throttle, reactor)
+    if sharedLimits is not None:
+        sharedLimits.setServiceParent(top)
     metrics.watchQueue(spool)
     if config["metrics"]["listen"]:
         site = Site(
             metrics.metricsResource(
-                spool, config["metrics"]["health_window"], relay=runner
+                spool,
+                config["metrics"]["health_window"],
+                relay=runner,
+                limits=sharedLimits,
             )
         )
         # strports.service: a port that cannot be bound fails the start.
@@ -245,11 +255,11 @@ def buildService(config: Config, reactor=None) -> MultiService:
             "a gateway into Digipoort should name the domains it serves"
         )
     serverRules = ServerRules(
-        recipients=server["accepted_recipients"],
-        throttle=AuthThrottle(
-            base=server["auth_delay_base"], maximum=server["auth_delay_max"]
-        ),
+        recipients=server["accepted_recipients"], throttle=throttle
     )
+    if sharedLimits is not None:
+        serverRules.rates = sharedLimits.rates
+        serverRules.throttle = sharedLimits.throttle
     realm = CertificateBindingRealm(
         SubmissionRealm(
             store,
@@ -271,6 +281,11 @@ def buildService(config: Config, reactor=None) -> MultiService:
         scramParameters=store.scramParameters,
     )
     registry = SessionRegistry()
+    sessionLimiter = None
+    if sharedLimits is not None:
+        sessionLimiter = sharedLimits.sessions
+        if sharedLimits.fallback == "local":
+            sessionLimiter.local = MemorySessionLimiter(registry)
     _checkBacklog(server["listen_backlog"])
     _SessionShutdown(registry, server["shutdown_grace"]).setServiceParent(top)
     for implicit, key in (
@@ -303,6 +318,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
             registry=registry,
             authThrottle=serverRules.throttle,
             reactor=reactor,
+            sessionLimiter=sessionLimiter,
         )
         served: IProtocolFactory = factory
         if implicit:
@@ -318,6 +334,30 @@ def buildService(config: Config, reactor=None) -> MultiService:
             )
             listener.setServiceParent(top)
     return top
+
+
+def _sharedLimits(
+    config: Config, throttle: AuthThrottle, reactor
+) -> RedisLimits | None:
+    """
+    With C{[limits] backend = "redis"}: the limits every instance shares
+    (a service: it keeps the connection and refreshes this instance's holds
+    and sessions), else L{None} and each instance counts on its own.
+    """
+    limits = config["limits"]
+    if limits["backend"] != "redis":
+        return None
+    shared = RedisLimits(
+        limits["address"],
+        prefix=limits["key_prefix"],
+        timeout=limits["timeout"],
+        lease=limits["lease"],
+        throttle=throttle,
+        local=limits["fallback"] == "local",
+        reactor=reactor,
+    )
+    shared.setName("limits")
+    return shared
 
 
 class _LogLevel(service.Service):

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from OpenSSL import SSL
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from msa import metrics
 from msa.accounts.clientcert import peerIdentities
-from msa.errors import SMTPReply
+from msa.errors import LimitsUnavailable, SMTPReply
 from msa.interfaces import ISubmission
 from msa.sasl import Authenticate, Challenge
 from msa.submission.phase import SessionPhase
@@ -262,26 +262,62 @@ class AuthExchange:
 
     def _complete(self) -> None:
         server = self._server
-        session = server.session
         assert self._pendingLogin is not None
         avatar, logout = self._pendingLogin
         self._pendingLogin = None
         maxSessions = getattr(avatar, "maxSessions", None)
-        if maxSessions is not None and (
-            server.factory.registry.sessionsOf(avatar.account) >= maxSessions
-        ):
-            logout()
-            self._end()
-            server.reply(
-                454,
-                "4.7.0",
-                f"Too many concurrent sessions for this account (at most "
-                f"{maxSessions}); try again later",
+        limiter = server.factory.sessionLimiter
+        sessionId = server.session.sessionId
+        if maxSessions is None:
+            d: defer.Deferred = defer.succeed(True)
+        else:
+            # The memory limiter answers at once; a shared one (Redis) later.
+            d = defer.maybeDeferred(
+                limiter.acquire, avatar.account, maxSessions, sessionId
             )
+
+        def admitted(admit: bool) -> defer.Deferred | None:
+            if not admit:
+                logout()
+                self._end()
+                server.reply(
+                    454,
+                    "4.7.0",
+                    f"Too many concurrent sessions for this account (at most "
+                    f"{maxSessions}); try again later",
+                )
+                return None
+            release = logout
+            if maxSessions is not None:
+
+                def release() -> None:
+                    limiter.release(avatar.account, sessionId)
+                    logout()
+
+            done = defer.maybeDeferred(
+                server.factory.authThrottle.succeededLogin,
+                server.session.clientAddress,
+                self._attemptedUser,
+            )
+            done.addCallbacks(
+                lambda _: self._welcome(avatar, release),
+                lambda failure: self._limitsFailed(failure, release),
+            )
+            return done
+
+        d.addCallbacks(admitted, lambda failure: self._limitsFailed(failure, logout))
+        server.wait(d)
+
+    def _welcome(self, avatar: ISubmission, logout: Callable[[], None]) -> None:
+        """
+        The login is complete and admitted: 235.
+        """
+        server = self._server
+        session = server.session
+        if server.hungUp or server.transport is None:
+            # The client left while the limits were asked.
+            logout()
             return
-        server.factory.authThrottle.succeeded(
-            session.clientAddress, self._attemptedUser
-        )
         server.loggedIn(avatar, logout)
         self._end()
         # DEBUG: the accepted message's INFO line names the account.
@@ -295,6 +331,43 @@ class AuthExchange:
         )
         metrics.AUTH_RESULTS.labels(session.mechanism, "success").inc()
         server.reply(235, "2.7.0", "Authentication successful")
+
+    def _limitsFailed(
+        self, failure: Failure, logout: Callable[[], None] | None = None
+    ) -> None:
+        """
+        The shared limits (Redis) could not be asked about this login, with
+        C{[limits] fallback = "refuse"}: C{454 4.7.0}, whether the password
+        was right or wrong, so that an outage tells a guesser nothing; for
+        the same reason it counts as a failed login of the session
+        (C{max_auth_failures}) either way.  The client tries again later.
+        """
+        server = self._server
+        session = server.session
+        if logout is not None:
+            logout()
+        if not failure.check(LimitsUnavailable):
+            log.failure(
+                "session {session}: login limits error",
+                failure,
+                session=session.sessionId,
+            )
+        mechanism = session.mechanism
+        self._end()
+        self._attemptedUser = ""
+        self.failures += 1
+        log.info(
+            "session {session}: authentication refused for now, the shared "
+            "limits cannot be checked: 454",
+            event="auth",
+            outcome="unavailable",
+            session=session.sessionId,
+            client=session.clientAddress,
+            mechanism=mechanism,
+            code=454,
+        )
+        metrics.AUTH_RESULTS.labels(mechanism or "none", "failure-454").inc()
+        self._failedReply(SMTPReply(454, "4.7.0", "Temporary authentication failure"))
 
     def _loginFailed(self, failure: Failure) -> None:
         if failure.check(UnauthorizedLogin):
@@ -316,9 +389,7 @@ class AuthExchange:
         mechanism = session.mechanism
         self._end()
         user, self._attemptedUser = self._attemptedUser, ""
-        log.info(
-            "session {session}: authentication failed for {user!r} with "
-            "{mechanism}: {code}",
+        fields = dict(
             event="auth",
             outcome="failure",
             session=session.sessionId,
@@ -327,18 +398,42 @@ class AuthExchange:
             mechanism=mechanism,
             code=error.code,
         )
-        metrics.AUTH_RESULTS.labels(mechanism or "none", f"failure-{error.code}").inc()
         if error.code != 535:
+            log.info(
+                "session {session}: authentication failed for {user!r} with "
+                "{mechanism}: {code}",
+                **fields,
+            )
+            metrics.AUTH_RESULTS.labels(
+                mechanism or "none", f"failure-{error.code}"
+            ).inc()
             server.protocolError(error.code, error.status, error.text)
             return
         self.failures += 1
-        throttle = server.factory.authThrottle
         client = session.clientAddress
-        delay = throttle.delay(client, user)
-        throttle.failed(client, user)
-        # The delay holds back this session's next command too, so that a
-        # pipelining guesser gains nothing.
-        d = task.deferLater(server.factory.reactor, delay, self._failedReply, error)
+        # The memory throttle answers at once; a shared one (Redis) later.
+        d = defer.maybeDeferred(server.factory.authThrottle.failedLogin, client, user)
+
+        def delayed(delay: float) -> defer.Deferred:
+            log.info(
+                "session {session}: authentication failed for {user!r} with "
+                "{mechanism}: {code}, answered after {delay}s",
+                delay=delay,
+                **fields,
+            )
+            metrics.AUTH_RESULTS.labels(mechanism or "none", "failure-535").inc()
+            # The delay holds back this session's next command too, so that
+            # a pipelining guesser gains nothing.
+            return task.deferLater(
+                server.factory.reactor, delay, self._failedReply, error
+            )
+
+        def unavailable(failure: Failure) -> None:
+            # Counted above already.
+            self.failures -= 1
+            self._limitsFailed(failure)
+
+        d.addCallbacks(delayed, unavailable)
         server.wait(d)
 
     def _failedReply(self, error: SMTPReply) -> None:

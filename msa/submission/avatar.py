@@ -10,15 +10,21 @@ meets the disk.
 import email.utils
 import hashlib
 
+from twisted.internet import defer
 from zope.interface import implementer
 
 from msa.envelope import Envelope, SessionInfo
 from msa.errors import SMTPReply
-from msa.interfaces import IAcceptedMessage, ISpool, ISpoolWriter, ISubmission
+from msa.interfaces import (
+    IAcceptedMessage,
+    IRateReservation,
+    ISpool,
+    ISpoolWriter,
+    ISubmission,
+)
 from msa.policy.authorization import (
     AccountRules,
     HeaderFromPolicy,
-    RateReservation,
     ServerRules,
 )
 from msa.policy.content import MAX_HEADER_FIELDS, MAX_HEADER_SIZE, ContentPolicyChain
@@ -187,7 +193,9 @@ class Submission:
         self.maxSessions = self.rules.maxSessions
         #: The rate slot reserved at MAIL, until the message takes it over
         #: (L{startMessage}) or the transaction ends (L{endTransaction}).
-        self._reservation: RateReservation | None = None
+        self._reservation: IRateReservation | None = None
+        #: The session is over: a reservation answered after it is released.
+        self._loggedOut = False
         policies = list(contentPolicy.policies) if contentPolicy is not None else []
         if self.rules.requireHeaderFrom:
             policies.append(
@@ -203,7 +211,9 @@ class Submission:
                 ),
             )
 
-    def validateFrom(self, session: SessionInfo, sender: str, params: dict) -> None:
+    def validateFrom(
+        self, session: SessionInfo, sender: str, params: dict
+    ) -> defer.Deferred | None:
         if not sender:
             raise SMTPReply(
                 553, "5.7.1", "The null sender <> is not accepted for submissions"
@@ -215,7 +225,20 @@ class Submission:
                 f"Sender address <{sender}> is not owned by the authenticated account",
             )
         self.endTransaction()
-        self._reservation = self.serverRules.rates.reserve(self.account, self.rules)
+        # The memory limiter answers (or raises) at once; a shared one
+        # (Redis) answers with a Deferred.
+        reservation = self.serverRules.rates.reserve(self.account, self.rules)
+        if isinstance(reservation, defer.Deferred):
+            return reservation.addCallback(self._reserved)
+        self._reserved(reservation)
+        return None
+
+    def _reserved(self, reservation: IRateReservation) -> None:
+        if self._loggedOut:
+            # The session ended while the reservation was made.
+            reservation.release()
+            return
+        self._reservation = reservation
 
     def endTransaction(self) -> None:
         """
@@ -232,6 +255,7 @@ class Submission:
         The session is over (called by the realm's logout): a slot still
         reserved is released.
         """
+        self._loggedOut = True
         self.endTransaction()
 
     def validateTo(self, session: SessionInfo, recipient: str, params: dict) -> None:

@@ -42,14 +42,14 @@ from zope.interface import implementer
 from msa import metrics
 from msa.envelope import SessionInfo
 from msa.errors import SMTPReply
-from msa.interfaces import ISubmission
+from msa.interfaces import IAuthThrottle, ISubmission
 from msa.policy.authorization import AuthThrottle
 from msa.sasl import MechanismContext
 from msa.submission.auth import MAX_AUTH_LINE, AuthExchange
 from msa.submission.deadlines import SessionDeadlines
 from msa.submission.framing import LineFramer
 from msa.submission.phase import SessionPhase
-from msa.submission.sessions import SessionRegistry
+from msa.submission.sessions import MemorySessionLimiter, SessionRegistry
 from msa.submission.transaction import MailTransaction
 from msa.tls import describeTLS
 
@@ -623,16 +623,26 @@ class SubmissionFactory(protocol.ServerFactory):
         mechanismContext: MechanismContext | None = None,
         mechanismFactories: dict | None = None,
         registry: SessionRegistry | None = None,
-        authThrottle: AuthThrottle | None = None,
+        authThrottle: IAuthThrottle | None = None,
         reactor=None,
+        sessionLimiter=None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
-        self.authThrottle = authThrottle if authThrottle is not None else AuthThrottle()
+        self.authThrottle: IAuthThrottle = (
+            authThrottle if authThrottle is not None else AuthThrottle()
+        )
         from msa.sasl import mechanismFactories as allMechanisms
 
         self.registry = registry if registry is not None else SessionRegistry()
+        #: Concurrent sessions per account (L{msa.interfaces.ISessionLimiter}):
+        #: this instance's registry unless a shared one is given.
+        self.sessionLimiter = (
+            sessionLimiter
+            if sessionLimiter is not None
+            else MemorySessionLimiter(self.registry)
+        )
         self.portal = portal
         self.policy = policy
         self.tlsContextFactory = tlsContextFactory

@@ -9,6 +9,9 @@ off in DATA gets no 250, so its client tries again.
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
+
+from msa.interfaces import ISessionLimiter
 
 log = Logger()
 
@@ -79,3 +82,21 @@ class SessionRegistry:
             return result
 
         return done.addBoth(cancelTimer)
+
+
+@implementer(ISessionLimiter)
+class MemorySessionLimiter:
+    """
+    Concurrent sessions per account, counted by this instance alone: the
+    logged-in sessions of its L{SessionRegistry}.  Nothing to release: a
+    session leaves the registry when its connection is gone.
+    """
+
+    def __init__(self, registry: SessionRegistry) -> None:
+        self.registry = registry
+
+    def acquire(self, account: str, maximum: int, sessionId: str) -> bool:
+        return self.registry.sessionsOf(account) < maximum
+
+    def release(self, account: str, sessionId: str) -> None:
+        pass
