@@ -13,6 +13,7 @@ as a subprocess while the servers run in the test's reactor.
 import datetime
 import io
 import os
+import ssl as stdlibssl
 import sys
 
 from cryptography import x509
@@ -22,13 +23,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, endpoints, reactor, ssl, threads
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.mail import smtp
+from twisted.mail.imap4 import PLAINCredentials
 from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
 from twisted.trial import unittest
 from zope.interface import implementer
 
 from msa.admin.command import main
 from msa.admin.selftest import (
+    DEFAULT_TLS13_CIPHERS,
     FAIL,
     PASS,
     SKIP,
@@ -37,6 +41,7 @@ from msa.admin.selftest import (
     formatTable,
     weakness,
 )
+from msa.tls import DEFAULT_CIPHERS
 from tests.e2e import RunningMSA, freePort, runProgram
 
 SENDER = "ik@mijnbedrijf.nl"
@@ -96,8 +101,9 @@ def makeCertificate(
     if expired:
         start, end = now - datetime.timedelta(days=30), now - datetime.timedelta(days=1)
     else:
-        start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(
-            days=days
+        start, end = (
+            now - datetime.timedelta(hours=1),
+            now + datetime.timedelta(days=days),
         )
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     issuerCert, issuerKey = issuer if issuer else (None, key)
@@ -150,7 +156,7 @@ class SelftestMixin:
         """
         @return: a L{Deferred} of (exit code, rows, output).
         """
-        argv = ["selftest", "127.0.0.1", str(port), *options]
+        argv = ["selftest", "127.0.0.1", str(port), "--timeout", "10", *options]
         if account:
             argv += [
                 "--user",
@@ -184,7 +190,9 @@ class SelftestMixin:
             for name in ALL_PROBES
         }
         actual = {name: status for name, (status, _) in rows.items()}
-        self.assertEqual(actual, expected, "\n".join(f"{k}: {v}" for k, v in rows.items()))
+        self.assertEqual(
+            actual, expected, "\n".join(f"{k}: {v}" for k, v in rows.items())
+        )
 
 
 class MSAPassesTests(SelftestMixin, unittest.TestCase):
@@ -210,15 +218,25 @@ class MSAPassesTests(SelftestMixin, unittest.TestCase):
         self.assertEqual(code, 0)
         self.assertEqual(rows["pre-tls-530"][0], PASS)
         for name in SMUGGLING:
-            self.assertRegex(rows[name][1], r"^refused: 550 5\.5\.2 Message refused: bare CR or LF")
-        self.assertIn("TLS 1.3: TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256, TLS_AES_128_GCM_SHA256", rows["cipher-suites"][1])
+            self.assertRegex(
+                rows[name][1], r"^refused: 550 5\.5\.2 Message refused: bare CR or LF"
+            )
+        self.assertIn(
+            "TLS 1.3: TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256, "
+            "TLS_AES_128_GCM_SHA256",
+            rows["cipher-suites"][1],
+        )
         self.assertTrue(rows["groups"][1].startswith("accepted: X25519, P-256, P-384"))
         files = yield self.msa.waitForOutbox(1)
         self.assertEqual(len(files), 1, "only the clean message is accepted")
         text = self.msa.readOutbox(files[0])
         self.assertIn(b"\r\nX-Digipoort-Selftest: ", text)
         self.assertIn(b" clean\r\n", text)
-        self.assertRegex(text, rb"\r\nSubject: digipoort-msa selftest \S+: clean message; please discard\r\n")
+        self.assertRegex(
+            text,
+            rb"\r\nSubject: digipoort-msa selftest \S+: clean message; "
+            rb"please discard\r\n",
+        )
 
     @defer.inlineCallbacks
     def test_implicitListener(self):
@@ -285,4 +303,523 @@ class MSAPassesTests(SelftestMixin, unittest.TestCase):
             output.splitlines()[-1],
             f"selftest of 127.0.0.1:{self.msa.implicitPort} (implicit TLS): "
             f"{len(ALL_PROBES) - 3} PASS, 0 FAIL, 3 SKIP",
+        )
+
+
+class WeakenedMSATests(SelftestMixin, unittest.TestCase):
+    """
+    The MSA with one part of its TLS configuration weakened fails the
+    probes about that part, and no other.
+    """
+
+    @defer.inlineCallbacks
+    def test_weakCiphersAndGroups(self):
+        """
+        A CBC-SHA1 suite and a CBC-SHA384 suite added to C{[tls] ciphers},
+        P-521 and ffdhe2048 to C{[tls] groups}: the suites and groups probes
+        fail and name exactly what was added; everything else passes.
+        """
+        msa = RunningMSA(
+            self,
+            tls={
+                "ciphers": DEFAULT_CIPHERS
+                + ":ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384",
+                "groups": "X25519:P-256:P-384:P-521:ffdhe2048",
+            },
+        )
+        code, rows, _ = yield self.selftest(
+            msa.starttlsPort, "--servername", "localhost", "--ca-file", msa.certFile
+        )
+        self.assertOutcome(rows, failing=["cipher-suites", "groups"])
+        self.assertEqual(code, 1)
+        self.assertTrue(
+            rows["cipher-suites"][1].startswith(
+                "accepts ECDHE-ECDSA-AES128-SHA (weak: CBC with SHA1), "
+                "ECDHE-ECDSA-AES256-SHA384 (not expected); TLS 1.2: "
+            ),
+            rows["cipher-suites"][1],
+        )
+        self.assertTrue(
+            rows["groups"][1].startswith(
+                "accepts P-521, ffdhe2048, not in X25519:P-256:P-384; "
+                "accepted: X25519, P-256, P-384, P-521, ffdhe2048"
+            ),
+            rows["groups"][1],
+        )
+
+    @defer.inlineCallbacks
+    def test_operatorPolicy(self):
+        """
+        With the policy the operator passes (C{--expect-ciphers},
+        C{--expect-groups}) covering what was added, only the weak suite
+        still fails: an expected list cannot make CBC-SHA1 acceptable.
+        """
+        msa = RunningMSA(
+            self,
+            tls={
+                "ciphers": DEFAULT_CIPHERS
+                + ":ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384",
+                "groups": "X25519:P-256:P-384:P-521",
+            },
+        )
+        code, rows, _ = yield self.selftest(
+            msa.implicitPort,
+            "--implicit",
+            "--servername",
+            "localhost",
+            "--ca-file",
+            msa.certFile,
+            "--expect-ciphers",
+            "ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE-ECDSA-AES256-SHA384"
+            ":ECDHE-ECDSA-AES128-SHA:" + DEFAULT_TLS13_CIPHERS,
+            "--expect-groups",
+            "X25519:P-256:P-384:P-521",
+        )
+        self.assertOutcome(rows, failing=["cipher-suites"], skipped=PRE_TLS)
+        self.assertTrue(
+            rows["cipher-suites"][1].startswith(
+                "accepts ECDHE-ECDSA-AES128-SHA (weak: CBC with SHA1); "
+            ),
+            rows["cipher-suites"][1],
+        )
+        self.assertEqual(code, 1)
+
+    @defer.inlineCallbacks
+    def test_wrongName(self):
+        """
+        A certificate for another name fails the certificate probe, and the
+        message probes send no password to it.
+        """
+        directory = os.path.abspath(self.mktemp())
+        cert, key, _ = makeCertificate(directory, "other.example")
+        msa = RunningMSA(self, tls={"certificate": cert, "key": key})
+        code, rows, _ = yield self.selftest(
+            msa.starttlsPort, "--servername", "localhost", "--ca-file", cert
+        )
+        self.assertOutcome(
+            rows, failing=["certificate"], skipped=["clean-message", *SMUGGLING]
+        )
+        self.assertIn("not valid for localhost", rows["certificate"][1])
+        self.assertEqual(
+            rows["clean-message"][1],
+            "no password sent: the certificate is not valid for localhost",
+        )
+        self.assertEqual(code, 1)
+        self.assertEqual(msa.outboxFiles(), [])
+
+    @defer.inlineCallbacks
+    def test_tooFewDaysLeft(self):
+        """
+        A certificate with 5 days left fails with C{--min-days} 14 (the
+        default) and passes with C{--min-days 3}; the chain verified, so
+        the message probes run either way.
+        """
+        directory = os.path.abspath(self.mktemp())
+        cert, key, _ = makeCertificate(directory, days=5)
+        msa = RunningMSA(self, tls={"certificate": cert, "key": key})
+        options = ["--servername", "localhost", "--ca-file", cert]
+        code, rows, _ = yield self.selftest(msa.starttlsPort, *options)
+        self.assertOutcome(rows, failing=["certificate"])
+        self.assertRegex(
+            rows["certificate"][1],
+            r"expires \d{4}-\d\d-\d\d \(4 days left, less than 14\)",
+        )
+        self.assertEqual(code, 1)
+        code, rows, _ = yield self.selftest(
+            msa.starttlsPort, *options, "--min-days", "3", account=False
+        )
+        self.assertOutcome(rows, failing=[], skipped=["clean-message", *SMUGGLING])
+        self.assertEqual(code, 0)
+
+    @defer.inlineCallbacks
+    def test_chain(self):
+        """
+        A certificate issued by an intermediate: with the intermediate in
+        C{[tls] chain} every probe passes; without it the certificate probe
+        fails, whether the client has the intermediate (it is named as not
+        sent) or not (the chain does not verify).
+        """
+        directory = os.path.abspath(self.mktemp())
+        rootPath, _, root = makeCertificate(directory, "Selftest Root", ca=True)
+        interPath, _, inter = makeCertificate(
+            directory, "Selftest Intermediate", ca=True, issuer=root
+        )
+        cert, key, _ = makeCertificate(directory, issuer=inter)
+        both = os.path.join(directory, "root-and-intermediate.pem")
+        with open(both, "wb") as f:
+            for path in (rootPath, interPath):
+                with open(path, "rb") as g:
+                    f.write(g.read())
+        options = ["--servername", "localhost"]
+        full = RunningMSA(
+            self, tls={"certificate": cert, "key": key, "chain": interPath}
+        )
+        code, rows, _ = yield self.selftest(
+            full.starttlsPort, *options, "--ca-file", rootPath, account=False
+        )
+        self.assertOutcome(rows, failing=[], skipped=["clean-message", *SMUGGLING])
+        self.assertIn("chain of 3 verified by", rows["certificate"][1])
+        leafOnly = RunningMSA(self, tls={"certificate": cert, "key": key})
+        code, rows, _ = yield self.selftest(
+            leafOnly.starttlsPort, *options, "--ca-file", rootPath, account=False
+        )
+        self.assertOutcome(
+            rows, failing=["certificate"], skipped=["clean-message", *SMUGGLING]
+        )
+        self.assertIn("unable to get local issuer certificate", rows["certificate"][1])
+        code, rows, _ = yield self.selftest(
+            leafOnly.starttlsPort, *options, "--ca-file", both, account=False
+        )
+        self.assertOutcome(
+            rows, failing=["certificate"], skipped=["clean-message", *SMUGGLING]
+        )
+        self.assertIn(
+            "intermediate(s) not sent by the server: CN=Selftest Intermediate",
+            rows["certificate"][1],
+        )
+        self.assertEqual(code, 1)
+
+
+@implementer(IMessageSMTP)
+class _DiscardedMessage:
+    def lineReceived(self, line):
+        pass
+
+    def eomReceived(self):
+        return defer.succeed(None)
+
+    def connectionLost(self):
+        pass
+
+
+@implementer(IMessageDelivery)
+class _AnyDelivery:
+    def receivedHeader(self, helo, origin, recipients):
+        return b"Received: by a plain twisted.mail server"
+
+    def validateFrom(self, helo, origin):
+        return origin
+
+    def validateTo(self, user):
+        return _DiscardedMessage
+
+
+@implementer(IRealm)
+class _DeliveryRealm:
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        return IMessageDelivery, _AnyDelivery(), lambda: None
+
+
+class _ESMTPFactory(smtp.SMTPFactory):
+    """
+    What Twisted's documentation has an ESMTP server do: L{smtp.ESMTP}
+    with the LOGIN and PLAIN challengers, a portal, and a context factory
+    for STARTTLS; every other setting Twisted's default.
+    """
+
+    protocol = smtp.ESMTP
+    domain = b"localhost"
+
+    def __init__(self, portal, contextFactory):
+        super().__init__(portal)
+        self.contextFactory = contextFactory
+
+    def buildProtocol(self, addr):
+        p = super().buildProtocol(addr)
+        p.challengers = {
+            b"LOGIN": smtp.LOGINCredentials,
+            b"PLAIN": PLAINCredentials,
+        }
+        p.ctx = self.contextFactory
+        return p
+
+
+class PlainTwistedTests(SelftestMixin, unittest.TestCase):
+    """
+    A plain C{twisted.mail} ESMTP server, the defaults the MSA exists to
+    fix (DESIGN.md, "What Twisted gives and where it is wrong"), fails
+    exactly the probes about those defaults.
+    """
+
+    def listen(self, contextFactory, implicit: bool = False) -> int:
+        checker = InMemoryUsernamePasswordDatabaseDontUse()
+        checker.addUser(b"alice", b"wonderland")
+        factory = _ESMTPFactory(Portal(_DeliveryRealm(), [checker]), contextFactory)
+        port = freePort()
+        if implicit:
+            endpoint = endpoints.SSL4ServerEndpoint(
+                reactor, port, contextFactory, interface="127.0.0.1"
+            )
+        else:
+            endpoint = endpoints.TCP4ServerEndpoint(
+                reactor, port, interface="127.0.0.1"
+            )
+        d = endpoint.listen(factory)
+        d.addCallback(lambda listening: self.addCleanup(listening.stopListening))
+        return port
+
+    def defaultOptions(self, expired: bool = False, **kwargs):
+        """
+        Twisted's default L{ssl.CertificateOptions} (but for C{kwargs}) with
+        a certificate for localhost.
+        """
+        directory = os.path.abspath(self.mktemp())
+        cert, key, _ = makeCertificate(directory, expired=expired)
+        with open(cert, "rb") as f, open(key, "rb") as g:
+            private = ssl.PrivateCertificate.loadPEM(f.read() + g.read())
+        options = ssl.CertificateOptions(
+            privateKey=private.privateKey.original,
+            certificate=private.original,
+            **kwargs,
+        )
+        return cert, options
+
+    @defer.inlineCallbacks
+    def test_defaults(self):
+        """
+        Commands before STARTTLS are not answered 530, the NOOP pipelined
+        behind STARTTLS is executed inside TLS, AUTH is offered in the
+        clear, CBC-SHA1 suites and groups beyond the policy are accepted,
+        and every bare CR/LF end-of-data form is accepted with 250.  Its
+        certificate and TLS versions pass: Twisted refuses TLS 1.0 and 1.1
+        by default.
+        """
+        cert, options = self.defaultOptions()
+        port = self.listen(options)
+        code, rows, _ = yield self.selftest(
+            port, "--servername", "localhost", "--ca-file", cert
+        )
+        self.assertOutcome(
+            rows,
+            failing=[
+                "pre-tls-530",
+                "starttls-injection",
+                "no-auth-before-tls",
+                "cipher-suites",
+                "groups",
+                *SMUGGLING,
+            ],
+        )
+        self.assertEqual(code, 1)
+        self.assertEqual(
+            rows["pre-tls-530"][1],
+            "not 530: HELO -> 250 localhost Hello 127.0.0.1, nice to meet you; "
+            "MAIL -> 550 Cannot receive from specified address <>: "
+            "Unauthenticated senders not allowed; "
+            "RCPT -> 503 Must have sender before recipient; "
+            "DATA -> 503 Must have valid receiver and originator; "
+            "RSET -> 250 I remember nothing.; AUTH -> 334; "
+            "VRFY -> 500 Command not implemented; "
+            "EXPN -> 500 Command not implemented; "
+            "HELP -> 500 Command not implemented",
+        )
+        self.assertEqual(
+            rows["starttls-injection"][1],
+            "after the handshake QUIT got 500 Command not implemented; 221 See "
+            "you later: the NOOP injected in plaintext was processed inside TLS "
+            "(CVE-2011-0411 class)",
+        )
+        self.assertEqual(
+            rows["no-auth-before-tls"][1],
+            "EHLO before TLS offers 'AUTH LOGIN PLAIN': passwords could go in "
+            "the clear",
+        )
+        self.assertIn("(weak: CBC with SHA1)", rows["cipher-suites"][1])
+        self.assertIn("ffdhe2048", rows["groups"][1])
+        for name in SMUGGLING:
+            self.assertRegex(rows[name][1], r"^accepted with \S+ inside \(250 ")
+
+    @defer.inlineCallbacks
+    def test_implicitExpired(self):
+        """
+        On an implicit-TLS listener with an expired certificate (which the
+        MSA refuses to start with), the certificate probe fails with
+        OpenSSL's reason and the message probes send no password.
+        """
+        cert, options = self.defaultOptions(expired=True)
+        port = self.listen(options, implicit=True)
+        code, rows, _ = yield self.selftest(
+            port, "--implicit", "--servername", "localhost", "--ca-file", cert
+        )
+        self.assertOutcome(
+            rows,
+            failing=["cipher-suites", "groups", "certificate"],
+            skipped=[*PRE_TLS, "clean-message", *SMUGGLING],
+        )
+        self.assertIn(
+            "certificate has expired (depth 0: CN=localhost)", rows["certificate"][1]
+        )
+        self.assertTrue(
+            rows["clean-message"][1].startswith(
+                "no password sent: the certificate does not verify "
+                "(certificate has expired"
+            )
+        )
+        self.assertEqual(code, 1)
+
+    @defer.inlineCallbacks
+    def test_legacyVersions(self):
+        """
+        A context that still allows TLS 1.0 and 1.1 (security level 0, as
+        old setups have it) fails both version probes.
+        """
+        cert, options = self.defaultOptions(
+            insecurelyLowerMinimumTo=ssl.TLSVersion.TLSv1_0
+        )
+        legacy = _LegacyContextFactory(options)
+        port = self.listen(legacy, implicit=True)
+        code, rows, _ = yield self.selftest(
+            port, "--implicit", "--servername", "localhost", "--ca-file", cert
+        )
+        self.assertOutcome(
+            rows,
+            failing=[
+                "tls1.0-refused",
+                "tls1.1-refused",
+                "cipher-suites",
+                "groups",
+                *SMUGGLING,
+            ],
+            skipped=PRE_TLS,
+        )
+        self.assertRegex(rows["tls1.0-refused"][1], r"^accepted: TLSv1 ECDHE-ECDSA-")
+        self.assertRegex(rows["tls1.1-refused"][1], r"^accepted: TLSv1.1 ECDHE-ECDSA-")
+        self.assertEqual(code, 1)
+
+
+@implementer(IOpenSSLContextFactory)
+class _LegacyContextFactory:
+    """
+    Twisted's options lowered to TLS 1.0 at security level 0, as an old
+    setup has them.
+    """
+
+    def __init__(self, options):
+        self.options = options
+        self.context = None
+
+    def getContext(self):
+        if self.context is None:
+            context = self.options.getContext()
+            context.set_cipher_list(b"ALL:@SECLEVEL=0")
+            self.context = context
+        return self.context
+
+
+class ReportTests(unittest.TestCase):
+    """
+    The table, the rules behind the verdicts, and the exit codes that need
+    no listener.
+    """
+
+    def test_table(self):
+        """
+        A header, then one row per probe: name and result left-aligned in
+        columns as wide as their longest entry, two spaces apart, the
+        detail last.
+        """
+        lines = formatTable(
+            [
+                ProbeResult("greeting", PASS, "220 localhost ESMTP"),
+                ProbeResult("smuggling CR.LF", FAIL, "accepted"),
+                ProbeResult("groups", SKIP, "why"),
+            ]
+        )
+        self.assertEqual(
+            lines,
+            [
+                "PROBE            RESULT  DETAIL",
+                "greeting         PASS    220 localhost ESMTP",
+                "smuggling CR.LF  FAIL    accepted",
+                "groups           SKIP    why",
+            ],
+        )
+
+    def test_smugglingForms(self):
+        """
+        The smuggling forms are a dot between any two of CR, LF and CRLF,
+        all but CRLF.CRLF.
+        """
+        self.assertEqual(
+            dict(SMUGGLING_FORMS),
+            {
+                "LF.LF": b"\n.\n",
+                "LF.CR": b"\n.\r",
+                "LF.CRLF": b"\n.\r\n",
+                "CR.LF": b"\r.\n",
+                "CR.CR": b"\r.\r",
+                "CR.CRLF": b"\r.\r\n",
+                "CRLF.LF": b"\r\n.\n",
+                "CRLF.CR": b"\r\n.\r",
+            },
+        )
+
+    def test_weakness(self):
+        """
+        Weak: no forward secrecy, anonymous, NULL, CBC with SHA-1.  Not
+        weak by the rule (but failing when not expected): CBC with SHA-384,
+        AEAD suites with (EC)DHE.
+        """
+        context = stdlibssl.SSLContext(stdlibssl.PROTOCOL_TLS_CLIENT)
+        context.set_ciphers("ALL:COMPLEMENTOFALL:@SECLEVEL=0")
+        ciphers = {c["name"]: c for c in context.get_ciphers()}
+        expected = {
+            "ECDHE-ECDSA-AES128-GCM-SHA256": None,
+            "ECDHE-RSA-CHACHA20-POLY1305": None,
+            "DHE-RSA-AES256-GCM-SHA384": None,
+            "ECDHE-ECDSA-AES256-SHA384": None,
+            "ECDHE-ECDSA-AES128-SHA": "CBC with SHA1",
+            "DHE-RSA-AES256-SHA": "CBC with SHA1",
+            "AES128-GCM-SHA256": "no forward secrecy",
+            "AES256-SHA": "no forward secrecy",
+            "ADH-AES128-GCM-SHA256": "anonymous",
+            "AECDH-AES128-SHA": "anonymous",
+            "ECDHE-ECDSA-NULL-SHA": "no encryption",
+            "NULL-SHA256": "no encryption",
+        }
+        self.assertEqual({name: weakness(ciphers[name]) for name in expected}, expected)
+
+    def test_defaultsAreNotWeak(self):
+        """
+        None of the MSA's own default suites is weak by the rule.
+        """
+        context = stdlibssl.SSLContext(stdlibssl.PROTOCOL_TLS_CLIENT)
+        context.set_ciphers(DEFAULT_CIPHERS)
+        ciphers = [c for c in context.get_ciphers() if c["protocol"] != "TLSv1.3"]
+        self.assertEqual(len(ciphers), 6)
+        self.assertEqual([weakness(c) for c in ciphers], [None] * 6)
+
+    def test_accountOptionsGoTogether(self):
+        """
+        Some but not all of the account options: exit code 2 and why.
+        """
+        out, err = io.StringIO(), io.StringIO()
+        code = main(
+            ["selftest", "127.0.0.1", "25", "--user", "alice"], stdout=out, stderr=err
+        )
+        self.assertEqual(code, 2)
+        self.assertEqual(out.getvalue(), "")
+        self.assertEqual(
+            err.getvalue(),
+            "digipoort-msa-admin: selftest: --user, --password-file, --sender "
+            "and --rcpt go together\n",
+        )
+
+    def test_nothingListening(self):
+        """
+        No listener: the greeting probe fails with the reason, the table
+        ends there, and the exit code is 1.
+        """
+        port = freePort()
+        out, err = io.StringIO(), io.StringIO()
+        code = main(["selftest", "127.0.0.1", str(port)], stdout=out, stderr=err)
+        self.assertEqual(code, 1)
+        self.assertEqual(
+            out.getvalue().splitlines(),
+            [
+                "PROBE     RESULT  DETAIL",
+                f"greeting  FAIL    cannot connect to 127.0.0.1:{port}: "
+                "[Errno 111] Connection refused",
+                f"selftest of 127.0.0.1:{port} (STARTTLS): 0 PASS, 1 FAIL, 0 SKIP",
+            ],
         )

@@ -51,6 +51,7 @@ import argparse
 import base64
 import datetime
 import email.utils
+import functools
 import ipaddress
 import os
 import secrets
@@ -520,7 +521,7 @@ def probeInjection(target: Target) -> list[ProbeResult]:
             name,
             FAIL,
             f"after the handshake QUIT got {shown}: the NOOP injected in "
-            "plaintext was executed inside TLS (CVE-2011-0411 class)",
+            "plaintext was processed inside TLS (CVE-2011-0411 class)",
         )
     ]
 
@@ -651,7 +652,7 @@ def _cipherInfo(cipherString: str) -> list[dict[str, Any]]:
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.set_ciphers(cipherString + ":@SECLEVEL=0")
-    return context.get_ciphers()
+    return [dict(c) for c in context.get_ciphers()]
 
 
 def weakness(cipher: dict[str, Any]) -> str | None:
@@ -748,6 +749,7 @@ def probeCiphers(target: Target) -> list[ProbeResult]:
         elif name not in expected:
             problems.append(f"{name} (not expected)")
     problems += [f"{name} (not expected)" for name in tls13 if name not in expectTLS13]
+    problems.sort()
     seen = (
         f"TLS 1.2: {', '.join(tls12) or 'none'}; TLS 1.3: {', '.join(tls13) or 'none'}"
     )
@@ -755,9 +757,7 @@ def probeCiphers(target: Target) -> list[ProbeResult]:
         return [ProbeResult("cipher-suites", FAIL, "no suite accepted at all")]
     if problems:
         return [
-            ProbeResult(
-                "cipher-suites", FAIL, f"accepts {', '.join(problems)}; {seen}"
-            )
+            ProbeResult("cipher-suites", FAIL, f"accepts {', '.join(problems)}; {seen}")
         ]
     return [
         ProbeResult(
@@ -924,7 +924,30 @@ def _message(target: Target, runId: str, subject: str, tag: str) -> bytes:
         f"X-Digipoort-Selftest: {runId} {tag}\r\n"
         "\r\n"
         f"This message was sent by digipoort-msa-admin selftest ({tag}).\r\n"
-    ).encode("utf-8")
+    ).encode()
+
+
+def _untrusted(target: Target) -> str | None:
+    """
+    Why the server's certificate cannot be trusted with a password (it
+    does not verify, or not for the name), or L{None} when it can.
+    """
+    errors: list[str] = []
+    try:
+        session = _openTLS(target, _verifyingContext(target, errors))
+    except (SSL.Error, OSError) as e:
+        return f"handshake failed: {_sslReason(e)}"
+    except ProbeError as e:
+        return str(e)
+    with session:
+        tls = session.tls
+        assert tls is not None
+        wrongName = _checkName(tls, target.name)
+    if errors:
+        return f"the certificate does not verify ({errors[0]})"
+    if wrongName is not None:
+        return f"the certificate is not valid for {target.name}"
+    return None
 
 
 def _login(target: Target) -> SMTPSession:
@@ -1005,12 +1028,8 @@ def probeSmuggling(target: Target, runId: str) -> list[ProbeResult]:
         tag = "smuggled-" + label.replace(".", "-")
         body = _message(target, runId, f"smuggling probe {label}", "outer-" + tag)
         smuggled = (
-            f"MAIL FROM:<{account.sender}>\r\n"
-            f"RCPT TO:<{account.recipient}>\r\n"
-            "DATA\r\n"
-        ).encode("ascii") + _message(
-            target, runId, f"SMUGGLED message ({label})", tag
-        )
+            f"MAIL FROM:<{account.sender}>\r\nRCPT TO:<{account.recipient}>\r\nDATA\r\n"
+        ).encode("ascii") + _message(target, runId, f"SMUGGLED message ({label})", tag)
         try:
             session = _login(target)
         except ProbeError as e:
@@ -1048,9 +1067,7 @@ def probeSmuggling(target: Target, runId: str) -> list[ProbeResult]:
                 )
             )
         else:
-            results.append(
-                ProbeResult(name, FAIL, f"not a permanent refusal: {first}")
-            )
+            results.append(ProbeResult(name, FAIL, f"not a permanent refusal: {first}"))
     return results
 
 
@@ -1080,9 +1097,7 @@ def runProbes(target: Target) -> list[ProbeResult]:
         detail = str(e) if isinstance(e, ProbeError) else _sslReason(e)
         return [ProbeResult("greeting", FAIL, detail)]
     results = [
-        ProbeResult(
-            "greeting", PASS if greeting.code == 220 else FAIL, str(greeting)
-        )
+        ProbeResult("greeting", PASS if greeting.code == 220 else FAIL, str(greeting))
     ]
     if greeting.code != 220:
         return results
@@ -1097,14 +1112,14 @@ def runProbes(target: Target) -> list[ProbeResult]:
                 ProbeResult(name, SKIP, "N/A: implicit TLS, no plaintext phase")
             )
         else:
-            results += _guard(name, lambda: probe(target))
+            results += _guard(name, functools.partial(probe, target))
     for name, probe in [
         ("tls-versions", probeOldVersions),
         ("cipher-suites", probeCiphers),
         ("groups", probeGroups),
         ("certificate", probeCertificate),
     ]:
-        results += _guard(name, lambda: probe(target))
+        results += _guard(name, functools.partial(probe, target))
     runId = (
         datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         + "-"
@@ -1118,9 +1133,9 @@ def runProbes(target: Target) -> list[ProbeResult]:
             )
             for n in messageProbes
         ]
-    elif results[-1].status != PASS:
+    elif (untrusted := _untrusted(target)) is not None:
         results += [
-            ProbeResult(n, SKIP, "the certificate did not pass; no password sent")
+            ProbeResult(n, SKIP, f"no password sent: {untrusted}")
             for n in messageProbes
         ]
     else:
