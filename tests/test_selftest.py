@@ -16,13 +16,14 @@ import os
 import ssl as stdlibssl
 import sys
 
+import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet import defer, endpoints, reactor, ssl, threads
+from twisted.internet import defer, endpoints, reactor, ssl, threads, utils
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.mail import smtp
 from twisted.mail.imap4 import PLAINCredentials
@@ -30,6 +31,7 @@ from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from msa.accounts.model import makeAccount
 from msa.admin.command import main
 from msa.admin.selftest import (
     DEFAULT_TLS13_CIPHERS,
@@ -41,8 +43,10 @@ from msa.admin.selftest import (
     formatTable,
     weakness,
 )
+from msa.service.tap import DEMO_ACCOUNT, DEMO_SENDERS
 from msa.tls import DEFAULT_CIPHERS
 from tests.e2e import RunningMSA, freePort, runProgram
+from tests.test_readme import README, literalBlocks
 
 SENDER = "ik@mijnbedrijf.nl"
 RCPT = "belastingdienst@overheid.nl"
@@ -823,3 +827,59 @@ class ReportTests(unittest.TestCase):
                 f"selftest of 127.0.0.1:{port} (STARTTLS): 0 PASS, 1 FAIL, 0 SKIP",
             ],
         )
+
+
+class ReadmeExampleTests(unittest.TestCase):
+    """
+    The README's self-test example, run as a shell script against the MSA
+    with the built-in defaults' demo account, its ports pointed at the test
+    listeners.
+    """
+
+    @defer.inlineCallbacks
+    def test_example(self):
+        with open(README, encoding="utf-8") as f:
+            blocks = [
+                b
+                for b in literalBlocks(f.read())
+                if "digipoort-msa-admin selftest" in b
+            ]
+        self.assertEqual(len(blocks), 1)
+        demo = attrs.evolve(
+            makeAccount(*DEMO_ACCOUNT, ["localhost"]),
+            extra={"senders": list(DEMO_SENDERS)},
+        )
+        msa = RunningMSA(self, extraAccounts={"demo": demo})
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        os.symlink(msa.state, os.path.join(cwd, "msa-state"))
+        script = blocks[0]
+        for old, new in [
+            ("localhost 2587 ", f"localhost {msa.starttlsPort} "),
+            ("localhost 2465 ", f"localhost {msa.implicitPort} "),
+        ]:
+            self.assertIn(old, script)
+            script = script.replace(old, new)
+        env = dict(
+            os.environ,
+            PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+        )
+        out, err, code = yield utils.getProcessOutputAndValue(
+            "/bin/bash", ["-ec", script], env=env, path=cwd
+        )
+        self.assertEqual((code, err), (0, b""), out.decode())
+        summaries = [
+            line
+            for line in out.decode().splitlines()
+            if line.startswith("selftest of ")
+        ]
+        self.assertEqual(
+            summaries,
+            [
+                f"selftest of localhost:{msa.starttlsPort} (STARTTLS): "
+                f"{len(ALL_PROBES) - 9} PASS, 0 FAIL, 9 SKIP",
+                f"selftest of localhost:{msa.implicitPort} (implicit TLS): "
+                f"{len(ALL_PROBES) - 3} PASS, 0 FAIL, 3 SKIP",
+            ],
+        )
+        self.assertEqual(len(msa.outboxFiles()), 1)

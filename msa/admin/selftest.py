@@ -338,16 +338,18 @@ class SMTPSession:
 
     def readAll(self) -> list[Reply]:
         """
-        Every reply until the server closes the connection.
+        Every reply up to the 221 to QUIT, or until the server closes the
+        connection.
         """
-        replies = []
-        while True:
+        replies: list[Reply] = []
+        while not replies or replies[-1].code != 221:
             try:
                 replies.append(self.readReply())
             except ProbeError:
                 if self.eof and not self.buffer.strip():
                     return replies
                 raise
+        return replies
 
     def command(self, line: str, expect: Iterable[int] | None = None) -> Reply:
         """
