@@ -33,16 +33,15 @@ from zope.interface import implementer
 
 from msa.accounts.model import makeAccount
 from msa.admin.command import main
-from msa.admin.selftest import (
+from msa.admin.probeclient import (
     DEFAULT_TLS13_CIPHERS,
     FAIL,
     PASS,
     SKIP,
-    SMUGGLING_FORMS,
     ProbeResult,
-    formatTable,
-    weakness,
 )
+from msa.admin.selftest import SMUGGLING_FORMS, formatTable
+from msa.admin.tlsprobes import weakness
 from msa.service.tap import DEMO_ACCOUNT, DEMO_SENDERS
 from msa.tls import DEFAULT_CIPHERS
 from tests.e2e import RunningMSA, freePort, runProgram

@@ -25,7 +25,8 @@ implicit-TLS one there is no plaintext phase and they are reported N/A):
    suite; the server must accept none outside the expected policy
    (C{--expect-ciphers}, an OpenSSL cipher string; the MSA's built-in
    L{msa.tls.DEFAULT_CIPHERS} and OpenSSL's default TLS 1.3 suites by
-   default) and none that is weak by L{weakness}, whatever is expected.
+   default) and none that is weak by L{msa.admin.tlsprobes.weakness},
+   whatever is expected.
  - C{groups}: each key-exchange group alone (X25519, X448, the NIST and
    brainpool curves, the RFC 7919 ffdhe groups); the server must accept
    none outside C{--expect-groups} (L{msa.tls.DEFAULT_GROUPS} by default).
@@ -42,9 +43,9 @@ implicit-TLS one there is no plaintext phase and they are reported N/A):
    Subject saying it is a self-test.  Without an account nothing is sent
    that could be delivered.
 
-This is a command-line tool, not the daemon: it uses blocking sockets and
-pyOpenSSL (which, unlike Python's L{ssl}, can restrict a client to one
-key-exchange group and list the certificate chain the server sent).
+The connections are in L{msa.admin.probeclient}, the TLS probes in
+L{msa.admin.tlsprobes}; this module has the SMTP probes, the run and the
+command.
 """
 
 import argparse
@@ -52,26 +53,37 @@ import base64
 import datetime
 import email.utils
 import functools
-import ipaddress
 import os
 import secrets
-import socket
-import ssl
-import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
-import attrs
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 
-from msa import _compat
+from msa.admin.probeclient import (
+    DEFAULT_TLS13_CIPHERS,
+    FAIL,
+    HELO,
+    PASS,
+    SKIP,
+    Account,
+    ProbeError,
+    ProbeResult,
+    SMTPSession,
+    Target,
+    checkName,
+    clientContext,
+    openTLS,
+    sslReason,
+    verifyingContext,
+)
+from msa.admin.tlsprobes import (
+    probeCertificate,
+    probeCiphers,
+    probeGroups,
+    probeOldVersions,
+)
 from msa.tls import DEFAULT_CIPHERS, DEFAULT_GROUPS
-
-PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 
 #: What R3 allows before STARTTLS; every other command must get 530.
 PRE_TLS_ALLOWED = ("NOOP", "EHLO", "QUIT", "STARTTLS")
@@ -87,47 +99,6 @@ PRE_TLS_COMMANDS = (
     "EXPN postmaster",
     "HELP",
 )
-#: OpenSSL's default TLS 1.3 suites, which the MSA keeps.
-DEFAULT_TLS13_CIPHERS = (
-    "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"
-)
-#: Every TLS 1.3 suite OpenSSL implements.
-ALL_TLS13_CIPHERS = (
-    "TLS_AES_256_GCM_SHA384",
-    "TLS_CHACHA20_POLY1305_SHA256",
-    "TLS_AES_128_GCM_SHA256",
-    "TLS_AES_128_CCM_SHA256",
-    "TLS_AES_128_CCM_8_SHA256",
-)
-#: The key-exchange groups probed, by OpenSSL name; those the local OpenSSL
-#: does not know are listed as not probed.
-PROBED_GROUPS = (
-    "X25519",
-    "X448",
-    "P-256",
-    "P-384",
-    "P-521",
-    "secp224r1",
-    "secp256k1",
-    "brainpoolP256r1",
-    "brainpoolP384r1",
-    "brainpoolP512r1",
-    "ffdhe2048",
-    "ffdhe3072",
-    "ffdhe4096",
-    "ffdhe6144",
-    "ffdhe8192",
-)
-_GROUP_ALIASES = {
-    "prime256v1": "P-256",
-    "secp256r1": "P-256",
-    "secp384r1": "P-384",
-    "secp521r1": "P-521",
-    "x25519": "X25519",
-    "x448": "X448",
-}
-#: Key exchanges whose suites need a shared secret, not probed.
-_NOT_PROBED_KEX = ("kx-psk", "kx-dhe-psk", "kx-rsa-psk", "kx-ecdhe-psk", "kx-srp")
 _CR, _LF, _CRLF = b"\r", b"\n", b"\r\n"
 _ENDINGS = {"CR": _CR, "LF": _LF, "CRLF": _CRLF}
 #: The SMTP smuggling end-of-data forms: a dot between any two of CR, LF
@@ -138,316 +109,6 @@ SMUGGLING_FORMS = tuple(
     for b in ("LF", "CR", "CRLF")
     if (a, b) != ("CRLF", "CRLF")
 )
-_HELO = "selftest.digipoort-msa.invalid"
-_VERSIONS = {
-    "TLSv1": SSL.TLS1_VERSION,
-    "TLSv1.1": SSL.TLS1_1_VERSION,
-    "TLSv1.2": SSL.TLS1_2_VERSION,
-    "TLSv1.3": SSL.TLS1_3_VERSION,
-}
-
-
-@attrs.frozen
-class ProbeResult:
-    """
-    One row of the report.
-
-    @ivar name: the probe.
-    @ivar status: L{PASS}, L{FAIL} or L{SKIP}.
-    @ivar detail: what was seen, or why it was not tested.
-    """
-
-    name: str
-    status: str
-    detail: str
-
-
-@attrs.frozen
-class Account:
-    """
-    The account the message probes log in with, and their envelope.
-    """
-
-    user: str
-    password: str
-    sender: str
-    recipient: str
-
-
-@attrs.frozen
-class Target:
-    """
-    The listener probed and what it is expected to do.
-    """
-
-    host: str
-    port: int
-    implicit: bool = False
-    serverName: str | None = None
-    caFile: str | None = None
-    minDays: int = 14
-    expectCiphers: str = DEFAULT_CIPHERS + ":" + DEFAULT_TLS13_CIPHERS
-    expectGroups: str = DEFAULT_GROUPS
-    timeout: float = 30.0
-    account: Account | None = None
-
-    @property
-    def name(self) -> str:
-        """
-        The name the certificate must be valid for.
-        """
-        return self.serverName or self.host
-
-
-class ProbeError(Exception):
-    """
-    The conversation did not go as far as the probe needed; the message says
-    what happened instead.
-    """
-
-
-@attrs.frozen
-class Reply:
-    """
-    An SMTP reply: its code and its lines' text.
-    """
-
-    code: int
-    lines: tuple[str, ...]
-
-    def __str__(self) -> str:
-        return f"{self.code} {' / '.join(self.lines)}".strip()
-
-
-def _isIP(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
-
-
-def _sslReason(e: Exception) -> str:
-    """
-    The short text of an OpenSSL error: its reasons, or what happened to the
-    connection.
-    """
-    if isinstance(e, SSL.WantReadError):
-        return "timed out"
-    if isinstance(e, SSL.SysCallError):
-        return "connection closed by the server" if e.args[0] == -1 else str(e)
-    if isinstance(e, SSL.Error) and e.args and isinstance(e.args[0], list):
-        reasons = [str(r[-1]) for r in e.args[0] if r]
-        if reasons:
-            return ", ".join(reasons)
-    return str(e) or e.__class__.__name__
-
-
-class SMTPSession:
-    """
-    A blocking SMTP client connection, plaintext or TLS, that keeps what it
-    read beyond the reply it wanted (so that a reply pipelined behind the
-    220 to STARTTLS is seen, not lost in the handshake).
-    """
-
-    def __init__(self, target: Target) -> None:
-        self.target = target
-        try:
-            sock = socket.create_connection(
-                (target.host, target.port), timeout=target.timeout
-            )
-        except OSError as e:
-            raise ProbeError(f"cannot connect to {target.host}:{target.port}: {e}")
-        # Blocking with kernel timeouts: pyOpenSSL cannot use a socket with a
-        # Python-level timeout (its descriptor is non-blocking).
-        sock.settimeout(None)
-        seconds = int(target.timeout)
-        micro = int((target.timeout - seconds) * 1e6)
-        timeval = struct.pack("ll", seconds, micro)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-        self.sock = sock
-        self.tls: SSL.Connection | None = None
-        self.buffer = b""
-        self.eof = False
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def __enter__(self) -> "SMTPSession":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def send(self, data: bytes) -> None:
-        try:
-            if self.tls is not None:
-                self.tls.sendall(data)
-            else:
-                self.sock.sendall(data)
-        except (OSError, SSL.Error) as e:
-            raise ProbeError(f"cannot send: {_sslReason(e)}")
-
-    def _fill(self) -> bool:
-        if self.eof:
-            return False
-        try:
-            if self.tls is not None:
-                data = self.tls.recv(65536)
-            else:
-                data = self.sock.recv(65536)
-        except (SSL.ZeroReturnError, ConnectionResetError):
-            data = b""
-        except SSL.SysCallError as e:
-            if e.args[0] != -1:
-                raise ProbeError(f"connection error: {e}")
-            data = b""
-        except (BlockingIOError, TimeoutError, SSL.WantReadError):
-            raise ProbeError(f"no answer within {self.target.timeout:g} s")
-        except (OSError, SSL.Error) as e:
-            raise ProbeError(f"connection error: {_sslReason(e)}")
-        if not data:
-            self.eof = True
-            return False
-        self.buffer += data
-        return True
-
-    def readReply(self) -> Reply:
-        """
-        The next reply.
-
-        @raise ProbeError: when the connection closed or timed out first.
-        """
-        lines: list[str] = []
-        while True:
-            while b"\r\n" not in self.buffer:
-                if not self._fill():
-                    got = f" after {lines!r}" if lines else ""
-                    raise ProbeError(f"connection closed by the server{got}")
-            raw, self.buffer = self.buffer.split(b"\r\n", 1)
-            text = raw.decode("utf-8", "replace")
-            if len(text) < 3 or not text[:3].isdigit():
-                raise ProbeError(f"not an SMTP reply: {text[:80]!r}")
-            lines.append(text[4:])
-            if text[3:4] != "-":
-                return Reply(int(text[:3]), tuple(lines))
-
-    def readAll(self) -> list[Reply]:
-        """
-        Every reply up to the 221 to QUIT, or until the server closes the
-        connection.
-        """
-        replies: list[Reply] = []
-        while not replies or replies[-1].code != 221:
-            try:
-                replies.append(self.readReply())
-            except ProbeError:
-                if self.eof and not self.buffer.strip():
-                    return replies
-                raise
-        return replies
-
-    def command(self, line: str, expect: Iterable[int] | None = None) -> Reply:
-        """
-        Send one command and read its reply.
-
-        @param expect: the codes that let the probe go on; any other raises
-            L{ProbeError}.
-        """
-        self.send(line.encode("utf-8") + b"\r\n")
-        reply = self.readReply()
-        if expect is not None and reply.code not in expect:
-            shown = line.split()[0] if line.upper().startswith("AUTH") else line
-            raise ProbeError(f"{shown} answered {reply}")
-        return reply
-
-    def startTLS(self, context: SSL.Context) -> SSL.Connection:
-        """
-        The TLS handshake over this connection (the plaintext buffer must be
-        empty: bytes read past the last reply would be lost).
-        """
-        connection = SSL.Connection(context, self.sock)
-        name = self.target.name
-        if not _isIP(name):
-            connection.set_tlsext_host_name(name.encode("idna"))
-        connection.set_connect_state()
-        connection.do_handshake()
-        self.tls = connection
-        return connection
-
-    def greet(self) -> list[str]:
-        """
-        Read the greeting and say EHLO.
-
-        @return: the EHLO keywords, upper case.
-        """
-        greeting = self.readReply()
-        if greeting.code != 220:
-            raise ProbeError(f"greeting: {greeting}")
-        reply = self.command(f"EHLO {_HELO}", (250,))
-        return [line.upper() for line in reply.lines[1:]]
-
-
-def _openTLS(target: Target, context: SSL.Context) -> SMTPSession:
-    """
-    A session in TLS: STARTTLS after EHLO, or the handshake first on an
-    implicit listener (its greeting not read yet).
-
-    @raise ProbeError: when the SMTP part did not get as far as the handshake.
-    @raise SSL.Error: when the handshake failed.
-    """
-    session = SMTPSession(target)
-    try:
-        if not target.implicit:
-            session.greet()
-            session.command("STARTTLS", (220,))
-        session.startTLS(context)
-    except BaseException:
-        session.close()
-        raise
-    return session
-
-
-def _clientContext(
-    minimum: int = SSL.TLS1_2_VERSION,
-    maximum: int | None = None,
-    ciphers: str = "ALL:@SECLEVEL=0",
-) -> SSL.Context:
-    """
-    A probing client context: no verification (L{_certificateProbe} does
-    that), security level 0 so that the local OpenSSL offers what is asked.
-    """
-    context = SSL.Context(SSL.TLS_METHOD)
-    context.set_min_proto_version(minimum)
-    if maximum is not None:
-        context.set_max_proto_version(maximum)
-    context.set_cipher_list(ciphers.encode("ascii"))
-    context.set_verify(SSL.VERIFY_NONE, lambda *a: True)
-    return context
-
-
-def _handshake(
-    target: Target, context: SSL.Context
-) -> tuple[SSL.Connection | None, str]:
-    """
-    Try a handshake.
-
-    @return: the connection (closed already) and its version and cipher; or
-        L{None} and why the handshake failed.
-    @raise ProbeError: when the listener did not get as far as the handshake.
-    """
-    try:
-        session = _openTLS(target, context)
-    except (SSL.Error, OSError) as e:
-        return None, _sslReason(e)
-    with session:
-        tls = session.tls
-        assert tls is not None
-        return tls, f"{tls.get_protocol_version_name()} {tls.get_cipher_name()}"
 
 
 # -- probes before TLS ------------------------------------------------------
@@ -471,7 +132,14 @@ def probePreTLSCommands(target: Target) -> list[ProbeResult]:
     names = ", ".join(line.split()[0] for line in PRE_TLS_COMMANDS)
     if wrong:
         return [ProbeResult("pre-tls-530", FAIL, "not 530: " + "; ".join(wrong))]
-    return [ProbeResult("pre-tls-530", PASS, f"{names}: each answered 530")]
+    allowed = ", ".join(PRE_TLS_ALLOWED)
+    return [
+        ProbeResult(
+            "pre-tls-530",
+            PASS,
+            f"{names}: each answered 530 (R3 allows only {allowed})",
+        )
+    ]
 
 
 def probeInjection(target: Target) -> list[ProbeResult]:
@@ -496,13 +164,13 @@ def probeInjection(target: Target) -> list[ProbeResult]:
                 )
             ]
         try:
-            session.startTLS(_clientContext())
+            session.startTLS(clientContext())
         except SSL.Error as e:
             return [
                 ProbeResult(
                     name,
                     FAIL,
-                    f"handshake after STARTTLS failed ({_sslReason(e)}); the "
+                    f"handshake after STARTTLS failed ({sslReason(e)}); the "
                     "injected NOOP may have been answered in plaintext",
                 )
             ]
@@ -553,359 +221,6 @@ def probeNoAuthBeforeTLS(target: Target) -> list[ProbeResult]:
     ]
 
 
-# -- TLS ----------------------------------------------------------------------
-
-
-_localCert: tuple[crypto.X509, crypto.PKey] | None = None
-
-
-def _localCertificate() -> tuple[crypto.X509, crypto.PKey]:
-    """
-    A throwaway self-signed certificate for the local handshake check.
-    """
-    global _localCert
-    if _localCert is None:
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "selftest")])
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .sign(key, hashes.SHA256())
-        )
-        _localCert = (
-            crypto.X509.from_cryptography(cert),
-            crypto.PKey.from_cryptography_key(key),
-        )
-    return _localCert
-
-
-def localCanNegotiate(version: int) -> str | None:
-    """
-    Whether this machine's OpenSSL can complete a handshake at C{version}
-    with itself, in memory: if not, it cannot offer it to a server either.
-
-    @return: L{None} when it can, else OpenSSL's reason.
-    """
-    cert, key = _localCertificate()
-    server = _clientContext(version, version)
-    server.use_certificate(cert)
-    server.use_privatekey(key)
-    client = _clientContext(version, version)
-    s, c = SSL.Connection(server, None), SSL.Connection(client, None)
-    s.set_accept_state()
-    c.set_connect_state()
-    try:
-        for _ in range(10):
-            done = True
-            for conn, peer in ((c, s), (s, c)):
-                try:
-                    conn.do_handshake()
-                except SSL.WantReadError:
-                    done = False
-                try:
-                    data = conn.bio_read(65536)
-                except SSL.WantReadError:
-                    data = b""
-                if data:
-                    peer.bio_write(data)
-            if done:
-                return None
-    except SSL.Error as e:
-        return _sslReason(e)
-    return "the handshake did not complete"
-
-
-def probeOldVersions(target: Target) -> list[ProbeResult]:
-    """
-    TLS 1.0 and 1.1 must be refused.
-    """
-    results = []
-    for label, version in (("1.0", SSL.TLS1_VERSION), ("1.1", SSL.TLS1_1_VERSION)):
-        name = f"tls{label}-refused"
-        local = localCanNegotiate(version)
-        if local is not None:
-            results.append(
-                ProbeResult(
-                    name,
-                    SKIP,
-                    f"could not test: the local OpenSSL cannot negotiate TLS "
-                    f"{label} even with itself ({local})",
-                )
-            )
-            continue
-        tls, detail = _handshake(target, _clientContext(version, version))
-        if tls is None:
-            results.append(ProbeResult(name, PASS, f"refused: {detail}"))
-        else:
-            results.append(ProbeResult(name, FAIL, f"accepted: {detail}"))
-    return results
-
-
-def _cipherInfo(cipherString: str) -> list[dict[str, Any]]:
-    """
-    The suites an OpenSSL cipher string names, with Python's description
-    of each (key exchange, authentication, AEAD, digest).
-    """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.set_ciphers(cipherString + ":@SECLEVEL=0")
-    return [dict(c) for c in context.get_ciphers()]
-
-
-def weakness(cipher: dict[str, Any]) -> str | None:
-    """
-    Why a TLS 1.2 suite is weak, whatever the operator expects; L{None}
-    when it is not.  The rule: no forward secrecy (static RSA key exchange),
-    no authentication (anonymous), no encryption (NULL), a broken cipher
-    (RC4, DES, 3DES, export strength), or CBC with an MD5 or SHA-1 MAC.
-    Other suites outside the expected policy (CBC with SHA-256, CCM,
-    Camellia, ARIA, DHE...) are not weak by this rule but still fail the
-    probe when not expected.
-
-    @param cipher: a L{ssl.SSLContext.get_ciphers} entry.
-    """
-    name = cipher["name"]
-    symmetric = (cipher.get("symmetric") or "").lower()
-    if cipher.get("auth") == "auth-null" or name.startswith(("ADH-", "AECDH-")):
-        return "anonymous"
-    if "NULL" in name.split("-") or not symmetric or symmetric == "null":
-        return "no encryption"
-    if cipher.get("kea") not in ("kx-ecdhe", "kx-dhe", "kx-any"):
-        return "no forward secrecy"
-    if any(w in symmetric for w in ("rc4", "des", "rc2", "idea", "seed")):
-        return "broken cipher"
-    if cipher.get("strength_bits", 128) < 128:
-        return "export strength"
-    if not cipher.get("aead") and cipher.get("digest") in ("sha1", "md5"):
-        return f"CBC with {cipher['digest'].upper()}"
-    return None
-
-
-def _accepted(
-    target: Target, candidates: list[str], contextFor: Callable[[list[str]], Any]
-) -> list[str]:
-    """
-    The candidates the server accepts, found by elimination: offer all,
-    note the one the server picks, offer the rest, until it accepts none.
-    """
-    accepted: list[str] = []
-    remaining = list(candidates)
-    while remaining:
-        tls, _ = _handshake(target, contextFor(remaining))
-        if tls is None:
-            break
-        chosen = tls.get_cipher_name() or ""
-        if chosen not in remaining:
-            break
-        accepted.append(chosen)
-        remaining.remove(chosen)
-    return accepted
-
-
-def probeCiphers(target: Target) -> list[ProbeResult]:
-    """
-    The suites the server accepts, TLS 1.2 and 1.3, against the expected
-    policy and the weakness rule.
-    """
-    known = [
-        c
-        for c in _cipherInfo("ALL:COMPLEMENTOFALL")
-        if c["protocol"] != "TLSv1.3" and c["kea"] not in _NOT_PROBED_KEX
-    ]
-    info = {c["name"]: c for c in known}
-    expectTLS13 = {n for n in target.expectCiphers.split(":") if n.startswith("TLS_")}
-    rest = ":".join(
-        n for n in target.expectCiphers.split(":") if n and not n.startswith("TLS_")
-    )
-    try:
-        expected = {c["name"] for c in _cipherInfo(rest)} if rest else set()
-    except ssl.SSLError:
-        expected = set()
-    tls12 = _accepted(
-        target,
-        list(info),
-        lambda names: _clientContext(
-            SSL.TLS1_2_VERSION, SSL.TLS1_2_VERSION, ":".join(names) + ":@SECLEVEL=0"
-        ),
-    )
-    tls13: list[str] = []
-    for suite in ALL_TLS13_CIPHERS:
-        context = _clientContext(SSL.TLS1_3_VERSION, SSL.TLS1_3_VERSION)
-        try:
-            context.set_tls13_ciphersuites(suite.encode("ascii"))
-        except SSL.Error:
-            continue
-        tls, _ = _handshake(target, context)
-        if tls is not None and tls.get_cipher_name() == suite:
-            tls13.append(suite)
-    problems = []
-    for name in tls12:
-        why = weakness(info[name])
-        if why is not None:
-            problems.append(f"{name} (weak: {why})")
-        elif name not in expected:
-            problems.append(f"{name} (not expected)")
-    problems += [f"{name} (not expected)" for name in tls13 if name not in expectTLS13]
-    problems.sort()
-    seen = (
-        f"TLS 1.2: {', '.join(tls12) or 'none'}; TLS 1.3: {', '.join(tls13) or 'none'}"
-    )
-    if not tls12 and not tls13:
-        return [ProbeResult("cipher-suites", FAIL, "no suite accepted at all")]
-    if problems:
-        return [
-            ProbeResult("cipher-suites", FAIL, f"accepts {', '.join(problems)}; {seen}")
-        ]
-    return [
-        ProbeResult(
-            "cipher-suites",
-            PASS,
-            f"{seen} ({len(info)} TLS 1.2 suites offered, by elimination)",
-        )
-    ]
-
-
-def _groupName(name: str | None) -> str:
-    if not name:
-        return ""
-    return _GROUP_ALIASES.get(name.lower(), _GROUP_ALIASES.get(name, name))
-
-
-def probeGroups(target: Target) -> list[ProbeResult]:
-    """
-    The key-exchange groups the server accepts, one group per handshake.
-    """
-    expected = {_groupName(g) for g in target.expectGroups.split(":") if g}
-    accepted, unknown = [], []
-    for group in PROBED_GROUPS:
-        context = _clientContext(SSL.TLS1_2_VERSION)
-        if not _compat.setGroups(context, group):
-            unknown.append(group)
-            continue
-        tls, _ = _handshake(target, context)
-        if tls is None:
-            continue
-        used = _groupName(tls.get_group_name())
-        if used.lower() == _groupName(group).lower():
-            accepted.append(_groupName(group))
-    unexpected = [g for g in accepted if g not in expected]
-    tail = f" (not known locally, not probed: {', '.join(unknown)})" if unknown else ""
-    if not accepted:
-        return [ProbeResult("groups", FAIL, "no group accepted" + tail)]
-    if unexpected:
-        return [
-            ProbeResult(
-                "groups",
-                FAIL,
-                f"accepts {', '.join(unexpected)}, not in {target.expectGroups}; "
-                f"accepted: {', '.join(accepted)}{tail}",
-            )
-        ]
-    return [ProbeResult("groups", PASS, f"accepted: {', '.join(accepted)}{tail}")]
-
-
-def _verifyingContext(target: Target, errors: list[str]) -> SSL.Context:
-    """
-    A client context that verifies the chain against C{--ca-file} or the
-    system store, noting every verification error in C{errors} (and going
-    on, so that the probe can say everything that is wrong).
-    """
-    context = SSL.Context(SSL.TLS_METHOD)
-    context.set_min_proto_version(SSL.TLS1_2_VERSION)
-
-    def verify(conn: Any, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
-        if not ok:
-            subject = cert.to_cryptography().subject.rfc4514_string()
-            reason = _compat.verifyErrorString(errno) or f"verify error {errno}"
-            errors.append(f"{reason} (depth {depth}: {subject})")
-        return True
-
-    context.set_verify(SSL.VERIFY_PEER, verify)
-    if target.caFile:
-        context.load_verify_locations(target.caFile)
-    else:
-        context.set_default_verify_paths()
-    return context
-
-
-def _checkName(connection: SSL.Connection, name: str) -> str | None:
-    """
-    Why the server's certificate is not valid for C{name}, or L{None}.
-    """
-    from service_identity import VerificationError
-    from service_identity.pyopenssl import verify_hostname, verify_ip_address
-
-    try:
-        if _isIP(name):
-            verify_ip_address(connection, name)
-        else:
-            verify_hostname(connection, name)
-    except VerificationError as e:
-        return str(e)
-    return None
-
-
-def probeCertificate(target: Target) -> list[ProbeResult]:
-    """
-    The certificate verifies, for the name, with the whole chain sent, and
-    has enough time left.
-    """
-    name = "certificate"
-    errors: list[str] = []
-    try:
-        session = _openTLS(target, _verifyingContext(target, errors))
-    except (SSL.Error, OSError) as e:
-        return [ProbeResult(name, FAIL, f"handshake failed: {_sslReason(e)}")]
-    with session:
-        tls = session.tls
-        assert tls is not None
-        leafCert = tls.get_peer_certificate()
-        sent = tls.get_peer_cert_chain() or []
-        verified = tls.get_verified_chain() or []
-        wrongName = _checkName(tls, target.name)
-    if leafCert is None:
-        return [ProbeResult(name, FAIL, "no certificate")]
-    leaf = leafCert.to_cryptography()
-    problems = list(errors)
-    if wrongName is not None:
-        problems.append(f"not valid for {target.name}: {wrongName}")
-    sentDER = {c.to_cryptography().fingerprint(hashes.SHA256()) for c in sent}
-    missing = [
-        c.to_cryptography().subject.rfc4514_string()
-        for c in verified[1:-1]
-        if c.to_cryptography().fingerprint(hashes.SHA256()) not in sentDER
-    ]
-    if missing:
-        problems.append(
-            f"intermediate(s) not sent by the server: {', '.join(missing)} "
-            "(clients without them cannot verify)"
-        )
-    expires = leaf.not_valid_after_utc
-    left = expires - datetime.datetime.now(datetime.UTC)
-    days = left.days
-    if left.total_seconds() > 0 and days < target.minDays:
-        problems.append(
-            f"expires {expires:%Y-%m-%d} ({days} days left, less than {target.minDays})"
-        )
-    store = target.caFile or "the system store"
-    subject = leaf.subject.rfc4514_string()
-    if problems:
-        return [ProbeResult(name, FAIL, f"{subject}: " + "; ".join(problems))]
-    return [
-        ProbeResult(
-            name,
-            PASS,
-            f"{subject}, valid for {target.name}, chain of {len(verified)} "
-            f"verified by {store}, expires {expires:%Y-%m-%d} ({days} days left)",
-        )
-    ]
-
-
 # -- messages -----------------------------------------------------------------
 
 
@@ -936,15 +251,15 @@ def _untrusted(target: Target) -> str | None:
     """
     errors: list[str] = []
     try:
-        session = _openTLS(target, _verifyingContext(target, errors))
+        session = openTLS(target, verifyingContext(target, errors))
     except (SSL.Error, OSError) as e:
-        return f"handshake failed: {_sslReason(e)}"
+        return f"handshake failed: {sslReason(e)}"
     except ProbeError as e:
         return str(e)
     with session:
         tls = session.tls
         assert tls is not None
-        wrongName = _checkName(tls, target.name)
+        wrongName = checkName(tls, target.name)
     if errors:
         return f"the certificate does not verify ({errors[0]})"
     if wrongName is not None:
@@ -962,19 +277,19 @@ def _login(target: Target) -> SMTPSession:
     assert account is not None
     errors: list[str] = []
     try:
-        session = _openTLS(target, _verifyingContext(target, errors))
+        session = openTLS(target, verifyingContext(target, errors))
     except (SSL.Error, OSError) as e:
-        raise ProbeError(f"handshake failed: {_sslReason(e)}")
+        raise ProbeError(f"handshake failed: {sslReason(e)}")
     try:
         tls = session.tls
         assert tls is not None
-        if errors or _checkName(tls, target.name) is not None:
+        if errors or checkName(tls, target.name) is not None:
             raise ProbeError("the certificate did not verify; no password sent")
         if target.implicit:
             greeting = session.readReply()
             if greeting.code != 220:
                 raise ProbeError(f"greeting: {greeting}")
-        keywords = session.command(f"EHLO {_HELO}", (250,)).lines[1:]
+        keywords = session.command(f"EHLO {HELO}", (250,)).lines[1:]
         mechanisms: set[str] = set()
         for line in keywords:
             words = line.upper().replace("=", " ").split()
@@ -1089,14 +404,12 @@ def runProbes(target: Target) -> list[ProbeResult]:
     """
     try:
         with (
-            _openTLS(target, _clientContext())
-            if target.implicit
-            else SMTPSession(target)
+            openTLS(target, clientContext()) if target.implicit else SMTPSession(target)
         ) as session:
             greeting = session.readReply()
             session.send(b"QUIT\r\n")
     except (ProbeError, SSL.Error, OSError) as e:
-        detail = str(e) if isinstance(e, ProbeError) else _sslReason(e)
+        detail = str(e) if isinstance(e, ProbeError) else sslReason(e)
         return [ProbeResult("greeting", FAIL, detail)]
     results = [
         ProbeResult("greeting", PASS if greeting.code == 220 else FAIL, str(greeting))
