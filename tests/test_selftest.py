@@ -537,6 +537,16 @@ class _ESMTPFactory(smtp.SMTPFactory):
         return p
 
 
+class _BareLFESMTP(smtp.ESMTP):
+    """
+    An ESMTP server that takes a bare LF for a line end, as some old
+    servers did: the smuggling target.
+    """
+
+    def dataReceived(self, data):
+        super().dataReceived(data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+
+
 class PlainTwistedTests(SelftestMixin, unittest.TestCase):
     """
     A plain C{twisted.mail} ESMTP server, the defaults the MSA exists to
@@ -544,10 +554,12 @@ class PlainTwistedTests(SelftestMixin, unittest.TestCase):
     exactly the probes about those defaults.
     """
 
-    def listen(self, contextFactory, implicit: bool = False) -> int:
+    def listen(self, contextFactory, implicit: bool = False, protocol=None) -> int:
         checker = InMemoryUsernamePasswordDatabaseDontUse()
         checker.addUser(b"alice", b"wonderland")
         factory = _ESMTPFactory(Portal(_DeliveryRealm(), [checker]), contextFactory)
+        if protocol is not None:
+            factory.protocol = protocol
         port = freePort()
         if implicit:
             endpoint = endpoints.SSL4ServerEndpoint(
@@ -631,6 +643,36 @@ class PlainTwistedTests(SelftestMixin, unittest.TestCase):
         self.assertIn("ffdhe2048", rows["groups"][1])
         for name in SMUGGLING:
             self.assertRegex(rows[name][1], r"^accepted with \S+ inside \(250 ")
+
+    @defer.inlineCallbacks
+    def test_bareLFEndsData(self):
+        """
+        A server that takes a bare LF for a line end runs the smuggled
+        transaction after LF.LF, LF.CRLF and CRLF.LF; it accepts the other
+        forms inside the message.  Each is a failure, said as such.
+        """
+        cert, options = self.defaultOptions()
+        port = self.listen(options, implicit=True, protocol=_BareLFESMTP)
+        code, rows, _ = yield self.selftest(
+            port, "--implicit", "--servername", "localhost", "--ca-file", cert
+        )
+        self.assertOutcome(
+            rows, failing=["cipher-suites", "groups", *SMUGGLING], skipped=PRE_TLS
+        )
+        for label in ("LF.LF", "LF.CRLF", "CRLF.LF"):
+            self.assertEqual(
+                rows[f"smuggling {label}"][1],
+                f"{label} ended the message and the smuggled transaction ran: "
+                "250 Delivery in progress; 250 Sender address accepted; "
+                "250 Recipient address accepted; "
+                "354 Continue; 250 Delivery in progress; 221 See you later",
+            )
+        for label in ("LF.CR", "CR.LF", "CR.CR", "CR.CRLF", "CRLF.CR"):
+            self.assertRegex(
+                rows[f"smuggling {label}"][1],
+                rf"^accepted with {label} inside \(250 ",
+            )
+        self.assertEqual(code, 1)
 
     @defer.inlineCallbacks
     def test_implicitExpired(self):
