@@ -155,22 +155,25 @@ class SelftestMixin:
             f.write("wonderland\n")
         return path
 
+    def accountOptions(self) -> list[str]:
+        return [
+            "--user",
+            "alice",
+            "--password-file",
+            self.passwordFile(),
+            "--sender",
+            SENDER,
+            "--rcpt",
+            RCPT,
+        ]
+
     def selftest(self, port: int, *options: str, account: bool = True):
         """
         @return: a L{Deferred} of (exit code, rows, output).
         """
         argv = ["selftest", "127.0.0.1", str(port), "--timeout", "10", *options]
         if account:
-            argv += [
-                "--user",
-                "alice",
-                "--password-file",
-                self.passwordFile(),
-                "--sender",
-                SENDER,
-                "--rcpt",
-                RCPT,
-            ]
+            argv += self.accountOptions()
         out, err = io.StringIO(), io.StringIO()
 
         def run():
@@ -287,14 +290,7 @@ class MSAPassesTests(SelftestMixin, unittest.TestCase):
                 str(self.msa.implicitPort),
                 "--implicit",
                 *self.options(),
-                "--user",
-                "alice",
-                "--password-file",
-                self.passwordFile(),
-                "--sender",
-                SENDER,
-                "--rcpt",
-                RCPT,
+                *self.accountOptions(),
             ],
         )
         self.assertEqual(err, b"")

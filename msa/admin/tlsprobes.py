@@ -6,13 +6,11 @@ protocol versions, cipher suites, key-exchange groups and the certificate.
 
 import datetime
 import ssl
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 
 from msa import _compat
@@ -29,6 +27,7 @@ from msa.admin.probeclient import (
     sslReason,
     verifyingContext,
 )
+from msa.tls import ensureSelfSignedCertificate
 
 #: Every TLS 1.3 suite OpenSSL implements.
 ALL_TLS13_CIPHERS = (
@@ -74,27 +73,18 @@ _localCert: tuple[crypto.X509, crypto.PKey] | None = None
 
 def _localCertificate() -> tuple[crypto.X509, crypto.PKey]:
     """
-    A throwaway self-signed certificate for the local handshake check.
+    A throwaway self-signed certificate for the local handshake check,
+    made as the MSA makes its own in a directory removed at once.
     """
     global _localCert
     if _localCert is None:
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "selftest")])
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .sign(key, hashes.SHA256())
-        )
-        _localCert = (
-            crypto.X509.from_cryptography(cert),
-            crypto.PKey.from_cryptography_key(key),
-        )
+        with tempfile.TemporaryDirectory() as directory:
+            certPath, keyPath = ensureSelfSignedCertificate(directory, "selftest")
+            with open(certPath, "rb") as f:
+                cert = crypto.load_certificate(crypto.FILETYPE_PEM, f.read())
+            with open(keyPath, "rb") as f:
+                key = crypto.load_privatekey(crypto.FILETYPE_PEM, f.read())
+        _localCert = (cert, key)
     return _localCert
 
 
