@@ -305,6 +305,56 @@ class MSAPassesTests(SelftestMixin, unittest.TestCase):
         )
 
 
+class RefusedSessionTests(SelftestMixin, unittest.TestCase):
+    """
+    When the account cannot get as far as DATA, the clean-message probe
+    fails with the server's reply (never the password) and the smuggling
+    probes are not tried.
+    """
+
+    @defer.inlineCallbacks
+    def test_wrongPassword(self):
+        msa = RunningMSA(self)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        wrong = os.path.join(directory, "password")
+        with open(wrong, "w") as f:
+            f.write("not-the-password\n")
+        argv = ["--servername", "localhost", "--ca-file", msa.certFile]
+        argv += ["--user", "alice", "--password-file", wrong]
+        argv += ["--sender", SENDER, "--rcpt", RCPT]
+        code, rows, output = yield self.selftest(msa.starttlsPort, *argv, account=False)
+        self.assertOutcome(rows, failing=["clean-message"], skipped=SMUGGLING)
+        self.assertEqual(
+            rows["clean-message"][1],
+            "AUTH PLAIN answered 535 5.7.8 Authentication credentials invalid",
+        )
+        self.assertEqual(
+            rows["smuggling LF.LF"][1],
+            "not tried: the session for clean-message failed",
+        )
+        self.assertNotIn("not-the-password", output)
+        self.assertEqual(code, 1)
+
+    @defer.inlineCallbacks
+    def test_senderNotAllowed(self):
+        msa = RunningMSA(self)
+        argv = ["--servername", "localhost", "--ca-file", msa.certFile]
+        argv += ["--user", "alice", "--password-file", self.passwordFile()]
+        argv += ["--sender", "someone@elders.example", "--rcpt", RCPT]
+        code, rows, _ = yield self.selftest(
+            msa.implicitPort, "--implicit", *argv, account=False
+        )
+        self.assertOutcome(
+            rows, failing=["clean-message"], skipped=[*PRE_TLS, *SMUGGLING]
+        )
+        self.assertRegex(
+            rows["clean-message"][1],
+            r"^MAIL FROM:<someone@elders\.example> answered 5\d\d ",
+        )
+        self.assertEqual(code, 1)
+
+
 class WeakenedMSATests(SelftestMixin, unittest.TestCase):
     """
     The MSA with one part of its TLS configuration weakened fails the
@@ -844,6 +894,22 @@ class ReportTests(unittest.TestCase):
             err.getvalue(),
             "digipoort-msa-admin: selftest: --user, --password-file, --sender "
             "and --rcpt go together\n",
+        )
+
+    def test_expectedCiphersMatchNothing(self):
+        """
+        An expected policy that names no suite: exit code 2 and why.
+        """
+        out, err = io.StringIO(), io.StringIO()
+        code = main(
+            ["selftest", "127.0.0.1", "25", "--expect-ciphers", "NO-SUCH-SUITE"],
+            stdout=out,
+            stderr=err,
+        )
+        self.assertEqual(code, 2)
+        self.assertEqual(
+            err.getvalue(),
+            "digipoort-msa-admin: --expect-ciphers: no suite matches 'NO-SUCH-SUITE'\n",
         )
 
     def test_nothingListening(self):

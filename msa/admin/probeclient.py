@@ -235,18 +235,21 @@ class SMTPSession:
                 raise
         return replies
 
-    def command(self, line: str, expect: Iterable[int] | None = None) -> Reply:
+    def command(
+        self, line: str, expect: Iterable[int] | None = None, shown: str = ""
+    ) -> Reply:
         """
         Send one command and read its reply.
 
         @param expect: the codes that let the probe go on; any other raises
             L{ProbeError}.
+        @param shown: how the command is named in that error, instead of
+            the line itself (which may carry a password).
         """
         self.send(line.encode("utf-8") + b"\r\n")
         reply = self.readReply()
         if expect is not None and reply.code not in expect:
-            shown = line.split()[0] if line.upper().startswith("AUTH") else line
-            raise ProbeError(f"{shown} answered {reply}")
+            raise ProbeError(f"{shown or line} answered {reply}")
         return reply
 
     def startTLS(self, context: SSL.Context) -> SSL.Connection:

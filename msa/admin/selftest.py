@@ -78,6 +78,7 @@ from msa.admin.probeclient import (
     verifyingContext,
 )
 from msa.admin.tlsprobes import (
+    expectedCiphers,
     probeCertificate,
     probeCiphers,
     probeGroups,
@@ -296,14 +297,14 @@ def _login(target: Target) -> SMTPSession:
             if words and words[0] == "AUTH":
                 mechanisms.update(words[1:])
         if "PLAIN" in mechanisms:
-            token = f"\0{account.user}\0{account.password}".encode()
-            session.command("AUTH PLAIN " + base64.b64encode(token).decode(), (235,))
+            token = base64.b64encode(f"\0{account.user}\0{account.password}".encode())
+            session.command(f"AUTH PLAIN {token.decode()}", (235,), "AUTH PLAIN")
         elif "LOGIN" in mechanisms:
+            user = base64.b64encode(account.user.encode()).decode()
+            password = base64.b64encode(account.password.encode()).decode()
             session.command("AUTH LOGIN", (334,))
-            session.command(base64.b64encode(account.user.encode()).decode(), (334,))
-            session.command(
-                base64.b64encode(account.password.encode()).decode(), (235,)
-            )
+            session.command(user, (334,), "AUTH LOGIN user name")
+            session.command(password, (235,), "AUTH LOGIN password")
         else:
             raise ProbeError(f"neither PLAIN nor LOGIN offered after TLS: {keywords}")
         session.command(f"MAIL FROM:<{account.sender}>", (250,))
@@ -315,20 +316,30 @@ def _login(target: Target) -> SMTPSession:
     return session
 
 
-def probeCleanMessage(target: Target, runId: str) -> list[ProbeResult]:
+def probeMessages(target: Target, runId: str) -> list[ProbeResult]:
     """
-    A well-formed message is accepted with 250.
+    A well-formed message must be accepted with 250; then the smuggling
+    forms.  When the session for the clean message cannot get as far as
+    DATA (a wrong password, a sender the account may not use), the
+    smuggling probes are not tried: each would fail the same way, and
+    repeated failed logins are slowed down by the server.
     """
     try:
         session = _login(target)
     except ProbeError as e:
-        return [ProbeResult("clean-message", FAIL, str(e))]
+        reason = "not tried: the session for clean-message failed"
+        return [ProbeResult("clean-message", FAIL, str(e))] + [
+            ProbeResult(f"smuggling {label}", SKIP, reason)
+            for label, _ in SMUGGLING_FORMS
+        ]
     with session:
         session.send(_message(target, runId, "clean message", "clean") + b".\r\n")
         reply = session.readReply()
         session.send(b"QUIT\r\n")
     status = PASS if reply.code == 250 else FAIL
-    return [ProbeResult("clean-message", status, str(reply))]
+    return [ProbeResult("clean-message", status, str(reply))] + probeSmuggling(
+        target, runId
+    )
 
 
 def probeSmuggling(target: Target, runId: str) -> list[ProbeResult]:
@@ -454,8 +465,7 @@ def runProbes(target: Target) -> list[ProbeResult]:
             for n in messageProbes
         ]
     else:
-        results += _guard("clean-message", lambda: probeCleanMessage(target, runId))
-        results += _guard("smuggling", lambda: probeSmuggling(target, runId))
+        results += _guard("clean-message", lambda: probeMessages(target, runId))
     return results
 
 
@@ -542,6 +552,11 @@ def selftestCommand(args: argparse.Namespace, stdout: Any, stderr: Any) -> int:
         account = Account(args.user, password, args.sender, args.rcpt)
     if args.ca_file is not None and not os.path.isfile(args.ca_file):
         print(f"digipoort-msa-admin: no CA file {args.ca_file}", file=stderr)
+        return 2
+    try:
+        expectedCiphers(args.expect_ciphers)
+    except ValueError as e:
+        print(f"digipoort-msa-admin: --expect-ciphers: {e}", file=stderr)
         return 2
     target = Target(
         host=args.host,

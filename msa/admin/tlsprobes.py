@@ -160,6 +160,27 @@ def _cipherInfo(cipherString: str) -> list[dict[str, Any]]:
     return [dict(c) for c in context.get_ciphers()]
 
 
+def expectedCiphers(cipherString: str) -> tuple[set[str], set[str]]:
+    """
+    The TLS 1.2 and the TLS 1.3 suites of an expected policy: an OpenSSL
+    cipher string for TLS 1.2, in which TLS 1.3 suites may be named too.
+
+    @raise ValueError: when the string names no suite this OpenSSL knows.
+    """
+    names = [n for n in cipherString.split(":") if n]
+    tls13 = {n for n in names if n.startswith("TLS_")}
+    rest = ":".join(n for n in names if not n.startswith("TLS_"))
+    tls12: set[str] = set()
+    if rest:
+        try:
+            tls12 = {c["name"] for c in _cipherInfo(rest) if c["protocol"] != "TLSv1.3"}
+        except ssl.SSLError:
+            pass
+    if not tls12 and not tls13:
+        raise ValueError(f"no suite matches {cipherString!r}")
+    return tls12, tls13
+
+
 def weakness(cipher: dict[str, Any]) -> str | None:
     """
     Why a TLS 1.2 suite is weak, whatever the operator expects; L{None}
@@ -221,14 +242,7 @@ def probeCiphers(target: Target) -> list[ProbeResult]:
         if c["protocol"] != "TLSv1.3" and c["kea"] not in _NOT_PROBED_KEX
     ]
     info = {c["name"]: c for c in known}
-    expectTLS13 = {n for n in target.expectCiphers.split(":") if n.startswith("TLS_")}
-    rest = ":".join(
-        n for n in target.expectCiphers.split(":") if n and not n.startswith("TLS_")
-    )
-    try:
-        expected = {c["name"] for c in _cipherInfo(rest)} if rest else set()
-    except ssl.SSLError:
-        expected = set()
+    expected, expectTLS13 = expectedCiphers(target.expectCiphers)
     tls12 = _accepted(
         target,
         list(info),
