@@ -493,38 +493,53 @@ def addParser(topics: Any) -> None:
         help="probe a running listener (TLS policy, STARTTLS, smuggling)",
         description="Probe a running submission listener; exit 1 on any FAIL.",
     )
-    parser.add_argument("host")
-    parser.add_argument("port", type=int)
+    parser.add_argument("host", metavar="HOST")
+    parser.add_argument("port", type=int, metavar="PORT")
     parser.add_argument(
         "--implicit", action="store_true", help="the listener is TLS from the start"
     )
     parser.add_argument(
-        "--servername", help="the name the certificate must be valid for (HOST)"
+        "--servername",
+        metavar="NAME",
+        help="the name the certificate must be valid for (default HOST)",
     )
-    parser.add_argument("--ca-file", help="trust these CAs, not the system store")
+    parser.add_argument(
+        "--ca-file", metavar="PEM", help="trust these CAs, not the system store"
+    )
     parser.add_argument(
         "--min-days",
         type=int,
         default=14,
+        metavar="N",
         help="least days the certificate must have left (%(default)s)",
     )
     parser.add_argument(
         "--expect-ciphers",
         default=DEFAULT_CIPHERS + ":" + DEFAULT_TLS13_CIPHERS,
+        metavar="CIPHERS",
         help="OpenSSL cipher string of the suites allowed (the MSA's defaults)",
     )
     parser.add_argument(
         "--expect-groups",
         default=DEFAULT_GROUPS,
+        metavar="GROUPS",
         help="groups allowed (%(default)s)",
     )
     parser.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds per reply (%(default)s)"
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="longest wait for a reply (%(default)s)",
     )
-    parser.add_argument("--user", help="account for the message probes")
-    parser.add_argument("--password-file", help="file with its password")
-    parser.add_argument("--sender", help="envelope sender the account may use")
-    parser.add_argument("--rcpt", help="recipient of the test messages")
+    parser.add_argument("--user", metavar="USER", help="account for the messages")
+    parser.add_argument("--password-file", metavar="FILE", help="its password")
+    parser.add_argument(
+        "--sender", metavar="ADDRESS", help="envelope sender the account may use"
+    )
+    parser.add_argument(
+        "--rcpt", metavar="ADDRESS", help="recipient of the test messages"
+    )
 
 
 def selftestCommand(args: argparse.Namespace, stdout: Any, stderr: Any) -> int:
