@@ -204,7 +204,7 @@ def probeNoAuthBeforeTLS(target: Target) -> list[ProbeResult]:
     with SMTPSession(target) as session:
         keywords = session.greet()
         session.send(b"QUIT\r\n")
-    offered = [k for k in keywords if k.split("=")[0].split()[0] == "AUTH"]
+    offered = [k for k in keywords if k.replace("=", " ").split()[:1] == ["AUTH"]]
     starttls = "STARTTLS offered" if "STARTTLS" in keywords else "no STARTTLS"
     if offered:
         return [
@@ -245,26 +245,44 @@ def _message(target: Target, runId: str, subject: str, tag: str) -> bytes:
     ).encode()
 
 
-def _untrusted(target: Target) -> str | None:
+class _Untrusted(ProbeError):
     """
-    Why the server's certificate cannot be trusted with a password (it
-    does not verify, or not for the name), or L{None} when it can.
+    The server's certificate cannot be trusted with a password.
+    """
+
+
+def _openTrusted(target: Target) -> SMTPSession:
+    """
+    A TLS session whose certificate verified for the name.
+
+    @raise _Untrusted: when it did not, or the handshake failed.
     """
     errors: list[str] = []
     try:
         session = openTLS(target, verifyingContext(target, errors))
     except (SSL.Error, OSError) as e:
-        return f"handshake failed: {sslReason(e)}"
+        raise _Untrusted(f"handshake failed: {sslReason(e)}")
     except ProbeError as e:
+        raise _Untrusted(str(e))
+    tls = session.tls
+    assert tls is not None
+    if errors or checkName(tls, target.name) is not None:
+        session.close()
+        if errors:
+            raise _Untrusted(f"the certificate does not verify ({errors[0]})")
+        raise _Untrusted(f"the certificate is not valid for {target.name}")
+    return session
+
+
+def _untrusted(target: Target) -> str | None:
+    """
+    Why the server's certificate cannot be trusted with a password (it
+    does not verify, or not for the name), or L{None} when it can.
+    """
+    try:
+        _openTrusted(target).close()
+    except _Untrusted as e:
         return str(e)
-    with session:
-        tls = session.tls
-        assert tls is not None
-        wrongName = checkName(tls, target.name)
-    if errors:
-        return f"the certificate does not verify ({errors[0]})"
-    if wrongName is not None:
-        return f"the certificate is not valid for {target.name}"
     return None
 
 
@@ -276,16 +294,8 @@ def _login(target: Target) -> SMTPSession:
     """
     account = target.account
     assert account is not None
-    errors: list[str] = []
+    session = _openTrusted(target)
     try:
-        session = openTLS(target, verifyingContext(target, errors))
-    except (SSL.Error, OSError) as e:
-        raise ProbeError(f"handshake failed: {sslReason(e)}")
-    try:
-        tls = session.tls
-        assert tls is not None
-        if errors or checkName(tls, target.name) is not None:
-            raise ProbeError("the certificate did not verify; no password sent")
         if target.implicit:
             greeting = session.readReply()
             if greeting.code != 220:
