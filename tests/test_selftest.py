@@ -17,6 +17,7 @@ import ssl as stdlibssl
 import sys
 
 import attrs
+import OpenSSL.SSL
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -32,6 +33,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from msa.accounts.model import makeAccount
+from msa.admin import tlsprobes
 from msa.admin.command import main
 from msa.admin.probeclient import (
     DEFAULT_TLS13_CIPHERS,
@@ -39,6 +41,7 @@ from msa.admin.probeclient import (
     PASS,
     SKIP,
     ProbeResult,
+    Target,
 )
 from msa.admin.selftest import SMUGGLING_FORMS, formatTable
 from msa.admin.tlsprobes import weakness
@@ -879,6 +882,35 @@ class ReportTests(unittest.TestCase):
         ciphers = [c for c in context.get_ciphers() if c["protocol"] != "TLSv1.3"]
         self.assertEqual(len(ciphers), 6)
         self.assertEqual([weakness(c) for c in ciphers], [None] * 6)
+
+    def test_localVersionCheck(self):
+        """
+        The local OpenSSL negotiates TLS 1.2 with itself in memory (and,
+        at security level 0, TLS 1.0 here, so the version probes really
+        test the server).
+        """
+        self.assertIsNone(tlsprobes.localCanNegotiate(OpenSSL.SSL.TLS1_2_VERSION))
+        self.assertIsNone(tlsprobes.localCanNegotiate(OpenSSL.SSL.TLS1_VERSION))
+
+    def test_couldNotTest(self):
+        """
+        When the local OpenSSL cannot negotiate an old version, the probe
+        says so as a SKIP and connects nowhere.
+        """
+        self.patch(tlsprobes, "localCanNegotiate", lambda v: "no protocols available")
+        results = tlsprobes.probeOldVersions(Target("127.0.0.1", freePort()))
+        self.assertEqual(
+            results,
+            [
+                ProbeResult(
+                    f"tls{label}-refused",
+                    SKIP,
+                    f"could not test: the local OpenSSL cannot negotiate TLS "
+                    f"{label} even with itself (no protocols available)",
+                )
+                for label in ("1.0", "1.1")
+            ],
+        )
 
     def test_accountOptionsGoTogether(self):
         """
