@@ -97,6 +97,7 @@ class RunningMSA:
         spool: dict | None = None,
         content: list[dict] | None = None,
         baseConfig: str | None = None,
+        audit: dict | None = None,
     ):
         self.testCase = testCase
         self.directory = os.path.abspath(testCase.mktemp())
@@ -126,6 +127,8 @@ class RunningMSA:
             sections["metrics"] = metrics
         if spool:
             sections["spool"] = spool
+        if audit:
+            sections["audit"] = audit
         self.configFile = os.path.join(self.directory, "msa.toml")
         if baseConfig is None:
             writeConfig(self.configFile, sections)
@@ -217,6 +220,9 @@ class AiosmtpdCore:
             # A core that speaks ALPN (selects when a client offers).
             context.set_alpn_protocols(alpnProtocols)
         self.messages: list = []
+        #: RSET commands seen (the MSA's integrity check ends a transaction
+        #: with one instead of DATA; a reused connection starts with one).
+        self.resets = 0
         self.port = freePort()
         self._lock = threading.Lock()
         core = self
@@ -233,6 +239,11 @@ class AiosmtpdCore:
                         )
                     )
                 return "250 2.0.0 Ok: queued as CORE%d" % len(core.messages)
+
+            async def handle_RSET(self, server, session, envelope):
+                with core._lock:
+                    core.resets += 1
+                return "250 OK"
 
         self.controller = Controller(
             Handler(),

@@ -22,8 +22,9 @@ class CommitHandoffTests(unittest.TestCase):
         Two messages, each over its own STARTTLS session: each costs the
         MSA one thread handoff for its commit.  The other handoffs of the
         run are the password check of a login, and after the 250 the
-        outbox write and the removal of the delivered message: none on
-        the commit path.  (The order of the fsyncs within the one handoff
+        outbox write, its audit record and the removal of the delivered
+        message: none on the commit path (the acceptance record is written
+        within the commit's handoff).  (The order of the fsyncs within the one handoff
         is proven by L{tests.test_spool} and L{tests.test_crash}.)
         """
         msa = RunningMSA(self)
@@ -55,6 +56,8 @@ class CommitHandoffTests(unittest.TestCase):
             {
                 "msa.relay.outbox.OutboxDownstream._write",
                 "msa.queue.spool.Spool._removedBlocking",
+                # The relayed record of the audit log (msa.audit).
+                "msa.queue.spool.Spool._auditBlocking",
             },
         )
         self.assertEqual(len(set(queueIds)), 2)

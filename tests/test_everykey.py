@@ -592,6 +592,46 @@ def checkJSONFile(env):
     )
 
 
+def _auditRecords(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="ascii") as f:
+        return [json.loads(line) for line in f]
+
+
+def checkAuditPath(env):
+    """
+    The acceptance record is in the configured file before the 250.
+    """
+    queueId = queued(send(env, message()))
+    records = _auditRecords(env.values["audit.path"])
+    assert any(r["event"] == "accepted" and r["queueId"] == queueId for r in records), (
+        records
+    )
+
+
+def checkAuditDisabled(env):
+    """
+    Off: a message is accepted and no audit log is written.
+    """
+    queued(send(env, message()))
+    default = os.path.join(env.msa.state, "audit", "audit.jsonl")
+    assert not os.path.exists(default), default
+
+
+def checkAuditRotation(env):
+    """
+    A small max_bytes: the log rotates, and the new file starts with a
+    rotated record naming its predecessor.
+    """
+    default = os.path.join(env.msa.state, "audit", "audit.jsonl")
+    for _ in range(12):
+        queued(send(env, message()))
+    first = _auditRecords(default)[0]
+    assert first["event"] == "rotated", first
+    assert os.path.exists(os.path.join(os.path.dirname(default), first["previousFile"]))
+
+
 def checkLogLevel(env):
     """
     With C{level = "warn"}, the JSON log gets the error of a broken
@@ -998,6 +1038,10 @@ ROWS: list[Row] = [
         checkMetricsListen,
     ),
     Row("metrics.health_window", 0.5, checkHealthWindow),
+    # [audit]
+    Row("audit.enabled", False, checkAuditDisabled, "auditoff"),
+    Row("audit.path", lambda env: env.path("trail/audit.jsonl"), checkAuditPath),
+    Row("audit.max_bytes", 4096, checkAuditRotation, "auditrotate"),
     # [relay]
     Row("relay.host", "127.0.0.1", checkRelayed),
     Row("relay.port", lambda env: env.downstream.portNumber, checkRelayed),
@@ -1312,7 +1356,16 @@ def configuration(env: Env, rows: list[Row]) -> dict[str, Any]:
 
 
 #: The sections L{RunningMSA} takes as arguments.
-SECTIONS = ("server", "tls", "accounts", "spool", "logging", "metrics", "relay")
+SECTIONS = (
+    "server",
+    "tls",
+    "accounts",
+    "spool",
+    "logging",
+    "metrics",
+    "relay",
+    "audit",
+)
 
 
 def carol():

@@ -16,10 +16,9 @@ import errno
 import os
 import threading
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
-import msa.queue.spool
 from msa import durable
 from msa.durable import DirectorySync
 from msa.queue.spool import Spool
@@ -220,8 +219,9 @@ class SpoolGroupCommitTests(unittest.TestCase):
 
     def test_removeDeliveredStateRefused(self):
         """
-        The state file cannot be removed (a read-only spool): the error is
-        raised at once and the entry is intact.
+        The state file cannot be removed (a read-only spool): the
+        L{Deferred} fails with the error and the entry is intact, visible
+        again.
         """
         queueId = self.commit()
 
@@ -229,9 +229,31 @@ class SpoolGroupCommitTests(unittest.TestCase):
             raise OSError(errno.EROFS, "Read-only file system")
 
         self.patch(os, "unlink", refuse)
-        self.assertRaises(OSError, self.spool.removeDelivered, queueId)
+        failure = self.failureResultOf(self.spool.removeDelivered(queueId))
+        self.assertEqual(failure.value.errno, errno.EROFS)
         self.patch(os, "unlink", os.remove)
         self.assertEqual(self.spool.pending(), [queueId])
+        self.assertEqual(self.spool.load(queueId).queueId, queueId)
+
+    def test_removeDeliveredInvisibleAtOnce(self):
+        """
+        While the removal runs in its thread, the entry is already gone for
+        the readers of this process (L{Spool.pending}, L{Spool.load}), so
+        that a queue listing or a flush never sees a delivered entry.
+        """
+        queueId = self.commit()
+        started = []
+        self.patch(
+            self.spool,
+            "_runBlocking",
+            lambda f, *a: started.append(a) or defer.Deferred(),
+        )
+        self.spool.removeDelivered(queueId)
+        self.assertEqual(len(started), 1)
+        self.assertEqual(self.spool.pending(), [])
+        self.assertRaises(FileNotFoundError, self.spool.load, queueId)
+        # Not yet removed from disk: the thread does that.
+        self.assertIn(queueId + ".json", os.listdir(self.spool.queueDirectory))
 
 
 class OutboxLinkTests(unittest.TestCase):
@@ -334,61 +356,3 @@ class OutboxLinkTests(unittest.TestCase):
 
         self.patch(os, "link", full)
         self.assertRaises(OSError, self.write, b"Subject: x\r\n\r\nbody\r\n")
-
-
-class UpdateManyTests(unittest.TestCase):
-    """
-    L{Spool.updateMany}, the operator's flush: every state written and
-    fsynced, all renamed, one directory fsync.
-    """
-
-    def setUp(self):
-        self.spool = Spool(self.mktemp(), task.Clock())
-        self.ids = []
-        for _ in range(3):
-            writer = self.spool.newMessage(makeEnvelope(("bob@example.org",)))
-            writer.write(b"Subject: x\r\n\r\nbody\r\n")
-            self.ids.append(self.successResultOf(writer.commit()))
-        self.fsyncs: list[str] = []
-        self.patch(durable, "fsyncDirectory", self.fsyncs.append)
-
-    def test_allWrittenOneFsync(self):
-        entries = [self.spool.load(q) for q in self.ids]
-        for n, entry in enumerate(entries):
-            entry.nextAttempt = 1000.0 + n
-        self.spool.updateMany(entries)
-        self.assertEqual(
-            [self.spool.load(q).nextAttempt for q in self.ids], [1000.0, 1001.0, 1002.0]
-        )
-        self.assertEqual(self.fsyncs, [self.spool.queueDirectory])
-        self.assertEqual(
-            sorted(os.listdir(self.spool.queueDirectory)),
-            sorted(q + ext for q in self.ids for ext in (".json", ".msg")),
-        )
-
-    def test_writeFailsNothingChanged(self):
-        """
-        The second state cannot be written: no entry changed, no temporary
-        file left, the error raised.
-        """
-        entries = [self.spool.load(q) for q in self.ids]
-        before = [e.nextAttempt for e in entries]
-        for entry in entries:
-            entry.nextAttempt = 5000.0
-        real = durable.writeSynced
-        calls = []
-
-        def writeSynced(path, data, *args, **kwargs):
-            calls.append(path)
-            if len(calls) == 2:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return real(path, data, *args, **kwargs)
-
-        self.patch(msa.queue.spool, "writeSynced", writeSynced)
-        error = self.assertRaises(OSError, self.spool.updateMany, entries)
-        self.assertEqual(error.errno, errno.ENOSPC)
-        self.assertEqual([self.spool.load(q).nextAttempt for q in self.ids], before)
-        self.assertFalse(
-            [n for n in os.listdir(self.spool.queueDirectory) if n.endswith(".tmp")]
-        )
-        self.assertEqual(self.fsyncs, [])

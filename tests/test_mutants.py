@@ -646,14 +646,16 @@ class SpoolEdgeTests(unittest.TestCase):
                 raise OSError(28, "No space left on device")
 
         writer = self.writer()
+        writer.write(b"x" * spool.WRITE_BUFFER)  # past the buffer: the file exists
         realFile, writer._file = writer._file, Full()
         self.addCleanup(realFile.close)
+        size = writer._size
         error = self.assertRaises(SMTPReply, writer.write, b"x" * 10)
         self.assertEqual(
             (error.code, error.status, error.text),
             (452, "4.3.1", "Insufficient system storage"),
         )
-        self.assertEqual(writer._size, len(MESSAGE))
+        self.assertEqual(writer._size, size)
         self.flushLoggedErrors()
 
     def test_commitFails(self):

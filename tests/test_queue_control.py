@@ -5,9 +5,10 @@ and describe on L{QueueControl}, against a fake queue runner, and through a
 real L{msa.relay.runner.RelayRunner} with a fake clock and downstream.
 """
 
+import errno
 import os
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from msa.queue.control import QueueControl, describeEntry
@@ -74,8 +75,11 @@ class QueueControlTests(RunnerFixture, unittest.TestCase):
         second = self.queue()
         self.clock.advance(0)
         self.fail451()
+        retryAt = self.spool.load(first).nextAttempt
+        self.assertGreater(retryAt, self.clock.seconds())
         self.assertEqual(self.runner.control.flush(first), [first])
-        self.assertEqual(self.spool.load(first).nextAttempt, self.clock.seconds())
+        # Attempted now; the recorded retry time is not rewritten.
+        self.assertEqual(self.spool.load(first).nextAttempt, retryAt)
         self.clock.advance(0)
         self.assertEqual(self.downstream.calls[-1][0].queueId, first)
         self.fail451()
@@ -211,9 +215,13 @@ class FakeQueueRunner:
     """
 
     def __init__(self):
+        self.scheduled = set()
         self.inFlight = set()
         self.unremovable = set()
         self.calls = []
+
+    def queued(self):
+        return list(self.scheduled | self.inFlight)
 
     def isInFlight(self, queueId):
         return queueId in self.inFlight
@@ -253,52 +261,105 @@ class QueueControlUnitTests(unittest.TestCase):
             for name, value in state.items():
                 setattr(entry, name, value)
             self.spool.update(entry)
+        if not state.get("held"):
+            # As the runner does: every entry not on hold is scheduled.
+            self.runner.scheduled.add(queueId)
         return queueId
+
+    def stateFiles(self):
+        """
+        The bytes of every state file of the queue.
+        """
+        directory = self.spool.queueDirectory
+        return {
+            name: open(os.path.join(directory, name), "rb").read()
+            for name in sorted(os.listdir(directory))
+            if name.endswith(".json")
+        }
 
     def test_flushOne(self):
         """
-        flush(id) makes the entry due now, on disk, and asks the runner to
-        attempt it.
+        flush(id) asks the runner to attempt the entry now and writes
+        nothing: its recorded next attempt and count stay as they were.
         """
         queueId = self.queue(nextAttempt=1_700_003_600.0, attempts=2)
+        before = self.stateFiles()
         self.clock.advance(30)
         self.assertEqual(self.control.flush(queueId), [queueId])
-        entry = self.spool.load(queueId)
-        self.assertEqual(entry.nextAttempt, 1_700_000_030.0)
-        self.assertEqual(entry.attempts, 2)
         self.assertEqual(self.runner.calls, [("attemptNow", queueId)])
+        self.assertEqual(self.stateFiles(), before)
+        entry = self.spool.load(queueId)
+        self.assertEqual((entry.nextAttempt, entry.attempts), (1_700_003_600.0, 2))
 
     def test_flushAllSkipsHeldAndUnremovable(self):
         """
         flush() returns the ids it scheduled, oldest first; a held entry and
-        one the runner holds unremovable are left as they are.
+        one the runner holds unremovable are left out.  No state file is
+        written.
         """
         first = self.queue(nextAttempt=1_700_009_000.0)
         held = self.queue(nextAttempt=1_700_009_000.0, held=True)
         stuck = self.queue(nextAttempt=1_700_009_000.0)
         last = self.queue(nextAttempt=1_700_009_000.0)
         self.runner.unremovable.add(stuck)
+        before = self.stateFiles()
         self.assertEqual(self.control.flush(), [first, last])
-        self.assertEqual(
-            [self.spool.load(q).nextAttempt for q in (first, held, stuck, last)],
-            [1_700_000_000.0, 1_700_009_000.0, 1_700_009_000.0, 1_700_000_000.0],
-        )
         self.assertEqual(
             self.runner.calls, [("attemptNow", first), ("attemptNow", last)]
         )
         self.assertEqual(self.control.flush(held), [])
         self.assertEqual(self.control.flush(stuck), [])
+        self.assertEqual(self.stateFiles(), before)
+
+    def test_flushAllReadsNothing(self):
+        """
+        flush() of the whole queue takes the ids from the runner: it opens
+        no state file (a backlog of thousands costs no disk work), so it
+        works even while the spool cannot be read.
+        """
+        ids = [self.queue() for _ in range(3)]
+
+        def unreadable(queueId):
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        self.patch(self.spool, "load", unreadable)
+        self.assertEqual(self.control.flush(), ids)
+        self.assertEqual(self.runner.calls, [("attemptNow", q) for q in ids])
+
+    def test_flushAllSkipsDelivered(self):
+        """
+        An entry whose attempt delivered it and whose removal is still
+        running (in flight for the runner, gone for the spool's readers) is
+        not flushed: nothing is left to send.
+        """
+        queueId = self.queue()
+        self.runner.inFlight.add(queueId)
+        self.patch(self.spool, "_runBlocking", lambda f, *a: defer.Deferred())
+        self.spool.removeDelivered(queueId)
+        self.assertEqual(self.control.flush(), [])
+        self.assertEqual(self.runner.calls, [])
+
+    def test_flushAllSkipsHeldInFlight(self):
+        """
+        An entry put on hold during its attempt is not flushed by flush():
+        the hold wins, as when it is on hold on disk.
+        """
+        queueId = self.queue()
+        self.runner.inFlight.add(queueId)
+        self.control.hold(queueId)
+        self.assertEqual(self.control.flush(), [])
 
     def test_flushInFlight(self):
         """
-        An entry in flight is not written now: the flush is applied to the
-        entry when its attempt ends (the next attempt at that time).
+        An entry in flight is not attempted twice at once: the flush is
+        applied to the entry when its attempt ends (the next attempt at
+        that time).
         """
         queueId = self.queue(nextAttempt=1_700_009_000.0)
         self.runner.inFlight.add(queueId)
         self.assertEqual(self.control.flush(), [queueId])
-        self.assertEqual(self.spool.load(queueId).nextAttempt, 1_700_009_000.0)
         self.assertEqual(self.runner.calls, [])
+        self.assertEqual(self.spool.load(queueId).nextAttempt, 1_700_009_000.0)
         entry = self.spool.load(queueId)
         entry.nextAttempt = 1_700_000_060.0
         self.control.applyRequests(entry, 1_700_000_005.0)

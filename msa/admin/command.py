@@ -10,6 +10,9 @@ C{digipoort-msa-admin}: manage the accounts file and the mail queue.
         accounts list
     digipoort-msa-admin [--config PATH]
         queue list | show ID | flush [ID] | delete ID | hold ID | release ID
+        queue verify
+    digipoort-msa-admin [--config PATH]
+        audit verify [FILE...]
     digipoort-msa-admin selftest HOST PORT [--implicit] [--servername NAME]
         [--ca-file PEM] [--min-days N] [--expect-ciphers S] [--expect-groups S]
         [--user U --password-file F --sender S --rcpt R]
@@ -30,6 +33,13 @@ When the server is not running, C{list} and C{show} read the spool files
 (read-only) and say so on stderr; C{flush}, C{delete}, C{hold} and
 C{release} fail: the queue belongs to the server's queue runner, and
 changing its files behind its back could race a delivery in progress.
+C{verify} always reads the spool files: it re-hashes every queued message
+and exits 1 when any is not the message acknowledged
+(L{msa.queue.integrity}).
+
+Account changes are recorded in the audit log (L{msa.audit}) when the
+configuration is known (C{--config}, or no C{--accounts}); with
+C{--accounts} alone there is no configuration, hence no record.
 
 Exit codes: 0 on success, 1 when the command failed (unknown or existing
 account, unreadable file, refused password), 2 for usage errors.
@@ -55,6 +65,12 @@ from msa.accounts.model import (
     makeAccount,
     readAccounts,
     writeAccounts,
+)
+from msa.admin.audit import (
+    AuditError,
+    auditCommand,
+    auditParser,
+    recordAccountEvent,
 )
 from msa.admin.fields import FIELDS, applyFields, fieldOptions
 from msa.admin.queue import AdminFailure as _Failed
@@ -102,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="PATH", help="the server configuration")
     topics = parser.add_subparsers(
-        dest="topic", required=True, metavar="accounts|queue|selftest"
+        dest="topic", required=True, metavar="accounts|queue|audit|selftest"
     )
     accounts = topics.add_parser("accounts", help="manage accounts")
     commands = accounts.add_subparsers(dest="command", required=True)
@@ -141,6 +157,9 @@ def _parser() -> argparse.ArgumentParser:
     queue = topics.add_parser("queue", help="inspect and manage the mail queue")
     queueCommands = queue.add_subparsers(dest="queueCommand", required=True)
     queueCommands.add_parser("list", help="list the queued messages")
+    queueCommands.add_parser(
+        "verify", help="re-hash every queued message against its recorded digest"
+    )
     for name, text in [
         ("show", "show a message's envelope, state and headers"),
         ("delete", "remove a message from the queue (never delivered)"),
@@ -150,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
         queueCommands.add_parser(name, help=text).add_argument("id")
     flush = queueCommands.add_parser("flush", help="try delivery now")
     flush.add_argument("id", nargs="?", help="only this message")
+    auditParser(topics)
     addSelftestParser(topics)
     return parser
 
@@ -193,6 +213,9 @@ class _Command:
     stdin: Any
     stdout: Any
     stderr: Any
+    #: The server configuration, when known: its audit log gets a record
+    #: of each change (L{msa.admin.audit}).
+    config: Any = None
 
     def say(self, text: str) -> None:
         print(text, file=self.stdout)
@@ -243,7 +266,43 @@ class _Command:
         accounts[account.name] = account
         self.save(accounts)
         self.say(f"{done} account {account.name}")
+        return self.record(_ACTIONS.get(done, "changed"), account)
+
+    def record(self, action: str, account: Account | None, name: str = "") -> int:
+        """
+        The audit record of a change just saved: names and settings, never
+        a password or a secret.
+
+        @return: 0, or 1 when the record could not be written (the change
+            is made; the error says it is unrecorded).
+        """
+        fields: dict[str, Any] = {}
+        if account is not None:
+            name = account.name
+            fields = {
+                "enabled": account.enabled,
+                "mechanisms": sorted(account.mechanisms),
+                "settings": dict(account.extra),
+            }
+        try:
+            recordAccountEvent(self.config, action, name, **fields)
+        except AuditError as e:
+            print(
+                f"digipoort-msa-admin: the change is made, but its audit record "
+                f"could not be written: {e}",
+                file=self.stderr,
+            )
+            return 1
         return 0
+
+
+#: L{_Command.update}'s messages to the audit record's action.
+_ACTIONS = {
+    "new password for": "password-changed",
+    "enabled": "enabled",
+    "disabled": "disabled",
+    "changed": "changed",
+}
 
 
 @_command("add")
@@ -268,7 +327,7 @@ def _add(c: _Command) -> int:
     accounts[account.name] = account
     c.save(accounts)
     c.say(f"added account {account.name}")
-    return 0
+    return c.record("added", account)
 
 
 @_command("passwd")
@@ -322,7 +381,7 @@ def _remove(c: _Command) -> int:
     del accounts[c.account(accounts).name]
     c.save(accounts)
     c.say(f"removed account {c.args.user}")
-    return 0
+    return c.record("removed", None, c.args.user)
 
 
 @_command("list")
@@ -390,6 +449,11 @@ def main(argv: list[str] | None = None, stdout: Any = None, stderr: Any = None) 
                     "queue needs msa.service.config, which is not available", 2
                 )
             return queueCommand(config, args, stdout, stderr)
+        if args.topic == "audit":
+            config = None
+            if args.config is not None or not args.files:
+                config = _loadConfig(args.config)
+            return auditCommand(config, args, stdout, stderr)
         config = None
         if args.config is not None or args.accounts is None:
             config = _loadConfig(args.config)
@@ -404,6 +468,7 @@ def main(argv: list[str] | None = None, stdout: Any = None, stderr: Any = None) 
             stdin=sys.stdin,
             stdout=stdout,
             stderr=stderr,
+            config=config,
         )
         return _COMMANDS[args.command](command)
     except _Failed as e:

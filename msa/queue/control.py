@@ -12,10 +12,14 @@ flight (hold, release, flush, delete) is kept here and handed back to the
 runner when the attempt ends (L{QueueControl.isDeleted},
 L{QueueControl.applyRequests}, L{QueueControl.attemptEnded}).
 
-Every change of state goes through L{msa.queue.spool.Spool.update} (or
-L{msa.queue.spool.Spool.updateMany}, for a flush) or
-L{msa.queue.spool.Spool.remove}.  An unknown (or malformed) queue id raises
-C{KeyError(queueId)}.
+Every change of state goes through L{msa.queue.spool.Spool.update} or
+L{msa.queue.spool.Spool.remove}, with one exception: a flush writes
+nothing.  It only asks the runner to attempt the entries now; their
+C{nextAttempt} on disk stays as it was, so that a flush of a large backlog
+costs no write per message (as Postfix's C{postqueue -f}).  After a crash
+before the attempt, the entries wait for their recorded time again: the
+operator's flush is lost, never a message.  An unknown (or malformed) queue
+id raises C{KeyError(queueId)}.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def describeEntry(entry: SpoolEntry, now: float, inFlight: bool = False) -> dict
         "held": entry.held,
         "inFlight": inFlight,
         "isBounce": entry.isBounce,
-    }
+    } | ({"heldReason": entry.heldReason} if entry.heldReason else {})
 
 
 class QueueRunner(Protocol):
@@ -79,6 +83,13 @@ class QueueRunner(Protocol):
     def unschedule(self, queueId: str) -> None:
         """
         Cancel the scheduled attempt of C{queueId}, if any.
+        """
+
+    def queued(self) -> list[str]:
+        """
+        The ids of the entries the runner will attempt (scheduled, due or in
+        flight), in no particular order; held and unremovable ones are not
+        among them.
         """
 
 
@@ -117,36 +128,34 @@ class QueueControl:
     def flush(self, queueId: str | None = None) -> list[str]:
         """
         Attempt C{queueId}, or every entry not on hold, now.  An entry in
-        flight is attempted again right after its attempt.
+        flight is attempted again right after its attempt.  Nothing is
+        written (see the module's docstring): for the whole queue not even
+        read, the runner knows what it will attempt.
 
-        @return: the ids scheduled (a held or unremovable entry is not).
+        @return: the ids scheduled, oldest first (a held or unremovable
+            entry is not).
         @raise KeyError: for an unknown C{queueId}.
         """
         if queueId is not None:
-            entries = [self._load(queueId)]
+            entry = self._load(queueId)
+            candidates = [] if entry.held else [queueId]
         else:
-            entries = []
-            for name in self.spool.pending():
-                try:
-                    entries.append(self._load(name))
-                except (KeyError, ValueError):
-                    continue
-        now = self._clock.seconds()
+            candidates = sorted(
+                q
+                for q in set(self._runner.queued())
+                if q not in self._deleted
+                and not self._heldInFlight.get(q)
+                and not self.spool.isBeingRemoved(q)
+            )
         flushed = []
-        due = []
-        for entry in entries:
-            if entry.held or self._runner.isUnremovable(entry.queueId):
+        for name in candidates:
+            if self._runner.isUnremovable(name):
                 continue
-            flushed.append(entry.queueId)
-            if self._runner.isInFlight(entry.queueId):
-                self._flushAfter.add(entry.queueId)
-                continue
-            entry.nextAttempt = now
-            due.append(entry)
-        # Written together: one directory fsync for the whole flush.
-        self.spool.updateMany(due)
-        for entry in due:
-            self._runner.attemptNow(entry.queueId)
+            flushed.append(name)
+            if self._runner.isInFlight(name):
+                self._flushAfter.add(name)
+            else:
+                self._runner.attemptNow(name)
         log.info("flush: {count} message(s)", count=len(flushed))
         return flushed
 
@@ -164,6 +173,7 @@ class QueueControl:
         if self._runner.isInFlight(queueId):
             self._heldInFlight[queueId] = True
         log.info("{queueId} put on hold", queueId=queueId)
+        self._audit("held", entry)
 
     def release(self, queueId: str) -> None:
         """
@@ -174,6 +184,9 @@ class QueueControl:
         """
         entry = self._load(queueId)
         entry.held = False
+        # An integrity hold comes back at the next attempt if the bytes are
+        # still not the acknowledged ones.
+        entry.heldReason = ""
         entry.nextAttempt = self._clock.seconds()
         inFlight = self._runner.isInFlight(queueId)
         if inFlight:
@@ -183,6 +196,7 @@ class QueueControl:
         if not inFlight:
             self._runner.attemptNow(queueId)
         log.info("{queueId} released", queueId=queueId)
+        self._audit("released", entry)
 
     def delete(self, queueId: str) -> None:
         """
@@ -192,12 +206,40 @@ class QueueControl:
 
         @raise KeyError: for an unknown C{queueId}.
         """
-        self._load(queueId)
+        entry = self._load(queueId)
         self._runner.unschedule(queueId)
         if self._runner.isInFlight(queueId):
             self._deleted.add(queueId)
         self.spool.remove(queueId)
         log.warn("{queueId} deleted by the operator", queueId=queueId)
+        self._audit("deleted", entry)
+
+    def _audit(self, event: str, entry: SpoolEntry) -> None:
+        """
+        The audit record of an operator's command (L{msa.audit}), appended
+        on the calling thread like the spool's state: rare and small.  If
+        it cannot be written the command reports an error (the change is
+        made; the critical log line says it is unrecorded).
+        """
+        audit = self.spool.audit
+        if audit is None:
+            return
+        try:
+            audit.append(
+                event,
+                queueId=entry.queueId,
+                by="operator",
+                sender=entry.envelope.sender,
+                recipients=list(entry.envelope.recipients),
+            )
+        except Exception as e:
+            log.critical(
+                "AUDIT RECORD LOST: {what} of {queueId}: {error}",
+                what=event,
+                queueId=entry.queueId,
+                error=e,
+            )
+            raise
 
     def describe(self) -> list[dict]:
         """
@@ -205,7 +247,9 @@ class QueueControl:
         C{size} (bytes), C{sender}, C{recipients} (address to
         C{"pending"}, C{"delivered"} or C{"failed"}), C{errors} (address to
         the last reply about it), C{attempts}, C{nextAttempt} (POSIX time),
-        C{lastError}, C{held}, C{inFlight}, C{isBounce}.
+        C{lastError}, C{held}, C{inFlight}, C{isBounce}, and
+        C{heldReason} (why the MSA held it, L{msa.queue.integrity}) when
+        it did.
         """
         now = self._clock.seconds()
         out = []

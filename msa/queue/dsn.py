@@ -24,6 +24,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from msa.envelope import Envelope
+from msa.queue import integrity
 
 log = Logger()
 
@@ -312,14 +313,22 @@ def queueDSN(
     Build the DSN about C{entry} (a L{msa.queue.spool.SpoolEntry} whose message
     file is still there) and queue it in C{spool} with the null sender.
 
+    The original's bytes are checked against its recorded digest first
+    (L{msa.queue.integrity}; read on the calling thread): a notification
+    never quotes a header that is not the acknowledged one.
+
     @return: a L{Deferred} firing with the DSN's queue id when it is
         committed, or L{None} when no DSN is due (null sender, or C{entry}
-        is itself a DSN).
+        is itself a DSN); failing with L{integrity.IntegrityError} (nothing
+        queued) when the original's bytes are not the acknowledged ones.
     """
     if not needsNotification(entry) or not recipients:
         return defer.succeed(None)
     try:
         with open(entry.messagePath, "rb") as f:
+            mismatch = integrity.verifyFile(entry, f)
+            if mismatch is not None:
+                return defer.fail(integrity.IntegrityError(mismatch))
             headers = readHeaders(f)
     except OSError as e:
         log.warn(

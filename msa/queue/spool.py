@@ -7,7 +7,9 @@ Layout under the spool directory::
     tmp/<id>.msg      message being received (never acknowledged)
     tmp/<id>.json     its state file, written just before the commit
     queue/<id>.msg    committed message, CRLF line endings, not dot-stuffed
-    queue/<id>.json   committed state: the envelope and per-recipient status
+    queue/<id>.json   committed state: the envelope and per-recipient status,
+                      and the SHA-256 of the acknowledged bytes
+                      (L{msa.queue.integrity})
 
 A message is committed when C{queue/<id>.json} exists: the message file is
 fsynced and renamed into C{queue/} first, then the state file, then the
@@ -23,29 +25,32 @@ commits and removals (L{msa.durable.DirectorySync}, a group commit): each
 commit still returns only after an fsync of the directory that started
 after its own renames.  L{Spool.update} and L{Spool.remove} are
 synchronous: they are small and their ordering with the relay's decisions
-must be exact.  L{Spool.removeDelivered} removes the state file at once,
-on the calling thread, and leaves the directory fsync and the removal of
-the message file to a thread.
+must be exact.  L{Spool.removeDelivered} makes the entry invisible to this
+process's readers at once (L{Spool.pending}, L{Spool.load}) and leaves all
+the disk work to a thread: the removal of the state file, the directory
+fsync and the removal of the message file.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import secrets
 import time
 from collections.abc import Callable
+from typing import BinaryIO
 
 import attrs
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from msa.audit import AuditError, AuditLog
 from msa.durable import (
     DirectorySync,
     fsyncDirectory,
-    publish,
     writeDurably,
     writeSynced,
 )
@@ -119,6 +124,13 @@ class SpoolEntry:
     @ivar delayWarned: a "delayed" notification was sent for it.
     @ivar owedNotices: failed recipients whose "failed" notification could
         not be queued yet: the entry stays in the queue until it is.
+    @ivar sha256: the SHA-256 of the message bytes acknowledged with the
+        250 (after the trace header); C{""} for an entry spooled by an
+        earlier version.  See L{msa.queue.integrity}.
+    @ivar traceLength: the length of the trace header the MSA put in front.
+    @ivar traceSha256: its SHA-256 (C{""} when there is none).
+    @ivar heldReason: why the MSA itself put the entry on hold (an
+        integrity mismatch); C{""} otherwise.
     """
 
     queueId: str
@@ -136,6 +148,10 @@ class SpoolEntry:
     isBounce: bool = False
     delayWarned: bool = False
     owedNotices: list[str] = attrs.Factory(list)
+    sha256: str = ""
+    traceLength: int = 0
+    traceSha256: str = ""
+    heldReason: str = ""
 
     def pendingRecipients(self) -> list[str]:
         return [r for r, status in self.recipients.items() if status == PENDING]
@@ -156,6 +172,10 @@ class SpoolEntry:
             "isBounce": self.isBounce,
             "delayWarned": self.delayWarned,
             "owedNotices": self.owedNotices,
+            "sha256": self.sha256,
+            "traceLength": self.traceLength,
+            "traceSha256": self.traceSha256,
+            "heldReason": self.heldReason,
         }
 
     @classmethod
@@ -176,6 +196,11 @@ class SpoolEntry:
             isBounce=bool(data.get("isBounce", False)),
             delayWarned=bool(data.get("delayWarned", False)),
             owedNotices=list(data.get("owedNotices", [])),
+            # Absent in a state written by an earlier version.
+            sha256=str(data.get("sha256", "")),
+            traceLength=int(data.get("traceLength", 0)),
+            traceSha256=str(data.get("traceSha256", "")),
+            heldReason=str(data.get("heldReason", "")),
         )
 
 
@@ -187,7 +212,16 @@ def _encodeState(entry: SpoolEntry) -> bytes:
 class SpoolWriter:
     """
     The file of one message being received, in C{tmp/}.  Data goes to the
-    file through a buffer of L{WRITE_BUFFER} bytes, never kept whole.
+    file through a buffer of L{WRITE_BUFFER} bytes, never kept whole, and
+    is hashed on its way (L{sha256}), so that the commit records the digest
+    of exactly the bytes stored (L{msa.queue.integrity}).
+
+    The file is created only when the data outgrows that buffer; a message
+    that fits (the common case) is written, fsynced and closed by the
+    commit, in the thread of its fsyncs, so the reactor thread never waits
+    for a file creation, which on a busy journal can stall it.  A failure
+    to create the file (EMFILE, ENOSPC) then surfaces at the commit, as a
+    4xx to the final dot instead of to DATA: never acknowledged either way.
 
     @ivar isBounce: set before L{commit} for a delivery status notification.
     """
@@ -200,13 +234,37 @@ class SpoolWriter:
         self.queueId = envelope.queueId
         self._msgPath = os.path.join(spool.tmpDirectory, self.queueId + ".msg")
         self._statePath = os.path.join(spool.tmpDirectory, self.queueId + ".json")
-        fd = os.open(self._msgPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
+        self._file: BinaryIO | None = None
+        self._pending = bytearray()
         self._size = 0
         self._eightBit = False
         self._committing = False
         self._done = False
         self._abortRequested = False
+        self._digest = hashlib.sha256()
+        self._traceLength = 0
+        self._traceSha256 = ""
+        #: What the submission adds to the acceptance record (L{noteAudit}).
+        self._auditFields: dict = {}
+
+    def writeTrace(self, data: bytes) -> None:
+        """
+        Write the MSA's trace header, in front of the message: hashed apart
+        from it, so that L{sha256} is the digest of the client's bytes.
+        Only before any L{write}.
+        """
+        if self._size:
+            raise RuntimeError("the trace header goes before the message")
+        self.write(data)
+        self._digest = hashlib.sha256()
+        self._traceLength = len(data)
+        self._traceSha256 = hashlib.sha256(data).hexdigest()
+
+    def sha256(self) -> str:
+        """
+        The SHA-256 of the bytes written so far after the trace header.
+        """
+        return self._digest.hexdigest()
 
     def write(self, data: bytes) -> None:
         """
@@ -219,13 +277,20 @@ class SpoolWriter:
         if not self._eightBit and not data.isascii():
             self._eightBit = True
         try:
-            self._file.write(data)
+            if self._file is not None:
+                self._file.write(data)
+            elif len(self._pending) + len(data) <= WRITE_BUFFER:
+                self._pending += data
+            else:
+                self._file = self._create()
+                self._file.write(data)
         except OSError as e:
             log.error(
                 "spool write failed for {queueId}: {e}", queueId=self.queueId, e=e
             )
             raise SMTPReply(452, "4.3.1", "Insufficient system storage")
         self._size += len(data)
+        self._digest.update(data)
 
     def commit(self) -> defer.Deferred:
         """
@@ -246,17 +311,37 @@ class SpoolWriter:
             nextAttempt=spool.reactor.seconds(),
             eightBit=self._eightBit,
             isBounce=self.isBounce,
+            sha256=self.sha256(),
+            traceLength=self._traceLength,
+            traceSha256=self._traceSha256,
         )
         state = _encodeState(entry)
         d = spool._runBlocking(self._commitBlocking, state)
         d.addCallbacks(self._committed, self._commitFailed)
         return d
 
+    def _create(self) -> BinaryIO:
+        """
+        Create the message file and write what was buffered so far.
+        """
+        fd = os.open(self._msgPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        f = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
+        try:
+            f.write(self._pending)
+        except BaseException:
+            # Closing flushes again, which fails again: the cleanup goes on.
+            self._file = f
+            raise
+        self._pending = bytearray()
+        return f
+
     def _commitBlocking(self, state: bytes) -> None:
         """
         The disk part of L{commit}: runs in a thread.
         """
         queueDir = self._spool.queueDirectory
+        if self._file is None:
+            self._file = self._create()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -265,6 +350,34 @@ class SpoolWriter:
         os.replace(self._msgPath, os.path.join(queueDir, self.queueId + ".msg"))
         os.replace(self._statePath, os.path.join(queueDir, self.queueId + ".json"))
         self._spool.queueSync.sync()
+        # The acceptance record, durable before the 250 (msa.audit); if it
+        # cannot be written the commit fails and the message is removed.
+        if self._spool.audit is not None:
+            self._spool.audit.append(**self.auditRecord())
+
+    def noteAudit(self, **fields) -> None:
+        """
+        Add C{fields} to this message's acceptance record (the submission's
+        facts: TLS version, the digest of the bytes acknowledged...).
+        """
+        self._auditFields.update(fields)
+
+    def auditRecord(self) -> dict:
+        """
+        The audit record of this commit: C{accepted} for a submission,
+        C{dsn-queued} for a notification made by the MSA.
+        """
+        envelope = self.envelope
+        return {
+            "event": "dsn-queued" if self.isBounce else "accepted",
+            "queueId": self.queueId,
+            "account": envelope.account,
+            "client": envelope.clientAddress,
+            "sender": envelope.sender,
+            "recipients": list(envelope.recipients),
+            "size": self._size,
+            **self._auditFields,
+        }
 
     def _committed(self, _: None) -> str:
         self._done = True
@@ -277,6 +390,9 @@ class SpoolWriter:
             log.info(
                 "queue id {queueId} dropped: aborted during commit",
                 queueId=self.queueId,
+            )
+            self._spool.auditEvent(
+                "dropped", queueId=self.queueId, reason="aborted during its commit"
             )
             raise SMTPReply(451, "4.3.0", "Message aborted")
         # The server logs the acceptance (with more detail); this is for
@@ -299,7 +415,7 @@ class SpoolWriter:
         ("mail system full", RFC 3463); on any other error 451 4.3.0.
         """
         self._done = True
-        if failure.check(OSError):
+        if failure.check(OSError, AuditError):
             # The disk's answer (ENOSPC, EIO...): expected, no traceback.
             log.error(
                 "cannot commit {queueId}: {error}",
@@ -325,6 +441,8 @@ class SpoolWriter:
         flushes the buffer, which fails again on a full disk (the file
         descriptor is closed all the same), and must not stop the cleanup.
         """
+        if self._file is None:
+            return
         try:
             self._file.close()
         except OSError as e:
@@ -366,7 +484,12 @@ class Spool:
             os.makedirs(d, mode=0o700, exist_ok=True)
         #: The group commit of C{queue/}'s fsyncs (commits and removals).
         self.queueSync = DirectorySync(self.queueDirectory)
+        #: The audit log (L{msa.audit}) each commit appends to, if any.
+        self.audit: AuditLog | None = None
         self._listeners: list[Callable[[str], object]] = []
+        #: Entries being removed by L{removeDelivered}: already gone for
+        #: the readers of this process.
+        self._removing: set[str] = set()
 
     def _runBlocking(self, f, *args) -> defer.Deferred:
         getThreadPool = getattr(self.reactor, "getThreadPool", None)
@@ -409,7 +532,11 @@ class Spool:
         """
         names = set(os.listdir(self.queueDirectory))
         return sorted(
-            n[:-5] for n in names if n.endswith(".json") and n[:-5] + ".msg" in names
+            n[:-5]
+            for n in names
+            if n.endswith(".json")
+            and n[:-5] + ".msg" in names
+            and n[:-5] not in self._removing
         )
 
     def load(self, queueId: str) -> SpoolEntry:
@@ -418,6 +545,8 @@ class Spool:
         @raise ValueError: when the state file is unreadable.
         """
         msgPath, statePath = self._paths(queueId)
+        if queueId in self._removing:
+            raise FileNotFoundError(errno.ENOENT, "being removed", statePath)
         with open(statePath, "rb") as f:
             data = json.loads(f.read())
         return SpoolEntry.fromJSON(data, msgPath, os.stat(msgPath).st_size)
@@ -430,31 +559,6 @@ class Spool:
         _, statePath = self._paths(entry.queueId)
         # The temporary name ends in .tmp: recover() removes a leftover.
         writeDurably(statePath, _encodeState(entry), tmpPath=statePath + ".tmp")
-
-    def updateMany(self, entries: list[SpoolEntry]) -> None:
-        """
-        Replace the state of each of C{entries} as L{update} does, with one
-        directory fsync for all of them: every new state is written to its
-        temporary file and fsynced, then all are renamed, then the
-        directory is fsynced.  (For the operator's flush of the whole
-        queue: one fsync per entry instead of two.)
-
-        @raise OSError: when a state cannot be written: then no entry has
-            changed and the temporary files are gone; or when a rename or
-            the fsync fails (a leftover temporary file is removed by
-            L{recover}).
-        """
-        moves: list[tuple[str, str]] = []
-        try:
-            for entry in entries:
-                _, statePath = self._paths(entry.queueId)
-                moves.append((statePath + ".tmp", statePath))
-                writeSynced(statePath + ".tmp", _encodeState(entry))
-        except BaseException:
-            for tmpPath, _ in moves:
-                _discard(tmpPath)
-            raise
-        publish(moves, self.queueDirectory)
 
     def remove(self, queueId: str) -> None:
         """
@@ -470,26 +574,68 @@ class Spool:
     def removeDelivered(self, queueId: str) -> defer.Deferred[None]:
         """
         Remove an entry, as L{remove} does, with the disk work off the
-        calling (reactor) thread: the state file is removed now, so that
-        the entry is gone for every reader as soon as this returns; then,
-        in the reactor's thread pool, the directory is fsynced (shared with
+        calling (reactor) thread: the entry is gone for every reader in
+        this process as soon as this returns; then, in the reactor's thread
+        pool, the state file is removed, the directory fsynced (shared with
         concurrent commits and removals, L{DirectorySync}) and only then is
         the message file removed.
 
-        @return: a L{Deferred} firing when the removal is durable.
-        @raise OSError: when the state file cannot be removed (the entry is
-            then unchanged).
+        @return: a L{Deferred} firing when the removal is durable, or
+            failing with the L{OSError}: when the state file could not be
+            removed, the entry is unchanged (and visible again); when the
+            fsync failed, the entry is gone and its message file left for
+            L{recover}.
         """
-        msgPath, statePath = self._paths(queueId)
-        _unlinkQuietly(statePath)
-        return self._runBlocking(self._removedBlocking, msgPath)
+        self._removing.add(queueId)
+        d = self._runBlocking(self._removedBlocking, *self._paths(queueId))
 
-    def _removedBlocking(self, msgPath: str) -> None:
+        def visible(result: object) -> object:
+            self._removing.discard(queueId)
+            return result
+
+        return d.addBoth(visible)
+
+    def isBeingRemoved(self, queueId: str) -> bool:
+        """
+        Whether L{removeDelivered} is removing C{queueId} (for this
+        process's readers it is gone already).
+        """
+        return queueId in self._removing
+
+    def _removedBlocking(self, msgPath: str, statePath: str) -> None:
         """
         The disk part of L{removeDelivered}: runs in a thread.
         """
+        _unlinkQuietly(statePath)
         self.queueSync.sync()
         _unlinkQuietly(msgPath)
+
+    def auditEvent(self, event: str, **fields) -> defer.Deferred[None]:
+        """
+        Append a record to the audit log, if any, in the thread pool.  A
+        failure is logged at critical level, never raised: the event (a
+        delivery, a bounce) has happened whether or not it is recorded.
+        """
+        if self.audit is None:
+            return defer.succeed(None)
+        d = self._runBlocking(self._auditBlocking, event, fields)
+
+        def failed(failure) -> None:
+            log.critical(
+                "AUDIT RECORD LOST: {what} of {queueId}: {error}",
+                what=event,
+                queueId=fields.get("queueId", "-"),
+                error=failure.value,
+            )
+
+        return d.addCallbacks(lambda _: None, failed)
+
+    def _auditBlocking(self, event: str, fields: dict) -> None:
+        """
+        The disk part of L{auditEvent}: runs in a thread.
+        """
+        assert self.audit is not None
+        self.audit.append(event, **fields)
 
     def openMessage(self, queueId: str):
         """

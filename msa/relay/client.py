@@ -22,6 +22,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
 
+from msa.queue import integrity
 from msa.queue.spool import SpoolEntry
 from msa.relay.protocol import (
     ACCEPTED,
@@ -384,11 +385,27 @@ class SMTPDownstream:
             result.reply = "no recipient accepted"
             return True
 
+        digester = None
+        if integrity.recorded(entry):
+            # Integrity at hand-off: the bytes are checked before DATA, so
+            # that a mismatch ends the transaction with RSET and the
+            # connection stays usable; and again as they are sent, before
+            # the final dot (the file could change in between).
+            mismatch = await integrity.verifyLater(self._reactor, entry, messageFile)
+            if mismatch is not None:
+                return await self._abandon(proto, entry, accepted, mismatch, result)
+            digester = integrity.digesterFor(entry)
         reply = await proto.command(b"DATA", timeout)
         if reply.code != 354:
             self._setAll(result, accepted, resultFor(reply), reply)
             return reply.code != 421
-        await proto.sendFile(messageFile, self.dataTimeout)
+        try:
+            await proto.sendFile(messageFile, self.dataTimeout, digester, entry)
+        except integrity.IntegrityError as e:
+            # No final dot was sent and the connection is dropped: the core
+            # discards the unterminated data.
+            self._held(entry, accepted, e.mismatch, result)
+            return False
         reply = await proto.readReply(self.dataTimeout, "the reply to the data")
         if reply.code == 250:
             self._setAll(
@@ -403,6 +420,44 @@ class SMTPDownstream:
             reply=str(reply),
         )
         return reply.code != 421
+
+    async def _abandon(
+        self,
+        proto: SMTPClientProtocol,
+        entry: SpoolEntry,
+        accepted: list[str],
+        mismatch: integrity.Mismatch,
+        result: DeliveryResult,
+    ) -> bool:
+        """
+        The message is not what was acknowledged: end the transaction with
+        RSET instead of DATA.
+
+        @return: whether the connection can be used for another message.
+        """
+        self._held(entry, accepted, mismatch, result)
+        try:
+            reply = await proto.command(b"RSET", self.commandTimeout)
+        except SMTPClientError:
+            return False
+        return reply.code == 250
+
+    @staticmethod
+    def _held(
+        entry: SpoolEntry,
+        accepted: list[str],
+        mismatch: integrity.Mismatch,
+        result: DeliveryResult,
+    ) -> None:
+        """
+        Record in C{result} that C{entry} was not handed over: the relay
+        runner holds it.
+        """
+        held = RecipientResult(TEMPORARY, 0, mismatch.reason)
+        for rcpt in accepted:
+            result.recipients[rcpt] = held
+        result.reply = mismatch.reason
+        result.mismatch = mismatch
 
     @staticmethod
     def _setAll(

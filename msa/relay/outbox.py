@@ -8,6 +8,11 @@ queued, and an fsync of the outbox directory: no copy and no second fsync
 of its bytes.  Otherwise (a message without the final CRLF, an outbox on
 another file system, a file system without hard links) it is copied
 durably (L{msa.durable.writeDurably}).
+
+Either way the spool file's bytes are first checked against the digest
+recorded at acceptance (L{msa.queue.integrity}), and a copy is checked
+again as it is written, before it is renamed into place: a message whose
+bytes are not the acknowledged ones never appears in the outbox.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from msa.durable import fsyncDirectory, writeDurably
+from msa.queue import integrity
 from msa.queue.spool import SpoolEntry
 from msa.relay.protocol import ACCEPTED, TEMPORARY, DeliveryResult, RecipientResult
 
@@ -71,6 +77,11 @@ class OutboxDownstream:
             )
 
         def failed(f):
+            if f.check(integrity.IntegrityError):
+                # The relay runner holds it and logs it at critical level.
+                return DeliveryResult(
+                    {}, f.value.mismatch.reason, mismatch=f.value.mismatch
+                )
             log.failure(
                 "cannot write {queueId} to the outbox", f, queueId=entry.queueId
             )
@@ -87,13 +98,18 @@ class OutboxDownstream:
         source = getattr(entry, "messagePath", "")
         fileno = getattr(messageFile, "fileno", None)
         if source and fileno is not None and _endsWithCRLF(fileno()):
+            # The link is the very file checked here.
+            mismatch = integrity.verifyDescriptor(entry, fileno())
+            if mismatch is not None:
+                raise integrity.IntegrityError(mismatch)
             try:
                 _linkDurably(source, path, tmpPath, self.directory)
                 return path
             except OSError as e:
                 if e.errno not in _NO_LINK:
                     raise
-        writeDurably(path, _terminated(messageFile), mode=0o666, tmpPath=tmpPath)
+        chunks = integrity.checkedChunks(entry, messageFile)
+        writeDurably(path, _terminated(chunks), mode=0o666, tmpPath=tmpPath)
         return path
 
 
@@ -139,13 +155,13 @@ def _unlinkQuietly(path: str) -> None:
         pass
 
 
-def _terminated(messageFile: BinaryIO) -> Iterator[bytes]:
+def _terminated(chunks: Iterator[bytes]) -> Iterator[bytes]:
     """
-    The message file in chunks of 64 KiB, ending with CRLF (added when the
+    The message file's C{chunks}, ending with CRLF (added when the
     message does not end with one), as it would go to the core.
     """
     last = b""
-    while chunk := messageFile.read(65536):
+    for chunk in chunks:
         yield chunk
         last = (last + chunk)[-2:]
     if last and last != b"\r\n":

@@ -30,6 +30,8 @@ from twisted.internet.protocol import connectionDone
 from twisted.protocols.basic import FileSender, LineReceiver
 from twisted.python.failure import Failure
 
+from msa.queue.integrity import Digester, IntegrityError, Mismatch
+
 ACCEPTED = "accepted"
 TEMPORARY = "temporary"
 PERMANENT = "permanent"
@@ -240,18 +242,41 @@ class SMTPClientProtocol(LineReceiver):
         self.tlsStarted = True
         self._connection.startTLS(contextFactory)
 
-    def sendFile(self, messageFile: BinaryIO, timeout: float) -> defer.Deferred[None]:
+    def sendFile(
+        self,
+        messageFile: BinaryIO,
+        timeout: float,
+        digester: Digester | None = None,
+        entry: Any = None,
+    ) -> defer.Deferred[None]:
         """
         Stream C{messageFile}, dot-stuffed and terminated, through a pull
         producer, so that only a chunk at a time is in memory.
 
+        @param digester: hashes the bytes read from C{messageFile} (before
+            stuffing), and is compared with what C{entry} recorded before
+            the final dot: on a mismatch the final dot is never sent, the
+            connection is dropped (the server discards the unterminated
+            data) and the L{Deferred} fails with L{IntegrityError}.
         @return: a L{Deferred} firing when everything is handed to the
             transport.
         """
         stuffer = DotStuffer()
-        d = FileSender().beginFileTransfer(messageFile, self.transport, stuffer.feed)
+        transform = stuffer.feed
+        if digester is not None:
+
+            def transform(data: bytes) -> bytes:
+                digester.update(data)
+                return stuffer.feed(data)
+
+        d = FileSender().beginFileTransfer(messageFile, self.transport, transform)
 
         def finished(_: object) -> None:
+            if digester is not None:
+                mismatch = digester.mismatch(entry)
+                if mismatch is not None:
+                    self._connection.abortConnection()
+                    raise IntegrityError(mismatch)
             self._connection.write(stuffer.finish())
 
         def timedOut(_: object, __: float) -> None:
@@ -322,10 +347,14 @@ class DeliveryResult:
 
     @ivar recipients: recipient address to L{RecipientResult}.
     @ivar reply: the core's final reply (for a success, with its queue id).
+    @ivar mismatch: see L{msa.queue.integrity}.
     """
 
     recipients: dict[str, RecipientResult] = attrs.Factory(dict)
     reply: str = ""
+    #: Set when the message was not handed over because its bytes are not
+    #: the acknowledged ones (L{msa.queue.integrity}): it is to be held.
+    mismatch: Mismatch | None = None
 
     def _with(self, status: str) -> list[str]:
         return [r for r, res in self.recipients.items() if res.status == status]

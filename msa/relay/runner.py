@@ -14,7 +14,7 @@ controls the queue through the runner's L{RelayRunner.control}, a
 L{msa.queue.control.QueueControl}, which calls back only through the
 runner's L{msa.queue.control.QueueRunner} interface (L{RelayRunner.isInFlight},
 L{RelayRunner.isUnremovable}, L{RelayRunner.attemptNow},
-L{RelayRunner.unschedule}).
+L{RelayRunner.unschedule}, L{RelayRunner.queued}).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from msa import metrics
-from msa.queue import dsn
+from msa.queue import dsn, integrity
 from msa.queue.control import QueueControl
 from msa.queue.spool import DELIVERED, FAILED, Spool, SpoolEntry
 from msa.relay.protocol import (
@@ -225,6 +225,12 @@ class RelayRunner(Service):
         if queueId in self._ready:
             self._ready.remove(queueId)
 
+    def queued(self) -> list[str]:
+        """
+        The ids this runner will attempt: scheduled, due or in flight.
+        """
+        return [*self._timers, *self._ready, *self._inFlight]
+
     # Scheduling.
 
     def _schedule(self, queueId: str, delay: float) -> None:
@@ -318,6 +324,12 @@ class RelayRunner(Service):
             self._record(entry, result, 0.0)
             await self._apply(entry, result)
             return
+        if not integrity.recorded(entry):
+            log.warn(
+                "{queueId}: {why}; handed over unverified",
+                queueId=queueId,
+                why=integrity.NO_DIGEST,
+            )
         started = self._reactor.seconds()
         try:
             result = await self.downstream.deliver(entry, messageFile)
@@ -328,7 +340,21 @@ class RelayRunner(Service):
             result = DeliveryResult({r: bad for r in entry.pendingRecipients()}, text)
         finally:
             messageFile.close()
+        if result.mismatch is not None:
+            self._holdMismatch(entry, result.mismatch)
+            return
         self._record(entry, result, self._reactor.seconds() - started)
+        if result.accepted:
+            # The audit record of the hand-off, durable before the state.
+            await self.spool.auditEvent(
+                "relayed",
+                queueId=entry.queueId,
+                recipients=[
+                    r for r in entry.envelope.recipients if r in result.accepted
+                ],
+                reply=result.reply,
+                attempt=entry.attempts + 1,
+            )
         await self._apply(entry, result)
 
     def _record(
@@ -352,8 +378,9 @@ class RelayRunner(Service):
         ]
         log.info(
             "relay {queueId}: attempt {attempt} {outcome} in {seconds:.3f}s "
-            "(delivered for {delivered}): {reply}",
+            "(delivered for {delivered}): {reply} sha256={sha256}",
             event="relay",
+            sha256=entry.sha256 or "unrecorded",
             queueId=entry.queueId,
             attempt=entry.attempts + 1,
             outcome=outcome,
@@ -565,6 +592,41 @@ class RelayRunner(Service):
             error=error,
         )
 
+    def _holdMismatch(self, entry: SpoolEntry, mismatch: integrity.Mismatch) -> None:
+        """
+        C{entry}'s bytes are not the ones acknowledged (a bit flip on disk,
+        an edited spool file): nothing was handed over.  It is put on hold,
+        durably (never attempted again, across restarts, until the operator
+        releases it) with the reason, and logged at critical level.
+        """
+        queueId = entry.queueId
+        self.unschedule(queueId)
+        log.critical(
+            "INTEGRITY MISMATCH: {queueId} is not the message acknowledged "
+            "(sha256 of the queued {part}: expected {expected}, actual "
+            "{actual}).  Nothing was handed over; it is held.  Check the "
+            "spool and its disk, then delete or release it.",
+            event="integrity",
+            queueId=queueId,
+            part=mismatch.part,
+            expected=mismatch.expected,
+            actual=mismatch.actual,
+        )
+        if self.control.isDeleted(queueId):
+            return
+        entry.held = True
+        entry.heldReason = mismatch.reason
+        try:
+            self.spool.update(entry)
+        except Exception as e:
+            # Held in memory at least: never attempted by this process.
+            self.unremovable[queueId] = f"{queueId}: {mismatch.reason} ({e})"
+            log.critical(
+                "cannot record the hold of {queueId}: {error}; held in memory",
+                queueId=queueId,
+                error=e,
+            )
+
     def onPermanentFailure(
         self, entry: SpoolEntry, recipients: list[str], reply: str
     ) -> defer.Deferred | None:
@@ -583,7 +645,18 @@ class RelayRunner(Service):
             recipients=", ".join(recipients),
             reply=reply,
         )
-        return defer.ensureDeferred(self._notifyOrRaise(entry, recipients, dsn.FAILED))
+        audited = self.spool.auditEvent(
+            "expired" if reply.startswith(EXPIRED) else "bounced",
+            queueId=entry.queueId,
+            recipients=list(recipients),
+            reply=reply,
+            replies={r: entry.errors.get(r, "") for r in recipients},
+        )
+        return audited.addCallback(
+            lambda _: defer.ensureDeferred(
+                self._notifyOrRaise(entry, recipients, dsn.FAILED)
+            )
+        )
 
     async def _notify(
         self, entry: SpoolEntry, recipients: list[str], action: str
@@ -622,12 +695,18 @@ class RelayRunner(Service):
             dsn.recipientStatus(r, action, entry.errors.get(r, ""), remote)
             for r in recipients
         ]
-        await dsn.queueDSN(
-            self.spool,
-            entry,
-            statuses,
-            self.dsnHostname,
-            self._reactor.seconds(),
-            willRetryUntil=entry.createdAt + self.maxLifetime,
-        )
+        try:
+            await dsn.queueDSN(
+                self.spool,
+                entry,
+                statuses,
+                self.dsnHostname,
+                self._reactor.seconds(),
+                willRetryUntil=entry.createdAt + self.maxLifetime,
+            )
+        except integrity.IntegrityError as e:
+            # No notification quoting altered bytes: held (the caller
+            # keeps the notice owed until the entry is released).
+            self._holdMismatch(entry, e.mismatch)
+            raise
         return True

@@ -77,6 +77,11 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "listen": ((str,), None),
         "health_window": ((int, float), 900),
     },
+    "audit": {
+        "enabled": ((bool,), True),
+        "path": ((str,), None),
+        "max_bytes": ((int,), 64 * 1024 * 1024),
+    },
     "relay": {
         "host": ((str,), None),
         "port": ((int,), 25),
@@ -237,6 +242,12 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
         config["spool"]["directory"], os.path.join(state, "spool")
     )
     relay["outbox"] = absolute(relay["outbox"], os.path.join(state, "outbox"))
+    audit = config["audit"]
+    audit["path"] = absolute(audit["path"], os.path.join(state, "audit", "audit.jsonl"))
+    if audit["max_bytes"] < 4096:
+        raise ConfigError(
+            f"{_where(path, 'audit', 'max_bytes')}: must be at least 4096"
+        )
     config["logging"]["json_file"] = absolute(config["logging"]["json_file"])
     if config["logging"]["level"] not in LOG_LEVELS:
         levels = ", ".join(LOG_LEVELS)

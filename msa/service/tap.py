@@ -40,6 +40,7 @@ from msa.accounts.model import (
     writeAccounts,
 )
 from msa.accounts.passwords import PasswordVerifier, limitScryptMemory
+from msa.audit import AuditError, AuditLog, logHead, recoverRecords
 from msa.policy.authorization import AuthThrottle, ServerRules
 from msa.queue.spool import Spool
 from msa.relay.client import SMTPDownstream
@@ -203,6 +204,10 @@ def buildService(config: Config, reactor=None) -> MultiService:
     spool = Spool(config["spool"]["directory"], reactor)
     runChecks(certFile, tlsConfig["chain"], config["spool"]["directory"])
     spool.recover()
+    if config["audit"]["enabled"]:
+        _AuditService(
+            spool, AuditLog(config["audit"]["path"], config["audit"]["max_bytes"])
+        ).setServiceParent(top)
     relay = config["relay"]
     for problem in checkFileLimit(server["max_connections"], relay["concurrency"]):
         log.warn("startup check: {problem}", problem=problem)
@@ -371,6 +376,38 @@ class _JSONLog(service.Service):
             globalLogPublisher.removeObserver(self._observer)
             self._file.close()
             self._observer = None
+        return super().stopService()
+
+
+class _AuditService(service.Service):
+    """
+    The audit log (L{msa.audit}): opened (a torn tail cut off) when built,
+    so that a log that cannot be continued stops the start; the spool's
+    commits append to it.  Its head is logged at start and stop, for an
+    anchor outside the file.
+    """
+
+    def __init__(self, spool: Spool, audit: AuditLog) -> None:
+        try:
+            audit.open()
+            for queueId in recoverRecords(audit, spool):
+                log.warn(
+                    "audit: {queueId} was queued without its acceptance record "
+                    "(a crash during its commit): recorded as recovered",
+                    queueId=queueId,
+                )
+        except AuditError as e:
+            raise StartupCheckError(f"audit log: {e}") from e
+        self.audit = audit
+        spool.audit = audit
+
+    def startService(self) -> None:
+        super().startService()
+        logHead(self.audit, "start")
+
+    def stopService(self):
+        logHead(self.audit, "stop")
+        self.audit.close()
         return super().stopService()
 
 

@@ -51,6 +51,16 @@ def receivedHeader(hostname: str, session: SessionInfo, envelope: Envelope) -> b
     return "\r\n".join(lines).encode("ascii", "replace") + b"\r\n"
 
 
+def _noteAudit(writer: ISpoolWriter, **fields: object) -> None:
+    """
+    Add C{fields} to the message's acceptance record in the audit log
+    (L{msa.queue.spool.SpoolWriter.noteAudit}), when the writer keeps one.
+    """
+    note = getattr(writer, "noteAudit", None)
+    if note is not None:
+        note(**fields)
+
+
 @implementer(IAcceptedMessage)
 class SpooledMessage:
     """
@@ -73,13 +83,18 @@ class SpooledMessage:
         self._onCommitted = onCommitted
         self._onAbandoned = onAbandoned
         self._checker = checker
-        self._digest = hashlib.sha256()
+        # The spool's writer hashes what it stores (the digest it records
+        # for the check at hand-off, msa.queue.integrity): no second hash.
+        self._digest = None if hasattr(writer, "sha256") else hashlib.sha256()
+        self._size = 0
 
     def lineReceived(self, line: bytes) -> None:
         if self._checker is not None:
             self._checker.lineReceived(line)
         line += b"\r\n"
-        self._digest.update(line)
+        if self._digest is not None:
+            self._digest.update(line)
+        self._size += len(line)
         self.writer.write(line)
 
     @property
@@ -94,14 +109,18 @@ class SpooledMessage:
         """
         Several lines at once, each with its CRLF, dot-unstuffed.
         """
-        self._digest.update(data)
+        if self._digest is not None:
+            self._digest.update(data)
+        self._size += len(data)
         self.writer.write(data)
 
     def sha256(self) -> str:
         """
         The SHA-256 of the message as accepted from the client (without the
-        MSA's Received header), for the log.
+        MSA's Received header), for the log: the digest the spool records.
         """
+        if self._digest is None:
+            return self.writer.sha256()  # type: ignore[attr-defined]
         return self._digest.hexdigest()
 
     def eomReceived(self):
@@ -112,6 +131,7 @@ class SpooledMessage:
                 except BaseException:
                     self.writer.abort()
                     raise
+            _noteAudit(self.writer, size=self._size, sha256=self.sha256())
             d = self.writer.commit()
         except BaseException:
             self._abandoned()
@@ -229,8 +249,18 @@ class Submission:
         if self.contentPolicy is not None:
             checker = self.contentPolicy.startMessage(envelope)
         writer = self.spool.newMessage(envelope)
+        # A writer that hashes apart the trace header (msa.queue.spool).
+        writeTrace = getattr(writer, "writeTrace", writer.write)
+        _noteAudit(
+            writer,
+            session=session.sessionId,
+            clientPort=session.clientPort,
+            mechanism=session.mechanism,
+            tls=session.tlsVersion or "plaintext",
+            cipher=session.tlsCipher,
+        )
         try:
-            writer.write(receivedHeader(self.hostname, session, envelope))
+            writeTrace(receivedHeader(self.hostname, session, envelope))
         except BaseException:
             writer.abort()
             raise
