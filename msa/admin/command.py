@@ -13,6 +13,9 @@ C{digipoort-msa-admin}: manage the accounts file and the mail queue.
         queue verify
     digipoort-msa-admin [--config PATH]
         audit verify [FILE...]
+    digipoort-msa-admin selftest HOST PORT [--implicit] [--servername NAME]
+        [--ca-file PEM] [--min-days N] [--expect-ciphers S] [--expect-groups S]
+        [--user U --password-file F --sender S --rcpt R]
 
 Passwords are never taken from the command line (where other users could
 see them in the process list): they are asked for twice when standard input
@@ -72,6 +75,8 @@ from msa.admin.audit import (
 from msa.admin.fields import FIELDS, applyFields, fieldOptions
 from msa.admin.queue import AdminFailure as _Failed
 from msa.admin.queue import queueCommand
+from msa.admin.selftest import addParser as addSelftestParser
+from msa.admin.selftest import selftestCommand
 
 _COMMANDS: dict[str, Callable[["_Command"], int]] = {}
 
@@ -113,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="PATH", help="the server configuration")
     topics = parser.add_subparsers(
-        dest="topic", required=True, metavar="accounts|queue|audit"
+        dest="topic", required=True, metavar="accounts|queue|audit|selftest"
     )
     accounts = topics.add_parser("accounts", help="manage accounts")
     commands = accounts.add_subparsers(dest="command", required=True)
@@ -165,6 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     flush = queueCommands.add_parser("flush", help="try delivery now")
     flush.add_argument("id", nargs="?", help="only this message")
     auditParser(topics)
+    addSelftestParser(topics)
     return parser
 
 
@@ -434,6 +440,8 @@ def main(argv: list[str] | None = None, stdout: Any = None, stderr: Any = None) 
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
     try:
+        if args.topic == "selftest":
+            return selftestCommand(args, stdout, stderr)
         if args.topic == "queue":
             config = _loadConfig(args.config)
             if config is None:
