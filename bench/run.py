@@ -23,6 +23,10 @@ fresh one per run, counting messages in memory):
             smtpd_tls with the same certificate, SASL through Cyrus sasldb
             (``saslpasswd2 -f DIR/sasldb2``) or Dovecot when ``--postfix-sasl
             dovecot``), relayhost = the sink over STARTTLS, 4 connections.
+  MSA x2    (``--servers msa,msa2``; not in the default list) two MSA
+            instances behind HAProxy (TCP, round robin, send-proxy-v2), each
+            with its own state directory and spool and relaying on its own:
+            README.rst's "Running more than one instance" on one host.
 
 Password checks cost the same on every side: the MSA caches successful
 PLAIN/LOGIN checks for ``[accounts] auth_cache_ttl`` (300 s); the peer has the
@@ -89,6 +93,7 @@ import os
 import platform
 import pstats
 import pwd
+import shlex
 import shutil
 import signal
 import socket
@@ -366,11 +371,38 @@ class MSA(Server):
     name = "MSA"
 
     def start(self, params: dict, sinkPort: int | None, profile: str | None = None):
-        state = os.path.join(self.work, "msa-state")
+        self.state = os.path.join(self.work, "msa-state")
+        self.port, self.config = self.configure(
+            self.state, os.path.join(self.work, "msa.toml"), params, sinkPort
+        )
+        command = [TWISTD, "-n", "--pidfile=", "--logfile"]
+        command.append(os.path.join(self.work, "msa.log"))
+        if profile:
+            command += [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
+        command += ["digipoort-msa", "--config", self.config]
+        self.proc = subprocess.Popen(
+            command,
+            cwd=self.work,
+            env=dict(os.environ, PYTHONPATH=ROOT, **self.env),
+            stdin=subprocess.DEVNULL,
+            stdout=open(os.path.join(self.work, "msa.out"), "wb"),
+            stderr=subprocess.STDOUT,
+        )
+        waitForPort(self.port, self.proc)
+
+    def configure(
+        self, state: str, path: str, params: dict, sinkPort: int | None, proxy=False
+    ) -> tuple[int, str]:
+        """
+        Write the configuration of one instance (state directory C{state})
+        to C{path}; with C{proxy}, its listeners take a PROXY header.
+
+        @return: the port the load goes to, and C{path}.
+        """
         os.makedirs(state, mode=0o700, exist_ok=True)
-        self.state = state
         starttlsPort, implicitPort = freePort(), freePort()
-        self.port = implicitPort if self.args.implicit else starttlsPort
+        port = implicitPort if self.args.implicit else starttlsPort
+        prefix = "haproxy:" if proxy else ""
         accounts = os.path.join(self.work, "accounts.json")
         account = attrs.evolve(
             makeAccount(USER, PASSWORD, ["localhost"]),
@@ -382,8 +414,12 @@ class MSA(Server):
             "server": {
                 "hostname": "localhost",
                 "state_dir": state,
-                "starttls_listeners": [f"tcp:{starttlsPort}:interface=127.0.0.1"],
-                "implicit_tls_listeners": [f"tcp:{implicitPort}:interface=127.0.0.1"],
+                "starttls_listeners": [
+                    f"{prefix}tcp:{starttlsPort}:interface=127.0.0.1"
+                ],
+                "implicit_tls_listeners": [
+                    f"{prefix}tcp:{implicitPort}:interface=127.0.0.1"
+                ],
                 "max_connections": 5000,
                 "max_connections_per_client": 5000,
                 "shutdown_grace": 1,
@@ -407,23 +443,8 @@ class MSA(Server):
             key, _, value = item.partition("=")
             section, _, name = key.partition(".")
             config.setdefault(section, {})[name] = tomllib.loads(f"v = {value}")["v"]
-        path = os.path.join(self.work, "msa.toml")
-        self.config = path
         writeConfig(path, config)
-        command = [TWISTD, "-n", "--pidfile=", "--logfile"]
-        command.append(os.path.join(self.work, "msa.log"))
-        if profile:
-            command += [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
-        command += ["digipoort-msa", "--config", path]
-        self.proc = subprocess.Popen(
-            command,
-            cwd=self.work,
-            env=dict(os.environ, PYTHONPATH=ROOT, **self.env),
-            stdin=subprocess.DEVNULL,
-            stdout=open(os.path.join(self.work, "msa.out"), "wb"),
-            stderr=subprocess.STDOUT,
-        )
-        waitForPort(self.port, self.proc)
+        return port, path
 
     def delivered(self) -> int:
         try:
@@ -439,6 +460,104 @@ class MSA(Server):
             check=True,
             stdout=subprocess.DEVNULL,
         )
+
+
+class MSAPair(MSA):
+    """
+    Two MSA instances on this machine behind HAProxy (TCP mode, round
+    robin, C{send-proxy-v2}), as README.rst "Running more than one
+    instance" describes: one state directory and spool each, the same
+    certificate and accounts file, each relaying to the sink on its own.
+    The three processes run under one shell, so that CPU and memory are
+    those of the whole tree.  Not in the default C{--servers}.
+    """
+
+    name = "MSA x2"
+
+    def start(self, params: dict, sinkPort: int | None, profile: str | None = None):
+        haproxy = shutil.which("haproxy")
+        if haproxy is None:
+            raise RuntimeError("MSA x2 needs haproxy (apt-get install haproxy)")
+        self.instances = []
+        for i in (1, 2):
+            state = os.path.join(self.work, f"msa{i}-state")
+            port, config = self.configure(
+                state, os.path.join(self.work, f"msa{i}.toml"), params, sinkPort, True
+            )
+            self.instances.append((state, port, config))
+        self.state, self.config = self.instances[0][0], self.instances[0][2]
+        self.port = freePort()
+        cfg = os.path.join(self.work, "haproxy.cfg")
+        with open(cfg, "w") as f:
+            f.write(
+                "global\n  maxconn 6000\n  nbthread 1\n"
+                "defaults\n  mode tcp\n  timeout connect 5s\n"
+                "  timeout client 300s\n  timeout server 300s\n"
+                f"frontend submission\n  bind 127.0.0.1:{self.port}\n"
+                "  maxconn 6000\n  default_backend msa\n"
+                "backend msa\n  balance roundrobin\n"
+                + "".join(
+                    f"  server msa{i} 127.0.0.1:{port} send-proxy-v2\n"
+                    for i, (_, port, _) in enumerate(self.instances)
+                )
+            )
+        commands = [
+            shlex.join(
+                [
+                    TWISTD,
+                    "-n",
+                    "--pidfile=",
+                    "--logfile",
+                    os.path.join(self.work, f"msa{i}.log"),
+                ]
+                + ["digipoort-msa", "--config", config]
+            )
+            for i, (_, _, config) in enumerate(self.instances, 1)
+        ] + [shlex.join([haproxy, "-db", "-f", cfg])]
+        self.proc = subprocess.Popen(
+            ["sh", "-c", " & ".join(commands) + " & wait"],
+            cwd=self.work,
+            env=dict(os.environ, PYTHONPATH=ROOT, **self.env),
+            stdin=subprocess.DEVNULL,
+            stdout=open(os.path.join(self.work, "msa.out"), "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for _, port, _ in self.instances:
+            waitForPort(port, self.proc)
+        waitForPort(self.port, self.proc)
+
+    def multiProcess(self) -> bool:
+        return True
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def delivered(self) -> int:
+        total = 0
+        for state, _, _ in self.instances:
+            try:
+                outbox = os.path.join(state, "outbox")
+                total += sum(1 for n in os.listdir(outbox) if n.endswith(".eml"))
+            except FileNotFoundError:
+                pass
+        return total
+
+    def release(self) -> None:
+        for _, _, config in self.instances:
+            subprocess.run(
+                [os.path.join(BIN, "digipoort-msa-admin"), "--config", config]
+                + ["queue", "flush"],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
 
 
 class Peer(Server):
@@ -723,7 +842,7 @@ class Postfix(Server):
             stopProcess(self.dovecot)
 
 
-SERVERS = {"msa": MSA, "aiosmtpd": Peer, "postfix": Postfix}
+SERVERS = {"msa": MSA, "aiosmtpd": Peer, "postfix": Postfix, "msa2": MSAPair}
 
 
 # -- one measurement --------------------------------------------------------
@@ -1412,7 +1531,8 @@ def main() -> int:
         default="msa,aiosmtpd,postfix",
         help="comma-separated, in the order they alternate (default "
         "msa,aiosmtpd,postfix; postfix is skipped, with the reason, when "
-        "it cannot run here)",
+        "it cannot run here); msa2 adds two MSA instances behind HAProxy "
+        "(README.rst, 'Running more than one instance')",
     )
     parser.add_argument(
         "--postfix-sasl",
