@@ -142,9 +142,7 @@ class LogLines:
         testCase.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
     def matching(self, text: str) -> list[str]:
-        return [
-            line for line in (formatEvent(e) for e in self.events) if text in line
-        ]
+        return [line for line in (formatEvent(e) for e in self.events) if text in line]
 
     def levels(self, text: str) -> list[str]:
         return [
@@ -308,9 +306,7 @@ class StoreTests(unittest.TestCase):
         self.assertEqual(log.levels("unreachable at start"), ["critical"])
         with self.assertRaises(AccountStoreError) as raised:
             AccountDatabase(self.pg.url)
-        self.assertIn(
-            f"{self.pg.url}: cannot connect: ", str(raised.exception)
-        )
+        self.assertIn(f"{self.pg.url}: cannot connect: ", str(raised.exception))
         self.assertIn(
             "there is no copy of the accounts to start from", str(raised.exception)
         )
@@ -415,7 +411,9 @@ class AdminTests(unittest.TestCase):
             "changed account alice\n",
         )
         self.assertEqual(self.stored()["alice"].extra["messagesPerDay"], 5)
-        self.assertEqual(self.admin("accounts", "disable", "alice"), "disabled account alice\n")
+        self.assertEqual(
+            self.admin("accounts", "disable", "alice"), "disabled account alice\n"
+        )
         self.assertFalse(self.stored()["alice"].enabled)
         self.assertIn("enabled: no\n", self.admin("accounts", "show", "alice"))
         self.admin("accounts", "enable", "alice")
@@ -424,7 +422,9 @@ class AdminTests(unittest.TestCase):
             self.admin("accounts", "add", "alice", stdin="y\n", code=1),
             f"digipoort-msa-admin: account 'alice' already exists in {self.pg.url}\n",
         )
-        self.assertEqual(self.admin("accounts", "remove", "alice"), "removed account alice\n")
+        self.assertEqual(
+            self.admin("accounts", "remove", "alice"), "removed account alice\n"
+        )
         self.assertEqual(self.stored(), {})
         self.assertEqual(
             self.admin("accounts", "show", "alice", code=1),
@@ -458,9 +458,7 @@ class AdminTests(unittest.TestCase):
         self.pg.stop()
         error = self.admin("accounts", "list", code=1)
         self.assertTrue(
-            error.startswith(
-                f"digipoort-msa-admin: {self.pg.url}: cannot connect: "
-            ),
+            error.startswith(f"digipoort-msa-admin: {self.pg.url}: cannot connect: "),
             error,
         )
 

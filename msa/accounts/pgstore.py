@@ -42,6 +42,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
@@ -127,14 +128,12 @@ def checkURL(url: str) -> None:
     """
     if not isDatabaseURL(url):
         raise ValueError(
-            'must be "file" or a postgresql://user@host:port/database URL, '
-            f"not {url!r}"
+            f'must be "file" or a postgresql://user@host:port/database URL, not {url!r}'
         )
     from psycopg import conninfo
 
     try:
         conninfo.conninfo_to_dict(url)
-        urllib.parse.urlsplit(url).port
     except Exception as e:
         raise ValueError(f"not a valid PostgreSQL URL ({describe(url)}): {_why(e)}")
 
@@ -161,7 +160,7 @@ def connect(url: str) -> Any:
     return connection
 
 
-def _why(e: Exception) -> str:
+def _why(e: BaseException | None) -> str:
     return " ".join(str(e).split()) or e.__class__.__name__
 
 
@@ -266,9 +265,7 @@ class AccountTable:
                         changed,
                     )
                 if gone:
-                    c.execute(
-                        "DELETE FROM msa_accounts WHERE name = ANY(%s)", (gone,)
-                    )
+                    c.execute("DELETE FROM msa_accounts WHERE name = ANY(%s)", (gone,))
 
         self._connection.autocommit = True
         try:
@@ -300,9 +297,9 @@ class AccountDatabase:
         cacheFile: str | None = None,
     ) -> None:
         if reactor is None:
-            from twisted.internet import reactor as globalReactor
+            from twisted.internet import reactor as default
 
-            reactor = globalReactor  # type: ignore[assignment]
+            reactor = default  # type: ignore[assignment]
         self.url = url
         self.where = describe(url)
         self.cacheFile = cacheFile
@@ -446,7 +443,11 @@ class AccountDatabase:
             self._version,
         )
         d.addCallback(self._store)
-        d.addErrback(lambda f: self._failed(_why(f.value)))
+
+        def failed(failure: Failure) -> bool:
+            return self._failed(_why(failure.value))
+
+        d.addErrback(failed)
 
         def done(result: bool) -> bool:
             self._polling = None

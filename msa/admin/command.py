@@ -443,7 +443,7 @@ def _export(c: _Command) -> int:
 def _initDB(c: _Command) -> int:
     if c.table is None:
         raise _Failed(
-            "init-db needs [accounts] store = \"postgresql://...\" in --config", 2
+            'init-db needs [accounts] store = "postgresql://..." in --config', 2
         )
     c.say(f"the accounts table is ready in {c.path}")
     return 0
