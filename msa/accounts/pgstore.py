@@ -147,9 +147,16 @@ def connect(url: str) -> Any:
     """
     import psycopg
 
-    options: dict[str, Any] = {}
-    if "connect_timeout" not in url:
-        options["connect_timeout"] = CONNECT_TIMEOUT
+    # A database host that vanishes without a reset must not hold a poll
+    # (and the copy's refresh) for the kernel's TCP timeout.
+    defaults = {
+        "connect_timeout": CONNECT_TIMEOUT,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 15000,
+    }
+    options: dict[str, Any] = {k: v for k, v in defaults.items() if k not in url}
     try:
         connection = psycopg.connect(url, **options)
         with connection.cursor() as cursor:
