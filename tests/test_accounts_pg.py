@@ -11,7 +11,6 @@ leaves logins working from the last good copy.
 import io
 import json
 import os
-import ssl
 import subprocess
 import sys
 
@@ -35,7 +34,8 @@ from msa.accounts.pgstore import (
 )
 from msa.admin import command as admin
 from msa.service.config import ConfigError, loadConfig, writeConfig
-from tests.e2e import SENDERS, USERS, RunningMSA, freePort, requireProgram
+from tests.e2e import SENDERS, USERS, RunningMSA, requireProgram
+from tests.haproxyfront import proxiedInstances, startHAProxy
 from tests.pgserver import PostgreSQLServer
 from tests.sessionclient import RawSession
 from tests.waiting import listening, waitUntil, waitUntilBlocking
@@ -610,60 +610,21 @@ class HAProxyTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_disableThroughTheFront(self):
-        haproxy = requireProgram(self, "haproxy")
+        requireProgram(self, "haproxy")
         self.pg = PostgreSQLServer(self)
         table = AccountTable(self.pg.url)
         table.save(usersAccounts())
         table.close()
-        from msa.tls import ensureSelfSignedCertificate
-
-        certFile, keyFile = ensureSelfSignedCertificate(
-            os.path.abspath(self.mktemp()), "localhost"
+        instances = proxiedInstances(
+            self,
+            implicit=True,
+            server={"auth_delay_base": 0},
+            accounts={"store": self.pg.url},
         )
-        instances = []
-        for _ in range(2):
-            port = freePort()
-            msa = RunningMSA(
-                self,
-                server={
-                    "auth_delay_base": 0,
-                    "implicit_tls_listeners": [
-                        f"haproxy:tcp:{port}:interface=127.0.0.1"
-                    ],
-                },
-                tls={"certificate": certFile, "key": keyFile},
-                accounts={"store": self.pg.url},
-            )
-            instances.append((port, msa))
-        front = freePort()
-        config = os.path.join(instances[0][1].directory, "haproxy.cfg")
-        with open(config, "w") as f:
-            f.write(
-                "global\n  maxconn 100\n"
-                "defaults\n  mode tcp\n  timeout connect 5s\n"
-                "  timeout client 30s\n  timeout server 30s\n"
-                f"frontend submission\n  bind 127.0.0.1:{front}\n"
-                "  default_backend msa\n"
-                "backend msa\n  balance roundrobin\n"
-                + "".join(
-                    f"  server msa{i} 127.0.0.1:{port} send-proxy-v2\n"
-                    for i, (port, _) in enumerate(instances)
-                )
-            )
-        process = subprocess.Popen(
-            [haproxy, "-db", "-f", config],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        front = startHAProxy(
+            self, instances[0][1].directory, [port for port, _ in instances]
         )
-
-        def stop():
-            process.terminate()
-            process.wait(10)
-
-        self.addCleanup(stop)
         msa = instances[0][1]
-        context = ssl.create_default_context(cafile=certFile)
-        msa.clientContext = lambda: context  # type: ignore[method-assign]
 
         def fourLogins() -> list[bytes]:
             waitUntilBlocking(lambda: listening(front), what="HAProxy to listen")
