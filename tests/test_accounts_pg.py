@@ -326,8 +326,12 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual(loadConfig(None)["accounts"]["store"], "file")
 
     def test_url(self):
-        url = "postgresql://msa@127.0.0.1:5432/msa"
-        self.assertEqual(self.load(url)["accounts"]["store"], url)
+        for url in [
+            "postgresql://msa@127.0.0.1:5432/msa",
+            "postgres://msa@[::1]:5432/msa?sslmode=require",
+            "postgresql://msa@db1:5432,db2/msa?target_session_attrs=read-write",
+        ]:
+            self.assertEqual(self.load(url)["accounts"]["store"], url)
 
     def test_refused(self):
         for value, why in [
@@ -339,7 +343,17 @@ class ConfigTests(unittest.TestCase):
             (
                 "postgresql://msa:secret@db:port/msa",
                 "not a valid PostgreSQL URL (postgresql://msa:***@db:port/msa): "
-                "Port could not be cast to integer value as 'port'",
+                "port 'port' is not a number from 1 to 65535",
+            ),
+            (
+                "postgresql://msa@db1:5432,db2:99999/msa",
+                "not a valid PostgreSQL URL (postgresql://msa@db1:5432,db2:99999/msa): "
+                "port '99999' is not a number from 1 to 65535",
+            ),
+            (
+                "postgresql://msa@db/msa?pool=5",
+                "not a valid PostgreSQL URL (postgresql://msa@db/msa?pool=5): "
+                'invalid URI query parameter: "pool"',
             ),
         ]:
             with self.assertRaises(ConfigError) as raised:

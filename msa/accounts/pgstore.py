@@ -134,8 +134,21 @@ def checkURL(url: str) -> None:
 
     try:
         conninfo.conninfo_to_dict(url)
+        _checkPorts(url)
     except Exception as e:
         raise ValueError(f"not a valid PostgreSQL URL ({describe(url)}): {_why(e)}")
+
+
+def _checkPorts(url: str) -> None:
+    """
+    libpq checks a port only when it connects: check each host's here (a
+    URL may list several hosts, C{host1:5432,host2:5432}).
+    """
+    hosts = url.split("//", 1)[-1].split("/", 1)[0].split("?", 1)[0]
+    for host in hosts.rsplit("@", 1)[-1].split(","):
+        port = host.rsplit("]", 1)[-1].rpartition(":")[2] if ":" in host else ""
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"port {port!r} is not a number from 1 to 65535")
 
 
 def connect(url: str) -> Any:
