@@ -244,6 +244,20 @@ class StoreTests(unittest.TestCase):
         self.assertEqual([a.name for a in database.accounts()], ["alice"])
 
     @defer.inlineCallbacks
+    def test_oneLookAtATime(self):
+        """
+        A look asked for while one is under way (a SIGHUP during a poll)
+        shares its answer: both learn that new accounts were loaded.
+        """
+        self.table().save(usersAccounts())
+        database = self.database()
+        self.sql("DELETE FROM msa_accounts WHERE name = 'bob'")
+        first, second = database.reload(), database.reload()
+        self.assertEqual([(yield first), (yield second)], [True, True])
+        self.assertFalse((yield database.reload()))
+        self.assertIsNone(database.getAccount("bob"))
+
+    @defer.inlineCallbacks
     def test_malformedRowKeepsTheCopy(self):
         """
         A row the file store would refuse (written behind the admin tool's
@@ -467,6 +481,26 @@ class AdminTests(unittest.TestCase):
             self.assertEqual(a.read(), b.read())
         self.assertEqual(readAccounts(exported), accounts)
         self.assertEqual(os.stat(exported).st_mode & 0o777, 0o600)
+
+    def test_importExportWithTheFile(self):
+        """
+        With the file store configured, import and export work the same on
+        the file: import adds to it (replacing accounts of the same name).
+        """
+        accountsFile = os.path.abspath(self.mktemp())
+        writeAccounts(accountsFile, usersAccounts())
+        writeConfig(self.config, {"accounts": {"file": accountsFile}})
+        original, rich = self.mktemp(), richAccounts()
+        writeAccounts(original, rich)
+        self.assertEqual(
+            self.admin("accounts", "import", original),
+            f"imported 4 account(s) from {original} into {accountsFile}\n",
+        )
+        self.assertEqual(readAccounts(accountsFile), rich)
+        exported = self.mktemp()
+        self.admin("accounts", "export", exported)
+        with open(original, "rb") as a, open(exported, "rb") as b:
+            self.assertEqual(a.read(), b.read())
 
     def test_databaseDown(self):
         self.pg.stop()

@@ -329,7 +329,8 @@ class AccountDatabase:
         self._accounts: dict[str, Account] = {}
         self._pool: ThreadPool | None = None
         self._watcher: LoopingCall | None = None
-        self._polling: Deferred | None = None
+        #: Those waiting for the look under way (L{None}: none under way).
+        self._waiting: list[Deferred] | None = None
         #: The reason the database was last unreachable; L{None} while fine.
         self.outage: str | None = None
         try:
@@ -451,12 +452,16 @@ class AccountDatabase:
         @return: a L{Deferred} firing with whether new accounts were loaded;
             it never fails (a failure is logged, the copy kept).
         """
-        if self._polling is not None:
-            return self._polling
+        mine: Deferred = Deferred()
+        if self._waiting is not None:
+            # One look at a time: a SIGHUP during a poll shares its answer.
+            self._waiting.append(mine)
+            return mine
+        self._waiting = [mine]
         if self._pool is None:
             self._pool = ThreadPool(minthreads=0, maxthreads=1, name="accounts-db")
             self._pool.start()
-        d = threads.deferToThreadPool(
+        d: Deferred[Any] = threads.deferToThreadPool(
             self._reactor,  # type: ignore[arg-type]
             self._pool,
             self._fetch,
@@ -469,14 +474,13 @@ class AccountDatabase:
 
         d.addErrback(failed)
 
-        def done(result: bool) -> bool:
-            self._polling = None
-            return result
+        def done(result: bool) -> None:
+            waiting, self._waiting = self._waiting or [], None
+            for waiter in waiting:
+                waiter.callback(result)
 
-        d.addBoth(done)
-        if not d.called:
-            self._polling = d
-        return d
+        d.addCallback(done)
+        return mine
 
     def startWatching(self, interval: float = 2.0) -> Deferred:
         """
