@@ -34,7 +34,7 @@ from msa.accounts.pgstore import (
 )
 from msa.admin import command as admin
 from msa.service.config import ConfigError, loadConfig, writeConfig
-from tests.e2e import SENDERS, USERS, RunningMSA, requireProgram
+from tests.e2e import SENDERS, USERS, RunningMSA, freePort, requireProgram
 from tests.haproxyfront import proxiedInstances, startHAProxy
 from tests.pgserver import PostgreSQLServer
 from tests.sessionclient import RawSession
@@ -323,6 +323,50 @@ class StoreTests(unittest.TestCase):
         self.assertIn(f"{self.pg.url}: cannot connect: ", str(raised.exception))
         self.assertIn(
             "there is no copy of the accounts to start from", str(raised.exception)
+        )
+
+
+class StartTests(unittest.TestCase):
+    """
+    C{twistd digipoort-msa} with the database down and no copy of the
+    accounts: it refuses to start, saying why.
+    """
+
+    def test_refusesToStart(self):
+        from msa.service import tap
+
+        pg = PostgreSQLServer(self)
+        pg.stop()
+        config = self.mktemp()
+        writeConfig(
+            config,
+            {
+                "server": {
+                    "state_dir": os.path.abspath(self.mktemp()),
+                    "starttls_listeners": [f"tcp:{freePort()}:interface=127.0.0.1"],
+                    "implicit_tls_listeners": [],
+                },
+                "accounts": {"store": pg.url},
+            },
+        )
+        options = tap.Options()
+        options.parseOptions(["--config", config])
+        with self.assertRaises(SystemExit) as raised:
+            tap.makeService(options)
+        message = str(raised.exception)
+        self.assertTrue(
+            message.startswith(
+                f"digipoort-msa: cannot start: {pg.url}: cannot connect: "
+            ),
+            message,
+        )
+        self.assertTrue(
+            message.endswith(
+                "; and there is no copy of the accounts to start from (the MSA "
+                "starts only with accounts: start the database, or switch "
+                "[accounts] store to the file)"
+            ),
+            message,
         )
 
 
