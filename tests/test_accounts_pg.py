@@ -38,6 +38,7 @@ from tests.e2e import SENDERS, USERS, RunningMSA, freePort, requireProgram
 from tests.haproxyfront import proxiedInstances, startHAProxy
 from tests.pgserver import PostgreSQLServer
 from tests.sessionclient import RawSession
+from tests.test_audit import records
 from tests.waiting import listening, waitUntil, waitUntilBlocking
 
 ACCEPTED = b"235 2.7.0 Authentication successful"
@@ -434,10 +435,11 @@ class AdminTests(unittest.TestCase):
     def setUp(self):
         self.pg = PostgreSQLServer(self)
         self.config = self.mktemp()
+        self.state = os.path.abspath(self.mktemp())
         writeConfig(
             self.config,
             {
-                "server": {"state_dir": os.path.abspath(self.mktemp())},
+                "server": {"state_dir": self.state},
                 "accounts": {"store": self.pg.url},
             },
         )
@@ -516,6 +518,12 @@ class AdminTests(unittest.TestCase):
             f"imported 4 account(s) from {original} into {self.pg.url}\n",
         )
         self.assertEqual(self.stored(), accounts)
+        # The audit log records each account imported, as it does an add.
+        audit = os.path.join(self.state, "audit", "audit.jsonl")
+        self.assertEqual(
+            [(r["action"], r["account"]) for r in records(audit)],
+            [("imported", name) for name in sorted(accounts)],
+        )
         exported = self.mktemp()
         self.assertEqual(
             self.admin("accounts", "export", exported),
