@@ -147,6 +147,47 @@ class IAccountStore(Interface):
         """
 
 
+class ILiveAccountStore(IAccountStore):
+    """
+    An account store a running MSA serves logins from and keeps current:
+    the file (L{msa.accounts.filestore.AccountFile}) or a database
+    (L{msa.accounts.pgstore.AccountDatabase}).  The checkers and the realm
+    need only L{IAccountStore} and C{accounts}.
+    """
+
+    def accounts():
+        """
+        @return: every L{msa.accounts.model.Account} (for look-ups by another
+            key, such as a client certificate).
+        """
+
+    def scramParameters(username, mechanism):
+        """
+        @return: the salt (L{bytes}) and iteration count of C{username}'s
+            C{mechanism} secrets, or L{None}.
+        """
+
+    def reload():
+        """
+        Look for changes now (SIGHUP).  A failure is logged and the accounts
+        read last are kept.
+
+        @return: whether new accounts were loaded, or a L{Deferred} of it.
+        """
+
+    def startWatching(interval):
+        """
+        Look for changes every C{interval} seconds.
+        """
+
+    def stopWatching():
+        """
+        Stop looking for changes.
+
+        @return: L{None}, or a L{Deferred} firing once stopped.
+        """
+
+
 class IDigestMD5Credentials(Interface):
     """
     Credentials from a DIGEST-MD5 exchange (RFC 2831): the server checks the

@@ -562,6 +562,42 @@ def checkAccountsFile(env):
     client.close()
 
 
+#: An account only the database of the C{accounts.store} row holds.
+DORA = ("dora", "dora's password")
+
+
+def accountDatabase(env):
+    """
+    A throwaway PostgreSQL server holding alice and L{DORA} (not bob, whom
+    the accounts file has): its URL.
+    """
+    from msa.accounts.pgstore import AccountTable
+    from tests.pgserver import PostgreSQLServer
+
+    server = PostgreSQLServer(env.testCase)
+    table = AccountTable(server.url)
+    table.save(
+        {
+            name: attrs.evolve(
+                makeAccount(name, password, ["localhost"]), extra={"senders": SENDERS}
+            )
+            for name, password in (("alice", USERS["alice"]), DORA)
+        }
+    )
+    table.close()
+    return server.url
+
+
+def checkAccountStore(env):
+    login(env, *DORA).close()
+    try:
+        login(env, "bob", USERS["bob"]).close()
+    except smtplib.SMTPAuthenticationError as e:
+        assert e.smtp_code == 535, e
+    else:
+        raise AssertionError("bob, only in the accounts file, logged in")
+
+
 def checkSpool(env):
     queueId = queued(send(env, message(), recipients=[STUCK]))
     directory = env.values["spool.directory"]
@@ -1027,6 +1063,7 @@ ROWS: list[Row] = [
             "tests.test_passwordcheck.PasswordVerifierTests.test_expiryEdge",
         ),
     ),
+    Row("accounts.store", accountDatabase, checkAccountStore, "pgstore"),
     # [spool]
     Row("spool.directory", lambda env: env.path("queue"), checkSpool),
     # [logging], [metrics]

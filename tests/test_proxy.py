@@ -157,56 +157,15 @@ class RealHAProxyTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_twoInstancesBehindHAProxy(self):
-        import os
-        import subprocess
-
-        from msa.tls import ensureSelfSignedCertificate
         from tests.e2e import requireProgram
+        from tests.haproxyfront import proxiedInstances, startHAProxy
 
-        haproxy = requireProgram(self, "haproxy")
-        # The instances share the certificate, as README.rst says they should.
-        certFile, keyFile = ensureSelfSignedCertificate(
-            os.path.abspath(self.mktemp()), "localhost"
+        requireProgram(self, "haproxy")
+        instances = proxiedInstances(self)
+        certFile = instances[0][1].certFile
+        front = startHAProxy(
+            self, instances[0][1].directory, [port for port, _ in instances]
         )
-        instances = []
-        for _ in range(2):
-            port = freePort()
-            msa = RunningMSA(
-                self,
-                server={
-                    "starttls_listeners": [f"haproxy:tcp:{port}:interface=127.0.0.1"],
-                    "implicit_tls_listeners": [],
-                },
-                tls={"certificate": certFile, "key": keyFile},
-            )
-            instances.append((port, msa))
-        front = freePort()
-        config = os.path.join(instances[0][1].directory, "haproxy.cfg")
-        with open(config, "w") as f:
-            f.write(
-                "global\n  maxconn 100\n"
-                "defaults\n  mode tcp\n  timeout connect 5s\n"
-                "  timeout client 30s\n  timeout server 30s\n"
-                f"frontend submission\n  bind 127.0.0.1:{front}\n"
-                "  default_backend msa\n"
-                "backend msa\n  balance roundrobin\n"
-                + "".join(
-                    f"  server msa{i} 127.0.0.1:{port} send-proxy-v2\n"
-                    for i, (port, _) in enumerate(instances)
-                )
-            )
-        process = subprocess.Popen(
-            [haproxy, "-db", "-f", config],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-
-        def stop():
-            process.terminate()
-            process.wait(10)
-            process.stderr.close()
-
-        self.addCleanup(stop)
 
         def submitFour():
             waitUntilBlocking(lambda: listening(front), what="HAProxy to listen")

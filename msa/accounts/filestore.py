@@ -16,10 +16,10 @@ from zope.interface import implementer
 
 from msa.accounts.model import Account, AccountsFileError, fileStamp, readChecked
 from msa.accounts.passwords import unb64
-from msa.interfaces import IAccountStore
+from msa.interfaces import IAccountStore, ILiveAccountStore
 
 
-@implementer(IAccountStore)
+@implementer(IAccountStore, ILiveAccountStore)
 class AccountFile:
     """
     The accounts of a JSON file, reloaded when it changes.

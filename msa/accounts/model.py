@@ -376,3 +376,10 @@ def writeAccounts(
     }
     data = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
     writeDurably(path, data, mode=0o600)
+
+
+#: One account's JSON object as the file holds it, and back (validated,
+#: raising L{AccountsFileError}): the same serialisation for every store,
+#: so that moving accounts between them is lossless.
+accountToJSON = _accountToJSON
+accountFromJSON = _accountFromJSON

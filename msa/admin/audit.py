@@ -89,7 +89,7 @@ def operator() -> str:
 def recordAccountEvent(config: Any, action: str, account: str, **fields: Any) -> None:
     """
     Append an C{account} record (C{action}: added, password-changed,
-    enabled, disabled, changed, removed) to the configured audit log, if
+    enabled, disabled, changed, removed, imported) to the configured audit log, if
     the configuration is known and the log enabled.  Never passwords or
     secrets: callers pass only names and settings.
 

@@ -8,6 +8,8 @@ C{digipoort-msa-admin}: manage the accounts file and the mail queue.
         accounts enable USER | disable USER | remove USER | show USER
         accounts set USER --mechanisms PLAIN,...
         accounts list
+        accounts import FILE | export FILE
+        accounts init-db
     digipoort-msa-admin [--config PATH]
         queue list | show ID | flush [ID] | delete ID | hold ID | release ID
         queue verify
@@ -25,6 +27,16 @@ Without C{--accounts}, or with C{--config}, the accounts file and the
 DIGEST-MD5 realm come from the server configuration (L{msa.service.config}).
 C{--realm} overrides the configured realm; without either it is the host's
 fully qualified name.
+
+When the configuration names a database (C{[accounts] store =
+"postgresql://..."}, L{msa.accounts.pgstore}) and no C{--accounts} is
+given, the same commands manage the accounts there; every running instance
+sees the change within C{watch_interval} seconds.  C{import FILE} adds the
+accounts of an accounts file to the configured store (replacing those of
+the same name), C{export FILE} writes every account of the store to an
+accounts file (mode 0600): together they move accounts between the file and
+the database without loss.  C{init-db} creates the table (done anyway on
+first use).
 
 C{queue} talks to the running server over its control socket,
 C{<state_dir>/control.sock} (L{msa.service.controlsocket}); the state directory
@@ -141,6 +153,13 @@ def _parser() -> argparse.ArgumentParser:
     ]:
         commands.add_parser(name, help=text).add_argument("user")
     commands.add_parser("list", help="list the accounts")
+    commands.add_parser(
+        "import", help="add the accounts of an accounts file to the store"
+    ).add_argument("file")
+    commands.add_parser(
+        "export", help="write every account of the store to an accounts file"
+    ).add_argument("file")
+    commands.add_parser("init-db", help="create the database table")
     setter = commands.add_parser("set", help="change an account's settings")
     setter.add_argument("user")
     setter.add_argument("--mechanisms", help="comma-separated")
@@ -216,6 +235,9 @@ class _Command:
     #: The server configuration, when known: its audit log gets a record
     #: of each change (L{msa.admin.audit}).
     config: Any = None
+    #: The database store (L{msa.accounts.pgstore.AccountTable}), or
+    #: L{None} for the file at C{path}.
+    table: Any = None
 
     def say(self, text: str) -> None:
         print(text, file=self.stdout)
@@ -224,6 +246,8 @@ class _Command:
         print(f"digipoort-msa-admin: warning: {text}", file=self.stderr)
 
     def load(self, missingOK: bool = False) -> dict[str, Account]:
+        if self.table is not None:
+            return _inDatabase(self.table.load)
         if missingOK and not os.path.exists(self.path):
             return {}
         try:
@@ -236,6 +260,8 @@ class _Command:
         return accounts
 
     def save(self, accounts: dict[str, Account]) -> None:
+        if self.table is not None:
+            return _inDatabase(self.table.save, accounts)
         directory = os.path.dirname(os.path.abspath(self.path))
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -392,6 +418,58 @@ def _list(c: _Command) -> int:
     return 0
 
 
+@_command("import")
+def _import(c: _Command) -> int:
+    try:
+        imported = readAccounts(c.args.file)
+    except AccountsFileError as e:
+        raise _Failed(str(e))
+    accounts = c.load(missingOK=True)
+    accounts.update(imported)
+    c.save(accounts)
+    c.say(f"imported {len(imported)} account(s) from {c.args.file} into {c.path}")
+    status = 0
+    for name in sorted(imported):
+        status |= c.record("imported", imported[name])
+    return status
+
+
+@_command("export")
+def _export(c: _Command) -> int:
+    accounts = c.load()
+    try:
+        writeAccounts(c.args.file, accounts)
+    except OSError as e:
+        raise _Failed(f"{c.args.file}: cannot write: {e.strerror or e}")
+    c.say(f"exported {len(accounts)} account(s) from {c.path} to {c.args.file}")
+    return 0
+
+
+@_command("init-db")
+def _initDB(c: _Command) -> int:
+    if c.table is None:
+        raise _Failed(
+            'init-db needs [accounts] store = "postgresql://..." in --config', 2
+        )
+    c.say(f"the accounts table is ready in {c.path}")
+    return 0
+
+
+def _inDatabase(f: Callable[..., Any], *args: Any) -> Any:
+    from msa.accounts.pgstore import AccountStoreError
+
+    try:
+        return f(*args)
+    except AccountStoreError as e:
+        raise _Failed(str(e))
+
+
+def _openTable(url: str) -> Any:
+    from msa.accounts.pgstore import AccountTable
+
+    return _inDatabase(AccountTable, url)
+
+
 def _missingSecrets(account: Account) -> list[str]:
     missing = []
     if "DIGEST-MD5" in account.mechanisms and not account.digestHA1:
@@ -458,6 +536,14 @@ def main(argv: list[str] | None = None, stdout: Any = None, stderr: Any = None) 
         if args.config is not None or args.accounts is None:
             config = _loadConfig(args.config)
         path = args.accounts or getattr(config, "accountsFile", None)
+        table = None
+        if args.accounts is None and config is not None:
+            url = config["accounts"]["store"]
+            if url != "file":
+                table = _openTable(url)
+                from msa.accounts.pgstore import describe
+
+                path = describe(url)
         if not path:
             raise _Failed("no accounts file configured: give --accounts PATH", 2)
         realms = args.realm or _realms(getattr(config, "realm", None))
@@ -469,8 +555,13 @@ def main(argv: list[str] | None = None, stdout: Any = None, stderr: Any = None) 
             stdout=stdout,
             stderr=stderr,
             config=config,
+            table=table,
         )
-        return _COMMANDS[args.command](command)
+        try:
+            return _COMMANDS[args.command](command)
+        finally:
+            if table is not None:
+                table.close()
     except _Failed as e:
         print(f"digipoort-msa-admin: {e}", file=stderr)
         return e.code

@@ -62,6 +62,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "file": ((str,), None),
         "watch_interval": ((int, float), 2.0),
         "auth_cache_ttl": ((int, float), 300),
+        "store": ((str,), "file"),
     },
     "spool": {
         "directory": ((str,), None),
@@ -250,6 +251,7 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
     config["accounts"]["file"] = absolute(
         config["accounts"]["file"], os.path.join(state, "accounts.json")
     )
+    _resolveStore(path, config["accounts"])
     config["spool"]["directory"] = absolute(
         config["spool"]["directory"], os.path.join(state, "spool")
     )
@@ -401,6 +403,20 @@ def _resolveLimits(path: str | None, limits: dict[str, Any]) -> None:
             ) from None
     if not limits["key_prefix"].strip():
         raise ConfigError(f"{_where(path, 'limits', 'key_prefix')}: must not be empty")
+
+
+def _resolveStore(path: str | None, accounts: dict[str, Any]) -> None:
+    """
+    Check C{[accounts] store}: C{"file"} or a PostgreSQL URL.
+    """
+    if accounts["store"] == "file":
+        return
+    from msa.accounts.pgstore import checkURL
+
+    try:
+        checkURL(accounts["store"])
+    except ValueError as e:
+        raise ConfigError(f"{_where(path, 'accounts', 'store')}: {e}") from e
 
 
 def _resolveTLS(path: str | None, tls: dict[str, Any], absolute) -> None:

@@ -40,7 +40,9 @@ from msa.accounts.model import (
     writeAccounts,
 )
 from msa.accounts.passwords import PasswordVerifier, limitScryptMemory
+from msa.accounts.pgstore import AccountDatabase
 from msa.audit import AuditError, AuditLog, logHead, recoverRecords
+from msa.interfaces import ILiveAccountStore
 from msa.policy.authorization import AuthThrottle, ServerRules
 from msa.policy.redislimits import RedisLimits
 from msa.queue.spool import Spool
@@ -121,6 +123,18 @@ def _ensureDemoAccounts(config: Config) -> None:
     )
 
 
+def _accountStore(config: Config, reactor) -> ILiveAccountStore:
+    """
+    The accounts file, or the database C{[accounts] store} names.
+    """
+    url = config["accounts"]["store"]
+    if url != "file":
+        cache = os.path.join(config["server"]["state_dir"], "accounts-cache.json")
+        return AccountDatabase(url, reactor, cacheFile=cache)
+    _ensureDemoAccounts(config)
+    return AccountFile(config.accountsFile, reactor)
+
+
 def _downstream(config: Config):
     relay = config["relay"]
     if not relay["host"]:
@@ -197,8 +211,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
         **tlsArgs,
     )
 
-    _ensureDemoAccounts(config)
-    store = AccountFile(config.accountsFile, reactor)
+    store = _accountStore(config, reactor)
     watcher = _AccountWatcher(store, config["accounts"]["watch_interval"])
     watcher.setServiceParent(top)
 
@@ -469,10 +482,10 @@ class _SessionShutdown(service.Service):
 
 class _AccountWatcher(service.Service):
     """
-    Reload the accounts file when it changes, and on SIGHUP.
+    Reload the accounts file (or database) when it changes, and on SIGHUP.
     """
 
-    def __init__(self, store: AccountFile, interval: float) -> None:
+    def __init__(self, store: ILiveAccountStore, interval: float) -> None:
         self.store = store
         self.interval = interval
 
@@ -495,11 +508,12 @@ class _AccountWatcher(service.Service):
             self._previous = None
 
     def stopService(self):
-        self.store.stopWatching()
+        stopped = self.store.stopWatching()
         if self._previous is not None:
             signal.signal(signal.SIGHUP, self._previous)
             self._previous = None
-        return super().stopService()
+        super().stopService()
+        return stopped
 
 
 #: Endpoint types whose description takes C{backlog=}.

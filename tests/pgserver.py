@@ -1,0 +1,170 @@
+"""
+A throwaway PostgreSQL server for tests: Debian's binaries
+(C{/usr/lib/postgresql/<version>/bin}), a cluster in a temporary directory
+owned by an unprivileged user (initdb refuses to run as root: under root
+it runs as C{postgres}), listening on 127.0.0.1 on a free port with trust
+authentication, and a Unix socket in the same temporary directory.
+Stopped and removed in the test's cleanup.
+"""
+
+import glob
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+
+from twisted.trial.unittest import SkipTest
+
+from tests.e2e import freePort
+from tests.waiting import waitUntilBlocking
+
+#: The database and superuser every server has.
+DATABASE = USER = "msa"
+
+
+def binDirectory(testCase) -> str:
+    """
+    The newest Debian PostgreSQL binaries, or skip (under CI=true: fail).
+    """
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0,
+    )
+    if not found:
+        if os.environ.get("CI") == "true":
+            testCase.fail(
+                "postgresql is not installed (CI must install it: see run-tests.sh)"
+            )
+        raise SkipTest("postgresql not installed")
+    return os.path.dirname(found[-1])
+
+
+class PostgreSQLServer:
+    """
+    One cluster: L{start}ed at construction, L{stop}ped (and removed) in the
+    test's cleanup.  L{stop} and L{start} again keep the data and the port,
+    for tests of an outage.
+
+    @ivar url: C{postgresql://msa@127.0.0.1:<port>/msa}.
+    """
+
+    def __init__(self, testCase) -> None:
+        self.bin = binDirectory(testCase)
+        self.port = freePort()
+        # Under /tmp, not the trial directory: the unprivileged user must be
+        # able to reach it.
+        self.directory = tempfile.mkdtemp(prefix="msa-pg-")
+        self.data = os.path.join(self.directory, "data")
+        self.url = f"postgresql://{USER}@127.0.0.1:{self.port}/{DATABASE}"
+        self.process: subprocess.Popen | None = None
+        #: How the server's programs run: as C{postgres} under root.
+        self.asUser: dict = {}
+        if os.geteuid() == 0:
+            entry = pwd.getpwnam("postgres")
+            os.chown(self.directory, entry.pw_uid, entry.pw_gid)
+            self.asUser = {
+                "user": entry.pw_uid,
+                "group": entry.pw_gid,
+                "extra_groups": [],
+            }
+        os.chmod(self.directory, 0o700)
+        testCase.addCleanup(shutil.rmtree, self.directory, True)
+        testCase.addCleanup(self.stop)
+        self._run(
+            "initdb",
+            "-D",
+            self.data,
+            "-U",
+            USER,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--no-instructions",
+        )
+        self.start()
+        self._run(
+            "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", USER, DATABASE
+        )
+
+    def _run(self, program: str, *args: str) -> None:
+        subprocess.run(
+            [os.path.join(self.bin, program), *args],
+            check=True,
+            **self.asUser,
+            cwd=self.directory,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+
+    def start(self) -> None:
+        """
+        Start the server and wait until it accepts connections.
+        """
+        log = open(os.path.join(self.directory, "server.log"), "ab")
+        self.process = subprocess.Popen(
+            [
+                os.path.join(self.bin, "postgres"),
+                "-D",
+                self.data,
+                "-p",
+                str(self.port),
+                "-k",
+                self.directory,
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=30",
+            ],
+            **self.asUser,
+            cwd=self.directory,
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        waitUntilBlocking(
+            self.ready, 30, f"PostgreSQL on port {self.port} to accept connections"
+        )
+
+    def ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"postgres exited: {self.serverLog()}")
+        result = subprocess.run(
+            [
+                os.path.join(self.bin, "pg_isready"),
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+            ],
+            check=False,
+        )
+        return result.returncode == 0
+
+    def serverLog(self) -> str:
+        try:
+            with open(os.path.join(self.directory, "server.log"), "rb") as f:
+                return f.read().decode("utf-8", "replace")[-2000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """
+        Stop the server (fast shutdown: clients are disconnected at once).
+        """
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
