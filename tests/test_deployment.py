@@ -54,6 +54,56 @@ class SystemdUnitTests(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stderr.strip(), "", result.stderr)
 
+    def test_verifyInstanceTemplate(self):
+        """
+        The template unit of README.rst's "More than one core on one host"
+        verifies as an instance, and each instance has its own
+        configuration, state directory and spool.
+        """
+        analyze = requireProgram(self, "systemd-analyze")
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(ROOT, "etc", "digipoort-msa@.service")) as f:
+            text = f.read()
+        for line in (
+            "--config /etc/digipoort-msa/msa-%i.toml",
+            "StateDirectory=digipoort-msa/%i",
+            "ReadWritePaths=/var/spool/digipoort-msa/%i",
+            "User=digipoort-msa",
+            "NoNewPrivileges=true",
+        ):
+            self.assertIn(line, text)
+        self.assertNotIn(".socket", text.split("[Service]")[1])
+        text = text.replace("/opt/digipoort-msa/.venv/bin/twistd", TWISTD)
+        with open(os.path.join(directory, "digipoort-msa@.service"), "w") as f:
+            f.write(text)
+        result = subprocess.run(
+            [analyze, "verify", "--man=no", "digipoort-msa@1.service"],
+            capture_output=True,
+            text=True,
+            cwd=directory,
+            env=dict(os.environ, SYSTEMD_UNIT_PATH=directory + ":"),
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stderr.strip(), "", result.stderr)
+
+    def test_haproxyExample(self):
+        """
+        The example HAProxy configuration is valid for Debian's HAProxy and
+        sends the PROXY header to every instance.
+        """
+        haproxy = requireProgram(self, "haproxy")
+        path = os.path.join(ROOT, "etc", "haproxy-digipoort-msa.cfg")
+        result = subprocess.run(
+            [haproxy, "-c", "-f", path], capture_output=True, text=True
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        with open(path) as f:
+            servers = [s.split() for s in f if s.strip().startswith("server ")]
+        self.assertEqual(len(servers), 4)
+        for server in servers:
+            self.assertIn("send-proxy-v2", server)
+
     def test_serviceRunsUnprivilegedWithSocketActivation(self):
         with open(os.path.join(ROOT, "etc", "digipoort-msa.service")) as f:
             service = f.read()
