@@ -1,53 +1,8 @@
 # -*- test-case-name: tests.test_audit -*-
 """
-The tamper-evident audit log: an append-only file of JSON lines, one record
-per event that matters (a message accepted, relayed, bounced, expired,
-deleted or held by the operator; an account added, changed, disabled or
-removed), chained by SHA-256.
-
-Each record is one line: a JSON object (ASCII only, no spaces) with at
-least::
-
-    seq    1, 2, 3...: one more than the previous record's, across files
-    time   UTC, ISO 8601 with microseconds, e.g. 2026-12-01T23:59:59.123456Z
-    prev   the SHA-256 (hex) of the previous record's line: its exact bytes
-           without the final LF; for the first record of the first file,
-           L{GENESIS} (64 zeros)
-    event  what happened; the other fields depend on it
-
-so that editing, removing or reordering a record breaks the link to the
-next one, which L{verifyFiles} (C{digipoort-msa-admin audit verify})
-finds.  Records never carry passwords, password hashes or SASL data.
-
-Rotation keeps the chain: when the file would grow beyond C{max_bytes},
-it is renamed to C{<path>.<NNNNNN>} (the next free number, never renamed
-again) and the new file starts with a C{rotated} record whose C{prev} is
-the hash of the old file's last line and whose C{previousFile} names the
-old file.
-
-Durability and more than one writer: L{AuditLog.append} returns only after
-the record's line is written and fdatasync'ed.  Concurrent callers (the
-spool's commits, in the reactor's thread pool) share one write and one
-fdatasync (a group commit, as L{msa.durable.DirectorySync} does for
-directories): the first caller becomes the leader of a round and writes
-every record queued so far in one C{write}.  Another process (the admin
-command's account records) may append too: every round takes an exclusive
-C{fcntl.flock} on C{<path>.lock}, and under it re-reads the chain head from
-the file when the file is not as this process left it (another writer
-appended, or rotated it).
-
-A torn last line (no final LF: a write cut short by a crash, never
-acknowledged since the fdatasync comes after it) is cut off by the next
-writer under the lock, which then appends a C{torn-tail-removed} record
-with the removed bytes' length and SHA-256; L{verifyFiles} reports such a
-tail as incomplete, not as tampering.
-
-What the chain cannot show by itself: records removed from the I{end} of
-the newest file, or a whole file rewritten with a freshly computed chain,
-by someone who can write it.  Only a copy of a head hash kept elsewhere
-shows that: the daemon logs the head (C{audit log head: seq N sha256 H})
-at start, at each rotation and at stop, and C{audit verify} prints it, so
-that an operator can anchor it (a remote syslog, an external notary).
+The audit log's writer, L{AuditLog} (group-committed appends under a lock,
+rotation, a torn tail cut off), and what the daemon does with it at start:
+L{recoverRecords} and L{logHead}.  See L{msa.audit}.
 """
 
 from __future__ import annotations
@@ -57,7 +12,6 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -66,101 +20,23 @@ from typing import Any
 import attrs
 from twisted.logger import Logger
 
+from msa.audit.chain import (
+    _ROTATED,
+    DEFAULT_MAX_BYTES,
+    GENESIS,
+    AuditError,
+    chainFiles,
+    encodeRecord,
+    lineHash,
+    rotatedFiles,
+    timestamp,
+)
 from msa.durable import fsyncDirectory
-
-__all__ = [
-    "GENESIS",
-    "AuditError",
-    "AuditLog",
-    "Verification",
-    "chainFiles",
-    "lineHash",
-    "logHead",
-    "recoverRecords",
-    "rotatedFiles",
-    "verifyFiles",
-]
 
 _log = Logger()
 
-#: The C{prev} of the first record of the first file.
-GENESIS = "0" * 64
-
-#: The default C{[audit] max_bytes}: 64 MiB per file.
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-
-_ROTATED = re.compile(r"\.(\d{6,})$")
-
-#: Fields a record must have, with their types.
-_REQUIRED: dict[str, type] = {"seq": int, "time": str, "prev": str, "event": str}
-
-
 #: fdatasync where the system has it (Linux), else fsync.
 _FDATASYNC: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
-
-
-class AuditError(Exception):
-    """
-    An audit record could not be made durable (the cause is chained): the
-    event it records must not be acknowledged.
-    """
-
-
-def lineHash(line: bytes) -> str:
-    """
-    The SHA-256 (hex) of one record's line, without its final LF: the
-    C{prev} of the next record.
-    """
-    return hashlib.sha256(line).hexdigest()
-
-
-def timestamp(seconds: float) -> str:
-    """
-    POSIX time as the records' C{time}: UTC, ISO 8601, microseconds.
-    """
-    whole = int(seconds)
-    micro = int(round((seconds - whole) * 1_000_000))
-    if micro == 1_000_000:
-        whole, micro = whole + 1, 0
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{micro:06d}Z"
-
-
-def encodeRecord(record: dict[str, Any]) -> bytes:
-    """
-    One record's line, without the LF: compact ASCII JSON, C{seq}, C{time},
-    C{prev} and C{event} first, the rest in the caller's order.
-    """
-    return json.dumps(record, ensure_ascii=True, separators=(",", ":")).encode("ascii")
-
-
-def rotatedFiles(path: str) -> list[str]:
-    """
-    The rotated predecessors of the log at C{path}, oldest first.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
-    found = []
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    for name in names:
-        if name.startswith(base + "."):
-            m = _ROTATED.search(name[len(base) :])
-            if m and len(m.group(0)) == len(name) - len(base):
-                found.append((int(m.group(1)), os.path.join(directory, name)))
-    return [p for _, p in sorted(found)]
-
-
-def chainFiles(path: str) -> list[str]:
-    """
-    The configured log and its rotated predecessors, in chain order (what
-    C{audit verify} checks by default).
-    """
-    files = rotatedFiles(path)
-    if os.path.exists(path):
-        files.append(os.path.abspath(path))
-    return files
 
 
 def _lastLine(fd: int, size: int) -> tuple[bytes | None, int]:
@@ -575,148 +451,3 @@ def recoverRecords(audit: AuditLog, spool: Any) -> list[str]:
         )
         found.append(queueId)
     return found
-
-
-# -- verification --------------------------------------------------------
-
-
-@attrs.define
-class Verification:
-    """
-    The result of L{verifyFiles}.
-
-    @ivar error: the first broken link, C{"<file>:<line>: <what>"}, or
-        L{None} when the chain is intact.
-    @ivar notes: what is not an error but worth saying (an incomplete last
-        line, a chain that starts after the genesis).
-    """
-
-    records: int = 0
-    firstSeq: int = 0
-    lastSeq: int = 0
-    firstTime: str = ""
-    lastTime: str = ""
-    head: str = GENESIS
-    files: list[str] = attrs.Factory(list)
-    error: str | None = None
-    notes: list[str] = attrs.Factory(list)
-
-
-def _describe(record: dict[str, Any]) -> str:
-    return f"seq {record.get('seq')!r} ({record.get('event')!r})"
-
-
-def verifyFiles(paths: list[str]) -> Verification:
-    """
-    Check the chain through C{paths}, in order: every line a JSON record
-    with the required fields, each C{seq} one more than the previous one,
-    each C{prev} the hash of the previous line (L{GENESIS} for the first
-    record, unless the chain starts at a rotated file whose predecessors
-    were not given: then a note says so).  Stops at the first broken link.
-
-    An incomplete last line (no LF) at the end of the last file is what a
-    crash during a write leaves: a note, not an error.
-    """
-    result = Verification(files=list(paths))
-    prevLine: bytes | None = None
-    prevRecord: dict[str, Any] | None = None
-    for index, path in enumerate(paths):
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            result.error = f"{path}: cannot read: {e.strerror or e}"
-            return result
-        lines = data.split(b"\n")
-        tail = lines.pop()
-        if tail:
-            if index == len(paths) - 1:
-                result.notes.append(
-                    f"{path}:{len(lines) + 1}: incomplete last line ({len(tail)} "
-                    "bytes without a line end): a write cut short by a crash, "
-                    "never acknowledged; not part of the chain (the next writer "
-                    "cuts it off and records that)"
-                )
-            else:
-                result.error = (
-                    f"{path}:{len(lines) + 1}: incomplete last line in a file "
-                    "that is not the newest: truncated"
-                )
-                return result
-        if not lines and not tail:
-            result.notes.append(f"{path}: empty")
-        for number, line in enumerate(lines, 1):
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as e:
-                result.error = f"{where}: not a JSON record ({e}): edited or truncated"
-                return result
-            for name, kind in _REQUIRED.items():
-                value = record.get(name)
-                if not isinstance(value, kind) or isinstance(value, bool):
-                    result.error = (
-                        f"{where}: field {name!r} missing or not {kind.__name__}"
-                    )
-                    return result
-            if prevRecord is None:
-                if record["prev"] == GENESIS and record["seq"] == 1:
-                    pass
-                elif record["event"] == "rotated" and number == 1:
-                    result.notes.append(
-                        f"{where}: the chain starts at seq {record['seq']}, after "
-                        f"{record.get('previousFile')!r} (not given): verified "
-                        "from there"
-                    )
-                else:
-                    result.error = (
-                        f"{where}: the first record should be seq 1 with the "
-                        f"genesis prev, but is {_describe(record)}: records "
-                        "removed from the start"
-                    )
-                    return result
-                result.firstSeq = record["seq"]
-                result.firstTime = record["time"]
-            else:
-                expected = lineHash(prevLine or b"")
-                if record["prev"] != expected:
-                    if record["seq"] != prevRecord["seq"] + 1:
-                        what = (
-                            f"{_describe(record)} follows seq {prevRecord['seq']!r}: "
-                            "records removed or reordered"
-                        )
-                    else:
-                        what = (
-                            f"{_describe(record)}: its prev does not match the "
-                            "previous line: the previous record was edited, or "
-                            "this one forged"
-                        )
-                    result.error = f"{where}: broken link: {what}"
-                    return result
-                if record["seq"] != prevRecord["seq"] + 1:
-                    result.error = (
-                        f"{where}: {_describe(record)} follows seq "
-                        f"{prevRecord['seq']!r} with a matching prev: sequence "
-                        "number edited"
-                    )
-                    return result
-                if number == 1 and record["event"] != "rotated":
-                    result.notes.append(
-                        f"{where}: a file that does not start with a rotated record"
-                    )
-                elif number == 1 and record.get("previousFile") != os.path.basename(
-                    paths[index - 1]
-                ):
-                    result.notes.append(
-                        f"{where}: names {record.get('previousFile')!r} as its "
-                        f"predecessor, given as {os.path.basename(paths[index - 1])!r}"
-                        " (renamed? the hashes match)"
-                    )
-            prevLine, prevRecord = line, record
-            result.records += 1
-            result.lastSeq = record["seq"]
-            result.lastTime = record["time"]
-            result.head = lineHash(line)
-    return result
