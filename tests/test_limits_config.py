@@ -9,7 +9,7 @@ import os
 
 from twisted.trial import unittest
 
-from msa.policy.redislimits import RedisAddress
+from msa.policy.redisclient import RedisAddress
 from msa.service.config import ConfigError, loadConfig
 
 

@@ -50,14 +50,10 @@ import itertools
 import os
 import secrets
 import time
-import urllib.parse
 from collections.abc import Callable
-from typing import Any
 
-import attrs
 from twisted.application import service
 from twisted.internet import defer, task
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -76,6 +72,7 @@ from msa.policy.authorization import (
     failedLoginDelay,
     rateLimitReply,
 )
+from msa.policy.redisclient import RedisAddress, RedisConnection
 
 log = Logger()
 
@@ -160,189 +157,6 @@ for i, key in ipairs(KEYS) do
 end
 return before
 """
-
-
-@attrs.frozen
-class RedisAddress:
-    """
-    Where Redis listens, from C{[limits] url}: C{redis://[[user]:password@]
-    host[:port][/db]} or C{unix:///path/to/socket[?db=N]}.
-    """
-
-    host: str | None = None
-    port: int = 6379
-    path: str | None = None
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-
-    @classmethod
-    def parse(cls, url: str) -> "RedisAddress":
-        """
-        @raise ValueError: saying what is wrong with C{url}.
-        """
-        parsed = urllib.parse.urlsplit(url)
-        username = urllib.parse.unquote(parsed.username) if parsed.username else None
-        password = urllib.parse.unquote(parsed.password) if parsed.password else None
-        if parsed.scheme == "unix":
-            if not parsed.path:
-                raise ValueError("a unix: URL needs the socket's path")
-            query = urllib.parse.parse_qs(parsed.query)
-            db = query.get("db", ["0"])[0]
-            if not db.isdigit():
-                raise ValueError(f"db={db!r} is not a database number")
-            return cls(
-                path=parsed.path, db=int(db), username=username, password=password
-            )
-        if parsed.scheme != "redis":
-            raise ValueError(
-                "must start with redis:// or unix:// (rediss:// is not supported)"
-            )
-        if not parsed.hostname:
-            raise ValueError("no host in the URL")
-        try:
-            port = parsed.port or 6379
-        except ValueError:
-            raise ValueError("the port is not a number") from None
-        db = parsed.path.strip("/") or "0"
-        if not db.isdigit():
-            raise ValueError(f"/{db} is not a database number")
-        return cls(
-            host=parsed.hostname,
-            port=port,
-            db=int(db),
-            username=username,
-            password=password,
-        )
-
-    def describe(self) -> str:
-        """
-        The address for the log, without the password.
-        """
-        if self.path is not None:
-            return f"unix:{self.path} db {self.db}"
-        return f"{self.host}:{self.port} db {self.db}"
-
-
-class RedisConnection:
-    """
-    The one connection to Redis, and whether Redis is reachable.
-
-    Every call has a deadline (C{timeout}): one that gets no answer in time,
-    or an error, fails with L{LimitsUnavailable}, and the first such failure
-    of an outage is logged at critical level.  While Redis is known to be
-    unreachable and no connection is up, calls fail at once rather than
-    each wait for the deadline; txredisapi keeps reconnecting meanwhile.
-
-    @ivar unavailableSince: when the outage began (reactor time), or
-        L{None} while Redis answers.
-    @ivar lastError: what the last failed call met.
-    """
-
-    #: Seconds between reconnection attempts, at most.
-    maxReconnectDelay = 2.0
-
-    def __init__(
-        self,
-        address: RedisAddress,
-        timeout: float,
-        reactor,
-        whileUnavailable: str = "",
-    ) -> None:
-        self.address = address
-        self.timeout = timeout
-        self.reactor = reactor
-        self.whileUnavailable = whileUnavailable
-        self.unavailableSince: float | None = None
-        self.lastError = ""
-        self._factory: Any = None
-
-    def connect(self) -> None:
-        # Imported here: txredisapi is needed only with backend = "redis"
-        # (the extra digipoort-msa[redis]).
-        import txredisapi
-
-        address = self.address
-        factory = txredisapi.RedisFactory(
-            address.describe(),
-            # Database 0 needs no SELECT: txredisapi stops reconnecting for
-            # good when the connection drops during its SELECT (or AUTH).
-            address.db or None,
-            1,
-            isLazy=True,
-            password=address.password,
-            username=address.username,
-            replyTimeout=self.timeout,
-            convertNumbers=False,
-        )
-        factory.initialDelay = 0.2
-        factory.maxDelay = self.maxReconnectDelay
-        endpoint: Any
-        if address.path is not None:
-            endpoint = UNIXClientEndpoint(self.reactor, address.path, self.timeout)
-        else:
-            assert address.host is not None
-            endpoint = HostnameEndpoint(
-                self.reactor, address.host, address.port, self.timeout
-            )
-        factory.startConnecting(endpoint)
-        self._factory = factory
-
-    def disconnect(self) -> defer.Deferred:
-        factory, self._factory = self._factory, None
-        if factory is None:
-            return defer.succeed(None)
-        return factory.disconnect()
-
-    def call(self, command: str, *args: Any) -> defer.Deferred:
-        """
-        Run a txredisapi command (C{"eval"}, C{"zrem"}, ...).
-
-        @return: a L{Deferred} firing with the reply, or failing with
-            L{LimitsUnavailable}.
-        """
-        factory = self._factory
-        if factory is None:
-            return defer.fail(LimitsUnavailable("not connected to Redis"))
-        if self.unavailableSince is not None and not factory.size:
-            return defer.fail(LimitsUnavailable(self.lastError))
-        d = defer.maybeDeferred(getattr(factory.handler, command), *args)
-        d.addTimeout(self.timeout, self.reactor)
-        d.addCallbacks(self._answered, self._failed)
-        return d
-
-    def eval(self, script: str, keys: list[str], args: list[Any]) -> defer.Deferred:
-        return self.call("eval", script, keys, [str(a) for a in args])
-
-    def _answered(self, result: object) -> object:
-        if self.unavailableSince is not None:
-            seconds = self.reactor.seconds() - self.unavailableSince
-            self.unavailableSince = None
-            log.warn(
-                "limits: Redis at {redis} answers again, after {seconds:.1f}s; "
-                "the shared limits apply again",
-                event="limits-recovered",
-                redis=self.address.describe(),
-                seconds=seconds,
-            )
-        return result
-
-    def _failed(self, failure: Failure) -> Failure:
-        if failure.check(defer.TimeoutError, defer.CancelledError):
-            error = f"no answer within {self.timeout}s"
-        else:
-            error = f"{type(failure.value).__name__}: {failure.getErrorMessage()}"
-        self.lastError = error
-        if self.unavailableSince is None:
-            self.unavailableSince = self.reactor.seconds()
-            log.critical(
-                "limits: Redis at {redis} cannot be reached ({error}); {consequence}",
-                event="limits-unavailable",
-                redis=self.address.describe(),
-                error=error,
-                consequence=self.whileUnavailable,
-            )
-        return Failure(LimitsUnavailable(error))
 
 
 _ids = itertools.count()

@@ -379,7 +379,7 @@ def _resolveLimits(path: str | None, limits: dict[str, Any]) -> None:
                 f"{_where(path, 'limits', key)}: must be "
                 f"{' or '.join(allowed)}, not {limits[key]!r}"
             )
-    from msa.policy.redislimits import RedisAddress
+    from msa.policy.redisclient import RedisAddress
 
     try:
         limits["address"] = RedisAddress.parse(limits["url"])
