@@ -83,7 +83,7 @@ SENDERS = ["@example.nl", "@mijnbedrijf.nl", "@mijn-bedrijf.nl"]
 def commitFailed() -> SMTPReply:
     """
     @return: what the real spool's commit fails with when the disk refuses
-        the message (L{msa.queue.spool.SpoolWriter.commit}), and so what
+        the message (L{msa.queue.writer.SpoolWriter.commit}), and so what
         L{MemorySpool.failNextCommit} fails with by default.
     """
     return SMTPReply(451, "4.3.0", "Cannot queue the message, try again later")
@@ -114,7 +114,7 @@ class StoredMessage(NamedTuple):
 class MemoryWriter:
     """
     One message being written into a L{MemorySpool}, with the contract of
-    L{msa.queue.spool.SpoolWriter}: nothing may be written after L{commit} or
+    L{msa.queue.writer.SpoolWriter}: nothing may be written after L{commit} or
     L{abort}, a second L{commit} fails, L{abort} is safe to call more than
     once and does nothing after a commit, and a failed commit leaves no
     message behind.

@@ -4,7 +4,7 @@ The thread handoffs of one accepted message in the assembled daemon: the
 commit path (L{msa.submission.transaction} to L{msa.submission.avatar} to
 L{msa.queue.spool}) hands the message to the reactor's thread pool once,
 for the fsync of the message file, the state file, the renames and the
-fsync of C{queue/} together (L{msa.queue.spool.SpoolWriter._commitBlocking});
+fsync of C{queue/} together (L{msa.queue.writer.SpoolWriter._commitBlocking});
 the 250 follows that one handoff.
 """
 
@@ -46,7 +46,7 @@ class CommitHandoffTests(unittest.TestCase):
             self.assertEqual(code, 250)
             queueIds.append(text.split()[-1].decode())
         yield msa.waitForOutbox(2)
-        commit = "msa.queue.spool.SpoolWriter._commitBlocking"
+        commit = "msa.queue.writer.SpoolWriter._commitBlocking"
         self.assertEqual([h for h in handoffs if h == commit], [commit] * 2)
         self.assertEqual([h for h in handoffs if h.startswith("msa.submission.")], [])
         # After the 250: the outbox write and the removal of the delivered

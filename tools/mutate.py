@@ -46,6 +46,8 @@ TARGETS = {
         "tests.test_mutants",
     ],
     "msa/queue/spool.py": ["tests.test_spool", "tests.test_mutants"],
+    "msa/queue/writer.py": ["tests.test_spool", "tests.test_mutants"],
+    "msa/queue/entry.py": ["tests.test_spool", "tests.test_mutants"],
     "msa/sasl/digest_md5.py": ["tests.test_sasl_digest_md5", "tests.test_mutants"],
 }
 

@@ -64,7 +64,7 @@ class RecipientStatus:
 
 def needsNotification(entry) -> bool:
     """
-    Whether a problem with C{entry} (a L{msa.queue.spool.SpoolEntry}) is
+    Whether a problem with C{entry} (a L{msa.queue.entry.SpoolEntry}) is
     reported to its sender: not for the null sender, not for a DSN.
     """
     return bool(entry.envelope.sender) and not entry.isBounce
@@ -310,7 +310,7 @@ def queueDSN(
     willRetryUntil: float | None = None,
 ) -> defer.Deferred:
     """
-    Build the DSN about C{entry} (a L{msa.queue.spool.SpoolEntry} whose message
+    Build the DSN about C{entry} (a L{msa.queue.entry.SpoolEntry} whose message
     file is still there) and queue it in C{spool} with the null sender.
 
     The original's bytes are checked against its recorded digest first

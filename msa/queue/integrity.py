@@ -4,7 +4,7 @@ Integrity at hand-off: a queued message is handed over (to the core MTA,
 to the outbox, or quoted in a delivery status notification) only when its
 bytes are still the ones acknowledged with the 250.
 
-The spool writer (L{msa.queue.spool.SpoolWriter}) hashes what it writes
+The spool writer (L{msa.queue.writer.SpoolWriter}) hashes what it writes
 and records, with the message's state, in the same commit as the message:
 
   - C{sha256}: the SHA-256 of the message as accepted from the client,
@@ -81,7 +81,7 @@ class IntegrityError(Exception):
 
 def recorded(entry: Any) -> bool:
     """
-    Whether C{entry} (a L{msa.queue.spool.SpoolEntry}) has a recorded
+    Whether C{entry} (a L{msa.queue.entry.SpoolEntry}) has a recorded
     digest.
     """
     return bool(getattr(entry, "sha256", ""))

@@ -162,7 +162,7 @@ class SMTPDownstream:
         Deliver C{entry}'s message to its pending recipients, over an idle
         connection when there is one.
 
-        @param entry: a L{msa.queue.spool.SpoolEntry}.
+        @param entry: a L{msa.queue.entry.SpoolEntry}.
         @param messageFile: the message, open for binary reading.
         @return: a L{Deferred} firing with a L{DeliveryResult}; never fails.
         """

@@ -60,7 +60,7 @@ def receivedHeader(hostname: str, session: SessionInfo, envelope: Envelope) -> b
 def _noteAudit(writer: ISpoolWriter, **fields: object) -> None:
     """
     Add C{fields} to the message's acceptance record in the audit log
-    (L{msa.queue.spool.SpoolWriter.noteAudit}), when the writer keeps one.
+    (L{msa.queue.writer.SpoolWriter.noteAudit}), when the writer keeps one.
     """
     note = getattr(writer, "noteAudit", None)
     if note is not None:
