@@ -9,7 +9,7 @@ import base64
 import socket
 import ssl
 
-from msa.service.tap import _SessionShutdown
+from msa.service.services import SessionShutdown
 
 
 class Closed(Exception):
@@ -116,5 +116,5 @@ def sessionRegistry(service):
     """
     The L{msa.submission.sessions.SessionRegistry} of an assembled service.
     """
-    [shutdown] = [s for s in service if isinstance(s, _SessionShutdown)]
+    [shutdown] = [s for s in service if isinstance(s, SessionShutdown)]
     return shutdown.registry

@@ -15,7 +15,7 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from msa.admin import command as admin
-from msa.service import tap
+from msa.service import services, tap
 from tests.e2e import RunningMSA
 from tests.test_e2e import submit
 from tests.waiting import waitUntil
@@ -42,7 +42,7 @@ def accountsReloaded(msa):
 
     @return: a L{Deferred} that fails loudly if that does not happen.
     """
-    [watcher] = [s for s in msa.service if isinstance(s, tap._AccountWatcher)]
+    [watcher] = [s for s in msa.service if isinstance(s, services.AccountWatcher)]
     store = watcher.store
     return waitUntil(
         lambda: store._currentStamp() == store._stamp,

@@ -983,7 +983,7 @@ ROWS: list[Row] = [
     Row(
         "server.shutdown_grace",
         7,
-        wired=lambda env: env.service("_SessionShutdown").grace,
+        wired=lambda env: env.service("SessionShutdown").grace,
         reason="its effect shows only when the daemon stops (SIGTERM)",
         coveredBy=("tests.test_crash.CrashTests.test_sigterm",),
     ),
@@ -1041,7 +1041,7 @@ ROWS: list[Row] = [
     Row(
         "accounts.watch_interval",
         0.5,
-        wired=lambda env: env.service("_AccountWatcher").interval,
+        wired=lambda env: env.service("AccountWatcher").interval,
         reason=_TIMING,
         coveredBy=(
             "tests.test_accounts_e2e.AdminRoundTripTests.test_addSubmitDisableRefused",

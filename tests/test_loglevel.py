@@ -2,7 +2,7 @@
 """
 The C{[logging] level} setting: the predicate and filter of
 L{msa.service.logs}, the service that puts the filter in front of the
-global log publisher's observers (L{msa.service.tap._LogLevel}), and the
+global log publisher's observers (L{msa.service.services.LogLevelFilter}), and the
 configuration error for a bad value.  Its effect over the daemon is the
 C{logging.level} row of L{tests.test_everykey}.
 """
@@ -15,7 +15,8 @@ from twisted.trial import unittest
 from msa._compat import publisherObservers
 from msa.service import logs
 from msa.service.config import ConfigError, loadConfig
-from msa.service.tap import Options, _LogLevel, makeService
+from msa.service.services import LogLevelFilter
+from msa.service.tap import Options, makeService
 
 
 def _events(publisher: LogPublisher) -> tuple[list[dict], Logger]:
@@ -84,14 +85,14 @@ class LevelPredicateTests(unittest.TestCase):
 
 class LogLevelServiceTests(unittest.TestCase):
     """
-    L{_LogLevel} filters every observer of its publisher while it runs,
+    L{LogLevelFilter} filters every observer of its publisher while it runs,
     and puts them back when it stops.
     """
 
     def test_filtersWhileRunning(self):
         publisher = LogPublisher()
         seen, log = _events(publisher)
-        service = _LogLevel(LogLevel.warn, publisher)
+        service = LogLevelFilter(LogLevel.warn, publisher)
         service.startService()
         log.info("hidden")
         log.warn("shown")
@@ -107,7 +108,7 @@ class LogLevelServiceTests(unittest.TestCase):
         """
         publisher = LogPublisher()
         seen, log = _events(publisher)
-        service = _LogLevel(LogLevel.info, publisher)
+        service = LogLevelFilter(LogLevel.info, publisher)
         service.startService()
         [wrapped] = publisherObservers(publisher)
         publisher.removeObserver(wrapped)

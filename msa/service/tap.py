@@ -9,27 +9,20 @@ L{msa.submission.server.SubmissionFactory} itself.
 
 import os
 import re
-import signal
-from typing import Any
 
 import attrs
-from twisted.application import service, strports
+from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.cred.portal import Portal
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import (
-    ILogObserver,
     Logger,
-    LogLevel,
-    LogPublisher,
-    globalLogPublisher,
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.web.server import Site
 
 from msa import __version__, metrics, tls
-from msa._compat import publisherObservers
 from msa.accounts.checkers import AccountChecker, SubmissionRealm
 from msa.accounts.clientcert import CertificateBindingRealm, CertificateChecker
 from msa.accounts.filestore import AccountFile
@@ -41,7 +34,7 @@ from msa.accounts.model import (
 )
 from msa.accounts.passwords import PasswordVerifier, limitScryptMemory
 from msa.accounts.pgstore import AccountDatabase
-from msa.audit import AuditError, AuditLog, logHead, recoverRecords
+from msa.audit import AuditLog
 from msa.interfaces import ILiveAccountStore
 from msa.policy.authorization import AuthThrottle, ServerRules
 from msa.policy.redislimits import RedisLimits
@@ -53,6 +46,13 @@ from msa.sasl import MechanismContext
 from msa.service import logs
 from msa.service.config import Config, ConfigError, loadConfig
 from msa.service.controlsocket import ControlService, socketPath
+from msa.service.services import (
+    AccountWatcher,
+    AuditLogService,
+    JSONLogFile,
+    LogLevelFilter,
+    SessionShutdown,
+)
 from msa.service.startupchecks import StartupCheckError, checkFileLimit, runChecks
 from msa.submission.avatar import submissionFactory
 from msa.submission.proxyheader import ProxyHeaderFactory, splitDescription
@@ -183,7 +183,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
     top = MultiService()
     # First, so that it is in place before the other services log.
     level = logs.LEVELS[config["logging"]["level"]]
-    _LogLevel(level).setServiceParent(top)
+    LogLevelFilter(level).setServiceParent(top)
     os.makedirs(server["state_dir"], mode=0o700, exist_ok=True)
 
     certFile, keyFile = tlsConfig["certificate"], tlsConfig["key"]
@@ -212,14 +212,14 @@ def buildService(config: Config, reactor=None) -> MultiService:
     )
 
     store = _accountStore(config, reactor)
-    watcher = _AccountWatcher(store, config["accounts"]["watch_interval"])
+    watcher = AccountWatcher(store, config["accounts"]["watch_interval"])
     watcher.setServiceParent(top)
 
     spool = Spool(config["spool"]["directory"], reactor)
     runChecks(certFile, tlsConfig["chain"], config["spool"]["directory"])
     spool.recover()
     if config["audit"]["enabled"]:
-        _AuditService(
+        AuditLogService(
             spool, AuditLog(config["audit"]["path"], config["audit"]["max_bytes"])
         ).setServiceParent(top)
     relay = config["relay"]
@@ -257,7 +257,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
         metricsService = strports.service(config["metrics"]["listen"], site, reactor)
         metricsService.setServiceParent(top)
     if config["logging"]["json_file"]:
-        _JSONLog(config["logging"]["json_file"], level).setServiceParent(top)
+        JSONLogFile(config["logging"]["json_file"], level).setServiceParent(top)
     ControlService(
         socketPath(server["state_dir"]), runner.control, spool, reactor
     ).setServiceParent(top)
@@ -300,7 +300,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
         if sharedLimits.fallback == "local":
             sessionLimiter.local = MemorySessionLimiter(registry)
     _checkBacklog(server["listen_backlog"])
-    _SessionShutdown(registry, server["shutdown_grace"]).setServiceParent(top)
+    SessionShutdown(registry, server["shutdown_grace"]).setServiceParent(top)
     for implicit, key in (
         (False, "starttls_listeners"),
         (True, "implicit_tls_listeners"),
@@ -371,149 +371,6 @@ def _sharedLimits(
     )
     shared.setName("limits")
     return shared
-
-
-class _LogLevel(service.Service):
-    """
-    The C{[logging] level}: while running, every observer of the global log
-    publisher (twistd's text log, and any other present at the start) sits
-    behind a filter (L{msa.service.logs.levelFilter}), so that the events
-    below C{level} are neither formatted nor written.  On stop, the
-    observers are put back as they were.
-    """
-
-    def __init__(self, level: LogLevel, publisher: LogPublisher | None = None) -> None:
-        self.level = level
-        self.publisher = globalLogPublisher if publisher is None else publisher
-        self._wrapped: list[tuple[ILogObserver, ILogObserver]] = []
-
-    def startService(self) -> None:
-        super().startService()
-        for observer in publisherObservers(self.publisher):
-            wrapped = logs.levelFilter(observer, self.level)
-            self.publisher.removeObserver(observer)
-            self.publisher.addObserver(wrapped)
-            self._wrapped.append((observer, wrapped))
-
-    def stopService(self):
-        present = publisherObservers(self.publisher)
-        for observer, wrapped in self._wrapped:
-            if wrapped in present:
-                self.publisher.removeObserver(wrapped)
-                self.publisher.addObserver(observer)
-        self._wrapped = []
-        return super().stopService()
-
-
-class _JSONLog(service.Service):
-    """
-    The MSA's log events (and errors) also as flat JSON objects, one per
-    line, in a file, for log shippers (the same as C{twistd --logger
-    msa.service.logs.jsonLogger}; fields in L{msa.service.logs}).
-    """
-
-    def __init__(self, path: str, level: LogLevel = LogLevel.info) -> None:
-        self.path = path
-        self.level = level
-        self._observer: ILogObserver | None = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._file = open(self.path, "a", encoding="utf-8")
-        observer = logs.levelFilter(logs.FlatJSONObserver(self._file), self.level)
-        globalLogPublisher.addObserver(observer)
-        self._observer = observer
-
-    def stopService(self):
-        if self._observer is not None:
-            globalLogPublisher.removeObserver(self._observer)
-            self._file.close()
-            self._observer = None
-        return super().stopService()
-
-
-class _AuditService(service.Service):
-    """
-    The audit log (L{msa.audit}): opened (a torn tail cut off) when built,
-    so that a log that cannot be continued stops the start; the spool's
-    commits append to it.  Its head is logged at start and stop, for an
-    anchor outside the file.
-    """
-
-    def __init__(self, spool: Spool, audit: AuditLog) -> None:
-        try:
-            audit.open()
-            for queueId in recoverRecords(audit, spool):
-                log.warn(
-                    "audit: {queueId} was queued without its acceptance record "
-                    "(a crash during its commit): recorded as recovered",
-                    queueId=queueId,
-                )
-        except AuditError as e:
-            raise StartupCheckError(f"audit log: {e}") from e
-        self.audit = audit
-        spool.audit = audit
-
-    def startService(self) -> None:
-        super().startService()
-        logHead(self.audit, "start")
-
-    def stopService(self):
-        logHead(self.audit, "stop")
-        self.audit.close()
-        return super().stopService()
-
-
-class _SessionShutdown(service.Service):
-    """
-    On stop (SIGTERM), let sessions in progress finish their message, up to
-    C{grace} seconds, then tell the rest 421.  The listeners stop accepting
-    at the same moment, since all services stop together.
-    """
-
-    def __init__(self, registry: SessionRegistry, grace: float) -> None:
-        self.registry = registry
-        self.grace = grace
-
-    def stopService(self):
-        super().stopService()
-        return self.registry.shutdown(self.grace)
-
-
-class _AccountWatcher(service.Service):
-    """
-    Reload the accounts file (or database) when it changes, and on SIGHUP.
-    """
-
-    def __init__(self, store: ILiveAccountStore, interval: float) -> None:
-        self.store = store
-        self.interval = interval
-
-    _previous: Any = None
-
-    def startService(self) -> None:
-        super().startService()
-        self.store.startWatching(self.interval)
-        from twisted.internet import reactor
-
-        def hangup(signum, frame):
-            # Signal handlers run between bytecodes of the reactor thread:
-            # hand the reload to the reactor's next turn.
-            reactor.callFromThread(self.store.reload)  # type: ignore[attr-defined]
-
-        try:
-            self._previous = signal.signal(signal.SIGHUP, hangup)
-        except ValueError:
-            # Not the main thread (an embedder's choice): polling only.
-            self._previous = None
-
-    def stopService(self):
-        stopped = self.store.stopWatching()
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
-            self._previous = None
-        super().stopService()
-        return stopped
 
 
 #: Endpoint types whose description takes C{backlog=}.

@@ -1,0 +1,179 @@
+# -*- test-case-name: tests.test_loglevel,tests.test_accounts_e2e,tests.test_audit -*-
+"""
+The small services the daemon runs beside its listeners (L{msa.service.tap}
+puts them in its L{MultiService}): the log level filter, the JSON log file,
+the audit log, the session shutdown on SIGTERM and the accounts watcher.
+"""
+
+import signal
+from typing import Any
+
+from twisted.application import service
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogLevel,
+    LogPublisher,
+    globalLogPublisher,
+)
+
+from msa._compat import publisherObservers
+from msa.audit import AuditError, AuditLog, logHead, recoverRecords
+from msa.interfaces import ILiveAccountStore
+from msa.queue.spool import Spool
+from msa.service import logs
+from msa.service.startupchecks import StartupCheckError
+from msa.submission.sessions import SessionRegistry
+
+__all__ = [
+    "AccountWatcher",
+    "AuditLogService",
+    "JSONLogFile",
+    "LogLevelFilter",
+    "SessionShutdown",
+]
+
+log = Logger(namespace="msa.service.tap")
+
+
+class LogLevelFilter(service.Service):
+    """
+    The C{[logging] level}: while running, every observer of the global log
+    publisher (twistd's text log, and any other present at the start) sits
+    behind a filter (L{msa.service.logs.levelFilter}), so that the events
+    below C{level} are neither formatted nor written.  On stop, the
+    observers are put back as they were.
+    """
+
+    def __init__(self, level: LogLevel, publisher: LogPublisher | None = None) -> None:
+        self.level = level
+        self.publisher = globalLogPublisher if publisher is None else publisher
+        self._wrapped: list[tuple[ILogObserver, ILogObserver]] = []
+
+    def startService(self) -> None:
+        super().startService()
+        for observer in publisherObservers(self.publisher):
+            wrapped = logs.levelFilter(observer, self.level)
+            self.publisher.removeObserver(observer)
+            self.publisher.addObserver(wrapped)
+            self._wrapped.append((observer, wrapped))
+
+    def stopService(self):
+        present = publisherObservers(self.publisher)
+        for observer, wrapped in self._wrapped:
+            if wrapped in present:
+                self.publisher.removeObserver(wrapped)
+                self.publisher.addObserver(observer)
+        self._wrapped = []
+        return super().stopService()
+
+
+class JSONLogFile(service.Service):
+    """
+    The MSA's log events (and errors) also as flat JSON objects, one per
+    line, in a file, for log shippers (the same as C{twistd --logger
+    msa.service.logs.jsonLogger}; fields in L{msa.service.logs}).
+    """
+
+    def __init__(self, path: str, level: LogLevel = LogLevel.info) -> None:
+        self.path = path
+        self.level = level
+        self._observer: ILogObserver | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._file = open(self.path, "a", encoding="utf-8")
+        observer = logs.levelFilter(logs.FlatJSONObserver(self._file), self.level)
+        globalLogPublisher.addObserver(observer)
+        self._observer = observer
+
+    def stopService(self):
+        if self._observer is not None:
+            globalLogPublisher.removeObserver(self._observer)
+            self._file.close()
+            self._observer = None
+        return super().stopService()
+
+
+class AuditLogService(service.Service):
+    """
+    The audit log (L{msa.audit}): opened (a torn tail cut off) when built,
+    so that a log that cannot be continued stops the start; the spool's
+    commits append to it.  Its head is logged at start and stop, for an
+    anchor outside the file.
+    """
+
+    def __init__(self, spool: Spool, audit: AuditLog) -> None:
+        try:
+            audit.open()
+            for queueId in recoverRecords(audit, spool):
+                log.warn(
+                    "audit: {queueId} was queued without its acceptance record "
+                    "(a crash during its commit): recorded as recovered",
+                    queueId=queueId,
+                )
+        except AuditError as e:
+            raise StartupCheckError(f"audit log: {e}") from e
+        self.audit = audit
+        spool.audit = audit
+
+    def startService(self) -> None:
+        super().startService()
+        logHead(self.audit, "start")
+
+    def stopService(self):
+        logHead(self.audit, "stop")
+        self.audit.close()
+        return super().stopService()
+
+
+class SessionShutdown(service.Service):
+    """
+    On stop (SIGTERM), let sessions in progress finish their message, up to
+    C{grace} seconds, then tell the rest 421.  The listeners stop accepting
+    at the same moment, since all services stop together.
+    """
+
+    def __init__(self, registry: SessionRegistry, grace: float) -> None:
+        self.registry = registry
+        self.grace = grace
+
+    def stopService(self):
+        super().stopService()
+        return self.registry.shutdown(self.grace)
+
+
+class AccountWatcher(service.Service):
+    """
+    Reload the accounts file (or database) when it changes, and on SIGHUP.
+    """
+
+    def __init__(self, store: ILiveAccountStore, interval: float) -> None:
+        self.store = store
+        self.interval = interval
+
+    _previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.store.startWatching(self.interval)
+        from twisted.internet import reactor
+
+        def hangup(signum, frame):
+            # Signal handlers run between bytecodes of the reactor thread:
+            # hand the reload to the reactor's next turn.
+            reactor.callFromThread(self.store.reload)  # type: ignore[attr-defined]
+
+        try:
+            self._previous = signal.signal(signal.SIGHUP, hangup)
+        except ValueError:
+            # Not the main thread (an embedder's choice): polling only.
+            self._previous = None
+
+    def stopService(self):
+        stopped = self.store.stopWatching()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+        super().stopService()
+        return stopped
