@@ -17,7 +17,7 @@ from twisted.trial import unittest
 
 from msa.accounts.filestore import AccountFile
 from msa.accounts.model import AccountsFileError, makeAccount, writeAccounts
-from msa.service.tap import _AccountWatcher
+from msa.service.services import AccountWatcher
 from tests.test_accounts import REALM
 from tests.waiting import waitUntil
 
@@ -289,7 +289,7 @@ class HangupTests(unittest.TestCase):
         With polling practically off, a SIGHUP alone makes the store read
         the file again; a malformed file then keeps the last good accounts.
         """
-        watcher = _AccountWatcher(self.store, 3600)
+        watcher = AccountWatcher(self.store, 3600)
         watcher.startService()
         self.addCleanup(watcher.stopService)
         bob = makeAccount("bob", "pw", [], ["PLAIN"])
@@ -321,7 +321,7 @@ class HangupTests(unittest.TestCase):
             pass
 
         signal.signal(signal.SIGHUP, mine)
-        watcher = _AccountWatcher(self.store, 3600)
+        watcher = AccountWatcher(self.store, 3600)
         watcher.startService()
         self.assertIsNot(signal.getsignal(signal.SIGHUP), mine)
         watcher.stopService()
