@@ -15,6 +15,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from msa.accounts.model import readAccounts, verifyPassword, writeAccounts
+from msa.admin import accounts as adminaccounts
 from msa.admin import command as admin
 from msa.envelope import Envelope
 from msa.queue.spool import Spool
@@ -139,7 +140,7 @@ class AdminTests(unittest.TestCase):
         match.
         """
         answers = ["tty pw", "tty pw", "one", "other"]
-        self.patch(admin.getpass, "getpass", lambda prompt: answers.pop(0))
+        self.patch(adminaccounts.getpass, "getpass", lambda prompt: answers.pop(0))
         code, out, err = self.runAdmin("accounts", "add", "alice", stdin=FakeTerminal())
         self.assertEqual(code, 0, err)
         self.assertTrue(verifyPassword(readAccounts(self.path)["alice"], "tty pw"))
@@ -261,7 +262,7 @@ class AdminTests(unittest.TestCase):
         the host's fully qualified name.
         """
         self.patch(admin, "_loadConfig", lambda path: None)
-        self.patch(admin.socket, "getfqdn", lambda: "host.example")
+        self.patch(adminaccounts.socket, "getfqdn", lambda: "host.example")
         code, out, err = self.runAdmin(
             "accounts", "add", "alice", stdin="pw\n", base=["--accounts", self.path]
         )
