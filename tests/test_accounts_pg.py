@@ -35,11 +35,11 @@ from msa.accounts.pgstore import (
 from msa.admin import command as admin
 from msa.service.config import ConfigError, loadConfig, writeConfig
 from tests.e2e import SENDERS, USERS, RunningMSA, freePort, requireProgram
-from tests.haproxyfront import proxiedInstances, startHAProxy
+from tests.haproxyfront import HAProxy, proxiedInstances
 from tests.pgserver import PostgreSQLServer
 from tests.sessionclient import RawSession
 from tests.test_audit import records
-from tests.waiting import listening, waitUntil, waitUntilBlocking
+from tests.waiting import waitUntil
 
 ACCEPTED = b"235 2.7.0 Authentication successful"
 REFUSED = b"535 5.7.8 Authentication credentials invalid"
@@ -721,13 +721,12 @@ class HAProxyTests(unittest.TestCase):
             server={"auth_delay_base": 0},
             accounts={"store": self.pg.url},
         )
-        front = startHAProxy(
+        front = HAProxy(
             self, instances[0][1].directory, [port for port, _ in instances]
-        )
+        ).port
         msa = instances[0][1]
 
         def fourLogins() -> list[bytes]:
-            waitUntilBlocking(lambda: listening(front), what="HAProxy to listen")
             return [login(msa, "alice", "wonderland", front) for _ in range(4)]
 
         self.assertEqual((yield threads.deferToThread(fourLogins)), [ACCEPTED] * 4)
