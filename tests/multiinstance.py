@@ -171,5 +171,16 @@ class Instances:
         with open(path, encoding="utf-8") as f:
             return [json.loads(line) for line in f]
 
+    def loggedDelays(self) -> list[float]:
+        """
+        The failed-login delays logged so far, in order: both instances run
+        in this process, so each JSON log has the events of both.
+        """
+        return [
+            line["delay"]
+            for line in self.events(0)
+            if line.get("outcome") == "failure" and "delay" in line
+        ]
+
     def outboxes(self) -> list[list[str]]:
         return [msa.outboxFiles() for msa in self.msas]

@@ -145,6 +145,21 @@ class LogLines:
     def matching(self, text: str) -> list[str]:
         return [line for line in (formatEvent(e) for e in self.events) if text in line]
 
+    @defer.inlineCallbacks
+    def outage(self, testCase, instances: int):
+        """
+        Wait (L{PROPAGATION} seconds at most) until each of C{instances}
+        has logged the database outage, at critical level.
+        """
+        yield waitUntil(
+            lambda: len(self.matching("unreachable or unusable")) >= instances,
+            timeout=PROPAGATION,
+            what=f"{instances} instance(s) to log the outage",
+        )
+        testCase.assertEqual(
+            self.levels("unreachable or unusable"), ["critical"] * instances
+        )
+
     def levels(self, text: str) -> list[str]:
         return [
             e["log_level"].name
@@ -661,14 +676,7 @@ class TwoInstancesTests(unittest.TestCase):
         change reaches both again.
         """
         self.pg.stop()
-        yield waitUntil(
-            lambda: len(self.log.matching("unreachable or unusable")) >= 2,
-            timeout=PROPAGATION,
-            what="both instances to log the outage",
-        )
-        self.assertEqual(
-            self.log.levels("unreachable or unusable"), ["critical", "critical"]
-        )
+        yield self.log.outage(self, 2)
         self.assertEqual((yield self.logins("alice", "wonderland")), [ACCEPTED] * 2)
         self.assertEqual((yield self.logins("bob", "builder pass")), [ACCEPTED] * 2)
         yield threads.deferToThread(self.pg.start)

@@ -21,18 +21,26 @@ L{tests.pgserver}).  Every client is smtplib over STARTTLS with AUTH:
 
 import smtplib
 
-import attrs
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from msa.accounts.model import Account, makeAccount
+from msa.accounts.model import Account
 from msa.accounts.pgstore import AccountTable
 from tests.e2e import SENDERS, AiosmtpdCore
-from tests.multiinstance import CLIENT_ADDRESS, Instances
+from tests.multiinstance import Instances
 from tests.pgserver import PostgreSQLServer
 from tests.redisserver import RedisServer
 from tests.test_accounts_pg import PROPAGATION, LogLines, adminProcess, usersAccounts
-from tests.test_multiinstance import CAROL, RECIPIENT, SENDER, auth, submit
+from tests.test_multiinstance import (
+    CAROL,
+    RECIPIENT,
+    SENDER,
+    auth,
+    carol,
+    dayLimitHolds,
+    failureCounts,
+    submit,
+)
 from tests.waiting import waitUntil
 
 ACCEPTED = (235, b"2.7.0 Authentication successful")
@@ -40,14 +48,6 @@ REFUSED = (535, b"5.7.8 Authentication credentials invalid")
 TEMPORARY = (454, b"4.7.0 Temporary authentication failure")
 ALICE = ("alice", "wonderland")
 UNCHECKED = (451, b"4.3.0 Rate limits cannot be checked now; try again later")
-
-
-def carol(**limits) -> dict[str, Account]:
-    """
-    carol for the database, with C{limits} among her fields.
-    """
-    account = makeAccount(CAROL[0], CAROL[1], ["localhost"])
-    return {CAROL[0]: attrs.evolve(account, extra={"senders": SENDERS, **limits})}
 
 
 def message(subject: str) -> bytes:
@@ -140,6 +140,20 @@ class SharedEnginesTests(unittest.TestCase):
 
         return threads.deferToThread(run)
 
+    def waitForLogins(self, user: str, password: str, reply: tuple, what: str):
+        """
+        Within L{PROPAGATION} seconds, AUTH gets C{reply} through HAProxy on
+        both instances and from each instance directly.
+        """
+        return waitUntil(
+            lambda: self.logins(user, password).addCallback(
+                lambda replies: replies == [reply] * 4
+            ),
+            timeout=PROPAGATION,
+            what=what,
+            interval=0.2,
+        )
+
     @defer.inlineCallbacks
     def test_dayLimitAcrossInstances(self):
         """
@@ -162,32 +176,8 @@ class SharedEnginesTests(unittest.TestCase):
             stdin=CAROL[1] + "\n",
         )
         self.assertEqual((code, out), (0, "added account carol\n"), err)
-        direct = [lambda: instances.direct(0), lambda: instances.direct(1)]
-        yield waitUntil(
-            lambda: self.logins(*CAROL, direct).addCallback(
-                lambda replies: replies == [ACCEPTED] * 2
-            ),
-            timeout=PROPAGATION,
-            what="carol to log in on both instances",
-            interval=0.2,
-        )
-        for _ in range(4):
-            reply = yield threads.deferToThread(submit, instances.client)
-            self.assertEqual(reply[0], 250, reply)
-        yield waitUntil(
-            lambda: sum(len(o) for o in instances.outboxes()) == 4,
-            what="4 messages in the outboxes",
-        )
-        self.assertEqual([len(o) for o in instances.outboxes()], [2, 2])
-        limit = b"4.7.1 Rate limit of 4 messages per day reached for this account"
-        for connect in self.connectors():
-            code, text = yield threads.deferToThread(submit, connect)
-            self.assertEqual(code, 451)
-            self.assertTrue(text.startswith(limit), text)
-        self.assertEqual(
-            self.redis.integer("ZCARD", "digipoort-msa:rate:sent:carol"), 4
-        )
-        self.assertEqual([len(o) for o in instances.outboxes()], [2, 2])
+        yield self.waitForLogins(*CAROL, ACCEPTED, "carol to log in on both instances")
+        yield dayLimitHolds(self, instances, self.redis, self.connectors())
 
     @defer.inlineCallbacks
     def test_failedLoginDelayAcrossInstances(self):
@@ -202,26 +192,11 @@ class SharedEnginesTests(unittest.TestCase):
         connectors = self.connectors() + self.connectors()[:2]
         replies = yield self.logins("alice", "not the password", connectors)
         self.assertEqual(replies, [REFUSED] * 6)
-        key = f"digipoort-msa:authfail:account:alice:{CLIENT_ADDRESS}"
-        self.assertEqual(self.redis.integer("GET", key), 6)
-        self.assertEqual(
-            self.redis.integer(
-                "GET", f"digipoort-msa:authfail:address:{CLIENT_ADDRESS}"
-            ),
-            6,
+        self.assertEqual(failureCounts(self.redis, "alice"), (6, 6))
+        logged = yield waitUntil(
+            lambda: len(instances.loggedDelays()) == 6 and instances.loggedDelays(),
+            what="6 failed logins in the JSON log",
         )
-
-        def delays():
-            # Both instances run in this process: each JSON log has the
-            # events of both, in the order they happened.
-            found = [
-                line["delay"]
-                for line in instances.events(0)
-                if line.get("outcome") == "failure" and "delay" in line
-            ]
-            return found if len(found) == 6 else None
-
-        logged = yield waitUntil(delays, what="6 failed logins in the JSON log")
         self.assertEqual(logged, [0, 0.01, 0.02, 0.04, 0.08, 0.16])
 
     @defer.inlineCallbacks
@@ -236,25 +211,11 @@ class SharedEnginesTests(unittest.TestCase):
         self.assertEqual((yield self.logins("alice", "wonderland")), [ACCEPTED] * 4)
         code, out, err = yield self.admin("accounts", "disable", "alice")
         self.assertEqual((code, out), (0, "disabled account alice\n"), err)
-        yield waitUntil(
-            lambda: self.logins("alice", "wonderland").addCallback(
-                lambda replies: replies == [REFUSED] * 4
-            ),
-            timeout=PROPAGATION,
-            what="alice refused on both instances",
-            interval=0.2,
-        )
+        yield self.waitForLogins(*ALICE, REFUSED, "alice refused on both instances")
         self.assertEqual((yield self.logins("bob", "builder pass")), [ACCEPTED] * 4)
         code, out, err = yield self.admin("accounts", "enable", "alice")
         self.assertEqual((code, out), (0, "enabled account alice\n"), err)
-        yield waitUntil(
-            lambda: self.logins("alice", "wonderland").addCallback(
-                lambda replies: replies == [ACCEPTED] * 4
-            ),
-            timeout=PROPAGATION,
-            what="alice back on both instances",
-            interval=0.2,
-        )
+        yield self.waitForLogins(*ALICE, ACCEPTED, "alice back on both instances")
 
     @defer.inlineCallbacks
     def test_redisKilledLosesNoAcceptedMessage(self):
@@ -368,14 +329,7 @@ class SharedEnginesTests(unittest.TestCase):
         instances = self.start(server={"auth_delay_base": 0})
         self.assertEqual((yield self.logins("alice", "wonderland")), [ACCEPTED] * 4)
         yield threads.deferToThread(self.pg.stop)
-        yield waitUntil(
-            lambda: len(self.log.matching("unreachable or unusable")) >= 2,
-            timeout=PROPAGATION,
-            what="both instances to log the outage",
-        )
-        self.assertEqual(
-            self.log.levels("unreachable or unusable"), ["critical", "critical"]
-        )
+        yield self.log.outage(self, 2)
         self.assertEqual((yield self.logins("alice", "wonderland")), [ACCEPTED] * 4)
         self.assertEqual((yield self.logins("bob", "builder pass")), [ACCEPTED] * 4)
         self.assertEqual((yield self.logins("bob", "wonderland")), [REFUSED] * 4)
