@@ -1,7 +1,8 @@
 """
 A real HAProxy in front of MSA instances, as README.rst describes it: TCP
 mode, round robin, the PROXY protocol v2 to each instance's C{haproxy:}
-listener.
+listener.  The one HAProxy helper of the tests (L{tests.multiinstance},
+L{tests.test_accounts_pg}, L{tests.test_proxy}).
 """
 
 import os
@@ -9,47 +10,49 @@ import subprocess
 
 from msa.tls import ensureSelfSignedCertificate
 from tests.e2e import RunningMSA, freePort, requireProgram
+from tests.waiting import listening, waitUntilBlocking
 
 
-def startHAProxy(testCase, directory: str, ports: list[int]) -> int:
+class HAProxy:
     """
-    Start HAProxy on a free loopback port, balancing over the instances
-    listening (with C{haproxy:}) on C{ports}; it is stopped in the test's
-    cleanup.  Skips (or fails under CI=true) without HAProxy.
+    Debian's HAProxy in TCP mode on a free loopback port, round robin over
+    C{backends} (ports on 127.0.0.1, C{haproxy:} listeners) with
+    C{send-proxy-v2}; one thread, so that consecutive connections go to the
+    backends in turn.  Listening when the constructor returns; stopped in
+    the test's cleanup.  Skips (or fails under CI=true) without HAProxy.
 
-    @param directory: where its configuration file goes.
-    @return: the front port (wait until it listens before connecting).
+    @ivar port: the front port clients connect to.
     """
-    haproxy = requireProgram(testCase, "haproxy")
-    front = freePort()
-    config = os.path.join(directory, "haproxy.cfg")
-    with open(config, "w") as f:
-        f.write(
-            "global\n  maxconn 100\n"
-            "defaults\n  mode tcp\n  timeout connect 5s\n"
-            "  timeout client 30s\n  timeout server 30s\n"
-            f"frontend submission\n  bind 127.0.0.1:{front}\n"
-            "  default_backend msa\n"
-            "backend msa\n  balance roundrobin\n"
-            + "".join(
-                f"  server msa{i} 127.0.0.1:{port} send-proxy-v2\n"
-                for i, port in enumerate(ports)
+
+    def __init__(self, testCase, directory: str, backends: list[int]) -> None:
+        program = requireProgram(testCase, "haproxy")
+        self.port = freePort()
+        config = os.path.join(directory, "haproxy.cfg")
+        with open(config, "w") as f:
+            f.write(
+                "global\n  maxconn 200\n  nbthread 1\n"
+                "defaults\n  mode tcp\n  timeout connect 5s\n"
+                "  timeout client 60s\n  timeout server 60s\n"
+                f"frontend submission\n  bind 127.0.0.1:{self.port}\n"
+                "  default_backend msa\n"
+                "backend msa\n  balance roundrobin\n"
+                + "".join(
+                    f"  server msa{i} 127.0.0.1:{port} send-proxy-v2\n"
+                    for i, port in enumerate(backends)
+                )
             )
+        self.process = subprocess.Popen(
+            [program, "-db", "-f", config],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
-    process = subprocess.Popen(
-        [haproxy, "-db", "-f", config],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+        testCase.addCleanup(self.stop)
+        waitUntilBlocking(lambda: listening(self.port), what="HAProxy to listen")
 
-    def stop():
-        process.terminate()
-        process.wait(10)
-        assert process.stderr is not None
-        process.stderr.close()
-
-    testCase.addCleanup(stop)
-    return front
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
 
 
 def proxiedInstances(

@@ -16,11 +16,10 @@ import json
 import os
 import smtplib
 import ssl
-import subprocess
 
 from msa.tls import ensureSelfSignedCertificate
-from tests.e2e import RunningMSA, freePort, requireProgram
-from tests.waiting import listening, waitUntilBlocking
+from tests.e2e import RunningMSA, freePort
+from tests.haproxyfront import HAProxy
 
 #: The address clients connect from, through HAProxy.
 CLIENT_ADDRESS = "127.0.0.2"
@@ -59,51 +58,13 @@ class _ProxiedSMTP(smtplib.SMTP):
         return sock
 
 
-class HAProxy:
-    """
-    Debian's HAProxy in TCP mode, round robin over C{backends} (ports on
-    127.0.0.1) with C{send-proxy-v2}; one thread, so that consecutive
-    connections go to the backends in turn.  Stopped in cleanup.
-    """
-
-    def __init__(self, testCase, directory: str, backends: list[int]) -> None:
-        program = requireProgram(testCase, "haproxy")
-        self.port = freePort()
-        config = os.path.join(directory, "haproxy.cfg")
-        with open(config, "w") as f:
-            f.write(
-                "global\n  maxconn 200\n  nbthread 1\n"
-                "defaults\n  mode tcp\n  timeout connect 5s\n"
-                "  timeout client 60s\n  timeout server 60s\n"
-                f"frontend submission\n  bind 127.0.0.1:{self.port}\n"
-                "  default_backend msa\n"
-                "backend msa\n  balance roundrobin\n"
-                + "".join(
-                    f"  server msa{i} 127.0.0.1:{port} send-proxy-v2\n"
-                    for i, port in enumerate(backends)
-                )
-            )
-        self.process = subprocess.Popen(
-            [program, "-db", "-f", config],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        testCase.addCleanup(self.stop)
-        waitUntilBlocking(lambda: listening(self.port), what="HAProxy to listen")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-
-
 class Instances:
     """
     C{count} MSA instances behind one HAProxy.
 
     @ivar msas: the L{RunningMSA}s, in HAProxy's server order.
     @ivar ports: their (PROXY protocol) STARTTLS ports.
-    @ivar accountsFile: the accounts file they all read.
+    @ivar accountsFile: the accounts file they all read (by default).
     @ivar certFile: the certificate they all present.
     """
 
@@ -115,7 +76,16 @@ class Instances:
         server: dict | None = None,
         limits: dict | None = None,
         metrics: bool = False,
+        accounts: dict | None = None,
+        relay: dict | None = None,
     ) -> None:
+        """
+        @param accounts: the C{[accounts]} section of every instance (such as
+            C{{"store": "postgresql://..."}}); by default they all read the
+            file the first instance writes.
+        @param relay: the C{[relay]} section of every instance; by default
+            none (messages stay in each outbox).
+        """
         self.testCase = testCase
         self.directory = os.path.abspath(testCase.mktemp())
         os.makedirs(self.directory)
@@ -136,8 +106,16 @@ class Instances:
                     **(server or {}),
                 },
                 tls={"certificate": self.certFile, "key": keyFile},
-                # The first instance writes the accounts file; all read it.
-                accounts={"file": self.msas[0].accountsFile} if self.msas else None,
+                # The first instance writes the accounts file; all read it
+                # (unless the test names another store).
+                accounts=(
+                    accounts
+                    if accounts is not None
+                    else {"file": self.msas[0].accountsFile}
+                    if self.msas
+                    else None
+                ),
+                relay=relay,
                 extraAccounts=extraAccounts,
                 logging={"json_file": os.path.join(self.directory, f"events{i}.json")},
                 metrics=(
@@ -192,6 +170,17 @@ class Instances:
             return []
         with open(path, encoding="utf-8") as f:
             return [json.loads(line) for line in f]
+
+    def loggedDelays(self) -> list[float]:
+        """
+        The failed-login delays logged so far, in order: both instances run
+        in this process, so each JSON log has the events of both.
+        """
+        return [
+            line["delay"]
+            for line in self.events(0)
+            if line.get("outcome") == "failure" and "delay" in line
+        ]
 
     def outboxes(self) -> list[list[str]]:
         return [msa.outboxFiles() for msa in self.msas]

@@ -35,11 +35,11 @@ from msa.accounts.pgstore import (
 from msa.admin import command as admin
 from msa.service.config import ConfigError, loadConfig, writeConfig
 from tests.e2e import SENDERS, USERS, RunningMSA, freePort, requireProgram
-from tests.haproxyfront import proxiedInstances, startHAProxy
+from tests.haproxyfront import HAProxy, proxiedInstances
 from tests.pgserver import PostgreSQLServer
 from tests.sessionclient import RawSession
 from tests.test_audit import records
-from tests.waiting import listening, waitUntil, waitUntilBlocking
+from tests.waiting import waitUntil
 
 ACCEPTED = b"235 2.7.0 Authentication successful"
 REFUSED = b"535 5.7.8 Authentication credentials invalid"
@@ -144,6 +144,21 @@ class LogLines:
 
     def matching(self, text: str) -> list[str]:
         return [line for line in (formatEvent(e) for e in self.events) if text in line]
+
+    @defer.inlineCallbacks
+    def outage(self, testCase, instances: int):
+        """
+        Wait (L{PROPAGATION} seconds at most) until each of C{instances}
+        has logged the database outage, at critical level.
+        """
+        yield waitUntil(
+            lambda: len(self.matching("unreachable or unusable")) >= instances,
+            timeout=PROPAGATION,
+            what=f"{instances} instance(s) to log the outage",
+        )
+        testCase.assertEqual(
+            self.levels("unreachable or unusable"), ["critical"] * instances
+        )
 
     def levels(self, text: str) -> list[str]:
         return [
@@ -661,14 +676,7 @@ class TwoInstancesTests(unittest.TestCase):
         change reaches both again.
         """
         self.pg.stop()
-        yield waitUntil(
-            lambda: len(self.log.matching("unreachable or unusable")) >= 2,
-            timeout=PROPAGATION,
-            what="both instances to log the outage",
-        )
-        self.assertEqual(
-            self.log.levels("unreachable or unusable"), ["critical", "critical"]
-        )
+        yield self.log.outage(self, 2)
         self.assertEqual((yield self.logins("alice", "wonderland")), [ACCEPTED] * 2)
         self.assertEqual((yield self.logins("bob", "builder pass")), [ACCEPTED] * 2)
         yield threads.deferToThread(self.pg.start)
@@ -721,13 +729,12 @@ class HAProxyTests(unittest.TestCase):
             server={"auth_delay_base": 0},
             accounts={"store": self.pg.url},
         )
-        front = startHAProxy(
+        front = HAProxy(
             self, instances[0][1].directory, [port for port, _ in instances]
-        )
+        ).port
         msa = instances[0][1]
 
         def fourLogins() -> list[bytes]:
-            waitUntilBlocking(lambda: listening(front), what="HAProxy to listen")
             return [login(msa, "alice", "wonderland", front) for _ in range(4)]
 
         self.assertEqual((yield threads.deferToThread(fourLogins)), [ACCEPTED] * 4)

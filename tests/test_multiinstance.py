@@ -125,6 +125,41 @@ def race(connect, sessions: int = 20) -> list:
     return results
 
 
+def failureCounts(redis: RedisServer, user: str) -> tuple[int, int]:
+    """
+    The failed logins Redis counts for (C{user}, L{CLIENT_ADDRESS}) and for
+    L{CLIENT_ADDRESS}.
+    """
+    return (
+        redis.integer("GET", f"digipoort-msa:authfail:account:{user}:{CLIENT_ADDRESS}"),
+        redis.integer("GET", f"digipoort-msa:authfail:address:{CLIENT_ADDRESS}"),
+    )
+
+
+@defer.inlineCallbacks
+def dayLimitHolds(testCase, instances: Instances, redis: RedisServer, connectors):
+    """
+    carol, allowed 4 messages a day, sends 4 through HAProxy (2 on each
+    instance); then a fifth through each of C{connectors} gets 451 4.7.1,
+    and Redis counts 4.
+    """
+    for _ in range(4):
+        reply = yield threads.deferToThread(submit, instances.client)
+        testCase.assertEqual(reply[0], 250, reply)
+    yield waitUntil(
+        lambda: sum(len(o) for o in instances.outboxes()) == 4,
+        what="4 messages in the outboxes",
+    )
+    testCase.assertEqual([len(o) for o in instances.outboxes()], [2, 2])
+    limit = b"4.7.1 Rate limit of 4 messages per day reached for this account"
+    for connect in connectors:
+        code, text = yield threads.deferToThread(submit, connect)
+        testCase.assertEqual(code, 451)
+        testCase.assertTrue(text.startswith(limit), text)
+    testCase.assertEqual(redis.integer("ZCARD", "digipoort-msa:rate:sent:carol"), 4)
+    testCase.assertEqual([len(o) for o in instances.outboxes()], [2, 2])
+
+
 DAY_LIMIT = (
     b"4.7.1 Rate limit of 5 messages per day reached for this account; try again in "
 )
@@ -226,25 +261,15 @@ class TwoInstancesTests(unittest.TestCase):
         instance directly.
         """
         instances = self.start(extraAccounts=carol(messagesPerDay=4))
-        for _ in range(4):
-            reply = yield threads.deferToThread(submit, instances.client)
-            self.assertEqual(reply[0], 250, reply)
-        yield waitUntil(
-            lambda: sum(len(o) for o in instances.outboxes()) == 4,
-            what="4 messages in the outboxes",
-        )
-        self.assertEqual([len(o) for o in instances.outboxes()], [2, 2])
-        limit = b"4.7.1 Rate limit of 4 messages per day reached for this account"
-        for connect in (
-            instances.client,
-            lambda: instances.direct(0),
-            lambda: instances.direct(1),
-        ):
-            code, text = yield threads.deferToThread(submit, connect)
-            self.assertEqual(code, 451)
-            self.assertTrue(text.startswith(limit), text)
-        self.assertEqual(
-            self.redis.integer("ZCARD", "digipoort-msa:rate:sent:carol"), 4
+        yield dayLimitHolds(
+            self,
+            instances,
+            self.redis,
+            [
+                instances.client,
+                lambda: instances.direct(0),
+                lambda: instances.direct(1),
+            ],
         )
 
     @defer.inlineCallbacks
@@ -267,26 +292,11 @@ class TwoInstancesTests(unittest.TestCase):
         for index in (0, 1, 0, 1):
             reply = yield threads.deferToThread(failOnce, index)
             self.assertEqual(reply, (535, b"5.7.8 Authentication credentials invalid"))
-        key = f"digipoort-msa:authfail:account:alice:{CLIENT_ADDRESS}"
-        self.assertEqual(self.redis.integer("GET", key), 4)
-        self.assertEqual(
-            self.redis.integer(
-                "GET", f"digipoort-msa:authfail:address:{CLIENT_ADDRESS}"
-            ),
-            4,
+        self.assertEqual(failureCounts(self.redis, "alice"), (4, 4))
+        delays = yield waitUntil(
+            lambda: len(instances.loggedDelays()) == 4 and instances.loggedDelays(),
+            what="4 failed logins in the JSON log",
         )
-
-        def failures():
-            # Both instances run in this process: each JSON log has the
-            # events of both, in the order they happened.
-            found = [
-                line["delay"]
-                for line in instances.events(0)
-                if line.get("outcome") == "failure" and "delay" in line
-            ]
-            return found if len(found) == 4 else None
-
-        delays = yield waitUntil(failures, what="4 failed logins in the JSON log")
         self.assertEqual(delays, [0, 0.01, 0.02, 0.04])
 
     @defer.inlineCallbacks

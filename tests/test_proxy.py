@@ -18,7 +18,7 @@ from twisted.trial import unittest
 
 from tests.e2e import MESSAGE, RunningMSA, freePort
 from tests.test_e2e import splitReceived
-from tests.waiting import listening, waitUntil, waitUntilBlocking
+from tests.waiting import waitUntil
 
 
 def proxyV1(client: str, port: int) -> bytes:
@@ -158,17 +158,16 @@ class RealHAProxyTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_twoInstancesBehindHAProxy(self):
         from tests.e2e import requireProgram
-        from tests.haproxyfront import proxiedInstances, startHAProxy
+        from tests.haproxyfront import HAProxy, proxiedInstances
 
         requireProgram(self, "haproxy")
         instances = proxiedInstances(self)
         certFile = instances[0][1].certFile
-        front = startHAProxy(
+        front = HAProxy(
             self, instances[0][1].directory, [port for port, _ in instances]
-        )
+        ).port
 
         def submitFour():
-            waitUntilBlocking(lambda: listening(front), what="HAProxy to listen")
             replies = []
             for _ in range(4):
                 client = smtplib.SMTP(
