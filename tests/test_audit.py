@@ -49,7 +49,7 @@ from tests.faultfs import fillFileSystem, mountTmpfs
 from tests.relaydata import RunnerFixture, allWith
 from tests.test_crash import Core, MSAProcess, sleep
 from tests.test_e2e import RECIPIENT, SENDER, submit
-from tests.waiting import waitUntil
+from tests.waiting import waitUntil, waitUntilBlocking
 
 BOUNCING = "onbekend@overheid.nl"
 STUCK = "later@overheid.nl"
@@ -187,15 +187,17 @@ class ChainTests(unittest.TestCase):
             for i in range(8)
         ]
         threads_[0].start()
-        while not calls:
-            threading.Event().wait(0.01)
+        waitUntilBlocking(lambda: calls, what="the first round's fdatasync")
         for t in threads_[1:]:
             t.start()
-        while log._pending is None or len(log._pending.records) < 7:
-            threading.Event().wait(0.01)
+        waitUntilBlocking(
+            lambda: log._pending is not None and len(log._pending.records) == 7,
+            what="the seven other records queued for the next round",
+        )
         release.set()
         for t in threads_:
             t.join(10)
+            self.assertFalse(t.is_alive())
         self.assertEqual(len(calls), 2)
         result = verifyFiles([self.path])
         self.assertIsNone(result.error)

@@ -101,7 +101,6 @@ class AuditLog:
         self._offset = 0
         self.seq = 0
         self.head = GENESIS
-        self.syncs = 0
         self._cond = threading.Condition()
         self._pending: _Round | None = None
         self._running = False
@@ -348,7 +347,6 @@ class AuditLog:
                 try:
                     self._runRound(current)
                 finally:
-                    self.syncs += 1
                     current.done = True
                     self._running = False
                     self._cond.notify_all()

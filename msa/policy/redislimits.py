@@ -81,7 +81,6 @@ RATES_UNAVAILABLE = SMTPReply(
     451, "4.3.0", "Rate limits cannot be checked now; try again later"
 )
 
-DAY_MS = 86400 * 1000
 #: Sent messages are kept for a day; their key a little longer.
 SENT_TTL = 86400 + 3600
 

@@ -9,16 +9,13 @@ notice is itself a queued message (L{msa.queue.dsn}).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from msa.queue import dsn, integrity
 from msa.queue.spool import Spool, SpoolEntry
-
-if TYPE_CHECKING:
-    from msa.queue.control import QueueControl
 
 log = Logger(namespace="msa.relay.runner")
 
@@ -37,7 +34,6 @@ class NoticesMixin:
     dsnHostname: str | None
     maxLifetime: float
     running: bool | int
-    control: QueueControl
     _reactor: Any
     _noticeTries: dict[str, int]
 
