@@ -143,14 +143,23 @@ class SessionShutdown(service.Service):
         return self.registry.shutdown(self.grace)
 
 
+#: The shortest time between two looks at the accounts ([accounts]
+#: watch_interval): a LoopingCall with 0 would run as fast as the reactor
+#: turns, at 100% CPU.
+MINIMUM_WATCH_INTERVAL = 0.1
+
+
 class AccountWatcher(service.Service):
     """
     Reload the accounts file (or database) when it changes, and on SIGHUP.
+
+    @ivar interval: seconds between looks, never less than
+        L{MINIMUM_WATCH_INTERVAL} whatever an embedder passes.
     """
 
     def __init__(self, store: ILiveAccountStore, interval: float) -> None:
         self.store = store
-        self.interval = interval
+        self.interval = max(interval, MINIMUM_WATCH_INTERVAL)
 
     _previous: Any = None
 
