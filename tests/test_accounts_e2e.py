@@ -52,7 +52,7 @@ def accountsReloaded(msa):
 
 class AdminRoundTripTests(unittest.TestCase):
     def setUp(self):
-        self.msa = RunningMSA(self, accounts={"watch_interval": 0.05})
+        self.msa = RunningMSA(self, accounts={"watch_interval": 0.1})
 
     def admin(self, *args, stdin=""):
         code, out, err = runAdmin(self.msa.configFile, *args, stdin=stdin)
@@ -150,7 +150,7 @@ class AuthorizationFieldsThroughAdminTests(unittest.TestCase):
     """
 
     def setUp(self):
-        self.msa = RunningMSA(self, accounts={"watch_interval": 0.05})
+        self.msa = RunningMSA(self, accounts={"watch_interval": 0.1})
 
     def admin(self, *args, expect=0, stdin=""):
         code, out, err = runAdmin(self.msa.configFile, *args, stdin=stdin)

@@ -1037,9 +1037,9 @@ class ConfigTests(unittest.TestCase):
 
     def test_invalid(self):
         for text, message in [
-            ("max_bytes = 100", "[audit] max_bytes: must be at least 4096"),
-            ('enabled = "yes"', "[audit] enabled: must be bool"),
-            ("path = 3", "[audit] path: must be str"),
+            ("max_bytes = 100", "[audit] max_bytes: must be an integer from 4096 "),
+            ('enabled = "yes"', "[audit] enabled: must be true or false"),
+            ("path = 3", "[audit] path: must be a path"),
             ("rotate = 1", "[audit] rotate: unknown key"),
         ]:
             error = self.assertRaises(ConfigError, self.load, "[audit]\n" + text)

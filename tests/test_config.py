@@ -7,7 +7,7 @@ import os
 
 from twisted.trial import unittest
 
-from msa.service.config import ConfigError, loadConfig
+from msa.service.config import ConfigError, loadConfig, writeConfig
 
 
 class ConfigTests(unittest.TestCase):
@@ -73,14 +73,57 @@ class ConfigTests(unittest.TestCase):
         self.assertError("[relay]\nverify_certificate = 'yes'\n", "verify_certificate")
 
     def test_badValues(self):
+        """
+        A sample; L{tests.test_config_values} has a bad value for every key.
+        """
         self.assertError("[relay]\ntls = 'maybe'\n", "[relay] tls", "starttls")
-        self.assertError("[server]\nmax_recipients = 0\n", "max_recipients", "positive")
+        self.assertError(
+            "[server]\nmax_recipients = 0\n",
+            "[server] max_recipients: must be an integer from 1 to 10000 (got 0)",
+        )
         self.assertError("[server]\nmax_line_length = 10\n", "max_line_length")
         self.assertError("[tls]\ncertificate = 'c.pem'\n", "[tls] certificate", "key")
         self.assertError(
             "[server]\nstarttls_listeners = ['ssl:465']\n", "starttls_listeners", "ssl:"
         )
         self.assertError("[relay]\nauth_username = 'msa'\n", "auth_password_file")
+
+    def test_defaultsNotShared(self):
+        """
+        What fills in a default (EXTERNAL put first with client
+        certificates) changes this configuration's copy, not the schema's.
+        """
+        ca = self.write("")
+        path = self.write(
+            f"[tls]\nclient_certificates = 'request'\nclient_ca = '{ca}'\n"
+        )
+        self.assertEqual(loadConfig(path)["server"]["mechanisms"][0], "EXTERNAL")
+        self.assertEqual(
+            loadConfig(None)["server"]["mechanisms"],
+            ["SCRAM-SHA-256", "DIGEST-MD5", "PLAIN", "LOGIN"],
+        )
+
+    def test_mechanismsAnyCase(self):
+        path = self.write("[server]\nmechanisms = ['plain', 'Login']\n")
+        self.assertEqual(loadConfig(path)["server"]["mechanisms"], ["PLAIN", "LOGIN"])
+
+    def test_endpoints(self):
+        """
+        The listener forms README.rst shows load: tcp with an interface,
+        tcp6 with an escaped address, unix, systemd, each also under haproxy:.
+        """
+        listeners = [
+            "tcp:587",
+            "tcp:465:interface=192.0.2.10",
+            "tcp6:587:interface=\\:\\:1",
+            "unix:/run/msa.sock",
+            "systemd:domain=INET6:index=0",
+            "systemd:domain=INET:name=submission",
+            "haproxy:tcp:10587:interface=127.0.0.1",
+        ]
+        path = self.write("")
+        writeConfig(path, {"server": {"starttls_listeners": listeners}})
+        self.assertEqual(loadConfig(path)["server"]["starttls_listeners"], listeners)
 
     def test_contentPolicyErrors(self):
         self.assertError(

@@ -56,45 +56,52 @@ class LimitsConfigTests(unittest.TestCase):
         where = "[limits]"
         self.assertError(
             "[limits]\nbackend = 'postgres'\n",
-            f"{where} backend: must be memory or redis, not 'postgres'",
+            f"{where} backend: must be memory or redis (got 'postgres')",
         )
         self.assertError(
             "[limits]\nfallback = 'ignore'\n",
-            f"{where} fallback: must be refuse or local, not 'ignore'",
+            f"{where} fallback: must be refuse or local (got 'ignore')",
         )
         self.assertError(
             "[limits]\nurl = 'http://localhost'\n",
             f"{where} url: must start with redis:// or unix:// "
-            "(rediss:// is not supported)",
+            "(rediss:// is not supported) (got 'http://localhost')",
         )
         self.assertError(
             "[limits]\nurl = 'redis://localhost/x'\n",
-            f"{where} url: /x is not a database number",
+            f"{where} url: /x is not a database number (got 'redis://localhost/x')",
         )
         self.assertError(
             "[limits]\nurl = 'redis://localhost:port/0'\n",
-            f"{where} url: the port is not a number",
+            f"{where} url: the port is not a number (got 'redis://localhost:port/0')",
         )
         self.assertError(
-            "[limits]\nurl = 'redis:///0'\n", f"{where} url: no host in the URL"
+            "[limits]\nurl = 'redis:///0'\n",
+            f"{where} url: no host in the URL (got 'redis:///0')",
         )
         self.assertError(
             "[limits]\nurl = 'unix://'\n",
-            f"{where} url: a unix: URL needs the socket's path",
+            f"{where} url: a unix: URL needs the socket's path (got 'unix://')",
         )
         self.assertError(
-            "[limits]\ntimeout = 0\n", f"{where} timeout: must be positive"
+            "[limits]\ntimeout = 0\n",
+            f"{where} timeout: must be a number from 0.01 to 60 (got 0)",
         )
-        self.assertError("[limits]\nlease = -1\n", f"{where} lease: must be positive")
+        self.assertError(
+            "[limits]\nlease = -1\n",
+            f"{where} lease: must be a number from 0.1 to 86400 (got -1)",
+        )
         self.assertError(
             "[limits]\ntimeout = 5\nlease = 10\n",
             f"{where} lease: must be at least three times timeout (a hold is "
             "refreshed every lease / 3 seconds)",
         )
         self.assertError(
-            "[limits]\nkey_prefix = ' '\n", f"{where} key_prefix: must not be empty"
+            "[limits]\nkey_prefix = ' '\n",
+            f"{where} key_prefix: must be printable ASCII without spaces (got ' ')",
         )
         self.assertError(
-            "[limits]\ntimeout = 'soon'\n", f"{where} timeout: must be int or float"
+            "[limits]\ntimeout = 'soon'\n",
+            f"{where} timeout: must be a number from 0.01 to 60 (got 'soon')",
         )
         self.assertError("[limits]\nredis = true\n", f"{where} redis: unknown key")

@@ -153,5 +153,5 @@ class LevelConfigTests(unittest.TestCase):
         self.assertEqual(
             str(error),
             f"digipoort-msa: {path}: [logging] level: must be one of "
-            "debug, info, warn, error",
+            "debug, info, warn, error (got 'verbose')",
         )

@@ -605,9 +605,9 @@ class OCSPStaplingTests(unittest.TestCase):
 def runTwistd(testCase, path: str) -> str:
     """
     Start C{twistd -n digipoort-msa --config path}, expecting it to stop at
-    once with an error and no traceback.
+    once with exit code 1 and one line of error, no traceback.
 
-    @return: the last line of its output.
+    @return: that line.
     """
     result = subprocess.run(
         [TWISTD, "-n", "--pidfile=", "digipoort-msa", "--config", path],
@@ -616,9 +616,11 @@ def runTwistd(testCase, path: str) -> str:
         cwd=os.path.dirname(path),
     )
     output = (result.stdout + result.stderr).decode()
-    testCase.assertNotEqual(result.returncode, 0, output)
+    testCase.assertEqual(result.returncode, 1, output)
     testCase.assertNotIn("Traceback", output)
-    return output.strip().splitlines()[-1]
+    lines = output.strip().splitlines()
+    testCase.assertEqual(len(lines), 1, output)
+    return lines[0]
 
 
 class MinimumVersionTests(unittest.TestCase):
@@ -650,8 +652,8 @@ class MinimumVersionTests(unittest.TestCase):
             error = self.assertRaises(ConfigError, loadConfig, path)
             self.assertEqual(
                 str(error),
-                f"{path}: [tls] minimum_version: must be TLSv1_2 or TLSv1_3, "
-                f"not {value!r}",
+                f"{path}: [tls] minimum_version: must be TLSv1_2 or TLSv1_3 "
+                f"(got {value!r})",
             )
 
     def test_twistdRefuses(self):
@@ -664,7 +666,7 @@ class MinimumVersionTests(unittest.TestCase):
             self.assertEqual(
                 runTwistd(self, path),
                 f"digipoort-msa: {path}: [tls] minimum_version: must be TLSv1_2 "
-                f"or TLSv1_3, not {value!r}",
+                f"or TLSv1_3 (got {value!r})",
             )
         path = self.write("TLSv1_3")
         with open(path, "a") as f:

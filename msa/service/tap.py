@@ -82,12 +82,22 @@ class Options(usage.Options):
         raise SystemExit(0)
 
 
+def configFromOptions(options: Options) -> Config:
+    """
+    The configuration C{--config} names (or the built-in defaults).
+
+    @raise SystemExit: with one line naming the file and the key at fault,
+        which twistd prints, exiting 1, without a traceback.
+    """
+    try:
+        return loadConfig(options["config"])
+    except ConfigError as e:
+        raise SystemExit("digipoort-msa: " + " ".join(str(e).splitlines())) from e
+
+
 def makeService(options: Options) -> MultiService:
     limitScryptMemory()
-    try:
-        config = loadConfig(options["config"])
-    except ConfigError as e:
-        raise SystemExit(f"digipoort-msa: {e}") from e
+    config = configFromOptions(options)
     try:
         return buildService(config)
     except (
