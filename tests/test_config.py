@@ -4,10 +4,21 @@ L{msa.service.config}: defaults, paths, and errors that name the file and the ke
 """
 
 import os
+import re
+import tomllib
 
 from twisted.trial import unittest
 
-from msa.service.config import ConfigError, loadConfig, writeConfig
+from msa.service.config import (
+    SCHEMA,
+    ConfigError,
+    _tomlValue,
+    loadConfig,
+    writeConfig,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, "etc", "digipoort-msa.toml")
 
 
 class ConfigTests(unittest.TestCase):
@@ -103,6 +114,20 @@ class ConfigTests(unittest.TestCase):
             ["SCRAM-SHA-256", "DIGEST-MD5", "PLAIN", "LOGIN"],
         )
 
+    def test_hostNames(self):
+        """
+        The core may be named by address; EHLO may give an address literal.
+        """
+        path = self.write(
+            "[relay]\nhost = '2001:db8::25'\nserver_name = '192.0.2.25'\n"
+            "helo_name = '[IPv6:2001:db8::1]'\n"
+        )
+        relay = loadConfig(path)["relay"]
+        self.assertEqual(
+            (relay["host"], relay["server_name"], relay["helo_name"]),
+            ("2001:db8::25", "192.0.2.25", "[IPv6:2001:db8::1]"),
+        )
+
     def test_mechanismsAnyCase(self):
         path = self.write("[server]\nmechanisms = ['plain', 'Login']\n")
         self.assertEqual(loadConfig(path)["server"]["mechanisms"], ["PLAIN", "LOGIN"])
@@ -143,21 +168,113 @@ class ConfigTests(unittest.TestCase):
 
     def test_exampleConfigLoads(self):
         """
-        etc/digipoort-msa.toml documents every key and is itself valid.
+        etc/digipoort-msa.toml is itself valid.
         """
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        example = os.path.join(root, "etc", "digipoort-msa.toml")
-        config = loadConfig(example)
+        config = loadConfig(EXAMPLE)
         self.assertEqual(config["relay"]["host"], "core-mta.digipoort.example.nl")
-        with open(example) as f:
-            text = f.read()
-        from msa.service.config import SCHEMA
-
         self.assertEqual(len(config["content"]["chain"]), 2)
+
+
+class SchemaTests(unittest.TestCase):
+    """
+    L{SCHEMA} against itself, etc/digipoort-msa.toml and README.rst.
+    """
+
+    def test_defaultsFit(self):
+        """
+        Every key has a line of documentation, and its default passes its
+        own check (L{None}: not set).
+        """
         for section, keys in SCHEMA.items():
-            if section == "content":
-                self.assertIn("[[content.policy]]", text)
+            for name, key in keys.items():
+                self.assertTrue(key.doc, f"{section}.{name} has no doc line")
+                if key.default is not None:
+                    self.assertEqual(
+                        key.check(name, key.default), key.default, f"{section}.{name}"
+                    )
+
+    def test_exampleDocumentsEveryKey(self):
+        """
+        Every key of L{SCHEMA} is in etc/digipoort-msa.toml (set or commented
+        out) with its default, either as its value or as "default: VALUE" in
+        the comments about it, its range ("# 1 to 65535" after a number) and
+        its choices; and every key the file has is in L{SCHEMA}.
+        """
+        documented = documentedKeys(EXAMPLE)
+        problems = []
+        for section, keys in SCHEMA.items():
+            for name, key in keys.items():
+                where = f"{section}.{name}"
+                if where == "content.policy":
+                    continue  # [[content.policy]] tables, each its own keys
+                if where not in documented:
+                    problems.append(f"{where}: not in the file")
+                    continue
+                values, comments = documented[where]
+                if key.minimum is not None:
+                    shown = f"# {_number(key.minimum)} to {_number(key.maximum)}"
+                    if shown not in comments:
+                        problems.append(f"{where}: range not shown as {shown!r}")
+                for choice in key.choices:
+                    if choice not in comments:
+                        problems.append(f"{where}: {choice} not mentioned")
+                if key.default is None:
+                    continue
+                shown = f"default: {_tomlValue(key.default)}"
+                if key.default not in values and shown not in comments.lower():
+                    problems.append(f"{where}: default {key.default!r} not shown")
+        for where in documented:
+            section, name = where.split(".", 1)
+            if name not in SCHEMA.get(section, {}):
+                problems.append(f"{where}: in the file, not in SCHEMA")
+        self.assertEqual(problems, [])
+
+    def test_readmeNamesEverySection(self):
+        """
+        README.rst's Configuration section describes each section of
+        L{SCHEMA}, and no other.
+        """
+        with open(os.path.join(ROOT, "README.rst"), encoding="utf-8") as f:
+            text = f.read()
+        start = text.index("\nConfiguration\n-------------\n")
+        end = text.index("\n-------", start + 30)
+        named = set(re.findall(r"``\[([a-z_]+)\]``", text[start:end]))
+        self.assertEqual(sorted(named), sorted(SCHEMA))
+
+
+def _number(value: float) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def documentedKeys(path: str) -> dict[str, tuple[list, str]]:
+    """
+    The keys a documented TOML file names, set or commented out, outside
+    C{[[content.policy]]} tables.
+
+    @return: C{section.key} -> (the values it is given or shown with, the
+        comment lines about it: those just above it, and its own line).
+    """
+    keys: dict[str, tuple[list, str]] = {}
+    section, comments = None, ""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            header = re.match(r"^#?\s*(\[\[?)([a-z_.]+)\]", line)
+            if header:
+                table = header.group(1) == "[["
+                section, comments = None if table else header.group(2), ""
                 continue
-            self.assertIn(f"[{section}]", text)
-            for key in keys:
-                self.assertIn(key + " =", text, f"{section}.{key} not documented")
+            assignment = re.match(r"^#?\s*([a-z][a-z0-9_]*)\s*=\s*(.*)$", line)
+            if assignment and section is not None:
+                name, rest = assignment.groups()
+                values, before = keys.setdefault(f"{section}.{name}", ([], ""))
+                try:
+                    values.append(tomllib.loads(f"v = {rest}")["v"])
+                except tomllib.TOMLDecodeError:
+                    pass
+                keys[f"{section}.{name}"] = (values, before + comments + line)
+                comments = ""
+            elif line.startswith("#"):
+                comments += line
+            else:
+                comments = ""
+    return keys

@@ -236,7 +236,7 @@ BAD: list[Bad] = [
         "must name one port from 0 to 65535 (got 'tcp:99999')",
     ),
     Bad("metrics.listen", '"bogus:1"', f"{_PLAIN} (got 'bogus:1')"),
-    *number("metrics.health_window", 1, 7 * DAY, "-1", "0", "604801"),
+    *number("metrics.health_window", 0.1, 7 * DAY, "-1", "0", "604801"),
     # [audit]
     Bad("audit.enabled", '"yes"', "must be true or false (got 'yes')"),
     *path("audit.path"),
@@ -257,7 +257,11 @@ BAD: list[Bad] = [
         "relay.tls", '"maybe"', "must be one of starttls, implicit, none (got 'maybe')"
     ),
     Bad("relay.verify_certificate", '"no"', "must be true or false (got 'no')"),
-    Bad("relay.server_name", '"core_mta"', f"{_HOST} (got 'core_mta')"),
+    Bad(
+        "relay.server_name",
+        '"core_mta"',
+        "must be a host name or an IP address (got 'core_mta')",
+    ),
     *path("relay.ca_file"),
     *path("relay.client_certificate"),
     *path("relay.client_key"),
@@ -268,6 +272,12 @@ BAD: list[Bad] = [
         '"msa"',
         "needed with auth_username",
         named="auth_password_file",
+    ),
+    Bad(
+        "relay.helo_name",
+        '"[192.0.2.300]"',
+        "must be a host name or an address literal ([192.0.2.1], "
+        "[IPv6:2001:db8::1]) (got '[192.0.2.300]')",
     ),
     Bad(
         "relay.helo_name",

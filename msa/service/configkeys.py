@@ -21,6 +21,7 @@ from msa.service.configschema import (
     choice,
     endpoint,
     flag,
+    heloName,
     host,
     hostName,
     integer,
@@ -29,7 +30,7 @@ from msa.service.configschema import (
     parsed,
     path,
     protocolText,
-    text,
+    token,
 )
 from msa.service.services import MINIMUM_WATCH_INTERVAL
 from msa.tls import MINIMUM_VERSIONS
@@ -116,7 +117,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         ),
         "server_names": listOf(
             None,
-            text(None, ""),
+            token(None, ""),
             "Names a DIGEST-MD5 digest-uri may carry.",
             most=1000,
         ),
@@ -131,8 +132,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "certificate": path(None, "Certificate (PEM), leaf first."),
         "key": path(None, "Its private key (PEM)."),
         "chain": path(None, "More intermediates (PEM)."),
-        "ciphers": text(None, "TLS 1.2 suites, OpenSSL syntax."),
-        "groups": text(None, "Key exchange groups."),
+        "ciphers": token(None, "TLS 1.2 suites, OpenSSL syntax."),
+        "groups": token(None, "Key exchange groups."),
         "minimum_version": choice("TLSv1_2", MINIMUM_VERSIONS, "Lowest TLS version."),
         "client_certificates": choice(
             "off", CLIENT_CERTIFICATES, "Client certificates (R13)."
@@ -166,7 +167,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "metrics": {
         "listen": endpoint(None, "Endpoint for /metrics and /health."),
-        "health_window": number(900, 1, 7 * DAY, "Seconds /health looks back."),
+        "health_window": number(900, 0.1, 7 * DAY, "Seconds /health looks back."),
     },
     "audit": {
         "enabled": flag(True, "The tamper-evident audit log."),
@@ -180,13 +181,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "port": integer(25, 1, 65535, "The core MTA's port."),
         "tls": choice("starttls", RELAY_TLS_MODES, "TLS towards the core."),
         "verify_certificate": flag(True, "Verify the core's certificate (R14)."),
-        "server_name": hostName(None, "Name the core's certificate carries."),
+        "server_name": host(None, "Name the core's certificate carries."),
         "ca_file": path(None, "CA bundle for the core's certificate."),
         "client_certificate": path(None, "Client certificate towards the core."),
         "client_key": path(None, "Its key."),
         "auth_username": protocolText(None, "AUTH PLAIN user at the core."),
         "auth_password_file": path(None, "File with its password."),
-        "helo_name": hostName(None, "EHLO name towards the core."),
+        "helo_name": heloName(None, "EHLO name towards the core."),
         "outbox": path(None, "Outbox directory without host."),
         "retry_base": number(60, 0.1, DAY, "First retry after seconds."),
         "retry_max": number(3600, 0.1, DAY, "Longest retry interval."),
@@ -207,7 +208,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "limits": {
         "backend": choice("memory", LIMITS_BACKENDS, "Where limits are counted."),
         "url": parsed("redis://127.0.0.1:6379/0", "The Redis server.", _redisURL),
-        "key_prefix": text("digipoort-msa:", "Start of every Redis key."),
+        "key_prefix": token("digipoort-msa:", "Start of every Redis key."),
         "timeout": number(1.0, 0.01, 60, "Seconds per Redis call."),
         "lease": number(60, 0.1, DAY, "Seconds a hold lasts unrefreshed."),
         "fallback": choice("refuse", LIMITS_FALLBACKS, "While Redis is away."),

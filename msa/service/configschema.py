@@ -3,7 +3,8 @@
 How a configuration key is declared: L{Key} holds one key's kind of value
 (type and range, as L{attrs} validators), its default and a line of
 documentation.  L{msa.service.configkeys.SCHEMA} declares every key with the
-constructors here (L{integer}, L{number}, L{hostName}, ...), one call per key.
+constructors here (L{integer}, L{number}, L{hostName}, ...), one call
+per key.
 
 A value that does not fit raises L{BadValue} with what is wrong and what was
 given, on one line, with the password of a URL masked; the loader
@@ -256,12 +257,12 @@ def _path(text: str) -> None:
         raise BadValue("must be a path (not empty, no NUL character)")
 
 
-def text(default: str | None, doc: str) -> Key:
+def token(default: str | None, doc: str) -> Key:
     """
-    Text that never reaches a protocol line (a prefix, a cipher list):
-    printable ASCII without spaces.
+    One word of printable ASCII, no spaces (a key prefix, a cipher list, a
+    host name as a client may write it).
     """
-    return Key("text", _string(_token), default, doc)
+    return Key("a word without spaces", _string(_token), default, doc)
 
 
 def protocolText(default: str | None, doc: str, *, refused: str = "") -> Key:
@@ -276,6 +277,28 @@ def protocolText(default: str | None, doc: str, *, refused: str = "") -> Key:
             raise BadValue(f"must not contain any of {refused}")
 
     return Key("printable text", _string(check), default, doc)
+
+
+def _heloName(text: str) -> None:
+    literal = text[1:-1] if text[:1] == "[" and text[-1:] == "]" else None
+    if literal is None:
+        _hostName(text)
+        return
+    try:
+        ipaddress.ip_address(literal.removeprefix("IPv6:"))
+    except ValueError:
+        raise BadValue(
+            "must be a host name or an address literal ([192.0.2.1], "
+            "[IPv6:2001:db8::1])"
+        ) from None
+
+
+def heloName(default: str | None, doc: str) -> Key:
+    """
+    What a client says after EHLO (RFC 5321 4.1.1.1): a domain name or an
+    address literal.
+    """
+    return Key("a host name", _string(_heloName), default, doc)
 
 
 def hostName(default: str | None, doc: str) -> Key:
