@@ -6,8 +6,10 @@ Adding a key is adding a line here, documenting it in
 C{etc/digipoort-msa.toml} and giving it a row in C{tests/test_everykey.py};
 C{tests/test_config.py} checks that the file and README.rst agree with this.
 
-Ranges follow Postfix's where it has the same knob: sane maxima, so that a
-typo (an extra zero, a negative number) stops the start instead of running.
+Every number has a range with a sane maximum, in the spirit of Postfix's
+limits (whose smtpd_recipient_limit defaults to 1000; ours may go to
+10000): a typo (an extra zero, a negative number, 0 for an interval) stops
+the start instead of running.
 A default of L{None} means "not set"; L{msa.service.config} fills in those
 that depend on other keys.
 """
