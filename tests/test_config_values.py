@@ -170,7 +170,7 @@ BAD: list[Bad] = [
     Bad(
         "tls.certificate",
         '"c.pem"',
-        "certificate and key go together",
+        "certificate and key go together (got a certificate only)",
     ),
     *path("tls.key"),
     *path("tls.chain"),
@@ -188,7 +188,8 @@ BAD: list[Bad] = [
     Bad(
         "tls.client_certificates",
         '"require"',
-        "needed for client certificates",
+        "needed for client certificates (got client_certificates = 'require' "
+        "and no client_ca)",
         named="client_ca",
     ),
     *path("tls.client_crl"),
@@ -270,7 +271,8 @@ BAD: list[Bad] = [
     Bad(
         "relay.auth_username",
         '"msa"',
-        "needed with auth_username",
+        "needed with auth_username (got auth_username = 'msa' and no "
+        "auth_password_file)",
         named="auth_password_file",
     ),
     Bad(
@@ -314,7 +316,7 @@ BAD: list[Bad] = [
         "limits.lease",
         "10",
         "must be at least three times timeout (a hold is refreshed every "
-        "lease / 3 seconds)",
+        "lease / 3 seconds) (got lease = 10, timeout = 5)",
         extra="timeout = 5\n",
     ),
     Bad("limits.fallback", '"ignore"', "must be refuse or local (got 'ignore')"),

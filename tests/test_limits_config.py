@@ -94,7 +94,7 @@ class LimitsConfigTests(unittest.TestCase):
         self.assertError(
             "[limits]\ntimeout = 5\nlease = 10\n",
             f"{where} lease: must be at least three times timeout (a hold is "
-            "refreshed every lease / 3 seconds)",
+            "refreshed every lease / 3 seconds) (got lease = 10, timeout = 5)",
         )
         self.assertError(
             "[limits]\nkey_prefix = ' '\n",

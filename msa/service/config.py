@@ -159,11 +159,15 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
     _resolveOCSP(path, tls, absolute)
     if tls["client_certificates"] != "off" and not tls["client_ca"]:
         raise ConfigError(
-            f"{_where(path, 'tls', 'client_ca')}: needed for client certificates"
+            f"{_where(path, 'tls', 'client_ca')}: needed for client certificates "
+            f"(got client_certificates = {tls['client_certificates']!r} and no "
+            "client_ca)"
         )
     if (tls["certificate"] is None) != (tls["key"] is None):
+        given = "certificate" if tls["certificate"] else "key"
         raise ConfigError(
-            f"{_where(path, 'tls', 'certificate')}: certificate and key go together"
+            f"{_where(path, 'tls', 'certificate')}: certificate and key go "
+            f"together (got a {given} only)"
         )
     config["accounts"]["file"] = absolute(
         config["accounts"]["file"], os.path.join(state, "accounts.json")
@@ -179,7 +183,9 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
         relay[key] = absolute(relay[key])
     if relay["auth_username"] and not relay["auth_password_file"]:
         raise ConfigError(
-            f"{_where(path, 'relay', 'auth_password_file')}: needed with auth_username"
+            f"{_where(path, 'relay', 'auth_password_file')}: needed with "
+            f"auth_username (got auth_username = {relay['auth_username']!r} and "
+            "no auth_password_file)"
         )
     relay["server_name"] = relay["server_name"] or relay["host"]
     relay["helo_name"] = relay["helo_name"] or server["hostname"]
@@ -220,7 +226,8 @@ def _resolveLimits(path: str | None, limits: dict[str, Any]) -> None:
     if limits["lease"] < 3 * limits["timeout"]:
         raise ConfigError(
             f"{_where(path, 'limits', 'lease')}: must be at least three times "
-            "timeout (a hold is refreshed every lease / 3 seconds)"
+            "timeout (a hold is refreshed every lease / 3 seconds) (got lease = "
+            f"{limits['lease']!r}, timeout = {limits['timeout']!r})"
         )
     if limits["backend"] == "redis":
         try:
