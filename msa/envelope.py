@@ -58,3 +58,18 @@ class Envelope:
         return cls(
             **{a.name: data[a.name] for a in attrs.fields(cls) if a.name in data}
         )
+
+
+@attrs.frozen
+class StoredMessage:
+    """
+    One message in a company's mailbox (R16), as a POP3 session lists it.
+
+    @ivar uid: the mailbox's unique id for it (POP3 UIDL): printable ASCII
+        (0x21-0x7E), at most 70 characters, stable across restarts and never
+        reused.
+    @ivar size: its length in octets, CRLF line endings, before dot-stuffing.
+    """
+
+    uid: str
+    size: int

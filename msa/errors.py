@@ -41,3 +41,10 @@ class LimitsUnavailable(Exception):
     checked, so the client gets a temporary reply (or, with C{fallback =
     "local"}, the instance counts on its own).
     """
+
+
+class MailboxInUse(Exception):
+    """
+    Another POP3 session holds the lock on this mailbox (RFC 2449's
+    C{[IN-USE]} response code; Dovecot's C{pop3_lock_session}).
+    """

@@ -334,3 +334,77 @@ class ISessionLimiter(Interface):
         """
         The session acquired by L{acquire} is over.
         """
+
+
+class IMailboxStore(Interface):
+    """
+    Where return messages wait for their company (R16): the core MTA delivers
+    them over LMTP (L{deliver}), the company fetches them over POP3
+    (L{open}).  The default keeps a Maildir per account under the state
+    directory; a PostgreSQL store serves several instances.  It never speaks
+    a protocol.
+    """
+
+    def deliver(account, source, size, sha256):
+        """
+        Store one message durably in C{account}'s mailbox.
+
+        @param account: the account name, L{str}.
+        @param source: a readable binary file positioned at the message's
+            first byte (CRLF line endings, not dot-stuffed); the store copies
+            or links it and never keeps a reference.
+        @param size: the message's length in octets.
+        @param sha256: the hex SHA-256 of the message, kept with it.
+        @return: a L{Deferred} firing with the message's unique id (L{str},
+            stable across restarts, never reused) once it is on disk
+            (fsynced, directory entry included); failing with
+            L{msa.errors.SMTPReply} (a 452 when over quota, a 451 on a disk
+            error) when it is not.
+        """
+
+    def open(account):
+        """
+        Lock C{account}'s mailbox for one POP3 session and take its snapshot.
+
+        @return: a L{Deferred} firing with an L{IMailbox}, or failing with
+            L{msa.errors.MailboxInUse} when another session holds the lock.
+        """
+
+
+class IMailbox(Interface):
+    """
+    One locked mailbox as a POP3 session sees it: the snapshot taken at
+    L{IMailboxStore.open}, in delivery order.  Nothing changes on disk until
+    L{commitDeletions}; L{release} without it changes nothing.
+    """
+
+    account = Attribute("The account name (L{str}).")
+
+    def messages():
+        """
+        @return: a L{list} of L{msa.envelope.StoredMessage} (uid, size), in
+            delivery order; a POP3 message number is its index plus one.
+        """
+
+    def openMessage(uid):
+        """
+        @param uid: a uid from L{messages} (never one of another account).
+        @return: a L{Deferred} firing with a readable binary file of the
+            message (the caller closes it and reads it in blocks; it is
+            never loaded whole).
+        """
+
+    def commitDeletions(uids):
+        """
+        Remove the messages durably (the POP3 UPDATE state): after the
+        L{Deferred} fires, each is gone and a crash cannot bring it back;
+        a crash before leaves each either gone or whole.
+
+        @param uids: the uids to delete, a L{list} of L{str}.
+        @return: a L{Deferred} firing with L{None}.
+        """
+
+    def release():
+        """
+        Give the lock up (the session ended, cleanly or not).
+        """
