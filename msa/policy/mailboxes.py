@@ -201,7 +201,7 @@ class _Reader:
 
     def quotedString(self) -> str:
         self.pos += 1
-        content = []
+        content: list[str] = []
         while self.pos < len(self.text):
             c = self.text[self.pos]
             self.pos += 1
@@ -315,8 +315,14 @@ class _Reader:
                 )
         elif c in _atext:
             start = self.pos
-            while self.peek() in _atext or (
-                self.peek() == "." and self.text[self.pos + 1 : self.pos + 2] in _atext
+            # Non-ASCII is read too, to be refused with its own reason.
+            while (
+                self.peek() in _atext
+                or self.peek() >= "\x80"
+                or (
+                    self.peek() == "."
+                    and self.text[self.pos + 1 : self.pos + 2] in _atext
+                )
             ):
                 self.pos += 1
             local = self.text[start : self.pos]
