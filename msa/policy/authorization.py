@@ -8,7 +8,8 @@ Per account (JSON keys in the account's entry, all optional unless said):
     address, C{"@acme.nl"} for a whole domain.  Without it no MAIL FROM is
     accepted: addresses are issued with the account (R9).
   - C{recipients}: narrows the server-wide recipients for this account.
-  - C{requireHeaderFrom}: the header C{From:} must be one of C{senders} too.
+  - C{requireHeaderFrom}: the header C{From:} and C{Sender:} must name only
+    C{senders} too (L{msa.policy.headerfrom}).
   - C{maxMessageSize}, C{maxRecipients}: below the server's own limits.
   - C{messagesPerMinute}, C{messagesPerDay}, C{maxSessions}: rates.
 
