@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_authorization,tests.test_fromspoofing -*-
+# -*- test-case-name: tests.test_authorization,tests.test_headerfrom -*-
 """
 Authorization and abuse limits (R9, R10): what an account may do, read from
 its entry in the accounts file, and the server-wide rules around it.

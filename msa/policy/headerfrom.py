@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_fromspoofing,tests.test_authorization -*-
+# -*- test-case-name: tests.test_headerfrom,tests.test_fromspoofing -*-
 """
 The author fields of a submission, for an account with C{requireHeaderFrom}
 (R9): C{From:} and C{Sender:} may name only the account's own addresses,
