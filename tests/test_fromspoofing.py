@@ -173,7 +173,7 @@ def headersOf(fields: list[tuple[str, str]]):
     """
     collector = HeaderCollector()
     for name, body in fields:
-        for line in f"{name}: {body}".encode().split(b"\r\n"):
+        for line in f"{name}: {body}".encode("utf-8", "surrogateescape").split(b"\r\n"):
             collector.feed(line)
     return collector.finish()
 
@@ -299,6 +299,22 @@ class FromPropertyTests(unittest.TestCase):
             [(a.username, a.domain) for a in header.addresses],
             body,
         )
+
+    @SETTINGS
+    @given(
+        st.text(
+            st.characters(codec="utf-8", exclude_characters="\r\n")
+            | st.sampled_from('"\\()<>@,;:.=? \t\udcff'),
+            max_size=60,
+        )
+    )
+    def test_anyTextAnswered(self, body):
+        """
+        Any field body at all is accepted or refused with a 550: the check
+        never fails otherwise (which would make the message fail with 451).
+        """
+        accepted([("From", body)])
+        accepted([("From", "ik@mijnbedrijf.nl"), ("Sender", body)])
 
     def test_generatorReachesBothOutcomes(self):
         """
