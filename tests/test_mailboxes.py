@@ -199,6 +199,8 @@ class AddrSpecTests(unittest.TestCase):
         self.assertTrue(domain.matches('"a@evil.nl"@MijnBedrijf.NL'))
         self.assertFalse(domain.matches('"x@mijnbedrijf.nl"@evil.nl'))
         self.assertFalse(domain.matches("mijnbedrijf.nl@evil.nl"))
+        self.assertFalse(domain.matches("mijnbedrijf.nl"))
+        self.assertFalse(domain.matches(""))
         self.assertTrue(domain.matchesMailbox("a@evil.nl", "mijnbedrijf.nl"))
         self.assertFalse(domain.matchesMailbox("x@mijnbedrijf.nl", "evil.nl"))
 

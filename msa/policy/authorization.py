@@ -90,9 +90,13 @@ class AddressList:
         """
         Whether the addr-spec C{address} (an envelope path, quoted local
         part as written) is one of these addresses or in one of these
-        domains.
+        domains; never for a string without C{@}.
         """
-        return self.matchesMailbox(*splitAddrSpec(address))
+        try:
+            localPart, domain = splitAddrSpec(address)
+        except ValueError:
+            return False
+        return self.matchesMailbox(localPart, domain)
 
     def matchesMailbox(self, localPart: str, domain: str) -> bool:
         """

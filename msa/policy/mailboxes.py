@@ -17,10 +17,10 @@ characters or is not a whole word followed by white space, angle brackets
 in a quoted display name, an C{@} or angle brackets in a comment,
 a quoted local part holding specials (C{"a@evil.nl"@acme.nl}: valid, but
 naive readers split it), an incomplete or non-ASCII address (R8, no
-SMTPUTF8).  What a naive reader
-could take for an address is thus refused, except an C{@} in a quoted or
-encoded display name: C{"ceo@belastingdienst.nl" <ik@acme.nl>} names the
-mailbox C{ik@acme.nl} to every reader, and is accepted for it.
+SMTPUTF8).  What a naive reader could take for an address is thus
+refused, except an C{@} in a quoted or encoded display name:
+C{"ceo@belastingdienst.nl" <ik@acme.nl>} names the mailbox C{ik@acme.nl}
+to every reader, and is accepted for it.
 
 Bytes that were not UTF-8 (the header section is decoded with
 C{surrogateescape}) are a defect too.  The module is pure: text in,
