@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_authorization,tests.test_headerfrom -*-
 """
 Authorization and abuse limits (R9, R10): what an account may do, read from
 its entry in the accounts file, and the server-wide rules around it.
@@ -7,7 +8,8 @@ Per account (JSON keys in the account's entry, all optional unless said):
     address, C{"@acme.nl"} for a whole domain.  Without it no MAIL FROM is
     accepted: addresses are issued with the account (R9).
   - C{recipients}: narrows the server-wide recipients for this account.
-  - C{requireHeaderFrom}: the header C{From:} must be one of C{senders} too.
+  - C{requireHeaderFrom}: the header C{From:} and C{Sender:} must name only
+    C{senders} too (L{msa.policy.headerfrom}).
   - C{maxMessageSize}, C{maxRecipients}: below the server's own limits.
   - C{messagesPerMinute}, C{messagesPerDay}, C{maxSessions}: rates.
 
@@ -17,7 +19,6 @@ them (L{msa.policy.redislimits}).
 """
 
 import collections
-import email.utils
 import time
 from typing import Any
 
@@ -31,6 +32,8 @@ from msa.interfaces import (
     IRateLimiter,
     IRateReservation,
 )
+from msa.policy.headerfrom import checkAuthorFields
+from msa.policy.mailboxes import formatAddrSpec, splitAddrSpec
 
 _INT_KEYS = (
     "maxMessageSize",
@@ -47,13 +50,21 @@ KNOWN_KEYS = frozenset(_INT_KEYS + _LIST_KEYS + _BOOL_KEYS + _OTHER_KEYS)
 
 
 def _normalise(address: str) -> str:
-    return address.lower()
+    """
+    The canonical form of an addr-spec, in lower case: C{"ik"@Acme.nl} and
+    C{ik@acme.nl} are one mailbox (RFC 5322 3.4.1).
+    """
+    return formatAddrSpec(*splitAddrSpec(address)).lower()
 
 
 @attrs.frozen
 class AddressList:
     """
     Addresses and whole domains (written C{@domain}); matching ignores case.
+
+    An address is split at its I{last} C{@}: a quoted local part may hold
+    C{@} (C{"a@evil.nl"@acme.nl} is a mailbox of C{acme.nl}), a domain
+    never does.
     """
 
     addresses: frozenset[str] = frozenset()
@@ -68,16 +79,34 @@ class AddressList:
                     f"{entry!r} is neither an address (user@domain) nor a "
                     "domain (@domain)"
                 )
-            entry = _normalise(entry.strip())
+            entry = entry.strip()
             if entry.startswith("@"):
-                domains.add(entry[1:])
+                domains.add(entry[1:].lower())
             else:
-                addresses.add(entry)
+                addresses.add(_normalise(entry))
         return cls(frozenset(addresses), frozenset(domains))
 
     def matches(self, address: str) -> bool:
-        address = _normalise(address)
-        return address in self.addresses or address.rpartition("@")[2] in self.domains
+        """
+        Whether the addr-spec C{address} (an envelope path, quoted local
+        part as written) is one of these addresses or in one of these
+        domains; never for a string without C{@}.
+        """
+        try:
+            localPart, domain = splitAddrSpec(address)
+        except ValueError:
+            return False
+        return self.matchesMailbox(localPart, domain)
+
+    def matchesMailbox(self, localPart: str, domain: str) -> bool:
+        """
+        Whether the mailbox with this (unquoted) local part and domain is
+        one of these addresses or in one of these domains.
+        """
+        return (
+            domain.lower() in self.domains
+            or formatAddrSpec(localPart, domain).lower() in self.addresses
+        )
 
     def __bool__(self) -> bool:
         return bool(self.addresses or self.domains)
@@ -341,7 +370,8 @@ class AuthThrottle:
 class HeaderFromPolicy:
     """
     For an account with C{requireHeaderFrom}: every mailbox in the header
-    C{From:} must be one of the account's senders too (R9).
+    C{From:} and C{Sender:} must be one of the account's senders too (R9),
+    read unambiguously (L{msa.policy.headerfrom}).
     """
 
     def __init__(self, senders: AddressList) -> None:
@@ -356,18 +386,7 @@ class _HeaderFromChecker:
         self.senders = senders
 
     def headersReceived(self, headers) -> None:
-        values = headers.getAll("From")
-        mailboxes = [a for _, a in email.utils.getaddresses(values) if a]
-        if not mailboxes:
-            raise SMTPReply(550, "5.7.1", "Message refused: no From: address")
-        for mailbox in mailboxes:
-            if not self.senders.matches(mailbox):
-                raise SMTPReply(
-                    550,
-                    "5.7.1",
-                    f"Message refused: From: <{mailbox}> is not an address of the "
-                    "authenticated account",
-                )
+        checkAuthorFields(headers, self.senders)
 
     def lineReceived(self, line: bytes) -> None:
         pass

@@ -9,21 +9,16 @@ import re
 
 from msa.errors import SMTPReply
 
-ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-DOT_ATOM = rf"{ATEXT}+(?:\.{ATEXT}+)*"
-QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
-LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-#: A fully qualified domain: at least two labels, the last not all digits.
-DOMAIN = rf"(?:{LABEL}\.)+(?=[A-Za-z0-9-]*[A-Za-z])(?:{LABEL})"
-IPV4 = r"\[(?:\d{1,3}\.){3}\d{1,3}\]"
-IPV6 = r"\[IPv6:[0-9A-Fa-f:.]+\]"
+# One grammar for the envelope and the header From: (msa.policy.mailboxes).
+from msa.policy.mailboxes import DOMAIN, DOT_ATOM, IPV4, IPV6, MAX_LOCAL_PART, QUOTED
 
+# The domain is what follows the last "@": a quoted local part may hold "@"
+# ("a@evil.nl"@acme.nl is a mailbox of acme.nl), a domain never does.
 _mailbox = re.compile(
     rf"(?P<local>{DOT_ATOM}|{QUOTED})@(?P<domain>{DOMAIN}|{IPV4}|{IPV6})\Z"
 )
 _command = re.compile(rb"(?P<kw>FROM|TO):\s*(?P<rest>.*)\Z", re.I | re.S)
 
-MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
 MAX_PATH = 256
 

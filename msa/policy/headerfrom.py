@@ -1,0 +1,114 @@
+# -*- test-case-name: tests.test_headerfrom,tests.test_fromspoofing -*-
+"""
+The author fields of a submission, for an account with C{requireHeaderFrom}
+(R9): C{From:} and C{Sender:} may name only the account's own addresses,
+and must read the same to every reader.
+
+A field is read by the strict reader (L{msa.policy.mailboxes}); one with a
+defect is refused (C{550 5.6.0}).  A field it accepts is read again by two
+lenient readers, Python's modern one (C{email.headerregistry}) and its
+legacy one (C{email.utils.getaddresses}, which on Python 3.11 reads
+C{ceo@belastingdienst.nl ik@acme.nl} as C{@acme.nl}); unless both name the
+very same mailboxes without complaint, the field is refused as malformed
+too: what one reader shows must be what the account was checked for.
+
+A second C{From:} or C{Sender:} field is refused rather than checked:
+RFC 5322 3.6 allows one, and readers differ in which one they show.
+Groups (RFC 6854) are refused: a submission names its author.
+"""
+
+import email.policy
+import email.utils
+from typing import Protocol
+
+from msa.errors import SMTPReply
+from msa.policy.mailboxes import Mailbox, readMailboxes, splitAddrSpec
+
+
+class AuthorizedSenders(Protocol):
+    """
+    The addresses issued to an account (L{msa.policy.authorization.AddressList}).
+    """
+
+    def matchesMailbox(self, localPart: str, domain: str) -> bool: ...
+
+
+def _malformed(name: str, why: str | None = None) -> SMTPReply:
+    text = f"Message refused: malformed {name}: header field"
+    if why is not None:
+        text += f" ({why})"
+    return SMTPReply(550, "5.6.0", text)
+
+
+def _readersAgree(value: str, mailboxes: tuple[Mailbox, ...]) -> bool:
+    """
+    Whether the lenient readers name exactly C{mailboxes}, in order, and
+    find nothing wrong.
+    """
+    strict = [(m.localPart, m.domain.lower()) for m in mailboxes]
+    try:
+        header = email.policy.default.header_factory("From", value)
+        if header.defects:
+            return False
+        modern = [(a.username, a.domain.lower()) for a in header.addresses]
+        legacy = []
+        for _, address in email.utils.getaddresses([value]):
+            local, domain = splitAddrSpec(address)
+            legacy.append((local, domain.lower()))
+    except Exception:
+        return False
+    return strict == modern == legacy
+
+
+def authorMailboxes(name: str, value: str) -> tuple[Mailbox, ...]:
+    """
+    The mailboxes of a C{From:} or C{Sender:} field body (C{name} says
+    which), read strictly and checked against the lenient readers.
+
+    @raise SMTPReply: C{550 5.6.0} when the field is malformed, holds a
+        group, is a C{Sender:} without exactly one mailbox, or reads
+        differently to a lenient reader.
+    """
+    reading = readMailboxes(value)
+    if reading.defects:
+        raise _malformed(name, reading.defects[0])
+    if reading.groups:
+        raise _malformed(name, "a group is not accepted")
+    if name == "Sender" and len(reading.mailboxes) != 1:
+        raise _malformed(name, "it must hold exactly one mailbox")
+    if reading.mailboxes and not _readersAgree(value, reading.mailboxes):
+        raise _malformed(name)
+    return reading.mailboxes
+
+
+def checkAuthorFields(headers, senders: AuthorizedSenders) -> None:
+    """
+    Refuse a message whose C{From:} or C{Sender:} names a mailbox outside
+    C{senders}, or that cannot be read unambiguously.
+
+    @param headers: L{msa.policy.content.Headers}.
+    @raise SMTPReply: C{550 5.6.0} for a malformed or repeated field,
+        C{550 5.7.1} for a missing C{From:} or a foreign mailbox.
+    """
+    fields = {name: headers.getAll(name) for name in ("From", "Sender")}
+    for name, values in fields.items():
+        if len(values) > 1:
+            raise SMTPReply(
+                550,
+                "5.6.0",
+                f"Message refused: more than one {name}: header field (RFC 5322 3.6)",
+            )
+    named = []
+    for name, values in fields.items():
+        for mailbox in authorMailboxes(name, values[0]) if values else ():
+            named.append((name, mailbox))
+    if not any(name == "From" for name, _ in named):
+        raise SMTPReply(550, "5.7.1", "Message refused: no From: address")
+    for name, mailbox in named:
+        if not senders.matchesMailbox(mailbox.localPart, mailbox.domain):
+            raise SMTPReply(
+                550,
+                "5.7.1",
+                f"Message refused: {name}: <{mailbox.addrSpec}> is not an "
+                "address of the authenticated account",
+            )
