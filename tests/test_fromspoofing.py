@@ -112,9 +112,18 @@ _spaces = st.sampled_from(["", " ", "  ", "\t", "\r\n ", "\r\n\t"])
 _cfws = st.one_of(_spaces, st.builds(lambda a, c: a + c, _spaces, _comments))
 _displayNames = st.one_of(
     st.lists(_atom, min_size=1, max_size=3).map(" ".join),
+    # obs-phrase: periods between and after words ("Acme B.V.").
+    st.lists(_atom, min_size=1, max_size=3).map(lambda w: ". ".join(w) + "."),
+    st.lists(_atom, min_size=2, max_size=3).map(".".join),
     _quotedText.map(_quoted),
     st.sampled_from(
-        ["J. Smith", "Jörg Müller", '"Doe, John"', '"ceo@belastingdienst.nl"']
+        [
+            "J. Smith",
+            "Acme B.V.",
+            "Jörg Müller",
+            '"Doe, John"',
+            '"ceo@belastingdienst.nl"',
+        ]
     ),
     st.builds(
         _encodedWord,
@@ -293,7 +302,14 @@ class FromPropertyTests(unittest.TestCase):
         if reading.defects or reading.groups:
             return
         header = email.policy.default.header_factory("From", unfolded)
-        self.assertEqual(list(header.defects), [], body)
+        defects = [str(d) for d in header.defects]
+        if "period in 'phrase'" in defects:
+            # RFC 5322 4.1 obs-phrase ("Acme B.V."), accepted on purpose:
+            # headerregistry notes it (and the period it then reads as a
+            # word of its own) but reads the same mailbox.
+            obsPhrase = {"period in 'phrase'", "comment found without atom"}
+            defects = [d for d in defects if d not in obsPhrase]
+        self.assertEqual(defects, [], body)
         self.assertEqual(
             [(m.localPart, m.domain) for m in reading.mailboxes],
             [(a.username, a.domain) for a in header.addresses],

@@ -51,6 +51,9 @@ class AcceptedFormTests(unittest.TestCase):
             ("first.last+tag@sub.x.nl", [("", "first.last+tag@sub.x.nl")]),
             ("ik@[192.0.2.1]", [("", "ik@[192.0.2.1]")]),
             ("\t ik@x.nl \t", [("", "ik@x.nl")]),
+            ("Acme B.V. <ik@acme.nl>", [("Acme B.V.", "ik@acme.nl")]),
+            ("J. Smith <j@x.nl>", [("J. Smith", "j@x.nl")]),
+            ("J.Smith <j@x.nl>", [("J.Smith", "j@x.nl")]),
         ]:
             self.assertReads(body, expected)
 
@@ -90,7 +93,7 @@ class DefectTests(unittest.TestCase):
             ("a@x.nl; b@x.nl", "text after an address"),
             ("ceo@belastingdienst.nl@x.nl", "text after an address"),
             ("ik@x.nl\x00ceo@y.nl", "text after an address"),
-            ("J. Smith <j@x.nl>", "a period in a display name must be quoted"),
+            (". Smith <j@x.nl>", "neither an address nor a display name and <address>"),
             ("a@x.nl,", "an empty entry after a comma"),
             (", a@x.nl", "an empty entry in the list"),
             ("a@x.nl,,b@x.nl", "an empty entry in the list"),

@@ -8,9 +8,10 @@ Lenient readers disagree on malformed fields: Python 3.11's
 C{email.utils.getaddresses} reads C{ceo@belastingdienst.nl ik@acme.nl} as
 C{@acme.nl}, a mail client shows C{ceo@belastingdienst.nl}.  So this reader
 accepts only the plain RFC 5322 grammar and reports anything else as a
-defect instead of guessing: the obsolete forms (RFC 5322 4.4: a period in a
-display name, routes, empty list entries, white space or comments inside an
-address), text after an address, an unterminated quoted string or comment,
+defect instead of guessing: the obsolete forms (RFC 5322 4.4: routes,
+empty list entries, white space or comments inside an address; but a
+period in a display name, as in C{Acme B.V.}, is read alike by all), text
+after an address, an unterminated quoted string or comment,
 encoded words outside a display name (RFC 2047 5), an encoded word that
 does not decode or that decodes to angle brackets, quotes or control
 characters or is not a whole word followed by white space, angle brackets
@@ -282,8 +283,6 @@ class _Reader:
             self.pos += 1
             self.groups += 1
             self.groupList()
-        elif c == ".":
-            raise _Defect("a period in a display name must be quoted")
         else:
             raise _Defect("neither an address nor a display name and <address>")
 
@@ -370,8 +369,18 @@ class _Reader:
                 if "<" in word or ">" in word:
                     raise _Defect("a display name may not hold angle brackets")
                 words.append(decodeDisplayName(word))
+            elif c == "." and words:
+                # RFC 5322 4.1 obs-phrase: "Acme B.V." and "J. Smith", as
+                # Dutch company names and many programs write them.  Every
+                # reader takes the period as part of the display name.
+                self.pos += 1
+                words[-1] += "."
             elif c in _atext or c >= "\x80":
+                glued = bool(words) and self.text[self.pos - 1 : self.pos] == "."
                 word = self.atom()
+                if glued and not _encodedWordStart.search(word):
+                    words[-1] += word
+                    continue
                 if _encodedWordStart.search(word):
                     if not _encodedWord.fullmatch(word):
                         raise _Defect("an encoded word must be a whole word")
