@@ -191,7 +191,10 @@ class ChainTests(unittest.TestCase):
         for t in threads_[1:]:
             t.start()
         waitUntilBlocking(
-            lambda: log._pending is not None and len(log._pending.records) == 7,
+            lambda: (
+                log._commits._pending is not None
+                and len(log._commits._pending.jobs) == 7
+            ),
             what="the seven other records queued for the next round",
         )
         release.set()

@@ -60,7 +60,8 @@ from msa.audit.chain import (
     rotatedFiles,
     timestamp,
 )
-from msa.audit.log import AuditLog, logHead, recoverRecords
+from msa.audit.log import AuditLog, logHead
+from msa.audit.recovery import recoverRecords
 from msa.audit.verify import Verification, verifyFiles
 
 __all__ = [
