@@ -295,6 +295,14 @@ class AuditLog:
         target = f"{self.path}.{number:06d}"
         os.rename(self.path, target)
         fsyncDirectory(os.path.dirname(self.path))
+        _log.info(
+            "audit log rotated: {file} ends at seq {seq} sha256 {anchor} (the "
+            "--anchor of audit verify once it is archived)",
+            event="audit-rotated",
+            file=target,
+            seq=self.seq,
+            anchor=self.head,
+        )
         self._openFile()
         self._offset = 0
         self._write(
