@@ -40,8 +40,13 @@ from msa.durable import GroupCommit, fsyncDirectory
 
 _log = Logger()
 
-#: fdatasync where the system has it (Linux), else fsync.
-_FDATASYNC: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+
+def _fdatasync(fd: int) -> None:
+    """
+    fdatasync where the system has it (Linux), else fsync; looked up at
+    each call, so that a test's wrapper of either sees the audit log's.
+    """
+    getattr(os, "fdatasync", os.fsync)(fd)
 
 
 @attrs.define(frozen=True)
@@ -81,7 +86,7 @@ class AuditLog:
         path: str,
         maxBytes: int = DEFAULT_MAX_BYTES,
         clock: Callable[[], float] = time.time,
-        fdatasync: Callable[[int], None] = _FDATASYNC,
+        fdatasync: Callable[[int], None] = _fdatasync,
         reactor: Any = None,
     ) -> None:
         """
