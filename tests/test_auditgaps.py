@@ -188,19 +188,12 @@ class FullAuditDiskTests(unittest.TestCase):
         path = os.path.join(directory, "audit.jsonl")
         core = DownstreamServer(os.path.abspath(self.mktemp()))
         core.mailReply = (451, "4.3.0 not now")
-        port = core.start()
+        core.start()
         self.addCleanup(core.stop)
         msa = RunningMSA(
             self,
             audit={"path": path},
-            relay={
-                "host": "127.0.0.1",
-                "port": port,
-                "tls": "starttls",
-                "server_name": "localhost",
-                "ca_file": core.caFile,
-                "retry_base": 3600,
-            },
+            relay=core.relayConfig(retry_base=3600),
         )
         queueIds = []
         for _ in range(self.MESSAGES):

@@ -14,13 +14,13 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from msa.admin import command as admin
-from msa.audit import AuditLog
+from msa.audit import AuditLog, chainFiles, verifyFiles
 from msa.queue.spool import Spool
 from msa.service.services import AuditLogService
 from tests.downstream import DownstreamServer
 from tests.e2e import RunningMSA
 from tests.test_audit import auditPath, queueIdOf, records
-from tests.test_e2e import submit
+from tests.test_e2e import RECIPIENT, SENDER, submit
 from tests.waiting import waitUntil, waitUntilBlocking
 
 
@@ -58,25 +58,19 @@ class OperatorRecordTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_operatorRecordsOffTheReactor(self):
         """
-        hold, release and delete through C{digipoort-msa-admin} against the
-        daemon from TOML: each record is in the file when the command
-        returns, and no fsync or fdatasync of the audit log ran on the
+        hold, release and delete through C{digipoort-msa-admin} (the
+        control socket) against the daemon from TOML are recorded, each in
+        the file when the command returns, after the acceptance, with the
+        envelope; and no fsync or fdatasync of the audit log ran on the
         reactor thread.
         """
         core = DownstreamServer(os.path.abspath(self.mktemp()))
         core.mailReply = (451, "4.3.0 later")
-        port = core.start()
+        core.start()
         self.addCleanup(core.stop)
         msa = RunningMSA(
             self,
-            relay={
-                "host": "127.0.0.1",
-                "port": port,
-                "tls": "starttls",
-                "server_name": "localhost",
-                "ca_file": core.caFile,
-                "retry_base": 3600,
-            },
+            relay=core.relayConfig(retry_base=3600),
         )
         queueId = queueIdOf(
             (
@@ -105,6 +99,20 @@ class OperatorRecordTests(unittest.TestCase):
             self.assertEqual((last["event"], last["queueId"]), (event, queueId))
             self.assertGreater(len(syncs.calls), before, f"{command}: no sync seen")
         self.assertEqual([c for c in syncs.calls if c[0]], [])
+        mine = [r for r in records(auditPath(msa)) if r.get("queueId") == queueId]
+        self.assertEqual(
+            [(r["event"], r.get("by")) for r in mine],
+            [
+                ("accepted", None),
+                ("held", "operator"),
+                ("released", "operator"),
+                ("deleted", "operator"),
+            ],
+        )
+        self.assertEqual(
+            (mine[-1]["sender"], mine[-1]["recipients"]), (SENDER, [RECIPIENT])
+        )
+        self.assertIsNone(verifyFiles(chainFiles(auditPath(msa))).error)
 
 
 class StopTests(unittest.TestCase):

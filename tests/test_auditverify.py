@@ -19,6 +19,7 @@ from twisted.trial import unittest
 
 from msa.admin import command as admin
 from msa.audit import AuditLog, chainFiles, encodeRecord, lineHash, verifyFiles
+from tests.test_audit import writeRotatedChain
 
 
 def runVerify(*argv: str) -> tuple[int, str, str]:
@@ -33,7 +34,6 @@ class AnchorTests(unittest.TestCase):
     """
 
     def setUp(self):
-        self.path = os.path.join(os.path.abspath(self.mktemp()), "audit.jsonl")
         self.rotations: list[dict] = []
 
         def observe(event):
@@ -42,12 +42,7 @@ class AnchorTests(unittest.TestCase):
 
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
-        log = AuditLog(self.path, maxBytes=4096)
-        for i in range(60):
-            log.append("accepted", queueId=f"Q{i:03d}")
-        log.close()
-        self.files = chainFiles(self.path)
-        self.assertGreaterEqual(len(self.files), 3)
+        self.path, self.files = writeRotatedChain(self)
 
     def archiveOldest(self, count: int) -> list[str]:
         """
