@@ -75,7 +75,7 @@ class GroupCommit(Generic[J, R]):
     concurrent callers: a caller submits a job; the jobs that arrive while
     a round runs make up the next round, which one thread runs as
     C{runRound(jobs)}: one write and one fsync (or fdatasync) for all of
-    them, as Postfix's and chasquid's queues and every database's log do.
+    them, as a database's log does.
 
     The guarantee for each job is the one its own write and fsync would
     give: its result is delivered only after an fsync that I{started after}

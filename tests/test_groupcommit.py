@@ -29,7 +29,7 @@ from msa.queue.spool import Spool
 from msa.relay import outbox
 from msa.relay.outbox import OutboxDownstream
 from tests.relaydata import makeEnvelope
-from tests.waiting import waitUntil
+from tests.waiting import waitUntil, waitUntilBlocking
 
 
 class BlockingFsync:
@@ -53,14 +53,6 @@ class BlockingFsync:
             self.release.wait(10)
             if self.fail:
                 raise OSError(errno.EIO, "Input/output error")
-
-
-def _waitFor(condition, what: str) -> None:
-    for _ in range(1000):
-        if condition():
-            return
-        threading.Event().wait(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class DirectorySyncTests(unittest.TestCase):
@@ -108,7 +100,9 @@ class DirectorySyncTests(unittest.TestCase):
         others = [threading.Thread(target=call, args=(n,)) for n in range(1, late + 1)]
         for t in others:
             t.start()
-        _waitFor(lambda: syncer.waiting == late, "the late callers to wait")
+        waitUntilBlocking(
+            lambda: syncer.waiting == late, 10, "the late callers to wait"
+        )
         fsync.release.set()
         for t in [first, *others]:
             t.join(10)
