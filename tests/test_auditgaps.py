@@ -14,12 +14,14 @@ import io
 import os
 
 from twisted.internet import defer, task, threads
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 
 from msa import metrics
 from msa.admin import command as admin
 from msa.audit import AuditError, AuditLog, verifyFiles
 from msa.audit.lost import MAX_QUEUE_IDS, LostRecords
+from msa.queue.spool import Spool
 from msa.service.services import AuditLogService
 from tests.downstream import DownstreamServer
 from tests.e2e import RunningMSA
@@ -157,6 +159,32 @@ class LostRecordTests(unittest.TestCase):
             (later.first, later.last, later.error), ("t", "u", "still full")
         )
         self.assertEqual(later.events, {"relayed": MAX_QUEUE_IDS + 5, "held": 1})
+
+
+class StopWhileFailingTests(unittest.TestCase):
+    """
+    The daemon stops while the audit disk still fails: the count that has
+    no C{lost} record yet is logged at critical level, the one place left.
+    """
+
+    def test_countLoggedAtStop(self):
+        directory = os.path.abspath(self.mktemp())
+        sync = FailingSync(errno.EIO)
+        clock = task.Clock()
+        audit = AuditLog(
+            os.path.join(directory, "audit.jsonl"), fdatasync=sync, reactor=clock
+        )
+        service = AuditLogService(Spool(os.path.join(directory, "spool")), audit, clock)
+        service.startService()
+        sync.failing = True
+        self.assertRaises(AuditError, audit.appendFact, "relayed", queueId="Q1")
+        logged: list[dict] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        self.successResultOf(service.stopService())
+        [critical] = [e for e in logged if e.get("log_level") == LogLevel.critical]
+        self.assertEqual(critical["count"], 1)
+        self.assertIn("could not be written", critical["log_format"])
 
 
 def gauge(name: str) -> float | None:
