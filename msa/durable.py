@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_durable -*-
+# -*- test-case-name: tests.test_durable,tests.test_groupcommit -*-
 """
 Durable file replacement, the one way the MSA writes a file that must
 survive a power loss: the spool's state files and committed messages, the
@@ -10,6 +10,9 @@ POSIX: a reader sees the old file or the new one, never a mix), then fsync
 the directory, so that the rename itself is on disk.  A failure at any step
 before the rename leaves the old file as it was and removes the temporary
 file.
+
+Where many writers need the same fsync (the spool's C{queue/} directory,
+the audit log), L{GroupCommit} lets them share it.
 """
 
 from __future__ import annotations
