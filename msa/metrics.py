@@ -75,6 +75,19 @@ CORE_LAST_SUCCESS = Gauge(
     registry=REGISTRY,
 )
 
+AUDIT_LOST = Gauge(
+    "msa_audit_records_lost",
+    "Audit records that could not be written since the start (each is "
+    "accounted for by a lost record in the chain once the log can write)",
+    registry=REGISTRY,
+)
+AUDIT_LOST_PENDING = Gauge(
+    "msa_audit_records_lost_unrecorded",
+    "Audit records that could not be written and whose lost record is not "
+    "yet in the chain (the audit file system is still failing)",
+    registry=REGISTRY,
+)
+
 
 def relayOutcome(outcome: str, seconds: float) -> None:
     """
@@ -119,6 +132,15 @@ def watchQueue(spool) -> None:
 
     QUEUE_DEPTH.set_function(depth)
     QUEUE_OLDEST.set_function(oldest)
+
+
+def watchAudit(audit) -> None:
+    """
+    Let the audit gauges read the audit log (L{msa.audit.AuditLog}) when
+    they are scraped.
+    """
+    AUDIT_LOST.set_function(lambda: float(audit.lostTotal))
+    AUDIT_LOST_PENDING.set_function(lambda: float(audit.lostPending))
 
 
 class HealthResource(Resource):

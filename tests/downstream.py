@@ -315,6 +315,20 @@ class DownstreamServer:
             self._port = reactor.listenTCP(port, factory, interface="127.0.0.1")
         return self._port.getHost().port
 
+    def relayConfig(self, **overrides: object) -> dict:
+        """
+        The MSA's C{[relay]} section for this (started) core: STARTTLS to
+        127.0.0.1, its certificate trusted, with C{overrides}.
+        """
+        assert self._port is not None, "start() the core first"
+        return {
+            "host": "127.0.0.1",
+            "port": self._port.getHost().port,
+            "tls": "starttls",
+            "server_name": "localhost",
+            "ca_file": self.caFile,
+        } | overrides
+
     def stop(self) -> defer.Deferred:
         """
         Stop listening and drop the open connections.

@@ -2,9 +2,13 @@
 """
 Fewer file system operations per message, with the same durability:
 
-  - L{msa.durable.DirectorySync}, the group commit of a directory's fsync:
-    concurrent callers share one fsync, and each returns only after an
-    fsync that started after its call;
+  - L{msa.durable.GroupCommit}, the one group-commit primitive: jobs
+    submitted from threads (blocking) and from the reactor (a L{Deferred})
+    share rounds; a round runs in a thread, never the reactor's; a failed
+    round fails each of its jobs and only them;
+  - L{msa.durable.DirectorySync}, the group commit of a directory's fsync
+    built on it: concurrent callers share one fsync, and each returns only
+    after an fsync that started after its call;
   - the spool's commit and L{msa.queue.spool.Spool.removeDelivered} use it,
     in order (renames, then the fsync; state file, fsync, then message
     file);
@@ -16,15 +20,16 @@ import errno
 import os
 import threading
 
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from msa import durable
-from msa.durable import DirectorySync
+from msa.durable import DirectorySync, GroupCommit
 from msa.queue.spool import Spool
 from msa.relay import outbox
 from msa.relay.outbox import OutboxDownstream
 from tests.relaydata import makeEnvelope
+from tests.waiting import waitUntil, waitUntilBlocking
 
 
 class BlockingFsync:
@@ -48,14 +53,6 @@ class BlockingFsync:
             self.release.wait(10)
             if self.fail:
                 raise OSError(errno.EIO, "Input/output error")
-
-
-def _waitFor(condition, what: str) -> None:
-    for _ in range(1000):
-        if condition():
-            return
-        threading.Event().wait(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class DirectorySyncTests(unittest.TestCase):
@@ -103,7 +100,9 @@ class DirectorySyncTests(unittest.TestCase):
         others = [threading.Thread(target=call, args=(n,)) for n in range(1, late + 1)]
         for t in others:
             t.start()
-        _waitFor(lambda: syncer.waiting == late, "the late callers to wait")
+        waitUntilBlocking(
+            lambda: syncer.waiting == late, 10, "the late callers to wait"
+        )
         fsync.release.set()
         for t in [first, *others]:
             t.join(10)
@@ -139,6 +138,135 @@ class DirectorySyncTests(unittest.TestCase):
         self.assertEqual(fsync.calls, 2)
         syncer.sync()
         self.assertEqual(fsync.calls, 3)
+
+
+class Rounds:
+    """
+    A C{runRound} for L{GroupCommit} that records each round's jobs and
+    thread and, while C{gate} is set, makes the first round wait for it.
+    """
+
+    def __init__(self) -> None:
+        self.rounds: list[list[str]] = []
+        self.threads: list[threading.Thread] = []
+        self.started = threading.Event()
+        self.gate: threading.Event | None = None
+        self.failing = False
+
+    def __call__(self, jobs: list[str]) -> list[str]:
+        self.rounds.append(list(jobs))
+        self.threads.append(threading.current_thread())
+        self.started.set()
+        if self.gate is not None and len(self.rounds) == 1:
+            self.gate.wait(10)
+        if self.failing:
+            raise OSError(errno.EIO, "Input/output error")
+        return [job.upper() for job in jobs]
+
+
+class GroupCommitTests(unittest.TestCase):
+    """
+    L{GroupCommit.commit} (from the reactor) and L{GroupCommit.commitBlocking}
+    (from threads) sharing rounds.
+    """
+
+    timeout = 15
+
+    def test_withoutThreadPool(self):
+        """
+        With a reactor that has no thread pool (a L{task.Clock}), a job
+        submitted from the reactor runs at once, in the caller's thread.
+        """
+        rounds = Rounds()
+        commits = GroupCommit(rounds, task.Clock())
+        self.assertEqual(self.successResultOf(commits.commit("a")), "A")
+        self.assertEqual(self.successResultOf(commits.commit("b")), "B")
+        self.assertEqual(rounds.rounds, [["a"], ["b"]])
+
+    def test_failureFailsTheRound(self):
+        rounds = Rounds()
+        rounds.failing = True
+        commits = GroupCommit(rounds, task.Clock())
+        failure = self.failureResultOf(commits.commit("a"), OSError)
+        self.assertEqual(failure.value.errno, errno.EIO)
+        rounds.failing = False
+        self.assertEqual(self.successResultOf(commits.commit("b")), "B")
+
+    def test_wrongResultCount(self):
+        """
+        A C{runRound} that does not give one result per job fails its
+        round: no job gets another's result.
+        """
+        commits = GroupCommit(lambda jobs: [], task.Clock())
+        failure = self.failureResultOf(commits.commit("a"), RuntimeError)
+        self.assertIn("a round of 1 job(s) gave 0 result(s)", str(failure.value))
+
+    @defer.inlineCallbacks
+    def test_reactorJobsShareARound(self):
+        """
+        Jobs submitted from the reactor while a round runs share the next
+        round, run in the reactor's thread pool (never the reactor thread);
+        their L{Deferred}s fire in the reactor thread with their own
+        results.
+        """
+        rounds = Rounds()
+        rounds.gate = threading.Event()
+        commits = GroupCommit(rounds, reactor)
+        first = commits.commit("first")
+        yield waitUntil(rounds.started.is_set, 10, "the first round")
+        later = [commits.commit(name) for name in ("b", "c", "d")]
+        rounds.gate.set()
+        fired = []
+        for d in [first, *later]:
+            d.addCallback(lambda r: fired.append((r, threading.current_thread())))
+        yield defer.gatherResults([first, *later])
+        self.assertEqual(rounds.rounds, [["first"], ["b", "c", "d"]])
+        self.assertEqual(commits.rounds, 2)
+        main = threading.current_thread()
+        self.assertNotIn(main, rounds.threads)
+        self.assertEqual(
+            fired, [("FIRST", main), ("B", main), ("C", main), ("D", main)]
+        )
+
+    @defer.inlineCallbacks
+    def test_handedBackAfterABlockingRound(self):
+        """
+        A job from the reactor that arrives while a thread runs a blocking
+        caller's round is run after it, by the pool, though no blocking
+        caller waits for it.
+        """
+        rounds = Rounds()
+        rounds.gate = threading.Event()
+        commits = GroupCommit(rounds, reactor)
+        blocking = threads.deferToThread(commits.commitBlocking, "one")
+        yield waitUntil(rounds.started.is_set, 10, "the first round")
+        fromReactor = commits.commit("two")
+        rounds.gate.set()
+        self.assertEqual((yield blocking), "ONE")
+        self.assertEqual((yield fromReactor), "TWO")
+        self.assertEqual(rounds.rounds, [["one"], ["two"]])
+
+    @defer.inlineCallbacks
+    def test_mixedCallers(self):
+        """
+        A thread's blocking job and the reactor's jobs, submitted while a
+        round runs, share the next round; a round that fails fails the
+        blocking caller and the L{Deferred}s alike.
+        """
+        rounds = Rounds()
+        rounds.gate = threading.Event()
+        commits = GroupCommit(rounds, reactor)
+        blocking = threads.deferToThread(commits.commitBlocking, "one")
+        yield waitUntil(rounds.started.is_set, 10, "the first round")
+        rounds.failing = True
+        fromThread = threads.deferToThread(commits.commitBlocking, "two")
+        yield waitUntil(lambda: commits.waiting == 1, 10, "the blocking caller")
+        fromReactor = commits.commit("three")
+        rounds.gate.set()
+        self.assertEqual((yield self.assertFailure(blocking, OSError)).errno, errno.EIO)
+        yield self.assertFailure(fromThread, OSError)
+        yield self.assertFailure(fromReactor, OSError)
+        self.assertEqual(rounds.rounds, [["one"], ["two", "three"]])
 
 
 class SpoolGroupCommitTests(unittest.TestCase):

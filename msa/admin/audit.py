@@ -1,7 +1,12 @@
 # -*- test-case-name: tests.test_audit -*-
 """
-C{digipoort-msa-admin audit verify [FILE...]}, and the account records the
-admin command appends to the audit log (L{msa.audit}).
+C{digipoort-msa-admin audit verify [--anchor SHA256] [FILE...]}, and the
+account records the admin command appends to the audit log (L{msa.audit}).
+
+Exit codes of C{verify}: 0 the chain is intact and complete; 1 it is broken
+(or does not start at the genesis or the given anchor); 3 it is intact but
+has gaps the MSA recorded (C{lost} records: events whose records could not
+be written, L{msa.audit.lost}); 2 a usage error.
 
 The admin command appends its own records (under the log's lock, after
 re-reading the chain head), rather than asking the daemon over its control
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import re
 from typing import Any
 
 from msa.audit import AuditError, AuditLog, chainFiles, verifyFiles
@@ -30,13 +36,36 @@ def auditParser(topics: Any) -> None:
         help="check the hash chain of the audit log (default: the configured "
         "log and its rotated predecessors)",
     )
+    verify.add_argument(
+        "--anchor",
+        type=_anchor,
+        metavar="SHA256",
+        help="the chain starts after the record with this hash (the last "
+        "record of the newest file archived; verify prints it per file and "
+        "the daemon logs it at each rotation); without it the chain must "
+        "start at the genesis",
+    )
     verify.add_argument("files", nargs="*", metavar="FILE")
+
+
+#: Exit code of C{audit verify} for an intact chain with recorded gaps.
+EXIT_GAPS = 3
+
+
+def _anchor(text: str) -> str:
+    """
+    An C{--anchor}: a SHA-256 in hex, as the records' C{prev}.
+    """
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise argparse.ArgumentTypeError(f"not a SHA-256 (64 hex digits): {text!r}")
+    return text.lower()
 
 
 def auditCommand(config: Any, args: argparse.Namespace, stdout, stderr) -> int:
     """
     Run C{audit verify}: the first broken link and exit 1, or a summary
-    and exit 0.
+    and exit 0, or the summary and every recorded gap and exit
+    L{EXIT_GAPS}.
     """
     files = list(args.files)
     if not files:
@@ -50,7 +79,7 @@ def auditCommand(config: Any, args: argparse.Namespace, stdout, stderr) -> int:
                 file=stderr,
             )
             return 1
-    result = verifyFiles(files)
+    result = verifyFiles(files, anchor=args.anchor)
     for note in result.notes:
         print(f"note: {note}", file=stdout)
     if result.error is not None:
@@ -67,12 +96,27 @@ def auditCommand(config: Any, args: argparse.Namespace, stdout, stderr) -> int:
         f"{result.lastTime or '-'}",
         file=stdout,
     )
+    for path, seq, end in result.ends[:-1]:
+        print(
+            f"file {path} ends at seq {seq} sha256 {end} (the --anchor once "
+            "it is archived)",
+            file=stdout,
+        )
     print(f"head: seq {result.lastSeq} sha256 {result.head}", file=stdout)
     print(
         "(records removed from the end cannot be seen from the files alone: "
         "compare the head with a copy kept elsewhere)",
         file=stdout,
     )
+    if result.gaps:
+        for gap in result.gaps:
+            print(f"GAP: {gap}", file=stdout)
+        print(
+            f"INCOMPLETE: {result.lost} record(s) the MSA could not write, in "
+            f"{len(result.gaps)} gap(s)",
+            file=stdout,
+        )
+        return EXIT_GAPS
     return 0
 
 

@@ -14,7 +14,7 @@ C{digipoort-msa-admin}: manage the accounts file and the mail queue.
         queue list | show ID | flush [ID] | delete ID | hold ID | release ID
         queue verify
     digipoort-msa-admin [--config PATH]
-        audit verify [FILE...]
+        audit verify [--anchor SHA256] [FILE...]
     digipoort-msa-admin selftest HOST PORT [--implicit] [--servername NAME]
         [--ca-file PEM] [--min-days N] [--expect-ciphers S] [--expect-groups S]
         [--user U --password-file F --sender S --rcpt R]

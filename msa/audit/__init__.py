@@ -27,14 +27,19 @@ old file.
 
 Durability and more than one writer: L{AuditLog.append} returns only after
 the record's line is written and fdatasync'ed.  Concurrent callers (the
-spool's commits, in the reactor's thread pool) share one write and one
-fdatasync (a group commit, as L{msa.durable.DirectorySync} does for
-directories): the first caller becomes the leader of a round and writes
-every record queued so far in one C{write}.  Another process (the admin
+spool's commits, in the reactor's thread pool, and the reactor's own
+records, L{AuditLog.submitFact}, whose rounds run in that pool) share one
+write and one fdatasync: a round of L{msa.durable.GroupCommit} writes every
+record queued so far in one C{write}.  Another process (the admin
 command's account records) may append too: every round takes an exclusive
 C{fcntl.flock} on C{<path>.lock}, and under it re-reads the chain head from
 the file when the file is not as this process left it (another writer
 appended, or rotated it).
+
+A record of an event that has happened whatever the log says (a delivery,
+an operator's command) and that cannot be written is counted, and the next
+round that can write puts a C{lost} record into the chain
+(L{msa.audit.lost}); C{audit verify} reports it.
 
 A torn last line (no final LF: a write cut short by a crash, never
 acknowledged since the fdatasync comes after it) is cut off by the next
@@ -48,6 +53,9 @@ by someone who can write it.  Only a copy of a head hash kept elsewhere
 shows that: the daemon logs the head (C{audit log head: seq N sha256 H})
 at start, at each rotation and at stop, and C{audit verify} prints it, so
 that an operator can anchor it (a remote syslog, an external notary).
+Likewise at the other end: once the oldest files are archived, C{audit
+verify} accepts a chain that does not start at the genesis only from the
+hash the operator kept (C{--anchor}, L{msa.audit.verify}).
 """
 
 from msa.audit.chain import (
@@ -60,7 +68,8 @@ from msa.audit.chain import (
     rotatedFiles,
     timestamp,
 )
-from msa.audit.log import AuditLog, logHead, recoverRecords
+from msa.audit.log import AuditLog, logHead
+from msa.audit.recovery import recoverRecords
 from msa.audit.verify import Verification, verifyFiles
 
 __all__ = [

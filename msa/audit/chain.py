@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.test_audit -*-
 """
 The audit log's format (see L{msa.audit}): the record line, its hash, the
-chain's first C{prev}, and the files of a chain (the log and its rotated
-predecessors).
+chain's first C{prev}, the files of a chain (the log and its rotated
+predecessors) and how a writer finds the last record of one.
 """
 
 from __future__ import annotations
@@ -88,3 +88,51 @@ def chainFiles(path: str) -> list[str]:
     if os.path.exists(path):
         files.append(os.path.abspath(path))
     return files
+
+
+def lastLine(fd: int, size: int) -> tuple[bytes | None, int]:
+    """
+    The last complete line of the file open on C{fd} (of C{size} bytes),
+    without its LF, and the offset just after it (where a torn tail
+    starts).  C{(None, 0)} when there is no complete line.
+    """
+    end = size
+    chunk = 8192
+    tail = b""
+    pos = size
+    while pos > 0:
+        start = max(0, pos - chunk)
+        tail = os.pread(fd, pos - start, start) + tail
+        pos = start
+        last = tail.rfind(b"\n")
+        if last < 0:
+            continue
+        end = pos + last + 1
+        before = tail.rfind(b"\n", 0, last)
+        if before >= 0 or pos == 0:
+            return tail[before + 1 : last], end
+    return None, 0
+
+
+def predecessorHead(path: str) -> tuple[int, str]:
+    """
+    The chain head for an empty log at C{path}: the C{seq} and hash of the
+    last record of its newest rotated predecessor, if any, else C{(0,
+    GENESIS)}.
+
+    @raise AuditError: when that record cannot be read.
+    """
+    older = rotatedFiles(path)
+    if not older:
+        return 0, GENESIS
+    fd = os.open(older[-1], os.O_RDONLY)
+    try:
+        line, _ = lastLine(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    if line is None:
+        return 0, GENESIS
+    try:
+        return int(json.loads(line)["seq"]), lineHash(line)
+    except (ValueError, KeyError, TypeError) as e:
+        raise AuditError(f"{older[-1]}: the last record is unreadable ({e})") from e

@@ -1,8 +1,9 @@
 # -*- test-case-name: tests.test_audit -*-
 """
-The audit log's writer, L{AuditLog} (group-committed appends under a lock,
-rotation, a torn tail cut off), and what the daemon does with it at start:
-L{recoverRecords} and L{logHead}.  See L{msa.audit}.
+The audit log's writer, L{AuditLog}: appends group-committed
+(L{msa.durable.GroupCommit}) under a lock among processes, rotation, a torn
+tail cut off, and the records that could not be written accounted for
+(L{msa.audit.lost}).  See L{msa.audit}.
 """
 
 from __future__ import annotations
@@ -18,70 +19,66 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import attrs
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from msa.audit.chain import (
     _ROTATED,
     DEFAULT_MAX_BYTES,
     GENESIS,
     AuditError,
-    chainFiles,
     encodeRecord,
+    lastLine,
     lineHash,
+    predecessorHead,
     rotatedFiles,
     timestamp,
 )
-from msa.durable import fsyncDirectory
+from msa.audit.lost import LostRecords
+from msa.durable import GroupCommit, fsyncDirectory
 
 _log = Logger()
 
-#: fdatasync where the system has it (Linux), else fsync.
-_FDATASYNC: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 
-
-def _lastLine(fd: int, size: int) -> tuple[bytes | None, int]:
+def _fdatasync(fd: int) -> None:
     """
-    The last complete line of the file open on C{fd} (of C{size} bytes),
-    without its LF, and the offset just after it (where a torn tail
-    starts).  C{(None, 0)} when there is no complete line.
+    fdatasync where the system has it (Linux), else fsync; looked up at
+    each call, so that a test's wrapper of either sees the audit log's.
     """
-    end = size
-    chunk = 8192
-    tail = b""
-    pos = size
-    while pos > 0:
-        start = max(0, pos - chunk)
-        tail = os.pread(fd, pos - start, start) + tail
-        pos = start
-        last = tail.rfind(b"\n")
-        if last < 0:
-            continue
-        end = pos + last + 1
-        before = tail.rfind(b"\n", 0, last)
-        if before >= 0 or pos == 0:
-            return tail[before + 1 : last], end
-    return None, 0
+    getattr(os, "fdatasync", os.fsync)(fd)
 
 
-@attrs.define
-class _Round:
+@attrs.define(frozen=True)
+class _Job:
     """
-    One write and fdatasync of L{AuditLog} and the records it carries.
+    What a caller asks of a round of L{AuditLog}: a record to append
+    (C{fact} when the event has happened whether or not it is recorded,
+    L{msa.audit.lost}), or only to open, to write the C{lost} record, or
+    to close the files.
     """
 
-    records: list[dict[str, Any]] = attrs.Factory(list)
-    seqs: list[int] = attrs.Factory(list)
-    done: bool = False
-    error: BaseException | None = None
+    record: dict[str, Any] | None = None
+    fact: bool = False
+    open: bool = False
+    flush: bool = False
+    close: bool = False
 
 
 class AuditLog:
     """
     The writer of the audit log at C{path}: see the module docstring.
 
+    Every write goes through one L{GroupCommit}: blocking callers in
+    threads (L{append}, L{appendFact}, L{open}, L{close}) and callers on
+    the reactor (L{submitFact}, L{closeWhenIdle}), whose rounds run in the
+    reactor's thread pool, never on the reactor thread.
+
     @ivar seq: the C{seq} of the last record written (0: none yet).
     @ivar head: the hash of the last record written (L{GENESIS}: none yet).
-    @ivar syncs: how many rounds (write and fdatasync) ran, for tests.
+    @ivar lostTotal: how many facts could not be written since this writer
+        was made (each accounted for by a C{lost} record once the log can
+        write again).
     """
 
     def __init__(
@@ -89,8 +86,14 @@ class AuditLog:
         path: str,
         maxBytes: int = DEFAULT_MAX_BYTES,
         clock: Callable[[], float] = time.time,
-        fdatasync: Callable[[int], None] = _FDATASYNC,
+        fdatasync: Callable[[int], None] = _fdatasync,
+        reactor: Any = None,
     ) -> None:
+        """
+        @param reactor: whose thread pool runs the rounds of
+            L{submitFact} and L{closeWhenIdle} (the global reactor by
+            default).
+        """
         self.path = os.path.abspath(path)
         self.maxBytes = maxBytes
         self._clock = clock
@@ -101,9 +104,14 @@ class AuditLog:
         self._offset = 0
         self.seq = 0
         self.head = GENESIS
-        self._cond = threading.Condition()
-        self._pending: _Round | None = None
-        self._running = False
+        self._commits: GroupCommit[_Job, int | None] = GroupCommit(
+            self._runRound, reactor
+        )
+        #: Facts not yet accounted for by a C{lost} record; only rounds
+        #: (one at a time) touch it, the lock is for readers.
+        self._lost = LostRecords()
+        self._lostLock = threading.Lock()
+        self.lostTotal = 0
 
     # -- opening and the chain head ------------------------------------
 
@@ -115,30 +123,36 @@ class AuditLog:
         @raise AuditError: when the file cannot be opened or its last
             record cannot be read.
         """
-        with self._cond:
-            try:
-                self._ensureOpen()
-                with self._locked():
-                    self._sync()
-            except AuditError:
-                raise
-            except OSError as e:
-                raise AuditError(f"{self.path}: {e}") from e
+        try:
+            self._commits.commitBlocking(_Job(open=True))
+        except AuditError:
+            raise
+        except OSError as e:
+            raise AuditError(f"{self.path}: {e}") from e
 
     def close(self) -> None:
         """
-        Close the files (after a round in progress); a later L{append}
-        opens them again.
+        Close the files, after a round in progress; blocking (a round may
+        be writing).  A later append opens them again.
         """
-        with self._cond:
-            while self._running:
-                self._cond.wait()
-            for name in ("_fd", "_lockFd"):
-                fd = getattr(self, name)
-                if fd is not None:
-                    os.close(fd)
-                    setattr(self, name, None)
-            self._ino = None
+        try:
+            self._commits.commitBlocking(_Job(close=True))
+        except Exception:
+            # The files are closed all the same; the round's error is its
+            # records' callers'.
+            pass
+
+    def closeWhenIdle(self) -> defer.Deferred[None]:
+        """
+        L{close} from the reactor thread: after the round in progress, in
+        the thread pool, writing the C{lost} record first if one is owed
+        and the log can write it.
+
+        @return: a L{Deferred} firing when the files are closed; it never
+            fails.
+        """
+        d = self._commits.commit(_Job(flush=True, close=True))
+        return d.addCallbacks(lambda _: None, lambda _: None)
 
     def _ensureOpen(self) -> None:
         directory = os.path.dirname(self.path)
@@ -193,9 +207,9 @@ class AuditLog:
         size = os.fstat(self._fd).st_size
         if size == self._offset:
             return
-        line, end = _lastLine(self._fd, size)
+        line, end = lastLine(self._fd, size)
         if line is None:
-            self.seq, self.head = self._previousHead()
+            self.seq, self.head = predecessorHead(self.path)
         else:
             try:
                 record = json.loads(line)
@@ -223,26 +237,6 @@ class AuditLog:
                     }
                 ]
             )
-
-    def _previousHead(self) -> tuple[int, str]:
-        """
-        The head of an empty current file: the last record of its newest
-        rotated predecessor, if any, else the genesis.
-        """
-        older = rotatedFiles(self.path)
-        if not older:
-            return 0, GENESIS
-        fd = os.open(older[-1], os.O_RDONLY)
-        try:
-            line, _ = _lastLine(fd, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
-        if line is None:
-            return 0, GENESIS
-        try:
-            return int(json.loads(line)["seq"]), lineHash(line)
-        except (ValueError, KeyError, TypeError) as e:
-            raise AuditError(f"{older[-1]}: the last record is unreadable ({e})")
 
     # -- appending -----------------------------------------------------
 
@@ -306,6 +300,14 @@ class AuditLog:
         target = f"{self.path}.{number:06d}"
         os.rename(self.path, target)
         fsyncDirectory(os.path.dirname(self.path))
+        _log.info(
+            "audit log rotated: {file} ends at seq {seq} sha256 {anchor} (the "
+            "--anchor of audit verify once it is archived)",
+            event="audit-rotated",
+            file=target,
+            seq=self.seq,
+            anchor=self.head,
+        )
         self._openFile()
         self._offset = 0
         self._write(
@@ -322,54 +324,139 @@ class AuditLog:
 
     def append(self, event: str, **fields: Any) -> int:
         """
-        Append one record and make it durable; blocking (call it in a
-        thread, except for rare events).  Concurrent callers share a write
-        and an fdatasync.
+        Append one record and make it durable, for an event that is
+        acknowledged only once it is recorded (a message's acceptance);
+        blocking (call it in a thread, except for rare events).  Concurrent
+        callers share a write and an fdatasync.
 
         @return: the record's C{seq}.
         @raise AuditError: when it could not be made durable; then it is
             not in the file (cut back) and the event must not be
             acknowledged.
         """
-        record: dict[str, Any] = {"event": event, **fields}
-        with self._cond:
-            current = self._pending
-            if current is None:
-                current = self._pending = _Round()
-            index = len(current.records)
-            current.records.append(record)
-            while not current.done:
-                if self._running:
-                    self._cond.wait()
-                    continue
-                self._pending = None
-                self._running = True
-                try:
-                    self._runRound(current)
-                finally:
-                    current.done = True
-                    self._running = False
-                    self._cond.notify_all()
-        if current.error is not None:
-            raise AuditError(f"{self.path}: {current.error}") from current.error
-        return current.seqs[index]
+        return self._appendBlocking(_Job({"event": event, **fields}))
 
-    def _runRound(self, current: _Round) -> None:
+    def appendFact(self, event: str, **fields: Any) -> int:
         """
-        Write a round's records; the condition's lock is released while the
-        disk works, so that the next round's callers can queue.
+        Append the record of an event that has happened whether or not it
+        is recorded (a delivery, a bounce, an operator's command), as
+        L{append} does; blocking.
+
+        @raise AuditError: when it could not be made durable; then it is
+            counted as lost and the next round that can write puts a
+            C{lost} record for it into the chain (L{msa.audit.lost}).
         """
-        self._cond.release()
+        return self._appendBlocking(_Job({"event": event, **fields}, fact=True))
+
+    def _appendBlocking(self, job: _Job) -> int:
         try:
-            self._ensureOpen()
-            with self._locked():
-                self._sync()
-                first = self._write(current.records)
-            current.seqs = list(range(first, first + len(current.records)))
+            seq = self._commits.commitBlocking(job)
+        except Exception as e:
+            raise AuditError(f"{self.path}: {e}") from e
+        assert seq is not None
+        return seq
+
+    def submitFact(self, event: str, **fields: Any) -> defer.Deferred[int]:
+        """
+        L{appendFact} from the reactor thread: the round runs in the
+        reactor's thread pool.
+
+        @return: a L{Deferred} firing with the record's C{seq}, or failing
+            with L{AuditError} (the record then counted as lost).
+        """
+        d = self._commits.commit(_Job({"event": event, **fields}, fact=True))
+
+        def written(seq: int | None) -> int:
+            assert seq is not None
+            return seq
+
+        def failed(failure: Failure) -> int:
+            raise AuditError(f"{self.path}: {failure.value}") from failure.value
+
+        return d.addCallbacks(written, failed)
+
+    def flushLost(self) -> defer.Deferred[None]:
+        """
+        Write the C{lost} record now if one is owed (the log can write
+        again and no other record came to carry it), from the reactor
+        thread.
+
+        @return: a L{Deferred} firing when done; it never fails (what is
+            still owed stays owed).
+        """
+        d = self._commits.commit(_Job(flush=True))
+        return d.addCallbacks(lambda _: None, lambda _: None)
+
+    @property
+    def lostPending(self) -> int:
+        """
+        How many facts are counted as lost and not yet accounted for by a
+        C{lost} record in the file.
+        """
+        with self._lostLock:
+            return self._lost.count
+
+    def _runRound(self, jobs: list[_Job]) -> list[int | None]:
+        """
+        One round (in a thread, one at a time): the C{lost} record owed, if
+        any, then the round's records, in one write and one fdatasync;
+        then the files are closed if a job asks.  When the write fails, the
+        facts among the records are counted as lost.
+        """
+        records = [job.record for job in jobs if job.record is not None]
+        with self._lostLock:
+            owed, self._lost = self._lost, LostRecords()
+        if not (records or any(job.flush for job in jobs)):
+            # Nothing to carry the lost record: it stays owed.
+            self._putBackLost(owed)
+            owed = LostRecords()
+        lines = ([owed.fields()] if owed.count else []) + records
+        try:
+            first = 0
+            if lines or any(job.open for job in jobs):
+                self._ensureOpen()
+                with self._locked():
+                    self._sync()
+                    if lines:
+                        first = self._write(lines)
         except BaseException as e:
-            current.error = e
+            self._putBackLost(owed)
+            self._countLost([job.record for job in jobs if job.fact], e)
+            raise
         finally:
-            self._cond.acquire()
+            if any(job.close for job in jobs):
+                self._closeFiles()
+        seq = first + (1 if owed.count else 0)
+        results: list[int | None] = []
+        for job in jobs:
+            if job.record is None:
+                results.append(None)
+            else:
+                results.append(seq)
+                seq += 1
+        return results
+
+    def _putBackLost(self, owed: LostRecords) -> None:
+        with self._lostLock:
+            self._lost.putBack(owed)
+
+    def _countLost(
+        self, facts: list[dict[str, Any] | None], error: BaseException
+    ) -> None:
+        when = timestamp(self._clock())
+        with self._lostLock:
+            for record in facts:
+                assert record is not None
+                self._lost.add(record, when, str(error))
+                self.lostTotal += 1
+
+    def _closeFiles(self) -> None:
+        for name in ("_fd", "_lockFd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
+        self._ino = None
 
 
 def logHead(audit: AuditLog, why: str) -> None:
@@ -385,67 +472,3 @@ def logHead(audit: AuditLog, why: str) -> None:
         head=audit.head,
         path=audit.path,
     )
-
-
-# -- after a crash ---------------------------------------------------------
-
-
-def recoverRecords(audit: AuditLog, spool: Any) -> list[str]:
-    """
-    At start, after the spool's recovery: record the queued messages that
-    were committed just before a crash, before their acceptance record was
-    durable (their client got no 250, but the MSA delivers them as any
-    message whose final dot was taken), so that nothing leaves the queue
-    unrecorded.  Each gets a C{recovered} record.
-
-    Looked for in the current file and its newest predecessor: a message
-    queued since the first record there with no C{accepted} or
-    C{dsn-queued} record.  (Messages older than that, or queued before the
-    log existed, are not looked at.)
-
-    @param spool: a L{msa.queue.spool.Spool} (C{pending()}, C{load(id)}).
-    @return: the queue ids recorded.
-    """
-    files = chainFiles(audit.path)[-2:]
-    recorded: set[str] = set()
-    since = ""
-    for path in files:
-        with open(path, "rb") as f:
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if not isinstance(record, dict):
-                    continue
-                since = since or str(record.get("time", ""))
-                if record.get("event") in ("accepted", "dsn-queued", "recovered"):
-                    recorded.add(str(record.get("queueId")))
-    if not since:
-        return []
-    found = []
-    for queueId in spool.pending():
-        if queueId in recorded:
-            continue
-        try:
-            entry = spool.load(queueId)
-        except (OSError, ValueError):
-            continue
-        if timestamp(entry.createdAt) < since:
-            continue
-        envelope = entry.envelope
-        audit.append(
-            "recovered",
-            queueId=queueId,
-            account=envelope.account,
-            client=envelope.clientAddress,
-            sender=envelope.sender,
-            recipients=list(envelope.recipients),
-            size=entry.size,
-            reason="committed just before a crash, before its acceptance record: "
-            "the client got no 250; it is delivered",
-        )
-        found.append(queueId)
-    return found

@@ -27,8 +27,10 @@ from __future__ import annotations
 import re
 from typing import Any, Protocol
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from msa.queue.spool import Spool, SpoolEntry
 
@@ -159,11 +161,12 @@ class QueueControl:
         log.info("flush: {count} message(s)", count=len(flushed))
         return flushed
 
-    def hold(self, queueId: str) -> None:
+    def hold(self, queueId: str) -> defer.Deferred[None] | None:
         """
         Put C{queueId} on hold: it is not attempted until L{release}d (a
         delivery in flight finishes, but is not retried).
 
+        @return: the audit record's L{Deferred}, if any (L{_audit}).
         @raise KeyError: for an unknown C{queueId}.
         """
         entry = self._load(queueId)
@@ -173,13 +176,14 @@ class QueueControl:
         if self._runner.isInFlight(queueId):
             self._heldInFlight[queueId] = True
         log.info("{queueId} put on hold", queueId=queueId)
-        self._audit("held", entry)
+        return self._audit("held", entry)
 
-    def release(self, queueId: str) -> None:
+    def release(self, queueId: str) -> defer.Deferred[None] | None:
         """
         Take C{queueId} off hold and attempt it now (right after its
         attempt in flight, if any).
 
+        @return: the audit record's L{Deferred}, if any (L{_audit}).
         @raise KeyError: for an unknown C{queueId}.
         """
         entry = self._load(queueId)
@@ -196,14 +200,15 @@ class QueueControl:
         if not inFlight:
             self._runner.attemptNow(queueId)
         log.info("{queueId} released", queueId=queueId)
-        self._audit("released", entry)
+        return self._audit("released", entry)
 
-    def delete(self, queueId: str) -> None:
+    def delete(self, queueId: str) -> defer.Deferred[None] | None:
         """
         Remove C{queueId} from the queue, without a notification.  A
         delivery in flight finishes (the core may still get the message)
         but its outcome is ignored.
 
+        @return: the audit record's L{Deferred}, if any (L{_audit}).
         @raise KeyError: for an unknown C{queueId}.
         """
         entry = self._load(queueId)
@@ -212,34 +217,43 @@ class QueueControl:
             self._deleted.add(queueId)
         self.spool.remove(queueId)
         log.warn("{queueId} deleted by the operator", queueId=queueId)
-        self._audit("deleted", entry)
+        return self._audit("deleted", entry)
 
-    def _audit(self, event: str, entry: SpoolEntry) -> None:
+    def _audit(self, event: str, entry: SpoolEntry) -> defer.Deferred[None] | None:
         """
         The audit record of an operator's command (L{msa.audit}), appended
-        on the calling thread like the spool's state: rare and small.  If
-        it cannot be written the command reports an error (the change is
-        made; the critical log line says it is unrecorded).
+        in the reactor's thread pool: its write and fdatasync may wait for
+        the disk, never on the reactor thread.  The change is made whether
+        or not it is recorded: when the record cannot be written the log
+        counts it as lost (a C{lost} record follows when it can write,
+        L{msa.audit.lost}), the critical log line says so, and the command
+        reports the error.
+
+        @return: L{None} without an audit log; else a L{Deferred} firing
+            when the record is durable, or failing with
+            L{msa.audit.AuditError}.
         """
         audit = self.spool.audit
         if audit is None:
-            return
-        try:
-            audit.append(
-                event,
-                queueId=entry.queueId,
-                by="operator",
-                sender=entry.envelope.sender,
-                recipients=list(entry.envelope.recipients),
-            )
-        except Exception as e:
+            return None
+        d = audit.submitFact(
+            event,
+            queueId=entry.queueId,
+            by="operator",
+            sender=entry.envelope.sender,
+            recipients=list(entry.envelope.recipients),
+        )
+
+        def failed(failure: Failure) -> Failure:
             log.critical(
                 "AUDIT RECORD LOST: {what} of {queueId}: {error}",
                 what=event,
                 queueId=entry.queueId,
-                error=e,
+                error=failure.value,
             )
-            raise
+            return failure
+
+        return d.addCallbacks(lambda _: None, failed)
 
     def describe(self) -> list[dict]:
         """

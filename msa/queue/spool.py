@@ -246,7 +246,7 @@ class Spool:
         The disk part of L{auditEvent}: runs in a thread.
         """
         assert self.audit is not None
-        self.audit.append(event, **fields)
+        self.audit.appendFact(event, **fields)
 
     def openMessage(self, queueId: str):
         """

@@ -19,7 +19,9 @@ L{msa.queue.control.QueueControl} (C{describe}, C{flush}, C{delete},
 C{hold}, C{release}); C{show} reads the envelope and the message's header
 section (bounded) from the L{msa.queue.spool.Spool}.  The queue runner owns
 the queue while the server runs: every change goes through its queue
-control, in the reactor thread, so it never races a delivery.
+control, in the reactor thread, so it never races a delivery.  The audit
+record of a hold, release or delete is written in the thread pool (its
+fdatasync never blocks the reactor); the reply waits for it.
 
 L{request} is the blocking client.  L{describeSpool} and L{showEntry} read
 the spool files directly (read-only): the admin command uses them for

@@ -9,6 +9,7 @@ import signal
 from typing import Any
 
 from twisted.application import service
+from twisted.internet import defer, task
 from twisted.logger import (
     ILogObserver,
     Logger,
@@ -17,6 +18,7 @@ from twisted.logger import (
     globalLogPublisher,
 )
 
+from msa import metrics
 from msa._compat import publisherObservers
 from msa.audit import AuditError, AuditLog, logHead, recoverRecords
 from msa.interfaces import ILiveAccountStore
@@ -101,9 +103,19 @@ class AuditLogService(service.Service):
     so that a log that cannot be continued stops the start; the spool's
     commits append to it.  Its head is logged at start and stop, for an
     anchor outside the file.
+
+    While records are counted as lost (L{msa.audit.lost}: the log could
+    not write them), it tries every L{LOST_RETRY} seconds to write the
+    C{lost} record, so that the gap is in the chain as soon as the disk
+    takes it, even when no other record comes.  Its stop waits, without
+    blocking the reactor, for the round in progress and closes the files
+    in the thread pool.
     """
 
-    def __init__(self, spool: Spool, audit: AuditLog) -> None:
+    #: Seconds between two tries to write an owed C{lost} record.
+    LOST_RETRY = 5.0
+
+    def __init__(self, spool: Spool, audit: AuditLog, reactor: Any = None) -> None:
         try:
             audit.open()
             for queueId in recoverRecords(audit, spool):
@@ -116,15 +128,35 @@ class AuditLogService(service.Service):
             raise StartupCheckError(f"audit log: {e}") from e
         self.audit = audit
         spool.audit = audit
+        metrics.watchAudit(audit)
+        self._retry = task.LoopingCall(self._writeLost)
+        if reactor is not None:
+            self._retry.clock = reactor
 
     def startService(self) -> None:
         super().startService()
         logHead(self.audit, "start")
+        self._retry.start(self.LOST_RETRY, now=False)
 
-    def stopService(self):
+    def _writeLost(self) -> defer.Deferred[None] | None:
+        if self.audit.lostPending:
+            return self.audit.flushLost()
+        return None
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        if self._retry.running:
+            self._retry.stop()
+        return self.audit.closeWhenIdle().addCallback(self._closed)
+
+    def _closed(self, _: None) -> None:
         logHead(self.audit, "stop")
-        self.audit.close()
-        return super().stopService()
+        if self.audit.lostPending:
+            log.critical(
+                "audit: {count} record(s) could not be written and their lost "
+                "record neither: the count is only in this log line",
+                count=self.audit.lostPending,
+            )
 
 
 class SessionShutdown(service.Service):

@@ -229,9 +229,10 @@ def buildService(config: Config, reactor=None) -> MultiService:
     runChecks(certFile, tlsConfig["chain"], config["spool"]["directory"])
     spool.recover()
     if config["audit"]["enabled"]:
-        AuditLogService(
-            spool, AuditLog(config["audit"]["path"], config["audit"]["max_bytes"])
-        ).setServiceParent(top)
+        audit = AuditLog(
+            config["audit"]["path"], config["audit"]["max_bytes"], reactor=reactor
+        )
+        AuditLogService(spool, audit, reactor).setServiceParent(top)
     relay = config["relay"]
     for problem in checkFileLimit(server["max_connections"], relay["concurrency"]):
         log.warn("startup check: {problem}", problem=problem)
