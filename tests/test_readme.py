@@ -188,3 +188,41 @@ class LayoutTests(unittest.TestCase):
             isPackage = os.path.isdir(os.path.join(ROOT, "msa", name))
             shown = f"``msa/{name}/``" if isPackage else f"{name}.py``"
             self.assertIn(shown, self.section, f"{name} not in README's Layout")
+
+
+class RequirementsTests(unittest.TestCase):
+    """
+    The requirements the README, issues and tests cite are in the project:
+    REQUIREMENTS.rst defines R1 to R16, and no file points outside the
+    checkout for them.
+    """
+
+    def test_everyRequirementDefined(self):
+        with open(os.path.join(ROOT, "REQUIREMENTS.rst"), encoding="utf-8") as f:
+            defined = re.findall(r"^(R\d+) \(", f.read(), re.M)
+        self.assertEqual(defined, [f"R{n}" for n in range(1, 17)])
+        with open(README, encoding="utf-8") as f:
+            self.assertIn("``REQUIREMENTS.rst``", f.read())
+
+    def test_nothingOutsideTheCheckout(self):
+        """
+        A clone has no folder of notes beside it: no file of the project
+        refers to one.
+        """
+        outside = "../" + "shared"
+        found = []
+        for directory, subdirectories, files in os.walk(ROOT):
+            subdirectories[:] = [
+                d
+                for d in subdirectories
+                if not d.startswith((".", "_trial_temp"))
+                and not d.endswith(".egg-info")
+                and d != "node_modules"
+            ]
+            for name in files:
+                if name.endswith((".py", ".rst", ".md", ".toml", ".cfg", ".sh")):
+                    path = os.path.join(directory, name)
+                    with open(path, encoding="utf-8", errors="replace") as f:
+                        if outside in f.read():
+                            found.append(os.path.relpath(path, ROOT))
+        self.assertEqual(found, [])

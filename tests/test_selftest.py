@@ -591,7 +591,7 @@ class WeakenedMSATests(SelftestMixin, unittest.TestCase):
 class PlainTwistedTests(SelftestMixin, unittest.TestCase):
     """
     A plain C{twisted.mail} ESMTP server, the defaults the MSA exists to
-    fix (DESIGN.md, "What Twisted gives and where it is wrong"), fails
+    fix (L{tests.plaintwisted}), fails
     exactly the probes about those defaults.
     """
 
