@@ -2,7 +2,7 @@
 A plain C{twisted.mail} ESMTP server, with the defaults the MSA exists to
 fix (no R3 gate before STARTTLS, AUTH offered in the clear, the STARTTLS
 injection, bare LFs taken in the data): the server
-the self-test's failing cases run against (L{tests.test_selftest},
+the self-test's failing cases run against (L{tests.test_selftest_plain},
 L{tests.test_selftest_smuggling}).  It takes every message and discards
 it.
 """

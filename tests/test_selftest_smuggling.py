@@ -22,7 +22,7 @@ from tests.downstream import DownstreamServer
 from tests.e2e import freePort
 from tests.plaintwisted import BareLFESMTP, listenPlainTwisted
 from tests.postfixserver import ThrowawayPostfix, postfixDirectory
-from tests.test_selftest import (
+from tests.selftesting import (
     BARE_LF_ENDS,
     BARE_LF_INSIDE,
     PRE_TLS,

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_selftest -*-
+# -*- test-case-name: tests.test_selftest,tests.test_selftest_plain -*-
 """
 The client side of C{digipoort-msa-admin selftest} (L{msa.admin.selftest}):
 a blocking SMTP session that can go into TLS after STARTTLS or from the

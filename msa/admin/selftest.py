@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_selftest -*-
+# -*- test-case-name: tests.test_selftest,tests.test_selftest_report -*-
 """
 C{digipoort-msa-admin selftest HOST PORT}: probe a running submission
 listener, local or remote, the way an operator would after a deployment or

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_selftest -*-
+# -*- test-case-name: tests.test_selftest_smuggling,tests.test_selftest_plain -*-
 """
 The SMTP probes of C{digipoort-msa-admin selftest} (L{msa.admin.selftest}):
 the commands before STARTTLS, the STARTTLS injection, no AUTH before TLS,
