@@ -339,14 +339,21 @@ def smugglingVerdict(label: str, replies: list[Reply]) -> ProbeResult:
        second message's end): C{label} ended the data and the smuggled
        transaction ran.  L{FAIL}.
      - The message refused with 5xx: L{PASS}.
-     - The message accepted as one (or deferred with 4xx): L{WARN}.  Nothing
-       ran here, but the bare CR or LF is in a queued message; it is safe
-       only if the server normalises it before relaying (Postfix with
+     - The message accepted as one (or deferred with 4xx, or the connection
+       closed without a reply): L{WARN}.  Nothing ran here, but the bare CR
+       or LF may be in a queued message; that is safe only if the server
+       normalises it before relaying (Postfix with
        C{smtpd_forbid_bare_newline}, say), which cannot be seen from outside.
     """
     name = f"smuggling {label}"
     if not replies:
-        return ProbeResult(name, FAIL, "no reply to the message")
+        return ProbeResult(
+            name,
+            WARN,
+            "the connection closed with no reply to the message: no smuggled "
+            "command was answered, but the client cannot tell whether the "
+            "message was kept",
+        )
     first, extra = replies[0], replies[1:]
     if extra and extra[-1].code == 221:
         extra = extra[:-1]
