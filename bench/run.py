@@ -614,7 +614,7 @@ def postfixMissing(args) -> str | None:
     """
     if args.postfix_sasl == "dovecot" and not os.path.exists("/usr/sbin/dovecot"):
         return "dovecot missing (apt-get install dovecot-core)"
-    return throwawayPostfixMissing()
+    return throwawayPostfixMissing(cyrus=args.postfix_sasl == "cyrus")
 
 
 class Postfix(Server):

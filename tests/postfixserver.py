@@ -50,9 +50,11 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
-def postfixMissing() -> str | None:
+def postfixMissing(cyrus: bool = True) -> str | None:
     """
     Why a throwaway Postfix cannot run here, or L{None}.
+
+    @param cyrus: its SASL is a Cyrus sasldb (made with C{saslpasswd2}).
     """
     if not os.path.exists(POSTFIX):
         return f"{POSTFIX} is not installed (apt-get install postfix)"
@@ -62,7 +64,7 @@ def postfixMissing() -> str | None:
         pwd.getpwnam("postfix")
     except KeyError:
         return "no 'postfix' user (the package creates it)"
-    if not shutil.which("saslpasswd2"):
+    if cyrus and not shutil.which("saslpasswd2"):
         return "saslpasswd2 missing (apt-get install sasl2-bin libsasl2-modules)"
     return None
 
