@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_selftest_plain -*-
 """
 A plain C{twisted.mail} ESMTP server, with the defaults the MSA exists to
 fix (no R3 gate before STARTTLS, AUTH offered in the clear, the STARTTLS

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_selftest_smuggling -*-
 """
 A throwaway Postfix for tests and the benchmark: Debian's C{postfix -c DIR
 start-fg} with its own main.cf and master.cf, queue, data directory and log
