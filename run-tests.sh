@@ -7,8 +7,11 @@ cd "$(dirname "$0")"
 
 # Real client programs for the interop tests (curl, swaks with SASL), from
 # Debian.  Only as root with apt-get; elsewhere those tests skip (but under
-# CI=true a missing program fails them).
-SYSTEM_PACKAGES="curl swaks haproxy systemd msmtp gsasl sasl2-bin libsasl2-modules libauthen-sasl-perl libnet-ssleay-perl libio-socket-ssl-perl libdigest-hmac-perl default-jdk-headless iproute2 mount redis-server postgresql"
+# CI=true a missing program fails them).  Postfix for the self-test's
+# smuggling verdicts (a throwaway instance in a temp dir, never the system's);
+# libauthen-sasl-cyrus-perl because mail hosts have it and swaks must not
+# pick it (tests.test_interop.runSwaks selects Authen::SASL::Perl).
+SYSTEM_PACKAGES="curl swaks haproxy systemd msmtp gsasl sasl2-bin libsasl2-modules libauthen-sasl-perl libnet-ssleay-perl libio-socket-ssl-perl libdigest-hmac-perl default-jdk-headless iproute2 mount redis-server postgresql postfix libauthen-sasl-cyrus-perl"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   if ! dpkg -s $SYSTEM_PACKAGES >/dev/null 2>&1; then
     echo "run-tests: installing $SYSTEM_PACKAGES"

@@ -92,7 +92,6 @@ import json
 import os
 import platform
 import pstats
-import pwd
 import shlex
 import shutil
 import signal
@@ -114,6 +113,8 @@ import attrs  # noqa: E402
 from msa.accounts.model import makeAccount, writeAccounts  # noqa: E402
 from msa.service.config import writeConfig  # noqa: E402
 from msa.tls import ensureSelfSignedCertificate  # noqa: E402
+from tests.postfixserver import ThrowawayPostfix  # noqa: E402
+from tests.postfixserver import postfixMissing as throwawayPostfixMissing  # noqa: E402
 
 PYTHON = sys.executable
 BIN = os.path.dirname(PYTHON)
@@ -122,7 +123,6 @@ USER, PASSWORD = "bench", "bench-password"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 KB = 1024
 MB = 1024 * 1024
-POSTFIX = "/usr/sbin/postfix"
 
 
 def load(c, n, size=10 * KB, m=1, mode="relay", **extra) -> dict:
@@ -608,48 +608,13 @@ class Peer(Server):
         self.proc.send_signal(signal.SIGUSR1)
 
 
-POSTFIX_MASTER = """\
-{listen} inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-
-
 def postfixMissing(args) -> str | None:
     """
     Why the Postfix column cannot run here, or L{None}.
     """
-    if not os.path.exists(POSTFIX):
-        return f"{POSTFIX} is not installed (apt-get install postfix)"
-    if os.geteuid() != 0:
-        return "a throwaway Postfix instance needs root (its master runs as root)"
-    try:
-        pwd.getpwnam("postfix")
-    except KeyError:
-        return "no 'postfix' user (the package creates it)"
-    if args.postfix_sasl == "cyrus" and not shutil.which("saslpasswd2"):
-        return "saslpasswd2 missing (apt-get install sasl2-bin libsasl2-modules)"
     if args.postfix_sasl == "dovecot" and not os.path.exists("/usr/sbin/dovecot"):
         return "dovecot missing (apt-get install dovecot-core)"
-    return None
+    return throwawayPostfixMissing(cyrus=args.postfix_sasl == "cyrus")
 
 
 class Postfix(Server):
@@ -669,52 +634,8 @@ class Postfix(Server):
     def multiProcess(self) -> bool:
         return True
 
-    def postconf(self, *extra: str) -> str:
-        return subprocess.run(
-            ["postconf", "-c", self.etc, *extra],
-            check=True,
-            stdout=subprocess.PIPE,
-            text=True,
-        ).stdout
-
     def start(self, params: dict, sinkPort: int | None, profile=None) -> None:
-        self.port = freePort()
-        self.etc = os.path.join(self.work, "etc")
-        queue = os.path.join(self.work, "queue")
-        data = os.path.join(self.work, "data")
-        # Debian's smtpd reads smtpd.conf from $config_directory/sasl (strace:
-        # it does not look in cyrus_sasl_config_path), so it goes there.
-        sasl = os.path.join(self.etc, "sasl")
-        for d in (self.etc, queue, data, sasl):
-            os.makedirs(d, exist_ok=True)
-        os.chmod(self.work, 0o755)
-        postfixUser = pwd.getpwnam("postfix")
-        os.chown(data, postfixUser.pw_uid, postfixUser.pw_gid)
-        # The certificate must be readable by smtpd (it runs as postfix).
-        chain = os.path.join(self.etc, "chain.pem")
-        with open(chain, "w") as out:
-            for path in (self.key, self.cert):
-                with open(path) as f:
-                    out.write(f.read())
-        os.chmod(chain, 0o640)
-        os.chown(chain, 0, postfixUser.pw_gid)
-        main = {
-            "compatibility_level": "3.6",
-            "queue_directory": queue,
-            "data_directory": data,
-            "mail_owner": "postfix",
-            "setgid_group": "postdrop",
-            "myhostname": "localhost",
-            "mydomain": "localhost",
-            "myorigin": "localhost",
-            "mydestination": "",
-            "local_recipient_maps": "",
-            "local_transport": "error:no local delivery",
-            "inet_interfaces": "127.0.0.1",
-            "inet_protocols": "ipv4",
-            "mynetworks": "",
-            "maillog_file": os.path.join(self.work, "maillog"),
-            "maillog_file_prefixes": self.work,
+        settings = {
             "message_size_limit": "52428800",
             "mailbox_size_limit": "0",
             "default_process_limit": "5000",
@@ -722,16 +643,6 @@ class Postfix(Server):
             "smtpd_client_connection_rate_limit": "0",
             "smtpd_client_message_rate_limit": "0",
             "smtpd_client_event_limit_exceptions": "127.0.0.0/8",
-            "smtpd_tls_chain_files": chain,
-            "smtpd_tls_security_level": "encrypt",
-            "smtpd_tls_auth_only": "yes",
-            "smtpd_tls_mandatory_protocols": ">=TLSv1.2",
-            "smtpd_tls_protocols": ">=TLSv1.2",
-            "smtpd_tls_loglevel": "0",
-            "smtpd_sasl_auth_enable": "yes",
-            "smtpd_sasl_local_domain": "localhost",
-            "smtpd_relay_restrictions": "permit_sasl_authenticated, reject",
-            "smtpd_recipient_restrictions": "permit_sasl_authenticated, reject",
             "relayhost": f"[127.0.0.1]:{sinkPort}",
             # Verified like the MSA's relay: the sink's certificate against
             # the CA file, for the name localhost.
@@ -744,55 +655,23 @@ class Postfix(Server):
             "initial_destination_concurrency": "4",
             "smtp_connection_cache_on_demand": "yes",
             "smtp_connection_reuse_count_limit": "100",
-            "disable_dns_lookups": "yes",
-            "smtp_host_lookup": "native",
-            "biff": "no",
-            "alternate_config_directories": self.etc,
         }
         if params.get("drain"):
-            main["defer_transports"] = "smtp relay"
+            settings["defer_transports"] = "smtp relay"
+        account: tuple[str, str] | None = (USER, PASSWORD)
         if self.args.postfix_sasl == "dovecot":
-            main["smtpd_sasl_type"] = "dovecot"
-            main["smtpd_sasl_path"] = self.startDovecot(sasl)
-        else:
-            main["smtpd_sasl_type"] = "cyrus"
-            main["smtpd_sasl_path"] = "smtpd"
-            main["cyrus_sasl_config_path"] = sasl
-            sasldb = os.path.join(sasl, "sasldb2")
-            subprocess.run(
-                ["saslpasswd2", "-f", sasldb, "-c", "-p", "-u", "localhost", USER],
-                input=PASSWORD,
-                text=True,
-                check=True,
-            )
-            os.chmod(sasldb, 0o640)
-            os.chown(sasldb, 0, postfixUser.pw_gid)
-            with open(os.path.join(sasl, "smtpd.conf"), "w") as f:
-                f.write(
-                    "pwcheck_method: auxprop\nauxprop_plugin: sasldb\n"
-                    f"mech_list: PLAIN LOGIN\nsasldb_path: {sasldb}\n"
-                )
-        with open(os.path.join(self.etc, "main.cf"), "w") as f:
-            for k, v in main.items():
-                f.write(f"{k} = {v}\n")
-        with open(os.path.join(self.etc, "master.cf"), "w") as f:
-            f.write(POSTFIX_MASTER.format(listen=f"127.0.0.1:{self.port}"))
-        subprocess.run(
-            [POSTFIX, "-c", self.etc, "set-permissions"],
-            check=False,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            sasl = os.path.join(self.work, "etc", "sasl")
+            os.makedirs(sasl, exist_ok=True)
+            settings["smtpd_sasl_type"] = "dovecot"
+            settings["smtpd_sasl_path"] = self.startDovecot(sasl)
+            account = None
+        os.chmod(self.work, 0o755)
+        self.postfix = ThrowawayPostfix(
+            self.work, freePort(), self.cert, self.key, settings, account
         )
-        subprocess.run([POSTFIX, "-c", self.etc, "check"], check=True)
-        self.proc = subprocess.Popen(
-            [POSTFIX, "-c", self.etc, "start-fg"],
-            cwd=self.work,
-            env=dict(os.environ, **self.env),
-            stdin=subprocess.DEVNULL,
-            stdout=open(os.path.join(self.work, "postfix.out"), "wb"),
-            stderr=subprocess.STDOUT,
-        )
-        waitForPort(self.port, self.proc)
+        self.port = self.postfix.port
+        self.postfix.start(self.env)
+        self.proc = self.postfix.process
 
     def startDovecot(self, directory: str) -> str:
         # Dovecot as the SASL server: a passwd-file with the password in
@@ -821,23 +700,12 @@ class Postfix(Server):
         return socketPath
 
     def release(self) -> None:
-        subprocess.run(
-            ["postconf", "-c", self.etc, "-X", "defer_transports"], check=True
-        )
-        subprocess.run([POSTFIX, "-c", self.etc, "reload"], check=True)
-        subprocess.run(["postqueue", "-c", self.etc, "-f"], check=True)
+        self.postfix.postconf("-X", "defer_transports")
+        self.postfix.reload()
+        self.postfix.flush()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            subprocess.run(
-                [POSTFIX, "-c", self.etc, "stop"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        self.postfix.stop()
         if getattr(self, "dovecot", None) is not None:
             stopProcess(self.dovecot)
 

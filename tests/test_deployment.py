@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_deployment -*-
 """
-Deployment on hardened hosts: the systemd units in etc/ are valid
+Deployment: the tests run after a non-editable install as README.rst says;
+and on hardened hosts: the systemd units in etc/ are valid
 (C{systemd-analyze verify}), and the MSA really runs socket-activated: a
 socket it did not open itself (C{systemd-socket-activate}, the same
 LISTEN_FDS hand-over as systemd's socket unit) serves STARTTLS (index 0)
@@ -8,10 +9,12 @@ and implicit TLS (index 1) through C{systemd:} endpoint strings.
 """
 
 import os
+import shutil
 import signal
 import smtplib
 import subprocess
 import sys
+import sysconfig
 import time
 
 import attrs
@@ -137,6 +140,88 @@ class PackagingTests(unittest.TestCase):
         }
         self.assertEqual(found - listed, set())
         self.assertIn("twisted.plugins", listed)
+
+
+class NonEditableTrialTests(unittest.TestCase):
+    """
+    After the README's C{pip install .} (not editable), the tests run from
+    the checkout as README.rst says: C{python -m twisted.trial tests.X}.
+    The C{trial} script cannot find them (its C{sys.path} starts with the
+    venv's C{bin/}, not the current directory, and only C{msa} was
+    installed), which README.rst says too.
+    """
+
+    def nonEditableVenv(self) -> str:
+        """
+        A scratch venv with the project installed from a copy of the
+        checkout (C{pip install --no-deps}, not editable); its dependencies
+        come from this venv's site-packages, whose editable C{.pth} (the
+        checkout on C{sys.path}) it does not process.
+
+        @return: the venv's directory.
+        """
+        scratch = os.path.abspath(self.mktemp())
+        source = os.path.join(scratch, "source")
+        ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+        for name in ("msa", "twisted"):
+            shutil.copytree(
+                os.path.join(ROOT, name), os.path.join(source, name), ignore=ignore
+            )
+        for name in ("setup.cfg", "setup.py", "pyproject.toml", "README.rst"):
+            shutil.copy(os.path.join(ROOT, name), source)
+        venv = os.path.join(scratch, "venv")
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--without-pip", venv], check=True
+        )
+        site = sysconfig.get_paths(vars={"base": venv, "platbase": venv})["purelib"]
+        with open(os.path.join(site, "dependencies.pth"), "w") as f:
+            f.write(sysconfig.get_paths()["purelib"] + "\n")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps"]
+            + ["--disable-pip-version-check"]
+            + ["--target", site, source],
+            check=True,
+            capture_output=True,
+        )
+        with open(os.path.join(os.path.dirname(sys.executable), "trial")) as f:
+            script = f.read().split("\n", 1)[1]
+        trial = os.path.join(venv, "bin", "trial")
+        with open(trial, "w") as f:
+            f.write(f"#!{venv}/bin/python\n{script}")
+        os.chmod(trial, 0o755)
+        return venv
+
+    def test_pythonMinusM(self):
+        """
+        In a non-editable install, C{python -m twisted.trial tests.X} run
+        in the checkout passes and the C{trial} script finds no C{tests},
+        as README.rst says.
+        """
+        venv = self.nonEditableVenv()
+        python = os.path.join(venv, "bin", "python")
+        check = [python, "-c", "import msa, sys; print(msa.__file__)"]
+        where = subprocess.run(check, cwd="/", capture_output=True, text=True)
+        self.assertTrue(where.stdout.startswith(venv), where.stdout + where.stderr)
+        test = "tests.test_readme.LayoutTests"
+        byModule = subprocess.run(
+            [python, "-m", "twisted.trial", test],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        self.assertEqual(byModule.returncode, 0, byModule.stdout + byModule.stderr)
+        self.assertIn("PASSED (successes=2)", byModule.stdout)
+        byScript = subprocess.run(
+            [os.path.join(venv, "bin", "trial"), test],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        self.assertIn(f"{test!r} does not name an object", byScript.stdout)
+        with open(os.path.join(ROOT, "README.rst"), encoding="utf-8") as f:
+            readme = f.read()
+        self.assertIn("\n    .venv/bin/python -m twisted.trial tests.", readme)
+        self.assertIn("``.venv/bin/trial tests.test_sasl_plain`` answers", readme)
 
 
 class SocketActivationTests(unittest.TestCase):

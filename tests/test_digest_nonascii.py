@@ -507,12 +507,11 @@ class SwaksTests(ClientFamilyMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def submit(self, user, password):
-        swaks = requireProgram(self, "swaks")
         # SwaksTests.swaksArgs needs only self.msa and self.messageFile.
         args = test_interop.SwaksTests.swaksArgs(
             self, True, "DIGEST-MD5", "localhost", password, user
         )
-        out, err, code = yield runProgram(swaks, args)
+        out, err, code = yield test_interop.runSwaks(self, args)
         transcript = out + err
         self.assertEqual(code, 0, transcript.decode("utf-8", "replace"))
         challenge, response = b64lines(

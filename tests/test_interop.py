@@ -4,8 +4,8 @@ Interoperability: real, independent SMTP/SASL client implementations talk to
 the whole MSA (L{tests.e2e.RunningMSA}) over real loopback sockets with real,
 verified TLS, and a TLS scanner checks the listeners' TLS parameters.
 
-Clients (see C{../shared/CLIENTS.md}): curl (its own SASL code), swaks (Perl
-Authen::SASL), pure-sasl (Python DIGEST-MD5) and scramp (Python SCRAM) driven
+Clients: curl (its own SASL code), swaks (Perl's Authen::SASL::Perl, chosen
+by L{runSwaks}), pure-sasl (Python DIGEST-MD5) and scramp (Python SCRAM) driven
 over smtplib, smtplib's own PLAIN and LOGIN, sslyze (TLS configuration
 against Mozilla's "intermediate" profile) and a TLS 1.1-only Python client.
 
@@ -239,15 +239,31 @@ class CurlTests(unittest.TestCase):
         return self.checkWrongPassword(False, "LOGIN")
 
 
+def runSwaks(testCase, args: list[str]):
+    """
+    Run swaks with Perl's own SASL code, whatever else the host has: with
+    Debian's libauthen-sasl-cyrus-perl installed (common on mail hosts)
+    Authen::SASL prefers its Cyrus plugin, which dies on swaks's C{maxssf}
+    property before any DIGEST-MD5 exchange.  Authen::SASL's import list
+    names the plugin to use, so swaks runs under C{perl -MAuthen::SASL=Perl}.
+
+    @return: a L{Deferred} of (stdout, stderr, exit code).
+    """
+    swaks = requireProgram(testCase, "swaks")
+    perl = requireProgram(testCase, "perl")
+    return runProgram(perl, ["-MAuthen::SASL=Perl", swaks, *args])
+
+
 class SwaksTests(unittest.TestCase):
     """
-    swaks: Perl Authen::SASL, certificate verified with C{--tls-verify}.
+    swaks: Perl Authen::SASL (L{runSwaks}), certificate verified with
+    C{--tls-verify}.
     """
 
     timeout = 30
 
     def setUp(self):
-        self.swaks = requireProgram(self, "swaks")
+        requireProgram(self, "swaks")
         self.msa = RunningMSA(self)
         self.messageFile = writeMessage(self)
 
@@ -281,8 +297,8 @@ class SwaksTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def submit(self, implicit: bool, mechanism: str, server="127.0.0.1"):
-        out, err, code = yield runProgram(
-            self.swaks, self.swaksArgs(implicit, mechanism, server)
+        out, err, code = yield runSwaks(
+            self, self.swaksArgs(implicit, mechanism, server)
         )
         transcript = out + err
         self.assertEqual(code, 0, transcript.decode("utf-8", "replace"))
@@ -335,7 +351,7 @@ class SwaksTests(unittest.TestCase):
     @defer.inlineCallbacks
     def checkWrongPassword(self, implicit: bool, mechanism: str):
         args = self.swaksArgs(implicit, mechanism, password="wrong")
-        out, err, code = yield runProgram(self.swaks, args)
+        out, err, code = yield runSwaks(self, args)
         transcript = out + err
         self.assertEqual(code, SWAKS_AUTH_FAILED, transcript.decode("utf-8", "replace"))
         self.assertIn(b"<~* 535 5.7.8 Authentication credentials invalid", transcript)

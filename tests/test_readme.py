@@ -2,13 +2,15 @@
 """
 The code examples of README.rst, run as a newcomer would paste them: the
 embedding example builds a working submission server that a real client
-(smtplib, STARTTLS + AUTH PLAIN) submits a message to.
+(smtplib, STARTTLS + AUTH PLAIN) submits a message to.  And the README's
+Layout agrees with the import contracts it describes.
 """
 
 import os
 import re
 import smtplib
 import ssl
+import tomllib
 import unittest as pyunit
 
 import attrs
@@ -19,7 +21,8 @@ from msa.accounts.model import makeAccount, writeAccounts
 from msa.tls import ensureSelfSignedCertificate
 from tests.e2e import MESSAGE, SENDERS, freePort
 
-README = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.rst")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.rst")
 
 
 def literalBlocks(text: str) -> list[str]:
@@ -135,3 +138,91 @@ class EmbeddingExampleTests(unittest.TestCase):
         suite.run(result)
         self.assertEqual(result.testsRun, 2)
         self.assertTrue(result.wasSuccessful(), result.errors + result.failures)
+
+
+class LayoutTests(unittest.TestCase):
+    """
+    The README's Layout section and the import-linter layers contract in
+    pyproject.toml name the same layers, in the same order, and hold every
+    package and module under msa/.
+    """
+
+    def readmeLayers(self) -> list[str]:
+        with open(README, encoding="utf-8") as f:
+            text = f.read()
+        section = text.split("\nLayout\n------\n", 1)[1].split("\n----", 1)[0]
+        self.section = section
+        return literalBlocks(section)[0].splitlines()
+
+    def contractLayers(self) -> list[str]:
+        with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+            contracts = tomllib.load(f)["tool"]["importlinter"]["contracts"]
+        (layers,) = [c for c in contracts if c["id"] == "layers"]
+        self.assertEqual(layers["containers"], ["msa"])
+        return layers["layers"]
+
+    def test_sameLayers(self):
+        """
+        The README's list is the contract's, line for line.
+        """
+        normal = [" ".join(layer.split()) for layer in self.contractLayers()]
+        self.assertEqual(self.readmeLayers(), normal)
+
+    def test_everyPackageInBoth(self):
+        """
+        Every package and module under msa/ (but C{__init__}, the public
+        API above the layers) is in the contract's layers and is described
+        in the Layout section; and nothing is named that does not exist.
+        """
+        found = set()
+        for name in os.listdir(os.path.join(ROOT, "msa")):
+            path = os.path.join(ROOT, "msa", name)
+            if os.path.isfile(os.path.join(path, "__init__.py")):
+                found.add(name)
+            elif name.endswith(".py") and name != "__init__.py":
+                found.add(name[:-3])
+        named = set(re.split(r"[|:\s]+", " ".join(self.contractLayers())))
+        self.assertEqual(named - {""}, found)
+        self.readmeLayers()
+        for name in sorted(found):
+            isPackage = os.path.isdir(os.path.join(ROOT, "msa", name))
+            shown = f"``msa/{name}/``" if isPackage else f"{name}.py``"
+            self.assertIn(shown, self.section, f"{name} not in README's Layout")
+
+
+class RequirementsTests(unittest.TestCase):
+    """
+    The requirements the README, issues and tests cite are in the project:
+    REQUIREMENTS.rst defines R1 to R16, and no file points outside the
+    checkout for them.
+    """
+
+    def test_everyRequirementDefined(self):
+        with open(os.path.join(ROOT, "REQUIREMENTS.rst"), encoding="utf-8") as f:
+            defined = re.findall(r"^(R\d+) \(", f.read(), re.M)
+        self.assertEqual(defined, [f"R{n}" for n in range(1, 17)])
+        with open(README, encoding="utf-8") as f:
+            self.assertIn("``REQUIREMENTS.rst``", f.read())
+
+    def test_nothingOutsideTheCheckout(self):
+        """
+        A clone has no folder of notes beside it: no file of the project
+        refers to one.
+        """
+        outside = "../" + "shared"
+        found = []
+        for directory, subdirectories, files in os.walk(ROOT):
+            subdirectories[:] = [
+                d
+                for d in subdirectories
+                if not d.startswith((".", "_trial_temp"))
+                and not d.endswith(".egg-info")
+                and d != "node_modules"
+            ]
+            for name in files:
+                if name.endswith((".py", ".rst", ".md", ".toml", ".cfg", ".sh")):
+                    path = os.path.join(directory, name)
+                    with open(path, encoding="utf-8", errors="replace") as f:
+                        if outside in f.read():
+                            found.append(os.path.relpath(path, ROOT))
+        self.assertEqual(found, [])

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_selftest -*-
+# -*- test-case-name: tests.test_selftest,tests.test_selftest_plain -*-
 """
 The client side of C{digipoort-msa-admin selftest} (L{msa.admin.selftest}):
 a blocking SMTP session that can go into TLS after STARTTLS or from the
@@ -22,7 +22,10 @@ from OpenSSL import SSL, crypto
 from msa import _compat
 from msa.tls import DEFAULT_CIPHERS, DEFAULT_GROUPS
 
-PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+#: The verdicts: PASS, FAIL (the only one that makes the exit code 1), WARN
+#: (nothing wrong could be seen, but something that cannot be seen from
+#: outside decides whether it is safe) and SKIP (not tested, with why).
+PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
 #: OpenSSL's default TLS 1.3 suites, which the MSA keeps.
 DEFAULT_TLS13_CIPHERS = (
     "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"
@@ -37,7 +40,7 @@ class ProbeResult:
     One row of the report.
 
     @ivar name: the probe.
-    @ivar status: L{PASS}, L{FAIL} or L{SKIP}.
+    @ivar status: L{PASS}, L{WARN}, L{FAIL} or L{SKIP}.
     @ivar detail: what was seen, or why it was not tested.
     """
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_selftest -*-
+# -*- test-case-name: tests.test_selftest_smuggling,tests.test_selftest_plain -*-
 """
 The SMTP probes of C{digipoort-msa-admin selftest} (L{msa.admin.selftest}):
 the commands before STARTTLS, the STARTTLS injection, no AUTH before TLS,
@@ -8,6 +8,7 @@ returns L{msa.admin.probeclient.ProbeResult}s.
 
 import base64
 import email.utils
+import re
 
 from OpenSSL import SSL
 
@@ -16,8 +17,10 @@ from msa.admin.probeclient import (
     HELO,
     PASS,
     SKIP,
+    WARN,
     ProbeError,
     ProbeResult,
+    Reply,
     SMTPSession,
     Target,
     checkName,
@@ -296,8 +299,8 @@ def probeMessages(target: Target, runId: str) -> list[ProbeResult]:
 def probeSmuggling(target: Target, runId: str) -> list[ProbeResult]:
     """
     For each bare CR/LF end-of-data form: the message, the form, a smuggled
-    transaction, the real end.  The server must refuse it with 5xx and
-    execute none of the smuggled commands.
+    transaction, the real end, QUIT, all in one write; each form judged by
+    L{smugglingVerdict}.
     """
     account = target.account
     assert account is not None
@@ -321,30 +324,72 @@ def probeSmuggling(target: Target, runId: str) -> list[ProbeResult]:
             except ProbeError as e:
                 results.append(ProbeResult(name, FAIL, str(e)))
                 continue
-        first = replies[0] if replies else None
-        if first is None:
-            results.append(ProbeResult(name, FAIL, "no reply to the message"))
-        elif any(r.code == 354 for r in replies):
-            shown = "; ".join(str(r) for r in replies)
-            results.append(
-                ProbeResult(
-                    name,
-                    FAIL,
-                    f"{label} ended the message and the smuggled transaction "
-                    f"ran: {shown}",
-                )
-            )
-        elif 500 <= first.code < 600:
-            results.append(ProbeResult(name, PASS, f"refused: {first}"))
-        elif first.code == 250:
-            results.append(
-                ProbeResult(
-                    name,
-                    FAIL,
-                    f"accepted with {label} inside ({first}): a next hop that "
-                    "ends data on it would run the smuggled commands",
-                )
-            )
-        else:
-            results.append(ProbeResult(name, FAIL, f"not a permanent refusal: {first}"))
+        results.append(smugglingVerdict(label, replies))
     return results
+
+
+def smugglingVerdict(label: str, replies: list[Reply]) -> ProbeResult:
+    """
+    What the replies to one smuggling attempt show.  The client sent one
+    message and QUIT, so a server that kept the smuggled commands inside the
+    message answers exactly twice: once to the message, 221 to QUIT (or only
+    once, when it refused the message and closed the connection).
+
+     - Any other reply answers a smuggled command (MAIL, RCPT, DATA, or the
+       second message's end): C{label} ended the data and the smuggled
+       transaction ran.  L{FAIL}.
+     - The message refused with 5xx: L{PASS}.
+     - The message accepted as one (or deferred with 4xx, or the connection
+       closed without a reply): L{WARN}.  Nothing ran here, but the bare CR
+       or LF may be in a queued message; that is safe only if the server
+       normalises it before relaying (Postfix with
+       C{smtpd_forbid_bare_newline}, say), which cannot be seen from outside.
+    """
+    name = f"smuggling {label}"
+    if not replies:
+        return ProbeResult(
+            name,
+            WARN,
+            "the connection closed with no reply to the message: no smuggled "
+            "command was answered, but the client cannot tell whether the "
+            "message was kept",
+        )
+    first, extra = replies[0], replies[1:]
+    if extra and extra[-1].code == 221:
+        extra = extra[:-1]
+    if extra:
+        shown = "; ".join(str(r) for r in replies)
+        ids = sorted({m for r in replies for m in _queueIds(r)})
+        queued = f" ({len(ids)} queue ids: {', '.join(ids)})" if len(ids) > 1 else ""
+        return ProbeResult(
+            name,
+            FAIL,
+            f"{label} ended the message and the smuggled commands were "
+            f"answered{queued}: {shown}",
+        )
+    if 500 <= first.code < 600:
+        return ProbeResult(name, PASS, f"refused: {first}")
+    if first.code == 250:
+        return ProbeResult(
+            name,
+            WARN,
+            f"accepted as one message with {label} inside ({first}); no smuggled "
+            "command ran here, but a next hop that ends data on it would run "
+            "them unless this server normalises bare CR/LF before relaying "
+            "(not visible from outside)",
+        )
+    return ProbeResult(
+        name,
+        WARN,
+        f"not refused for good: {first}; no smuggled command ran, but a "
+        "retry may be accepted with it inside",
+    )
+
+
+def _queueIds(reply: Reply) -> list[str]:
+    """
+    The queue ids in a reply's "queued as ID" (Postfix, the MSA, Exim's
+    "id=ID").
+    """
+    text = " ".join(reply.lines)
+    return re.findall(r"(?:queued as|id=)\s*([A-Za-z0-9._-]+)", text)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_selftest -*-
+# -*- test-case-name: tests.test_selftest,tests.test_selftest_report -*-
 """
 The TLS probes of C{digipoort-msa-admin selftest} (L{msa.admin.selftest}):
 protocol versions, cipher suites, key-exchange groups and the certificate.
