@@ -132,6 +132,10 @@ class MSAProcess:
     """
     C{twistd -n digipoort-msa --config ...} as a child process, started as
     often as the test likes on the same configuration and state.
+
+    @ivar sections: more configuration, per section (merged into the
+        defaults here).
+    @ivar accountExtra: more of the account's C{extra} (rates, ...).
     """
 
     testCase: unittest.TestCase
@@ -142,6 +146,8 @@ class MSAProcess:
     process: subprocess.Popen | None = None
     starts: int = 0
     logs: list = attrs.Factory(list)
+    sections: dict = attrs.Factory(dict)
+    accountExtra: dict = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         self.state = os.path.join(self.directory, "state")
@@ -150,30 +156,31 @@ class MSAProcess:
         self.configFile = os.path.join(self.directory, "msa.toml")
         accountsFile = os.path.join(self.directory, "accounts.json")
         account = makeAccount(USER, PASSWORD, ["localhost"])
-        account = attrs.evolve(account, extra={"senders": ["@mijnbedrijf.nl"]})
+        extra = {"senders": ["@mijnbedrijf.nl"], **self.accountExtra}
+        account = attrs.evolve(account, extra=extra)
         writeAccounts(accountsFile, {USER: account})
-        writeConfig(
-            self.configFile,
-            {
-                "server": {
-                    "hostname": "localhost",
-                    "state_dir": self.state,
-                    "starttls_listeners": [f"tcp:{self.port}:interface=127.0.0.1"],
-                    "implicit_tls_listeners": [f"tcp:{freePort()}:interface=127.0.0.1"],
-                    "shutdown_grace": self.grace,
-                },
-                "accounts": {"file": accountsFile, "watch_interval": 60},
-                "relay": {
-                    "host": "127.0.0.1",
-                    "port": self.corePort,
-                    "tls": "starttls",
-                    "server_name": "localhost",
-                    "ca_file": self.coreCA,
-                    "retry_base": 1,
-                    "retry_max": 2,
-                },
+        sections = {
+            "server": {
+                "hostname": "localhost",
+                "state_dir": self.state,
+                "starttls_listeners": [f"tcp:{self.port}:interface=127.0.0.1"],
+                "implicit_tls_listeners": [f"tcp:{freePort()}:interface=127.0.0.1"],
+                "shutdown_grace": self.grace,
             },
-        )
+            "accounts": {"file": accountsFile, "watch_interval": 60},
+            "relay": {
+                "host": "127.0.0.1",
+                "port": self.corePort,
+                "tls": "starttls",
+                "server_name": "localhost",
+                "ca_file": self.coreCA,
+                "retry_base": 1,
+                "retry_max": 2,
+            },
+        }
+        for name, keys in self.sections.items():
+            sections[name] = {**sections.get(name, {}), **keys}
+        writeConfig(self.configFile, sections)
         self.testCase.addCleanup(self.kill)
 
     async def start(self) -> None:

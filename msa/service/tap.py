@@ -2,7 +2,7 @@
 """
 C{twistd digipoort-msa}: command-line options and L{makeService}, which turns
 a configuration into the running MSA (listeners, account store, spool and
-relay runner) as one L{MultiService}.  An embedder that has its own Twisted
+relay runner) as one L{OrderedShutdown}.  An embedder that has its own Twisted
 application calls L{buildService} with a L{msa.service.config.Config}, or builds a
 L{msa.submission.server.SubmissionFactory} itself.
 """
@@ -12,7 +12,6 @@ import re
 
 import attrs
 from twisted.application import strports
-from twisted.application.service import MultiService
 from twisted.cred.portal import Portal
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import (
@@ -51,6 +50,7 @@ from msa.service.services import (
     AuditLogService,
     JSONLogFile,
     LogLevelFilter,
+    OrderedShutdown,
     SessionShutdown,
 )
 from msa.service.startupchecks import StartupCheckError, checkFileLimit, runChecks
@@ -82,7 +82,7 @@ class Options(usage.Options):
         raise SystemExit(0)
 
 
-def makeService(options: Options) -> MultiService:
+def makeService(options: Options) -> OrderedShutdown:
     limitScryptMemory()
     try:
         config = loadConfig(options["config"])
@@ -173,17 +173,25 @@ def _downstream(config: Config):
     )
 
 
-def buildService(config: Config, reactor=None) -> MultiService:
+def buildService(config: Config, reactor=None) -> OrderedShutdown:
     """
     Everything the MSA runs, from a validated configuration.
+
+    The services are added in the order they may start, which
+    L{OrderedShutdown} stops in reverse, one after the other: the listeners,
+    the sessions (finishing their messages), the relay runner, the control
+    socket and metrics, the limits, the accounts, the audit log, the logs.
     """
     if reactor is None:
         from twisted.internet import reactor
     server, tlsConfig = config["server"], config["tls"]
-    top = MultiService()
-    # First, so that it is in place before the other services log.
+    top = OrderedShutdown()
+    # First, so that it is in place before the other services log, and
+    # stops last, after everything they log while they stop.
     level = logs.LEVELS[config["logging"]["level"]]
     LogLevelFilter(level).setServiceParent(top)
+    if config["logging"]["json_file"]:
+        JSONLogFile(config["logging"]["json_file"], level).setServiceParent(top)
     os.makedirs(server["state_dir"], mode=0o700, exist_ok=True)
 
     certFile, keyFile = tlsConfig["certificate"], tlsConfig["key"]
@@ -213,7 +221,6 @@ def buildService(config: Config, reactor=None) -> MultiService:
 
     store = _accountStore(config, reactor)
     watcher = AccountWatcher(store, config["accounts"]["watch_interval"])
-    watcher.setServiceParent(top)
 
     spool = Spool(config["spool"]["directory"], reactor)
     runChecks(certFile, tlsConfig["chain"], config["spool"]["directory"])
@@ -222,6 +229,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
         AuditLogService(
             spool, AuditLog(config["audit"]["path"], config["audit"]["max_bytes"])
         ).setServiceParent(top)
+    watcher.setServiceParent(top)
     relay = config["relay"]
     for problem in checkFileLimit(server["max_connections"], relay["concurrency"]):
         log.warn("startup check: {problem}", problem=problem)
@@ -236,7 +244,6 @@ def buildService(config: Config, reactor=None) -> MultiService:
         dsnHostname=server["hostname"] if relay["send_dsn"] else None,
         delayWarningAfter=relay["delay_warning_after"],
     )
-    runner.setServiceParent(top)
     throttle = AuthThrottle(
         base=server["auth_delay_base"], maximum=server["auth_delay_max"]
     )
@@ -256,11 +263,10 @@ def buildService(config: Config, reactor=None) -> MultiService:
         # strports.service: a port that cannot be bound fails the start.
         metricsService = strports.service(config["metrics"]["listen"], site, reactor)
         metricsService.setServiceParent(top)
-    if config["logging"]["json_file"]:
-        JSONLogFile(config["logging"]["json_file"], level).setServiceParent(top)
     ControlService(
         socketPath(server["state_dir"]), runner.control, spool, reactor
     ).setServiceParent(top)
+    runner.setServiceParent(top)
 
     if server["accepted_recipients"] is None:
         log.warn(
