@@ -45,6 +45,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "data_timeout": ((int, float), 300),
         "data_min_rate": ((int, float), 1024),
         "listen_backlog": ((int,), None),
+        "proxy_from": ((list,), ["127.0.0.1", "::1"]),
     },
     "tls": {
         "certificate": ((str,), None),

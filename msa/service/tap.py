@@ -55,7 +55,11 @@ from msa.service.services import (
 )
 from msa.service.startupchecks import StartupCheckError, checkFileLimit, runChecks
 from msa.submission.avatar import submissionFactory
-from msa.submission.proxyheader import ProxyHeaderFactory, splitDescription
+from msa.submission.proxyheader import (
+    ProxyAllowlist,
+    ProxyHeaderFactory,
+    splitDescription,
+)
 from msa.submission.server import ServerPolicy, SubmissionFactory
 from msa.submission.sessions import MemorySessionLimiter, SessionRegistry
 
@@ -185,6 +189,10 @@ def buildService(config: Config, reactor=None) -> OrderedShutdown:
     if reactor is None:
         from twisted.internet import reactor
     server, tlsConfig = config["server"], config["tls"]
+    try:
+        proxyFrom = ProxyAllowlist.parse(server["proxy_from"])
+    except ValueError as e:
+        raise ConfigError(f"[server] proxy_from: {e}") from None
     top = OrderedShutdown()
     # First, so that it is in place before the other services log, and
     # stops last, after everything they log while they stop.
@@ -346,7 +354,9 @@ def buildService(config: Config, reactor=None) -> OrderedShutdown:
             proxied, inner = splitDescription(description)
             listenerFactory = served
             if proxied:
-                listenerFactory = ProxyHeaderFactory(served, reactor)
+                listenerFactory = ProxyHeaderFactory(
+                    served, reactor, proxyFrom, description
+                )
             # A listener that cannot bind fails the start (twistd exits).
             listener = strports.service(
                 withBacklog(inner, server["listen_backlog"]), listenerFactory, reactor
