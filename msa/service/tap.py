@@ -38,6 +38,7 @@ from msa.interfaces import ILiveAccountStore
 from msa.policy.authorization import AuthThrottle, ServerRules
 from msa.policy.redislimits import RedisLimits
 from msa.queue.spool import Spool
+from msa.redact import maskSecrets
 from msa.relay.client import SMTPDownstream
 from msa.relay.outbox import OutboxDownstream
 from msa.relay.runner import RelayRunner
@@ -91,7 +92,7 @@ def makeService(options: Options) -> OrderedShutdown:
     try:
         config = loadConfig(options["config"])
     except ConfigError as e:
-        raise SystemExit(f"digipoort-msa: {e}") from e
+        raise SystemExit(f"digipoort-msa: {maskSecrets(str(e))}") from None
     try:
         return buildService(config)
     except (
@@ -102,7 +103,11 @@ def makeService(options: Options) -> OrderedShutdown:
         OSError,
         ValueError,
     ) as e:
-        raise SystemExit(f"digipoort-msa: cannot start: {e}") from e
+        # A configuration error may quote a connection string: never its
+        # password (nor a traceback of the chained error that holds it).
+        raise SystemExit(
+            f"digipoort-msa: cannot start: {maskSecrets(str(e))}"
+        ) from None
 
 
 def _ensureDemoAccounts(config: Config) -> None:
