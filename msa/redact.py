@@ -45,7 +45,7 @@ _CONNECTION_STRING = re.compile(
 )
 
 #: What libpq quotes in its messages.
-_QUOTED = re.compile(r'"[^"]*"')
+_QUOTED = re.compile(r'"([^"]*)"')
 
 #: A query parameter: name, "=", value up to the next separator.
 _QUERY_PARAMETER = re.compile(r"(?P<key>[^&;=#]+)=(?P<value>[^&;#]*)")
@@ -59,16 +59,24 @@ def maskSecrets(text: str) -> str:
     return _CONNECTION_STRING.sub(_maskMatch, text)
 
 
-def maskParseError(message: str) -> str:
+def maskParseError(message: str, connectionString: str) -> str:
     """
-    A libpq (psycopg) parse error about a connection string, with the
-    pieces of the string it quotes replaced by L{MASK}: libpq cannot know
-    which of them were part of a password.
+    A libpq (psycopg) parse error about C{connectionString}, with the
+    pieces of the string it quotes replaced by L{MASK}, since libpq cannot
+    know which of them were part of a password; except the parameter names
+    the string gives (C{invalid URI query parameter: "pool"}).
     """
-    return _QUOTED.sub(
-        lambda m: m.group(0) if m.group(0) == '"="' else f'"{MASK}"',
-        maskSecrets(message),
-    )
+
+    def mask(match: re.Match) -> str:
+        token = match.group(1)
+        if token == "=" or (
+            re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", token)
+            and re.search(rf"(?:^|[\s?&;]){token}\s*=", connectionString)
+        ):
+            return match.group(0)
+        return f'"{MASK}"'
+
+    return _QUOTED.sub(mask, maskSecrets(message))
 
 
 def _maskMatch(match: re.Match) -> str:

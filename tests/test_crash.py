@@ -252,6 +252,31 @@ class MSAProcess:
             recipients=[RECIPIENT],
         )
 
+    def submitInTwoParts(self):
+        """
+        A submission, in a thread, that sends the first bytes of its data
+        and then waits to be told to send the rest.
+
+        @return: the event set once the first part is sent, the event that
+            lets it finish, and a L{Deferred} of the reply to the final dot.
+        """
+        partSent, finish = threading.Event(), threading.Event()
+        stuffed = re.sub(rb"(?m)^\.", b"..", MESSAGE)
+
+        def client():
+            c = self.openTransaction()
+            try:
+                c.send(stuffed[:40])
+                partSent.set()
+                if not finish.wait(15):
+                    raise AssertionError("never told to finish")
+                c.send(stuffed[40:] + b".\r\n")
+                return c.getreply()
+            finally:
+                c.close()
+
+        return partSent, finish, threads.deferToThread(client)
+
     def openTransaction(self) -> smtplib.SMTP:
         """
         Blocking: a session that has sent MAIL, RCPT and DATA (354).
@@ -427,23 +452,7 @@ class CrashTests(unittest.TestCase):
         """
         self.core.start()
         yield defer.ensureDeferred(self.msa.start())
-        partSent, finish = threading.Event(), threading.Event()
-
-        stuffed = re.sub(rb"(?m)^\.", b"..", MESSAGE)
-
-        def client():
-            c = self.msa.openTransaction()
-            try:
-                c.send(stuffed[:40])
-                partSent.set()
-                if not finish.wait(10):
-                    raise AssertionError("never told to finish")
-                c.send(stuffed[40:] + b".\r\n")
-                return c.getreply()
-            finally:
-                c.close()
-
-        replied = threads.deferToThread(client)
+        partSent, finish, replied = self.msa.submitInTwoParts()
         yield defer.ensureDeferred(waitFor(partSent.is_set, "the client"))
         self.msa.kill(signal.SIGTERM)
 

@@ -80,12 +80,30 @@ class TableTests(unittest.TestCase):
         a password: they go, except the C{"="} it names.
         """
         self.assertEqual(
-            maskParseError('missing "=" after "cret" in connection info string'),
+            maskParseError(
+                'missing "=" after "cret" in connection info string',
+                "host=db password=s3 cret",
+            ),
             'missing "=" after "***" in connection info string',
         )
         self.assertEqual(
-            maskParseError('invalid percent-encoded token: "s3%zzcret"'),
+            maskParseError(
+                'invalid percent-encoded token: "s3%zzcret"',
+                "postgresql://msa:s3%zzcret@db/msa",
+            ),
             'invalid percent-encoded token: "***"',
+        )
+
+    def test_parseErrorNamesParameters(self):
+        """
+        A parameter name the string gives stays: it says what is wrong.
+        """
+        self.assertEqual(
+            maskParseError(
+                'invalid URI query parameter: "pool"',
+                "postgresql://msa@db/msa?password=s3cret&pool=5",
+            ),
+            'invalid URI query parameter: "pool"',
         )
 
 

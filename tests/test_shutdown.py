@@ -13,15 +13,14 @@ import json
 import os
 import re
 import signal
-import threading
 
 from twisted.application import service
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from msa.admin import command as admin
 from msa.service.services import OrderedShutdown
-from tests.e2e import MESSAGE, freePort
+from tests.e2e import freePort
 from tests.redisserver import RedisServer
 from tests.test_audit import records
 from tests.test_crash import USER, Core, MSAProcess, sleep
@@ -120,22 +119,7 @@ class SigtermDuringDataTests(unittest.TestCase):
             accountExtra={"messagesPerMinute": 100},
         )
         yield defer.ensureDeferred(msa.start())
-        partSent, finish = threading.Event(), threading.Event()
-        stuffed = re.sub(rb"(?m)^\.", b"..", MESSAGE)
-
-        def client():
-            c = msa.openTransaction()
-            try:
-                c.send(stuffed[:40])
-                partSent.set()
-                if not finish.wait(15):
-                    raise AssertionError("never told to finish")
-                c.send(stuffed[40:] + b".\r\n")
-                return c.getreply()
-            finally:
-                c.close()
-
-        replied = threads.deferToThread(client)
+        partSent, finish, replied = msa.submitInTwoParts()
         yield waitUntil(partSent.is_set, 10, "the client in DATA")
         msa.kill(signal.SIGTERM)
         yield waitUntil(

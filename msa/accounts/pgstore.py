@@ -129,8 +129,9 @@ def checkURL(url: str) -> None:
         conninfo.conninfo_to_dict(url)
         _checkPorts(url)
     except Exception as e:
+        why = maskParseError(_why(e), url)
         raise ValueError(
-            f"not a valid PostgreSQL URL ({describe(url)}): {maskParseError(_why(e))}"
+            f"not a valid PostgreSQL URL ({describe(url)}): {why}"
         ) from None
 
 
@@ -172,7 +173,7 @@ def connect(url: str) -> Any:
         connection.commit()
     except psycopg.ProgrammingError as e:
         # A connection string libpq cannot parse: its message quotes pieces.
-        why = maskParseError(_why(e))
+        why = maskParseError(_why(e), url)
         raise AccountStoreError(f"{describe(url)}: cannot connect: {why}") from None
     except psycopg.Error as e:
         raise AccountStoreError(f"{describe(url)}: cannot connect: {_why(e)}") from e
