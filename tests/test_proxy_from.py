@@ -20,8 +20,7 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent
 from twisted.trial import unittest
 
-from msa.service.config import ConfigError, loadConfig, writeConfig
-from msa.service.tap import buildService
+from msa.service.config import ConfigError
 from msa.submission.proxyheader import ProxyAllowlist, RefusalLog
 from tests.e2e import MESSAGE, RunningMSA, freePort, requireProgram
 from tests.haproxyfront import HAProxy
@@ -90,20 +89,8 @@ class AllowlistTests(unittest.TestCase):
         self.assertIn("'haproxy.example'", str(caught.exception))
 
     def test_badEntryStopsTheStart(self):
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        path = os.path.join(directory, "msa.toml")
-        writeConfig(
-            path,
-            {
-                "server": {
-                    "state_dir": os.path.join(directory, "state"),
-                    "proxy_from": ["10.0.0.0/33"],
-                }
-            },
-        )
         with self.assertRaises(ConfigError) as caught:
-            buildService(loadConfig(path))
+            RunningMSA(self, server={"proxy_from": ["10.0.0.0/33"]})
         self.assertIn("[server] proxy_from: '10.0.0.0/33'", str(caught.exception))
 
 
