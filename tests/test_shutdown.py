@@ -16,9 +16,12 @@ import signal
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from msa.admin import command as admin
+from msa.policy.redisclient import RedisAddress
+from msa.policy.redislimits import RedisLimits
 from msa.service.services import OrderedShutdown
 from tests.e2e import freePort
 from tests.redisserver import RedisServer
@@ -87,6 +90,41 @@ class OrderedShutdownTests(unittest.TestCase):
         self.successResultOf(stopped)
         self.assertIn("first done", stops)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class _Disconnects:
+    """
+    Stands in for L{msa.policy.redisclient.RedisConnection}: counts
+    disconnects.
+    """
+
+    def __init__(self) -> None:
+        self.disconnects = 0
+
+    def disconnect(self) -> defer.Deferred:
+        self.disconnects += 1
+        return defer.succeed(None)
+
+
+class RedisLimitsStopTests(unittest.TestCase):
+    def test_waitsForUpdatesInFlight(self):
+        """
+        The limits disconnect only once the updates already sent (the
+        commit of a message accepted last) have their answer.
+        """
+        limits = RedisLimits(
+            RedisAddress.parse("redis://127.0.0.1:1/0"), reactor=Clock()
+        )
+        connection = _Disconnects()
+        limits.connection = connection  # type: ignore[assignment]
+        answer: defer.Deferred[int] = defer.Deferred()
+        limits.settle("commit-1", lambda: answer, needed=True)
+        stopped = limits.stopService()
+        self.assertEqual(connection.disconnects, 0)
+        self.assertNoResult(stopped)
+        answer.callback(1)
+        self.successResultOf(stopped)
+        self.assertEqual(connection.disconnects, 1)
 
 
 class SigtermDuringDataTests(unittest.TestCase):
