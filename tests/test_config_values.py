@@ -165,6 +165,16 @@ BAD: list[Bad] = [
     *number("server.data_timeout", 1, DAY, "0"),
     *integer("server.data_min_rate", 1, 1024**3, "0", "1.5"),
     *integer("server.listen_backlog", 1, 65535, "0", "65536"),
+    Bad(
+        "server.proxy_from",
+        '["10.0.0.0/33"]',
+        "each item is not an IP address or network (got '10.0.0.0/33')",
+    ),
+    Bad(
+        "server.proxy_from",
+        '["haproxy.example.nl"]',
+        "each item is not an IP address or network (got 'haproxy.example.nl')",
+    ),
     # [tls]
     *path("tls.certificate"),
     Bad(

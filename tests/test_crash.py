@@ -132,6 +132,10 @@ class MSAProcess:
     """
     C{twistd -n digipoort-msa --config ...} as a child process, started as
     often as the test likes on the same configuration and state.
+
+    @ivar sections: more configuration, per section (merged into the
+        defaults here).
+    @ivar accountExtra: more of the account's C{extra} (rates, ...).
     """
 
     testCase: unittest.TestCase
@@ -142,6 +146,8 @@ class MSAProcess:
     process: subprocess.Popen | None = None
     starts: int = 0
     logs: list = attrs.Factory(list)
+    sections: dict = attrs.Factory(dict)
+    accountExtra: dict = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         self.state = os.path.join(self.directory, "state")
@@ -150,30 +156,31 @@ class MSAProcess:
         self.configFile = os.path.join(self.directory, "msa.toml")
         accountsFile = os.path.join(self.directory, "accounts.json")
         account = makeAccount(USER, PASSWORD, ["localhost"])
-        account = attrs.evolve(account, extra={"senders": ["@mijnbedrijf.nl"]})
+        extra = {"senders": ["@mijnbedrijf.nl"], **self.accountExtra}
+        account = attrs.evolve(account, extra=extra)
         writeAccounts(accountsFile, {USER: account})
-        writeConfig(
-            self.configFile,
-            {
-                "server": {
-                    "hostname": "localhost",
-                    "state_dir": self.state,
-                    "starttls_listeners": [f"tcp:{self.port}:interface=127.0.0.1"],
-                    "implicit_tls_listeners": [f"tcp:{freePort()}:interface=127.0.0.1"],
-                    "shutdown_grace": self.grace,
-                },
-                "accounts": {"file": accountsFile, "watch_interval": 60},
-                "relay": {
-                    "host": "127.0.0.1",
-                    "port": self.corePort,
-                    "tls": "starttls",
-                    "server_name": "localhost",
-                    "ca_file": self.coreCA,
-                    "retry_base": 1,
-                    "retry_max": 2,
-                },
+        sections = {
+            "server": {
+                "hostname": "localhost",
+                "state_dir": self.state,
+                "starttls_listeners": [f"tcp:{self.port}:interface=127.0.0.1"],
+                "implicit_tls_listeners": [f"tcp:{freePort()}:interface=127.0.0.1"],
+                "shutdown_grace": self.grace,
             },
-        )
+            "accounts": {"file": accountsFile, "watch_interval": 60},
+            "relay": {
+                "host": "127.0.0.1",
+                "port": self.corePort,
+                "tls": "starttls",
+                "server_name": "localhost",
+                "ca_file": self.coreCA,
+                "retry_base": 1,
+                "retry_max": 2,
+            },
+        }
+        for name, keys in self.sections.items():
+            sections[name] = {**sections.get(name, {}), **keys}
+        writeConfig(self.configFile, sections)
         self.testCase.addCleanup(self.kill)
 
     async def start(self) -> None:
@@ -244,6 +251,31 @@ class MSAProcess:
             password=PASSWORD,
             recipients=[RECIPIENT],
         )
+
+    def submitInTwoParts(self):
+        """
+        A submission, in a thread, that sends the first bytes of its data
+        and then waits to be told to send the rest.
+
+        @return: the event set once the first part is sent, the event that
+            lets it finish, and a L{Deferred} of the reply to the final dot.
+        """
+        partSent, finish = threading.Event(), threading.Event()
+        stuffed = re.sub(rb"(?m)^\.", b"..", MESSAGE)
+
+        def client():
+            c = self.openTransaction()
+            try:
+                c.send(stuffed[:40])
+                partSent.set()
+                if not finish.wait(15):
+                    raise AssertionError("never told to finish")
+                c.send(stuffed[40:] + b".\r\n")
+                return c.getreply()
+            finally:
+                c.close()
+
+        return partSent, finish, threads.deferToThread(client)
 
     def openTransaction(self) -> smtplib.SMTP:
         """
@@ -420,23 +452,7 @@ class CrashTests(unittest.TestCase):
         """
         self.core.start()
         yield defer.ensureDeferred(self.msa.start())
-        partSent, finish = threading.Event(), threading.Event()
-
-        stuffed = re.sub(rb"(?m)^\.", b"..", MESSAGE)
-
-        def client():
-            c = self.msa.openTransaction()
-            try:
-                c.send(stuffed[:40])
-                partSent.set()
-                if not finish.wait(10):
-                    raise AssertionError("never told to finish")
-                c.send(stuffed[40:] + b".\r\n")
-                return c.getreply()
-            finally:
-                c.close()
-
-        replied = threads.deferToThread(client)
+        partSent, finish, replied = self.msa.submitInTwoParts()
         yield defer.ensureDeferred(waitFor(partSent.is_set, "the client"))
         self.msa.kill(signal.SIGTERM)
 

@@ -843,6 +843,22 @@ def checkListenBacklog(env):
     assert out[2] == "77", out
 
 
+def checkProxyFrom(env):
+    """
+    On the group's C{haproxy:} listener, a PROXY header is taken from the
+    one allowed peer (127.0.0.2) and not from 127.0.0.1: that connection
+    is closed unread.
+    """
+    from tests.test_proxy import proxyV1
+    from tests.test_proxy_from import forgedConnection
+
+    header = proxyV1("192.0.2.1", 40000)
+    allowed = forgedConnection(env.starttlsPort, header, source="127.0.0.2")
+    assert allowed.startswith(b"220 "), allowed
+    refused = forgedConnection(env.starttlsPort, header, source="127.0.0.1")
+    assert refused == b"", refused
+
+
 def ocspChain(env):
     from tests.test_tls_daemon import makeChain, ocspResponse
 
@@ -980,6 +996,7 @@ ROWS: list[Row] = [
         ),
     ),
     Row("server.listen_backlog", 77, checkListenBacklog, "limits"),
+    Row("server.proxy_from", ["127.0.0.2"], checkProxyFrom, "proxy"),
     Row(
         "server.shutdown_grace",
         7,
@@ -1407,6 +1424,14 @@ ROWS += [
 
 #: What a group needs besides its rows' keys.
 GROUP_BASE: dict[str, Callable[[Env], dict[str, dict]]] = {
+    # A listener that takes the PROXY header.
+    "proxy": lambda env: {
+        "server": {
+            "starttls_listeners": [
+                f"haproxy:tcp:{env.starttlsPort}:interface=127.0.0.1"
+            ]
+        }
+    },
     # OpenSSL staples only for a certificate whose issuer is in the chain.
     "ocsp": lambda env: {
         "tls": {

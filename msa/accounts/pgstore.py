@@ -33,7 +33,6 @@ nothing, and the scrypt pool of the checker is not competed with.
 
 import json
 import os
-import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -56,6 +55,7 @@ from msa.accounts.model import (
 )
 from msa.accounts.passwords import unb64
 from msa.interfaces import IAccountStore, ILiveAccountStore
+from msa.redact import maskParseError, maskSecrets
 
 #: The URL schemes of C{[accounts] store} that name a PostgreSQL database.
 SCHEMES = ("postgresql", "postgres")
@@ -108,18 +108,10 @@ def isDatabaseURL(value: str) -> bool:
 
 def describe(url: str) -> str:
     """
-    The URL without its password, for messages and logs.
+    The URL (or libpq key/value string) without its passwords, for
+    messages and logs (L{msa.redact.maskSecrets}).
     """
-    try:
-        parts = urllib.parse.urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url.split("//", 1)[0] + "//..."
-    if password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    return maskSecrets(url)
 
 
 def checkURL(url: str) -> None:
@@ -128,7 +120,8 @@ def checkURL(url: str) -> None:
     """
     if not isDatabaseURL(url):
         raise ValueError(
-            f'must be "file" or a postgresql://user@host:port/database URL, not {url!r}'
+            'must be "file" or a postgresql://user@host:port/database URL, '
+            f"not {describe(url)!r}"
         )
     from psycopg import conninfo
 
@@ -136,7 +129,10 @@ def checkURL(url: str) -> None:
         conninfo.conninfo_to_dict(url)
         _checkPorts(url)
     except Exception as e:
-        raise ValueError(f"not a valid PostgreSQL URL ({describe(url)}): {_why(e)}")
+        why = maskParseError(_why(e), url)
+        raise ValueError(
+            f"not a valid PostgreSQL URL ({describe(url)}): {why}"
+        ) from None
 
 
 def _checkPorts(url: str) -> None:
@@ -175,13 +171,20 @@ def connect(url: str) -> Any:
         with connection.cursor() as cursor:
             cursor.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT}")
         connection.commit()
+    except psycopg.ProgrammingError as e:
+        # A connection string libpq cannot parse: its message quotes pieces.
+        why = maskParseError(_why(e), url)
+        raise AccountStoreError(f"{describe(url)}: cannot connect: {why}") from None
     except psycopg.Error as e:
         raise AccountStoreError(f"{describe(url)}: cannot connect: {_why(e)}") from e
     return connection
 
 
 def _why(e: BaseException | None) -> str:
-    return " ".join(str(e).split()) or e.__class__.__name__
+    """
+    The error's message on one line, without passwords.
+    """
+    return maskSecrets(" ".join(str(e).split())) or e.__class__.__name__
 
 
 def ensureSchema(connection: Any) -> None:

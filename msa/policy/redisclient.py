@@ -37,7 +37,7 @@ class RedisAddress:
     path: str | None = None
     db: int = 0
     username: str | None = None
-    password: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
 
     @classmethod
     def parse(cls, url: str) -> RedisAddress:

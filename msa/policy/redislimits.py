@@ -217,6 +217,8 @@ class RedisLimits(service.Service):
         #: id -> update to retry (commits, releases) until Redis takes it.
         self._retry: dict[str, Callable[[], defer.Deferred]] = {}
         self._needed: dict[str, bool] = {}
+        #: The updates sent and not yet answered, which a stop waits for.
+        self._inFlight: set[defer.Deferred] = set()
         self._loop: task.LoopingCall | None = None
         base = throttle if throttle is not None else AuthThrottle()
         self.rates = RedisRateLimiter(self, RateLimiter(clock) if local else None)
@@ -249,11 +251,17 @@ class RedisLimits(service.Service):
         )
 
     def stopService(self):
+        """
+        Stop refreshing, let the updates already sent (the commits of the
+        messages accepted last) get their answer, each within its
+        deadline, then disconnect.
+        """
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        return self.connection.disconnect()
+        pending = defer.DeferredList(list(self._inFlight), consumeErrors=True)
+        return pending.addCallback(lambda _: self.connection.disconnect())
 
     # -- health -------------------------------------------------------
 
@@ -295,6 +303,13 @@ class RedisLimits(service.Service):
         """
         self._retry.pop(ident, None)
         d = update()
+        self._inFlight.add(d)
+
+        def answered(result: object) -> object:
+            self._inFlight.discard(d)
+            return result
+
+        d.addBoth(answered)
 
         def failed(failure: Failure) -> None:
             failure.trap(LimitsUnavailable)

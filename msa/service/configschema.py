@@ -341,6 +341,21 @@ def parsed(default: str | None, doc: str, parse: Callable[[str], object]) -> Key
     return Key("a URL", _string(check), default, doc)
 
 
+def _network(text: str) -> None:
+    _line(text)
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise BadValue("is not an IP address or network", False) from None
+
+
+def network(default: str | None, doc: str) -> Key:
+    """
+    An IP address or network (C{10.1.2.0/24}, C{::1}).
+    """
+    return Key("an IP address or network", _string(_network), default, doc)
+
+
 def listOf(
     default: list | None, item: Key, doc: str, *, fewest: int = 0, most: int = 1000
 ) -> Key:

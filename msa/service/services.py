@@ -1,8 +1,9 @@
 # -*- test-case-name: tests.test_loglevel,tests.test_accounts_e2e,tests.test_audit -*-
 """
 The small services the daemon runs beside its listeners (L{msa.service.tap}
-puts them in its L{MultiService}): the log level filter, the JSON log file,
-the audit log, the session shutdown on SIGTERM and the accounts watcher.
+puts them in its L{OrderedShutdown}): the log level filter, the JSON log
+file, the audit log, the session shutdown on SIGTERM and the accounts
+watcher.
 """
 
 import signal
@@ -32,10 +33,37 @@ __all__ = [
     "AuditLogService",
     "JSONLogFile",
     "LogLevelFilter",
+    "OrderedShutdown",
     "SessionShutdown",
 ]
 
 log = Logger(namespace="msa.service.tap")
+
+
+class OrderedShutdown(service.MultiService):
+    """
+    A L{MultiService} that stops its children one at a time, the last added
+    first, each once the one before it has finished stopping.
+
+    L{MultiService} stops every child at the same moment.  The MSA's
+    children depend on each other while they stop: the sessions still
+    finishing a message (up to C{shutdown_grace} seconds) need the limits
+    store to count it, the audit log to record it and the logs to say so.
+    So the daemon adds them in the order they may start, and this stops
+    them in the reverse: listeners, sessions, relay runner, then the limits,
+    accounts, audit log and logs.
+    """
+
+    def stopService(self) -> defer.Deferred:
+        service.Service.stopService(self)
+        return defer.ensureDeferred(self._stopEach(list(reversed(list(self)))))
+
+    async def _stopEach(self, children: list[service.IService]) -> None:
+        for child in children:
+            try:
+                await defer.maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping: {child} failed to stop", child=child)
 
 
 class LogLevelFilter(service.Service):
@@ -162,8 +190,10 @@ class AuditLogService(service.Service):
 class SessionShutdown(service.Service):
     """
     On stop (SIGTERM), let sessions in progress finish their message, up to
-    C{grace} seconds, then tell the rest 421.  The listeners stop accepting
-    at the same moment, since all services stop together.
+    C{grace} seconds, then tell the rest 421.  Under L{OrderedShutdown} the
+    listeners have stopped accepting before, and the limits, the audit log
+    and the logs stop only after, so that the messages finished meanwhile
+    are counted, recorded and logged.
     """
 
     def __init__(self, registry: SessionRegistry, grace: float) -> None:

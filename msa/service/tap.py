@@ -2,7 +2,7 @@
 """
 C{twistd digipoort-msa}: command-line options and L{makeService}, which turns
 a configuration into the running MSA (listeners, account store, spool and
-relay runner) as one L{MultiService}.  An embedder that has its own Twisted
+relay runner) as one L{OrderedShutdown}.  An embedder that has its own Twisted
 application calls L{buildService} with a L{msa.service.config.Config}, or builds a
 L{msa.submission.server.SubmissionFactory} itself.
 """
@@ -12,7 +12,6 @@ import re
 
 import attrs
 from twisted.application import strports
-from twisted.application.service import MultiService
 from twisted.cred.portal import Portal
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import (
@@ -39,6 +38,7 @@ from msa.interfaces import ILiveAccountStore
 from msa.policy.authorization import AuthThrottle, ServerRules
 from msa.policy.redislimits import RedisLimits
 from msa.queue.spool import Spool
+from msa.redact import maskSecrets
 from msa.relay.client import SMTPDownstream
 from msa.relay.outbox import OutboxDownstream
 from msa.relay.runner import RelayRunner
@@ -51,11 +51,16 @@ from msa.service.services import (
     AuditLogService,
     JSONLogFile,
     LogLevelFilter,
+    OrderedShutdown,
     SessionShutdown,
 )
 from msa.service.startupchecks import StartupCheckError, checkFileLimit, runChecks
 from msa.submission.avatar import submissionFactory
-from msa.submission.proxyheader import ProxyHeaderFactory, splitDescription
+from msa.submission.proxyheader import (
+    ProxyAllowlist,
+    ProxyHeaderFactory,
+    splitDescription,
+)
 from msa.submission.server import ServerPolicy, SubmissionFactory
 from msa.submission.sessions import MemorySessionLimiter, SessionRegistry
 
@@ -86,16 +91,18 @@ def configFromOptions(options: Options) -> Config:
     """
     The configuration C{--config} names (or the built-in defaults).
 
-    @raise SystemExit: with one line naming the file and the key at fault,
-        which twistd prints, exiting 1, without a traceback.
+    @raise SystemExit: with one line naming the file and the key at fault
+        (passwords in URLs masked), which twistd prints, exiting 1, without
+        a traceback.
     """
     try:
         return loadConfig(options["config"])
     except ConfigError as e:
-        raise SystemExit("digipoort-msa: " + " ".join(str(e).splitlines())) from e
+        line = " ".join(maskSecrets(str(e)).splitlines())
+        raise SystemExit("digipoort-msa: " + line) from None
 
 
-def makeService(options: Options) -> MultiService:
+def makeService(options: Options) -> OrderedShutdown:
     limitScryptMemory()
     config = configFromOptions(options)
     try:
@@ -108,7 +115,11 @@ def makeService(options: Options) -> MultiService:
         OSError,
         ValueError,
     ) as e:
-        raise SystemExit(f"digipoort-msa: cannot start: {e}") from e
+        # A configuration error may quote a connection string: never its
+        # password (nor a traceback of the chained error that holds it).
+        raise SystemExit(
+            f"digipoort-msa: cannot start: {maskSecrets(str(e))}"
+        ) from None
 
 
 def _ensureDemoAccounts(config: Config) -> None:
@@ -183,17 +194,29 @@ def _downstream(config: Config):
     )
 
 
-def buildService(config: Config, reactor=None) -> MultiService:
+def buildService(config: Config, reactor=None) -> OrderedShutdown:
     """
     Everything the MSA runs, from a validated configuration.
+
+    The services are added in the order they may start, which
+    L{OrderedShutdown} stops in reverse, one after the other: the listeners,
+    the sessions (finishing their messages), the relay runner, the control
+    socket and metrics, the limits, the accounts, the audit log, the logs.
     """
     if reactor is None:
         from twisted.internet import reactor
     server, tlsConfig = config["server"], config["tls"]
-    top = MultiService()
-    # First, so that it is in place before the other services log.
+    try:
+        proxyFrom = ProxyAllowlist.parse(server["proxy_from"])
+    except ValueError as e:
+        raise ConfigError(f"[server] proxy_from: {e}") from None
+    top = OrderedShutdown()
+    # First, so that it is in place before the other services log, and
+    # stops last, after everything they log while they stop.
     level = logs.LEVELS[config["logging"]["level"]]
     LogLevelFilter(level).setServiceParent(top)
+    if config["logging"]["json_file"]:
+        JSONLogFile(config["logging"]["json_file"], level).setServiceParent(top)
     os.makedirs(server["state_dir"], mode=0o700, exist_ok=True)
 
     certFile, keyFile = tlsConfig["certificate"], tlsConfig["key"]
@@ -223,7 +246,6 @@ def buildService(config: Config, reactor=None) -> MultiService:
 
     store = _accountStore(config, reactor)
     watcher = AccountWatcher(store, config["accounts"]["watch_interval"])
-    watcher.setServiceParent(top)
 
     spool = Spool(config["spool"]["directory"], reactor)
     runChecks(certFile, tlsConfig["chain"], config["spool"]["directory"])
@@ -233,6 +255,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
             config["audit"]["path"], config["audit"]["max_bytes"], reactor=reactor
         )
         AuditLogService(spool, audit, reactor).setServiceParent(top)
+    watcher.setServiceParent(top)
     relay = config["relay"]
     for problem in checkFileLimit(server["max_connections"], relay["concurrency"]):
         log.warn("startup check: {problem}", problem=problem)
@@ -247,7 +270,6 @@ def buildService(config: Config, reactor=None) -> MultiService:
         dsnHostname=server["hostname"] if relay["send_dsn"] else None,
         delayWarningAfter=relay["delay_warning_after"],
     )
-    runner.setServiceParent(top)
     throttle = AuthThrottle(
         base=server["auth_delay_base"], maximum=server["auth_delay_max"]
     )
@@ -267,11 +289,10 @@ def buildService(config: Config, reactor=None) -> MultiService:
         # strports.service: a port that cannot be bound fails the start.
         metricsService = strports.service(config["metrics"]["listen"], site, reactor)
         metricsService.setServiceParent(top)
-    if config["logging"]["json_file"]:
-        JSONLogFile(config["logging"]["json_file"], level).setServiceParent(top)
     ControlService(
         socketPath(server["state_dir"]), runner.control, spool, reactor
     ).setServiceParent(top)
+    runner.setServiceParent(top)
 
     if server["accepted_recipients"] is None:
         log.warn(
@@ -351,7 +372,9 @@ def buildService(config: Config, reactor=None) -> MultiService:
             proxied, inner = splitDescription(description)
             listenerFactory = served
             if proxied:
-                listenerFactory = ProxyHeaderFactory(served, reactor)
+                listenerFactory = ProxyHeaderFactory(
+                    served, reactor, proxyFrom, description
+                )
             # A listener that cannot bind fails the start (twistd exits).
             listener = strports.service(
                 withBacklog(inner, server["listen_backlog"]), listenerFactory, reactor

@@ -11,12 +11,26 @@ the greeting, the connection limits, the log and the Received header all see
 the real client's address; a connection without a valid header within
 C{headerTimeout} seconds is closed without a word.
 
+Only the balancer may send the header: whoever else can connect could claim
+any client address, and so escape the limits per client, the login
+throttle and the audit record's address.  A connection from a peer outside
+C{[server] proxy_from} (L{ProxyAllowlist}) is closed before a byte of it is
+read, and logged (L{RefusalLog}, at most one line a minute per listener).
+
 The wrapper is built on Twisted's public L{ProtocolWrapper}; only the header
 parsers are private to Twisted, and come through L{msa._compat}.
 """
 
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+import attrs
+from twisted.internet.address import UNIXAddress
 from twisted.internet.interfaces import IAddress, IHandshakeListener, ILoggingContext
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
@@ -24,6 +38,96 @@ from zope.interface import directlyProvides, implementer, providedBy
 from msa._compat import InvalidProxyHeader, ProxyInfo, V1Parser, V2Parser
 
 PREFIX = "haproxy:"
+
+log = Logger()
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@attrs.frozen
+class ProxyAllowlist:
+    """
+    The peers that may send a PROXY header (C{[server] proxy_from}):
+    addresses and networks, IPv4 and IPv6.  A UNIX socket's peer is always
+    allowed: who may connect to it is decided by the socket file's
+    permissions.
+    """
+
+    networks: tuple[_Network, ...]
+
+    @classmethod
+    def parse(cls, entries: Sequence[str]) -> ProxyAllowlist:
+        """
+        @param entries: addresses (C{"127.0.0.1"}, C{"::1"}) or networks
+            (C{"10.0.0.0/24"}).
+        @raise ValueError: naming the entry that is neither.
+        """
+        networks = []
+        for entry in entries:
+            try:
+                networks.append(ipaddress.ip_network(str(entry), strict=False))
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network") from None
+        return cls(tuple(networks))
+
+    def allows(self, peer: IAddress) -> bool:
+        """
+        Whether C{peer} (the connection's own peer, not a header's) may send
+        the PROXY header.
+        """
+        if isinstance(peer, UNIXAddress):
+            return True
+        host = getattr(peer, "host", None)
+        if not isinstance(host, str):
+            return False
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.networks)
+
+
+class RefusalLog:
+    """
+    The WARNING line for a connection refused for its peer, at most one per
+    C{interval} seconds, so that a flood of such connections cannot fill
+    the disk; the next line after a quiet interval says how many were
+    refused without a line of their own.
+    """
+
+    interval = 60.0
+
+    def __init__(self, listener: str, reactor) -> None:
+        self.listener = listener
+        self.reactor = reactor
+        self._lastLogged: float | None = None
+        self._unlogged = 0
+
+    def refused(self, peer: IAddress | None) -> None:
+        now = self.reactor.seconds()
+        if self._lastLogged is not None and now - self._lastLogged < self.interval:
+            self._unlogged += 1
+            return
+        log.warn(
+            "PROXY header refused: {peer} is not in [server] proxy_from; "
+            "closed its connection to the listener {listener} unread "
+            "(and {unlogged} more such connection(s) since the last line)",
+            event="proxy-refused",
+            peer=_describePeer(peer),
+            listener=self.listener,
+            unlogged=self._unlogged,
+        )
+        self._lastLogged = now
+        self._unlogged = 0
+
+
+def _describePeer(peer: IAddress | None) -> str:
+    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+    if host is None:
+        return str(peer)
+    return f"{host} port {port}"
 
 
 @implementer(IHandshakeListener)
@@ -38,7 +142,7 @@ class ProxyHeaderWrapper(ProtocolWrapper):
     _timer = None
 
     def __init__(
-        self, factory: "WrappingFactory[ProxyHeaderWrapper]", wrappedProtocol
+        self, factory: WrappingFactory[ProxyHeaderWrapper], wrappedProtocol
     ) -> None:
         super().__init__(factory, wrappedProtocol)
         #: The parsed header (source, destination), once complete.
@@ -111,11 +215,34 @@ class ProxyHeaderWrapper(ProtocolWrapper):
 
 
 class ProxyHeaderFactory(WrappingFactory):
+    """
+    Wraps each connection from a peer in C{allowlist} in a
+    L{ProxyHeaderWrapper}; refuses (closes unread, and logs) the others.
+    """
+
     protocol = ProxyHeaderWrapper
 
-    def __init__(self, wrappedFactory, reactor) -> None:
+    def __init__(
+        self,
+        wrappedFactory,
+        reactor,
+        allowlist: ProxyAllowlist,
+        listener: str = "haproxy:",
+    ) -> None:
         super().__init__(wrappedFactory)
         self.reactor = reactor
+        self.allowlist = allowlist
+        self.refusals = RefusalLog(listener, reactor)
+
+    def buildProtocol(self, addr: IAddress | None):
+        """
+        L{None} for a peer that may not send the header: Twisted then closes
+        the connection before reading from it.
+        """
+        if addr is None or not self.allowlist.allows(addr):
+            self.refusals.refused(addr)
+            return None
+        return super().buildProtocol(addr)
 
     def logPrefix(self) -> str:
         """
