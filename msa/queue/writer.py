@@ -16,11 +16,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from msa.audit import AuditError
-from msa.durable import writeSynced
+from msa.durable import unlinkQuietly, writeSynced
 from msa.envelope import Envelope
 from msa.errors import SMTPReply
 from msa.interfaces import ISpoolWriter
-from msa.queue.entry import _FULL, PENDING, SpoolEntry, _discard, encodeState
+from msa.queue.entry import _FULL, PENDING, SpoolEntry, encodeState
 
 if TYPE_CHECKING:
     from msa.queue.spool import Spool
@@ -160,8 +160,17 @@ class SpoolWriter:
 
     def _commitBlocking(self, state: bytes) -> None:
         """
-        The disk part of L{commit}: runs in a thread.
+        The disk part of L{commit}: runs in a thread.  On failure nothing
+        of the message is left, durably, before the client hears the 4xx
+        (L{_discardBlocking}).
         """
+        try:
+            self._publishBlocking(state)
+        except BaseException:
+            self._discardBlocking()
+            raise
+
+    def _publishBlocking(self, state: bytes) -> None:
         queueDir = self._spool.queueDirectory
         if self._file is None:
             self._file = self._create()
@@ -177,6 +186,41 @@ class SpoolWriter:
         # cannot be written the commit fails and the message is removed.
         if self._spool.audit is not None:
             self._spool.audit.append(**self.auditRecord())
+
+    def _discardBlocking(self) -> None:
+        """
+        A commit failed: remove what there is of the message, in C{tmp/}
+        and in C{queue/}.  If it had reached C{queue/} (only the audit
+        record or the directory's fsync failed), the directory is fsynced
+        after the removal: otherwise a crash could bring back, and deliver,
+        a message its client was told was not queued (and may send again).
+        The state file goes first: a .json in queue/ implies its .msg.
+        """
+        self._closeQuietly()
+        queueDir = self._spool.queueDirectory
+        published = False
+        for path in (
+            self._msgPath,
+            self._statePath,
+            os.path.join(queueDir, self.queueId + ".json"),
+            os.path.join(queueDir, self.queueId + ".msg"),
+        ):
+            existed = os.path.lexists(path)
+            error = unlinkQuietly(path, keepErrors=True)
+            if error is not None:
+                # Never acknowledged: recover() removes it at the next start.
+                log.error("cannot remove {path}: {e}", path=path, e=error)
+            elif existed and os.path.dirname(path) == queueDir:
+                published = True
+        if published:
+            try:
+                self._spool.queueSync.sync()
+            except OSError as e:
+                log.error(
+                    "cannot make the removal of {queueId} durable: {e}",
+                    queueId=self.queueId,
+                    e=e,
+                )
 
     def noteAudit(self, **fields) -> None:
         """
@@ -202,14 +246,13 @@ class SpoolWriter:
             **self._auditFields,
         }
 
-    def _committed(self, _: None) -> str:
+    def _committed(self, _: None) -> str | defer.Deferred[None]:
         self._done = True
         if self._abortRequested:
             # Whoever asked for the abort will not announce this message.
             # (The SMTP server never does this: a message whose final dot
             # arrived is delivered even if its client leaves before the
             # 250, see msa.submission.transaction.  abort() stays safe at any time.)
-            self._spool.remove(self.queueId)
             log.info(
                 "queue id {queueId} dropped: aborted during commit",
                 queueId=self.queueId,
@@ -217,7 +260,9 @@ class SpoolWriter:
             self._spool.auditEvent(
                 "dropped", queueId=self.queueId, reason="aborted during its commit"
             )
-            raise SMTPReply(451, "4.3.0", "Message aborted")
+            # The 451 only once the removal is durable.
+            removed = self._spool.remove(self.queueId)
+            return removed.addBoth(self._abortedReply)
         # The server logs the acceptance (with more detail); this is for
         # debugging the spool itself.
         log.debug(
@@ -229,6 +274,10 @@ class SpoolWriter:
         )
         self._spool._notify(self.queueId)
         return self.queueId
+
+    @staticmethod
+    def _abortedReply(_: object) -> None:
+        raise SMTPReply(451, "4.3.0", "Message aborted")
 
     def _commitFailed(self, failure):
         """
@@ -247,13 +296,6 @@ class SpoolWriter:
             )
         else:
             log.failure("cannot commit {queueId}", failure, queueId=self.queueId)
-        self._closeQuietly()
-        _discard(self._msgPath)
-        _discard(self._statePath)
-        queueDir = self._spool.queueDirectory
-        # The order of the renames means a .json in queue/ implies its .msg.
-        _discard(os.path.join(queueDir, self.queueId + ".json"))
-        _discard(os.path.join(queueDir, self.queueId + ".msg"))
         if isinstance(failure.value, OSError) and failure.value.errno in _FULL:
             raise SMTPReply(452, "4.3.1", "Insufficient system storage")
         raise SMTPReply(451, "4.3.0", "Cannot queue the message, try again later")
@@ -284,4 +326,6 @@ class SpoolWriter:
             return
         self._done = True
         self._closeQuietly()
-        _discard(self._msgPath)
+        error = unlinkQuietly(self._msgPath, keepErrors=True)
+        if error is not None:
+            log.error("cannot remove {path}: {e}", path=self._msgPath, e=error)

@@ -46,10 +46,12 @@ class NoticesMixin:
     async def _finish(self, entry: SpoolEntry) -> None:
         raise NotImplementedError()
 
-    def _holdUnremovable(self, entry: SpoolEntry, error: Exception) -> None:
+    async def _holdUnremovable(self, entry: SpoolEntry, error: Exception) -> None:
         raise NotImplementedError()
 
-    def _holdMismatch(self, entry: SpoolEntry, mismatch: integrity.Mismatch) -> None:
+    async def _holdMismatch(
+        self, entry: SpoolEntry, mismatch: integrity.Mismatch
+    ) -> None:
         raise NotImplementedError()
 
     async def _hook(self, entry: SpoolEntry, recipients: list[str], reply: str) -> bool:
@@ -101,7 +103,7 @@ class NoticesMixin:
             )
             now = self._reactor.seconds()
             entry.nextAttempt = now + self._noticeDelay(queueId)
-            self.spool.update(entry)
+            await self.spool.update(entry)
             if self.running:
                 self._schedule(queueId, entry.nextAttempt - now)
             return False
@@ -111,9 +113,9 @@ class NoticesMixin:
             if not entry.pendingRecipients():
                 await self._finish(entry)
                 return False
-            self.spool.update(entry)
+            await self.spool.update(entry)
         except Exception as e:
-            self._holdUnremovable(entry, e)
+            await self._holdUnremovable(entry, e)
             return False
         return True
 
@@ -197,6 +199,6 @@ class NoticesMixin:
         except integrity.IntegrityError as e:
             # No notification quoting altered bytes: held (the caller
             # keeps the notice owed until the entry is released).
-            self._holdMismatch(entry, e.mismatch)
+            await self._holdMismatch(entry, e.mismatch)
             raise
         return True

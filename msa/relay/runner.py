@@ -139,9 +139,11 @@ class RelayRunner(NoticesMixin, Service):
             except Exception:
                 log.failure("cannot load {queueId}; skipped", queueId=queueId)
                 continue
-            if entry.held:
+            if entry.held and _undecided(entry):
                 held += 1
                 continue
+            # Held with nothing left to do (its outcome recorded only
+            # outside the spool, msa.queue.outcomes): due for removal.
             self._schedule(queueId, entry.nextAttempt - now)
         log.info(
             "relay to {downstream} started, {count} message(s) queued, {held} held",
@@ -306,7 +308,7 @@ class RelayRunner(NoticesMixin, Service):
             if self.running:
                 self._schedule(queueId, self.retryMax)
             return
-        if entry.held:
+        if entry.held and _undecided(entry):
             return
         if entry.owedNotices and not await self._payNotices(entry):
             return
@@ -343,7 +345,7 @@ class RelayRunner(NoticesMixin, Service):
         finally:
             messageFile.close()
         if result.mismatch is not None:
-            self._holdMismatch(entry, result.mismatch)
+            await self._holdMismatch(entry, result.mismatch)
             return
         self._record(entry, result, self._reactor.seconds() - started)
         if result.accepted:
@@ -409,7 +411,7 @@ class RelayRunner(NoticesMixin, Service):
             await self._applyResult(entry, result)
         except Exception as e:
             if decided:
-                self._holdUnremovable(entry, e)
+                await self._holdUnremovable(entry, e)
                 return
             # Nothing was delivered: the entry stays as the spool has it and
             # is tried again (L{_attemptFailed}).
@@ -477,7 +479,7 @@ class RelayRunner(NoticesMixin, Service):
             return
         self.control.applyRequests(entry, now)
         if entry.pendingRecipients() or entry.owedNotices:
-            self.spool.update(entry)
+            await self.spool.update(entry)
             # The attempt's outcome was logged (INFO) by _record.
             log.debug(
                 "{queueId} deferred (attempt {attempts}) until {nextAttempt}: {error}",
@@ -502,14 +504,18 @@ class RelayRunner(NoticesMixin, Service):
         await self.spool.removeDelivered(entry.queueId)
         log.debug("{queueId} removed from the queue", queueId=entry.queueId)
 
-    def _holdUnremovable(self, entry: SpoolEntry, error: Exception) -> None:
+    async def _holdUnremovable(self, entry: SpoolEntry, error: Exception) -> None:
         """
         The core has decided about C{entry} (accepted or refused recipients)
         but the spool cannot record it (e.g. it was remounted read-only).
-        Sending it again would deliver it twice: it is held in memory, never
+        Sending it again would deliver it twice: it is held, never
         attempted again by this process, logged at critical level and
-        reported by /health.  After a restart the spool's old state counts
-        again: the operator must check the core before restarting.
+        reported by /health; and its new state, held, is recorded outside
+        the spool (L{msa.queue.outcomes}), so that it stays known as
+        delivered after a restart and in C{queue list}.  Where even that
+        cannot be written, it is held in memory only: after a restart the
+        spool's old state counts again, and the critical log line says
+        that the operator must check the core before restarting.
         """
         queueId = entry.queueId
         self.unschedule(queueId)
@@ -518,23 +524,46 @@ class RelayRunner(NoticesMixin, Service):
             f"({error}); held, not sent again"
         )
         self.unremovable[queueId] = reason
+        entry.held = True
+        entry.heldReason = (
+            f"decided by the core, but the spool could not record it ({error})"
+        )
+        try:
+            await self.spool.recordOutcome(entry)
+        except Exception as e:
+            log.critical(
+                "SPOOL CANNOT BE CHANGED: the core MTA accepted or refused "
+                "{queueId} (or its notice is queued), but its state cannot be "
+                "written ({error}), nor recorded elsewhere ({recordError}).  It "
+                "is held and never sent again by this process; fix the spool, "
+                "check the core for {queueId} and delete it from the queue "
+                "before a restart.",
+                event="unremovable",
+                queueId=queueId,
+                error=error,
+                recordError=e,
+            )
+            return
         log.critical(
             "SPOOL CANNOT BE CHANGED: the core MTA accepted or refused {queueId} "
             "(or its notice is queued), but its state cannot be written "
-            "({error}).  It is held "
-            "and never sent again by this process; fix the spool, check the "
-            "core for {queueId} and delete it from the queue before a restart.",
+            "({error}).  It is held, never sent again, and its outcome kept "
+            "in {directory} until the spool can be changed again.",
             event="unremovable",
             queueId=queueId,
             error=error,
+            directory=getattr(self.spool.outcomes, "directory", "-"),
         )
 
-    def _holdMismatch(self, entry: SpoolEntry, mismatch: integrity.Mismatch) -> None:
+    async def _holdMismatch(
+        self, entry: SpoolEntry, mismatch: integrity.Mismatch
+    ) -> None:
         """
         C{entry}'s bytes are not the ones acknowledged (a bit flip on disk,
         an edited spool file): nothing was handed over.  It is put on hold,
         durably (never attempted again, across restarts, until the operator
-        releases it) with the reason, and logged at critical level.
+        releases it) with the reason, logged at critical level, and a
+        C{held} record goes to the audit log.
         """
         queueId = entry.queueId
         self.unschedule(queueId)
@@ -554,7 +583,7 @@ class RelayRunner(NoticesMixin, Service):
         entry.held = True
         entry.heldReason = mismatch.reason
         try:
-            self.spool.update(entry)
+            await self.spool.update(entry)
         except Exception as e:
             # Held in memory at least: never attempted by this process.
             self.unremovable[queueId] = f"{queueId}: {mismatch.reason} ({e})"
@@ -563,3 +592,19 @@ class RelayRunner(NoticesMixin, Service):
                 queueId=queueId,
                 error=e,
             )
+        await self.spool.auditEvent(
+            "held",
+            queueId=queueId,
+            by="integrity",
+            reason=mismatch.reason,
+            sender=entry.envelope.sender,
+            recipients=list(entry.envelope.recipients),
+        )
+
+
+def _undecided(entry: SpoolEntry) -> bool:
+    """
+    Whether C{entry} still has something to do: recipients to deliver or
+    notices to queue.
+    """
+    return bool(entry.pendingRecipients() or entry.owedNotices)
