@@ -28,6 +28,14 @@ from msa.durable import fsyncDirectory, unlinkQuietly, writeDurably
 OUTCOMES_DIRECTORY = "unrecorded-outcomes"
 
 
+def outcomesDirectoryIn(stateDirectory: str) -> str:
+    """
+    The ledger's directory of a server whose state directory is
+    C{stateDirectory}: where the daemon writes and the admin command reads.
+    """
+    return os.path.join(stateDirectory, OUTCOMES_DIRECTORY)
+
+
 class OutcomeLedger:
     """
     C{<directory>/<queueId>.json}: the newest state of an entry, as

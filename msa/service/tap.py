@@ -38,6 +38,7 @@ from msa.audit import AuditLog
 from msa.interfaces import ILiveAccountStore
 from msa.policy.authorization import AuthThrottle, ServerRules
 from msa.policy.redislimits import RedisLimits
+from msa.queue.outcomes import outcomesDirectoryIn
 from msa.queue.spool import Spool
 from msa.relay.client import SMTPDownstream
 from msa.relay.outbox import OutboxDownstream
@@ -215,7 +216,11 @@ def buildService(config: Config, reactor=None) -> MultiService:
     watcher = AccountWatcher(store, config["accounts"]["watch_interval"])
     watcher.setServiceParent(top)
 
-    spool = Spool(config["spool"]["directory"], reactor)
+    spool = Spool(
+        config["spool"]["directory"],
+        reactor,
+        outcomesDirectory=outcomesDirectoryIn(server["state_dir"]),
+    )
     runChecks(certFile, tlsConfig["chain"], config["spool"]["directory"])
     spool.recover()
     if config["audit"]["enabled"]:
