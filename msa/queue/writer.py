@@ -41,10 +41,13 @@ class SpoolWriter:
 
     The file is created only when the data outgrows that buffer; a message
     that fits (the common case) is written, fsynced and closed by the
-    commit, in the thread of its fsyncs, so the reactor thread never waits
-    for a file creation, which on a busy journal can stall it.  A failure
-    to create the file (EMFILE, ENOSPC) then surfaces at the commit, as a
-    4xx to the final dot instead of to DATA: never acknowledged either way.
+    commit, in the thread of its fsyncs.  A larger one has its file created
+    in the thread pool too, as soon as the data outgrows the buffer; the
+    data arriving meanwhile (one thread hand-off's worth) is buffered and
+    written once the file exists.  So the reactor thread never waits for a
+    file creation, which on a busy journal can stall it.  A failure to
+    create the file (EMFILE, ENOSPC) surfaces at the next write or the
+    commit, as a 4xx: never acknowledged either way.
 
     @ivar isBounce: set before L{commit} for a delivery status notification.
     """
@@ -58,6 +61,10 @@ class SpoolWriter:
         self._msgPath = os.path.join(spool.tmpDirectory, self.queueId + ".msg")
         self._statePath = os.path.join(spool.tmpDirectory, self.queueId + ".json")
         self._file: BinaryIO | None = None
+        #: The creation of the file in the thread pool, while it runs.
+        self._creating: defer.Deferred[None] | None = None
+        #: Why the file could not be created.
+        self._createError: OSError | None = None
         self._pending = bytearray()
         self._size = 0
         self._eightBit = False
@@ -100,13 +107,14 @@ class SpoolWriter:
         if not self._eightBit and not data.isascii():
             self._eightBit = True
         try:
+            if self._createError is not None:
+                raise self._createError
             if self._file is not None:
                 self._file.write(data)
-            elif len(self._pending) + len(data) <= WRITE_BUFFER:
-                self._pending += data
             else:
-                self._file = self._create()
-                self._file.write(data)
+                self._pending += data
+                if len(self._pending) > WRITE_BUFFER and self._creating is None:
+                    self._startCreating()
         except OSError as e:
             log.error(
                 "spool write failed for {queueId}: {e}", queueId=self.queueId, e=e
@@ -139,24 +147,49 @@ class SpoolWriter:
             traceSha256=self._traceSha256,
         )
         state = encodeState(entry)
-        d = spool._runBlocking(self._commitBlocking, state)
+        # After the file's creation, if it is being created.
+        d = self._creating or defer.succeed(None)
+        d.addCallback(lambda _: spool._runBlocking(self._commitBlocking, state))
         d.addCallbacks(self._committed, self._commitFailed)
         return d
 
+    def _startCreating(self) -> None:
+        """
+        Create the message file in the thread pool; once it exists, what
+        was buffered meanwhile goes into it.
+        """
+
+        def created(f: BinaryIO) -> None:
+            self._creating = None
+            if self._done:
+                # Aborted meanwhile: abort() could not remove it yet.
+                self._file = f
+                self._closeQuietly()
+                unlinkQuietly(self._msgPath, keepErrors=True)
+                return
+            self._file = f
+            try:
+                f.write(self._pending)
+            except OSError as e:
+                self._createError = e
+            self._pending = bytearray()
+
+        def failed(failure) -> None:
+            self._creating = None
+            self._createError = failure.value
+            if not failure.check(OSError):
+                log.failure("cannot create {path}", failure, path=self._msgPath)
+                self._createError = OSError(str(failure.value))
+
+        self._creating = self._spool._runBlocking(self._create)
+        self._creating.addCallbacks(created, failed)
+
     def _create(self) -> BinaryIO:
         """
-        Create the message file and write what was buffered so far.
+        Create the message file (blocks: in a thread).
         """
         fd = os.open(self._msgPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        f = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
-        try:
-            f.write(self._pending)
-        except BaseException:
-            # Closing flushes again, which fails again: the cleanup goes on.
-            self._file = f
-            raise
-        self._pending = bytearray()
-        return f
+        return os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
 
     def _commitBlocking(self, state: bytes) -> None:
         """
@@ -172,8 +205,12 @@ class SpoolWriter:
 
     def _publishBlocking(self, state: bytes) -> None:
         queueDir = self._spool.queueDirectory
+        if self._createError is not None:
+            raise self._createError
         if self._file is None:
             self._file = self._create()
+        self._file.write(self._pending)
+        self._pending = bytearray()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
