@@ -24,6 +24,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols import portforward
 from twisted.trial import unittest
 
+from msa.audit import chainFiles, verifyFiles
 from msa.envelope import Envelope
 from msa.queue import integrity
 from msa.queue.spool import DELIVERED, PENDING, Spool
@@ -31,6 +32,7 @@ from msa.relay.client import SMTPDownstream
 from msa.tls import clientContextFactory
 from tests.downstream import DownstreamServer
 from tests.e2e import MESSAGE, AiosmtpdCore, RunningMSA, freePort, runProgram
+from tests.test_audit import auditPath, records
 from tests.test_crash import Core, MSAProcess
 from tests.test_e2e import RECIPIENT, SENDER, splitReceived, submit
 from tests.waiting import waitUntil
@@ -279,6 +281,44 @@ class RelayIntegrityTests(IntegrityAssertions, unittest.TestCase):
         yield admin(msa, "queue", "flush")
         self.assertTrue(spool.load(queueId).held)
         self.assertEqual(len(core.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_holdAudited(self):
+        """
+        The hold the MSA puts on a tampered message is in the audit log: a
+        C{held} record with the queue id, C{by} C{integrity} and the
+        reason, after the acceptance record; and the chain verifies.
+        """
+        core = AiosmtpdCore(self)
+        port = freePort()
+        msa = RunningMSA(self, relay=unreachable(core.certFile, port))
+        spool = spoolOf(msa)
+        queueId, actual = yield queuedAndTampered(msa, spool)
+        forwarder = CountingForwarder("127.0.0.1", core.port)
+        listening = reactor.listenTCP(port, forwarder, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        yield admin(msa, "queue", "flush")
+        yield held(spool, queueId)
+        path = auditPath(msa)
+        yield waitUntil(
+            lambda: [r for r in records(path) if r["event"] == "held"],
+            10,
+            "the held record",
+        )
+        [accepted, record] = [r for r in records(path) if r["queueId"] == queueId]
+        self.assertEqual(accepted["event"], "accepted")
+        self.assertEqual(
+            (record["event"], record["queueId"], record["by"], record["reason"]),
+            (
+                "held",
+                queueId,
+                "integrity",
+                f"integrity mismatch: sha256 of the queued message is {actual}, "
+                f"acknowledged {DIGEST}",
+            ),
+        )
+        self.assertIsNone(verifyFiles(chainFiles(path)).error)
+        self.assertEqual(core.messages, [])
 
     @defer.inlineCallbacks
     def test_heldAcrossRestart(self):
