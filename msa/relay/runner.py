@@ -32,7 +32,7 @@ from msa import metrics
 from msa.queue import dsn, integrity
 from msa.queue.control import QueueControl
 from msa.queue.spool import DELIVERED, FAILED, Spool, SpoolEntry
-from msa.relay.notices import EXPIRED, NoticesMixin
+from msa.relay.notices import EXPIRED, Notices
 from msa.relay.protocol import (
     ACCEPTED,
     PERMANENT,
@@ -66,12 +66,16 @@ class Downstream(Protocol):
         """
 
 
-class RelayRunner(NoticesMixin, Service):
+class RelayRunner(Service):
     """
     The queue runner.
 
     @ivar control: the operator's commands on the queue (flush, hold,
         release, delete, describe).
+    @ivar notices: the delivery status notifications (L{Notices}), which
+        call back through this runner's L{msa.relay.notices.NoticeRunner}
+        interface (L{retryDelay}, L{retryIn}, L{finish},
+        L{holdUnremovable}, L{holdMismatch}, L{onPermanentFailure}).
     @ivar unremovable: entries the core has acknowledged but whose new
         state the spool could not record (e.g. remounted read-only): never
         sent again by this process; queue id to the reason, for the log and
@@ -125,8 +129,7 @@ class RelayRunner(NoticesMixin, Service):
         self._inFlight: dict[str, defer.Deferred[None]] = {}
         self.unremovable: dict[str, str] = {}
         self.control = QueueControl(spool, self, reactor)
-        # Failed attempts to queue the owed "failed" notices, per entry.
-        self._noticeTries: dict[str, int] = {}
+        self.notices = Notices(spool, self, reactor)
 
     def startService(self) -> None:
         super().startService()
@@ -219,6 +222,25 @@ class RelayRunner(NoticesMixin, Service):
         if self.running:
             self._schedule(queueId, 0)
 
+    def retryIn(self, queueId: str, delay: float) -> None:
+        """
+        Attempt C{queueId} again in C{delay} seconds; nothing while the
+        runner is stopped.
+        """
+        if self.running:
+            self._schedule(queueId, delay)
+
+    def onPermanentFailure(
+        self, entry: SpoolEntry, recipients: list[str], reply: str
+    ) -> defer.Deferred | None:
+        """
+        Called for permanent failures and expiry (C{reply} then starts with
+        L{EXPIRED}), before the state is written or the entry removed:
+        L{Notices.failed} (a log line, an audit record, a "failed"
+        notification).  Replace it to do otherwise.
+        """
+        return self.notices.failed(entry, recipients, reply)
+
     def unschedule(self, queueId: str) -> None:
         """
         Cancel the scheduled attempt of C{queueId}, if any.
@@ -310,10 +332,10 @@ class RelayRunner(NoticesMixin, Service):
             return
         if entry.held and _undecided(entry):
             return
-        if entry.owedNotices and not await self._payNotices(entry):
+        if entry.owedNotices and not await self.notices.payOwed(entry):
             return
         if not entry.pendingRecipients():
-            await self._finish(entry)
+            await self.finish(entry)
             return
         try:
             messageFile = self.spool.openMessage(queueId)
@@ -345,7 +367,7 @@ class RelayRunner(NoticesMixin, Service):
         finally:
             messageFile.close()
         if result.mismatch is not None:
-            await self._holdMismatch(entry, result.mismatch)
+            await self.holdMismatch(entry, result.mismatch)
             return
         self._record(entry, result, self._reactor.seconds() - started)
         if result.accepted:
@@ -398,7 +420,7 @@ class RelayRunner(NoticesMixin, Service):
         Record the outcome of an attempt.  When the core has decided about
         a recipient (accepted or refused it), or the message expires, and
         the spool cannot record it,
-        the entry is held in memory (L{_holdUnremovable}): sending it again
+        the entry is held in memory (L{holdUnremovable}): sending it again
         would deliver it twice.
         """
         expiring = self._reactor.seconds() - entry.createdAt >= self.maxLifetime
@@ -411,7 +433,7 @@ class RelayRunner(NoticesMixin, Service):
             await self._applyResult(entry, result)
         except Exception as e:
             if decided:
-                await self._holdUnremovable(entry, e)
+                await self.holdUnremovable(entry, e)
                 return
             # Nothing was delivered: the entry stays as the spool has it and
             # is tried again (L{_attemptFailed}).
@@ -462,18 +484,19 @@ class RelayRunner(NoticesMixin, Service):
         # written means a duplicate notification, never a lost one.
         # A notice that cannot be queued now is owed: the entry stays in
         # the queue (its recipients failed) until it is queued.
-        if failedNow and not await self._hook(entry, failedNow, result.reply):
+        notices = self.notices
+        if failedNow and not await notices.hook(entry, failedNow, result.reply):
             entry.owedNotices += failedNow
-        if expired and not await self._hook(
+        if expired and not await notices.hook(
             entry,
             expired,
             f"{EXPIRED} {entry.attempts} attempt(s); last error: {entry.lastError}",
         ):
             entry.owedNotices += expired
         if entry.owedNotices and not entry.pendingRecipients():
-            entry.nextAttempt = now + self._noticeDelay(queueId)
+            entry.nextAttempt = now + notices.noticeDelay(queueId)
         if delayed:
-            entry.delayWarned = await self._notify(entry, delayed, dsn.DELAYED)
+            entry.delayWarned = await notices.notify(entry, delayed, dsn.DELAYED)
         if self.control.isDeleted(queueId):
             log.info("{queueId} was deleted during its delivery", queueId=queueId)
             return
@@ -491,20 +514,20 @@ class RelayRunner(NoticesMixin, Service):
             if self.running and not entry.held:
                 self._schedule(queueId, entry.nextAttempt - now)
         else:
-            await self._finish(entry)
+            await self.finish(entry)
 
-    async def _finish(self, entry: SpoolEntry) -> None:
+    async def finish(self, entry: SpoolEntry) -> None:
         """
         No recipient is pending: the entry leaves the queue.  The attempt
         ends only once the removal is durable
         (L{msa.queue.spool.Spool.removeDelivered}: the disk work is done in
         a thread, with the fsyncs of concurrent removals and commits shared).
         """
-        self._noticeTries.pop(entry.queueId, None)
+        self.notices.forget(entry.queueId)
         await self.spool.removeDelivered(entry.queueId)
         log.debug("{queueId} removed from the queue", queueId=entry.queueId)
 
-    async def _holdUnremovable(self, entry: SpoolEntry, error: Exception) -> None:
+    async def holdUnremovable(self, entry: SpoolEntry, error: Exception) -> None:
         """
         The core has decided about C{entry} (accepted or refused recipients)
         but the spool cannot record it (e.g. it was remounted read-only).
@@ -555,7 +578,7 @@ class RelayRunner(NoticesMixin, Service):
             directory=getattr(self.spool.outcomes, "directory", "-"),
         )
 
-    async def _holdMismatch(
+    async def holdMismatch(
         self, entry: SpoolEntry, mismatch: integrity.Mismatch
     ) -> None:
         """
