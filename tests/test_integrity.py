@@ -124,6 +124,9 @@ def unreachable(caFile: str, port: int | None = None) -> dict:
         "ca_file": caFile,
         "retry_base": 3600,
         "retry_max": 3600,
+        # A test reusing the connection may take longer than the default
+        # 5 s under load (admin commands in between).
+        "idle_timeout": 120,
     }
 
 
@@ -168,6 +171,21 @@ class CountingForwarder(portforward.ProxyFactory):
     def buildProtocol(self, addr):
         self.connections += 1
         return super().buildProtocol(addr)
+
+
+@defer.inlineCallbacks
+def flushedToCore(testCase, msa: RunningMSA, corePort: int, port: int):
+    """
+    Make the core at C{corePort} reachable on C{port} (where C{msa}'s
+    relay looks for it) and flush the queue with the admin command.
+
+    @return: a L{Deferred} of the L{CountingForwarder}.
+    """
+    forwarder = CountingForwarder("127.0.0.1", corePort)
+    listening = reactor.listenTCP(port, forwarder, interface="127.0.0.1")
+    testCase.addCleanup(listening.stopListening)
+    yield admin(msa, "queue", "flush")
+    return forwarder
 
 
 class IntegrityAssertions:
@@ -294,10 +312,7 @@ class RelayIntegrityTests(IntegrityAssertions, unittest.TestCase):
         msa = RunningMSA(self, relay=unreachable(core.certFile, port))
         spool = spoolOf(msa)
         queueId, actual = yield queuedAndTampered(msa, spool)
-        forwarder = CountingForwarder("127.0.0.1", core.port)
-        listening = reactor.listenTCP(port, forwarder, interface="127.0.0.1")
-        self.addCleanup(listening.stopListening)
-        yield admin(msa, "queue", "flush")
+        yield flushedToCore(self, msa, core.port, port)
         yield held(spool, queueId)
         path = auditPath(msa)
         yield waitUntil(
@@ -335,10 +350,7 @@ class RelayIntegrityTests(IntegrityAssertions, unittest.TestCase):
         msa = RunningMSA(self, relay=relay, spool={"directory": directory})
         spool = Spool(directory, reactor=object())
         queueId, actual = yield queuedAndTampered(msa, spool)
-        forwarder = CountingForwarder("127.0.0.1", core.port)
-        listening = reactor.listenTCP(port, forwarder, interface="127.0.0.1")
-        self.addCleanup(listening.stopListening)
-        yield admin(msa, "queue", "flush")
+        forwarder = yield flushedToCore(self, msa, core.port, port)
         yield held(spool, queueId)
         yield msa.service.stopService()
 
