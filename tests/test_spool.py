@@ -6,7 +6,7 @@ Tests for L{msa.queue.spool}.
 import json
 import os
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
@@ -305,3 +305,103 @@ class SpoolStateTests(SpoolTestsMixin, unittest.TestCase):
         os.unlink(os.path.join(self.spool.queueDirectory, queueId + ".msg"))
         self.assertEqual(self.spool.recover(), [])
         self.assertEqual(self.queueFiles(), [queueId + ".json.broken"])
+
+
+class SpoolChangeOrderTests(SpoolTestsMixin, unittest.TestCase):
+    """
+    The changes of an entry run in the thread pool (here: when the test
+    says), one at a time in the order asked, and this process's readers see
+    each at once.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.queued = []
+
+        def runBlocking(f, *args):
+            d = defer.Deferred()
+            self.queued.append((f, args, d))
+            return d
+
+        self.patch(self.spool, "_runBlocking", runBlocking)
+
+    def runNext(self):
+        f, args, d = self.queued.pop(0)
+        try:
+            result = f(*args)
+        except Exception:
+            d.errback()
+        else:
+            d.callback(result)
+
+    def onDisk(self, queueId):
+        path = os.path.join(self.spool.queueDirectory, queueId + ".json")
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+
+    def test_updatesInOrderAndSeenAtOnce(self):
+        writer = self.spool.newMessage(makeEnvelope())
+        writer.write(MESSAGE)
+        d = writer.commit()
+        self.runNext()
+        queueId = self.successResultOf(d)
+        entry = self.spool.load(queueId)
+        entry.attempts = 1
+        first = self.spool.update(entry)
+        entry.attempts = 2
+        second = self.spool.update(entry)
+        removed = self.spool.remove(queueId)
+        # One change at a time: the second waits for the first.
+        self.assertEqual(len(self.queued), 1)
+        self.assertEqual(self.onDisk(queueId)["attempts"], 0)
+        self.assertEqual(self.spool.pending(), [])
+        self.runNext()
+        self.successResultOf(first)
+        self.assertEqual(self.onDisk(queueId)["attempts"], 1)
+        self.assertNoResult(second)
+        self.runNext()
+        self.successResultOf(second)
+        self.assertEqual(self.onDisk(queueId)["attempts"], 2)
+        self.assertNoResult(removed)
+        self.runNext()
+        self.successResultOf(removed)
+        self.assertEqual(self.queueFiles(), [])
+        self.assertEqual(self.spool._changing, {})
+
+    def test_newestStateReadAtOnce(self):
+        writer = self.spool.newMessage(makeEnvelope())
+        writer.write(MESSAGE)
+        d = writer.commit()
+        self.runNext()
+        queueId = self.successResultOf(d)
+        entry = self.spool.load(queueId)
+        entry.held = True
+        written = self.spool.update(entry)
+        self.assertTrue(self.spool.load(queueId).held)
+        self.assertFalse(self.onDisk(queueId)["held"])
+        self.runNext()
+        self.successResultOf(written)
+        self.assertTrue(self.onDisk(queueId)["held"])
+
+    def test_refusedChangeUndone(self):
+        """
+        The disk refuses the new state: the update fails and the readers
+        see the old state again.
+        """
+        writer = self.spool.newMessage(makeEnvelope())
+        writer.write(MESSAGE)
+        d = writer.commit()
+        self.runNext()
+        queueId = self.successResultOf(d)
+        entry = self.spool.load(queueId)
+        entry.attempts = 7
+        written = self.spool.update(entry)
+        self.assertEqual(self.spool.load(queueId).attempts, 7)
+
+        def replace(source, target):
+            raise OSError(30, "Read-only file system")
+
+        self.patch(os, "replace", replace)
+        self.runNext()
+        self.failureResultOf(written, OSError)
+        self.assertEqual(self.spool.load(queueId).attempts, 0)
