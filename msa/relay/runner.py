@@ -32,6 +32,7 @@ from msa import metrics
 from msa.queue import dsn, integrity
 from msa.queue.control import QueueControl
 from msa.queue.spool import DELIVERED, FAILED, Spool, SpoolEntry
+from msa.relay.holds import Holds
 from msa.relay.notices import EXPIRED, Notices
 from msa.relay.protocol import (
     ACCEPTED,
@@ -76,10 +77,12 @@ class RelayRunner(Service):
         call back through this runner's L{msa.relay.notices.NoticeRunner}
         interface (L{retryDelay}, L{retryIn}, L{finish},
         L{holdUnremovable}, L{holdMismatch}, L{onPermanentFailure}).
+    @ivar holds: what holds an entry that must not be sent (again)
+        (L{Holds}).
     @ivar unremovable: entries the core has acknowledged but whose new
         state the spool could not record (e.g. remounted read-only): never
         sent again by this process; queue id to the reason, for the log and
-        /health.
+        /health (L{Holds.unremovable}).
 
     @param spool: the L{Spool}.
     @param downstream: the L{Downstream}.
@@ -127,9 +130,9 @@ class RelayRunner(Service):
         # ordered set, so that a flush of thousands costs O(1) per entry.
         self._ready: dict[str, None] = {}
         self._inFlight: dict[str, defer.Deferred[None]] = {}
-        self.unremovable: dict[str, str] = {}
         self.control = QueueControl(spool, self, reactor)
         self.notices = Notices(spool, self, reactor)
+        self.holds = Holds(spool, self)
 
     def startService(self) -> None:
         super().startService()
@@ -529,100 +532,21 @@ class RelayRunner(Service):
 
     async def holdUnremovable(self, entry: SpoolEntry, error: Exception) -> None:
         """
-        The core has decided about C{entry} (accepted or refused recipients)
-        but the spool cannot record it (e.g. it was remounted read-only).
-        Sending it again would deliver it twice: it is held, never
-        attempted again by this process, logged at critical level and
-        reported by /health; and its new state, held, is recorded outside
-        the spool (L{msa.queue.outcomes}), so that it stays known as
-        delivered after a restart and in C{queue list}.  Where even that
-        cannot be written, it is held in memory only: after a restart the
-        spool's old state counts again, and the critical log line says
-        that the operator must check the core before restarting.
+        See L{Holds.unrecordable}.
         """
-        queueId = entry.queueId
-        self.unschedule(queueId)
-        reason = (
-            f"{queueId}: delivered or failed, but the spool cannot record that "
-            f"({error}); held, not sent again"
-        )
-        self.unremovable[queueId] = reason
-        entry.held = True
-        entry.heldReason = (
-            f"decided by the core, but the spool could not record it ({error})"
-        )
-        try:
-            await self.spool.recordOutcome(entry)
-        except Exception as e:
-            log.critical(
-                "SPOOL CANNOT BE CHANGED: the core MTA accepted or refused "
-                "{queueId} (or its notice is queued), but its state cannot be "
-                "written ({error}), nor recorded elsewhere ({recordError}).  It "
-                "is held and never sent again by this process; fix the spool, "
-                "check the core for {queueId} and delete it from the queue "
-                "before a restart.",
-                event="unremovable",
-                queueId=queueId,
-                error=error,
-                recordError=e,
-            )
-            return
-        log.critical(
-            "SPOOL CANNOT BE CHANGED: the core MTA accepted or refused {queueId} "
-            "(or its notice is queued), but its state cannot be written "
-            "({error}).  It is held, never sent again, and its outcome kept "
-            "in {directory} until the spool can be changed again.",
-            event="unremovable",
-            queueId=queueId,
-            error=error,
-            directory=getattr(self.spool.outcomes, "directory", "-"),
-        )
+        await self.holds.unrecordable(entry, error)
 
     async def holdMismatch(
         self, entry: SpoolEntry, mismatch: integrity.Mismatch
     ) -> None:
         """
-        C{entry}'s bytes are not the ones acknowledged (a bit flip on disk,
-        an edited spool file): nothing was handed over.  It is put on hold,
-        durably (never attempted again, across restarts, until the operator
-        releases it) with the reason, logged at critical level, and a
-        C{held} record goes to the audit log.
+        See L{Holds.mismatch}.
         """
-        queueId = entry.queueId
-        self.unschedule(queueId)
-        log.critical(
-            "INTEGRITY MISMATCH: {queueId} is not the message acknowledged "
-            "(sha256 of the queued {part}: expected {expected}, actual "
-            "{actual}).  Nothing was handed over; it is held.  Check the "
-            "spool and its disk, then delete or release it.",
-            event="integrity",
-            queueId=queueId,
-            part=mismatch.part,
-            expected=mismatch.expected,
-            actual=mismatch.actual,
-        )
-        if self.control.isDeleted(queueId):
-            return
-        entry.held = True
-        entry.heldReason = mismatch.reason
-        try:
-            await self.spool.update(entry)
-        except Exception as e:
-            # Held in memory at least: never attempted by this process.
-            self.unremovable[queueId] = f"{queueId}: {mismatch.reason} ({e})"
-            log.critical(
-                "cannot record the hold of {queueId}: {error}; held in memory",
-                queueId=queueId,
-                error=e,
-            )
-        await self.spool.auditEvent(
-            "held",
-            queueId=queueId,
-            by="integrity",
-            reason=mismatch.reason,
-            sender=entry.envelope.sender,
-            recipients=list(entry.envelope.recipients),
-        )
+        await self.holds.mismatch(entry, mismatch)
+
+    @property
+    def unremovable(self) -> dict[str, str]:
+        return self.holds.unremovable
 
 
 def _undecided(entry: SpoolEntry) -> bool:
