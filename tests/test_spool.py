@@ -334,17 +334,25 @@ class SpoolChangeOrderTests(SpoolTestsMixin, unittest.TestCase):
         else:
             d.callback(result)
 
+    def committed(self):
+        """
+        Commit a message (its commit's thread run at once).
+
+        @return: its queue id.
+        """
+        writer = self.spool.newMessage(makeEnvelope())
+        writer.write(MESSAGE)
+        d = writer.commit()
+        self.runNext()
+        return self.successResultOf(d)
+
     def onDisk(self, queueId):
         path = os.path.join(self.spool.queueDirectory, queueId + ".json")
         with open(path, "rb") as f:
             return json.loads(f.read())
 
     def test_updatesInOrderAndSeenAtOnce(self):
-        writer = self.spool.newMessage(makeEnvelope())
-        writer.write(MESSAGE)
-        d = writer.commit()
-        self.runNext()
-        queueId = self.successResultOf(d)
+        queueId = self.committed()
         entry = self.spool.load(queueId)
         entry.attempts = 1
         first = self.spool.update(entry)
@@ -369,11 +377,7 @@ class SpoolChangeOrderTests(SpoolTestsMixin, unittest.TestCase):
         self.assertEqual(self.spool._changing, {})
 
     def test_newestStateReadAtOnce(self):
-        writer = self.spool.newMessage(makeEnvelope())
-        writer.write(MESSAGE)
-        d = writer.commit()
-        self.runNext()
-        queueId = self.successResultOf(d)
+        queueId = self.committed()
         entry = self.spool.load(queueId)
         entry.held = True
         written = self.spool.update(entry)
@@ -388,11 +392,7 @@ class SpoolChangeOrderTests(SpoolTestsMixin, unittest.TestCase):
         The disk refuses the new state: the update fails and the readers
         see the old state again.
         """
-        writer = self.spool.newMessage(makeEnvelope())
-        writer.write(MESSAGE)
-        d = writer.commit()
-        self.runNext()
-        queueId = self.successResultOf(d)
+        queueId = self.committed()
         entry = self.spool.load(queueId)
         entry.attempts = 7
         written = self.spool.update(entry)
