@@ -311,7 +311,7 @@ class SpoolChangeOrderTests(SpoolTestsMixin, unittest.TestCase):
     """
     The changes of an entry run in the thread pool (here: when the test
     says), one at a time in the order asked, and this process's readers see
-    each at once.
+    each at once.  So does the creation of a large message's file.
     """
 
     def setUp(self):
@@ -405,3 +405,55 @@ class SpoolChangeOrderTests(SpoolTestsMixin, unittest.TestCase):
         self.runNext()
         self.failureResultOf(written, OSError)
         self.assertEqual(self.spool.load(queueId).attempts, 0)
+
+    def test_largeMessageFileCreatedInAThread(self):
+        """
+        A message outgrowing the writer's buffer has its file created in
+        the thread pool; what arrives meanwhile is written after it.
+        """
+        writer = self.spool.newMessage(makeEnvelope())
+        writer.write(b"a" * WRITE_BUFFER)
+        self.assertEqual(self.queued, [])
+        writer.write(b"b" * 10)
+        self.assertEqual(self.tmpFiles(), [])
+        writer.write(b"c" * 10)
+        self.runNext()
+        self.assertEqual(self.tmpFiles(), [writer.queueId + ".msg"])
+        d = writer.commit()
+        self.runNext()
+        queueId = self.successResultOf(d)
+        with self.spool.openMessage(queueId) as f:
+            self.assertEqual(f.read(), b"a" * WRITE_BUFFER + b"b" * 10 + b"c" * 10)
+
+    def test_abortedWhileCreating(self):
+        writer = self.spool.newMessage(makeEnvelope())
+        writer.write(b"a" * (WRITE_BUFFER + 1))
+        writer.abort()
+        self.runNext()
+        self.assertEqual(self.tmpFiles(), [])
+
+    def test_creationFails(self):
+        """
+        The file cannot be created (a full file table): the next write is
+        refused with 452 4.3.1 and the commit with 451 4.3.0; nothing is
+        left in C{tmp/} or C{queue/}.
+        """
+        writer = self.spool.newMessage(makeEnvelope())
+        realOpen = os.open
+
+        def full(path, flags, *args):
+            if path.endswith(".msg"):
+                raise OSError(24, "Too many open files")
+            return realOpen(path, flags, *args)
+
+        self.patch(os, "open", full)
+        writer.write(b"a" * (WRITE_BUFFER + 1))
+        self.runNext()
+        error = self.assertRaises(SMTPReply, writer.write, b"more")
+        self.assertEqual((error.code, error.status), (452, "4.3.1"))
+        d = writer.commit()
+        self.runNext()
+        failure = self.failureResultOf(d, SMTPReply)
+        self.assertEqual((failure.value.code, failure.value.status), (451, "4.3.0"))
+        self.assertEqual((self.tmpFiles(), self.queueFiles()), ([], []))
+        self.flushLoggedErrors(OSError)
