@@ -30,6 +30,7 @@ __all__ = [
     "GroupCommit",
     "fsyncDirectory",
     "publish",
+    "unlinkQuietly",
     "writeDurably",
     "writeSynced",
 ]
@@ -353,18 +354,6 @@ def publish(moves: Sequence[tuple[str, str]], directory: str) -> None:
     fsyncDirectory(directory)
 
 
-def _removeQuietly(path: str) -> None:
-    """
-    Remove a temporary file after a failure, keeping that failure the one
-    reported: a file system that refuses even this (read-only) leaves it
-    for the caller's recovery.
-    """
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
 def writeDurably(
     path: str | os.PathLike[str],
     data: bytes | Iterable[bytes],
@@ -393,5 +382,32 @@ def writeDurably(
         writeSynced(tmpPath, data, mode, exclusive=exclusive)
         publish([(tmpPath, path)], directory)
     except BaseException:
-        _removeQuietly(tmpPath)
+        # The failure above is the one reported; a file system that refuses
+        # even this (read-only) leaves the file for the caller's recovery.
+        unlinkQuietly(tmpPath, keepErrors=True)
         raise
+
+
+def unlinkQuietly(path: str, keepErrors: bool = False) -> OSError | None:
+    """
+    Remove the file at C{path}; one that is already gone is no error (a
+    removal repeated after a crash, the cleanup of a file never created).
+    The one way the spool, the relay and the durable writes remove a file.
+
+    @param keepErrors: for a cleanup on a path that must not fail (another
+        failure is already being reported, a refusal is on its way to the
+        client): any other error (a read-only file system) is returned
+        instead of raised, for the caller to log; the file is then left for
+        the recovery at the next start (L{msa.queue.spool.Spool.recover}).
+    @return: the error kept, or L{None}.
+    @raise OSError: any error but a missing file, unless C{keepErrors}.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if not keepErrors:
+            raise
+        return e
+    return None

@@ -20,6 +20,7 @@ from msa.accounts.model import makeAccount, writeAccounts
 from msa.service.config import _tomlValue, loadConfig, writeConfig
 from msa.service.tap import buildService
 from msa.tls import ensureSelfSignedCertificate
+from tests.reactorguard import guardReactorThread
 from tests.waiting import waitUntil
 
 USERS = {"alice": "wonderland", "bob": "builder pass"}
@@ -82,6 +83,9 @@ class RunningMSA:
     @ivar starttlsPort: the STARTTLS listener's port.
     @ivar implicitPort: the implicit-TLS listener's port.
     @ivar certFile: the self-signed certificate clients can trust.
+    @ivar guard: the L{tests.reactorguard.ReactorThreadGuard}: the test
+        fails at its end if the daemon did blocking disk work on the
+        reactor thread.
     """
 
     def __init__(
@@ -158,6 +162,8 @@ class RunningMSA:
         self.service = buildService(loadConfig(self.configFile))
         testCase.addCleanup(self.service.stopService)
         self.service.startService()
+        # Checked before the stop above (cleanups run last first).
+        self.guard = guardReactorThread(testCase)
 
     def clientContext(self) -> ssl.SSLContext:
         """

@@ -25,7 +25,10 @@ class CommitHandoffTests(unittest.TestCase):
         outbox write, its audit record and the removal of the delivered
         message: none on the commit path (the acceptance record is written
         within the commit's handoff).  (The order of the fsyncs within the one handoff
-        is proven by L{tests.test_spool} and L{tests.test_crash}.)
+        is proven by L{tests.test_spool} and L{tests.test_crash}.)  A
+        message larger than the writer's 64 KiB buffer (not these) has one
+        more, while it arrives: the creation of its file, kept off the
+        reactor thread (L{tests.test_reactorguard}).
         """
         msa = RunningMSA(self)
         pool = reactor.getThreadPool()

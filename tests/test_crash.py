@@ -36,9 +36,12 @@ from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.trial import unittest
 
 from msa.accounts.model import makeAccount, writeAccounts
+from msa.queue.spool import Spool
 from tests.downstream import DownstreamServer, _ServerProtocol
 from tests.e2e import MESSAGE, freePort, writeConfig
 from tests.test_e2e import SENDER, splitReceived, submit
+from tests.test_spool import MESSAGE as SPOOLED
+from tests.test_spool import makeEnvelope
 from tests.waiting import waitUntil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -477,3 +480,47 @@ class CrashTests(unittest.TestCase):
             yield defer.ensureDeferred(self.msa.start())
         yield defer.ensureDeferred(self.drained(1))
         self.assertDelivered(1)
+
+
+class CommitCrashPointTests(unittest.TestCase):
+    """
+    What a crash at each step of a spool commit leaves in C{queue/}: the
+    order of the two renames is what makes a state file there imply its
+    message file (issue 18, item 14: swapping them survived every other
+    test).  SIGKILL leaves exactly what the file system holds at that
+    instant (the page cache survives the process), so the test takes the
+    listing of C{queue/} at each step instead of killing a process there:
+    before and after each rename and each fsync of the commit.
+    """
+
+    def test_stateImpliesMessage(self):
+        clock = task.Clock()
+        spool = Spool(self.mktemp(), reactor=clock)
+        queue = spool.queueDirectory
+        crashPoints: list[list[str]] = []
+        realReplace, realFsync = os.replace, os.fsync
+
+        def replace(source, target):
+            crashPoints.append(sorted(os.listdir(queue)))
+            realReplace(source, target)
+            crashPoints.append(sorted(os.listdir(queue)))
+
+        def fsync(fd):
+            crashPoints.append(sorted(os.listdir(queue)))
+            realFsync(fd)
+
+        self.patch(os, "replace", replace)
+        self.patch(os, "fsync", fsync)
+        writer = spool.newMessage(makeEnvelope())
+        writer.write(SPOOLED)
+        queueId = self.successResultOf(writer.commit())
+        crashPoints.append(sorted(os.listdir(queue)))
+        # Nothing, then the message alone, then the complete entry.
+        self.assertEqual(
+            [list(p) for p in dict.fromkeys(tuple(p) for p in crashPoints)],
+            [[], [queueId + ".msg"], [queueId + ".json", queueId + ".msg"]],
+        )
+        for names in crashPoints:
+            for name in names:
+                if name.endswith(".json"):
+                    self.assertIn(name[:-5] + ".msg", names)

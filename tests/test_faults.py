@@ -39,6 +39,7 @@ from tests.faultfs import (
     remount,
 )
 from tests.test_e2e import submit
+from tests.test_integrity import admin
 
 SENDER = "alice@example.com"
 BOB = "bob@example.org"
@@ -433,6 +434,142 @@ class ReadOnlySpoolTests(unittest.TestCase):
         self.assertEqual(status, 503)
         self.assertIn("spool cannot be changed: 5 message(s)", body)
         self.assertIn("Read-only file system", body)
+
+
+class ReadOnlyRestartTests(unittest.TestCase):
+    """
+    After a read-only spool episode, the daemon is restarted (issue 18,
+    item 10).
+    """
+
+    timeout = 90
+
+    def startMSA(self, spoolDirectory, state, corePort, caFile):
+        return RunningMSA(
+            self,
+            spool={"directory": spoolDirectory},
+            server={"state_dir": state} if state else None,
+            relay={
+                "host": "127.0.0.1",
+                "port": corePort,
+                "tls": "starttls",
+                "server_name": "localhost",
+                "ca_file": caFile,
+                "retry_base": 0.2,
+                "retry_max": 0.5,
+            },
+        )
+
+    @defer.inlineCallbacks
+    def test_deliveredStayDelivered(self):
+        """
+        Five messages wait (the core answers 421); the spool is remounted
+        read-only; the core takes all five.  The daemon cannot remove them
+        and records their outcome under its state directory: C{queue list}
+        shows each recipient delivered and the entry held, with the
+        reason, while the daemon runs and after it stopped.  The spool is
+        writable again and the daemon restarted: it removes the five
+        without sending any again: five deliveries for five
+        acknowledgements, and nothing left in the spool or the ledger.
+        """
+        core = DownstreamServer(os.path.abspath(self.mktemp()))
+        core.greeting = (421, "4.3.2 Not now")
+        corePort = core.start()
+        self.addCleanup(core.stop)
+        spoolDirectory = mountTmpfs(self, "4m")
+        msa = self.startMSA(spoolDirectory, None, corePort, core.caFile)
+        runner = msa.service.getServiceNamed("relay")
+        for _ in range(5):
+            code, _ = yield threads.deferToThread(
+                submit, port=msa.starttlsPort, context=msa.clientContext()
+            )
+            self.assertEqual(code, 250)
+        queued = runner.spool.pending()
+        self.assertEqual(len(queued), 5)
+        remount(spoolDirectory, "ro")
+        self.addCleanup(remount, spoolDirectory, "rw")
+        core.greeting = (220, "localhost ESMTP test core")
+        ledger = os.path.join(msa.state, "unrecorded-outcomes")
+        yield waitUntil(
+            self, lambda: len(runner.unremovable) == 5, what="five held messages"
+        )
+        self.assertEqual(sorted(runner.unremovable), queued)
+        self.assertEqual(len(core.messages), 5)
+
+        def assertListedDelivered(out):
+            rows = {
+                line.split()[0]: line
+                for line in out.splitlines()
+                if line.split()[:1] and line.split()[0] in queued
+            }
+            self.assertEqual(sorted(rows), queued)
+            for row in rows.values():
+                self.assertIn("  belastingdienst@overheid.nl (delivered)  ", row)
+                self.assertRegex(row, r"  held +yes +decided by the core, but the ")
+
+        out, err, code = yield admin(msa, "queue", "list")
+        self.assertEqual(code, 0, err)
+        assertListedDelivered(out)
+        self.assertEqual(len(os.listdir(ledger)), 5)
+        yield msa.service.stopService()
+        out, err, code = yield admin(msa, "queue", "list")
+        self.assertEqual(code, 0, err)
+        self.assertIn("the MSA is not running", err)
+        assertListedDelivered(out)
+
+        remount(spoolDirectory, "rw")
+        again = self.startMSA(spoolDirectory, msa.state, corePort, core.caFile)
+        spool = again.service.getServiceNamed("relay").spool
+        yield waitUntil(self, lambda: not spool.pending(), what="the five removed")
+        # Several retry periods later: still one copy each.
+        yield pause(1.5)
+        self.assertEqual(len(core.messages), 5)
+        self.assertEqual(os.listdir(ledger), [])
+        self.assertEqual(listing(os.path.join(spoolDirectory, "queue")), [])
+
+
+class AuditFailureTests(unittest.TestCase):
+    """
+    The acceptance record cannot be appended after the spool's commit
+    (issue 18, item 9 (d)).
+    """
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_removalDurableBefore451(self):
+        """
+        The audit log's file system is full (a real ENOSPC): the message
+        had reached C{queue/}; the client gets 451 4.3.0 only after its
+        files are removed from C{queue/} and the directory is fsynced, so
+        that no crash can bring back (and deliver) a message answered 451.
+        The fsyncs of C{queue/} are observed with what the directory held
+        at each.
+        """
+        directory = mountTmpfs(self, "1m")
+        msa = RunningMSA(self, audit={"path": os.path.join(directory, "a.jsonl")})
+        queue = os.path.realpath(os.path.join(msa.state, "spool", "queue"))
+        seen = []
+        realFsync = os.fsync
+
+        def fsync(fd):
+            if os.readlink(f"/proc/self/fd/{fd}") == queue:
+                seen.append(listing(queue))
+            return realFsync(fd)
+
+        self.patch(os, "fsync", fsync)
+        fillFileSystem(directory)
+        code, text = yield threads.deferToThread(
+            submit, port=msa.starttlsPort, context=msa.clientContext()
+        )
+        self.assertEqual(
+            (code, text), (451, b"4.3.0 Cannot queue the message, try again later")
+        )
+        [published, removed] = seen
+        self.assertEqual([n.rsplit(".", 1)[1] for n in published], ["json", "msg"])
+        self.assertEqual(removed, [])
+        self.assertEqual(listing(queue), [])
+        self.assertEqual(msa.outboxFiles(), [])
 
 
 class CoreMisbehaviourTests(unittest.TestCase):

@@ -714,7 +714,7 @@ class SpoolEdgeTests(unittest.TestCase):
             raise OSError(30, "Read-only file system")
 
         self.patch(os, "replace", replace)
-        self.assertRaises(OSError, self.spool.update, entry)
+        self.failureResultOf(self.spool.update(entry), OSError)
         self.assertEqual(
             sorted(os.listdir(self.spool.queueDirectory)),
             [queueId + ".json", queueId + ".msg"],
@@ -755,6 +755,9 @@ class SpoolEdgeTests(unittest.TestCase):
         writer = self.writer()
         d = writer.commit()
         writer.abort()
+        pending.pop()()
+        # The 451 only once the removal (in a thread) is done.
+        self.assertNoResult(d)
         pending.pop()()
         failure = self.failureResultOf(d, SMTPReply)
         self.assertEqual(

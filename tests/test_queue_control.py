@@ -367,7 +367,7 @@ class QueueControlUnitTests(unittest.TestCase):
 
     def test_hold(self):
         queueId = self.queue()
-        self.assertIsNone(self.control.hold(queueId))
+        self.assertIsNone(self.successResultOf(self.control.hold(queueId)))
         self.assertTrue(self.spool.load(queueId).held)
         self.assertEqual(self.runner.calls, [("unschedule", queueId)])
 
@@ -392,7 +392,7 @@ class QueueControlUnitTests(unittest.TestCase):
         """
         queueId = self.queue(held=True, nextAttempt=1_700_009_000.0)
         self.clock.advance(7)
-        self.assertIsNone(self.control.release(queueId))
+        self.assertIsNone(self.successResultOf(self.control.release(queueId)))
         entry = self.spool.load(queueId)
         self.assertEqual((entry.held, entry.nextAttempt), (False, 1_700_000_007.0))
         self.assertEqual(self.runner.calls, [("attemptNow", queueId)])
@@ -419,7 +419,7 @@ class QueueControlUnitTests(unittest.TestCase):
         """
         queueId = self.queue()
         other = self.queue()
-        self.assertIsNone(self.control.delete(queueId))
+        self.assertIsNone(self.successResultOf(self.control.delete(queueId)))
         self.assertEqual(self.spool.pending(), [other])
         self.assertEqual(
             sorted(os.listdir(self.spool.queueDirectory)),

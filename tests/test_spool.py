@@ -6,7 +6,7 @@ Tests for L{msa.queue.spool}.
 import json
 import os
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
@@ -305,3 +305,155 @@ class SpoolStateTests(SpoolTestsMixin, unittest.TestCase):
         os.unlink(os.path.join(self.spool.queueDirectory, queueId + ".msg"))
         self.assertEqual(self.spool.recover(), [])
         self.assertEqual(self.queueFiles(), [queueId + ".json.broken"])
+
+
+class SpoolChangeOrderTests(SpoolTestsMixin, unittest.TestCase):
+    """
+    The changes of an entry run in the thread pool (here: when the test
+    says), one at a time in the order asked, and this process's readers see
+    each at once.  So does the creation of a large message's file.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.queued = []
+
+        def runBlocking(f, *args):
+            d = defer.Deferred()
+            self.queued.append((f, args, d))
+            return d
+
+        self.patch(self.spool, "_runBlocking", runBlocking)
+
+    def runNext(self):
+        f, args, d = self.queued.pop(0)
+        try:
+            result = f(*args)
+        except Exception:
+            d.errback()
+        else:
+            d.callback(result)
+
+    def committed(self):
+        """
+        Commit a message (its commit's thread run at once).
+
+        @return: its queue id.
+        """
+        writer = self.spool.newMessage(makeEnvelope())
+        writer.write(MESSAGE)
+        d = writer.commit()
+        self.runNext()
+        return self.successResultOf(d)
+
+    def onDisk(self, queueId):
+        path = os.path.join(self.spool.queueDirectory, queueId + ".json")
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+
+    def test_updatesInOrderAndSeenAtOnce(self):
+        queueId = self.committed()
+        entry = self.spool.load(queueId)
+        entry.attempts = 1
+        first = self.spool.update(entry)
+        entry.attempts = 2
+        second = self.spool.update(entry)
+        removed = self.spool.remove(queueId)
+        # One change at a time: the second waits for the first.
+        self.assertEqual(len(self.queued), 1)
+        self.assertEqual(self.onDisk(queueId)["attempts"], 0)
+        self.assertEqual(self.spool.pending(), [])
+        self.runNext()
+        self.successResultOf(first)
+        self.assertEqual(self.onDisk(queueId)["attempts"], 1)
+        self.assertNoResult(second)
+        self.runNext()
+        self.successResultOf(second)
+        self.assertEqual(self.onDisk(queueId)["attempts"], 2)
+        self.assertNoResult(removed)
+        self.runNext()
+        self.successResultOf(removed)
+        self.assertEqual(self.queueFiles(), [])
+        self.assertEqual(self.spool._changing, {})
+
+    def test_newestStateReadAtOnce(self):
+        queueId = self.committed()
+        entry = self.spool.load(queueId)
+        entry.held = True
+        written = self.spool.update(entry)
+        self.assertTrue(self.spool.load(queueId).held)
+        self.assertFalse(self.onDisk(queueId)["held"])
+        self.runNext()
+        self.successResultOf(written)
+        self.assertTrue(self.onDisk(queueId)["held"])
+
+    def test_refusedChangeUndone(self):
+        """
+        The disk refuses the new state: the update fails and the readers
+        see the old state again.
+        """
+        queueId = self.committed()
+        entry = self.spool.load(queueId)
+        entry.attempts = 7
+        written = self.spool.update(entry)
+        self.assertEqual(self.spool.load(queueId).attempts, 7)
+
+        def replace(source, target):
+            raise OSError(30, "Read-only file system")
+
+        self.patch(os, "replace", replace)
+        self.runNext()
+        self.failureResultOf(written, OSError)
+        self.assertEqual(self.spool.load(queueId).attempts, 0)
+
+    def test_largeMessageFileCreatedInAThread(self):
+        """
+        A message outgrowing the writer's buffer has its file created in
+        the thread pool; what arrives meanwhile is written after it.
+        """
+        writer = self.spool.newMessage(makeEnvelope())
+        writer.write(b"a" * WRITE_BUFFER)
+        self.assertEqual(self.queued, [])
+        writer.write(b"b" * 10)
+        self.assertEqual(self.tmpFiles(), [])
+        writer.write(b"c" * 10)
+        self.runNext()
+        self.assertEqual(self.tmpFiles(), [writer.queueId + ".msg"])
+        d = writer.commit()
+        self.runNext()
+        queueId = self.successResultOf(d)
+        with self.spool.openMessage(queueId) as f:
+            self.assertEqual(f.read(), b"a" * WRITE_BUFFER + b"b" * 10 + b"c" * 10)
+
+    def test_abortedWhileCreating(self):
+        writer = self.spool.newMessage(makeEnvelope())
+        writer.write(b"a" * (WRITE_BUFFER + 1))
+        writer.abort()
+        self.runNext()
+        self.assertEqual(self.tmpFiles(), [])
+
+    def test_creationFails(self):
+        """
+        The file cannot be created (a full file table): the next write is
+        refused with 452 4.3.1 and the commit with 451 4.3.0; nothing is
+        left in C{tmp/} or C{queue/}.
+        """
+        writer = self.spool.newMessage(makeEnvelope())
+        realOpen = os.open
+
+        def full(path, flags, *args):
+            if path.endswith(".msg"):
+                raise OSError(24, "Too many open files")
+            return realOpen(path, flags, *args)
+
+        self.patch(os, "open", full)
+        writer.write(b"a" * (WRITE_BUFFER + 1))
+        self.runNext()
+        error = self.assertRaises(SMTPReply, writer.write, b"more")
+        self.assertEqual((error.code, error.status), (452, "4.3.1"))
+        d = writer.commit()
+        self.runNext()
+        failure = self.failureResultOf(d, SMTPReply)
+        self.assertEqual((failure.value.code, failure.value.status), (451, "4.3.0"))
+        self.assertEqual((self.tmpFiles(), self.queueFiles()), ([], []))
+        self.flushLoggedErrors(OSError)

@@ -145,6 +145,7 @@ def queueCommand(config: Any, args: argparse.Namespace, stdout, stderr) -> int:
     would race its deliveries (and a missing socket does not prove that no
     runner is at work).
     """
+    from msa.queue.outcomes import outcomesDirectoryIn
     from msa.queue.spool import Spool
     from msa.service import controlsocket
 
@@ -183,7 +184,11 @@ def queueCommand(config: Any, args: argparse.Namespace, stdout, stderr) -> int:
                 raise _Failed(f"no message {queueId} in the queue")
             result = []
         else:
-            spool = Spool(directory, reactor=object())
+            spool = Spool(
+                directory,
+                reactor=object(),
+                outcomesDirectory=outcomesDirectoryIn(config["server"]["state_dir"]),
+            )
             try:
                 if queueId is None:
                     result = controlsocket.describeSpool(spool, now)

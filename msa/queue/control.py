@@ -13,13 +13,14 @@ runner when the attempt ends (L{QueueControl.isDeleted},
 L{QueueControl.applyRequests}, L{QueueControl.attemptEnded}).
 
 Every change of state goes through L{msa.queue.spool.Spool.update} or
-L{msa.queue.spool.Spool.remove}, with one exception: a flush writes
-nothing.  It only asks the runner to attempt the entries now; their
-C{nextAttempt} on disk stays as it was, so that a flush of a large backlog
-costs no write per message (as Postfix's C{postqueue -f}).  After a crash
-before the attempt, the entries wait for their recorded time again: the
-operator's flush is lost, never a message.  An unknown (or malformed) queue
-id raises C{KeyError(queueId)}.
+L{msa.queue.spool.Spool.remove} (their disk work in a thread: the commands
+return a L{Deferred} firing when the change is durable), with one
+exception: a flush writes nothing.  It only asks the runner to attempt the
+entries now; their C{nextAttempt} on disk stays as it was, so that a flush
+of a large backlog costs no write per message (as Postfix's C{postqueue
+-f}).  After a crash before the attempt, the entries wait for their recorded
+time again: the operator's flush is lost, never a message.  An unknown (or
+malformed) queue id raises C{KeyError(queueId)}.
 """
 
 from __future__ import annotations
@@ -161,29 +162,31 @@ class QueueControl:
         log.info("flush: {count} message(s)", count=len(flushed))
         return flushed
 
-    def hold(self, queueId: str) -> defer.Deferred[None] | None:
+    def hold(self, queueId: str) -> defer.Deferred[None]:
         """
         Put C{queueId} on hold: it is not attempted until L{release}d (a
         delivery in flight finishes, but is not retried).
 
-        @return: the audit record's L{Deferred}, if any (L{_audit}).
+        @return: a L{Deferred} firing when the hold is durable and
+            its audit record written (L{_audit}).
         @raise KeyError: for an unknown C{queueId}.
         """
         entry = self._load(queueId)
         entry.held = True
-        self.spool.update(entry)
+        written = self.spool.update(entry)
         self._runner.unschedule(queueId)
         if self._runner.isInFlight(queueId):
             self._heldInFlight[queueId] = True
         log.info("{queueId} put on hold", queueId=queueId)
-        return self._audit("held", entry)
+        return written.addCallback(lambda _: self._audit("held", entry))
 
-    def release(self, queueId: str) -> defer.Deferred[None] | None:
+    def release(self, queueId: str) -> defer.Deferred[None]:
         """
         Take C{queueId} off hold and attempt it now (right after its
         attempt in flight, if any).
 
-        @return: the audit record's L{Deferred}, if any (L{_audit}).
+        @return: a L{Deferred} firing when the release is durable and
+            its audit record written (L{_audit}).
         @raise KeyError: for an unknown C{queueId}.
         """
         entry = self._load(queueId)
@@ -196,28 +199,31 @@ class QueueControl:
         if inFlight:
             self._heldInFlight[queueId] = False
             self._flushAfter.add(queueId)
-        self.spool.update(entry)
+        # The spool's readers see the new state at once: the attempt may
+        # start before it is on disk.
+        written = self.spool.update(entry)
         if not inFlight:
             self._runner.attemptNow(queueId)
         log.info("{queueId} released", queueId=queueId)
-        return self._audit("released", entry)
+        return written.addCallback(lambda _: self._audit("released", entry))
 
-    def delete(self, queueId: str) -> defer.Deferred[None] | None:
+    def delete(self, queueId: str) -> defer.Deferred[None]:
         """
         Remove C{queueId} from the queue, without a notification.  A
         delivery in flight finishes (the core may still get the message)
         but its outcome is ignored.
 
-        @return: the audit record's L{Deferred}, if any (L{_audit}).
+        @return: a L{Deferred} firing when the removal is durable and
+            its audit record written (L{_audit}).
         @raise KeyError: for an unknown C{queueId}.
         """
         entry = self._load(queueId)
         self._runner.unschedule(queueId)
         if self._runner.isInFlight(queueId):
             self._deleted.add(queueId)
-        self.spool.remove(queueId)
+        removed = self.spool.remove(queueId)
         log.warn("{queueId} deleted by the operator", queueId=queueId)
-        return self._audit("deleted", entry)
+        return removed.addCallback(lambda _: self._audit("deleted", entry))
 
     def _audit(self, event: str, entry: SpoolEntry) -> defer.Deferred[None] | None:
         """

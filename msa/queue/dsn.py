@@ -314,8 +314,9 @@ def queueDSN(
     file is still there) and queue it in C{spool} with the null sender.
 
     The original's bytes are checked against its recorded digest first
-    (L{msa.queue.integrity}; read on the calling thread): a notification
-    never quotes a header that is not the acknowledged one.
+    (L{msa.queue.integrity}), in C{spool}'s thread pool (the original may
+    be 50 MiB): a notification never quotes a header that is not the
+    acknowledged one.
 
     @return: a L{Deferred} firing with the DSN's queue id when it is
         committed, or L{None} when no DSN is due (null sender, or C{entry}
@@ -324,17 +325,47 @@ def queueDSN(
     """
     if not needsNotification(entry) or not recipients:
         return defer.succeed(None)
+    d = spool._runBlocking(verifiedHeaders, entry)
+    d.addCallback(
+        _queueWithHeaders, spool, entry, recipients, hostname, now, willRetryUntil
+    )
+    return d
+
+
+def verifiedHeaders(entry) -> bytes:
+    """
+    The header section of C{entry}'s message, once its bytes are checked;
+    blocks (hashes the whole message).
+
+    @return: the header, or C{b""} when the message cannot be read.
+    @raise integrity.IntegrityError: when they are not the acknowledged
+        bytes.
+    """
     try:
         with open(entry.messagePath, "rb") as f:
             mismatch = integrity.verifyFile(entry, f)
             if mismatch is not None:
-                return defer.fail(integrity.IntegrityError(mismatch))
-            headers = readHeaders(f)
+                raise integrity.IntegrityError(mismatch)
+            return readHeaders(f)
     except OSError as e:
         log.warn(
             "no header for the DSN about {queueId}: {e}", queueId=entry.queueId, e=e
         )
-        headers = b""
+        return b""
+
+
+def _queueWithHeaders(
+    headers: bytes,
+    spool,
+    entry,
+    recipients: list[RecipientStatus],
+    hostname: str,
+    now: float,
+    willRetryUntil: float | None,
+) -> defer.Deferred:
+    """
+    The rest of L{queueDSN}, with the original's C{headers}.
+    """
     sender = entry.envelope.sender
     envelope = Envelope(
         sender="",

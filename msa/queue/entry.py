@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_spool,tests.test_crash -*-
 """
 A spool entry as the relay sees it (L{SpoolEntry}, its state file's JSON),
-the queue ids, and the file helpers the spool's writer and reader share.
+the queue ids, and what the spool's writer and reader share.
 See L{msa.queue.spool} for the layout.
 """
 
@@ -9,41 +9,16 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import secrets
 import time
 
 import attrs
-from twisted.logger import Logger
 
 from msa.envelope import Envelope
-
-log = Logger()
 
 PENDING = "pending"
 DELIVERED = "delivered"
 FAILED = "failed"
-
-
-def _unlinkQuietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _discard(path: str) -> None:
-    """
-    Remove a file that nobody was told about, on a path that must not fail
-    (a refusal already on its way to the client): a disk that refuses even
-    that is logged, and L{Spool.recover} removes the file at the next start.
-    """
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        log.error("cannot remove {path}: {e}", path=path, e=e)
 
 
 #: Errors that mean the spool's file system is full (RFC 3463 4.3.1).

@@ -38,9 +38,6 @@ from twisted.internet import defer, threads
 #: Why a message without a recorded digest cannot be verified.
 NO_DIGEST = "no recorded digest (spooled by an earlier version)"
 
-#: Messages larger than this are verified in the reactor's thread pool.
-THREAD_THRESHOLD = 1024 * 1024
-
 _CHUNK = 65536
 
 
@@ -212,12 +209,14 @@ def verifyLater(
     reactor: Any, entry: Any, messageFile: BinaryIO
 ) -> defer.Deferred[Mismatch | None]:
     """
-    L{verifyFile}, in the reactor's thread pool for a message larger than
-    L{THREAD_THRESHOLD} (a small one is read from the page cache faster
-    than a thread hand-off).
+    L{verifyFile}, in the reactor's thread pool (synchronously with a
+    reactor without one, e.g. a L{twisted.internet.task.Clock}): even a
+    small message read from the page cache can stall every session when
+    the disk is busy, and the hand-off costs less than the hashing of a
+    few hundred KiB.
     """
     getThreadPool = getattr(reactor, "getThreadPool", None)
-    if getThreadPool is None or getattr(entry, "size", 0) <= THREAD_THRESHOLD:
+    if getThreadPool is None:
         return defer.maybeDeferred(verifyFile, entry, messageFile)
     return threads.deferToThreadPool(
         reactor, getThreadPool(), verifyFile, entry, messageFile

@@ -23,12 +23,17 @@ synchronously).  The writer's file is not touched by the reactor thread while
 the commit runs.  The fsyncs of C{queue/} itself are shared by concurrent
 commits and removals (L{msa.durable.DirectorySync}, a group commit): each
 commit still returns only after an fsync of the directory that started
-after its own renames.  L{Spool.update} and L{Spool.remove} are
-synchronous: they are small and their ordering with the relay's decisions
-must be exact.  L{Spool.removeDelivered} makes the entry invisible to this
-process's readers at once (L{Spool.pending}, L{Spool.load}) and leaves all
-the disk work to a thread: the removal of the state file, the directory
-fsync and the removal of the message file.
+after its own renames.
+
+The changes of an entry (L{Spool.update}: a deferred attempt, a hold, a
+release; L{Spool.remove}) are made in the thread pool too, so that no
+session waits for their fsyncs; their order is kept: the disk work for one
+entry runs one change at a time, in the order asked, and the readers of
+this process (L{Spool.pending}, L{Spool.load}) see each change as soon as
+it is asked for (the newest state of an entry, an entry being removed
+gone), so that the relay's decisions are exact while the disk catches up.
+A change the disk refuses is undone for the readers, and its L{Deferred}
+fails.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from msa.audit import AuditLog
 from msa.durable import (
     DirectorySync,
     fsyncDirectory,
+    unlinkQuietly,
     writeDurably,
 )
 from msa.envelope import Envelope
@@ -55,10 +61,10 @@ from msa.queue.entry import (
     FAILED,
     PENDING,
     SpoolEntry,
-    _unlinkQuietly,
     encodeState,
     newQueueId,
 )
+from msa.queue.outcomes import OutcomeLedger
 from msa.queue.writer import WRITE_BUFFER, SpoolWriter
 
 __all__ = [
@@ -82,9 +88,14 @@ class Spool:
 
     @param directory: created (mode 0700) if missing.
     @param reactor: supplies time and the thread pool for the fsyncs.
+    @param outcomesDirectory: where the outcomes go that the spool could
+        not record (L{msa.queue.outcomes}); on another file system than
+        C{directory}, or it helps nothing.  L{None}: nowhere.
     """
 
-    def __init__(self, directory: str, reactor=None) -> None:
+    def __init__(
+        self, directory: str, reactor=None, outcomesDirectory: str | None = None
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -101,12 +112,35 @@ class Spool:
         #: Entries being removed by L{removeDelivered}: already gone for
         #: the readers of this process.
         self._removing: set[str] = set()
+        #: The newest state of entries whose L{update} is not on disk yet.
+        self._unwritten: dict[str, bytes] = {}
+        #: Per entry being changed, the lock that keeps its changes in order.
+        self._changing: dict[str, defer.DeferredLock] = {}
+        #: The outcomes the spool could not record (L{recordOutcome}).
+        self.outcomes = (
+            None if outcomesDirectory is None else OutcomeLedger(outcomesDirectory)
+        )
 
     def _runBlocking(self, f, *args) -> defer.Deferred:
         getThreadPool = getattr(self.reactor, "getThreadPool", None)
         if getThreadPool is None:
             return defer.maybeDeferred(f, *args)
         return threads.deferToThreadPool(self.reactor, getThreadPool(), f, *args)
+
+    def _inOrder(self, queueId: str, f, *args) -> defer.Deferred:
+        """
+        Run C{f(*args)} as L{_runBlocking} does, after the changes of
+        C{queueId} asked for before, and before those asked for after.
+        """
+        lock = self._changing.setdefault(queueId, defer.DeferredLock())
+        d = lock.run(self._runBlocking, f, *args)
+
+        def done(result: object) -> object:
+            if not lock.locked and not lock.waiting:
+                self._changing.pop(queueId, None)
+            return result
+
+        return d.addBoth(done)
 
     # Writing side.
 
@@ -158,38 +192,85 @@ class Spool:
         msgPath, statePath = self._paths(queueId)
         if queueId in self._removing:
             raise FileNotFoundError(errno.ENOENT, "being removed", statePath)
-        with open(statePath, "rb") as f:
-            data = json.loads(f.read())
+        state = self._unwritten.get(queueId)
+        if state is None and self.outcomes is not None:
+            state = self.outcomes.state(queueId)
+        if state is None:
+            with open(statePath, "rb") as f:
+                state = f.read()
+        data = json.loads(state)
         return SpoolEntry.fromJSON(data, msgPath, os.stat(msgPath).st_size)
 
-    def update(self, entry: SpoolEntry) -> None:
+    def update(self, entry: SpoolEntry) -> defer.Deferred[None]:
         """
-        Atomically replace the state of C{entry}: write a temporary file,
-        fsync it, rename it over the state file, fsync the directory.
-        """
-        _, statePath = self._paths(entry.queueId)
-        # The temporary name ends in .tmp: recover() removes a leftover.
-        writeDurably(statePath, encodeState(entry), tmpPath=statePath + ".tmp")
+        Replace the state of C{entry}, atomically and durably, in the thread
+        pool (L{msa.durable.writeDurably}: a temporary file, fsynced,
+        renamed over the state file, the directory fsynced).  Readers in
+        this process see the new state at once.
 
-    def remove(self, queueId: str) -> None:
+        @return: a L{Deferred} firing when the new state is durable, or
+            failing with the L{OSError}: the old state is then left, on
+            disk and for the readers.
         """
-        Remove an entry: the state file first, so that a crash in between
-        leaves an orphan message file (removed by L{recover}), never an
-        entry without its message.
+        queueId = entry.queueId
+        state = encodeState(entry)
+        self._unwritten[queueId] = state
+        _, statePath = self._paths(queueId)
+        # The temporary name ends in .tmp: recover() removes a leftover.
+        d = self._inOrder(queueId, self._updatedBlocking, queueId, statePath, state)
+
+        def written(result: object) -> object:
+            if self._unwritten.get(queueId) is state:
+                del self._unwritten[queueId]
+            return result
+
+        return d.addBoth(written)
+
+    def _updatedBlocking(self, queueId: str, statePath: str, state: bytes) -> None:
         """
-        msgPath, statePath = self._paths(queueId)
-        _unlinkQuietly(statePath)
-        fsyncDirectory(self.queueDirectory)
-        _unlinkQuietly(msgPath)
+        The disk part of L{update}: runs in a thread.
+        """
+        # The temporary name ends in .tmp: recover() removes a leftover.
+        writeDurably(statePath, state, tmpPath=statePath + ".tmp")
+        if self.outcomes is not None:
+            # The spool's state is the newest again.
+            self.outcomes.forget(queueId)
+
+    def recordOutcome(self, entry: SpoolEntry) -> defer.Deferred[None]:
+        """
+        Record the new state of C{entry} where the spool could not (see
+        L{msa.queue.outcomes}), durably, in the thread pool, after the
+        changes of the entry asked before.  L{load} prefers it from now on,
+        in this process and after a restart.
+
+        @return: a L{Deferred} firing when it is durable, or failing (with
+            L{OSError}; with L{FileNotFoundError} when there is nowhere to
+            record it).
+        """
+        if self.outcomes is None:
+            return defer.fail(FileNotFoundError("no directory for outcomes"))
+        return self._inOrder(
+            entry.queueId, self.outcomes.record, entry.queueId, encodeState(entry)
+        )
+
+    def remove(self, queueId: str) -> defer.Deferred[None]:
+        """
+        Remove an entry that was not delivered (the operator's delete, a
+        commit aborted by its client): the same removal as
+        L{removeDelivered}.
+        """
+        return self.removeDelivered(queueId)
 
     def removeDelivered(self, queueId: str) -> defer.Deferred[None]:
         """
-        Remove an entry, as L{remove} does, with the disk work off the
-        calling (reactor) thread: the entry is gone for every reader in
-        this process as soon as this returns; then, in the reactor's thread
-        pool, the state file is removed, the directory fsynced (shared with
-        concurrent commits and removals, L{DirectorySync}) and only then is
-        the message file removed.
+        Remove an entry, with the disk work off the calling (reactor)
+        thread: the entry is gone for every reader in this process as soon
+        as this returns; then, in the reactor's thread pool, after the
+        changes asked before, the state file is removed, the directory
+        fsynced (shared with concurrent commits and removals,
+        L{DirectorySync}) and only then is the message file removed, so
+        that a crash in between leaves an orphan message file (removed by
+        L{recover}), never an entry without its message.
 
         @return: a L{Deferred} firing when the removal is durable, or
             failing with the L{OSError}: when the state file could not be
@@ -198,7 +279,7 @@ class Spool:
             L{recover}.
         """
         self._removing.add(queueId)
-        d = self._runBlocking(self._removedBlocking, *self._paths(queueId))
+        d = self._inOrder(queueId, self._removedBlocking, *self._paths(queueId))
 
         def visible(result: object) -> object:
             self._removing.discard(queueId)
@@ -217,9 +298,16 @@ class Spool:
         """
         The disk part of L{removeDelivered}: runs in a thread.
         """
-        _unlinkQuietly(statePath)
+        unlinkQuietly(statePath)
         self.queueSync.sync()
-        _unlinkQuietly(msgPath)
+        unlinkQuietly(msgPath)
+        queueId = os.path.basename(msgPath)[:-4]
+        if self.outcomes is not None and queueId in self.outcomes:
+            try:
+                self.outcomes.forget(queueId)
+            except OSError as e:
+                # The entry is gone: its outcome is dropped by recover().
+                log.error("cannot forget the outcome of {q}: {e}", q=queueId, e=e)
 
     def auditEvent(self, event: str, **fields) -> defer.Deferred[None]:
         """
@@ -265,16 +353,16 @@ class Spool:
         """
         for name in sorted(os.listdir(self.tmpDirectory)):
             log.info("recover: removing unacknowledged {name}", name=name)
-            _unlinkQuietly(os.path.join(self.tmpDirectory, name))
+            unlinkQuietly(os.path.join(self.tmpDirectory, name))
         names = set(os.listdir(self.queueDirectory))
         for name in sorted(names):
             path = os.path.join(self.queueDirectory, name)
             if name.endswith(".tmp"):
                 log.info("recover: removing interrupted state update {name}", name=name)
-                _unlinkQuietly(path)
+                unlinkQuietly(path)
             elif name.endswith(".msg") and name[:-4] + ".json" not in names:
                 log.info("recover: removing orphan message file {name}", name=name)
-                _unlinkQuietly(path)
+                unlinkQuietly(path)
             elif name.endswith(".json") and name[:-5] + ".msg" not in names:
                 log.critical(
                     "recover: state file {name} has no message file; set aside",
@@ -283,5 +371,9 @@ class Spool:
                 os.replace(path, path + ".broken")
         fsyncDirectory(self.queueDirectory)
         ids = self.pending()
+        if self.outcomes is not None:
+            for queueId in sorted(self.outcomes.ids() - set(ids)):
+                log.info("recover: removing the outcome of gone {q}", q=queueId)
+                self.outcomes.forget(queueId)
         log.info("recover: {count} message(s) in the queue", count=len(ids))
         return ids

@@ -16,11 +16,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from msa.audit import AuditError
-from msa.durable import writeSynced
+from msa.durable import unlinkQuietly, writeSynced
 from msa.envelope import Envelope
 from msa.errors import SMTPReply
 from msa.interfaces import ISpoolWriter
-from msa.queue.entry import _FULL, PENDING, SpoolEntry, _discard, encodeState
+from msa.queue.entry import _FULL, PENDING, SpoolEntry, encodeState
 
 if TYPE_CHECKING:
     from msa.queue.spool import Spool
@@ -41,10 +41,13 @@ class SpoolWriter:
 
     The file is created only when the data outgrows that buffer; a message
     that fits (the common case) is written, fsynced and closed by the
-    commit, in the thread of its fsyncs, so the reactor thread never waits
-    for a file creation, which on a busy journal can stall it.  A failure
-    to create the file (EMFILE, ENOSPC) then surfaces at the commit, as a
-    4xx to the final dot instead of to DATA: never acknowledged either way.
+    commit, in the thread of its fsyncs.  A larger one has its file created
+    in the thread pool too, as soon as the data outgrows the buffer; the
+    data arriving meanwhile (one thread hand-off's worth) is buffered and
+    written once the file exists.  So the reactor thread never waits for a
+    file creation, which on a busy journal can stall it.  A failure to
+    create the file (EMFILE, ENOSPC) surfaces at the next write or the
+    commit, as a 4xx: never acknowledged either way.
 
     @ivar isBounce: set before L{commit} for a delivery status notification.
     """
@@ -58,6 +61,10 @@ class SpoolWriter:
         self._msgPath = os.path.join(spool.tmpDirectory, self.queueId + ".msg")
         self._statePath = os.path.join(spool.tmpDirectory, self.queueId + ".json")
         self._file: BinaryIO | None = None
+        #: The creation of the file in the thread pool, while it runs.
+        self._creating: defer.Deferred[None] | None = None
+        #: Why the file could not be created.
+        self._createError: OSError | None = None
         self._pending = bytearray()
         self._size = 0
         self._eightBit = False
@@ -100,13 +107,14 @@ class SpoolWriter:
         if not self._eightBit and not data.isascii():
             self._eightBit = True
         try:
+            if self._createError is not None:
+                raise self._createError
             if self._file is not None:
                 self._file.write(data)
-            elif len(self._pending) + len(data) <= WRITE_BUFFER:
-                self._pending += data
             else:
-                self._file = self._create()
-                self._file.write(data)
+                self._pending += data
+                if len(self._pending) > WRITE_BUFFER and self._creating is None:
+                    self._startCreating()
         except OSError as e:
             log.error(
                 "spool write failed for {queueId}: {e}", queueId=self.queueId, e=e
@@ -139,32 +147,70 @@ class SpoolWriter:
             traceSha256=self._traceSha256,
         )
         state = encodeState(entry)
-        d = spool._runBlocking(self._commitBlocking, state)
+        # After the file's creation, if it is being created.
+        d = self._creating or defer.succeed(None)
+        d.addCallback(lambda _: spool._runBlocking(self._commitBlocking, state))
         d.addCallbacks(self._committed, self._commitFailed)
         return d
 
+    def _startCreating(self) -> None:
+        """
+        Create the message file in the thread pool; once it exists, what
+        was buffered meanwhile goes into it.
+        """
+
+        def created(f: BinaryIO) -> None:
+            self._creating = None
+            if self._done:
+                # Aborted meanwhile: abort() could not remove it yet.
+                self._file = f
+                self._closeQuietly()
+                unlinkQuietly(self._msgPath, keepErrors=True)
+                return
+            self._file = f
+            try:
+                f.write(self._pending)
+            except OSError as e:
+                self._createError = e
+            self._pending = bytearray()
+
+        def failed(failure) -> None:
+            self._creating = None
+            self._createError = failure.value
+            if not failure.check(OSError):
+                log.failure("cannot create {path}", failure, path=self._msgPath)
+                self._createError = OSError(str(failure.value))
+
+        self._creating = self._spool._runBlocking(self._create)
+        self._creating.addCallbacks(created, failed)
+
     def _create(self) -> BinaryIO:
         """
-        Create the message file and write what was buffered so far.
+        Create the message file (blocks: in a thread).
         """
         fd = os.open(self._msgPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        f = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
-        try:
-            f.write(self._pending)
-        except BaseException:
-            # Closing flushes again, which fails again: the cleanup goes on.
-            self._file = f
-            raise
-        self._pending = bytearray()
-        return f
+        return os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
 
     def _commitBlocking(self, state: bytes) -> None:
         """
-        The disk part of L{commit}: runs in a thread.
+        The disk part of L{commit}: runs in a thread.  On failure nothing
+        of the message is left, durably, before the client hears the 4xx
+        (L{_discardBlocking}).
         """
+        try:
+            self._publishBlocking(state)
+        except BaseException:
+            self._discardBlocking()
+            raise
+
+    def _publishBlocking(self, state: bytes) -> None:
         queueDir = self._spool.queueDirectory
+        if self._createError is not None:
+            raise self._createError
         if self._file is None:
             self._file = self._create()
+        self._file.write(self._pending)
+        self._pending = bytearray()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -177,6 +223,41 @@ class SpoolWriter:
         # cannot be written the commit fails and the message is removed.
         if self._spool.audit is not None:
             self._spool.audit.append(**self.auditRecord())
+
+    def _discardBlocking(self) -> None:
+        """
+        A commit failed: remove what there is of the message, in C{tmp/}
+        and in C{queue/}.  If it had reached C{queue/} (only the audit
+        record or the directory's fsync failed), the directory is fsynced
+        after the removal: otherwise a crash could bring back, and deliver,
+        a message its client was told was not queued (and may send again).
+        The state file goes first: a .json in queue/ implies its .msg.
+        """
+        self._closeQuietly()
+        queueDir = self._spool.queueDirectory
+        published = False
+        for path in (
+            self._msgPath,
+            self._statePath,
+            os.path.join(queueDir, self.queueId + ".json"),
+            os.path.join(queueDir, self.queueId + ".msg"),
+        ):
+            existed = os.path.lexists(path)
+            error = unlinkQuietly(path, keepErrors=True)
+            if error is not None:
+                # Never acknowledged: recover() removes it at the next start.
+                log.error("cannot remove {path}: {e}", path=path, e=error)
+            elif existed and os.path.dirname(path) == queueDir:
+                published = True
+        if published:
+            try:
+                self._spool.queueSync.sync()
+            except OSError as e:
+                log.error(
+                    "cannot make the removal of {queueId} durable: {e}",
+                    queueId=self.queueId,
+                    e=e,
+                )
 
     def noteAudit(self, **fields) -> None:
         """
@@ -202,14 +283,13 @@ class SpoolWriter:
             **self._auditFields,
         }
 
-    def _committed(self, _: None) -> str:
+    def _committed(self, _: None) -> str | defer.Deferred[None]:
         self._done = True
         if self._abortRequested:
             # Whoever asked for the abort will not announce this message.
             # (The SMTP server never does this: a message whose final dot
             # arrived is delivered even if its client leaves before the
             # 250, see msa.submission.transaction.  abort() stays safe at any time.)
-            self._spool.remove(self.queueId)
             log.info(
                 "queue id {queueId} dropped: aborted during commit",
                 queueId=self.queueId,
@@ -217,7 +297,9 @@ class SpoolWriter:
             self._spool.auditEvent(
                 "dropped", queueId=self.queueId, reason="aborted during its commit"
             )
-            raise SMTPReply(451, "4.3.0", "Message aborted")
+            # The 451 only once the removal is durable.
+            removed = self._spool.remove(self.queueId)
+            return removed.addBoth(self._abortedReply)
         # The server logs the acceptance (with more detail); this is for
         # debugging the spool itself.
         log.debug(
@@ -229,6 +311,10 @@ class SpoolWriter:
         )
         self._spool._notify(self.queueId)
         return self.queueId
+
+    @staticmethod
+    def _abortedReply(_: object) -> None:
+        raise SMTPReply(451, "4.3.0", "Message aborted")
 
     def _commitFailed(self, failure):
         """
@@ -247,13 +333,6 @@ class SpoolWriter:
             )
         else:
             log.failure("cannot commit {queueId}", failure, queueId=self.queueId)
-        self._closeQuietly()
-        _discard(self._msgPath)
-        _discard(self._statePath)
-        queueDir = self._spool.queueDirectory
-        # The order of the renames means a .json in queue/ implies its .msg.
-        _discard(os.path.join(queueDir, self.queueId + ".json"))
-        _discard(os.path.join(queueDir, self.queueId + ".msg"))
         if isinstance(failure.value, OSError) and failure.value.errno in _FULL:
             raise SMTPReply(452, "4.3.1", "Insufficient system storage")
         raise SMTPReply(451, "4.3.0", "Cannot queue the message, try again later")
@@ -284,4 +363,6 @@ class SpoolWriter:
             return
         self._done = True
         self._closeQuietly()
-        _discard(self._msgPath)
+        error = unlinkQuietly(self._msgPath, keepErrors=True)
+        if error is not None:
+            log.error("cannot remove {path}: {e}", path=self._msgPath, e=error)

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_dsn,tests.test_relay,tests.test_faultunits -*-
 """
-The queue runner's delivery status notifications (L{NoticesMixin}): the
-"failed" notice of a permanent failure or an expiry (L{onPermanentFailure}),
+The queue runner's delivery status notifications (L{Notices}, a
+collaborator the runner holds): the "failed" notice of a permanent failure
+or an expiry (L{Notices.failed}),
 the "delayed" one, and notices owed because an earlier try at queueing
 them failed, retried with the delivery backoff until they are queued.  A
 notice is itself a queued message (L{msa.queue.dsn}).
@@ -9,7 +10,7 @@ notice is itself a queued message (L{msa.queue.dsn}).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -19,47 +20,95 @@ from msa.queue.spool import Spool, SpoolEntry
 
 log = Logger(namespace="msa.relay.runner")
 
-#: Start of the reply passed to L{NoticesMixin.onPermanentFailure} on expiry.
+#: Start of the reply passed to L{Notices.failed} on expiry.
 EXPIRED = "expired after"
 
 
-class NoticesMixin:
+class NoticeRunner(Protocol):
     """
-    The notices of L{msa.relay.runner.RelayRunner}, which provides the
-    attributes and methods declared here.
+    What L{Notices} needs of the queue runner that owns it
+    (L{msa.relay.runner.RelayRunner}).
     """
 
-    spool: Spool
+    #: Where the notices name the remote host (its C{host}, if any).
     downstream: Any
+    #: The MSA's host name for the notices; L{None}: no notices, failures
+    #: are only logged.
     dsnHostname: str | None
+    #: How long a message is retried (the C{Will-Retry-Until} of a notice).
     maxLifetime: float
-    running: bool | int
-    _reactor: Any
-    _noticeTries: dict[str, int]
 
     def retryDelay(self, attempts: int) -> float:
-        raise NotImplementedError()
-
-    def _schedule(self, queueId: str, delay: float) -> None:
-        raise NotImplementedError()
-
-    async def _finish(self, entry: SpoolEntry) -> None:
-        raise NotImplementedError()
-
-    def _holdUnremovable(self, entry: SpoolEntry, error: Exception) -> None:
-        raise NotImplementedError()
-
-    def _holdMismatch(self, entry: SpoolEntry, mismatch: integrity.Mismatch) -> None:
-        raise NotImplementedError()
-
-    async def _hook(self, entry: SpoolEntry, recipients: list[str], reply: str) -> bool:
         """
-        Call L{onPermanentFailure}.
+        The delay before the next attempt after C{attempts} failed ones.
+        """
+
+    def retryIn(self, queueId: str, delay: float) -> None:
+        """
+        Attempt C{queueId} again after C{delay} seconds (nothing while the
+        runner is stopped).
+        """
+
+    async def finish(self, entry: SpoolEntry) -> None:
+        """
+        Remove C{entry}, which has nothing left to do, from the queue.
+        """
+
+    async def holdUnremovable(self, entry: SpoolEntry, error: Exception) -> None:
+        """
+        Hold C{entry}, decided but not recordable in the spool.
+        """
+
+    async def holdMismatch(
+        self, entry: SpoolEntry, mismatch: integrity.Mismatch
+    ) -> None:
+        """
+        Hold C{entry}, whose bytes are not the acknowledged ones.
+        """
+
+    def onPermanentFailure(
+        self, entry: SpoolEntry, recipients: list[str], reply: str
+    ) -> defer.Deferred | None:
+        """
+        The hook for permanent failures and expiry: by default
+        L{Notices.failed}.
+        """
+
+
+class Notices:
+    """
+    The notices of a queue runner: composed into it, calling back only
+    through its L{NoticeRunner} interface.
+
+    @param spool: the runner's spool, where the notices are queued.
+    @param runner: the L{NoticeRunner}: also the settings (C{dsnHostname},
+        C{maxLifetime}), read when a notice is made.
+    @param reactor: the runner's clock.
+    """
+
+    def __init__(self, spool: Spool, runner: NoticeRunner, reactor: Any) -> None:
+        self.spool = spool
+        self._runner = runner
+        self._reactor = reactor
+        # Failed attempts to queue the owed "failed" notices, per entry.
+        self._noticeTries: dict[str, int] = {}
+
+    def forget(self, queueId: str) -> None:
+        """
+        C{queueId} leaves the queue: forget its tries.
+        """
+        self._noticeTries.pop(queueId, None)
+
+    async def hook(self, entry: SpoolEntry, recipients: list[str], reply: str) -> bool:
+        """
+        Call the runner's C{onPermanentFailure} (by default L{failed}).
 
         @return: whether it succeeded (the notice, if any, is queued).
         """
         try:
-            await defer.maybeDeferred(self.onPermanentFailure, entry, recipients, reply)
+            await defer.maybeDeferred(
+                self._runner.onPermanentFailure, entry, recipients, reply
+            )
         except Exception as e:
             log.error(
                 "cannot report the failure of {queueId} ({error}); it stays "
@@ -70,28 +119,28 @@ class NoticesMixin:
             return False
         return True
 
-    def _noticeDelay(self, queueId: str) -> float:
+    def noticeDelay(self, queueId: str) -> float:
         """
         The delay before the next try at queueing owed notices, with the
         same backoff as deliveries.
         """
         tries = self._noticeTries.get(queueId, 0) + 1
         self._noticeTries[queueId] = tries
-        return self.retryDelay(tries)
+        return self._runner.retryDelay(tries)
 
-    async def _payNotices(self, entry: SpoolEntry) -> bool:
+    async def payOwed(self, entry: SpoolEntry) -> bool:
         """
         Queue the "failed" notices C{entry} owes (an earlier try failed):
         the entry leaves the queue only once they are durably queued.  If
         they are not, the entry is rescheduled; if they are but the spool
-        cannot record it, the entry is held (L{_holdUnremovable}), so that
+        cannot record it, the entry is held (C{holdUnremovable}), so that
         the notice is not queued twice.
 
         @return: whether recipients are still to be delivered now.
         """
         queueId = entry.queueId
         try:
-            await self._notifyOrRaise(entry, entry.owedNotices, dsn.FAILED)
+            await self.notifyOrRaise(entry, entry.owedNotices, dsn.FAILED)
         except Exception as e:
             log.error(
                 "cannot queue the failure notice about {queueId} ({error}); "
@@ -100,28 +149,28 @@ class NoticesMixin:
                 error=e,
             )
             now = self._reactor.seconds()
-            entry.nextAttempt = now + self._noticeDelay(queueId)
-            self.spool.update(entry)
-            if self.running:
-                self._schedule(queueId, entry.nextAttempt - now)
+            entry.nextAttempt = now + self.noticeDelay(queueId)
+            await self.spool.update(entry)
+            self._runner.retryIn(queueId, entry.nextAttempt - now)
             return False
         self._noticeTries.pop(queueId, None)
         entry.owedNotices = []
         try:
             if not entry.pendingRecipients():
-                await self._finish(entry)
+                await self._runner.finish(entry)
                 return False
-            self.spool.update(entry)
+            await self.spool.update(entry)
         except Exception as e:
-            self._holdUnremovable(entry, e)
+            await self._runner.holdUnremovable(entry, e)
             return False
         return True
 
-    def onPermanentFailure(
+    def failed(
         self, entry: SpoolEntry, recipients: list[str], reply: str
-    ) -> defer.Deferred | None:
+    ) -> defer.Deferred:
         """
-        Called for permanent failures and expiry (C{reply} then starts with
+        The runner's C{onPermanentFailure} by default: called for
+        permanent failures and expiry (C{reply} then starts with
         L{EXPIRED}), before the state is written or the entry removed, so
         C{entry.messagePath} is still readable.  Logs, and queues a
         "failed" notification to the sender when C{dsnHostname} is set.
@@ -144,11 +193,11 @@ class NoticesMixin:
         )
         return audited.addCallback(
             lambda _: defer.ensureDeferred(
-                self._notifyOrRaise(entry, recipients, dsn.FAILED)
+                self.notifyOrRaise(entry, recipients, dsn.FAILED)
             )
         )
 
-    async def _notify(
+    async def notify(
         self, entry: SpoolEntry, recipients: list[str], action: str
     ) -> bool:
         """
@@ -158,7 +207,7 @@ class NoticesMixin:
         @return: whether one was queued.
         """
         try:
-            return await self._notifyOrRaise(entry, recipients, action)
+            return await self.notifyOrRaise(entry, recipients, action)
         except Exception as e:
             log.error(
                 "cannot queue the {action} DSN about {queueId}: {error}",
@@ -168,7 +217,7 @@ class NoticesMixin:
             )
             return False
 
-    async def _notifyOrRaise(
+    async def notifyOrRaise(
         self, entry: SpoolEntry, recipients: list[str], action: str
     ) -> bool:
         """
@@ -178,9 +227,10 @@ class NoticesMixin:
             a DSN, or without C{dsnHostname}).
         @raise Exception: when it could not be queued.
         """
-        if self.dsnHostname is None or not dsn.needsNotification(entry):
+        hostname = self._runner.dsnHostname
+        if hostname is None or not dsn.needsNotification(entry):
             return False
-        remote = getattr(self.downstream, "host", "")
+        remote = getattr(self._runner.downstream, "host", "")
         statuses = [
             dsn.recipientStatus(r, action, entry.errors.get(r, ""), remote)
             for r in recipients
@@ -190,13 +240,13 @@ class NoticesMixin:
                 self.spool,
                 entry,
                 statuses,
-                self.dsnHostname,
+                hostname,
                 self._reactor.seconds(),
-                willRetryUntil=entry.createdAt + self.maxLifetime,
+                willRetryUntil=entry.createdAt + self._runner.maxLifetime,
             )
         except integrity.IntegrityError as e:
             # No notification quoting altered bytes: held (the caller
             # keeps the notice owed until the entry is released).
-            self._holdMismatch(entry, e.mismatch)
+            await self._runner.holdMismatch(entry, e.mismatch)
             raise
         return True

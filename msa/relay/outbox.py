@@ -25,7 +25,7 @@ from typing import BinaryIO
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from msa.durable import fsyncDirectory, writeDurably
+from msa.durable import fsyncDirectory, unlinkQuietly, writeDurably
 from msa.queue import integrity
 from msa.queue.spool import SpoolEntry
 from msa.relay.protocol import ACCEPTED, TEMPORARY, DeliveryResult, RecipientResult
@@ -139,20 +139,13 @@ def _linkDurably(source: str, path: str, tmpPath: str, directory: str) -> None:
         os.link(source, path)
     except FileExistsError:
         if not os.path.samefile(source, path):
-            _unlinkQuietly(tmpPath)
+            unlinkQuietly(tmpPath)
             try:
                 os.link(source, tmpPath)
                 os.replace(tmpPath, path)
             finally:
-                _unlinkQuietly(tmpPath)
+                unlinkQuietly(tmpPath)
     fsyncDirectory(directory)
-
-
-def _unlinkQuietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _terminated(chunks: Iterator[bytes]) -> Iterator[bytes]:

@@ -32,7 +32,8 @@ from msa import metrics
 from msa.queue import dsn, integrity
 from msa.queue.control import QueueControl
 from msa.queue.spool import DELIVERED, FAILED, Spool, SpoolEntry
-from msa.relay.notices import EXPIRED, NoticesMixin
+from msa.relay.holds import Holds
+from msa.relay.notices import EXPIRED, Notices
 from msa.relay.protocol import (
     ACCEPTED,
     PERMANENT,
@@ -66,16 +67,22 @@ class Downstream(Protocol):
         """
 
 
-class RelayRunner(NoticesMixin, Service):
+class RelayRunner(Service):
     """
     The queue runner.
 
     @ivar control: the operator's commands on the queue (flush, hold,
         release, delete, describe).
+    @ivar notices: the delivery status notifications (L{Notices}), which
+        call back through this runner's L{msa.relay.notices.NoticeRunner}
+        interface (L{retryDelay}, L{retryIn}, L{finish},
+        L{holdUnremovable}, L{holdMismatch}, L{onPermanentFailure}).
+    @ivar holds: what holds an entry that must not be sent (again)
+        (L{Holds}).
     @ivar unremovable: entries the core has acknowledged but whose new
         state the spool could not record (e.g. remounted read-only): never
         sent again by this process; queue id to the reason, for the log and
-        /health.
+        /health (L{Holds.unremovable}).
 
     @param spool: the L{Spool}.
     @param downstream: the L{Downstream}.
@@ -123,10 +130,9 @@ class RelayRunner(NoticesMixin, Service):
         # ordered set, so that a flush of thousands costs O(1) per entry.
         self._ready: dict[str, None] = {}
         self._inFlight: dict[str, defer.Deferred[None]] = {}
-        self.unremovable: dict[str, str] = {}
         self.control = QueueControl(spool, self, reactor)
-        # Failed attempts to queue the owed "failed" notices, per entry.
-        self._noticeTries: dict[str, int] = {}
+        self.notices = Notices(spool, self, reactor)
+        self.holds = Holds(spool, self)
 
     def startService(self) -> None:
         super().startService()
@@ -139,9 +145,11 @@ class RelayRunner(NoticesMixin, Service):
             except Exception:
                 log.failure("cannot load {queueId}; skipped", queueId=queueId)
                 continue
-            if entry.held:
+            if entry.held and _undecided(entry):
                 held += 1
                 continue
+            # Held with nothing left to do (its outcome recorded only
+            # outside the spool, msa.queue.outcomes): due for removal.
             self._schedule(queueId, entry.nextAttempt - now)
         log.info(
             "relay to {downstream} started, {count} message(s) queued, {held} held",
@@ -216,6 +224,25 @@ class RelayRunner(NoticesMixin, Service):
         """
         if self.running:
             self._schedule(queueId, 0)
+
+    def retryIn(self, queueId: str, delay: float) -> None:
+        """
+        Attempt C{queueId} again in C{delay} seconds; nothing while the
+        runner is stopped.
+        """
+        if self.running:
+            self._schedule(queueId, delay)
+
+    def onPermanentFailure(
+        self, entry: SpoolEntry, recipients: list[str], reply: str
+    ) -> defer.Deferred | None:
+        """
+        Called for permanent failures and expiry (C{reply} then starts with
+        L{EXPIRED}), before the state is written or the entry removed:
+        L{Notices.failed} (a log line, an audit record, a "failed"
+        notification).  Replace it to do otherwise.
+        """
+        return self.notices.failed(entry, recipients, reply)
 
     def unschedule(self, queueId: str) -> None:
         """
@@ -306,12 +333,12 @@ class RelayRunner(NoticesMixin, Service):
             if self.running:
                 self._schedule(queueId, self.retryMax)
             return
-        if entry.held:
+        if entry.held and _undecided(entry):
             return
-        if entry.owedNotices and not await self._payNotices(entry):
+        if entry.owedNotices and not await self.notices.payOwed(entry):
             return
         if not entry.pendingRecipients():
-            await self._finish(entry)
+            await self.finish(entry)
             return
         try:
             messageFile = self.spool.openMessage(queueId)
@@ -343,7 +370,7 @@ class RelayRunner(NoticesMixin, Service):
         finally:
             messageFile.close()
         if result.mismatch is not None:
-            self._holdMismatch(entry, result.mismatch)
+            await self.holdMismatch(entry, result.mismatch)
             return
         self._record(entry, result, self._reactor.seconds() - started)
         if result.accepted:
@@ -396,7 +423,7 @@ class RelayRunner(NoticesMixin, Service):
         Record the outcome of an attempt.  When the core has decided about
         a recipient (accepted or refused it), or the message expires, and
         the spool cannot record it,
-        the entry is held in memory (L{_holdUnremovable}): sending it again
+        the entry is held in memory (L{holdUnremovable}): sending it again
         would deliver it twice.
         """
         expiring = self._reactor.seconds() - entry.createdAt >= self.maxLifetime
@@ -409,7 +436,7 @@ class RelayRunner(NoticesMixin, Service):
             await self._applyResult(entry, result)
         except Exception as e:
             if decided:
-                self._holdUnremovable(entry, e)
+                await self.holdUnremovable(entry, e)
                 return
             # Nothing was delivered: the entry stays as the spool has it and
             # is tried again (L{_attemptFailed}).
@@ -460,24 +487,25 @@ class RelayRunner(NoticesMixin, Service):
         # written means a duplicate notification, never a lost one.
         # A notice that cannot be queued now is owed: the entry stays in
         # the queue (its recipients failed) until it is queued.
-        if failedNow and not await self._hook(entry, failedNow, result.reply):
+        notices = self.notices
+        if failedNow and not await notices.hook(entry, failedNow, result.reply):
             entry.owedNotices += failedNow
-        if expired and not await self._hook(
+        if expired and not await notices.hook(
             entry,
             expired,
             f"{EXPIRED} {entry.attempts} attempt(s); last error: {entry.lastError}",
         ):
             entry.owedNotices += expired
         if entry.owedNotices and not entry.pendingRecipients():
-            entry.nextAttempt = now + self._noticeDelay(queueId)
+            entry.nextAttempt = now + notices.noticeDelay(queueId)
         if delayed:
-            entry.delayWarned = await self._notify(entry, delayed, dsn.DELAYED)
+            entry.delayWarned = await notices.notify(entry, delayed, dsn.DELAYED)
         if self.control.isDeleted(queueId):
             log.info("{queueId} was deleted during its delivery", queueId=queueId)
             return
         self.control.applyRequests(entry, now)
         if entry.pendingRecipients() or entry.owedNotices:
-            self.spool.update(entry)
+            await self.spool.update(entry)
             # The attempt's outcome was logged (INFO) by _record.
             log.debug(
                 "{queueId} deferred (attempt {attempts}) until {nextAttempt}: {error}",
@@ -489,77 +517,41 @@ class RelayRunner(NoticesMixin, Service):
             if self.running and not entry.held:
                 self._schedule(queueId, entry.nextAttempt - now)
         else:
-            await self._finish(entry)
+            await self.finish(entry)
 
-    async def _finish(self, entry: SpoolEntry) -> None:
+    async def finish(self, entry: SpoolEntry) -> None:
         """
         No recipient is pending: the entry leaves the queue.  The attempt
         ends only once the removal is durable
         (L{msa.queue.spool.Spool.removeDelivered}: the disk work is done in
         a thread, with the fsyncs of concurrent removals and commits shared).
         """
-        self._noticeTries.pop(entry.queueId, None)
+        self.notices.forget(entry.queueId)
         await self.spool.removeDelivered(entry.queueId)
         log.debug("{queueId} removed from the queue", queueId=entry.queueId)
 
-    def _holdUnremovable(self, entry: SpoolEntry, error: Exception) -> None:
+    async def holdUnremovable(self, entry: SpoolEntry, error: Exception) -> None:
         """
-        The core has decided about C{entry} (accepted or refused recipients)
-        but the spool cannot record it (e.g. it was remounted read-only).
-        Sending it again would deliver it twice: it is held in memory, never
-        attempted again by this process, logged at critical level and
-        reported by /health.  After a restart the spool's old state counts
-        again: the operator must check the core before restarting.
+        See L{Holds.unrecordable}.
         """
-        queueId = entry.queueId
-        self.unschedule(queueId)
-        reason = (
-            f"{queueId}: delivered or failed, but the spool cannot record that "
-            f"({error}); held, not sent again"
-        )
-        self.unremovable[queueId] = reason
-        log.critical(
-            "SPOOL CANNOT BE CHANGED: the core MTA accepted or refused {queueId} "
-            "(or its notice is queued), but its state cannot be written "
-            "({error}).  It is held "
-            "and never sent again by this process; fix the spool, check the "
-            "core for {queueId} and delete it from the queue before a restart.",
-            event="unremovable",
-            queueId=queueId,
-            error=error,
-        )
+        await self.holds.unrecordable(entry, error)
 
-    def _holdMismatch(self, entry: SpoolEntry, mismatch: integrity.Mismatch) -> None:
+    async def holdMismatch(
+        self, entry: SpoolEntry, mismatch: integrity.Mismatch
+    ) -> None:
         """
-        C{entry}'s bytes are not the ones acknowledged (a bit flip on disk,
-        an edited spool file): nothing was handed over.  It is put on hold,
-        durably (never attempted again, across restarts, until the operator
-        releases it) with the reason, and logged at critical level.
+        See L{Holds.mismatch}.
         """
-        queueId = entry.queueId
-        self.unschedule(queueId)
-        log.critical(
-            "INTEGRITY MISMATCH: {queueId} is not the message acknowledged "
-            "(sha256 of the queued {part}: expected {expected}, actual "
-            "{actual}).  Nothing was handed over; it is held.  Check the "
-            "spool and its disk, then delete or release it.",
-            event="integrity",
-            queueId=queueId,
-            part=mismatch.part,
-            expected=mismatch.expected,
-            actual=mismatch.actual,
-        )
-        if self.control.isDeleted(queueId):
-            return
-        entry.held = True
-        entry.heldReason = mismatch.reason
-        try:
-            self.spool.update(entry)
-        except Exception as e:
-            # Held in memory at least: never attempted by this process.
-            self.unremovable[queueId] = f"{queueId}: {mismatch.reason} ({e})"
-            log.critical(
-                "cannot record the hold of {queueId}: {error}; held in memory",
-                queueId=queueId,
-                error=e,
-            )
+        await self.holds.mismatch(entry, mismatch)
+
+    @property
+    def unremovable(self) -> dict[str, str]:
+        return self.holds.unremovable
+
+
+def _undecided(entry: SpoolEntry) -> bool:
+    """
+    Whether C{entry} still has something to do: recipients to deliver or
+    notices to queue.
+    """
+    return bool(entry.pendingRecipients() or entry.owedNotices)

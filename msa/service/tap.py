@@ -37,6 +37,7 @@ from msa.audit import AuditLog
 from msa.interfaces import ILiveAccountStore
 from msa.policy.authorization import AuthThrottle, ServerRules
 from msa.policy.redislimits import RedisLimits
+from msa.queue.outcomes import outcomesDirectoryIn
 from msa.queue.spool import Spool
 from msa.redact import maskSecrets
 from msa.relay.client import SMTPDownstream
@@ -247,7 +248,11 @@ def buildService(config: Config, reactor=None) -> OrderedShutdown:
     store = _accountStore(config, reactor)
     watcher = AccountWatcher(store, config["accounts"]["watch_interval"])
 
-    spool = Spool(config["spool"]["directory"], reactor)
+    spool = Spool(
+        config["spool"]["directory"],
+        reactor,
+        outcomesDirectory=outcomesDirectoryIn(server["state_dir"]),
+    )
     runChecks(certFile, tlsConfig["chain"], config["spool"]["directory"])
     spool.recover()
     if config["audit"]["enabled"]:
