@@ -21,13 +21,11 @@ import attrs
 from attrs import validators as v
 from twisted.internet.endpoints import serverFromString
 
+from msa.redact import maskSecrets
 from msa.submission.proxyheader import splitDescription
 
 #: The longest value echoed in an error; longer ones are cut.
 _SHOWN = 80
-
-#: The password of a URL: C{scheme://user:PASSWORD@host}.
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)[^@/\s]*@")
 
 
 class BadValue(ValueError):
@@ -53,22 +51,13 @@ class _KeyName:
     name: str
 
 
-def maskPassword(text: str) -> str:
-    """
-    Replace the password in any URL in C{text} with C{***}, so that an error
-    message or a log line never carries it.  (A local helper: a general one
-    for log lines may replace it.)
-    """
-    return _URL_PASSWORD.sub(r"\g<head>***@", text)
-
-
 def showValue(value: Any) -> str:
     """
     A value as an error message echoes it: Python's C{repr} (so CR, LF and
     other control characters appear escaped and the message stays one line),
     URL passwords masked, cut after L{_SHOWN} characters.
     """
-    shown = maskPassword(repr(value))
+    shown = maskSecrets(repr(value))
     if len(shown) > _SHOWN:
         shown = shown[: _SHOWN - 3] + "..."
     return shown
@@ -335,8 +324,8 @@ def parsed(default: str | None, doc: str, parse: Callable[[str], object]) -> Key
             parse(text)
         except ValueError as e:
             # The parser's own words, and the value unless they show it.
-            message = maskPassword(str(e))
-            raise BadValue(message, maskPassword(text) in message) from None
+            message = maskSecrets(str(e))
+            raise BadValue(message, maskSecrets(text) in message) from None
 
     return Key("a URL", _string(check), default, doc)
 
