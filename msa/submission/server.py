@@ -392,10 +392,13 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
         """
         if self.phase is SessionPhase.DATA:
             self.transaction.dataLine(line, tooLong)
+        elif self.phase is SessionPhase.AUTH_EXCHANGE:
+            if tooLong:
+                self.auth.lineTooLong()
+            else:
+                self.auth.lineReceived(line)
         elif tooLong:
             self.protocolError(500, "5.5.6", "Error: line too long")
-        elif self.phase is SessionPhase.AUTH_EXCHANGE:
-            self.auth.lineReceived(line)
         else:
             self._commandLine(line)
 
