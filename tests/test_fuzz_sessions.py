@@ -12,12 +12,27 @@ commands, and mutated or random input (flipped, cut and inserted bytes,
 bare CR/LF, long lines, dots), pipelined in bursts.  The bytes sent depend
 on the seed alone, never on the replies.
 
+On the known path the fuzzer also draws (issue 18): MAIL and RCPT
+parameters (Unicode digits such as C{\u00b2} and fullwidth ones, NUL and
+other controls, non-ASCII keywords, very long values, many parameters,
+duplicates, unknown keywords), AUTH arguments before the login (bad
+base64, C{=} alone, huge initial responses and SASL responses, unknown
+mechanisms), header fields in the messages (long names, folding, 8-bit
+values, no colon, NUL, many fields), and pipelining depth (MAIL, up to
+C{max_recipients} + 30 RCPT, NOOP in one write, over TLS).  Each has its
+exact replies, so that every command is seen to get exactly one reply, in
+order: a session that stays on its known path must end with exactly the
+replies to the terminator and nothing else.
+
 While a session is still on its known path, every reply is checked
 exactly; after the first mutation the rest is sent without waiting, and
 the session is ended by a terminator (CRLF "." CRLF QUIT).  For every
 session and for the run:
 
   - no traceback or error in the log;
+  - the stack depth at which a line is dispatched stays within a small
+    constant, however deep the pipeline (the input loop is never
+    re-entered);
   - every session gets its replies and a close within a bound (a hang
     fails the test, naming the seed and the session);
   - nothing is accepted that the rules refuse: each message the core
@@ -42,6 +57,7 @@ from twisted.trial import unittest
 from tests.e2e import AiosmtpdCore, RunningMSA
 from tests.sessionclient import Closed, RawSession
 from tests.test_e2e import splitReceived
+from tests.test_inputloop import recordDispatchDepth
 from tests.waiting import waitUntil
 
 SEED = int(os.environ.get("FUZZ_SEED", "20261201"))
@@ -49,6 +65,17 @@ SESSIONS = int(os.environ.get("FUZZ_SESSIONS", "200"))
 
 MAX_SIZE = 30000
 MAX_ERRORS = 20
+#: The server's max_recipients: above 100, where the recursion of issue 18
+#: defect 3 used to end sessions.
+MAX_RECIPIENTS = 120
+#: How many more frames than the shallowest dispatch the deepest may take.
+MAX_EXTRA_FRAMES = 20
+#: RFC 5321 4.5.3.1.4: a command line is at most 510 octets without CRLF.
+MAX_COMMAND_LINE = 510
+#: RFC 4954 4: an AUTH line is at most 12286 octets without CRLF.
+MAX_AUTH_LINE = 12286
+#: Characters for which str.isdigit() is true but that are not DIGIT.
+UNICODE_DIGITS = ["\u00b2", "\u00b3", "\uff11", "\uff19", "\u0663", "\u09e7", "\u2460"]
 #: Seconds a session may take for one reply or for its close.
 BOUND = 10.0
 
@@ -158,6 +185,33 @@ class Generator:
             line += "\u00e9\u00e9n".encode()
         return b"t" + line
 
+    def headerFields(self) -> list[bytes]:
+        """
+        Header fields as clients send them, odd ones included; none of them
+        is a reason to refuse a message (no content policy is configured).
+        """
+        rng = self.rng
+        kind = rng.randrange(10)
+        if kind == 0:
+            return [b"X-" + b"h" * rng.randrange(1, 980) + b": v"]
+        if kind == 1:
+            return [b"X-Folded: a", b"\tfolded " + self.text(20), b" again"]
+        if kind == 2:
+            return ["Subject: \u00e9\u00e9n \u20ac \u00b2".encode()]
+        if kind == 3:
+            return [b"NoColonHere " + self.text(10)]
+        if kind == 4:
+            return [b": empty name", b"X-Empty:"]
+        if kind == 5:
+            return [b"X-Nul: a\x00b", b"X-Control: \x01\x1b\x7f"]
+        if kind == 6:
+            return [b"X-Many-%d: v" % n for n in range(rng.randrange(20, 200))]
+        if kind == 7:
+            return [b"From: evil@example.com", b"Sender: <>"]
+        if kind == 8:
+            return [b"X-Long: " + b"v" * (998 - 8)]
+        return [b'Content-Type: text/plain; charset="utf-8"; x=' + self.text(30)]
+
     def validLines(self, label: str) -> list[bytes]:
         rng = self.rng
         lines = [
@@ -165,8 +219,11 @@ class Generator:
             b"To: belastingdienst@overheid.nl",
             b"Subject: fuzz " + label.encode(),
             b"Message-ID: <" + label.encode() + b"@mijnbedrijf.nl>",
-            b"",
         ]
+        if rng.random() < 0.3:
+            for _ in range(rng.randrange(1, 4)):
+                lines += self.headerFields()
+        lines.append(b"")
         for _ in range(rng.randrange(0, 40)):
             kind = rng.random()
             if kind < 0.5:
@@ -247,6 +304,176 @@ class Generator:
             label=f"{label} {kind}",
         )
 
+    def parameters(self) -> tuple[bytes, int, int]:
+        """
+        ESMTP parameters, with the reply each gets after MAIL and after RCPT
+        (RFC 5321 4.1.2: first the grammar, 501; then the keyword, 555 when
+        the command does not know it, and RCPT knows none; then duplicates,
+        501; then the value, 501; SIZE over the limit 552).
+
+        @return: (parameters, MAIL's code, RCPT's code).
+        """
+        rng = self.rng
+        kind = rng.randrange(13)
+        if kind == 0:
+            parts = [b"SIZE=%d" % rng.randrange(MAX_SIZE + 1)]
+            if rng.random() < 0.5:
+                parts.append(rng.choice([b"BODY=7BIT", b"body=8bitmime"]))
+            if rng.random() < 0.3:
+                parts.append(
+                    rng.choice(
+                        [b"AUTH=<>", b"AUTH=ik+40mijnbedrijf.nl", b"auth=a@b.nl"]
+                    )
+                )
+            rng.shuffle(parts)
+            return rng.choice([b" ", b"  ", b"\t"]).join(parts), 250, 555
+        if kind == 1:
+            return b"SIZE=%d" % rng.randrange(MAX_SIZE + 1, 10**20), 552, 555
+        if kind == 2:
+            digits = "".join(
+                rng.choice(UNICODE_DIGITS + ["1", "0"]) for _ in range(rng.randrange(4))
+            )
+            digits += rng.choice(UNICODE_DIGITS)
+            return ("SIZE=" + digits).encode(), 501, 501
+        if kind == 3:
+            return b"SIZE=" + b"9" * rng.randrange(21, 60), 501, 555
+        if kind == 4:
+            control = rng.choice([b"\x00", b"\x01", b"\x0b", b"\x0c", b"\x1b", b"\x7f"])
+            word = rng.choice([b"BODY=7B%sIT", b"SIZE=1%s0", b"AUTH=a%sb"])
+            return word % control, 501, 501
+        if kind == 5:
+            return b"AUTH=" + b"a" * rng.randrange(50, 700), 250, 555
+        if kind == 6:
+            unknown = [b"X-P%d=v" % n for n in range(rng.randrange(2, 80))]
+            return b" ".join(unknown), 555, 555
+        if kind == 7:
+            word = rng.choice([b"BODY=7BIT", b"SIZE=10", b"AUTH=<>"])
+            count = rng.randrange(2, 60)
+            return b" ".join([word] * count), 501, 555
+        if kind == 8:
+            unknown = [
+                b"RET=HDRS",
+                b"ENVID=x",
+                b"SMTPUTF8",
+                b"REQUIRETLS",
+                b"NOTIFY=NEVER",
+            ]
+            return rng.choice(unknown), 555, 555
+        if kind == 9:
+            keywords = ["\u017fIZE=1", "\uff33\uff29\uff3a\uff25=1", "BO\u1e0cY=7BIT"]
+            return rng.choice(keywords).encode(), 501, 501
+        if kind == 10:
+            return rng.choice([b"SIZE=", b"BODY=", b"=1", b"-X=1", b"X_Y=1"]), 501, 501
+        if kind == 11:
+            return rng.choice(["AUTH=\u00e9", "BODY=7B\u0130T"]).encode(), 501, 501
+        return (
+            rng.choice([b"BODY=BINARYMIME", b"AUTH=a+zz", b"BODY", b"SIZE"]),
+            501,
+            555,
+        )
+
+    def parameterStep(self, label: str) -> Step:
+        """
+        MAIL, or MAIL and RCPT, with drawn parameters, then RSET.
+        """
+        params, mailCode, rcptCode = self.parameters()
+        label = f"{label} parameters {params[:40]!r}"
+        if self.rng.random() < 0.5:
+            line = b"MAIL FROM:<ik@mijnbedrijf.nl> " + params
+            code = 500 if len(line) > MAX_COMMAND_LINE else mailCode
+            return Step(
+                line + b"\r\nRSET\r\n",
+                expect=[code, 250],
+                errors=int(code >= 500),
+                label=label,
+            )
+        line = b"RCPT TO:<belastingdienst@overheid.nl> " + params
+        code = 500 if len(line) > MAX_COMMAND_LINE else rcptCode
+        return Step(
+            b"MAIL FROM:<ik@mijnbedrijf.nl>\r\n" + line + b"\r\nRSET\r\n",
+            expect=[250, code, 250],
+            errors=int(code >= 500),
+            label=label,
+        )
+
+    def authArguments(self) -> list[Step]:
+        """
+        AUTH arguments a login does not get past, each with its reply
+        (RFC 4954): bad base64 and a SASL response or initial response
+        over 12288 octets end the exchange, an unknown mechanism is 504.
+        """
+        rng = self.rng
+        kind = rng.randrange(7)
+        if kind == 0:
+            raw = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 60)))
+            token = bytearray(base64.b64encode(raw))
+            at = rng.randrange(len(token) + 1)
+            token[at:at] = rng.choice(
+                [b"!", b"*", b"-", b"_", b"\xc3\xa9", b"\x00", b"=A"]
+            )
+            line = b"AUTH PLAIN " + bytes(token)
+            return [Step(line + b"\r\n", expect=[501], errors=1, label="bad base64")]
+        if kind == 1:
+            line = rng.choice([b"AUTH PLAIN =", b"AUTH LOGIN ="])
+            return [Step(line + b"\r\n", expect=[501], errors=1, label="=")]
+        if kind == 2:
+            token = base64.b64encode(b"\0alice\0" + b"p" * rng.randrange(8900, 9300))
+            line = b"AUTH PLAIN " + token
+            code = 500 if len(line) > MAX_AUTH_LINE else 501
+            return [Step(line + b"\r\n", expect=[code], errors=1, label="huge")]
+        if kind == 3:
+            response = b"QUFB" * rng.randrange(3072, 5000)
+            return [
+                Step(
+                    b"AUTH LOGIN\r\n" + response + b"\r\n",
+                    expect=[334, 500],
+                    errors=1,
+                    label="huge response",
+                )
+            ]
+        if kind == 4:
+            return [
+                Step(b"AUTH LOGIN\r\n*\r\n", expect=[334, 501], errors=1, label="*")
+            ]
+        if kind == 5:
+            mechanism = rng.choice(
+                [b"FOO", b"CRAM-MD5", b"GSSAPI", "PLA\u0130N".encode(), b"X" * 40]
+            )
+            return [Step(b"AUTH " + mechanism + b"\r\n", expect=[504], errors=1)]
+        line = rng.choice([b"AUTH", b"AUTH PLAIN a b", b"AUTH  "])
+        return [Step(line + b"\r\n", expect=[501], errors=1, label="syntax")]
+
+    def deepPipeline(self, label: str) -> Step:
+        """
+        MAIL, up to C{MAX_RECIPIENTS} + 30 RCPT and NOOP in one write, then
+        RSET or DATA and a message: past the limit each RCPT gets 452.
+        """
+        rng = self.rng
+        count = rng.choice(
+            [
+                rng.randrange(1, MAX_RECIPIENTS + 31),
+                rng.randrange(MAX_RECIPIENTS - 2, MAX_RECIPIENTS + 31),
+            ]
+        )
+        accepted = min(count, MAX_RECIPIENTS)
+        data = (
+            b"MAIL FROM:<ik@mijnbedrijf.nl>\r\n"
+            + b"".join(b"RCPT TO:<r%d@overheid.nl>\r\n" % n for n in range(count))
+            + b"NOOP\r\n"
+        )
+        expect = [250] + [250] * accepted + [452] * (count - accepted) + [250]
+        label = f"{label} depth {count}"
+        if rng.random() < 0.5:
+            return Step(data + b"RSET\r\n", expect=expect + [250], label=label)
+        lines = self.validLines(label)
+        return Step(
+            data + b"DATA\r\n",
+            expect=expect + [354],
+            body=stuff(lines),
+            delivered=b"".join(line + b"\r\n" for line in lines),
+            label=label,
+        )
+
     def command(self, plaintext: bool = False) -> bytes:
         """
         A command line.  Before TLS never STARTTLS: a client that sends
@@ -305,6 +532,9 @@ class Generator:
     def auth(self) -> list[Step]:
         rng = self.rng
         steps = []
+        if rng.random() < 0.3:
+            for _ in range(rng.randrange(1, 3)):
+                steps += self.authArguments()
         kind = rng.random()
         if kind < 0.1:
             steps.append(
@@ -340,6 +570,13 @@ class Generator:
         steps = self.auth()
         for n in range(rng.randrange(1, 9)):
             label = f"{index}.{n}"
+            kind = rng.random()
+            if kind < 0.1:
+                steps.append(self.parameterStep(label))
+                continue
+            if kind < 0.17:
+                steps.append(self.deepPipeline(label))
+                continue
             kind = rng.random()
             if kind < 0.45:
                 step = self.transaction(label)
@@ -427,6 +664,15 @@ def runScript(msa, script: Script) -> Outcome:
                         f"{step.label}: {last!r}, expected {step.bodyExpect}"
                     )
         client.send(b"\r\n.\r\nQUIT\r\n")
+        if onPath:
+            # Every command so far had exactly one reply: the next ones are
+            # the terminator's, and then the server closes.
+            tail = client.readUntilClosed()
+            if tail != terminatorReplies(errors):
+                outcome.problems.append(
+                    f"after the known path: {tail[:5]}, expected "
+                    f"{terminatorReplies(errors)}"
+                )
     except Closed:
         pass
     except TimeoutError:
@@ -456,6 +702,23 @@ def runScript(msa, script: Script) -> Outcome:
         ):
             outcome.problems.append(f"before TLS: {line!r}")
     return outcome
+
+
+def terminatorReplies(errors: int) -> list[bytes]:
+    """
+    The replies to the terminator (an empty line, ".", QUIT) of a session
+    that has made C{errors} protocol errors so far.
+    """
+    replies = []
+    for reply in (
+        b"500 5.5.2 Error: bad syntax",
+        b"500 5.5.2 Error: command not recognized",
+    ):
+        errors += 1
+        if errors > MAX_ERRORS:
+            return replies + [b"421 4.7.0 localhost Error: too many errors"]
+        replies.append(reply)
+    return replies + [b"221 2.0.0 Bye"]
 
 
 def ruleViolations(sender: str, data: bytes) -> list[str]:
@@ -496,6 +759,7 @@ class SessionFuzzTests(unittest.TestCase):
 
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
+        depths = recordDispatchDepth(self)
         core = AiosmtpdCore(self)
         msa = RunningMSA(
             self,
@@ -503,6 +767,7 @@ class SessionFuzzTests(unittest.TestCase):
             server={
                 "max_message_size": MAX_SIZE,
                 "max_errors": MAX_ERRORS,
+                "max_recipients": MAX_RECIPIENTS,
                 "auth_delay_base": 0,
             },
         )
@@ -548,6 +813,9 @@ class SessionFuzzTests(unittest.TestCase):
         for queueId, body in expected.items():
             self.assertEqual(splitReceived(delivered[queueId])[1], body, where)
         self.assertEqual(errors, [], where)
+        # However deep the pipeline, no line was dispatched deeper than a
+        # few frames below the shallowest one.
+        self.assertLessEqual(max(depths) - min(depths), MAX_EXTRA_FRAMES, where)
         # The run exercised what it should.
         self.assertGreater(len(expected), SESSIONS // 10, where)
         self.assertGreater(len(messages), 0)

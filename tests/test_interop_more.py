@@ -28,6 +28,7 @@ import subprocess
 import time
 
 from twisted.internet import defer, protocol, reactor, threads
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from msa.tls import ensureSelfSignedCertificate
@@ -372,6 +373,26 @@ class GsaslTests(unittest.TestCase):
         self.assertEqual(directives["qop"], "auth")
         rspauth = base64.b64decode(lines[index + 3][4:])
         self.assertTrue(rspauth.startswith(b"rspauth="), lines[index + 3])
+
+    @defer.inlineCallbacks
+    def test_digestMD5EmptyAuthzid(self):
+        """
+        C{gsasl -z ''} sends C{authzid=""}, which means none (RFC 2831;
+        issue 18, defect 13): the login succeeds as alice, GNU SASL checks
+        the rspauth, and no failed login is logged.
+        """
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        lines = yield self.authenticate("DIGEST-MD5", extra=["-z", ""])
+        index = lines.index(b"AUTH DIGEST-MD5")
+        directives = digestDirectives(base64.b64decode(lines[index + 2]))
+        self.assertEqual(directives["authzid"], "")
+        self.assertEqual(directives["username"], "alice")
+        self.assertEqual(lines[index + 4], b"")
+        self.assertEqual(lines[index + 5], SUCCESS)
+        failures = [e for e in events if e.get("outcome") == "failure"]
+        self.assertEqual(failures, [])
 
     @defer.inlineCallbacks
     def test_scramSHA256(self):

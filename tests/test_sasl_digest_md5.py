@@ -282,6 +282,23 @@ class MechanismTests(ExchangeMixin, unittest.TestCase):
         credentials = self.authenticate(makeResponse(authzid="alice")).credentials
         self.assertTrue(credentials.checkHA1(computeHA1("alice", REALM, "secret")))
 
+    def test_emptyAuthzidIsNone(self) -> None:
+        """
+        C{authzid=""} (GNU SASL's C{-z ''}) means no authzid (issue 18,
+        defect 13): the response and rspauth are computed without one, as
+        GNU SASL computes them, and the login is the user's own.
+        """
+        response = makeResponse(extra=(("authzid", '""'),))
+        self.assertIn(b',authzid=""', response)
+        credentials = self.authenticate(response).credentials
+        self.assertEqual(credentials.username, "alice")
+        ha1 = computeHA1("alice", REALM, "secret")
+        self.assertTrue(credentials.checkHA1(ha1))
+        expected = rspauthValue(
+            ha1, NONCE, "00000001", "OA6MHXh6VqTrRk", "auth", "smtp/" + REALM
+        )
+        self.assertEqual(self.mechanism.serverFinal(), b"rspauth=" + expected)
+
     def test_servNameEqualToHost(self) -> None:
         uri = "smtp/%s/%s" % (REALM, REALM)
         credentials = self.authenticate(makeResponse(digestUri=uri)).credentials

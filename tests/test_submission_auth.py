@@ -198,6 +198,21 @@ class AuthTests(unittest.TestCase):
             [b"501 5.5.2 PLAIN needs authzid NUL authcid NUL passwd"],
         )
 
+    def test_responseTooLong(self):
+        """
+        A SASL response over 12288 octets ends the exchange with 500 5.5.6
+        (RFC 4954 4): the client's next line is a command again, not a
+        response (it was, so a NOOP after the 500 got a SASL error).
+        """
+        self.assertEqual(self.h.command(b"AUTH LOGIN"), [b"334 VXNlcm5hbWU6"])
+        self.assertEqual(
+            self.h.command(b"A" * 13000),
+            [b"500 5.5.6 Authentication Exchange line is too long"],
+        )
+        self.assertIs(self.h.server.phase, SessionPhase.COMMAND)
+        self.assertEqual(self.h.command(b"NOOP"), [b"250 2.0.0 Ok"])
+        self.assertEqual(self.h.login(), [b"235 2.7.0 Authentication successful"])
+
 
 class AuthExchangeUnitTests(unittest.TestCase):
     """

@@ -392,7 +392,10 @@ class DigestMD5Mechanism:
         username = text(directives["username"])
         realm = text(directives.get("realm", b""))
         digestUri = text(directives["digest-uri"])
-        rawAuthzid = directives.get("authzid")
+        # An empty authzid is no authzid (RFC 2831 2.1.2.1: "If authzid is
+        # not specified"; GNU SASL's -z '' sends authzid="" and leaves it
+        # out of A1, as it leaves out an absent one).
+        rawAuthzid = directives.get("authzid") or None
         authzid = None if rawAuthzid is None else text(rawAuthzid)
 
         nc = directives["nc"]

@@ -1,13 +1,19 @@
 # -*- test-case-name: tests.test_addresses,tests.test_mutants -*-
 """
-Parsing of MAIL FROM and RCPT TO arguments (RFC 5321 4.1.2): paths and
-ESMTP parameters.  Addresses must be complete on injection (R8): the MSA
-never adds a domain or rewrites an address, it refuses an incomplete one.
+Parsing of MAIL FROM and RCPT TO arguments (RFC 5321 4.1.2): paths, and
+the ESMTP parameters after them through L{msa.submission.parameters}.
+Addresses must be complete on injection (R8): the MSA never adds a domain
+or rewrites an address, it refuses an incomplete one.
 """
 
 import re
 
 from msa.errors import SMTPReply
+from msa.submission.parameters import (
+    MAIL_PARAMETERS,
+    RCPT_PARAMETERS,
+    parseParameters,
+)
 
 # One grammar for the envelope and the header From: (msa.policy.mailboxes).
 from msa.policy.mailboxes import DOMAIN, DOT_ATOM, IPV4, IPV6, MAX_LOCAL_PART, QUOTED
@@ -21,9 +27,6 @@ _command = re.compile(rb"(?P<kw>FROM|TO):\s*(?P<rest>.*)\Z", re.I | re.S)
 
 MAX_DOMAIN = 255
 MAX_PATH = 256
-
-MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "AUTH"})
-RCPT_PARAMETERS: frozenset[str] = frozenset()
 
 
 def _incomplete(address: str) -> SMTPReply:
@@ -59,7 +62,7 @@ def parseMailbox(address: str) -> str:
     return address
 
 
-def _splitPath(argument: bytes, keyword: bytes) -> tuple[str, list[str]]:
+def _splitPath(argument: bytes, keyword: bytes) -> tuple[str, str]:
     match = _command.match(argument.strip())
     if match is None or match.group("kw").upper() != keyword:
         verb = "MAIL FROM" if keyword == b"FROM" else "RCPT TO"
@@ -77,11 +80,11 @@ def _splitPath(argument: bytes, keyword: bytes) -> tuple[str, list[str]]:
                 501, "5.1.7" if keyword == b"FROM" else "5.1.3", "Bad address syntax"
             )
         path, params = rest[1:end], rest[end + 1 :]
-        if params and not params[0].isspace():
+        if params and params[0] not in " \t":
             raise SMTPReply(501, "5.5.4", "Syntax error after the address")
     else:
         path, _, params = rest.partition(" ")
-    return path, params.split()
+    return path, params
 
 
 def _closingBracket(text: str) -> int:
@@ -101,38 +104,14 @@ def _closingBracket(text: str) -> int:
     return -1
 
 
-def _parseParameters(
-    words: list[str], allowed: frozenset[str]
-) -> dict[str, str | None]:
-    params: dict[str, str | None] = {}
-    for word in words:
-        key, eq, value = word.partition("=")
-        key = key.upper()
-        if not re.fullmatch(r"[A-Z0-9][A-Z0-9-]*", key) or (eq and not value):
-            raise SMTPReply(501, "5.5.4", f"Bad parameter syntax: {word}")
-        if key not in allowed:
-            raise SMTPReply(555, "5.5.4", f"Unsupported parameter: {key}")
-        if key in params:
-            raise SMTPReply(501, "5.5.4", f"Duplicate parameter: {key}")
-        params[key] = value if eq else None
-    if "SIZE" in params and not (params["SIZE"] or "").isdigit():
-        raise SMTPReply(501, "5.5.4", "SIZE needs a number of octets")
-    if "BODY" in params:
-        body = (params["BODY"] or "").upper()
-        if body not in ("7BIT", "8BITMIME"):
-            raise SMTPReply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
-        params["BODY"] = body
-    return params
-
-
 def parseMailArgument(argument: bytes) -> tuple[str, dict[str, str | None]]:
     """
     Parse what follows C{MAIL}: C{FROM:<path> [parameters]}.
 
     @return: the sender (C{""} for C{<>}) and the parameters.
     """
-    path, words = _splitPath(argument, b"FROM")
-    params = _parseParameters(words, MAIL_PARAMETERS)
+    path, rest = _splitPath(argument, b"FROM")
+    params = parseParameters(rest, MAIL_PARAMETERS)
     if path == "":
         return "", params
     return parseMailbox(path), params
@@ -142,8 +121,8 @@ def parseRcptArgument(argument: bytes) -> tuple[str, dict[str, str | None]]:
     """
     Parse what follows C{RCPT}: C{TO:<path> [parameters]}.
     """
-    path, words = _splitPath(argument, b"TO")
-    params = _parseParameters(words, RCPT_PARAMETERS)
+    path, rest = _splitPath(argument, b"TO")
+    params = parseParameters(rest, RCPT_PARAMETERS)
     if path == "":
         raise _incomplete(path)
     return parseMailbox(path), params

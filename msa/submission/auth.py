@@ -190,6 +190,26 @@ class AuthExchange:
         else:
             self._responseReceived(line)
 
+    def lineTooLong(self) -> None:
+        """
+        A line of the exchange longer than L{MAX_AUTH_LINE}: the exchange
+        ends with 500 5.5.6 (RFC 4954 4), so that the client's next line is
+        read as a command again, as the client expects after a final reply.
+        """
+        self.abort(SMTPReply(500, "5.5.6", "Authentication Exchange line is too long"))
+
+    def abort(self, reply: SMTPReply) -> None:
+        """
+        End the exchange in progress with C{reply}, dropping a login that
+        waited only for the client's empty line.
+        """
+        if self._pendingLogin is not None:
+            avatar, logout = self._pendingLogin
+            self._pendingLogin = None
+            logout()
+        self._end()
+        self._server.protocolError(reply.code, reply.status, reply.text)
+
     def _decodeSASL(self, data: bytes) -> bytes | None:
         if data == b"=":
             return b""
@@ -251,12 +271,7 @@ class AuthExchange:
         # After the server's final data (rspauth, SCRAM's v=) the client
         # must answer an empty line (RFC 4954 4).
         if line.strip():
-            assert self._pendingLogin is not None
-            avatar, logout = self._pendingLogin
-            self._pendingLogin = None
-            logout()
-            self._end()
-            self._server.protocolError(501, "5.7.0", "Authentication aborted")
+            self.abort(SMTPReply(501, "5.7.0", "Authentication aborted"))
             return
         self._complete()
 

@@ -100,6 +100,34 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
     """
     One client connection.  Created by L{SubmissionFactory}.
 
+    Input goes through one loop (L{_processLines}) that nothing re-enters:
+    take a line, dispatch it by phase, and stop while a reply is held back
+    (L{wait}); the reply's callback restarts the loop.  What each command
+    gets, by phase (C{ok}: the command runs; its own checks may still
+    refuse it)::
+
+      command         before TLS  TLS, no AUTH   authenticated  transaction
+      EHLO            ok          ok             ok             ok, resets
+      NOOP, QUIT      ok          ok             ok             ok
+      STARTTLS        ok          554 5.5.1      554 5.5.1      554 5.5.1
+      HELO, RSET      530 5.7.0   ok             ok             ok, resets
+      HELP/VRFY/EXPN  530 5.7.0   214/502/502    214/502/502    214/502/502
+      AUTH            530 5.7.0   ok (503 5.5.1  503 5.5.1      503 5.5.1
+                                  before EHLO)
+      MAIL            530 5.7.0   530 5.7.0      ok             503 5.5.1
+      RCPT            530 5.7.0   530 5.7.0      503 5.5.1      ok
+      DATA            530 5.7.0   530 5.7.0      503 5.5.1      ok (554 5.5.1
+                                                                without RCPT)
+      other           530 5.7.0   500 5.5.2      500 5.5.2      500 5.5.2
+
+    In L{SessionPhase.AUTH_EXCHANGE} every line is a SASL response (C{*}
+    aborts with 501 5.7.0); in L{SessionPhase.DATA} every line is message
+    text up to the final dot (the DATA filter decides, see
+    L{msa.submission.framing}); in L{SessionPhase.CLOSING} nothing is read.
+    A command line over 512 octets gets 500 5.5.6 in every phase (AUTH's
+    up to 12288, RFC 4954 4); each error counts towards C{maxErrors}
+    (421 4.7.0 past it).  Plaintext pipelined after STARTTLS is discarded.
+
     @ivar factory: the listener's L{SubmissionFactory} (portal, mechanisms,
         registry, throttle, reactor).
     @ivar policy: the listener's limits, L{ServerPolicy}.
@@ -122,6 +150,9 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
     @ivar _waiting: how many replies are held back (a login, its failure
         delay, a validation, a commit); while any is, no line is processed
         and reading is paused.
+    @ivar _looping: whether the input loop (L{_processLines}) is running:
+        a reply that completes meanwhile lets it go on instead of starting
+        another.
     @ivar _paused: whether reading from the transport is paused.
     @ivar _errors: the protocol errors so far (see L{protocolError}).
     @ivar _closing: the MSA is stopping: the session ends after the message
@@ -150,6 +181,7 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
         self.deadlines = SessionDeadlines(self)
         self._logout: Callable[[], None] | None = None
         self._waiting = 0
+        self._looping = False
         self._paused = False
         self._errors = 0
         self._closing = False
@@ -321,26 +353,54 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
             self.transport.resumeProducing()
 
     def _processLines(self) -> None:
-        while not self._waiting and not self.hungUp and self.transport is not None:
-            if self.phase is SessionPhase.DATA and self.transaction.dataBlock():
-                continue
-            item = self.framer.nextLine(self._maxLineLength())
-            if item is None:
-                return
-            line, tooLong = item
-            if self.phase is SessionPhase.DATA:
-                self.transaction.dataLine(line, tooLong)
-            elif tooLong:
-                self.protocolError(500, "5.5.6", "Error: line too long")
-            elif self.phase is SessionPhase.AUTH_EXCHANGE:
-                self.auth.lineReceived(line)
+        """
+        The one input loop: take a line, dispatch it, repeat, until no
+        complete line is buffered, a reply is held back (L{wait}) or the
+        session is over.
+
+        Nothing re-enters it.  A reply held back by a L{Deferred} that has
+        already fired (a validation answered at once, the usual case for
+        MAIL and RCPT) only lets this loop carry on with the next line; one
+        that fires later calls this method from its callback, when no loop
+        is running.  So the stack is as deep for the thousandth pipelined
+        command as for the first (a trampoline, not recursion).
+        """
+        if self._looping:
+            return
+        self._looping = True
+        try:
+            while not self._waiting and not self.hungUp and self.transport is not None:
+                if self.phase is SessionPhase.DATA and self.transaction.dataBlock():
+                    continue
+                item = self.framer.nextLine(self._maxLineLength())
+                if item is None:
+                    return
+                self._dispatchLine(*item)
+                if self._closing and not self.hungUp:
+                    self._afterTransaction()
+                transport = self.transport
+                if self.hungUp or transport is None or transport.disconnecting:
+                    self.framer.clear()
+                    return
+        finally:
+            self._looping = False
+
+    def _dispatchLine(self, line: bytes, tooLong: bool) -> None:
+        """
+        Hand one line to what the phase says it is (see the table in the
+        class docstring).
+        """
+        if self.phase is SessionPhase.DATA:
+            self.transaction.dataLine(line, tooLong)
+        elif self.phase is SessionPhase.AUTH_EXCHANGE:
+            if tooLong:
+                self.auth.lineTooLong()
             else:
-                self._commandLine(line)
-            if self._closing and not self.hungUp:
-                self._afterTransaction()
-            if self.hungUp or self.transport is None or self.transport.disconnecting:
-                self.framer.clear()
-                return
+                self.auth.lineReceived(line)
+        elif tooLong:
+            self.protocolError(500, "5.5.6", "Error: line too long")
+        else:
+            self._commandLine(line)
 
     def wait(self, d: defer.Deferred[Any]) -> None:
         """
@@ -348,6 +408,9 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
         replies go out in order.  Meanwhile the session stops reading from
         the client (see L{MAX_HELD_INPUT}): pipelined input waits in the
         kernel and the client's socket, not in our memory.
+
+        When C{d} has fired already, the input loop simply goes on; when it
+        fires later, its callback restarts the loop (L{_processLines}).
         """
         self._waiting += 1
 
@@ -359,7 +422,7 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
             if self._forced and not self.hungUp:
                 # The grace period ended while this reply was pending.
                 self._shutdownReply()
-            if not self.hungUp and self.transport is not None:
+            if not self._looping and not self.hungUp and self.transport is not None:
                 self._processLines()
                 if self._closing and not self.hungUp:
                     self._afterTransaction()

@@ -42,6 +42,7 @@ from msa.errors import SMTPReply
 from msa.interfaces import IAcceptedMessage
 from msa.submission import addresses
 from msa.submission.framing import END, DataFilter
+from msa.submission.parameters import sizeOctets
 from msa.submission.phase import SessionPhase
 from msa.tls import describeTLS
 
@@ -181,8 +182,8 @@ class MailTransaction:
             return
         try:
             sender, params = addresses.parseMailArgument(rest)
-            size = params.get("SIZE")
-            if size is not None and int(size) > self.maxMessageSize():
+            size = sizeOctets(params)
+            if size is not None and size > self.maxMessageSize():
                 raise SMTPReply(
                     552, "5.3.4", "Message size exceeds fixed maximum message size"
                 )
