@@ -9,14 +9,14 @@ or rewrites an address, it refuses an incomplete one.
 import re
 
 from msa.errors import SMTPReply
+
+# One grammar for the envelope and the header From: (msa.policy.mailboxes).
+from msa.policy.mailboxes import DOMAIN, DOT_ATOM, IPV4, IPV6, MAX_LOCAL_PART, QUOTED
 from msa.submission.parameters import (
     MAIL_PARAMETERS,
     RCPT_PARAMETERS,
     parseParameters,
 )
-
-# One grammar for the envelope and the header From: (msa.policy.mailboxes).
-from msa.policy.mailboxes import DOMAIN, DOT_ATOM, IPV4, IPV6, MAX_LOCAL_PART, QUOTED
 
 # The domain is what follows the last "@": a quoted local part may hold "@"
 # ("a@evil.nl"@acme.nl is a mailbox of acme.nl), a domain never does.
