@@ -728,7 +728,9 @@ def checkHealthWindow(env):
         return body if status == 503 else None
 
     body = eventually(unhealthy, "/health 503 after health_window")
-    assert body.startswith(b"core MTA not reached recently"), body
+    relay = json.loads(body)["components"]["relay"]
+    assert relay["status"] == "failing", body
+    assert relay["detail"].startswith("core MTA not reached recently"), body
 
 
 def checkRelayed(env):

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from msa import metrics
 from msa.queue.spool import Spool, SpoolEntry
 
 log = Logger()
@@ -233,6 +234,7 @@ class QueueControl:
                 recipients=list(entry.envelope.recipients),
             )
         except Exception as e:
+            metrics.auditRecordLost()
             log.critical(
                 "AUDIT RECORD LOST: {what} of {queueId}: {error}",
                 what=event,

@@ -42,6 +42,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from msa import metrics
 from msa.audit import AuditLog
 from msa.durable import (
     DirectorySync,
@@ -232,6 +233,7 @@ class Spool:
         d = self._runBlocking(self._auditBlocking, event, fields)
 
         def failed(failure) -> None:
+            metrics.auditRecordLost()
             log.critical(
                 "AUDIT RECORD LOST: {what} of {queueId}: {error}",
                 what=event,

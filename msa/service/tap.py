@@ -9,6 +9,7 @@ L{msa.submission.server.SubmissionFactory} itself.
 
 import os
 import re
+from typing import cast
 
 import attrs
 from twisted.application import strports
@@ -46,6 +47,7 @@ from msa.sasl import MechanismContext
 from msa.service import logs
 from msa.service.config import Config, ConfigError, loadConfig
 from msa.service.controlsocket import ControlService, socketPath
+from msa.service.health import Health, WatchedAuditLog, healthSite
 from msa.service.services import (
     AccountWatcher,
     AuditLogService,
@@ -228,10 +230,15 @@ def buildService(config: Config, reactor=None) -> MultiService:
     spool = Spool(config["spool"]["directory"], reactor)
     runChecks(certFile, tlsConfig["chain"], config["spool"]["directory"])
     spool.recover()
+    watchedAudit = None
     if config["audit"]["enabled"]:
         AuditLogService(
             spool, AuditLog(config["audit"]["path"], config["audit"]["max_bytes"])
         ).setServiceParent(top)
+        # The spool appends through it; it is the log in all but its
+        # remembering the last failure (for /health).
+        watchedAudit = WatchedAuditLog(spool.audit)
+        spool.audit = cast(AuditLog, watchedAudit)
     relay = config["relay"]
     for problem in checkFileLimit(server["max_connections"], relay["concurrency"]):
         log.warn("startup check: {problem}", problem=problem)
@@ -253,16 +260,18 @@ def buildService(config: Config, reactor=None) -> MultiService:
     sharedLimits = _sharedLimits(config, throttle, reactor)
     if sharedLimits is not None:
         sharedLimits.setServiceParent(top)
-    metrics.watchQueue(spool)
+    metrics.watchQueue(spool, relay["delay_warning_after"])
+    metrics.watchCertificate(certFile)
     if config["metrics"]["listen"]:
-        site = Site(
-            metrics.metricsResource(
-                spool,
-                config["metrics"]["health_window"],
-                relay=runner,
-                limits=sharedLimits,
-            )
+        health = Health(
+            spool,
+            runner,
+            config["metrics"]["health_window"],
+            limits=sharedLimits,
+            accounts=store,
+            audit=watchedAudit,
         )
+        site = Site(healthSite(health))
         # strports.service: a port that cannot be bound fails the start.
         metricsService = strports.service(config["metrics"]["listen"], site, reactor)
         metricsService.setServiceParent(top)
