@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 # Real client programs for the interop tests (curl, swaks with SASL), from
 # Debian.  Only as root with apt-get; elsewhere those tests skip (but under
 # CI=true a missing program fails them).
-SYSTEM_PACKAGES="curl swaks haproxy systemd msmtp gsasl sasl2-bin libsasl2-modules libauthen-sasl-perl libnet-ssleay-perl libio-socket-ssl-perl libdigest-hmac-perl default-jdk-headless iproute2 mount redis-server postgresql"
+SYSTEM_PACKAGES="curl swaks haproxy systemd msmtp gsasl sasl2-bin libsasl2-modules libauthen-sasl-perl libnet-ssleay-perl libio-socket-ssl-perl libdigest-hmac-perl default-jdk-headless iproute2 mount redis-server postgresql prometheus groff-base man-db"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   if ! dpkg -s $SYSTEM_PACKAGES >/dev/null 2>&1; then
     echo "run-tests: installing $SYSTEM_PACKAGES"
@@ -45,6 +45,9 @@ lint=0
 .venv/bin/ruff format --check -q . || lint=1
 .venv/bin/mypy || lint=1
 .venv/bin/lint-imports --no-logo || lint=1
+# The alert rules (etc/prometheus): valid, and their unit tests pass.
+promtool check rules etc/prometheus/digipoort-msa-rules.yml || lint=1
+(cd etc/prometheus && promtool test rules digipoort-msa-rules.test.yml) || lint=1
 
 log=$(mktemp)
 .venv/bin/python -m twisted.trial --temp-directory=_trial_temp "${@:-tests}" 2>&1 | tee "$log"
@@ -59,7 +62,7 @@ skipped=$(count skips)
 rm -f "$log"
 echo "trial: ${passed} passed, ${failed} failed, ${skipped} skipped"
 if [ "$lint" != 0 ]; then
-  echo "run-tests: ruff, mypy or lint-imports reported problems (see above)"
+  echo "run-tests: ruff, mypy, lint-imports or promtool reported problems (see above)"
   [ "$rc" != 0 ] || rc=1
 fi
 exit "$rc"
