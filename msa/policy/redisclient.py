@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_limits_redis,tests.test_limits_config -*-
 """
 The connection to Redis of the shared limits (L{msa.policy.redislimits}):
-its address from C{[limits] url} (L{RedisAddress}) and the one connection,
+its address from C{[limits] url} (L{RedisAddress}; C{rediss://} for TLS,
+the server's certificate verified) and the one connection,
 with a deadline on every call and the outage logged once
 (L{RedisConnection}).  txredisapi (the extra C{digipoort-msa[redis]}) is
 imported only when a connection is made.
@@ -14,7 +15,11 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    UNIXClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -29,7 +34,11 @@ log = Logger(namespace="msa.policy.redislimits")
 class RedisAddress:
     """
     Where Redis listens, from C{[limits] url}: C{redis://[[user]:password@]
-    host[:port][/db]} or C{unix:///path/to/socket[?db=N]}.
+    host[:port][/db]}, the same with C{rediss://} for TLS, or
+    C{unix:///path/to/socket[?db=N]}.
+
+    @ivar tls: C{rediss://}: TLS, the server's certificate verified against
+        C{host}.
     """
 
     host: str | None = None
@@ -38,6 +47,7 @@ class RedisAddress:
     db: int = 0
     username: str | None = None
     password: str | None = None
+    tls: bool = False
 
     @classmethod
     def parse(cls, url: str) -> RedisAddress:
@@ -57,10 +67,8 @@ class RedisAddress:
             return cls(
                 path=parsed.path, db=int(db), username=username, password=password
             )
-        if parsed.scheme != "redis":
-            raise ValueError(
-                "must start with redis:// or unix:// (rediss:// is not supported)"
-            )
+        if parsed.scheme not in ("redis", "rediss"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
         if not parsed.hostname:
             raise ValueError("no host in the URL")
         try:
@@ -76,6 +84,7 @@ class RedisAddress:
             db=int(db),
             username=username,
             password=password,
+            tls=parsed.scheme == "rediss",
         )
 
     def describe(self) -> str:
@@ -84,7 +93,8 @@ class RedisAddress:
         """
         if self.path is not None:
             return f"unix:{self.path} db {self.db}"
-        return f"{self.host}:{self.port} db {self.db}"
+        over = " over TLS" if self.tls else ""
+        return f"{self.host}:{self.port} db {self.db}{over}"
 
 
 class RedisConnection:
@@ -111,8 +121,12 @@ class RedisConnection:
         timeout: float,
         reactor,
         whileUnavailable: str = "",
+        contextFactory: Any = None,
     ) -> None:
         self.address = address
+        #: The TLS client options for C{rediss://} (L{msa.tls.
+        #: clientContextFactory}), or L{None}.
+        self.contextFactory = contextFactory
         self.timeout = timeout
         self.reactor = reactor
         self.whileUnavailable = whileUnavailable
@@ -148,6 +162,8 @@ class RedisConnection:
             endpoint = HostnameEndpoint(
                 self.reactor, address.host, address.port, self.timeout
             )
+            if self.contextFactory is not None:
+                endpoint = wrapClientTLS(self.contextFactory, endpoint)
         factory.startConnecting(endpoint)
         self._factory = factory
 

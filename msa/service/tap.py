@@ -379,6 +379,16 @@ def _sharedLimits(
     limits = config["limits"]
     if limits["backend"] != "redis":
         return None
+    contextFactory = None
+    if limits["address"].tls:
+        # rediss://: Redis's certificate verified against the URL's host
+        # (R14's rule for the core, applied to every engine we talk to).
+        contextFactory = tls.clientContextFactory(
+            limits["address"].host,
+            caFile=limits["tls_ca"],
+            clientCertFile=limits["tls_certificate"],
+            clientKeyFile=limits["tls_key"],
+        )
     shared = RedisLimits(
         limits["address"],
         prefix=limits["key_prefix"],
@@ -387,6 +397,7 @@ def _sharedLimits(
         throttle=throttle,
         local=limits["fallback"] == "local",
         reactor=reactor,
+        contextFactory=contextFactory,
     )
     shared.setName("limits")
     return shared
