@@ -11,7 +11,6 @@ every query.
 import json
 import os
 import re
-import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, threads
@@ -20,6 +19,7 @@ from twisted.trial import unittest
 from tests.e2e import AiosmtpdCore, RunningMSA, freePort
 from tests.test_alertrules import RULES
 from tests.test_e2e import submit
+from tests.test_health import get
 
 DASHBOARD = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -176,12 +176,9 @@ class DashboardTests(unittest.TestCase):
         )
         yield core.waitForMessages(1)
 
-        def scrape() -> str:
-            url = f"http://127.0.0.1:{port}/metrics"
-            with urllib.request.urlopen(url) as r:
-                return r.read().decode()
-
-        self.names = exported((yield threads.deferToThread(scrape)))
+        status, text = yield threads.deferToThread(get, port, "/metrics")
+        self.assertEqual(status, 200)
+        self.names = exported(text)
 
     def test_dashboardNamesWhatTheDaemonExports(self):
         queries = dashboardQueries()

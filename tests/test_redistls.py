@@ -11,7 +11,6 @@ and the host name): an impostor is told nothing, and AUTH is answered
 
 import json
 import smtplib
-import urllib.request
 
 from twisted.internet import defer, threads
 from twisted.trial import unittest
@@ -19,6 +18,7 @@ from twisted.trial import unittest
 from tests.e2e import RunningMSA, freePort
 from tests.redisserver import tlsRedisServer
 from tests.test_e2e import SENDER
+from tests.test_health import get
 from tests.test_multiinstance import CAROL, carol
 
 #: AUTH while the limits store cannot be trusted (the failed-login counts
@@ -73,16 +73,8 @@ class RedisTLSTests(unittest.TestCase):
         )
 
     def limitsHealth(self):
-        def get():
-            try:
-                url = f"http://127.0.0.1:{self.metricsPort}/health"
-                with urllib.request.urlopen(url) as r:
-                    return json.loads(r.read())
-            except urllib.error.HTTPError as e:
-                return json.loads(e.read())
-
-        return threads.deferToThread(get).addCallback(
-            lambda report: report["components"]["limits"]
+        return threads.deferToThread(get, self.metricsPort, "/health").addCallback(
+            lambda answer: json.loads(answer[1])["components"]["limits"]
         )
 
     @defer.inlineCallbacks
