@@ -43,8 +43,12 @@ class RedisServer:
         L{RedisTLS}).
     """
 
-    def __init__(self, testCase, tls: RedisTLS | None = None) -> None:
+    def __init__(
+        self, testCase, tls: RedisTLS | None = None, replicaOf: int | None = None
+    ) -> None:
         self.testCase = testCase
+        #: The port of the master this one replicates, if any.
+        self.replicaOf = replicaOf
         self.program = requireProgram(testCase, "redis-server")
         self.directory = os.path.abspath(testCase.mktemp())
         os.makedirs(self.directory)
@@ -78,6 +82,8 @@ class RedisServer:
             ]
             if self.tls.clientCA:
                 listen += ["--tls-ca-cert-file", self.tls.clientCA]
+        if self.replicaOf is not None:
+            listen += ["--replicaof", "127.0.0.1", str(self.replicaOf)]
         self.process = subprocess.Popen(
             [
                 self.program,
@@ -151,6 +157,48 @@ class RedisServer:
         if reply.startswith(b"$"):
             return int(reply.split(b"\r\n")[1])
         raise AssertionError(f"not an integer reply: {reply!r}")
+
+
+class RedisSentinel(RedisServer):
+    """
+    One Redis Sentinel (C{redis-server CONF --sentinel}) monitoring the
+    master on C{masterPort} as C{service}, with a quorum of 1 and short
+    timeouts, so that a test's failover takes seconds.
+    """
+
+    def __init__(self, testCase, masterPort: int, service: str = "mymaster"):
+        self.masterPort = masterPort
+        self.service = service
+        super().__init__(testCase)
+        self.url = f"redis+sentinel://127.0.0.1:{self.port}/{service}/0"
+
+    def start(self) -> None:
+        config = os.path.join(self.directory, "sentinel.conf")
+        if not os.path.exists(config):
+            with open(config, "w") as f:
+                f.write(
+                    f"port {self.port}\nbind 127.0.0.1\ndir {self.directory}\n"
+                    f"sentinel monitor {self.service} 127.0.0.1 "
+                    f"{self.masterPort} 1\n"
+                    f"sentinel down-after-milliseconds {self.service} 500\n"
+                    f"sentinel failover-timeout {self.service} 2000\n"
+                )
+        log = open(os.path.join(self.directory, "sentinel.log"), "ab")
+        self.process = subprocess.Popen(
+            [self.program, config, "--sentinel"], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        waitUntilBlocking(
+            lambda: listening(self.port), what=f"redis-sentinel on port {self.port}"
+        )
+
+    def currentMaster(self) -> int | None:
+        """
+        The port of the master it names now (blocking).
+        """
+        reply = self.command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        lines = reply.split(b"\r\n")
+        return int(lines[4]) if reply.startswith(b"*2") else None
 
 
 def tlsRedisServer(testCase) -> RedisServer:
