@@ -120,13 +120,32 @@ def lastCoreSuccess() -> float:
     return 0.0
 
 
-def heldMessages(spool) -> dict[str, list[str]]:
+#: Seconds a count of the held messages is reused (L{heldMessages}).
+HELD_TTL = 5.0
+_heldCache: dict[object, tuple[float, dict[str, list[str]]]] = {}
+
+
+def heldMessages(spool, clock: Callable[[], float] = time.monotonic) -> dict:
     """
     The queue ids on hold, by why: C{"integrity"} (the MSA held it: its
     bytes are not the ones acknowledged, L{msa.queue.integrity}) or
     C{"operator"} (C{queue hold}).  Reads every queued entry: call it in a
-    thread (the scrape and C{/health} do).
+    thread (the scrape and C{/health} do); a count younger than
+    L{HELD_TTL} seconds is reused, so that scrapes and health checks of a
+    large queue (a long core outage) do not read it again and again.
     """
+    now = clock()
+    key = getattr(spool, "queueDirectory", None) or id(spool)
+    cached = _heldCache.get(key)
+    if cached is not None and now - cached[0] < HELD_TTL:
+        return cached[1]
+    held = _readHeld(spool)
+    _heldCache.clear()
+    _heldCache[key] = (now, held)
+    return held
+
+
+def _readHeld(spool) -> dict[str, list[str]]:
     held: dict[str, list[str]] = {"integrity": [], "operator": []}
     for queueId in spool.pending():
         try:

@@ -12,7 +12,7 @@ import os
 import urllib.error
 import urllib.request
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 from msa import metrics
@@ -23,6 +23,14 @@ from tests.pgserver import PostgreSQLServer
 from tests.redisserver import RedisServer
 from tests.test_accounts_pg import usersAccounts
 from tests.test_e2e import submit
+from tests.test_integrity import (
+    CountingForwarder,
+    admin,
+    held,
+    queuedAndTampered,
+    spoolOf,
+    unreachable,
+)
 from tests.waiting import waitUntil
 
 COMPONENTS = {"relay", "spool", "limits", "accounts", "audit"}
@@ -201,4 +209,45 @@ class HealthTests(unittest.TestCase):
         self.assertEqual(
             metrics.REGISTRY.get_sample_value("msa_audit_write_failures_total"),
             before + 1,
+        )
+
+    @defer.inlineCallbacks
+    def test_heldForIntegrity(self):
+        """
+        A queued message changed on disk is held when the relay checks it:
+        /health stays 200 but C{"degraded"}, the spool entry names it, and
+        C{msa_queue_held_messages{reason="integrity"}} counts it (what the
+        critical alert reads).
+        """
+        core = AiosmtpdCore(self)
+        port = freePort()
+        msa = self.start(
+            relay=unreachable(core.certFile, port), metrics={"health_window": 0.1}
+        )
+        spool = spoolOf(msa)
+        queueId, _ = yield queuedAndTampered(msa, spool)
+        forwarder = CountingForwarder("127.0.0.1", core.port)
+        listening = reactor.listenTCP(port, forwarder, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        _, _, code = yield admin(msa, "queue", "flush")
+        self.assertEqual(code, 0)
+        yield held(spool, queueId)
+        status, report = yield self.waitForHealth(
+            "spool", "degraded", "the spool degraded"
+        )
+        self.assertEqual((status, report["status"]), (200, "degraded"))
+        self.assertIn(
+            f"1 message(s) held for integrity (their bytes are not the ones "
+            f"acknowledged): {queueId}",
+            report["components"]["spool"]["detail"],
+        )
+        # Held messages wait for an operator, not for the core.
+        self.assertEqual(
+            report["components"]["relay"],
+            {"status": "ok", "detail": "nothing waiting to be relayed"},
+        )
+        _, text = yield threads.deferToThread(get, self.port, "/metrics")
+        self.assertIn('msa_queue_held_messages{reason="integrity"} 1.0', text)
+        self.assertIn(
+            'msa_component_status{component="spool",status="degraded"} 1.0', text
         )

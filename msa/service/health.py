@@ -11,7 +11,7 @@ know: 200) or C{failing} (this instance cannot do its job: 503, so that a
 load balancer sends clients elsewhere):
 
   - C{relay}: failing when the core MTA has not answered within
-    C{[metrics] health_window} while messages wait;
+    C{[metrics] health_window} while messages (not on hold) wait;
   - C{spool}: failing while the relay holds messages the core acknowledged
     but the spool could not remove; degraded while messages are held for
     integrity;
@@ -118,7 +118,9 @@ class Health:
 
     def relayHealth(self) -> ComponentHealth:
         last = metrics.lastCoreSuccess()
-        queued = len(self.spool.pending())
+        # Held messages wait for an operator, not for the core.
+        held = metrics.heldMessages(self.spool)
+        queued = len(self.spool.pending()) - sum(len(ids) for ids in held.values())
         age = "never" if not last else f"{int(self.clock() - last)}s ago"
         if last and self.clock() - last <= self.window:
             return ComponentHealth(OK, f"core MTA last answered {age}")
@@ -131,7 +133,8 @@ class Health:
         )
 
     def spoolHealth(self) -> ComponentHealth:
-        unremovable = getattr(self.relay, "unremovable", None)
+        # A copy: the reactor thread may change it meanwhile.
+        unremovable = dict(getattr(self.relay, "unremovable", None) or {})
         if unremovable:
             reasons = "; ".join(unremovable.values())
             return ComponentHealth(
@@ -163,7 +166,9 @@ class Health:
     def accountsHealth(self) -> ComponentHealth:
         count = len(self.accounts.accounts()) if self.accounts is not None else 0
         outage = getattr(self.accounts, "outage", None)
-        where = getattr(self.accounts, "where", "the accounts file")
+        where = getattr(self.accounts, "where", None) or getattr(
+            self.accounts, "path", "the accounts store"
+        )
         if outage is not None:
             return ComponentHealth(
                 DEGRADED,
