@@ -17,6 +17,7 @@ from twisted.trial import unittest
 
 from msa import metrics
 from msa.accounts.pgstore import AccountTable
+from msa.queue.spool import Spool
 from tests.e2e import AiosmtpdCore, RunningMSA, freePort
 from tests.faultfs import fillFileSystem, mountTmpfs
 from tests.pgserver import PostgreSQLServer
@@ -250,4 +251,27 @@ class HealthTests(unittest.TestCase):
         self.assertIn('msa_queue_held_messages{reason="integrity"} 1.0', text)
         self.assertIn(
             'msa_component_status{component="spool",status="degraded"} 1.0', text
+        )
+
+
+class AuditRecordsLostTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_counted(self):
+        """
+        An event whose audit record cannot be written (a delivery: it has
+        happened either way) counts in C{msa_audit_records_lost_total}, what
+        the critical alert reads.
+        """
+
+        class BrokenAudit:
+            def append(self, event, **fields):
+                raise OSError(28, "No space left on device")
+
+        spool = Spool(os.path.abspath(self.mktemp()))
+        spool.audit = BrokenAudit()
+        before = metrics.REGISTRY.get_sample_value("msa_audit_records_lost_total")
+        yield spool.auditEvent("relayed", queueId="A1")
+        self.assertEqual(
+            metrics.REGISTRY.get_sample_value("msa_audit_records_lost_total"),
+            before + 1,
         )
