@@ -4,17 +4,19 @@ The manual pages (issue 22, item 7): C{man/digipoort-msa-admin.1} and
 C{man/digipoort-msa.8} are what L{msa.admin.manpage} makes from the
 programs' own option definitions (so they cannot drift), C{groff -ww} and
 C{man --warnings} find nothing to warn about, every subcommand and option
-is in the rendered text, and C{pip install .} puts both under
-C{share/man}.
+is in the rendered text, and the wheel C{pip install .} builds installs
+both under C{share/man}.
 """
 
 import os
 import subprocess
 import sys
+import zipfile
 
 from twisted.internet import threads
 from twisted.trial import unittest
 
+from msa import __version__
 from msa.admin import command, manpage
 from msa.service import tap
 from tests.e2e import requireProgram
@@ -104,23 +106,24 @@ class ManPageTests(unittest.TestCase):
 
     def test_installed(self):
         """
-        C{pip install .} (into a prefix of the test's own) puts both pages
-        under C{share/man}.
+        The package built as C{pip install .} builds it (a wheel, in a
+        directory of the test's own: installing would replace the project's
+        editable install) carries both pages for C{share/man}.
         """
-        prefix = os.path.abspath(self.mktemp())
+        directory = os.path.abspath(self.mktemp())
 
-        def install():
+        def build():
             return subprocess.run(
                 [
                     sys.executable,
                     "-m",
                     "pip",
-                    "install",
+                    "wheel",
                     "--quiet",
                     "--no-deps",
                     "--disable-pip-version-check",
-                    "--prefix",
-                    prefix,
+                    "--wheel-dir",
+                    directory,
                     ROOT,
                 ],
                 capture_output=True,
@@ -130,12 +133,16 @@ class ManPageTests(unittest.TestCase):
 
         def check(done):
             self.assertEqual(done.returncode, 0, done.stderr)
-            for name in PAGES:
-                section = "man" + name[-1]
-                path = os.path.join(prefix, "share", "man", section, name)
-                with open(path, encoding="utf-8") as f:
-                    self.assertEqual(f.read(), PAGES[name]())
+            [wheel] = [n for n in os.listdir(directory) if n.endswith(".whl")]
+            with zipfile.ZipFile(os.path.join(directory, wheel)) as archive:
+                for name, make in PAGES.items():
+                    section = "man" + name[-1]
+                    member = (
+                        f"digipoort_msa-{__version__}.data/data/share/man/"
+                        f"{section}/{name}"
+                    )
+                    self.assertEqual(archive.read(member).decode(), make())
 
-        return threads.deferToThread(install).addCallback(check)
+        return threads.deferToThread(build).addCallback(check)
 
     test_installed.timeout = 300  # type: ignore[attr-defined]
