@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 # smuggling verdicts (a throwaway instance in a temp dir, never the system's);
 # libauthen-sasl-cyrus-perl because mail hosts have it and swaks must not
 # pick it (tests.test_interop.runSwaks selects Authen::SASL::Perl).
-SYSTEM_PACKAGES="curl swaks haproxy systemd msmtp gsasl sasl2-bin libsasl2-modules libauthen-sasl-perl libnet-ssleay-perl libio-socket-ssl-perl libdigest-hmac-perl default-jdk-headless iproute2 mount redis-server postgresql postfix libauthen-sasl-cyrus-perl"
+SYSTEM_PACKAGES="curl swaks haproxy systemd msmtp gsasl sasl2-bin libsasl2-modules libauthen-sasl-perl libnet-ssleay-perl libio-socket-ssl-perl libdigest-hmac-perl default-jdk-headless iproute2 mount redis-server postgresql postfix libauthen-sasl-cyrus-perl prometheus groff-base man-db"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   if ! dpkg -s $SYSTEM_PACKAGES >/dev/null 2>&1; then
     echo "run-tests: installing $SYSTEM_PACKAGES"
@@ -48,6 +48,15 @@ lint=0
 .venv/bin/ruff format --check -q . || lint=1
 .venv/bin/mypy || lint=1
 .venv/bin/lint-imports --no-logo || lint=1
+# The alert rules (etc/prometheus): valid, and their unit tests pass
+# (promtool: Debian's prometheus; required under CI=true).
+if command -v promtool >/dev/null; then
+  promtool check rules etc/prometheus/digipoort-msa-rules.yml || lint=1
+  (cd etc/prometheus && promtool test rules digipoort-msa-rules.test.yml) || lint=1
+elif [ "${CI:-}" = true ]; then
+  echo "run-tests: promtool is not installed (Debian package prometheus)"
+  lint=1
+fi
 
 log=$(mktemp)
 .venv/bin/python -m twisted.trial --temp-directory=_trial_temp "${@:-tests}" 2>&1 | tee "$log"
@@ -62,7 +71,7 @@ skipped=$(count skips)
 rm -f "$log"
 echo "trial: ${passed} passed, ${failed} failed, ${skipped} skipped"
 if [ "$lint" != 0 ]; then
-  echo "run-tests: ruff, mypy or lint-imports reported problems (see above)"
+  echo "run-tests: ruff, mypy, lint-imports or promtool reported problems (see above)"
   [ "$rc" != 0 ] || rc=1
 fi
 exit "$rc"

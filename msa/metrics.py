@@ -7,18 +7,21 @@ C{[metrics] listen} (off by default; loopback when on), by
 L{metricsResource} on a separate endpoint:
 
   - C{/metrics}: the Prometheus text format;
-  - C{/health}: 200 when the core MTA accepted a message or answered a
-    connection recently (or nothing was waiting to be relayed), else 503;
-    always 503 while the relay holds messages the core acknowledged but the
-    spool could not remove (L{msa.relay.runner.RelayRunner.unremovable}),
-    and while the shared limits store (Redis) cannot be reached.
+  - C{/health}: one entry per engine the MSA depends on, in JSON
+    (L{msa.service.health}).
+
+The rules in C{etc/prometheus/digipoort-msa-rules.yml} and the dashboard in
+C{etc/grafana/digipoort-msa.json} use these names; C{tests.test_dashboards}
+checks that every name they use is one the daemon serves.
 """
 
 import time
+from collections.abc import Callable, Iterator
 
+from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.twisted import MetricsResource
-from twisted.web.resource import Resource
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -63,28 +66,21 @@ RELAY_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
     registry=REGISTRY,
 )
-QUEUE_DEPTH = Gauge("msa_queue_messages", "Messages in the queue", registry=REGISTRY)
-QUEUE_OLDEST = Gauge(
-    "msa_queue_oldest_seconds",
-    "Age of the oldest message in the queue",
+QUEUE_DELAY_WARNING = Gauge(
+    "msa_queue_delay_warning_seconds",
+    "Age at which a queued message counts as delayed ([relay] "
+    "delay_warning_after, else 4 hours)",
+    registry=REGISTRY,
+)
+CERTIFICATE_EXPIRY = Gauge(
+    "msa_tls_certificate_expiry_timestamp",
+    "Unix time at which the served certificate expires (its notAfter)",
+    ["certificate"],
     registry=REGISTRY,
 )
 CORE_LAST_SUCCESS = Gauge(
     "msa_core_last_success_timestamp",
     "Unix time of the last delivery the core MTA accepted",
-    registry=REGISTRY,
-)
-
-AUDIT_LOST = Gauge(
-    "msa_audit_records_lost",
-    "Audit records that could not be written since the start (each is "
-    "accounted for by a lost record in the chain once the log can write)",
-    registry=REGISTRY,
-)
-AUDIT_LOST_PENDING = Gauge(
-    "msa_audit_records_lost_unrecorded",
-    "Audit records that could not be written and whose lost record is not "
-    "yet in the chain (the audit file system is still failing)",
     registry=REGISTRY,
 )
 
@@ -112,91 +108,187 @@ def lastCoreSuccess() -> float:
     return 0.0
 
 
-def watchQueue(spool) -> None:
-    """
-    Let the queue gauges read the spool when they are scraped.
-    """
+#: Seconds a count of the held messages is reused (L{heldMessages}).
+HELD_TTL = 5.0
+_heldCache: dict[object, tuple[float, dict[str, list[str]]]] = {}
 
-    def depth() -> float:
-        return float(len(spool.pending()))
 
-    def oldest() -> float:
-        pending = spool.pending()
-        if not pending:
-            return 0.0
+def heldMessages(spool, clock: Callable[[], float] = time.monotonic) -> dict:
+    """
+    The queue ids on hold, by why: C{"integrity"} (the MSA held it: its
+    bytes are not the ones acknowledged, L{msa.queue.integrity}) or
+    C{"operator"} (C{queue hold}).  Reads every queued entry: call it in a
+    thread (the scrape and C{/health} do); a count younger than
+    L{HELD_TTL} seconds is reused, so that scrapes and health checks of a
+    large queue (a long core outage) do not read it again and again.
+    """
+    now = clock()
+    key = getattr(spool, "queueDirectory", None) or id(spool)
+    cached = _heldCache.get(key)
+    if cached is not None and now - cached[0] < HELD_TTL:
+        return cached[1]
+    held = _readHeld(spool)
+    _heldCache.clear()
+    _heldCache[key] = (now, held)
+    return held
+
+
+def _readHeld(spool) -> dict[str, list[str]]:
+    held: dict[str, list[str]] = {"integrity": [], "operator": []}
+    for queueId in spool.pending():
         try:
-            entry = spool.load(pending[0])
+            entry = spool.load(queueId)
         except Exception:
-            return 0.0
-        return max(0.0, time.time() - entry.createdAt)
+            continue
+        if entry.held or entry.heldReason:
+            held["integrity" if entry.heldReason else "operator"].append(queueId)
+    return held
 
-    QUEUE_DEPTH.set_function(depth)
-    QUEUE_OLDEST.set_function(oldest)
+
+class QueueCollector(Collector):
+    """
+    The queue's gauges, read from the spool at each scrape (in the web
+    server's thread pool: the scrape may read the spool's files):
+    C{msa_queue_messages}, C{msa_queue_oldest_seconds} and
+    C{msa_queue_held_messages} by reason.
+    """
+
+    def __init__(self) -> None:
+        self.spool = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        spool = self.spool
+        depth = GaugeMetricFamily("msa_queue_messages", "Messages in the queue")
+        oldest = GaugeMetricFamily(
+            "msa_queue_oldest_seconds", "Age of the oldest message in the queue"
+        )
+        held = GaugeMetricFamily(
+            "msa_queue_held_messages",
+            "Messages on hold, by why: integrity (the MSA held it) or operator",
+            labels=["reason"],
+        )
+        if spool is not None:
+            pending = spool.pending()
+            depth.add_metric([], len(pending))
+            age = 0.0
+            if pending:
+                try:
+                    age = max(0.0, time.time() - spool.load(pending[0]).createdAt)
+                except Exception:
+                    pass
+            oldest.add_metric([], age)
+            for reason, ids in heldMessages(spool).items():
+                held.add_metric([reason], len(ids))
+        yield depth
+        yield oldest
+        yield held
+
+
+_QUEUE = QueueCollector()
+REGISTRY.register(_QUEUE)
+
+
+def watchQueue(spool, delayWarningAfter: float | None = None) -> None:
+    """
+    Let the queue gauges read C{spool} when they are scraped.
+
+    @param delayWarningAfter: C{[relay] delay_warning_after}; when unset,
+        4 hours (Postfix's C{delay_warning_time}) is what the alert calls
+        delayed.
+    """
+    _QUEUE.spool = spool
+    QUEUE_DELAY_WARNING.set(delayWarningAfter or 4 * 3600.0)
+
+
+def watchCertificate(path: str) -> None:
+    """
+    Export the expiry (notAfter) of the certificate in C{path}, the first
+    in the file: the one the listeners serve.
+    """
+    with open(path, "rb") as f:
+        certificate = x509.load_pem_x509_certificate(f.read())
+    CERTIFICATE_EXPIRY.labels(path).set(certificate.not_valid_after_utc.timestamp())
+
+
+class AuditCollector(Collector):
+    """
+    The audit log's account of the records it could not write
+    (L{msa.audit.lost}), read at each scrape:
+    C{msa_audit_records_lost_total}, every fact whose record could not be
+    written since the start (each is accounted for by a C{lost} record in
+    the chain once the log can write again), and
+    C{msa_audit_records_lost_unrecorded}, those whose C{lost} record is
+    not yet in the chain (the audit file system is still failing); and
+    C{msa_audit_write_failures_total}, every record that could not be made
+    durable.
+    """
+
+    def __init__(self) -> None:
+        self.audit = None
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        lost = CounterMetricFamily(
+            "msa_audit_records_lost",
+            "Facts (a delivery, a bounce, an operator's command) whose audit "
+            "record could not be written",
+        )
+        pending = GaugeMetricFamily(
+            "msa_audit_records_lost_unrecorded",
+            "Audit records lost whose lost record is not yet in the chain",
+        )
+        failures = CounterMetricFamily(
+            "msa_audit_write_failures",
+            "Audit records that could not be made durable (a message whose "
+            "acceptance record failed was refused with 451)",
+        )
+        if self.audit is not None:
+            lost.add_metric([], float(self.audit.lostTotal))
+            pending.add_metric([], float(self.audit.lostPending))
+            failures.add_metric([], float(self.audit.writeFailures))
+        yield lost
+        yield pending
+        yield failures
+
+
+_AUDIT = AuditCollector()
+REGISTRY.register(_AUDIT)
 
 
 def watchAudit(audit) -> None:
     """
-    Let the audit gauges read the audit log (L{msa.audit.AuditLog}) when
+    Let the audit metrics read the audit log (L{msa.audit.AuditLog}) when
     they are scraped.
     """
-    AUDIT_LOST.set_function(lambda: float(audit.lostTotal))
-    AUDIT_LOST_PENDING.set_function(lambda: float(audit.lostPending))
+    _AUDIT.audit = audit
 
 
-class HealthResource(Resource):
+#: The states of a component (L{msa.service.health}), best first.
+COMPONENT_STATES = ("ok", "degraded", "failing")
+
+
+class ComponentCollector(Collector):
     """
-    C{/health}: is the core MTA reachable?  Healthy when it accepted
-    something within C{window} seconds, or when the queue is empty (nothing
-    to tell from).
+    C{msa_component_status{component=..., status=...}}: for each component
+    (L{msa.service.health}) one series per state of L{COMPONENT_STATES},
+    1 for its state now and 0 for the others (a Prometheus state set); what
+    the alerts on Redis, PostgreSQL, the relay and the audit log read.
     """
 
-    isLeaf = True
+    def __init__(self) -> None:
+        self.probe: Callable[[], dict[str, str]] | None = None
 
-    def __init__(
-        self, spool, window: float = 900.0, clock=time.time, relay=None, limits=None
-    ) -> None:
-        super().__init__()
-        self.spool = spool
-        self.window = window
-        self.clock = clock
-        self.relay = relay
-        #: The shared limits (L{msa.policy.redislimits.RedisLimits}), or
-        #: L{None}: its C{healthProblem()} says why it is unhealthy.
-        self.limits = limits
-
-    def render_GET(self, request) -> bytes:
-        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-        unremovable = getattr(self.relay, "unremovable", None)
-        if unremovable:
-            request.setResponseCode(503)
-            reasons = "".join(f"{reason}\n" for reason in unremovable.values())
-            return (
-                f"spool cannot be changed: {len(unremovable)} message(s) "
-                f"delivered but not removed\n{reasons}"
-            ).encode()
-        problem = self.limits.healthProblem() if self.limits is not None else None
-        if problem:
-            request.setResponseCode(503)
-            return f"{problem}\n".encode()
-        last = lastCoreSuccess()
-        queued = len(self.spool.pending())
-        recent = last and self.clock() - last <= self.window
-        if recent or queued == 0:
-            return b"ok\n"
-        request.setResponseCode(503)
-        age = "never" if not last else f"{int(self.clock() - last)}s ago"
-        return (
-            f"core MTA not reached recently (last success {age}); "
-            f"{queued} message(s) queued\n"
-        ).encode()
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "msa_component_status",
+            "State of each engine the MSA depends on (1 for the current one)",
+            labels=["component", "status"],
+        )
+        if self.probe is not None:
+            for name, state in sorted(self.probe().items()):
+                for candidate in COMPONENT_STATES:
+                    family.add_metric([name, candidate], float(candidate == state))
+        yield family
 
 
-def metricsResource(
-    spool, healthWindow: float = 900.0, relay=None, limits=None
-) -> Resource:
-    root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry=REGISTRY))
-    root.putChild(
-        b"health", HealthResource(spool, healthWindow, relay=relay, limits=limits)
-    )
-    return root
+COMPONENTS = ComponentCollector()
+REGISTRY.register(COMPONENTS)

@@ -266,7 +266,7 @@ class FullAuditDiskTests(unittest.TestCase):
         self.assertEqual(lost["events"], {"relayed": len(missing)})
         self.assertEqual(sorted(lost["queueIds"]), sorted(missing))
         self.assertEqual(gauge("msa_audit_records_lost_unrecorded"), 0)
-        self.assertEqual(gauge("msa_audit_records_lost"), len(missing))
+        self.assertEqual(gauge("msa_audit_records_lost_total"), len(missing))
         # Each message reached the core exactly once.
         delivered = [q for m in core.messages for q in queueIds if q.encode() in m.data]
         self.assertEqual(sorted(delivered), sorted(queueIds))

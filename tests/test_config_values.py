@@ -330,6 +330,20 @@ BAD: list[Bad] = [
         extra="timeout = 5\n",
     ),
     Bad("limits.fallback", '"ignore"', "must be refuse or local (got 'ignore')"),
+    *path("limits.tls_ca"),
+    *path("limits.tls_certificate"),
+    *path("limits.tls_key"),
+    Bad(
+        "limits.tls_ca",
+        '"ca.pem"',
+        "only with a rediss:// url (got url = '127.0.0.1:6379 db 0')",
+    ),
+    Bad(
+        "limits.tls_key",
+        '"key.pem"',
+        "needs tls_certificate (got a tls_key only)",
+        extra='url = "rediss://localhost:6380/0"\n',
+    ),
 ]
 
 

@@ -728,7 +728,9 @@ def checkHealthWindow(env):
         return body if status == 503 else None
 
     body = eventually(unhealthy, "/health 503 after health_window")
-    assert body.startswith(b"core MTA not reached recently"), body
+    relay = json.loads(body)["components"]["relay"]
+    assert relay["status"] == "failing", body
+    assert relay["detail"].startswith("core MTA not reached recently"), body
 
 
 def checkRelayed(env):
@@ -1422,6 +1424,51 @@ ROWS += [
 ]
 
 
+# [limits] over TLS: a TLS-only Redis with a test CA, for the "rediss" group.
+
+
+def _tlsRedis(env: Env):
+    from tests.redisserver import tlsRedisServer
+
+    return env.memo("rediss", lambda: tlsRedisServer(env.testCase))
+
+
+def checkCountedOverTLS(env):
+    """
+    A failed login is counted in the TLS-only Redis: the MSA verified its
+    certificate with C{tls_ca} and showed C{tls_certificate} and its key.
+    """
+    client = connect(env)
+    token = base64.b64encode(b"\0nobody\0wrong").decode()
+    reply = client.docmd("AUTH PLAIN", token)
+    client.close()
+    assert reply[0] == 535, reply
+    key = "digipoort-msa:authfail:account:nobody:127.0.0.1"
+    assert _tlsRedis(env).integer("GET", key) >= 1, key
+
+
+ROWS += [
+    Row(
+        "limits.tls_ca",
+        lambda env: _tlsRedis(env).tls.serverCA,
+        checkCountedOverTLS,
+        "rediss",
+    ),
+    Row(
+        "limits.tls_certificate",
+        lambda env: _tlsRedis(env).tls.clientCertificate,
+        checkCountedOverTLS,
+        "rediss",
+    ),
+    Row(
+        "limits.tls_key",
+        lambda env: _tlsRedis(env).tls.clientKey,
+        checkCountedOverTLS,
+        "rediss",
+    ),
+]
+
+
 #: What a group needs besides its rows' keys.
 GROUP_BASE: dict[str, Callable[[Env], dict[str, dict]]] = {
     # A listener that takes the PROXY header.
@@ -1432,6 +1479,8 @@ GROUP_BASE: dict[str, Callable[[Env], dict[str, dict]]] = {
             ]
         }
     },
+    # rediss://: the TLS-only Redis of its rows.
+    "rediss": lambda env: {"limits": {"backend": "redis", "url": _tlsRedis(env).url}},
     # OpenSSL staples only for a certificate whose issuer is in the chain.
     "ocsp": lambda env: {
         "tls": {

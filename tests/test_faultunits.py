@@ -14,10 +14,10 @@ import os
 from twisted.internet import task
 from twisted.trial import unittest
 
-from msa import metrics
 from msa.queue.spool import FAILED, PENDING, Spool
 from msa.relay.protocol import ACCEPTED, PERMANENT
 from msa.relay.runner import RelayRunner
+from msa.service.health import Health
 from msa.service.startupchecks import checkFileLimit, filesNeeded
 from tests.helpers import Harness
 from tests.relaydata import FakeDownstream, allWith, makeEnvelope
@@ -228,12 +228,10 @@ class RelayFaultTests(unittest.TestCase):
         self.runner.wake(queueId)
         self.clock.advance(DAY)
         self.assertEqual(len(self.downstream.calls), 1)
-        request = _Request()
-        health = metrics.HealthResource(self.spool, relay=self.runner)
-        body = health.render_GET(request)
-        self.assertEqual(request.code, 503)
-        self.assertIn(b"spool cannot be changed: 1 message(s)", body)
-        self.assertIn(queueId.encode(), body)
+        spool = Health(self.spool, self.runner).spoolHealth()
+        self.assertEqual(spool.status, "failing")
+        self.assertIn("spool cannot be changed: 1 message(s)", spool.detail)
+        self.assertIn(queueId, spool.detail)
 
     def test_stateNotWrittenAfterPartialDelivery(self):
         """
@@ -290,16 +288,6 @@ class RelayFaultTests(unittest.TestCase):
         self.assertEqual(entry.attempts, 0)  # the unrecorded attempt is lost
         d.callback(allWith(entry, ACCEPTED, 250, "ok"))
         self.assertEqual(self.spool.pending(), [])
-
-
-class _Request:
-    code = 200
-
-    def setHeader(self, *a):
-        pass
-
-    def setResponseCode(self, code):
-        self.code = code
 
 
 class FakeResource:

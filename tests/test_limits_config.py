@@ -64,8 +64,8 @@ class LimitsConfigTests(unittest.TestCase):
         )
         self.assertError(
             "[limits]\nurl = 'http://localhost'\n",
-            f"{where} url: must start with redis:// or unix:// "
-            "(rediss:// is not supported) (got 'http://localhost')",
+            f"{where} url: must start with redis://, rediss://, redis+sentinel:// "
+            "or unix:// (got 'http://localhost')",
         )
         self.assertError(
             "[limits]\nurl = 'redis://localhost/x'\n",

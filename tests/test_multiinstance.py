@@ -22,6 +22,7 @@ STARTTLS and AUTH like any client:
 
 import base64
 import http.client
+import json
 import smtplib
 import threading
 
@@ -376,10 +377,12 @@ class TwoInstancesTests(unittest.TestCase):
                 )
             status, body = yield threads.deferToThread(self.health, index)
             self.assertEqual(status, 503)
+            limits = json.loads(body)["components"]["limits"]
+            self.assertEqual(limits["status"], "failing", body)
             self.assertTrue(
-                body.startswith(
+                limits["detail"].startswith(
                     f"limits store (Redis at 127.0.0.1:{self.redis.port} db 0) "
-                    "unreachable for ".encode()
+                    "unreachable for "
                 ),
                 body,
             )

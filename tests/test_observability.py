@@ -17,6 +17,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 
 from msa import metrics
+from msa.service.health import Health
 from tests.e2e import MESSAGE, AiosmtpdCore, RunningMSA, freePort
 from tests.test_e2e import submit
 
@@ -178,25 +179,16 @@ class MetricsTests(unittest.TestCase):
         self.assertIn('msa_messages_total{code="250"}', body)
         self.assertIn("msa_queue_messages", body)
         self.assertIn("msa_tls_handshakes_total", body)
+        self.assertIn("msa_tls_certificate_expiry_timestamp", body)
         status, body = yield threads.deferToThread(get, "/health")
-        self.assertEqual((status, body), (200, "ok\n"))
+        self.assertEqual((status, json.loads(body)["status"]), (200, "ok"))
 
     def test_healthUnreachableCore(self):
         class Spool:
             def pending(self):
                 return ["A1"]
 
-        class Request:
-            code = 200
-
-            def setHeader(self, *a):
-                pass
-
-            def setResponseCode(self, code):
-                self.code = code
-
-        resource = metrics.HealthResource(Spool(), window=60, clock=lambda: 1e10)
-        request = Request()
-        body = resource.render_GET(request)
-        self.assertEqual(request.code, 503)
-        self.assertIn(b"1 message(s) queued", body)
+        health = Health(Spool(), None, window=60, clock=lambda: 1e10)
+        relay = health.relayHealth()
+        self.assertEqual(relay.status, "failing")
+        self.assertIn("1 message(s) queued", relay.detail)

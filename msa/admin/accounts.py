@@ -28,6 +28,7 @@ from msa.accounts.model import (
 )
 from msa.admin.audit import AuditError, recordAccountEvent
 from msa.admin.fields import applyFields
+from msa.admin.progress import Progress
 from msa.admin.queue import AdminFailure as _Failed
 
 __all__ = ["accountsCommand", "parseMechanisms"]
@@ -278,7 +279,9 @@ def _import(c: _Command) -> int:
     c.save(accounts)
     c.say(f"imported {len(imported)} account(s) from {c.args.file} into {c.path}")
     status = 0
-    for name in sorted(imported):
+    # One durable audit record each: a large file takes a while.
+    progress = Progress("recording the imported accounts", len(imported), c.stderr)
+    for name in progress.over(sorted(imported)):
         status |= c.record("imported", imported[name])
     return status
 

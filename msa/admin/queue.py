@@ -11,6 +11,8 @@ import os
 import time
 from typing import Any
 
+from msa.admin.progress import Progress
+
 
 class AdminFailure(Exception):
     """
@@ -150,7 +152,7 @@ def queueCommand(config: Any, args: argparse.Namespace, stdout, stderr) -> int:
     from msa.service import controlsocket
 
     if args.queueCommand == "verify":
-        return verifyCommand(config, stdout)
+        return verifyCommand(config, stdout, stderr)
     command, queueId = args.queueCommand, getattr(args, "id", None)
     try:
         if queueId is not None:
@@ -218,12 +220,13 @@ def queueCommand(config: Any, args: argparse.Namespace, stdout, stderr) -> int:
     return 0
 
 
-def verifyCommand(config: Any, stdout) -> int:
+def verifyCommand(config: Any, stdout, stderr=None) -> int:
     """
     C{queue verify}: re-hash every queued message (read from the spool
     files, with or without the running server) and compare with the digest
     recorded when it was acknowledged (L{msa.queue.integrity}).  Prints a
-    line per message that does not verify and a summary.
+    line per message that does not verify and a summary; on a terminal, a
+    progress line on C{stderr} meanwhile (L{msa.admin.progress}).
 
     @return: 1 when any message's bytes are not the acknowledged ones, 0
         otherwise (messages without a recorded digest are listed as
@@ -236,7 +239,10 @@ def verifyCommand(config: Any, stdout) -> int:
     if not os.path.isdir(os.path.join(directory, "queue")):
         print("queue is empty", file=stdout)
         return 0
-    verdicts = verifySpool(Spool(directory, reactor=object()))
+    spool = Spool(directory, reactor=object())
+    pending = spool.pending()
+    progress = Progress("verifying the queue", len(pending), stderr)
+    verdicts = verifySpool(spool, progress.over(pending))
     counts = {"ok": 0, "mismatch": 0, "unverifiable": 0}
     for verdict in verdicts:
         counts[verdict.status] += 1

@@ -79,6 +79,10 @@ class AuditLog:
     @ivar lostTotal: how many facts could not be written since this writer
         was made (each accounted for by a C{lost} record once the log can
         write again).
+    @ivar writeFailures: how many records could not be made durable since
+        this writer was made (facts and acceptances alike).
+    @ivar lastFailure: what the last round that failed met, or L{None}
+        since the last round that wrote (for C{/health}).
     """
 
     def __init__(
@@ -112,6 +116,8 @@ class AuditLog:
         self._lost = LostRecords()
         self._lostLock = threading.Lock()
         self.lostTotal = 0
+        self.writeFailures = 0
+        self.lastFailure: str | None = None
 
     # -- opening and the chain head ------------------------------------
 
@@ -422,10 +428,14 @@ class AuditLog:
         except BaseException as e:
             self._putBackLost(owed)
             self._countLost([job.record for job in jobs if job.fact], e)
+            self.writeFailures += len(records)
+            self.lastFailure = str(e)
             raise
         finally:
             if any(job.close for job in jobs):
                 self._closeFiles()
+        if lines:
+            self.lastFailure = None
         seq = first + (1 if owed.count else 0)
         results: list[int | None] = []
         for job in jobs:

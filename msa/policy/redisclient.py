@@ -1,7 +1,9 @@
 # -*- test-case-name: tests.test_limits_redis,tests.test_limits_config -*-
 """
 The connection to Redis of the shared limits (L{msa.policy.redislimits}):
-its address from C{[limits] url} (L{RedisAddress}) and the one connection,
+its address from C{[limits] url} (L{RedisAddress}; C{rediss://} for TLS,
+the server's certificate verified; C{redis+sentinel://} for the master
+Redis Sentinel names) and the one connection,
 with a deadline on every call and the outage logged once
 (L{RedisConnection}).  txredisapi (the extra C{digipoort-msa[redis]}) is
 imported only when a connection is made.
@@ -14,7 +16,11 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    UNIXClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -29,7 +35,16 @@ log = Logger(namespace="msa.policy.redislimits")
 class RedisAddress:
     """
     Where Redis listens, from C{[limits] url}: C{redis://[[user]:password@]
-    host[:port][/db]} or C{unix:///path/to/socket[?db=N]}.
+    host[:port][/db]}, the same with C{rediss://} for TLS,
+    C{redis+sentinel://[[user]:password@]host:port[,host:port...]/service
+    [/db]} for the master of C{service} that Redis Sentinel names, or
+    C{unix:///path/to/socket[?db=N]}.
+
+    @ivar tls: C{rediss://}: TLS, the server's certificate verified against
+        C{host}.
+    @ivar sentinels: the Sentinels' (host, port) to ask; empty when the URL
+        names Redis itself.
+    @ivar service: the name of the master the Sentinels monitor.
     """
 
     host: str | None = None
@@ -38,6 +53,9 @@ class RedisAddress:
     db: int = 0
     username: str | None = None
     password: str | None = attrs.field(default=None, repr=False)
+    tls: bool = False
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str | None = None
 
     @classmethod
     def parse(cls, url: str) -> RedisAddress:
@@ -57,9 +75,11 @@ class RedisAddress:
             return cls(
                 path=parsed.path, db=int(db), username=username, password=password
             )
-        if parsed.scheme != "redis":
+        if parsed.scheme == "redis+sentinel":
+            return cls._sentinel(parsed, username, password)
+        if parsed.scheme not in ("redis", "rediss"):
             raise ValueError(
-                "must start with redis:// or unix:// (rediss:// is not supported)"
+                "must start with redis://, rediss://, redis+sentinel:// or unix://"
             )
         if not parsed.hostname:
             raise ValueError("no host in the URL")
@@ -76,15 +96,47 @@ class RedisAddress:
             db=int(db),
             username=username,
             password=password,
+            tls=parsed.scheme == "rediss",
+        )
+
+    @classmethod
+    def _sentinel(
+        cls,
+        parsed: urllib.parse.SplitResult,
+        username: str | None,
+        password: str | None,
+    ) -> RedisAddress:
+        sentinels = []
+        for item in parsed.netloc.rpartition("@")[2].split(","):
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{item!r} is not host:port of a Sentinel")
+            sentinels.append((host.strip("[]"), int(port)))
+        parts = parsed.path.strip("/").split("/")
+        if not parts[0] or len(parts) > 2:
+            raise ValueError("the path must be /service or /service/db")
+        db = parts[1] if len(parts) == 2 else "0"
+        if not db.isdigit():
+            raise ValueError(f"/{db} is not a database number")
+        return cls(
+            sentinels=tuple(sentinels),
+            service=parts[0],
+            db=int(db),
+            username=username,
+            password=password,
         )
 
     def describe(self) -> str:
         """
         The address for the log, without the password.
         """
+        if self.sentinels:
+            where = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+            return f"master {self.service} of Sentinel {where} db {self.db}"
         if self.path is not None:
             return f"unix:{self.path} db {self.db}"
-        return f"{self.host}:{self.port} db {self.db}"
+        over = " over TLS" if self.tls else ""
+        return f"{self.host}:{self.port} db {self.db}{over}"
 
 
 class RedisConnection:
@@ -111,14 +163,20 @@ class RedisConnection:
         timeout: float,
         reactor,
         whileUnavailable: str = "",
+        contextFactory: Any = None,
     ) -> None:
         self.address = address
+        #: The TLS client options for C{rediss://} (L{msa.tls.
+        #: clientContextFactory}), or L{None}.
+        self.contextFactory = contextFactory
         self.timeout = timeout
         self.reactor = reactor
         self.whileUnavailable = whileUnavailable
         self.unavailableSince: float | None = None
         self.lastError = ""
         self._factory: Any = None
+        #: txredisapi's Sentinel client, for C{redis+sentinel://}.
+        self._sentinel: Any = None
 
     def connect(self) -> None:
         # Imported here: txredisapi is needed only with backend = "redis"
@@ -126,36 +184,63 @@ class RedisConnection:
         import txredisapi
 
         address = self.address
-        factory = txredisapi.RedisFactory(
-            address.describe(),
-            # Database 0 needs no SELECT: txredisapi stops reconnecting for
-            # good when the connection drops during its SELECT (or AUTH).
-            address.db or None,
-            1,
+        options: dict[str, Any] = dict(
             isLazy=True,
             password=address.password,
             username=address.username,
             replyTimeout=self.timeout,
             convertNumbers=False,
         )
+        # Database 0 needs no SELECT: txredisapi stops reconnecting for good
+        # when the connection drops during its SELECT (or AUTH).
+        dbid = address.db or None
+        factory: Any
+        if address.sentinels:
+            # txredisapi's Sentinel client asks the Sentinels for the
+            # service's master before every connection, and drops the
+            # connections to a master that lost its role (a failover).
+            sentinel = txredisapi.Sentinel(
+                list(address.sentinels),
+                connectTimeout=self.timeout,
+                replyTimeout=self.timeout,
+            )
+            sentinel.discovery_timeout = max(self.timeout, 1.0)
+            self._sentinel = sentinel
+            factory = sentinel.master_for(address.service, dbid=dbid, **options)
+            factory = factory._factory
+        else:
+            factory = txredisapi.RedisFactory(address.describe(), dbid, 1, **options)
         factory.initialDelay = 0.2
         factory.maxDelay = self.maxReconnectDelay
-        endpoint: Any
-        if address.path is not None:
-            endpoint = UNIXClientEndpoint(self.reactor, address.path, self.timeout)
-        else:
-            assert address.host is not None
-            endpoint = HostnameEndpoint(
-                self.reactor, address.host, address.port, self.timeout
-            )
-        factory.startConnecting(endpoint)
+        if not address.sentinels:
+            factory.startConnecting(self._endpoint())
         self._factory = factory
+
+    def _endpoint(self) -> Any:
+        """
+        Where Redis itself listens: its UNIX socket, or its host and port
+        (with TLS for C{rediss://}).
+        """
+        address = self.address
+        if address.path is not None:
+            return UNIXClientEndpoint(self.reactor, address.path, self.timeout)
+        assert address.host is not None
+        endpoint: Any = HostnameEndpoint(
+            self.reactor, address.host, address.port, self.timeout
+        )
+        if self.contextFactory is not None:
+            endpoint = wrapClientTLS(self.contextFactory, endpoint)
+        return endpoint
 
     def disconnect(self) -> defer.Deferred:
         factory, self._factory = self._factory, None
+        sentinel, self._sentinel = self._sentinel, None
         if factory is None:
             return defer.succeed(None)
-        return factory.disconnect()
+        done = [factory.disconnect()]
+        if sentinel is not None:
+            done.append(sentinel.disconnect())
+        return defer.gatherResults(done, consumeErrors=True)
 
     def call(self, command: str, *args: Any) -> defer.Deferred:
         """

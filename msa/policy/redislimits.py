@@ -51,6 +51,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -183,6 +184,8 @@ class RedisLimits(service.Service):
     @ivar lease: seconds a hold or session lives in Redis without being
         refreshed by its instance.
     @ivar instance: this process's part of hold and session ids.
+    @param contextFactory: the TLS client options for a C{rediss://}
+        address, or L{None}.
     """
 
     def __init__(
@@ -195,6 +198,7 @@ class RedisLimits(service.Service):
         local: bool = False,
         reactor=None,
         clock: Callable[[], float] = time.time,
+        contextFactory: Any = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -211,7 +215,9 @@ class RedisLimits(service.Service):
             else "until it answers MAIL gets 451 4.3.0 and AUTH 454 4.7.0 "
             "(fallback = refuse)"
         )
-        self.connection = RedisConnection(address, timeout, reactor, consequence)
+        self.connection = RedisConnection(
+            address, timeout, reactor, consequence, contextFactory
+        )
         #: key -> member -> True: the holds and sessions kept alive here.
         self._live: dict[tuple[str, str], bool] = {}
         #: id -> update to retry (commits, releases) until Redis takes it.

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 
 import attrs
@@ -236,13 +236,17 @@ class Verdict:
     detail: str = ""
 
 
-def verifySpool(spool: Any) -> list[Verdict]:
+def verifySpool(spool: Any, queueIds: Iterable[str] | None = None) -> list[Verdict]:
     """
     Re-hash every message queued in C{spool} (a L{msa.queue.spool.Spool}),
     oldest first.  A message that leaves the queue meanwhile is skipped.
+
+    @param queueIds: the messages to verify, when not all of
+        C{spool.pending()} (the admin command passes them through its
+        progress line).
     """
     verdicts = []
-    for queueId in spool.pending():
+    for queueId in spool.pending() if queueIds is None else queueIds:
         try:
             entry = spool.load(queueId)
             if not recorded(entry):

@@ -223,6 +223,18 @@ def _resolveLimits(path: str | None, limits: dict[str, Any]) -> None:
     from msa.policy.redisclient import RedisAddress
 
     limits["address"] = RedisAddress.parse(limits["url"])  # checked by SCHEMA
+    if not limits["address"].tls:
+        for key in ("tls_ca", "tls_certificate", "tls_key"):
+            if limits[key] is not None:
+                raise ConfigError(
+                    f"{_where(path, 'limits', key)}: only with a rediss:// url "
+                    f"(got url = {limits['address'].describe()!r})"
+                )
+    if limits["tls_key"] is not None and limits["tls_certificate"] is None:
+        raise ConfigError(
+            f"{_where(path, 'limits', 'tls_key')}: needs tls_certificate "
+            "(got a tls_key only)"
+        )
     if limits["lease"] < 3 * limits["timeout"]:
         raise ConfigError(
             f"{_where(path, 'limits', 'lease')}: must be at least three times "

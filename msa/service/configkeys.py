@@ -220,5 +220,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "timeout": number(1.0, 0.01, 60, "Seconds per Redis call."),
         "lease": number(60, 0.1, DAY, "Seconds a hold lasts unrefreshed."),
         "fallback": choice("refuse", LIMITS_FALLBACKS, "While Redis is away."),
+        "tls_ca": path(None, "CA bundle for Redis's certificate (rediss://)."),
+        "tls_certificate": path(None, "Client certificate towards Redis."),
+        "tls_key": path(None, "Its key."),
     },
 }

@@ -47,6 +47,7 @@ from msa.sasl import MechanismContext
 from msa.service import logs
 from msa.service.config import Config, ConfigError, loadConfig
 from msa.service.controlsocket import ControlService, socketPath
+from msa.service.health import Health, healthSite
 from msa.service.services import (
     AccountWatcher,
     AuditLogService,
@@ -281,16 +282,18 @@ def buildService(config: Config, reactor=None) -> OrderedShutdown:
     sharedLimits = _sharedLimits(config, throttle, reactor)
     if sharedLimits is not None:
         sharedLimits.setServiceParent(top)
-    metrics.watchQueue(spool)
+    metrics.watchQueue(spool, relay["delay_warning_after"])
+    metrics.watchCertificate(certFile)
     if config["metrics"]["listen"]:
-        site = Site(
-            metrics.metricsResource(
-                spool,
-                config["metrics"]["health_window"],
-                relay=runner,
-                limits=sharedLimits,
-            )
+        health = Health(
+            spool,
+            runner,
+            config["metrics"]["health_window"],
+            limits=sharedLimits,
+            accounts=store,
+            audit=spool.audit,
         )
+        site = Site(healthSite(health))
         # strports.service: a port that cannot be bound fails the start.
         metricsService = strports.service(config["metrics"]["listen"], site, reactor)
         metricsService.setServiceParent(top)
@@ -399,6 +402,16 @@ def _sharedLimits(
     limits = config["limits"]
     if limits["backend"] != "redis":
         return None
+    contextFactory = None
+    if limits["address"].tls:
+        # rediss://: Redis's certificate verified against the URL's host
+        # (R14's rule for the core, applied to every engine we talk to).
+        contextFactory = tls.clientContextFactory(
+            limits["address"].host,
+            caFile=limits["tls_ca"],
+            clientCertFile=limits["tls_certificate"],
+            clientKeyFile=limits["tls_key"],
+        )
     shared = RedisLimits(
         limits["address"],
         prefix=limits["key_prefix"],
@@ -407,6 +420,7 @@ def _sharedLimits(
         throttle=throttle,
         local=limits["fallback"] == "local",
         reactor=reactor,
+        contextFactory=contextFactory,
     )
     shared.setName("limits")
     return shared
