@@ -245,6 +245,32 @@ class RateLimiterBucketTests(unittest.TestCase):
         self.assertEqual(self.limiter.accounts(), 1)
         self.assertNotIn("acme", self.limiter._sent)
 
+    def test_nothingKeptWithoutLimits(self):
+        """
+        The messages of an account without rates are not kept at all.
+        """
+        for _ in range(1000):
+            self.limiter.reserve("acme", AccountRules()).commit()
+            self.clock.now += 0.5
+        self.assertEqual(self.limiter.accounts(), 0)
+
+    def test_aMinuteKeptWithAPerMinuteLimit(self):
+        """
+        With only C{messagesPerMinute}, a minute of sends is kept, not a
+        day; a per-day limit added later counts from what is kept.
+        """
+        rules = AccountRules(messagesPerMinute=1000)
+        for _ in range(300):
+            self.limiter.reserve("acme", rules).commit()
+            self.clock.now += 1
+        sent = self.limiter._sent["acme"]
+        sent.advance(self.clock())
+        self.assertEqual((len(sent.recent), len(sent.older)), (59, 0))
+        daily = AccountRules(messagesPerMinute=1000, messagesPerDay=60)
+        self.limiter.reserve("acme", daily).commit()
+        error = self.assertRaises(SMTPReply, self.limiter.reserve, "acme", daily)
+        self.assertIn("60 messages per day", error.text)
+
     def test_dayOfSendsIsBounded(self):
         """
         A message every second for two days leaves one day of buckets.

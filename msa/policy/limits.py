@@ -53,12 +53,18 @@ class _SentMessages:
     (never shorter), so the limit is never exceeded over any window.  With
     whole-second times (as in the tests) that is exact.  Memory: at most one
     bucket per second of the day (86,400) for an account that sends every
-    second, however many messages per second.
+    second, however many messages per second; and only as far back as the
+    account's limits look (L{horizon}).
+
+    @ivar horizon: the longest window with a limit: L{DAY}, or L{MINUTE}
+        when the account has only a per-minute limit (then nothing older
+        than a minute is kept).
     """
 
-    __slots__ = ("recent", "older", "recentCount", "olderCount")
+    __slots__ = ("recent", "older", "recentCount", "olderCount", "horizon")
 
     def __init__(self) -> None:
+        self.horizon = DAY
         self.recent: collections.deque[list[int]] = collections.deque()
         self.older: collections.deque[list[int]] = collections.deque()
         self.recentCount = 0
@@ -72,8 +78,9 @@ class _SentMessages:
         while self.recent and self.recent[0][0] <= now - MINUTE:
             bucket = self.recent.popleft()
             self.recentCount -= bucket[1]
-            self.older.append(bucket)
-            self.olderCount += bucket[1]
+            if self.horizon == DAY:
+                self.older.append(bucket)
+                self.olderCount += bucket[1]
         while self.older and self.older[0][0] <= now - DAY:
             self.olderCount -= self.older.popleft()[1]
 
@@ -107,6 +114,18 @@ class _SentMessages:
         return bool(self.recent or self.older)
 
 
+def horizon(rules: "AccountRules") -> int:
+    """
+    How far back the limits of C{rules} look, in seconds: a day, a minute,
+    or 0 without limits (then nothing needs counting).
+    """
+    if rules.messagesPerDay is not None:
+        return DAY
+    if rules.messagesPerMinute is not None:
+        return MINUTE
+    return 0
+
+
 @implementer(IRateLimiter)
 class RateLimiter:
     """
@@ -119,8 +138,12 @@ class RateLimiter:
 
     Each check and each message costs O(1) amortised: the account's sends
     are counted per second (L{_SentMessages}, which says how the windows
-    are rounded), with running totals per window.  An account idle for a
-    day is forgotten.
+    are rounded), with running totals per window.  Only what the account's
+    limits need is kept: nothing for an account without limits, a minute
+    for one with only C{messagesPerMinute}.  So a limit added to an account
+    (the accounts file reloaded) counts the messages from then on, and
+    those of the last minute when only a per-minute limit was there before.
+    An account idle for a day is forgotten.
     """
 
     WINDOWS = (("messagesPerMinute", MINUTE, "minute"), ("messagesPerDay", DAY, "day"))
@@ -170,7 +193,7 @@ class RateLimiter:
         """
         self.check(account, rules)
         self._held[account] = self._held.get(account, 0) + 1
-        return RateReservation(self, account)
+        return RateReservation(self, account, horizon(rules))
 
     def held(self, account: str) -> int:
         """
@@ -185,11 +208,26 @@ class RateLimiter:
         else:
             self._held.pop(account, None)
 
-    def record(self, account: str) -> None:
+    def record(self, account: str, horizon: int = DAY) -> None:
+        """
+        Count a message of C{account} sent now.
+
+        @param horizon: how far back its limits look (L{horizon}); by
+            default a day, for a message whose rules are not known.  With
+            C{0} (no limits) it is not counted at all: an account given a
+            limit later is counted from then on.
+        """
         now = self.clock()
         sent = self._sent.pop(account, None)
         if sent is None:
+            if not horizon:
+                return
             sent = _SentMessages()
+        if horizon:
+            sent.horizon = horizon
+            if horizon != DAY:
+                sent.older.clear()
+                sent.olderCount = 0
         # Re-inserted at the end: the table stays ordered by last activity.
         self._sent[account] = sent
         sent.advance(now)
@@ -223,9 +261,10 @@ class RateReservation:
     calls has an effect, so every path that ends a transaction may call them.
     """
 
-    def __init__(self, limiter: RateLimiter, account: str) -> None:
+    def __init__(self, limiter: RateLimiter, account: str, horizon: int = DAY) -> None:
         self._limiter = limiter
         self.account = account
+        self.horizon = horizon
         self.settled = False
 
     def commit(self) -> None:
@@ -235,7 +274,7 @@ class RateReservation:
         if not self.settled:
             self.settled = True
             self._limiter._unhold(self.account)
-            self._limiter.record(self.account)
+            self._limiter.record(self.account, self.horizon)
 
     def release(self) -> None:
         """
