@@ -97,8 +97,10 @@ class AuthThrottle:
         loses its count only after L{MAX_PAIRS} newer pairs, as above.
 
     Memory: at most L{MAX_ADDRESSES} + L{MAX_PAIRS} counters of bounded size
-    (names past 64 characters are kept as their SHA-256): about 50 MB at the
-    defaults, whatever the clients send.
+    (names past 64 characters are kept as their SHA-256): at the defaults
+    about 75 MB whatever the clients send (measured: 63 MB traced for the
+    200,000 counters of IPv6 addresses and 64-character names, plus the
+    names themselves).
 
     @ivar base: delay after the first failure; doubles with each further one.
     @ivar maximum: the longest delay.
