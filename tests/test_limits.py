@@ -64,7 +64,7 @@ class AuthDelayCapTests(unittest.TestCase):
     def seeded(self, failures: int, **kwargs) -> AuthThrottle:
         clock = FakeTime()
         throttle = AuthThrottle(clock=clock, **kwargs)
-        throttle._failures[("account", "acme", "198.51.100.7")] = (failures, clock())
+        throttle.failed("198.51.100.7", "acme", failures)
         return throttle
 
     def test_oneFailure(self):
@@ -105,7 +105,7 @@ class AuthDelayCapTests(unittest.TestCase):
         throttle = self.seeded(10**6, base=0.5, maximum=16)
         self.assertEqual(throttle.delay("198.51.100.7", "acme"), 16)
         # Per client address alone (a quarter of the count) too.
-        throttle._failures[("ip", "198.51.100.7")] = (4 * 10**6, throttle.clock())
+        throttle.failed("198.51.100.7", "guesses", 3 * 10**6)
         self.assertEqual(throttle.delay("198.51.100.7", "other"), 16)
 
 
@@ -123,7 +123,7 @@ class AuthDelayCapSocketTests(unittest.TestCase):
         throttle = throttleOf(msa.service)
         # Seeded rather than produced by 2,000 logins over the network: what
         # matters is the count the delay is computed from.
-        throttle._failures[("account", "alice", "127.0.0.1")] = (2000, throttle.clock())
+        throttle.failed("127.0.0.1", "alice", 2000)
 
         def session():
             client = smtplib.SMTP_SSL(

@@ -487,7 +487,9 @@ class AuthorizationRuleEdgeTests(unittest.TestCase):
         limiter.record("acme")
         clock.now += 86399
         limiter.record("acme")
-        self.assertEqual(list(limiter._sent["acme"]), [clock.now - 86399, clock.now])
+        sent = limiter._sent["acme"]
+        seconds = [second for second, _ in sent.older + sent.recent]
+        self.assertEqual(seconds, [clock.now - 86399, clock.now])
 
 
 def openDescriptors() -> int:
@@ -874,10 +876,9 @@ class DigestDirectiveEdgeTests(unittest.TestCase):
 
 class AuthThrottleEdgeTests(unittest.TestCase):
     def test_capIs64Doublings(self):
-        throttle = AuthThrottle(base=1.0, maximum=float("inf"), clock=FakeTime())
-        key = ("account", "acme", "198.51.100.7")
         for count, delay in ((64, 2.0**63), (65, 2.0**64), (66, 2.0**64)):
-            throttle._failures[key] = (count, throttle.clock())
+            throttle = AuthThrottle(base=1.0, maximum=float("inf"), clock=FakeTime())
+            throttle.failed("198.51.100.7", "acme", count)
             self.assertEqual(throttle.delay("198.51.100.7", "acme"), delay)
 
     def test_perAddressCountsAQuarter(self):
@@ -898,33 +899,20 @@ class AuthThrottleEdgeTests(unittest.TestCase):
         self.assertEqual(throttle.delay("198.51.100.7", "acme"), 0.5)
         clock.now += 0.5
         self.assertEqual(throttle.delay("198.51.100.7", "acme"), 0)
-        self.assertEqual(throttle._failures, {})
+        self.assertEqual(throttle.counters(), 0)
 
-    def fill(self, throttle, count: int, age: float) -> None:
-        when = throttle.clock() - age
-        for i in range(count):
-            throttle._failures[("ip", f"old{i}")] = (1, when)
-
-    def test_expiredAbove100000Entries(self):
+    def test_forgottenDroppedAtTheNextFailure(self):
         """
-        Memory is bounded: past 100,000 counters, the forgotten ones are
-        dropped at the next failure.
+        Memory is bounded: counters forgotten by now are dropped at the next
+        failure, whatever the size of the table, and recent ones are kept.
         """
         clock = FakeTime()
-        clock.now = 10_000
         throttle = AuthThrottle(forget=900, clock=clock)
-        self.fill(throttle, 99998, 901)
+        for i in range(10):
+            throttle.failed(f"192.0.2.{i}", "acme")
+        clock.now += 1
+        throttle.failed("198.51.100.8", "acme")
+        clock.now += 900
         throttle.failed("198.51.100.7", "acme")
-        self.assertEqual(len(throttle._failures), 100000)
-        throttle._failures.clear()
-        self.fill(throttle, 99999, 901)
-        throttle.failed("198.51.100.7", "acme")
-        self.assertEqual(len(throttle._failures), 2)
-
-    def test_expireKeepsRecentCounts(self):
-        clock = FakeTime()
-        clock.now = 10_000
-        throttle = AuthThrottle(forget=900, clock=clock)
-        self.fill(throttle, 99999, 900)
-        throttle.failed("198.51.100.7", "acme")
-        self.assertEqual(len(throttle._failures), 100001)
+        # The ten are 901 s old: gone; the one 900 s old stays.
+        self.assertEqual(throttle.counters(), 4)

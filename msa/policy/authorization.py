@@ -14,25 +14,25 @@ Per account (JSON keys in the account's entry, all optional unless said):
   - C{messagesPerMinute}, C{messagesPerDay}, C{maxSessions}: rates.
 
 Rates and failed-login counters are kept in memory, per MSA instance, by
-the classes here; with C{[limits] backend = "redis"} every instance shares
+L{msa.policy.limits}; with C{[limits] backend = "redis"} every instance shares
 them (L{msa.policy.redislimits}).
 """
 
-import collections
-import time
 from typing import Any
 
 import attrs
 from zope.interface import implementer
 
-from msa.errors import SMTPReply
-from msa.interfaces import (
-    IAuthThrottle,
-    IContentPolicy,
-    IRateLimiter,
-    IRateReservation,
-)
+from msa.interfaces import IAuthThrottle, IContentPolicy, IRateLimiter
 from msa.policy.headerfrom import checkAuthorFields
+
+# The memory limiters live in msa.policy.limits; their names stay importable
+# from here, where embedders and the Redis backend found them.
+from msa.policy.limits import AuthThrottle as AuthThrottle
+from msa.policy.limits import RateLimiter as RateLimiter
+from msa.policy.limits import RateReservation as RateReservation
+from msa.policy.limits import failedLoginDelay as failedLoginDelay
+from msa.policy.limits import rateLimitReply as rateLimitReply
 from msa.policy.mailboxes import formatAddrSpec, splitAddrSpec
 
 _INT_KEYS = (
@@ -157,213 +157,6 @@ class AccountRules:
         if unknown:
             raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))}")
         return cls(**values)
-
-
-def rateLimitReply(limit: int, name: str, retry: int) -> SMTPReply:
-    """
-    The reply at MAIL past a rate: C{name} is C{"minute"} or C{"day"},
-    C{retry} the seconds until a slot frees up.
-    """
-    return SMTPReply(
-        451,
-        "4.7.1",
-        f"Rate limit of {limit} messages per {name} reached for this "
-        f"account; try again in {retry} seconds",
-    )
-
-
-@implementer(IRateLimiter)
-class RateLimiter:
-    """
-    Messages per minute and per day for each account, over sliding windows.
-
-    A slot is reserved at MAIL (L{reserve}: the check and the count in one
-    step, so that concurrent sessions of one account cannot all pass the
-    check before any of them is counted) and then either committed with the
-    message or released when the transaction ends without one.
-    """
-
-    WINDOWS = (("messagesPerMinute", 60, "minute"), ("messagesPerDay", 86400, "day"))
-
-    def __init__(self, clock=time.time) -> None:
-        self.clock = clock
-        self._sent: dict[str, collections.deque] = {}
-        self._held: dict[str, int] = {}
-
-    def check(self, account: str, rules: AccountRules) -> None:
-        """
-        @raise SMTPReply: 451 4.7.1 saying when to retry, past a limit.
-            Reserved slots count as messages sent now.
-        """
-        now = self.clock()
-        sent = self._sent.get(account, ())
-        held = self._held.get(account, 0)
-        if not sent and not held:
-            return
-        for key, window, name in self.WINDOWS:
-            limit = getattr(rules, key)
-            if limit is None:
-                continue
-            inWindow = [t for t in sent if t > now - window] + [now] * held
-            if len(inWindow) >= limit:
-                retry = int(inWindow[-limit] + window - now) + 1
-                raise rateLimitReply(limit, name, retry)
-
-    def reserve(self, account: str, rules: AccountRules) -> "RateReservation":
-        """
-        Check and hold one message slot of C{account}, atomically (the
-        reactor runs one call at a time).
-
-        @raise SMTPReply: as L{check}; nothing is held then.
-        """
-        self.check(account, rules)
-        self._held[account] = self._held.get(account, 0) + 1
-        return RateReservation(self, account)
-
-    def held(self, account: str) -> int:
-        """
-        How many slots of C{account} are reserved and not yet settled.
-        """
-        return self._held.get(account, 0)
-
-    def _unhold(self, account: str) -> None:
-        left = self._held.get(account, 0) - 1
-        if left > 0:
-            self._held[account] = left
-        else:
-            self._held.pop(account, None)
-
-    def record(self, account: str) -> None:
-        now = self.clock()
-        sent = self._sent.setdefault(account, collections.deque())
-        sent.append(now)
-        while sent and sent[0] <= now - 86400:
-            sent.popleft()
-
-
-@implementer(IRateReservation)
-class RateReservation:
-    """
-    One message slot held by L{RateLimiter.reserve}: L{commit} counts it as
-    a message sent, L{release} gives it back.  Only the first of the two
-    calls has an effect, so every path that ends a transaction may call them.
-    """
-
-    def __init__(self, limiter: RateLimiter, account: str) -> None:
-        self._limiter = limiter
-        self.account = account
-        self.settled = False
-
-    def commit(self) -> None:
-        """
-        The message is queued: it counts against the account's rates.
-        """
-        if not self.settled:
-            self.settled = True
-            self._limiter._unhold(self.account)
-            self._limiter.record(self.account)
-
-    def release(self) -> None:
-        """
-        The transaction ended without a queued message.
-        """
-        if not self.settled:
-            self.settled = True
-            self._limiter._unhold(self.account)
-
-
-def failedLoginDelay(
-    base: float, maximum: float, addressFailures: int, accountFailures: int
-) -> float:
-    """
-    The delay before answering a failed login, from the failures counted so
-    far for the client address and for (account, client address): it
-    doubles with each failure of the account from that address, and with
-    every fourth of the address whatever the account.
-    """
-    count = max(addressFailures // 4, accountFailures)
-    if count == 0:
-        return 0.0
-    # The exponent is capped: 2 ** 1024 no longer fits a float, and the
-    # OverflowError would leave that AUTH without any reply.
-    exponent = min(count - 1, AuthThrottle.MAX_EXPONENT)
-    return min(maximum, base * 2.0**exponent)
-
-
-@implementer(IAuthThrottle)
-class AuthThrottle:
-    """
-    Escalating delay before a failed login's 535, counted per client address
-    and per (account, client address).  There is no lockout: a third party
-    guessing a company's password slows down only its own address, never the
-    company's own logins from elsewhere.
-
-    @ivar base: delay after the first failure; doubles with each further one.
-    @ivar maximum: the longest delay.
-    @ivar forget: seconds after the last failure when the count is forgotten.
-    """
-
-    #: Doublings counted at most: far past any configured maximum, and far
-    #: below where the delay would overflow a float.
-    MAX_EXPONENT = 64
-
-    def __init__(
-        self,
-        base: float = 0.5,
-        maximum: float = 16.0,
-        forget: float = 900.0,
-        clock=time.time,
-    ) -> None:
-        self.base = base
-        self.maximum = maximum
-        self.forget = forget
-        self.clock = clock
-        self._failures: dict[tuple, tuple[int, float]] = {}
-
-    def _count(self, key: tuple) -> int:
-        count, last = self._failures.get(key, (0, 0.0))
-        if self.clock() - last > self.forget:
-            self._failures.pop(key, None)
-            return 0
-        return count
-
-    def delay(self, clientAddress: str, account: str) -> float:
-        """
-        How long to wait before answering a failed login now.
-        """
-        return failedLoginDelay(
-            self.base,
-            self.maximum,
-            self._count(("ip", clientAddress)),
-            self._count(("account", account, clientAddress)),
-        )
-
-    def failedLogin(self, clientAddress: str, account: str) -> float:
-        """
-        L{IAuthThrottle}: the delay, then count the failure.
-        """
-        delay = self.delay(clientAddress, account)
-        self.failed(clientAddress, account)
-        return delay
-
-    def succeededLogin(self, clientAddress: str, account: str) -> None:
-        self.succeeded(clientAddress, account)
-
-    def failed(self, clientAddress: str, account: str) -> None:
-        now = self.clock()
-        for key in (("ip", clientAddress), ("account", account, clientAddress)):
-            self._failures[key] = (self._count(key) + 1, now)
-        if len(self._failures) > 100000:
-            self._expire()
-
-    def succeeded(self, clientAddress: str, account: str) -> None:
-        self._failures.pop(("account", account, clientAddress), None)
-
-    def _expire(self) -> None:
-        now = self.clock()
-        for key, (_, last) in list(self._failures.items()):
-            if now - last > self.forget:
-                del self._failures[key]
 
 
 @implementer(IContentPolicy)
