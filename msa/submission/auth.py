@@ -23,9 +23,10 @@ from twisted.python.failure import Failure
 from msa import metrics
 from msa.accounts.clientcert import peerIdentities
 from msa.errors import LimitsUnavailable, SMTPReply
-from msa.interfaces import ISubmission
+from msa.interfaces import IMechanismCredentials, ISubmission
 from msa.sasl import Authenticate, Challenge
 from msa.submission.phase import SessionPhase
+from msa.tls import tlsConnection
 
 if TYPE_CHECKING:
     from msa.submission.server import SubmissionServer
@@ -52,8 +53,8 @@ def channelBindings(transport: object) -> dict[str, bytes]:
     is safe only with the extended master secret, which pyOpenSSL cannot
     tell us was negotiated, so TLS 1.2 gets no channel binding.
     """
-    conn = getattr(transport, "getHandle", lambda: None)()
-    if not isinstance(conn, SSL.Connection):
+    conn = tlsConnection(transport)
+    if conn is None:
         return {}
     if conn.get_protocol_version_name() != "TLSv1.3":
         return {}
@@ -240,7 +241,10 @@ class AuthExchange:
             return
         assert isinstance(result, Authenticate)
         server.enter(SessionPhase.COMMAND)
-        self._attemptedUser = str(getattr(result.credentials, "username", ""))
+        credentials = IMechanismCredentials(result.credentials, None)
+        self._attemptedUser = (
+            str(credentials.username) if credentials is not None else ""
+        )
         server.session.clientCertificate = peerIdentities(server.transport)
         d = server.factory.portal.login(result.credentials, server.session, ISubmission)
         d.addCallbacks(self._loggedIn, self._loginFailed)
@@ -280,7 +284,7 @@ class AuthExchange:
         assert self._pendingLogin is not None
         avatar, logout = self._pendingLogin
         self._pendingLogin = None
-        maxSessions = getattr(avatar, "maxSessions", None)
+        maxSessions = avatar.maxSessions
         limiter = server.factory.sessionLimiter
         sessionId = server.session.sessionId
         if maxSessions is None:
