@@ -25,6 +25,7 @@ from msa.accounts.clientcert import peerIdentities
 from msa.errors import LimitsUnavailable, SMTPReply
 from msa.interfaces import IMechanismCredentials, ISubmission
 from msa.sasl import Authenticate, Challenge
+from msa.sasl.digest_md5 import parseDirectives
 from msa.submission.phase import SessionPhase
 from msa.tls import tlsConnection
 
@@ -63,6 +64,29 @@ def channelBindings(transport: object) -> dict[str, bytes]:
     except SSL.Error:
         return {}
     return {"tls-exporter": data}
+
+
+def namedUser(mechanism: str, response: bytes) -> str:
+    """
+    The user name a client's SASL response names, for the log line and the
+    throttle key of a refusal the mechanism makes itself, before any
+    credentials reach the checker (a wrong realm, the digest-uri of another
+    service): DIGEST-MD5's C{username} directive, decoded as the mechanism
+    does (UTF-8, else ISO 8859-1).
+
+    @return: the name, or C{""} when the response names none or belongs
+        to another mechanism.
+    """
+    if mechanism != "DIGEST-MD5":
+        return ""
+    try:
+        raw = parseDirectives(response).get("username", b"")
+    except SMTPReply:
+        return ""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("iso-8859-1")
 
 
 class AuthExchange:
@@ -258,6 +282,9 @@ class AuthExchange:
         decoded = self._decodeSASL(line)
         if decoded is not None:
             mechanism = self._mechanism
+            # Should the mechanism refuse the response itself (a wrong
+            # realm), the refusal is still the named user's.
+            self._attemptedUser = namedUser(self._server.session.mechanism, decoded)
             self._saslStep(lambda: mechanism.respond(decoded))
 
     def _loggedIn(self, result: tuple[object, ISubmission, Callable[[], None]]) -> None:
