@@ -268,7 +268,9 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
             )
             self.hangUp()
             return
-        if hasattr(self.transport, "setTcpNoDelay"):
+        # Replies go out at once (not after Nagle's delay); a UNIX socket
+        # (behind a local proxy) has no such option.
+        if interfaces.ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
         self.canStartTLS = (
             interfaces.ITLSTransport.providedBy(self.transport) and self.ctx is not None
