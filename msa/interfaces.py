@@ -20,6 +20,18 @@ class ISubmission(Interface):
     """
 
     account = Attribute("The account name (L{str}) this avatar submits for.")
+    maxMessageSize = Attribute(
+        "The account's own message size limit in octets (L{int}), or L{None}: "
+        "the session uses the lower of it and the server's."
+    )
+    maxRecipients = Attribute(
+        "The account's own limit of recipients per message (L{int}), or "
+        "L{None}: the session uses the lower of it and the server's."
+    )
+    maxSessions = Attribute(
+        "How many sessions the account may have at once (L{int}), or "
+        "L{None} for no limit of its own."
+    )
 
     def validateFrom(session, sender, params):
         """
@@ -48,6 +60,20 @@ class ISubmission(Interface):
         @return: an L{IAcceptedMessage}.
         """
 
+    def endTransaction():
+        """
+        The transaction ended (RSET, HELO/EHLO, a new MAIL, the final dot)
+        before a message took over what MAIL held for it (a rate slot):
+        release it.  Called for every transaction end, also when nothing is
+        held.
+        """
+
+    def logout():
+        """
+        The session is over (the realm's logout): release what the avatar
+        still holds.
+        """
+
 
 class IAcceptedMessage(Interface):
     """
@@ -57,12 +83,30 @@ class IAcceptedMessage(Interface):
     """
 
     queueId = Attribute("The queue id (L{str}) allocated for this message.")
+    acceptsBlocks = Attribute(
+        "Whether L{blockReceived} may be used now (L{bool}): not while a "
+        "content policy needs to see each line."
+    )
 
     def lineReceived(line):
         """
         One line of the message, L{bytes} without the line ending.  May raise
         L{msa.errors.SMTPReply} to refuse the message (the rest of DATA is
         then read and discarded, and the reply is sent after the final dot).
+        """
+
+    def blockReceived(data):
+        """
+        Several complete lines at once (L{bytes}, each with its CRLF,
+        dot-unstuffed, already judged by the DATA filter); offered only
+        while L{acceptsBlocks} is true.
+        """
+
+    def sha256():
+        """
+        @return: the hex SHA-256 (L{str}) of the message as accepted from
+            the client, without the MSA's own trace header: the digest the
+            spool records, for the log.
         """
 
     def eomReceived():
@@ -105,6 +149,24 @@ class ISpoolWriter(Interface):
     def write(data):
         """
         Append L{bytes} to the message (the caller supplies CRLF endings).
+        """
+
+    def writeTrace(data):
+        """
+        Append the MSA's own trace header (L{bytes}): stored like L{write}'s
+        data, but not part of L{sha256}, which covers what the client sent.
+        """
+
+    def sha256():
+        """
+        @return: the hex SHA-256 (L{str}) of the bytes written so far after
+            the trace header.
+        """
+
+    def noteAudit(**fields):
+        """
+        Add C{fields} (session, TLS, size, digest ...) to the message's
+        acceptance record; a spool without an audit log ignores them.
         """
 
     def commit():
@@ -230,6 +292,10 @@ class IMechanismCredentials(Interface):
     """
 
     mechanism = Attribute("Upper-case mechanism name, L{str}.")
+    username = Attribute(
+        "The user name the client gave (L{str}); for EXTERNAL the requested "
+        "authorization identity, empty for any.  Logged and throttled by."
+    )
 
 
 class ICertificateCredentials(Interface):

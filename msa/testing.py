@@ -31,6 +31,7 @@ while the server holds back a reply (the delay after a failed login).
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -123,6 +124,8 @@ class MemoryWriter:
     @ivar committed: the commit succeeded.
     @ivar isBounce: set before L{commit} for a delivery status notification,
         as on the real writer.
+    @ivar audit: the fields given to L{noteAudit}, as the real writer puts
+        them in the message's acceptance record.
     """
 
     isBounce = False
@@ -134,6 +137,8 @@ class MemoryWriter:
         self.data = io.BytesIO()
         self.aborted = False
         self.committed = False
+        self.audit: dict[str, object] = {}
+        self._digest = hashlib.sha256()
         self._done = False
 
     def write(self, data: bytes) -> None:
@@ -145,6 +150,31 @@ class MemoryWriter:
         if self._done:
             raise RuntimeError(f"message {self.queueId} is no longer open")
         self.data.write(data)
+        self._digest.update(data)
+
+    def writeTrace(self, data: bytes) -> None:
+        """
+        Write the MSA's trace header in front of the message, kept out of
+        L{sha256} as the real writer does.
+
+        @raise RuntimeError: after any L{write}.
+        """
+        if self.data.tell():
+            raise RuntimeError("the trace header goes before the message")
+        self.write(data)
+        self._digest = hashlib.sha256()
+
+    def sha256(self) -> str:
+        """
+        @return: the SHA-256 of the bytes written after the trace header.
+        """
+        return self._digest.hexdigest()
+
+    def noteAudit(self, **fields: object) -> None:
+        """
+        Keep C{fields} in L{audit}.
+        """
+        self.audit.update(fields)
 
     def commit(self) -> defer.Deferred[str]:
         """

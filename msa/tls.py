@@ -15,13 +15,19 @@ operator provides one.
 
 import weakref
 from collections.abc import Sequence
+from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import ISystemHandle
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from zope.interface import Attribute, Interface
 
 from msa import _compat
 from msa.tlsfiles import OCSPStaple, ensureSelfSignedCertificate, readOCSPResponse
@@ -30,6 +36,7 @@ __all__ = [
     "DEFAULT_CIPHERS",
     "DEFAULT_GROUPS",
     "DEFAULT_SIGALGS",
+    "ISessionProtocol",
     "MINIMUM_VERSIONS",
     "TLSConfigurationError",
     "clientCertificateVerified",
@@ -38,9 +45,23 @@ __all__ = [
     "ensureSelfSignedCertificate",
     "readOCSPResponse",
     "serverContextFactory",
+    "tlsConnection",
 ]
 
 log = Logger()
+
+
+class ISessionProtocol(Interface):
+    """
+    A server protocol under the TLS layer that names its client session:
+    the TLS log lines of its handshake (a client certificate that did not
+    verify) carry that session id, as the protocol's own lines do.
+    """
+
+    session = Attribute(
+        "The session's facts; its C{sessionId} (L{str}) names it in the log."
+    )
+
 
 #: TLS 1.2 suites: ECDHE key exchange, AEAD only.  TLS 1.3 suites are all
 #: AEAD and are left to OpenSSL's defaults.
@@ -128,8 +149,20 @@ def clientCertificateVerified(transport) -> bool:
     With C{request}, a certificate that does not verify leaves the
     connection up but must not identify anyone.
     """
-    conn = getattr(transport, "getHandle", lambda: None)()
-    return isinstance(conn, SSL.Connection) and conn not in _unverified
+    conn = tlsConnection(transport)
+    return conn is not None and conn not in _unverified
+
+
+def tlsConnection(transport: object) -> SSL.Connection | None:
+    """
+    The OpenSSL connection of a transport speaking TLS (implicit TLS, or
+    after STARTTLS, which makes the TCP transport's C{getHandle} the TLS
+    layer's), or L{None} when it does not (yet) speak TLS.
+    """
+    if not ISystemHandle.providedBy(transport):
+        return None
+    conn = cast(ISystemHandle, transport).getHandle()
+    return conn if isinstance(conn, SSL.Connection) else None
 
 
 def _requestVerify(conn: SSL.Connection, cert, errno: int, depth: int, ok: int):
@@ -166,13 +199,18 @@ def _describePeer(conn: SSL.Connection) -> tuple[str, str]:
     The peer's address and the SMTP session id (when the protocol under
     the TLS layer has one) of a connection in its handshake, for the log.
     """
-    tlsProtocol = conn.get_app_data()
-    peer = getattr(tlsProtocol, "getPeer", lambda: None)()
-    protocol, session = tlsProtocol, ""
-    while protocol is not None and not session:
-        session = getattr(getattr(protocol, "session", None), "sessionId", "")
-        protocol = getattr(protocol, "wrappedProtocol", None)
-    return getattr(peer, "host", "?"), session
+    protocol = conn.get_app_data()
+    if not isinstance(protocol, TLSMemoryBIOProtocol):
+        return "?", ""
+    peer = protocol.getPeer()
+    host = peer.host if isinstance(peer, (IPv4Address, IPv6Address)) else "?"
+    # Under the TLS layer, maybe under a PROXY header wrapper: the protocol
+    # of the session.
+    while isinstance(protocol, ProtocolWrapper):
+        protocol = protocol.wrappedProtocol
+    if ISessionProtocol.providedBy(protocol):
+        return host, cast(ISessionProtocol, protocol).session.sessionId
+    return host, ""
 
 
 def _verifyErrorString(errno: int) -> str:
@@ -325,7 +363,7 @@ def serverContextFactory(
         privateKey=key,
         certificate=chain[0],
         extraCertChain=chain[1:],
-        raiseMinimumTo=getattr(ssl.TLSVersion, minimumVersion),
+        raiseMinimumTo=ssl.TLSVersion.lookupByName(minimumVersion),
         acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers),
         groups=groups,
         ocsp=staple,
@@ -403,7 +441,7 @@ def describeTLS(transport) -> tuple[str, str]:
     The protocol version and cipher of an established TLS transport, or
     empty strings when the transport is not (yet) TLS.
     """
-    conn = getattr(transport, "getHandle", lambda: None)()
-    if not isinstance(conn, SSL.Connection):
+    conn = tlsConnection(transport)
+    if conn is None:
         return "", ""
     return conn.get_protocol_version_name() or "", conn.get_cipher_name() or ""

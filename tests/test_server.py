@@ -10,7 +10,10 @@ C{tests.test_transaction}.
 
 import base64
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from tests.helpers import Harness
@@ -178,6 +181,41 @@ class CommandTests(unittest.TestCase):
         self.assertEqual(
             self.h.command(b"XYZZY"), [b"500 5.5.2 Error: command not recognized"]
         )
+
+    def test_verbs(self):
+        """
+        Verbs are matched case-insensitively against the commands the
+        server knows, and against nothing else (no attribute of the
+        protocol is reachable by naming it).
+        """
+        self.assertEqual(self.h.command(b"noop"), [b"250 2.0.0 Ok"])
+        self.assertEqual(self.h.command(b"Rset"), [b"250 2.0.0 Ok"])
+        for verb in (b"smtp_NOOP", b"NOOP_", b"__INIT__", b"LOGGEDIN", b"N\xc3\xb6OP"):
+            self.assertEqual(
+                self.h.command(verb), [b"500 5.5.2 Error: command not recognized"]
+            )
+
+
+class TCPOptionTests(unittest.TestCase):
+    """
+    Replies are not held back by Nagle's algorithm on a TCP connection.
+    """
+
+    def test_noDelay(self):
+        h = Harness(self)
+        self.assertTrue(h.transport.tcpNoDelay)
+
+    def test_notTCP(self):
+        """
+        A transport without TCP options (a UNIX socket behind a local
+        proxy) is greeted all the same.
+        """
+        h = Harness(self)
+        server = h.factory.buildProtocol(None)
+        transport = StringTransport()
+        server.makeConnection(transport)
+        self.addCleanup(server.connectionLost, Failure(ConnectionDone()))
+        self.assertEqual(transport.value()[:4], b"220 ")
 
 
 class DataLimitTests(unittest.TestCase):

@@ -2,17 +2,24 @@
 """
 L{msa.submission.auth.AuthExchange}: the AUTH command and its SASL
 exchange, through the protocol harness (exact replies, the failure limit,
-the phase of the session) and directly on the object (the refusals it
-returns before an exchange starts).
+the phase of the session), directly on the object (the refusals it
+returns before an exchange starts), and in the assembled daemon (whose
+user a mechanism's own refusal is logged under).
 """
 
 import base64
 
+from twisted.internet import threads
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from msa.errors import SMTPReply
+from msa.policy.authorization import AuthThrottle
 from msa.submission.phase import SessionPhase
+from tests.e2e import RunningMSA
 from tests.helpers import Harness
+from tests.sessionclient import RawSession
+from tests.waiting import waitUntil
 
 
 def b64(data: bytes) -> bytes:
@@ -311,3 +318,116 @@ class AuthExchangeUnitTests(unittest.TestCase):
             [b"501 5.5.2 Error: invalid base64 data"],
         )
         self.assertEqual(self.auth.failures, 1)
+
+
+def digestResponse(challenge: bytes, realm: bytes, uri: bytes) -> bytes:
+    """
+    A well-formed DIGEST-MD5 response of C{alice} to C{challenge} (the
+    decoded 334 data), for C{realm} and C{uri}; its digest is never checked
+    because the mechanism refuses the realm or the URI first.
+    """
+    nonce = challenge.split(b'nonce="', 1)[1].split(b'"', 1)[0]
+    return (
+        b'username="alice",realm="' + realm + b'",nonce="' + nonce + b'",'
+        b'cnonce="c2xpcHBlcnk",nc=00000001,qop=auth,'
+        b'digest-uri="' + uri + b'",response=' + b"0" * 32
+    )
+
+
+#: The refusals DIGEST-MD5 makes itself, before the checker sees anything.
+MECHANISM_REFUSALS = [
+    (b"elsewhere.example", b"smtp/localhost"),  # a realm the server does not offer
+    (b"localhost", b"imap/localhost"),  # not an SMTP digest-uri
+]
+
+
+class RecordingThrottle(AuthThrottle):
+    """
+    The memory throttle, remembering the keys of every failed login.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.keys = []
+
+    def failedLogin(self, clientAddress, account):
+        self.keys.append((clientAddress, account))
+        return super().failedLogin(clientAddress, account)
+
+
+class DigestRefusalUserTests(unittest.TestCase):
+    """
+    A DIGEST-MD5 response the mechanism refuses itself (a wrong realm, a
+    digest-uri of another service) is still the failed login of the user
+    it names: its log line and its throttle key carry that name, as a
+    wrong password's do.
+    """
+
+    def setUp(self):
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def failures(self):
+        return [
+            (e["user"], e["mechanism"], e["code"])
+            for e in self.events
+            if e.get("event") == "auth" and e.get("outcome") == "failure"
+        ]
+
+    def test_harness(self):
+        """
+        Through the protocol: 535 5.7.8, and the throttle counts it against
+        (client, C{alice}).
+        """
+        h = Harness(self, mechanisms=("DIGEST-MD5", "PLAIN"))
+        h.factory.authThrottle = throttle = RecordingThrottle()
+        h.startTLS()
+        for realm, uri in MECHANISM_REFUSALS:
+            [challenge] = h.command(b"AUTH DIGEST-MD5")
+            self.assertEqual(challenge[:4], b"334 ")
+            response = digestResponse(base64.b64decode(challenge[4:]), realm, uri)
+            self.assertEqual(
+                h.command(b64(response)),
+                [b"535 5.7.8 Authentication credentials invalid"],
+            )
+        self.assertEqual(throttle.keys, [("192.0.2.1", "alice")] * 2)
+        self.assertEqual(self.failures(), [("alice", "DIGEST-MD5", 535)] * 2)
+
+    def test_daemon(self):
+        """
+        The assembled MSA, over implicit TLS: the failure lines name
+        C{alice}.
+        """
+        msa = RunningMSA(self)
+
+        def talk():
+            client = RawSession(msa.implicitPort, msa.clientContext(), implicit=True)
+            replies = []
+            try:
+                client.secure(implicit=True)
+                for realm, uri in MECHANISM_REFUSALS:
+                    challenge = client.command(b"AUTH DIGEST-MD5")
+                    response = digestResponse(
+                        base64.b64decode(challenge[4:]), realm, uri
+                    )
+                    replies.append(client.command(b64(response)))
+            finally:
+                client.close()
+            return replies
+
+        d = threads.deferToThread(talk)
+
+        def check(replies):
+            self.assertEqual(
+                replies, [b"535 5.7.8 Authentication credentials invalid"] * 2
+            )
+            return waitUntil(lambda: len(self.failures()) == 2)
+
+        d.addCallback(check)
+        d.addCallback(
+            lambda _: self.assertEqual(
+                self.failures(), [("alice", "DIGEST-MD5", 535)] * 2
+            )
+        )
+        return d

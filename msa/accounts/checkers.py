@@ -21,6 +21,7 @@ from msa.accounts.passwords import DUMMY_HASH, PasswordVerifier, unb64, verifyHa
 from msa.interfaces import (
     IAccountStore,
     IDigestMD5Credentials,
+    IMechanismCredentials,
     IScramCredentials,
     ISubmission,
 )
@@ -64,12 +65,19 @@ class AccountChecker:
             )
         self._verifier = verifier
 
-    def requestAvatarId(self, credentials: object) -> Deferred:
+    def requestAvatarId(
+        self,
+        credentials: IUsernamePassword | IDigestMD5Credentials | IScramCredentials,
+    ) -> Deferred:
         """
         @return: a L{Deferred} firing with the account name, or failing with
             L{UnauthorizedLogin}.
         """
-        username = getattr(credentials, "username", None)
+        # Each of credentialInterfaces declares the user name; other
+        # credentials (a portal never hands them over) name no one.
+        username = None
+        if any(i.providedBy(credentials) for i in self.credentialInterfaces):
+            username = credentials.username
         if isinstance(username, bytes):
             username = username.decode("utf-8", "replace")
         if isinstance(username, str):
@@ -79,7 +87,8 @@ class AccountChecker:
         return d.addCallback(self._check, credentials)
 
     def _check(self, account: Account | None, credentials: Any) -> Any:
-        mechanism = getattr(credentials, "mechanism", None)
+        declared = IMechanismCredentials(credentials, None)
+        mechanism = declared.mechanism if declared is not None else None
         allowed = (
             account is not None and account.enabled and mechanism in account.mechanisms
         )
@@ -129,12 +138,12 @@ class SubmissionRealm:
     """
     Turns an authenticated account name into an L{ISubmission} avatar.
 
-    @param avatarFactory: makes the avatar of an L{Account}.  If the avatar
-        has a C{logout} method, it is called on logout.
+    @param avatarFactory: makes the L{ISubmission} avatar of an
+        L{Account}; its C{logout} is called on logout.
     """
 
     def __init__(
-        self, store: IAccountStore, avatarFactory: Callable[[Account], Any]
+        self, store: IAccountStore, avatarFactory: Callable[[Account], ISubmission]
     ) -> None:
         self._store = store
         self._avatarFactory = avatarFactory
@@ -159,4 +168,4 @@ class SubmissionRealm:
             # Removed or disabled between the checker and here.
             raise UnauthorizedLogin(FAILURE_TEXT)
         avatar = self._avatarFactory(account)
-        return ISubmission, avatar, getattr(avatar, "logout", lambda: None)
+        return ISubmission, avatar, avatar.logout

@@ -12,6 +12,7 @@ PKIoverheid certificates carry in the subject's serialNumber attribute).
 """
 
 import hashlib
+from typing import Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -23,7 +24,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from msa.interfaces import ICertificateCredentials
-from msa.tls import clientCertificateVerified
+from msa.tls import clientCertificateVerified, tlsConnection
 
 
 def certificateIdentities(certificate: x509.Certificate) -> tuple[str, ...]:
@@ -49,15 +50,10 @@ def peerIdentities(transport) -> tuple[str, ...]:
     C{request}, a certificate that did not verify was let through and
     identifies no one.
     """
-    if not clientCertificateVerified(transport):
+    conn = tlsConnection(transport)
+    if conn is None or not clientCertificateVerified(transport):
         return ()
-    getPeerCertificate = getattr(transport, "getPeerCertificate", None)
-    if getPeerCertificate is None:
-        return ()
-    try:
-        peer = getPeerCertificate()
-    except Exception:
-        return ()
+    peer = conn.get_peer_certificate()
     if peer is None:
         return ()
     return certificateIdentities(peer.to_cryptography())
@@ -103,6 +99,27 @@ class CertificateChecker:
         return defer.succeed(matches[0].name)
 
 
+@runtime_checkable
+class CertificateSession(Protocol):
+    """
+    The cred C{mind} a protocol passes to C{Portal.login}: its session
+    (L{msa.envelope.SessionInfo}, or the POP3 server's), which carries the
+    identities of the connection's verified client certificate.
+    """
+
+    clientCertificate: tuple[str, ...]
+
+
+def _presented(mind: object) -> tuple[str, ...]:
+    """
+    The client certificate identities the session presented; none for a
+    login without a session (C{mind} L{None}).
+    """
+    if isinstance(mind, CertificateSession):
+        return mind.clientCertificate
+    return ()
+
+
 @implementer(IRealm)
 class CertificateBindingRealm:
     """
@@ -119,7 +136,7 @@ class CertificateBindingRealm:
         name = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
         account = self._store.getAccount(name)
         if account is not None and account.extra.get("requireClientCertificate"):
-            presented = {_normalise(i) for i in getattr(mind, "clientCertificate", ())}
+            presented = {_normalise(i) for i in _presented(mind)}
             if not presented & accountCertificates(account):
                 raise UnauthorizedLogin("client certificate required")
         return self._realm.requestAvatar(avatarId, mind, *interfaces)

@@ -14,7 +14,7 @@ import socket
 import stat
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -30,6 +30,9 @@ from msa.admin.audit import AuditError, recordAccountEvent
 from msa.admin.fields import applyFields
 from msa.admin.progress import Progress
 from msa.admin.queue import AdminFailure as _Failed
+
+if TYPE_CHECKING:
+    from msa.service.config import Config
 
 __all__ = ["accountsCommand", "parseMechanisms"]
 
@@ -354,7 +357,7 @@ def _show(c: _Command) -> int:
 
 
 def accountsCommand(
-    config: Any, args: argparse.Namespace, stdout: Any, stderr: Any
+    config: "Config | None", args: argparse.Namespace, stdout: Any, stderr: Any
 ) -> int:
     """
     Run C{digipoort-msa-admin accounts ...} on the file given by
@@ -363,7 +366,7 @@ def accountsCommand(
     @return: the exit code.
     @raise AdminFailure: when the command fails.
     """
-    path = args.accounts or getattr(config, "accountsFile", None)
+    path = args.accounts or (config.accountsFile if config is not None else None)
     table = None
     if args.accounts is None and config is not None:
         url = config["accounts"]["store"]
@@ -374,7 +377,7 @@ def accountsCommand(
             path = describe(url)
     if not path:
         raise _Failed("no accounts file configured: give --accounts PATH", 2)
-    realms = args.realm or _realms(getattr(config, "realm", None))
+    realms = args.realm or _realms(config.realm if config is not None else None)
     command = _Command(
         args=args,
         path=os.fspath(path),

@@ -69,10 +69,12 @@ def applyFields(args: argparse.Namespace, account: Account) -> Account:
     as the server will read them.
     """
     extra = dict(account.extra)
-    for key in getattr(args, "clear", []):
+    # The subcommand's options; "add" has no --clear.
+    options = vars(args)
+    for key in options.get("clear") or []:
         extra.pop(key, None)
     for option, key in FIELDS.items():
-        value = getattr(args, option, None)
+        value = options.get(option)
         if value is not None:
             extra[key] = value
     try:

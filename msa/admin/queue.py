@@ -153,7 +153,8 @@ def queueCommand(config: Any, args: argparse.Namespace, stdout, stderr) -> int:
 
     if args.queueCommand == "verify":
         return verifyCommand(config, stdout, stderr)
-    command, queueId = args.queueCommand, getattr(args, "id", None)
+    # "list" takes no id.
+    command, queueId = args.queueCommand, vars(args).get("id")
     try:
         if queueId is not None:
             queueId = controlsocket.checkQueueId(queueId)

@@ -40,7 +40,7 @@ with C{451 4.3.0} (and is logged).
 """
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.logger import Logger
@@ -255,7 +255,7 @@ class MessageChecker:
 
     def __init__(
         self,
-        checkers: list[tuple[str, object]],
+        checkers: list[tuple[str, IContentChecker]],
         maxHeaderSize: int = MAX_HEADER_SIZE,
         maxHeaderFields: int = MAX_HEADER_FIELDS,
     ) -> None:
@@ -285,7 +285,7 @@ class MessageChecker:
             if spilled is None:
                 return
             line = spilled
-        self._each("lineReceived", line)
+        self._each("lineReceived", lambda checker: checker.lineReceived(line))
 
     def eomReceived(self) -> None:
         if self.refusal is not None:
@@ -294,16 +294,20 @@ class MessageChecker:
             headers = self._collector.finish()
             self._collector = None
             self._headersDone(headers)
-        self._each("eomReceived")
+        self._each("eomReceived", lambda checker: checker.eomReceived())
 
     def _headersDone(self, headers: Headers) -> None:
         self.headers = headers
-        self._each("headersReceived", headers)
+        self._each("headersReceived", lambda checker: checker.headersReceived(headers))
 
-    def _each(self, method: str, *args) -> None:
+    def _each(self, method: str, call: Callable[[IContentChecker], None]) -> None:
+        """
+        Give each policy's checker the event (C{call}, named C{method} in
+        the log); the first refusal stops the message.
+        """
         for name, checker in self._checkers:
             try:
-                getattr(checker, method)(*args)
+                call(checker)
             except SMTPReply as e:
                 self.refusal = e
                 raise

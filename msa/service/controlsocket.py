@@ -36,6 +36,7 @@ import re
 import socket
 import stat
 import time
+from collections.abc import Callable
 
 from twisted.application.service import Service
 from twisted.internet import defer, protocol
@@ -106,7 +107,7 @@ class _Address:
         self._fd: int | None = None
         if len(os.fsencode(path)) > _MAX_ADDRESS and os.path.isdir("/proc/self/fd"):
             directory, name = os.path.split(os.path.abspath(path))
-            self._fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            self._fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
             self.path = f"/proc/self/fd/{self._fd}/{name}"
 
     def close(self) -> None:
@@ -273,6 +274,15 @@ class ControlService(Service):
         self._reactor = reactor
         self._port = None
         self._address: _Address | None = None
+        #: The handler of each of L{COMMANDS}.
+        self._handlers: dict[str, Callable[[str | None], object]] = {
+            "list": self.do_list,
+            "show": self.do_show,
+            "flush": self.do_flush,
+            "delete": self.do_delete,
+            "hold": self.do_hold,
+            "release": self.do_release,
+        }
 
     def startService(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.socketPath))
@@ -349,7 +359,7 @@ class ControlService(Service):
             command, queueId = parseRequest(line)
         except ControlError as e:
             return defer.succeed({"ok": False, "error": str(e)})
-        d = defer.maybeDeferred(getattr(self, "do_" + command), queueId)
+        d = defer.maybeDeferred(self._handlers[command], queueId)
 
         def ok(result):
             return {"ok": True, "result": result}

@@ -23,9 +23,11 @@ from twisted.python.failure import Failure
 from msa import metrics
 from msa.accounts.clientcert import peerIdentities
 from msa.errors import LimitsUnavailable, SMTPReply
-from msa.interfaces import ISubmission
+from msa.interfaces import IMechanismCredentials, ISubmission
 from msa.sasl import Authenticate, Challenge
+from msa.sasl.digest_md5 import parseDirectives
 from msa.submission.phase import SessionPhase
+from msa.tls import tlsConnection
 
 if TYPE_CHECKING:
     from msa.submission.server import SubmissionServer
@@ -52,8 +54,8 @@ def channelBindings(transport: object) -> dict[str, bytes]:
     is safe only with the extended master secret, which pyOpenSSL cannot
     tell us was negotiated, so TLS 1.2 gets no channel binding.
     """
-    conn = getattr(transport, "getHandle", lambda: None)()
-    if not isinstance(conn, SSL.Connection):
+    conn = tlsConnection(transport)
+    if conn is None:
         return {}
     if conn.get_protocol_version_name() != "TLSv1.3":
         return {}
@@ -62,6 +64,29 @@ def channelBindings(transport: object) -> dict[str, bytes]:
     except SSL.Error:
         return {}
     return {"tls-exporter": data}
+
+
+def namedUser(mechanism: str, response: bytes) -> str:
+    """
+    The user name a client's SASL response names, for the log line and the
+    throttle key of a refusal the mechanism makes itself, before any
+    credentials reach the checker (a wrong realm, the digest-uri of another
+    service): DIGEST-MD5's C{username} directive, decoded as the mechanism
+    does (UTF-8, else ISO 8859-1).
+
+    @return: the name, or C{""} when the response names none or belongs
+        to another mechanism.
+    """
+    if mechanism != "DIGEST-MD5":
+        return ""
+    try:
+        raw = parseDirectives(response).get("username", b"")
+    except SMTPReply:
+        return ""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("iso-8859-1")
 
 
 class AuthExchange:
@@ -240,7 +265,10 @@ class AuthExchange:
             return
         assert isinstance(result, Authenticate)
         server.enter(SessionPhase.COMMAND)
-        self._attemptedUser = str(getattr(result.credentials, "username", ""))
+        credentials = IMechanismCredentials(result.credentials, None)
+        self._attemptedUser = (
+            str(credentials.username) if credentials is not None else ""
+        )
         server.session.clientCertificate = peerIdentities(server.transport)
         d = server.factory.portal.login(result.credentials, server.session, ISubmission)
         d.addCallbacks(self._loggedIn, self._loginFailed)
@@ -254,6 +282,9 @@ class AuthExchange:
         decoded = self._decodeSASL(line)
         if decoded is not None:
             mechanism = self._mechanism
+            # Should the mechanism refuse the response itself (a wrong
+            # realm), the refusal is still the named user's.
+            self._attemptedUser = namedUser(self._server.session.mechanism, decoded)
             self._saslStep(lambda: mechanism.respond(decoded))
 
     def _loggedIn(self, result: tuple[object, ISubmission, Callable[[], None]]) -> None:
@@ -280,7 +311,7 @@ class AuthExchange:
         assert self._pendingLogin is not None
         avatar, logout = self._pendingLogin
         self._pendingLogin = None
-        maxSessions = getattr(avatar, "maxSessions", None)
+        maxSessions = avatar.maxSessions
         limiter = server.factory.sessionLimiter
         sessionId = server.session.sessionId
         if maxSessions is None:

@@ -8,11 +8,11 @@ meets the disk.
 """
 
 import email.utils
-import hashlib
 
 from twisted.internet import defer
 from zope.interface import implementer
 
+from msa.accounts.model import Account
 from msa.envelope import Envelope, SessionInfo
 from msa.errors import SMTPReply
 from msa.interfaces import (
@@ -57,16 +57,6 @@ def receivedHeader(hostname: str, session: SessionInfo, envelope: Envelope) -> b
     return "\r\n".join(lines).encode("ascii", "replace") + b"\r\n"
 
 
-def _noteAudit(writer: ISpoolWriter, **fields: object) -> None:
-    """
-    Add C{fields} to the message's acceptance record in the audit log
-    (L{msa.queue.writer.SpoolWriter.noteAudit}), when the writer keeps one.
-    """
-    note = getattr(writer, "noteAudit", None)
-    if note is not None:
-        note(**fields)
-
-
 @implementer(IAcceptedMessage)
 class SpooledMessage:
     """
@@ -89,17 +79,14 @@ class SpooledMessage:
         self._onCommitted = onCommitted
         self._onAbandoned = onAbandoned
         self._checker = checker
-        # The spool's writer hashes what it stores (the digest it records
+        # The writer hashes what it stores (the digest the spool records
         # for the check at hand-off, msa.queue.integrity): no second hash.
-        self._digest = None if hasattr(writer, "sha256") else hashlib.sha256()
         self._size = 0
 
     def lineReceived(self, line: bytes) -> None:
         if self._checker is not None:
             self._checker.lineReceived(line)
         line += b"\r\n"
-        if self._digest is not None:
-            self._digest.update(line)
         self._size += len(line)
         self.writer.write(line)
 
@@ -115,8 +102,6 @@ class SpooledMessage:
         """
         Several lines at once, each with its CRLF, dot-unstuffed.
         """
-        if self._digest is not None:
-            self._digest.update(data)
         self._size += len(data)
         self.writer.write(data)
 
@@ -125,9 +110,7 @@ class SpooledMessage:
         The SHA-256 of the message as accepted from the client (without the
         MSA's Received header), for the log: the digest the spool records.
         """
-        if self._digest is None:
-            return self.writer.sha256()  # type: ignore[attr-defined]
-        return self._digest.hexdigest()
+        return self.writer.sha256()
 
     def eomReceived(self):
         try:
@@ -137,7 +120,7 @@ class SpooledMessage:
                 except BaseException:
                     self.writer.abort()
                     raise
-            _noteAudit(self.writer, size=self._size, sha256=self.sha256())
+            self.writer.noteAudit(size=self._size, sha256=self.sha256())
             d = self.writer.commit()
         except BaseException:
             self._abandoned()
@@ -176,7 +159,7 @@ class Submission:
 
     def __init__(
         self,
-        account,
+        account: Account,
         spool: ISpool,
         hostname: str,
         serverRules: ServerRules | None = None,
@@ -187,7 +170,7 @@ class Submission:
         self.spool = spool
         self.hostname = hostname
         self.serverRules = serverRules if serverRules is not None else ServerRules()
-        self.rules = AccountRules.fromExtra(getattr(account, "extra", {}))
+        self.rules = AccountRules.fromExtra(account.extra)
         self.maxMessageSize = self.rules.maxMessageSize
         self.maxRecipients = self.rules.maxRecipients
         self.maxSessions = self.rules.maxSessions
@@ -205,9 +188,15 @@ class Submission:
         if policies:
             self.contentPolicy = ContentPolicyChain(
                 policies,
-                maxHeaderSize=getattr(contentPolicy, "maxHeaderSize", MAX_HEADER_SIZE),
-                maxHeaderFields=getattr(
-                    contentPolicy, "maxHeaderFields", MAX_HEADER_FIELDS
+                maxHeaderSize=(
+                    contentPolicy.maxHeaderSize
+                    if contentPolicy is not None
+                    else MAX_HEADER_SIZE
+                ),
+                maxHeaderFields=(
+                    contentPolicy.maxHeaderFields
+                    if contentPolicy is not None
+                    else MAX_HEADER_FIELDS
                 ),
             )
 
@@ -243,8 +232,8 @@ class Submission:
     def endTransaction(self) -> None:
         """
         The transaction ended (RSET, HELO/EHLO, or a new MAIL) before any
-        message took over its rate slot: release the slot.  Called by the
-        protocol; not part of L{ISubmission}, so other avatars may lack it.
+        message took over its rate slot: release the slot
+        (L{ISubmission.endTransaction}).
         """
         reservation, self._reservation = self._reservation, None
         if reservation is not None:
@@ -273,10 +262,7 @@ class Submission:
         if self.contentPolicy is not None:
             checker = self.contentPolicy.startMessage(envelope)
         writer = self.spool.newMessage(envelope)
-        # A writer that hashes apart the trace header (msa.queue.spool).
-        writeTrace = getattr(writer, "writeTrace", writer.write)
-        _noteAudit(
-            writer,
+        writer.noteAudit(
             session=session.sessionId,
             clientPort=session.clientPort,
             mechanism=session.mechanism,
@@ -284,7 +270,7 @@ class Submission:
             cipher=session.tlsCipher,
         )
         try:
-            writeTrace(receivedHeader(self.hostname, session, envelope))
+            writer.writeTrace(receivedHeader(self.hostname, session, envelope))
         except BaseException:
             writer.abort()
             raise
@@ -311,7 +297,7 @@ def submissionFactory(
     if serverRules is None:
         serverRules = ServerRules()
 
-    def makeSubmission(account) -> Submission:
+    def makeSubmission(account: Account) -> Submission:
         return Submission(account, spool, hostname, serverRules, contentPolicy)
 
     return makeSubmission

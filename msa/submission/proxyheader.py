@@ -27,7 +27,7 @@ import ipaddress
 from collections.abc import Sequence
 
 import attrs
-from twisted.internet.address import UNIXAddress
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IAddress, IHandshakeListener, ILoggingContext
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -77,11 +77,11 @@ class ProxyAllowlist:
         """
         if isinstance(peer, UNIXAddress):
             return True
-        host = getattr(peer, "host", None)
-        if not isinstance(host, str):
+        internet = internetAddress(peer)
+        if internet is None:
             return False
         try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
+            address = ipaddress.ip_address(internet[0].split("%", 1)[0])
         except ValueError:
             return False
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
@@ -123,11 +123,21 @@ class RefusalLog:
         self._unlogged = 0
 
 
+def internetAddress(peer: IAddress | None) -> tuple[str, int] | None:
+    """
+    The host and port of an IPv4 or IPv6 peer (the connection's own, or
+    the one a PROXY header gave), or L{None} for any other (a UNIX socket).
+    """
+    if isinstance(peer, (IPv4Address, IPv6Address)):
+        return peer.host, peer.port
+    return None
+
+
 def _describePeer(peer: IAddress | None) -> str:
-    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
-    if host is None:
+    address = internetAddress(peer)
+    if address is None:
         return str(peer)
-    return f"{host} port {port}"
+    return f"{address[0]} port {address[1]}"
 
 
 @implementer(IHandshakeListener)

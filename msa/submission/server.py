@@ -49,9 +49,10 @@ from msa.submission.auth import MAX_AUTH_LINE, AuthExchange
 from msa.submission.deadlines import SessionDeadlines
 from msa.submission.framing import LineFramer
 from msa.submission.phase import SessionPhase
+from msa.submission.proxyheader import internetAddress
 from msa.submission.sessions import MemorySessionLimiter, SessionRegistry
 from msa.submission.transaction import MailTransaction
-from msa.tls import describeTLS
+from msa.tls import ISessionProtocol, describeTLS
 
 log = Logger()
 
@@ -95,7 +96,7 @@ class ServerPolicy:
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, ISessionProtocol)
 class SubmissionServer(TimeoutMixin, protocol.Protocol):
     """
     One client connection.  Created by L{SubmissionFactory}.
@@ -187,6 +188,22 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
         self._closing = False
         self._forced = False
         self._started = 0.0
+        #: The handler of each command verb; any other verb is unknown.
+        self._handlers: dict[bytes, Callable[[bytes], None]] = {
+            b"NOOP": self.smtp_NOOP,
+            b"QUIT": self.smtp_QUIT,
+            b"HELP": self.smtp_HELP,
+            b"VRFY": self.smtp_VRFY,
+            b"EXPN": self.smtp_EXPN,
+            b"HELO": self.smtp_HELO,
+            b"EHLO": self.smtp_EHLO,
+            b"STARTTLS": self.smtp_STARTTLS,
+            b"RSET": self.smtp_RSET,
+            b"AUTH": self.smtp_AUTH,
+            b"MAIL": self.smtp_MAIL,
+            b"RCPT": self.smtp_RCPT,
+            b"DATA": self.smtp_DATA,
+        }
 
     # -- phase --------------------------------------------------------
 
@@ -218,10 +235,11 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
+        address = internetAddress(peer)
         self.session = SessionInfo(
             sessionId=secrets.token_hex(6),
-            clientAddress=getattr(peer, "host", str(peer)),
-            clientPort=getattr(peer, "port", 0),
+            clientAddress=address[0] if address is not None else str(peer),
+            clientPort=address[1] if address is not None else 0,
         )
         if self.policy.implicitTLS:
             self.enter(SessionPhase.COMMAND)
@@ -250,7 +268,9 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
             )
             self.hangUp()
             return
-        if hasattr(self.transport, "setTcpNoDelay"):
+        # Replies go out at once (not after Nagle's delay); a UNIX socket
+        # (behind a local proxy) has no such option.
+        if interfaces.ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
         self.canStartTLS = (
             interfaces.ITLSTransport.providedBy(self.transport) and self.ctx is not None
@@ -566,9 +586,7 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
         if self.phase is SessionPhase.BEFORE_TLS and command not in PRE_TLS_COMMANDS:
             self.protocolError(530, "5.7.0", "Must issue a STARTTLS command first")
             return
-        handler = None
-        if command.isalpha():
-            handler = getattr(self, "smtp_" + command.decode("ascii"), None)
+        handler = self._handlers.get(command)
         if handler is None:
             self.protocolError(500, "5.5.2", "Error: command not recognized")
             return

@@ -30,7 +30,7 @@ message, and it is the final dot:
     usually learns that the client left only afterwards.)
 """
 
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -61,27 +61,11 @@ TEMPORARY_FAILURE = SMTPReply(
 )
 
 
-class BlockMessage(Protocol):
-    """
-    A message (L{IAcceptedMessage}) that also takes a run of whole lines at
-    once, as the spool's does (L{msa.submission.avatar}); offered blocks
-    only while its C{acceptsBlocks} is true.
-    """
-
-    acceptsBlocks: bool
-
-    def blockReceived(self, data: bytes) -> None:
-        """
-        Complete lines, CRLFs included, already judged by the DATA filter.
-        """
-
-
-def _lower(serverLimit: int, submission: object, name: str) -> int:
+def _lower(serverLimit: int, accountLimit: int | None) -> int:
     """
     The server's limit, or the account's where it is lower (R10).  EHLO
     keeps advertising the server's SIZE.
     """
-    accountLimit = getattr(submission, name, None)
     if accountLimit is None:
         return serverLimit
     return min(serverLimit, accountLimit)
@@ -133,9 +117,8 @@ class MailTransaction:
         End the transaction (RSET, HELO, EHLO, after the final dot).
         """
         # The avatar releases what it held for the transaction (a rate slot).
-        endTransaction = getattr(self._server.avatar, "endTransaction", None)
-        if endTransaction is not None:
-            endTransaction()
+        if self._server.avatar is not None:
+            self._server.avatar.endTransaction()
         self.sender = None
         self.mailParams = {}
         self.recipients = []
@@ -154,8 +137,10 @@ class MailTransaction:
         The message size limit of this session: the server's, or the
         account's where it is lower.
         """
+        avatar = self._server.avatar
         return _lower(
-            self._server.policy.maxMessageSize, self._server.avatar, "maxMessageSize"
+            self._server.policy.maxMessageSize,
+            avatar.maxMessageSize if avatar is not None else None,
         )
 
     # -- MAIL, RCPT ---------------------------------------------------
@@ -228,11 +213,11 @@ class MailTransaction:
         except SMTPReply as e:
             server.protocolError(e.code, e.status, e.text)
             return
-        limit = _lower(server.policy.maxRecipients, server.avatar, "maxRecipients")
+        assert server.avatar is not None
+        limit = _lower(server.policy.maxRecipients, server.avatar.maxRecipients)
         if len(self.recipients) >= limit:
             server.reply(452, "4.5.3", "Error: too many recipients")
             return
-        assert server.avatar is not None
         d = defer.maybeDeferred(
             server.avatar.validateTo, server.session, recipient, params
         )
@@ -300,7 +285,7 @@ class MailTransaction:
         self._lineByLine = 0
         try:
             self.message = server.avatar.startMessage(session, envelope)
-            self.queueId = getattr(self.message, "queueId", "") or ""
+            self.queueId = self.message.queueId
         except SMTPReply as e:
             server.sendReply(e)
             return
@@ -334,7 +319,7 @@ class MailTransaction:
 
         @return: whether it took any.
         """
-        if self._lineByLine or not getattr(self.message, "acceptsBlocks", False):
+        if self._lineByLine or self.message is None or not self.message.acceptsBlocks:
             return False
         assert self.filter is not None
         framer = self._server.framer
@@ -353,7 +338,7 @@ class MailTransaction:
             return False
         framer.skip(len(block))
         try:
-            cast(BlockMessage, self.message).blockReceived(data)
+            self.message.blockReceived(data)
         except SMTPReply as e:
             self.filter.refuse(e)
             self._abortMessage()
@@ -499,7 +484,7 @@ class MailTransaction:
                 queueId=queueId,
                 size=dataFilter.size,
                 recipients=recipients,
-                sha256=getattr(message, "sha256", lambda: "")(),
+                sha256=message.sha256(),
                 duration=server.sessionSeconds(),
             )
             metrics.MESSAGES.labels("250").inc()
