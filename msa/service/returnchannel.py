@@ -46,8 +46,18 @@ class LMTPListener(Service):
         self.factory = factory
         self.port: Any = None
 
+    def privilegedStartService(self) -> None:
+        # Bound before twistd drops privileges, as Twisted's own listeners
+        # are (and so before the process counts as started).
+        super().privilegedStartService()
+        self._listen()
+
     def startService(self) -> None:
         super().startService()
+        if self.port is None:
+            self._listen()
+
+    def _listen(self) -> None:
         outcome: list[Any] = []
         self.endpoint.listen(self.factory).addBoth(outcome.append)
         if outcome and isinstance(outcome[0], Failure):
