@@ -78,6 +78,9 @@ def lmtpDeliver(
     assert client.mail(CORE, ["BODY=8BITMIME"])[0] == 250
     replies = [client.rcpt(r) for r in recipients]
     accepted = sum(1 for code, _ in replies if code == 250)
+    if not accepted:
+        client.rset()
+        return replies
     client.putcmd("data")
     code, text = client.getreply()
     assert code == 354, (code, text)
@@ -380,7 +383,10 @@ class OperationsTests(ReturnChannelMixin, unittest.TestCase):
         new = os.path.join(base, "state", "mailboxes", "acme", "new")
         for sub in ("new", "cur", "tmp"):
             os.makedirs(os.path.join(os.path.dirname(new), sub))
-        old, young = newUid(time.time() - 7200), newUid()
+        # As the store names them (msa.mailbox.names.newUid): two hours ago
+        # and now.
+        old = f"{int(time.time()) - 7200}.M000000P1Q1R{'0' * 16}"
+        young = newUid()
         for uid in (old, young):
             with open(os.path.join(new, f"{uid},S=4,H={'0' * 64}"), "wb") as f:
                 f.write(b"x\r\n\r")

@@ -391,7 +391,11 @@ class MaildirStore:
     # -- removal ---------------------------------------------------------
 
     def _removeBlocking(
-        self, account: str, entries: Sequence[MailboxEntry], reason: str
+        self,
+        account: str,
+        entries: Sequence[MailboxEntry],
+        reason: str,
+        auditFields: dict[str, Any] | None = None,
     ) -> None:
         """
         Remove C{entries} of C{account}'s mailbox durably (the directories
@@ -420,6 +424,7 @@ class MaildirStore:
                     size=entry.size,
                     sha256=entry.sha256,
                     reason=reason,
+                    **(auditFields or {}),
                 )
             except AuditError as e:
                 log.critical(
@@ -431,11 +436,17 @@ class MaildirStore:
                 )
 
     def removeMessages(
-        self, account: str, select: Callable[[MailboxEntry], bool], reason: str
+        self,
+        account: str,
+        select: Callable[[MailboxEntry], bool],
+        reason: str,
+        auditFields: dict[str, Any] | None = None,
     ) -> list[MailboxEntry]:
         """
         Remove the messages of C{account}'s mailbox that C{select} picks,
         under the mailbox's lock; blocking (the admin command, the expiry).
+
+        @param auditFields: added to each removal's audit record (who).
 
         @return: the messages removed.
         @raise MailboxInUse: a POP3 session holds the mailbox.
@@ -447,7 +458,7 @@ class MaildirStore:
         try:
             chosen = [e for e in self._listBlocking(path) if select(e)]
             if chosen:
-                self._removeBlocking(account, chosen, reason)
+                self._removeBlocking(account, chosen, reason, auditFields)
         finally:
             unlockMailbox(fd)
         return chosen

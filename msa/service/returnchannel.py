@@ -77,7 +77,7 @@ class ReturnChannel(MultiService):
     """
     The mailbox store and its LMTP listeners, as one service.
 
-    @ivar store: the L{MaildirStore} (the POP3 server reads it too).
+    @ivar mailboxStore: the L{MaildirStore} (the POP3 server reads it too).
     @ivar factory: the LMTP listeners' L{LMTPFactory}.
     @ivar listeners: the listener services, for C{/health}.
     @ivar expireAfter: C{[mailbox] expire_after}: seconds a message is kept
@@ -87,7 +87,7 @@ class ReturnChannel(MultiService):
     def __init__(self, store: MaildirStore, factory: LMTPFactory) -> None:
         super().__init__()
         self.setName("return-channel")
-        self.store = store
+        self.mailboxStore = store
         self.factory = factory
         self.listeners: list[LMTPListener] = []
         self.expireAfter: float | None = None
