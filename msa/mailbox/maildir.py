@@ -49,7 +49,7 @@ from msa.mailbox.session import (
     unlockMailbox,
 )
 
-__all__ = ["MaildirStore", "Quota"]
+__all__ = ["MaildirStore", "Quota", "runBlocking"]
 
 log = Logger()
 
@@ -59,6 +59,20 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 #: A file in a mailbox's C{tmp/} this old is a crashed delivery's leftover
 #: (a delivery copies for seconds, not hours).
 TMP_LEFTOVER_AGE = 3600.0
+
+
+def runBlocking(reactor: Any, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+    """
+    Call C{f(*args)} in C{reactor}'s thread pool (file work never runs in
+    the reactor's thread); synchronously for a reactor without one (a
+    test's L{twisted.internet.task.Clock}).
+
+    @return: a L{Deferred} of its result.
+    """
+    getThreadPool = getattr(reactor, "getThreadPool", None)
+    if getThreadPool is None:
+        return defer.maybeDeferred(f, *args)
+    return threads.deferToThreadPool(reactor, getThreadPool(), f, *args)
 
 
 @attrs.frozen
@@ -129,10 +143,7 @@ class MaildirStore:
         self.delivered = 0
 
     def _runBlocking(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
-        getThreadPool = getattr(self.reactor, "getThreadPool", None)
-        if getThreadPool is None:
-            return defer.maybeDeferred(f, *args)
-        return threads.deferToThreadPool(self.reactor, getThreadPool(), f, *args)
+        return runBlocking(self.reactor, f, *args)
 
     # -- paths -----------------------------------------------------------
 
