@@ -179,13 +179,14 @@ class UnixSocketTests(ReturnChannelMixin, unittest.TestCase):
                     r["sha256"],
                     r["sender"],
                     tuple(r["recipients"]),
+                    r["client"],
                 )
                 for r in records
             ),
             sorted(
                 [
-                    ("acme", acmeUid, digest, CORE, ("retour@acme.nl",)),
-                    ("bakker", bakkerUid, digest, CORE, ("retour@bakker.nl",)),
+                    ("acme", acmeUid, digest, CORE, ("retour@acme.nl",), "unix"),
+                    ("bakker", bakkerUid, digest, CORE, ("retour@bakker.nl",), "unix"),
                 ]
             ),
         )
