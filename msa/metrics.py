@@ -17,6 +17,7 @@ checks that every name they use is one the daemon serves.
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -292,3 +293,58 @@ class ComponentCollector(Collector):
 
 COMPONENTS = ComponentCollector()
 REGISTRY.register(COMPONENTS)
+
+
+# -- the return channel (R16): LMTP deliveries into the mailboxes -----------
+
+MAILBOX_DELIVERIES = Counter(
+    "msa_mailbox_deliveries",
+    "Return messages stored in a mailbox over LMTP (one per mailbox), by reply code",
+    ["code"],
+    registry=REGISTRY,
+)
+
+
+class MailboxCollector:
+    """
+    C{msa_mailbox_messages{account}} and
+    C{msa_mailbox_oldest_seconds{account}}: the messages waiting in each
+    account's mailbox and the age of the oldest, read from the store when
+    scraped (as the queue gauges read the spool).
+
+    A label per account: fine for a gateway, whose accounts are the
+    companies it serves (hundreds, a few thousand), not an unbounded set;
+    a mailbox appears once it has received something.
+    """
+
+    def __init__(self) -> None:
+        #: The store (L{msa.mailbox.MaildirStore}), once the service set it.
+        self.store: Any = None
+        self.clock = time.time
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        waiting = GaugeMetricFamily(
+            "msa_mailbox_messages",
+            "Return messages waiting in an account's mailbox",
+            labels=["account"],
+        )
+        oldest = GaugeMetricFamily(
+            "msa_mailbox_oldest_seconds",
+            "Age of the oldest return message waiting in an account's mailbox",
+            labels=["account"],
+        )
+        store = self.store
+        if store is not None:
+            now = self.clock()
+            for account, entries in store.mailboxSummary():
+                waiting.add_metric([account], float(len(entries)))
+                ages = [now - e.deliveredAt for e in entries]
+                oldest.add_metric([account], max(0.0, max(ages, default=0.0)))
+        yield waiting
+        yield oldest
+
+
+MAILBOXES = MailboxCollector()
+REGISTRY.register(MAILBOXES)

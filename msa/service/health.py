@@ -71,6 +71,10 @@ class Health:
         (L{msa.accounts.pgstore.AccountDatabase}) can be unreachable.
     @ivar audit: the audit log (L{msa.audit.AuditLog}), or L{None} when it
         is off.
+    @ivar returnChannel: the return channel
+        (L{msa.service.returnchannel.ReturnChannel}), whose
+        C{healthProblem()} says why the core cannot deliver return messages
+        over LMTP; L{None} in an embedder's own wiring.
     """
 
     spool: Any
@@ -79,6 +83,7 @@ class Health:
     limits: Any = None
     accounts: Any = None
     audit: AuditLog | None = None
+    returnChannel: Any = None
     clock: Callable[[], float] = time.time
 
     def check(self) -> dict[str, ComponentHealth]:
@@ -88,7 +93,16 @@ class Health:
             "limits": self.limitsHealth(),
             "accounts": self.accountsHealth(),
             "audit": self.auditHealth(),
+            "returnchannel": self.returnChannelHealth(),
         }
+
+    def returnChannelHealth(self) -> ComponentHealth:
+        if self.returnChannel is None:
+            return ComponentHealth(OK, "no return channel")
+        problem = self.returnChannel.healthProblem()
+        if problem:
+            return ComponentHealth(FAILING, problem)
+        return ComponentHealth(OK, "LMTP listeners up, mailbox store writing")
 
     def relayHealth(self) -> ComponentHealth:
         last = metrics.lastCoreSuccess()

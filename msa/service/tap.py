@@ -48,6 +48,7 @@ from msa.service import logs
 from msa.service.config import Config, ConfigError, loadConfig
 from msa.service.controlsocket import ControlService, socketPath
 from msa.service.health import Health, healthSite
+from msa.service.returnchannel import buildReturnChannel
 from msa.service.services import (
     AccountWatcher,
     AuditLogService,
@@ -256,6 +257,7 @@ def buildService(config: Config, reactor=None) -> OrderedShutdown:
     )
     runChecks(certFile, tlsConfig["chain"], config["spool"]["directory"])
     spool.recover()
+    audit = None
     if config["audit"]["enabled"]:
         audit = AuditLog(
             config["audit"]["path"], config["audit"]["max_bytes"], reactor=reactor
@@ -284,6 +286,11 @@ def buildService(config: Config, reactor=None) -> OrderedShutdown:
         sharedLimits.setServiceParent(top)
     metrics.watchQueue(spool, relay["delay_warning_after"])
     metrics.watchCertificate(certFile)
+    contextArgs = dict(certFile=certFile, keyFile=keyFile, chainFile=tlsConfig["chain"])
+    returnChannel = buildReturnChannel(
+        config, store, audit, contextArgs | tlsArgs, reactor
+    )
+    returnChannel.setServiceParent(top)
     if config["metrics"]["listen"]:
         health = Health(
             spool,
@@ -292,6 +299,7 @@ def buildService(config: Config, reactor=None) -> OrderedShutdown:
             limits=sharedLimits,
             accounts=store,
             audit=spool.audit,
+            returnChannel=returnChannel,
         )
         site = Site(healthSite(health))
         # strports.service: a port that cannot be bound fails the start.
