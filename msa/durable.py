@@ -359,6 +359,7 @@ def writeDurably(
     data: bytes | Iterable[bytes],
     mode: int = 0o600,
     tmpPath: str | None = None,
+    directorySync: DirectorySync | None = None,
 ) -> None:
     """
     Replace the file at C{path} with C{data}, atomically and durably: see
@@ -369,6 +370,8 @@ def writeDurably(
         new unique name, C{.<name>.<random>.tmp}, so that two writers never
         share one.  A given name is truncated if it exists (a leftover of a
         crash).
+    @param directorySync: the group commit of C{path}'s directory, when
+        concurrent writers share its fsync; by default it is fsynced alone.
     @raise OSError: from the file system; C{path} is then unchanged (unless
         only the final directory fsync failed) and the temporary file gone.
     """
@@ -380,7 +383,11 @@ def writeDurably(
         tmpPath = os.path.join(directory, name)
     try:
         writeSynced(tmpPath, data, mode, exclusive=exclusive)
-        publish([(tmpPath, path)], directory)
+        if directorySync is None:
+            publish([(tmpPath, path)], directory)
+        else:
+            os.replace(tmpPath, path)
+            directorySync.sync()
     except BaseException:
         # The failure above is the one reported; a file system that refuses
         # even this (read-only) leaves the file for the caller's recovery.

@@ -13,7 +13,6 @@ through the real admin command.  A spool written by the previous version
 
 import hashlib
 import io
-import json
 import os
 import shutil
 import sys
@@ -26,7 +25,7 @@ from twisted.trial import unittest
 
 from msa.audit import chainFiles, verifyFiles
 from msa.envelope import Envelope
-from msa.queue import integrity
+from msa.queue import integrity, queuefile
 from msa.queue.spool import DELIVERED, PENDING, Spool
 from msa.relay.client import SMTPDownstream
 from msa.tls import clientContextFactory
@@ -592,7 +591,9 @@ class VerifyCommandTests(unittest.TestCase):
             + ["4 message(s): 2 verified, 0 mismatch(es), 2 unverifiable"],
         )
         # One bit flipped in the trace header of one, in the body of another.
-        with open(spool.load(first).messagePath, "r+b") as f:
+        entry = spool.load(first)
+        with open(entry.messagePath, "r+b") as f:
+            f.seek(entry.contentOffset)
             f.write(b"r")
         tampered = tamper(spool.load(second).messagePath)
         out, err, code = yield admin(msa, "queue", "verify")
@@ -689,8 +690,7 @@ class UnitTests(unittest.TestCase):
         writer.write(MESSAGE[:10])
         writer.write(MESSAGE[10:])
         queueId = writer.commit().result
-        with open(os.path.join(spool.queueDirectory, queueId + ".json")) as f:
-            state = json.load(f)
+        state = queuefile.loadEntry(spool.queuePath(queueId))[0].toJSON()
         self.assertEqual(
             (state["sha256"], state["traceLength"], state["traceSha256"]),
             (DIGEST, 13, hashlib.sha256(b"Received: x\r\n").hexdigest()),

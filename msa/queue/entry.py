@@ -63,6 +63,9 @@ class SpoolEntry:
     @ivar traceSha256: its SHA-256 (C{""} when there is none).
     @ivar heldReason: why the MSA itself put the entry on hold (an
         integrity mismatch); C{""} otherwise.
+    @ivar contentOffset: where the message starts in the file at
+        C{messagePath} (L{msa.queue.queuefile}); 0 for an entry spooled by
+        an earlier version, whose C{.msg} file is the message alone.
     """
 
     queueId: str
@@ -84,6 +87,7 @@ class SpoolEntry:
     traceLength: int = 0
     traceSha256: str = ""
     heldReason: str = ""
+    contentOffset: int = 0
 
     def pendingRecipients(self) -> list[str]:
         return [r for r, status in self.recipients.items() if status == PENDING]

@@ -4,41 +4,65 @@ The durable spool: what makes "250 queued as ID" a promise.
 
 Layout under the spool directory::
 
-    tmp/<id>.msg      message being received (never acknowledged)
-    tmp/<id>.json     its state file, written just before the commit
-    queue/<id>.msg    committed message, CRLF line endings, not dot-stuffed
-    queue/<id>.json   committed state: the envelope and per-recipient status,
-                      and the SHA-256 of the acknowledged bytes
-                      (L{msa.queue.integrity})
+    tmp/<id>      message being received (never acknowledged)
+    queue/<id>    committed message: one queue file (L{msa.queue.queuefile})
+                  holding its state (the envelope, per-recipient status,
+                  the SHA-256 of the acknowledged bytes: L{msa.queue.integrity})
+                  and then its bytes, CRLF line ends, not dot-stuffed
 
-A message is committed when C{queue/<id>.json} exists: the message file is
-fsynced and renamed into C{queue/} first, then the state file, then the
-directory is fsynced.  A crash at any point leaves either nothing the client
-was told about (C{tmp/}, an orphan C{queue/<id>.msg}: both removed by
-L{Spool.recover}) or a complete entry.
+A message is committed when C{queue/<id>} exists: its file, state and
+content, is written in C{tmp/} and fsynced, renamed into C{queue/}, then
+the directory is fsynced and the acceptance record appended to the audit
+log; only then the 250.  A crash at any point leaves either nothing the
+client was told about (C{tmp/}: emptied by L{Spool.recover}) or a complete
+entry: every file in C{queue/} is whole.  One file created, one fsync, one
+rename per message; the directory's fsync and the audit log's fdatasync
+are group commits shared with concurrent messages
+(L{msa.durable.DirectorySync}, L{msa.audit}).
 
 The fsyncs of a commit run in the reactor's thread pool (when the reactor has
 one; with a fake reactor such as L{twisted.internet.task.Clock} they run
 synchronously).  The writer's file is not touched by the reactor thread while
-the commit runs.  The fsyncs of C{queue/} itself are shared by concurrent
-commits and removals (L{msa.durable.DirectorySync}, a group commit): each
-commit still returns only after an fsync of the directory that started
-after its own renames.
+the commit runs.
 
-The changes of an entry (L{Spool.update}: a deferred attempt, a hold, a
-release; L{Spool.remove}) are made in the thread pool too, so that no
-session waits for their fsyncs; their order is kept: the disk work for one
-entry runs one change at a time, in the order asked, and the readers of
-this process (L{Spool.pending}, L{Spool.load}) see each change as soon as
-it is asked for (the newest state of an entry, an entry being removed
-gone), so that the relay's decisions are exact while the disk catches up.
-A change the disk refuses is undone for the readers, and its L{Deferred}
-fails.
+A change of state (L{Spool.update}: a deferred attempt, a recipient
+delivered while another is deferred, a hold, a release) is one C{pwrite}
+of the new state into the queue file's other state slot and one
+C{fdatasync}: no new file, no rename, no directory fsync.  A deferral is
+recorded durably too (its attempt count, next attempt and last reply feed
+the backoff, the expiry notice and C{queue show}); it is the rare path, and
+costs one fdatasync.  A hold is a state like any other, not a move to
+another directory: one C{fdatasync} either way, and C{queue/} stays the
+one place the relay looks.
+
+A delivered message leaves with one C{unlink}; the runner's attempt ends
+only once the directory's fsync (group-committed with other commits and
+removals) made the removal durable.  No "done" mark is written before:
+a crash between the core's 250 and that fsync could bring the file back
+and deliver it again, which is the window SMTP itself leaves open (the
+core's 250 lost on the wire does the same), and was so before.  Marking
+every recipient done with its own fdatasync before the unlink would close
+only the power-loss half of that window and cost a second fsync per
+message.
+
+Entries spooled by an earlier version (C{queue/<id>.msg} and
+C{queue/<id>.json}, L{msa.queue.legacy}) are read as they are and
+converted to queue files by L{Spool.recover} at the start.
+
+The changes of an entry (L{Spool.update}, L{Spool.remove}) are made in the
+thread pool too, so that no session waits for their fsyncs; their order is
+kept: the disk work for one entry runs one change at a time, in the order
+asked, and the readers of this process (L{Spool.pending}, L{Spool.load})
+see each change as soon as it is asked for (the newest state of an entry,
+an entry being removed gone), so that the relay's decisions are exact
+while the disk catches up.  A change the disk refuses is undone for the
+readers, and its L{Deferred} fails.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 from collections.abc import Callable
@@ -48,14 +72,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from msa.audit import AuditLog
-from msa.durable import (
-    DirectorySync,
-    fsyncDirectory,
-    unlinkQuietly,
-    writeDurably,
-)
+from msa.durable import DirectorySync, fsyncDirectory, unlinkQuietly
 from msa.envelope import Envelope
 from msa.interfaces import ISpool
+from msa.queue import legacy, queuefile
 from msa.queue.entry import (
     DELIVERED,
     FAILED,
@@ -116,6 +136,11 @@ class Spool:
         self._unwritten: dict[str, bytes] = {}
         #: Per entry being changed, the lock that keeps its changes in order.
         self._changing: dict[str, defer.DeferredLock] = {}
+        #: Per queue file, where its state in force is, when this process
+        #: knows it durable (it wrote and synced it): the next state goes
+        #: into the other slot.  For any other, the first change of this
+        #: process syncs the file first (L{_updatedBlocking}).
+        self._slots: dict[str, queuefile.QueueFileState] = {}
         #: The outcomes the spool could not record (L{recordOutcome}).
         self.outcomes = (
             None if outcomesDirectory is None else OutcomeLedger(outcomesDirectory)
@@ -167,46 +192,49 @@ class Spool:
 
     # Reading side.
 
-    def _paths(self, queueId: str) -> tuple[str, str]:
-        base = os.path.join(self.queueDirectory, queueId)
-        return base + ".msg", base + ".json"
+    def queuePath(self, queueId: str) -> str:
+        """
+        The queue file of C{queueId} (L{msa.queue.queuefile}).
+        """
+        return os.path.join(self.queueDirectory, queueId)
 
     def pending(self) -> list[str]:
         """
         The ids of the complete entries in the queue, oldest first.
         """
         names = set(os.listdir(self.queueDirectory))
-        return sorted(
-            n[:-5]
-            for n in names
-            if n.endswith(".json")
-            and n[:-5] + ".msg" in names
-            and n[:-5] not in self._removing
-        )
+        ids = {n for n in names if "." not in n} | legacy.pairIds(names)
+        return sorted(ids - self._removing)
 
     def load(self, queueId: str) -> SpoolEntry:
         """
         @raise FileNotFoundError: when the entry is not (or no longer) there.
-        @raise ValueError: when the state file is unreadable.
+        @raise ValueError: when its state is unreadable.
         """
-        msgPath, statePath = self._paths(queueId)
+        path = self.queuePath(queueId)
         if queueId in self._removing:
-            raise FileNotFoundError(errno.ENOENT, "being removed", statePath)
+            raise FileNotFoundError(errno.ENOENT, "being removed", path)
+        try:
+            entry, _ = queuefile.loadEntry(path)
+        except FileNotFoundError:
+            entry = legacy.loadPair(self.queueDirectory, queueId)
         state = self._unwritten.get(queueId)
         if state is None and self.outcomes is not None:
             state = self.outcomes.state(queueId)
-        if state is None:
-            with open(statePath, "rb") as f:
-                state = f.read()
-        data = json.loads(state)
-        return SpoolEntry.fromJSON(data, msgPath, os.stat(msgPath).st_size)
+        if state is not None:
+            newer = SpoolEntry.fromJSON(
+                json.loads(state), entry.messagePath, entry.size
+            )
+            newer.contentOffset = entry.contentOffset
+            entry = newer
+        return entry
 
     def update(self, entry: SpoolEntry) -> defer.Deferred[None]:
         """
         Replace the state of C{entry}, atomically and durably, in the thread
-        pool (L{msa.durable.writeDurably}: a temporary file, fsynced,
-        renamed over the state file, the directory fsynced).  Readers in
-        this process see the new state at once.
+        pool (L{msa.queue.queuefile.writeState}: the other state slot of its
+        queue file written, then fdatasynced).  Readers in this process see
+        the new state at once.
 
         @return: a L{Deferred} firing when the new state is durable, or
             failing with the L{OSError}: the old state is then left, on
@@ -215,9 +243,7 @@ class Spool:
         queueId = entry.queueId
         state = encodeState(entry)
         self._unwritten[queueId] = state
-        _, statePath = self._paths(queueId)
-        # The temporary name ends in .tmp: recover() removes a leftover.
-        d = self._inOrder(queueId, self._updatedBlocking, queueId, statePath, state)
+        d = self._inOrder(queueId, self._updatedBlocking, queueId, json.loads(state))
 
         def written(result: object) -> object:
             if self._unwritten.get(queueId) is state:
@@ -226,12 +252,35 @@ class Spool:
 
         return d.addBoth(written)
 
-    def _updatedBlocking(self, queueId: str, statePath: str, state: bytes) -> None:
+    def _updatedBlocking(self, queueId: str, state: dict) -> None:
         """
-        The disk part of L{update}: runs in a thread.
+        The disk part of L{update}: runs in a thread.  An entry of an
+        earlier version is converted to a queue file first.
         """
-        # The temporary name ends in .tmp: recover() removes a leftover.
-        writeDurably(statePath, state, tmpPath=statePath + ".tmp")
+        path = self.queuePath(queueId)
+        if not os.path.exists(path) and legacy.pairIds(
+            set(os.listdir(self.queueDirectory))
+        ) >= {queueId}:
+            legacy.convert(self.queueDirectory, self.tmpDirectory, queueId)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            where = self._slots.pop(queueId, None)
+            if where is None:
+                # Written by another process, which may have died before
+                # its state was durable: make it so before the other slot,
+                # which may hold the last durable state, is overwritten.
+                _, where = queuefile.readState(fd)
+                getattr(os, "fdatasync", os.fsync)(fd)
+            try:
+                queuefile.writeState(fd, state, where)
+            except OSError:
+                # The slot may hold the refused state: void it, so that the
+                # old one is in force again (the next change re-reads).
+                queuefile.voidSlot(fd, where)
+                raise
+            self._slots[queueId] = where
+        finally:
+            os.close(fd)
         if self.outcomes is not None:
             # The spool's state is the newest again.
             self.outcomes.forget(queueId)
@@ -266,20 +315,18 @@ class Spool:
         Remove an entry, with the disk work off the calling (reactor)
         thread: the entry is gone for every reader in this process as soon
         as this returns; then, in the reactor's thread pool, after the
-        changes asked before, the state file is removed, the directory
+        changes asked before, its queue file is removed and the directory
         fsynced (shared with concurrent commits and removals,
-        L{DirectorySync}) and only then is the message file removed, so
-        that a crash in between leaves an orphan message file (removed by
-        L{recover}), never an entry without its message.
+        L{DirectorySync}).
 
         @return: a L{Deferred} firing when the removal is durable, or
-            failing with the L{OSError}: when the state file could not be
+            failing with the L{OSError}: when the file could not be
             removed, the entry is unchanged (and visible again); when the
-            fsync failed, the entry is gone and its message file left for
-            L{recover}.
+            fsync failed, the entry is gone (and may come back after a
+            crash, to be delivered again).
         """
         self._removing.add(queueId)
-        d = self._inOrder(queueId, self._removedBlocking, *self._paths(queueId))
+        d = self._inOrder(queueId, self._removedBlocking, queueId)
 
         def visible(result: object) -> object:
             self._removing.discard(queueId)
@@ -294,14 +341,21 @@ class Spool:
         """
         return queueId in self._removing
 
-    def _removedBlocking(self, msgPath: str, statePath: str) -> None:
+    def _removedBlocking(self, queueId: str) -> None:
         """
         The disk part of L{removeDelivered}: runs in a thread.
         """
-        unlinkQuietly(statePath)
-        self.queueSync.sync()
-        unlinkQuietly(msgPath)
-        queueId = os.path.basename(msgPath)[:-4]
+        self._slots.pop(queueId, None)
+        unlinkQuietly(self.queuePath(queueId))
+        msgPath, statePath = legacy.pairPaths(self.queueDirectory, queueId)
+        if os.path.lexists(statePath):
+            # An earlier version's entry: its state file first, durably,
+            # and only then its message (a state file implies its message).
+            unlinkQuietly(statePath)
+            self.queueSync.sync()
+            unlinkQuietly(msgPath)
+        else:
+            self.queueSync.sync()
         if self.outcomes is not None and queueId in self.outcomes:
             try:
                 self.outcomes.forget(queueId)
@@ -336,17 +390,20 @@ class Spool:
         assert self.audit is not None
         self.audit.appendFact(event, **fields)
 
-    def openMessage(self, queueId: str):
+    def openMessage(self, queueId: str) -> io.RawIOBase | io.BufferedReader:
         """
-        @return: the message file, opened for binary reading.
+        @return: the message (the trace header, then the message), opened
+            for binary reading (L{msa.queue.queuefile.openContent}).
         """
-        return open(self._paths(queueId)[0], "rb")
+        return queuefile.openContent(self.load(queueId))
 
     def recover(self) -> list[str]:
         """
         Clean up after a crash: remove everything in C{tmp/} (never
-        acknowledged), orphan message files and leftover temporary state
-        files in C{queue/}.  A state file without its message cannot be
+        acknowledged) and, in C{queue/}, what an earlier version's interrupted
+        changes left; convert the entries of an earlier version
+        (L{msa.queue.legacy}).  A queue file without a readable state, or
+        an earlier version's state file without its message, cannot be
         delivered: it is renamed to C{.broken} and logged.
 
         @return: the ids of the complete entries.
@@ -355,20 +412,31 @@ class Spool:
             log.info("recover: removing unacknowledged {name}", name=name)
             unlinkQuietly(os.path.join(self.tmpDirectory, name))
         names = set(os.listdir(self.queueDirectory))
+        pairs = legacy.pairIds(names)
         for name in sorted(names):
             path = os.path.join(self.queueDirectory, name)
-            if name.endswith(".tmp"):
+            stem, _, suffix = name.partition(".")
+            if not suffix:
+                self._check(path)
+            elif suffix == "tmp" or name.endswith(".json.tmp"):
                 log.info("recover: removing interrupted state update {name}", name=name)
                 unlinkQuietly(path)
-            elif name.endswith(".msg") and name[:-4] + ".json" not in names:
+            elif name.endswith(legacy.MESSAGE) and stem not in pairs:
                 log.info("recover: removing orphan message file {name}", name=name)
                 unlinkQuietly(path)
-            elif name.endswith(".json") and name[:-5] + ".msg" not in names:
+            elif name.endswith(legacy.STATE) and stem not in pairs:
                 log.critical(
                     "recover: state file {name} has no message file; set aside",
                     name=name,
                 )
                 os.replace(path, path + ".broken")
+        for queueId in sorted(pairs):
+            if queueId in names:
+                # Converted, the crash came before the pair was removed.
+                legacy.removePair(self.queueDirectory, queueId)
+                continue
+            log.info("recover: converting {q} to a queue file", q=queueId)
+            legacy.convert(self.queueDirectory, self.tmpDirectory, queueId)
         fsyncDirectory(self.queueDirectory)
         ids = self.pending()
         if self.outcomes is not None:
@@ -377,3 +445,19 @@ class Spool:
                 self.outcomes.forget(queueId)
         log.info("recover: {count} message(s) in the queue", count=len(ids))
         return ids
+
+    @staticmethod
+    def _check(path: str) -> None:
+        """
+        Set aside the queue file at C{path} when it has no readable state
+        (only a disk that lost acknowledged data does that).
+        """
+        try:
+            queuefile.loadEntry(path)
+        except queuefile.QueueFileError as e:
+            log.critical(
+                "recover: queue file {path} is unreadable ({e}); set aside",
+                path=path,
+                e=e,
+            )
+            os.replace(path, path + ".broken")
