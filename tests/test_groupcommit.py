@@ -26,7 +26,6 @@ from twisted.trial import unittest
 from msa import durable
 from msa.durable import DirectorySync, GroupCommit
 from msa.queue.spool import Spool
-from msa.relay import outbox
 from msa.relay.outbox import OutboxDownstream
 from tests.relaydata import makeEnvelope
 from tests.waiting import waitUntil, waitUntilBlocking
@@ -272,24 +271,17 @@ class GroupCommitTests(unittest.TestCase):
 class SpoolGroupCommitTests(unittest.TestCase):
     """
     The spool's commit and removal go through its L{DirectorySync}, after
-    the renames (commit) and after the state file's removal and before the
-    message file's (removal).
+    the rename of the queue file (commit) and after its removal.
     """
 
     def setUp(self):
         self.spool = Spool(self.mktemp(), task.Clock())
-        self.seen: list[tuple[bool, bool]] = []
+        self.seen: list[list[str]] = []
         self.fail = False
 
         def fsync(path):
             self.assertEqual(path, self.spool.queueDirectory)
-            names = os.listdir(path)
-            self.seen.append(
-                (
-                    any(n.endswith(".msg") for n in names),
-                    any(n.endswith(".json") for n in names),
-                )
-            )
+            self.seen.append(sorted(os.listdir(path)))
             if self.fail:
                 raise OSError(errno.EIO, "Input/output error")
 
@@ -302,7 +294,7 @@ class SpoolGroupCommitTests(unittest.TestCase):
 
     def test_commitSyncsAfterRenames(self):
         queueId = self.commit()
-        self.assertEqual(self.seen, [(True, True)])
+        self.assertEqual(self.seen, [[queueId]])
         self.assertEqual(self.spool.pending(), [queueId])
         self.assertEqual(os.listdir(self.spool.tmpDirectory), [])
 
@@ -320,34 +312,34 @@ class SpoolGroupCommitTests(unittest.TestCase):
 
     def test_removeDelivered(self):
         """
-        The state file goes at once; the fsync sees the message file still
-        there and the state file gone; then the message file goes.
+        The queue file goes, then the fsync sees it gone.
         """
         queueId = self.commit()
         del self.seen[:]
         d = self.spool.removeDelivered(queueId)
         self.assertIsNone(self.successResultOf(d))
-        self.assertEqual(self.seen, [(True, False)])
+        self.assertEqual(self.seen, [[]])
         self.assertEqual(os.listdir(self.spool.queueDirectory), [])
 
     def test_removeDeliveredFsyncFails(self):
         """
         The fsync fails: the L{Deferred} fails, the entry is gone from the
-        queue, and its message file stays for L{Spool.recover}.
+        queue (the removal may not be durable: the file may come back after
+        a power loss, and be delivered again).
         """
         queueId = self.commit()
         self.fail = True
         failure = self.failureResultOf(self.spool.removeDelivered(queueId))
         self.assertEqual(failure.value.errno, errno.EIO)
         self.assertEqual(self.spool.pending(), [])
-        self.assertEqual(os.listdir(self.spool.queueDirectory), [queueId + ".msg"])
+        self.assertEqual(os.listdir(self.spool.queueDirectory), [])
         self.fail = False
         self.assertEqual(self.spool.recover(), [])
         self.assertEqual(os.listdir(self.spool.queueDirectory), [])
 
     def test_removeDeliveredStateRefused(self):
         """
-        The state file cannot be removed (a read-only spool): the
+        The queue file cannot be removed (a read-only spool): the
         L{Deferred} fails with the error and the entry is intact, visible
         again.
         """
@@ -381,27 +373,27 @@ class SpoolGroupCommitTests(unittest.TestCase):
         self.assertEqual(self.spool.pending(), [])
         self.assertRaises(FileNotFoundError, self.spool.load, queueId)
         # Not yet removed from disk: the thread does that.
-        self.assertIn(queueId + ".json", os.listdir(self.spool.queueDirectory))
+        self.assertIn(queueId, os.listdir(self.spool.queueDirectory))
 
 
-class OutboxLinkTests(unittest.TestCase):
+class OutboxCopyTests(unittest.TestCase):
     """
-    The outbox gets a hard link to the spool's message file when that is
-    exactly the outbox's content, and a durable copy otherwise.
+    The outbox gets a durable copy of the message (the queue file's
+    content, not its state), the outbox directory's fsync a group commit
+    shared by concurrent writes (L{DirectorySync}).
     """
 
     def setUp(self):
         self.spool = Spool(self.mktemp(), task.Clock())
         self.directory = os.path.join(self.mktemp(), "outbox")
         self.outbox = OutboxDownstream(self.directory, task.Clock())
-        self.fsyncs: list[str] = []
-        real = durable.fsyncDirectory
+        self.fsyncs: list[list[str]] = []
 
         def fsyncDirectory(path):
-            self.fsyncs.append(path)
-            real(path)
+            self.fsyncs.append(sorted(os.listdir(path)))
+            durable.fsyncDirectory(path)
 
-        self.patch(outbox, "fsyncDirectory", fsyncDirectory)
+        self.outbox.directorySync = DirectorySync(self.directory, fsyncDirectory)
 
     def write(self, data: bytes) -> tuple[object, str]:
         writer = self.spool.newMessage(makeEnvelope(("bob@example.org",)))
@@ -412,11 +404,11 @@ class OutboxLinkTests(unittest.TestCase):
             path = self.outbox._write(entry, f)
         return entry, path
 
-    def test_linked(self):
+    def test_copied(self):
         data = b"Subject: x\r\n\r\nbody\r\n"
         entry, path = self.write(data)
-        self.assertTrue(os.path.samefile(path, entry.messagePath))
-        self.assertEqual(self.fsyncs, [self.directory])
+        self.assertFalse(os.path.samefile(path, entry.messagePath))
+        self.assertEqual(self.fsyncs, [[entry.queueId + ".eml"]])
         with open(path, "rb") as f:
             self.assertEqual(f.read(), data)
         self.assertEqual(os.listdir(self.directory), [entry.queueId + ".eml"])
@@ -425,20 +417,20 @@ class OutboxLinkTests(unittest.TestCase):
         with open(path, "rb") as f:
             self.assertEqual(f.read(), data)
 
-    def test_emptyLinked(self):
+    def test_empty(self):
         entry, path = self.write(b"")
-        self.assertTrue(os.path.samefile(path, entry.messagePath))
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"")
 
-    def test_withoutCRLFCopied(self):
+    def test_withoutCRLF(self):
         entry, path = self.write(b"Subject: x\r\n\r\nno newline")
-        self.assertFalse(os.path.samefile(path, entry.messagePath))
         with open(path, "rb") as f:
             self.assertEqual(f.read(), b"Subject: x\r\n\r\nno newline\r\n")
 
     def test_earlierFileReplaced(self):
         """
         A file of an earlier attempt (a crash before the spool recorded the
-        delivery) is replaced by the link; no temporary file stays.
+        delivery) is replaced; no temporary file stays.
         """
         data = b"Subject: x\r\n\r\nbody\r\n"
         writer = self.spool.newMessage(makeEnvelope(("bob@example.org",)))
@@ -448,39 +440,21 @@ class OutboxLinkTests(unittest.TestCase):
         with open(stale, "wb") as f:
             f.write(b"partial")
         entry = self.spool.load(queueId)
-        with self.spool.openMessage(queueId) as f:
-            path = self.outbox._write(entry, f)
-        self.assertTrue(os.path.samefile(path, entry.messagePath))
-        self.assertEqual(os.listdir(self.directory), [queueId + ".eml"])
-        # Again (the same link already there): still one file.
-        with self.spool.openMessage(queueId) as f:
-            self.outbox._write(entry, f)
-        self.assertEqual(os.listdir(self.directory), [queueId + ".eml"])
+        for _ in range(2):
+            with self.spool.openMessage(queueId) as f:
+                path = self.outbox._write(entry, f)
+            self.assertEqual(os.listdir(self.directory), [queueId + ".eml"])
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(), data)
 
-    def test_otherFileSystemCopied(self):
+    def test_fsyncFails(self):
         """
-        Where a hard link is refused (another file system), the message is
-        copied durably.
+        The directory's fsync fails: the write fails (the attempt is
+        deferred, the message stays queued).
         """
 
-        def crossDevice(source, target):
-            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        def failing(path):
+            raise OSError(errno.EIO, "Input/output error")
 
-        self.patch(os, "link", crossDevice)
-        data = b"Subject: x\r\n\r\nbody\r\n"
-        entry, path = self.write(data)
-        self.assertFalse(os.path.samefile(path, entry.messagePath))
-        with open(path, "rb") as f:
-            self.assertEqual(f.read(), data)
-
-    def test_otherLinkErrorRaised(self):
-        """
-        Any other error of the link (a full disk, EIO) is the attempt's
-        failure, as a failed copy would be.
-        """
-
-        def full(source, target):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        self.patch(os, "link", full)
+        self.outbox.directorySync = DirectorySync(self.directory, failing)
         self.assertRaises(OSError, self.write, b"Subject: x\r\n\r\nbody\r\n")
