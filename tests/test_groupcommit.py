@@ -21,6 +21,7 @@ import os
 import threading
 
 from twisted.internet import defer, reactor, task, threads
+from twisted.python import failure
 from twisted.trial import unittest
 
 from msa import durable
@@ -268,6 +269,90 @@ class GroupCommitTests(unittest.TestCase):
         self.assertEqual(rounds.rounds, [["one"], ["two", "three"]])
 
 
+class InlineThreadsClock(task.Clock):
+    """
+    A clock whose "thread pool" runs each call at once, in this thread: a
+    reactor with threads, deterministic.
+    """
+
+    def getThreadPool(self):
+        return self
+
+    def callInThread(self, f, *args):
+        f(*args)
+
+    def callInThreadWithCallback(self, onResult, f, *args):
+        try:
+            result = f(*args)
+        except BaseException:
+            onResult(False, failure.Failure())
+        else:
+            onResult(True, result)
+
+    def callFromThread(self, f, *args):
+        f(*args)
+
+
+class GatherTests(unittest.TestCase):
+    """
+    L{GroupCommit}'s C{gatherDelay}: a round only L{GroupCommit.commit}
+    jobs wait for starts after the delay, with every job submitted
+    meanwhile; a blocking caller arriving meanwhile takes them along.
+    """
+
+    def setUp(self):
+        self.clock = InlineThreadsClock()
+        self.rounds: list[list[str]] = []
+
+        def runRound(jobs):
+            self.rounds.append(list(jobs))
+            return jobs
+
+        self.commits = GroupCommit(runRound, self.clock, gatherDelay=0.02)
+
+    def test_gathered(self):
+        first = self.commits.commit("one")
+        second = self.commits.commit("two")
+        self.assertEqual(self.rounds, [])
+        self.assertNoResult(first)
+        self.clock.advance(0.02)
+        self.assertEqual(self.rounds, [["one", "two"]])
+        self.assertEqual(
+            (self.successResultOf(first), self.successResultOf(second)),
+            ("one", "two"),
+        )
+
+    def test_blockingCallerTakesThemAlong(self):
+        waiting = self.commits.commit("removal")
+        self.assertEqual(self.commits.commitBlocking("commit"), "commit")
+        self.assertEqual(self.rounds, [["removal", "commit"]])
+        self.assertEqual(self.successResultOf(waiting), "removal")
+        self.clock.advance(0.02)
+        self.assertEqual(len(self.rounds), 1)
+
+    def test_removalRidesOnACommit(self):
+        """
+        The spool's removal: its directory fsync joins the next commit's.
+        """
+        spool = Spool(self.mktemp(), self.clock)
+        fsyncs = []
+        spool.queueSync = DirectorySync(
+            spool.queueDirectory, fsyncs.append, self.clock, gatherDelay=0.02
+        )
+        writer = spool.newMessage(makeEnvelope(("bob@example.org",)))
+        writer.write(b"Subject: x\r\n\r\nbody\r\n")
+        delivered = self.successResultOf(writer.commit())
+        removed = spool.removeDelivered(delivered)
+        self.assertNoResult(removed)
+        writer = spool.newMessage(makeEnvelope(("bob@example.org",)))
+        writer.write(b"Subject: x\r\n\r\nbody\r\n")
+        self.successResultOf(writer.commit())
+        self.assertEqual(len(fsyncs), 2)
+        self.assertIsNone(self.successResultOf(removed))
+        self.clock.advance(0.02)
+        self.assertEqual(len(fsyncs), 2)
+
+
 class SpoolGroupCommitTests(unittest.TestCase):
     """
     The spool's commit and removal go through its L{DirectorySync}, after
@@ -285,7 +370,9 @@ class SpoolGroupCommitTests(unittest.TestCase):
             if self.fail:
                 raise OSError(errno.EIO, "Input/output error")
 
-        self.spool.queueSync = DirectorySync(self.spool.queueDirectory, fsync)
+        self.spool.queueSync = DirectorySync(
+            self.spool.queueDirectory, fsync, reactor=self.spool.reactor
+        )
 
     def commit(self) -> str:
         writer = self.spool.newMessage(makeEnvelope(("bob@example.org",)))

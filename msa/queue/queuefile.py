@@ -34,7 +34,7 @@ import json
 import os
 import struct
 import zlib
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from msa.envelope import Envelope
 from msa.queue.entry import SpoolEntry
@@ -91,8 +91,10 @@ def slotOffset(slotSize: int, index: int) -> int:
 
 def _shortened(state: dict[str, Any], limit: int) -> dict[str, Any]:
     data = dict(state)
-    data["errors"] = {r: e[:limit] for r, e in data["errors"].items()}
-    data["lastError"] = data["lastError"][:limit]
+    if "errors" in data:
+        data["errors"] = {r: e[:limit] for r, e in data["errors"].items()}
+    if "lastError" in data:
+        data["lastError"] = data["lastError"][:limit]
     return data
 
 
@@ -275,7 +277,7 @@ class ContentFile(io.RawIOBase):
         super().close()
 
 
-def openContent(entry: SpoolEntry) -> io.RawIOBase | io.BufferedReader:
+def openContent(entry: SpoolEntry) -> BinaryIO:
     """
     The message of C{entry} (the trace header and the message), open for
     binary reading from its start: the content of its queue file, or the
@@ -283,5 +285,6 @@ def openContent(entry: SpoolEntry) -> io.RawIOBase | io.BufferedReader:
     """
     offset = getattr(entry, "contentOffset", 0)
     if offset:
-        return ContentFile(entry.messagePath, offset)
+        # A file object for every reader (read, seek, a context manager).
+        return cast(BinaryIO, ContentFile(entry.messagePath, offset))
     return open(entry.messagePath, "rb")

@@ -62,17 +62,17 @@ readers, and its L{Deferred} fails.
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 from collections.abc import Callable
+from typing import BinaryIO
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from msa.audit import AuditLog
-from msa.durable import DirectorySync, fsyncDirectory, unlinkQuietly
+from msa.durable import DirectorySync, unlinkQuietly
 from msa.envelope import Envelope
 from msa.interfaces import ISpool
 from msa.queue import legacy, queuefile
@@ -85,6 +85,7 @@ from msa.queue.entry import (
     newQueueId,
 )
 from msa.queue.outcomes import OutcomeLedger
+from msa.queue.recovery import recoverSpool
 from msa.queue.writer import WRITE_BUFFER, SpoolWriter
 
 __all__ = [
@@ -99,6 +100,10 @@ __all__ = [
 ]
 
 log = Logger()
+
+#: How long the fsync of C{queue/} after a removal waits for company (a
+#: commit's, mostly), in seconds: nobody's reply waits for it.
+REMOVAL_GATHER = 0.02
 
 
 @implementer(ISpool)
@@ -125,7 +130,9 @@ class Spool:
         for d in (directory, self.tmpDirectory, self.queueDirectory):
             os.makedirs(d, mode=0o700, exist_ok=True)
         #: The group commit of C{queue/}'s fsyncs (commits and removals).
-        self.queueSync = DirectorySync(self.queueDirectory)
+        self.queueSync = DirectorySync(
+            self.queueDirectory, reactor=reactor, gatherDelay=REMOVAL_GATHER
+        )
         #: The audit log (L{msa.audit}) each commit appends to, if any.
         self.audit: AuditLog | None = None
         self._listeners: list[Callable[[str], object]] = []
@@ -315,9 +322,10 @@ class Spool:
         Remove an entry, with the disk work off the calling (reactor)
         thread: the entry is gone for every reader in this process as soon
         as this returns; then, in the reactor's thread pool, after the
-        changes asked before, its queue file is removed and the directory
-        fsynced (shared with concurrent commits and removals,
-        L{DirectorySync}).
+        changes asked before, its queue file is removed; then the
+        directory is fsynced, shared with concurrent commits and removals
+        (L{DirectorySync.syncLater}: the removal waits up to
+        L{REMOVAL_GATHER} for company, holding no thread).
 
         @return: a L{Deferred} firing when the removal is durable, or
             failing with the L{OSError}: when the file could not be
@@ -327,6 +335,9 @@ class Spool:
         """
         self._removing.add(queueId)
         d = self._inOrder(queueId, self._removedBlocking, queueId)
+        d.addCallback(lambda _: self.queueSync.syncLater())
+        if self.outcomes is not None and queueId in self.outcomes:
+            d.addCallback(lambda _: self._runBlocking(self._forgetOutcome, queueId))
 
         def visible(result: object) -> object:
             self._removing.discard(queueId)
@@ -343,7 +354,7 @@ class Spool:
 
     def _removedBlocking(self, queueId: str) -> None:
         """
-        The disk part of L{removeDelivered}: runs in a thread.
+        The unlink of L{removeDelivered}: runs in a thread.
         """
         self._slots.pop(queueId, None)
         unlinkQuietly(self.queuePath(queueId))
@@ -354,14 +365,18 @@ class Spool:
             unlinkQuietly(statePath)
             self.queueSync.sync()
             unlinkQuietly(msgPath)
-        else:
-            self.queueSync.sync()
-        if self.outcomes is not None and queueId in self.outcomes:
-            try:
-                self.outcomes.forget(queueId)
-            except OSError as e:
-                # The entry is gone: its outcome is dropped by recover().
-                log.error("cannot forget the outcome of {q}: {e}", q=queueId, e=e)
+
+    def _forgetOutcome(self, queueId: str) -> None:
+        """
+        After a removal, its outcome (L{recordOutcome}) goes: runs in a
+        thread.
+        """
+        assert self.outcomes is not None
+        try:
+            self.outcomes.forget(queueId)
+        except OSError as e:
+            # The entry is gone: its outcome is dropped by recover().
+            log.error("cannot forget the outcome of {q}: {e}", q=queueId, e=e)
 
     def auditEvent(self, event: str, **fields) -> defer.Deferred[None]:
         """
@@ -390,7 +405,7 @@ class Spool:
         assert self.audit is not None
         self.audit.appendFact(event, **fields)
 
-    def openMessage(self, queueId: str) -> io.RawIOBase | io.BufferedReader:
+    def openMessage(self, queueId: str) -> BinaryIO:
         """
         @return: the message (the trace header, then the message), opened
             for binary reading (L{msa.queue.queuefile.openContent}).
@@ -399,65 +414,9 @@ class Spool:
 
     def recover(self) -> list[str]:
         """
-        Clean up after a crash: remove everything in C{tmp/} (never
-        acknowledged) and, in C{queue/}, what an earlier version's interrupted
-        changes left; convert the entries of an earlier version
-        (L{msa.queue.legacy}).  A queue file without a readable state, or
-        an earlier version's state file without its message, cannot be
-        delivered: it is renamed to C{.broken} and logged.
+        Clean up after a crash and convert the entries of an earlier
+        version: see L{msa.queue.recovery.recoverSpool}.
 
         @return: the ids of the complete entries.
         """
-        for name in sorted(os.listdir(self.tmpDirectory)):
-            log.info("recover: removing unacknowledged {name}", name=name)
-            unlinkQuietly(os.path.join(self.tmpDirectory, name))
-        names = set(os.listdir(self.queueDirectory))
-        pairs = legacy.pairIds(names)
-        for name in sorted(names):
-            path = os.path.join(self.queueDirectory, name)
-            stem, _, suffix = name.partition(".")
-            if not suffix:
-                self._check(path)
-            elif suffix == "tmp" or name.endswith(".json.tmp"):
-                log.info("recover: removing interrupted state update {name}", name=name)
-                unlinkQuietly(path)
-            elif name.endswith(legacy.MESSAGE) and stem not in pairs:
-                log.info("recover: removing orphan message file {name}", name=name)
-                unlinkQuietly(path)
-            elif name.endswith(legacy.STATE) and stem not in pairs:
-                log.critical(
-                    "recover: state file {name} has no message file; set aside",
-                    name=name,
-                )
-                os.replace(path, path + ".broken")
-        for queueId in sorted(pairs):
-            if queueId in names:
-                # Converted, the crash came before the pair was removed.
-                legacy.removePair(self.queueDirectory, queueId)
-                continue
-            log.info("recover: converting {q} to a queue file", q=queueId)
-            legacy.convert(self.queueDirectory, self.tmpDirectory, queueId)
-        fsyncDirectory(self.queueDirectory)
-        ids = self.pending()
-        if self.outcomes is not None:
-            for queueId in sorted(self.outcomes.ids() - set(ids)):
-                log.info("recover: removing the outcome of gone {q}", q=queueId)
-                self.outcomes.forget(queueId)
-        log.info("recover: {count} message(s) in the queue", count=len(ids))
-        return ids
-
-    @staticmethod
-    def _check(path: str) -> None:
-        """
-        Set aside the queue file at C{path} when it has no readable state
-        (only a disk that lost acknowledged data does that).
-        """
-        try:
-            queuefile.loadEntry(path)
-        except queuefile.QueueFileError as e:
-            log.critical(
-                "recover: queue file {path} is unreadable ({e}); set aside",
-                path=path,
-                e=e,
-            )
-            os.replace(path, path + ".broken")
+        return recoverSpool(self)
