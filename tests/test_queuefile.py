@@ -16,8 +16,7 @@ from twisted.trial import unittest
 
 from msa.queue import legacy, queuefile
 from msa.queue.spool import DELIVERED, PENDING, Spool
-from tests.e2e import AiosmtpdCore, RunningMSA
-from tests.test_integrity import LogRecorder
+from tests.test_integrity import LogRecorder, relayedFromOldSpool
 from tests.test_spool import MESSAGE, makeEnvelope, stateOnDisk
 from tests.waiting import waitUntil
 
@@ -248,11 +247,7 @@ class UpgradeTests(unittest.TestCase):
         one stays, converted.
         """
         logs = LogRecorder(self)
-        directory = self.copiedFixture()
-        core = AiosmtpdCore(self)
-        msa = RunningMSA(self, relay=core.relayConfig(), spool={"directory": directory})
-        messages = yield core.waitForMessages(2)
-        byRecipients = {tuple(m[1]): m for m in messages}
+        directory, byRecipients = yield relayedFromOldSpool(self, FIXTURE, 2)
         self.assertEqual(
             byRecipients[("belastingdienst@overheid.nl",)][:3],
             (
@@ -276,4 +271,3 @@ class UpgradeTests(unittest.TestCase):
         self.assertEqual(
             sorted(e["sha256"] for e in logs.named("relay")), sorted(recorded)
         )
-        self.assertIsNotNone(msa)
