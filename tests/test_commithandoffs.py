@@ -60,11 +60,11 @@ class CommitHandoffTests(unittest.TestCase):
             {
                 "msa.relay.outbox.OutboxDownstream._write",
                 "msa.queue.spool.Spool._removedBlocking",
-                # The fsync of queue/ after the removal, when no commit
-                # carried it (msa.durable.DirectorySync.syncLater).
+                # The fsync of queue/ after the removal and the relayed
+                # record of the audit log, each when no commit carried it
+                # (msa.durable.DirectorySync.syncLater,
+                # msa.audit.AuditLog.submitFact).
                 "msa.durable.GroupCommit._drain",
-                # The relayed record of the audit log (msa.audit).
-                "msa.queue.spool.Spool._auditBlocking",
             },
         )
         self.assertEqual(len(set(queueIds)), 2)

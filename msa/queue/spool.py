@@ -380,13 +380,18 @@ class Spool:
 
     def auditEvent(self, event: str, **fields) -> defer.Deferred[None]:
         """
-        Append a record to the audit log, if any, in the thread pool.  A
-        failure is logged at critical level, never raised: the event (a
-        delivery, a bounce) has happened whether or not it is recorded.
+        Append a record to the audit log, if any, in the thread pool
+        (L{msa.audit.AuditLog.submitFact}: holding no thread while its
+        round waits, and for company).  A failure is logged at critical
+        level, never raised: the event (a delivery, a bounce) has happened
+        whether or not it is recorded.
         """
         if self.audit is None:
             return defer.succeed(None)
-        d = self._runBlocking(self._auditBlocking, event, fields)
+        if getattr(self.reactor, "getThreadPool", None) is not None:
+            d: defer.Deferred = self.audit.submitFact(event, **fields)
+        else:
+            d = self._runBlocking(self._auditBlocking, event, fields)
 
         def failed(failure) -> None:
             log.critical(
