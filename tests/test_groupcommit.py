@@ -25,6 +25,8 @@ from twisted.python import failure
 from twisted.trial import unittest
 
 from msa import durable
+from msa.audit import AuditLog
+from msa.audit.log import FACT_GATHER
 from msa.durable import DirectorySync, GroupCommit
 from msa.queue.spool import Spool
 from msa.relay.outbox import OutboxDownstream
@@ -329,6 +331,27 @@ class GatherTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(waiting), "removal")
         self.clock.advance(0.02)
         self.assertEqual(len(self.rounds), 1)
+
+    def test_auditFactsGathered(self):
+        """
+        The audit log's facts from the reactor (a delivery's record): one
+        round, one fdatasync, for those submitted within the delay.
+        """
+        synced = []
+        audit = AuditLog(
+            os.path.join(self.mktemp(), "audit.jsonl"),
+            fdatasync=synced.append,
+            reactor=self.clock,
+        )
+        audit.open()
+        before = len(synced)
+        first = audit.submitFact("relayed", queueId="A")
+        second = audit.submitFact("relayed", queueId="B")
+        self.assertEqual(len(synced), before)
+        self.clock.advance(FACT_GATHER)
+        self.assertEqual(len(synced), before + 1)
+        self.assertEqual(self.successResultOf(second), self.successResultOf(first) + 1)
+        audit.close()
 
     def test_removalRidesOnACommit(self):
         """
