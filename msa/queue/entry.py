@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_spool,tests.test_crash -*-
 """
-A spool entry as the relay sees it (L{SpoolEntry}, its state file's JSON),
+A spool entry as the relay sees it (L{SpoolEntry}, the JSON of its state:
+L{msa.queue.queuefile}),
 the queue ids, and what the spool's writer and reader share.
 See L{msa.queue.spool} for the layout.
 """
