@@ -1,9 +1,8 @@
 # -*- test-case-name: tests.test_durable,tests.test_groupcommit -*-
 """
 Durable file replacement, the one way the MSA writes a file that must
-survive a power loss: the outbox, the account file, the conversion of an
-earlier version's spool entries.  (The spool's queue files are written once
-and changed in place: L{msa.queue.queuefile}.)
+survive a power loss: the outbox, the account file.  (The spool's queue
+files are written once and changed in place: L{msa.queue.queuefile}.)
 
 The order is what makes it durable and atomic: write a temporary file in
 the target's directory, fsync it, rename it over the target (atomic on
