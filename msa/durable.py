@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.test_durable,tests.test_groupcommit -*-
 """
 Durable file replacement, the one way the MSA writes a file that must
-survive a power loss: the spool's state files and committed messages, the
-outbox, the account file.
+survive a power loss: the outbox, the account file.  (The spool's queue
+files are written once and changed in place: L{msa.queue.queuefile}.)
 
 The order is what makes it durable and atomic: write a temporary file in
 the target's directory, fsync it, rename it over the target (atomic on
@@ -97,6 +97,12 @@ class GroupCommit(Generic[J, R]):
         L{twisted.internet.task.Clock}), and the L{Deferred}s fire in the
         reactor thread.
 
+    A round that only L{commit} jobs wait for may wait C{gatherDelay}
+    seconds before it starts (with a reactor that has a thread pool), so
+    that more jobs join it: for jobs nobody's reply waits for (the removal
+    of a delivered message), which then mostly ride on a round that a
+    blocking caller (a commit) runs anyway.
+
     @ivar rounds: how many rounds ran (for tests and curiosity).
     @ivar waiting: how many blocking callers wait for another's round.
     """
@@ -105,6 +111,7 @@ class GroupCommit(Generic[J, R]):
         self,
         runRound: Callable[[list[J]], Sequence[R]],
         reactor: Any = None,
+        gatherDelay: float = 0.0,
     ) -> None:
         """
         @param runRound: writes the jobs of a round and makes them durable,
@@ -112,9 +119,11 @@ class GroupCommit(Generic[J, R]):
             or raises.
         @param reactor: for L{commit}: its thread pool and C{callFromThread}
             (the global reactor by default).
+        @param gatherDelay: see the class docstring; 0: none.
         """
         self._runRound = runRound
         self._reactor = reactor
+        self.gatherDelay = gatherDelay
         self._lock = threading.Condition()
         self._pending: _Round[J, R] | None = None
         self._running = False
@@ -172,7 +181,11 @@ class GroupCommit(Generic[J, R]):
             if start:
                 self._draining = True
         if start:
-            self._startDrain()
+            reactor = self._getReactor()
+            if self.gatherDelay and getattr(reactor, "getThreadPool", None):
+                reactor.callLater(self.gatherDelay, self._startDrain)
+            else:
+                self._startDrain()
         return d
 
     def _getReactor(self) -> Any:
@@ -286,11 +299,21 @@ class DirectorySync:
     """
 
     def __init__(
-        self, path: str, fsync: Callable[[str], None] = fsyncDirectory
+        self,
+        path: str,
+        fsync: Callable[[str], None] = fsyncDirectory,
+        reactor: Any = None,
+        gatherDelay: float = 0.0,
     ) -> None:
+        """
+        @param reactor: for L{syncLater} (see L{GroupCommit}).
+        @param gatherDelay: for L{syncLater} (see L{GroupCommit}).
+        """
         self.path = path
         self._fsync = fsync
-        self._commits: GroupCommit[None, None] = GroupCommit(self._round)
+        self._commits: GroupCommit[None, None] = GroupCommit(
+            self._round, reactor, gatherDelay
+        )
 
     def _round(self, jobs: list[None]) -> list[None]:
         self._fsync(self.path)
@@ -313,6 +336,16 @@ class DirectorySync:
             caller of a failed round gets it.
         """
         self._commits.commitBlocking(None)
+
+    def syncLater(self) -> defer.Deferred[None]:
+        """
+        L{sync} from the reactor thread, without holding a thread while it
+        waits: the round may wait for company (C{gatherDelay}).
+
+        @return: a L{Deferred} firing once the directory's entries are
+            durable, or failing with the fsync's L{OSError}.
+        """
+        return self._commits.commit(None)
 
 
 def writeSynced(
@@ -359,6 +392,7 @@ def writeDurably(
     data: bytes | Iterable[bytes],
     mode: int = 0o600,
     tmpPath: str | None = None,
+    directorySync: DirectorySync | None = None,
 ) -> None:
     """
     Replace the file at C{path} with C{data}, atomically and durably: see
@@ -369,6 +403,8 @@ def writeDurably(
         new unique name, C{.<name>.<random>.tmp}, so that two writers never
         share one.  A given name is truncated if it exists (a leftover of a
         crash).
+    @param directorySync: the group commit of C{path}'s directory, when
+        concurrent writers share its fsync; by default it is fsynced alone.
     @raise OSError: from the file system; C{path} is then unchanged (unless
         only the final directory fsync failed) and the temporary file gone.
     """
@@ -380,7 +416,11 @@ def writeDurably(
         tmpPath = os.path.join(directory, name)
     try:
         writeSynced(tmpPath, data, mode, exclusive=exclusive)
-        publish([(tmpPath, path)], directory)
+        if directorySync is None:
+            publish([(tmpPath, path)], directory)
+        else:
+            os.replace(tmpPath, path)
+            directorySync.sync()
     except BaseException:
         # The failure above is the one reported; a file system that refuses
         # even this (read-only) leaves the file for the caller's recovery.

@@ -528,7 +528,7 @@ class QueueAdminOfflineTests(unittest.TestCase):
             self.assertIn("needs the running server", err)
         self.assertEqual(
             sorted(os.listdir(os.path.join(self.base, "state", "spool", "queue"))),
-            [self.queueId + ".json", self.queueId + ".msg"],
+            [self.queueId],
         )
 
     def test_emptyWithoutSpool(self):

@@ -23,7 +23,8 @@ class CommitHandoffTests(unittest.TestCase):
         MSA one thread handoff for its commit.  The other handoffs of the
         run are the password check of a login, and after the 250 the
         outbox write, its audit record and the removal of the delivered
-        message: none on the commit path (the acceptance record is written
+        message (its unlink, then the fsync of the directory): none on the
+        commit path (the acceptance record is written
         within the commit's handoff).  (The order of the fsyncs within the one handoff
         is proven by L{tests.test_spool} and L{tests.test_crash}.)  A
         message larger than the writer's 64 KiB buffer (not these) has one
@@ -59,8 +60,11 @@ class CommitHandoffTests(unittest.TestCase):
             {
                 "msa.relay.outbox.OutboxDownstream._write",
                 "msa.queue.spool.Spool._removedBlocking",
-                # The relayed record of the audit log (msa.audit).
-                "msa.queue.spool.Spool._auditBlocking",
+                # The fsync of queue/ after the removal and the relayed
+                # record of the audit log, each when no commit carried it
+                # (msa.durable.DirectorySync.syncLater,
+                # msa.audit.AuditLog.submitFact).
+                "msa.durable.GroupCommit._drain",
             },
         )
         self.assertEqual(len(set(queueIds)), 2)

@@ -36,6 +36,7 @@ from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.trial import unittest
 
 from msa.accounts.model import makeAccount, writeAccounts
+from msa.queue import queuefile
 from msa.queue.spool import Spool
 from tests.downstream import DownstreamServer, _ServerProtocol
 from tests.e2e import MESSAGE, freePort, writeConfig
@@ -345,7 +346,7 @@ class CrashTests(unittest.TestCase):
         def written():
             for name in self.msa.files("tmp"):
                 path = os.path.join(self.msa.spool, "tmp", name)
-                if name.endswith(".msg") and os.path.getsize(path) >= 64 * 1024:
+                if os.path.getsize(path) >= 64 * 1024:
                     return name
             return None
 
@@ -388,7 +389,7 @@ class CrashTests(unittest.TestCase):
         self.msa.kill()
         self.assertEqual(code, 250)
         queueId = text.split()[-1].decode()
-        self.assertEqual(self.msa.files("queue"), [queueId + ".json", queueId + ".msg"])
+        self.assertEqual(self.msa.files("queue"), [queueId])
         self.core.start()
         yield defer.ensureDeferred(self.msa.start())
         yield defer.ensureDeferred(self.drained(1))
@@ -411,7 +412,7 @@ class CrashTests(unittest.TestCase):
             waitFor(lambda: self.core.stalled, "the core to stall")
         )
         self.msa.kill()
-        self.assertEqual(len(self.msa.files("queue")), 2)
+        self.assertEqual(len(self.msa.files("queue")), 1)
         self.core.stallAfterData = False
         yield defer.ensureDeferred(self.msa.start())
         yield defer.ensureDeferred(self.drained(1))
@@ -438,7 +439,7 @@ class CrashTests(unittest.TestCase):
         code, _ = yield self.msa.submit()
         self.assertEqual(code, 250)
         yield defer.ensureDeferred(waitFor(lambda: killed, "the kill"))
-        self.assertEqual(killed, [2])
+        self.assertEqual(killed, [1])
         yield defer.ensureDeferred(self.msa.start())
         yield defer.ensureDeferred(self.drained(2))
         first, second = self.assertDelivered(2)
@@ -476,7 +477,7 @@ class CrashTests(unittest.TestCase):
         self.assertIn("Server Shut Down.", self.msa.log())
         self.assertNotIn("Traceback", self.msa.log())
         if not self.core.messages:
-            self.assertEqual(len(self.msa.files("queue")), 2)
+            self.assertEqual(len(self.msa.files("queue")), 1)
             yield defer.ensureDeferred(self.msa.start())
         yield defer.ensureDeferred(self.drained(1))
         self.assertDelivered(1)
@@ -484,43 +485,63 @@ class CrashTests(unittest.TestCase):
 
 class CommitCrashPointTests(unittest.TestCase):
     """
-    What a crash at each step of a spool commit leaves in C{queue/}: the
-    order of the two renames is what makes a state file there imply its
-    message file (issue 18, item 14: swapping them survived every other
-    test).  SIGKILL leaves exactly what the file system holds at that
-    instant (the page cache survives the process), so the test takes the
-    listing of C{queue/} at each step instead of killing a process there:
-    before and after each rename and each fsync of the commit.
+    What a crash at each step of a spool commit leaves in C{queue/}: a file
+    there is whole (its state readable, its bytes the message), because it
+    is renamed there only once written and fsynced (issue 18, item 14, for
+    the earlier .msg/.json pair: swapping its renames survived every other
+    test; issue 20: one queue file per message).  SIGKILL leaves exactly
+    what the file system holds at that instant (the page cache survives
+    the process), so the test reads C{queue/} at each step instead of
+    killing a process there: before and after each write, rename and fsync
+    of the commit.
     """
 
-    def test_stateImpliesMessage(self):
+    def test_queueFileWhole(self):
         clock = task.Clock()
         spool = Spool(self.mktemp(), reactor=clock)
         queue = spool.queueDirectory
         crashPoints: list[list[str]] = []
-        realReplace, realFsync = os.replace, os.fsync
+        events: list[tuple[str, str]] = []
+        realReplace, realFsync, realPwrite = os.replace, os.fsync, os.pwrite
+
+        def crashHere():
+            names = sorted(os.listdir(queue))
+            crashPoints.append(names)
+            for name in names:
+                entry, _ = queuefile.loadEntry(os.path.join(queue, name))
+                with queuefile.openContent(entry) as f:
+                    self.assertEqual(f.read(), SPOOLED)
 
         def replace(source, target):
-            crashPoints.append(sorted(os.listdir(queue)))
+            crashHere()
+            events.append(("replace", source))
             realReplace(source, target)
-            crashPoints.append(sorted(os.listdir(queue)))
+            crashHere()
 
         def fsync(fd):
-            crashPoints.append(sorted(os.listdir(queue)))
+            crashHere()
+            events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
             realFsync(fd)
+
+        def pwrite(fd, data, offset):
+            crashHere()
+            result = realPwrite(fd, data, offset)
+            crashHere()
+            return result
 
         self.patch(os, "replace", replace)
         self.patch(os, "fsync", fsync)
+        self.patch(os, "pwrite", pwrite)
         writer = spool.newMessage(makeEnvelope())
         writer.write(SPOOLED)
         queueId = self.successResultOf(writer.commit())
-        crashPoints.append(sorted(os.listdir(queue)))
-        # Nothing, then the message alone, then the complete entry.
+        crashHere()
+        # Nothing, then the whole entry.
         self.assertEqual(
             [list(p) for p in dict.fromkeys(tuple(p) for p in crashPoints)],
-            [[], [queueId + ".msg"], [queueId + ".json", queueId + ".msg"]],
+            [[], [queueId]],
         )
-        for names in crashPoints:
-            for name in names:
-                if name.endswith(".json"):
-                    self.assertIn(name[:-5] + ".msg", names)
+        # Its one file was fsynced before it was renamed into queue/.
+        tmpPath = os.path.join(os.path.realpath(spool.tmpDirectory), queueId)
+        renamed = events.index(("replace", os.path.join(spool.tmpDirectory, queueId)))
+        self.assertIn(("fsync", tmpPath), events[:renamed])

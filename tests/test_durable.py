@@ -40,9 +40,10 @@ def _fdPath(fd) -> str:
 
 class SyscallLog:
     """
-    Wrap C{os.fsync} and C{os.replace} for one test, recording
-    C{("fsync", path)} and C{("replace", source, target)} with real paths;
-    the calls themselves go through.
+    Wrap C{os.fsync}, C{os.fdatasync} and C{os.replace} for one test,
+    recording C{("fsync", path)}, C{("fdatasync", path)} and
+    C{("replace", source, target)} with real paths; the calls themselves
+    go through.
 
     @ivar failFsync: a path whose fsync fails with EIO instead.
     """
@@ -53,6 +54,12 @@ class SyscallLog:
         self._fsync, self._replace = os.fsync, os.replace
         testCase.patch(os, "fsync", self.fsync)
         testCase.patch(os, "replace", self.replace)
+        self._fdatasync = os.fdatasync
+        testCase.patch(os, "fdatasync", self.fdatasync)
+
+    def fdatasync(self, fd) -> None:
+        self.calls.append(("fdatasync", _fdPath(fd)))
+        self._fdatasync(fd)
 
     def fsync(self, fd) -> None:
         path = _fdPath(fd)
@@ -304,31 +311,24 @@ class UsersTests(unittest.TestCase):
 
     def test_spoolCommitAndUpdate(self):
         """
-        A commit moves message and state into queue/ and fsyncs it; an
-        update replaces the state file through C{<id>.json.tmp}.
+        A commit fsyncs the queue file (message and state in one) in tmp/,
+        moves it into queue/ and fsyncs that; an update writes the state in
+        place and fdatasyncs the file: no rename, no directory fsync.
         """
         spool = Spool(os.path.realpath(self.mktemp()), reactor=task.Clock())
         log = SyscallLog(self)
         writer = spool.newMessage(makeEnvelope())
         writer.write(b"Subject: s\r\n\r\nbody\r\n")
         queueId = self.successResultOf(writer.commit())
-        base = os.path.join(spool.queueDirectory, queueId)
-        self.assertDurable(log.calls, base + ".msg")
-        self.assertDurable(log.calls, base + ".json")
+        self.assertDurable(log.calls, spool.queuePath(queueId))
+        self.assertEqual(len(log.calls), 3, log.calls)
         del log.calls[:]
         entry = spool.load(queueId)
         entry.attempts = 3
         spool.update(entry)
-        self.assertDurable(log.calls, base + ".json")
-        self.assertIn(("replace", base + ".json.tmp", base + ".json"), log.calls)
+        self.assertEqual([c[0] for c in log.calls], ["fdatasync"])
         self.assertEqual(spool.load(queueId).attempts, 3)
-        self.assertEqual(
-            sorted(os.listdir(spool.queueDirectory)),
-            [
-                queueId + ".json",
-                queueId + ".msg",
-            ],
-        )
+        self.assertEqual(os.listdir(spool.queueDirectory), [queueId])
 
     def test_outbox(self):
         """

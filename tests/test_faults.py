@@ -541,7 +541,7 @@ class AuditFailureTests(unittest.TestCase):
         """
         The audit log's file system is full (a real ENOSPC): the message
         had reached C{queue/}; the client gets 451 4.3.0 only after its
-        files are removed from C{queue/} and the directory is fsynced, so
+        queue file is removed from C{queue/} and the directory is fsynced, so
         that no crash can bring back (and deliver) a message answered 451.
         The fsyncs of C{queue/} are observed with what the directory held
         at each.
@@ -566,7 +566,8 @@ class AuditFailureTests(unittest.TestCase):
             (code, text), (451, b"4.3.0 Cannot queue the message, try again later")
         )
         [published, removed] = seen
-        self.assertEqual([n.rsplit(".", 1)[1] for n in published], ["json", "msg"])
+        self.assertEqual(len(published), 1)
+        self.assertNotIn(".", published[0])
         self.assertEqual(removed, [])
         self.assertEqual(listing(queue), [])
         self.assertEqual(msa.outboxFiles(), [])

@@ -21,12 +21,14 @@ import os
 import threading
 
 from twisted.internet import defer, reactor, task, threads
+from twisted.python import failure
 from twisted.trial import unittest
 
 from msa import durable
+from msa.audit import AuditLog
+from msa.audit.log import FACT_GATHER
 from msa.durable import DirectorySync, GroupCommit
 from msa.queue.spool import Spool
-from msa.relay import outbox
 from msa.relay.outbox import OutboxDownstream
 from tests.relaydata import makeEnvelope
 from tests.waiting import waitUntil, waitUntilBlocking
@@ -269,31 +271,131 @@ class GroupCommitTests(unittest.TestCase):
         self.assertEqual(rounds.rounds, [["one"], ["two", "three"]])
 
 
+class InlineThreadsClock(task.Clock):
+    """
+    A clock whose "thread pool" runs each call at once, in this thread: a
+    reactor with threads, deterministic.
+    """
+
+    def getThreadPool(self):
+        return self
+
+    def callInThread(self, f, *args):
+        f(*args)
+
+    def callInThreadWithCallback(self, onResult, f, *args):
+        try:
+            result = f(*args)
+        except BaseException:
+            onResult(False, failure.Failure())
+        else:
+            onResult(True, result)
+
+    def callFromThread(self, f, *args):
+        f(*args)
+
+
+class GatherTests(unittest.TestCase):
+    """
+    L{GroupCommit}'s C{gatherDelay}: a round only L{GroupCommit.commit}
+    jobs wait for starts after the delay, with every job submitted
+    meanwhile; a blocking caller arriving meanwhile takes them along.
+    """
+
+    def setUp(self):
+        self.clock = InlineThreadsClock()
+        self.rounds: list[list[str]] = []
+
+        def runRound(jobs):
+            self.rounds.append(list(jobs))
+            return jobs
+
+        self.commits = GroupCommit(runRound, self.clock, gatherDelay=0.02)
+
+    def test_gathered(self):
+        first = self.commits.commit("one")
+        second = self.commits.commit("two")
+        self.assertEqual(self.rounds, [])
+        self.assertNoResult(first)
+        self.clock.advance(0.02)
+        self.assertEqual(self.rounds, [["one", "two"]])
+        self.assertEqual(
+            (self.successResultOf(first), self.successResultOf(second)),
+            ("one", "two"),
+        )
+
+    def test_blockingCallerTakesThemAlong(self):
+        waiting = self.commits.commit("removal")
+        self.assertEqual(self.commits.commitBlocking("commit"), "commit")
+        self.assertEqual(self.rounds, [["removal", "commit"]])
+        self.assertEqual(self.successResultOf(waiting), "removal")
+        self.clock.advance(0.02)
+        self.assertEqual(len(self.rounds), 1)
+
+    def test_auditFactsGathered(self):
+        """
+        The audit log's facts from the reactor (a delivery's record): one
+        round, one fdatasync, for those submitted within the delay.
+        """
+        synced = []
+        audit = AuditLog(
+            os.path.join(self.mktemp(), "audit.jsonl"),
+            fdatasync=synced.append,
+            reactor=self.clock,
+        )
+        audit.open()
+        before = len(synced)
+        first = audit.submitFact("relayed", queueId="A")
+        second = audit.submitFact("relayed", queueId="B")
+        self.assertEqual(len(synced), before)
+        self.clock.advance(FACT_GATHER)
+        self.assertEqual(len(synced), before + 1)
+        self.assertEqual(self.successResultOf(second), self.successResultOf(first) + 1)
+        audit.close()
+
+    def test_removalRidesOnACommit(self):
+        """
+        The spool's removal: its directory fsync joins the next commit's.
+        """
+        spool = Spool(self.mktemp(), self.clock)
+        fsyncs = []
+        spool.queueSync = DirectorySync(
+            spool.queueDirectory, fsyncs.append, self.clock, gatherDelay=0.02
+        )
+        writer = spool.newMessage(makeEnvelope(("bob@example.org",)))
+        writer.write(b"Subject: x\r\n\r\nbody\r\n")
+        delivered = self.successResultOf(writer.commit())
+        removed = spool.removeDelivered(delivered)
+        self.assertNoResult(removed)
+        writer = spool.newMessage(makeEnvelope(("bob@example.org",)))
+        writer.write(b"Subject: x\r\n\r\nbody\r\n")
+        self.successResultOf(writer.commit())
+        self.assertEqual(len(fsyncs), 2)
+        self.assertIsNone(self.successResultOf(removed))
+        self.clock.advance(0.02)
+        self.assertEqual(len(fsyncs), 2)
+
+
 class SpoolGroupCommitTests(unittest.TestCase):
     """
     The spool's commit and removal go through its L{DirectorySync}, after
-    the renames (commit) and after the state file's removal and before the
-    message file's (removal).
+    the rename of the queue file (commit) and after its removal.
     """
 
     def setUp(self):
         self.spool = Spool(self.mktemp(), task.Clock())
-        self.seen: list[tuple[bool, bool]] = []
+        self.seen: list[list[str]] = []
         self.fail = False
 
         def fsync(path):
             self.assertEqual(path, self.spool.queueDirectory)
-            names = os.listdir(path)
-            self.seen.append(
-                (
-                    any(n.endswith(".msg") for n in names),
-                    any(n.endswith(".json") for n in names),
-                )
-            )
+            self.seen.append(sorted(os.listdir(path)))
             if self.fail:
                 raise OSError(errno.EIO, "Input/output error")
 
-        self.spool.queueSync = DirectorySync(self.spool.queueDirectory, fsync)
+        self.spool.queueSync = DirectorySync(
+            self.spool.queueDirectory, fsync, reactor=self.spool.reactor
+        )
 
     def commit(self) -> str:
         writer = self.spool.newMessage(makeEnvelope(("bob@example.org",)))
@@ -302,7 +404,7 @@ class SpoolGroupCommitTests(unittest.TestCase):
 
     def test_commitSyncsAfterRenames(self):
         queueId = self.commit()
-        self.assertEqual(self.seen, [(True, True)])
+        self.assertEqual(self.seen, [[queueId]])
         self.assertEqual(self.spool.pending(), [queueId])
         self.assertEqual(os.listdir(self.spool.tmpDirectory), [])
 
@@ -320,34 +422,34 @@ class SpoolGroupCommitTests(unittest.TestCase):
 
     def test_removeDelivered(self):
         """
-        The state file goes at once; the fsync sees the message file still
-        there and the state file gone; then the message file goes.
+        The queue file goes, then the fsync sees it gone.
         """
         queueId = self.commit()
         del self.seen[:]
         d = self.spool.removeDelivered(queueId)
         self.assertIsNone(self.successResultOf(d))
-        self.assertEqual(self.seen, [(True, False)])
+        self.assertEqual(self.seen, [[]])
         self.assertEqual(os.listdir(self.spool.queueDirectory), [])
 
     def test_removeDeliveredFsyncFails(self):
         """
         The fsync fails: the L{Deferred} fails, the entry is gone from the
-        queue, and its message file stays for L{Spool.recover}.
+        queue (the removal may not be durable: the file may come back after
+        a power loss, and be delivered again).
         """
         queueId = self.commit()
         self.fail = True
         failure = self.failureResultOf(self.spool.removeDelivered(queueId))
         self.assertEqual(failure.value.errno, errno.EIO)
         self.assertEqual(self.spool.pending(), [])
-        self.assertEqual(os.listdir(self.spool.queueDirectory), [queueId + ".msg"])
+        self.assertEqual(os.listdir(self.spool.queueDirectory), [])
         self.fail = False
         self.assertEqual(self.spool.recover(), [])
         self.assertEqual(os.listdir(self.spool.queueDirectory), [])
 
     def test_removeDeliveredStateRefused(self):
         """
-        The state file cannot be removed (a read-only spool): the
+        The queue file cannot be removed (a read-only spool): the
         L{Deferred} fails with the error and the entry is intact, visible
         again.
         """
@@ -381,27 +483,27 @@ class SpoolGroupCommitTests(unittest.TestCase):
         self.assertEqual(self.spool.pending(), [])
         self.assertRaises(FileNotFoundError, self.spool.load, queueId)
         # Not yet removed from disk: the thread does that.
-        self.assertIn(queueId + ".json", os.listdir(self.spool.queueDirectory))
+        self.assertIn(queueId, os.listdir(self.spool.queueDirectory))
 
 
-class OutboxLinkTests(unittest.TestCase):
+class OutboxCopyTests(unittest.TestCase):
     """
-    The outbox gets a hard link to the spool's message file when that is
-    exactly the outbox's content, and a durable copy otherwise.
+    The outbox gets a durable copy of the message (the queue file's
+    content, not its state), the outbox directory's fsync a group commit
+    shared by concurrent writes (L{DirectorySync}).
     """
 
     def setUp(self):
         self.spool = Spool(self.mktemp(), task.Clock())
         self.directory = os.path.join(self.mktemp(), "outbox")
         self.outbox = OutboxDownstream(self.directory, task.Clock())
-        self.fsyncs: list[str] = []
-        real = durable.fsyncDirectory
+        self.fsyncs: list[list[str]] = []
 
         def fsyncDirectory(path):
-            self.fsyncs.append(path)
-            real(path)
+            self.fsyncs.append(sorted(os.listdir(path)))
+            durable.fsyncDirectory(path)
 
-        self.patch(outbox, "fsyncDirectory", fsyncDirectory)
+        self.outbox.directorySync = DirectorySync(self.directory, fsyncDirectory)
 
     def write(self, data: bytes) -> tuple[object, str]:
         writer = self.spool.newMessage(makeEnvelope(("bob@example.org",)))
@@ -412,11 +514,11 @@ class OutboxLinkTests(unittest.TestCase):
             path = self.outbox._write(entry, f)
         return entry, path
 
-    def test_linked(self):
+    def test_copied(self):
         data = b"Subject: x\r\n\r\nbody\r\n"
         entry, path = self.write(data)
-        self.assertTrue(os.path.samefile(path, entry.messagePath))
-        self.assertEqual(self.fsyncs, [self.directory])
+        self.assertFalse(os.path.samefile(path, entry.messagePath))
+        self.assertEqual(self.fsyncs, [[entry.queueId + ".eml"]])
         with open(path, "rb") as f:
             self.assertEqual(f.read(), data)
         self.assertEqual(os.listdir(self.directory), [entry.queueId + ".eml"])
@@ -425,20 +527,20 @@ class OutboxLinkTests(unittest.TestCase):
         with open(path, "rb") as f:
             self.assertEqual(f.read(), data)
 
-    def test_emptyLinked(self):
+    def test_empty(self):
         entry, path = self.write(b"")
-        self.assertTrue(os.path.samefile(path, entry.messagePath))
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"")
 
-    def test_withoutCRLFCopied(self):
+    def test_withoutCRLF(self):
         entry, path = self.write(b"Subject: x\r\n\r\nno newline")
-        self.assertFalse(os.path.samefile(path, entry.messagePath))
         with open(path, "rb") as f:
             self.assertEqual(f.read(), b"Subject: x\r\n\r\nno newline\r\n")
 
     def test_earlierFileReplaced(self):
         """
         A file of an earlier attempt (a crash before the spool recorded the
-        delivery) is replaced by the link; no temporary file stays.
+        delivery) is replaced; no temporary file stays.
         """
         data = b"Subject: x\r\n\r\nbody\r\n"
         writer = self.spool.newMessage(makeEnvelope(("bob@example.org",)))
@@ -448,39 +550,21 @@ class OutboxLinkTests(unittest.TestCase):
         with open(stale, "wb") as f:
             f.write(b"partial")
         entry = self.spool.load(queueId)
-        with self.spool.openMessage(queueId) as f:
-            path = self.outbox._write(entry, f)
-        self.assertTrue(os.path.samefile(path, entry.messagePath))
-        self.assertEqual(os.listdir(self.directory), [queueId + ".eml"])
-        # Again (the same link already there): still one file.
-        with self.spool.openMessage(queueId) as f:
-            self.outbox._write(entry, f)
-        self.assertEqual(os.listdir(self.directory), [queueId + ".eml"])
+        for _ in range(2):
+            with self.spool.openMessage(queueId) as f:
+                path = self.outbox._write(entry, f)
+            self.assertEqual(os.listdir(self.directory), [queueId + ".eml"])
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(), data)
 
-    def test_otherFileSystemCopied(self):
+    def test_fsyncFails(self):
         """
-        Where a hard link is refused (another file system), the message is
-        copied durably.
+        The directory's fsync fails: the write fails (the attempt is
+        deferred, the message stays queued).
         """
 
-        def crossDevice(source, target):
-            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        def failing(path):
+            raise OSError(errno.EIO, "Input/output error")
 
-        self.patch(os, "link", crossDevice)
-        data = b"Subject: x\r\n\r\nbody\r\n"
-        entry, path = self.write(data)
-        self.assertFalse(os.path.samefile(path, entry.messagePath))
-        with open(path, "rb") as f:
-            self.assertEqual(f.read(), data)
-
-    def test_otherLinkErrorRaised(self):
-        """
-        Any other error of the link (a full disk, EIO) is the attempt's
-        failure, as a failed copy would be.
-        """
-
-        def full(source, target):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        self.patch(os, "link", full)
+        self.outbox.directorySync = DirectorySync(self.directory, failing)
         self.assertRaises(OSError, self.write, b"Subject: x\r\n\r\nbody\r\n")

@@ -13,7 +13,6 @@ through the real admin command.  A spool written by the previous version
 
 import hashlib
 import io
-import json
 import os
 import shutil
 import sys
@@ -26,7 +25,7 @@ from twisted.trial import unittest
 
 from msa.audit import chainFiles, verifyFiles
 from msa.envelope import Envelope
-from msa.queue import integrity
+from msa.queue import integrity, queuefile
 from msa.queue.spool import DELIVERED, PENDING, Spool
 from msa.relay.client import SMTPDownstream
 from msa.tls import clientContextFactory
@@ -72,6 +71,25 @@ class LogRecorder:
 
     def texts(self) -> list[str]:
         return [formatEvent(e) for e in self.events]
+
+
+@defer.inlineCallbacks
+def relayedFromOldSpool(testCase: unittest.TestCase, fixture: str, count: int):
+    """
+    Start the daemon, relaying to a real core, on a copy of the spool queue
+    C{fixture} written by an earlier version, and wait for C{count}
+    messages at the core.
+
+    @return: a L{Deferred} firing with the spool directory and the messages
+        by their recipients (C{(sender, recipients, data, ...)}).
+    """
+    directory = os.path.abspath(testCase.mktemp())
+    shutil.copytree(fixture, os.path.join(directory, "queue"))
+    os.chmod(directory, 0o700)
+    core = AiosmtpdCore(testCase)
+    RunningMSA(testCase, relay=core.relayConfig(), spool={"directory": directory})
+    messages = yield core.waitForMessages(count)
+    return directory, {tuple(m[1]): m for m in messages}
 
 
 def submitTo(msa: RunningMSA, message: bytes = MESSAGE, recipients=(RECIPIENT,)):
@@ -592,7 +610,9 @@ class VerifyCommandTests(unittest.TestCase):
             + ["4 message(s): 2 verified, 0 mismatch(es), 2 unverifiable"],
         )
         # One bit flipped in the trace header of one, in the body of another.
-        with open(spool.load(first).messagePath, "r+b") as f:
+        entry = spool.load(first)
+        with open(entry.messagePath, "r+b") as f:
+            f.seek(entry.contentOffset)
             f.write(b"r")
         tampered = tamper(spool.load(second).messagePath)
         out, err, code = yield admin(msa, "queue", "verify")
@@ -640,19 +660,13 @@ class UpgradeTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_relayedAfterUpgrade(self):
         logs = LogRecorder(self)
-        directory = os.path.abspath(self.mktemp())
-        shutil.copytree(FIXTURE, os.path.join(directory, "queue"))
-        os.chmod(directory, 0o700)
         files = {}
         for name in os.listdir(FIXTURE):
             if name.endswith(".msg"):
                 with open(os.path.join(FIXTURE, name), "rb") as f:
                     files[name[:-4]] = f.read()
         first, second = sorted(files)
-        core = AiosmtpdCore(self)
-        msa = RunningMSA(self, relay=core.relayConfig(), spool={"directory": directory})
-        messages = yield core.waitForMessages(2)
-        byRecipients = {tuple(m[1]): m for m in messages}
+        directory, byRecipients = yield relayedFromOldSpool(self, FIXTURE, 2)
         self.assertEqual(
             byRecipients[("belastingdienst@overheid.nl",)][:3],
             ("ik@mijnbedrijf.nl", ["belastingdienst@overheid.nl"], files[first]),
@@ -674,7 +688,6 @@ class UpgradeTests(unittest.TestCase):
             sorted(e["sha256"] for e in logs.named("relay")), ["unrecorded"] * 2
         )
         self.assertEqual(logs.named("integrity"), [])
-        self.assertIsNotNone(msa)
 
 
 class UnitTests(unittest.TestCase):
@@ -689,8 +702,7 @@ class UnitTests(unittest.TestCase):
         writer.write(MESSAGE[:10])
         writer.write(MESSAGE[10:])
         queueId = writer.commit().result
-        with open(os.path.join(spool.queueDirectory, queueId + ".json")) as f:
-            state = json.load(f)
+        state = queuefile.loadEntry(spool.queuePath(queueId))[0].toJSON()
         self.assertEqual(
             (state["sha256"], state["traceLength"], state["traceSha256"]),
             (DIGEST, 13, hashlib.sha256(b"Received: x\r\n").hexdigest()),

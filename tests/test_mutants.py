@@ -6,9 +6,10 @@ tests did not notice being removed.
 
   - the 256-octet path limit, at 256 and 257 octets, over the protocol;
   - the "no From:" refusal of an account with C{requireHeaderFrom};
-  - the directory fsync after the renames of a commit (and after the
-    state update and the removal);
-  - L{Spool.pending} requiring the C{.msg} file beside the C{.json};
+  - the directory fsync after the rename of a commit (and after the
+    removal; none for an update, written in place);
+  - L{Spool.pending} requiring an earlier version's C{.msg} file beside
+    its C{.json};
   - smaller edges of the address parser and the line framer.
 """
 
@@ -27,7 +28,7 @@ from msa.policy.authorization import (
     AuthThrottle,
     RateLimiter,
 )
-from msa.queue import spool
+from msa.queue import queuefile, spool
 from msa.sasl import MechanismContext, digest_md5
 from msa.sasl.digest_md5 import (
     DigestMD5Mechanism,
@@ -230,40 +231,53 @@ class DirectoryFsyncTests(unittest.TestCase):
         writer.write(MESSAGE)
         return self.successResultOf(writer.commit())
 
-    def test_afterCommitRenames(self):
+    def test_afterCommitRename(self):
         queueId = self.commit()
-        self.assertEqual(self.calls, [[queueId + ".json", queueId + ".msg"]])
+        self.assertEqual(self.calls, [[queueId]])
 
-    def test_afterUpdate(self):
+    def test_noneForAnUpdate(self):
+        """
+        An update writes in place (no directory entry changes): no fsync of
+        the directory, but the file's own fdatasync.
+        """
         queueId = self.commit()
         entry = self.spool.load(queueId)
+        entry.attempts = 2
         del self.calls[:]
-        self.spool.update(entry)
-        self.assertEqual(self.calls, [[queueId + ".json", queueId + ".msg"]])
+        synced = []
+        realFdatasync = os.fdatasync
 
-    def test_afterRemovingTheStateFile(self):
+        def fdatasync(fd):
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            realFdatasync(fd)
+
+        self.patch(os, "fdatasync", fdatasync)
+        self.spool.update(entry)
+        self.assertEqual(self.calls, [])
+        self.assertEqual(synced, [os.path.realpath(self.spool.queuePath(queueId))])
+
+    def test_afterRemoving(self):
         """
-        L{Spool.remove}: the directory is fsynced after the state file is
-        gone and before the message file goes.
+        L{Spool.remove}: the directory is fsynced after the queue file is
+        gone.
         """
         queueId = self.commit()
         del self.calls[:]
         self.spool.remove(queueId)
-        self.assertEqual(self.calls, [[queueId + ".msg"]])
-        self.assertEqual(os.listdir(self.spool.queueDirectory), [])
+        self.assertEqual(self.calls, [[]])
 
     def test_afterRecover(self):
         queueId = self.commit()
         open(os.path.join(self.spool.queueDirectory, "orphan.msg"), "wb").close()
         del self.calls[:]
         self.assertEqual(self.spool.recover(), [queueId])
-        self.assertEqual(self.calls, [[queueId + ".json", queueId + ".msg"]])
+        self.assertEqual(self.calls, [[queueId]])
 
 
 class PendingNeedsMessageTests(unittest.TestCase):
     """
-    L{Spool.pending} lists an entry only when both its files are there: a
-    state file without its message cannot be delivered.
+    L{Spool.pending} lists an earlier version's entry only when both its
+    files are there: a state file without its message cannot be delivered.
     """
 
     def test_stateWithoutMessage(self):
@@ -276,8 +290,9 @@ class PendingNeedsMessageTests(unittest.TestCase):
             f.write(b"{}")
         open(os.path.join(s.queueDirectory, "other.msg"), "wb").close()
         self.assertEqual(s.pending(), [queueId])
-        os.unlink(os.path.join(s.queueDirectory, queueId + ".msg"))
-        self.assertEqual(s.pending(), [])
+        with open(os.path.join(s.queueDirectory, "other.json"), "wb") as f:
+            f.write(b"{}")
+        self.assertEqual(s.pending(), [queueId, "other"])
 
 
 class LineFramerEdgeTests(unittest.TestCase):
@@ -516,8 +531,8 @@ class SpoolEdgeTests(unittest.TestCase):
 
     def test_fsyncedWithTheirContent(self):
         """
-        Each file is fsynced once it holds all its bytes: the message (its
-        buffer flushed first) and the state file.
+        The queue file is fsynced once it holds all its bytes: the message
+        (its buffer flushed first) behind its state.
         """
         fsynced = {}
         realFsync = os.fsync
@@ -531,19 +546,9 @@ class SpoolEdgeTests(unittest.TestCase):
         self.patch(os, "fsync", fsync)
         writer = self.writer()
         queueId = self.successResultOf(writer.commit())
-        queue = self.spool.queueDirectory
-        self.assertEqual(
-            fsynced,
-            {
-                queueId + ".msg": os.path.getsize(
-                    os.path.join(queue, queueId + ".msg")
-                ),
-                queueId + ".json": os.path.getsize(
-                    os.path.join(queue, queueId + ".json")
-                ),
-            },
-        )
-        self.assertEqual(fsynced[queueId + ".msg"], len(MESSAGE))
+        entry = self.spool.load(queueId)
+        self.assertEqual(fsynced, {queueId: entry.contentOffset + len(MESSAGE)})
+        self.assertEqual(os.path.getsize(entry.messagePath), fsynced[queueId])
 
     def test_descriptorsClosed(self):
         before = openDescriptors()
@@ -565,19 +570,20 @@ class SpoolEdgeTests(unittest.TestCase):
             self.spool.queueDirectory,
         ):
             self.assertEqual(stat.S_IMODE(os.stat(directory).st_mode), 0o700)
-        for suffix in (".msg", ".json"):
-            path = os.path.join(self.spool.queueDirectory, queueId + suffix)
-            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        path = self.spool.queuePath(queueId)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
 
     def test_stateFile(self):
         """
-        The state file: version 1, keys sorted; a state file written
-        without the optional keys loads with their defaults.
+        The state in the queue file: version 1, keys sorted; a state
+        written without the optional keys loads with their defaults.
         """
         queueId = self.successResultOf(self.writer().commit())
-        path = os.path.join(self.spool.queueDirectory, queueId + ".json")
+        path = self.spool.queuePath(queueId)
         with open(path, "rb") as f:
-            text = f.read()
+            slot = f.read()[queuefile.SLOTS :]
+        length = int.from_bytes(slot[8:12], "big")
+        text = slot[16 : 16 + length]
         data = json.loads(text)
         self.assertEqual(data["version"], 1)
         self.assertEqual(text, json.dumps(data, sort_keys=True).encode())
@@ -585,8 +591,10 @@ class SpoolEdgeTests(unittest.TestCase):
             (data["eightBit"], data["isBounce"], data["held"]), (False, False, False)
         )
         minimal = {k: data[k] for k in ("queueId", "envelope", "recipients")}
-        with open(path, "w") as f:
-            json.dump(minimal, f)
+        with open(path, "r+b") as f:
+            f.seek(queuefile.SLOTS)
+            slotSize = queuefile.loadEntry(path)[1].slotSize
+            f.write(queuefile.encodeSlot(minimal, 2, slotSize))
         entry = self.spool.load(queueId)
         self.assertEqual(
             (entry.attempts, entry.nextAttempt, entry.lastError, entry.createdAt),
@@ -662,18 +670,17 @@ class SpoolEdgeTests(unittest.TestCase):
 
     def test_commitFails(self):
         """
-        The second rename fails: the commit says 451 4.3.0 and leaves
-        nothing behind in C{tmp/} or C{queue/}.
+        The directory's fsync after the rename fails: the commit says 451
+        4.3.0 and leaves nothing behind in C{tmp/} or C{queue/}.
         """
-        realReplace = os.replace
+        realFsync = os.fsync
 
-        def replace(source, target):
-            if target.endswith(".json"):
+        def fsync(fd):
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
                 raise OSError(5, "Input/output error")
-            return realReplace(source, target)
+            return realFsync(fd)
 
-        # The spool publishes its files with os.replace (msa.durable.publish).
-        self.patch(os, "replace", replace)
+        self.patch(os, "fsync", fsync)
         failure = self.failureResultOf(self.writer().commit(), SMTPReply)
         self.assertEqual(
             (failure.value.code, failure.value.status, failure.value.text),
@@ -705,23 +712,22 @@ class SpoolEdgeTests(unittest.TestCase):
 
     def test_updateFails(self):
         """
-        The state cannot be replaced: the error propagates, the old state
-        stays, and no temporary state file is left.
+        The new state cannot be made durable (EIO on the fdatasync): the
+        error propagates, and the old state stays in force, for this process
+        and for a new reader, the slot written voided.
         """
         queueId = self.successResultOf(self.writer().commit())
         entry = self.spool.load(queueId)
         entry.attempts = 3
 
-        def replace(source, target):
-            raise OSError(30, "Read-only file system")
+        def fdatasync(fd):
+            raise OSError(5, "Input/output error")
 
-        self.patch(os, "replace", replace)
+        self.patch(os, "fdatasync", fdatasync)
         self.failureResultOf(self.spool.update(entry), OSError)
-        self.assertEqual(
-            sorted(os.listdir(self.spool.queueDirectory)),
-            [queueId + ".json", queueId + ".msg"],
-        )
+        self.assertEqual(os.listdir(self.spool.queueDirectory), [queueId])
         self.assertEqual(self.spool.load(queueId).attempts, 0)
+        self.assertEqual(spool.Spool(self.directory).load(queueId).attempts, 0)
 
     def test_closedWhileCommitting(self):
         pending = []

@@ -268,13 +268,12 @@ class QueueControlUnitTests(unittest.TestCase):
 
     def stateFiles(self):
         """
-        The bytes of every state file of the queue.
+        The bytes of every queue file of the queue.
         """
         directory = self.spool.queueDirectory
         return {
             name: open(os.path.join(directory, name), "rb").read()
             for name in sorted(os.listdir(directory))
-            if name.endswith(".json")
         }
 
     def test_flushOne(self):
@@ -415,7 +414,7 @@ class QueueControlUnitTests(unittest.TestCase):
 
     def test_delete(self):
         """
-        Deleted: both files gone, the schedule cancelled; unknown since.
+        Deleted: its queue file gone, the schedule cancelled; unknown since.
         """
         queueId = self.queue()
         other = self.queue()
@@ -423,7 +422,7 @@ class QueueControlUnitTests(unittest.TestCase):
         self.assertEqual(self.spool.pending(), [other])
         self.assertEqual(
             sorted(os.listdir(self.spool.queueDirectory)),
-            [other + ".json", other + ".msg"],
+            [other],
         )
         self.assertEqual(self.runner.calls, [("unschedule", queueId)])
         self.assertFalse(self.control.isDeleted(queueId))
@@ -497,8 +496,8 @@ class QueueControlUnitTests(unittest.TestCase):
             held=True,
         )
         broken = self.queue()
-        with open(os.path.join(self.spool.queueDirectory, broken + ".json"), "w") as f:
-            f.write("{not json")
+        with open(self.spool.queuePath(broken), "r+b") as f:
+            f.write(b"not a queue file")
         self.runner.inFlight.add(first)
         self.clock.advance(20)
         self.assertEqual(

@@ -3,7 +3,6 @@
 Tests for L{msa.queue.spool}.
 """
 
-import json
 import os
 
 from twisted.internet import defer, task
@@ -13,6 +12,8 @@ from zope.interface.verify import verifyObject
 from msa.envelope import Envelope
 from msa.errors import SMTPReply
 from msa.interfaces import ISpool, ISpoolWriter
+from msa.queue import queuefile
+from msa.queue.entry import SpoolEntry
 from msa.queue.spool import (
     DELIVERED,
     FAILED,
@@ -35,6 +36,15 @@ def makeEnvelope(recipients=("bob@example.org", "carol@example.org")) -> Envelop
 
 
 MESSAGE = b"Subject: test\r\n\r\n.leading dot\r\n..two\r\nlast line\r\n"
+
+
+def stateOnDisk(spool, queueId):
+    """
+    The state in force in the queue file of C{queueId}, as a fresh reader
+    (another process) reads it.
+    """
+    entry, _ = queuefile.loadEntry(spool.queuePath(queueId))
+    return entry.toJSON()
 
 
 class SpoolTestsMixin:
@@ -88,8 +98,12 @@ class SpoolWriteTests(SpoolTestsMixin, unittest.TestCase):
         self.assertFalse(entry.eightBit)
         with self.spool.openMessage(queueId) as f:
             self.assertEqual(f.read(), MESSAGE)
+        # One file: the state slots, then the message's bytes to its end.
+        self.assertEqual(entry.messagePath, self.spool.queuePath(queueId))
         with open(entry.messagePath, "rb") as f:
-            self.assertEqual(f.read(), MESSAGE)
+            data = f.read()
+        self.assertTrue(data.startswith(queuefile.MAGIC))
+        self.assertEqual(data[entry.contentOffset :], MESSAGE)
 
     def test_eightBit(self):
         queueId = self.commitMessage("Subject: é\r\n\r\n".encode())
@@ -99,7 +113,8 @@ class SpoolWriteTests(SpoolTestsMixin, unittest.TestCase):
         """
         While the message is written, nothing is in queue/ (a small message
         is not even in tmp/ yet: it is in the writer's buffer); after the
-        commit, exactly the message and its state are, and tmp/ is empty.
+        commit, exactly one file is, holding the message and its state, and
+        tmp/ is empty.
         """
         writer = self.spool.newMessage(makeEnvelope())
         writer.write(MESSAGE)
@@ -107,14 +122,9 @@ class SpoolWriteTests(SpoolTestsMixin, unittest.TestCase):
         self.assertEqual(self.spool.pending(), [])
         self.assertEqual(self.tmpFiles(), [])
         self.successResultOf(writer.commit())
-        self.assertEqual(
-            self.queueFiles(), [writer.queueId + ".json", writer.queueId + ".msg"]
-        )
+        self.assertEqual(self.queueFiles(), [writer.queueId])
         self.assertEqual(self.tmpFiles(), [])
-        with open(
-            os.path.join(self.spool.queueDirectory, writer.queueId + ".json")
-        ) as f:
-            state = json.load(f)
+        state = stateOnDisk(self.spool, writer.queueId)
         self.assertEqual(state["envelope"]["sender"], "alice@example.com")
         self.assertEqual(state["recipients"]["bob@example.org"], PENDING)
 
@@ -150,13 +160,14 @@ class SpoolWriteTests(SpoolTestsMixin, unittest.TestCase):
         when the data first outgrows it).
         """
         writer = self.spool.newMessage(makeEnvelope())
-        path = os.path.join(self.spool.tmpDirectory, writer.queueId + ".msg")
+        path = os.path.join(self.spool.tmpDirectory, writer.queueId)
+        offset = queuefile.contentOffset(queuefile.slotSizeFor(writer.envelope))
         line = b"x" * 998 + b"\r\n"
         written = 0
         for _ in range(5000):
             writer.write(line)
             written += len(line)
-            size = os.path.getsize(path) if os.path.exists(path) else 0
+            size = os.path.getsize(path) - offset if os.path.exists(path) else 0
             self.assertGreaterEqual(size, written - WRITE_BUFFER)
         self.assertTrue(os.path.exists(path))
         queueId = self.successResultOf(writer.commit())
@@ -211,11 +222,13 @@ class SpoolWriteTests(SpoolTestsMixin, unittest.TestCase):
 class SpoolStateTests(SpoolTestsMixin, unittest.TestCase):
     def test_update(self):
         """
-        update() replaces the state file atomically and leaves no temporary.
+        update() writes the new state in place, into the queue file's other
+        state slot: the same file (no temporary, no rename), the message's
+        bytes untouched.
         """
         queueId = self.commitMessage()
-        statePath = os.path.join(self.spool.queueDirectory, queueId + ".json")
-        inode = os.stat(statePath).st_ino
+        path = self.spool.queuePath(queueId)
+        inode = os.stat(path).st_ino
         entry = self.spool.load(queueId)
         entry.recipients["bob@example.org"] = DELIVERED
         entry.recipients["carol@example.org"] = FAILED
@@ -224,15 +237,23 @@ class SpoolStateTests(SpoolTestsMixin, unittest.TestCase):
         entry.nextAttempt = 1_700_000_600
         entry.lastError = "451 4.3.0 try later"
         self.spool.update(entry)
-        self.assertNotEqual(os.stat(statePath).st_ino, inode)
-        self.assertEqual(self.queueFiles(), [queueId + ".json", queueId + ".msg"])
+        self.assertEqual(os.stat(path).st_ino, inode)
+        self.assertEqual(self.queueFiles(), [queueId])
         again = self.spool.load(queueId)
         self.assertEqual(again, entry)
         self.assertEqual(again.pendingRecipients(), [])
+        self.assertEqual(stateOnDisk(self.spool, queueId)["attempts"], 3)
+        # A second change goes into the first slot again, the third...
+        for attempts in (4, 5):
+            entry.attempts = attempts
+            self.spool.update(entry)
+            self.assertEqual(Spool(self.directory).load(queueId), entry)
+        with self.spool.openMessage(queueId) as f:
+            self.assertEqual(f.read(), MESSAGE)
 
     def test_flags(self):
         """
-        C{held}, C{isBounce} and C{delayWarned} are durable; a state file
+        C{held}, C{isBounce} and C{delayWarned} are durable; a state
         written before they existed loads with them false.
         """
         queueId = self.commitMessage()
@@ -241,15 +262,11 @@ class SpoolStateTests(SpoolTestsMixin, unittest.TestCase):
         entry.held = entry.delayWarned = True
         self.spool.update(entry)
         self.assertEqual(self.spool.load(queueId), entry)
-        statePath = os.path.join(self.spool.queueDirectory, queueId + ".json")
-        with open(statePath) as f:
-            data = json.load(f)
+        data = stateOnDisk(self.spool, queueId)
         self.assertTrue(data["held"])
         for key in ("held", "isBounce", "delayWarned"):
             del data[key]
-        with open(statePath, "w") as f:
-            json.dump(data, f)
-        old = self.spool.load(queueId)
+        old = SpoolEntry.fromJSON(data, "", 0)
         self.assertEqual((old.held, old.isBounce, old.delayWarned), (False,) * 3)
 
     def test_bounceWriter(self):
@@ -263,7 +280,7 @@ class SpoolStateTests(SpoolTestsMixin, unittest.TestCase):
         queueId = self.commitMessage()
         other = self.commitMessage()
         self.spool.remove(queueId)
-        self.assertEqual(self.queueFiles(), [other + ".json", other + ".msg"])
+        self.assertEqual(self.queueFiles(), [other])
         self.assertEqual(self.spool.pending(), [other])
         self.assertRaises(FileNotFoundError, self.spool.load, queueId)
 
@@ -273,38 +290,35 @@ class SpoolStateTests(SpoolTestsMixin, unittest.TestCase):
 
     def test_recover(self):
         """
-        recover() removes everything in tmp/, orphan message files and
-        interrupted updates in queue/, and keeps complete entries.
+        recover() removes everything in tmp/ (messages being received,
+        whose commit did not rename them into queue/) and keeps complete
+        entries.
         """
         complete = self.commitMessage()
-        # An entry whose commit crashed between the two renames.
-        orphan = self.commitMessage()
-        os.unlink(os.path.join(self.spool.queueDirectory, orphan + ".json"))
-        # A crash during an update.
-        with open(os.path.join(self.spool.queueDirectory, complete + ".json.tmp"), "w"):
-            pass
-        # A message being received.
+        # A message being received, its file created.
         writer = self.spool.newMessage(makeEnvelope())
-        writer.write(MESSAGE)
-        with open(os.path.join(self.spool.tmpDirectory, "X.json"), "w"):
-            pass
+        writer.write(MESSAGE * (WRITE_BUFFER // len(MESSAGE) + 1))
+        self.assertEqual(self.tmpFiles(), [writer.queueId])
         self.assertEqual(self.spool.pending(), [complete])
 
         restarted = Spool(self.directory, reactor=self.clock)
         self.assertEqual(restarted.recover(), [complete])
         self.assertEqual(self.tmpFiles(), [])
-        self.assertEqual(self.queueFiles(), [complete + ".json", complete + ".msg"])
+        self.assertEqual(self.queueFiles(), [complete])
         with restarted.openMessage(complete) as f:
             self.assertEqual(f.read(), MESSAGE)
 
-    def test_recoverStateWithoutMessage(self):
+    def test_recoverUnreadableQueueFile(self):
         """
-        A state file without its message cannot be delivered: set aside.
+        A queue file without a valid state slot (only a disk that lost
+        acknowledged data makes one) cannot be delivered: set aside.
         """
         queueId = self.commitMessage()
-        os.unlink(os.path.join(self.spool.queueDirectory, queueId + ".msg"))
+        with open(self.spool.queuePath(queueId), "r+b") as f:
+            f.seek(queuefile.SLOTS)
+            f.write(b"\xff" * 16)
         self.assertEqual(self.spool.recover(), [])
-        self.assertEqual(self.queueFiles(), [queueId + ".json.broken"])
+        self.assertEqual(self.queueFiles(), [queueId + ".broken"])
 
 
 class SpoolChangeOrderTests(SpoolTestsMixin, unittest.TestCase):
@@ -347,9 +361,7 @@ class SpoolChangeOrderTests(SpoolTestsMixin, unittest.TestCase):
         return self.successResultOf(d)
 
     def onDisk(self, queueId):
-        path = os.path.join(self.spool.queueDirectory, queueId + ".json")
-        with open(path, "rb") as f:
-            return json.loads(f.read())
+        return stateOnDisk(self.spool, queueId)
 
     def test_updatesInOrderAndSeenAtOnce(self):
         queueId = self.committed()
@@ -398,13 +410,14 @@ class SpoolChangeOrderTests(SpoolTestsMixin, unittest.TestCase):
         written = self.spool.update(entry)
         self.assertEqual(self.spool.load(queueId).attempts, 7)
 
-        def replace(source, target):
+        def pwrite(fd, data, offset):
             raise OSError(30, "Read-only file system")
 
-        self.patch(os, "replace", replace)
+        self.patch(os, "pwrite", pwrite)
         self.runNext()
         self.failureResultOf(written, OSError)
         self.assertEqual(self.spool.load(queueId).attempts, 0)
+        self.assertEqual(self.onDisk(queueId)["attempts"], 0)
 
     def test_largeMessageFileCreatedInAThread(self):
         """
@@ -418,7 +431,7 @@ class SpoolChangeOrderTests(SpoolTestsMixin, unittest.TestCase):
         self.assertEqual(self.tmpFiles(), [])
         writer.write(b"c" * 10)
         self.runNext()
-        self.assertEqual(self.tmpFiles(), [writer.queueId + ".msg"])
+        self.assertEqual(self.tmpFiles(), [writer.queueId])
         d = writer.commit()
         self.runNext()
         queueId = self.successResultOf(d)
@@ -442,7 +455,7 @@ class SpoolChangeOrderTests(SpoolTestsMixin, unittest.TestCase):
         realOpen = os.open
 
         def full(path, flags, *args):
-            if path.endswith(".msg"):
+            if path.startswith(self.spool.tmpDirectory):
                 raise OSError(24, "Too many open files")
             return realOpen(path, flags, *args)
 

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 
 from msa.envelope import Envelope
 from msa.queue import integrity
+from msa.queue.queuefile import openContent
 
 log = Logger()
 
@@ -342,7 +343,7 @@ def verifiedHeaders(entry) -> bytes:
         bytes.
     """
     try:
-        with open(entry.messagePath, "rb") as f:
+        with openContent(entry) as f:
             mismatch = integrity.verifyFile(entry, f)
             if mismatch is not None:
                 raise integrity.IntegrityError(mismatch)

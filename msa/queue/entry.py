@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_spool,tests.test_crash -*-
 """
-A spool entry as the relay sees it (L{SpoolEntry}, its state file's JSON),
+A spool entry as the relay sees it (L{SpoolEntry}, the JSON of its state:
+L{msa.queue.queuefile}),
 the queue ids, and what the spool's writer and reader share.
 See L{msa.queue.spool} for the layout.
 """
@@ -63,6 +64,9 @@ class SpoolEntry:
     @ivar traceSha256: its SHA-256 (C{""} when there is none).
     @ivar heldReason: why the MSA itself put the entry on hold (an
         integrity mismatch); C{""} otherwise.
+    @ivar contentOffset: where the message starts in the file at
+        C{messagePath} (L{msa.queue.queuefile}); 0 for an entry spooled by
+        an earlier version, whose C{.msg} file is the message alone.
     """
 
     queueId: str
@@ -84,6 +88,7 @@ class SpoolEntry:
     traceLength: int = 0
     traceSha256: str = ""
     heldReason: str = ""
+    contentOffset: int = 0
 
     def pendingRecipients(self) -> list[str]:
         return [r for r, status in self.recipients.items() if status == PENDING]

@@ -35,6 +35,8 @@ from typing import Any, BinaryIO
 import attrs
 from twisted.internet import defer, threads
 
+from msa.queue import queuefile
+
 #: Why a message without a recorded digest cannot be verified.
 NO_DIGEST = "no recorded digest (spooled by an earlier version)"
 
@@ -197,11 +199,11 @@ def verifyFile(entry: Any, messageFile: BinaryIO) -> Mismatch | None:
 
 def verifyPath(entry: Any) -> Mismatch | None:
     """
-    L{verifyFile} on C{entry.messagePath}.
+    L{verifyFile} on C{entry}'s message (L{queuefile.openContent}).
 
     @raise OSError: when the file cannot be read.
     """
-    with open(entry.messagePath, "rb") as f:
+    with queuefile.openContent(entry) as f:
         return verifyFile(entry, f)
 
 

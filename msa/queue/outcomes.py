@@ -3,11 +3,11 @@
 The outcomes the spool could not record (L{OutcomeLedger}).
 
 When the core MTA has accepted or refused a message and the spool cannot
-record it (the spool's file system was remounted read-only: the state file
-can be neither replaced nor removed), sending the message again would
+record it (the spool's file system was remounted read-only: the queue file
+can be neither changed nor removed), sending the message again would
 deliver it twice.  The relay then writes the entry's new state here, in a
 directory on another file system (under the state directory), durably:
-L{msa.queue.spool.Spool.load} prefers it to the spool's own state file, in
+L{msa.queue.spool.Spool.load} prefers it to the spool's own state, in
 this process and after a restart, so the message stays known as delivered
 (C{queue list} shows its recipients delivered and the entry held) and is
 never attempted again; once the spool can be changed again, the relay

@@ -4,36 +4,59 @@ The durable spool: what makes "250 queued as ID" a promise.
 
 Layout under the spool directory::
 
-    tmp/<id>.msg      message being received (never acknowledged)
-    tmp/<id>.json     its state file, written just before the commit
-    queue/<id>.msg    committed message, CRLF line endings, not dot-stuffed
-    queue/<id>.json   committed state: the envelope and per-recipient status,
-                      and the SHA-256 of the acknowledged bytes
-                      (L{msa.queue.integrity})
+    tmp/<id>      message being received (never acknowledged)
+    queue/<id>    committed message: one queue file (L{msa.queue.queuefile})
+                  holding its state (the envelope, per-recipient status,
+                  the SHA-256 of the acknowledged bytes: L{msa.queue.integrity})
+                  and then its bytes, CRLF line ends, not dot-stuffed
 
-A message is committed when C{queue/<id>.json} exists: the message file is
-fsynced and renamed into C{queue/} first, then the state file, then the
-directory is fsynced.  A crash at any point leaves either nothing the client
-was told about (C{tmp/}, an orphan C{queue/<id>.msg}: both removed by
-L{Spool.recover}) or a complete entry.
+A message is committed when C{queue/<id>} exists: its file, state and
+content, is written in C{tmp/} and fsynced, renamed into C{queue/}, then
+the directory is fsynced and the acceptance record appended to the audit
+log; only then the 250.  A crash at any point leaves either nothing the
+client was told about (C{tmp/}: emptied by L{Spool.recover}) or a complete
+entry: every file in C{queue/} is whole.  One file created, one fsync, one
+rename per message; the directory's fsync and the audit log's fdatasync
+are group commits shared with concurrent messages
+(L{msa.durable.DirectorySync}, L{msa.audit}).
 
 The fsyncs of a commit run in the reactor's thread pool (when the reactor has
 one; with a fake reactor such as L{twisted.internet.task.Clock} they run
 synchronously).  The writer's file is not touched by the reactor thread while
-the commit runs.  The fsyncs of C{queue/} itself are shared by concurrent
-commits and removals (L{msa.durable.DirectorySync}, a group commit): each
-commit still returns only after an fsync of the directory that started
-after its own renames.
+the commit runs.
 
-The changes of an entry (L{Spool.update}: a deferred attempt, a hold, a
-release; L{Spool.remove}) are made in the thread pool too, so that no
-session waits for their fsyncs; their order is kept: the disk work for one
-entry runs one change at a time, in the order asked, and the readers of
-this process (L{Spool.pending}, L{Spool.load}) see each change as soon as
-it is asked for (the newest state of an entry, an entry being removed
-gone), so that the relay's decisions are exact while the disk catches up.
-A change the disk refuses is undone for the readers, and its L{Deferred}
-fails.
+A change of state (L{Spool.update}: a deferred attempt, a recipient
+delivered while another is deferred, a hold, a release) is one C{pwrite}
+of the new state into the queue file's other state slot and one
+C{fdatasync}: no new file, no rename, no directory fsync.  A deferral is
+recorded durably too (its attempt count, next attempt and last reply feed
+the backoff, the expiry notice and C{queue show}); it is the rare path, and
+costs one fdatasync.  A hold is a state like any other, not a move to
+another directory: one C{fdatasync} either way, and C{queue/} stays the
+one place the relay looks.
+
+A delivered message leaves with one C{unlink}; the runner's attempt ends
+only once the directory's fsync (group-committed with other commits and
+removals) made the removal durable.  No "done" mark is written before:
+a crash between the core's 250 and that fsync could bring the file back
+and deliver it again, which is the window SMTP itself leaves open (the
+core's 250 lost on the wire does the same), and was so before.  Marking
+every recipient done with its own fdatasync before the unlink would close
+only the power-loss half of that window and cost a second fsync per
+message.
+
+Entries spooled by an earlier version (C{queue/<id>.msg} and
+C{queue/<id>.json}, L{msa.queue.legacy}) are read as they are and
+converted to queue files by L{Spool.recover} at the start.
+
+The changes of an entry (L{Spool.update}, L{Spool.remove}) are made in the
+thread pool too, so that no session waits for their fsyncs; their order is
+kept: the disk work for one entry runs one change at a time, in the order
+asked, and the readers of this process (L{Spool.pending}, L{Spool.load})
+see each change as soon as it is asked for (the newest state of an entry,
+an entry being removed gone), so that the relay's decisions are exact
+while the disk catches up.  A change the disk refuses is undone for the
+readers, and its L{Deferred} fails.
 """
 
 from __future__ import annotations
@@ -42,20 +65,17 @@ import errno
 import json
 import os
 from collections.abc import Callable
+from typing import BinaryIO
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from msa.audit import AuditLog
-from msa.durable import (
-    DirectorySync,
-    fsyncDirectory,
-    unlinkQuietly,
-    writeDurably,
-)
+from msa.durable import DirectorySync, unlinkQuietly
 from msa.envelope import Envelope
 from msa.interfaces import ISpool
+from msa.queue import legacy, queuefile
 from msa.queue.entry import (
     DELIVERED,
     FAILED,
@@ -65,6 +85,7 @@ from msa.queue.entry import (
     newQueueId,
 )
 from msa.queue.outcomes import OutcomeLedger
+from msa.queue.recovery import recoverSpool
 from msa.queue.writer import WRITE_BUFFER, SpoolWriter
 
 __all__ = [
@@ -79,6 +100,10 @@ __all__ = [
 ]
 
 log = Logger()
+
+#: How long the fsync of C{queue/} after a removal waits for company (a
+#: commit's, mostly), in seconds: nobody's reply waits for it.
+REMOVAL_GATHER = 0.02
 
 
 @implementer(ISpool)
@@ -105,7 +130,9 @@ class Spool:
         for d in (directory, self.tmpDirectory, self.queueDirectory):
             os.makedirs(d, mode=0o700, exist_ok=True)
         #: The group commit of C{queue/}'s fsyncs (commits and removals).
-        self.queueSync = DirectorySync(self.queueDirectory)
+        self.queueSync = DirectorySync(
+            self.queueDirectory, reactor=reactor, gatherDelay=REMOVAL_GATHER
+        )
         #: The audit log (L{msa.audit}) each commit appends to, if any.
         self.audit: AuditLog | None = None
         self._listeners: list[Callable[[str], object]] = []
@@ -116,6 +143,11 @@ class Spool:
         self._unwritten: dict[str, bytes] = {}
         #: Per entry being changed, the lock that keeps its changes in order.
         self._changing: dict[str, defer.DeferredLock] = {}
+        #: Per queue file, where its state in force is, when this process
+        #: knows it durable (it wrote and synced it): the next state goes
+        #: into the other slot.  For any other, the first change of this
+        #: process syncs the file first (L{_updatedBlocking}).
+        self._slots: dict[str, queuefile.QueueFileState] = {}
         #: The outcomes the spool could not record (L{recordOutcome}).
         self.outcomes = (
             None if outcomesDirectory is None else OutcomeLedger(outcomesDirectory)
@@ -167,46 +199,49 @@ class Spool:
 
     # Reading side.
 
-    def _paths(self, queueId: str) -> tuple[str, str]:
-        base = os.path.join(self.queueDirectory, queueId)
-        return base + ".msg", base + ".json"
+    def queuePath(self, queueId: str) -> str:
+        """
+        The queue file of C{queueId} (L{msa.queue.queuefile}).
+        """
+        return os.path.join(self.queueDirectory, queueId)
 
     def pending(self) -> list[str]:
         """
         The ids of the complete entries in the queue, oldest first.
         """
         names = set(os.listdir(self.queueDirectory))
-        return sorted(
-            n[:-5]
-            for n in names
-            if n.endswith(".json")
-            and n[:-5] + ".msg" in names
-            and n[:-5] not in self._removing
-        )
+        ids = {n for n in names if "." not in n} | legacy.pairIds(names)
+        return sorted(ids - self._removing)
 
     def load(self, queueId: str) -> SpoolEntry:
         """
         @raise FileNotFoundError: when the entry is not (or no longer) there.
-        @raise ValueError: when the state file is unreadable.
+        @raise ValueError: when its state is unreadable.
         """
-        msgPath, statePath = self._paths(queueId)
+        path = self.queuePath(queueId)
         if queueId in self._removing:
-            raise FileNotFoundError(errno.ENOENT, "being removed", statePath)
+            raise FileNotFoundError(errno.ENOENT, "being removed", path)
+        try:
+            entry, _ = queuefile.loadEntry(path)
+        except FileNotFoundError:
+            entry = legacy.loadPair(self.queueDirectory, queueId)
         state = self._unwritten.get(queueId)
         if state is None and self.outcomes is not None:
             state = self.outcomes.state(queueId)
-        if state is None:
-            with open(statePath, "rb") as f:
-                state = f.read()
-        data = json.loads(state)
-        return SpoolEntry.fromJSON(data, msgPath, os.stat(msgPath).st_size)
+        if state is not None:
+            newer = SpoolEntry.fromJSON(
+                json.loads(state), entry.messagePath, entry.size
+            )
+            newer.contentOffset = entry.contentOffset
+            entry = newer
+        return entry
 
     def update(self, entry: SpoolEntry) -> defer.Deferred[None]:
         """
         Replace the state of C{entry}, atomically and durably, in the thread
-        pool (L{msa.durable.writeDurably}: a temporary file, fsynced,
-        renamed over the state file, the directory fsynced).  Readers in
-        this process see the new state at once.
+        pool (L{msa.queue.queuefile.writeState}: the other state slot of its
+        queue file written, then fdatasynced).  Readers in this process see
+        the new state at once.
 
         @return: a L{Deferred} firing when the new state is durable, or
             failing with the L{OSError}: the old state is then left, on
@@ -215,9 +250,7 @@ class Spool:
         queueId = entry.queueId
         state = encodeState(entry)
         self._unwritten[queueId] = state
-        _, statePath = self._paths(queueId)
-        # The temporary name ends in .tmp: recover() removes a leftover.
-        d = self._inOrder(queueId, self._updatedBlocking, queueId, statePath, state)
+        d = self._inOrder(queueId, self._updatedBlocking, queueId, json.loads(state))
 
         def written(result: object) -> object:
             if self._unwritten.get(queueId) is state:
@@ -226,12 +259,35 @@ class Spool:
 
         return d.addBoth(written)
 
-    def _updatedBlocking(self, queueId: str, statePath: str, state: bytes) -> None:
+    def _updatedBlocking(self, queueId: str, state: dict) -> None:
         """
-        The disk part of L{update}: runs in a thread.
+        The disk part of L{update}: runs in a thread.  An entry of an
+        earlier version is converted to a queue file first.
         """
-        # The temporary name ends in .tmp: recover() removes a leftover.
-        writeDurably(statePath, state, tmpPath=statePath + ".tmp")
+        path = self.queuePath(queueId)
+        if not os.path.exists(path) and legacy.pairIds(
+            set(os.listdir(self.queueDirectory))
+        ) >= {queueId}:
+            legacy.convert(self.queueDirectory, self.tmpDirectory, queueId)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            where = self._slots.pop(queueId, None)
+            if where is None:
+                # Written by another process, which may have died before
+                # its state was durable: make it so before the other slot,
+                # which may hold the last durable state, is overwritten.
+                _, where = queuefile.readState(fd)
+                getattr(os, "fdatasync", os.fsync)(fd)
+            try:
+                queuefile.writeState(fd, state, where)
+            except OSError:
+                # The slot may hold the refused state: void it, so that the
+                # old one is in force again (the next change re-reads).
+                queuefile.voidSlot(fd, where)
+                raise
+            self._slots[queueId] = where
+        finally:
+            os.close(fd)
         if self.outcomes is not None:
             # The spool's state is the newest again.
             self.outcomes.forget(queueId)
@@ -266,20 +322,22 @@ class Spool:
         Remove an entry, with the disk work off the calling (reactor)
         thread: the entry is gone for every reader in this process as soon
         as this returns; then, in the reactor's thread pool, after the
-        changes asked before, the state file is removed, the directory
-        fsynced (shared with concurrent commits and removals,
-        L{DirectorySync}) and only then is the message file removed, so
-        that a crash in between leaves an orphan message file (removed by
-        L{recover}), never an entry without its message.
+        changes asked before, its queue file is removed; then the
+        directory is fsynced, shared with concurrent commits and removals
+        (L{DirectorySync.syncLater}: the removal waits up to
+        L{REMOVAL_GATHER} for company, holding no thread).
 
         @return: a L{Deferred} firing when the removal is durable, or
-            failing with the L{OSError}: when the state file could not be
+            failing with the L{OSError}: when the file could not be
             removed, the entry is unchanged (and visible again); when the
-            fsync failed, the entry is gone and its message file left for
-            L{recover}.
+            fsync failed, the entry is gone (and may come back after a
+            crash, to be delivered again).
         """
         self._removing.add(queueId)
-        d = self._inOrder(queueId, self._removedBlocking, *self._paths(queueId))
+        d = self._inOrder(queueId, self._removedBlocking, queueId)
+        d.addCallback(lambda _: self.queueSync.syncLater())
+        if self.outcomes is not None and queueId in self.outcomes:
+            d.addCallback(lambda _: self._runBlocking(self._forgetOutcome, queueId))
 
         def visible(result: object) -> object:
             self._removing.discard(queueId)
@@ -294,30 +352,46 @@ class Spool:
         """
         return queueId in self._removing
 
-    def _removedBlocking(self, msgPath: str, statePath: str) -> None:
+    def _removedBlocking(self, queueId: str) -> None:
         """
-        The disk part of L{removeDelivered}: runs in a thread.
+        The unlink of L{removeDelivered}: runs in a thread.
         """
-        unlinkQuietly(statePath)
-        self.queueSync.sync()
-        unlinkQuietly(msgPath)
-        queueId = os.path.basename(msgPath)[:-4]
-        if self.outcomes is not None and queueId in self.outcomes:
-            try:
-                self.outcomes.forget(queueId)
-            except OSError as e:
-                # The entry is gone: its outcome is dropped by recover().
-                log.error("cannot forget the outcome of {q}: {e}", q=queueId, e=e)
+        self._slots.pop(queueId, None)
+        unlinkQuietly(self.queuePath(queueId))
+        msgPath, statePath = legacy.pairPaths(self.queueDirectory, queueId)
+        if os.path.lexists(statePath):
+            # An earlier version's entry: its state file first, durably,
+            # and only then its message (a state file implies its message).
+            unlinkQuietly(statePath)
+            self.queueSync.sync()
+            unlinkQuietly(msgPath)
+
+    def _forgetOutcome(self, queueId: str) -> None:
+        """
+        After a removal, its outcome (L{recordOutcome}) goes: runs in a
+        thread.
+        """
+        assert self.outcomes is not None
+        try:
+            self.outcomes.forget(queueId)
+        except OSError as e:
+            # The entry is gone: its outcome is dropped by recover().
+            log.error("cannot forget the outcome of {q}: {e}", q=queueId, e=e)
 
     def auditEvent(self, event: str, **fields) -> defer.Deferred[None]:
         """
-        Append a record to the audit log, if any, in the thread pool.  A
-        failure is logged at critical level, never raised: the event (a
-        delivery, a bounce) has happened whether or not it is recorded.
+        Append a record to the audit log, if any, in the thread pool
+        (L{msa.audit.AuditLog.submitFact}: holding no thread while its
+        round waits, and for company).  A failure is logged at critical
+        level, never raised: the event (a delivery, a bounce) has happened
+        whether or not it is recorded.
         """
         if self.audit is None:
             return defer.succeed(None)
-        d = self._runBlocking(self._auditBlocking, event, fields)
+        if getattr(self.reactor, "getThreadPool", None) is not None:
+            d: defer.Deferred = self.audit.submitFact(event, **fields)
+        else:
+            d = self._runBlocking(self._auditBlocking, event, fields)
 
         def failed(failure) -> None:
             log.critical(
@@ -336,44 +410,18 @@ class Spool:
         assert self.audit is not None
         self.audit.appendFact(event, **fields)
 
-    def openMessage(self, queueId: str):
+    def openMessage(self, queueId: str) -> BinaryIO:
         """
-        @return: the message file, opened for binary reading.
+        @return: the message (the trace header, then the message), opened
+            for binary reading (L{msa.queue.queuefile.openContent}).
         """
-        return open(self._paths(queueId)[0], "rb")
+        return queuefile.openContent(self.load(queueId))
 
     def recover(self) -> list[str]:
         """
-        Clean up after a crash: remove everything in C{tmp/} (never
-        acknowledged), orphan message files and leftover temporary state
-        files in C{queue/}.  A state file without its message cannot be
-        delivered: it is renamed to C{.broken} and logged.
+        Clean up after a crash and convert the entries of an earlier
+        version: see L{msa.queue.recovery.recoverSpool}.
 
         @return: the ids of the complete entries.
         """
-        for name in sorted(os.listdir(self.tmpDirectory)):
-            log.info("recover: removing unacknowledged {name}", name=name)
-            unlinkQuietly(os.path.join(self.tmpDirectory, name))
-        names = set(os.listdir(self.queueDirectory))
-        for name in sorted(names):
-            path = os.path.join(self.queueDirectory, name)
-            if name.endswith(".tmp"):
-                log.info("recover: removing interrupted state update {name}", name=name)
-                unlinkQuietly(path)
-            elif name.endswith(".msg") and name[:-4] + ".json" not in names:
-                log.info("recover: removing orphan message file {name}", name=name)
-                unlinkQuietly(path)
-            elif name.endswith(".json") and name[:-5] + ".msg" not in names:
-                log.critical(
-                    "recover: state file {name} has no message file; set aside",
-                    name=name,
-                )
-                os.replace(path, path + ".broken")
-        fsyncDirectory(self.queueDirectory)
-        ids = self.pending()
-        if self.outcomes is not None:
-            for queueId in sorted(self.outcomes.ids() - set(ids)):
-                log.info("recover: removing the outcome of gone {q}", q=queueId)
-                self.outcomes.forget(queueId)
-        log.info("recover: {count} message(s) in the queue", count=len(ids))
-        return ids
+        return recoverSpool(self)

@@ -1,8 +1,9 @@
 # -*- test-case-name: tests.test_spool,tests.test_groupcommit,tests.test_faults -*-
 """
-The writer of one message being received (L{SpoolWriter}): its bytes into
-C{tmp/}, hashed on the way, and the commit that makes it a queue entry.
-See L{msa.queue.spool} for the layout and the order of the commit.
+The writer of one message being received (L{SpoolWriter}): its queue file
+(L{msa.queue.queuefile}) in C{tmp/}, the bytes hashed on the way, and the
+commit that makes it a queue entry.  See L{msa.queue.spool} for the layout
+and the order of the commit.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from msa.audit import AuditError
-from msa.durable import unlinkQuietly, writeSynced
+from msa.durable import unlinkQuietly
 from msa.envelope import Envelope
 from msa.errors import SMTPReply
 from msa.interfaces import ISpoolWriter
-from msa.queue.entry import _FULL, PENDING, SpoolEntry, encodeState
+from msa.queue import queuefile
+from msa.queue.entry import _FULL, PENDING, SpoolEntry
 
 if TYPE_CHECKING:
     from msa.queue.spool import Spool
@@ -58,8 +60,9 @@ class SpoolWriter:
         self._spool = spool
         self.envelope = envelope
         self.queueId = envelope.queueId
-        self._msgPath = os.path.join(spool.tmpDirectory, self.queueId + ".msg")
-        self._statePath = os.path.join(spool.tmpDirectory, self.queueId + ".json")
+        self._msgPath = os.path.join(spool.tmpDirectory, self.queueId)
+        #: The size of the queue file's state slots: the content follows.
+        self._slotSize = queuefile.slotSizeFor(envelope)
         self._file: BinaryIO | None = None
         #: The creation of the file in the thread pool, while it runs.
         self._creating: defer.Deferred[None] | None = None
@@ -146,10 +149,12 @@ class SpoolWriter:
             traceLength=self._traceLength,
             traceSha256=self._traceSha256,
         )
-        state = encodeState(entry)
+        head = queuefile.preamble(self._slotSize) + queuefile.encodeSlot(
+            entry.toJSON(), 1, self._slotSize
+        )
         # After the file's creation, if it is being created.
         d = self._creating or defer.succeed(None)
-        d.addCallback(lambda _: spool._runBlocking(self._commitBlocking, state))
+        d.addCallback(lambda _: spool._runBlocking(self._commitBlocking, head))
         d.addCallbacks(self._committed, self._commitFailed)
         return d
 
@@ -186,25 +191,33 @@ class SpoolWriter:
 
     def _create(self) -> BinaryIO:
         """
-        Create the message file (blocks: in a thread).
+        Create the queue file, its content to follow the state slots
+        (blocks: in a thread).
         """
         fd = os.open(self._msgPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        return os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
+        f = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
+        f.seek(queuefile.contentOffset(self._slotSize))
+        return f
 
-    def _commitBlocking(self, state: bytes) -> None:
+    def _commitBlocking(self, head: bytes) -> None:
         """
         The disk part of L{commit}: runs in a thread.  On failure nothing
         of the message is left, durably, before the client hears the 4xx
         (L{_discardBlocking}).
         """
         try:
-            self._publishBlocking(state)
+            self._publishBlocking(head)
         except BaseException:
             self._discardBlocking()
             raise
 
-    def _publishBlocking(self, state: bytes) -> None:
-        queueDir = self._spool.queueDirectory
+    def _publishBlocking(self, head: bytes) -> None:
+        """
+        The preamble and first state (C{head}) go in front of the content,
+        the file is fsynced once and renamed into C{queue/}; the directory
+        fsync and the audit record are group commits.
+        """
+        spool = self._spool
         if self._createError is not None:
             raise self._createError
         if self._file is None:
@@ -212,17 +225,17 @@ class SpoolWriter:
         self._file.write(self._pending)
         self._pending = bytearray()
         self._file.flush()
-        os.fsync(self._file.fileno())
+        fd = self._file.fileno()
+        os.pwrite(fd, head, 0)
+        os.fsync(fd)
         self._file.close()
-        writeSynced(self._statePath, state)
-        # The message first: a .json in queue/ implies its .msg.
-        os.replace(self._msgPath, os.path.join(queueDir, self.queueId + ".msg"))
-        os.replace(self._statePath, os.path.join(queueDir, self.queueId + ".json"))
-        self._spool.queueSync.sync()
+        os.replace(self._msgPath, spool.queuePath(self.queueId))
+        spool.queueSync.sync()
+        spool._slots[self.queueId] = queuefile.QueueFileState(self._slotSize, 1, 0)
         # The acceptance record, durable before the 250 (msa.audit); if it
         # cannot be written the commit fails and the message is removed.
-        if self._spool.audit is not None:
-            self._spool.audit.append(**self.auditRecord())
+        if spool.audit is not None:
+            spool.audit.append(**self.auditRecord())
 
     def _discardBlocking(self) -> None:
         """
@@ -231,27 +244,22 @@ class SpoolWriter:
         record or the directory's fsync failed), the directory is fsynced
         after the removal: otherwise a crash could bring back, and deliver,
         a message its client was told was not queued (and may send again).
-        The state file goes first: a .json in queue/ implies its .msg.
         """
         self._closeQuietly()
-        queueDir = self._spool.queueDirectory
+        spool = self._spool
+        spool._slots.pop(self.queueId, None)
         published = False
-        for path in (
-            self._msgPath,
-            self._statePath,
-            os.path.join(queueDir, self.queueId + ".json"),
-            os.path.join(queueDir, self.queueId + ".msg"),
-        ):
+        for path in (self._msgPath, spool.queuePath(self.queueId)):
             existed = os.path.lexists(path)
             error = unlinkQuietly(path, keepErrors=True)
             if error is not None:
                 # Never acknowledged: recover() removes it at the next start.
                 log.error("cannot remove {path}: {e}", path=path, e=error)
-            elif existed and os.path.dirname(path) == queueDir:
+            elif existed and os.path.dirname(path) == spool.queueDirectory:
                 published = True
         if published:
             try:
-                self._spool.queueSync.sync()
+                spool.queueSync.sync()
             except OSError as e:
                 log.error(
                     "cannot make the removal of {queueId} durable: {e}",

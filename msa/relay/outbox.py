@@ -2,22 +2,20 @@
 """
 The downstream for a start without a core MTA: an outbox directory.
 
-A message that ends with CRLF (as every message the MSA receives does) goes
-there by a hard link to its spool file, already fsynced when it was
-queued, and an fsync of the outbox directory: no copy and no second fsync
-of its bytes.  Otherwise (a message without the final CRLF, an outbox on
-another file system, a file system without hard links) it is copied
-durably (L{msa.durable.writeDurably}).
+Each message is copied durably (L{msa.durable.writeDurably}: a hidden
+temporary file, fsynced, renamed to C{<id>.eml}), checked against the
+digest recorded at acceptance (L{msa.queue.integrity}) as it is written,
+before it is renamed into place: a message whose bytes are not the
+acknowledged ones never appears in the outbox.  The outbox directory's
+fsync is a group commit (L{msa.durable.DirectorySync}) shared by the
+messages written at the same time.
 
-Either way the spool file's bytes are first checked against the digest
-recorded at acceptance (L{msa.queue.integrity}), and a copy is checked
-again as it is written, before it is renamed into place: a message whose
-bytes are not the acknowledged ones never appears in the outbox.
+(The queue file holds the message's state in front of its bytes
+(L{msa.queue.queuefile}), so the outbox can no longer hard-link it.)
 """
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -25,7 +23,7 @@ from typing import BinaryIO
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from msa.durable import fsyncDirectory, unlinkQuietly, writeDurably
+from msa.durable import DirectorySync, writeDurably
 from msa.queue import integrity
 from msa.queue.spool import SpoolEntry
 from msa.relay.protocol import ACCEPTED, TEMPORARY, DeliveryResult, RecipientResult
@@ -46,6 +44,8 @@ class OutboxDownstream:
         self._reactor = reactor
         self.directory = directory
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        #: The group commit of the outbox directory's fsyncs.
+        self.directorySync = DirectorySync(directory)
         log.warn(
             "no core MTA configured: accepted messages go to the outbox "
             "directory {directory} and are NOT delivered",
@@ -95,57 +95,15 @@ class OutboxDownstream:
         # A hidden temporary name: whoever reads the outbox skips it.  Mode
         # 0666 less the umask, as a plain open() gives.
         tmpPath = os.path.join(self.directory, "." + entry.queueId + ".eml.tmp")
-        source = getattr(entry, "messagePath", "")
-        fileno = getattr(messageFile, "fileno", None)
-        if source and fileno is not None and _endsWithCRLF(fileno()):
-            # The link is the very file checked here.
-            mismatch = integrity.verifyDescriptor(entry, fileno())
-            if mismatch is not None:
-                raise integrity.IntegrityError(mismatch)
-            try:
-                _linkDurably(source, path, tmpPath, self.directory)
-                return path
-            except OSError as e:
-                if e.errno not in _NO_LINK:
-                    raise
         chunks = integrity.checkedChunks(entry, messageFile)
-        writeDurably(path, _terminated(chunks), mode=0o666, tmpPath=tmpPath)
+        writeDurably(
+            path,
+            _terminated(chunks),
+            mode=0o666,
+            tmpPath=tmpPath,
+            directorySync=self.directorySync,
+        )
         return path
-
-
-#: Errors of L{os.link} that mean "copy instead": another file system, or
-#: one without hard links.
-_NO_LINK = (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK)
-
-
-def _endsWithCRLF(fd: int) -> bool:
-    """
-    Whether the message file open as C{fd} is empty or ends with CRLF: then
-    it is exactly what goes to the outbox.  (Read without moving the
-    file's position.)
-    """
-    size = os.fstat(fd).st_size
-    return size == 0 or (size >= 2 and os.pread(fd, 2, size - 2) == b"\r\n")
-
-
-def _linkDurably(source: str, path: str, tmpPath: str, directory: str) -> None:
-    """
-    Make C{path} a hard link to C{source} (whose bytes are durable), then
-    fsync C{directory}.  A C{path} left by an earlier attempt (a crash
-    before the spool recorded the delivery) is replaced atomically, through
-    C{tmpPath}.
-    """
-    try:
-        os.link(source, path)
-    except FileExistsError:
-        if not os.path.samefile(source, path):
-            unlinkQuietly(tmpPath)
-            try:
-                os.link(source, tmpPath)
-                os.replace(tmpPath, path)
-            finally:
-                unlinkQuietly(tmpPath)
-    fsyncDirectory(directory)
 
 
 def _terminated(chunks: Iterator[bytes]) -> Iterator[bytes]:

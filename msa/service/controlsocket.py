@@ -44,7 +44,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 from msa.queue.control import QueueControl, describeEntry
-from msa.queue.spool import PENDING, Spool
+from msa.queue.queuefile import openContent
+from msa.queue.spool import PENDING, Spool, SpoolEntry
 
 log = Logger()
 
@@ -145,7 +146,7 @@ def parseRequest(line: str) -> tuple[str, str | None]:
 # Reading the spool directly.
 
 
-def _readHeaders(path: str) -> tuple[list[str], bool]:
+def _readHeaders(entry: SpoolEntry) -> tuple[list[str], bool]:
     """
     The header section of a message file, at most L{MAX_HEADER_BYTES} and
     L{MAX_HEADER_LINES}.
@@ -153,7 +154,7 @@ def _readHeaders(path: str) -> tuple[list[str], bool]:
     @return: the header lines (without line ends, folded lines kept as they
         are) and whether the section was cut short.
     """
-    with open(path, "rb") as f:
+    with openContent(entry) as f:
         data = f.read(MAX_HEADER_BYTES + 1)
     if data.startswith(b"\r\n"):
         return [], False
@@ -196,7 +197,7 @@ def showEntry(spool: Spool, queueId: str, summary: dict | None = None) -> dict:
     queueId = checkQueueId(queueId)
     try:
         entry = spool.load(queueId)
-        headers, truncated = _readHeaders(entry.messagePath)
+        headers, truncated = _readHeaders(entry)
     except (FileNotFoundError, ValueError):
         raise ControlError(f"no message {queueId} in the queue")
     if summary is None:
