@@ -6,7 +6,9 @@ core that offers PIPELINING, MAIL, every RCPT and DATA arrive in one read
 still taken on its own, and the body is sent only after a 354 with at
 least one recipient accepted.  To a core without PIPELINING, one command
 per read, as before.  Over real sockets and verified STARTTLS; the last
-test starts the assembled daemon from its TOML file.
+tests start the assembled daemon from its TOML file, relaying to the test
+core and to a real Postfix (an independent server that offers PIPELINING
+and logs a client that pipelines wrongly).
 """
 
 import os
@@ -16,8 +18,10 @@ from twisted.trial import unittest
 
 from msa.queue import integrity
 from msa.relay.protocol import PERMANENT, TEMPORARY, DeliveryResult, RecipientResult
+from msa.tls import ensureSelfSignedCertificate
 from tests.downstream import DownstreamServer
-from tests.e2e import MESSAGE, RunningMSA
+from tests.e2e import MESSAGE, RunningMSA, freePort
+from tests.postfixserver import ThrowawayPostfix, postfixDirectory
 from tests.relaydata import DOTTY, bigMessage
 from tests.test_e2e import SENDER, splitReceived, submit
 from tests.test_relay_client import DownstreamFixture
@@ -279,3 +283,83 @@ class PipeliningDaemonTests(unittest.TestCase):
             [b"MAIL FROM", b"RCPT TO", b"RCPT TO", b"DATA"],
         )
         self.assertTrue(group[0].startswith(b"MAIL FROM:<" + SENDER.encode() + b">"))
+
+
+class PostfixCoreTests(unittest.TestCase):
+    """
+    The daemon relays to a throwaway Postfix as its core (STARTTLS with
+    the certificate verified, AUTH PLAIN), which relays on to the test
+    downstream.
+    """
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_pipelinedToPostfix(self):
+        """
+        Postfix refuses one of two recipients (554 5.7.1) inside the
+        pipelined group: the other gets the message byte for byte, the
+        refused one a bounce to the sender carrying Postfix's reply, and
+        Postfix logs no improper pipelining.
+        """
+        directory = postfixDirectory(self)
+        downstream = DownstreamServer(os.path.join(directory, "down"), "none")
+        downstreamPort = downstream.start()
+        self.addCleanup(downstream.stop)
+        cert, key = ensureSelfSignedCertificate(
+            os.path.join(directory, "cert"), "localhost"
+        )
+        postfix = ThrowawayPostfix(
+            os.path.join(directory, "postfix"),
+            freePort(),
+            cert,
+            key,
+            settings={
+                "relayhost": f"[127.0.0.1]:{downstreamPort}",
+                "smtp_tls_security_level": "none",
+                # No Date header added: the bytes pass through unchanged.
+                "local_header_rewrite_clients": "",
+                "smtpd_recipient_restrictions": (
+                    "check_recipient_access inline:{ nobody@overheid.nl=REJECT }, "
+                    "permit_sasl_authenticated, reject"
+                ),
+            },
+            account=("msa", "relay-secret"),
+        )
+        self.addCleanup(threads.deferToThread, postfix.stop)
+        yield threads.deferToThread(postfix.start)
+        passwordFile = os.path.join(directory, "relay-password")
+        with open(passwordFile, "w") as f:
+            f.write("relay-secret\n")
+        os.chmod(passwordFile, 0o600)
+        msa = RunningMSA(
+            self,
+            relay={
+                "host": "127.0.0.1",
+                "port": postfix.port,
+                "tls": "starttls",
+                "server_name": "localhost",
+                "ca_file": cert,
+                "auth_username": "msa",
+                "auth_password_file": passwordFile,
+            },
+        )
+        code, text = yield threads.deferToThread(
+            submit,
+            port=msa.starttlsPort,
+            context=msa.clientContext(),
+            recipients=("belastingdienst@overheid.nl", "nobody@overheid.nl"),
+        )
+        self.assertEqual(code, 250, text)
+        messages = yield downstream.waitForMessages(2, timeout=60)
+        [original] = [m for m in messages if m.sender == SENDER]
+        [bounce] = [m for m in messages if m.sender == ""]
+        self.assertEqual(original.recipients, ["belastingdienst@overheid.nl"])
+        self.assertTrue(original.data.endswith(b"\r\n" + MESSAGE), original.data)
+        self.assertEqual(bounce.recipients, [SENDER])
+        self.assertIn(b"Final-Recipient: rfc822; nobody@overheid.nl", bounce.data)
+        self.assertIn(b"Diagnostic-Code: smtp; 554 5.7.1", bounce.data)
+        with open(postfix.log, encoding="utf-8", errors="replace") as f:
+            log = f.read()
+        self.assertIn("sasl_username=msa", log)
+        self.assertNotIn("improper command pipelining", log)
