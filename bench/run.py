@@ -310,6 +310,9 @@ def stopProcess(proc: subprocess.Popen | None, sig=signal.SIGTERM) -> None:
 
 # -- the sink -----------------------------------------------------------------
 
+#: --sink-no-pipelining: options for every sink
+SINK_OPTIONS: list[str] = []
+
 
 class Sink:
     """
@@ -321,7 +324,8 @@ class Sink:
         self.port = port
         self.proc = subprocess.Popen(
             [PYTHON, os.path.join(HERE, "sink.py"), "--port", str(port)]
-            + ["--cert", cert, "--key", key],
+            + ["--cert", cert, "--key", key]
+            + SINK_OPTIONS,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -1499,6 +1503,11 @@ def main() -> int:
         "the load scenarios; run it for one scenario (-s relay): strace "
         "slows the servers, so timings from such a run are not results",
     )
+    parser.add_argument(
+        "--sink-no-pipelining",
+        action="store_true",
+        help="the sink does not offer PIPELINING (the relays go lock-step)",
+    )
     parser.add_argument("--implicit", action="store_true", help="implicit TLS")
     parser.add_argument("--timeout", type=float, default=300, help="per batch, s")
     parser.add_argument(
@@ -1535,6 +1544,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.syscalls or args.strace:
         SYSCALLS.append("all" if args.strace else "on")
+    if args.sink_no_pipelining:
+        SINK_OPTIONS.append("--no-pipelining")
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
     args.tmp = args.tmp or tempfile.gettempdir()
