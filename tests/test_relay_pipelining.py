@@ -207,6 +207,24 @@ class PipeliningTests(DownstreamFixture, unittest.TestCase):
         self.assertEqual(server.connections, 1)
 
     @defer.inlineCallbacks
+    def test_everyRecipientRefusedLockStep(self):
+        """
+        Without PIPELINING, every RCPT refused: no DATA at all, and the
+        connection stays usable.
+        """
+        server = self.startServer()
+        server.offerPipelining = False
+        server.rcptReplies = {A: (550, "5.1.1 no such user")}
+        entry = yield self.queue(recipients=(A,))
+        downstream = self.downstream(server)
+        result = yield self.deliver(downstream, entry)
+        self.assertEqual(result.reply, "no recipient accepted")
+        self.assertEqual(result.permanent, [A])
+        verbs = [c.split(b" ")[0] for tls, c in server.commands if tls]
+        self.assertEqual(verbs, [b"EHLO", b"MAIL", b"RCPT"])
+        self.assertEqual(downstream.idleConnections, 1)
+
+    @defer.inlineCallbacks
     def test_dataAcceptedWithoutRecipient(self):
         """
         A core that answers the group's DATA with 354 although it refused
