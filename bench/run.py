@@ -1370,6 +1370,13 @@ def profile(args, cert: str, keyFile: str) -> None:
         print(
             json.dumps({k: v for k, v in r.items() if k != "errors"}), file=sys.stderr
         )
+        if r.get("loop_share") is not None:
+            print(
+                "== CPU by thread, from /proc (exact): reactor thread "
+                f"{r['cpu_loop_per_msg'] * 1000:.2f} ms/message "
+                f"({r['loop_share']:.0%}), the other threads (the pool) "
+                f"{r['cpu_other_per_msg'] * 1000:.2f} ms/message =="
+            )
         if r["errors"]:
             print(f"ERRORS: {r['errors'][:5]}", file=sys.stderr)
     finally:
@@ -1426,7 +1433,10 @@ def summarisePySpy(path: str, top: int, rate: int = 200) -> None:
         f"== py-spy, all threads: {total} busy samples ({total / rate:.1f} s), "
         f"{idle} idle samples left out; % of busy samples =="
     )
-    print("-- by thread --")
+    print(
+        "-- by thread (samples, not CPU: a pool thread waiting in fsync or "
+        "fdatasync counts as busy; the /proc line above is the CPU) --"
+    )
     for name, n in threads.most_common(top):
         print(f"{100 * n / total:6.1f}%  {n / rate:7.2f} s  {name}")
     print("-- by own time --")
