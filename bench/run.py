@@ -474,11 +474,33 @@ class MSA(Server):
         except FileNotFoundError:
             return 0
 
+    def controlSockets(self) -> list[str]:
+        return [os.path.join(self.state, SOCKET_NAME)]
+
+    def prepareRelease(self, queued: int) -> None:
+        """
+        Wait until every queued message has had its first attempt (failed:
+        the sink is down) and none is in flight, so that the drain is of
+        deferred messages only: a message still waiting for its first
+        attempt at the release would be delivered without the flush, and
+        one in flight then would be deferred for an hour after it.
+        """
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            entries = [e for s in self.controlSockets() for e in request(s, "list")]
+            if len(entries) >= queued and all(
+                e["attempts"] >= 1 and not e["inFlight"] for e in entries
+            ):
+                return
+            time.sleep(0.2)
+        raise RuntimeError("the backlog's first attempts did not end in 600 s")
+
     def release(self) -> None:
         # What `digipoort-msa-admin queue flush` sends, without the start of
         # a Python program (0.35-0.45 s) that postqueue -f or the peer's
         # SIGUSR1 do not pay.
-        request(os.path.join(self.state, SOCKET_NAME), "flush")
+        for path in self.controlSockets():
+            request(path, "flush")
 
 
 class MSANoAudit(MSA):
@@ -583,9 +605,8 @@ class MSAPair(MSA):
                 pass
         return total
 
-    def release(self) -> None:
-        for state, _, _ in self.instances:
-            request(os.path.join(state, SOCKET_NAME), "flush")
+    def controlSockets(self) -> list[str]:
+        return [os.path.join(state, SOCKET_NAME) for state, _, _ in self.instances]
 
 
 class Peer(Server):
@@ -971,7 +992,6 @@ def measureDrain(server: Server, params: dict, sinkPort: int, args, cert, key):
     )
     data = json.loads(client.stdout.strip().splitlines()[-1])
     sent = data["sent"]
-    time.sleep(1)  # the MSA's first attempts fail and are deferred
     server.prepareRelease(sent)
     sink = Sink(sinkPort, cert, key)
     try:
