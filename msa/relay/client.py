@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay_client -*-
+# -*- test-case-name: tests.test_relay_client,tests.test_relay_pipelining -*-
 """
 The SMTP client to the core MTA: L{SMTPDownstream}, the relay runner's
 downstream when a core MTA is configured.  It hands spooled messages to the

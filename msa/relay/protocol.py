@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay_client -*-
+# -*- test-case-name: tests.test_relay_client,tests.test_relay_pipelining -*-
 """
 The SMTP I{client} side of the relay, the MSA speaking to the core MTA (the
 server side, where mail clients submit, is L{msa.submission.server}):
