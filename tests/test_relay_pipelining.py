@@ -23,10 +23,13 @@ from tests.downstream import DownstreamServer
 from tests.e2e import MESSAGE, RunningMSA, freePort
 from tests.postfixserver import ThrowawayPostfix, postfixDirectory
 from tests.relaydata import DOTTY, bigMessage
-from tests.test_e2e import SENDER, splitReceived, submit
+from tests.test_e2e import SENDER, splitReceived
+from tests.test_integrity import submitTo
 from tests.test_relay_client import DownstreamFixture
 
 A, B, C = "a@example.org", "b@example.org", "c@example.org"
+#: The second is the one the cores below refuse.
+TWO_RECIPIENTS = ("belastingdienst@overheid.nl", "nobody@overheid.nl")
 MAIL = b"MAIL FROM:<alice@example.com>"
 
 
@@ -41,6 +44,23 @@ class PipeliningTests(DownstreamFixture, unittest.TestCase):
     """
 
     timeout = 15
+
+    @defer.inlineCallbacks
+    def deliverRefused(self, **misbehaviour):
+        """
+        Deliver a message for C{A} alone, whom the core refuses (550), the
+        core set up with C{misbehaviour} (L{DownstreamServer} attributes).
+
+        @return: the core, the downstream and the L{DeliveryResult}.
+        """
+        server = self.startServer()
+        for name, value in misbehaviour.items():
+            setattr(server, name, value)
+        server.rcptReplies = {A: (550, "5.1.1 no such user")}
+        entry = yield self.queue(recipients=(A,))
+        downstream = self.downstream(server)
+        result = yield self.deliver(downstream, entry)
+        return server, downstream, result
 
     @defer.inlineCallbacks
     def test_oneWrite(self):
@@ -212,12 +232,7 @@ class PipeliningTests(DownstreamFixture, unittest.TestCase):
         Without PIPELINING, every RCPT refused: no DATA at all, and the
         connection stays usable.
         """
-        server = self.startServer()
-        server.offerPipelining = False
-        server.rcptReplies = {A: (550, "5.1.1 no such user")}
-        entry = yield self.queue(recipients=(A,))
-        downstream = self.downstream(server)
-        result = yield self.deliver(downstream, entry)
+        server, downstream, result = yield self.deliverRefused(offerPipelining=False)
         self.assertEqual(result.reply, "no recipient accepted")
         self.assertEqual(result.permanent, [A])
         verbs = [c.split(b" ")[0] for tls, c in server.commands if tls]
@@ -232,12 +247,9 @@ class PipeliningTests(DownstreamFixture, unittest.TestCase):
         section 3.1), none of the message is sent, and the connection is
         not used again.
         """
-        server = self.startServer()
-        server.dataWithoutRecipient = True
-        server.rcptReplies = {A: (550, "5.1.1 no such user")}
-        entry = yield self.queue(recipients=(A,))
-        downstream = self.downstream(server)
-        result = yield self.deliver(downstream, entry)
+        server, downstream, result = yield self.deliverRefused(
+            dataWithoutRecipient=True
+        )
         self.assertEqual(
             result.recipients,
             {A: RecipientResult(PERMANENT, 550, "5.1.1 no such user")},
@@ -283,13 +295,7 @@ class PipeliningDaemonTests(unittest.TestCase):
         self.addCleanup(core.stop)
         core.rcptReplies = {"nobody@overheid.nl": (550, "5.1.1 no such user")}
         msa = RunningMSA(self, relay=core.relayConfig())
-        code, text = yield threads.deferToThread(
-            submit,
-            port=msa.starttlsPort,
-            context=msa.clientContext(),
-            recipients=("belastingdienst@overheid.nl", "nobody@overheid.nl"),
-        )
-        self.assertEqual(code, 250, text)
+        yield submitTo(msa, recipients=TWO_RECIPIENTS)
         messages = yield core.waitForMessages(1, timeout=20)
         message = messages[0]
         self.assertEqual(splitReceived(message.data)[1], MESSAGE)
@@ -362,13 +368,7 @@ class PostfixCoreTests(unittest.TestCase):
                 "auth_password_file": passwordFile,
             },
         )
-        code, text = yield threads.deferToThread(
-            submit,
-            port=msa.starttlsPort,
-            context=msa.clientContext(),
-            recipients=("belastingdienst@overheid.nl", "nobody@overheid.nl"),
-        )
-        self.assertEqual(code, 250, text)
+        yield submitTo(msa, recipients=TWO_RECIPIENTS)
         messages = yield downstream.waitForMessages(2, timeout=60)
         [original] = [m for m in messages if m.sender == SENDER]
         [bounce] = [m for m in messages if m.sender == ""]
