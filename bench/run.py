@@ -54,7 +54,8 @@ Scenarios (``-s NAME``, repeatable; default all; relay mode unless said):
   big       one 50 MB message: peak RSS and CPU, until the sink has it.
   idle      1000 idle authenticated connections held: RSS (and PSS).
   drain     a backlog of 2000 10 KB messages queued while the sink is down
-            (MSA: the first attempts fail and wait an hour; aiosmtpd: relay
+            (MSA: the first attempts fail and wait an hour, and the release
+            waits until every message has had one; aiosmtpd: relay
             held; Postfix: defer_transports = smtp, lifted with postconf and
             a reload once every message is deferred, before the timing
             starts), then the sink starts and the queue is released (MSA:
