@@ -25,9 +25,14 @@ The benchmark's peer: aiosmtpd configured like the MSA, as its own process.
   the sink's 250.  Files already in the directory at start are relayed too.
   With ``--relay-held`` nothing is relayed until SIGUSR1.
 - SIZE 52428800, as the MSA's default ``max_message_size``.
-- Logging at INFO to ``--log`` (the MSA logs each session at INFO too).
+- Logging at INFO to ``--log``, as much as the MSA logs: one line per
+  session (its end: peer, messages, login), one per accepted message, one
+  per relay outcome.  aiosmtpd's own ``mail.log`` logger writes about 18
+  INFO lines per session (every command line); it is set to WARNING, so
+  that the peer does not pay for a log volume the MSA does not write.
 
-Prints ``READY <port>`` on standard output once it accepts connections; stops
+Prints ``READY <port> <the event-loop thread's id>`` on standard output once
+it accepts connections; stops
 on SIGTERM or SIGINT.
 """
 
@@ -222,9 +227,14 @@ class Relay:
                     sent = 0
                 else:
                     await conn.command("RSET")
-                await conn.send(sender, recipients, dotStuff(data))
+                reply = await conn.send(sender, recipients, dotStuff(data))
                 sent += 1
                 await loop.run_in_executor(None, self._remove, path)
+                logging.info(
+                    "relayed %s: %s",
+                    os.path.basename(path),
+                    reply.decode("utf-8", "replace").strip(),
+                )
             except (
                 RelayError,
                 OSError,
@@ -270,13 +280,16 @@ class Connection:
         await self.writer.start_tls(context, server_hostname="localhost")
         await self.command("EHLO localhost")
 
-    async def send(self, sender: str, recipients: list[str], payload: bytes) -> None:
+    async def send(self, sender: str, recipients: list[str], payload: bytes) -> bytes:
+        """
+        @return: the reply to the data.
+        """
         await self.command(f"MAIL FROM:<{sender}> SIZE={len(payload)}")
         for recipient in recipients:
             await self.command(f"RCPT TO:<{recipient}>")
         await self.command("DATA")
         self.writer.write(payload)
-        await self.reply()
+        return await self.reply()
 
     async def close(self) -> None:
         try:
@@ -288,6 +301,38 @@ class Connection:
     def abort(self) -> None:
         if self.writer is not None:
             self.writer.transport.abort()
+
+
+class LoggedSMTP(SMTP):
+    """
+    aiosmtpd's server with one INFO line at the end of each session, as
+    the MSA's C{connection} line.
+    """
+
+    messages = 0
+
+    def connection_lost(self, error) -> None:
+        login = self.session.auth_data
+        logging.info(
+            "connection from %s closed: %d message(s), login %s",
+            self.session.peer,
+            self.messages,
+            getattr(login, "login", b"-").decode("utf-8", "replace"),
+        )
+        super().connection_lost(error)
+
+
+class LoggedController(Controller):
+    def factory(self):
+        return LoggedSMTP(self.handler, **self.SMTP_kwargs)
+
+
+async def loopThreadId() -> int:
+    """
+    The kernel's id of the thread running the event loop (where
+    C{bench/run.py} splits the CPU between it and the other threads).
+    """
+    return threading.get_native_id()
 
 
 def fsyncDirectory(directory: str) -> None:
@@ -360,7 +405,13 @@ class Handler:
         )
         if self.relay is not None:
             self.relay.queue.put_nowait(path)
-        logging.info("queued %s", os.path.basename(path))
+        server.messages += 1
+        logging.info(
+            "queued %s: %d bytes from %s",
+            os.path.basename(path),
+            len(envelope.original_content),
+            envelope.mail_from,
+        )
         return f"250 2.0.0 Ok: queued as {os.path.basename(path)}"
 
 
@@ -398,6 +449,11 @@ def main() -> None:
         level=logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    aiosmtpdLog = logging.getLogger("mail.log")
+    aiosmtpdLog.setLevel(logging.WARNING)
+    # aiosmtpd's own AUTH code warns about its deprecated login_data once per
+    # login: a line per session that the MSA does not write.
+    aiosmtpdLog.addFilter(lambda r: "login_data is deprecated" not in r.getMessage())
     os.makedirs(args.dir, exist_ok=True)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -426,7 +482,7 @@ def main() -> None:
         timeout=300,
     )
     if args.implicit:
-        controller = Controller(
+        controller = LoggedController(
             handler,
             hostname="127.0.0.1",
             port=args.port,
@@ -434,7 +490,7 @@ def main() -> None:
             **smtpArgs,
         )
     else:
-        controller = Controller(
+        controller = LoggedController(
             handler,
             hostname="127.0.0.1",
             port=args.port,
@@ -443,6 +499,9 @@ def main() -> None:
             **smtpArgs,
         )
     controller.start()
+    loopThread = asyncio.run_coroutine_threadsafe(
+        loopThreadId(), controller.loop
+    ).result(10)
     if relay is not None:
         controller.loop.call_soon_threadsafe(relay.start, controller.loop)
         signal.signal(
@@ -452,7 +511,7 @@ def main() -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *a: stop.set())
-    print(f"READY {args.port}", flush=True)
+    print(f"READY {args.port} {loopThread}", flush=True)
     stop.wait()
     controller.stop()
     sys.exit(0)

@@ -5,7 +5,8 @@ Every server runs as its own process(es) on loopback with the same ECDSA
 P-256 self-signed certificate (STARTTLS, TLS 1.2 minimum), is driven by the
 same load generator (``bench/loadgen.py``, its own process: connect,
 STARTTLS, EHLO, AUTH PLAIN, MAIL, RCPT, DATA, QUIT) and, in relay mode,
-relays to the same kind of sink (``bench/sink.py``, asyncio, STARTTLS, a
+relays to the same kind of sink (``bench/sink.py``, asyncio, STARTTLS and
+PIPELINING, a
 fresh one per run, counting messages in memory):
 
   MSA       ``twistd -n digipoort-msa`` from a generated TOML file; relay
@@ -53,11 +54,14 @@ Scenarios (``-s NAME``, repeatable; default all; relay mode unless said):
   big       one 50 MB message: peak RSS and CPU, until the sink has it.
   idle      1000 idle authenticated connections held: RSS (and PSS).
   drain     a backlog of 2000 10 KB messages queued while the sink is down
-            (MSA: the first attempts fail and wait an hour; aiosmtpd: relay
-            held; Postfix: defer_transports = smtp), then the sink starts
-            and the queue is released (MSA: ``digipoort-msa-admin queue
-            flush``; aiosmtpd: SIGUSR1; Postfix: ``postqueue -f``): msgs/s
-            from the release until the sink has every message.
+            (MSA: the first attempts fail and wait an hour, and the release
+            waits until every message has had one; aiosmtpd: relay
+            held; Postfix: defer_transports = smtp, lifted with postconf and
+            a reload once every message is deferred, before the timing
+            starts), then the sink starts and the queue is released (MSA:
+            ``flush`` on its control socket, what ``digipoort-msa-admin
+            queue flush`` sends; aiosmtpd: SIGUSR1; Postfix: ``postqueue
+            -f``): msgs/s from the release until the sink has every message.
   nocache   (extra, labelled) as ``a`` with scrypt on every login: MSA
             ``auth_cache_ttl=0``, aiosmtpd ``--auth-cache-ttl 0``.
 
@@ -68,7 +72,9 @@ machine (nproc, CPU, kernel, load average, file system of the temp dir) and
 the versions are printed with the results.
 
 Measured from ``/proc``: server CPU = utime+stime(+cutime+cstime) summed over
-the server's process tree (Postfix is many processes); peak memory = VmHWM
+the server's process tree (Postfix is many processes), and for the one-process
+servers split by thread (``bench/threadcpu.py``: the event-loop thread, i.e.
+the MSA's reactor, against the others, i.e. its thread pool); peak memory = VmHWM
 for a single-process server, and for Postfix the peak of the summed PSS of
 its processes, sampled every 0.2 s.
 
@@ -80,6 +86,8 @@ Usage::
     .venv/bin/python bench/run.py --servers msa,aiosmtpd    # no Postfix
     .venv/bin/python bench/run.py --profile cprofile -s relay   # MSA only, profiled
     .venv/bin/python bench/run.py --profile py-spy --py-spy /path/to/py-spy
+    .venv/bin/python bench/run.py -s relay --strace       # syscalls per message
+    .venv/bin/python bench/run.py -s relay -s a --servers msa,msa-noaudit
 
 Exits non-zero when any session had an error or a sink did not get every
 message (the run is then not valid); target misses are reported, not fatal,
@@ -109,9 +117,11 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import attrs  # noqa: E402
+from threadcpu import ThreadSplit  # noqa: E402  (bench/, the script's directory)
 
 from msa.accounts.model import makeAccount, writeAccounts  # noqa: E402
 from msa.service.config import writeConfig  # noqa: E402
+from msa.service.controlsocket import SOCKET_NAME, request  # noqa: E402
 from msa.tls import ensureSelfSignedCertificate  # noqa: E402
 from tests.postfixserver import ThrowawayPostfix  # noqa: E402
 from tests.postfixserver import postfixMissing as throwawayPostfixMissing  # noqa: E402
@@ -301,6 +311,9 @@ def stopProcess(proc: subprocess.Popen | None, sig=signal.SIGTERM) -> None:
 
 # -- the sink -----------------------------------------------------------------
 
+#: --sink-no-pipelining: options for every sink
+SINK_OPTIONS: list[str] = []
+
 
 class Sink:
     """
@@ -312,7 +325,8 @@ class Sink:
         self.port = port
         self.proc = subprocess.Popen(
             [PYTHON, os.path.join(HERE, "sink.py"), "--port", str(port)]
-            + ["--cert", cert, "--key", key],
+            + ["--cert", cert, "--key", key]
+            + SINK_OPTIONS,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -348,6 +362,14 @@ class Server:
     name = ""
     #: the modes (relay, outbox) this server can run in
     modes: tuple[str, ...] = ("relay", "outbox")
+    #: the thread running the event loop, when not the main thread
+    loopThread: int | None = None
+
+    def prepareRelease(self, queued: int) -> None:
+        """
+        Whatever must change before the queue can be released (not timed):
+        the drain is timed from L{release} alone.
+        """
 
     def __init__(self, work: str, cert: str, key: str, args) -> None:
         self.work = work
@@ -453,13 +475,47 @@ class MSA(Server):
         except FileNotFoundError:
             return 0
 
+    def controlSockets(self) -> list[str]:
+        return [os.path.join(self.state, SOCKET_NAME)]
+
+    def prepareRelease(self, queued: int) -> None:
+        """
+        Wait until every queued message has had its first attempt (failed:
+        the sink is down) and none is in flight, so that the drain is of
+        deferred messages only: a message still waiting for its first
+        attempt at the release would be delivered without the flush, and
+        one in flight then would be deferred for an hour after it.
+        """
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            entries = [e for s in self.controlSockets() for e in request(s, "list")]
+            if len(entries) >= queued and all(
+                e["attempts"] >= 1 and not e["inFlight"] for e in entries
+            ):
+                return
+            time.sleep(0.2)
+        raise RuntimeError("the backlog's first attempts did not end in 600 s")
+
     def release(self) -> None:
-        subprocess.run(
-            [os.path.join(BIN, "digipoort-msa-admin"), "--config", self.config]
-            + ["queue", "flush"],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+        # What `digipoort-msa-admin queue flush` sends, without the start of
+        # a Python program (0.35-0.45 s) that postqueue -f or the peer's
+        # SIGUSR1 do not pay.
+        for path in self.controlSockets():
+            request(path, "flush")
+
+
+class MSANoAudit(MSA):
+    """
+    The MSA with C{[audit] enabled = false}: beside L{MSA} in the same
+    alternated run, the audit log's cost as measured.
+    """
+
+    name = "MSA no audit"
+
+    def configure(self, state, path, params, sinkPort, proxy=False):
+        self.args = argparse.Namespace(**vars(self.args))
+        self.args.msa_option = [*(self.args.msa_option or []), "audit.enabled=false"]
+        return super().configure(state, path, params, sinkPort, proxy)
 
 
 class MSAPair(MSA):
@@ -550,14 +606,8 @@ class MSAPair(MSA):
                 pass
         return total
 
-    def release(self) -> None:
-        for _, _, config in self.instances:
-            subprocess.run(
-                [os.path.join(BIN, "digipoort-msa-admin"), "--config", config]
-                + ["queue", "flush"],
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
+    def controlSockets(self) -> list[str]:
+        return [os.path.join(state, SOCKET_NAME) for state, _, _ in self.instances]
 
 
 class Peer(Server):
@@ -596,6 +646,7 @@ class Peer(Server):
         line = self.proc.stdout.readline()
         if not line.startswith(b"READY"):
             raise RuntimeError(f"peer did not start: {line!r}")
+        self.loopThread = int(line.split()[2])
         waitForPort(self.port, self.proc)
 
     def delivered(self) -> int:
@@ -699,9 +750,25 @@ class Postfix(Server):
             time.sleep(0.05)
         return socketPath
 
-    def release(self) -> None:
+    def prepareRelease(self, queued: int) -> None:
+        """
+        Wait until the backlog is in the deferred queue, then lift
+        C{defer_transports} and reload: the deferred messages wait for
+        their retry time (minutes) or a flush, so that L{release} is
+        C{postqueue -f} alone.
+        """
+        deferred = os.path.join(self.work, "queue", "deferred")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            count = sum(len(files) for _, _, files in os.walk(deferred))
+            if count >= queued:
+                break
+            time.sleep(0.1)
         self.postfix.postconf("-X", "defer_transports")
         self.postfix.reload()
+        time.sleep(2)  # the reload's new qmgr
+
+    def release(self) -> None:
         self.postfix.flush()
 
     def stop(self) -> None:
@@ -710,14 +777,23 @@ class Postfix(Server):
             stopProcess(self.dovecot)
 
 
-SERVERS = {"msa": MSA, "aiosmtpd": Peer, "postfix": Postfix, "msa2": MSAPair}
+SERVERS = {
+    "msa": MSA,
+    "aiosmtpd": Peer,
+    "postfix": Postfix,
+    "msa2": MSAPair,
+    "msa-noaudit": MSANoAudit,
+}
 
 
 # -- one measurement --------------------------------------------------------
 
-#: --syscalls: the file-system calls counted (strace -c) during load batches
+#: --syscalls: the file-system calls counted (strace -c) during load batches;
+#: --strace: every system call ("all" in the list)
 SYSCALLS: list[str] = []
 COUNTED = "fsync,fdatasync,openat,rename,renameat2,unlink,unlinkat,mkdir"
+#: --strace: the calls shown beside the total (the loop, the sockets, locks)
+BUSIEST = "epoll_wait,epoll_ctl,futex,recvfrom,sendto,read,write,getpid"
 
 
 class SyscallCounter:
@@ -729,8 +805,9 @@ class SyscallCounter:
 
     def __init__(self, pid: int, work: str) -> None:
         self.out = os.path.join(work, "strace.txt")
-        command = ["strace", "-f", "-qq", "-c", "-e", f"trace={COUNTED}"]
-        command += ["-o", self.out]
+        command = ["strace", "-f", "-qq", "-c", "-o", self.out]
+        if "all" not in SYSCALLS:
+            command += ["-e", f"trace={COUNTED}"]
         for p in tree(pid):
             command += ["-p", str(p)]
         self.proc = subprocess.Popen(command, stderr=subprocess.DEVNULL)
@@ -743,12 +820,12 @@ class SyscallCounter:
         with open(self.out) as f:
             for line in f:
                 fields = line.split()
-                if len(fields) >= 5 and fields[-1] in COUNTED.split(","):
+                if len(fields) >= 5 and fields[3].isdigit():
                     counts[fields[-1]] = int(fields[3])
-        return {
-            f"sys_{name}": counts.get(name, 0) / max(1, messages)
-            for name in COUNTED.split(",")
-        }
+        names = COUNTED.split(",")
+        if "all" in SYSCALLS:
+            names += ["total", *BUSIEST.split(",")]
+        return {f"sys_{name}": counts.get(name, 0) / max(1, messages) for name in names}
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -847,6 +924,7 @@ def measure(server: Server, params: dict, sink: Sink | None, timeout: float) -> 
         return result
     base = currentMemory(server)
     counter = SyscallCounter(pid, server.work) if SYSCALLS else None
+    split = None if server.multiProcess() else ThreadSplit(pid, server.loopThread)
     cpu0 = cpuSeconds(pid)
     started = time.monotonic()
     client = subprocess.run(
@@ -874,6 +952,13 @@ def measure(server: Server, params: dict, sink: Sink | None, timeout: float) -> 
         while server.delivered() < sent and time.monotonic() < deadline:
             time.sleep(0.02)
     cpu = cpuSeconds(pid) - cpu0
+    if split is not None and sent:
+        loop, other = split.stop()
+        result.update(
+            cpu_loop_per_msg=loop / sent,
+            cpu_other_per_msg=other / sent,
+            loop_share=loop / (loop + other) if loop + other else None,
+        )
     if counter is not None:
         result.update(counter.stop(sent))
     result.update(
@@ -908,7 +993,7 @@ def measureDrain(server: Server, params: dict, sinkPort: int, args, cert, key):
     )
     data = json.loads(client.stdout.strip().splitlines()[-1])
     sent = data["sent"]
-    time.sleep(1)  # the MSA's first attempts fail and are deferred
+    server.prepareRelease(sent)
     sink = Sink(sinkPort, cert, key)
     try:
         cpu0 = cpuSeconds(pid)
@@ -987,20 +1072,30 @@ def runScenario(key: str, params: dict, servers, args, cert, keyFile) -> dict:
 
 # -- report -----------------------------------------------------------------
 
-LOAD_METRICS = [
-    ("sent", "messages accepted (per run)", ""),
-    ("rate", "accepted msgs/s (first connect to last 250)", "/s"),
-    ("p50", "p50 latency (to the 250)", "ms"),
-    ("p99", "p99 latency", "ms"),
-    ("cpu_per_msg", "server CPU per message (until the sink has all)", "ms"),
-    ("complete", "time until the sink has every message", "s"),
-    ("lag", "... of which after the last 250 (queue left)", "s"),
-    ("mem_base", "server memory before", "MB"),
-    ("peak", "server peak memory", "MB"),
-] + [
-    (f"sys_{name}", f"{name} calls per message (--syscalls)", "")
-    for name in COUNTED.split(",")
-]
+LOAD_METRICS = (
+    [
+        ("sent", "messages accepted (per run)", ""),
+        ("rate", "accepted msgs/s (first connect to last 250)", "/s"),
+        ("p50", "p50 latency (to the 250)", "ms"),
+        ("p99", "p99 latency", "ms"),
+        ("cpu_per_msg", "server CPU per message (until the sink has all)", "ms"),
+        ("cpu_loop_per_msg", "... event-loop thread (MSA: reactor), /proc", "ms"),
+        ("cpu_other_per_msg", "... other threads (MSA: thread pool), /proc", "ms"),
+        ("loop_share", "event-loop thread's share of the threads' CPU", "%"),
+        ("complete", "time until the sink has every message", "s"),
+        ("lag", "... of which after the last 250 (queue left)", "s"),
+        ("mem_base", "server memory before", "MB"),
+        ("peak", "server peak memory", "MB"),
+    ]
+    + [
+        (f"sys_{name}", f"{name} calls per message (--strace)", "")
+        for name in ["total", *BUSIEST.split(",")]
+    ]
+    + [
+        (f"sys_{name}", f"{name} calls per message (--syscalls)", "")
+        for name in COUNTED.split(",")
+    ]
+)
 IDLE_METRICS = [
     ("held", "connections held", ""),
     ("alive", "alive after the hold (NOOP answered)", ""),
@@ -1016,7 +1111,7 @@ DRAIN_METRICS = [
     ("sent", "backlog (messages)", ""),
     ("drain_rate", "drain msgs/s (release to the sink having all)", "/s"),
     ("drain_wall", "drain time", "s"),
-    ("release", "... of which the release command", "s"),
+    ("release", "... of which the release command (MSA: its control socket)", "s"),
     ("cpu_per_msg", "server CPU per message drained", "ms"),
     ("peak", "server peak memory", "MB"),
 ]
@@ -1035,6 +1130,8 @@ def fmt(value, unit: str) -> str:
         return "-"
     if unit == "ms":
         return f"{value * 1000:.1f}"
+    if unit == "%":
+        return f"{value * 100:.0f}%"
     if unit == "MB":
         return f"{value / MB:.1f}"
     if unit == "KB":
@@ -1062,6 +1159,7 @@ def summary(runs: list[dict], key: str, unit: str) -> str:
 def table(key: str, params: dict, results: dict, markdownStyle: bool) -> list[str]:
     names = list(results)
     unitName = {"ms": " (ms)", "MB": " (MB)", "KB": " (KB)", "/s": "", "s": " (s)"}
+    unitName["%"] = ""
     rowsOut = [
         [label + unitName.get(unit, ""), *(summary(results[n], k, unit) for n in names)]
         for k, label, unit in metricsFor(params)
@@ -1293,6 +1391,13 @@ def profile(args, cert: str, keyFile: str) -> None:
         print(
             json.dumps({k: v for k, v in r.items() if k != "errors"}), file=sys.stderr
         )
+        if r.get("loop_share") is not None:
+            print(
+                "== CPU by thread, from /proc (exact): reactor thread "
+                f"{r['cpu_loop_per_msg'] * 1000:.2f} ms/message "
+                f"({r['loop_share']:.0%}), the other threads (the pool) "
+                f"{r['cpu_other_per_msg'] * 1000:.2f} ms/message =="
+            )
         if r["errors"]:
             print(f"ERRORS: {r['errors'][:5]}", file=sys.stderr)
     finally:
@@ -1349,7 +1454,10 @@ def summarisePySpy(path: str, top: int, rate: int = 200) -> None:
         f"== py-spy, all threads: {total} busy samples ({total / rate:.1f} s), "
         f"{idle} idle samples left out; % of busy samples =="
     )
-    print("-- by thread --")
+    print(
+        "-- by thread (samples, not CPU: a pool thread waiting in fsync or "
+        "fdatasync counts as busy; the /proc line above is the CPU) --"
+    )
     for name, n in threads.most_common(top):
         print(f"{100 * n / total:6.1f}%  {n / rate:7.2f} s  {name}")
     print("-- by own time --")
@@ -1400,7 +1508,8 @@ def main() -> int:
         help="comma-separated, in the order they alternate (default "
         "msa,aiosmtpd,postfix; postfix is skipped, with the reason, when "
         "it cannot run here); msa2 adds two MSA instances behind HAProxy "
-        "(README.rst, 'Running more than one instance')",
+        "(README.rst, 'Running more than one instance'); msa-noaudit the "
+        "MSA with [audit] enabled = false (the audit log's cost)",
     )
     parser.add_argument(
         "--postfix-sasl",
@@ -1416,6 +1525,19 @@ def main() -> int:
         "unlink, ...) of every server with strace -f -c during the load "
         "scenarios; strace slows the servers, so timings from such a run "
         "are not results",
+    )
+    parser.add_argument(
+        "--strace",
+        action="store_true",
+        help="count every system call per message (the total, the busiest "
+        "and the file-system ones) of every server with strace -f -c during "
+        "the load scenarios; run it for one scenario (-s relay): strace "
+        "slows the servers, so timings from such a run are not results",
+    )
+    parser.add_argument(
+        "--sink-no-pipelining",
+        action="store_true",
+        help="the sink does not offer PIPELINING (the relays go lock-step)",
     )
     parser.add_argument("--implicit", action="store_true", help="implicit TLS")
     parser.add_argument("--timeout", type=float, default=300, help="per batch, s")
@@ -1451,8 +1573,10 @@ def main() -> int:
         help="environment for the servers (experiments, e.g. MALLOC_ARENA_MAX=2)",
     )
     args = parser.parse_args()
-    if args.syscalls:
-        SYSCALLS.append("on")
+    if args.syscalls or args.strace:
+        SYSCALLS.append("all" if args.strace else "on")
+    if args.sink_no_pipelining:
+        SINK_OPTIONS.append("--no-pipelining")
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
     args.tmp = args.tmp or tempfile.gettempdir()

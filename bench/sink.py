@@ -5,8 +5,10 @@ core MTA that every server under test relays to (``bench/run.py``).
 Plain asyncio, standalone (it imports nothing from ``msa`` or ``tests``),
 one process: it counts messages and keeps nothing (no disk), so that the
 sink is never the bottleneck.  It offers ESMTP with STARTTLS, SIZE,
-8BITMIME and ENHANCEDSTATUSCODES (no PIPELINING, no AUTH), accepts any
-envelope, and answers 250 after the final dot.  TLS uses the certificate and
+8BITMIME, ENHANCEDSTATUSCODES and PIPELINING (as Postfix, the usual core
+MTA, does; ``--no-pipelining`` leaves it out), no AUTH, accepts any
+envelope, and answers 250 after the final dot.  Pipelined commands are
+read and answered in order, each reply written at once.  TLS uses the certificate and
 key given (the same ECDSA P-256 certificate as the servers under test, which
 trust it through their CA file setting).
 
@@ -34,7 +36,9 @@ class Counter:
     octets = 0
 
 
-async def serve(reader, writer, context: ssl.SSLContext, counter: Counter) -> None:
+async def serve(
+    reader, writer, context: ssl.SSLContext, counter: Counter, pipelining: bool
+) -> None:
     async def reply(text: str) -> None:
         writer.write(text.encode("ascii") + b"\r\n")
         await writer.drain()
@@ -49,6 +53,8 @@ async def serve(reader, writer, context: ssl.SSLContext, counter: Counter) -> No
             verb = line[:4].upper()
             if verb == b"EHLO":
                 extensions = ["SIZE 134217728", "8BITMIME", "ENHANCEDSTATUSCODES"]
+                if pipelining:
+                    extensions.append("PIPELINING")
                 if not tls:
                     extensions.append("STARTTLS")
                 text = "\r\n".join(
@@ -97,13 +103,14 @@ async def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--cert", required=True)
     parser.add_argument("--key", required=True)
+    parser.add_argument("--no-pipelining", action="store_true")
     args = parser.parse_args()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(args.cert, args.key)
     counter = Counter()
     server = await asyncio.start_server(
-        lambda r, w: serve(r, w, context, counter),
+        lambda r, w: serve(r, w, context, counter, not args.no_pipelining),
         "127.0.0.1",
         args.port,
         limit=LIMIT,

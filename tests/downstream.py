@@ -53,6 +53,7 @@ class _ServerProtocol(LineReceiver):
         self.inData = False
         self.fakeTLS = False
         self.whenLost = defer.Deferred()
+        self._group: list[bytes] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -85,7 +86,10 @@ class _ServerProtocol(LineReceiver):
             # Whatever the client's handshake says, the answer is not TLS.
             self.transport.write(b"220 this is not TLS\r\n")
             return
+        self._group = []
         super().dataReceived(data)
+        if self._group:
+            self.server.commandGroups.append(self._group)
 
     def connectionMade(self) -> None:
         self.server.connections += 1
@@ -112,6 +116,7 @@ class _ServerProtocol(LineReceiver):
                 )
             return
         server.commands.append((self.tls, line))
+        self._group.append(line)
         verb, _, arg = line.partition(b" ")
         verb = verb.upper()
         if server.hangOn is not None and verb == server.hangOn:
@@ -125,7 +130,9 @@ class _ServerProtocol(LineReceiver):
 
     def do_EHLO(self, arg: str) -> None:
         server = self.server
-        lines = ["localhost hello", "8BITMIME", "SIZE 100000000", "PIPELINING"]
+        lines = ["localhost hello", "8BITMIME", "SIZE 100000000"]
+        if server.offerPipelining:
+            lines.append("PIPELINING")
         if server.tlsMode == "starttls" and not self.tls and server.offerStartTLS:
             lines.append("STARTTLS")
         if server.accounts is not None and self.tls:
@@ -200,7 +207,7 @@ class _ServerProtocol(LineReceiver):
         self.reply(code, text)
 
     def do_DATA(self, arg: str) -> None:
-        if not self.recipients:
+        if not self.recipients and not self.server.dataWithoutRecipient:
             self.reply(503, "5.5.1 RCPT first")
         elif self.server.dataReply is not None:
             self.reply(*self.server.dataReply)
@@ -260,7 +267,13 @@ class DownstreamServer:
     C{dropMidData} (abort the connection at the first line of data),
     C{replyDelay} (seconds before each reply), C{breakTLS} (answer
     STARTTLS with 220 but stay in plaintext, so the handshake fails),
-    C{closeAfterData} (close the connection right after the 250 to the data).
+    C{closeAfterData} (close the connection right after the 250 to the data),
+    C{offerPipelining} (PIPELINING in the EHLO reply, by default),
+    C{dataWithoutRecipient} (answer DATA with 354 even when no recipient
+    was accepted, as RFC 2920 section 3.1 says a client must cope with).
+
+    C{commandGroups} has the commands that arrived in one read, one list
+    per read: a pipelining client's MAIL, RCPTs and DATA form one group.
     """
 
     def __init__(
@@ -285,9 +298,12 @@ class DownstreamServer:
         self.replyDelay = 0.0
         self.breakTLS = False
         self.closeAfterData = False
+        self.offerPipelining = True
+        self.dataWithoutRecipient = False
         self._delayed: list = []
         self.messages: list[ReceivedMessage] = []
         self.commands: list[tuple[bool, bytes]] = []
+        self.commandGroups: list[list[bytes]] = []
         self.connections = 0
         self._port = None
         self._protocols: list[_ServerProtocol] = []

@@ -235,8 +235,7 @@ class AiosmtpdCore:
             # A core that speaks ALPN (selects when a client offers).
             context.set_alpn_protocols(alpnProtocols)
         self.messages: list = []
-        #: RSET commands seen (the MSA's integrity check ends a transaction
-        #: with one instead of DATA; a reused connection starts with one).
+        #: RSET commands seen (a reused connection starts with one).
         self.resets = 0
         self.port = freePort()
         self._lock = threading.Lock()

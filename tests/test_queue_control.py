@@ -100,6 +100,33 @@ class QueueControlTests(RunnerFixture, unittest.TestCase):
         self.clock.advance(0)
         self.assertEqual(len(self.downstream.calls), 2)
 
+    def test_flushWhileStateWritten(self):
+        """
+        A flush that arrives after the attempt's outcome, while the
+        deferred entry's new state is being written (still in flight), is
+        not lost: the entry is attempted again right after the write, not
+        at its retry time a minute later.
+        """
+        writes = []
+        update = self.spool.update
+
+        def slowUpdate(entry):
+            gate = defer.Deferred()
+            writes.append(gate)
+            return gate.addCallback(lambda _: update(entry))
+
+        self.patch(self.spool, "update", slowUpdate)
+        self.runner.startService()
+        queueId = self.queue()
+        self.clock.advance(0)
+        self.fail451()
+        [write] = writes
+        self.assertTrue(self.runner.isInFlight(queueId))
+        self.assertEqual(self.runner.control.flush(), [queueId])
+        write.callback(None)
+        self.clock.advance(0)
+        self.assertEqual(len(self.downstream.calls), 2)
+
     def test_hold(self):
         """
         A held message is not attempted, not by flush either, and stays

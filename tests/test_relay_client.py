@@ -94,12 +94,11 @@ class DotStufferTests(unittest.TestCase):
         self.assertEqual(stuffer.finish(), b"\r\n.\r\n")
 
 
-class SMTPDownstreamTests(unittest.TestCase):
+class DownstreamFixture:
     """
-    Delivery over a real socket to L{DownstreamServer}.
+    A spool, a L{DownstreamServer} and an L{SMTPDownstream} to it, for
+    delivery tests over a real socket.
     """
-
-    timeout = 15
 
     def setUp(self):
         self.spool = Spool(self.mktemp())
@@ -132,6 +131,14 @@ class SMTPDownstreamTests(unittest.TestCase):
         with self.spool.openMessage(entry.queueId) as f:
             result = yield downstream.deliver(entry, f)
         return result
+
+
+class SMTPDownstreamTests(DownstreamFixture, unittest.TestCase):
+    """
+    Delivery over a real socket to L{DownstreamServer}.
+    """
+
+    timeout = 15
 
     @defer.inlineCallbacks
     def test_startTLSExactBytes(self):
@@ -430,7 +437,8 @@ class SMTPDownstreamTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_noRecipientAccepted(self):
         """
-        Every RCPT refused: no DATA, and the connection stays usable.
+        Every RCPT refused: the DATA of the pipelined group is refused and
+        no data follows it; the connection stays usable.
         """
         server = self.startServer()
         server.rcptReplies = {"bob@example.org": (550, "5.1.1 no such user")}
@@ -449,7 +457,7 @@ class SMTPDownstreamTests(unittest.TestCase):
             ),
         )
         verbs = [c.split(b" ")[0] for tls, c in server.commands if tls]
-        self.assertNotIn(b"DATA", verbs)
+        self.assertEqual(verbs, [b"EHLO", b"MAIL", b"RCPT", b"DATA"])
         self.assertEqual(downstream.idleConnections, 1)
 
     @defer.inlineCallbacks

@@ -300,6 +300,13 @@ class QueueControl:
         if entry.queueId in self._flushAfter:
             entry.nextAttempt = now
 
+    def flushRequested(self, queueId: str) -> bool:
+        """
+        Whether a flush of C{queueId} was asked during its attempt, also
+        after L{applyRequests}, while its new state was being written.
+        """
+        return queueId in self._flushAfter
+
     def attemptEnded(self, queueId: str) -> None:
         """
         The attempt of C{queueId} is over: forget the requests about it.

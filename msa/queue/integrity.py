@@ -33,7 +33,6 @@ from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 
 import attrs
-from twisted.internet import defer, threads
 
 from msa.queue import queuefile
 
@@ -205,24 +204,6 @@ def verifyPath(entry: Any) -> Mismatch | None:
     """
     with queuefile.openContent(entry) as f:
         return verifyFile(entry, f)
-
-
-def verifyLater(
-    reactor: Any, entry: Any, messageFile: BinaryIO
-) -> defer.Deferred[Mismatch | None]:
-    """
-    L{verifyFile}, in the reactor's thread pool (synchronously with a
-    reactor without one, e.g. a L{twisted.internet.task.Clock}): even a
-    small message read from the page cache can stall every session when
-    the disk is busy, and the hand-off costs less than the hashing of a
-    few hundred KiB.
-    """
-    getThreadPool = getattr(reactor, "getThreadPool", None)
-    if getThreadPool is None:
-        return defer.maybeDeferred(verifyFile, entry, messageFile)
-    return threads.deferToThreadPool(
-        reactor, getThreadPool(), verifyFile, entry, messageFile
-    )
 
 
 @attrs.frozen

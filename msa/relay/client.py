@@ -1,11 +1,12 @@
-# -*- test-case-name: tests.test_relay_client -*-
+# -*- test-case-name: tests.test_relay_client,tests.test_relay_pipelining -*-
 """
 The SMTP client to the core MTA: L{SMTPDownstream}, the relay runner's
 downstream when a core MTA is configured.  It hands spooled messages to the
 core over connections it keeps open for a while and reuses (RSET between
 messages): greeting, EHLO, STARTTLS (required unless configured otherwise,
-the certificate verified), AUTH PLAIN, then MAIL, RCPT and the data, each
-reply mapped to a L{msa.relay.protocol.RecipientResult}.
+the certificate verified), AUTH PLAIN, then the mail transaction
+(L{msa.relay.transaction}: MAIL, RCPT and the data, pipelined when the core
+offers PIPELINING), each reply mapped to a L{msa.relay.protocol.RecipientResult}.
 
 The SMTP client protocol itself (dot-stuffing, commands and replies, the
 result types) is in L{msa.relay.protocol}.
@@ -22,19 +23,17 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
 
-from msa.queue import integrity
 from msa.queue.spool import SpoolEntry
 from msa.relay.protocol import (
     ACCEPTED,
     TEMPORARY,
     DeliveryResult,
     RecipientResult,
-    Reply,
     SMTPClientError,
     SMTPClientProtocol,
     SMTPConnectionLost,
-    resultFor,
 )
+from msa.relay.transaction import MailTransaction
 
 log = Logger()
 
@@ -47,10 +46,6 @@ class TLSFailure(SMTPClientError):
     verify (wrong name, unknown CA), no common protocol, or not TLS at all.
     Temporary, and logged loudly: never a fallback to plaintext.
     """
-
-
-def _address(address: str) -> bytes:
-    return address.encode("utf-8")
 
 
 class _Connection:
@@ -200,9 +195,17 @@ class SMTPDownstream:
             if conn is None:
                 conn = await self._connect()
             conn.transactions += 1
-            reusable = await self._transaction(
-                conn, entry, pending, messageFile, result
+            transaction = MailTransaction(
+                conn.proto,
+                conn.extensions,
+                entry,
+                pending,
+                result,
+                self.commandTimeout,
+                self.dataTimeout,
+                self,
             )
+            reusable = await transaction.run(messageFile)
         except Exception as e:
             text = str(e) or e.__class__.__name__
             if isinstance(e, error.ConnectError | error.TimeoutError):
@@ -346,130 +349,6 @@ class SMTPDownstream:
             await self._auth(proto, extensions, self.authUsername)
         return extensions
 
-    async def _transaction(
-        self,
-        conn: _Connection,
-        entry: SpoolEntry,
-        pending: list[str],
-        messageFile: BinaryIO,
-        result: DeliveryResult,
-    ) -> bool:
-        """
-        One mail transaction on C{conn}.
-
-        @return: whether the connection can be used for another one.
-        """
-        proto, timeout = conn.proto, self.commandTimeout
-        reply = await self._mailFrom(proto, entry, conn.extensions)
-        if reply.code != 250:
-            self._setAll(result, pending, resultFor(reply), reply)
-            return reply.code != 421
-
-        accepted = []
-        for rcpt in pending:
-            reply = await proto.command(b"RCPT TO:<" + _address(rcpt) + b">", timeout)
-            if reply.code in (250, 251):
-                accepted.append(rcpt)
-                # Tentative: only the reply to the data makes it final.
-                result.recipients[rcpt] = RecipientResult(
-                    ACCEPTED, reply.code, reply.text
-                )
-            else:
-                result.recipients[rcpt] = resultFor(reply)
-                if reply.code == 421:
-                    result.reply = str(reply)
-                    for other in pending:
-                        result.recipients[other] = resultFor(reply)
-                    return False
-        if not accepted:
-            result.reply = "no recipient accepted"
-            return True
-
-        digester = None
-        if integrity.recorded(entry):
-            # Integrity at hand-off: the bytes are checked before DATA, so
-            # that a mismatch ends the transaction with RSET and the
-            # connection stays usable; and again as they are sent, before
-            # the final dot (the file could change in between).
-            mismatch = await integrity.verifyLater(self._reactor, entry, messageFile)
-            if mismatch is not None:
-                return await self._abandon(proto, entry, accepted, mismatch, result)
-            digester = integrity.digesterFor(entry)
-        reply = await proto.command(b"DATA", timeout)
-        if reply.code != 354:
-            self._setAll(result, accepted, resultFor(reply), reply)
-            return reply.code != 421
-        try:
-            await proto.sendFile(messageFile, self.dataTimeout, digester, entry)
-        except integrity.IntegrityError as e:
-            # No final dot was sent and the connection is dropped: the core
-            # discards the unterminated data.
-            self._held(entry, accepted, e.mismatch, result)
-            return False
-        reply = await proto.readReply(self.dataTimeout, "the reply to the data")
-        if reply.code == 250:
-            self._setAll(
-                result, accepted, RecipientResult(ACCEPTED, 250, reply.text), reply
-            )
-        else:
-            self._setAll(result, accepted, resultFor(reply), reply)
-        log.info(
-            "{queueId} to {downstream}: {reply}",
-            queueId=entry.queueId,
-            downstream=self,
-            reply=str(reply),
-        )
-        return reply.code != 421
-
-    async def _abandon(
-        self,
-        proto: SMTPClientProtocol,
-        entry: SpoolEntry,
-        accepted: list[str],
-        mismatch: integrity.Mismatch,
-        result: DeliveryResult,
-    ) -> bool:
-        """
-        The message is not what was acknowledged: end the transaction with
-        RSET instead of DATA.
-
-        @return: whether the connection can be used for another message.
-        """
-        self._held(entry, accepted, mismatch, result)
-        try:
-            reply = await proto.command(b"RSET", self.commandTimeout)
-        except SMTPClientError:
-            return False
-        return reply.code == 250
-
-    @staticmethod
-    def _held(
-        entry: SpoolEntry,
-        accepted: list[str],
-        mismatch: integrity.Mismatch,
-        result: DeliveryResult,
-    ) -> None:
-        """
-        Record in C{result} that C{entry} was not handed over: the relay
-        runner holds it.
-        """
-        held = RecipientResult(TEMPORARY, 0, mismatch.reason)
-        for rcpt in accepted:
-            result.recipients[rcpt] = held
-        result.reply = mismatch.reason
-        result.mismatch = mismatch
-
-    @staticmethod
-    def _setAll(
-        result: DeliveryResult,
-        recipients: list[str],
-        outcome: RecipientResult,
-        reply: Reply,
-    ) -> None:
-        for rcpt in recipients:
-            result.recipients[rcpt] = outcome
-        result.reply = str(reply)
-
     async def _auth(
         self, proto: SMTPClientProtocol, extensions: dict[str, str], username: str
     ) -> None:
@@ -487,24 +366,3 @@ class SMTPDownstream:
             # A rejected login is a configuration problem: keep the mail.
             log.error("the core MTA refused our AUTH: {reply}", reply=str(reply))
             raise SMTPClientError(f"AUTH refused: {reply}")
-
-    async def _mailFrom(
-        self, proto: SMTPClientProtocol, entry: SpoolEntry, extensions: dict[str, str]
-    ) -> Reply:
-        params = entry.envelope.mailParams or {}
-        line = b"MAIL FROM:<" + _address(entry.envelope.sender) + b">"
-        body = params.get("BODY")
-        if body:
-            line += b" BODY=" + body.upper().encode("ascii")
-        elif entry.eightBit and "8BITMIME" in extensions:
-            line += b" BODY=8BITMIME"
-        if "SMTPUTF8" in params:
-            line += b" SMTPUTF8"
-        if "SIZE" in extensions:
-            line += b" SIZE=%d" % (entry.size,)
-        if "DSN" in extensions:
-            for key in ("RET", "ENVID"):
-                value = params.get(key)
-                if value:
-                    line += b" %s=%s" % (key.encode(), value.encode("ascii"))
-        return await proto.command(line, self.commandTimeout)

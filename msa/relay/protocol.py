@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay_client -*-
+# -*- test-case-name: tests.test_relay_client,tests.test_relay_pipelining -*-
 """
 The SMTP I{client} side of the relay, the MSA speaking to the core MTA (the
 server side, where mail clients submit, is L{msa.submission.server}):
@@ -231,6 +231,13 @@ class SMTPClientProtocol(LineReceiver):
             timeout, repr(line.split(b" ", 1)[0].decode("ascii", "replace"))
         )
 
+    def sendLines(self, lines: list[bytes]) -> None:
+        """
+        Send a group of command lines in one write (RFC 2920 pipelining);
+        their replies are read in order with L{readReply}.
+        """
+        self._connection.write(b"".join(line + self.delimiter for line in lines))
+
     def startTLS(self, contextFactory: Any) -> None:
         """
         Switch to TLS after the 220 to STARTTLS.  Anything the server sent
@@ -254,10 +261,11 @@ class SMTPClientProtocol(LineReceiver):
         producer, so that only a chunk at a time is in memory.
 
         @param digester: hashes the bytes read from C{messageFile} (before
-            stuffing), and is compared with what C{entry} recorded before
-            the final dot: on a mismatch the final dot is never sent, the
-            connection is dropped (the server discards the unterminated
-            data) and the L{Deferred} fails with L{IntegrityError}.
+            stuffing), the one pass over them, and is compared with what
+            C{entry} recorded before the final dot: on a mismatch the final
+            dot is never sent, the connection is dropped (the server
+            discards the unterminated data) and the L{Deferred} fails with
+            L{IntegrityError}.
         @return: a L{Deferred} firing when everything is handed to the
             transport.
         """

@@ -515,7 +515,10 @@ class RelayRunner(Service):
                 error=entry.lastError,
             )
             if self.running and not entry.held:
-                self._schedule(queueId, entry.nextAttempt - now)
+                # A flush asked while the state was being written (after
+                # applyRequests) is due now, not at the recorded time.
+                due = now if self.control.flushRequested(queueId) else entry.nextAttempt
+                self._schedule(queueId, due - now)
         else:
             await self.finish(entry)
 

@@ -1,0 +1,230 @@
+# -*- test-case-name: tests.test_relay_pipelining,tests.test_relay_client -*-
+"""
+One mail transaction with the core MTA on an open, greeted connection:
+MAIL, RCPT for each pending recipient, DATA and the message, each reply
+mapped to a L{msa.relay.protocol.RecipientResult}.
+
+When the core offers PIPELINING (RFC 2920), MAIL, every RCPT and DATA go
+in one write, and the replies are read in order afterwards (DATA is the
+last command of the group, section 3.1): one round trip instead of
+2 + recipients.  Every reply is still looked at on its own: a refused
+recipient is refused while the others go on (partial acceptance); a
+refused MAIL fails every recipient with its own reply (the RCPT replies,
+which can only say "MAIL first", are read and ignored); when no recipient
+was accepted the body is never sent, and if the core answers that DATA
+with 354 anyway, the data is ended at once with a lone dot, as section 3.1
+asks.  Without PIPELINING, the same transaction in lock-step.
+
+The message file is read and hashed once, as it is sent
+(L{msa.relay.protocol.SMTPClientProtocol.sendFile}): the digest is compared
+with the acknowledged one before the final dot, and on a mismatch the
+final dot is never sent and the connection is dropped, so that the core
+discards the unterminated data; the message is held by the relay runner
+(L{msa.queue.integrity}).
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+import attrs
+from twisted.logger import Logger
+
+from msa.queue import integrity
+from msa.queue.spool import SpoolEntry
+from msa.relay.protocol import (
+    ACCEPTED,
+    TEMPORARY,
+    DeliveryResult,
+    RecipientResult,
+    Reply,
+    SMTPClientProtocol,
+    resultFor,
+)
+
+log = Logger()
+
+#: The reply text of a transaction in which the core accepted no recipient.
+NO_RECIPIENT = "no recipient accepted"
+
+
+def _address(address: str) -> bytes:
+    return address.encode("utf-8")
+
+
+def mailFromLine(entry: SpoolEntry, extensions: dict[str, str]) -> bytes:
+    """
+    The MAIL command for C{entry}, with the parameters the client declared
+    and the core understands (C{extensions}, from its EHLO reply).
+    """
+    params = entry.envelope.mailParams or {}
+    line = b"MAIL FROM:<" + _address(entry.envelope.sender) + b">"
+    body = params.get("BODY")
+    if body:
+        line += b" BODY=" + body.upper().encode("ascii")
+    elif entry.eightBit and "8BITMIME" in extensions:
+        line += b" BODY=8BITMIME"
+    if "SMTPUTF8" in params:
+        line += b" SMTPUTF8"
+    if "SIZE" in extensions:
+        line += b" SIZE=%d" % (entry.size,)
+    if "DSN" in extensions:
+        for key in ("RET", "ENVID"):
+            value = params.get(key)
+            if value:
+                line += b" %s=%s" % (key.encode(), value.encode("ascii"))
+    return line
+
+
+@attrs.define
+class MailTransaction:
+    """
+    One transaction: C{entry}'s message to its C{pending} recipients over
+    C{proto}, the outcome written into C{result}.
+
+    @ivar pipelined: whether the core offered PIPELINING (MAIL, RCPT and
+        DATA in one write).
+    @ivar downstream: shown in the log line of the reply to the data.
+    """
+
+    proto: SMTPClientProtocol
+    extensions: dict[str, str]
+    entry: SpoolEntry
+    pending: list[str]
+    result: DeliveryResult
+    commandTimeout: float
+    dataTimeout: float
+    downstream: object = None
+
+    @property
+    def pipelined(self) -> bool:
+        return "PIPELINING" in self.extensions
+
+    async def _reply(self, line: bytes) -> Reply:
+        """
+        The reply to C{line}: sent now in lock-step, already sent with the
+        group when pipelining.
+        """
+        if not self.pipelined:
+            self.proto.sendLine(line)
+        what = repr(line.split(b" ", 1)[0].decode("ascii", "replace"))
+        return await self.proto.readReply(self.commandTimeout, what)
+
+    async def run(self, messageFile: BinaryIO) -> bool:
+        """
+        Run the transaction, sending C{messageFile} if a recipient was
+        accepted.
+
+        @return: whether the connection can be used for another one.
+        """
+        pending, result = self.pending, self.result
+        mail = mailFromLine(self.entry, self.extensions)
+        rcpts = [b"RCPT TO:<" + _address(rcpt) + b">" for rcpt in pending]
+        if self.pipelined:
+            self.proto.sendLines([mail, *rcpts, b"DATA"])
+        reply = await self._reply(mail)
+        mailRefused = reply.code != 250
+        if mailRefused:
+            self._setAll(pending, resultFor(reply), reply)
+            if reply.code == 421 or not self.pipelined:
+                return reply.code != 421
+
+        accepted = []
+        for rcpt, line in zip(pending, rcpts, strict=True):
+            reply = await self._reply(line)
+            if reply.code == 421:
+                self._setAll(pending, resultFor(reply), reply)
+                return False
+            if mailRefused:
+                # "MAIL first": the refusal of the MAIL stands.
+                continue
+            if reply.code in (250, 251):
+                accepted.append(rcpt)
+                # Tentative: only the reply to the data makes it final.
+                result.recipients[rcpt] = RecipientResult(
+                    ACCEPTED, reply.code, reply.text
+                )
+            else:
+                result.recipients[rcpt] = resultFor(reply)
+        if not accepted:
+            if not mailRefused:
+                result.reply = NO_RECIPIENT
+            if not self.pipelined:
+                return True
+            return await self._dataWithoutRecipient()
+
+        reply = await self._reply(b"DATA")
+        if reply.code != 354:
+            self._setAll(accepted, resultFor(reply), reply)
+            return reply.code != 421
+        return await self._sendData(messageFile, accepted)
+
+    async def _dataWithoutRecipient(self) -> bool:
+        """
+        Read the reply to the pipelined DATA of a transaction without an
+        accepted recipient: normally a refusal (503 or 554); the body is
+        not sent either way.
+        """
+        reply = await self.proto.readReply(self.commandTimeout, "'DATA'")
+        if reply.code != 354:
+            return reply.code != 421
+        # RFC 2920 section 3.1: the core accepted DATA with no recipient;
+        # end the data with a lone dot (no message), and do not trust this
+        # connection with another transaction.
+        log.warn(
+            "the core MTA {downstream} answered DATA with 354 although it "
+            "refused every recipient of {queueId}: ended with an empty data",
+            downstream=self.downstream,
+            queueId=self.entry.queueId,
+        )
+        self.proto.sendLine(b".")
+        await self.proto.readReply(self.dataTimeout, "the reply to the empty data")
+        return False
+
+    async def _sendData(self, messageFile: BinaryIO, accepted: list[str]) -> bool:
+        """
+        Stream the message after the 354, hashed as it is read, and read the
+        reply to the data.
+        """
+        try:
+            await self.proto.sendFile(
+                messageFile,
+                self.dataTimeout,
+                integrity.digesterFor(self.entry),
+                self.entry,
+            )
+        except integrity.IntegrityError as e:
+            # No final dot was sent and the connection is dropped: the core
+            # discards the unterminated data.
+            self.held(accepted, e.mismatch)
+            return False
+        reply = await self.proto.readReply(self.dataTimeout, "the reply to the data")
+        if reply.code == 250:
+            self._setAll(accepted, RecipientResult(ACCEPTED, 250, reply.text), reply)
+        else:
+            self._setAll(accepted, resultFor(reply), reply)
+        log.info(
+            "{queueId} to {downstream}: {reply}",
+            queueId=self.entry.queueId,
+            downstream=self.downstream,
+            reply=str(reply),
+        )
+        return reply.code != 421
+
+    def held(self, accepted: list[str], mismatch: integrity.Mismatch) -> None:
+        """
+        Record that the message was not handed over because its bytes are
+        not the acknowledged ones: the relay runner holds it.
+        """
+        held = RecipientResult(TEMPORARY, 0, mismatch.reason)
+        for rcpt in accepted:
+            self.result.recipients[rcpt] = held
+        self.result.reply = mismatch.reason
+        self.result.mismatch = mismatch
+
+    def _setAll(
+        self, recipients: list[str], outcome: RecipientResult, reply: Reply
+    ) -> None:
+        for rcpt in recipients:
+            self.result.recipients[rcpt] = outcome
+        self.result.reply = str(reply)

@@ -1,0 +1,383 @@
+# -*- test-case-name: tests.test_relay_pipelining -*-
+"""
+The relay client's pipelining (RFC 2920, L{msa.relay.transaction}): to a
+core that offers PIPELINING, MAIL, every RCPT and DATA arrive in one read
+(the test core records which commands arrived together), each reply is
+still taken on its own, and the body is sent only after a 354 with at
+least one recipient accepted.  To a core without PIPELINING, one command
+per read, as before.  Over real sockets and verified STARTTLS; the last
+tests start the assembled daemon from its TOML file, relaying to the test
+core and to a real Postfix (an independent server that offers PIPELINING
+and logs a client that pipelines wrongly).
+"""
+
+import os
+
+from twisted.internet import defer, threads
+from twisted.trial import unittest
+
+from msa.queue import integrity
+from msa.relay.protocol import PERMANENT, TEMPORARY, DeliveryResult, RecipientResult
+from msa.tls import ensureSelfSignedCertificate
+from tests.downstream import DownstreamServer
+from tests.e2e import MESSAGE, RunningMSA, freePort
+from tests.postfixserver import ThrowawayPostfix, postfixDirectory
+from tests.relaydata import DOTTY, bigMessage
+from tests.test_e2e import SENDER, splitReceived
+from tests.test_integrity import submitTo
+from tests.test_relay_client import DownstreamFixture
+
+A, B, C = "a@example.org", "b@example.org", "c@example.org"
+#: The second is the one the cores below refuse.
+TWO_RECIPIENTS = ("belastingdienst@overheid.nl", "nobody@overheid.nl")
+MAIL = b"MAIL FROM:<alice@example.com>"
+
+
+def rcpts(*addresses: str) -> list[bytes]:
+    return [b"RCPT TO:<" + a.encode() + b">" for a in addresses]
+
+
+class PipeliningTests(DownstreamFixture, unittest.TestCase):
+    """
+    L{msa.relay.client.SMTPDownstream} to L{DownstreamServer}, which offers
+    PIPELINING unless told otherwise.
+    """
+
+    timeout = 15
+
+    @defer.inlineCallbacks
+    def deliverRefused(self, **misbehaviour):
+        """
+        Deliver a message for C{A} alone, whom the core refuses (550), the
+        core set up with C{misbehaviour} (L{DownstreamServer} attributes).
+
+        @return: the core, the downstream and the L{DeliveryResult}.
+        """
+        server = self.startServer()
+        for name, value in misbehaviour.items():
+            setattr(server, name, value)
+        server.rcptReplies = {A: (550, "5.1.1 no such user")}
+        entry = yield self.queue(recipients=(A,))
+        downstream = self.downstream(server)
+        result = yield self.deliver(downstream, entry)
+        return server, downstream, result
+
+    @defer.inlineCallbacks
+    def test_oneWrite(self):
+        """
+        MAIL, the three RCPTs and DATA arrive in one read; the core gets
+        the spooled bytes exactly, dot-stuffing undone.
+        """
+        server = self.startServer()
+        data = bigMessage()
+        entry = yield self.queue(data, recipients=(A, B, C))
+        result = yield self.deliver(self.downstream(server), entry)
+        self.assertEqual(result.accepted, [A, B, C])
+        self.assertEqual(result.reply, "250 2.0.0 Ok: queued as CORE1")
+        [message] = server.messages
+        self.assertEqual(message.data, data)
+        self.assertEqual(message.recipients, [A, B, C])
+        mail = MAIL + b" SIZE=%d" % (entry.size,)
+        self.assertEqual(
+            server.commandGroups,
+            [
+                [b"EHLO localhost"],
+                [b"STARTTLS"],
+                [b"EHLO localhost"],
+                [mail, *rcpts(A, B, C), b"DATA"],
+            ],
+        )
+
+    @defer.inlineCallbacks
+    def test_oneHashPass(self):
+        """
+        The message is hashed once, as it is sent: every byte of the spool
+        file goes through the digest exactly once, and the check still
+        passes before the final dot.
+        """
+        hashed = []
+        update = integrity.Digester.update
+
+        def counting(digester, data):
+            hashed.append(len(data))
+            update(digester, data)
+
+        self.patch(integrity.Digester, "update", counting)
+        server = self.startServer()
+        data = bigMessage()
+        entry = yield self.queue(data, recipients=(A, B))
+        result = yield self.deliver(self.downstream(server), entry)
+        self.assertEqual(result.accepted, [A, B])
+        self.assertIsNone(result.mismatch)
+        self.assertEqual(sum(hashed), len(data))
+        self.assertEqual(server.messages[0].data, data)
+
+    @defer.inlineCallbacks
+    def test_withoutPipelining(self):
+        """
+        A core that does not offer PIPELINING gets one command per read
+        (lock-step), and the same bytes.
+        """
+        server = self.startServer()
+        server.offerPipelining = False
+        entry = yield self.queue(DOTTY, recipients=(A, B))
+        result = yield self.deliver(self.downstream(server), entry)
+        self.assertEqual(result.accepted, [A, B])
+        self.assertEqual(server.messages[0].data, DOTTY + b"\r\n")
+        mail = MAIL + b" SIZE=%d" % (entry.size,)
+        self.assertEqual(
+            server.commandGroups[3:],
+            [[mail], *([r] for r in rcpts(A, B)), [b"DATA"]],
+        )
+
+    @defer.inlineCallbacks
+    def test_partialAcceptance(self):
+        """
+        One recipient refused for good, one for now, one accepted, all in
+        one group: each gets its own reply, the message goes to the one
+        accepted.
+        """
+        server = self.startServer()
+        server.rcptReplies = {
+            A: (550, "5.1.1 no such user"),
+            C: (452, "4.2.2 mailbox full"),
+        }
+        entry = yield self.queue(recipients=(A, B, C))
+        result = yield self.deliver(self.downstream(server), entry)
+        self.assertEqual(
+            result.recipients,
+            {
+                A: RecipientResult(PERMANENT, 550, "5.1.1 no such user"),
+                B: RecipientResult("accepted", 250, "2.0.0 Ok: queued as CORE1"),
+                C: RecipientResult(TEMPORARY, 452, "4.2.2 mailbox full"),
+            },
+        )
+        self.assertEqual(server.messages[0].recipients, [B])
+        self.assertEqual(server.messages[0].data, DOTTY + b"\r\n")
+        self.assertEqual(len(server.commandGroups[3]), 5)
+
+    @defer.inlineCallbacks
+    def test_mailRefused(self):
+        """
+        MAIL refused in a pipelined group: every recipient gets the MAIL's
+        reply (not the "MAIL first" of its RCPT), no data is sent, and the
+        connection carries the next message.
+        """
+        server = self.startServer()
+        server.mailReply = (550, "5.7.1 sender refused")
+        entry = yield self.queue(recipients=(A, B))
+        downstream = self.downstream(server)
+        result = yield self.deliver(downstream, entry)
+        refused = RecipientResult(PERMANENT, 550, "5.7.1 sender refused")
+        self.assertEqual(
+            result, DeliveryResult({A: refused, B: refused}, "550 5.7.1 sender refused")
+        )
+        self.assertEqual(server.messages, [])
+        self.assertEqual(
+            server.commandGroups[3][1:], [*rcpts(A, B), b"DATA"], "no data lines"
+        )
+        self.assertEqual(downstream.idleConnections, 1)
+        server.mailReply = None
+        result = yield self.deliver(downstream, entry)
+        self.assertEqual(result.accepted, [A, B])
+        self.assertEqual(server.connections, 1)
+
+    @defer.inlineCallbacks
+    def test_mailTemporaryPipelined(self):
+        server = self.startServer()
+        server.mailReply = (451, "4.3.0 try later")
+        entry = yield self.queue(recipients=(A, B))
+        result = yield self.deliver(self.downstream(server), entry)
+        later = RecipientResult(TEMPORARY, 451, "4.3.0 try later")
+        self.assertEqual(result.recipients, {A: later, B: later})
+
+    @defer.inlineCallbacks
+    def test_everyRecipientRefused(self):
+        """
+        Every RCPT of the group refused: the core refuses the DATA (503)
+        and the body is never sent (the core sees no line after DATA but
+        the next transaction's RSET); the connection carries the next
+        message.
+        """
+        server = self.startServer()
+        server.rcptReplies = {A: (550, "5.1.1 no such user"), B: (550, "5.1.1 no")}
+        entry = yield self.queue(recipients=(A, B))
+        downstream = self.downstream(server)
+        result = yield self.deliver(downstream, entry)
+        self.assertEqual(
+            result,
+            DeliveryResult(
+                {
+                    A: RecipientResult(PERMANENT, 550, "5.1.1 no such user"),
+                    B: RecipientResult(PERMANENT, 550, "5.1.1 no"),
+                },
+                "no recipient accepted",
+            ),
+        )
+        server.rcptReplies = {}
+        result = yield self.deliver(downstream, entry)
+        self.assertEqual(result.accepted, [A, B])
+        verbs = [c.split(b" ")[0] for tls, c in server.commands if tls]
+        self.assertEqual(
+            verbs,
+            [b"EHLO", b"MAIL", b"RCPT", b"RCPT", b"DATA"]
+            + [b"RSET", b"MAIL", b"RCPT", b"RCPT", b"DATA"],
+        )
+        self.assertEqual(len(server.messages), 1)
+        self.assertEqual(server.connections, 1)
+
+    @defer.inlineCallbacks
+    def test_everyRecipientRefusedLockStep(self):
+        """
+        Without PIPELINING, every RCPT refused: no DATA at all, and the
+        connection stays usable.
+        """
+        server, downstream, result = yield self.deliverRefused(offerPipelining=False)
+        self.assertEqual(result.reply, "no recipient accepted")
+        self.assertEqual(result.permanent, [A])
+        verbs = [c.split(b" ")[0] for tls, c in server.commands if tls]
+        self.assertEqual(verbs, [b"EHLO", b"MAIL", b"RCPT"])
+        self.assertEqual(downstream.idleConnections, 1)
+
+    @defer.inlineCallbacks
+    def test_dataAcceptedWithoutRecipient(self):
+        """
+        A core that answers the group's DATA with 354 although it refused
+        every recipient: the data is ended with a lone dot (RFC 2920
+        section 3.1), none of the message is sent, and the connection is
+        not used again.
+        """
+        server, downstream, result = yield self.deliverRefused(
+            dataWithoutRecipient=True
+        )
+        self.assertEqual(
+            result.recipients,
+            {A: RecipientResult(PERMANENT, 550, "5.1.1 no such user")},
+        )
+        self.assertEqual([m.data for m in server.messages], [b""])
+        self.assertEqual(downstream.idleConnections, 0)
+
+    @defer.inlineCallbacks
+    def test_rcpt421Pipelined(self):
+        """
+        A 421 to the second RCPT of the group: every recipient temporary
+        with it, no data sent, the connection not kept.
+        """
+        server = self.startServer()
+        server.rcptReplies = {B: (421, "4.3.2 shutting down")}
+        entry = yield self.queue(recipients=(A, B, C))
+        downstream = self.downstream(server)
+        result = yield self.deliver(downstream, entry)
+        down = RecipientResult(TEMPORARY, 421, "4.3.2 shutting down")
+        self.assertEqual(result.recipients, {A: down, B: down, C: down})
+        self.assertEqual(server.messages, [])
+        self.assertEqual(downstream.idleConnections, 0)
+
+
+class PipeliningDaemonTests(unittest.TestCase):
+    """
+    The assembled daemon from its TOML file: smtplib submits over STARTTLS,
+    the relay pipelines to the core over verified STARTTLS.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_relayPipelines(self):
+        """
+        Two recipients, the core refuses one: the 250 was given for both,
+        the core got MAIL, both RCPTs and DATA in one read, and the
+        accepted recipient's message byte for byte (plus the Received
+        header).
+        """
+        core = DownstreamServer(os.path.abspath(self.mktemp()))
+        core.start()
+        self.addCleanup(core.stop)
+        core.rcptReplies = {"nobody@overheid.nl": (550, "5.1.1 no such user")}
+        msa = RunningMSA(self, relay=core.relayConfig())
+        yield submitTo(msa, recipients=TWO_RECIPIENTS)
+        messages = yield core.waitForMessages(1, timeout=20)
+        message = messages[0]
+        self.assertEqual(splitReceived(message.data)[1], MESSAGE)
+        self.assertEqual(message.recipients, ["belastingdienst@overheid.nl"])
+        self.assertTrue(message.tls)
+        [group] = [g for g in core.commandGroups if g[0].startswith(b"MAIL")][:1]
+        self.assertEqual(
+            [line.split(b":")[0] for line in group],
+            [b"MAIL FROM", b"RCPT TO", b"RCPT TO", b"DATA"],
+        )
+        self.assertTrue(group[0].startswith(b"MAIL FROM:<" + SENDER.encode() + b">"))
+
+
+class PostfixCoreTests(unittest.TestCase):
+    """
+    The daemon relays to a throwaway Postfix as its core (STARTTLS with
+    the certificate verified, AUTH PLAIN), which relays on to the test
+    downstream.
+    """
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_pipelinedToPostfix(self):
+        """
+        Postfix refuses one of two recipients (554 5.7.1) inside the
+        pipelined group: the other gets the message byte for byte, the
+        refused one a bounce to the sender carrying Postfix's reply, and
+        Postfix logs no improper pipelining.
+        """
+        directory = postfixDirectory(self)
+        downstream = DownstreamServer(os.path.join(directory, "down"), "none")
+        downstreamPort = downstream.start()
+        self.addCleanup(downstream.stop)
+        cert, key = ensureSelfSignedCertificate(
+            os.path.join(directory, "cert"), "localhost"
+        )
+        postfix = ThrowawayPostfix(
+            os.path.join(directory, "postfix"),
+            freePort(),
+            cert,
+            key,
+            settings={
+                "relayhost": f"[127.0.0.1]:{downstreamPort}",
+                "smtp_tls_security_level": "none",
+                # No Date header added: the bytes pass through unchanged.
+                "local_header_rewrite_clients": "",
+                "smtpd_recipient_restrictions": (
+                    "check_recipient_access inline:{ nobody@overheid.nl=REJECT }, "
+                    "permit_sasl_authenticated, reject"
+                ),
+            },
+            account=("msa", "relay-secret"),
+        )
+        self.addCleanup(threads.deferToThread, postfix.stop)
+        yield threads.deferToThread(postfix.start)
+        passwordFile = os.path.join(directory, "relay-password")
+        with open(passwordFile, "w") as f:
+            f.write("relay-secret\n")
+        os.chmod(passwordFile, 0o600)
+        msa = RunningMSA(
+            self,
+            relay={
+                "host": "127.0.0.1",
+                "port": postfix.port,
+                "tls": "starttls",
+                "server_name": "localhost",
+                "ca_file": cert,
+                "auth_username": "msa",
+                "auth_password_file": passwordFile,
+            },
+        )
+        yield submitTo(msa, recipients=TWO_RECIPIENTS)
+        messages = yield downstream.waitForMessages(2, timeout=60)
+        [original] = [m for m in messages if m.sender == SENDER]
+        [bounce] = [m for m in messages if m.sender == ""]
+        self.assertEqual(original.recipients, ["belastingdienst@overheid.nl"])
+        self.assertTrue(original.data.endswith(b"\r\n" + MESSAGE), original.data)
+        self.assertEqual(bounce.recipients, [SENDER])
+        self.assertIn(b"Final-Recipient: rfc822; nobody@overheid.nl", bounce.data)
+        self.assertIn(b"Diagnostic-Code: smtp; 554 5.7.1", bounce.data)
+        with open(postfix.log, encoding="utf-8", errors="replace") as f:
+            log = f.read()
+        self.assertIn("sasl_username=msa", log)
+        self.assertNotIn("improper command pipelining", log)
