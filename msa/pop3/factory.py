@@ -91,8 +91,10 @@ class POP3Factory(protocol.ServerFactory):
         self.portal = portal
         self.policy = policy
         self.tlsContextFactory = tlsContextFactory
-        self.mechanismContext = mechanismContext or MechanismContext(
-            realm=policy.hostname, serverNames=[policy.hostname]
+        self.mechanismContext = attrs.evolve(
+            mechanismContext
+            or MechanismContext(realm=policy.hostname, serverNames=[policy.hostname]),
+            serviceType="pop",
         )
         self.mechanismFactories = mechanismFactories()
         unknown = set(policy.mechanisms) - set(self.mechanismFactories)

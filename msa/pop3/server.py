@@ -167,11 +167,11 @@ class POP3Server(protocol.Protocol):
         self._buffer = b""
         self.transport.loseConnection()
         # A client that reads nothing must not keep the connection open.
-        self.factory.reactor.callLater(CLOSE_GRACE, self._abort)
+        self._timers["close"] = self.factory.reactor.callLater(CLOSE_GRACE, self._abort)
 
     def _abort(self) -> None:
         abort = getattr(self.transport, "abortConnection", None)
-        if abort is not None and self.transport.connected:
+        if abort is not None:
             abort()
 
     # -- the input loop --------------------------------------------------
