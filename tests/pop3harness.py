@@ -46,6 +46,7 @@ class POP3Harness:
 
     @ivar mailboxes: the L{MemoryMailboxStore}; seed it with C{add}.
     @ivar audit: the audit records (event, fields) appended.
+    @param checker: the cred checker; by default the real one (scrypt).
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class POP3Harness:
         mailboxes: MemoryMailboxStore | None = None,
         client: str = "192.0.2.7",
         factory: POP3Factory | None = None,
+        checker: Any = None,
         **policy: Any,
     ) -> None:
         self.clock = Clock()
@@ -63,7 +65,9 @@ class POP3Harness:
             realm = CertificateBindingRealm(
                 MailboxRealm(self.accounts, self.mailboxes), self.accounts
             )
-            portal = Portal(realm, [AccountChecker(self.accounts, threaded=False)])
+            if checker is None:
+                checker = AccountChecker(self.accounts, threaded=False)
+            portal = Portal(realm, [checker])
             factory = POP3Factory(
                 portal,
                 POP3Policy(**policy),
