@@ -329,6 +329,40 @@ class TransactionTests(unittest.TestCase):
         self.h.drop()
         self.assertEqual(self.h.mailboxes.locked, set())
 
+    def test_stalledRetrieval(self):
+        """
+        A client that stops reading in the middle of a RETR holds its
+        session only until the idle deadline: the connection is aborted
+        without a C{-ERR} inside the message, the lock is given up and
+        nothing is deleted.
+        """
+        big = self.h.mailboxes.add("alice", b"Subject: big\r\n\r\n" + b"y" * 200000)
+        self.h.drop()
+        self.h.connect()
+        self.h.login()
+        transport = self.h.transport
+        write = transport.write
+
+        def fullAfterWrite(data):
+            write(data)
+            if transport.producer is not None:
+                transport.producer.pauseProducing()
+
+        transport.write = fullAfterWrite
+        self.h.command(b"DELE 1")
+        # Not through command(), which lets the clock run while a reply
+        # is pending.
+        self.h.server.dataReceived(b"RETR 3\r\n")
+        self.assertTrue(self.h.take().startswith(b"+OK 200016 octets\r\n"))
+        self.h.clock.advance(599)
+        self.assertFalse(transport.disconnected)
+        self.h.clock.advance(2)
+        self.assertTrue(transport.disconnected)
+        self.assertNotIn(b"-ERR", self.h.take())
+        self.h.drop()
+        self.assertEqual(self.h.mailboxes.locked, set())
+        self.assertEqual(list(self.h.mailboxes.mailboxes["alice"]), [*self.uids, big])
+
     def test_noCapaLoginAfterLogin(self):
         capa = self.h.command(b"CAPA")
         self.assertNotIn(b"SASL", capa)

@@ -147,6 +147,13 @@ class POP3Server(protocol.Protocol):
 
     def _timedOut(self, why: str) -> None:
         log.info("session {session}: {why}", session=self.session.sessionId, why=why)
+        if self._waiting:
+            # Mid-response (a RETR the client stopped reading): a -ERR now
+            # would land inside the message; the connection just ends, and
+            # nothing is deleted.
+            self._closed = True
+            self._abort()
+            return
         self._send(error(why + ", closing connection", close=True))
 
     def progress(self) -> None:
