@@ -100,6 +100,8 @@ class RunningMSA:
         audit: dict | None = None,
         limits: dict | None = None,
         pop3: dict | None = None,
+        lmtp: dict | None = None,
+        mailbox: dict | None = None,
     ):
         self.testCase = testCase
         self.directory = os.path.abspath(testCase.mktemp())
@@ -133,10 +135,16 @@ class RunningMSA:
             sections["audit"] = audit
         if limits:
             sections["limits"] = limits
+        if lmtp:
+            sections["lmtp"] = lmtp
+        if mailbox:
+            sections["mailbox"] = mailbox
         #: The POP3 listeners' ports (STLS, implicit TLS) when C{pop3} is
         #: given, and the mailboxes they read.
         self.pop3Port = self.pop3sPort = 0
-        self.mailboxes = os.path.join(self.state, "mailboxes")
+        self.mailboxes = (mailbox or {}).get("directory") or os.path.join(
+            self.state, "mailboxes"
+        )
         if pop3 is not None:
             self.pop3Port, self.pop3sPort = freePort(), freePort()
             sections["pop3"] = {

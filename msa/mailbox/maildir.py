@@ -49,7 +49,7 @@ from msa.mailbox.session import (
     unlockMailbox,
 )
 
-__all__ = ["MaildirStore", "Quota"]
+__all__ = ["MaildirStore", "Quota", "runBlocking"]
 
 log = Logger()
 
@@ -59,6 +59,20 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 #: A file in a mailbox's C{tmp/} this old is a crashed delivery's leftover
 #: (a delivery copies for seconds, not hours).
 TMP_LEFTOVER_AGE = 3600.0
+
+
+def runBlocking(reactor: Any, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+    """
+    Call C{f(*args)} in C{reactor}'s thread pool (file work never runs in
+    the reactor's thread); synchronously for a reactor without one (a
+    test's L{twisted.internet.task.Clock}).
+
+    @return: a L{Deferred} of its result.
+    """
+    getThreadPool = getattr(reactor, "getThreadPool", None)
+    if getThreadPool is None:
+        return defer.maybeDeferred(f, *args)
+    return threads.deferToThreadPool(reactor, getThreadPool(), f, *args)
 
 
 @attrs.frozen
@@ -129,10 +143,7 @@ class MaildirStore:
         self.delivered = 0
 
     def _runBlocking(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
-        getThreadPool = getattr(self.reactor, "getThreadPool", None)
-        if getThreadPool is None:
-            return defer.maybeDeferred(f, *args)
-        return threads.deferToThreadPool(self.reactor, getThreadPool(), f, *args)
+        return runBlocking(self.reactor, f, *args)
 
     # -- paths -----------------------------------------------------------
 
@@ -141,6 +152,13 @@ class MaildirStore:
         The Maildir of C{account} (L{accountDirectoryName}).
         """
         return os.path.join(self.directory, accountDirectoryName(account))
+
+    def ensureDirectory(self) -> None:
+        """
+        Create the mailboxes' directory (mode 0700) if it is missing;
+        blocking, at startup.
+        """
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
 
     def _ensureMailbox(self, account: str) -> str:
         """
@@ -338,6 +356,19 @@ class MaildirStore:
             and os.path.isdir(os.path.join(self.directory, n, "new"))
         )
 
+    def mailboxSummary(self) -> list[tuple[str, list[MailboxEntry]]]:
+        """
+        Every mailbox's account name and messages, oldest first; blocking
+        (directory listings only: the metrics, C{mailbox list}).
+        """
+        return [
+            (
+                decodeAccountDirectory(name),
+                self._listBlocking(os.path.join(self.directory, name)),
+            )
+            for name in self.accountDirectories()
+        ]
+
     # -- POP3 sessions ---------------------------------------------------
 
     def open(self, account: str) -> defer.Deferred[MaildirMailbox]:
@@ -371,7 +402,11 @@ class MaildirStore:
     # -- removal ---------------------------------------------------------
 
     def _removeBlocking(
-        self, account: str, entries: Sequence[MailboxEntry], reason: str
+        self,
+        account: str,
+        entries: Sequence[MailboxEntry],
+        reason: str,
+        auditFields: dict[str, Any] | None = None,
     ) -> None:
         """
         Remove C{entries} of C{account}'s mailbox durably (the directories
@@ -400,6 +435,7 @@ class MaildirStore:
                     size=entry.size,
                     sha256=entry.sha256,
                     reason=reason,
+                    **(auditFields or {}),
                 )
             except AuditError as e:
                 log.critical(
@@ -411,11 +447,17 @@ class MaildirStore:
                 )
 
     def removeMessages(
-        self, account: str, select: Callable[[MailboxEntry], bool], reason: str
+        self,
+        account: str,
+        select: Callable[[MailboxEntry], bool],
+        reason: str,
+        auditFields: dict[str, Any] | None = None,
     ) -> list[MailboxEntry]:
         """
         Remove the messages of C{account}'s mailbox that C{select} picks,
         under the mailbox's lock; blocking (the admin command, the expiry).
+
+        @param auditFields: added to each removal's audit record (who).
 
         @return: the messages removed.
         @raise MailboxInUse: a POP3 session holds the mailbox.
@@ -427,7 +469,7 @@ class MaildirStore:
         try:
             chosen = [e for e in self._listBlocking(path) if select(e)]
             if chosen:
-                self._removeBlocking(account, chosen, reason)
+                self._removeBlocking(account, chosen, reason, auditFields)
         finally:
             unlockMailbox(fd)
         return chosen

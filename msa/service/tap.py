@@ -47,6 +47,7 @@ from msa.service import logs
 from msa.service.config import Config, ConfigError, loadConfig
 from msa.service.controlsocket import ControlService, socketPath
 from msa.service.pop3service import addPOP3Listeners
+from msa.service.returnchannel import buildReturnChannel
 from msa.service.services import (
     AccountWatcher,
     AuditLogService,
@@ -229,10 +230,10 @@ def buildService(config: Config, reactor=None) -> MultiService:
     spool = Spool(config["spool"]["directory"], reactor)
     runChecks(certFile, tlsConfig["chain"], config["spool"]["directory"])
     spool.recover()
+    audit = None
     if config["audit"]["enabled"]:
-        AuditLogService(
-            spool, AuditLog(config["audit"]["path"], config["audit"]["max_bytes"])
-        ).setServiceParent(top)
+        audit = AuditLog(config["audit"]["path"], config["audit"]["max_bytes"])
+        AuditLogService(spool, audit).setServiceParent(top)
     relay = config["relay"]
     for problem in checkFileLimit(server["max_connections"], relay["concurrency"]):
         log.warn("startup check: {problem}", problem=problem)
@@ -255,6 +256,11 @@ def buildService(config: Config, reactor=None) -> MultiService:
     if sharedLimits is not None:
         sharedLimits.setServiceParent(top)
     metrics.watchQueue(spool)
+    contextArgs = dict(certFile=certFile, keyFile=keyFile, chainFile=tlsConfig["chain"])
+    returnChannel = buildReturnChannel(
+        config, store, audit, contextArgs | tlsArgs, reactor
+    )
+    returnChannel.setServiceParent(top)
     if config["metrics"]["listen"]:
         site = Site(
             metrics.metricsResource(
@@ -262,6 +268,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
                 config["metrics"]["health_window"],
                 relay=runner,
                 limits=sharedLimits,
+                returnChannel=returnChannel,
             )
         )
         # strports.service: a port that cannot be bound fails the start.
@@ -363,7 +370,8 @@ def buildService(config: Config, reactor=None) -> MultiService:
         reactor,
         portal,
         store,
-        spool.audit,
+        returnChannel.mailboxStore,
+        audit,
         serverRules.throttle,
         contextFactory,
         mechanismContext,
