@@ -414,3 +414,31 @@ class LimitTests(unittest.TestCase):
             b"\xd9\xa1",
         ):
             self.assertIsNone(parseNumber(bad), bad)
+
+
+class AbandonedLoginTests(unittest.TestCase):
+    def test_droppedBeforeFinalResponse(self):
+        """
+        SCRAM's login is complete on the server's side (the mailbox is
+        locked) when it sends its final message; a client that leaves
+        before answering it leaves no lock behind.
+        """
+        scramp = pytestImport("scramp")
+        h = POP3Harness()
+        h.secure()
+        client = scramp.ScramClient(["SCRAM-SHA-256"], "alice", "wonderland")
+        first = base64.b64encode(client.get_client_first().encode())
+        challenge = h.command(b"AUTH SCRAM-SHA-256 " + first)
+        client.set_server_first(base64.b64decode(challenge[2:]).decode())
+        final = h.command(base64.b64encode(client.get_client_final().encode()))
+        client.set_server_final(base64.b64decode(final[2:]).decode())
+        self.assertEqual(h.mailboxes.locked, {"alice"})
+        h.drop()
+        self.assertEqual(h.mailboxes.locked, set())
+
+
+def pytestImport(name: str):
+    try:
+        return __import__(name)
+    except ImportError:  # pragma: no cover
+        raise unittest.SkipTest(f"{name} not installed") from None

@@ -219,6 +219,10 @@ class Login:
 
     def _loggedIn(self, result: tuple[Any, IMailbox, Any]) -> defer.Deferred | None:
         _, mailbox, logout = result
+        if self._server.hungUp:
+            # The client left while the portal was asked.
+            logout()
+            return None
         final = self._mechanism.serverFinal() if self._mechanism is not None else None
         if final is not None:
             self._final = (mailbox, logout)
@@ -283,6 +287,16 @@ class Login:
             lambda _: error(SYS_TEMP + "Temporary authentication failure", close=close)
         )
         return d
+
+    def abandon(self) -> None:
+        """
+        The connection is gone: a login that waits for the client's last
+        line gives its mailbox back.
+        """
+        if self._final is not None:
+            _, logout = self._final
+            logout()
+        self._end()
 
     def _end(self) -> None:
         self.inExchange = False

@@ -99,6 +99,8 @@ class POP3Server(protocol.Protocol):
         self._running = False
         self._waiting = False
         self._closed = False
+        #: The connection is gone (not merely closing).
+        self.hungUp = False
         self._readPaused = False
         self._errors = 0
         self._timers: dict[str, Any] = {}
@@ -121,8 +123,9 @@ class POP3Server(protocol.Protocol):
         self._send(ok(f"{policy.hostname} POP3 ready"))
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self._closed = True
+        self._closed = self.hungUp = True
         self.factory.release(self)
+        self.login.abandon()
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()
