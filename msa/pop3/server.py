@@ -434,29 +434,11 @@ class POP3Server(protocol.Protocol):
         maildrop = self.maildrop
         if maildrop is None:
             return Reply(True, "Bye", close=True)
-        uids = maildrop.deletedUids()
-        if not uids:
-            self._release()
-            return Reply(True, "Bye, nothing deleted", close=True)
-        d = defer.maybeDeferred(maildrop.mailbox.commitDeletions, uids)
-        self._pendingRelease = d
+        d = self._pendingRelease = maildrop.update(self.session.sessionId)
 
-        def done(_: object) -> Reply:
+        def released(reply: Reply) -> Reply:
             self._pendingRelease = None
             self._release()
-            return Reply(True, f"Bye, {len(uids)} message(s) deleted", close=True)
+            return reply
 
-        def failed(failure: Failure) -> Reply:
-            self._pendingRelease = None
-            self._release()
-            log.failure(
-                "session {session}: deletions in {account} failed",
-                failure,
-                session=self.session.sessionId,
-                account=self.session.account,
-            )
-            return error(
-                SYS_TEMP + "Cannot delete now; what is not deleted is kept", close=True
-            )
-
-        return d.addCallbacks(done, failed)
+        return d.addCallback(released)
