@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 # Real client programs for the interop tests (curl, swaks with SASL), from
 # Debian.  Only as root with apt-get; elsewhere those tests skip (but under
 # CI=true a missing program fails them).
-SYSTEM_PACKAGES="curl swaks haproxy systemd msmtp gsasl sasl2-bin libsasl2-modules libauthen-sasl-perl libnet-ssleay-perl libio-socket-ssl-perl libdigest-hmac-perl default-jdk-headless iproute2 mount redis-server postgresql postfix mpop fetchmail getmail6 libjakarta-mail-java"
+SYSTEM_PACKAGES="curl swaks haproxy systemd msmtp gsasl sasl2-bin libsasl2-modules libauthen-sasl-perl libnet-ssleay-perl libio-socket-ssl-perl libdigest-hmac-perl default-jdk-headless iproute2 mount redis-server postgresql postfix mpop fetchmail getmail6 libjakarta-mail-java neomutt tmux"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   if ! dpkg -s $SYSTEM_PACKAGES >/dev/null 2>&1; then
     echo "run-tests: installing $SYSTEM_PACKAGES"
