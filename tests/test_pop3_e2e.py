@@ -231,6 +231,7 @@ class CurlTests(unittest.TestCase):
             [
                 "--silent",
                 "--show-error",
+                "--verbose",
                 "--max-time",
                 "20",
                 "--cacert",
@@ -241,8 +242,9 @@ class CurlTests(unittest.TestCase):
                 url.format(port=msa.pop3Port, sport=msa.pop3sPort),
             ],
         )
-        self.assertEqual((code, err), (0, b""))
+        self.assertEqual(code, 0, err)
         self.assertEqual(out, MESSAGE)
+        return err
 
     def test_stls(self):
         return self._fetch("pop3://localhost:{port}/1", ["--ssl-reqd"])
@@ -250,10 +252,22 @@ class CurlTests(unittest.TestCase):
     def test_implicit(self):
         return self._fetch("pop3s://localhost:{sport}/1", [])
 
-    def test_saslPlain(self):
-        return self._fetch(
-            "pop3s://localhost:{sport}/1", ["--login-options", "AUTH=PLAIN"]
+    @defer.inlineCallbacks
+    def _sasl(self, mechanism: str, url: str, extra: list[str]):
+        transcript = yield self._fetch(
+            url, [*extra, "--login-options", f"AUTH={mechanism}"]
         )
+        self.assertIn(f"> AUTH {mechanism}".encode(), transcript)
+        self.assertIn(b"< +OK Logged in, mailbox locked", transcript)
+
+    def test_saslPlain(self):
+        return self._sasl("PLAIN", "pop3s://localhost:{sport}/1", [])
+
+    def test_saslDigestMD5(self):
+        return self._sasl("DIGEST-MD5", "pop3://localhost:{port}/1", ["--ssl-reqd"])
+
+    def test_saslLogin(self):
+        return self._sasl("LOGIN", "pop3s://localhost:{sport}/1", [])
 
 
 class LMTPThenPOP3Tests(unittest.TestCase):
