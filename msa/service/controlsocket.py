@@ -10,7 +10,7 @@ reply line per command, so that it can also be driven by hand with
 C{socat - UNIX-CONNECT:control.sock}::
 
     request:  COMMAND [ID] CRLF      (list, show ID, flush [ID], delete ID,
-                                      hold ID, release ID)
+                                      hold ID, release ID, rotate-audit)
     reply:    {"ok": true, "result": ...} LF
          or   {"ok": false, "error": "no message X in the queue"} LF
 
@@ -22,6 +22,9 @@ the queue while the server runs: every change goes through its queue
 control, in the reactor thread, so it never races a delivery.  The audit
 record of a hold, release or delete is written in the thread pool (its
 fdatasync never blocks the reactor); the reply waits for it.
+C{rotate-audit} rotates the audit log the daemon holds open
+(L{msa.audit.AuditLog.rotateWhenIdle}: in the thread pool, in the log's
+own rounds) and replies with the renamed file, its last C{seq} and hash.
 
 L{request} is the blocking client.  L{describeSpool} and L{showEntry} read
 the spool files directly (read-only): the admin command uses them for
@@ -43,6 +46,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
+from msa.audit import AuditError, AuditLog, Rotation
 from msa.queue.control import QueueControl, describeEntry
 from msa.queue.spool import PENDING, Spool
 
@@ -60,6 +64,7 @@ COMMANDS: dict[str, bool | None] = {
     "delete": True,
     "hold": True,
     "release": True,
+    "rotate-audit": False,
 }
 
 #: Queue ids are hex (L{msa.queue.spool.newQueueId}); anything else is refused
@@ -254,8 +259,8 @@ class _ControlFactory(protocol.Factory):
 class ControlService(Service):
     """
     Serve the control socket at C{socketPath} for the queue control
-    C{control} (a L{msa.queue.control.QueueControl}, the queue runner's)
-    and its spool C{spool}.
+    C{control} (a L{msa.queue.control.QueueControl}, the queue runner's),
+    its spool C{spool} and the audit log C{audit} (L{None}: off).
 
     A leftover socket from a crashed server is replaced; if another server
     still answers on it, the start fails.
@@ -264,13 +269,19 @@ class ControlService(Service):
     name = "control"  # type: ignore[assignment]  # Twisted types it as None
 
     def __init__(
-        self, socketPath: str, control: QueueControl, spool: Spool, reactor=None
+        self,
+        socketPath: str,
+        control: QueueControl,
+        spool: Spool,
+        reactor=None,
+        audit: AuditLog | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.socketPath = socketPath
         self.control = control
         self.spool = spool
+        self.audit = audit
         self._reactor = reactor
         self._port = None
         self._address: _Address | None = None
@@ -282,6 +293,7 @@ class ControlService(Service):
             "delete": self.do_delete,
             "hold": self.do_hold,
             "release": self.do_release,
+            "rotate-audit": self.do_rotate_audit,
         }
 
     def startService(self) -> None:
@@ -398,6 +410,19 @@ class ControlService(Service):
 
     def do_release(self, queueId):
         return self.control.release(queueId)
+
+    def do_rotate_audit(self, _) -> defer.Deferred[dict | None]:
+        if self.audit is None:
+            raise ControlError("the audit log is off ([audit] enabled = false)")
+
+        def rotated(rotation: Rotation | None) -> dict | None:
+            return None if rotation is None else rotation.toJSON()
+
+        def failed(failure):
+            failure.trap(AuditError)
+            raise ControlError(str(failure.value))
+
+        return self.audit.rotateWhenIdle("admin").addCallbacks(rotated, failed)
 
 
 # The client side.
