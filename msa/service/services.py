@@ -298,7 +298,8 @@ class AccountWatcher(service.Service):
     def __init__(self, store: ILiveAccountStore, interval: float) -> None:
         self.store = store
         self.interval = max(interval, MINIMUM_WATCH_INTERVAL)
-        self._hangup = HangupHandler(self.store.reload)
+        # Looked up at each signal: the store's reload as it is then.
+        self._hangup = HangupHandler(lambda: self.store.reload())
 
     def startService(self) -> None:
         super().startService()
