@@ -12,6 +12,9 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
+import threading
 
 import attrs
 from twisted.internet import defer, threads
@@ -23,11 +26,14 @@ from msa.admin import command as admin
 from msa.audit import AuditError, AuditLog, chainFiles, lineHash, verifyFiles
 from msa.audit.log import _Job
 from msa.service.config import writeConfig
-from tests.e2e import RunningMSA
+from tests.e2e import RunningMSA, freePort
 from tests.test_accounts_e2e import accountsReloaded
 from tests.test_audit import auditPath, queueIdOf, readLines, records
-from tests.test_e2e import submit
+from tests.test_crash import PASSWORD, USER, Core, MSAProcess
+from tests.test_e2e import RECIPIENT, submit
 from tests.waiting import waitUntil
+
+ADMIN = os.path.join(os.path.dirname(sys.executable), "digipoort-msa-admin")
 
 
 def runAdmin(configFile: str, *argv: str) -> tuple[int, str, str]:
@@ -295,3 +301,99 @@ class OfflineRotateTests(unittest.TestCase):
         code, out, err = runAdmin(self.configure(enabled=False), "audit", "rotate")
         self.assertEqual((code, out), (1, ""))
         self.assertIn("the audit log is off ([audit] enabled = false)", err)
+
+
+class TwistdRotateTests(unittest.TestCase):
+    """
+    A real C{twistd digipoort-msa} process under a steady load of
+    submissions: SIGHUP, then the real C{digipoort-msa-admin audit rotate},
+    each rotate while sessions are in flight.
+    """
+
+    timeout = 180
+
+    @defer.inlineCallbacks
+    def test_rotateUnderLoad(self):
+        """
+        Two rotations while two clients keep submitting: three files named
+        as rotations by size would be, C{audit verify} (the installed
+        command) passes over them, and every message that got a 250 has
+        exactly one C{accepted} record, none more.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        core = Core(os.path.join(directory, "core"), freePort())
+        core.start()
+        self.addCleanup(core.stop)
+        msa = MSAProcess(self, directory, core.portNumber, core.caFile)
+        yield defer.ensureDeferred(msa.start())
+        path = os.path.join(msa.state, "audit", "audit.jsonl")
+        acknowledged: list[str] = []
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        failures: list[str] = []
+
+        def client():
+            while not stop.is_set():
+                try:
+                    reply = submit(
+                        port=msa.port,
+                        context=msa.clientContext(),
+                        user=USER,
+                        password=PASSWORD,
+                        recipients=[RECIPIENT],
+                    )
+                    queueId = queueIdOf(reply)
+                except Exception as e:
+                    failures.append(repr(e))
+                    return
+                with lock:
+                    acknowledged.append(queueId)
+
+        def acknowledgedAtLeast(count):
+            return waitUntil(
+                lambda: len(acknowledged) >= count, 60, f"{count} messages"
+            )
+
+        workers = [threading.Thread(target=client) for _ in range(2)]
+        for w in workers:
+            w.start()
+        try:
+            yield acknowledgedAtLeast(5)
+            msa.kill(signal.SIGHUP)
+            yield waitUntil(
+                lambda: len(chainFiles(path)) == 2, 30, "the rotation by SIGHUP"
+            )
+            yield acknowledgedAtLeast(len(acknowledged) + 5)
+            rotated = yield threads.deferToThread(
+                subprocess.run,
+                [ADMIN, "--config", msa.configFile, "audit", "rotate"],
+                capture_output=True,
+                timeout=60,
+            )
+            yield acknowledgedAtLeast(len(acknowledged) + 5)
+        finally:
+            stop.set()
+            yield threads.deferToThread(lambda: [w.join(30) for w in workers])
+        self.assertEqual(failures, [])
+        self.assertEqual((rotated.returncode, rotated.stderr), (0, b""))
+        self.assertTrue(rotated.stdout.startswith(f"rotated: {path}.000002 ".encode()))
+        msa.kill(signal.SIGTERM)
+        yield defer.ensureDeferred(msa.waitForExit())
+        self.assertEqual(chainFiles(path), [f"{path}.000001", f"{path}.000002", path])
+        reasons = [json.loads(readLines(name)[0]) for name in chainFiles(path)[1:]]
+        self.assertEqual(
+            [(r["event"], r["reason"]) for r in reasons],
+            [("rotated", "SIGHUP"), ("rotated", "admin")],
+        )
+        verified = yield threads.deferToThread(
+            subprocess.run,
+            [ADMIN, "--config", msa.configFile, "audit", "verify"],
+            capture_output=True,
+            timeout=60,
+        )
+        self.assertEqual(verified.returncode, 0, verified.stdout)
+        self.assertIn(b" in 3 file(s), seq 1..", verified.stdout)
+        accepted = [r["queueId"] for r in records(path) if r["event"] == "accepted"]
+        self.assertEqual(sorted(accepted), sorted(acknowledged))
