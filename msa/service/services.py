@@ -81,7 +81,10 @@ class HangupHandler:
         reverse order of their start, so each finds its own in place).
         """
         if self._installed:
-            signal.signal(signal.SIGHUP, self._previous)
+            # None: a handler not set from Python; the default is the
+            # nearest that can be put back.
+            previous = signal.SIG_DFL if self._previous is None else self._previous
+            signal.signal(signal.SIGHUP, previous)
             self._installed = False
 
 
