@@ -26,10 +26,10 @@ from msa.admin import command as admin
 from msa.audit import AuditError, AuditLog, chainFiles, lineHash, verifyFiles
 from msa.audit.log import _Job
 from msa.service.config import writeConfig
-from tests.e2e import RunningMSA, freePort
+from tests.e2e import RunningMSA
 from tests.test_accounts_e2e import accountsReloaded
 from tests.test_audit import auditPath, queueIdOf, readLines, records
-from tests.test_crash import PASSWORD, USER, Core, MSAProcess
+from tests.test_crash import PASSWORD, USER, startWithCore
 from tests.test_e2e import RECIPIENT, submit
 from tests.waiting import waitUntil
 
@@ -320,13 +320,7 @@ class TwistdRotateTests(unittest.TestCase):
         command) passes over them, and every message that got a 250 has
         exactly one C{accepted} record, none more.
         """
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        core = Core(os.path.join(directory, "core"), freePort())
-        core.start()
-        self.addCleanup(core.stop)
-        msa = MSAProcess(self, directory, core.portNumber, core.caFile)
-        yield defer.ensureDeferred(msa.start())
+        msa = yield defer.ensureDeferred(startWithCore(self))
         path = os.path.join(msa.state, "audit", "audit.jsonl")
         acknowledged: list[str] = []
         lock = threading.Lock()
