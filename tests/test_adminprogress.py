@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_adminprogress -*-
 """
-The admin command's long runs show progress on a terminal and stay quiet in
+The admin command's long runs (C{queue verify}, C{accounts import},
+C{audit verify}) show progress on a terminal and stay quiet in
 scripts (issue 22, item 6): the real C{digipoort-msa-admin} run under a
 pseudo-terminal (the C{pty} module) writes a carriage-return progress line,
 and the same run with pipes writes only its results.
@@ -18,6 +19,7 @@ from twisted.trial import unittest
 
 from msa.accounts.model import makeAccount, writeAccounts
 from msa.admin.progress import Progress
+from msa.audit import AuditLog, chainFiles
 from msa.queue.spool import Spool
 from msa.service.config import writeConfig
 from tests.e2e import SENDERS
@@ -134,6 +136,35 @@ class AdminProgressTests(unittest.TestCase):
         self.assertEqual(
             piped.stdout.decode(),
             f"imported {QUEUED} account(s) from {source} into {self.accountsFile}\n",
+        )
+
+    def test_auditVerify(self):
+        """
+        C{audit verify} over a chain of many files (a small C{max_bytes}):
+        a progress line per file on a terminal, ending at 100% and cleared
+        before the summary; through pipes the results alone.
+        """
+        config = self.configure()
+        path = os.path.join(os.path.dirname(config), "audit.jsonl")
+        log = AuditLog(path, maxBytes=4096)
+        for n in range(250):
+            log.append("accepted", queueId=f"Q{n:04d}")
+        log.close()
+        files = len(chainFiles(path))
+        self.assertGreaterEqual(files, 10)
+        argv = [ADMIN, "--config", config, "audit", "verify"]
+        shown = underTerminal(argv).decode()
+        self.assertIn(f"\rverifying the audit log: 1/{files} (", shown)
+        self.assertIn(f"\rverifying the audit log: {files}/{files} (100%)", shown)
+        # The appended records and a rotated record atop each later file.
+        total = 250 + files - 1
+        summary = f"\rOK: {total} record(s) in {files} file(s), seq 1..{total}, "
+        self.assertIn(summary, shown)
+        piped = throughPipes(argv)
+        self.assertEqual((piped.returncode, piped.stderr), (0, b""))
+        self.assertNotIn(b"\r", piped.stdout)
+        self.assertTrue(
+            piped.stdout.startswith(summary[1:].encode()), piped.stdout[:200]
         )
 
 

@@ -44,10 +44,10 @@ from msa.relay.protocol import (
 from msa.service.config import ConfigError, loadConfig
 from msa.service.startupchecks import StartupCheckError
 from tests.downstream import DownstreamServer
-from tests.e2e import MESSAGE, USERS, AiosmtpdCore, RunningMSA, freePort
+from tests.e2e import MESSAGE, USERS, AiosmtpdCore, RunningMSA
 from tests.faultfs import fillFileSystem, mountTmpfs
 from tests.relaydata import RunnerFixture, allWith
-from tests.test_crash import Core, MSAProcess, sleep
+from tests.test_crash import sleep, startWithCore
 from tests.test_e2e import RECIPIENT, SENDER, submit
 from tests.waiting import waitUntil, waitUntilBlocking
 
@@ -934,13 +934,7 @@ class KillTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_sigkillUnderLoad(self):
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        core = Core(os.path.join(directory, "core"), freePort())
-        core.start()
-        self.addCleanup(core.stop)
-        msa = MSAProcess(self, directory, core.portNumber, core.caFile)
-        yield defer.ensureDeferred(msa.start())
+        msa = yield defer.ensureDeferred(startWithCore(self))
         path = os.path.join(msa.state, "audit", "audit.jsonl")
         acknowledged: list[str] = []
         lock = threading.Lock()

@@ -298,6 +298,21 @@ class MSAProcess:
         return client
 
 
+async def startWithCore(testCase: unittest.TestCase) -> MSAProcess:
+    """
+    A core (L{Core}, listening) and C{twistd digipoort-msa} relaying to it,
+    started, in a new temporary directory; both stopped at the test's end.
+    """
+    directory = os.path.abspath(testCase.mktemp())
+    os.makedirs(directory)
+    core = Core(os.path.join(directory, "core"), freePort())
+    core.start()
+    testCase.addCleanup(core.stop)
+    msa = MSAProcess(testCase, directory, core.portNumber, core.caFile)
+    await msa.start()
+    return msa
+
+
 class CrashTests(unittest.TestCase):
     timeout = 60
 

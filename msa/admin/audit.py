@@ -1,12 +1,21 @@
 # -*- test-case-name: tests.test_audit -*-
 """
-C{digipoort-msa-admin audit verify [--anchor SHA256] [FILE...]}, and the
-account records the admin command appends to the audit log (L{msa.audit}).
+C{digipoort-msa-admin audit verify [--anchor SHA256] [FILE...]}, C{audit
+rotate}, and the account records the admin command appends to the audit
+log (L{msa.audit}).
 
 Exit codes of C{verify}: 0 the chain is intact and complete; 1 it is broken
 (or does not start at the genesis or the given anchor); 3 it is intact but
 has gaps the MSA recorded (C{lost} records: events whose records could not
-be written, L{msa.audit.lost}); 2 a usage error.
+be written, L{msa.audit.lost}); 2 a usage error.  On a terminal C{verify}
+shows a progress line per file on standard error (L{msa.admin.progress}).
+
+C{rotate} asks the running daemon, which holds the log open, over its
+control socket (C{rotate-audit}): the daemon rotates in its own rounds, so
+that no record is lost or lands between the files.  When the daemon is not
+running, the command rotates the file itself, under the log's lock (as it
+appends the account records).  Exit codes: 0 rotated (or nothing to
+rotate: the file holds no record), 1 it failed.
 
 The admin command appends its own records (under the log's lock, after
 re-reading the chain head), rather than asking the daemon over its control
@@ -22,7 +31,9 @@ import os
 import re
 from typing import Any
 
-from msa.audit import AuditError, AuditLog, chainFiles, verifyFiles
+from msa.admin.progress import Progress
+from msa.admin.queue import AdminFailure
+from msa.audit import AuditError, AuditLog, Rotation, chainFiles, verifyFiles
 
 
 def auditParser(topics: Any) -> None:
@@ -46,6 +57,11 @@ def auditParser(topics: Any) -> None:
         "start at the genesis",
     )
     verify.add_argument("files", nargs="*", metavar="FILE")
+    commands.add_parser(
+        "rotate",
+        help="start a new audit file now, chained to the old one (the running "
+        "daemon rotates it; the next free <path>.NNNNNN, as rotation by size)",
+    )
 
 
 #: Exit code of C{audit verify} for an intact chain with recorded gaps.
@@ -63,9 +79,75 @@ def _anchor(text: str) -> str:
 
 def auditCommand(config: Any, args: argparse.Namespace, stdout, stderr) -> int:
     """
-    Run C{audit verify}: the first broken link and exit 1, or a summary
-    and exit 0, or the summary and every recorded gap and exit
-    L{EXIT_GAPS}.
+    Run C{audit verify} (L{verifyCommand}) or C{audit rotate}
+    (L{rotateCommand}).
+    """
+    if args.auditCommand == "rotate":
+        return rotateCommand(config, stdout, stderr)
+    return verifyCommand(config, args, stdout, stderr)
+
+
+def rotateCommand(config: Any, stdout, stderr) -> int:
+    """
+    C{audit rotate}: see the module docstring.  Prints the file the log
+    was renamed to and the hash it ends with (the C{--anchor} of C{verify}
+    once it is archived).
+    """
+    from msa.service import controlsocket
+
+    if config is None:
+        raise AdminFailure("audit rotate needs the configuration (--config)", 2)
+    if not config["audit"]["enabled"]:
+        raise AdminFailure("the audit log is off ([audit] enabled = false)")
+    path = controlsocket.socketPath(config["server"]["state_dir"])
+    try:
+        reply: Any = controlsocket.request(path, "rotate-audit")
+        rotation = None if reply is None else Rotation(**_rotationFields(reply))
+    except controlsocket.ServerNotRunning:
+        print(
+            "digipoort-msa-admin: note: the MSA is not running; rotating the "
+            "file under its lock",
+            file=stderr,
+        )
+        log = AuditLog(config["audit"]["path"], config["audit"]["max_bytes"])
+        try:
+            rotation = log.rotate("admin")
+        except AuditError as e:
+            raise AdminFailure(str(e))
+        finally:
+            log.close()
+    except controlsocket.ControlError as e:
+        raise AdminFailure(f"audit rotate: {e}")
+    if rotation is None:
+        print(
+            f"nothing to rotate: {config['audit']['path']} holds no record yet",
+            file=stdout,
+        )
+        return 0
+    print(
+        f"rotated: {rotation.file} ends at seq {rotation.seq} sha256 "
+        f"{rotation.head} (the --anchor of audit verify once it is archived)",
+        file=stdout,
+    )
+    return 0
+
+
+def _rotationFields(reply: dict[str, Any]) -> dict[str, Any]:
+    """
+    The L{Rotation} in the daemon's C{rotate-audit} reply.
+    """
+    return {
+        "file": reply["file"],
+        "seq": reply["seq"],
+        "head": reply["sha256"],
+        "reason": reply["reason"],
+    }
+
+
+def verifyCommand(config: Any, args: argparse.Namespace, stdout, stderr) -> int:
+    """
+    C{audit verify}: the first broken link and exit 1, or a summary and
+    exit 0, or the summary and every recorded gap and exit L{EXIT_GAPS}.
     """
     files = list(args.files)
     if not files:
@@ -79,7 +161,13 @@ def auditCommand(config: Any, args: argparse.Namespace, stdout, stderr) -> int:
                 file=stderr,
             )
             return 1
-    result = verifyFiles(files, anchor=args.anchor)
+    progress = Progress("verifying the audit log", len(files), stderr)
+    try:
+        result = verifyFiles(
+            files, anchor=args.anchor, fileVerified=lambda _: progress.step()
+        )
+    finally:
+        progress.finish()
     for note in result.notes:
         print(f"note: {note}", file=stdout)
     if result.error is not None:

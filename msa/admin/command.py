@@ -14,7 +14,7 @@ C{digipoort-msa-admin}: manage the accounts file and the mail queue.
         queue list | show ID | flush [ID] | delete ID | hold ID | release ID
         queue verify
     digipoort-msa-admin [--config PATH]
-        audit verify [--anchor SHA256] [FILE...]
+        audit verify [--anchor SHA256] [FILE...] | rotate
     digipoort-msa-admin [--config PATH]
         mailbox list | show ACCOUNT | delete ACCOUNT UID... |
         purge ACCOUNT [--older-than DAYS]
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None, stdout: Any = None, stderr: Any = None) 
             return mailboxCommand(_loadConfig(args.config), args, stdout, stderr)
         if args.topic == "audit":
             config = None
-            if args.config is not None or not args.files:
+            if args.config is not None or not vars(args).get("files"):
                 config = _loadConfig(args.config)
             return auditCommand(config, args, stdout, stderr)
         config = None

@@ -212,7 +212,12 @@ def daemonPage() -> str:
         ),
         ".TP",
         ".B SIGHUP",
-        "Reload the accounts.",
+        roff(
+            "Reload the accounts and rotate the audit log (as "
+            "digipoort-msa-admin audit rotate; a log without a record is "
+            "not rotated).  systemctl reload sends it; the shipped logrotate "
+            "file does not."
+        ),
         ".SH FILES",
         ".TP",
         roff("/etc/digipoort-msa/msa.toml"),

@@ -20,10 +20,12 @@ next one, which L{verifyFiles} (C{digipoort-msa-admin audit verify})
 finds.  Records never carry passwords, password hashes or SASL data.
 
 Rotation keeps the chain: when the file would grow beyond C{max_bytes},
-it is renamed to C{<path>.<NNNNNN>} (the next free number, never renamed
-again) and the new file starts with a C{rotated} record whose C{prev} is
-the hash of the old file's last line and whose C{previousFile} names the
-old file.
+or when the operator asks (C{digipoort-msa-admin audit rotate}, SIGHUP:
+L{AuditLog.rotateWhenIdle}, in the daemon's rounds), it is renamed to
+C{<path>.<NNNNNN>} (the next free number, never renamed again) and the
+new file starts with a C{rotated} record whose C{prev} is the hash of the
+old file's last line, whose C{previousFile} names the old file and whose
+C{reason} says why (C{size}, C{admin}, C{SIGHUP}).
 
 Durability and more than one writer: L{AuditLog.append} returns only after
 the record's line is written and fdatasync'ed.  Concurrent callers (the
@@ -68,8 +70,9 @@ from msa.audit.chain import (
     rotatedFiles,
     timestamp,
 )
-from msa.audit.log import AuditLog, logHead
+from msa.audit.log import AuditLog
 from msa.audit.recovery import recoverRecords
+from msa.audit.rotation import Rotation, logHead
 from msa.audit.verify import Verification, verifyFiles
 
 __all__ = [
@@ -82,6 +85,7 @@ __all__ = [
     "encodeRecord",
     "lineHash",
     "logHead",
+    "Rotation",
     "recoverRecords",
     "rotatedFiles",
     "timestamp",

@@ -1,57 +1,37 @@
 # -*- test-case-name: tests.test_audit -*-
 """
 The audit log's writer, L{AuditLog}: appends group-committed
-(L{msa.durable.GroupCommit}) under a lock among processes, rotation, a torn
-tail cut off, and the records that could not be written accounted for
-(L{msa.audit.lost}).  See L{msa.audit}.
+(L{msa.durable.GroupCommit}) to its file (L{msa.audit.chainedfile}: under
+a lock among processes, rotated by size, a torn tail cut off), rotation on
+demand through the same rounds, and the records that could not be written
+accounted for (L{msa.audit.lost}).  See L{msa.audit}.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
-import json
-import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from msa.audit.chain import (
-    _ROTATED,
-    DEFAULT_MAX_BYTES,
-    GENESIS,
-    AuditError,
-    encodeRecord,
-    lastLine,
-    lineHash,
-    predecessorHead,
-    rotatedFiles,
-    timestamp,
-)
+from msa.audit.chain import DEFAULT_MAX_BYTES, AuditError, timestamp
+from msa.audit.chainedfile import ChainedFile, _fdatasync
 from msa.audit.lost import LostRecords
-from msa.durable import GroupCommit, fsyncDirectory
-
-_log = Logger()
-
+from msa.audit.rotation import Rotation
+from msa.durable import GroupCommit
 
 #: How long a round of facts from the reactor (L{AuditLog.submitFact})
 #: waits for other records, in seconds: nobody's reply waits for them.
 FACT_GATHER = 0.02
 
-
-def _fdatasync(fd: int) -> None:
-    """
-    fdatasync where the system has it (Linux), else fsync; looked up at
-    each call, so that a test's wrapper of either sees the audit log's.
-    """
-    getattr(os, "fdatasync", os.fsync)(fd)
+#: What a round gives each job: a record's C{seq}, a rotation (or L{None}:
+#: nothing to rotate; or the error that kept it from happening, which
+#: fails that job alone), or L{None}.
+_Result = int | Rotation | AuditError | None
 
 
 @attrs.define(frozen=True)
@@ -59,28 +39,28 @@ class _Job:
     """
     What a caller asks of a round of L{AuditLog}: a record to append
     (C{fact} when the event has happened whether or not it is recorded,
-    L{msa.audit.lost}), or only to open, to write the C{lost} record, or
-    to close the files.
+    L{msa.audit.lost}), or only to open, to write the C{lost} record, to
+    rotate (C{rotate}: who asks), or to close the files.
     """
 
     record: dict[str, Any] | None = None
     fact: bool = False
     open: bool = False
+    rotate: str | None = None
     flush: bool = False
     close: bool = False
 
 
-class AuditLog:
+class AuditLog(ChainedFile):
     """
     The writer of the audit log at C{path}: see the module docstring.
 
     Every write goes through one L{GroupCommit}: blocking callers in
     threads (L{append}, L{appendFact}, L{open}, L{close}) and callers on
-    the reactor (L{submitFact}, L{closeWhenIdle}), whose rounds run in the
-    reactor's thread pool, never on the reactor thread.
+    the reactor (L{submitFact}, L{closeWhenIdle}, L{rotateWhenIdle}),
+    whose rounds run in the reactor's thread pool, never on the reactor
+    thread.  The file's methods (L{ChainedFile}) run only in rounds.
 
-    @ivar seq: the C{seq} of the last record written (0: none yet).
-    @ivar head: the hash of the last record written (L{GENESIS}: none yet).
     @ivar lostTotal: how many facts could not be written since this writer
         was made (each accounted for by a C{lost} record once the log can
         write again).
@@ -103,20 +83,11 @@ class AuditLog:
             L{submitFact} and L{closeWhenIdle} (the global reactor by
             default).
         """
-        self.path = os.path.abspath(path)
-        self.maxBytes = maxBytes
-        self._clock = clock
-        self._fdatasync = fdatasync
-        self._fd: int | None = None
-        self._lockFd: int | None = None
-        self._ino: tuple[int, int] | None = None
-        self._offset = 0
-        self.seq = 0
-        self.head = GENESIS
+        super().__init__(path, maxBytes, clock, fdatasync)
         # A round only facts submitted from the reactor wait for (a
         # delivery, a command) waits FACT_GATHER for company: mostly it
         # rides on a commit's round, one flock and fdatasync fewer.
-        self._commits: GroupCommit[_Job, int | None] = GroupCommit(
+        self._commits: GroupCommit[_Job, _Result] = GroupCommit(
             self._runRound, reactor, gatherDelay=FACT_GATHER
         )
         #: Facts not yet accounted for by a C{lost} record; only rounds
@@ -168,173 +139,48 @@ class AuditLog:
         d = self._commits.commit(_Job(flush=True, close=True))
         return d.addCallbacks(lambda _: None, lambda _: None)
 
-    def _ensureOpen(self) -> None:
-        directory = os.path.dirname(self.path)
-        if self._lockFd is None:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            self._lockFd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    def rotate(self, reason: str) -> Rotation | None:
+        """
+        Rotate now, whatever the size, after the records already asked
+        for: blocking (for an admin command when no daemon holds the log).
 
-    def _openFile(self) -> None:
-        """
-        (Re)open the file at C{path}, creating it; under the lock.
-        """
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        created = not os.path.exists(self.path)
-        self._fd = os.open(
-            self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
-        )
-        if created:
-            fsyncDirectory(os.path.dirname(self.path))
-        st = os.fstat(self._fd)
-        self._ino = (st.st_dev, st.st_ino)
-        self._offset = -1
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """
-        The exclusive lock of the log among processes (C{<path>.lock}).
-        """
-        assert self._lockFd is not None
-        fcntl.flock(self._lockFd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._lockFd, fcntl.LOCK_UN)
-
-    def _sync(self) -> None:
-        """
-        Under the lock: make sure C{_fd} is the file at C{path} and that
-        C{seq}/C{head} are its last record's, re-reading them when the
-        file is not as this writer left it.  A torn tail is cut off and
-        recorded.
+        @param reason: who asks, for the C{rotated} record and the log.
+        @return: the rotation, or L{None} when the file holds no record
+            yet (nothing to rotate).
+        @raise AuditError: when the files could not be renamed or the
+            C{rotated} record written.
         """
         try:
-            st = os.stat(self.path)
-            current: tuple[int, int] | None = (st.st_dev, st.st_ino)
-        except FileNotFoundError:
-            current = None
-        if self._fd is None or current != self._ino:
-            self._openFile()
-        assert self._fd is not None
-        size = os.fstat(self._fd).st_size
-        if size == self._offset:
-            return
-        line, end = lastLine(self._fd, size)
-        if line is None:
-            self.seq, self.head = predecessorHead(self.path)
-        else:
-            try:
-                record = json.loads(line)
-                seq = record["seq"]
-                if not isinstance(seq, int):
-                    raise TypeError(seq)
-            except (ValueError, KeyError, TypeError) as e:
-                raise AuditError(
-                    f"{self.path}: the last record is unreadable ({e}); "
-                    "check it with: digipoort-msa-admin audit verify"
-                ) from None
-            self.seq, self.head = seq, lineHash(line)
-        self._offset = size
-        if end < size:
-            torn = os.pread(self._fd, size - end, end)
-            os.ftruncate(self._fd, end)
-            self._fdatasync(self._fd)
-            self._offset = end
-            self._write(
-                [
-                    {
-                        "event": "torn-tail-removed",
-                        "bytes": len(torn),
-                        "sha256": hashlib.sha256(torn).hexdigest(),
-                    }
-                ]
-            )
+            result = self._commits.commitBlocking(_Job(rotate=reason))
+        except Exception as e:
+            raise AuditError(f"{self.path}: {e}") from e
+        if isinstance(result, AuditError):
+            raise result
+        assert not isinstance(result, int)
+        return result
 
-    # -- appending -----------------------------------------------------
+    def rotateWhenIdle(self, reason: str) -> defer.Deferred[Rotation | None]:
+        """
+        L{rotate} from the reactor thread (the daemon's C{rotate-audit}
+        control command and SIGHUP): the round runs in the thread pool, as
+        every write does, so the records asked for before are in the old
+        file, those asked for after in the new one, none lost, none
+        between the two.
 
-    def _lines(self, records: Iterable[dict[str, Any]]) -> Iterator[bytes]:
+        @return: a L{Deferred} firing with the rotation (or L{None}), or
+            failing with L{AuditError}.
         """
-        Number, time and chain C{records} after the current head, advancing
-        it.
-        """
-        now = timestamp(self._clock())
-        for fields in records:
-            self.seq += 1
-            record = {"seq": self.seq, "time": now, "prev": self.head}
-            record.update(fields)
-            line = encodeRecord(record)
-            self.head = lineHash(line)
-            yield line
 
-    def _write(self, records: list[dict[str, Any]], mayRotate: bool = True) -> int:
-        """
-        Under the lock: write C{records} after the head in one C{write}
-        (rotating first when the file would grow past C{maxBytes}) and
-        fdatasync.  On failure the file is cut back to where it was and the
-        head restored.
+        def done(result: _Result) -> Rotation | None:
+            if isinstance(result, AuditError):
+                raise result
+            assert not isinstance(result, int)
+            return result
 
-        @return: the C{seq} of the first record.
-        """
-        assert self._fd is not None
-        seq, head, offset = self.seq, self.head, self._offset
-        data = b"".join(line + b"\n" for line in self._lines(records))
-        if mayRotate and offset > 0 and offset + len(data) > self.maxBytes:
-            self.seq, self.head = seq, head
-            self._rotate()
-            return self._write(records, mayRotate=False)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
-            self._fdatasync(self._fd)
-        except BaseException:
-            self.seq, self.head = seq, head
-            try:
-                os.ftruncate(self._fd, offset)
-            except OSError:
-                # Re-read under the lock next time (L{_sync}).
-                self._offset = -1
-            raise
-        self._offset = offset + len(data)
-        return seq + 1
+        def failed(failure: Failure) -> Rotation | None:
+            raise AuditError(f"{self.path}: {failure.value}") from failure.value
 
-    def _rotate(self) -> None:
-        """
-        Under the lock: rename the full file to the next C{<path>.NNNNNN}
-        and start a new one with a C{rotated} record.
-        """
-        older = rotatedFiles(self.path)
-        number = 1
-        if older:
-            m = _ROTATED.search(older[-1])
-            assert m is not None
-            number = int(m.group(1)) + 1
-        target = f"{self.path}.{number:06d}"
-        os.rename(self.path, target)
-        fsyncDirectory(os.path.dirname(self.path))
-        _log.info(
-            "audit log rotated: {file} ends at seq {seq} sha256 {anchor} (the "
-            "--anchor of audit verify once it is archived)",
-            event="audit-rotated",
-            file=target,
-            seq=self.seq,
-            anchor=self.head,
-        )
-        self._openFile()
-        self._offset = 0
-        self._write(
-            [
-                {
-                    "event": "rotated",
-                    "previousFile": os.path.basename(target),
-                    "previousSeq": self.seq,
-                }
-            ],
-            mayRotate=False,
-        )
-        logHead(self, "rotated")
+        return self._commits.commit(_Job(rotate=reason)).addCallbacks(done, failed)
 
     def append(self, event: str, **fields: Any) -> int:
         """
@@ -367,7 +213,7 @@ class AuditLog:
             seq = self._commits.commitBlocking(job)
         except Exception as e:
             raise AuditError(f"{self.path}: {e}") from e
-        assert seq is not None
+        assert isinstance(seq, int)
         return seq
 
     def submitFact(self, event: str, **fields: Any) -> defer.Deferred[int]:
@@ -380,8 +226,8 @@ class AuditLog:
         """
         d = self._commits.commit(_Job({"event": event, **fields}, fact=True))
 
-        def written(seq: int | None) -> int:
-            assert seq is not None
+        def written(seq: _Result) -> int:
+            assert isinstance(seq, int)
             return seq
 
         def failed(failure: Failure) -> int:
@@ -410,12 +256,15 @@ class AuditLog:
         with self._lostLock:
             return self._lost.count
 
-    def _runRound(self, jobs: list[_Job]) -> list[int | None]:
+    def _runRound(self, jobs: list[_Job]) -> list[_Result]:
         """
         One round (in a thread, one at a time): the C{lost} record owed, if
         any, then the round's records, in one write and one fdatasync;
-        then the files are closed if a job asks.  When the write fails, the
-        facts among the records are counted as lost.
+        then one rotation if a job asks (and the file holds a record: else
+        L{None}); then the files are closed if a job asks.  A rotation
+        that fails fails its jobs alone: the round's records are durable.
+        When the write fails, the facts among the records are counted as
+        lost.
         """
         records = [job.record for job in jobs if job.record is not None]
         with self._lostLock:
@@ -425,14 +274,18 @@ class AuditLog:
             self._putBackLost(owed)
             owed = LostRecords()
         lines = ([owed.fields()] if owed.count else []) + records
+        rotateFor = next((job.rotate for job in jobs if job.rotate), None)
+        rotation: Rotation | AuditError | None = None
         try:
             first = 0
-            if lines or any(job.open for job in jobs):
+            if lines or rotateFor or any(job.open for job in jobs):
                 self._ensureOpen()
                 with self._locked():
                     self._sync()
                     if lines:
                         first = self._write(lines)
+                    if rotateFor and self._offset > 0:
+                        rotation = self._rotateOnDemand(rotateFor)
         except BaseException as e:
             self._putBackLost(owed)
             self._countLost([job.record for job in jobs if job.fact], e)
@@ -445,14 +298,27 @@ class AuditLog:
         if lines:
             self.lastFailure = None
         seq = first + (1 if owed.count else 0)
-        results: list[int | None] = []
+        results: list[_Result] = []
         for job in jobs:
-            if job.record is None:
+            if job.rotate:
+                results.append(rotation)
+            elif job.record is None:
                 results.append(None)
             else:
                 results.append(seq)
                 seq += 1
         return results
+
+    def _rotateOnDemand(self, reason: str) -> Rotation | AuditError:
+        """
+        Under the lock, after the round's records: L{_rotate}, or the
+        error that kept it from happening (the next round goes on in
+        whichever file is at C{path}, chained all the same).
+        """
+        try:
+            return self._rotate(reason)
+        except OSError as e:
+            return AuditError(f"{self.path}: cannot rotate: {e}")
 
     def _putBackLost(self, owed: LostRecords) -> None:
         with self._lostLock:
@@ -467,26 +333,3 @@ class AuditLog:
                 assert record is not None
                 self._lost.add(record, when, str(error))
                 self.lostTotal += 1
-
-    def _closeFiles(self) -> None:
-        for name in ("_fd", "_lockFd"):
-            fd = getattr(self, name)
-            if fd is not None:
-                os.close(fd)
-                setattr(self, name, None)
-        self._ino = None
-
-
-def logHead(audit: AuditLog, why: str) -> None:
-    """
-    Log the chain head, for an anchor outside the file (see the module
-    docstring).
-    """
-    _log.info(
-        "audit log head ({why}): seq {seq} sha256 {head} in {path}",
-        event="audit-head",
-        why=why,
-        seq=audit.seq,
-        head=audit.head,
-        path=audit.path,
-    )

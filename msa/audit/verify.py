@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -92,7 +93,11 @@ def _checkStart(
     )
 
 
-def verifyFiles(paths: list[str], anchor: str | None = None) -> Verification:
+def verifyFiles(
+    paths: list[str],
+    anchor: str | None = None,
+    fileVerified: Callable[[str], None] | None = None,
+) -> Verification:
     """
     Check the chain through C{paths}, in order: every line a JSON record
     with the required fields, each C{seq} one more than the previous one,
@@ -103,6 +108,10 @@ def verifyFiles(paths: list[str], anchor: str | None = None) -> Verification:
 
     An incomplete last line (no LF) at the end of the last file is what a
     crash during a write leaves: a note, not an error.
+
+    @param fileVerified: called with each file's path once its records
+        are checked and found intact (for a progress line over many
+        files: C{audit verify}, L{msa.admin.progress}).
     """
     result = Verification(files=list(paths))
     prevLine: bytes | None = None
@@ -207,4 +216,6 @@ def verifyFiles(paths: list[str], anchor: str | None = None) -> Verification:
             result.head = lineHash(line)
         if lines:
             result.ends.append((path, result.lastSeq, result.head))
+        if fileVerified is not None:
+            fileVerified(path)
     return result

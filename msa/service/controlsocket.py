@@ -10,7 +10,7 @@ reply line per command, so that it can also be driven by hand with
 C{socat - UNIX-CONNECT:control.sock}::
 
     request:  COMMAND [ID] CRLF      (list, show ID, flush [ID], delete ID,
-                                      hold ID, release ID)
+                                      hold ID, release ID, rotate-audit)
     reply:    {"ok": true, "result": ...} LF
          or   {"ok": false, "error": "no message X in the queue"} LF
 
@@ -22,8 +22,12 @@ the queue while the server runs: every change goes through its queue
 control, in the reactor thread, so it never races a delivery.  The audit
 record of a hold, release or delete is written in the thread pool (its
 fdatasync never blocks the reactor); the reply waits for it.
+C{rotate-audit} rotates the audit log the daemon holds open
+(L{msa.audit.AuditLog.rotateWhenIdle}: in the thread pool, in the log's
+own rounds) and replies with the renamed file, its last C{seq} and hash.
 
-L{request} is the blocking client.  L{describeSpool} and L{showEntry} read
+L{request} (L{msa.service.controlclient}) is the blocking client.
+L{describeSpool} and L{showEntry} read
 the spool files directly (read-only): the admin command uses them for
 C{list} and C{show} when the server is not running.
 """
@@ -43,14 +47,36 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
+from msa.audit import AuditError, AuditLog, Rotation
 from msa.queue.control import QueueControl, describeEntry
 from msa.queue.queuefile import openContent
 from msa.queue.spool import PENDING, Spool, SpoolEntry
+from msa.service.controlclient import (
+    SOCKET_NAME,
+    ControlError,
+    ServerNotRunning,
+    _Address,
+    request,
+    socketPath,
+)
+
+__all__ = [
+    "COMMANDS",
+    "SOCKET_NAME",
+    "ControlError",
+    "ControlProtocol",
+    "ControlService",
+    "ServerNotRunning",
+    "checkQueueId",
+    "describeSpool",
+    "parseRequest",
+    "request",
+    "showEntry",
+    "socketPath",
+    "summarizeRecipients",
+]
 
 log = Logger()
-
-#: The socket's name in the state directory.
-SOCKET_NAME = "control.sock"
 
 #: Commands and whether they take an id: True (required), None (optional),
 #: False (none).
@@ -61,6 +87,7 @@ COMMANDS: dict[str, bool | None] = {
     "delete": True,
     "hold": True,
     "release": True,
+    "rotate-audit": False,
 }
 
 #: Queue ids are hex (L{msa.queue.spool.newQueueId}); anything else is refused
@@ -73,48 +100,6 @@ MAX_HEADER_LINES = 500
 
 #: Longest request line accepted.
 MAX_REQUEST = 1024
-
-
-class ControlError(Exception):
-    """
-    The server (or the spool) refused a command; the message says why.
-    """
-
-
-class ServerNotRunning(ControlError):
-    """
-    Nothing listens on the control socket.
-    """
-
-
-def socketPath(stateDirectory: str) -> str:
-    return os.path.join(stateDirectory, SOCKET_NAME)
-
-
-#: A UNIX socket address holds about 107 bytes.
-_MAX_ADDRESS = 100
-
-
-class _Address:
-    """
-    A name for the socket at C{path} that fits in a socket address: the
-    path itself, or, when it is too long (a deep state directory), the
-    path through C{/proc/self/fd/N} of the directory, opened (Linux).
-    Close it when the name is no longer needed.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd: int | None = None
-        if len(os.fsencode(path)) > _MAX_ADDRESS and os.path.isdir("/proc/self/fd"):
-            directory, name = os.path.split(os.path.abspath(path))
-            self._fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            self.path = f"/proc/self/fd/{self._fd}/{name}"
-
-    def close(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
 
 
 def checkQueueId(queueId: str) -> str:
@@ -255,8 +240,8 @@ class _ControlFactory(protocol.Factory):
 class ControlService(Service):
     """
     Serve the control socket at C{socketPath} for the queue control
-    C{control} (a L{msa.queue.control.QueueControl}, the queue runner's)
-    and its spool C{spool}.
+    C{control} (a L{msa.queue.control.QueueControl}, the queue runner's),
+    its spool C{spool} and the audit log C{audit} (L{None}: off).
 
     A leftover socket from a crashed server is replaced; if another server
     still answers on it, the start fails.
@@ -265,13 +250,19 @@ class ControlService(Service):
     name = "control"  # type: ignore[assignment]  # Twisted types it as None
 
     def __init__(
-        self, socketPath: str, control: QueueControl, spool: Spool, reactor=None
+        self,
+        socketPath: str,
+        control: QueueControl,
+        spool: Spool,
+        reactor=None,
+        audit: AuditLog | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.socketPath = socketPath
         self.control = control
         self.spool = spool
+        self.audit = audit
         self._reactor = reactor
         self._port = None
         self._address: _Address | None = None
@@ -283,6 +274,7 @@ class ControlService(Service):
             "delete": self.do_delete,
             "hold": self.do_hold,
             "release": self.do_release,
+            "rotate-audit": self.do_rotate_audit,
         }
 
     def startService(self) -> None:
@@ -400,49 +392,18 @@ class ControlService(Service):
     def do_release(self, queueId):
         return self.control.release(queueId)
 
+    def do_rotate_audit(self, _) -> defer.Deferred[dict | None]:
+        if self.audit is None:
+            raise ControlError("the audit log is off ([audit] enabled = false)")
 
-# The client side.
+        def rotated(rotation: Rotation | None) -> dict | None:
+            return None if rotation is None else rotation.toJSON()
 
+        def failed(failure):
+            failure.trap(AuditError)
+            raise ControlError(str(failure.value))
 
-def request(
-    path: str, command: str, queueId: str | None = None, timeout: float = 30
-) -> object:
-    """
-    Send one command to the running MSA and wait for its reply (blocking).
-
-    @return: the result.
-    @raise ServerNotRunning: when nothing listens on C{path}.
-    @raise ControlError: when the server refused the command.
-    """
-    line = command if queueId is None else f"{command} {queueId}"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        try:
-            address = _Address(path)
-        except FileNotFoundError as e:
-            raise ServerNotRunning(f"the MSA is not running ({path}: {e.strerror})")
-        try:
-            s.connect(address.path)
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            raise ServerNotRunning(f"the MSA is not running ({path}: {e.strerror})")
-        except OSError as e:
-            raise ControlError(f"{path}: {e.strerror or e}")
-        finally:
-            address.close()
-        s.sendall(line.encode("utf-8") + b"\r\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            try:
-                chunk = s.recv(65536)
-            except TimeoutError:
-                raise ControlError(f"no answer from the MSA within {timeout}s")
-            if not chunk:
-                raise ControlError("the MSA closed the control connection")
-            data += chunk
-    reply = json.loads(data)
-    if not reply.get("ok"):
-        raise ControlError(reply.get("error") or "failed")
-    return reply.get("result")
+        return self.audit.rotateWhenIdle("admin").addCallbacks(rotated, failed)
 
 
 def summarizeRecipients(recipients: dict[str, str]) -> str:

@@ -4,9 +4,13 @@ The small services the daemon runs beside its listeners (L{msa.service.tap}
 puts them in its L{OrderedShutdown}): the log level filter, the JSON log
 file, the audit log, the session shutdown on SIGTERM and the accounts
 watcher.
+
+SIGHUP (C{systemctl reload}) asks two of them: the accounts watcher reloads
+the accounts, the audit log rotates (L{HangupHandler} chains the two).
 """
 
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
@@ -21,7 +25,7 @@ from twisted.logger import (
 
 from msa import metrics
 from msa._compat import publisherObservers
-from msa.audit import AuditError, AuditLog, logHead, recoverRecords
+from msa.audit import AuditError, AuditLog, Rotation, logHead, recoverRecords
 from msa.interfaces import ILiveAccountStore
 from msa.queue.spool import Spool
 from msa.service import logs
@@ -31,6 +35,7 @@ from msa.submission.sessions import SessionRegistry
 __all__ = [
     "AccountWatcher",
     "AuditLogService",
+    "HangupHandler",
     "JSONLogFile",
     "LogLevelFilter",
     "OrderedShutdown",
@@ -38,6 +43,49 @@ __all__ = [
 ]
 
 log = Logger(namespace="msa.service.tap")
+
+
+class HangupHandler:
+    """
+    Run C{action} on the reactor's next turn at each SIGHUP, after the
+    handler installed before (several services answer the signal), while
+    installed.
+    """
+
+    def __init__(self, action: Callable[[], object], reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.action = action
+        self.reactor = reactor
+        self._installed = False
+        self._previous: Any = None
+
+    def _hangup(self, signum: int, frame: Any) -> None:
+        # Signal handlers run between bytecodes of the reactor thread:
+        # hand the action to the reactor's next turn.
+        self.reactor.callFromThread(self.action)
+        if callable(self._previous):
+            self._previous(signum, frame)
+
+    def install(self) -> None:
+        try:
+            self._previous = signal.signal(signal.SIGHUP, self._hangup)
+        except ValueError:
+            # Not the main thread (an embedder's choice): no signal.
+            return
+        self._installed = True
+
+    def uninstall(self) -> None:
+        """
+        Put back the handler installed before (services stop in the
+        reverse order of their start, so each finds its own in place).
+        """
+        if self._installed:
+            # None: a handler not set from Python; the default is the
+            # nearest that can be put back.
+            previous = signal.SIG_DFL if self._previous is None else self._previous
+            signal.signal(signal.SIGHUP, previous)
+            self._installed = False
 
 
 class OrderedShutdown(service.MultiService):
@@ -138,6 +186,9 @@ class AuditLogService(service.Service):
     takes it, even when no other record comes.  Its stop waits, without
     blocking the reactor, for the round in progress and closes the files
     in the thread pool.
+
+    SIGHUP rotates the log (L{rotateOnHangup}), as C{digipoort-msa-admin
+    audit rotate} does through the control socket.
     """
 
     #: Seconds between two tries to write an owed C{lost} record.
@@ -160,11 +211,38 @@ class AuditLogService(service.Service):
         self._retry = task.LoopingCall(self._writeLost)
         if reactor is not None:
             self._retry.clock = reactor
+        self._hangup = HangupHandler(self.rotateOnHangup, reactor)
 
     def startService(self) -> None:
         super().startService()
         logHead(self.audit, "start")
         self._retry.start(self.LOST_RETRY, now=False)
+        self._hangup.install()
+
+    def rotateOnHangup(self) -> defer.Deferred[None]:
+        """
+        Rotate the log in the thread pool, in its rounds (SIGHUP); the
+        rotation is logged with its anchor, a failure as an error (the
+        records go on into the file at the path, chained).
+        """
+
+        def rotated(rotation: Rotation | None) -> None:
+            if rotation is None:
+                log.info(
+                    "audit log: SIGHUP: nothing to rotate, {path} holds no record",
+                    path=self.audit.path,
+                )
+
+        def failed(failure: Any) -> None:
+            log.error(
+                "audit log: SIGHUP: the rotation failed: {error}; the records "
+                "go on in {path}",
+                error=failure.getErrorMessage(),
+                path=self.audit.path,
+            )
+
+        d = self.audit.rotateWhenIdle("SIGHUP")
+        return d.addCallbacks(rotated, failed)
 
     def _writeLost(self) -> defer.Deferred[None] | None:
         if self.audit.lostPending:
@@ -173,6 +251,7 @@ class AuditLogService(service.Service):
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        self._hangup.uninstall()
         if self._retry.running:
             self._retry.stop()
         return self.audit.closeWhenIdle().addCallback(self._closed)
@@ -222,29 +301,17 @@ class AccountWatcher(service.Service):
     def __init__(self, store: ILiveAccountStore, interval: float) -> None:
         self.store = store
         self.interval = max(interval, MINIMUM_WATCH_INTERVAL)
-
-    _previous: Any = None
+        # Looked up at each signal: the store's reload as it is then.
+        self._hangup = HangupHandler(lambda: self.store.reload())
 
     def startService(self) -> None:
         super().startService()
         self.store.startWatching(self.interval)
-        from twisted.internet import reactor
-
-        def hangup(signum, frame):
-            # Signal handlers run between bytecodes of the reactor thread:
-            # hand the reload to the reactor's next turn.
-            reactor.callFromThread(self.store.reload)  # type: ignore[attr-defined]
-
-        try:
-            self._previous = signal.signal(signal.SIGHUP, hangup)
-        except ValueError:
-            # Not the main thread (an embedder's choice): polling only.
-            self._previous = None
+        # Not in the main thread (an embedder's choice): polling only.
+        self._hangup.install()
 
     def stopService(self):
         stopped = self.store.stopWatching()
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
-            self._previous = None
+        self._hangup.uninstall()
         super().stopService()
         return stopped

@@ -307,7 +307,7 @@ def buildService(config: Config, reactor=None) -> OrderedShutdown:
         metricsService = strports.service(config["metrics"]["listen"], site, reactor)
         metricsService.setServiceParent(top)
     ControlService(
-        socketPath(server["state_dir"]), runner.control, spool, reactor
+        socketPath(server["state_dir"]), runner.control, spool, reactor, audit
     ).setServiceParent(top)
     runner.setServiceParent(top)
 
