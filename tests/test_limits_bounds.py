@@ -301,7 +301,7 @@ class ThrottleBoundsSocketTests(unittest.TestCase):
             self,
             server={
                 "auth_delay_base": 0.001,
-                "auth_delay_max": 0.002,
+                "auth_delay_max": 0.01,
                 "max_auth_failures": 2,
             },
         )
