@@ -345,9 +345,10 @@ class IMailboxStore(Interface):
     a protocol.
     """
 
-    def deliver(account, source, size, sha256):
+    def deliver(account, source, size, sha256, auditFields=None):
         """
-        Store one message durably in C{account}'s mailbox.
+        Store one message durably in C{account}'s mailbox, with its
+        C{mailbox-delivered} audit record.
 
         @param account: the account name, L{str}.
         @param source: a readable binary file positioned at the message's
@@ -355,6 +356,8 @@ class IMailboxStore(Interface):
             or links it and never keeps a reference.
         @param size: the message's length in octets.
         @param sha256: the hex SHA-256 of the message, kept with it.
+        @param auditFields: a L{dict} of fields added to the delivery's
+            audit record (the LMTP sender and recipient), or L{None}.
         @return: a L{Deferred} firing with the message's unique id (L{str},
             stable across restarts, never reused) once it is on disk
             (fsynced, directory entry included); failing with

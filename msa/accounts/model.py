@@ -33,7 +33,8 @@ readable by its owner only (mode 0600); L{msa.accounts.filestore.AccountFile}
 refuses it otherwise.
 
 The authorization fields of an account (senders, limits, client
-certificates; see L{msa.policy.authorization}) are kept in L{Account.extra} and
+certificates; see L{msa.policy.authorization}) and its mailbox of return
+messages (L{msa.accounts.mailboxes}) are kept in L{Account.extra} and
 validated when the file is read.
 """
 
@@ -48,6 +49,7 @@ from typing import Any
 
 import attrs
 
+from msa.accounts.mailboxes import MailboxSettings
 from msa.accounts.passwords import b64, hashPassword, parseScrypt, unb64, verifyHash
 from msa.durable import writeDurably
 from msa.policy.authorization import AccountRules
@@ -287,6 +289,7 @@ def _accountFromJSON(where: str, name: str, document: object) -> Account:
     extra = {k: v for k, v in document.items() if k not in _KNOWN_KEYS}
     try:
         AccountRules.fromExtra(extra)
+        MailboxSettings.fromExtra(extra)
     except ValueError as e:
         raise fail(str(e))
     return Account(

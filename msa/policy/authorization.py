@@ -44,8 +44,15 @@ _INT_KEYS = (
 )
 _LIST_KEYS = ("senders", "recipients")
 _BOOL_KEYS = ("requireHeaderFrom",)
-#: Keys handled elsewhere (client certificates) but stored beside these.
-_OTHER_KEYS = ("requireClientCertificate", "certificates")
+#: Keys handled elsewhere (client certificates; the mailbox of return
+#: messages, L{msa.accounts.mailboxes}) but stored beside these.
+_OTHER_KEYS = (
+    "requireClientCertificate",
+    "certificates",
+    "mailboxes",
+    "mailboxMaxBytes",
+    "mailboxMaxMessages",
+)
 KNOWN_KEYS = frozenset(_INT_KEYS + _LIST_KEYS + _BOOL_KEYS + _OTHER_KEYS)
 
 
