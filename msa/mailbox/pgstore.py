@@ -1,0 +1,612 @@
+# -*- test-case-name: tests.test_mailbox_pg -*-
+"""
+The mailboxes in PostgreSQL (R16), for several instances behind one
+front: a message delivered over LMTP into any instance can be fetched over
+POP3 from any other, because they all read and write one database (the one
+that already holds the accounts).
+
+Two tables, created by the first user under an advisory lock:
+C{msa_mailbox_messages} (one row per message: uid, account, delivery time,
+size, SHA-256) and C{msa_mailbox_chunks} (its bytes, in chunks of at most
+1 MiB, deleted with it).  A message up to the size limit (50 MB) never
+has to be in memory whole: a delivery streams the source file into chunks,
+and a reader fetches one chunk at a time (L{msa.mailbox.pgsession}).
+
+A delivery is one transaction per message and account: when its COMMIT
+returns, the message is durable (PostgreSQL's C{synchronous_commit}, on by
+default: the commit record is flushed to the write-ahead log first).  With
+a quota, the transaction first takes an advisory transaction lock of the
+account, so two instances delivering at once count each other's message
+and cannot both pass.  If the connection is lost during the COMMIT itself,
+the store looks for the message on a new connection before it answers, so
+a message that did commit is not refused (and then delivered twice).
+
+A POP3 session's lock is a session-level advisory lock held on a
+connection of its own (L{msa.mailbox.pgsession}): the server drops it when
+the session releases it, when the connection breaks and when the instance
+dies, so a crash never leaves a mailbox locked.
+
+How to connect is given by the service (the accounts' store's C{connect}:
+its keepalives, time-outs and statement time-out, and its messages without
+passwords), so this module parses no URL.  Every statement runs on the
+store's own thread pool (and a message's chunks in the reader's thread),
+never on the reactor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, BinaryIO
+
+import psycopg
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from msa.audit import AuditError, AuditLog
+from msa.errors import MailboxInUse, SMTPReply
+from msa.interfaces import IMailboxStore
+from msa.mailbox.maildir import Quota
+from msa.mailbox.pgsession import PostgresMailbox, StoredRow
+
+__all__ = ["CHUNK_SIZE", "MailboxDatabaseError", "PostgresMailboxStore", "lockKey"]
+
+#: The most bytes of a message one row of C{msa_mailbox_chunks} holds.
+CHUNK_SIZE = 1024 * 1024
+
+SCHEMA_SQL = [
+    """CREATE TABLE IF NOT EXISTS msa_mailbox_messages (
+        uid text PRIMARY KEY,
+        id bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
+        account text NOT NULL,
+        delivered_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        size bigint NOT NULL,
+        sha256 text NOT NULL
+    )""",
+    """CREATE INDEX IF NOT EXISTS msa_mailbox_messages_account
+        ON msa_mailbox_messages (account, id)""",
+    """CREATE INDEX IF NOT EXISTS msa_mailbox_messages_delivered_at
+        ON msa_mailbox_messages (delivered_at)""",
+    """CREATE TABLE IF NOT EXISTS msa_mailbox_chunks (
+        uid text NOT NULL REFERENCES msa_mailbox_messages (uid) ON DELETE CASCADE,
+        seq integer NOT NULL,
+        data bytea NOT NULL,
+        PRIMARY KEY (uid, seq)
+    )""",
+]
+
+
+def lockKey(purpose: str, account: str) -> int:
+    """
+    The advisory lock key (a signed 64-bit integer) of C{account} for
+    C{purpose} (C{"session"}, C{"quota"}, C{"schema"}): distinct purposes
+    never share a key, so a delivery does not wait for a POP3 session.
+    """
+    digest = hashlib.sha256(f"msa-mailbox\0{purpose}\0{account}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class MailboxDatabaseError(OSError):
+    """
+    The mailbox database cannot be reached or refused a statement; the
+    message names it (without a password) and why.  An L{OSError}, as a
+    Maildir's disk error is: the POP3 server answers it the same way.
+    """
+
+
+def quotaRefusal(quota: Quota, messages: int, octets: int, size: int) -> None:
+    """
+    @raise SMTPReply: 452 4.2.2 when one more message of C{size} octets
+        would take a mailbox holding C{messages} messages of C{octets}
+        octets over C{quota}.
+    """
+    if quota.maxMessages and messages + 1 > quota.maxMessages:
+        raise SMTPReply(452, "4.2.2", "Mailbox full: too many messages")
+    if quota.maxBytes and octets + size > quota.maxBytes:
+        raise SMTPReply(452, "4.2.2", "Mailbox full: over its size quota")
+
+
+def _readUpTo(source: BinaryIO, count: int) -> bytes:
+    """
+    Up to C{count} bytes of C{source}, fewer only at its end.
+    """
+    pieces = []
+    while count > 0:
+        piece = source.read(count)
+        if not piece:
+            break
+        pieces.append(piece)
+        count -= len(piece)
+    return b"".join(pieces)
+
+
+def _why(e: BaseException) -> str:
+    return " ".join(str(e).split()) or e.__class__.__name__
+
+
+@implementer(IMailboxStore)
+class PostgresMailboxStore:
+    """
+    The mailboxes of a PostgreSQL database; see the module docstring.
+
+    @param connect: makes a new connection (not in autocommit); raises
+        when it cannot (the accounts' C{msa.accounts.pgstore.connect}).
+    @param where: the database, without a password, for messages and logs.
+    @param audit: the audit log each delivery, deletion and expiry
+        appends to, if any.
+    @param quotaFor: the L{Quota} of an account.
+    @param chunkSize: the most bytes of a message in one row (and in
+        memory while it is copied or read).
+    @param threads: the most statements under way at once (one connection
+        each).
+    @ivar delivered: deliveries made by this store (for the metrics).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        where: str,
+        reactor: Any = None,
+        audit: AuditLog | None = None,
+        quotaFor: Callable[[str], Quota] = lambda account: Quota(),
+        chunkSize: int = CHUNK_SIZE,
+        threads: int = 4,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.where = where
+        self.reactor = reactor
+        self.audit = audit
+        self.quotaFor = quotaFor
+        self.chunkSize = chunkSize
+        self.delivered = 0
+        self._connect = connect
+        self._threads = threads
+        self._pool: ThreadPool | None = None
+        self._idle: list[Any] = []
+        self._idleLock = threading.Lock()
+        self._schemaReady = False
+        #: Releases under way, by account: an L{open} of the same account
+        #: waits for them (a client that quits and comes straight back).
+        self._releasing: dict[str, defer.Deferred[None]] = {}
+
+    # -- threads and connections ----------------------------------------
+
+    def _runBlocking(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        if self._pool is None:
+            self._pool = ThreadPool(0, self._threads, name="mailbox-db")
+            self._pool.start()
+        return threads.deferToThreadPool(self.reactor, self._pool, f, *args)
+
+    @contextmanager
+    def _databaseErrors(self) -> Iterator[None]:
+        """
+        Turn a driver's error into L{MailboxDatabaseError}.
+        """
+        try:
+            yield
+        except psycopg.Error as e:
+            raise MailboxDatabaseError(f"{self.where}: {_why(e)}") from e
+
+    def _take(self, autocommit: bool = False) -> Any:
+        """
+        An idle connection that still answers, or a new one (creating the
+        tables on the first); blocking.
+
+        @raise MailboxDatabaseError: when none can be had.
+        """
+        with self._idleLock:
+            connection = self._idle.pop() if self._idle else None
+        if connection is not None:
+            try:
+                connection.execute("SELECT 1")
+                connection.rollback()
+            except psycopg.Error:
+                self._discard(connection)
+                connection = None
+        if connection is None:
+            try:
+                connection = self._connect()
+            except Exception as e:
+                raise MailboxDatabaseError(_why(e)) from e
+            if not self._schemaReady:
+                try:
+                    with self._databaseErrors():
+                        self._ensureSchema(connection)
+                except MailboxDatabaseError:
+                    self._discard(connection)
+                    raise
+                self._schemaReady = True
+        connection.autocommit = autocommit
+        return connection
+
+    def _ensureSchema(self, connection: Any) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (lockKey("schema", ""),))
+            cursor.execute("SELECT to_regclass('msa_mailbox_chunks') IS NOT NULL")
+            row = cursor.fetchone()
+            if row is None or not row[0]:
+                for statement in SCHEMA_SQL:
+                    cursor.execute(statement)
+        connection.commit()
+
+    def _giveBack(self, connection: Any) -> None:
+        """
+        Keep C{connection} for the next use if it is idle and healthy.
+        """
+        idle = psycopg.pq.TransactionStatus.IDLE
+        if connection.closed or connection.info.transaction_status != idle:
+            self._discard(connection)
+            return
+        with self._idleLock:
+            self._idle.append(connection)
+
+    def _discard(self, connection: Any) -> None:
+        try:
+            connection.close()
+        except Exception:
+            pass
+
+    def close(self) -> defer.Deferred[None]:
+        """
+        Stop the threads (after the statements under way) and close the
+        idle connections.
+        """
+        pool, self._pool = self._pool, None
+        if pool is None:
+            self._closeIdle()
+            return defer.succeed(None)
+        pool.callInThread(self._closeIdle)
+        return threads.deferToThread(pool.stop)
+
+    def _closeIdle(self) -> None:
+        with self._idleLock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            self._discard(connection)
+
+    # -- delivery --------------------------------------------------------
+
+    def deliver(
+        self,
+        account: str,
+        source: BinaryIO,
+        size: int,
+        sha256: str,
+        auditFields: dict[str, Any] | None = None,
+    ) -> defer.Deferred[str]:
+        """
+        Store one message durably in C{account}'s mailbox: see
+        L{IMailboxStore.deliver} and the module docstring.  Fails with
+        L{SMTPReply} 452 4.2.2 over quota, 451 4.3.0 when the database
+        cannot take it (the core keeps it and tries again).
+
+        @param auditFields: added to the C{mailbox-delivered} record.
+        """
+        return self._runBlocking(
+            self._deliverBlocking, account, source, size, sha256, auditFields or {}
+        )
+
+    def _deliverBlocking(
+        self,
+        account: str,
+        source: BinaryIO,
+        size: int,
+        sha256: str,
+        auditFields: dict[str, Any],
+    ) -> str:
+        uid = uuid.uuid4().hex
+        try:
+            self._insert(account, uid, source, size, sha256)
+        except (MailboxDatabaseError, OSError) as e:
+            self.log.error(
+                "Cannot deliver to the mailbox of {account} in {where}: {why}",
+                account=account,
+                where=self.where,
+                why=_why(e),
+            )
+            raise SMTPReply(451, "4.3.0", "Cannot store the message, try again later")
+        if self.audit is not None:
+            try:
+                self.audit.append(
+                    "mailbox-delivered",
+                    account=account,
+                    uid=uid,
+                    size=size,
+                    sha256=sha256,
+                    **auditFields,
+                )
+            except AuditError as e:
+                self._undoDelivery(account, uid, e)
+                raise SMTPReply(
+                    451, "4.3.0", "Cannot store the message, try again later"
+                )
+        self.delivered += 1
+        return uid
+
+    def _insert(
+        self, account: str, uid: str, source: BinaryIO, size: int, sha256: str
+    ) -> None:
+        """
+        Copy the message in one transaction, committed when this returns.
+
+        @raise SMTPReply: over quota (nothing stored).
+        @raise MailboxDatabaseError: the database failed (nothing stored).
+        @raise OSError: the source is not the C{size} octets of C{sha256}
+            (nothing stored).
+        """
+        connection = self._take()
+        committing = False
+        try:
+            with self._databaseErrors(), connection.cursor() as cursor:
+                quota = self.quotaFor(account)
+                if quota.maxBytes or quota.maxMessages:
+                    cursor.execute(
+                        "SELECT pg_advisory_xact_lock(%s)", (lockKey("quota", account),)
+                    )
+                    cursor.execute(
+                        "SELECT count(*), coalesce(sum(size), 0) "
+                        "FROM msa_mailbox_messages WHERE account = %s",
+                        (account,),
+                    )
+                    messages, octets = cursor.fetchone()
+                    quotaRefusal(quota, messages, int(octets), size)
+                cursor.execute(
+                    "INSERT INTO msa_mailbox_messages (uid, account, size, sha256) "
+                    "VALUES (%s, %s, %s, %s)",
+                    (uid, account, size, sha256),
+                )
+                self._copyChunks(cursor, uid, source, size, sha256)
+                committing = True
+                connection.commit()
+        except MailboxDatabaseError:
+            self._discard(connection)
+            if committing and self._committed(uid):
+                return
+            raise
+        except BaseException:
+            self._rollBack(connection)
+            raise
+        self._giveBack(connection)
+
+    def _copyChunks(
+        self, cursor: Any, uid: str, source: BinaryIO, size: int, sha256: str
+    ) -> None:
+        digest = hashlib.sha256()
+        copied = seq = 0
+        while chunk := _readUpTo(source, self.chunkSize):
+            digest.update(chunk)
+            copied += len(chunk)
+            cursor.execute(
+                "INSERT INTO msa_mailbox_chunks (uid, seq, data) VALUES (%s, %s, %b)",
+                (uid, seq, chunk),
+            )
+            seq += 1
+        if copied != size or digest.hexdigest() != sha256:
+            raise OSError(
+                f"the source has {copied} octets (SHA-256 {digest.hexdigest()}),"
+                f" not {size} (SHA-256 {sha256})"
+            )
+
+    def _rollBack(self, connection: Any) -> None:
+        try:
+            connection.rollback()
+        except psycopg.Error:
+            self._discard(connection)
+            return
+        self._giveBack(connection)
+
+    def _committed(self, uid: str) -> bool:
+        """
+        Whether the message C{uid} is in the database, asked on a new
+        connection after its COMMIT's answer was lost.
+        """
+        try:
+            connection = self._take()
+            with self._databaseErrors():
+                found = connection.execute(
+                    "SELECT 1 FROM msa_mailbox_messages WHERE uid = %s", (uid,)
+                ).fetchone()
+                connection.rollback()
+        except MailboxDatabaseError:
+            return False
+        self._giveBack(connection)
+        return found is not None
+
+    def _undoDelivery(self, account: str, uid: str, why: Exception) -> None:
+        """
+        Remove a message whose audit record could not be written: it is
+        refused, so it must not stay.
+        """
+        try:
+            self._delete(account, [uid])
+        except MailboxDatabaseError as e:
+            self.log.critical(
+                "Message {uid} stays in the mailbox of {account} without its "
+                "audit record ({why}) and cannot be removed ({error}): the "
+                "core, told 451, may deliver it again",
+                uid=uid,
+                account=account,
+                why=why,
+                error=e,
+            )
+
+    # -- POP3 sessions ---------------------------------------------------
+
+    def open(self, account: str) -> defer.Deferred[PostgresMailbox]:
+        """
+        Lock C{account}'s mailbox and take its snapshot: see
+        L{IMailboxStore.open}.  Fails with L{MailboxInUse} when a session
+        of any instance holds it, with L{MailboxDatabaseError} when the
+        database cannot be reached.
+        """
+        pending = self._releasing.get(account)
+        if pending is not None:
+            waited: defer.Deferred[None] = defer.Deferred()
+            pending.addCallback(waited.callback)
+            return waited.addCallback(lambda _: self.open(account))
+        return self._runBlocking(self._openBlocking, account)
+
+    def _openBlocking(self, account: str) -> PostgresMailbox:
+        connection = self._take(autocommit=True)
+        try:
+            with self._databaseErrors():
+                [locked] = connection.execute(
+                    "SELECT pg_try_advisory_lock(%s)", (lockKey("session", account),)
+                ).fetchone()
+                if locked:
+                    rows = connection.execute(
+                        "SELECT uid, size, sha256 FROM msa_mailbox_messages "
+                        "WHERE account = %s ORDER BY id",
+                        (account,),
+                    ).fetchall()
+        except MailboxDatabaseError:
+            self._discard(connection)
+            raise
+        if not locked:
+            self._giveBack(connection)
+            raise MailboxInUse(account)
+        return PostgresMailbox(
+            self, account, connection, [StoredRow(*row) for row in rows]
+        )
+
+    def _release(self, account: str, connection: Any) -> defer.Deferred[None]:
+        """
+        Unlock C{account}'s mailbox and keep C{connection} for other uses
+        (or close it, which unlocks as well); never fails.
+        """
+        if connection is None:
+            return defer.succeed(None)
+        d = self._runBlocking(self._unlockBlocking, connection)
+        self._releasing[account] = d
+
+        def done(_: object) -> None:
+            if self._releasing.get(account) is d:
+                del self._releasing[account]
+
+        return d.addBoth(done)
+
+    def _unlockBlocking(self, connection: Any) -> None:
+        try:
+            connection.execute("SELECT pg_advisory_unlock_all()")
+        except psycopg.Error:
+            self._discard(connection)
+            return
+        self._giveBack(connection)
+
+    # -- removal ---------------------------------------------------------
+
+    def _deleteBlocking(
+        self, connection: Any, account: str, uids: Sequence[str]
+    ) -> None:
+        """
+        Delete C{account}'s messages C{uids} in one transaction on the
+        session's C{connection}, with a C{mailbox-deleted} record each.
+        """
+        with self._databaseErrors(), connection.transaction():
+            removed = connection.execute(
+                "DELETE FROM msa_mailbox_messages WHERE account = %s "
+                "AND uid = ANY(%s) RETURNING uid, size, sha256",
+                (account, list(uids)),
+            ).fetchall()
+        self._recordRemovals("mailbox-deleted", account, removed, "pop3")
+
+    def _delete(self, account: str, uids: Sequence[str]) -> None:
+        connection = self._take()
+        try:
+            with self._databaseErrors():
+                connection.execute(
+                    "DELETE FROM msa_mailbox_messages WHERE account = %s "
+                    "AND uid = ANY(%s)",
+                    (account, list(uids)),
+                )
+                connection.commit()
+        except MailboxDatabaseError:
+            self._discard(connection)
+            raise
+        self._giveBack(connection)
+
+    def _recordRemovals(
+        self, event: str, account: str, removed: Sequence[tuple], reason: str
+    ) -> None:
+        """
+        One audit record per message removed (a fact: it is gone whether
+        or not the record can be written; one that cannot is counted as
+        lost by the audit log).
+        """
+        if self.audit is None:
+            return
+        for uid, size, sha256 in removed:
+            try:
+                self.audit.appendFact(
+                    event,
+                    account=account,
+                    uid=uid,
+                    size=size,
+                    sha256=sha256,
+                    reason=reason,
+                )
+            except AuditError as e:
+                self.log.critical(
+                    "Audit record lost: {event} of {uid} in {account}: {why}",
+                    event=event,
+                    uid=uid,
+                    account=account,
+                    why=e,
+                )
+
+    def expire(self, maxAge: float) -> defer.Deferred[int]:
+        """
+        Remove every message delivered (by the database's clock, the same
+        for every instance) more than C{maxAge} seconds ago, with a
+        C{mailbox-expired} audit record each.  A mailbox that a POP3
+        session of any instance holds is left for the next sweep.
+
+        @return: a L{Deferred} firing with the number removed, or failing
+            with L{MailboxDatabaseError}.
+        """
+        return self._runBlocking(self._expireBlocking, float(maxAge))
+
+    def _expireBlocking(self, maxAge: float) -> int:
+        old = "delivered_at < now() - make_interval(secs => %s)"
+        connection = self._take(autocommit=True)
+        removed = 0
+        try:
+            with self._databaseErrors():
+                accounts = connection.execute(
+                    f"SELECT DISTINCT account FROM msa_mailbox_messages WHERE {old}",
+                    (maxAge,),
+                ).fetchall()
+                for (account,) in accounts:
+                    key = lockKey("session", account)
+                    [locked] = connection.execute(
+                        "SELECT pg_try_advisory_lock(%s)", (key,)
+                    ).fetchone()
+                    if not locked:
+                        self.log.info(
+                            "Mailbox of {account} in use: expiry later",
+                            account=account,
+                        )
+                        continue
+                    try:
+                        rows = connection.execute(
+                            "DELETE FROM msa_mailbox_messages WHERE account = %s "
+                            f"AND {old} RETURNING uid, size, sha256",
+                            (account, maxAge),
+                        ).fetchall()
+                    finally:
+                        connection.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                    self._recordRemovals("mailbox-expired", account, rows, "expired")
+                    removed += len(rows)
+        except MailboxDatabaseError:
+            self._discard(connection)
+            raise
+        self._giveBack(connection)
+        return removed
