@@ -330,6 +330,18 @@ class DeliveryFailureTests(PostgresStoreMixin, unittest.TestCase):
         box = yield self.opened()
         self.assertEqual(len(box.messages()), 2)
 
+    @defer.inlineCallbacks
+    def test_databaseRestarted(self):
+        """
+        A connection kept from before the database restarted is found dead
+        before it is used: the first delivery after the restart succeeds.
+        """
+        yield self.deliver()
+        self.pg.stop()
+        self.pg.start()
+        yield self.deliver()
+        self.assertEqual(len(self.uids("alice")), 2)
+
 
 class QuotaTests(PostgresStoreMixin, unittest.TestCase):
     @defer.inlineCallbacks
