@@ -11,10 +11,13 @@ L{metricsResource} on a separate endpoint:
     connection recently (or nothing was waiting to be relayed), else 503;
     always 503 while the relay holds messages the core acknowledged but the
     spool could not remove (L{msa.relay.runner.RelayRunner.unremovable}),
-    and while the shared limits store (Redis) cannot be reached.
+    while the shared limits store (Redis) cannot be reached, and while the
+    return channel cannot take messages from the core (an LMTP listener
+    not listening, the mailbox store failing).
 """
 
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.twisted import MetricsResource
@@ -153,7 +156,13 @@ class HealthResource(Resource):
     isLeaf = True
 
     def __init__(
-        self, spool, window: float = 900.0, clock=time.time, relay=None, limits=None
+        self,
+        spool,
+        window: float = 900.0,
+        clock=time.time,
+        relay=None,
+        limits=None,
+        returnChannel=None,
     ) -> None:
         super().__init__()
         self.spool = spool
@@ -163,6 +172,9 @@ class HealthResource(Resource):
         #: The shared limits (L{msa.policy.redislimits.RedisLimits}), or
         #: L{None}: its C{healthProblem()} says why it is unhealthy.
         self.limits = limits
+        #: The return channel (L{msa.service.returnchannel.ReturnChannel}),
+        #: or L{None}: its C{healthProblem()} says why LMTP delivery fails.
+        self.returnChannel = returnChannel
 
     def render_GET(self, request) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
@@ -175,6 +187,8 @@ class HealthResource(Resource):
                 f"delivered but not removed\n{reasons}"
             ).encode()
         problem = self.limits.healthProblem() if self.limits is not None else None
+        if problem is None and self.returnChannel is not None:
+            problem = self.returnChannel.healthProblem()
         if problem:
             request.setResponseCode(503)
             return f"{problem}\n".encode()
@@ -192,11 +206,67 @@ class HealthResource(Resource):
 
 
 def metricsResource(
-    spool, healthWindow: float = 900.0, relay=None, limits=None
+    spool, healthWindow: float = 900.0, relay=None, limits=None, returnChannel=None
 ) -> Resource:
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry=REGISTRY))
-    root.putChild(
-        b"health", HealthResource(spool, healthWindow, relay=relay, limits=limits)
+    health = HealthResource(
+        spool, healthWindow, relay=relay, limits=limits, returnChannel=returnChannel
     )
+    root.putChild(b"health", health)
     return root
+
+
+# -- the return channel (R16): LMTP deliveries into the mailboxes -----------
+
+MAILBOX_DELIVERIES = Counter(
+    "msa_mailbox_deliveries",
+    "Return messages stored in a mailbox over LMTP (one per mailbox), by reply code",
+    ["code"],
+    registry=REGISTRY,
+)
+
+
+class MailboxCollector:
+    """
+    C{msa_mailbox_messages{account}} and
+    C{msa_mailbox_oldest_seconds{account}}: the messages waiting in each
+    account's mailbox and the age of the oldest, read from the store when
+    scraped (as the queue gauges read the spool).
+
+    A label per account: fine for a gateway, whose accounts are the
+    companies it serves (hundreds, a few thousand), not an unbounded set;
+    a mailbox appears once it has received something.
+    """
+
+    def __init__(self) -> None:
+        #: The store (L{msa.mailbox.MaildirStore}), once the service set it.
+        self.store: Any = None
+        self.clock = time.time
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        waiting = GaugeMetricFamily(
+            "msa_mailbox_messages",
+            "Return messages waiting in an account's mailbox",
+            labels=["account"],
+        )
+        oldest = GaugeMetricFamily(
+            "msa_mailbox_oldest_seconds",
+            "Age of the oldest return message waiting in an account's mailbox",
+            labels=["account"],
+        )
+        store = self.store
+        if store is not None:
+            now = self.clock()
+            for account, entries in store.mailboxSummary():
+                waiting.add_metric([account], float(len(entries)))
+                ages = [now - e.deliveredAt for e in entries]
+                oldest.add_metric([account], max(0.0, max(ages, default=0.0)))
+        yield waiting
+        yield oldest
+
+
+MAILBOXES = MailboxCollector()
+REGISTRY.register(MAILBOXES)

@@ -99,6 +99,8 @@ class RunningMSA:
         baseConfig: str | None = None,
         audit: dict | None = None,
         limits: dict | None = None,
+        lmtp: dict | None = None,
+        mailbox: dict | None = None,
     ):
         self.testCase = testCase
         self.directory = os.path.abspath(testCase.mktemp())
@@ -132,6 +134,10 @@ class RunningMSA:
             sections["audit"] = audit
         if limits:
             sections["limits"] = limits
+        if lmtp:
+            sections["lmtp"] = lmtp
+        if mailbox:
+            sections["mailbox"] = mailbox
         self.configFile = os.path.join(self.directory, "msa.toml")
         if baseConfig is None:
             writeConfig(self.configFile, sections)

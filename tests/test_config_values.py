@@ -320,6 +320,43 @@ BAD: list[Bad] = [
         extra="timeout = 5\n",
     ),
     Bad("limits.fallback", '"ignore"', "must be refuse or local (got 'ignore')"),
+    # [lmtp]
+    Bad("lmtp.listeners", '["ssl:2024"]', f"{_ENDPOINT} (got 'ssl:2024')"),
+    Bad(
+        "lmtp.listeners",
+        '["tcp:2024"]',
+        "needed with a TCP listener, so that only the core can deliver (got "
+        "listeners entry 'tcp:2024' and no allow_from)",
+        named="allow_from",
+    ),
+    Bad("lmtp.tls_listeners", '["tcp:99999"]', f"{_PORT} (got 'tcp:99999')"),
+    Bad(
+        "lmtp.tls_listeners",
+        '["tcp:2025"]',
+        "needed with tls_listeners, whose clients must show a certificate from "
+        "it (got tls_listeners = ['tcp:2025'] and no client_ca)",
+        named="client_ca",
+    ),
+    *path("lmtp.client_ca"),
+    Bad(
+        "lmtp.allow_from",
+        '["192.0.2.0/33"]',
+        "each item must be an address or network such as 192.0.2.0/24 "
+        "(got '192.0.2.0/33')",
+    ),
+    Bad(
+        "lmtp.allow_from",
+        '"192.0.2.0/24"',
+        "must be a list of 0 to 10000 items, each an address or network such "
+        "as 192.0.2.0/24 (got '192.0.2.0/24')",
+    ),
+    *integer("lmtp.max_message_size", 1024, 4 * 1024**3, "1023"),
+    *integer("lmtp.max_recipients", 1, 10000, "0", "10001"),
+    # [mailbox]
+    *path("mailbox.directory"),
+    *number("mailbox.expire_after", 3600, 3650 * DAY, "0", "60"),
+    *integer("mailbox.max_bytes", 1024, 1024 * 1024**3, "0"),
+    *integer("mailbox.max_messages", 1, 10000000, "0", "true"),
 ]
 
 

@@ -21,9 +21,11 @@ import importlib
 import json
 import os
 import re
+import shutil
 import smtplib
 import socket
 import ssl
+import tempfile
 import tomllib
 from collections.abc import Callable
 from typing import Any
@@ -1405,8 +1407,192 @@ ROWS += [
 ]
 
 
+# [lmtp] and [mailbox]: the core delivers to carol's mailbox (@carol.example).
+
+RETURN = b"From: core@digipoort.example\r\nSubject: retour\r\n\r\nontvangen\r\n"
+
+
+def _lmtpSocket(env: Env) -> str:
+    """
+    The group's LMTP socket, in a short directory (sun_path: 107 bytes).
+    """
+
+    def make():
+        directory = tempfile.mkdtemp(prefix="msa-everykey-")
+        env.testCase.addCleanup(shutil.rmtree, directory, True)
+        return os.path.join(directory, "lmtp.sock")
+
+    return env.memo("lmtpSocket", make)
+
+
+def _lmtp(env: Env) -> smtplib.LMTP:
+    client = smtplib.LMTP(_lmtpSocket(env), timeout=10)
+    client.ehlo("core.test")
+    return client
+
+
+def _lmtpDeliver(client: smtplib.LMTP, data: bytes = RETURN) -> tuple[int, bytes]:
+    assert client.mail("core@digipoort.example")[0] == 250
+    code, text = client.rcpt("retour@carol.example")
+    if code != 250:
+        return code, text
+    return client.data(data)
+
+
+def checkLMTPListener(env):
+    client = _lmtp(env)
+    assert client.has_extn("pipelining"), client.ehlo_resp
+    code, text = _lmtpDeliver(client)
+    client.quit()
+    assert code == 250 and text.startswith(b"2.0.0 Ok: delivered as "), text
+
+
+def checkLMTPSize(env):
+    client = _lmtp(env)
+    assert client.esmtp_features["size"] == "2000", client.esmtp_features
+    assert client.mail("core@digipoort.example", ["SIZE=2001"]) == (
+        552,
+        b"5.3.4 Message size exceeds fixed maximum message size",
+    )
+    client.quit()
+
+
+def checkLMTPRecipients(env):
+    client = _lmtp(env)
+    client.mail("core@digipoort.example")
+    for _ in range(2):
+        assert client.rcpt("retour@carol.example") == (250, b"2.1.5 Ok")
+    assert client.rcpt("retour@carol.example") == (
+        452,
+        b"4.5.3 Error: too many recipients",
+    )
+    client.quit()
+
+
+def checkMailboxDirectory(env):
+    client = _lmtp(env)
+    code, text = _lmtpDeliver(client)
+    client.quit()
+    uid = text.split()[-1].decode()
+    new = os.path.join(env.values["mailbox.directory"], "carol", "new")
+    assert [n.split(",")[0] for n in os.listdir(new)].count(uid) == 1, os.listdir(new)
+
+
+def checkAllowFrom(env):
+    """
+    allow_from names 192.0.2.0/24 only: a client from 127.0.0.1 gets no
+    word, the connection is closed.
+    """
+    port = env.port("lmtp")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        try:
+            s.sendall(b"LHLO core.test\r\n")
+            data = s.recv(100)
+        except ConnectionResetError:
+            data = b""
+    assert data == b"", data
+
+
+def _lmtpTLS(env: Env, cert: bool) -> smtplib.LMTP:
+    context = ssl.create_default_context(cafile=env.msa.certFile)
+    context.check_hostname = False
+    if cert:
+        pair = env.memo("coreCert", lambda: env.pki.issue("core", "CORE-1"))
+        context.load_cert_chain(pair[1], pair[2])
+    client = smtplib.LMTP(timeout=10)
+    raw = socket.create_connection(("127.0.0.1", env.port("lmtptls")), timeout=10)
+    client.sock = context.wrap_socket(raw)
+    assert client.getreply()[0] == 220
+    client.ehlo("core.test")
+    return client
+
+
+def checkLMTPTLS(env):
+    client = _lmtpTLS(env, cert=True)
+    code, text = _lmtpDeliver(client)
+    client.quit()
+    assert code == 250, (code, text)
+    try:
+        _lmtpTLS(env, cert=False)
+    except (ssl.SSLError, ConnectionError, smtplib.SMTPServerDisconnected):
+        return
+    raise AssertionError("TLS accepted without a client certificate")
+
+
+def checkQuotaMessages(env):
+    client = _lmtp(env)
+    assert _lmtpDeliver(client)[0] == 250
+    client.rset()
+    assert _lmtpDeliver(client) == (452, b"4.2.2 Mailbox full: too many messages")
+    client.quit()
+
+
+def checkQuotaBytes(env):
+    client = _lmtp(env)
+    assert (
+        _lmtpDeliver(client, RETURN + b"x" * (1024 - len(RETURN) - 2) + b"\r\n")[0]
+        == 250
+    )
+    client.rset()
+    assert _lmtpDeliver(client) == (452, b"4.2.2 Mailbox full: over its size quota")
+    client.quit()
+
+
+def _returnChannel(env):
+    return env.msa.service.getServiceNamed("return-channel")
+
+
+ROWS += [
+    Row(
+        "lmtp.listeners",
+        lambda env: [f"unix:{_lmtpSocket(env)}:mode=600"],
+        checkLMTPListener,
+        "lmtp",
+    ),
+    Row("lmtp.max_message_size", 2000, checkLMTPSize, "lmtp"),
+    Row("lmtp.max_recipients", 2, checkLMTPRecipients, "lmtp"),
+    Row(
+        "mailbox.directory",
+        lambda env: env.path("boxes"),
+        checkMailboxDirectory,
+        "lmtp",
+    ),
+    Row("lmtp.allow_from", ["192.0.2.0/24"], checkAllowFrom, "lmtptcp"),
+    Row(
+        "lmtp.tls_listeners",
+        lambda env: [f"tcp:{env.port('lmtptls')}:interface=127.0.0.1"],
+        checkLMTPTLS,
+        "lmtptls",
+    ),
+    Row("lmtp.client_ca", lambda env: env.pki.caFile, checkLMTPTLS, "lmtptls"),
+    Row("mailbox.max_messages", 1, checkQuotaMessages, "quotamessages"),
+    Row("mailbox.max_bytes", 1024, checkQuotaBytes, "quotabytes"),
+    Row(
+        "mailbox.expire_after",
+        86400,
+        group="lmtp",
+        wired=_attribute(_returnChannel, "expireAfter"),
+        reason="its effect is age: a message must be older than an hour, which "
+        "a test can only set up before the daemon starts",
+        coveredBy=(
+            "tests.test_returnchannel.OperationsTests.test_expiryAtStart",
+            "tests.test_mailbox.ExpiryTests.test_expire",
+        ),
+    ),
+]
+
+
+def _lmtpListener(env: Env) -> dict[str, dict]:
+    return {"lmtp": {"listeners": [f"unix:{_lmtpSocket(env)}"]}}
+
+
 #: What a group needs besides its rows' keys.
 GROUP_BASE: dict[str, Callable[[Env], dict[str, dict]]] = {
+    "lmtptcp": lambda env: {
+        "lmtp": {"listeners": [f"tcp:{env.port('lmtp')}:interface=127.0.0.1"]}
+    },
+    "quotamessages": _lmtpListener,
+    "quotabytes": _lmtpListener,
     # OpenSSL staples only for a certificate whose issuer is in the chain.
     "ocsp": lambda env: {
         "tls": {
@@ -1470,6 +1656,8 @@ SECTIONS = (
     "relay",
     "audit",
     "limits",
+    "lmtp",
+    "mailbox",
 )
 
 
@@ -1478,7 +1666,9 @@ def carol():
     An account with DIGEST-MD5 secrets for the realm the main group sets.
     """
     account = makeAccount(CAROL[0], CAROL[1], ["localhost", "realm.test"])
-    return attrs.evolve(account, extra={"senders": SENDERS})
+    return attrs.evolve(
+        account, extra={"senders": SENDERS, "mailboxes": ["@carol.example"]}
+    )
 
 
 def resolve(name: str) -> object:

@@ -26,6 +26,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 
+from msa import metrics
 from msa.errors import SMTPReply
 from msa.interfaces import IMailboxStore
 from msa.lmtp.access import AddressAllowlist
@@ -78,6 +79,8 @@ class LMTPFactory(protocol.Factory):
     @ivar temporaryDirectory: where messages wait while they arrive.
     @ivar sessions: the sessions open now (for /health and the metrics).
     @ivar delivered: mailbox deliveries made (one per account per message).
+    @ivar storeError: the reply of the last delivery the store failed (a
+        disk error), until one succeeds; for C{/health}.
     """
 
     def __init__(
@@ -99,6 +102,25 @@ class LMTPFactory(protocol.Factory):
         self.reactor = reactor
         self.sessions: set[LMTPServer] = set()
         self.delivered = 0
+        self.storeError: str | None = None
+
+    def noteDeliveries(
+        self, recipients: list[Recipient], replies: list[SMTPReply]
+    ) -> None:
+        """
+        Count one message's mailbox deliveries (one per account) and
+        remember whether the store could take it (L{storeError}).
+        """
+        byAccount = {
+            r.account: reply for r, reply in zip(recipients, replies, strict=True)
+        }
+        for reply in byAccount.values():
+            metrics.MAILBOX_DELIVERIES.labels(str(reply.code)).inc()
+            if reply.code == 250:
+                self.delivered += 1
+                self.storeError = None
+            elif reply.status in ("4.3.0", "4.3.1"):
+                self.storeError = str(reply)
 
     def buildProtocol(self, addr: Any) -> Any:
         if (
@@ -413,13 +435,7 @@ class LMTPServer(protocol.Protocol):
         def replied(replies: list[SMTPReply]) -> None:
             message.discard()
             self.message = None
-            self.factory.delivered += len(
-                {
-                    r.account
-                    for r, reply in zip(recipients, replies, strict=True)
-                    if reply.code == 250
-                }
-            )
+            self.factory.noteDeliveries(recipients, replies)
             self._resetTransaction()
             for recipient, reply in zip(recipients, replies, strict=True):
                 log.info(

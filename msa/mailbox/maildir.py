@@ -142,6 +142,13 @@ class MaildirStore:
         """
         return os.path.join(self.directory, accountDirectoryName(account))
 
+    def ensureDirectory(self) -> None:
+        """
+        Create the mailboxes' directory (mode 0700) if it is missing;
+        blocking, at startup.
+        """
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+
     def _ensureMailbox(self, account: str) -> str:
         """
         Create C{account}'s Maildir if it is missing, durably (the new
@@ -337,6 +344,19 @@ class MaildirStore:
             if not n.startswith(".")
             and os.path.isdir(os.path.join(self.directory, n, "new"))
         )
+
+    def mailboxSummary(self) -> list[tuple[str, list[MailboxEntry]]]:
+        """
+        Every mailbox's account name and messages, oldest first; blocking
+        (directory listings only: the metrics, C{mailbox list}).
+        """
+        return [
+            (
+                decodeAccountDirectory(name),
+                self._listBlocking(os.path.join(self.directory, name)),
+            )
+            for name in self.accountDirectories()
+        ]
 
     # -- POP3 sessions ---------------------------------------------------
 

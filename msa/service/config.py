@@ -209,10 +209,43 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
     except ValueError as e:
         raise ConfigError(f"{_where(path, 'content', 'policy')}: {e}")
     _resolveLimits(path, config["limits"])
+    _resolveReturnChannel(config, absolute)
     if server["listen_backlog"] is None:
         # Room in the kernel's queue for a burst of twice the connection
         # limit, so that each connection over it gets its 421 at once.
         server["listen_backlog"] = min(max(2 * server["max_connections"], 50), 65535)
+
+
+def _resolveReturnChannel(config: Config, absolute) -> None:
+    """
+    C{[lmtp]} and C{[mailbox]}: the defaults from C{[server]}, and an LMTP
+    listener that only the core can reach (R16): TCP needs C{allow_from},
+    TLS needs C{client_ca}.
+    """
+    path, lmtp, mailbox = config.path, config["lmtp"], config["mailbox"]
+    state = config["server"]["state_dir"]
+    mailbox["directory"] = absolute(
+        mailbox["directory"], os.path.join(state, "mailboxes")
+    )
+    lmtp["client_ca"] = absolute(lmtp["client_ca"])
+    if lmtp["max_message_size"] is None:
+        lmtp["max_message_size"] = config["server"]["max_message_size"]
+    if lmtp["tls_listeners"] and not lmtp["client_ca"]:
+        raise ConfigError(
+            f"{_where(path, 'lmtp', 'client_ca')}: needed with tls_listeners, "
+            "whose clients must show a certificate from it (got tls_listeners = "
+            f"{lmtp['tls_listeners']!r} and no client_ca)"
+        )
+    for description in lmtp["listeners"]:
+        local = description.startswith("unix:") or (
+            description.startswith("systemd:") and "domain=UNIX" in description
+        )
+        if not local and not lmtp["allow_from"]:
+            raise ConfigError(
+                f"{_where(path, 'lmtp', 'allow_from')}: needed with a TCP "
+                "listener, so that only the core can deliver (got listeners "
+                f"entry {description!r} and no allow_from)"
+            )
 
 
 def _resolveLimits(path: str | None, limits: dict[str, Any]) -> None:

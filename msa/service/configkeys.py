@@ -14,6 +14,7 @@ A default of L{None} means "not set"; L{msa.service.config} fills in those
 that depend on other keys.
 """
 
+import ipaddress
 from typing import Any
 
 from msa.sasl.registry import mechanismFactories
@@ -60,6 +61,17 @@ def _redisURL(url: str) -> None:
     from msa.policy.redisclient import RedisAddress
 
     RedisAddress.parse(url)
+
+
+def _network(instance: Any, attribute: Any, value: Any) -> None:
+    # A TypeError or ValueError says "must be a network ..." (Key.check).
+    if not isinstance(value, str):
+        raise TypeError(attribute.name)
+    ipaddress.ip_network(value, strict=False)
+
+
+#: An address or network, as C{[lmtp] allow_from} lists them.
+NETWORK = Key("an address or network such as 192.0.2.0/24", _network, None, "")
 
 
 def _policyTables(instance: Any, attribute: Any, value: Any) -> None:
@@ -206,6 +218,39 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_messages_per_connection": integer(
             100, 1, 10000, "Messages over one connection."
         ),
+    },
+    "lmtp": {
+        "listeners": listOf(
+            [],
+            endpoint(None, ""),
+            "LMTP for the core: unix:, or tcp: with allow_from.",
+            most=64,
+        ),
+        "tls_listeners": listOf(
+            [],
+            endpoint(None, ""),
+            "LMTP in TLS, client certificate from client_ca.",
+            most=64,
+        ),
+        "client_ca": path(None, "CA of the core's client certificate."),
+        "allow_from": listOf(
+            [],
+            NETWORK,
+            "Networks TCP clients may come from.",
+            most=10000,
+        ),
+        "max_message_size": integer(
+            None, 1024, 4 * GiB, "Largest message; default [server]'s."
+        ),
+        "max_recipients": integer(1000, 1, 10000, "Recipients per message."),
+    },
+    "mailbox": {
+        "directory": path(None, "The mailboxes (a Maildir each)."),
+        "expire_after": number(
+            None, 3600, 3650 * DAY, "Seconds a message is kept; default ever."
+        ),
+        "max_bytes": integer(None, 1024, 1024 * GiB, "Quota in octets per box."),
+        "max_messages": integer(None, 1, 10000000, "Quota in messages per box."),
     },
     "limits": {
         "backend": choice("memory", LIMITS_BACKENDS, "Where limits are counted."),

@@ -46,6 +46,7 @@ from msa.sasl import MechanismContext
 from msa.service import logs
 from msa.service.config import Config, ConfigError, loadConfig
 from msa.service.controlsocket import ControlService, socketPath
+from msa.service.returnchannel import buildReturnChannel
 from msa.service.services import (
     AccountWatcher,
     AuditLogService,
@@ -228,6 +229,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
     spool = Spool(config["spool"]["directory"], reactor)
     runChecks(certFile, tlsConfig["chain"], config["spool"]["directory"])
     spool.recover()
+    audit = None
     if config["audit"]["enabled"]:
         audit = AuditLog(
             config["audit"]["path"], config["audit"]["max_bytes"], reactor=reactor
@@ -255,6 +257,11 @@ def buildService(config: Config, reactor=None) -> MultiService:
     if sharedLimits is not None:
         sharedLimits.setServiceParent(top)
     metrics.watchQueue(spool)
+    contextArgs = dict(certFile=certFile, keyFile=keyFile, chainFile=tlsConfig["chain"])
+    returnChannel = buildReturnChannel(
+        config, store, audit, contextArgs | tlsArgs, reactor
+    )
+    returnChannel.setServiceParent(top)
     if config["metrics"]["listen"]:
         site = Site(
             metrics.metricsResource(
@@ -262,6 +269,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
                 config["metrics"]["health_window"],
                 relay=runner,
                 limits=sharedLimits,
+                returnChannel=returnChannel,
             )
         )
         # strports.service: a port that cannot be bound fails the start.

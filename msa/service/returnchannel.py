@@ -1,0 +1,180 @@
+# -*- test-case-name: tests.test_returnchannel -*-
+"""
+The return channel's services (R16): the mailbox store, the LMTP
+listeners through which the core delivers into it, and the expiry of old
+messages; built from C{[lmtp]} and C{[mailbox]} by L{buildReturnChannel}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+from msa import metrics, tls
+from msa.accounts.mailboxes import MailboxDirectory
+from msa.lmtp import AddressAllowlist, LMTPFactory, LMTPPolicy
+from msa.mailbox import MaildirStore, Quota
+from msa.service.config import Config
+
+__all__ = ["EXPIRY_INTERVAL", "LMTPListener", "ReturnChannel", "buildReturnChannel"]
+
+log = Logger()
+
+#: Seconds between two sweeps of C{[mailbox] expire_after}.
+EXPIRY_INTERVAL = 3600.0
+
+
+class LMTPListener(Service):
+    """
+    One LMTP listener that knows whether it listens (for C{/health}): a
+    listener that cannot bind fails the start, as C{strports.service} does.
+
+    @ivar port: the listening port, or L{None}.
+    """
+
+    def __init__(self, description: str, factory: Any, reactor: Any) -> None:
+        self.description = description
+        self.endpoint = serverFromString(reactor, description)
+        self.factory = factory
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        outcome: list[Any] = []
+        self.endpoint.listen(self.factory).addBoth(outcome.append)
+        if outcome and isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        if outcome:
+            self.port = outcome[0]
+
+    def stopService(self) -> Any:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return defer.maybeDeferred(port.stopListening)
+        return None
+
+
+class ReturnChannel(MultiService):
+    """
+    The mailbox store and its LMTP listeners, as one service.
+
+    @ivar store: the L{MaildirStore} (the POP3 server reads it too).
+    @ivar factory: the LMTP listeners' L{LMTPFactory}.
+    @ivar listeners: the listener services, for C{/health}.
+    @ivar expireAfter: C{[mailbox] expire_after}: seconds a message is kept
+        (swept every L{EXPIRY_INTERVAL}), or L{None}.
+    """
+
+    def __init__(self, store: MaildirStore, factory: LMTPFactory) -> None:
+        super().__init__()
+        self.setName("return-channel")
+        self.store = store
+        self.factory = factory
+        self.listeners: list[LMTPListener] = []
+        self.expireAfter: float | None = None
+
+    def healthProblem(self) -> str | None:
+        """
+        What keeps the core from delivering return messages, or L{None}: a
+        listener that is not listening, or a store that failed the last
+        delivery it was given (until one succeeds).
+        """
+        for listener in self.listeners:
+            if self.running and listener.port is None:
+                return f"LMTP listener {listener.description} is not listening"
+        if self.factory.storeError is not None:
+            return f"mailbox store failing: {self.factory.storeError}"
+        return None
+
+
+def buildReturnChannel(
+    config: Config, accounts: Any, audit: Any, contextArgs: dict, reactor: Any
+) -> ReturnChannel:
+    """
+    The return channel of C{config}.
+
+    @param accounts: the live account store, whose accounts say which
+        mailbox a recipient belongs to (L{MailboxDirectory}).
+    @param audit: the audit log (L{msa.audit.AuditLog}), or L{None}.
+    @param contextArgs: the server certificate and TLS settings, as
+        L{msa.tls.serverContextFactory} takes them, for C{tls_listeners}.
+    """
+    lmtp, mailbox = config["lmtp"], config["mailbox"]
+    directory = MailboxDirectory(
+        accounts.accounts,
+        Quota(
+            maxBytes=mailbox["max_bytes"] or 0,
+            maxMessages=mailbox["max_messages"] or 0,
+        ),
+    )
+    store = MaildirStore(
+        mailbox["directory"], reactor, audit=audit, quotaFor=directory.quotaFor
+    )
+    store.ensureDirectory()
+    removed = store.recover(minAge=0)
+    if removed:
+        log.warn(
+            "mailboxes: removed {count} partial deliveries left by a crash "
+            "(never acknowledged)",
+            count=removed,
+        )
+    metrics.MAILBOXES.store = store
+    server = config["server"]
+    factory = LMTPFactory(
+        store,
+        directory.accountFor,
+        LMTPPolicy(
+            hostname=server["hostname"],
+            maxMessageSize=lmtp["max_message_size"],
+            maxLineLength=server["max_line_length"],
+            maxRecipients=lmtp["max_recipients"],
+            idleTimeout=server["idle_timeout"],
+        ),
+        allowlist=AddressAllowlist(lmtp["allow_from"]) or None,
+        temporaryDirectory=store.directory,
+        reactor=reactor,
+    )
+    channel = ReturnChannel(store, factory)
+    if lmtp["tls_listeners"]:
+        contextFactory = tls.serverContextFactory(
+            **contextArgs,
+            clientCertificates="require",
+            clientCAFile=lmtp["client_ca"],
+        )
+    for key, served in (("listeners", factory), ("tls_listeners", None)):
+        for description in lmtp[key]:
+            listenerFactory: IProtocolFactory = served or TLSMemoryBIOFactory(
+                contextFactory, False, factory
+            )
+            # A listener that cannot bind fails the start (twistd exits).
+            listener = LMTPListener(description, listenerFactory, reactor)
+            listener.setServiceParent(channel)
+            channel.listeners.append(listener)
+    channel.expireAfter = mailbox["expire_after"]
+    if mailbox["expire_after"] is not None:
+        TimerService(
+            EXPIRY_INTERVAL, _expire, store, mailbox["expire_after"]
+        ).setServiceParent(channel)
+    return channel
+
+
+def _expire(store: MaildirStore, maxAge: float) -> Any:
+    d = store.expire(maxAge)
+
+    def done(count: int) -> None:
+        if count:
+            log.info("mailboxes: {count} message(s) expired", count=count)
+
+    def failed(failure: Any) -> None:
+        log.failure("mailbox expiry failed", failure)
+
+    return d.addCallbacks(done, failed)
