@@ -441,10 +441,10 @@ class SessionLockTests(PostgresStoreMixin, unittest.TestCase):
         """
         box = yield self.store.open("alice")
         dispatched: list[str] = []
-        run = self.store._runBlocking
+        run = self.store.database.run
         self.patch(
-            self.store,
-            "_runBlocking",
+            self.store.database,
+            "run",
             lambda f, *a: (dispatched.append(f.__name__), run(f, *a))[1],
         )
         box.release()

@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from msa.envelope import StoredMessage
 from msa.interfaces import IMailbox
+from msa.mailbox.pgremoval import deleteMessages
 
 if TYPE_CHECKING:
     from msa.mailbox.pgstore import PostgresMailboxStore
@@ -51,11 +52,14 @@ class StoredRow:
     @ivar uid: its unique id (POP3 UIDL).
     @ivar size: its length in octets.
     @ivar sha256: the hex SHA-256 delivered with it.
+    @ivar deliveredAt: POSIX time of its delivery, by the database's clock
+        (only where a listing asks for it: the metrics).
     """
 
     uid: str
     size: int
     sha256: str
+    deliveredAt: float = 0.0
 
 
 class MessageReader(io.RawIOBase):
@@ -170,10 +174,10 @@ class PostgresMailbox:
             row = self._row(uid)
         except KeyError as e:
             return defer.fail(e)
-        return self._store._runBlocking(self._openBlocking, self._connection, row)
+        return self._store.database.run(self._openBlocking, self._connection, row)
 
     def _openBlocking(self, connection: Any, row: StoredRow) -> MessageReader:
-        with self._store._databaseErrors():
+        with self._store.database.errors():
             found = connection.execute(
                 "SELECT 1 FROM msa_mailbox_messages WHERE account = %s AND uid = %s",
                 (self.account, row.uid),
@@ -184,7 +188,7 @@ class PostgresMailbox:
             )
 
         def fetch(seq: int) -> bytes | None:
-            with self._store._databaseErrors():
+            with self._store.database.errors():
                 result = connection.execute(
                     _READ_CHUNK, (self.account, row.uid, seq), binary=True
                 ).fetchone()
@@ -204,8 +208,10 @@ class PostgresMailbox:
             rows = [self._row(uid) for uid in uids]
         except KeyError as e:
             return defer.fail(e)
-        d = self._store._runBlocking(
-            self._store._deleteBlocking,
+        d = self._store.database.run(
+            deleteMessages,
+            self._store.database,
+            self._store.audit,
             self._connection,
             self.account,
             [row.uid for row in rows],

@@ -26,77 +26,40 @@ connection of its own (L{msa.mailbox.pgsession}): the server drops it when
 the session releases it, when the connection breaks and when the instance
 dies, so a crash never leaves a mailbox locked.
 
-How to connect is given by the service (the accounts' store's C{connect}:
-its keepalives, time-outs and statement time-out, and its messages without
-passwords), so this module parses no URL.  Every statement runs on the
-store's own thread pool (and a message's chunks in the reader's thread),
+Every statement runs on the store's own thread pool
+(L{msa.mailbox.pgdatabase}; a message's chunks in the reader's thread),
 never on the reactor.
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import psycopg
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from msa.audit import AuditError, AuditLog
 from msa.errors import MailboxInUse, SMTPReply
 from msa.interfaces import IMailboxStore
 from msa.mailbox.maildir import Quota
+from msa.mailbox.pgdatabase import (
+    MailboxDatabase,
+    MailboxDatabaseError,
+    lockKey,
+    oneLine,
+)
+from msa.mailbox.pgremoval import expireMessages
 from msa.mailbox.pgsession import PostgresMailbox, StoredRow
 
-__all__ = ["CHUNK_SIZE", "MailboxDatabaseError", "PostgresMailboxStore", "lockKey"]
+__all__ = ["CHUNK_SIZE", "MailboxDatabaseError", "PostgresMailboxStore"]
 
 #: The most bytes of a message one row of C{msa_mailbox_chunks} holds.
 CHUNK_SIZE = 1024 * 1024
-
-SCHEMA_SQL = [
-    """CREATE TABLE IF NOT EXISTS msa_mailbox_messages (
-        uid text PRIMARY KEY,
-        id bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
-        account text NOT NULL,
-        delivered_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-        size bigint NOT NULL,
-        sha256 text NOT NULL
-    )""",
-    """CREATE INDEX IF NOT EXISTS msa_mailbox_messages_account
-        ON msa_mailbox_messages (account, id)""",
-    """CREATE INDEX IF NOT EXISTS msa_mailbox_messages_delivered_at
-        ON msa_mailbox_messages (delivered_at)""",
-    """CREATE TABLE IF NOT EXISTS msa_mailbox_chunks (
-        uid text NOT NULL REFERENCES msa_mailbox_messages (uid) ON DELETE CASCADE,
-        seq integer NOT NULL,
-        data bytea NOT NULL,
-        PRIMARY KEY (uid, seq)
-    )""",
-]
-
-
-def lockKey(purpose: str, account: str) -> int:
-    """
-    The advisory lock key (a signed 64-bit integer) of C{account} for
-    C{purpose} (C{"session"}, C{"quota"}, C{"schema"}): distinct purposes
-    never share a key, so a delivery does not wait for a POP3 session.
-    """
-    digest = hashlib.sha256(f"msa-mailbox\0{purpose}\0{account}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
-
-
-class MailboxDatabaseError(OSError):
-    """
-    The mailbox database cannot be reached or refused a statement; the
-    message names it (without a password) and why.  An L{OSError}, as a
-    Maildir's disk error is: the POP3 server answers it the same way.
-    """
 
 
 def quotaRefusal(quota: Quota, messages: int, octets: int, size: int) -> None:
@@ -125,10 +88,6 @@ def _readUpTo(source: BinaryIO, count: int) -> bytes:
     return b"".join(pieces)
 
 
-def _why(e: BaseException) -> str:
-    return " ".join(str(e).split()) or e.__class__.__name__
-
-
 @implementer(IMailboxStore)
 class PostgresMailboxStore:
     """
@@ -145,6 +104,7 @@ class PostgresMailboxStore:
     @param threads: the most statements under way at once (one connection
         each).
     @ivar delivered: deliveries made by this store (for the metrics).
+    @ivar database: its threads and connections (L{MailboxDatabase}).
     """
 
     log = Logger()
@@ -161,116 +121,22 @@ class PostgresMailboxStore:
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
-        self.where = where
         self.reactor = reactor
         self.audit = audit
         self.quotaFor = quotaFor
         self.chunkSize = chunkSize
         self.delivered = 0
-        self._connect = connect
-        self._threads = threads
-        self._pool: ThreadPool | None = None
-        self._idle: list[Any] = []
-        self._idleLock = threading.Lock()
-        self._schemaReady = False
+        self.database = MailboxDatabase(connect, where, reactor, threads)
         #: Releases under way, by account: an L{open} of the same account
         #: waits for them (a client that quits and comes straight back).
         self._releasing: dict[str, defer.Deferred[None]] = {}
 
-    # -- threads and connections ----------------------------------------
-
-    def _runBlocking(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        if self._pool is None:
-            self._pool = ThreadPool(0, self._threads, name="mailbox-db")
-            self._pool.start()
-        return threads.deferToThreadPool(self.reactor, self._pool, f, *args)
-
-    @contextmanager
-    def _databaseErrors(self) -> Iterator[None]:
-        """
-        Turn a driver's error into L{MailboxDatabaseError}.
-        """
-        try:
-            yield
-        except psycopg.Error as e:
-            raise MailboxDatabaseError(f"{self.where}: {_why(e)}") from e
-
-    def _take(self, autocommit: bool = False) -> Any:
-        """
-        An idle connection that still answers, or a new one (creating the
-        tables on the first); blocking.
-
-        @raise MailboxDatabaseError: when none can be had.
-        """
-        with self._idleLock:
-            connection = self._idle.pop() if self._idle else None
-        if connection is not None:
-            try:
-                connection.execute("SELECT 1")
-                connection.rollback()
-            except psycopg.Error:
-                self._discard(connection)
-                connection = None
-        if connection is None:
-            try:
-                connection = self._connect()
-            except Exception as e:
-                raise MailboxDatabaseError(_why(e)) from e
-            if not self._schemaReady:
-                try:
-                    with self._databaseErrors():
-                        self._ensureSchema(connection)
-                except MailboxDatabaseError:
-                    self._discard(connection)
-                    raise
-                self._schemaReady = True
-        connection.autocommit = autocommit
-        return connection
-
-    def _ensureSchema(self, connection: Any) -> None:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (lockKey("schema", ""),))
-            cursor.execute("SELECT to_regclass('msa_mailbox_chunks') IS NOT NULL")
-            row = cursor.fetchone()
-            if row is None or not row[0]:
-                for statement in SCHEMA_SQL:
-                    cursor.execute(statement)
-        connection.commit()
-
-    def _giveBack(self, connection: Any) -> None:
-        """
-        Keep C{connection} for the next use if it is idle and healthy.
-        """
-        idle = psycopg.pq.TransactionStatus.IDLE
-        if connection.closed or connection.info.transaction_status != idle:
-            self._discard(connection)
-            return
-        with self._idleLock:
-            self._idle.append(connection)
-
-    def _discard(self, connection: Any) -> None:
-        try:
-            connection.close()
-        except Exception:
-            pass
-
     def close(self) -> defer.Deferred[None]:
         """
-        Stop the threads (after the statements under way) and close the
-        idle connections.
+        Stop the store's threads (after the statements under way) and close
+        its idle connections; the sessions' own close on release.
         """
-        pool, self._pool = self._pool, None
-        if pool is None:
-            self._closeIdle()
-            return defer.succeed(None)
-        pool.callInThread(self._closeIdle)
-        return threads.deferToThread(pool.stop)
-
-    def _closeIdle(self) -> None:
-        with self._idleLock:
-            idle, self._idle = self._idle, []
-        for connection in idle:
-            self._discard(connection)
+        return self.database.close()
 
     # -- delivery --------------------------------------------------------
 
@@ -290,7 +156,7 @@ class PostgresMailboxStore:
 
         @param auditFields: added to the C{mailbox-delivered} record.
         """
-        return self._runBlocking(
+        return self.database.run(
             self._deliverBlocking, account, source, size, sha256, auditFields or {}
         )
 
@@ -309,8 +175,8 @@ class PostgresMailboxStore:
             self.log.error(
                 "Cannot deliver to the mailbox of {account} in {where}: {why}",
                 account=account,
-                where=self.where,
-                why=_why(e),
+                where=self.database.where,
+                why=oneLine(e),
             )
             raise SMTPReply(451, "4.3.0", "Cannot store the message, try again later")
         if self.audit is not None:
@@ -342,10 +208,10 @@ class PostgresMailboxStore:
         @raise OSError: the source is not the C{size} octets of C{sha256}
             (nothing stored).
         """
-        connection = self._take()
+        connection = self.database.take()
         committing = False
         try:
-            with self._databaseErrors(), connection.cursor() as cursor:
+            with self.database.errors(), connection.cursor() as cursor:
                 quota = self.quotaFor(account)
                 if quota.maxBytes or quota.maxMessages:
                     cursor.execute(
@@ -367,14 +233,14 @@ class PostgresMailboxStore:
                 committing = True
                 connection.commit()
         except MailboxDatabaseError:
-            self._discard(connection)
+            self.database.discard(connection)
             if committing and self._committed(uid):
                 return
             raise
         except BaseException:
-            self._rollBack(connection)
+            self.database.rollBack(connection)
             raise
-        self._giveBack(connection)
+        self.database.giveBack(connection)
 
     def _copyChunks(
         self, cursor: Any, uid: str, source: BinaryIO, size: int, sha256: str
@@ -395,29 +261,21 @@ class PostgresMailboxStore:
                 f" not {size} (SHA-256 {sha256})"
             )
 
-    def _rollBack(self, connection: Any) -> None:
-        try:
-            connection.rollback()
-        except psycopg.Error:
-            self._discard(connection)
-            return
-        self._giveBack(connection)
-
     def _committed(self, uid: str) -> bool:
         """
         Whether the message C{uid} is in the database, asked on a new
         connection after its COMMIT's answer was lost.
         """
         try:
-            connection = self._take()
-            with self._databaseErrors():
+            connection = self.database.take()
+            with self.database.errors():
                 found = connection.execute(
                     "SELECT 1 FROM msa_mailbox_messages WHERE uid = %s", (uid,)
                 ).fetchone()
                 connection.rollback()
         except MailboxDatabaseError:
             return False
-        self._giveBack(connection)
+        self.database.giveBack(connection)
         return found is not None
 
     def _undoDelivery(self, account: str, uid: str, why: Exception) -> None:
@@ -425,9 +283,18 @@ class PostgresMailboxStore:
         Remove a message whose audit record could not be written: it is
         refused, so it must not stay.
         """
+        connection = None
         try:
-            self._delete(account, [uid])
+            connection = self.database.take()
+            with self.database.errors():
+                connection.execute(
+                    "DELETE FROM msa_mailbox_messages WHERE account = %s AND uid = %s",
+                    (account, uid),
+                )
+                connection.commit()
         except MailboxDatabaseError as e:
+            if connection is not None:
+                self.database.discard(connection)
             self.log.critical(
                 "Message {uid} stays in the mailbox of {account} without its "
                 "audit record ({why}) and cannot be removed ({error}): the "
@@ -437,6 +304,8 @@ class PostgresMailboxStore:
                 why=why,
                 error=e,
             )
+            return
+        self.database.giveBack(connection)
 
     # -- POP3 sessions ---------------------------------------------------
 
@@ -452,12 +321,12 @@ class PostgresMailboxStore:
             waited: defer.Deferred[None] = defer.Deferred()
             pending.addCallback(waited.callback)
             return waited.addCallback(lambda _: self.open(account))
-        return self._runBlocking(self._openBlocking, account)
+        return self.database.run(self._openBlocking, account)
 
     def _openBlocking(self, account: str) -> PostgresMailbox:
-        connection = self._take(autocommit=True)
+        connection = self.database.take(autocommit=True)
         try:
-            with self._databaseErrors():
+            with self.database.errors():
                 [locked] = connection.execute(
                     "SELECT pg_try_advisory_lock(%s)", (lockKey("session", account),)
                 ).fetchone()
@@ -468,14 +337,42 @@ class PostgresMailboxStore:
                         (account,),
                     ).fetchall()
         except MailboxDatabaseError:
-            self._discard(connection)
+            self.database.discard(connection)
             raise
         if not locked:
-            self._giveBack(connection)
+            self.database.giveBack(connection)
             raise MailboxInUse(account)
         return PostgresMailbox(
             self, account, connection, [StoredRow(*row) for row in rows]
         )
+
+    def mailboxSummary(self) -> list[tuple[str, list[StoredRow]]]:
+        """
+        Every mailbox's account name and messages, oldest first, for the
+        metrics (C{msa_mailbox_messages}, C{msa_mailbox_oldest_seconds});
+        blocking.  While the database cannot be reached: none, with a
+        warning (the deliveries' 451 and C{/health} say it louder).
+        """
+        connection = None
+        try:
+            connection = self.database.take()
+            with self.database.errors():
+                rows = connection.execute(
+                    "SELECT account, uid, size, sha256, "
+                    "extract(epoch FROM delivered_at)::float8 "
+                    "FROM msa_mailbox_messages ORDER BY account, id"
+                ).fetchall()
+                connection.rollback()
+        except MailboxDatabaseError as e:
+            if connection is not None:
+                self.database.discard(connection)
+            self.log.warn("Cannot count the mailboxes: {why}", why=e)
+            return []
+        self.database.giveBack(connection)
+        summary: dict[str, list[StoredRow]] = {}
+        for account, *row in rows:
+            summary.setdefault(account, []).append(StoredRow(*row))
+        return list(summary.items())
 
     def _release(self, account: str, connection: Any) -> defer.Deferred[None]:
         """
@@ -484,7 +381,7 @@ class PostgresMailboxStore:
         """
         if connection is None:
             return defer.succeed(None)
-        d = self._runBlocking(self._unlockBlocking, connection)
+        d = self.database.run(self._unlockBlocking, connection)
         self._releasing[account] = d
 
         def done(_: object) -> None:
@@ -497,70 +394,11 @@ class PostgresMailboxStore:
         try:
             connection.execute("SELECT pg_advisory_unlock_all()")
         except psycopg.Error:
-            self._discard(connection)
+            self.database.discard(connection)
             return
-        self._giveBack(connection)
+        self.database.giveBack(connection)
 
     # -- removal ---------------------------------------------------------
-
-    def _deleteBlocking(
-        self, connection: Any, account: str, uids: Sequence[str]
-    ) -> None:
-        """
-        Delete C{account}'s messages C{uids} in one transaction on the
-        session's C{connection}, with a C{mailbox-deleted} record each.
-        """
-        with self._databaseErrors(), connection.transaction():
-            removed = connection.execute(
-                "DELETE FROM msa_mailbox_messages WHERE account = %s "
-                "AND uid = ANY(%s) RETURNING uid, size, sha256",
-                (account, list(uids)),
-            ).fetchall()
-        self._recordRemovals("mailbox-deleted", account, removed, "pop3")
-
-    def _delete(self, account: str, uids: Sequence[str]) -> None:
-        connection = self._take()
-        try:
-            with self._databaseErrors():
-                connection.execute(
-                    "DELETE FROM msa_mailbox_messages WHERE account = %s "
-                    "AND uid = ANY(%s)",
-                    (account, list(uids)),
-                )
-                connection.commit()
-        except MailboxDatabaseError:
-            self._discard(connection)
-            raise
-        self._giveBack(connection)
-
-    def _recordRemovals(
-        self, event: str, account: str, removed: Sequence[tuple], reason: str
-    ) -> None:
-        """
-        One audit record per message removed (a fact: it is gone whether
-        or not the record can be written; one that cannot is counted as
-        lost by the audit log).
-        """
-        if self.audit is None:
-            return
-        for uid, size, sha256 in removed:
-            try:
-                self.audit.appendFact(
-                    event,
-                    account=account,
-                    uid=uid,
-                    size=size,
-                    sha256=sha256,
-                    reason=reason,
-                )
-            except AuditError as e:
-                self.log.critical(
-                    "Audit record lost: {event} of {uid} in {account}: {why}",
-                    event=event,
-                    uid=uid,
-                    account=account,
-                    why=e,
-                )
 
     def expire(self, maxAge: float) -> defer.Deferred[int]:
         """
@@ -572,41 +410,6 @@ class PostgresMailboxStore:
         @return: a L{Deferred} firing with the number removed, or failing
             with L{MailboxDatabaseError}.
         """
-        return self._runBlocking(self._expireBlocking, float(maxAge))
-
-    def _expireBlocking(self, maxAge: float) -> int:
-        old = "delivered_at < now() - make_interval(secs => %s)"
-        connection = self._take(autocommit=True)
-        removed = 0
-        try:
-            with self._databaseErrors():
-                accounts = connection.execute(
-                    f"SELECT DISTINCT account FROM msa_mailbox_messages WHERE {old}",
-                    (maxAge,),
-                ).fetchall()
-                for (account,) in accounts:
-                    key = lockKey("session", account)
-                    [locked] = connection.execute(
-                        "SELECT pg_try_advisory_lock(%s)", (key,)
-                    ).fetchone()
-                    if not locked:
-                        self.log.info(
-                            "Mailbox of {account} in use: expiry later",
-                            account=account,
-                        )
-                        continue
-                    try:
-                        rows = connection.execute(
-                            "DELETE FROM msa_mailbox_messages WHERE account = %s "
-                            f"AND {old} RETURNING uid, size, sha256",
-                            (account, maxAge),
-                        ).fetchall()
-                    finally:
-                        connection.execute("SELECT pg_advisory_unlock(%s)", (key,))
-                    self._recordRemovals("mailbox-expired", account, rows, "expired")
-                    removed += len(rows)
-        except MailboxDatabaseError:
-            self._discard(connection)
-            raise
-        self._giveBack(connection)
-        return removed
+        return self.database.run(
+            expireMessages, self.database, self.audit, float(maxAge)
+        )
