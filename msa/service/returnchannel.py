@@ -3,10 +3,16 @@
 The return channel's services (R16): the mailbox store, the LMTP
 listeners through which the core delivers into it, and the expiry of old
 messages; built from C{[lmtp]} and C{[mailbox]} by L{buildReturnChannel}.
+
+The store is a Maildir per account under the state directory, or, with
+C{[mailbox] store = "postgresql://..."}, the database every instance
+shares (L{msa.mailbox.pgstore}), so that a message delivered into one
+instance is fetched from any.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from twisted.application.internet import TimerService
@@ -20,8 +26,11 @@ from twisted.python.failure import Failure
 
 from msa import metrics, tls
 from msa.accounts.mailboxes import MailboxDirectory
+from msa.accounts.pgstore import connect, describe
+from msa.interfaces import IMailboxStore
 from msa.lmtp import AddressAllowlist, LMTPFactory, LMTPPolicy
 from msa.mailbox import MaildirStore, Quota
+from msa.mailbox.pgstore import PostgresMailboxStore
 from msa.service.config import Config
 
 __all__ = ["EXPIRY_INTERVAL", "LMTPListener", "ReturnChannel", "buildReturnChannel"]
@@ -67,20 +76,32 @@ class ReturnChannel(MultiService):
     """
     The mailbox store and its LMTP listeners, as one service.
 
-    @ivar store: the L{MaildirStore} (the POP3 server reads it too).
+    @ivar store: the L{MaildirStore} or L{PostgresMailboxStore} (the POP3
+        server reads it too).
     @ivar factory: the LMTP listeners' L{LMTPFactory}.
     @ivar listeners: the listener services, for C{/health}.
     @ivar expireAfter: C{[mailbox] expire_after}: seconds a message is kept
         (swept every L{EXPIRY_INTERVAL}), or L{None}.
     """
 
-    def __init__(self, store: MaildirStore, factory: LMTPFactory) -> None:
+    def __init__(self, store: IMailboxStore, factory: LMTPFactory) -> None:
         super().__init__()
         self.setName("return-channel")
         self.store = store
         self.factory = factory
         self.listeners: list[LMTPListener] = []
         self.expireAfter: float | None = None
+
+    def stopService(self) -> defer.Deferred[None]:
+        """
+        Stop the listeners, then the database store's threads and
+        connections.
+        """
+        d = defer.maybeDeferred(super().stopService)
+        if isinstance(self.store, PostgresMailboxStore):
+            store = self.store
+            d.addCallback(lambda _: store.close())
+        return d
 
     def healthProblem(self) -> str | None:
         """
@@ -116,17 +137,32 @@ def buildReturnChannel(
             maxMessages=mailbox["max_messages"] or 0,
         ),
     )
-    store = MaildirStore(
-        mailbox["directory"], reactor, audit=audit, quotaFor=directory.quotaFor
-    )
-    store.ensureDirectory()
-    removed = store.recover(minAge=0)
-    if removed:
-        log.warn(
-            "mailboxes: removed {count} partial deliveries left by a crash "
-            "(never acknowledged)",
-            count=removed,
+    store: MaildirStore | PostgresMailboxStore
+    if mailbox["store"] == "maildir":
+        store = MaildirStore(
+            mailbox["directory"], reactor, audit=audit, quotaFor=directory.quotaFor
         )
+        store.ensureDirectory()
+        removed = store.recover(minAge=0)
+        if removed:
+            log.warn(
+                "mailboxes: removed {count} partial deliveries left by a crash "
+                "(never acknowledged)",
+                count=removed,
+            )
+        temporaryDirectory = store.directory
+    else:
+        # The accounts' connection settings (keepalives, time-outs) and
+        # their messages without passwords.
+        url = mailbox["store"]
+        store = PostgresMailboxStore(
+            functools.partial(connect, url),
+            describe(url),
+            reactor,
+            audit=audit,
+            quotaFor=directory.quotaFor,
+        )
+        temporaryDirectory = config["server"]["state_dir"]
     metrics.MAILBOXES.store = store
     server = config["server"]
     factory = LMTPFactory(
@@ -140,7 +176,7 @@ def buildReturnChannel(
             idleTimeout=server["idle_timeout"],
         ),
         allowlist=AddressAllowlist(lmtp["allow_from"]) or None,
-        temporaryDirectory=store.directory,
+        temporaryDirectory=temporaryDirectory,
         reactor=reactor,
     )
     channel = ReturnChannel(store, factory)
@@ -167,7 +203,7 @@ def buildReturnChannel(
     return channel
 
 
-def _expire(store: MaildirStore, maxAge: float) -> Any:
+def _expire(store: MaildirStore | PostgresMailboxStore, maxAge: float) -> Any:
     d = store.expire(maxAge)
 
     def done(count: int) -> None:
