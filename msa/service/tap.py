@@ -46,6 +46,7 @@ from msa.sasl import MechanismContext
 from msa.service import logs
 from msa.service.config import Config, ConfigError, loadConfig
 from msa.service.controlsocket import ControlService, socketPath
+from msa.service.pop3service import addPOP3Listeners
 from msa.service.returnchannel import buildReturnChannel
 from msa.service.services import (
     AccountWatcher,
@@ -365,6 +366,19 @@ def buildService(config: Config, reactor=None) -> MultiService:
                 withBacklog(inner, server["listen_backlog"]), listenerFactory, reactor
             )
             listener.setServiceParent(top)
+    addPOP3Listeners(
+        top,
+        config,
+        reactor,
+        portal,
+        store,
+        returnChannel.store,
+        spool.audit,
+        serverRules.throttle,
+        contextFactory,
+        mechanismContext,
+        withBacklog,
+    )
     return top
 
 
