@@ -1,0 +1,174 @@
+# -*- test-case-name: tests.test_mailbox_pg_instances -*-
+"""
+Issue 19's proof of the shared mailbox store: two daemons built from TOML
+files (L{tests.e2e.RunningMSA}), their accounts and mailboxes in one
+PostgreSQL database (C{[accounts] store} and C{[mailbox] store}), their
+POP3 listeners behind a real HAProxy (L{tests.haproxyfront.HAProxy}, round
+robin, PROXY protocol v2).  The core delivers over LMTP into instance A;
+the company fetches and deletes over POP3 with STLS through the front,
+where it reaches instance B; a second session meanwhile, which the front
+sends to A, gets C{-ERR [IN-USE]}.  Which instance a connection reached is
+read from its greeting (each instance has its own C{[server] hostname}).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import poplib
+import smtplib
+import ssl
+
+import psycopg
+from twisted.internet import defer, threads
+from twisted.trial import unittest
+
+from msa.accounts.pgstore import AccountTable
+from msa.tls import ensureSelfSignedCertificate
+from tests.e2e import RunningMSA, freePort, requireProgram
+from tests.haproxyfront import HAProxy
+from tests.pgserver import PostgreSQLServer
+from tests.test_pop3_e2e import MESSAGE, auditEvents
+from tests.test_returnchannel import lmtpDeliver, mailboxAccount
+
+PASSWORD = "acme password"
+
+#: A return message of about 2.5 MB: three chunks of the database store,
+#: lines that start with a dot (dot-stuffed on both protocols), 8-bit.
+LARGE = b"Subject: beoordeling\r\n\r\n" + b"".join(
+    (b"." if n % 7 == 0 else b"") + b"regel %06d \xc3\xa9 " % n + b"x" * 60 + b"\r\n"
+    for n in range(32000)
+)
+
+
+class TwoInstancesTests(unittest.TestCase):
+    def setUp(self):
+        requireProgram(self, "haproxy")
+        self.pg = PostgreSQLServer(self)
+        table = AccountTable(self.pg.url)
+        table.save(mailboxAccount("acme", ["retour@acme.nl"]))
+        table.close()
+        certFile, keyFile = ensureSelfSignedCertificate(
+            os.path.abspath(self.mktemp()), "localhost"
+        )
+        self.lmtpPort = freePort()
+        self.pop3Ports = [freePort(), freePort()]
+        self.a, self.b = (
+            RunningMSA(
+                self,
+                server={"hostname": hostname},
+                tls={"certificate": certFile, "key": keyFile},
+                accounts={"store": self.pg.url},
+                mailbox={"store": self.pg.url},
+                lmtp=lmtp,
+                pop3={
+                    "starttls_listeners": [f"haproxy:tcp:{port}:interface=127.0.0.1"],
+                    "implicit_tls_listeners": [],
+                },
+            )
+            for hostname, port, lmtp in zip(
+                ("a.msa.test", "b.msa.test"),
+                self.pop3Ports,
+                [
+                    {
+                        "listeners": [f"tcp:{self.lmtpPort}:interface=127.0.0.1"],
+                        "allow_from": ["127.0.0.1"],
+                    },
+                    None,
+                ],
+                strict=True,
+            )
+        )
+        self.certFile = certFile
+        self.front = HAProxy(self, self.a.directory, self.pop3Ports).port
+
+    def deliverToA(self) -> list[tuple[int, bytes]]:
+        client = smtplib.LMTP("127.0.0.1", self.lmtpPort, timeout=30)
+        try:
+            client.ehlo("core.digipoort.example")
+            return [
+                lmtpDeliver(client, ["retour@acme.nl"], data)[-1]
+                for data in (MESSAGE, LARGE)
+            ]
+        finally:
+            client.quit()
+
+    def twoSessions(self) -> dict[bytes, poplib.POP3]:
+        """
+        Two connections through the front, after STLS, by the hostname of
+        the instance each reached (round robin: one each); blocking.
+        """
+        sessions = {}
+        for _ in range(2):
+            client = poplib.POP3("127.0.0.1", self.front, timeout=30)
+            sessions[client.getwelcome().split()[1]] = client
+            client.stls(ssl.create_default_context(cafile=self.certFile))
+        self.assertEqual(sorted(sessions), [b"a.msa.test", b"b.msa.test"])
+        return sessions
+
+    def fetchOnBWhileAIsRefused(self):
+        """
+        The session on B logs in, lists and reads both messages; the one on
+        A is meanwhile refused at login; then B deletes both and quits.
+        Blocking.
+        """
+        sessions = self.twoSessions()
+        first, second = sessions[b"b.msa.test"], sessions[b"a.msa.test"]
+        first.user("acme")
+        first.pass_(PASSWORD)
+        uids = [line.split()[1].decode() for line in first.uidl()[1]]
+        fetched = []
+        for number in range(1, len(uids) + 1):
+            _, lines, _ = first.retr(number)
+            fetched.append(b"".join(line + b"\r\n" for line in lines))
+        second.user("acme")
+        try:
+            second.pass_(PASSWORD)
+        except poplib.error_proto as e:
+            refusal = e.args[0]
+        else:
+            refusal = b"(logged in)"
+        second.close()
+        for number in range(1, len(uids) + 1):
+            first.dele(number)
+        bye = first.quit()
+        return uids, fetched, refusal, bye
+
+    def stored(self) -> list[tuple]:
+        with psycopg.connect(self.pg.url) as connection:
+            return connection.execute(
+                "SELECT account, uid FROM msa_mailbox_messages ORDER BY id"
+            ).fetchall()
+
+    @defer.inlineCallbacks
+    def test_deliverOnAFetchAndDeleteOnB(self):
+        replies = yield threads.deferToThread(self.deliverToA)
+        delivered = [text.split()[-1].decode() for _, text in replies]
+        self.assertEqual([code for code, _ in replies], [250, 250])
+        self.assertEqual(self.stored(), [("acme", uid) for uid in delivered])
+
+        uids, fetched, refusal, bye = yield threads.deferToThread(
+            self.fetchOnBWhileAIsRefused
+        )
+        self.assertEqual(uids, delivered)
+        self.assertEqual(fetched, [MESSAGE, LARGE])
+        self.assertTrue(refusal.startswith(b"-ERR [IN-USE]"), refusal)
+        self.assertTrue(bye.startswith(b"+OK"), bye)
+        self.assertEqual(self.stored(), [])
+
+        # Each instance recorded what it did: A the deliveries, B the
+        # retrievals and deletions.
+        digests = [hashlib.sha256(m).hexdigest() for m in (MESSAGE, LARGE)]
+        self.assertEqual(
+            [(r["uid"], r["sha256"]) for r in auditEvents(self.a, "mailbox-delivered")],
+            list(zip(delivered, digests, strict=True)),
+        )
+        self.assertEqual(
+            [r["uid"] for r in auditEvents(self.b, "mailbox-retrieved")], delivered
+        )
+        self.assertEqual(
+            sorted(r["uid"] for r in auditEvents(self.b, "mailbox-deleted")),
+            sorted(delivered),
+        )
+        self.assertEqual(auditEvents(self.a, "mailbox-retrieved"), [])
+        self.assertEqual(auditEvents(self.b, "mailbox-delivered"), [])
