@@ -1,6 +1,8 @@
-# -*- test-case-name: tests.test_mailbox_pg_instances -*-
+# -*- test-case-name: tests.test_mailbox_pg_daemon -*-
 """
-Issue 19's proof of the shared mailbox store: two daemons built from TOML
+The PostgreSQL mailbox store through the daemon (issue 19).
+
+L{TwoInstancesTests} is the issue's proof: two daemons built from TOML
 files (L{tests.e2e.RunningMSA}), their accounts and mailboxes in one
 PostgreSQL database (C{[accounts] store} and C{[mailbox] store}), their
 POP3 listeners behind a real HAProxy (L{tests.haproxyfront.HAProxy}, round
@@ -9,6 +11,9 @@ the company fetches and deletes over POP3 with STLS through the front,
 where it reaches instance B; a second session meanwhile, which the front
 sends to A, gets C{-ERR [IN-USE]}.  Which instance a connection reached is
 read from its greeting (each instance has its own C{[server] hostname}).
+
+L{OneInstanceTests}: the quota and a database outage as the core and the
+company see them over LMTP and POP3.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import psycopg
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from msa.accounts.pgstore import AccountTable
+from msa.accounts.pgstore import AccountTable, describe
+from msa.mailbox.pgstore import MailboxDatabaseError
 from msa.tls import ensureSelfSignedCertificate
 from tests.e2e import RunningMSA, freePort, requireProgram
 from tests.haproxyfront import HAProxy
@@ -172,3 +178,98 @@ class TwoInstancesTests(unittest.TestCase):
         )
         self.assertEqual(auditEvents(self.a, "mailbox-retrieved"), [])
         self.assertEqual(auditEvents(self.b, "mailbox-delivered"), [])
+
+
+class OneInstanceTests(unittest.TestCase):
+    """
+    One daemon on the shared store, with acme and bakker (whose mailbox
+    holds one message).
+    """
+
+    def setUp(self):
+        self.pg = PostgreSQLServer(self)
+        table = AccountTable(self.pg.url)
+        table.save(
+            mailboxAccount("acme", ["retour@acme.nl"])
+            | mailboxAccount("bakker", ["retour@bakker.nl"], mailboxMaxMessages=1)
+        )
+        table.close()
+        self.lmtpPort = freePort()
+        self.msa = RunningMSA(
+            self,
+            accounts={"store": self.pg.url},
+            mailbox={"store": self.pg.url},
+            lmtp={
+                "listeners": [f"tcp:{self.lmtpPort}:interface=127.0.0.1"],
+                "allow_from": ["127.0.0.1"],
+            },
+            pop3={},
+        )
+
+    def deliver(self, recipients: list[str]) -> list[tuple[int, bytes]]:
+        """
+        One LMTP transaction of L{MESSAGE}: the replies after the dot.
+        """
+        client = smtplib.LMTP("127.0.0.1", self.lmtpPort, timeout=30)
+        try:
+            client.ehlo("core.digipoort.example")
+            return lmtpDeliver(client, recipients, MESSAGE)[len(recipients) :]
+        finally:
+            client.quit()
+
+    def fetch(self, user: str) -> list[bytes]:
+        """
+        Log in over STLS and read every message (or the login's -ERR).
+        """
+        client = poplib.POP3("127.0.0.1", self.msa.pop3Port, timeout=30)
+        try:
+            client.stls(self.msa.clientContext())
+            client.user(user)
+            try:
+                client.pass_(PASSWORD if user == "acme" else "bakker password")
+            except poplib.error_proto as e:
+                return [e.args[0]]
+            count = len(client.list()[1])
+            return [
+                b"".join(line + b"\r\n" for line in client.retr(n)[1])
+                for n in range(1, count + 1)
+            ]
+        finally:
+            client.close()
+
+    @defer.inlineCallbacks
+    def test_quotaPerRecipient(self):
+        """
+        bakker's mailbox is full after one message: the next gets
+        452 4.2.2 for bakker only, and acme's copy of it is delivered.
+        """
+        [first] = yield threads.deferToThread(self.deliver, ["retour@bakker.nl"])
+        self.assertEqual(first[0], 250)
+        replies = yield threads.deferToThread(
+            self.deliver, ["retour@bakker.nl", "retour@acme.nl"]
+        )
+        self.assertEqual(replies[0], (452, b"4.2.2 Mailbox full: too many messages"))
+        self.assertEqual(replies[1][0], 250)
+        self.assertEqual((yield threads.deferToThread(self.fetch, "bakker")), [MESSAGE])
+
+    @defer.inlineCallbacks
+    def test_databaseOutage(self):
+        """
+        While the database is down, the core's delivery gets 451 4.3.0 (it
+        keeps the message and tries again) and the company's login
+        -ERR [SYS/TEMP]; once it is back, both work, on new connections.
+        """
+        self.pg.stop()
+        replies = yield threads.deferToThread(self.deliver, ["retour@acme.nl"])
+        self.assertEqual(
+            replies, [(451, b"4.3.0 Cannot store the message, try again later")]
+        )
+        [refusal] = yield threads.deferToThread(self.fetch, "acme")
+        self.assertTrue(refusal.startswith(b"-ERR [SYS/TEMP]"), refusal)
+        # The POP3 server logs why the login failed, with the database named.
+        [logged] = self.flushLoggedErrors(MailboxDatabaseError)
+        self.assertIn(describe(self.pg.url), str(logged.value))
+        self.pg.start()
+        [reply] = yield threads.deferToThread(self.deliver, ["retour@acme.nl"])
+        self.assertEqual(reply[0], 250)
+        self.assertEqual((yield threads.deferToThread(self.fetch, "acme")), [MESSAGE])
