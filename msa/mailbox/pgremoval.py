@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mailbox_pg -*-
+# -*- test-case-name: tests.test_mailbox_pg_sessions -*-
 """
 Messages leaving the PostgreSQL mailbox store (L{msa.mailbox.pgstore}):
 deleted by their company at the end of a POP3 session, or expired after

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mailbox_pg -*-
+# -*- test-case-name: tests.test_mailbox_pg_sessions -*-
 """
 One mailbox of the PostgreSQL store (L{msa.mailbox.pgstore}) locked for a
 POP3 session (L{PostgresMailbox}), and a message of it read chunk by chunk
