@@ -85,6 +85,43 @@ class SessionLockTests(PostgresStoreMixin, unittest.TestCase):
         yield again.release()
 
     @defer.inlineCallbacks
+    def test_serverNoticesAVanishedInstance(self):
+        """
+        The backend holding a session's lock has TCP keepalives of its own
+        (about 11 seconds to notice a peer that is gone, not the kernel's
+        two hours): an instance whose host vanishes without closing its
+        connections does not keep the mailbox locked.
+        """
+        box = yield self.opened()
+        settings = box._connection.execute(
+            "SELECT name, setting FROM pg_settings WHERE name IN ("
+            "'tcp_keepalives_idle', 'tcp_keepalives_interval', "
+            "'tcp_keepalives_count', 'tcp_user_timeout') ORDER BY name"
+        ).fetchall()
+        self.assertEqual(
+            settings,
+            [
+                ("tcp_keepalives_count", "3"),
+                ("tcp_keepalives_idle", "5"),
+                ("tcp_keepalives_interval", "2"),
+                ("tcp_user_timeout", "15000"),
+            ],
+        )
+
+    @defer.inlineCallbacks
+    def test_releaseAfterTheStoreStopped(self):
+        """
+        A session that outlives its store (the daemon stopping while a
+        client is connected) still gives its lock up, on the reactor's
+        threads: no new pool of threads is left behind.
+        """
+        box = yield self.store.open("alice")
+        yield self.store.close()
+        yield box.release()
+        self.assertIsNone(self.store.database._pool)
+        yield self.opened(self.makeStore())
+
+    @defer.inlineCallbacks
     def test_accountsKeptApart(self):
         """
         Alice's session cannot read or delete Bob's message by naming its

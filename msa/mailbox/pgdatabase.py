@@ -46,6 +46,20 @@ SCHEMA_SQL = [
 ]
 
 
+#: The server's side of the TCP keepalives (the client's are the accounts'
+#: C{connect}'s): a POP3 session's lock lives in its connection's backend,
+#: and the server must notice within seconds, not the kernel's two hours,
+#: that an instance's host vanished without closing it.
+SERVER_KEEPALIVES = (
+    "SET tcp_keepalives_idle = 5",
+    "SET tcp_keepalives_interval = 2",
+    "SET tcp_keepalives_count = 3",
+)
+#: The most milliseconds sent data may stay unacknowledged (PostgreSQL 12
+#: and later).
+SERVER_USER_TIMEOUT = "SET tcp_user_timeout = 15000"
+
+
 def lockKey(purpose: str, account: str) -> int:
     """
     The advisory lock key (a signed 64-bit integer) of C{account} for
@@ -90,11 +104,18 @@ class MailboxDatabase:
         self._idle: list[Any] = []
         self._idleLock = threading.Lock()
         self._schemaReady = False
+        self._closed = False
 
     def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         """
-        Call C{f} on one of the pool's threads.
+        Call C{f} on one of the pool's threads; after L{close} (a POP3
+        session that outlives the store at shutdown releasing its lock) on
+        the reactor's, which the reactor stops, rather than on a new pool
+        that nothing would stop.
         """
+        if self._closed:
+            pool = self._reactor.getThreadPool()
+            return threads.deferToThreadPool(self._reactor, pool, f, *args)
         if self._pool is None:
             self._pool = ThreadPool(0, self._threads, name="mailbox-db")
             self._pool.start()
@@ -132,14 +153,19 @@ class MailboxDatabase:
                 connection = self._connect()
             except Exception as e:
                 raise MailboxDatabaseError(oneLine(e)) from e
-            if not self._schemaReady:
-                try:
-                    with self.errors():
+            try:
+                with self.errors():
+                    for setting in SERVER_KEEPALIVES:
+                        connection.execute(setting)
+                    if connection.info.server_version >= 120000:
+                        connection.execute(SERVER_USER_TIMEOUT)
+                    connection.commit()
+                    if not self._schemaReady:
                         self._ensureSchema(connection)
-                except MailboxDatabaseError:
-                    self.discard(connection)
-                    raise
-                self._schemaReady = True
+            except MailboxDatabaseError:
+                self.discard(connection)
+                raise
+            self._schemaReady = True
         connection.autocommit = autocommit
         return connection
 
@@ -195,6 +221,7 @@ class MailboxDatabase:
         Stop the threads (after the statements under way) and close the
         idle connections.
         """
+        self._closed = True
         pool, self._pool = self._pool, None
         if pool is None:
             self._closeIdle()
