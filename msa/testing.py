@@ -55,6 +55,7 @@ from zope.interface import implementer
 from msa import envelope
 from msa.accounts.checkers import SubmissionRealm
 from msa.accounts.model import FAILURE_TEXT, Account
+from msa.accounts.passwords import unb64
 from msa.envelope import Envelope
 from msa.errors import MailboxInUse, SMTPReply
 from msa.interfaces import IAccountStore, IMailbox, IMailboxStore, ISpool, ISpoolWriter
@@ -258,6 +259,17 @@ class MemoryAccountStore:
 
     def getAccount(self, name: str) -> Account | None:
         return self.accounts.get(name)
+
+    def scramParameters(
+        self, username: str, mechanism: str
+    ) -> tuple[bytes, int] | None:
+        """
+        The salt and iterations of a SCRAM secret, for
+        L{msa.sasl.MechanismContext} (as the account file gives them).
+        """
+        account = self.accounts.get(username)
+        keys = account.scram.get(mechanism) if account is not None else None
+        return None if keys is None else (unb64(keys["salt"]), keys["iterations"])
 
 
 @implementer(ICredentialsChecker)

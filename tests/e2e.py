@@ -99,9 +99,9 @@ class RunningMSA:
         baseConfig: str | None = None,
         audit: dict | None = None,
         limits: dict | None = None,
+        pop3: dict | None = None,
         lmtp: dict | None = None,
         mailbox: dict | None = None,
-        pop3: dict | None = None,
     ):
         self.testCase = testCase
         self.directory = os.path.abspath(testCase.mktemp())
@@ -142,7 +142,9 @@ class RunningMSA:
         #: The POP3 listeners' ports (STLS, implicit TLS) when C{pop3} is
         #: given, and the mailboxes they read.
         self.pop3Port = self.pop3sPort = 0
-        self.mailboxes = os.path.join(self.state, "mailboxes")
+        self.mailboxes = (mailbox or {}).get("directory") or os.path.join(
+            self.state, "mailboxes"
+        )
         if pop3 is not None:
             self.pop3Port, self.pop3sPort = freePort(), freePort()
             sections["pop3"] = {

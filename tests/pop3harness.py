@@ -20,6 +20,7 @@ from msa.accounts.clientcert import CertificateBindingRealm
 from msa.accounts.model import Account, makeAccount
 from msa.policy.authorization import AuthThrottle
 from msa.pop3 import MailboxRealm, POP3Factory, POP3Policy
+from msa.sasl import MechanismContext
 from msa.testing import MemoryAccountStore, MemoryMailboxStore, TLSStringTransport
 
 PASSWORDS = {"alice": "wonderland", "bob": "builder pass", "carol": "c4rol"}
@@ -72,6 +73,9 @@ class POP3Harness:
                 portal,
                 POP3Policy(**policy),
                 tlsContextFactory=object(),
+                mechanismContext=MechanismContext(
+                    scramParameters=self.accounts.scramParameters
+                ),
                 authThrottle=AuthThrottle(clock=self.clock.seconds),
                 audit=self,
                 reactor=self.clock,

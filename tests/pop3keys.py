@@ -73,19 +73,12 @@ def checkExpire(env) -> None:
 
 def lines(port: int, count: int, send: bytes = b"") -> list[bytes]:
     """
-    Connect in plaintext, send C{send}, read C{count} lines (fewer if the
-    server closes first).
+    L{tests.test_everykey.rawLines} (imported when called: that module
+    imports this one).
     """
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(send)
-        f = s.makefile("rb")
-        got = []
-        for _ in range(count):
-            line = f.readline()
-            if not line:
-                break
-            got.append(line)
-        return got
+    from tests.test_everykey import rawLines
+
+    return rawLines(port, count, send)
 
 
 def checkLineLength(env) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -16,6 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from msa.errors import SMTPReply
 from msa.lmtp import AddressAllowlist, LMTPFactory, LMTPPolicy
 from msa.mailbox import MaildirStore, Quota
 
@@ -286,3 +288,52 @@ class AllowlistTests(unittest.TestCase):
         self.assertIsNone(factory.buildProtocol(IPv6Address("TCP", "::2", 5)))
         self.assertIsNotNone(factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5)))
         self.assertIsNotNone(factory.buildProtocol(UNIXAddress(None)))
+
+
+class _SlowStore:
+    """
+    An L{IMailboxStore} whose deliveries wait until the test fires them.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[str, bytes, defer.Deferred]] = []
+
+    def deliver(self, account, source, size, sha256, auditFields=None):
+        d: defer.Deferred = defer.Deferred()
+        self.pending.append((account, source.read(), d))
+        return d
+
+
+class PipeliningTests(unittest.TestCase):
+    def test_repliesWaitForTheMailboxes(self):
+        """
+        Commands pipelined after the final dot are answered only after the
+        message's per-recipient replies, which wait for the mailboxes: no
+        250 goes out before the store has the message.
+        """
+        clock = Clock()
+        store = _SlowStore()
+        factory = LMTPFactory(store, accountFor, reactor=clock)
+        session = Session(factory)
+        replies = session.send(
+            b"LHLO core.test\r\nMAIL FROM:<>\r\nRCPT TO:<retour@acme.nl>\r\n"
+            b"RCPT TO:<retour@bakker.nl>\r\nDATA\r\n" + MESSAGE + b".\r\n"
+            b"MAIL FROM:<>\r\nNOOP\r\n"
+        )
+        self.assertEqual(replies[-1], b"354 End data with <CR><LF>.<CR><LF>")
+        self.assertEqual(
+            [(account, data) for account, data, _ in store.pending],
+            [("acme", MESSAGE), ("bakker", MESSAGE)],
+        )
+        store.pending[1][2].callback("uid-bakker")
+        self.assertEqual(session.take(), [])
+        store.pending[0][2].errback(Failure(SMTPReply(452, "4.2.2", "Mailbox full")))
+        self.assertEqual(
+            session.take(),
+            [
+                b"452 4.2.2 Mailbox full",
+                b"250 2.0.0 Ok: delivered as uid-bakker",
+                b"250 2.1.0 Ok",
+                b"250 2.0.0 Ok",
+            ],
+        )

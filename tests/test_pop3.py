@@ -329,6 +329,40 @@ class TransactionTests(unittest.TestCase):
         self.h.drop()
         self.assertEqual(self.h.mailboxes.locked, set())
 
+    def test_stalledRetrieval(self):
+        """
+        A client that stops reading in the middle of a RETR holds its
+        session only until the idle deadline: the connection is aborted
+        without a C{-ERR} inside the message, the lock is given up and
+        nothing is deleted.
+        """
+        big = self.h.mailboxes.add("alice", b"Subject: big\r\n\r\n" + b"y" * 200000)
+        self.h.drop()
+        self.h.connect()
+        self.h.login()
+        transport = self.h.transport
+        write = transport.write
+
+        def fullAfterWrite(data):
+            write(data)
+            if transport.producer is not None:
+                transport.producer.pauseProducing()
+
+        transport.write = fullAfterWrite
+        self.h.command(b"DELE 1")
+        # Not through command(), which lets the clock run while a reply
+        # is pending.
+        self.h.server.dataReceived(b"RETR 3\r\n")
+        self.assertTrue(self.h.take().startswith(b"+OK 200016 octets\r\n"))
+        self.h.clock.advance(599)
+        self.assertFalse(transport.disconnected)
+        self.h.clock.advance(2)
+        self.assertTrue(transport.disconnected)
+        self.assertNotIn(b"-ERR", self.h.take())
+        self.h.drop()
+        self.assertEqual(self.h.mailboxes.locked, set())
+        self.assertEqual(list(self.h.mailboxes.mailboxes["alice"]), [*self.uids, big])
+
     def test_noCapaLoginAfterLogin(self):
         capa = self.h.command(b"CAPA")
         self.assertNotIn(b"SASL", capa)
@@ -380,3 +414,31 @@ class LimitTests(unittest.TestCase):
             b"\xd9\xa1",
         ):
             self.assertIsNone(parseNumber(bad), bad)
+
+
+class AbandonedLoginTests(unittest.TestCase):
+    def test_droppedBeforeFinalResponse(self):
+        """
+        SCRAM's login is complete on the server's side (the mailbox is
+        locked) when it sends its final message; a client that leaves
+        before answering it leaves no lock behind.
+        """
+        scramp = pytestImport("scramp")
+        h = POP3Harness()
+        h.secure()
+        client = scramp.ScramClient(["SCRAM-SHA-256"], "alice", "wonderland")
+        first = base64.b64encode(client.get_client_first().encode())
+        challenge = h.command(b"AUTH SCRAM-SHA-256 " + first)
+        client.set_server_first(base64.b64decode(challenge[2:]).decode())
+        final = h.command(base64.b64encode(client.get_client_final().encode()))
+        client.set_server_final(base64.b64decode(final[2:]).decode())
+        self.assertEqual(h.mailboxes.locked, {"alice"})
+        h.drop()
+        self.assertEqual(h.mailboxes.locked, set())
+
+
+def pytestImport(name: str):
+    try:
+        return __import__(name)
+    except ImportError:  # pragma: no cover
+        raise unittest.SkipTest(f"{name} not installed") from None

@@ -4,7 +4,9 @@ Real POP3 clients against the assembled daemon (R16): each fetches over
 STLS and over implicit TLS where it can, logs in with the mechanisms it
 has, and the message it stored is compared with the one delivered.
 mpop logs in with SCRAM-SHA-256 and DIGEST-MD5 (GNU SASL), fetchmail and
-getmail6 and Perl's Net::POP3 with USER/PASS.
+getmail6 and Perl's Net::POP3 with USER/PASS, Jakarta Mail's POP3 provider
+(C{tests/JakartaPop3Fetch.java}) with USER/PASS and AUTH PLAIN, and
+NeoMutt's fetch-mail (C{pop://} and C{pops://}) in a tmux terminal.
 getmail6 has no STLS for POP3, so it fetches over implicit TLS only.
 
 The programs are Debian packages that run-tests.sh installs; under
@@ -18,8 +20,16 @@ from twisted.trial import unittest
 
 from tests.e2e import USERS, RunningMSA, requireProgram, runProgram
 from tests.test_pop3_e2e import MESSAGE, deliver, messageFiles
+from tests.waiting import waitUntil
 
 PASSWORD = USERS["alice"]
+
+JAKARTA_SOURCE = os.path.join(os.path.dirname(__file__), "JakartaPop3Fetch.java")
+#: Debian's libjakarta-mail-java and the activation jar it needs.
+JAKARTA_JARS = [
+    "/usr/share/java/jakarta-mail.jar",
+    "/usr/share/java/jakarta-activation.jar",
+]
 
 
 def maildir(testCase: unittest.TestCase) -> str:
@@ -64,6 +74,8 @@ class ClientTests(unittest.TestCase):
         """
         Deliver L{MESSAGE}, run the client, and check it stored the
         message whole and deleted it from the server.
+
+        @return: a L{Deferred} of what the client printed.
         """
         yield deliver(self.msa, "alice", MESSAGE)
         out, err, code = yield runProgram(program, args)
@@ -71,6 +83,7 @@ class ClientTests(unittest.TestCase):
         [message] = fetched(box)
         self.assertEqual(withoutAddedHeaders(message), MESSAGE)
         self.assertEqual(messageFiles(self.msa), [])
+        return out + err
 
     # -- mpop (GNU SASL) -------------------------------------------------
 
@@ -217,3 +230,114 @@ $pop->quit or die 'quit';
 
     def test_netPOP3UserImplicit(self):
         return self._netPOP3(implicit=True, login="login")
+
+    # -- Jakarta Mail ----------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _jakarta(self, implicit: bool, mechanisms: str | None = None):
+        java = requireProgram(self, "java")
+        javac = requireProgram(self, "javac")
+        for jar in JAKARTA_JARS:
+            if not os.path.exists(jar):
+                if os.environ.get("CI") == "true":
+                    self.fail(f"{jar} missing (run-tests.sh installs it)")
+                raise unittest.SkipTest(f"{jar} missing")
+        classes = os.path.abspath(self.mktemp())
+        os.makedirs(classes)
+        classpath = ":".join(JAKARTA_JARS)
+        out, err, code = yield runProgram(
+            javac, ["-cp", classpath, "-d", classes, JAKARTA_SOURCE]
+        )
+        self.assertEqual(code, 0, (out, err))
+        box = maildir(self)
+        port = self.msa.pop3sPort if implicit else self.msa.pop3Port
+        args = [
+            "-XX:TieredStopAtLevel=1",
+            "-cp",
+            f"{classes}:{classpath}",
+            "JakartaPop3Fetch",
+            str(port),
+            "implicit" if implicit else "stls",
+            self.msa.certFile,
+            "alice",
+            PASSWORD,
+            os.path.join(box, "new", "message"),
+            *([mechanisms] if mechanisms else []),
+        ]
+        transcript = yield self.fetchWith(java, args, box)
+        return transcript
+
+    def test_jakartaSTLS(self):
+        return self._jakarta(implicit=False)
+
+    def test_jakartaImplicit(self):
+        return self._jakarta(implicit=True)
+
+    @defer.inlineCallbacks
+    def test_jakartaSaslPlain(self):
+        transcript = yield self._jakarta(implicit=True, mechanisms="PLAIN")
+        self.assertIn(b"\nDEBUG POP3: AUTH PLAIN succeeded\n", transcript)
+
+    # -- NeoMutt ---------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _neomutt(self, url: str, port: int):
+        """
+        NeoMutt's fetch-mail (G), in a tmux session (it wants a terminal),
+        into a Maildir; the server's certificate is the one it trusts.
+        """
+        neomutt = requireProgram(self, "neomutt")
+        tmux = requireProgram(self, "tmux")
+        box = maildir(self)
+        home = os.path.abspath(self.mktemp())
+        os.makedirs(home)
+        rc = os.path.join(home, "neomuttrc")
+        with open(rc, "w") as f:
+            f.write(
+                f'set pop_host = "{url}://alice@localhost:{port}"\n'
+                f'set pop_pass = "{PASSWORD}"\n'
+                "set pop_delete = yes\n"
+                "set ssl_force_tls = yes\n"
+                "set ssl_starttls = yes\n"
+                f'set certificate_file = "{self.msa.certFile}"\n'
+                "set mbox_type = Maildir\n"
+                f'set folder = "{home}"\n'
+                f'set spoolfile = "{box}"\n'
+                "set header_cache = ''\n"
+                "set message_cachedir = ''\n"
+            )
+        yield deliver(self.msa, "alice", MESSAGE)
+        name = "neomutt-" + os.path.basename(home)
+        self.addCleanup(runProgram, tmux, ["kill-session", "-t", name])
+        out, err, code = yield runProgram(
+            tmux,
+            [
+                "new-session", "-d", "-s", name, "-x", "120", "-y", "40",
+                f"{neomutt} -n -F {rc}",
+            ],
+        )  # fmt: skip
+        self.assertEqual(code, 0, (out, err))
+        yield waitUntil(
+            lambda: self.screen(tmux, name), 20, "NeoMutt to start", interval=0.2
+        )
+        yield runProgram(tmux, ["send-keys", "-t", name, "G"])
+        yield waitUntil(lambda: fetched(box), 20, "NeoMutt to fetch")
+        yield waitUntil(
+            lambda: messageFiles(self.msa) == [], 20, "the message deleted at QUIT"
+        )
+        [message] = fetched(box)
+        self.assertEqual(withoutAddedHeaders(message), MESSAGE)
+
+    @staticmethod
+    def screen(tmux: str, name: str) -> defer.Deferred:
+        """
+        Whether NeoMutt's index is on the tmux screen.
+        """
+        d = runProgram(tmux, ["capture-pane", "-p", "-t", name])
+        return d.addCallback(lambda result: b"q:Quit" in result[0])
+
+    def test_neomuttSTLS(self):
+        return self._neomutt("pop", self.msa.pop3Port)
+
+    def test_neomuttImplicit(self):
+        return self._neomutt("pops", self.msa.pop3sPort)

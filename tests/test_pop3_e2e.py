@@ -2,9 +2,10 @@
 """
 The POP3 server of the assembled daemon (R16), built from a TOML file
 (L{tests.e2e.RunningMSA}) and reached over real sockets with real TLS: the
-messages are delivered through the real Maildir store
-(L{msa.mailbox.MaildirStore}, as LMTP delivers them), fetched with real
-clients, deleted at QUIT, and the daemon restarted to see what is on disk.
+messages are delivered over the daemon's LMTP listener
+(L{LMTPThenPOP3Tests}) or straight into the real Maildir store
+(L{msa.mailbox.MaildirStore}, as LMTP does), fetched with real clients,
+deleted at QUIT, and the daemon restarted to see what is on disk.
 """
 
 import hashlib
@@ -12,6 +13,7 @@ import io
 import json
 import os
 import poplib
+import smtplib
 import socket
 
 from twisted.internet import defer, threads
@@ -19,6 +21,12 @@ from twisted.trial import unittest
 
 from msa.mailbox import MaildirStore
 from tests.e2e import USERS, RunningMSA, requireProgram, runProgram
+from tests.test_returnchannel import (
+    RETURN,
+    lmtpDeliver,
+    mailboxAccount,
+    shortDirectory,
+)
 
 MESSAGE = (
     b"From: douane@overheid.nl\r\n"
@@ -223,6 +231,7 @@ class CurlTests(unittest.TestCase):
             [
                 "--silent",
                 "--show-error",
+                "--verbose",
                 "--max-time",
                 "20",
                 "--cacert",
@@ -233,8 +242,9 @@ class CurlTests(unittest.TestCase):
                 url.format(port=msa.pop3Port, sport=msa.pop3sPort),
             ],
         )
-        self.assertEqual((code, err), (0, b""))
+        self.assertEqual(code, 0, err)
         self.assertEqual(out, MESSAGE)
+        return err
 
     def test_stls(self):
         return self._fetch("pop3://localhost:{port}/1", ["--ssl-reqd"])
@@ -242,7 +252,70 @@ class CurlTests(unittest.TestCase):
     def test_implicit(self):
         return self._fetch("pop3s://localhost:{sport}/1", [])
 
-    def test_saslPlain(self):
-        return self._fetch(
-            "pop3s://localhost:{sport}/1", ["--login-options", "AUTH=PLAIN"]
+    @defer.inlineCallbacks
+    def _sasl(self, mechanism: str, url: str, extra: list[str]):
+        transcript = yield self._fetch(
+            url, [*extra, "--login-options", f"AUTH={mechanism}"]
         )
+        self.assertIn(f"> AUTH {mechanism}".encode(), transcript)
+        self.assertIn(b"< +OK Logged in, mailbox locked", transcript)
+
+    def test_saslPlain(self):
+        return self._sasl("PLAIN", "pop3s://localhost:{sport}/1", [])
+
+    def test_saslDigestMD5(self):
+        return self._sasl("DIGEST-MD5", "pop3://localhost:{port}/1", ["--ssl-reqd"])
+
+    def test_saslLogin(self):
+        return self._sasl("LOGIN", "pop3s://localhost:{sport}/1", [])
+
+
+class LMTPThenPOP3Tests(unittest.TestCase):
+    """
+    The whole return channel in one daemon: the core delivers over LMTP
+    (a unix socket), the company fetches over POP3 and deletes; after a
+    restart the message is gone.
+    """
+
+    @defer.inlineCallbacks
+    def test_deliverFetchDelete(self):
+        lmtpSocket = os.path.join(shortDirectory(self), "lmtp.sock")
+        msa = RunningMSA(
+            self,
+            lmtp={"listeners": [f"unix:{lmtpSocket}:mode=660"]},
+            extraAccounts=mailboxAccount("acme", ["retour@acme.nl"]),
+            pop3={},
+        )
+
+        def lmtp():
+            client = smtplib.LMTP(lmtpSocket, timeout=10)
+            try:
+                client.ehlo_or_helo_if_needed()
+                return lmtpDeliver(client, ["retour@acme.nl"], RETURN)
+            finally:
+                client.quit()
+
+        def pop3(delete: bool):
+            client = poplib.POP3_SSL(
+                "localhost", msa.pop3sPort, context=msa.clientContext(), timeout=10
+            )
+            client.user("acme")
+            client.pass_("acme password")
+            uids = client.uidl()[1]
+            got = [
+                b"".join(line + b"\r\n" for line in client.retr(n)[1])
+                for n in range(1, len(uids) + 1)
+            ]
+            if delete:
+                for n in range(1, len(uids) + 1):
+                    client.dele(n)
+            client.quit()
+            return uids, got
+
+        replies = yield threads.deferToThread(lmtp)
+        self.assertEqual(replies[-1][0], 250)
+        uid = replies[-1][1].decode().rsplit(" ", 1)[1]
+        uids, got = yield threads.deferToThread(pop3, True)
+        self.assertEqual((uids, got), ([b"1 " + uid.encode()], [RETURN]))
+        yield msa.restart()
+        self.assertEqual((yield threads.deferToThread(pop3, False)), ([], []))

@@ -193,7 +193,7 @@ def _add(c: _Command) -> int:
         raise _Failed(str(e))
     if c.args.disabled:
         account = attrs.evolve(account, enabled=False)
-    account = applyFields(c.args, account)
+    account = applyFields(c.args, account, accounts.values())
     if "senders" not in account.extra:
         c.warn(
             f"{account.name} has no senders yet: every MAIL FROM is refused until "
@@ -235,8 +235,10 @@ def _set(c: _Command) -> int:
     if c.args.mechanisms is not None:
         mechanisms = parseMechanisms(c.args.mechanisms)
 
+    others = c.load().values()
+
     def change(account: Account) -> Account:
-        changed = applyFields(c.args, account)
+        changed = applyFields(c.args, account, others)
         if mechanisms is None:
             return changed
         changed = changed.withMechanisms(mechanisms)

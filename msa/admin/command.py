@@ -15,6 +15,9 @@ C{digipoort-msa-admin}: manage the accounts file and the mail queue.
         queue verify
     digipoort-msa-admin [--config PATH]
         audit verify [--anchor SHA256] [FILE...]
+    digipoort-msa-admin [--config PATH]
+        mailbox list | show ACCOUNT | delete ACCOUNT UID... |
+        purge ACCOUNT [--older-than DAYS]
     digipoort-msa-admin selftest HOST PORT [--implicit] [--servername NAME]
         [--ca-file PEM] [--min-days N] [--expect-ciphers S] [--expect-groups S]
         [--user U --password-file F --sender S --rcpt R]
@@ -70,6 +73,7 @@ from msa.admin.audit import (
     auditParser,
 )
 from msa.admin.fields import FIELDS, fieldOptions
+from msa.admin.mailbox import mailboxCommand, mailboxParser
 from msa.admin.queue import AdminFailure as _Failed
 from msa.admin.queue import queueCommand
 from msa.admin.selftest import addParser as addSelftestParser
@@ -91,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="PATH", help="the server configuration")
     topics = parser.add_subparsers(
-        dest="topic", required=True, metavar="accounts|queue|audit|selftest"
+        dest="topic", required=True, metavar="accounts|queue|audit|mailbox|selftest"
     )
     accounts = topics.add_parser("accounts", help="manage accounts")
     commands = accounts.add_subparsers(dest="command", required=True)
@@ -150,6 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     flush = queueCommands.add_parser("flush", help="try delivery now")
     flush.add_argument("id", nargs="?", help="only this message")
     auditParser(topics)
+    mailboxParser(topics)
     addSelftestParser(topics)
     return parser
 
@@ -199,6 +204,8 @@ def main(argv: list[str] | None = None, stdout: Any = None, stderr: Any = None) 
                     "queue needs msa.service.config, which is not available", 2
                 )
             return queueCommand(config, args, stdout, stderr)
+        if args.topic == "mailbox":
+            return mailboxCommand(_loadConfig(args.config), args, stdout, stderr)
         if args.topic == "audit":
             config = None
             if args.config is not None or not args.files:

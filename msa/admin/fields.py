@@ -2,14 +2,18 @@
 """
 The authorization fields (R9, R10) as options of C{digipoort-msa-admin
 accounts add|set}: C{--sender}, C{--recipient}, C{--certificate},
-C{--max-message-size}, ... and C{--clear FIELD}.  They are validated exactly
-as the server reads them (L{msa.policy.authorization.AccountRules}).
+C{--max-message-size}, ..., the mailbox of return messages (C{--mailbox},
+C{--mailbox-max-bytes}, C{--mailbox-max-messages}) and C{--clear FIELD}.
+They are validated exactly as the server reads them
+(L{msa.policy.authorization.AccountRules}, L{msa.accounts.mailboxes}).
 """
 
 import argparse
+from collections.abc import Iterable
 
 import attrs
 
+from msa.accounts.mailboxes import MailboxSettings, mailboxClaims
 from msa.accounts.model import Account
 from msa.admin.queue import AdminFailure as _Failed
 from msa.policy.authorization import AccountRules
@@ -26,6 +30,9 @@ FIELDS = {
     "max_sessions": "maxSessions",
     "require_header_from": "requireHeaderFrom",
     "require_client_certificate": "requireClientCertificate",
+    "mailbox": "mailboxes",
+    "mailbox_max_bytes": "mailboxMaxBytes",
+    "mailbox_max_messages": "mailboxMaxMessages",
 }
 
 
@@ -42,6 +49,7 @@ def fieldOptions(parser: argparse.ArgumentParser) -> None:
         ("sender", "envelope sender it may use: user@domain or @domain"),
         ("recipient", "recipient it may send to (narrows the server's list)"),
         ("certificate", "client certificate: sha256:<hex> or serialNumber:<id>"),
+        ("mailbox", "return messages to it (LMTP) go to its mailbox: user@domain"),
     ]:
         parser.add_argument(
             "--" + name,
@@ -55,6 +63,8 @@ def fieldOptions(parser: argparse.ArgumentParser) -> None:
         "messages_per_minute",
         "messages_per_day",
         "max_sessions",
+        "mailbox_max_bytes",
+        "mailbox_max_messages",
     ):
         parser.add_argument("--" + name.replace("_", "-"), type=int, metavar="N")
     for name in ("require_header_from", "require_client_certificate"):
@@ -63,10 +73,15 @@ def fieldOptions(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def applyFields(args: argparse.Namespace, account: Account) -> Account:
+def applyFields(
+    args: argparse.Namespace, account: Account, others: Iterable[Account] = ()
+) -> Account:
     """
     The account with the authorization fields the options give, validated
     as the server will read them.
+
+    @param others: the other accounts, none of which may have a mailbox
+        address (or C{@domain}) this account gets.
     """
     extra = dict(account.extra)
     for key in getattr(args, "clear", []):
@@ -77,6 +92,16 @@ def applyFields(args: argparse.Namespace, account: Account) -> Account:
             extra[key] = value
     try:
         AccountRules.fromExtra(extra)
+        MailboxSettings.fromExtra(extra)
     except ValueError as e:
         raise _Failed(f"account {account.name}: {e}", 2)
-    return attrs.evolve(account, extra=extra)
+    changed = attrs.evolve(account, extra=extra)
+    claimed = mailboxClaims(others, exceptAccount=account.name)
+    for entry in sorted(mailboxClaims([changed])):
+        if entry in claimed:
+            raise _Failed(
+                f"account {account.name}: mailbox {entry} belongs to account "
+                f"{claimed[entry]} already",
+                1,
+            )
+    return changed

@@ -19,11 +19,12 @@ from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 import attrs
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from msa.errors import SMTPReply
 from msa.interfaces import IMailboxStore
+from msa.mailbox.maildir import runBlocking
 
 __all__ = ["IncomingMessage", "Recipient", "deliverToMailboxes"]
 
@@ -66,13 +67,6 @@ class _PositionalReader:
         return data
 
 
-def _runBlocking(reactor: Any, f: Any, *args: Any) -> defer.Deferred:
-    getThreadPool = getattr(reactor, "getThreadPool", None)
-    if getThreadPool is None:
-        return defer.maybeDeferred(f, *args)
-    return threads.deferToThreadPool(reactor, getThreadPool(), f, *args)
-
-
 class IncomingMessage:
     """
     The temporary file of one message being received.
@@ -95,7 +89,7 @@ class IncomingMessage:
 
         @return: a L{Deferred} firing with an L{IncomingMessage}.
         """
-        return _runBlocking(
+        return runBlocking(
             reactor, lambda: cls(reactor, tempfile.TemporaryFile(dir=directory))
         )
 
@@ -132,8 +126,12 @@ class IncomingMessage:
 
     def discard(self) -> None:
         """
-        Close (and so remove) the temporary file.
+        Close (and so remove) the temporary file, in the thread pool: the
+        last close of a large file frees its blocks, which takes time.
         """
+        runBlocking(self._reactor, self._closeQuietly)
+
+    def _closeQuietly(self) -> None:
         try:
             self._file.close()
         except OSError as e:

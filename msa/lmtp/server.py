@@ -429,7 +429,8 @@ class LMTPServer(protocol.Protocol):
             message,
             sender,
             recipients,
-            {"client": getattr(peer, "host", None) or getattr(peer, "name", "unix")},
+            # The core's address; a unix socket's peer has none.
+            {"client": getattr(peer, "host", None) or "unix"},
         )
 
         def replied(replies: list[SMTPReply]) -> None:

@@ -5,6 +5,7 @@ LMTP server delivers into and the POP3 server reads from
 (L{msa.interfaces.IMailboxStore}).  It never speaks a protocol.
 """
 
+from msa.mailbox.listing import MailboxEntry
 from msa.mailbox.maildir import MaildirStore, Quota
 from msa.mailbox.names import (
     accountDirectoryName,
@@ -12,7 +13,7 @@ from msa.mailbox.names import (
     newUid,
     parseMessageName,
 )
-from msa.mailbox.session import MailboxEntry, MaildirMailbox
+from msa.mailbox.session import MaildirMailbox
 
 __all__ = [
     "MailboxEntry",

@@ -35,21 +35,17 @@ from msa.audit import AuditError, AuditLog
 from msa.durable import DirectorySync, fsyncDirectory, writeSynced
 from msa.errors import MailboxInUse, SMTPReply
 from msa.interfaces import IMailboxStore
+from msa.mailbox.listing import MailboxEntry, listMaildir, mailboxDirectories
 from msa.mailbox.names import (
     MessageName,
     accountDirectoryName,
     decodeAccountDirectory,
     newUid,
-    parseMessageName,
 )
-from msa.mailbox.session import (
-    MailboxEntry,
-    MaildirMailbox,
-    lockMailbox,
-    unlockMailbox,
-)
+from msa.mailbox.retention import expireMailboxes, removeLeftovers
+from msa.mailbox.session import MaildirMailbox, lockMailbox, unlockMailbox
 
-__all__ = ["MaildirStore", "Quota"]
+__all__ = ["MaildirStore", "Quota", "runBlocking"]
 
 log = Logger()
 
@@ -59,6 +55,20 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 #: A file in a mailbox's C{tmp/} this old is a crashed delivery's leftover
 #: (a delivery copies for seconds, not hours).
 TMP_LEFTOVER_AGE = 3600.0
+
+
+def runBlocking(reactor: Any, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+    """
+    Call C{f(*args)} in C{reactor}'s thread pool (file work never runs in
+    the reactor's thread); synchronously for a reactor without one (a
+    test's L{twisted.internet.task.Clock}).
+
+    @return: a L{Deferred} of its result.
+    """
+    getThreadPool = getattr(reactor, "getThreadPool", None)
+    if getThreadPool is None:
+        return defer.maybeDeferred(f, *args)
+    return threads.deferToThreadPool(reactor, getThreadPool(), f, *args)
 
 
 @attrs.frozen
@@ -129,10 +139,7 @@ class MaildirStore:
         self.delivered = 0
 
     def _runBlocking(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
-        getThreadPool = getattr(self.reactor, "getThreadPool", None)
-        if getThreadPool is None:
-            return defer.maybeDeferred(f, *args)
-        return threads.deferToThreadPool(self.reactor, getThreadPool(), f, *args)
+        return runBlocking(self.reactor, f, *args)
 
     # -- paths -----------------------------------------------------------
 
@@ -277,7 +284,7 @@ class MaildirStore:
         quota = self.quotaFor(account)
         if not (quota.maxBytes or quota.maxMessages):
             return
-        entries = self._listBlocking(path)
+        entries = listMaildir(path)
         if quota.maxMessages and len(entries) + 1 > quota.maxMessages:
             raise SMTPReply(452, "4.2.2", "Mailbox full: too many messages")
         if quota.maxBytes and sum(e.size for e in entries) + size > quota.maxBytes:
@@ -285,65 +292,19 @@ class MaildirStore:
 
     # -- reading ---------------------------------------------------------
 
-    def _listBlocking(self, path: str) -> list[MailboxEntry]:
-        """
-        The messages of the Maildir at C{path}, in delivery order (time,
-        then uid); blocking.
-        """
-        entries = []
-        for sub in ("new", "cur"):
-            directory = os.path.join(path, sub)
-            try:
-                names = os.listdir(directory)
-            except FileNotFoundError:
-                continue
-            for fileName in names:
-                parsed = parseMessageName(fileName)
-                if parsed is None:
-                    continue
-                filePath = os.path.join(directory, fileName)
-                size, deliveredAt = parsed.size, parsed.deliveredAt
-                if size is None or deliveredAt is None:
-                    try:
-                        st = os.stat(filePath)
-                    except FileNotFoundError:
-                        continue
-                    size = st.st_size if size is None else size
-                    deliveredAt = st.st_mtime if deliveredAt is None else deliveredAt
-                entries.append(
-                    MailboxEntry(
-                        uid=parsed.uid,
-                        size=size,
-                        sha256=parsed.sha256,
-                        deliveredAt=deliveredAt,
-                        path=filePath,
-                    )
-                )
-        entries.sort(key=lambda e: (e.deliveredAt, e.uid))
-        return entries
-
     def listMessages(self, account: str) -> list[MailboxEntry]:
         """
         The messages waiting in C{account}'s mailbox, oldest first;
         blocking (the admin command, the metrics' thread).
         """
-        return self._listBlocking(self.mailboxPath(account))
+        return listMaildir(self.mailboxPath(account))
 
     def accountDirectories(self) -> list[str]:
         """
         The directory names (L{accountDirectoryName}) of the mailboxes
         that exist; blocking.
         """
-        try:
-            names = os.listdir(self.directory)
-        except FileNotFoundError:
-            return []
-        return sorted(
-            n
-            for n in names
-            if not n.startswith(".")
-            and os.path.isdir(os.path.join(self.directory, n, "new"))
-        )
+        return mailboxDirectories(self.directory)
 
     def mailboxSummary(self) -> list[tuple[str, list[MailboxEntry]]]:
         """
@@ -353,7 +314,7 @@ class MaildirStore:
         return [
             (
                 decodeAccountDirectory(name),
-                self._listBlocking(os.path.join(self.directory, name)),
+                listMaildir(os.path.join(self.directory, name)),
             )
             for name in self.accountDirectories()
         ]
@@ -376,7 +337,7 @@ class MaildirStore:
         path = self._ensureMailbox(account)
         fd = lockMailbox(path)
         try:
-            entries = self._listBlocking(path)
+            entries = listMaildir(path)
         except BaseException:
             unlockMailbox(fd)
             raise
@@ -391,7 +352,11 @@ class MaildirStore:
     # -- removal ---------------------------------------------------------
 
     def _removeBlocking(
-        self, account: str, entries: Sequence[MailboxEntry], reason: str
+        self,
+        account: str,
+        entries: Sequence[MailboxEntry],
+        reason: str,
+        auditFields: dict[str, Any] | None = None,
     ) -> None:
         """
         Remove C{entries} of C{account}'s mailbox durably (the directories
@@ -420,6 +385,7 @@ class MaildirStore:
                     size=entry.size,
                     sha256=entry.sha256,
                     reason=reason,
+                    **(auditFields or {}),
                 )
             except AuditError as e:
                 log.critical(
@@ -431,11 +397,17 @@ class MaildirStore:
                 )
 
     def removeMessages(
-        self, account: str, select: Callable[[MailboxEntry], bool], reason: str
+        self,
+        account: str,
+        select: Callable[[MailboxEntry], bool],
+        reason: str,
+        auditFields: dict[str, Any] | None = None,
     ) -> list[MailboxEntry]:
         """
         Remove the messages of C{account}'s mailbox that C{select} picks,
         under the mailbox's lock; blocking (the admin command, the expiry).
+
+        @param auditFields: added to each removal's audit record (who).
 
         @return: the messages removed.
         @raise MailboxInUse: a POP3 session holds the mailbox.
@@ -445,9 +417,9 @@ class MaildirStore:
             return []
         fd = lockMailbox(path)
         try:
-            chosen = [e for e in self._listBlocking(path) if select(e)]
+            chosen = [e for e in listMaildir(path) if select(e)]
             if chosen:
-                self._removeBlocking(account, chosen, reason)
+                self._removeBlocking(account, chosen, reason, auditFields)
         finally:
             unlockMailbox(fd)
         return chosen
@@ -464,21 +436,7 @@ class MaildirStore:
 
     def _expireBlocking(self, maxAge: float) -> int:
         self.recover()
-        cutoff = self._clock() - maxAge
-        removed = 0
-        for name in self.accountDirectories():
-            account = decodeAccountDirectory(name)
-            try:
-                removed += len(
-                    self.removeMessages(
-                        account, lambda e: e.deliveredAt < cutoff, "expired"
-                    )
-                )
-            except MailboxInUse:
-                log.info("mailbox of {account} in use: expiry later", account=account)
-            except OSError as e:
-                log.error("cannot expire in {account}: {e}", account=account, e=e)
-        return removed
+        return expireMailboxes(self, self._clock() - maxAge)
 
     def recover(self, minAge: float = TMP_LEFTOVER_AGE) -> int:
         """
@@ -489,16 +447,4 @@ class MaildirStore:
 
         @return: the number of files removed.
         """
-        cutoff = self._clock() - minAge
-        removed = 0
-        for name in self.accountDirectories():
-            tmp = os.path.join(self.directory, name, "tmp")
-            for leftover in os.listdir(tmp) if os.path.isdir(tmp) else ():
-                path = os.path.join(tmp, leftover)
-                try:
-                    if os.stat(path).st_mtime <= cutoff:
-                        os.unlink(path)
-                        removed += 1
-                except OSError:
-                    continue
-        return removed
+        return removeLeftovers(self.directory, self._clock() - minAge)

@@ -17,39 +17,20 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, BinaryIO
 
-import attrs
 from twisted.internet import defer
 from zope.interface import implementer
 
 from msa.envelope import StoredMessage
 from msa.errors import MailboxInUse
 from msa.interfaces import IMailbox
+from msa.mailbox.listing import MailboxEntry
 
 if TYPE_CHECKING:
     from msa.mailbox.maildir import MaildirStore
 
-__all__ = ["MailboxEntry", "MaildirMailbox", "lockMailbox", "unlockMailbox"]
+__all__ = ["MaildirMailbox", "lockMailbox", "unlockMailbox"]
 
 LOCK_NAME = ".lock"
-
-
-@attrs.frozen
-class MailboxEntry:
-    """
-    One message file of a mailbox, as a listing found it.
-
-    @ivar uid: its unique id (POP3 UIDL).
-    @ivar size: its length in octets.
-    @ivar sha256: the hex SHA-256 kept with it (C{""} if the name has none).
-    @ivar deliveredAt: POSIX time of its delivery.
-    @ivar path: the file.
-    """
-
-    uid: str
-    size: int
-    sha256: str
-    deliveredAt: float
-    path: str
 
 
 def lockMailbox(directory: str) -> int:

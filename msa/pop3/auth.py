@@ -18,7 +18,6 @@ import binascii
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from OpenSSL import SSL
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -29,6 +28,7 @@ from msa.errors import MailboxInUse, SMTPReply
 from msa.interfaces import IMailbox
 from msa.pop3.replies import AUTH, IN_USE, SYS_TEMP, Reply, error, ok
 from msa.sasl import Authenticate, Challenge, UsernamePassword
+from msa.tls import channelBindings
 
 if TYPE_CHECKING:
     from msa.pop3.server import POP3Server
@@ -40,24 +40,6 @@ EXTERNAL = "EXTERNAL"
 #: USER/PASS sends the password in the clear, as PLAIN does: an account
 #: may use it when its mechanisms allow PLAIN.
 USER_PASS_MECHANISM = "PLAIN"
-
-
-def channelBindings(transport: object) -> dict[str, bytes]:
-    """
-    RFC 9266 tls-exporter data of a TLS 1.3 transport, else nothing (as
-    L{msa.submission.auth.channelBindings}, which this layer may not
-    import).
-    """
-    conn = getattr(transport, "getHandle", lambda: None)()
-    if not isinstance(conn, SSL.Connection):
-        return {}
-    if conn.get_protocol_version_name() != "TLSv1.3":
-        return {}
-    try:
-        data = conn.export_keying_material(b"EXPORTER-Channel-Binding", 32)
-    except SSL.Error:
-        return {}
-    return {"tls-exporter": data}
 
 
 def _decode(data: bytes) -> bytes | None:
@@ -237,6 +219,10 @@ class Login:
 
     def _loggedIn(self, result: tuple[Any, IMailbox, Any]) -> defer.Deferred | None:
         _, mailbox, logout = result
+        if self._server.hungUp:
+            # The client left while the portal was asked.
+            logout()
+            return None
         final = self._mechanism.serverFinal() if self._mechanism is not None else None
         if final is not None:
             self._final = (mailbox, logout)
@@ -301,6 +287,16 @@ class Login:
             lambda _: error(SYS_TEMP + "Temporary authentication failure", close=close)
         )
         return d
+
+    def abandon(self) -> None:
+        """
+        The connection is gone: a login that waits for the client's last
+        line gives its mailbox back.
+        """
+        if self._final is not None:
+            _, logout = self._final
+            logout()
+        self._end()
 
     def _end(self) -> None:
         self.inExchange = False

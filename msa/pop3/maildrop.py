@@ -2,8 +2,9 @@
 """
 The TRANSACTION state's view of a locked mailbox (RFC 1939 5): message
 numbers over the snapshot, the messages marked deleted, and the replies of
-STAT, LIST, UIDL, DELE and RSET.  Pure: the mailbox's files are read only
-by L{msa.pop3.retrieval}, and deleted only at QUIT (the UPDATE state).
+STAT, LIST, UIDL, DELE and RSET, and the UPDATE state at QUIT
+(L{Maildrop.update}).  The mailbox's files are read only by
+L{msa.pop3.retrieval}, and deleted only at QUIT.
 
 A message number is looked up only in this session's own snapshot, so no
 number, uid or name a client sends can reach another account's message.
@@ -11,9 +12,15 @@ number, uid or name a client sends can reach another account's message.
 
 import re
 
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
 from msa.envelope import StoredMessage
 from msa.interfaces import IMailbox
-from msa.pop3.replies import Reply, error, ok
+from msa.pop3.replies import SYS_TEMP, Reply, error, ok
+
+log = Logger()
 
 _NUMBER = re.compile(rb"[1-9][0-9]{0,9}")
 
@@ -101,3 +108,31 @@ class Maildrop:
         The uids to remove at QUIT, in delivery order.
         """
         return [self.messages[n - 1].uid for n in sorted(self.deleted)]
+
+    def update(self, sessionId: str) -> defer.Deferred[Reply]:
+        """
+        The UPDATE state (QUIT): remove the messages marked by DELE through
+        L{IMailbox.commitDeletions}; the reply is C{+OK} only once that is
+        durable, C{-ERR [SYS/TEMP]} when it fails (what was not removed
+        stays).  The caller releases the mailbox after it.
+        """
+        uids = self.deletedUids()
+        if not uids:
+            return defer.succeed(Reply(True, "Bye, nothing deleted", close=True))
+        d = defer.maybeDeferred(self.mailbox.commitDeletions, uids)
+
+        def failed(failure: Failure) -> Reply:
+            log.failure(
+                "session {session}: deletions in {account} failed",
+                failure,
+                session=sessionId,
+                account=self.mailbox.account,
+            )
+            return error(
+                SYS_TEMP + "Cannot delete now; what is not deleted is kept", close=True
+            )
+
+        return d.addCallbacks(
+            lambda _: Reply(True, f"Bye, {len(uids)} message(s) deleted", close=True),
+            failed,
+        )

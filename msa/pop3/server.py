@@ -99,6 +99,8 @@ class POP3Server(protocol.Protocol):
         self._running = False
         self._waiting = False
         self._closed = False
+        #: The connection is gone (not merely closing).
+        self.hungUp = False
         self._readPaused = False
         self._errors = 0
         self._timers: dict[str, Any] = {}
@@ -121,8 +123,9 @@ class POP3Server(protocol.Protocol):
         self._send(ok(f"{policy.hostname} POP3 ready"))
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self._closed = True
+        self._closed = self.hungUp = True
         self.factory.release(self)
+        self.login.abandon()
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()
@@ -147,6 +150,13 @@ class POP3Server(protocol.Protocol):
 
     def _timedOut(self, why: str) -> None:
         log.info("session {session}: {why}", session=self.session.sessionId, why=why)
+        if self._waiting:
+            # Mid-response (a RETR the client stopped reading): a -ERR now
+            # would land inside the message; the connection just ends, and
+            # nothing is deleted.
+            self._closed = True
+            self._abort()
+            return
         self._send(error(why + ", closing connection", close=True))
 
     def progress(self) -> None:
@@ -424,29 +434,11 @@ class POP3Server(protocol.Protocol):
         maildrop = self.maildrop
         if maildrop is None:
             return Reply(True, "Bye", close=True)
-        uids = maildrop.deletedUids()
-        if not uids:
-            self._release()
-            return Reply(True, "Bye, nothing deleted", close=True)
-        d = defer.maybeDeferred(maildrop.mailbox.commitDeletions, uids)
-        self._pendingRelease = d
+        d = self._pendingRelease = maildrop.update(self.session.sessionId)
 
-        def done(_: object) -> Reply:
+        def released(reply: Reply) -> Reply:
             self._pendingRelease = None
             self._release()
-            return Reply(True, f"Bye, {len(uids)} message(s) deleted", close=True)
+            return reply
 
-        def failed(failure: Failure) -> Reply:
-            self._pendingRelease = None
-            self._release()
-            log.failure(
-                "session {session}: deletions in {account} failed",
-                failure,
-                session=self.session.sessionId,
-                account=self.session.account,
-            )
-            return error(
-                SYS_TEMP + "Cannot delete now; what is not deleted is kept", close=True
-            )
-
-        return d.addCallbacks(done, failed)
+        return d.addCallback(released)

@@ -5,7 +5,8 @@ account store, checkers and failed-login throttle, the same TLS context
 factory (certificate, chain, OCSP stapling, client-certificate mode) for
 STLS and implicit TLS, a portal whose realm gives each account its locked
 mailbox (L{msa.pop3.realm.MailboxRealm}), and the audit log for
-C{mailbox-retrieved}.
+C{mailbox-retrieved}.  The mailboxes are the return channel's
+(L{msa.service.returnchannel}), which LMTP delivers into.
 """
 
 from typing import Any
@@ -34,24 +35,26 @@ def addPOP3Listeners(
     contextFactory: Any,
     mechanismContext: Any,
     withBacklog: Any,
-) -> IMailboxStore | None:
+) -> None:
     """
     Start the C{[pop3]} listeners under C{top}, if any are configured.
 
     @param portal: the submission's portal: its checkers (the same
         objects, with their password cache) check POP3 logins too.
-    @param mailboxes: the store the LMTP listeners deliver into
-        (L{msa.service.returnchannel.ReturnChannel.store}).
+    @param mailboxes: the return channel's store (C{[mailbox]}), which
+        LMTP delivers into.
     @param withBacklog: adds C{[server] listen_backlog} to a description.
-    @return: the mailbox store POP3 reads, or L{None} without listeners.
     """
     pop3, server = config["pop3"], config["server"]
     if not pop3["starttls_listeners"] and not pop3["implicit_tls_listeners"]:
-        return None
+        return
     checkers = list({id(c): c for c in portal.checkers.values()}.values())
     realm = CertificateBindingRealm(MailboxRealm(accounts, mailboxes), accounts)
     mailboxPortal = Portal(realm, checkers)
     expire = pop3["expire"]
+    if expire is None and config["mailbox"]["expire_after"] is not None:
+        # The days a message is surely kept (RFC 2449 6.7: a minimum).
+        expire = int(config["mailbox"]["expire_after"] // 86400)
     for implicit, key in (
         (False, "starttls_listeners"),
         (True, "implicit_tls_listeners"),
@@ -87,4 +90,3 @@ def addPOP3Listeners(
                 withBacklog(description, server["listen_backlog"]), served, reactor
             )
             listener.setServiceParent(top)
-    return mailboxes

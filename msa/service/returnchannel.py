@@ -55,8 +55,18 @@ class LMTPListener(Service):
         self.factory = factory
         self.port: Any = None
 
+    def privilegedStartService(self) -> None:
+        # Bound before twistd drops privileges, as Twisted's own listeners
+        # are (and so before the process counts as started).
+        super().privilegedStartService()
+        self._listen()
+
     def startService(self) -> None:
         super().startService()
+        if self.port is None:
+            self._listen()
+
+    def _listen(self) -> None:
         outcome: list[Any] = []
         self.endpoint.listen(self.factory).addBoth(outcome.append)
         if outcome and isinstance(outcome[0], Failure):
@@ -76,8 +86,8 @@ class ReturnChannel(MultiService):
     """
     The mailbox store and its LMTP listeners, as one service.
 
-    @ivar store: the L{MaildirStore} or L{PostgresMailboxStore} (the POP3
-        server reads it too).
+    @ivar mailboxStore: the L{MaildirStore} or L{PostgresMailboxStore} (the
+        POP3 server reads it too).
     @ivar factory: the LMTP listeners' L{LMTPFactory}.
     @ivar listeners: the listener services, for C{/health}.
     @ivar expireAfter: C{[mailbox] expire_after}: seconds a message is kept
@@ -87,7 +97,7 @@ class ReturnChannel(MultiService):
     def __init__(self, store: IMailboxStore, factory: LMTPFactory) -> None:
         super().__init__()
         self.setName("return-channel")
-        self.store = store
+        self.mailboxStore = store
         self.factory = factory
         self.listeners: list[LMTPListener] = []
         self.expireAfter: float | None = None
@@ -98,8 +108,8 @@ class ReturnChannel(MultiService):
         connections.
         """
         d = defer.maybeDeferred(super().stopService)
-        if isinstance(self.store, PostgresMailboxStore):
-            store = self.store
+        if isinstance(self.mailboxStore, PostgresMailboxStore):
+            store = self.mailboxStore
             d.addCallback(lambda _: store.close())
         return d
 
