@@ -13,12 +13,14 @@ sends to A, gets C{-ERR [IN-USE]}.  Which instance a connection reached is
 read from its greeting (each instance has its own C{[server] hostname}).
 
 L{OneInstanceTests}: the quota and a database outage as the core and the
-company see them over LMTP and POP3.
+company see them over LMTP and POP3, the gauges of C{/metrics}, and
+C{digipoort-msa-admin mailbox} on the database.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import poplib
 import smtplib
@@ -28,7 +30,9 @@ import psycopg
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
+from msa import metrics
 from msa.accounts.pgstore import AccountTable, describe
+from msa.admin import command as admin
 from msa.mailbox.pgstore import MailboxDatabaseError
 from msa.tls import ensureSelfSignedCertificate
 from tests.e2e import RunningMSA, freePort, requireProgram
@@ -36,6 +40,7 @@ from tests.haproxyfront import HAProxy
 from tests.pgserver import PostgreSQLServer
 from tests.test_pop3_e2e import MESSAGE, auditEvents
 from tests.test_returnchannel import lmtpDeliver, mailboxAccount
+from tests.waiting import waitUntil
 
 PASSWORD = "acme password"
 
@@ -217,6 +222,27 @@ class OneInstanceTests(unittest.TestCase):
         finally:
             client.quit()
 
+    def runAdmin(self, *argv: str) -> tuple[int, str, str]:
+        stdout, stderr = io.StringIO(), io.StringIO()
+        code = admin.main(["--config", self.msa.configFile, *argv], stdout, stderr)
+        return code, stdout.getvalue(), stderr.getvalue()
+
+    def waiting(self) -> dict[str, float]:
+        """
+        The C{msa_mailbox_messages} gauges, as C{/metrics} would show them.
+        """
+        [gauge, _] = metrics.MAILBOXES.collect()
+        return {s.labels["account"]: s.value for s in gauge.samples}
+
+    def stored(self) -> list[str]:
+        with psycopg.connect(self.pg.url) as connection:
+            return [
+                uid
+                for (uid,) in connection.execute(
+                    "SELECT uid FROM msa_mailbox_messages ORDER BY id"
+                )
+            ]
+
     def fetch(self, user: str) -> list[bytes]:
         """
         Log in over STLS and read every message (or the login's -ERR).
@@ -260,6 +286,11 @@ class OneInstanceTests(unittest.TestCase):
         -ERR [SYS/TEMP]; once it is back, both work, on new connections.
         """
         self.pg.stop()
+        # /metrics still answers, without the mailbox gauges.
+        self.assertEqual(self.waiting(), {})
+        code, _, err = self.runAdmin("mailbox", "list")
+        self.assertEqual(code, 1)
+        self.assertIn(f"{describe(self.pg.url)}: cannot connect", err)
         replies = yield threads.deferToThread(self.deliver, ["retour@acme.nl"])
         self.assertEqual(
             replies, [(451, b"4.3.0 Cannot store the message, try again later")]
@@ -273,3 +304,56 @@ class OneInstanceTests(unittest.TestCase):
         [reply] = yield threads.deferToThread(self.deliver, ["retour@acme.nl"])
         self.assertEqual(reply[0], 250)
         self.assertEqual((yield threads.deferToThread(self.fetch, "acme")), [MESSAGE])
+
+    @defer.inlineCallbacks
+    def test_adminAndMetrics(self):
+        """
+        The admin tool lists, shows and removes the database's messages
+        (one audit record each, naming the operator), and refuses to
+        remove while a POP3 session holds the mailbox; the gauges count
+        what waits.
+        """
+        for _ in range(3):
+            yield threads.deferToThread(self.deliver, ["retour@acme.nl"])
+        uids = self.stored()
+        self.assertEqual(self.waiting(), {"acme": 3.0})
+        code, out, err = self.runAdmin("mailbox", "list")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(
+            out.splitlines()[1].split()[:3], ["acme", "3", str(3 * len(MESSAGE))]
+        )
+        code, out, err = self.runAdmin("mailbox", "show", "acme")
+        digest = hashlib.sha256(MESSAGE).hexdigest()
+        self.assertEqual(
+            [(line.split()[0], line.split()[3]) for line in out.splitlines()],
+            [(uid, digest) for uid in uids],
+        )
+
+        def logIn():
+            client = poplib.POP3("127.0.0.1", self.msa.pop3Port, timeout=30)
+            client.stls(self.msa.clientContext())
+            client.user("acme")
+            client.pass_(PASSWORD)
+            return client
+
+        client = yield threads.deferToThread(logIn)
+        code, out, err = self.runAdmin("mailbox", "delete", "acme", uids[0])
+        self.assertEqual(code, 1)
+        self.assertIn("in use by a POP3 session; nothing removed", err)
+        self.assertEqual(self.stored(), uids)
+        yield threads.deferToThread(client.quit)
+
+        deleted = yield waitUntil(
+            lambda: self.runAdmin("mailbox", "delete", "acme", uids[0])[0] == 0,
+            what="the delete once the POP3 session is over",
+        )
+        self.assertTrue(deleted)
+        self.assertEqual(self.stored(), uids[1:])
+        code, out, err = self.runAdmin("mailbox", "purge", "acme")
+        self.assertEqual((code, out.splitlines()[-1]), (0, "2 message(s) removed"))
+        self.assertEqual(self.stored(), [])
+        records = auditEvents(self.msa, "mailbox-deleted")
+        self.assertEqual(sorted(r["uid"] for r in records), sorted(uids))
+        self.assertEqual({r["reason"] for r in records}, {"admin"})
+        self.assertTrue(all(r["by"] for r in records), records)
+        self.assertEqual(self.waiting(), {})

@@ -18,11 +18,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import attrs
 import psycopg
 from twisted.internet import defer, threads
 from twisted.python.threadpool import ThreadPool
 
-__all__ = ["SCHEMA_SQL", "MailboxDatabase", "MailboxDatabaseError", "lockKey"]
+__all__ = [
+    "SCHEMA_SQL",
+    "MailboxDatabase",
+    "MailboxDatabaseError",
+    "StoredRow",
+    "listRows",
+    "lockKey",
+]
 
 SCHEMA_SQL = [
     """CREATE TABLE IF NOT EXISTS msa_mailbox_messages (
@@ -68,6 +76,42 @@ def lockKey(purpose: str, account: str) -> int:
     """
     digest = hashlib.sha256(f"msa-mailbox\0{purpose}\0{account}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@attrs.frozen
+class StoredRow:
+    """
+    One message of a mailbox, as a POP3 session's snapshot or a listing
+    found it.
+
+    @ivar uid: its unique id (POP3 UIDL).
+    @ivar size: its length in octets.
+    @ivar sha256: the hex SHA-256 delivered with it.
+    @ivar deliveredAt: POSIX time of its delivery, by the database's clock
+        (in a listing: the metrics, the admin tool).
+    """
+
+    uid: str
+    size: int
+    sha256: str
+    deliveredAt: float = 0.0
+
+
+def listRows(connection: Any, account: str | None) -> list[tuple[str, StoredRow]]:
+    """
+    The messages of C{account}'s mailbox (of every mailbox for L{None}),
+    each with its account, in delivery order.
+    """
+    where, args = (
+        ("WHERE account = %s", (account,)) if account is not None else ("", ())
+    )
+    rows = connection.execute(
+        "SELECT account, uid, size, sha256, "
+        "extract(epoch FROM delivered_at)::float8 "
+        f"FROM msa_mailbox_messages {where} ORDER BY account, id",
+        args,
+    ).fetchall()
+    return [(owner, StoredRow(*fields)) for owner, *fields in rows]
 
 
 class MailboxDatabaseError(OSError):

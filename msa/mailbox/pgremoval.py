@@ -12,15 +12,22 @@ store calls these on its own threads.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.logger import Logger
 
 from msa.audit import AuditError, AuditLog
-from msa.mailbox.pgdatabase import MailboxDatabase, MailboxDatabaseError, lockKey
+from msa.errors import MailboxInUse
+from msa.mailbox.pgdatabase import (
+    MailboxDatabase,
+    MailboxDatabaseError,
+    StoredRow,
+    listRows,
+    lockKey,
+)
 
-__all__ = ["deleteMessages", "expireMessages"]
+__all__ = ["deleteMessages", "expireMessages", "removeMessages"]
 
 log = Logger()
 
@@ -46,6 +53,53 @@ def deleteMessages(
             (account, list(uids)),
         ).fetchall()
     _recordRemovals(audit, "mailbox-deleted", account, removed, "pop3")
+
+
+def removeMessages(
+    database: MailboxDatabase,
+    audit: AuditLog | None,
+    account: str,
+    select: Callable[[StoredRow], bool],
+    reason: str,
+    auditFields: dict[str, Any],
+) -> list[StoredRow]:
+    """
+    Delete the messages of C{account} that C{select} picks (the admin
+    tool), under the account's session lock, with a C{mailbox-deleted}
+    record each carrying C{auditFields}.
+
+    @return: the messages deleted.
+    @raise MailboxInUse: a POP3 session of any instance holds the mailbox.
+    """
+    connection = database.take(autocommit=True)
+    key = lockKey("session", account)
+    try:
+        with database.errors():
+            [locked] = connection.execute(
+                "SELECT pg_try_advisory_lock(%s)", (key,)
+            ).fetchone()
+            if locked:
+                try:
+                    chosen = {
+                        row.uid: row
+                        for _, row in listRows(connection, account)
+                        if select(row)
+                    }
+                    removed = connection.execute(
+                        "DELETE FROM msa_mailbox_messages WHERE account = %s "
+                        "AND uid = ANY(%s) RETURNING uid, size, sha256",
+                        (account, list(chosen)),
+                    ).fetchall()
+                finally:
+                    connection.execute("SELECT pg_advisory_unlock(%s)", (key,))
+    except MailboxDatabaseError:
+        database.discard(connection)
+        raise
+    database.giveBack(connection)
+    if not locked:
+        raise MailboxInUse(account)
+    _recordRemovals(audit, "mailbox-deleted", account, removed, reason, auditFields)
+    return [chosen[uid] for uid, _, _ in removed]
 
 
 def expireMessages(
@@ -102,6 +156,7 @@ def _recordRemovals(
     account: str,
     removed: Sequence[tuple],
     reason: str,
+    auditFields: dict[str, Any] | None = None,
 ) -> None:
     """
     One audit record per message removed: a fact (it is gone whether or
@@ -113,7 +168,13 @@ def _recordRemovals(
     for uid, size, sha256 in removed:
         try:
             audit.appendFact(
-                event, account=account, uid=uid, size=size, sha256=sha256, reason=reason
+                event,
+                account=account,
+                uid=uid,
+                size=size,
+                sha256=sha256,
+                reason=reason,
+                **(auditFields or {}),
             )
         except AuditError as e:
             log.critical(

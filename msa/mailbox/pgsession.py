@@ -24,12 +24,12 @@ import io
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import attrs
 from twisted.internet import defer
 from zope.interface import implementer
 
 from msa.envelope import StoredMessage
 from msa.interfaces import IMailbox
+from msa.mailbox.pgdatabase import StoredRow
 from msa.mailbox.pgremoval import deleteMessages
 
 if TYPE_CHECKING:
@@ -42,24 +42,6 @@ _READ_CHUNK = """
     JOIN msa_mailbox_messages m ON m.uid = c.uid
     WHERE m.account = %s AND c.uid = %s AND c.seq = %s
 """
-
-
-@attrs.frozen
-class StoredRow:
-    """
-    One message of a mailbox as the snapshot at L{open} found it.
-
-    @ivar uid: its unique id (POP3 UIDL).
-    @ivar size: its length in octets.
-    @ivar sha256: the hex SHA-256 delivered with it.
-    @ivar deliveredAt: POSIX time of its delivery, by the database's clock
-        (only where a listing asks for it: the metrics).
-    """
-
-    uid: str
-    size: int
-    sha256: str
-    deliveredAt: float = 0.0
 
 
 class MessageReader(io.RawIOBase):

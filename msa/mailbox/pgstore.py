@@ -50,11 +50,13 @@ from msa.mailbox.maildir import Quota
 from msa.mailbox.pgdatabase import (
     MailboxDatabase,
     MailboxDatabaseError,
+    StoredRow,
+    listRows,
     lockKey,
     oneLine,
 )
-from msa.mailbox.pgremoval import expireMessages
-from msa.mailbox.pgsession import PostgresMailbox, StoredRow
+from msa.mailbox.pgremoval import expireMessages, removeMessages
+from msa.mailbox.pgsession import PostgresMailbox
 
 __all__ = ["CHUNK_SIZE", "MailboxDatabaseError", "PostgresMailboxStore"]
 
@@ -346,33 +348,59 @@ class PostgresMailboxStore:
             self, account, connection, [StoredRow(*row) for row in rows]
         )
 
+    # -- the admin tool and the metrics (blocking) ------------------------
+
+    def _listing(self, account: str | None) -> list[tuple[str, StoredRow]]:
+        connection = self.database.take(autocommit=True)
+        try:
+            with self.database.errors():
+                rows = listRows(connection, account)
+        except MailboxDatabaseError:
+            self.database.discard(connection)
+            raise
+        self.database.giveBack(connection)
+        return rows
+
+    def listMessages(self, account: str) -> list[StoredRow]:
+        """
+        The messages waiting in C{account}'s mailbox, oldest first.
+
+        @raise MailboxDatabaseError: the database failed.
+        """
+        return [row for _, row in self._listing(account)]
+
     def mailboxSummary(self) -> list[tuple[str, list[StoredRow]]]:
         """
-        Every mailbox's account name and messages, oldest first, for the
-        metrics (C{msa_mailbox_messages}, C{msa_mailbox_oldest_seconds});
-        blocking.  While the database cannot be reached: none, with a
-        warning (the deliveries' 451 and C{/health} say it louder).
+        Every mailbox's account name and messages, oldest first (the
+        metrics, C{mailbox list}).
+
+        @raise MailboxDatabaseError: the database failed.
         """
-        connection = None
-        try:
-            connection = self.database.take()
-            with self.database.errors():
-                rows = connection.execute(
-                    "SELECT account, uid, size, sha256, "
-                    "extract(epoch FROM delivered_at)::float8 "
-                    "FROM msa_mailbox_messages ORDER BY account, id"
-                ).fetchall()
-                connection.rollback()
-        except MailboxDatabaseError as e:
-            if connection is not None:
-                self.database.discard(connection)
-            self.log.warn("Cannot count the mailboxes: {why}", why=e)
-            return []
-        self.database.giveBack(connection)
         summary: dict[str, list[StoredRow]] = {}
-        for account, *row in rows:
-            summary.setdefault(account, []).append(StoredRow(*row))
+        for account, row in self._listing(None):
+            summary.setdefault(account, []).append(row)
         return list(summary.items())
+
+    def removeMessages(
+        self,
+        account: str,
+        select: Callable[[StoredRow], bool],
+        reason: str,
+        auditFields: dict[str, Any] | None = None,
+    ) -> list[StoredRow]:
+        """
+        Remove the messages of C{account}'s mailbox that C{select} picks,
+        under the mailbox's lock (the admin tool), with a
+        C{mailbox-deleted} audit record each.
+
+        @param auditFields: added to each record (who).
+        @return: the messages removed.
+        @raise MailboxInUse: a POP3 session of any instance holds it.
+        @raise MailboxDatabaseError: the database failed.
+        """
+        return removeMessages(
+            self.database, self.audit, account, select, reason, auditFields or {}
+        )
 
     def _release(self, account: str, connection: Any) -> defer.Deferred[None]:
         """

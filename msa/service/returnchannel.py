@@ -13,6 +13,7 @@ instance is fetched from any.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import TimerService
@@ -33,7 +34,13 @@ from msa.mailbox import MaildirStore, Quota
 from msa.mailbox.pgstore import PostgresMailboxStore
 from msa.service.config import Config
 
-__all__ = ["EXPIRY_INTERVAL", "LMTPListener", "ReturnChannel", "buildReturnChannel"]
+__all__ = [
+    "EXPIRY_INTERVAL",
+    "LMTPListener",
+    "ReturnChannel",
+    "buildReturnChannel",
+    "mailboxStore",
+]
 
 log = Logger()
 
@@ -127,6 +134,33 @@ class ReturnChannel(MultiService):
         return None
 
 
+def mailboxStore(
+    config: Config,
+    audit: Any,
+    quotaFor: Callable[[str], Quota] = lambda account: Quota(),
+    reactor: Any = None,
+) -> MaildirStore | PostgresMailboxStore:
+    """
+    The mailbox store C{[mailbox] store} names (the daemon's, and the admin
+    tool's C{mailbox} commands'): the Maildirs of C{[mailbox] directory},
+    or the PostgreSQL database, connected with the accounts' settings
+    (keepalives, time-outs) and named in messages without its password.
+    """
+    mailbox = config["mailbox"]
+    if mailbox["store"] == "maildir":
+        return MaildirStore(
+            mailbox["directory"], reactor, audit=audit, quotaFor=quotaFor
+        )
+    url = mailbox["store"]
+    return PostgresMailboxStore(
+        functools.partial(connect, url),
+        describe(url),
+        reactor,
+        audit=audit,
+        quotaFor=quotaFor,
+    )
+
+
 def buildReturnChannel(
     config: Config, accounts: Any, audit: Any, contextArgs: dict, reactor: Any
 ) -> ReturnChannel:
@@ -147,11 +181,8 @@ def buildReturnChannel(
             maxMessages=mailbox["max_messages"] or 0,
         ),
     )
-    store: MaildirStore | PostgresMailboxStore
-    if mailbox["store"] == "maildir":
-        store = MaildirStore(
-            mailbox["directory"], reactor, audit=audit, quotaFor=directory.quotaFor
-        )
+    store = mailboxStore(config, audit, directory.quotaFor, reactor)
+    if isinstance(store, MaildirStore):
         store.ensureDirectory()
         removed = store.recover(minAge=0)
         if removed:
@@ -162,16 +193,6 @@ def buildReturnChannel(
             )
         temporaryDirectory = store.directory
     else:
-        # The accounts' connection settings (keepalives, time-outs) and
-        # their messages without passwords.
-        url = mailbox["store"]
-        store = PostgresMailboxStore(
-            functools.partial(connect, url),
-            describe(url),
-            reactor,
-            audit=audit,
-            quotaFor=directory.quotaFor,
-        )
         temporaryDirectory = config["server"]["state_dir"]
     metrics.MAILBOXES.store = store
     server = config["server"]
