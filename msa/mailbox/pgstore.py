@@ -64,18 +64,6 @@ __all__ = ["CHUNK_SIZE", "MailboxDatabaseError", "PostgresMailboxStore"]
 CHUNK_SIZE = 1024 * 1024
 
 
-def quotaRefusal(quota: Quota, messages: int, octets: int, size: int) -> None:
-    """
-    @raise SMTPReply: 452 4.2.2 when one more message of C{size} octets
-        would take a mailbox holding C{messages} messages of C{octets}
-        octets over C{quota}.
-    """
-    if quota.maxMessages and messages + 1 > quota.maxMessages:
-        raise SMTPReply(452, "4.2.2", "Mailbox full: too many messages")
-    if quota.maxBytes and octets + size > quota.maxBytes:
-        raise SMTPReply(452, "4.2.2", "Mailbox full: over its size quota")
-
-
 def _readUpTo(source: BinaryIO, count: int) -> bytes:
     """
     Up to C{count} bytes of C{source}, fewer only at its end.
@@ -215,7 +203,7 @@ class PostgresMailboxStore:
         try:
             with self.database.errors(), connection.cursor() as cursor:
                 quota = self.quotaFor(account)
-                if quota.maxBytes or quota.maxMessages:
+                if quota.limited:
                     cursor.execute(
                         "SELECT pg_advisory_xact_lock(%s)", (lockKey("quota", account),)
                     )
@@ -225,7 +213,7 @@ class PostgresMailboxStore:
                         (account,),
                     )
                     messages, octets = cursor.fetchone()
-                    quotaRefusal(quota, messages, int(octets), size)
+                    quota.check(messages, int(octets), size)
                 cursor.execute(
                     "INSERT INTO msa_mailbox_messages (uid, account, size, sha256) "
                     "VALUES (%s, %s, %s, %s)",
