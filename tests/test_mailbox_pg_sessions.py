@@ -9,12 +9,17 @@ quota are in L{tests.test_mailbox_pg}.
 
 from __future__ import annotations
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from msa.errors import MailboxInUse
 from msa.mailbox.pgsession import StoredRow
-from tests.test_mailbox_pg import MESSAGE, PostgresStoreMixin, digest
+from tests.test_mailbox_pg import (
+    MESSAGE,
+    PostgresStoreMixin,
+    digest,
+    readInBlocks,
+)
 from tests.waiting import waitUntil
 
 
@@ -120,6 +125,19 @@ class SessionLockTests(PostgresStoreMixin, unittest.TestCase):
         yield box.release()
         self.assertIsNone(self.store.database._pool)
         yield self.opened(self.makeStore())
+
+    @defer.inlineCallbacks
+    def test_noReadAfterRelease(self):
+        """
+        A message opened in a session cannot be read on after the session
+        released its lock (the client left mid-RETR): its connection is
+        the store's again.
+        """
+        uid = yield self.deliver()
+        box = yield self.store.open("alice")
+        reader = yield box.openMessage(uid)
+        yield box.release()
+        yield self.assertFailure(threads.deferToThread(readInBlocks, reader), OSError)
 
     @defer.inlineCallbacks
     def test_accountsKeptApart(self):

@@ -170,6 +170,10 @@ class PostgresMailbox:
             )
 
         def fetch(seq: int) -> bytes | None:
+            if self._connection is not connection:
+                # Released (the client left mid-RETR): the connection is
+                # back with the store, for other work, and the lock gone.
+                raise OSError(errno.EIO, f"the session on {self.account} is over")
             with self._store.database.errors():
                 result = connection.execute(
                     _READ_CHUNK, (self.account, row.uid, seq), binary=True
