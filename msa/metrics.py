@@ -336,9 +336,17 @@ class MailboxCollector:
             labels=["account"],
         )
         store = self.store
+        summary: list = []
         if store is not None:
+            try:
+                summary = store.mailboxSummary()
+            except OSError:
+                # No gauges while the store cannot be read (a database
+                # outage): /metrics still answers with the rest.
+                summary = []
+        if summary:
             now = self.clock()
-            for account, entries in store.mailboxSummary():
+            for account, entries in summary:
                 waiting.add_metric([account], float(len(entries)))
                 ages = [now - e.deliveredAt for e in entries]
                 oldest.add_metric([account], max(0.0, max(ages, default=0.0)))

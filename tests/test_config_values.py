@@ -377,6 +377,18 @@ BAD: list[Bad] = [
     *integer("lmtp.max_message_size", 1024, 4 * 1024**3, "1023"),
     *integer("lmtp.max_recipients", 1, 10000, "0", "10001"),
     # [mailbox]
+    Bad(
+        "mailbox.store",
+        '"mysql://msa:geheim@db/msa"',
+        'must be "maildir" or a postgresql://user@host:port/database URL, not '
+        "'mysql://msa:***@db/msa'",
+    ),
+    Bad(
+        "mailbox.store",
+        '"postgresql://msa@db:99999/msa"',
+        "not a valid PostgreSQL URL (postgresql://msa@db:99999/msa): port "
+        "'99999' is not a number from 1 to 65535",
+    ),
     *path("mailbox.directory"),
     *number("mailbox.expire_after", 3600, 3650 * DAY, "0", "60"),
     *integer("mailbox.max_bytes", 1024, 1024 * 1024**3, "0"),

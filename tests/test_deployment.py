@@ -93,7 +93,8 @@ class SystemdUnitTests(unittest.TestCase):
     def test_haproxyExample(self):
         """
         The example HAProxy configuration is valid for Debian's HAProxy and
-        sends the PROXY header to every instance.
+        sends the PROXY header to every instance, for submission and POP3
+        (two instances each).
         """
         haproxy = requireProgram(self, "haproxy")
         path = os.path.join(ROOT, "etc", "haproxy-digipoort-msa.cfg")
@@ -103,7 +104,7 @@ class SystemdUnitTests(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         with open(path) as f:
             servers = [s.split() for s in f if s.strip().startswith("server ")]
-        self.assertEqual(len(servers), 4)
+        self.assertEqual(len(servers), 8)
         for server in servers:
             self.assertIn("send-proxy-v2", server)
 

@@ -1615,6 +1615,39 @@ def checkQuotaBytes(env):
     client.quit()
 
 
+def mailboxDatabase(env) -> str:
+    """
+    A throwaway PostgreSQL server for the C{mailbox.store} row: its URL.
+    """
+    from tests.pgserver import PostgreSQLServer
+
+    return env.memo("mailboxDatabase", lambda: PostgreSQLServer(env.testCase).url)
+
+
+def checkMailboxStore(env):
+    """
+    The message the core delivers over LMTP is in the database, byte for
+    byte, under the uid of the 250; no Maildir is made.
+    """
+    import psycopg
+
+    client = _lmtp(env)
+    code, text = _lmtpDeliver(client)
+    client.quit()
+    assert code == 250, (code, text)
+    uid = text.split()[-1].decode()
+    with psycopg.connect(env.values["mailbox.store"]) as connection:
+        rows = connection.execute(
+            "SELECT m.account, string_agg(c.data, ''::bytea ORDER BY c.seq) "
+            "FROM msa_mailbox_messages m JOIN msa_mailbox_chunks c USING (uid) "
+            "WHERE uid = %s GROUP BY m.account",
+            (uid,),
+        ).fetchall()
+    assert rows == [("carol", RETURN)], rows
+    maildir = os.path.join(env.msa.state, "mailboxes", "carol")
+    assert not os.path.exists(maildir), maildir
+
+
 def _returnChannel(env):
     return env.msa.service.getServiceNamed("return-channel")
 
@@ -1660,6 +1693,7 @@ ROWS += [
         "lmtptls",
     ),
     Row("lmtp.client_ca", lambda env: env.pki.caFile, checkLMTPTLS, "lmtptls"),
+    Row("mailbox.store", mailboxDatabase, checkMailboxStore, "pgmailbox"),
     Row("mailbox.max_messages", 1, checkQuotaMessages, "quotamessages"),
     Row("mailbox.max_bytes", 1024, checkQuotaBytes, "quotabytes"),
     Row(
@@ -1697,6 +1731,7 @@ GROUP_BASE: dict[str, Callable[[Env], dict[str, dict]]] = {
         "lmtp": {"listeners": [f"tcp:{env.port('lmtp')}:interface=127.0.0.1"]}
     },
     "quotamessages": _lmtpListener,
+    "pgmailbox": _lmtpListener,
     "quotabytes": _lmtpListener,
     # OpenSSL staples only for a certificate whose issuer is in the chain.
     "ocsp": lambda env: {

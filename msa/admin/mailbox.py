@@ -1,17 +1,20 @@
 # -*- test-case-name: tests.test_admin_mailbox -*-
 """
 C{digipoort-msa-admin mailbox}: the return messages waiting for the
-companies (R16), in the mailboxes of C{[mailbox] directory}.
+companies (R16), in the store C{[mailbox] store} names: the mailboxes of
+C{[mailbox] directory}, or the PostgreSQL database.
 
     mailbox list                      every mailbox: messages, octets, oldest
     mailbox show ACCOUNT              each message: uid, size, delivered, sha256
     mailbox delete ACCOUNT UID...     remove messages
     mailbox purge ACCOUNT [--older-than DAYS]   remove all (or the old ones)
 
-The commands read and change the Maildir files directly (the store's own
-code, L{msa.mailbox.MaildirStore}), so they work whether or not the server
-runs.  A removal takes the mailbox's lock first: while a company's POP3
-session holds it, C{delete} and C{purge} fail and change nothing.  Each
+The commands read and change the Maildir files or the database directly
+(the store's own code, L{msa.mailbox.MaildirStore} or
+L{msa.mailbox.pgstore.PostgresMailboxStore}), so they work whether or not
+the server runs.  A removal takes the mailbox's lock first: while a
+company's POP3 session (of any instance) holds it, C{delete} and C{purge}
+fail and change nothing.  Each
 removed message gets a C{mailbox-deleted} audit record naming the operator.
 """
 
@@ -27,8 +30,13 @@ from msa.admin.queue import AdminFailure
 from msa.audit import AuditError, AuditLog
 from msa.errors import MailboxInUse
 from msa.mailbox import MaildirStore
+from msa.mailbox.pgstore import PostgresMailboxStore
+from msa.service.returnchannel import mailboxStore
 
 __all__ = ["mailboxCommand", "mailboxParser"]
+
+#: The stores the commands work on.
+Store = MaildirStore | PostgresMailboxStore
 
 
 def mailboxParser(topics: Any) -> None:
@@ -71,7 +79,7 @@ def mailboxCommand(
     audit = None
     if config["audit"]["enabled"]:
         audit = AuditLog(config["audit"]["path"], config["audit"]["max_bytes"])
-    store = MaildirStore(config["mailbox"]["directory"], audit=audit)
+    store = mailboxStore(config, audit)
     try:
         return _COMMANDS[args.mailboxCommand](store, args, stdout)
     except MailboxInUse:
@@ -82,11 +90,13 @@ def mailboxCommand(
     except (OSError, AuditError) as e:
         raise AdminFailure(str(e))
     finally:
+        if isinstance(store, PostgresMailboxStore):
+            store.close()
         if audit is not None:
             audit.close()
 
 
-def _list(store: MaildirStore, args: argparse.Namespace, stdout: Any) -> int:
+def _list(store: Store, args: argparse.Namespace, stdout: Any) -> int:
     now = time.time()
     print(f"{'ACCOUNT':<24} {'MESSAGES':>8} {'OCTETS':>12}  OLDEST", file=stdout)
     for account, entries in store.mailboxSummary():
@@ -96,7 +106,7 @@ def _list(store: MaildirStore, args: argparse.Namespace, stdout: Any) -> int:
     return 0
 
 
-def _show(store: MaildirStore, args: argparse.Namespace, stdout: Any) -> int:
+def _show(store: Store, args: argparse.Namespace, stdout: Any) -> int:
     for entry in store.listMessages(args.account):
         print(
             f"{entry.uid} {entry.size} {_when(entry.deliveredAt)} {entry.sha256}",
@@ -110,7 +120,7 @@ def _removed(removed: list, account: str, stdout: Any) -> None:
         print(f"removed {entry.uid} from the mailbox of {account}", file=stdout)
 
 
-def _delete(store: MaildirStore, args: argparse.Namespace, stdout: Any) -> int:
+def _delete(store: Store, args: argparse.Namespace, stdout: Any) -> int:
     wanted = set(args.uids)
     removed = store.removeMessages(
         args.account, lambda e: e.uid in wanted, "admin", {"by": operator()}
@@ -124,7 +134,7 @@ def _delete(store: MaildirStore, args: argparse.Namespace, stdout: Any) -> int:
     return 0
 
 
-def _purge(store: MaildirStore, args: argparse.Namespace, stdout: Any) -> int:
+def _purge(store: Store, args: argparse.Namespace, stdout: Any) -> int:
     cutoff = float("inf")
     if args.older_than is not None:
         cutoff = time.time() - args.older_than * 86400

@@ -83,6 +83,21 @@ class Quota:
     maxBytes: int = 0
     maxMessages: int = 0
 
+    @property
+    def limited(self) -> bool:
+        return bool(self.maxBytes or self.maxMessages)
+
+    def check(self, messages: int, octets: int, size: int) -> None:
+        """
+        @raise SMTPReply: 452 4.2.2 when one more message of C{size}
+            octets would take a mailbox holding C{messages} messages of
+            C{octets} octets over this quota (every store says it alike).
+        """
+        if self.maxMessages and messages + 1 > self.maxMessages:
+            raise SMTPReply(452, "4.2.2", "Mailbox full: too many messages")
+        if self.maxBytes and octets + size > self.maxBytes:
+            raise SMTPReply(452, "4.2.2", "Mailbox full: over its size quota")
+
 
 def _noQuota(account: str) -> Quota:
     return Quota()
@@ -282,13 +297,9 @@ class MaildirStore:
             would take C{account}'s mailbox over its L{Quota}.
         """
         quota = self.quotaFor(account)
-        if not (quota.maxBytes or quota.maxMessages):
-            return
-        entries = listMaildir(path)
-        if quota.maxMessages and len(entries) + 1 > quota.maxMessages:
-            raise SMTPReply(452, "4.2.2", "Mailbox full: too many messages")
-        if quota.maxBytes and sum(e.size for e in entries) + size > quota.maxBytes:
-            raise SMTPReply(452, "4.2.2", "Mailbox full: over its size quota")
+        if quota.limited:
+            entries = listMaildir(path)
+            quota.check(len(entries), sum(e.size for e in entries), size)
 
     # -- reading ---------------------------------------------------------
 

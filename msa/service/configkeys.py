@@ -58,6 +58,18 @@ def _accountStore(url: str) -> None:
         checkURL(url)
 
 
+def _mailboxStore(url: str) -> None:
+    if url != "maildir":
+        from msa.accounts.pgstore import checkURL, isDatabaseURL
+
+        if not isDatabaseURL(url):
+            raise ValueError(
+                'must be "maildir" or a postgresql://user@host:port/database '
+                f"URL, not {url!r}"
+            )
+        checkURL(url)
+
+
 def _redisURL(url: str) -> None:
     from msa.policy.redisclient import RedisAddress
 
@@ -282,6 +294,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_recipients": integer(1000, 1, 10000, "Recipients per message."),
     },
     "mailbox": {
+        "store": parsed(
+            "maildir", '"maildir" or a PostgreSQL URL (shared).', _mailboxStore
+        ),
         "directory": path(None, "The mailboxes (a Maildir each)."),
         "expire_after": number(
             None, 3600, 3650 * DAY, "Seconds a message is kept; default ever."

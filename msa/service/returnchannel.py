@@ -3,10 +3,17 @@
 The return channel's services (R16): the mailbox store, the LMTP
 listeners through which the core delivers into it, and the expiry of old
 messages; built from C{[lmtp]} and C{[mailbox]} by L{buildReturnChannel}.
+
+The store is a Maildir per account under the state directory, or, with
+C{[mailbox] store = "postgresql://..."}, the database every instance
+shares (L{msa.mailbox.pgstore}), so that a message delivered into one
+instance is fetched from any.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import TimerService
@@ -20,11 +27,20 @@ from twisted.python.failure import Failure
 
 from msa import metrics, tls
 from msa.accounts.mailboxes import MailboxDirectory
+from msa.accounts.pgstore import connect, describe
+from msa.interfaces import IMailboxStore
 from msa.lmtp import AddressAllowlist, LMTPFactory, LMTPPolicy
 from msa.mailbox import MaildirStore, Quota
+from msa.mailbox.pgstore import PostgresMailboxStore
 from msa.service.config import Config
 
-__all__ = ["EXPIRY_INTERVAL", "LMTPListener", "ReturnChannel", "buildReturnChannel"]
+__all__ = [
+    "EXPIRY_INTERVAL",
+    "LMTPListener",
+    "ReturnChannel",
+    "buildReturnChannel",
+    "mailboxStore",
+]
 
 log = Logger()
 
@@ -77,20 +93,32 @@ class ReturnChannel(MultiService):
     """
     The mailbox store and its LMTP listeners, as one service.
 
-    @ivar mailboxStore: the L{MaildirStore} (the POP3 server reads it too).
+    @ivar mailboxStore: the L{MaildirStore} or L{PostgresMailboxStore} (the
+        POP3 server reads it too).
     @ivar factory: the LMTP listeners' L{LMTPFactory}.
     @ivar listeners: the listener services, for C{/health}.
     @ivar expireAfter: C{[mailbox] expire_after}: seconds a message is kept
         (swept every L{EXPIRY_INTERVAL}), or L{None}.
     """
 
-    def __init__(self, store: MaildirStore, factory: LMTPFactory) -> None:
+    def __init__(self, store: IMailboxStore, factory: LMTPFactory) -> None:
         super().__init__()
         self.setName("return-channel")
         self.mailboxStore = store
         self.factory = factory
         self.listeners: list[LMTPListener] = []
         self.expireAfter: float | None = None
+
+    def stopService(self) -> defer.Deferred[None]:
+        """
+        Stop the listeners, then the database store's threads and
+        connections.
+        """
+        d = defer.maybeDeferred(super().stopService)
+        if isinstance(self.mailboxStore, PostgresMailboxStore):
+            store = self.mailboxStore
+            d.addCallback(lambda _: store.close())
+        return d
 
     def healthProblem(self) -> str | None:
         """
@@ -104,6 +132,33 @@ class ReturnChannel(MultiService):
         if self.factory.storeError is not None:
             return f"mailbox store failing: {self.factory.storeError}"
         return None
+
+
+def mailboxStore(
+    config: Config,
+    audit: Any,
+    quotaFor: Callable[[str], Quota] = lambda account: Quota(),
+    reactor: Any = None,
+) -> MaildirStore | PostgresMailboxStore:
+    """
+    The mailbox store C{[mailbox] store} names (the daemon's, and the admin
+    tool's C{mailbox} commands'): the Maildirs of C{[mailbox] directory},
+    or the PostgreSQL database, connected with the accounts' settings
+    (keepalives, time-outs) and named in messages without its password.
+    """
+    mailbox = config["mailbox"]
+    if mailbox["store"] == "maildir":
+        return MaildirStore(
+            mailbox["directory"], reactor, audit=audit, quotaFor=quotaFor
+        )
+    url = mailbox["store"]
+    return PostgresMailboxStore(
+        functools.partial(connect, url),
+        describe(url),
+        reactor,
+        audit=audit,
+        quotaFor=quotaFor,
+    )
 
 
 def buildReturnChannel(
@@ -126,17 +181,19 @@ def buildReturnChannel(
             maxMessages=mailbox["max_messages"] or 0,
         ),
     )
-    store = MaildirStore(
-        mailbox["directory"], reactor, audit=audit, quotaFor=directory.quotaFor
-    )
-    store.ensureDirectory()
-    removed = store.recover(minAge=0)
-    if removed:
-        log.warn(
-            "mailboxes: removed {count} partial deliveries left by a crash "
-            "(never acknowledged)",
-            count=removed,
-        )
+    store = mailboxStore(config, audit, directory.quotaFor, reactor)
+    if isinstance(store, MaildirStore):
+        store.ensureDirectory()
+        removed = store.recover(minAge=0)
+        if removed:
+            log.warn(
+                "mailboxes: removed {count} partial deliveries left by a crash "
+                "(never acknowledged)",
+                count=removed,
+            )
+        temporaryDirectory = store.directory
+    else:
+        temporaryDirectory = config["server"]["state_dir"]
     metrics.MAILBOXES.store = store
     server = config["server"]
     factory = LMTPFactory(
@@ -150,7 +207,7 @@ def buildReturnChannel(
             idleTimeout=server["idle_timeout"],
         ),
         allowlist=AddressAllowlist(lmtp["allow_from"]) or None,
-        temporaryDirectory=store.directory,
+        temporaryDirectory=temporaryDirectory,
         reactor=reactor,
     )
     channel = ReturnChannel(store, factory)
@@ -177,7 +234,7 @@ def buildReturnChannel(
     return channel
 
 
-def _expire(store: MaildirStore, maxAge: float) -> Any:
+def _expire(store: MaildirStore | PostgresMailboxStore, maxAge: float) -> Any:
     d = store.expire(maxAge)
 
     def done(count: int) -> None:
