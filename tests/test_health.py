@@ -35,7 +35,7 @@ from tests.test_integrity import (
 )
 from tests.waiting import waitUntil
 
-COMPONENTS = {"relay", "spool", "limits", "accounts", "audit"}
+COMPONENTS = {"relay", "spool", "limits", "accounts", "audit", "returnchannel"}
 
 
 def get(port: int, path: str) -> tuple[int, str]:

@@ -367,12 +367,16 @@ class OperationsTests(ReturnChannelMixin, unittest.TestCase):
         )
         status, text = yield threads.deferToThread(self.get, metricsPort, "/health")
         self.assertEqual(status, 503)
-        self.assertIn("mailbox store failing: 451 4.3.0", text)
+        component = json.loads(text)["components"]["returnchannel"]
+        self.assertEqual(component["status"], "failing")
+        self.assertIn("mailbox store failing: 451 4.3.0", component["detail"])
         self.assertEqual(
             (yield threads.deferToThread(deliver, "retour@acme.nl"))[0], 250
         )
         status, text = yield threads.deferToThread(self.get, metricsPort, "/health")
-        self.assertEqual((status, text), (200, "ok\n"))
+        self.assertEqual(status, 200, text)
+        component = json.loads(text)["components"]["returnchannel"]
+        self.assertEqual(component["status"], "ok")
 
     @defer.inlineCallbacks
     def test_expiryAtStart(self):
