@@ -164,7 +164,8 @@ class NonEditableTrialTests(unittest.TestCase):
         scratch = os.path.abspath(self.mktemp())
         source = os.path.join(scratch, "source")
         ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
-        for name in ("msa", "twisted"):
+        # What setup.cfg installs: the packages and the manual pages.
+        for name in ("msa", "twisted", "man"):
             shutil.copytree(
                 os.path.join(ROOT, name), os.path.join(source, name), ignore=ignore
             )
