@@ -135,7 +135,8 @@ class TransactionTests(unittest.TestCase):
         self.assertEqual(
             self.h.command("MAIL FROM:<jos\u00e9@example.nl>".encode()),
             [
-                b"553 5.6.7 Non-ASCII addresses require the SMTPUTF8 parameter (RFC 6531)"
+                b"553 5.6.7 Non-ASCII addresses require the SMTPUTF8 "
+                b"parameter (RFC 6531)"
             ],
         )
 

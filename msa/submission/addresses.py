@@ -116,7 +116,7 @@ def parseMailbox(address: str, utf8: bool = False, offered: bool = False) -> str
     return address
 
 
-def _splitPath(argument: bytes, keyword: bytes) -> tuple[str, str]:
+def _splitPath(argument: bytes, keyword: bytes, offered: bool) -> tuple[str, str]:
     match = _command.match(argument.strip())
     if match is None or match.group("kw").upper() != keyword:
         verb = "MAIL FROM" if keyword == b"FROM" else "RCPT TO"
@@ -124,6 +124,8 @@ def _splitPath(argument: bytes, keyword: bytes) -> tuple[str, str]:
     try:
         rest = match.group("rest").decode("utf-8")
     except UnicodeDecodeError:
+        if not offered:
+            raise _NO_SMTPUTF8
         raise SMTPReply(553, "5.6.7", "Address is not valid UTF-8")
     if rest.startswith("<"):
         end = _closingBracket(rest)
@@ -166,7 +168,7 @@ def parseMailArgument(
         of the others are unknown (L{offeredParameters}).
     @return: the sender (C{""} for C{<>}) and the parameters.
     """
-    path, rest = _splitPath(argument, b"FROM")
+    path, rest = _splitPath(argument, b"FROM", "SMTPUTF8" in extensions)
     params = parseParameters(rest, offeredParameters(MAIL_PARAMETERS, extensions))
     if path == "":
         return "", params
@@ -184,7 +186,7 @@ def parseRcptArgument(
 
     @param utf8: the transaction's MAIL had SMTPUTF8.
     """
-    path, rest = _splitPath(argument, b"TO")
+    path, rest = _splitPath(argument, b"TO", "SMTPUTF8" in extensions)
     params = parseParameters(rest, offeredParameters(RCPT_PARAMETERS, extensions), utf8)
     if path == "":
         raise _incomplete(path)

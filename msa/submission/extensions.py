@@ -29,9 +29,8 @@ given (see README.rst).
 """
 
 #: Every extension of this module, the default of C{[server] extensions}.
-ALL_EXTENSIONS = frozenset(
-    {"DSN", "SMTPUTF8", "CHUNKING", "BINARYMIME", "LIMITS", "REQUIRETLS"}
-)
+EXTENSION_NAMES = ("DSN", "SMTPUTF8", "CHUNKING", "BINARYMIME", "LIMITS", "REQUIRETLS")
+ALL_EXTENSIONS = frozenset(EXTENSION_NAMES)
 
 #: The order in which EHLO lists them.
 _ORDER = ("DSN", "SMTPUTF8", "CHUNKING", "BINARYMIME", "REQUIRETLS")
