@@ -219,6 +219,46 @@ class ParameterStorageTests(unittest.TestCase):
             [b"250 2.1.0 Ok"],
         )
 
+    def test_headerFromUTF8(self):
+        """
+        For an account with C{requireHeaderFrom}, a UTF-8 mailbox in the
+        header C{From:} is read when the message came with SMTPUTF8 (and
+        matched after NFC); without SMTPUTF8 it is malformed.
+        """
+        h = Harness(
+            self,
+            realmArgs={
+                "extras": {
+                    "alice": {
+                        "senders": ["jos\u00e9@example.nl"],
+                        "requireHeaderFrom": True,
+                    }
+                }
+            },
+        )
+        h.login()
+        header = "From: Jos\u00e9 <jose\u0301@example.nl>\r\n\r\nx\r\n.\r\n".encode()
+        envelope = "MAIL FROM:<jos\u00e9@example.nl> SMTPUTF8\r\n".encode()
+        replies = h.send(envelope + b"RCPT TO:<b@example.nl>\r\nDATA\r\n" + header)
+        self.assertEqual(replies[-1], b"250 2.0.0 Ok: queued as Q0001")
+        h2 = Harness(
+            self,
+            realmArgs={
+                "extras": {
+                    "alice": {"senders": ["@example.nl"], "requireHeaderFrom": True}
+                }
+            },
+        )
+        h2.login()
+        replies = h2.send(
+            b"MAIL FROM:<a@example.nl>\r\nRCPT TO:<b@example.nl>\r\nDATA\r\n" + header
+        )
+        self.assertEqual(
+            replies[-1],
+            b"550 5.6.0 Message refused: malformed From: header field "
+            b"(non-ASCII addresses are not supported (no SMTPUTF8))",
+        )
+
     def test_requireTLS(self):
         """
         REQUIRETLS is kept; with it, C{TLS-Required: No} is ignored (RFC
