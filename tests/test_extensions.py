@@ -34,22 +34,11 @@ EXTENSION_LINES = [
 class EhloTests(unittest.TestCase):
     def test_overTLSOnly(self):
         """
-        Before TLS the EHLO reply is the spec example's; over TLS the
-        extensions follow 8BITMIME, before AUTH.
+        Over TLS the extensions follow 8BITMIME, before AUTH (before TLS
+        the reply is the spec example's:
+        L{tests.test_server.GreetingAndEHLOTests.test_ehloBeforeTLS}).
         """
         h = Harness(self)
-        before = h.command(b"EHLO client.example.nl")
-        self.assertEqual(
-            before,
-            [
-                b"250-msa.example.nl",
-                b"250-PIPELINING",
-                b"250-SIZE 52428800",
-                b"250-ENHANCEDSTATUSCODES",
-                b"250-8BITMIME",
-                b"250 STARTTLS",
-            ],
-        )
         after = h.startTLS()
         self.assertEqual(after[4:11], [b"250-8BITMIME"] + EXTENSION_LINES)
         self.assertTrue(after[-1].startswith(b"250 AUTH "), after)

@@ -30,7 +30,6 @@ C{BODY=BINARYMIME}, are 503 5.5.1; RCPT once the first chunk is in is
 """
 
 import re
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
 from twisted.logger import Logger
@@ -186,7 +185,7 @@ class ChunkReceiver:
         message = cast(ChunkMessage, transaction.message)
         if self.binary:
             if dataFilter.octetsReceived(len(data)):
-                self._store(message.chunkReceived, data)
+                transaction.store(message.chunkReceived, data)
             self._checkRefused()
             return
         self.lines.feed(data)
@@ -196,7 +195,7 @@ class ChunkReceiver:
                 judged = dataFilter.blockReceived(block)
                 if judged is not None:
                     self.lines.skip(len(block))
-                    self._store(message.blockReceived, judged)
+                    transaction.store(message.blockReceived, judged)
                     continue
             item = self.lines.nextLine(dataFilter.framingLimit)
             if item is None:
@@ -204,26 +203,8 @@ class ChunkReceiver:
             line = dataFilter.lineReceived(*item)
             if line is not None:
                 assert isinstance(line, bytes)
-                self._store(message.lineReceived, line)
+                transaction.store(message.lineReceived, line)
         self._checkRefused()
-
-    def _store(self, write: Callable[[bytes], None], data: bytes) -> None:
-        """
-        Hand judged octets to the message; a refusal (a full disk) or a
-        failure refuses the message.
-        """
-        transaction = self._transaction
-        assert transaction.filter is not None
-        try:
-            write(data)
-        except SMTPReply as e:
-            transaction.filter.refuse(e)
-        except Exception:
-            log.failure(
-                "session {session}: spool write failed",
-                session=self._server.session.sessionId,
-            )
-            transaction.filter.refuse(transaction.temporaryFailure)
 
     def _checkRefused(self) -> None:
         transaction = self._transaction

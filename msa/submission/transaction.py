@@ -30,6 +30,7 @@ message, and it is the final dot:
     usually learns that the client left only afterwards.)
 """
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
 from twisted.internet import defer
@@ -420,19 +421,28 @@ class MailTransaction:
             return False
         framer.skip(len(block))
         self.headerScan.blockReceived(data)
+        self.store(cast(BlockMessage, self.message).blockReceived, data)
+        if self.filter.error is not None:
+            self.abortMessage()
+        return True
+
+    def store(self, write: Callable[[bytes], None], data: bytes) -> None:
+        """
+        Hand judged message text to the message (one of its methods,
+        C{write}): a refusal it raises (a full disk) refuses the message,
+        and so does any other failure, as a temporary one.
+        """
+        assert self.filter is not None
         try:
-            cast(BlockMessage, self.message).blockReceived(data)
+            write(data)
         except SMTPReply as e:
             self.filter.refuse(e)
-            self.abortMessage()
         except Exception:
             log.failure(
                 "session {session}: spool write failed",
                 session=self._server.session.sessionId,
             )
             self.filter.refuse(TEMPORARY_FAILURE)
-            self.abortMessage()
-        return True
 
     def dataLine(self, line: bytes, tooLong: bool) -> None:
         """
@@ -449,16 +459,7 @@ class MailTransaction:
         if result is not None:
             assert self.message is not None and isinstance(result, bytes)
             self.headerScan.lineReceived(result)
-            try:
-                self.message.lineReceived(result)
-            except SMTPReply as e:
-                self.filter.refuse(e)
-            except Exception:
-                log.failure(
-                    "session {session}: spool write failed",
-                    session=self._server.session.sessionId,
-                )
-                self.filter.refuse(TEMPORARY_FAILURE)
+            self.store(self.message.lineReceived, result)
         if not hadError and self.filter.error is not None:
             self.abortMessage()
 
