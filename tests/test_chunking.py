@@ -121,6 +121,21 @@ class ChunkingTests(unittest.TestCase):
         )
         self.assertEqual(self.h.command(b"NOOP"), [b"250 2.0.0 Ok"])
         self.assertEqual(self.h.spool.committed, [])
+        # Refused from its declared size: none of its octets was stored,
+        # only the Received header had been written.
+        [writer] = self.h.spool.writers
+        self.assertTrue(writer.aborted)
+        self.assertEqual(writer.data.getvalue().count(b"\r\n"), 3)
+
+    def test_connectionLostBetweenChunks(self):
+        """
+        The client leaves between two chunks: the message is dropped.
+        """
+        self.envelope()
+        self.h.send(b"BDAT 4\r\nab\r\n")
+        self.h.close()
+        self.assertTrue(self.h.spool.writers[0].aborted)
+        self.assertEqual(self.h.spool.committed, [])
 
     def test_refusedCommandChunkRead(self):
         """

@@ -152,9 +152,23 @@ class ChunkReceiver:
         if not self.open:
             # The octets are read all the same, within the DATA deadline.
             server.deadlines.startData()
+        else:
+            self._declared(size)
         server.enter(SessionPhase.CHUNK)
         if not size:
             self._chunkDone()
+
+    def _declared(self, size: int) -> None:
+        """
+        A chunk that will take the message past its size limit refuses it
+        now (552 5.3.4 after the chunk): its octets are read, not stored.
+        """
+        dataFilter = self._transaction.filter
+        assert dataFilter is not None
+        if self.octets + size > self._transaction.maxMessageSize():
+            # Counted as if received: the filter refuses with its reply.
+            dataFilter.octetsReceived(self.octets + size - dataFilter.size)
+            self._checkRefused()
 
     def received(self) -> bool:
         """

@@ -506,6 +506,7 @@ class MailTransaction:
             reason=reason,
         )
         self.abortMessage()
+        self.chunks.reset()
         self._server.enter(SessionPhase.COMMAND)
         self.filter = None
 
