@@ -68,6 +68,14 @@ class MSAPassesTests(SelftestMixin, unittest.TestCase):
                 "refused: 550 5.5.2 Message refused: bare CR or LF in message "
                 "text; lines must end with CRLF",
             )
+        self.assertEqual(
+            rows["extensions"][1],
+            "offered over TLS: DSN, SMTPUTF8, CHUNKING, BINARYMIME, REQUIRETLS, "
+            "LIMITS RCPTMAX=100",
+        )
+        self.assertEqual(
+            rows["smuggling BDAT"][1], "each of the 8 forms refused inside BDAT text"
+        )
         self.assertTrue(
             rows["cipher-suites"][1].startswith(
                 "TLS 1.2: ECDHE-ECDSA-AES128-GCM-SHA256, "
