@@ -304,6 +304,10 @@ class Generator:
             refusal = None
         content = b"".join(line + b"\r\n" for line in lines)
         if rng.random() < 0.5:
+            if refusal is not None and len(content) > MAX_SIZE:
+                # A chunk declares its size first: that refusal comes
+                # before any of its lines is judged.
+                refusal = (552, b"5.3.4")
             body, replies = self.chunks(content, single=refusal is not None)
             return Step(
                 self.envelope(sender, recipients)[: -len(b"DATA\r\n")],
