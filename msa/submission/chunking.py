@@ -109,6 +109,7 @@ class ChunkReceiver:
         self.remaining = 0
         self.last = False
         self.refusal: SMTPReply | None = None
+        self.octets = 0
         self.binary = False
         self.lines = LineFramer()
 
@@ -119,7 +120,6 @@ class ChunkReceiver:
         self.open = False
         self.binary = False
         self.lines = LineFramer()
-        self.octets = 0
         self.octets = 0
 
     def _commandRefusal(self) -> SMTPReply | None:
