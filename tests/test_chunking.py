@@ -198,6 +198,16 @@ class ChunkingTests(unittest.TestCase):
             ],
         )
         self.assertEqual(self.h.spool.committed, [])
+        # Also when that line is too long to be kept.
+        self.envelope()
+        self.assertEqual(
+            self.h.send(b"BDAT 1600 LAST\r\n" + b"Subject: x\r\n\r\n" + b"z" * 1586),
+            [
+                b"550 5.6.0 Message refused: a text message must end with CRLF "
+                b"(use BODY=BINARYMIME for other content)"
+            ],
+        )
+        self.assertEqual(self.h.spool.committed, [])
 
     def test_longLine(self):
         """

@@ -233,7 +233,7 @@ class ChunkReceiver:
         dataFilter = self._transaction.filter
         if self.binary or dataFilter is None or dataFilter.error is not None:
             return
-        if self.lines.buffered:
+        if self.lines.midLine:
             dataFilter.refuse(
                 SMTPReply(
                     550,

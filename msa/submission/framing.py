@@ -91,6 +91,14 @@ class LineFramer:
         return data
 
     @property
+    def midLine(self) -> bool:
+        """
+        Whether part of a line has been received without its CRLF (held, or
+        being thrown away as too long).
+        """
+        return self._discarding or self.buffered > 0
+
+    @property
     def buffered(self) -> int:
         return len(self._buffer) - self._pos
 
