@@ -34,7 +34,19 @@ class Envelope:
 
     @ivar sender: the reverse-path, complete address or C{""} for C{<>}.
     @ivar recipients: forward-paths, complete addresses, in RCPT order.
-    @ivar mailParams: MAIL parameters (upper-case keys), e.g. C{BODY}.
+    @ivar mailParams: MAIL parameters (upper-case keys), e.g. C{BODY},
+        C{SMTPUTF8}, C{REQUIRETLS}, and the DSN's C{RET} and C{ENVID}
+        (decoded from xtext: L{msa.xtext}); a keyword without a value maps
+        to L{None}.
+    @ivar recipientParams: the RCPT parameters of each recipient, in the
+        order of C{recipients} (one L{dict} each, C{{}} when it had none):
+        the DSN's C{NOTIFY} (C{"NEVER"} or e.g. C{"SUCCESS,FAILURE"}) and
+        C{ORCPT} (C{"rfc822;address"} or C{"utf-8;address"}, decoded).
+        Use L{parametersOf}: an envelope stored before this field existed
+        has none.
+    @ivar tlsRequiredNo: the message's header says C{TLS-Required: No}
+        (RFC 8689 5) and its MAIL had no REQUIRETLS: the sender asks that
+        it be delivered even where TLS cannot be had.
     @ivar queueId: set by the spool when the message is allocated.
     @ivar receivedAt: POSIX time of the DATA command; the server passes its
         reactor's C{seconds()} (one clock for the whole session), the
@@ -49,6 +61,16 @@ class Envelope:
     helo: str = ""
     queueId: str = ""
     receivedAt: float = attrs.Factory(time.time)
+    recipientParams: list[dict[str, str | None]] = attrs.Factory(list)
+    tlsRequiredNo: bool = False
+
+    def parametersOf(self, index: int) -> dict[str, str | None]:
+        """
+        The RCPT parameters of the recipient at C{index} in C{recipients}.
+        """
+        if index < len(self.recipientParams):
+            return self.recipientParams[index]
+        return {}
 
     def toJSON(self) -> dict:
         return attrs.asdict(self)

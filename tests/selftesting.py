@@ -29,6 +29,11 @@ from msa.admin.selftest import SMUGGLING_FORMS
 SENDER = "ik@mijnbedrijf.nl"
 RCPT = "belastingdienst@overheid.nl"
 SMUGGLING = [f"smuggling {label}" for label, _ in SMUGGLING_FORMS]
+#: The message probes: the clean message, the smuggling forms through DATA,
+#: and through BDAT (skipped where CHUNKING is not offered).
+MESSAGES = ["clean-message", *SMUGGLING, "smuggling BDAT"]
+#: What a server without CHUNKING skips.
+NO_CHUNKING = ["smuggling BDAT"]
 ALL_PROBES = [
     "greeting",
     "pre-tls-530",
@@ -39,8 +44,10 @@ ALL_PROBES = [
     "cipher-suites",
     "groups",
     "certificate",
+    "extensions",
     "clean-message",
     *SMUGGLING,
+    "smuggling BDAT",
 ]
 PRE_TLS = ["pre-tls-530", "starttls-injection", "no-auth-before-tls"]
 #: The forms a server that takes a bare LF for a line end ends the data on

@@ -97,7 +97,9 @@ class ArgumentTests(unittest.TestCase):
             (b"FROM:<a@example.nl> BODY=BINARYMIME", 501, "5.5.4"),
         ]
         for argument, code, status in cases:
-            error = self.assertRaises(SMTPReply, parseMailArgument, argument)
+            error = self.assertRaises(
+                SMTPReply, parseMailArgument, argument, frozenset()
+            )
             self.assertEqual((error.code, error.status), (code, status), argument)
 
     def test_rcpt(self):
@@ -108,5 +110,7 @@ class ArgumentTests(unittest.TestCase):
             (b"TO:<b@example.nl> NOTIFY=NEVER", 555),
             (b"FROM:<b@example.nl>", 501),
         ]:
-            error = self.assertRaises(SMTPReply, parseRcptArgument, argument)
+            error = self.assertRaises(
+                SMTPReply, parseRcptArgument, argument, frozenset()
+            )
             self.assertEqual(error.code, code, argument)

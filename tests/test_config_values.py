@@ -149,6 +149,12 @@ BAD: list[Bad] = [
         "DIGEST-MD5, SCRAM-SHA-256, SCRAM-SHA-256-PLUS (got [])",
     ),
     Bad(
+        "server.extensions",
+        '["DSN", "8BITMIME"]',
+        "each item must be one of DSN, SMTPUTF8, CHUNKING, BINARYMIME, LIMITS, "
+        "REQUIRETLS (got '8BITMIME')",
+    ),
+    Bad(
         "server.sasl_realm",
         "'realm\"x'",
         "must not contain any of \"\\ (got 'realm\"x')",

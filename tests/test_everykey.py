@@ -457,6 +457,22 @@ def checkMechanisms(env):
     client.close()
 
 
+def checkExtensions(env):
+    client = connect(env)
+    features = client.esmtp_features
+    assert "dsn" in features and "limits" in features, features
+    for off in ("smtputf8", "chunking", "binarymime", "requiretls"):
+        assert off not in features, features
+    client.esmtp_features["auth"] = "PLAIN"
+    client.login("alice", USERS["alice"])
+    assert client.docmd("BDAT 1 LAST") == (500, b"5.5.2 Error: command not recognized")
+    assert client.docmd("MAIL FROM:<ik@mijnbedrijf.nl> SMTPUTF8") == (
+        555,
+        b"5.5.4 Unsupported parameter: SMTPUTF8",
+    )
+    client.close()
+
+
 def checkRealm(env):
     client = connect(env)
     code, challenge = client.docmd("AUTH DIGEST-MD5")
@@ -1073,6 +1089,7 @@ ROWS: list[Row] = [
         ),
     ),
     Row("server.mechanisms", ["PLAIN", "DIGEST-MD5"], checkMechanisms),
+    Row("server.extensions", ["DSN", "LIMITS"], checkExtensions),
     Row("server.sasl_realm", "realm.test", checkRealm),
     Row("server.server_names", ["alias.test"], checkServerNames),
     # [tls]

@@ -12,6 +12,12 @@ commands, and mutated or random input (flipped, cut and inserted bytes,
 bare CR/LF, long lines, dots), pipelined in bursts.  The bytes sent depend
 on the seed alone, never on the replies.
 
+Transactions go through DATA or, as often, through BDAT (issue 21: one
+chunk or several, cut anywhere, the same refusals for the same content,
+answered after the chunk that breaks a rule), and the parameters include
+those of DSN, SMTPUTF8, REQUIRETLS and BODY=BINARYMIME, valid and
+malformed.
+
 On the known path the fuzzer also draws (issue 18): MAIL and RCPT
 parameters (Unicode digits such as C{\u00b2} and fullwidth ones, NUL and
 other controls, non-ASCII keywords, very long values, many parameters,
@@ -143,6 +149,8 @@ class Step:
         a 354, for a transaction; its reply is C{bodyExpect}.
     @ivar bodyExpect: the refusal (code, enhanced status) after the body,
         or L{None} when the message must be accepted.
+    @ivar bodyReplies: how many replies the body gets (BDAT: one per
+        chunk); all but the last are 250.
     @ivar errors: how many of the replies count towards the error limit.
     @ivar delivered: the message the core must receive, for an accepted one.
     @ivar label: names the step in a failure.
@@ -152,6 +160,7 @@ class Step:
     expect: list | None = None
     body: bytes | None = None
     bodyExpect: tuple | None = None
+    bodyReplies: int = 1
     errors: int = 0
     delivered: bytes | None = None
     label: str = ""
@@ -293,16 +302,57 @@ class Generator:
             refusal = (552, b"5.3.4")
         else:
             refusal = None
-        body = stuff(lines)
+        content = b"".join(line + b"\r\n" for line in lines)
+        if rng.random() < 0.5:
+            if refusal is not None and len(content) > MAX_SIZE:
+                # A chunk declares its size first: that refusal comes
+                # before any of its lines is judged.
+                refusal = (552, b"5.3.4")
+            body, replies = self.chunks(content, single=refusal is not None)
+            return Step(
+                self.envelope(sender, recipients)[: -len(b"DATA\r\n")],
+                expect=[250] + rcptCodes,
+                body=body,
+                bodyExpect=refusal,
+                bodyReplies=replies,
+                errors=1 if refusal else 0,
+                delivered=None if refusal else content,
+                label=f"{label} {kind} BDAT",
+            )
         return Step(
             self.envelope(sender, recipients),
             expect=[250] + rcptCodes + [354],
-            body=body,
+            body=stuff(lines),
             bodyExpect=refusal,
             errors=1 if refusal else 0,
-            delivered=None if refusal else b"".join(line + b"\r\n" for line in lines),
+            delivered=None if refusal else content,
             label=f"{label} {kind}",
         )
+
+    def chunks(self, content: bytes, single: bool) -> tuple[bytes, int]:
+        """
+        C{content} as BDAT chunks cut at random (one C{LAST} chunk when
+        C{single}, for a message refused at its only reply), sometimes
+        with an empty C{BDAT 0 LAST}.
+
+        @return: the bytes and how many replies they get.
+        """
+        rng = self.rng
+        cuts = (
+            []
+            if single
+            else sorted(rng.sample(range(len(content) + 1), rng.randrange(0, 4)))
+        )
+        ends = zip([0] + cuts, cuts + [len(content)], strict=True)
+        pieces = [content[a:b] for a, b in ends]
+        if not single and rng.random() < 0.2:
+            pieces.append(b"")
+        data = b""
+        for n, piece in enumerate(pieces):
+            last = b" LAST" if n == len(pieces) - 1 else b""
+            data += rng.choice([b"BDAT", b"bdat"]) + b" %d%s\r\n" % (len(piece), last)
+            data += piece
+        return data, len(pieces)
 
     def parameters(self) -> tuple[bytes, int, int]:
         """
@@ -351,14 +401,28 @@ class Generator:
             count = rng.randrange(2, 60)
             return b" ".join([word] * count), 501, 555
         if kind == 8:
-            unknown = [
-                b"RET=HDRS",
-                b"ENVID=x",
-                b"SMTPUTF8",
-                b"REQUIRETLS",
-                b"NOTIFY=NEVER",
-            ]
-            return rng.choice(unknown), 555, 555
+            # Issue 21: MAIL's and RCPT's own, and each in the wrong command.
+            return rng.choice(
+                [
+                    (b"RET=HDRS", 250, 555),
+                    (b"ENVID=x+2By", 250, 555),
+                    (b"SMTPUTF8", 250, 555),
+                    (b"REQUIRETLS", 250, 555),
+                    (b"BODY=BINARYMIME", 250, 555),
+                    (b"NOTIFY=NEVER", 555, 250),
+                    (b"NOTIFY=success,DELAY", 555, 250),
+                    (b"ORCPT=rfc822;a+40b.nl", 555, 250),
+                    (b"RET=ALL", 501, 555),
+                    (b"ENVID=a+zz", 501, 555),
+                    (b"ENVID=" + b"e" * 101, 501, 555),
+                    (b"SMTPUTF8=yes", 501, 555),
+                    (b"RET=FULL RET=HDRS", 501, 555),
+                    (b"NOTIFY=NEVER,DELAY", 555, 501),
+                    (b"ORCPT=x;y", 555, 501),
+                    (b"ORCPT=rfc822;", 555, 501),
+                    ("NOTIFY=N\u00c9VER".encode(), 501, 501),
+                ]
+            )
         if kind == 9:
             keywords = ["\u017fIZE=1", "\uff33\uff29\uff3a\uff25=1", "BO\u1e0cY=7BIT"]
             return rng.choice(keywords).encode(), 501, 501
@@ -367,7 +431,7 @@ class Generator:
         if kind == 11:
             return rng.choice(["AUTH=\u00e9", "BODY=7B\u0130T"]).encode(), 501, 501
         return (
-            rng.choice([b"BODY=BINARYMIME", b"AUTH=a+zz", b"BODY", b"SIZE"]),
+            rng.choice([b"BODY=BINARY", b"AUTH=a+zz", b"BODY", b"SIZE"]),
             501,
             555,
         )
@@ -613,6 +677,13 @@ class Outcome:
     replies: list[bytes] = attrs.Factory(list)
 
 
+#: A BDAT command's size, wherever it is in what a session sent.
+BDAT_SIZE = re.compile(rb"(?i)BDAT[ \t]+([0-9]{1,20})")
+#: The most octets sent to complete a BDAT chunk that may be pending when
+#: a session ends; one declared larger waits for its deadline, and its
+#: session is closed by the client.
+FILLER = 4 * MAX_SIZE
+
 QUEUED = re.compile(rb"^250 2\.0\.0 Ok: queued as ([0-9A-F]{18})$")
 
 
@@ -649,6 +720,12 @@ def runScript(msa, script: Script) -> Outcome:
             errors += step.errors
             if step.body is not None:
                 client.send(step.body)
+                for _ in range(step.bodyReplies - 1):
+                    code, lines = client.reply()
+                    if code != 250:
+                        outcome.problems.append(
+                            f"{step.label}: {client.replies[-1]!r} for a chunk"
+                        )
                 code, lines = client.reply()
                 last = client.replies[-1]
                 if step.bodyExpect is None:
@@ -663,6 +740,15 @@ def runScript(msa, script: Script) -> Outcome:
                     outcome.problems.append(
                         f"{step.label}: {last!r}, expected {step.bodyExpect}"
                     )
+        unbounded = False
+        if not onPath:
+            # A BDAT (mutated, cut, random) may still wait for octets: they
+            # are sent, so that the terminator is read as commands.
+            sent = b"".join(s.data + (s.body or b"") for s in script.steps)
+            pending = [int(n) for n in BDAT_SIZE.findall(sent)]
+            if pending:
+                unbounded = max(pending) > FILLER
+                client.send(b"x" * min(max(pending), FILLER) + b"\r\n")
         client.send(b"\r\n.\r\nQUIT\r\n")
         if onPath:
             # Every command so far had exactly one reply: the next ones are
@@ -687,7 +773,7 @@ def runScript(msa, script: Script) -> Outcome:
             client.readUntilClosed()
         except Exception as e:  # noqa: BLE001
             outcome.problems.append(f"reading: {e!r}")
-        if not client.eof:
+        if not client.eof and not unbounded:
             outcome.problems.append(f"not closed within {BOUND}s after QUIT")
     client.close()
     outcome.replies = client.replies

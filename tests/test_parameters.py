@@ -12,10 +12,14 @@ from msa.errors import SMTPReply
 from msa.submission.parameters import (
     MAIL_PARAMETERS,
     RCPT_PARAMETERS,
+    offeredParameters,
     parseParameters,
     sizeOctets,
 )
 from tests.helpers import Harness
+
+#: No extension offered.
+NONE: frozenset[str] = frozenset()
 
 #: Characters for which C{str.isdigit()} is true but that are not DIGIT.
 UNICODE_DIGITS = [
@@ -97,14 +101,22 @@ class GrammarTests(unittest.TestCase):
             self.assertRefused(text, 501)
 
     def test_unknownAndDuplicate(self):
-        self.assertRefused("RET=HDRS", 555)
+        """
+        A keyword of an extension switched off is unknown, 555 5.5.4.
+        """
+        self.assertRefused("RET=HDRS", 555, offeredParameters(MAIL_PARAMETERS, NONE))
         self.assertRefused("X-" + "A" * 400, 555)
-        self.assertRefused("NOTIFY=NEVER", 555, RCPT_PARAMETERS)
+        self.assertRefused(
+            "NOTIFY=NEVER", 555, offeredParameters(RCPT_PARAMETERS, NONE)
+        )
         self.assertRefused("SIZE=1 size=2", 501)
         self.assertRefused("BODY=7BIT " * 3, 501)
 
     def test_badValues(self):
-        self.assertRefused("BODY=BINARYMIME", 501)
+        self.assertRefused(
+            "BODY=BINARYMIME", 501, offeredParameters(MAIL_PARAMETERS, NONE)
+        )
+        self.assertRefused("BODY=BINARY", 501)
         self.assertRefused("BODY", 501)
         self.assertRefused("AUTH", 501)
         self.assertRefused("AUTH=a+zz", 501)
@@ -160,7 +172,7 @@ class ProtocolTests(unittest.TestCase):
             [b"501 5.5.4 Bad parameter syntax: NOTIFY=?"],
         )
         self.assertEqual(
-            h.command(b"RCPT TO:<b@example.nl> NOTIFY=NEVER"),
-            [b"555 5.5.4 Unsupported parameter: NOTIFY"],
+            h.command(b"RCPT TO:<b@example.nl> NOTIFY=NEVER,SUCCESS"),
+            [b"501 5.5.4 NOTIFY must be NEVER or a list of SUCCESS, FAILURE and DELAY"],
         )
         self.assertEqual(h.command(b"RCPT TO:<b@example.nl>"), [b"250 2.1.5 Ok"])

@@ -134,10 +134,18 @@ class TransactionTests(unittest.TestCase):
     def test_nonASCIIAddress(self):
         self.assertEqual(
             self.h.command("MAIL FROM:<jos\u00e9@example.nl>".encode()),
-            [b"553 5.6.7 Non-ASCII addresses are not supported (no SMTPUTF8)"],
+            [
+                b"553 5.6.7 Non-ASCII addresses require the SMTPUTF8 "
+                b"parameter (RFC 6531)"
+            ],
         )
 
     def test_parameters(self):
+        """
+        With the extensions switched off, their parameters are unknown.
+        """
+        self.h = Harness(self, extensions=frozenset())
+        self.h.login()
         self.assertEqual(
             self.h.command(b"MAIL FROM:<a@example.nl> BODY=8BITMIME"), [b"250 2.1.0 Ok"]
         )

@@ -33,6 +33,9 @@ implicit-TLS one there is no plaintext phase and they are reported N/A):
  - C{certificate}: the chain verifies against C{--ca-file} or the system
    store, the server sends every intermediate itself, the leaf is valid for
    C{--servername} (default HOST) and has at least C{--min-days} left.
+ - C{extensions}: the SMTP extensions of issue 21 the listener offers over
+   TLS (DSN, SMTPUTF8, CHUNKING, BINARYMIME, REQUIRETLS, LIMITS), as a
+   PASS row that names them.
  - With an account (C{--user --password-file --sender --rcpt}), after the
    certificate verified (a password is never sent to an unverified server):
    C{clean-message} is accepted with 250, and C{smuggling <form>} for each
@@ -44,6 +47,10 @@ implicit-TLS one there is no plaintext phase and they are reported N/A):
    message with the bare CR or LF inside, which is safe only if the server
    normalises it before relaying (Postfix's C{smtpd_forbid_bare_newline})
    and cannot be told from outside.
+   C{smuggling BDAT}: where the listener offers CHUNKING, the same forms
+   each inside a text message sent as one C{BDAT <size> LAST} chunk: PASS
+   when each is refused with 5xx, WARN when one is accepted, FAIL when a
+   smuggled command is answered.
    Every message sent carries an C{X-Digipoort-Selftest} header and a
    Subject saying it is a self-test.  Without an account nothing is sent
    that could be delivered.
@@ -63,6 +70,7 @@ from typing import Any
 
 from OpenSSL import SSL
 
+from msa.admin.chunkprobes import probeBDATSmuggling, probeExtensions
 from msa.admin.probeclient import (
     DEFAULT_TLS13_CIPHERS,
     FAIL,
@@ -142,12 +150,20 @@ def runProbes(target: Target) -> list[ProbeResult]:
         ("certificate", probeCertificate),
     ]:
         results += _guard(name, functools.partial(probe, target))
+    keywords: list[str] = []
+    try:
+        extensions, keywords = probeExtensions(target)
+        results += extensions
+    except (ProbeError, SSL.Error, OSError) as e:
+        detail = str(e) if isinstance(e, ProbeError) else sslReason(e)
+        results.append(ProbeResult("extensions", FAIL, detail))
     runId = (
         datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         + "-"
         + secrets.token_hex(3)
     )
     messageProbes = ["clean-message"] + [f"smuggling {f}" for f, _ in SMUGGLING_FORMS]
+    messageProbes.append("smuggling BDAT")
     if target.account is None:
         results += [
             ProbeResult(
@@ -161,7 +177,15 @@ def runProbes(target: Target) -> list[ProbeResult]:
             for n in messageProbes
         ]
     else:
-        results += _guard("clean-message", lambda: probeMessages(target, runId))
+        messages = _guard("clean-message", lambda: probeMessages(target, runId))
+        results += messages
+        if messages[0].status == FAIL:
+            reason = "not tried: the session for clean-message failed"
+            results.append(ProbeResult("smuggling BDAT", SKIP, reason))
+        else:
+            results += _guard(
+                "smuggling BDAT", lambda: probeBDATSmuggling(target, runId, keywords)
+            )
     return results
 
 

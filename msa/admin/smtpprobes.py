@@ -169,7 +169,7 @@ def probeNoAuthBeforeTLS(target: Target) -> list[ProbeResult]:
 # -- messages -----------------------------------------------------------------
 
 
-def _message(target: Target, runId: str, subject: str, tag: str) -> bytes:
+def probeMessage(target: Target, runId: str, subject: str, tag: str) -> bytes:
     """
     A test message with the headers a strict content policy wants, marked
     as a self-test in a header and in the Subject.
@@ -230,9 +230,10 @@ def untrustedReason(target: Target) -> str | None:
     return None
 
 
-def _login(target: Target) -> SMTPSession:
+def loginSession(target: Target, data: bool = True) -> SMTPSession:
     """
-    A verified TLS session logged in with the account, after RCPT.
+    A verified TLS session logged in with the account, after RCPT and (with
+    C{data}) DATA's 354, or (without) before MAIL.
 
     @raise ProbeError: when any step is refused.
     """
@@ -261,9 +262,10 @@ def _login(target: Target) -> SMTPSession:
             session.command(password, (235,), "AUTH LOGIN password")
         else:
             raise ProbeError(f"neither PLAIN nor LOGIN offered after TLS: {keywords}")
-        session.command(f"MAIL FROM:<{account.sender}>", (250,))
-        session.command(f"RCPT TO:<{account.recipient}>", (250, 251))
-        session.command("DATA", (354,))
+        if data:
+            session.command(f"MAIL FROM:<{account.sender}>", (250,))
+            session.command(f"RCPT TO:<{account.recipient}>", (250, 251))
+            session.command("DATA", (354,))
     except BaseException:
         session.close()
         raise
@@ -279,7 +281,7 @@ def probeMessages(target: Target, runId: str) -> list[ProbeResult]:
     repeated failed logins are slowed down by the server.
     """
     try:
-        session = _login(target)
+        session = loginSession(target)
     except ProbeError as e:
         reason = "not tried: the session for clean-message failed"
         return [ProbeResult("clean-message", FAIL, str(e))] + [
@@ -287,7 +289,7 @@ def probeMessages(target: Target, runId: str) -> list[ProbeResult]:
             for label, _ in SMUGGLING_FORMS
         ]
     with session:
-        session.send(_message(target, runId, "clean message", "clean") + b".\r\n")
+        session.send(probeMessage(target, runId, "clean message", "clean") + b".\r\n")
         reply = session.readReply()
         session.send(b"QUIT\r\n")
     status = PASS if reply.code == 250 else FAIL
@@ -308,12 +310,14 @@ def probeSmuggling(target: Target, runId: str) -> list[ProbeResult]:
     for label, form in SMUGGLING_FORMS:
         name = f"smuggling {label}"
         tag = "smuggled-" + label.replace(".", "-")
-        body = _message(target, runId, f"smuggling probe {label}", "outer-" + tag)
+        body = probeMessage(target, runId, f"smuggling probe {label}", "outer-" + tag)
         smuggled = (
             f"MAIL FROM:<{account.sender}>\r\nRCPT TO:<{account.recipient}>\r\nDATA\r\n"
-        ).encode("ascii") + _message(target, runId, f"SMUGGLED message ({label})", tag)
+        ).encode("ascii") + probeMessage(
+            target, runId, f"SMUGGLED message ({label})", tag
+        )
         try:
-            session = _login(target)
+            session = loginSession(target)
         except ProbeError as e:
             results.append(ProbeResult(name, FAIL, str(e)))
             continue

@@ -18,6 +18,7 @@ L{msa.policy.limits}; with C{[limits] backend = "redis"} every instance shares
 them (L{msa.policy.redislimits}).
 """
 
+import unicodedata
 from typing import Any
 
 import attrs
@@ -59,9 +60,16 @@ KNOWN_KEYS = frozenset(_INT_KEYS + _LIST_KEYS + _BOOL_KEYS + _OTHER_KEYS)
 def _normalise(address: str) -> str:
     """
     The canonical form of an addr-spec, in lower case: C{"ik"@Acme.nl} and
-    C{ik@acme.nl} are one mailbox (RFC 5322 3.4.1).
+    C{ik@acme.nl} are one mailbox (RFC 5322 3.4.1).  A UTF-8 address
+    (SMTPUTF8) is compared after NFC normalisation, so that C{jos\u00e9} and
+    C{jose\u0301} are one mailbox (RFC 6530 10.1); the address kept in the
+    envelope stays as the client wrote it.
     """
-    return formatAddrSpec(*splitAddrSpec(address)).lower()
+    return _nfc(formatAddrSpec(*splitAddrSpec(address)).lower())
+
+
+def _nfc(text: str) -> str:
+    return text if text.isascii() else unicodedata.normalize("NFC", text)
 
 
 @attrs.frozen
@@ -88,7 +96,7 @@ class AddressList:
                 )
             entry = entry.strip()
             if entry.startswith("@"):
-                domains.add(entry[1:].lower())
+                domains.add(_nfc(entry[1:].lower()))
             else:
                 addresses.add(_normalise(entry))
         return cls(frozenset(addresses), frozenset(domains))
@@ -111,8 +119,8 @@ class AddressList:
         one of these addresses or in one of these domains.
         """
         return (
-            domain.lower() in self.domains
-            or formatAddrSpec(localPart, domain).lower() in self.addresses
+            _nfc(domain.lower()) in self.domains
+            or _nfc(formatAddrSpec(localPart, domain).lower()) in self.addresses
         )
 
     def __bool__(self) -> bool:
@@ -178,15 +186,18 @@ class HeaderFromPolicy:
         self.senders = senders
 
     def startMessage(self, envelope) -> "_HeaderFromChecker":
-        return _HeaderFromChecker(self.senders)
+        utf8 = envelope is not None and "SMTPUTF8" in envelope.mailParams
+        return _HeaderFromChecker(self.senders, utf8)
 
 
 class _HeaderFromChecker:
-    def __init__(self, senders: AddressList) -> None:
+    def __init__(self, senders: AddressList, utf8: bool = False) -> None:
         self.senders = senders
+        #: The message came with SMTPUTF8: UTF-8 addresses are read.
+        self.utf8 = utf8
 
     def headersReceived(self, headers) -> None:
-        checkAuthorFields(headers, self.senders)
+        checkAuthorFields(headers, self.senders, self.utf8)
 
     def lineReceived(self, line: bytes) -> None:
         pass

@@ -19,6 +19,7 @@ Groups (RFC 6854) are refused: a submission names its author.
 
 import email.policy
 import email.utils
+from email import errors
 from typing import Protocol
 
 from msa.errors import SMTPReply
@@ -40,15 +41,22 @@ def _malformed(name: str, why: str | None = None) -> SMTPReply:
     return SMTPReply(550, "5.6.0", text)
 
 
-def _readersAgree(value: str, mailboxes: tuple[Mailbox, ...]) -> bool:
+def _readersAgree(
+    value: str, mailboxes: tuple[Mailbox, ...], utf8: bool = False
+) -> bool:
     """
     Whether the lenient readers name exactly C{mailboxes}, in order, and
-    find nothing wrong.
+    find nothing wrong (but, with C{utf8}, a non-ASCII local part).
     """
     strict = [(m.localPart, m.domain.lower()) for m in mailboxes]
     try:
         header = email.policy.default.header_factory("From", value)
-        if header.defects:
+        defects = [
+            d
+            for d in header.defects
+            if not (utf8 and isinstance(d, errors.NonASCIILocalPartDefect))
+        ]
+        if defects:
             return False
         modern = [(a.username, a.domain.lower()) for a in header.addresses]
         legacy = []
@@ -60,28 +68,29 @@ def _readersAgree(value: str, mailboxes: tuple[Mailbox, ...]) -> bool:
     return strict == modern == legacy
 
 
-def authorMailboxes(name: str, value: str) -> tuple[Mailbox, ...]:
+def authorMailboxes(name: str, value: str, utf8: bool = False) -> tuple[Mailbox, ...]:
     """
     The mailboxes of a C{From:} or C{Sender:} field body (C{name} says
-    which), read strictly and checked against the lenient readers.
+    which), read strictly and checked against the lenient readers.  With
+    C{utf8} (the message came with SMTPUTF8) they may be UTF-8 addresses.
 
     @raise SMTPReply: C{550 5.6.0} when the field is malformed, holds a
         group, is a C{Sender:} without exactly one mailbox, or reads
         differently to a lenient reader.
     """
-    reading = readMailboxes(value)
+    reading = readMailboxes(value, utf8)
     if reading.defects:
         raise _malformed(name, reading.defects[0])
     if reading.groups:
         raise _malformed(name, "a group is not accepted")
     if name == "Sender" and len(reading.mailboxes) != 1:
         raise _malformed(name, "it must hold exactly one mailbox")
-    if reading.mailboxes and not _readersAgree(value, reading.mailboxes):
+    if reading.mailboxes and not _readersAgree(value, reading.mailboxes, utf8):
         raise _malformed(name)
     return reading.mailboxes
 
 
-def checkAuthorFields(headers, senders: AuthorizedSenders) -> None:
+def checkAuthorFields(headers, senders: AuthorizedSenders, utf8: bool = False) -> None:
     """
     Refuse a message whose C{From:} or C{Sender:} names a mailbox outside
     C{senders}, or that cannot be read unambiguously.
@@ -100,7 +109,7 @@ def checkAuthorFields(headers, senders: AuthorizedSenders) -> None:
             )
     named = []
     for name, values in fields.items():
-        for mailbox in authorMailboxes(name, values[0]) if values else ():
+        for mailbox in authorMailboxes(name, values[0], utf8) if values else ():
             named.append((name, mailbox))
     if not any(name == "From" for name, _ in named):
         raise SMTPReply(550, "5.7.1", "Message refused: no From: address")

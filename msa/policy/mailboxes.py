@@ -33,6 +33,7 @@ import binascii
 import re
 
 import attrs
+import idna
 
 #: RFC 5322 3.2.3: atext, here ASCII only (addr-spec).
 ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
@@ -148,8 +149,9 @@ class _Reader:
     A recursive-descent reader of one field body.
     """
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, utf8: bool = False) -> None:
         self.text = text
+        self.utf8 = utf8
         self.pos = 0
         self.mailboxes: list[Mailbox] = []
         self.groups = 0
@@ -332,7 +334,7 @@ class _Reader:
             return None
         if self.peek() != "@":
             return local
-        if not local.isascii():
+        if not local.isascii() and not self.utf8:
             raise _Defect("non-ASCII addresses are not supported (no SMTPUTF8)")
         if _encodedWordStart.search(local):
             raise _Defect("an encoded word is not allowed in an address")
@@ -346,10 +348,15 @@ class _Reader:
             end = self.text.find("]", self.pos)
             self.pos = len(self.text) if end < 0 else end + 1
         else:
-            while self.peek() and (self.peek() in _atext or self.peek() == "."):
+            while self.peek() and (
+                self.peek() in _atext
+                or self.peek() == "."
+                or (self.utf8 and self.peek() >= "\x80")
+            ):
+                self.checkText(self.peek())
                 self.pos += 1
         domain = self.text[start : self.pos]
-        if not _domain.match(domain):
+        if not _domain.match(_aLabels(domain)):
             raise _Defect(
                 "an address must be complete: local-part@fully.qualified.domain"
             )
@@ -425,11 +432,30 @@ def decodeDisplayName(word: str) -> str:
     return _encodedWord.sub(decode, word)
 
 
-def readMailboxes(text: str) -> MailboxReading:
+def _aLabels(domain: str) -> str:
+    """
+    C{domain} with each U-label (IDNA 2008) as its A-label, for the check
+    of its form; one that is no U-label is left as it is, and fails it.
+    """
+    if domain.isascii():
+        return domain
+    labels = []
+    for label in domain.split("."):
+        try:
+            labels.append(label if label.isascii() else idna.encode(label).decode())
+        except idna.IDNAError:
+            labels.append(label)
+    return ".".join(labels)
+
+
+def readMailboxes(text: str, utf8: bool = False) -> MailboxReading:
     """
     Read the mailboxes of an address-list field body (unfolded).
+
+    @param utf8: the message came with SMTPUTF8 (RFC 6532 3.2): a local
+        part may hold UTF-8, and a domain U-labels.
     """
-    reader = _Reader(text)
+    reader = _Reader(text, utf8)
     try:
         reader.read()
     except _Defect as defect:

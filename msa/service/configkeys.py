@@ -37,6 +37,7 @@ from msa.service.configschema import (
     token,
 )
 from msa.service.services import MINIMUM_WATCH_INTERVAL
+from msa.submission.extensions import EXTENSION_NAMES
 from msa.tls import MINIMUM_VERSIONS
 
 DAY = 86400
@@ -138,6 +139,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "SASL mechanisms offered, in order.",
             fewest=1,
             most=16,
+        ),
+        "extensions": listOf(
+            list(EXTENSION_NAMES),
+            choice(None, EXTENSION_NAMES, "", anyCase=True),
+            "SMTP extensions offered over TLS.",
+            most=len(EXTENSION_NAMES),
         ),
         "sasl_realm": protocolText(
             None, "DIGEST-MD5 realm; default hostname.", refused='"\\'

@@ -60,6 +60,7 @@ from msa.service.services import (
 )
 from msa.service.startupchecks import StartupCheckError, checkFileLimit, runChecks
 from msa.submission.avatar import submissionFactory
+from msa.submission.extensions import offeredExtensions
 from msa.submission.proxyheader import (
     ProxyAllowlist,
     ProxyHeaderFactory,
@@ -371,6 +372,7 @@ def buildService(config: Config, reactor=None) -> OrderedShutdown:
             maxConnections=server["max_connections"],
             maxConnectionsPerClient=server["max_connections_per_client"],
             mechanisms=tuple(server["mechanisms"]),
+            extensions=offeredExtensions(server["extensions"]),
         )
         factory = SubmissionFactory(
             portal,

@@ -4,17 +4,30 @@ Parsing of MAIL FROM and RCPT TO arguments (RFC 5321 4.1.2): paths, and
 the ESMTP parameters after them through L{msa.submission.parameters}.
 Addresses must be complete on injection (R8): the MSA never adds a domain
 or rewrites an address, it refuses an incomplete one.
+
+With SMTPUTF8 (RFC 6531 3.3) an address may hold UTF-8: a local part of
+ASCII atext and non-ASCII characters (no controls), and domain labels that
+are U-labels (IDNA 2008).  It is checked against the same grammar as an
+ASCII address, with each non-ASCII character of the local part standing
+for one atext character and each U-label for its A-label, and its lengths
+count octets of UTF-8.  The address is kept exactly as the client sent it
+(no normalisation: L{msa.policy.authorization} compares it after NFC).
+Without SMTPUTF8, a non-ASCII address is 553 5.6.7 (RFC 6531 3.4).
 """
 
 import re
+
+import idna
 
 from msa.errors import SMTPReply
 
 # One grammar for the envelope and the header From: (msa.policy.mailboxes).
 from msa.policy.mailboxes import DOMAIN, DOT_ATOM, IPV4, IPV6, MAX_LOCAL_PART, QUOTED
+from msa.submission.extensions import ALL_EXTENSIONS
 from msa.submission.parameters import (
     MAIL_PARAMETERS,
     RCPT_PARAMETERS,
+    offeredParameters,
     parseParameters,
 )
 
@@ -28,6 +41,15 @@ _command = re.compile(rb"(?P<kw>FROM|TO):\s*(?P<rest>.*)\Z", re.I | re.S)
 MAX_DOMAIN = 255
 MAX_PATH = 256
 
+#: What a non-ASCII local part may not hold: C0 and C1 controls, DEL.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NO_SMTPUTF8 = SMTPReply(
+    553, "5.6.7", "Non-ASCII addresses are not supported (no SMTPUTF8)"
+)
+_NEEDS_SMTPUTF8 = SMTPReply(
+    553, "5.6.7", "Non-ASCII addresses require the SMTPUTF8 parameter (RFC 6531)"
+)
+
 
 def _incomplete(address: str) -> SMTPReply:
     return SMTPReply(
@@ -38,31 +60,63 @@ def _incomplete(address: str) -> SMTPReply:
     )
 
 
-def parseMailbox(address: str) -> str:
+def _asciiShadow(address: str) -> str | None:
+    """
+    The ASCII address that C{address} (UTF-8) is checked as: each
+    non-ASCII character of the local part as C{x}, each U-label of the
+    domain as its A-label; L{None} when a character or label cannot be in
+    an address (a control character, a label IDNA 2008 refuses).
+    """
+    local, at, domain = address.rpartition("@")
+    if not at or _CONTROLS.search(local):
+        return None
+    local = "".join(c if c.isascii() else "x" for c in local)
+    labels = []
+    for label in domain.split("."):
+        if label.isascii():
+            labels.append(label)
+            continue
+        try:
+            labels.append(idna.encode(label.lower()).decode("ascii"))
+        except idna.IDNAError:
+            return None
+    return f"{local}@{'.'.join(labels)}"
+
+
+def parseMailbox(address: str, utf8: bool = False, offered: bool = False) -> str:
     """
     Check that C{address} is a complete mailbox and return it unchanged.
 
-    @raise SMTPReply: 553 5.1.3 for anything else.
+    @param utf8: the transaction has SMTPUTF8: UTF-8 is allowed.
+    @param offered: the server offers SMTPUTF8 (for the wording of the
+        refusal of a non-ASCII address without it).
+    @raise SMTPReply: 553 5.1.3 for anything else; 553 5.6.7 for a
+        non-ASCII address without SMTPUTF8.
     """
+    checked = address
     if not address.isascii():
-        raise SMTPReply(
-            553, "5.6.7", "Non-ASCII addresses are not supported (no SMTPUTF8)"
-        )
+        if not utf8:
+            raise _NEEDS_SMTPUTF8 if offered else _NO_SMTPUTF8
+        shadow = _asciiShadow(address)
+        if shadow is None:
+            raise _incomplete(address)
+        checked = shadow
     if address.startswith("@"):
         raise SMTPReply(553, "5.1.3", "Source routes are not accepted")
-    match = _mailbox.match(address)
+    match = _mailbox.match(checked)
     if match is None:
         raise _incomplete(address)
+    local, _, domain = address.rpartition("@")
     if (
-        len(match.group("local")) > MAX_LOCAL_PART
-        or len(match.group("domain")) > MAX_DOMAIN
-        or len(address) > MAX_PATH
+        len(local.encode("utf-8")) > MAX_LOCAL_PART
+        or len(domain.encode("utf-8")) > MAX_DOMAIN
+        or len(address.encode("utf-8")) > MAX_PATH
     ):
         raise SMTPReply(553, "5.1.3", "Address too long (RFC 5321 4.5.3.1)")
     return address
 
 
-def _splitPath(argument: bytes, keyword: bytes) -> tuple[str, str]:
+def _splitPath(argument: bytes, keyword: bytes, offered: bool) -> tuple[str, str]:
     match = _command.match(argument.strip())
     if match is None or match.group("kw").upper() != keyword:
         verb = "MAIL FROM" if keyword == b"FROM" else "RCPT TO"
@@ -70,9 +124,9 @@ def _splitPath(argument: bytes, keyword: bytes) -> tuple[str, str]:
     try:
         rest = match.group("rest").decode("utf-8")
     except UnicodeDecodeError:
-        raise SMTPReply(
-            553, "5.6.7", "Non-ASCII addresses are not supported (no SMTPUTF8)"
-        )
+        if not offered:
+            raise _NO_SMTPUTF8
+        raise SMTPReply(553, "5.6.7", "Address is not valid UTF-8")
     if rest.startswith("<"):
         end = _closingBracket(rest)
         if end < 0:
@@ -104,25 +158,36 @@ def _closingBracket(text: str) -> int:
     return -1
 
 
-def parseMailArgument(argument: bytes) -> tuple[str, dict[str, str | None]]:
+def parseMailArgument(
+    argument: bytes, extensions: frozenset[str] = ALL_EXTENSIONS
+) -> tuple[str, dict[str, str | None]]:
     """
     Parse what follows C{MAIL}: C{FROM:<path> [parameters]}.
 
+    @param extensions: the EHLO keywords the server offers: the parameters
+        of the others are unknown (L{offeredParameters}).
     @return: the sender (C{""} for C{<>}) and the parameters.
     """
-    path, rest = _splitPath(argument, b"FROM")
-    params = parseParameters(rest, MAIL_PARAMETERS)
+    path, rest = _splitPath(argument, b"FROM", "SMTPUTF8" in extensions)
+    params = parseParameters(rest, offeredParameters(MAIL_PARAMETERS, extensions))
     if path == "":
         return "", params
-    return parseMailbox(path), params
+    utf8 = "SMTPUTF8" in params
+    return parseMailbox(path, utf8, "SMTPUTF8" in extensions), params
 
 
-def parseRcptArgument(argument: bytes) -> tuple[str, dict[str, str | None]]:
+def parseRcptArgument(
+    argument: bytes,
+    extensions: frozenset[str] = ALL_EXTENSIONS,
+    utf8: bool = False,
+) -> tuple[str, dict[str, str | None]]:
     """
     Parse what follows C{RCPT}: C{TO:<path> [parameters]}.
+
+    @param utf8: the transaction's MAIL had SMTPUTF8.
     """
-    path, rest = _splitPath(argument, b"TO")
-    params = parseParameters(rest, RCPT_PARAMETERS)
+    path, rest = _splitPath(argument, b"TO", "SMTPUTF8" in extensions)
+    params = parseParameters(rest, offeredParameters(RCPT_PARAMETERS, extensions), utf8)
     if path == "":
         raise _incomplete(path)
-    return parseMailbox(path), params
+    return parseMailbox(path, utf8, "SMTPUTF8" in extensions), params

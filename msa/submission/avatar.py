@@ -28,6 +28,10 @@ from msa.policy.authorization import (
     ServerRules,
 )
 from msa.policy.content import MAX_HEADER_FIELDS, MAX_HEADER_SIZE, ContentPolicyChain
+from msa.submission.framing import LineFramer
+
+#: The longest line of a BINARYMIME body a content policy is shown whole.
+CHECKED_LINE = 998
 
 SOFTWARE = "digipoort-msa"
 
@@ -82,6 +86,8 @@ class SpooledMessage:
         # The writer hashes what it stores (the digest the spool records
         # for the check at hand-off, msa.queue.integrity): no second hash.
         self._size = 0
+        #: Cuts a BINARYMIME body into lines for the content policy.
+        self._lines = LineFramer()
 
     def lineReceived(self, line: bytes) -> None:
         if self._checker is not None:
@@ -105,6 +111,19 @@ class SpooledMessage:
         self._size += len(data)
         self.writer.write(data)
 
+    def chunkReceived(self, data: bytes) -> None:
+        """
+        Octets of a BINARYMIME body (BDAT, RFC 3030), cut anywhere: stored
+        as they are.  A content policy still sees lines: the octets cut at
+        each CRLF, a line longer than the DATA limit only by its start
+        (what is stored is never cut).
+        """
+        if self._checker is not None:
+            self._lines.feed(data)
+            while (item := self._lines.nextLine(CHECKED_LINE)) is not None:
+                self._checker.lineReceived(item[0])
+        self.blockReceived(data)
+
     def sha256(self) -> str:
         """
         The SHA-256 of the message as accepted from the client (without the
@@ -116,6 +135,9 @@ class SpooledMessage:
         try:
             if self._checker is not None:
                 try:
+                    if self._lines.buffered:
+                        # A BINARYMIME body's last octets, without a CRLF.
+                        self._checker.lineReceived(self._lines.take(CHECKED_LINE))
                     self._checker.eomReceived()
                 except BaseException:
                     self.writer.abort()

@@ -210,7 +210,7 @@ class SessionDeadlines:
             # Application data comes only out of a finished handshake (in
             # case a wrapper did not pass handshakeCompleted on).
             self.handshakeDone()
-        if self._server.phase is SessionPhase.DATA:
+        if self._server.phase in (SessionPhase.DATA, SessionPhase.CHUNK):
             self._cancel(self._lineTimer)
             self._dataOctets += len(data)
             self._lastByte = data[-1:]
@@ -234,8 +234,8 @@ class SessionDeadlines:
 
     def _lineExpired(self) -> None:
         self._lineTimer = None
-        if self._server.phase is SessionPhase.DATA:
-            # The DATA phase has a deadline of its own.
+        if self._server.phase in (SessionPhase.DATA, SessionPhase.CHUNK):
+            # The DATA phase (and a BDAT chunk) has a deadline of its own.
             return
         self._expired("command line", self._server.policy.commandLineTimeout)
 
@@ -251,7 +251,9 @@ class SessionDeadlines:
 
     def startData(self) -> None:
         """
-        The 354 goes out: the DATA phase's deadline runs.
+        The 354 goes out (or the first BDAT chunk starts, or a BDAT chunk
+        that is read only to be refused): the DATA phase's deadline runs,
+        until the final dot, or a BDAT transaction's C{LAST}.
         """
         self._cancel(self._dataTimer)
         self._dataStarted = self._server.factory.reactor.seconds()
@@ -270,7 +272,7 @@ class SessionDeadlines:
 
     def _checkData(self) -> None:
         self._dataTimer = None
-        if self._server.phase is not SessionPhase.DATA:
+        if not self._server.transaction.receiving:
             return
         due = self._dataStarted + self._dataAllowed()
         now = self._server.factory.reactor.seconds()
@@ -302,7 +304,7 @@ class SessionDeadlines:
             client=server.session.clientAddress,
             what=what,
             seconds=seconds,
-            aborted=", message aborted" if server.phase is SessionPhase.DATA else "",
+            aborted=", message aborted" if server.transaction.receiving else "",
         )
         server.reply(
             421, "4.4.2", f"{server.policy.hostname} Error: timeout exceeded ({what})"

@@ -80,6 +80,24 @@ class LineFramer:
         """
         self._pos += count
 
+    def take(self, count: int) -> bytes:
+        """
+        Take up to C{count} buffered bytes as they are, lines or not: the
+        octets of a BDAT chunk (RFC 3030), which are not cut into lines.
+        Only between lines (after a command line's CRLF).
+        """
+        data = bytes(self._buffer[self._pos : self._pos + count])
+        self._pos += len(data)
+        return data
+
+    @property
+    def midLine(self) -> bool:
+        """
+        Whether part of a line has been received without its CRLF (held, or
+        being thrown away as too long).
+        """
+        return self._discarding or self.buffered > 0
+
     @property
     def buffered(self) -> int:
         return len(self._buffer) - self._pos
@@ -133,12 +151,16 @@ class DataFilter:
     @ivar error: the reply to send after the final dot instead of accepting
         the message, once any line has been refused.
     @ivar size: octets received so far.
+    @ivar transparency: the lines carry SMTP's transparency dots and the
+        final dot (DATA); false for the content of BDAT chunks (RFC 3030),
+        which has neither but is judged by the same line rules otherwise.
     """
 
     maxSize: int
     maxLineLength: int = 998
     error: SMTPReply | None = None
     size: int = 0
+    transparency: bool = True
 
     @property
     def framingLimit(self) -> int:
@@ -147,7 +169,7 @@ class DataFilter:
         whole: one octet more than L{maxLineLength}, for the transparency
         dot.  This filter judges the length itself once the dot is gone.
         """
-        return self.maxLineLength + 1
+        return self.maxLineLength + int(self.transparency)
 
     def lineReceived(self, line: bytes, tooLong: bool = False) -> object:
         """
@@ -160,10 +182,11 @@ class DataFilter:
             L{None} when the line must be dropped (the message is already
             refused, see C{error}).
         """
-        if line == b".":
-            return END
-        if line[:1] == b".":
-            line = line[1:]
+        if self.transparency:
+            if line == b".":
+                return END
+            if line[:1] == b".":
+                line = line[1:]
         if self.error is not None:
             return None
         if tooLong or len(line) > self.maxLineLength:
@@ -187,7 +210,19 @@ class DataFilter:
                 )
             )
             return None
-        self.size += len(line) + 2
+        if not self.octetsReceived(len(line) + 2):
+            return None
+        return line
+
+    def octetsReceived(self, count: int) -> bool:
+        """
+        Count C{count} more octets of the message; past C{maxSize} refuse
+        it (552 5.3.4).  Alone, for a BDAT chunk of a BINARYMIME message,
+        whose content has no lines to judge.
+
+        @return: whether the message is still within its size.
+        """
+        self.size += count
         if self.size > self.maxSize:
             self.refuse(
                 SMTPReply(
@@ -196,8 +231,7 @@ class DataFilter:
                     f"Message size exceeds fixed maximum message size ({self.maxSize})",
                 )
             )
-            return None
-        return line
+        return self.error is None
 
     def blockReceived(self, block: bytes) -> bytes | None:
         """
@@ -212,12 +246,12 @@ class DataFilter:
         if self.error is not None:
             return None
         marked = b"\r\n" + block
-        if b"\r\n.\r\n" in marked:
+        if self.transparency and b"\r\n.\r\n" in marked:
             return None
         lines = block.count(b"\r\n")
         if block.count(b"\r") != lines or block.count(b"\n") != lines:
             return None
-        data = marked.replace(b"\r\n.", b"\r\n")[2:]
+        data = marked.replace(b"\r\n.", b"\r\n")[2:] if self.transparency else block
         # Without bare CR or LF, the pieces between CRLFs are the lines; their
         # length counts without the transparency dot, as in lineReceived.
         if max(map(len, data.split(b"\r\n"))) > self.maxLineLength:

@@ -29,6 +29,8 @@ class SessionPhase(enum.Enum):
     AUTH_EXCHANGE = "AUTH exchange"
     #: A line of message text, from the 354 to the final dot.
     DATA = "DATA"
+    #: The octets of a BDAT chunk (RFC 3030), as they are: not lines.
+    CHUNK = "BDAT chunk"
     #: The server has said its last word (421, 221) or the connection is
     #: gone: no input is processed and nothing more is said.  Final.
     CLOSING = "closing"

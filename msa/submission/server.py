@@ -47,6 +47,7 @@ from msa.policy.authorization import AuthThrottle
 from msa.sasl import MechanismContext
 from msa.submission.auth import MAX_AUTH_LINE, AuthExchange
 from msa.submission.deadlines import SessionDeadlines
+from msa.submission.extensions import ALL_EXTENSIONS, extensionKeywords
 from msa.submission.framing import LineFramer
 from msa.submission.phase import SessionPhase
 from msa.submission.proxyheader import internetAddress
@@ -94,6 +95,8 @@ class ServerPolicy:
     dataTimeout: float = 300.0
     dataMinRate: float = 1024.0
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    #: The extensions offered over TLS (L{msa.submission.extensions}).
+    extensions: frozenset[str] = ALL_EXTENSIONS
 
 
 @implementer(IHandshakeListener, ISessionProtocol)
@@ -353,7 +356,7 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
         """
         if self.hungUp:
             return
-        wasData = self.phase is SessionPhase.DATA
+        wasData = self.transaction.receiving
         self.phase = SessionPhase.CLOSING
         self.framer.clear()
         if wasData:
@@ -390,6 +393,10 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
         self._looping = True
         try:
             while not self._waiting and not self.hungUp and self.transport is not None:
+                if self.phase is SessionPhase.CHUNK:
+                    if not self.transaction.chunks.received():
+                        return
+                    continue
                 if self.phase is SessionPhase.DATA and self.transaction.dataBlock():
                     continue
                 item = self.framer.nextLine(self._maxLineLength())
@@ -455,7 +462,7 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
             self._pauseReading()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        wasData = self.phase is SessionPhase.DATA
+        wasData = self.transaction.receiving
         self.phase = SessionPhase.CLOSING
         self.factory.registry.remove(self)
         if wasData:
@@ -504,7 +511,8 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
     def _inTransaction(self) -> bool:
         return (
             bool(self._waiting)
-            or self.phase in (SessionPhase.AUTH_EXCHANGE, SessionPhase.DATA)
+            or self.phase is SessionPhase.AUTH_EXCHANGE
+            or self.transaction.receiving
             or self.transaction.inProgress
         )
 
@@ -632,6 +640,10 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
         beforeTLS = self.phase is SessionPhase.BEFORE_TLS
         if beforeTLS and self.canStartTLS:
             lines.append("STARTTLS")
+        if not beforeTLS:
+            lines += extensionKeywords(
+                self.policy.extensions, self.transaction.maxRecipients()
+            )
         mechanisms = [] if beforeTLS else self.auth.offeredMechanisms()
         if mechanisms:
             lines.append("AUTH " + " ".join(mechanisms))
@@ -673,6 +685,12 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
 
     def smtp_DATA(self, rest: bytes) -> None:
         self.transaction.data(rest)
+
+    def smtp_BDAT(self, rest: bytes) -> None:
+        if "CHUNKING" not in self.policy.extensions:
+            self.protocolError(500, "5.5.2", "Error: command not recognized")
+            return
+        self.transaction.chunks.command(rest)
 
 
 def _printable(raw: bytes) -> str:

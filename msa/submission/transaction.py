@@ -30,6 +30,7 @@ message, and it is the final dot:
     usually learns that the client left only afterwards.)
 """
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from twisted.internet import defer
@@ -41,9 +42,11 @@ from msa.envelope import Envelope
 from msa.errors import SMTPReply
 from msa.interfaces import IAcceptedMessage
 from msa.submission import addresses
+from msa.submission.chunking import ChunkReceiver
 from msa.submission.framing import END, DataFilter
 from msa.submission.parameters import sizeOctets
 from msa.submission.phase import SessionPhase
+from msa.submission.tlsrequired import TLSRequiredScan
 from msa.tls import describeTLS
 
 if TYPE_CHECKING:
@@ -84,25 +87,37 @@ class MailTransaction:
         MAIL has been accepted.
     @ivar mailParams: the MAIL parameters (upper-case keys).
     @ivar recipients: the accepted forward-paths, in RCPT order.
+    @ivar recipientParams: the RCPT parameters of each, in the same order.
     @ivar message: the avatar's message object from the 354 to the final dot.
     @ivar queueId: the spool's id of the message of the last DATA (C{""}
         when the avatar gave none), for the log.
     @ivar filter: the L{DataFilter} judging the lines of the message.
     @ivar committing: the message whose final dot was taken, while the spool
         commits it; C{None} otherwise.
+    @ivar chunks: the BDAT chunks of the transaction (L{ChunkReceiver}).
+    @ivar headerScan: looks for C{TLS-Required: No} in the message's header
+        section (L{TLSRequiredScan}).
+    @ivar envelope: the envelope of the message being received.
     @ivar _lineByLine: how many more lines go one by one before a block is
         tried again (see L{dataBlock}).
     """
+
+    #: The reply to a local failure (for L{ChunkReceiver}).
+    temporaryFailure = TEMPORARY_FAILURE
 
     def __init__(self, server: "SubmissionServer") -> None:
         self._server = server
         self.sender: str | None = None
         self.mailParams: dict[str, str | None] = {}
         self.recipients: list[str] = []
+        self.recipientParams: list[dict[str, str | None]] = []
         self.message: IAcceptedMessage | None = None
         self.queueId = ""
         self.filter: DataFilter | None = None
         self.committing: IAcceptedMessage | None = None
+        self.chunks = ChunkReceiver(self)
+        self.headerScan = TLSRequiredScan()
+        self.envelope: Envelope | None = None
         self._lineByLine = 0
 
     @property
@@ -112,6 +127,17 @@ class MailTransaction:
         """
         return self.sender is not None
 
+    @property
+    def receiving(self) -> bool:
+        """
+        Whether message text is being received: the DATA phase, a BDAT
+        chunk, or a BDAT transaction between its chunks.
+        """
+        return (
+            self._server.phase in (SessionPhase.DATA, SessionPhase.CHUNK)
+            or self.chunks.open
+        )
+
     def reset(self) -> None:
         """
         End the transaction (RSET, HELO, EHLO, after the final dot).
@@ -119,9 +145,15 @@ class MailTransaction:
         # The avatar releases what it held for the transaction (a rate slot).
         if self._server.avatar is not None:
             self._server.avatar.endTransaction()
+        if self.chunks.open:
+            # RSET, EHLO between BDAT chunks: the message is dropped.
+            self.abortMessage()
+            self.filter = None
+        self.chunks.reset()
         self.sender = None
         self.mailParams = {}
         self.recipients = []
+        self.recipientParams = []
 
     def resetSession(self) -> None:
         """
@@ -141,6 +173,17 @@ class MailTransaction:
         return _lower(
             self._server.policy.maxMessageSize,
             avatar.maxMessageSize if avatar is not None else None,
+        )
+
+    def maxRecipients(self) -> int:
+        """
+        The recipients per message of this session: the server's limit, or
+        the account's where it is lower.
+        """
+        avatar = self._server.avatar
+        return _lower(
+            self._server.policy.maxRecipients,
+            avatar.maxRecipients if avatar is not None else None,
         )
 
     # -- MAIL, RCPT ---------------------------------------------------
@@ -166,7 +209,7 @@ class MailTransaction:
             server.protocolError(refusal.code, refusal.status, refusal.text)
             return
         try:
-            sender, params = addresses.parseMailArgument(rest)
+            sender, params = addresses.parseMailArgument(rest, server.policy.extensions)
             size = sizeOctets(params)
             if size is not None and size > self.maxMessageSize():
                 raise SMTPReply(
@@ -196,6 +239,8 @@ class MailTransaction:
             return SMTPReply(530, "5.7.0", "Authentication required")
         if self.sender is None:
             return SMTPReply(503, "5.5.1", "Error: need MAIL command")
+        if self.chunks.open:
+            return SMTPReply(503, "5.5.1", "Error: RCPT after BDAT")
         return None
 
     def rcpt(self, rest: bytes) -> None:
@@ -209,13 +254,14 @@ class MailTransaction:
             server.protocolError(refusal.code, refusal.status, refusal.text)
             return
         try:
-            recipient, params = addresses.parseRcptArgument(rest)
+            recipient, params = addresses.parseRcptArgument(
+                rest, server.policy.extensions, "SMTPUTF8" in self.mailParams
+            )
         except SMTPReply as e:
             server.protocolError(e.code, e.status, e.text)
             return
         assert server.avatar is not None
-        limit = _lower(server.policy.maxRecipients, server.avatar.maxRecipients)
-        if len(self.recipients) >= limit:
+        if len(self.recipients) >= self.maxRecipients():
             server.reply(452, "4.5.3", "Error: too many recipients")
             return
         d = defer.maybeDeferred(
@@ -224,6 +270,7 @@ class MailTransaction:
 
         def accepted(_: object) -> None:
             self.recipients.append(recipient)
+            self.recipientParams.append(params)
             server.reply(250, "2.1.5", "Ok")
 
         d.addCallbacks(accepted, self._validationFailed)
@@ -254,6 +301,10 @@ class MailTransaction:
             return SMTPReply(501, "5.5.4", "Syntax: DATA")
         if self.sender is None:
             return SMTPReply(503, "5.5.1", "Error: need MAIL command")
+        if self.chunks.open:
+            return SMTPReply(503, "5.5.1", "Error: DATA in a BDAT transaction")
+        if self.mailParams.get("BODY") == "BINARYMIME":
+            return SMTPReply(503, "5.5.1", "Error: BODY=BINARYMIME requires BDAT")
         if not self.recipients:
             return SMTPReply(554, "5.5.1", "Error: no valid recipients")
         return None
@@ -267,6 +318,23 @@ class MailTransaction:
         if refusal is not None:
             server.protocolError(refusal.code, refusal.status, refusal.text)
             return
+        refusal = self.openMessage(transparency=True)
+        if refusal is not None:
+            server.sendReply(refusal)
+            return
+        server.enter(SessionPhase.DATA)
+        server.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+
+    def openMessage(self, transparency: bool) -> SMTPReply | None:
+        """
+        The avatar starts the message of this transaction (DATA, or the
+        first BDAT chunk), and its DATA filter and deadline start.
+
+        @param transparency: the text has dot-stuffing and a final dot
+            (DATA), or not (BDAT).
+        @return: the reply when the avatar cannot start it.
+        """
+        server = self._server
         assert self.sender is not None and server.avatar is not None
         session = server.session
         tlsVersion, cipher = describeTLS(server.transport)
@@ -276,6 +344,7 @@ class MailTransaction:
             recipients=list(self.recipients),
             account=session.account,
             mailParams=dict(self.mailParams),
+            recipientParams=[dict(p) for p in self.recipientParams],
             clientAddress=session.clientAddress,
             helo=session.helo,
             # The reactor's clock, as for every other time of the session
@@ -287,21 +356,22 @@ class MailTransaction:
             self.message = server.avatar.startMessage(session, envelope)
             self.queueId = self.message.queueId
         except SMTPReply as e:
-            server.sendReply(e)
-            return
+            return e
         except Exception:
             log.failure(
                 "session {session}: cannot start message",
                 session=session.sessionId,
             )
-            server.sendReply(TEMPORARY_FAILURE)
-            return
+            return TEMPORARY_FAILURE
+        self.envelope = envelope
+        self.headerScan = TLSRequiredScan()
         self.filter = DataFilter(
-            maxSize=self.maxMessageSize(), maxLineLength=server.policy.maxLineLength
+            maxSize=self.maxMessageSize(),
+            maxLineLength=server.policy.maxLineLength,
+            transparency=transparency,
         )
-        server.enter(SessionPhase.DATA)
         server.deadlines.startData()
-        server.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+        return None
 
     @property
     def framingLimit(self) -> int:
@@ -337,19 +407,29 @@ class MailTransaction:
             self._lineByLine = block.count(b"\r\n")
             return False
         framer.skip(len(block))
+        self.headerScan.blockReceived(data)
+        self.store(self.message.blockReceived, data)
+        if self.filter.error is not None:
+            self.abortMessage()
+        return True
+
+    def store(self, write: Callable[[bytes], None], data: bytes) -> None:
+        """
+        Hand judged message text to the message (one of its methods,
+        C{write}): a refusal it raises (a full disk) refuses the message,
+        and so does any other failure, as a temporary one.
+        """
+        assert self.filter is not None
         try:
-            self.message.blockReceived(data)
+            write(data)
         except SMTPReply as e:
             self.filter.refuse(e)
-            self._abortMessage()
         except Exception:
             log.failure(
                 "session {session}: spool write failed",
                 session=self._server.session.sessionId,
             )
             self.filter.refuse(TEMPORARY_FAILURE)
-            self._abortMessage()
-        return True
 
     def dataLine(self, line: bytes, tooLong: bool) -> None:
         """
@@ -361,22 +441,14 @@ class MailTransaction:
         hadError = self.filter.error is not None
         result = self.filter.lineReceived(line, tooLong)
         if result is END:
-            self._endOfData()
+            self.endOfData()
             return
         if result is not None:
-            assert self.message is not None
-            try:
-                self.message.lineReceived(result)
-            except SMTPReply as e:
-                self.filter.refuse(e)
-            except Exception:
-                log.failure(
-                    "session {session}: spool write failed",
-                    session=self._server.session.sessionId,
-                )
-                self.filter.refuse(TEMPORARY_FAILURE)
+            assert self.message is not None and isinstance(result, bytes)
+            self.headerScan.lineReceived(result)
+            self.store(self.message.lineReceived, result)
         if not hadError and self.filter.error is not None:
-            self._abortMessage()
+            self.abortMessage()
 
     def _refused(self, reply: SMTPReply, queueId: str) -> None:
         """
@@ -420,11 +492,12 @@ class MailTransaction:
             queueId=self.queueId or "-",
             reason=reason,
         )
-        self._abortMessage()
+        self.abortMessage()
+        self.chunks.reset()
         self._server.enter(SessionPhase.COMMAND)
         self.filter = None
 
-    def _abortMessage(self) -> None:
+    def abortMessage(self) -> None:
         message, self.message = self.message, None
         if message is not None:
             try:
@@ -435,7 +508,7 @@ class MailTransaction:
                     session=self._server.session.sessionId,
                 )
 
-    def _endOfData(self) -> None:
+    def endOfData(self) -> None:
         server = self._server
         session = server.session
         server.enter(SessionPhase.COMMAND)
@@ -454,6 +527,14 @@ class MailTransaction:
             return
         # A message that was not refused is still open.
         assert message is not None
+        envelope, self.envelope = self.envelope, None
+        if (
+            envelope is not None
+            and self.headerScan.found
+            and "REQUIRETLS" not in envelope.mailParams
+        ):
+            # RFC 8689 5: noted for the relay (ignored after REQUIRETLS).
+            envelope.tlsRequiredNo = True
         # From here on the message is committed whatever the client does
         # (see the module docstring).
         self.committing = message
