@@ -11,6 +11,9 @@ be tested against the real protocol without sockets, disk or wall-clock time.
     L{memoryPortal}: accounts with plain-text passwords for AUTH PLAIN and
     LOGIN, behind the real L{msa.accounts.checkers.SubmissionRealm} and the real
     avatar (L{msa.submission.avatar.submissionFactory}).
+  - L{MemoryMailboxStore}: an L{IMailboxStore} of return messages in
+    memory, with the store's lock (C{MailboxInUse}), snapshots and deletions
+    only at C{commitDeletions}; it can be told to fail the next commit.
   - L{Harness}: one L{msa.submission.server.SubmissionServer} on a string transport
     that pretends to start TLS, driven by a L{Clock}, with helpers that speak
     SMTP to it and return the reply lines.
@@ -50,11 +53,13 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from msa import envelope
 from msa.accounts.checkers import SubmissionRealm
 from msa.accounts.model import FAILURE_TEXT, Account
+from msa.accounts.passwords import unb64
 from msa.envelope import Envelope
-from msa.errors import SMTPReply
-from msa.interfaces import IAccountStore, ISpool, ISpoolWriter
+from msa.errors import MailboxInUse, SMTPReply
+from msa.interfaces import IAccountStore, IMailbox, IMailboxStore, ISpool, ISpoolWriter
 from msa.policy.authorization import ServerRules
 from msa.policy.content import ContentPolicyChain
 from msa.submission.avatar import submissionFactory
@@ -66,6 +71,8 @@ __all__ = [
     "Harness",
     "MemoryAccountStore",
     "MemoryChecker",
+    "MemoryMailbox",
+    "MemoryMailboxStore",
     "MemorySpool",
     "MemoryWriter",
     "StoredMessage",
@@ -283,6 +290,17 @@ class MemoryAccountStore:
     def getAccount(self, name: str) -> Account | None:
         return self.accounts.get(name)
 
+    def scramParameters(
+        self, username: str, mechanism: str
+    ) -> tuple[bytes, int] | None:
+        """
+        The salt and iterations of a SCRAM secret, for
+        L{msa.sasl.MechanismContext} (as the account file gives them).
+        """
+        account = self.accounts.get(username)
+        keys = account.scram.get(mechanism) if account is not None else None
+        return None if keys is None else (unb64(keys["salt"]), keys["iterations"])
+
 
 @implementer(ICredentialsChecker)
 class MemoryChecker:
@@ -355,6 +373,82 @@ def memoryPortal(
 
 
 # -- the protocol harness ------------------------------------------------
+
+
+@implementer(IMailboxStore)
+class MemoryMailboxStore:
+    """
+    Return messages in memory, per account, in delivery order.
+
+    @ivar mailboxes: account -> L{dict} of uid -> message bytes.
+    @ivar locked: the accounts a session holds.
+    @ivar failNextCommit: make the next C{commitDeletions} fail (and delete
+        nothing), to test what a client hears when the disk lets you down.
+    """
+
+    def __init__(self) -> None:
+        self.mailboxes: dict[str, dict[str, bytes]] = {}
+        self.locked: set[str] = set()
+        self.failNextCommit = False
+        self._next = 0
+
+    def add(self, account: str, message: bytes) -> str:
+        """
+        Deliver synchronously; return the new uid.
+        """
+        self._next += 1
+        uid = f"m{self._next:06d}.{account.encode().hex()}"
+        self.mailboxes.setdefault(account, {})[uid] = message
+        return uid
+
+    def deliver(
+        self,
+        account: str,
+        source: Any,
+        size: int,
+        sha256: str,
+        auditFields: Mapping[str, Any] | None = None,
+    ) -> defer.Deferred[str]:
+        return defer.succeed(self.add(account, source.read()))
+
+    def open(self, account: str) -> defer.Deferred[IMailbox]:
+        if account in self.locked:
+            return defer.fail(MailboxInUse(account))
+        self.locked.add(account)
+        return defer.succeed(MemoryMailbox(self, account))
+
+
+@implementer(IMailbox)
+class MemoryMailbox:
+    """
+    The L{IMailbox} of L{MemoryMailboxStore}: a snapshot at open.
+    """
+
+    def __init__(self, store: MemoryMailboxStore, account: str) -> None:
+        self.account = account
+        self._store = store
+        self._snapshot = dict(store.mailboxes.get(account, {}))
+        self.released = False
+
+    def messages(self) -> list[envelope.StoredMessage]:
+        return [envelope.StoredMessage(u, len(m)) for u, m in self._snapshot.items()]
+
+    def openMessage(self, uid: str) -> defer.Deferred[Any]:
+        return defer.succeed(io.BytesIO(self._snapshot[uid]))
+
+    def commitDeletions(self, uids: Sequence[str]) -> defer.Deferred[None]:
+        if self._store.failNextCommit:
+            self._store.failNextCommit = False
+            return defer.fail(OSError("simulated disk failure"))
+        for uid in uids:
+            self._snapshot.pop(uid, None)
+            self._store.mailboxes[self.account].pop(uid, None)
+        return defer.succeed(None)
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._store.locked.discard(self.account)
 
 
 @implementer(ITLSTransport)

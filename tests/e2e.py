@@ -103,6 +103,7 @@ class RunningMSA:
         baseConfig: str | None = None,
         audit: dict | None = None,
         limits: dict | None = None,
+        pop3: dict | None = None,
         lmtp: dict | None = None,
         mailbox: dict | None = None,
     ):
@@ -142,6 +143,19 @@ class RunningMSA:
             sections["lmtp"] = lmtp
         if mailbox:
             sections["mailbox"] = mailbox
+        #: The POP3 listeners' ports (STLS, implicit TLS) when C{pop3} is
+        #: given, and the mailboxes they read.
+        self.pop3Port = self.pop3sPort = 0
+        self.mailboxes = (mailbox or {}).get("directory") or os.path.join(
+            self.state, "mailboxes"
+        )
+        if pop3 is not None:
+            self.pop3Port, self.pop3sPort = freePort(), freePort()
+            sections["pop3"] = {
+                "starttls_listeners": [f"tcp:{self.pop3Port}:interface=127.0.0.1"],
+                "implicit_tls_listeners": [f"tcp:{self.pop3sPort}:interface=127.0.0.1"],
+                **pop3,
+            }
         self.configFile = os.path.join(self.directory, "msa.toml")
         if baseConfig is None:
             writeConfig(self.configFile, sections)
@@ -166,7 +180,17 @@ class RunningMSA:
         self.certFile, _ = ensureSelfSignedCertificate(self.state, "localhost")
         self.outbox = os.path.join(self.state, "outbox")
         self.service = buildService(loadConfig(self.configFile))
-        testCase.addCleanup(self.service.stopService)
+        testCase.addCleanup(lambda: self.service.stopService())
+        self.service.startService()
+
+    @defer.inlineCallbacks
+    def restart(self):
+        """
+        Stop the service and build it again from the same configuration
+        file and state, as a restart of the daemon does.
+        """
+        yield self.service.stopService()
+        self.service = buildService(loadConfig(self.configFile))
         self.service.startService()
         # Checked before the stop above (cleanups run last first).
         self.guard = guardReactorThread(testCase)

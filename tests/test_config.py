@@ -238,7 +238,7 @@ class SchemaTests(unittest.TestCase):
             text = f.read()
         start = text.index("\nConfiguration\n-------------\n")
         end = text.index("\n-------", start + 30)
-        named = set(re.findall(r"``\[([a-z_]+)\]``", text[start:end]))
+        named = set(re.findall(r"``\[([a-z0-9_]+)\]``", text[start:end]))
         self.assertEqual(sorted(named), sorted(SCHEMA))
 
 
@@ -258,7 +258,7 @@ def documentedKeys(path: str) -> dict[str, tuple[list, str]]:
     section, comments = None, ""
     with open(path, encoding="utf-8") as f:
         for line in f:
-            header = re.match(r"^#?\s*(\[\[?)([a-z_.]+)\]", line)
+            header = re.match(r"^#?\s*(\[\[?)([a-z0-9_.]+)\]", line)
             if header:
                 table = header.group(1) == "[["
                 section, comments = None if table else header.group(2), ""

@@ -381,6 +381,27 @@ BAD: list[Bad] = [
     *number("mailbox.expire_after", 3600, 3650 * DAY, "0", "60"),
     *integer("mailbox.max_bytes", 1024, 1024 * 1024**3, "0"),
     *integer("mailbox.max_messages", 1, 10000000, "0", "true"),
+    # [pop3]
+    Bad("pop3.starttls_listeners", '["ssl:995"]', f"{_ENDPOINT} (got 'ssl:995')"),
+    Bad(
+        "pop3.implicit_tls_listeners",
+        '"tcp:995"',
+        "must be a list of 0 to 64 items, each an endpoint (got 'tcp:995')",
+    ),
+    Bad(
+        "pop3.mechanisms",
+        '["APOP"]',
+        "each item must be one of PLAIN, LOGIN, EXTERNAL, DIGEST-MD5, "
+        "SCRAM-SHA-256, SCRAM-SHA-256-PLUS (got 'APOP')",
+    ),
+    *integer("pop3.max_line_length", 255, 65536, "254", "65537"),
+    *integer("pop3.max_errors", 1, 1000, "0", "1001"),
+    *integer("pop3.max_auth_failures", 1, 100, "0", "101"),
+    *number("pop3.idle_timeout", 1, DAY, "0", "86401", "nan"),
+    *number("pop3.login_timeout", 1, DAY, "0", "86401"),
+    *integer("pop3.max_connections", 1, 1000000, "0", "1000001"),
+    *integer("pop3.max_connections_per_client", 1, 1000000, "0"),
+    *integer("pop3.expire", 0, 36500, "-1", "36501", '"never"'),
 ]
 
 

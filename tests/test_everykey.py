@@ -39,7 +39,7 @@ from msa.accounts.model import makeAccount
 from msa.policy.contentpolicies import BUILTIN
 from msa.service.config import SCHEMA
 from msa.tls import ensureSelfSignedCertificate
-from tests import waiting
+from tests import pop3keys, waiting
 from tests.downstream import DownstreamServer
 from tests.e2e import SENDERS, USERS, AiosmtpdCore, RunningMSA, freePort
 from tests.test_clientcert import ClientPKI
@@ -58,7 +58,7 @@ KIND = b"X-Digipoort-Berichttype: aangifte\r\n"
 
 # -- the keys ------------------------------------------------------------
 
-_HEADER = re.compile(r"^#?\s*\[([a-z_.]+)\]\s*$")
+_HEADER = re.compile(r"^#?\s*\[([a-z0-9_.]+)\]\s*$")
 _TABLE = re.compile(r"^#?\s*\[\[content\.policy\]\]\s*$")
 _KEY = re.compile(r"^#?\s*([a-z][a-z0-9_]*)\s*=\s*\S")
 
@@ -963,6 +963,35 @@ def _relayClient(env):
 
 _TIMING = "a delay or schedule: its effect is time, which tests here must not assert"
 
+_POP3_ROWS: list[Row] = [
+    Row(
+        "pop3.starttls_listeners",
+        pop3keys.starttlsListener,
+        pop3keys.checkStartTLSListener,
+        "pop3",
+    ),
+    Row(
+        "pop3.implicit_tls_listeners",
+        pop3keys.implicitListener,
+        pop3keys.checkImplicitListener,
+        "pop3",
+    ),
+    Row("pop3.mechanisms", ["PLAIN"], pop3keys.checkMechanisms, "pop3"),
+    Row("pop3.max_line_length", 300, pop3keys.checkLineLength, "pop3"),
+    Row("pop3.max_errors", 2, pop3keys.checkErrors, "pop3"),
+    Row("pop3.max_auth_failures", 1, pop3keys.checkAuthFailures, "pop3"),
+    Row("pop3.expire", 30, pop3keys.checkExpire, "pop3"),
+    Row("pop3.idle_timeout", 1, pop3keys.checkIdleTimeout, "pop3idle"),
+    Row("pop3.login_timeout", 1, pop3keys.checkLoginTimeout, "pop3login"),
+    Row("pop3.max_connections", 1, pop3keys.checkConnectionLimit, "pop3conn"),
+    Row(
+        "pop3.max_connections_per_client",
+        1,
+        pop3keys.checkConnectionLimit,
+        "pop3perclient",
+    ),
+]
+
 ROWS: list[Row] = [
     # [server]
     Row("server.hostname", "gateway.test", checkHostname),
@@ -1422,6 +1451,7 @@ ROWS += [
             _REDIS_TESTS + "SessionTests.test_crashedInstanceSessionsLapse",
         ),
     ),
+    *_POP3_ROWS,
     Row("limits.fallback", "local", checkFallback, "redis"),
 ]
 
@@ -1728,6 +1758,7 @@ SECTIONS = (
     "limits",
     "lmtp",
     "mailbox",
+    "pop3",
 )
 
 

@@ -62,6 +62,9 @@ class MechanismContext:
     #: offered on it.  Non-empty means "the server supports channel binding
     #: here" for SCRAM's downgrade protection (RFC 5802 6).
     channelBindings: dict[str, bytes] = attrs.Factory(dict)
+    #: The GSSAPI service name of the protocol (RFC 2831 digest-uri's
+    #: serv-type): C{"smtp"}, or C{"pop"} for POP3.
+    serviceType: str = "smtp"
 
 
 def malformed(text: str = "Malformed authentication data") -> SMTPReply:

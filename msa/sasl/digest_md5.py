@@ -436,11 +436,12 @@ class DigestMD5Mechanism:
 
     def _acceptableUri(self, digestUri: str) -> bool:
         """
-        Is C{digestUri} C{smtp/host} or C{smtp/host/host} with a host the
-        server answers to (one of its names, or the realm as curl sends)?
+        Is C{digestUri} C{smtp/host} or C{smtp/host/host} (C{pop/...} for
+        POP3: the context's C{serviceType}) with a host the server answers
+        to (one of its names, or the realm as curl sends)?
         """
         parts = digestUri.split("/")
-        if len(parts) not in (2, 3) or parts[0].lower() != "smtp":
+        if len(parts) not in (2, 3) or parts[0].lower() != self._context.serviceType:
             return False
         host = parts[1].lower()
         if len(parts) == 3 and parts[2].lower() != host:

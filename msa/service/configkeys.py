@@ -148,6 +148,37 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "Peers that may send the PROXY header to haproxy: listeners.",
         ),
     },
+    "pop3": {
+        "starttls_listeners": listOf(
+            [],
+            endpoint(None, ""),
+            "POP3 listeners for plaintext then STLS.",
+            most=64,
+        ),
+        "implicit_tls_listeners": listOf(
+            [],
+            endpoint(None, ""),
+            "POP3 listeners for TLS from the first byte.",
+            most=64,
+        ),
+        "mechanisms": listOf(
+            None,
+            choice(None, tuple(mechanismFactories()), "", anyCase=True),
+            "SASL mechanisms offered; default [server]'s.",
+            fewest=1,
+            most=16,
+        ),
+        "max_line_length": integer(255, 255, 65536, "Longest command, CRLF in."),
+        "max_errors": integer(20, 1, 1000, "Protocol errors before closing."),
+        "max_auth_failures": integer(3, 1, 100, "Failed logins before closing."),
+        "idle_timeout": number(600, 1, DAY, "Seconds without a command."),
+        "login_timeout": number(120, 1, DAY, "Seconds to a successful login."),
+        "max_connections": integer(1000, 1, 1000000, "POP3 connections in total."),
+        "max_connections_per_client": integer(
+            20, 1, 1000000, "POP3 connections from one address."
+        ),
+        "expire": integer(None, 0, 36500, "Days in CAPA EXPIRE; default NEVER."),
+    },
     "tls": {
         "certificate": path(None, "Certificate (PEM), leaf first."),
         "key": path(None, "Its private key (PEM)."),

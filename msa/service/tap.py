@@ -48,6 +48,7 @@ from msa.service import logs
 from msa.service.config import Config, ConfigError, loadConfig
 from msa.service.controlsocket import ControlService, socketPath
 from msa.service.health import Health, healthSite
+from msa.service.pop3service import addPOP3Listeners
 from msa.service.returnchannel import buildReturnChannel
 from msa.service.services import (
     AccountWatcher,
@@ -396,6 +397,19 @@ def buildService(config: Config, reactor=None) -> OrderedShutdown:
                 withBacklog(inner, server["listen_backlog"]), listenerFactory, reactor
             )
             listener.setServiceParent(top)
+    addPOP3Listeners(
+        top,
+        config,
+        reactor,
+        portal,
+        store,
+        returnChannel.mailboxStore,
+        audit,
+        serverRules.throttle,
+        contextFactory,
+        mechanismContext,
+        withBacklog,
+    )
     return top
 
 
