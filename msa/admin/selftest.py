@@ -48,9 +48,18 @@ implicit-TLS one there is no plaintext phase and they are reported N/A):
    Subject saying it is a self-test.  Without an account nothing is sent
    that could be delivered.
 
+With C{--pop3} the listener is a POP3 one (STLS, or implicit TLS with
+C{--implicit}) and the probes are L{msa.admin.pop3probes}': C{pre-tls-err}
+(USER, PASS, AUTH and APOP refused before STLS), C{stls-injection} (STLS
+and CAPA in one write), C{no-auth-before-tls} (neither USER nor SASL in
+CAPA before TLS), the same TLS probes, and with an account (C{--user
+--password-file}) C{clean-retr}: the smallest message RETRed, its size as
+LIST said, and still there after QUIT (nothing is deleted).
+
 The connections are in L{msa.admin.probeclient}, the TLS probes in
-L{msa.admin.tlsprobes}, the SMTP probes in L{msa.admin.smtpprobes}; this
-module has the run, the report and the command.
+L{msa.admin.tlsprobes}, the SMTP probes in L{msa.admin.smtpprobes}, the
+POP3 ones in L{msa.admin.pop3probes}; this module has the run, the report
+and the command.
 """
 
 import argparse
@@ -63,6 +72,7 @@ from typing import Any
 
 from OpenSSL import SSL
 
+from msa.admin.pop3probes import runPOP3Probes
 from msa.admin.probeclient import (
     DEFAULT_TLS13_CIPHERS,
     FAIL,
@@ -75,6 +85,7 @@ from msa.admin.probeclient import (
     SMTPSession,
     Target,
     clientContext,
+    guard,
     openTLS,
     sslReason,
 )
@@ -98,17 +109,12 @@ from msa.tls import DEFAULT_CIPHERS, DEFAULT_GROUPS
 # -- the whole run ------------------------------------------------------------
 
 
-def _guard(name: str, probe: Callable[[], list[ProbeResult]]) -> list[ProbeResult]:
-    try:
-        return probe()
-    except ProbeError as e:
-        return [ProbeResult(name, FAIL, str(e))]
-
-
 def runProbes(target: Target) -> list[ProbeResult]:
     """
     Every probe against C{target}, in the order of the report.
     """
+    if target.protocol == "pop3":
+        return runPOP3Probes(target)
     try:
         with (
             openTLS(target, clientContext()) if target.implicit else SMTPSession(target)
@@ -134,14 +140,14 @@ def runProbes(target: Target) -> list[ProbeResult]:
                 ProbeResult(name, SKIP, "N/A: implicit TLS, no plaintext phase")
             )
         else:
-            results += _guard(name, functools.partial(probe, target))
+            results += guard(name, functools.partial(probe, target))
     for name, probe in [
         ("tls-versions", probeOldVersions),
         ("cipher-suites", probeCiphers),
         ("groups", probeGroups),
         ("certificate", probeCertificate),
     ]:
-        results += _guard(name, functools.partial(probe, target))
+        results += guard(name, functools.partial(probe, target))
     runId = (
         datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         + "-"
@@ -161,7 +167,7 @@ def runProbes(target: Target) -> list[ProbeResult]:
             for n in messageProbes
         ]
     else:
-        results += _guard("clean-message", lambda: probeMessages(target, runId))
+        results += guard("clean-message", lambda: probeMessages(target, runId))
     return results
 
 
@@ -195,6 +201,11 @@ def addParser(topics: Any) -> None:
     parser.add_argument("port", type=int, metavar="PORT")
     parser.add_argument(
         "--implicit", action="store_true", help="the listener is TLS from the start"
+    )
+    parser.add_argument(
+        "--pop3",
+        action="store_true",
+        help="a POP3 listener (STLS, or implicit TLS): the POP3 probes",
     )
     parser.add_argument(
         "--servername",
@@ -247,15 +258,23 @@ def selftestCommand(args: argparse.Namespace, stdout: Any, stderr: Any) -> int:
     @return: 0 when nothing failed (warnings included), 1 on any FAIL, 2
         for usage errors.
     """
-    accountArgs = (args.user, args.password_file, args.sender, args.rcpt)
+    accountArgs: tuple = (args.user, args.password_file, args.sender, args.rcpt)
+    together = "--user, --password-file, --sender and --rcpt"
+    if args.pop3:
+        # POP3 only reads: no envelope.
+        if args.sender is not None or args.rcpt is not None:
+            print(
+                "digipoort-msa-admin: selftest: --sender and --rcpt are for "
+                "SMTP, not --pop3",
+                file=stderr,
+            )
+            return 2
+        accountArgs = (args.user, args.password_file)
+        together = "--user and --password-file"
     account = None
     if any(a is not None for a in accountArgs):
         if not all(a is not None for a in accountArgs):
-            print(
-                "digipoort-msa-admin: selftest: --user, --password-file, "
-                "--sender and --rcpt go together",
-                file=stderr,
-            )
+            print(f"digipoort-msa-admin: selftest: {together} go together", file=stderr)
             return 2
         try:
             with open(args.password_file, encoding="utf-8") as f:
@@ -263,7 +282,7 @@ def selftestCommand(args: argparse.Namespace, stdout: Any, stderr: Any) -> int:
         except OSError as e:
             print(f"digipoort-msa-admin: {args.password_file}: {e}", file=stderr)
             return 2
-        account = Account(args.user, password, args.sender, args.rcpt)
+        account = Account(args.user, password, args.sender or "", args.rcpt or "")
     if args.ca_file is not None and not os.path.isfile(args.ca_file):
         print(f"digipoort-msa-admin: no CA file {args.ca_file}", file=stderr)
         return 2
@@ -283,13 +302,16 @@ def selftestCommand(args: argparse.Namespace, stdout: Any, stderr: Any) -> int:
         expectGroups=args.expect_groups,
         timeout=args.timeout,
         account=account,
+        protocol="pop3" if args.pop3 else "smtp",
     )
     results = runProbes(target)
     for line in formatTable(results):
         print(line, file=stdout)
     statuses = (PASS, WARN, FAIL, SKIP)
     counts = {s: sum(r.status == s for r in results) for s in statuses}
-    mode = "implicit TLS" if args.implicit else "STARTTLS"
+    mode = "implicit TLS" if args.implicit else "STLS" if args.pop3 else "STARTTLS"
+    if args.pop3:
+        mode = f"POP3, {mode}"
     print(
         f"selftest of {args.host}:{args.port} ({mode}): "
         + ", ".join(f"{counts[s]} {s}" for s in statuses),
