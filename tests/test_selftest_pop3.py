@@ -208,17 +208,32 @@ class NaivePOP3(LineReceiver):
             self.sendLine(b"+OK")
 
 
+class ClosingPOP3(NaivePOP3):
+    """
+    A server that ends the connection when a client sends anything behind
+    STLS (Dovecot fails the handshake on those bytes and disconnects).
+    """
+
+    def lineReceived(self, line):
+        if line.upper() == b"STLS" and self._buffer:
+            self.sendLine(b"+OK Begin TLS negotiation")
+            self.transport.loseConnection()
+            return
+        NaivePOP3.lineReceived(self, line)
+
+
 class NaiveServerTests(POP3SelftestMixin, unittest.TestCase):
     """
     The naive server fails the three probes before TLS, each saying what
-    it saw.
+    it saw; a server that disconnects when bytes follow STLS passes the
+    injection probe.
     """
 
-    def setUp(self):
+    def listen(self, server: type = NaivePOP3) -> None:
         certFile, keyFile, _ = makeCertificate(self.mktemp())
         with open(certFile) as c, open(keyFile) as k:
             certificate = ssl.PrivateCertificate.loadPEM(c.read() + k.read())
-        factory = protocol.ServerFactory.forProtocol(NaivePOP3)
+        factory = protocol.ServerFactory.forProtocol(server)
         factory.tlsOptions = certificate.options()
         self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
@@ -226,6 +241,7 @@ class NaiveServerTests(POP3SelftestMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_mistakesBeforeTLS(self):
+        self.listen()
         code, rows, _ = yield self.selftestPOP3(
             self.port.getHost().port,
             "--servername",
@@ -253,3 +269,23 @@ class NaiveServerTests(POP3SelftestMixin, unittest.TestCase):
         self.assertEqual(rows["certificate"][0], PASS)
         self.assertEqual(rows["clean-retr"][0], SKIP)
         self.assertEqual(code, 1)
+
+    @defer.inlineCallbacks
+    def test_closedAtInjection(self):
+        """
+        A server that drops the connection when bytes follow STLS answers
+        nothing injected: the injection probe passes, saying so.
+        """
+        self.listen(ClosingPOP3)
+        _, rows, _ = yield self.selftestPOP3(
+            self.port.getHost().port, "--ca-file", self.certFile
+        )
+        status, detail = rows["stls-injection"]
+        self.assertEqual(status, PASS, detail)
+        self.assertTrue(
+            detail.startswith("the server ended the connection at the handshake ("),
+            detail,
+        )
+        self.assertTrue(
+            detail.endswith(") rather than answer the injected CAPA"), detail
+        )

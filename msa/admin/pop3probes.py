@@ -157,6 +157,17 @@ def probeInjection(target: Target) -> list[ProbeResult]:
             ]
         try:
             session.startTLS(clientContext())
+        except SSL.SysCallError as e:
+            # Closed or reset, with nothing read: Dovecot takes the bytes
+            # behind STLS for TLS, fails the handshake and disconnects.
+            return [
+                ProbeResult(
+                    name,
+                    PASS,
+                    f"the server ended the connection at the handshake "
+                    f"({sslReason(e)}) rather than answer the injected CAPA",
+                )
+            ]
         except SSL.Error as e:
             return [
                 ProbeResult(
