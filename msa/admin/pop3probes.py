@@ -32,12 +32,7 @@ from msa.admin.probeclient import (
     sslReason,
 )
 from msa.admin.smtpprobes import openTrusted, untrustedReason
-from msa.admin.tlsprobes import (
-    probeCertificate,
-    probeCiphers,
-    probeGroups,
-    probeOldVersions,
-)
+from msa.admin.tlsprobes import probeListener
 
 #: The commands that carry a user name or password; before STLS each must
 #: get C{-ERR} (RFC 2595 4, the R3 rule), each tried on its own connection.
@@ -368,20 +363,7 @@ def runPOP3Probes(target: Target) -> list[ProbeResult]:
     if not ok:
         return results
     preTLS = (probePreTLSCommands, probeInjection, probeNoAuthBeforeTLS)
-    for name, probe in zip(PRE_TLS_PROBES, preTLS, strict=True):
-        if target.implicit:
-            results.append(
-                ProbeResult(name, SKIP, "N/A: implicit TLS, no plaintext phase")
-            )
-        else:
-            results += guard(name, functools.partial(probe, target))
-    for name, tlsProbe in [
-        ("tls-versions", probeOldVersions),
-        ("cipher-suites", probeCiphers),
-        ("groups", probeGroups),
-        ("certificate", probeCertificate),
-    ]:
-        results += guard(name, functools.partial(tlsProbe, target))
+    results += probeListener(target, list(zip(PRE_TLS_PROBES, preTLS, strict=True)))
     if target.account is None:
         results.append(
             ProbeResult("clean-retr", SKIP, "no account (--user, --password-file)")

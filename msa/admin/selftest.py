@@ -64,7 +64,6 @@ and the command.
 
 import argparse
 import datetime
-import functools
 import os
 import secrets
 from collections.abc import Callable
@@ -97,13 +96,7 @@ from msa.admin.smtpprobes import (
     probePreTLSCommands,
     untrustedReason,
 )
-from msa.admin.tlsprobes import (
-    expectedCiphers,
-    probeCertificate,
-    probeCiphers,
-    probeGroups,
-    probeOldVersions,
-)
+from msa.admin.tlsprobes import expectedCiphers, probeListener
 from msa.tls import DEFAULT_CIPHERS, DEFAULT_GROUPS
 
 # -- the whole run ------------------------------------------------------------
@@ -134,20 +127,7 @@ def runProbes(target: Target) -> list[ProbeResult]:
         ("starttls-injection", probeInjection),
         ("no-auth-before-tls", probeNoAuthBeforeTLS),
     ]
-    for name, probe in preTLS:
-        if target.implicit:
-            results.append(
-                ProbeResult(name, SKIP, "N/A: implicit TLS, no plaintext phase")
-            )
-        else:
-            results += guard(name, functools.partial(probe, target))
-    for name, probe in [
-        ("tls-versions", probeOldVersions),
-        ("cipher-suites", probeCiphers),
-        ("groups", probeGroups),
-        ("certificate", probeCertificate),
-    ]:
-        results += guard(name, functools.partial(probe, target))
+    results += probeListener(target, preTLS)
     runId = (
         datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         + "-"
