@@ -172,9 +172,10 @@ def addParser(topics: Any) -> None:
     """
     parser = topics.add_parser(
         "selftest",
-        help="probe a running listener (TLS policy, STARTTLS, smuggling)",
+        help="probe a running SMTP or POP3 listener (TLS, STARTTLS/STLS, smuggling)",
         description=(
-            "Probe a running submission listener; exit 1 on any FAIL (not on WARN)."
+            "Probe a running submission (or, with --pop3, POP3) listener; exit 1 "
+            "on any FAIL (not on WARN)."
         ),
     )
     parser.add_argument("host", metavar="HOST")
@@ -221,8 +222,12 @@ def addParser(topics: Any) -> None:
         metavar="SECONDS",
         help="longest wait for a reply (%(default)s)",
     )
-    parser.add_argument("--user", metavar="USER", help="account for the messages")
-    parser.add_argument("--password-file", metavar="FILE", help="its password")
+    parser.add_argument(
+        "--user", metavar="USER", help="account for the messages (POP3: for the RETR)"
+    )
+    parser.add_argument(
+        "--password-file", metavar="FILE", help="its password (first line)"
+    )
     parser.add_argument(
         "--sender", metavar="ADDRESS", help="envelope sender the account may use"
     )
