@@ -182,6 +182,8 @@ class RunningMSA:
         self.service = buildService(loadConfig(self.configFile))
         testCase.addCleanup(lambda: self.service.stopService())
         self.service.startService()
+        # Checked before the stop above (cleanups run last first).
+        self.guard = guardReactorThread(testCase)
 
     @defer.inlineCallbacks
     def restart(self):
@@ -192,8 +194,6 @@ class RunningMSA:
         yield self.service.stopService()
         self.service = buildService(loadConfig(self.configFile))
         self.service.startService()
-        # Checked before the stop above (cleanups run last first).
-        self.guard = guardReactorThread(testCase)
 
     def clientContext(self) -> ssl.SSLContext:
         """
