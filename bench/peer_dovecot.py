@@ -33,7 +33,8 @@ import os
 import pwd
 import shutil
 import subprocess
-import time
+
+from run import stopProcess, waitForPort
 
 DOVECOT = "/usr/sbin/dovecot"
 #: The password scheme and cost (see the module docstring).
@@ -148,10 +149,9 @@ class Dovecot:
             )
         self.proc: subprocess.Popen | None = None
 
-    def start(self, waitForPort) -> None:
+    def start(self) -> None:
         """
-        Start the master in the foreground and wait for both ports
-        (C{waitForPort(port, proc)} from C{bench/run.py}).
+        Start the master in the foreground and wait for both ports.
         """
         giveToMailUser(self.mailboxes)
         traversable(self.mailboxes)
@@ -168,20 +168,7 @@ class Dovecot:
         """
         Stop the master (it stops its children) and wait for it.
         """
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        # The master removes base_dir's sockets; wait for its children too.
-        deadline = time.monotonic() + 10
-        while os.path.exists(os.path.join(self.directory, "run", "master.pid")):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        stopProcess(self.proc)
         shutil.rmtree(os.path.join(self.directory, "run"), ignore_errors=True)
 
 

@@ -298,7 +298,7 @@ class DovecotServer:
             freePort(),
         )
         self.pop3Port, self.lmtpPort = self.dovecot.pop3Port, self.dovecot.lmtpPort
-        self.dovecot.start(waitForPort)
+        self.dovecot.start()
 
     def stop(self) -> None:
         if self.dovecot is not None:
