@@ -11,7 +11,9 @@ cd "$(dirname "$0")"
 # smuggling verdicts (a throwaway instance in a temp dir, never the system's);
 # libauthen-sasl-cyrus-perl because mail hosts have it and swaks must not
 # pick it (tests.test_interop.runSwaks selects Authen::SASL::Perl).
-SYSTEM_PACKAGES="curl swaks haproxy systemd msmtp gsasl sasl2-bin libsasl2-modules libauthen-sasl-perl libnet-ssleay-perl libio-socket-ssl-perl libdigest-hmac-perl default-jdk-headless iproute2 mount redis-server postgresql postfix libauthen-sasl-cyrus-perl prometheus groff-base man-db mpop fetchmail getmail6 libjakarta-mail-java neomutt tmux"
+# Dovecot (a throwaway instance, tests/dovecotserver.py) as a second POP3
+# server for the self-test, and the benchmark's peer.
+SYSTEM_PACKAGES="curl swaks haproxy systemd msmtp gsasl sasl2-bin libsasl2-modules libauthen-sasl-perl libnet-ssleay-perl libio-socket-ssl-perl libdigest-hmac-perl default-jdk-headless iproute2 mount redis-server postgresql postfix libauthen-sasl-cyrus-perl prometheus groff-base man-db mpop fetchmail getmail6 libjakarta-mail-java neomutt tmux dovecot-pop3d dovecot-lmtpd"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   if ! dpkg -s $SYSTEM_PACKAGES >/dev/null 2>&1; then
     echo "run-tests: installing $SYSTEM_PACKAGES"

@@ -81,7 +81,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import attrs
 import run  # bench/run.py: it puts the checkout on sys.path
-from peer_dovecot import Dovecot, dovecotMissing, passwordHash
+from peer_dovecot import COST, dovecotMissing, passwordHash
 from run import (
     KB,
     MB,
@@ -98,7 +98,8 @@ from run import (
 from msa.accounts.model import makeAccount, writeAccounts  # noqa: E402
 from msa.mailbox.names import accountDirectoryName, newUid  # noqa: E402
 from msa.service.config import writeConfig  # noqa: E402
-from msa.tls import ensureSelfSignedCertificate  # noqa: E402
+from msa.tls import ensureSelfSignedCertificate
+from tests.dovecotserver import ThrowawayDovecot  # noqa: E402
 
 PASSWORD = "bench-password"
 DOMAIN = "bench.invalid"
@@ -268,7 +269,7 @@ class MSAServer:
 
 class DovecotServer:
     """
-    The throwaway Dovecot of C{bench/peer_dovecot.py} on the same mailboxes.
+    The throwaway Dovecot (C{tests/dovecotserver.py}) on the same mailboxes.
     """
 
     name = "Dovecot"
@@ -276,7 +277,7 @@ class DovecotServer:
     def __init__(self, work: str, cert: str, key: str, cheap: bool) -> None:
         self.work, self.cert, self.key, self.cheap = work, cert, key, cheap
         self.mailboxes = os.path.join(work, "mailboxes")
-        self.dovecot: Dovecot | None = None
+        self.dovecot: ThrowawayDovecot | None = None
 
     def pid(self) -> int:
         assert self.dovecot is not None and self.dovecot.proc is not None
@@ -286,9 +287,9 @@ class DovecotServer:
         return True
 
     def start(self, accounts: int) -> None:
-        hashed = _cheapBcrypt() if self.cheap else _fullBcrypt()
+        hashed = passwordHash(PASSWORD, 4 if self.cheap else COST)
         users = {accountName(a): hashed for a in range(accounts)}
-        self.dovecot = Dovecot(
+        self.dovecot = ThrowawayDovecot(
             os.path.join(self.work, "dovecot"),
             self.mailboxes,
             self.cert,
@@ -303,19 +304,6 @@ class DovecotServer:
     def stop(self) -> None:
         if self.dovecot is not None:
             self.dovecot.stop()
-
-
-def _fullBcrypt() -> str:
-    return passwordHash(PASSWORD)
-
-
-def _cheapBcrypt() -> str:
-    return subprocess.run(
-        ["doveadm", "pw", "-s", "BLF-CRYPT", "-r", "4", "-p", PASSWORD],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
 
 
 SERVERS = [MSAServer, DovecotServer]

@@ -175,11 +175,13 @@ class SelftestMixin:
             RCPT,
         ]
 
-    def selftest(self, port: int, *options: str, account: bool = True):
+    def selftest(
+        self, port: int, *options: str, account: bool = True, host: str = "127.0.0.1"
+    ):
         """
         @return: a L{Deferred} of (exit code, rows, output).
         """
-        argv = ["selftest", "127.0.0.1", str(port), "--timeout", "10", *options]
+        argv = ["selftest", host, str(port), "--timeout", "10", *options]
         if account:
             argv += self.accountOptions()
         out, err = io.StringIO(), io.StringIO()

@@ -7,21 +7,27 @@ listener, the clean RETR round trip reads a message delivered into the
 real Maildir store and leaves it there; and against a naive POP3 server
 (logins before TLS, CAPA offering them, lines pipelined behind STLS
 answered inside TLS) the probes that concern those mistakes fail, with
-what they saw.
+what they saw; a throwaway Dovecot (L{tests.dovecotserver}) as a second
+real server.
 
 The self-test is blocking, so it runs in a thread while the servers run
 in the test's reactor (L{tests.selftesting.SelftestMixin}).
 """
 
+import hashlib
 import io
+import os
+import subprocess
 
-from twisted.internet import defer, protocol, reactor, ssl
+from twisted.internet import defer, protocol, reactor, ssl, threads
 from twisted.protocols.basic import LineReceiver
 from twisted.trial import unittest
 
 from msa.admin.command import main
 from msa.admin.probeclient import FAIL, PASS, SKIP
-from tests.e2e import RunningMSA
+from msa.mailbox import MaildirStore
+from tests.dovecotserver import ThrowawayDovecot, dovecotDirectory
+from tests.e2e import RunningMSA, freePort
 from tests.selftesting import SelftestMixin, makeCertificate
 from tests.test_pop3_e2e import MESSAGE, auditEvents, deliver, messageFiles
 
@@ -49,8 +55,8 @@ class POP3SelftestMixin(SelftestMixin):
             f.write(password + "\n")
         return ["--user", "alice", "--password-file", path]
 
-    def selftestPOP3(self, port: int, *options: str):
-        return self.selftest(port, "--pop3", *options, account=False)
+    def selftestPOP3(self, port: int, *options: str, host: str = "127.0.0.1"):
+        return self.selftest(port, "--pop3", *options, account=False, host=host)
 
 
 class MSAPassesTests(POP3SelftestMixin, unittest.TestCase):
@@ -289,3 +295,77 @@ class NaiveServerTests(POP3SelftestMixin, unittest.TestCase):
         self.assertTrue(
             detail.endswith(") rather than answer the injected CAPA"), detail
         )
+
+
+class DovecotTests(POP3SelftestMixin, unittest.TestCase):
+    """
+    Dovecot 2.3 (L{tests.dovecotserver}), a second POP3 server, on a
+    Maildir the MSA's store wrote: the probes before TLS and the round
+    trip pass; its default TLS policy is wider than the MSA's.
+    """
+
+    @defer.inlineCallbacks
+    def test_dovecot(self):
+        directory = dovecotDirectory(self)
+        certFile, keyFile, _ = makeCertificate(os.path.join(directory, "tls"))
+        mailboxes = os.path.join(directory, "mailboxes")
+        uid = yield MaildirStore(mailboxes).deliver(
+            "alice",
+            io.BytesIO(MESSAGE),
+            len(MESSAGE),
+            hashlib.sha256(MESSAGE).hexdigest(),
+        )
+        hashed = subprocess.run(
+            ["doveadm", "pw", "-s", "BLF-CRYPT", "-r", "4", "-p", "wonderland"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        # Not 127.0.0.1: Dovecot takes logins before STLS from a client
+        # whose address is its own.
+        dovecot = ThrowawayDovecot(
+            os.path.join(directory, "dovecot"),
+            mailboxes,
+            certFile,
+            keyFile,
+            {"alice": hashed},
+            freePort(),
+            freePort(),
+            address="127.0.0.2",
+        )
+        self.addCleanup(dovecot.stop)
+        yield threads.deferToThread(dovecot.start)
+        code, rows, _ = yield self.selftestPOP3(
+            dovecot.pop3Port,
+            "--servername",
+            "localhost",
+            "--ca-file",
+            certFile,
+            *self.pop3Account(),
+            host="127.0.0.2",
+        )
+        self.assertOutcome(
+            rows, failing=["cipher-suites", "groups"], probes=POP3_PROBES
+        )
+        self.assertEqual(
+            rows["stls-injection"][1],
+            "the server ended the connection at the handshake (connection "
+            "closed by the server) rather than answer the injected CAPA",
+        )
+        self.assertIn(
+            "ECDHE-ECDSA-AES128-SHA (weak: CBC with SHA1)", rows["cipher-suites"][1]
+        )
+        # Dovecot's UIDL here is the file name (pop3_uidl_format = %f).
+        fileName = f"{uid},S={len(MESSAGE)},H={hashlib.sha256(MESSAGE).hexdigest()}"
+        self.assertEqual(
+            rows["clean-retr"][1],
+            f"message 1 ({fileName}): {len(MESSAGE)} octets as LIST said, CRLF "
+            "lines; still there after QUIT without DELE",
+        )
+        self.assertEqual(code, 1)
+        left = [
+            name
+            for sub in ("new", "cur")
+            for name in os.listdir(os.path.join(mailboxes, "alice", sub))
+        ]
+        self.assertEqual(len(left), 1, left)
