@@ -138,3 +138,19 @@ def _limit(env, refused: bytes) -> None:
 
 def checkConnectionLimit(env) -> None:
     _limit(env, b"-ERR [SYS/TEMP] Too many connections\r\n")
+
+
+def checkConnectionLimitAcrossListeners(env) -> None:
+    """
+    C{max_connections} counts both listeners together: with one connection
+    open on the implicit-TLS port, the STLS port refuses the next.
+    """
+    held = poplib.POP3_SSL(
+        "localhost", env.msa.pop3sPort, context=env.msa.clientContext(), timeout=10
+    )
+    try:
+        assert held.getwelcome() == GREETING.rstrip(b"\r\n")
+        got = lines(port(env), 2)
+        assert got == [b"-ERR [SYS/TEMP] Too many connections\r\n"], got
+    finally:
+        held.close()

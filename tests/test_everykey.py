@@ -983,7 +983,12 @@ _POP3_ROWS: list[Row] = [
     Row("pop3.expire", 30, pop3keys.checkExpire, "pop3"),
     Row("pop3.idle_timeout", 1, pop3keys.checkIdleTimeout, "pop3idle"),
     Row("pop3.login_timeout", 1, pop3keys.checkLoginTimeout, "pop3login"),
-    Row("pop3.max_connections", 1, pop3keys.checkConnectionLimit, "pop3conn"),
+    Row(
+        "pop3.max_connections",
+        1,
+        pop3keys.checkConnectionLimitAcrossListeners,
+        "pop3conn",
+    ),
     Row(
         "pop3.max_connections_per_client",
         1,

@@ -73,6 +73,18 @@ class GateTests(unittest.TestCase):
         self.assertNotIn(b"STLS", capa)
         self.assertEqual(h.command(b"STLS"), b"-ERR Command not available here\r\n")
 
+    def test_noTLSConfigured(self):
+        """
+        An embedder's listener without a TLS context offers no STLS, and
+        so no login at all (R3).
+        """
+        h = POP3Harness()
+        h.factory.tlsContextFactory = None
+        h.connect()
+        self.assertNotIn(b"STLS", h.command(b"CAPA"))
+        self.assertEqual(h.command(b"STLS"), b"-ERR STLS not available\r\n")
+        self.assertEqual(h.command(b"USER alice"), b"-ERR Must issue STLS first\r\n")
+
     def test_implicitTLS(self):
         h = POP3Harness(implicitTLS=True)
         self.assertEqual(h.login(), b"+OK Logged in, mailbox locked\r\n")

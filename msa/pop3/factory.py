@@ -47,6 +47,40 @@ class POP3Policy:
     expire: str = "NEVER"
 
 
+class POP3Connections:
+    """
+    The open POP3 connections of every listener that shares this object
+    (the daemon's STLS and implicit-TLS listeners share one), counted in
+    total and per client address for C{max_connections} and
+    C{max_connections_per_client}.
+
+    @ivar sessions: the open connections.
+    """
+
+    def __init__(self) -> None:
+        self.sessions: set[POP3Server] = set()
+        self._perClient: Counter[str] = Counter()
+
+    def add(self, server: POP3Server) -> tuple[int, int]:
+        """
+        Count a new connection.
+
+        @return: the connections now open in total and from its client.
+        """
+        client = server.session.clientAddress
+        self.sessions.add(server)
+        self._perClient[client] += 1
+        return len(self.sessions), self._perClient[client]
+
+    def remove(self, server: POP3Server) -> None:
+        if server in self.sessions:
+            self.sessions.discard(server)
+            client = server.session.clientAddress
+            self._perClient[client] -= 1
+            if self._perClient[client] <= 0:
+                del self._perClient[client]
+
+
 class _NoThrottle:
     def failedLogin(self, clientAddress: str, account: str) -> float:
         return 0.0
@@ -61,6 +95,8 @@ class POP3Factory(protocol.ServerFactory):
 
     @ivar audit: the audit log (its C{append}) for C{mailbox-retrieved},
         or L{None}.
+    @ivar connections: the open connections, shared with the daemon's
+        other POP3 listener.
     """
 
     protocol = POP3Server
@@ -76,6 +112,7 @@ class POP3Factory(protocol.ServerFactory):
         audit: Any = None,
         reactor: Any = None,
         runBlocking: Any = None,
+        connections: POP3Connections | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -102,8 +139,7 @@ class POP3Factory(protocol.ServerFactory):
             raise ValueError(f"unknown SASL mechanisms: {', '.join(sorted(unknown))}")
         self.authThrottle: Any = authThrottle or _NoThrottle()
         self.audit = audit
-        self.sessions: set[POP3Server] = set()
-        self._perClient: Counter[str] = Counter()
+        self.connections = connections or POP3Connections()
 
     def buildProtocol(self, addr: Any) -> POP3Server:
         return self.protocol(self)
@@ -112,24 +148,17 @@ class POP3Factory(protocol.ServerFactory):
         """
         Count a new connection; whether it is within the limits.
         """
-        client = server.session.clientAddress
-        self.sessions.add(server)
-        self._perClient[client] += 1
+        total, fromClient = self.connections.add(server)
         return (
-            len(self.sessions) <= self.policy.maxConnections
-            and self._perClient[client] <= self.policy.maxConnectionsPerClient
+            total <= self.policy.maxConnections
+            and fromClient <= self.policy.maxConnectionsPerClient
         )
 
     def release(self, server: POP3Server) -> None:
         """
         A connection ended.
         """
-        if server in self.sessions:
-            self.sessions.discard(server)
-            client = server.session.clientAddress
-            self._perClient[client] -= 1
-            if self._perClient[client] <= 0:
-                del self._perClient[client]
+        self.connections.remove(server)
 
     def recordRetrieval(
         self, session: POP3Session, message: StoredMessage, command: str

@@ -315,7 +315,8 @@ class POP3Server(protocol.Protocol):
         lines = [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
         lines.append(b"EXPIRE " + policy.expire.encode("ascii"))
         if not self.secure:
-            lines.append(b"STLS")
+            if self.factory.tlsContextFactory is not None:
+                lines.append(b"STLS")
         elif self.maildrop is None:
             if self.login.userOffered():
                 lines.append(b"USER")

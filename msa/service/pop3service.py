@@ -19,7 +19,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from msa.accounts.clientcert import CertificateBindingRealm
 from msa.interfaces import IMailboxStore
-from msa.pop3 import MailboxRealm, POP3Factory, POP3Policy
+from msa.pop3 import MailboxRealm, POP3Connections, POP3Factory, POP3Policy
 from msa.service.config import Config
 
 
@@ -51,6 +51,8 @@ def addPOP3Listeners(
     checkers = list({id(c): c for c in portal.checkers.values()}.values())
     realm = CertificateBindingRealm(MailboxRealm(accounts, mailboxes), accounts)
     mailboxPortal = Portal(realm, checkers)
+    # The connection limits count both listeners together, as SMTP's do.
+    connections = POP3Connections()
     expire = pop3["expire"]
     if expire is None and config["mailbox"]["expire_after"] is not None:
         # The days a message is surely kept (RFC 2449 6.7: a minimum).
@@ -80,6 +82,7 @@ def addPOP3Listeners(
             authThrottle=throttle,
             audit=audit,
             reactor=reactor,
+            connections=connections,
         )
         served: IProtocolFactory = factory
         if implicit:
