@@ -13,7 +13,7 @@ cd "$(dirname "$0")"
 # pick it (tests.test_interop.runSwaks selects Authen::SASL::Perl).  The POP3
 # clients (mpop, fetchmail, getmail6, Jakarta Mail, NeoMutt under tmux) for
 # the return channel's interop tests.
-SYSTEM_PACKAGES="curl swaks haproxy systemd msmtp gsasl sasl2-bin libsasl2-modules libauthen-sasl-perl libnet-ssleay-perl libio-socket-ssl-perl libdigest-hmac-perl default-jdk-headless iproute2 mount redis-server postgresql postfix libauthen-sasl-cyrus-perl prometheus groff-base man-db mpop fetchmail getmail6 libjakarta-mail-java neomutt tmux logrotate"
+SYSTEM_PACKAGES="curl swaks haproxy systemd msmtp gsasl sasl2-bin libsasl2-modules libauthen-sasl-perl libnet-ssleay-perl libio-socket-ssl-perl libdigest-hmac-perl default-jdk-headless iproute2 mount redis-server postgresql postfix libauthen-sasl-cyrus-perl prometheus groff-base man-db mpop fetchmail getmail6 libjakarta-mail-java neomutt tmux logrotate dovecot-pop3d dovecot-lmtpd"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   if ! dpkg -s $SYSTEM_PACKAGES >/dev/null 2>&1; then
     echo "run-tests: installing $SYSTEM_PACKAGES"

@@ -13,7 +13,7 @@ key-exchange group and list the certificate chain the server sent.
 import ipaddress
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -77,6 +77,9 @@ class Target:
     expectGroups: str = DEFAULT_GROUPS
     timeout: float = 30.0
     account: Account | None = None
+    #: C{"smtp"} (STARTTLS after EHLO) or C{"pop3"} (STLS after the
+    #: greeting, RFC 2595); the TLS probes work on either.
+    protocol: str = "smtp"
 
     @property
     def name(self) -> str:
@@ -104,6 +107,16 @@ class Reply:
 
     def __str__(self) -> str:
         return f"{self.code} {' / '.join(self.lines)}".strip()
+
+
+def guard(name: str, probe: Callable[[], list[ProbeResult]]) -> list[ProbeResult]:
+    """
+    Run C{probe}; a L{ProbeError} becomes a FAIL row named C{name}.
+    """
+    try:
+        return probe()
+    except ProbeError as e:
+        return [ProbeResult(name, FAIL, str(e))]
 
 
 def isIP(name: str) -> bool:
@@ -203,6 +216,19 @@ class SMTPSession:
         self.buffer += data
         return True
 
+    def readLine(self, after: str = "") -> bytes:
+        """
+        The next line, without its CRLF.
+
+        @param after: what was read before it, for the error.
+        @raise ProbeError: when the connection closed or timed out first.
+        """
+        while b"\r\n" not in self.buffer:
+            if not self._fill():
+                raise ProbeError(f"connection closed by the server{after}")
+        raw, self.buffer = self.buffer.split(b"\r\n", 1)
+        return raw
+
     def readReply(self) -> Reply:
         """
         The next reply.
@@ -211,11 +237,7 @@ class SMTPSession:
         """
         lines: list[str] = []
         while True:
-            while b"\r\n" not in self.buffer:
-                if not self._fill():
-                    got = f" after {lines!r}" if lines else ""
-                    raise ProbeError(f"connection closed by the server{got}")
-            raw, self.buffer = self.buffer.split(b"\r\n", 1)
+            raw = self.readLine(f" after {lines!r}" if lines else "")
             text = raw.decode("utf-8", "replace")
             if len(text) < 3 or not text[:3].isdigit():
                 raise ProbeError(f"not an SMTP reply: {text[:80]!r}")
@@ -282,17 +304,35 @@ class SMTPSession:
         return [line.upper() for line in reply.lines[1:]]
 
 
+def beginSTLS(session: SMTPSession) -> None:
+    """
+    POP3's way into TLS (RFC 2595): the C{+OK} greeting, C{STLS}, C{+OK}.
+
+    @raise ProbeError: when the server said anything else.
+    """
+    greeting = session.readLine()
+    if not greeting.startswith(b"+OK"):
+        raise ProbeError(f"greeting: {greeting[:80]!r}")
+    session.send(b"STLS\r\n")
+    reply = session.readLine()
+    if not reply.startswith(b"+OK"):
+        raise ProbeError(f"STLS answered {reply[:80]!r}")
+
+
 def openTLS(target: Target, context: SSL.Context) -> SMTPSession:
     """
-    A session in TLS: STARTTLS after EHLO, or the handshake first on an
-    implicit listener (its greeting not read yet).
+    A session in TLS: STARTTLS after EHLO (STLS after the greeting for
+    POP3), or the handshake first on an implicit listener (its greeting
+    not read yet).
 
     @raise ProbeError: when the SMTP part did not get as far as the handshake.
     @raise SSL.Error: when the handshake failed.
     """
     session = SMTPSession(target)
     try:
-        if not target.implicit:
+        if not target.implicit and target.protocol == "pop3":
+            beginSTLS(session)
+        elif not target.implicit:
             session.greet()
             session.command("STARTTLS", (220,))
         session.startTLS(context)

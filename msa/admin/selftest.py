@@ -55,14 +55,22 @@ implicit-TLS one there is no plaintext phase and they are reported N/A):
    Subject saying it is a self-test.  Without an account nothing is sent
    that could be delivered.
 
+With C{--pop3} the listener is a POP3 one (STLS, or implicit TLS with
+C{--implicit}) and the probes are L{msa.admin.pop3probes}': C{pre-tls-err}
+(USER, PASS, AUTH and APOP refused before STLS), C{stls-injection} (STLS
+and CAPA in one write), C{no-auth-before-tls} (neither USER nor SASL in
+CAPA before TLS), the same TLS probes, and with an account (C{--user
+--password-file}) C{clean-retr}: the smallest message RETRed, its size as
+LIST said, and still there after QUIT (nothing is deleted).
+
 The connections are in L{msa.admin.probeclient}, the TLS probes in
-L{msa.admin.tlsprobes}, the SMTP probes in L{msa.admin.smtpprobes}; this
-module has the run, the report and the command.
+L{msa.admin.tlsprobes}, the SMTP probes in L{msa.admin.smtpprobes}, the
+POP3 ones in L{msa.admin.pop3probes}; this module has the run, the report
+and the command.
 """
 
 import argparse
 import datetime
-import functools
 import os
 import secrets
 from collections.abc import Callable
@@ -71,6 +79,7 @@ from typing import Any
 from OpenSSL import SSL
 
 from msa.admin.chunkprobes import probeBDATSmuggling, probeExtensions
+from msa.admin.pop3probes import runPOP3Probes
 from msa.admin.probeclient import (
     DEFAULT_TLS13_CIPHERS,
     FAIL,
@@ -83,6 +92,7 @@ from msa.admin.probeclient import (
     SMTPSession,
     Target,
     clientContext,
+    guard,
     openTLS,
     sslReason,
 )
@@ -94,29 +104,18 @@ from msa.admin.smtpprobes import (
     probePreTLSCommands,
     untrustedReason,
 )
-from msa.admin.tlsprobes import (
-    expectedCiphers,
-    probeCertificate,
-    probeCiphers,
-    probeGroups,
-    probeOldVersions,
-)
+from msa.admin.tlsprobes import expectedCiphers, probeListener
 from msa.tls import DEFAULT_CIPHERS, DEFAULT_GROUPS
 
 # -- the whole run ------------------------------------------------------------
-
-
-def _guard(name: str, probe: Callable[[], list[ProbeResult]]) -> list[ProbeResult]:
-    try:
-        return probe()
-    except ProbeError as e:
-        return [ProbeResult(name, FAIL, str(e))]
 
 
 def runProbes(target: Target) -> list[ProbeResult]:
     """
     Every probe against C{target}, in the order of the report.
     """
+    if target.protocol == "pop3":
+        return runPOP3Probes(target)
     try:
         with (
             openTLS(target, clientContext()) if target.implicit else SMTPSession(target)
@@ -136,20 +135,7 @@ def runProbes(target: Target) -> list[ProbeResult]:
         ("starttls-injection", probeInjection),
         ("no-auth-before-tls", probeNoAuthBeforeTLS),
     ]
-    for name, probe in preTLS:
-        if target.implicit:
-            results.append(
-                ProbeResult(name, SKIP, "N/A: implicit TLS, no plaintext phase")
-            )
-        else:
-            results += _guard(name, functools.partial(probe, target))
-    for name, probe in [
-        ("tls-versions", probeOldVersions),
-        ("cipher-suites", probeCiphers),
-        ("groups", probeGroups),
-        ("certificate", probeCertificate),
-    ]:
-        results += _guard(name, functools.partial(probe, target))
+    results += probeListener(target, preTLS)
     keywords: list[str] = []
     try:
         extensions, keywords = probeExtensions(target)
@@ -177,13 +163,13 @@ def runProbes(target: Target) -> list[ProbeResult]:
             for n in messageProbes
         ]
     else:
-        messages = _guard("clean-message", lambda: probeMessages(target, runId))
+        messages = guard("clean-message", lambda: probeMessages(target, runId))
         results += messages
         if messages[0].status == FAIL:
             reason = "not tried: the session for clean-message failed"
             results.append(ProbeResult("smuggling BDAT", SKIP, reason))
         else:
-            results += _guard(
+            results += guard(
                 "smuggling BDAT", lambda: probeBDATSmuggling(target, runId, keywords)
             )
     return results
@@ -210,15 +196,21 @@ def addParser(topics: Any) -> None:
     """
     parser = topics.add_parser(
         "selftest",
-        help="probe a running listener (TLS policy, STARTTLS, smuggling)",
+        help="probe a running SMTP or POP3 listener (TLS, STARTTLS/STLS, smuggling)",
         description=(
-            "Probe a running submission listener; exit 1 on any FAIL (not on WARN)."
+            "Probe a running submission (or, with --pop3, POP3) listener; exit 1 "
+            "on any FAIL (not on WARN)."
         ),
     )
     parser.add_argument("host", metavar="HOST")
     parser.add_argument("port", type=int, metavar="PORT")
     parser.add_argument(
         "--implicit", action="store_true", help="the listener is TLS from the start"
+    )
+    parser.add_argument(
+        "--pop3",
+        action="store_true",
+        help="a POP3 listener (STLS, or implicit TLS): the POP3 probes",
     )
     parser.add_argument(
         "--servername",
@@ -254,8 +246,12 @@ def addParser(topics: Any) -> None:
         metavar="SECONDS",
         help="longest wait for a reply (%(default)s)",
     )
-    parser.add_argument("--user", metavar="USER", help="account for the messages")
-    parser.add_argument("--password-file", metavar="FILE", help="its password")
+    parser.add_argument(
+        "--user", metavar="USER", help="account for the messages (POP3: for the RETR)"
+    )
+    parser.add_argument(
+        "--password-file", metavar="FILE", help="its password (first line)"
+    )
     parser.add_argument(
         "--sender", metavar="ADDRESS", help="envelope sender the account may use"
     )
@@ -271,15 +267,23 @@ def selftestCommand(args: argparse.Namespace, stdout: Any, stderr: Any) -> int:
     @return: 0 when nothing failed (warnings included), 1 on any FAIL, 2
         for usage errors.
     """
-    accountArgs = (args.user, args.password_file, args.sender, args.rcpt)
+    accountArgs: tuple = (args.user, args.password_file, args.sender, args.rcpt)
+    together = "--user, --password-file, --sender and --rcpt"
+    if args.pop3:
+        # POP3 only reads: no envelope.
+        if args.sender is not None or args.rcpt is not None:
+            print(
+                "digipoort-msa-admin: selftest: --sender and --rcpt are for "
+                "SMTP, not --pop3",
+                file=stderr,
+            )
+            return 2
+        accountArgs = (args.user, args.password_file)
+        together = "--user and --password-file"
     account = None
     if any(a is not None for a in accountArgs):
         if not all(a is not None for a in accountArgs):
-            print(
-                "digipoort-msa-admin: selftest: --user, --password-file, "
-                "--sender and --rcpt go together",
-                file=stderr,
-            )
+            print(f"digipoort-msa-admin: selftest: {together} go together", file=stderr)
             return 2
         try:
             with open(args.password_file, encoding="utf-8") as f:
@@ -287,7 +291,7 @@ def selftestCommand(args: argparse.Namespace, stdout: Any, stderr: Any) -> int:
         except OSError as e:
             print(f"digipoort-msa-admin: {args.password_file}: {e}", file=stderr)
             return 2
-        account = Account(args.user, password, args.sender, args.rcpt)
+        account = Account(args.user, password, args.sender or "", args.rcpt or "")
     if args.ca_file is not None and not os.path.isfile(args.ca_file):
         print(f"digipoort-msa-admin: no CA file {args.ca_file}", file=stderr)
         return 2
@@ -307,13 +311,16 @@ def selftestCommand(args: argparse.Namespace, stdout: Any, stderr: Any) -> int:
         expectGroups=args.expect_groups,
         timeout=args.timeout,
         account=account,
+        protocol="pop3" if args.pop3 else "smtp",
     )
     results = runProbes(target)
     for line in formatTable(results):
         print(line, file=stdout)
     statuses = (PASS, WARN, FAIL, SKIP)
     counts = {s: sum(r.status == s for r in results) for s in statuses}
-    mode = "implicit TLS" if args.implicit else "STARTTLS"
+    mode = "implicit TLS" if args.implicit else "STLS" if args.pop3 else "STARTTLS"
+    if args.pop3:
+        mode = f"POP3, {mode}"
     print(
         f"selftest of {args.host}:{args.port} ({mode}): "
         + ", ".join(f"{counts[s]} {s}" for s in statuses),

@@ -189,32 +189,32 @@ def probeMessage(target: Target, runId: str, subject: str, tag: str) -> bytes:
     ).encode()
 
 
-class _Untrusted(ProbeError):
+class Untrusted(ProbeError):
     """
     The server's certificate cannot be trusted with a password.
     """
 
 
-def _openTrusted(target: Target) -> SMTPSession:
+def openTrusted(target: Target) -> SMTPSession:
     """
     A TLS session whose certificate verified for the name.
 
-    @raise _Untrusted: when it did not, or the handshake failed.
+    @raise Untrusted: when it did not, or the handshake failed.
     """
     errors: list[str] = []
     try:
         session = openTLS(target, verifyingContext(target, errors))
     except (SSL.Error, OSError) as e:
-        raise _Untrusted(f"handshake failed: {sslReason(e)}")
+        raise Untrusted(f"handshake failed: {sslReason(e)}")
     except ProbeError as e:
-        raise _Untrusted(str(e))
+        raise Untrusted(str(e))
     tls = session.tls
     assert tls is not None
     if errors or checkName(tls, target.name) is not None:
         session.close()
         if errors:
-            raise _Untrusted(f"the certificate does not verify ({errors[0]})")
-        raise _Untrusted(f"the certificate is not valid for {target.name}")
+            raise Untrusted(f"the certificate does not verify ({errors[0]})")
+        raise Untrusted(f"the certificate is not valid for {target.name}")
     return session
 
 
@@ -224,8 +224,8 @@ def untrustedReason(target: Target) -> str | None:
     does not verify, or not for the name), or L{None} when it can.
     """
     try:
-        _openTrusted(target).close()
-    except _Untrusted as e:
+        openTrusted(target).close()
+    except Untrusted as e:
         return str(e)
     return None
 
@@ -239,7 +239,7 @@ def loginSession(target: Target, data: bool = True) -> SMTPSession:
     """
     account = target.account
     assert account is not None
-    session = _openTrusted(target)
+    session = openTrusted(target)
     try:
         if target.implicit:
             greeting = session.readReply()

@@ -5,6 +5,7 @@ protocol versions, cipher suites, key-exchange groups and the certificate.
 """
 
 import datetime
+import functools
 import ssl
 import tempfile
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from msa.admin.probeclient import (
     Target,
     checkName,
     clientContext,
+    guard,
     handshake,
     openTLS,
     sslReason,
@@ -380,3 +382,29 @@ def probeCertificate(target: Target) -> list[ProbeResult]:
             f"verified by {store}, expires {expires:%Y-%m-%d} ({days} days left)",
         )
     ]
+
+
+def probeListener(
+    target: Target, preTLS: list[tuple[str, Callable[[Target], list[ProbeResult]]]]
+) -> list[ProbeResult]:
+    """
+    The probes of a listener that greeted: the protocol's C{preTLS} probes
+    (N/A on an implicit-TLS listener, which has no plaintext phase), then
+    the TLS probes, each failing on its own.
+    """
+    results: list[ProbeResult] = []
+    for name, probe in preTLS:
+        if target.implicit:
+            results.append(
+                ProbeResult(name, SKIP, "N/A: implicit TLS, no plaintext phase")
+            )
+        else:
+            results += guard(name, functools.partial(probe, target))
+    for name, tlsProbe in [
+        ("tls-versions", probeOldVersions),
+        ("cipher-suites", probeCiphers),
+        ("groups", probeGroups),
+        ("certificate", probeCertificate),
+    ]:
+        results += guard(name, functools.partial(tlsProbe, target))
+    return results
