@@ -336,4 +336,4 @@ class ThrottleBoundsSocketTests(unittest.TestCase):
         # One address, its three names of its own and the shared counter.
         self.assertEqual(throttle.counters(), 1 + 3 + 1)
         self.assertEqual(throttle._addresses["127.0.0.1"][0], 20)
-        self.assertEqual(throttle.delay("127.0.0.1", randomName()), 0.002)
+        self.assertEqual(throttle.delay("127.0.0.1", randomName()), 0.01)
