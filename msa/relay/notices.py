@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from msa.interfaces import IDownstream
 from msa.queue import dsn, integrity
 from msa.queue.spool import Spool, SpoolEntry
 
@@ -30,8 +31,8 @@ class NoticeRunner(Protocol):
     (L{msa.relay.runner.RelayRunner}).
     """
 
-    #: Where the notices name the remote host (its C{host}, if any).
-    downstream: Any
+    #: Where the notices name the remote host (its C{host}).
+    downstream: IDownstream
     #: The MSA's host name for the notices; L{None}: no notices, failures
     #: are only logged.
     dsnHostname: str | None
@@ -230,7 +231,7 @@ class Notices:
         hostname = self._runner.dsnHostname
         if hostname is None or not dsn.needsNotification(entry):
             return False
-        remote = getattr(self._runner.downstream, "host", "")
+        remote = self._runner.downstream.host
         statuses = [
             dsn.recipientStatus(r, action, entry.errors.get(r, ""), remote)
             for r in recipients

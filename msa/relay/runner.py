@@ -20,15 +20,16 @@ L{RelayRunner.unschedule}, L{RelayRunner.queued}).
 from __future__ import annotations
 
 import random
-from typing import BinaryIO, Protocol
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from msa import metrics
+from msa.interfaces import IDownstream, IRelay
 from msa.queue import dsn, integrity
 from msa.queue.control import QueueControl
 from msa.queue.spool import DELIVERED, FAILED, Spool, SpoolEntry
@@ -45,28 +46,10 @@ from msa.relay.protocol import (
 log = Logger()
 
 
-__all__ = ["EXPIRED", "Downstream", "RelayRunner"]
+__all__ = ["EXPIRED", "RelayRunner"]
 
 
-class Downstream(Protocol):
-    """
-    Where the runner hands messages: L{msa.relay.client.SMTPDownstream} or
-    L{msa.relay.outbox.OutboxDownstream}.  It may also have C{close()}
-    (called on stop, may return a L{Deferred}) and C{host} (the remote
-    host named in notifications).
-    """
-
-    def deliver(
-        self, entry: SpoolEntry, messageFile: BinaryIO
-    ) -> defer.Deferred[DeliveryResult]:
-        """
-        Deliver C{entry}'s message (C{messageFile}, open for binary reading)
-        to its pending recipients.
-
-        @return: a L{Deferred} of the L{DeliveryResult}.
-        """
-
-
+@implementer(IRelay)
 class RelayRunner(Service):
     """
     The queue runner.
@@ -85,7 +68,7 @@ class RelayRunner(Service):
         /health (L{Holds.unremovable}).
 
     @param spool: the L{Spool}.
-    @param downstream: the L{Downstream}.
+    @param downstream: the L{IDownstream}.
     @param retryBase: delay after the first failed attempt, doubled after
         each further one up to C{retryMax}, with +-10% jitter.
     @param maxLifetime: after this many seconds in the queue, recipients
@@ -103,7 +86,7 @@ class RelayRunner(Service):
     def __init__(
         self,
         spool: Spool,
-        downstream: Downstream,
+        downstream: IDownstream,
         reactor=None,
         retryBase: float = 60,
         retryMax: float = 3600,
@@ -171,9 +154,7 @@ class RelayRunner(Service):
         self._timers.clear()
         self._ready.clear()
         stopped: defer.Deferred[None] = defer.Deferred()
-        close = getattr(self.downstream, "close", None)
-        if close is not None:
-            stopped.addCallback(lambda _: close())
+        stopped.addCallback(lambda _: self.downstream.close())
         if not self._inFlight:
             stopped.callback(None)
             return stopped
