@@ -120,6 +120,37 @@ class Notices:
             return False
         return True
 
+    async def afterAttempt(
+        self,
+        entry: SpoolEntry,
+        failedNow: list[str],
+        expired: list[str],
+        delayed: list[str],
+        reply: str,
+        now: float,
+    ) -> None:
+        """
+        The notices of one delivery attempt, queued before the entry's new
+        state is written (a crash between them means a duplicate notice,
+        never a lost one): "failed" for the recipients refused now and
+        those expired (L{hook}), "delayed" for C{delayed}.  A "failed"
+        notice that cannot be queued now is owed: the entry stays in the
+        queue (its recipients failed) until it is, tried again after
+        L{noticeDelay}.
+        """
+        if failedNow and not await self.hook(entry, failedNow, reply):
+            entry.owedNotices += failedNow
+        if expired and not await self.hook(
+            entry,
+            expired,
+            f"{EXPIRED} {entry.attempts} attempt(s); last error: {entry.lastError}",
+        ):
+            entry.owedNotices += expired
+        if entry.owedNotices and not entry.pendingRecipients():
+            entry.nextAttempt = now + self.noticeDelay(entry.queueId)
+        if delayed:
+            entry.delayWarned = await self.notify(entry, delayed, dsn.DELAYED)
+
     def noticeDelay(self, queueId: str) -> float:
         """
         The delay before the next try at queueing owed notices, with the
