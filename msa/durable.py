@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorThreads
 
 __all__ = [
     "DirectorySync",
@@ -46,7 +47,7 @@ def fsyncDirectory(path: str) -> None:
     Make the entries of directory C{path} (created, renamed, removed files)
     durable.
     """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
@@ -181,9 +182,8 @@ class GroupCommit(Generic[J, R]):
             if start:
                 self._draining = True
         if start:
-            reactor = self._getReactor()
-            if self.gatherDelay and getattr(reactor, "getThreadPool", None):
-                reactor.callLater(self.gatherDelay, self._startDrain)
+            if self.gatherDelay and IReactorThreads.providedBy(self._getReactor()):
+                self._getReactor().callLater(self.gatherDelay, self._startDrain)
             else:
                 self._startDrain()
         return d
@@ -200,11 +200,11 @@ class GroupCommit(Generic[J, R]):
         Have a thread of the pool run the pending rounds (L{_drain}); with
         a reactor without a pool, run them now.
         """
-        getThreadPool = getattr(self._getReactor(), "getThreadPool", None)
-        if getThreadPool is None:
-            self._drain()
+        reactor = self._getReactor()
+        if IReactorThreads.providedBy(reactor):
+            reactor.getThreadPool().callInThread(self._drain)
         else:
-            getThreadPool().callInThread(self._drain)
+            self._drain()
 
     def _drain(self) -> None:
         """
@@ -257,10 +257,10 @@ class GroupCommit(Generic[J, R]):
         once the lock is released: L{_fireUnthreaded}).
         """
         reactor = self._getReactor()
-        if getattr(reactor, "getThreadPool", None) is None:
-            self._unfired.append(current)
-        else:
+        if IReactorThreads.providedBy(reactor):
             reactor.callFromThread(_fire, current)
+        else:
+            self._unfired.append(current)
 
     def _fireUnthreaded(self) -> None:
         """

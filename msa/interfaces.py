@@ -129,6 +129,12 @@ class ISpool(Interface):
     The durable queue on disk.  It never speaks SMTP.
     """
 
+    queueDirectory = Attribute(
+        "The directory of the committed messages (L{str}), or L{None} for a "
+        "spool that keeps them elsewhere (L{msa.testing.MemorySpool}): what "
+        "tells one spool's counts from another's (L{msa.metrics})."
+    )
+
     def newMessage(envelope):
         """
         Allocate a queue id and open a writer for a new message.
@@ -241,6 +247,16 @@ class ILiveAccountStore(IAccountStore):
         """
         Look for changes every C{interval} seconds.
         """
+
+    where = Attribute(
+        "Where the accounts come from (L{str}: the file's path, the "
+        "database's URL without its password), for C{/health} and the log."
+    )
+    outage = Attribute(
+        "Why the accounts cannot be read now (L{str}), while logins go on "
+        "from the last good copy; L{None} while they can.  A file is never "
+        "unreachable that way: always L{None}."
+    )
 
     def stopWatching():
         """
@@ -477,3 +493,51 @@ class IMailbox(Interface):
         """
         Give the lock up (the session ended, cleanly or not).
         """
+
+
+# -- the relay ------------------------------------------------------------
+
+
+class IDownstream(Interface):
+    """
+    Where the relay's queue runner hands messages
+    (L{msa.relay.runner.RelayRunner}): the core MTA over SMTP
+    (L{msa.relay.client.SMTPDownstream}), or an outbox directory
+    (L{msa.relay.outbox.OutboxDownstream}) when no core MTA is configured.
+    """
+
+    host = Attribute(
+        "The remote host (L{str}) the delivery status notifications name "
+        'as their C{Remote-MTA}; C{""} for none (the outbox).'
+    )
+
+    def deliver(entry, messageFile):
+        """
+        Deliver C{entry}'s message to its pending recipients.
+
+        @param entry: the L{msa.queue.entry.SpoolEntry}.
+        @param messageFile: its message (the trace header, then the
+            message), open for binary reading.
+        @return: a L{Deferred} of the L{msa.relay.protocol.DeliveryResult}.
+        """
+
+    def close():
+        """
+        Close what is kept open between deliveries (idle connections);
+        called once the runner has stopped.
+
+        @return: L{None}, or a L{Deferred} firing once closed.
+        """
+
+
+class IRelay(Interface):
+    """
+    The queue runner (L{msa.relay.runner.RelayRunner}) as C{/health} sees
+    it.
+    """
+
+    unremovable = Attribute(
+        "The entries the core has decided about but whose new state the "
+        "spool could not record (never sent again by this process): a "
+        "L{dict} of queue id to the reason."
+    )

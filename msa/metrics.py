@@ -124,7 +124,7 @@ def heldMessages(spool, clock: Callable[[], float] = time.monotonic) -> dict:
     large queue (a long core outage) do not read it again and again.
     """
     now = clock()
-    key = getattr(spool, "queueDirectory", None) or id(spool)
+    key = spool.queueDirectory or id(spool)
     cached = _heldCache.get(key)
     if cached is not None and now - cached[0] < HELD_TTL:
         return cached[1]

@@ -229,6 +229,8 @@ class MemorySpool:
         self.writers: list[MemoryWriter] = []
         self.counter = 0
         self.nextCommitFailure: BaseException | None = None
+        #: No directory: the messages are in memory.
+        self.queueDirectory: str | None = None
 
     def newMessage(self, envelope: Envelope) -> MemoryWriter:
         """

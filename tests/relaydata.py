@@ -5,8 +5,10 @@ L{tests.test_outbox}, L{tests.test_queue_control}, L{tests.test_faultunits}).
 """
 
 from twisted.internet import defer, task
+from zope.interface import implementer
 
 from msa.envelope import Envelope
+from msa.interfaces import IDownstream
 from msa.queue.spool import Spool
 from msa.relay.protocol import DeliveryResult, RecipientResult
 from msa.relay.runner import RelayRunner
@@ -39,14 +41,23 @@ def bigMessage() -> bytes:
     return bytes(body)
 
 
+@implementer(IDownstream)
 class FakeDownstream:
     """
     A downstream whose results the test decides: each deliver() waits on a
     Deferred the test fires.
+
+    @ivar closed: how many times the runner closed it.
     """
+
+    host = ""
 
     def __init__(self):
         self.calls = []
+        self.closed = 0
+
+    def close(self):
+        self.closed += 1
 
     def deliver(self, entry, messageFile):
         d = defer.Deferred()

@@ -8,29 +8,44 @@ would fail at its first session, not here silently.
 """
 
 import hashlib
+import os
 
+from twisted.internet import task
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
+from msa.accounts.filestore import AccountFile
+from msa.accounts.model import makeAccount, writeAccounts
+from msa.accounts.pgstore import AccountDatabase, describe
 from msa.envelope import Envelope
 from msa.interfaces import (
     IAcceptedMessage,
     ICertificateCredentials,
     IDigestMD5Credentials,
+    IDownstream,
+    ILiveAccountStore,
     IMechanismCredentials,
+    IRelay,
     IScramCredentials,
+    ISpool,
     ISpoolWriter,
     ISubmission,
 )
 from msa.queue.spool import Spool
+from msa.relay.client import SMTPDownstream
+from msa.relay.outbox import OutboxDownstream
+from msa.relay.runner import RelayRunner
 from msa.sasl.base import UsernamePassword
 from msa.sasl.digest_md5 import DigestMD5Credentials
 from msa.sasl.external import CertificateCredentials
 from msa.sasl.scram import ScramCredentials
+from msa.service.health import Health
 from msa.submission.avatar import SpooledMessage, Submission
 from msa.testing import Harness, MemorySpool
 from msa.tls import ISessionProtocol
+from tests.e2e import freePort
+from tests.relaydata import FakeDownstream
 
 MESSAGE = b"Subject: digest\r\n\r\nThe client's bytes only.\r\n"
 
@@ -63,9 +78,21 @@ class SubmissionSeamTests(unittest.TestCase):
         """
         envelope = Envelope("a@example.nl", ["b@example.nl"])
         for spool in (MemorySpool(), Spool(self.mktemp())):
+            self.assertTrue(verifyObject(ISpool, spool), spool)
             writer = spool.newMessage(envelope)
             self.addCleanup(writer.abort)
             self.assertTrue(verifyObject(ISpoolWriter, writer), spool)
+
+    def test_queueDirectory(self):
+        """
+        A spool names the directory of its committed messages (the held
+        messages' count is cached by it, L{msa.metrics.heldMessages}); the
+        fake keeps them in memory and names none.
+        """
+        directory = self.mktemp()
+        spool = Spool(directory)
+        self.assertEqual(spool.queueDirectory, os.path.join(directory, "queue"))
+        self.assertIsNone(MemorySpool().queueDirectory)
 
     def test_sessionProtocol(self):
         """
@@ -134,3 +161,80 @@ class CredentialsTests(unittest.TestCase):
             self.assertEqual(credentials.username, "alice")
             if interface is not None:
                 self.assertTrue(verifyObject(interface, credentials))
+
+
+class RelaySeamTests(unittest.TestCase):
+    """
+    The queue runner calls its downstream's C{deliver}, C{close} and
+    C{host} directly; C{/health} reads the runner's C{unremovable}.
+    """
+
+    def test_downstreams(self):
+        """
+        Both shipped downstreams and the relay tests' fake provide
+        L{IDownstream}: the core's host is named in the notifications, the
+        outbox names none and keeps nothing open.
+        """
+        smtp = SMTPDownstream("core.example.nl", 25, tlsMode="none")
+        outbox = OutboxDownstream(self.mktemp())
+        for downstream in (smtp, outbox, FakeDownstream()):
+            self.assertTrue(verifyObject(IDownstream, downstream), downstream)
+        self.assertEqual((smtp.host, outbox.host), ("core.example.nl", ""))
+        self.assertIsNone(outbox.close())
+        self.assertIsNone(self.successResultOf(smtp.close()))
+
+    def test_runner(self):
+        """
+        The runner provides L{IRelay}; when it stops, it closes its
+        downstream.
+        """
+        clock = task.Clock()
+        downstream = FakeDownstream()
+        runner = RelayRunner(Spool(self.mktemp(), reactor=clock), downstream, clock)
+        self.assertTrue(verifyObject(IRelay, runner))
+        self.assertEqual(runner.unremovable, {})
+        runner.startService()
+        self.assertEqual(downstream.closed, 0)
+        self.successResultOf(runner.stopService())
+        self.assertEqual(downstream.closed, 1)
+
+
+class AccountStoreSeamTests(unittest.TestCase):
+    """
+    Both live account stores say where their accounts come from and
+    whether they can be read now; C{/health} reports it.
+    """
+
+    def setUp(self):
+        self.path = os.path.abspath(self.mktemp())
+        writeAccounts(self.path, {"alice": makeAccount("alice", "pw", ["localhost"])})
+
+    def test_file(self):
+        store = AccountFile(self.path)
+        self.assertTrue(verifyObject(ILiveAccountStore, store))
+        self.assertEqual((store.where, store.outage), (self.path, None))
+        accounts = Health(spool=None, relay=None, accounts=store).accountsHealth()
+        self.assertEqual(
+            (accounts.status, accounts.detail), ("ok", f"1 account(s) from {self.path}")
+        )
+
+    def test_databaseUnreachable(self):
+        """
+        A database that cannot be reached at the start serves its last good
+        copy and says why: C{/health}'s accounts entry is degraded.
+        """
+        url = f"postgresql://msa@127.0.0.1:{freePort()}/msa"
+        store = AccountDatabase(url, cacheFile=self.path)
+        self.assertTrue(verifyObject(ILiveAccountStore, store))
+        self.assertEqual(store.where, describe(url))
+        self.assertIn("cannot connect", store.outage)
+        accounts = Health(spool=None, relay=None, accounts=store).accountsHealth()
+        self.assertEqual(accounts.status, "degraded")
+        self.assertIn("logins use the last good copy (1 account(s))", accounts.detail)
+
+    def test_none(self):
+        accounts = Health(spool=None, relay=None).accountsHealth()
+        self.assertEqual(
+            (accounts.status, accounts.detail),
+            ("ok", "0 account(s) from the accounts store"),
+        )

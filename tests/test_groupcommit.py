@@ -21,8 +21,10 @@ import os
 import threading
 
 from twisted.internet import defer, reactor, task, threads
+from twisted.internet.interfaces import IReactorThreads
 from twisted.python import failure
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from msa import durable
 from msa.audit import AuditLog
@@ -271,6 +273,7 @@ class GroupCommitTests(unittest.TestCase):
         self.assertEqual(rounds.rounds, [["one"], ["two", "three"]])
 
 
+@implementer(IReactorThreads)
 class InlineThreadsClock(task.Clock):
     """
     A clock whose "thread pool" runs each call at once, in this thread: a

@@ -16,6 +16,7 @@ from twisted.trial import unittest
 
 from msa.errors import LimitsUnavailable, SMTPReply
 from msa.policy.authorization import AccountRules, AuthThrottle, RateReservation
+from msa.policy.redisclient import COMMANDS
 from msa.policy.redislimits import RedisAddress, RedisLimits
 from tests.e2e import freePort
 from tests.redisserver import RedisServer
@@ -67,6 +68,24 @@ class RedisTestCase(unittest.TestCase):
         except SMTPReply as e:
             return e
         self.fail("reserved past the limit")
+
+
+class CommandTests(RedisTestCase):
+    @defer.inlineCallbacks
+    def test_onlyTheLimitsCommands(self):
+        """
+        The connection sends the commands the limits use (L{COMMANDS}) and
+        no other: any other name, an attribute of the connection's handler
+        included, is a programming error raised at once, not taken for an
+        outage of Redis.
+        """
+        self.assertEqual(sorted(COMMANDS), ["delete", "eval", "ping", "zrem"])
+        connection = self.limits.connection
+        self.assertEqual((yield connection.call("ping")), "PONG")
+        self.assertEqual((yield connection.call("delete", "digipoort-msa:none")), 0)
+        for name in ("flushall", "disconnect", "__class__", "factory"):
+            self.assertRaises(ValueError, connection.call, name)
+        self.assertIsNone(connection.unavailableSince)
 
 
 class RatesTests(RedisTestCase):

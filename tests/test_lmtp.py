@@ -110,6 +110,28 @@ class ProtocolTests(LMTPTestCase):
             ],
         )
 
+    def test_verbs(self):
+        """
+        Verbs are matched case-insensitively against the commands LMTP
+        knows, and against nothing else (no attribute of the protocol is
+        reachable by naming it).
+        """
+        session = self.session()
+        self.assertEqual(session.send(b"noop\r\n"), [b"250 2.0.0 Ok"])
+        self.assertEqual(session.send(b"Lhlo core.test\r\n")[-1], b"250 SIZE 1000")
+        for verb in (
+            b"lmtp_NOOP",
+            b"NOOP_",
+            b"_RESETTIMEOUT",
+            b"HANGUP",
+            b"N\xc3\xb6OP",
+        ):
+            self.assertEqual(
+                session.send(verb + b"\r\n"),
+                [b"500 5.5.2 Error: command not recognized"],
+            )
+        self.assertEqual(session.send(b"QUIT\r\n"), [b"221 2.0.0 Bye"])
+
     def test_lhloRequired(self):
         """
         HELO and EHLO are SMTP's, refused (RFC 2033 4.1); MAIL needs LHLO.
@@ -297,9 +319,12 @@ class _SlowStore:
 
     def __init__(self) -> None:
         self.pending: list[tuple[str, bytes, defer.Deferred]] = []
+        #: The audit fields of each delivery.
+        self.auditFields: list[dict] = []
 
     def deliver(self, account, source, size, sha256, auditFields=None):
         d: defer.Deferred = defer.Deferred()
+        self.auditFields.append(auditFields)
         self.pending.append((account, source.read(), d))
         return d
 
@@ -324,6 +349,10 @@ class PipeliningTests(unittest.TestCase):
         self.assertEqual(
             [(account, data) for account, data, _ in store.pending],
             [("acme", MESSAGE), ("bakker", MESSAGE)],
+        )
+        # The delivery records name the core by its TCP address.
+        self.assertEqual(
+            [fields["client"] for fields in store.auditFields], ["127.0.0.1"] * 2
         )
         store.pending[1][2].callback("uid-bakker")
         self.assertEqual(session.take(), [])

@@ -37,6 +37,10 @@ class AccountFile:
         self, path: str | os.PathLike[str], reactor: IReactorTime | None = None
     ) -> None:
         self.path = os.fspath(path)
+        #: Where the accounts come from (L{ILiveAccountStore.where}).
+        self.where = self.path
+        #: A file is never unreachable the way a database is: always L{None}.
+        self.outage: str | None = None
         self._reactor = reactor
         self._stamp: tuple | None
         self._accounts, self._stamp = readChecked(self.path, checkMode=True)

@@ -163,6 +163,16 @@ class LMTPServer(protocol.Protocol):
         self._busy = False
         self._closed = False
         self._timeout: Any = None
+        #: The handler of each command, by its upper-case verb.
+        self._handlers: dict[bytes, Callable[[bytes], None]] = {
+            b"LHLO": self.lmtp_LHLO,
+            b"MAIL": self.lmtp_MAIL,
+            b"RCPT": self.lmtp_RCPT,
+            b"DATA": self.lmtp_DATA,
+            b"RSET": self.lmtp_RSET,
+            b"NOOP": self.lmtp_NOOP,
+            b"QUIT": self.lmtp_QUIT,
+        }
 
     # -- connection ------------------------------------------------------
 
@@ -271,10 +281,9 @@ class LMTPServer(protocol.Protocol):
 
     def _command(self, line: bytes) -> None:
         verb, _, argument = line.partition(b" ")
-        name = verb.upper().decode("ascii", "replace")
-        handler = getattr(self, "lmtp_" + name, None) if name.isalpha() else None
+        handler = self._handlers.get(verb.upper())
         if handler is None:
-            if name in ("HELO", "EHLO"):
+            if verb.upper() in (b"HELO", b"EHLO"):
                 self.reply(500, "5.5.1", "This is LMTP (RFC 2033): use LHLO")
             else:
                 self.reply(500, "5.5.2", "Error: command not recognized")
@@ -424,13 +433,14 @@ class LMTPServer(protocol.Protocol):
             self._resetTransaction()
             return
         peer = self.transport.getPeer()
+        internet = isinstance(peer, IPv4Address | IPv6Address)
         d = deliverToMailboxes(
             self.factory.store,
             message,
             sender,
             recipients,
             # The core's address; a unix socket's peer has none.
-            {"client": getattr(peer, "host", None) or "unix"},
+            {"client": peer.host if internet else "unix"},
         )
 
         def replied(replies: list[SMTPReply]) -> None:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO
 
 import attrs
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -44,6 +44,7 @@ from msa.mailbox.names import (
 )
 from msa.mailbox.retention import expireMailboxes, removeLeftovers
 from msa.mailbox.session import MaildirMailbox, lockMailbox, unlockMailbox
+from msa.threadpool import runBlocking
 
 __all__ = ["MaildirStore", "Quota", "runBlocking"]
 
@@ -55,20 +56,6 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 #: A file in a mailbox's C{tmp/} this old is a crashed delivery's leftover
 #: (a delivery copies for seconds, not hours).
 TMP_LEFTOVER_AGE = 3600.0
-
-
-def runBlocking(reactor: Any, f: Callable[..., Any], *args: Any) -> defer.Deferred:
-    """
-    Call C{f(*args)} in C{reactor}'s thread pool (file work never runs in
-    the reactor's thread); synchronously for a reactor without one (a
-    test's L{twisted.internet.task.Clock}).
-
-    @return: a L{Deferred} of its result.
-    """
-    getThreadPool = getattr(reactor, "getThreadPool", None)
-    if getThreadPool is None:
-        return defer.maybeDeferred(f, *args)
-    return threads.deferToThreadPool(reactor, getThreadPool(), f, *args)
 
 
 @attrs.frozen

@@ -141,8 +141,6 @@ class RateLimiter:
     An account idle for a day is forgotten.
     """
 
-    WINDOWS = (("messagesPerMinute", MINUTE, "minute"), ("messagesPerDay", DAY, "day"))
-
     def __init__(self, clock=time.time) -> None:
         self.clock = clock
         #: account -> its sends; oldest activity first (see L{_forgetIdle}).
@@ -163,8 +161,11 @@ class RateLimiter:
             sent.advance(now)
         if not sent and not held:
             return
-        for key, window, name in self.WINDOWS:
-            limit = getattr(rules, key)
+        windows = (
+            (rules.messagesPerMinute, MINUTE, "minute"),
+            (rules.messagesPerDay, DAY, "day"),
+        )
+        for limit, window, name in windows:
             if limit is None:
                 continue
             counted = (sent.inWindow(window) if sent else 0) + held

@@ -12,6 +12,7 @@ imported only when a connection is made.
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -29,6 +30,16 @@ from msa.errors import LimitsUnavailable
 __all__ = ["RedisAddress", "RedisConnection"]
 
 log = Logger(namespace="msa.policy.redislimits")
+
+#: The commands the limits send, each as a call of the txredisapi
+#: connection handler's method: L{RedisConnection.call} sends these and no
+#: other.
+COMMANDS: dict[str, Callable[..., Any]] = {
+    "delete": lambda redis, *args: redis.delete(*args),
+    "eval": lambda redis, *args: redis.eval(*args),
+    "ping": lambda redis: redis.ping(),
+    "zrem": lambda redis, *args: redis.zrem(*args),
+}
 
 
 @attrs.frozen
@@ -244,17 +255,22 @@ class RedisConnection:
 
     def call(self, command: str, *args: Any) -> defer.Deferred:
         """
-        Run a txredisapi command (C{"eval"}, C{"zrem"}, ...).
+        Run one of L{COMMANDS}.
 
         @return: a L{Deferred} firing with the reply, or failing with
             L{LimitsUnavailable}.
+        @raise ValueError: for a command not in L{COMMANDS} (a programming
+            error, not an outage of Redis).
         """
+        send = COMMANDS.get(command)
+        if send is None:
+            raise ValueError(f"not a command the limits use: {command!r}")
         factory = self._factory
         if factory is None:
             return defer.fail(LimitsUnavailable("not connected to Redis"))
         if self.unavailableSince is not None and not factory.size:
             return defer.fail(LimitsUnavailable(self.lastError))
-        d = defer.maybeDeferred(getattr(factory.handler, command), *args)
+        d = defer.maybeDeferred(send, factory.handler, *args)
         d.addTimeout(self.timeout, self.reactor)
         d.addCallbacks(self._answered, self._failed)
         return d

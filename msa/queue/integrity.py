@@ -35,6 +35,7 @@ from typing import Any, BinaryIO
 import attrs
 
 from msa.queue import queuefile
+from msa.queue.entry import SpoolEntry
 
 #: Why a message without a recorded digest cannot be verified.
 NO_DIGEST = "no recorded digest (spooled by an earlier version)"
@@ -77,12 +78,12 @@ class IntegrityError(Exception):
         self.mismatch = mismatch
 
 
-def recorded(entry: Any) -> bool:
+def recorded(entry: SpoolEntry) -> bool:
     """
-    Whether C{entry} (a L{msa.queue.entry.SpoolEntry}) has a recorded
-    digest.
+    Whether C{entry} has a recorded digest (one spooled by an earlier
+    version has none: its C{sha256} is C{""}).
     """
-    return bool(getattr(entry, "sha256", ""))
+    return bool(entry.sha256)
 
 
 class Digester:
@@ -115,7 +116,7 @@ class Digester:
     def traceSha256(self) -> str:
         return self._trace.hexdigest()
 
-    def mismatch(self, entry: Any) -> Mismatch | None:
+    def mismatch(self, entry: SpoolEntry) -> Mismatch | None:
         """
         Compare with what C{entry} recorded.
 
@@ -133,12 +134,12 @@ class Digester:
         return None
 
 
-def digesterFor(entry: Any) -> Digester:
-    return Digester(getattr(entry, "traceLength", 0))
+def digesterFor(entry: SpoolEntry) -> Digester:
+    return Digester(entry.traceLength)
 
 
 def checkedChunks(
-    entry: Any, messageFile: BinaryIO, chunkSize: int = _CHUNK
+    entry: SpoolEntry, messageFile: BinaryIO, chunkSize: int = _CHUNK
 ) -> Iterator[bytes]:
     """
     The rest of C{messageFile} in chunks, hashed as they are read.
@@ -156,7 +157,7 @@ def checkedChunks(
         raise IntegrityError(mismatch)
 
 
-def verifyDescriptor(entry: Any, fd: int) -> Mismatch | None:
+def verifyDescriptor(entry: SpoolEntry, fd: int) -> Mismatch | None:
     """
     Hash the file open as C{fd} from its start (without moving its
     position) and compare.
@@ -171,7 +172,7 @@ def verifyDescriptor(entry: Any, fd: int) -> Mismatch | None:
     return digester.mismatch(entry)
 
 
-def verifyFile(entry: Any, messageFile: BinaryIO) -> Mismatch | None:
+def verifyFile(entry: SpoolEntry, messageFile: BinaryIO) -> Mismatch | None:
     """
     Hash C{messageFile} from its start and compare; the file's position is
     at its start afterwards.
@@ -196,7 +197,7 @@ def verifyFile(entry: Any, messageFile: BinaryIO) -> Mismatch | None:
     return None
 
 
-def verifyPath(entry: Any) -> Mismatch | None:
+def verifyPath(entry: SpoolEntry) -> Mismatch | None:
     """
     L{verifyFile} on C{entry}'s message (L{queuefile.openContent}).
 

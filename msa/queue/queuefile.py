@@ -209,7 +209,7 @@ def writeState(
     data = encodeSlot(state, sequence, where.slotSize)
     os.pwrite(fd, data, slotOffset(where.slotSize, slot))
     if sync:
-        getattr(os, "fdatasync", os.fsync)(fd)
+        os.fdatasync(fd)
     where.sequence, where.slot = sequence, slot
 
 
@@ -283,7 +283,7 @@ def openContent(entry: SpoolEntry) -> BinaryIO:
     binary reading from its start: the content of its queue file, or the
     whole C{.msg} file of an entry spooled by an earlier version.
     """
-    offset = getattr(entry, "contentOffset", 0)
+    offset = entry.contentOffset
     if offset:
         # A file object for every reader (read, seek, a context manager).
         return cast(BinaryIO, ContentFile(entry.messagePath, offset))

@@ -67,7 +67,8 @@ import os
 from collections.abc import Callable
 from typing import BinaryIO
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -87,6 +88,7 @@ from msa.queue.entry import (
 from msa.queue.outcomes import OutcomeLedger
 from msa.queue.recovery import recoverSpool
 from msa.queue.writer import WRITE_BUFFER, SpoolWriter
+from msa.threadpool import runBlocking
 
 __all__ = [
     "DELIVERED",
@@ -154,10 +156,7 @@ class Spool:
         )
 
     def _runBlocking(self, f, *args) -> defer.Deferred:
-        getThreadPool = getattr(self.reactor, "getThreadPool", None)
-        if getThreadPool is None:
-            return defer.maybeDeferred(f, *args)
-        return threads.deferToThreadPool(self.reactor, getThreadPool(), f, *args)
+        return runBlocking(self.reactor, f, *args)
 
     def _inOrder(self, queueId: str, f, *args) -> defer.Deferred:
         """
@@ -277,7 +276,7 @@ class Spool:
                 # its state was durable: make it so before the other slot,
                 # which may hold the last durable state, is overwritten.
                 _, where = queuefile.readState(fd)
-                getattr(os, "fdatasync", os.fsync)(fd)
+                os.fdatasync(fd)
             try:
                 queuefile.writeState(fd, state, where)
             except OSError:
@@ -388,7 +387,7 @@ class Spool:
         """
         if self.audit is None:
             return defer.succeed(None)
-        if getattr(self.reactor, "getThreadPool", None) is not None:
+        if IReactorThreads.providedBy(self.reactor):
             d: defer.Deferred = self.audit.submitFact(event, **fields)
         else:
             d = self._runBlocking(self._auditBlocking, event, fields)

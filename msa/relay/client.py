@@ -22,7 +22,9 @@ from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from msa.interfaces import IDownstream
 from msa.queue.spool import SpoolEntry
 from msa.relay.protocol import (
     ACCEPTED,
@@ -76,6 +78,7 @@ class _Connection:
         transport.loseConnection()
 
 
+@implementer(IDownstream)
 class SMTPDownstream:
     """
     Delivery to the core MTA over SMTP.

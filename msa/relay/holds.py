@@ -72,6 +72,7 @@ class Holds:
         entry.heldReason = (
             f"decided by the core, but the spool could not record it ({error})"
         )
+        outcomes = self._spool.outcomes
         try:
             await self._spool.recordOutcome(entry)
         except Exception as e:
@@ -96,7 +97,8 @@ class Holds:
             event="unremovable",
             queueId=queueId,
             error=error,
-            directory=getattr(self._spool.outcomes, "directory", "-"),
+            # Recorded: there is a ledger.
+            directory=outcomes.directory if outcomes is not None else "-",
         )
 
     async def mismatch(self, entry: SpoolEntry, mismatch: integrity.Mismatch) -> None:

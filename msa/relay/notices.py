@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from msa.interfaces import IDownstream
 from msa.queue import dsn, integrity
 from msa.queue.spool import Spool, SpoolEntry
 
@@ -30,8 +31,8 @@ class NoticeRunner(Protocol):
     (L{msa.relay.runner.RelayRunner}).
     """
 
-    #: Where the notices name the remote host (its C{host}, if any).
-    downstream: Any
+    #: Where the notices name the remote host (its C{host}).
+    downstream: IDownstream
     #: The MSA's host name for the notices; L{None}: no notices, failures
     #: are only logged.
     dsnHostname: str | None
@@ -118,6 +119,37 @@ class Notices:
             )
             return False
         return True
+
+    async def afterAttempt(
+        self,
+        entry: SpoolEntry,
+        failedNow: list[str],
+        expired: list[str],
+        delayed: list[str],
+        reply: str,
+        now: float,
+    ) -> None:
+        """
+        The notices of one delivery attempt, queued before the entry's new
+        state is written (a crash between them means a duplicate notice,
+        never a lost one): "failed" for the recipients refused now and
+        those expired (L{hook}), "delayed" for C{delayed}.  A "failed"
+        notice that cannot be queued now is owed: the entry stays in the
+        queue (its recipients failed) until it is, tried again after
+        L{noticeDelay}.
+        """
+        if failedNow and not await self.hook(entry, failedNow, reply):
+            entry.owedNotices += failedNow
+        if expired and not await self.hook(
+            entry,
+            expired,
+            f"{EXPIRED} {entry.attempts} attempt(s); last error: {entry.lastError}",
+        ):
+            entry.owedNotices += expired
+        if entry.owedNotices and not entry.pendingRecipients():
+            entry.nextAttempt = now + self.noticeDelay(entry.queueId)
+        if delayed:
+            entry.delayWarned = await self.notify(entry, delayed, dsn.DELAYED)
 
     def noticeDelay(self, queueId: str) -> float:
         """
@@ -230,7 +262,7 @@ class Notices:
         hostname = self._runner.dsnHostname
         if hostname is None or not dsn.needsNotification(entry):
             return False
-        remote = getattr(self._runner.downstream, "host", "")
+        remote = self._runner.downstream.host
         statuses = [
             dsn.recipientStatus(r, action, entry.errors.get(r, ""), remote)
             for r in recipients

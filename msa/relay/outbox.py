@@ -22,8 +22,10 @@ from typing import BinaryIO
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from msa.durable import DirectorySync, writeDurably
+from msa.interfaces import IDownstream
 from msa.queue import integrity
 from msa.queue.spool import SpoolEntry
 from msa.relay.protocol import ACCEPTED, TEMPORARY, DeliveryResult, RecipientResult
@@ -31,12 +33,16 @@ from msa.relay.protocol import ACCEPTED, TEMPORARY, DeliveryResult, RecipientRes
 log = Logger()
 
 
+@implementer(IDownstream)
 class OutboxDownstream:
     """
     For a start without a core MTA: each message is written, exactly as it
     would go to the core (not stuffed, CRLF-terminated), to
     C{<directory>/<queueId>.eml}, atomically.  Every recipient is accepted.
     """
+
+    #: No remote host: the notifications name none.
+    host = ""
 
     def __init__(self, directory: str, reactor=None) -> None:
         if reactor is None:
@@ -54,6 +60,11 @@ class OutboxDownstream:
 
     def __repr__(self) -> str:
         return f"<OutboxDownstream {self.directory}>"
+
+    def close(self) -> None:
+        """
+        Nothing is kept open between deliveries.
+        """
 
     def deliver(self, entry: SpoolEntry, messageFile: BinaryIO) -> defer.Deferred:
         d = threads.deferToThreadPool(

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, cast
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, ITLSTransport
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport, ITLSTransport
 from twisted.internet.protocol import connectionDone
 from twisted.protocols.basic import FileSender, LineReceiver
 from twisted.python.failure import Failure
@@ -316,21 +316,16 @@ class SMTPClientProtocol(LineReceiver):
 def setTcpNoDelay(transport: Any) -> bool:
     """
     Set C{TCP_NODELAY} on the TCP connection under C{transport}, which may
-    be wrapped in TLS (implicit TLS: a L{TLSMemoryBIOProtocol} whose own
-    C{transport} is the TCP connection).
+    be wrapped in TLS (implicit TLS: a L{TLSMemoryBIOProtocol}, which
+    provides the interfaces of the connection it wraps and passes the
+    methods it does not have on to it).
 
-    @return: whether a TCP connection was found and set.
+    @return: whether C{transport} is a TCP connection.
     """
-    for _ in range(4):
-        if transport is None:
-            return False
-        # Look the method up on the class: a TLS wrapper forwards unknown
-        # attributes to the protocol it wraps, not to the connection.
-        if getattr(type(transport), "setTcpNoDelay", None) is not None:
-            transport.setTcpNoDelay(True)
-            return True
-        transport = vars(transport).get("transport")
-    return False
+    if not ITCPTransport.providedBy(transport):
+        return False
+    transport.setTcpNoDelay(True)
+    return True
 
 
 @attrs.frozen

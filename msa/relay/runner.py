@@ -14,59 +14,47 @@ controls the queue through the runner's L{RelayRunner.control}, a
 L{msa.queue.control.QueueControl}, which calls back only through the
 runner's L{msa.queue.control.QueueRunner} interface (L{RelayRunner.isInFlight},
 L{RelayRunner.isUnremovable}, L{RelayRunner.attemptNow},
-L{RelayRunner.unschedule}, L{RelayRunner.queued}).
+L{RelayRunner.unschedule}, L{RelayRunner.queued}).  What an attempt's
+result does to its entry is decided by L{msa.relay.results}; its notices
+are queued by L{msa.relay.notices}, its holds by L{msa.relay.holds}.
 """
 
 from __future__ import annotations
 
 import random
-from typing import BinaryIO, Protocol
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from msa import metrics
-from msa.queue import dsn, integrity
+from msa.interfaces import IDownstream, IRelay
+from msa.queue import integrity
 from msa.queue.control import QueueControl
-from msa.queue.spool import DELIVERED, FAILED, Spool, SpoolEntry
+from msa.queue.spool import Spool, SpoolEntry
 from msa.relay.holds import Holds
 from msa.relay.notices import EXPIRED, Notices
 from msa.relay.protocol import (
-    ACCEPTED,
-    PERMANENT,
     TEMPORARY,
     DeliveryResult,
     RecipientResult,
+)
+from msa.relay.results import (
+    decidedByCore,
+    logAttempt,
+    settleRecipients,
+    settleTemporary,
 )
 
 log = Logger()
 
 
-__all__ = ["EXPIRED", "Downstream", "RelayRunner"]
+__all__ = ["EXPIRED", "RelayRunner"]
 
 
-class Downstream(Protocol):
-    """
-    Where the runner hands messages: L{msa.relay.client.SMTPDownstream} or
-    L{msa.relay.outbox.OutboxDownstream}.  It may also have C{close()}
-    (called on stop, may return a L{Deferred}) and C{host} (the remote
-    host named in notifications).
-    """
-
-    def deliver(
-        self, entry: SpoolEntry, messageFile: BinaryIO
-    ) -> defer.Deferred[DeliveryResult]:
-        """
-        Deliver C{entry}'s message (C{messageFile}, open for binary reading)
-        to its pending recipients.
-
-        @return: a L{Deferred} of the L{DeliveryResult}.
-        """
-
-
+@implementer(IRelay)
 class RelayRunner(Service):
     """
     The queue runner.
@@ -85,7 +73,7 @@ class RelayRunner(Service):
         /health (L{Holds.unremovable}).
 
     @param spool: the L{Spool}.
-    @param downstream: the L{Downstream}.
+    @param downstream: the L{IDownstream}.
     @param retryBase: delay after the first failed attempt, doubled after
         each further one up to C{retryMax}, with +-10% jitter.
     @param maxLifetime: after this many seconds in the queue, recipients
@@ -103,7 +91,7 @@ class RelayRunner(Service):
     def __init__(
         self,
         spool: Spool,
-        downstream: Downstream,
+        downstream: IDownstream,
         reactor=None,
         retryBase: float = 60,
         retryMax: float = 3600,
@@ -171,9 +159,7 @@ class RelayRunner(Service):
         self._timers.clear()
         self._ready.clear()
         stopped: defer.Deferred[None] = defer.Deferred()
-        close = getattr(self.downstream, "close", None)
-        if close is not None:
-            stopped.addCallback(lambda _: close())
+        stopped.addCallback(lambda _: self.downstream.close())
         if not self._inFlight:
             stopped.callback(None)
             return stopped
@@ -350,7 +336,7 @@ class RelayRunner(Service):
             text = f"local error: cannot open the queued message: {e}"
             bad = RecipientResult(TEMPORARY, 0, text)
             result = DeliveryResult({r: bad for r in entry.pendingRecipients()}, text)
-            self._record(entry, result, 0.0)
+            logAttempt(entry, result, 0.0)
             await self._apply(entry, result)
             return
         if not integrity.recorded(entry):
@@ -372,7 +358,7 @@ class RelayRunner(Service):
         if result.mismatch is not None:
             await self.holdMismatch(entry, result.mismatch)
             return
-        self._record(entry, result, self._reactor.seconds() - started)
+        logAttempt(entry, result, self._reactor.seconds() - started)
         if result.accepted:
             # The audit record of the hand-off, durable before the state.
             await self.spool.auditEvent(
@@ -386,38 +372,6 @@ class RelayRunner(Service):
             )
         await self._apply(entry, result)
 
-    def _record(
-        self, entry: SpoolEntry, result: DeliveryResult, seconds: float
-    ) -> None:
-        """
-        One relay attempt for the log and the metrics.
-        """
-        statuses = {r.status for r in result.recipients.values()}
-        if statuses == {ACCEPTED}:
-            outcome = "delivered"
-        elif ACCEPTED in statuses:
-            outcome = "partial"
-        elif TEMPORARY in statuses or not statuses:
-            outcome = "deferred"
-        else:
-            outcome = "failed"
-        metrics.relayOutcome(outcome, seconds)
-        delivered = [
-            r for r, res in result.recipients.items() if res.status == ACCEPTED
-        ]
-        log.info(
-            "relay {queueId}: attempt {attempt} {outcome} in {seconds:.3f}s "
-            "(delivered for {delivered}): {reply} sha256={sha256}",
-            event="relay",
-            sha256=entry.sha256 or "unrecorded",
-            queueId=entry.queueId,
-            attempt=entry.attempts + 1,
-            outcome=outcome,
-            seconds=seconds,
-            delivered=", ".join(delivered) or "none",
-            reply=result.reply,
-        )
-
     async def _apply(self, entry: SpoolEntry, result: DeliveryResult) -> None:
         """
         Record the outcome of an attempt.  When the core has decided about
@@ -427,11 +381,7 @@ class RelayRunner(Service):
         would deliver it twice.
         """
         expiring = self._reactor.seconds() - entry.createdAt >= self.maxLifetime
-        decided = any(
-            result.recipients.get(r) is not None
-            and result.recipients[r].status in (ACCEPTED, PERMANENT)
-            for r in entry.pendingRecipients()
-        ) or (expiring and bool(entry.pendingRecipients()))
+        decided = decidedByCore(entry, result, expiring)
         try:
             await self._applyResult(entry, result)
         except Exception as e:
@@ -448,65 +398,26 @@ class RelayRunner(Service):
             log.info("{queueId} was deleted during its delivery", queueId=queueId)
             return
         now = self._reactor.seconds()
-        failedNow: list[str] = []
-        temporary: list[str] = []
-        for rcpt in entry.pendingRecipients():
-            outcome = result.recipients.get(rcpt) or RecipientResult(
-                TEMPORARY, 0, "no result from the downstream"
-            )
-            if outcome.status == ACCEPTED:
-                entry.recipients[rcpt] = DELIVERED
-                entry.errors.pop(rcpt, None)
-            elif outcome.status == PERMANENT:
-                entry.recipients[rcpt] = FAILED
-                entry.errors[rcpt] = str(outcome)
-                failedNow.append(rcpt)
-            else:
-                entry.errors[rcpt] = str(outcome)
-                temporary.append(rcpt)
-        expired: list[str] = []
-        delayed: list[str] = []
-        if temporary:
-            entry.attempts += 1
-            entry.lastError = result.reply or str(result.recipients[temporary[0]])
-            if now - entry.createdAt >= self.maxLifetime:
-                for rcpt in temporary:
-                    entry.recipients[rcpt] = FAILED
-                expired = temporary
-            else:
-                delay = self.retryDelay(entry.attempts)
-                entry.nextAttempt = min(now + delay, entry.createdAt + self.maxLifetime)
-                if (
-                    self.delayWarningAfter is not None
-                    and not entry.delayWarned
-                    and now - entry.createdAt >= self.delayWarningAfter
-                    and dsn.needsNotification(entry)
-                ):
-                    delayed = temporary
-        # Notifications first: a crash after them and before the state is
-        # written means a duplicate notification, never a lost one.
-        # A notice that cannot be queued now is owed: the entry stays in
-        # the queue (its recipients failed) until it is queued.
-        notices = self.notices
-        if failedNow and not await notices.hook(entry, failedNow, result.reply):
-            entry.owedNotices += failedNow
-        if expired and not await notices.hook(
+        failedNow, temporary = settleRecipients(entry, result)
+        expired, delayed = settleTemporary(
             entry,
-            expired,
-            f"{EXPIRED} {entry.attempts} attempt(s); last error: {entry.lastError}",
-        ):
-            entry.owedNotices += expired
-        if entry.owedNotices and not entry.pendingRecipients():
-            entry.nextAttempt = now + notices.noticeDelay(queueId)
-        if delayed:
-            entry.delayWarned = await notices.notify(entry, delayed, dsn.DELAYED)
+            result,
+            temporary,
+            now,
+            self.maxLifetime,
+            self.retryDelay,
+            self.delayWarningAfter,
+        )
+        await self.notices.afterAttempt(
+            entry, failedNow, expired, delayed, result.reply, now
+        )
         if self.control.isDeleted(queueId):
             log.info("{queueId} was deleted during its delivery", queueId=queueId)
             return
         self.control.applyRequests(entry, now)
         if entry.pendingRecipients() or entry.owedNotices:
             await self.spool.update(entry)
-            # The attempt's outcome was logged (INFO) by _record.
+            # The attempt's outcome was logged (INFO) by logAttempt.
             log.debug(
                 "{queueId} deferred (attempt {attempts}) until {nextAttempt}: {error}",
                 queueId=queueId,

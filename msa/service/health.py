@@ -40,6 +40,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from msa import metrics
 from msa.audit import AuditLog
+from msa.interfaces import ILiveAccountStore, IRelay
 
 __all__ = ["ComponentHealth", "Health", "HealthResource"]
 
@@ -67,8 +68,9 @@ class Health:
         messages wait (C{[metrics] health_window}).
     @ivar limits: the shared limits (L{msa.policy.redislimits.RedisLimits}),
         or L{None} when each instance counts on its own.
-    @ivar accounts: the account store; one with an C{outage} attribute
-        (L{msa.accounts.pgstore.AccountDatabase}) can be unreachable.
+    @ivar relay: the queue runner, or L{None} when there is none.
+    @ivar accounts: the account store (a database's can be unreachable:
+        L{ILiveAccountStore.outage}), or L{None}.
     @ivar audit: the audit log (L{msa.audit.AuditLog}), or L{None} when it
         is off.
     @ivar returnChannel: the return channel
@@ -78,10 +80,10 @@ class Health:
     """
 
     spool: Any
-    relay: Any
+    relay: IRelay | None
     window: float = 900.0
     limits: Any = None
-    accounts: Any = None
+    accounts: ILiveAccountStore | None = None
     audit: AuditLog | None = None
     returnChannel: Any = None
     clock: Callable[[], float] = time.time
@@ -122,7 +124,7 @@ class Health:
 
     def spoolHealth(self) -> ComponentHealth:
         # A copy: the reactor thread may change it meanwhile.
-        unremovable = dict(getattr(self.relay, "unremovable", None) or {})
+        unremovable = dict(self.relay.unremovable) if self.relay is not None else {}
         if unremovable:
             reasons = "; ".join(unremovable.values())
             return ComponentHealth(
@@ -152,18 +154,17 @@ class Health:
         return ComponentHealth(FAILING, problem)
 
     def accountsHealth(self) -> ComponentHealth:
-        count = len(self.accounts.accounts()) if self.accounts is not None else 0
-        outage = getattr(self.accounts, "outage", None)
-        where = getattr(self.accounts, "where", None) or getattr(
-            self.accounts, "path", "the accounts store"
-        )
+        if self.accounts is None:
+            return ComponentHealth(OK, "0 account(s) from the accounts store")
+        count = len(self.accounts.accounts())
+        outage = self.accounts.outage
         if outage is not None:
             return ComponentHealth(
                 DEGRADED,
                 f"account database unreachable ({outage}); logins use the "
                 f"last good copy ({count} account(s))",
             )
-        return ComponentHealth(OK, f"{count} account(s) from {where}")
+        return ComponentHealth(OK, f"{count} account(s) from {self.accounts.where}")
 
     def auditHealth(self) -> ComponentHealth:
         if self.audit is None:
