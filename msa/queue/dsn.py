@@ -6,7 +6,16 @@ when the core MTA refused it for good, when it expired in the queue, or
 
 A DSN is a C{multipart/report; report-type=delivery-status} with three
 parts: a text for people, the C{message/delivery-status} for programs, and
-the original message's header (C{text/rfc822-headers}; never the body).  It
+the original message's header (C{text/rfc822-headers}; never the body,
+whatever C{RET} the client asked: C{RET=HDRS} is what it always gets).
+
+The client's DSN parameters (RFC 3461) are honoured per recipient
+(L{wantsNotice}): C{NOTIFY=NEVER} means no notice at all, otherwise a
+"failed", "delayed" or "relayed" notice only when its C{NOTIFY} names
+FAILURE, DELAY or SUCCESS; without C{NOTIFY}, the failed and delayed
+notices as before and no "relayed" one.  The C{ENVID} is echoed in
+C{Original-Envelope-Id} and each C{ORCPT} in C{Original-Recipient},
+encoded again as xtext (they are stored decoded: L{msa.xtext}).  It
 is queued in the spool with the null sender like any other message, so that
 it is relayed, retried and expired the same way; it is never sent about a
 message with the null sender, and never about another DSN.
@@ -26,11 +35,18 @@ from twisted.logger import Logger
 from msa.envelope import Envelope
 from msa.queue import integrity
 from msa.queue.queuefile import openContent
+from msa.xtext import encodeUtf8AddrXtext, encodeXtext
 
 log = Logger()
 
 FAILED = "failed"
 DELAYED = "delayed"
+#: Handed to a core that does not offer DSN (RFC 3464 2.3.3): the
+#: notice for a recipient whose NOTIFY asked for SUCCESS.
+RELAYED = "relayed"
+
+#: The NOTIFY keyword that asks for each action's notice.
+_NOTIFY_KEYWORDS = {FAILED: "FAILURE", DELAYED: "DELAY", RELAYED: "SUCCESS"}
 
 #: At most this much of the original header goes into a DSN.
 HEADER_LIMIT = 64 * 1024
@@ -54,6 +70,8 @@ class RecipientStatus:
         C{"550 5.1.1 no such user"}; a C{Diagnostic-Code} only when it is
         an SMTP reply.
     @ivar remoteMTA: the core's host name, for C{Remote-MTA}.
+    @ivar originalRecipient: the client's C{ORCPT}, encoded
+        (L{encodeOriginalRecipient}), for C{Original-Recipient}.
     """
 
     recipient: str
@@ -61,6 +79,47 @@ class RecipientStatus:
     status: str
     diagnostic: str = ""
     remoteMTA: str = ""
+    originalRecipient: str = ""
+
+
+def recipientParameters(envelope: Envelope, recipient: str) -> dict[str, str | None]:
+    """
+    The RCPT parameters C{recipient} was given in C{envelope}.
+    """
+    try:
+        return envelope.parametersOf(envelope.recipients.index(recipient))
+    except ValueError:
+        return {}
+
+
+def wantsNotice(envelope: Envelope, recipient: str, action: str) -> bool:
+    """
+    Whether the client asked (RFC 3461 4.1 NOTIFY) for a notice of
+    C{action} about C{recipient}: without NOTIFY, yes for L{FAILED} and
+    L{DELAYED} (this MSA's default, as before DSN was offered) and no for
+    L{RELAYED}.
+    """
+    notify = recipientParameters(envelope, recipient).get("NOTIFY")
+    if not notify:
+        return action != RELAYED
+    return _NOTIFY_KEYWORDS[action] in notify.upper().split(",")
+
+
+def encodeOriginalRecipient(orcpt: str, utf8: bool = False) -> str:
+    """
+    The value of an C{ORCPT} parameter or an C{Original-Recipient} field
+    for a decoded C{"addr-type;address"}: the address as xtext, or as
+    utf-8-addr-xtext for the C{utf-8} type (RFC 6533 3), its non-ASCII
+    characters kept only when C{utf8} (the message goes with SMTPUTF8),
+    otherwise written as C{\\x{HEX}}.
+    """
+    kind, _, address = orcpt.partition(";")
+    if kind.lower() != "utf-8":
+        return f"{kind};{encodeXtext(address)}"
+    encoded = encodeUtf8AddrXtext(address)
+    if not utf8:
+        encoded = "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in encoded)
+    return f"{kind};{encoded}"
 
 
 def needsNotification(entry) -> bool:
@@ -92,11 +151,17 @@ def statusFromReply(text: str, action: str) -> str:
 
 
 def recipientStatus(
-    recipient: str, action: str, error: str, remoteMTA: str = ""
+    recipient: str, action: str, error: str, remoteMTA: str = "", orcpt: str = ""
 ) -> RecipientStatus:
-    return RecipientStatus(
-        recipient, action, statusFromReply(error, action), error, remoteMTA
-    )
+    """
+    The report about C{recipient}: its status from C{error}, the last
+    reply (C{2.0.0} for L{RELAYED}, whose reply is the core's 250).
+
+    @param orcpt: the recipient's decoded C{ORCPT} parameter, if any.
+    """
+    status = "2.0.0" if action == RELAYED else statusFromReply(error, action)
+    original = encodeOriginalRecipient(orcpt) if orcpt else ""
+    return RecipientStatus(recipient, action, status, error, remoteMTA, original)
 
 
 def readHeaders(messageFile: BinaryIO, limit: int = HEADER_LIMIT) -> bytes:
@@ -152,9 +217,14 @@ def _textPart(
     recipients: list[RecipientStatus],
     willRetryUntil: float | None,
 ) -> str:
-    delayed = recipients[0].action == DELAYED
+    action = recipients[0].action
     lines = [f"This is the mail system at host {hostname}.", ""]
-    if delayed:
+    if action == RELAYED:
+        lines += [
+            "Your message was handed on to the recipients' mail system, which",
+            "does not report delivery: no further notice will follow.",
+        ]
+    elif action == DELAYED:
         lines += [
             "####################################################################",
             "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
@@ -195,7 +265,12 @@ def _statusPart(
     head.append(f"Arrival-Date: {_date(arrival)}")
     blocks.append(head)
     for r in recipients:
-        fields = [
+        fields = []
+        if r.originalRecipient:
+            fields.append(
+                _clean(f"Original-Recipient: {r.originalRecipient}", MAX_LINE)
+            )
+        fields += [
             _clean(f"Final-Recipient: rfc822; {r.recipient}", MAX_LINE),
             f"Action: {r.action}",
             f"Status: {r.status}",
@@ -236,14 +311,12 @@ def buildDSN(
     """
     if not recipients:
         raise ValueError("a DSN needs at least one recipient")
-    delayed = recipients[0].action == DELAYED
     headers = _lines([x for x in (y.rstrip(b"\r") for y in headers.split(b"\n")) if x])
     boundary = f"=_dsn_{queueId}_{secrets.token_hex(8)}"
-    subject = (
-        "Delayed Mail (still being retried)"
-        if delayed
-        else "Undelivered Mail Returned to Sender"
-    )
+    subject = {
+        DELAYED: "Delayed Mail (still being retried)",
+        RELAYED: "Successful Mail Relay Report",
+    }.get(recipients[0].action, "Undelivered Mail Returned to Sender")
     messageId = messageId or f"{queueId}.{secrets.token_hex(6)}"
     text = _textPart(hostname, queueId, arrival, recipients, willRetryUntil)
     status = _statusPart(
@@ -289,7 +362,7 @@ def buildDSN(
             [
                 "",
                 f"--{boundary}",
-                "Content-Description: Undelivered message header",
+                "Content-Description: Message header",
                 "Content-Type: text/rfc822-headers",
                 f"Content-Transfer-Encoding: {encoding(headers)}",
                 "",
@@ -388,7 +461,7 @@ def _queueWithHeaders(
                 recipients=recipients,
                 headers=headers,
                 willRetryUntil=willRetryUntil,
-                envid=(entry.envelope.mailParams or {}).get("ENVID"),
+                envid=encodeXtext((entry.envelope.mailParams or {}).get("ENVID") or ""),
                 messageId=writer.queueId,
             )
         )

@@ -204,6 +204,7 @@ class SMTPDownstream:
                 self.commandTimeout,
                 self.dataTimeout,
                 self,
+                verifiedTLS=self.tlsMode != "none",
             )
             reusable = await transaction.run(messageFile)
         except Exception as e:

@@ -384,6 +384,7 @@ class RelayRunner(Service):
                 reply=result.reply,
                 attempt=entry.attempts + 1,
             )
+            await self.notices.relayed(entry, result)
         await self._apply(entry, result)
 
     def _record(
