@@ -18,6 +18,7 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from msa.queue import dsn
 from tests.e2e import RunningMSA
 from tests.test_relay_extensions import (
     SENDER,
@@ -153,4 +154,34 @@ class NotifyTests(unittest.TestCase):
                 (f"rfc822; {B}", "delayed", "4.3.0"),
                 (f"rfc822; {C}", "delayed", "4.3.0"),
             ],
+        )
+
+
+class OriginalRecipientTests(unittest.TestCase):
+    """
+    L{dsn.encodeOriginalRecipient}: the stored (decoded) ORCPT as it goes
+    on, in a RCPT or an C{Original-Recipient} field.
+    """
+
+    def test_rfc822(self):
+        """
+        An rfc822 address is xtext: "+" and "=" as "+HH".
+        """
+        self.assertEqual(
+            dsn.encodeOriginalRecipient("rfc822;a+b=c@overheid.nl"),
+            "rfc822;a+2Bb+3Dc@overheid.nl",
+        )
+
+    def test_utf8(self):
+        """
+        A utf-8 address keeps its UTF-8 only for an SMTPUTF8 transaction;
+        otherwise (a DSN's field) each non-ASCII character is "\\x{HEX}".
+        """
+        orcpt = "utf-8;b\u00e9+1@overheid.nl"
+        self.assertEqual(
+            dsn.encodeOriginalRecipient(orcpt, utf8=True),
+            "utf-8;b\u00e9\\x{2B}1@overheid.nl",
+        )
+        self.assertEqual(
+            dsn.encodeOriginalRecipient(orcpt), "utf-8;b\\x{E9}\\x{2B}1@overheid.nl"
         )
