@@ -26,10 +26,9 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from msa.relay.protocol import dotStuff
-from msa.tls import ensureSelfSignedCertificate
 from tests.downstream import DownstreamServer
-from tests.e2e import MESSAGE, RunningMSA, freePort
-from tests.postfixserver import ThrowawayPostfix, postfixDirectory
+from tests.e2e import MESSAGE, RunningMSA
+from tests.postfixcore import startPostfixCore
 from tests.sessionclient import RawSession
 from tests.test_e2e import splitReceived
 from tests.waiting import waitUntil
@@ -318,44 +317,9 @@ class PostfixCoreTests(unittest.TestCase):
         message bounce (5.6.3, 5.7.10), their reports delivered through
         Postfix to the sender.
         """
-        directory = postfixDirectory(self)
-        sink = DownstreamServer(os.path.join(directory, "sink"), "none")
-        sink.extensions = ["DSN", "SMTPUTF8"]
-        sinkPort = sink.start()
-        self.addCleanup(sink.stop)
-        cert, key = ensureSelfSignedCertificate(
-            os.path.join(directory, "cert"), "localhost"
-        )
-        postfix = ThrowawayPostfix(
-            os.path.join(directory, "postfix"),
-            freePort(),
-            cert,
-            key,
-            settings={
-                "relayhost": f"[127.0.0.1]:{sinkPort}",
-                "smtp_tls_security_level": "none",
-                "local_header_rewrite_clients": "",
-            },
-            account=("msa", "relay-secret"),
-        )
-        self.addCleanup(threads.deferToThread, postfix.stop)
-        yield threads.deferToThread(postfix.start)
-        passwordFile = os.path.join(directory, "relay-password")
-        with open(passwordFile, "w") as f:
-            f.write("relay-secret\n")
-        os.chmod(passwordFile, 0o600)
-        msa = RunningMSA(
-            self,
-            relay={
-                "host": "127.0.0.1",
-                "port": postfix.port,
-                "tls": "starttls",
-                "server_name": "localhost",
-                "ca_file": cert,
-                "auth_username": "msa",
-                "auth_password_file": passwordFile,
-            },
-        )
+        core = yield startPostfixCore(self, sinkExtensions=["DSN", "SMTPUTF8"])
+        sink, postfix = core.sink, core.postfix
+        msa = RunningMSA(self, relay=core.relay)
         yield submitted(
             msa,
             f"<{SENDER}> SMTPUTF8 RET=HDRS ENVID=aangifte+2B1",

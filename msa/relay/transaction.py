@@ -176,20 +176,7 @@ class MailTransaction:
         Stream the message after the 354, hashed as it is read, and read the
         reply to the data.
         """
-        try:
-            await self.proto.sendFile(
-                messageFile,
-                self.dataTimeout,
-                integrity.digesterFor(self.entry),
-                self.entry,
-            )
-        except integrity.IntegrityError as e:
-            # No final dot was sent and the connection is dropped: the core
-            # discards the unterminated data.
-            self.held(accepted, e.mismatch)
-            return False
-        reply = await self.proto.readReply(self.dataTimeout, "the reply to the data")
-        return self._dataReplied(reply, accepted)
+        return await self._handOver(messageFile, accepted, chunked=False)
 
     def _dataReplied(self, reply: Reply, accepted: list[str]) -> bool:
         """
@@ -213,14 +200,30 @@ class MailTransaction:
         cannot carry), hashed as it is read; the digest is compared before
         the LAST chunk, which is never sent on a mismatch.
         """
+        return await self._handOver(messageFile, accepted, chunked=True)
+
+    async def _handOver(
+        self, messageFile: BinaryIO, accepted: list[str], chunked: bool
+    ) -> bool:
+        """
+        Send the message (after the 354, or with BDAT when C{chunked}) and
+        read the core's reply to it.  On a digest mismatch, the final dot or
+        the LAST chunk was never sent and the connection is dropped: the
+        core discards the data, and the message is held.
+        """
+        digester = integrity.digesterFor(self.entry)
         try:
-            reply = await sendChunks(
-                self.proto,
-                messageFile,
-                self.dataTimeout,
-                integrity.digesterFor(self.entry),
-                self.entry,
-            )
+            if chunked:
+                reply = await sendChunks(
+                    self.proto, messageFile, self.dataTimeout, digester, self.entry
+                )
+            else:
+                await self.proto.sendFile(
+                    messageFile, self.dataTimeout, digester, self.entry
+                )
+                reply = await self.proto.readReply(
+                    self.dataTimeout, "the reply to the data"
+                )
         except integrity.IntegrityError as e:
             self.held(accepted, e.mismatch)
             return False
