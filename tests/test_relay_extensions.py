@@ -172,6 +172,25 @@ class ParametersTests(unittest.TestCase):
         )
 
     @defer.inlineCallbacks
+    def test_tlsRequiredNoRelaxesNothing(self):
+        """
+        A message with C{TLS-Required: No} (RFC 8689 5) is relayed as any
+        other, over the verified STARTTLS [relay] asks for, its header
+        field passed on unchanged.
+        """
+        core = startCore(self)
+        msa = RunningMSA(self, relay=core.relayConfig())
+        body = b"TLS-Required: No\r\n" + MESSAGE
+        yield submitted(msa, f"<{SENDER}>", [f"<{RECIPIENT}>"], body)
+        yield queueEmptied(msa)
+        [message] = core.messages
+        self.assertTrue(message.tls)
+        self.assertEqual(splitReceived(message.data)[1], body)
+        self.assertEqual(
+            [c for c in core.plaintextCommands() if c.startswith(b"MAIL")], []
+        )
+
+    @defer.inlineCallbacks
     def test_utf8OriginalRecipient(self):
         """
         A utf-8 ORCPT goes on as utf-8-addr-xtext (RFC 6533): its UTF-8 as
