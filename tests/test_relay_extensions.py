@@ -25,12 +25,16 @@ import os
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
+from msa.envelope import Envelope
+from msa.relay.chunks import CHUNK_SIZE
 from msa.relay.protocol import dotStuff
 from tests.downstream import DownstreamServer
 from tests.e2e import MESSAGE, RunningMSA
 from tests.postfixcore import startPostfixCore
 from tests.sessionclient import RawSession
 from tests.test_e2e import splitReceived
+from tests.test_integrity import tamper
+from tests.test_relay_client import DownstreamFixture
 from tests.waiting import waitUntil
 
 SENDER = "ik@mijnbedrijf.nl"
@@ -374,3 +378,62 @@ class PostfixCoreTests(unittest.TestCase):
             log = f.read()
         self.assertIn("sasl_username=msa", log)
         self.assertNotIn("improper command pipelining", log)
+
+
+class ChunksTests(DownstreamFixture, unittest.TestCase):
+    """
+    L{msa.relay.chunks} over a real socket: a BINARYMIME message larger
+    than one chunk, and the digest check before the C{LAST} chunk.
+    """
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def deliverBinary(self, data: bytes, damage: bool = False):
+        """
+        Spool C{data} as a BINARYMIME message (bit-flipped on disk after
+        the commit when C{damage}) and deliver it to a core that offers
+        CHUNKING and BINARYMIME.
+
+        @return: the core and the L{DeliveryResult}.
+        """
+        core = self.startServer()
+        core.extensions = ["CHUNKING", "BINARYMIME"]
+        envelope = Envelope(SENDER, [RECIPIENT], mailParams={"BODY": "BINARYMIME"})
+        entry = yield self.queue(data, envelope=envelope)
+        if damage:
+            tamper(entry.messagePath)
+        result = yield self.deliver(self.downstream(core), entry)
+        return core, result
+
+    @defer.inlineCallbacks
+    def test_severalChunks(self):
+        """
+        Three chunks (the last one short) carry the octets exactly.
+        """
+        data = (BINARY * (2 * CHUNK_SIZE // len(BINARY) + 2))[: 2 * CHUNK_SIZE + 7]
+        core, result = yield self.deliverBinary(data)
+        self.assertEqual(result.accepted, [RECIPIENT])
+        [message] = core.messages
+        self.assertEqual(message.data, data)
+        self.assertEqual(
+            [line for _, line in core.commands if line.startswith(b"BDAT")],
+            [b"BDAT %d" % CHUNK_SIZE] * 2 + [b"BDAT 7 LAST"],
+        )
+
+    @defer.inlineCallbacks
+    def test_mismatchNoLastChunk(self):
+        """
+        Bytes that are not the acknowledged ones: the chunks read so far
+        went out, the C{LAST} one never does, the connection is dropped
+        and the result carries the mismatch (the runner holds the message).
+        """
+        data = (BINARY * (CHUNK_SIZE // len(BINARY) + 2))[: CHUNK_SIZE + 100]
+        core, result = yield self.deliverBinary(data, damage=True)
+        self.assertIsNotNone(result.mismatch)
+        yield waitUntil(lambda: not any(p.connected for p in core._protocols), 10)
+        self.assertEqual(core.messages, [])
+        self.assertEqual(
+            [line for _, line in core.commands if line.startswith(b"BDAT")],
+            [b"BDAT %d" % CHUNK_SIZE],
+        )
