@@ -18,7 +18,7 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from msa.queue import dsn
+from msa.queue import dsnparams
 from tests.e2e import RunningMSA
 from tests.test_relay_extensions import (
     SENDER,
@@ -159,7 +159,7 @@ class NotifyTests(unittest.TestCase):
 
 class OriginalRecipientTests(unittest.TestCase):
     """
-    L{dsn.encodeOriginalRecipient}: the stored (decoded) ORCPT as it goes
+    L{dsnparams.encodeOriginalRecipient}: the stored (decoded) ORCPT as it goes
     on, in a RCPT or an C{Original-Recipient} field.
     """
 
@@ -168,7 +168,7 @@ class OriginalRecipientTests(unittest.TestCase):
         An rfc822 address is xtext: "+" and "=" as "+HH".
         """
         self.assertEqual(
-            dsn.encodeOriginalRecipient("rfc822;a+b=c@overheid.nl"),
+            dsnparams.encodeOriginalRecipient("rfc822;a+b=c@overheid.nl"),
             "rfc822;a+2Bb+3Dc@overheid.nl",
         )
 
@@ -179,9 +179,10 @@ class OriginalRecipientTests(unittest.TestCase):
         """
         orcpt = "utf-8;b\u00e9+1@overheid.nl"
         self.assertEqual(
-            dsn.encodeOriginalRecipient(orcpt, utf8=True),
+            dsnparams.encodeOriginalRecipient(orcpt, utf8=True),
             "utf-8;b\u00e9\\x{2B}1@overheid.nl",
         )
         self.assertEqual(
-            dsn.encodeOriginalRecipient(orcpt), "utf-8;b\\x{E9}\\x{2B}1@overheid.nl"
+            dsnparams.encodeOriginalRecipient(orcpt),
+            "utf-8;b\\x{E9}\\x{2B}1@overheid.nl",
         )

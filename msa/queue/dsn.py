@@ -1,24 +1,25 @@
-# -*- test-case-name: tests.test_dsn -*-
+# -*- test-case-name: tests.test_dsn,tests.test_dsn_notify -*-
 """
 Delivery status notifications (RFC 3464): what the sender of a message gets
-when the core MTA refused it for good, when it expired in the queue, or
-(optionally) when it has been waiting for a while.
+when the core MTA refused it for good, when it expired in the queue,
+(optionally) when it has been waiting for a while, or when it was relayed
+to a core that does not report delivery itself.
 
 A DSN is a C{multipart/report; report-type=delivery-status} with three
 parts: a text for people, the C{message/delivery-status} for programs, and
 the original message's header (C{text/rfc822-headers}; never the body,
-whatever C{RET} the client asked: C{RET=HDRS} is what it always gets).
-
-The client's DSN parameters (RFC 3461) are honoured per recipient
-(L{wantsNotice}): C{NOTIFY=NEVER} means no notice at all, otherwise a
-"failed", "delayed" or "relayed" notice only when its C{NOTIFY} names
-FAILURE, DELAY or SUCCESS; without C{NOTIFY}, the failed and delayed
-notices as before and no "relayed" one.  The C{ENVID} is echoed in
-C{Original-Envelope-Id} and each C{ORCPT} in C{Original-Recipient},
-encoded again as xtext (they are stored decoded: L{msa.xtext}).  It
+whatever C{RET} the client asked: C{RET=HDRS} is what it always gets).  It
 is queued in the spool with the null sender like any other message, so that
 it is relayed, retried and expired the same way; it is never sent about a
 message with the null sender, and never about another DSN.
+
+The client's DSN parameters (RFC 3461) are honoured per recipient
+(L{msa.queue.dsnparams.wantsNotice}): C{NOTIFY=NEVER} means no notice at
+all, otherwise a "failed", "delayed" or "relayed" notice only when its
+C{NOTIFY} names FAILURE, DELAY or SUCCESS; without C{NOTIFY}, the failed
+and delayed notices as before and no "relayed" one.  The C{ENVID} is echoed
+in C{Original-Envelope-Id} and each C{ORCPT} in C{Original-Recipient},
+encoded again as xtext (they are stored decoded: L{msa.xtext}).
 """
 
 from __future__ import annotations
@@ -34,19 +35,12 @@ from twisted.logger import Logger
 
 from msa.envelope import Envelope
 from msa.queue import integrity
+from msa.queue.dsnparams import DELAYED, FAILED, RELAYED, encodeOriginalRecipient
 from msa.queue.queuefile import openContent
-from msa.xtext import encodeUtf8AddrXtext, encodeXtext
+from msa.xtext import encodeXtext
 
 log = Logger()
 
-FAILED = "failed"
-DELAYED = "delayed"
-#: Handed to a core that does not offer DSN (RFC 3464 2.3.3): the
-#: notice for a recipient whose NOTIFY asked for SUCCESS.
-RELAYED = "relayed"
-
-#: The NOTIFY keyword that asks for each action's notice.
-_NOTIFY_KEYWORDS = {FAILED: "FAILURE", DELAYED: "DELAY", RELAYED: "SUCCESS"}
 
 #: At most this much of the original header goes into a DSN.
 HEADER_LIMIT = 64 * 1024
@@ -71,7 +65,8 @@ class RecipientStatus:
         an SMTP reply.
     @ivar remoteMTA: the core's host name, for C{Remote-MTA}.
     @ivar originalRecipient: the client's C{ORCPT}, encoded
-        (L{encodeOriginalRecipient}), for C{Original-Recipient}.
+        (L{msa.queue.dsnparams.encodeOriginalRecipient}), for
+        C{Original-Recipient}.
     """
 
     recipient: str
@@ -80,46 +75,6 @@ class RecipientStatus:
     diagnostic: str = ""
     remoteMTA: str = ""
     originalRecipient: str = ""
-
-
-def recipientParameters(envelope: Envelope, recipient: str) -> dict[str, str | None]:
-    """
-    The RCPT parameters C{recipient} was given in C{envelope}.
-    """
-    try:
-        return envelope.parametersOf(envelope.recipients.index(recipient))
-    except ValueError:
-        return {}
-
-
-def wantsNotice(envelope: Envelope, recipient: str, action: str) -> bool:
-    """
-    Whether the client asked (RFC 3461 4.1 NOTIFY) for a notice of
-    C{action} about C{recipient}: without NOTIFY, yes for L{FAILED} and
-    L{DELAYED} (this MSA's default, as before DSN was offered) and no for
-    L{RELAYED}.
-    """
-    notify = recipientParameters(envelope, recipient).get("NOTIFY")
-    if not notify:
-        return action != RELAYED
-    return _NOTIFY_KEYWORDS[action] in notify.upper().split(",")
-
-
-def encodeOriginalRecipient(orcpt: str, utf8: bool = False) -> str:
-    """
-    The value of an C{ORCPT} parameter or an C{Original-Recipient} field
-    for a decoded C{"addr-type;address"}: the address as xtext, or as
-    utf-8-addr-xtext for the C{utf-8} type (RFC 6533 3), its non-ASCII
-    characters kept only when C{utf8} (the message goes with SMTPUTF8),
-    otherwise written as C{\\x{HEX}}.
-    """
-    kind, _, address = orcpt.partition(";")
-    if kind.lower() != "utf-8":
-        return f"{kind};{encodeXtext(address)}"
-    encoded = encodeUtf8AddrXtext(address)
-    if not utf8:
-        encoded = "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in encoded)
-    return f"{kind};{encoded}"
 
 
 def needsNotification(entry) -> bool:

@@ -22,7 +22,7 @@ downgrade.
 
 from __future__ import annotations
 
-from msa.queue.dsn import encodeOriginalRecipient, recipientParameters
+from msa.queue.dsnparams import encodeOriginalRecipient, recipientParameters
 from msa.queue.spool import SpoolEntry
 from msa.relay.protocol import Reply
 from msa.xtext import encodeXtext

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from msa.queue import dsn, integrity
+from msa.queue import dsn, dsnparams, integrity
 from msa.queue.spool import Spool, SpoolEntry
 from msa.relay.protocol import DeliveryResult
 
@@ -246,7 +246,7 @@ class Notices:
     ) -> bool:
         """
         Queue a notification of C{action} about those of C{recipients} of
-        C{entry} whose NOTIFY asks for it (L{dsn.wantsNotice}).
+        C{entry} whose NOTIFY asks for it (L{dsnparams.wantsNotice}).
 
         @param replies: the reply about each recipient; by default its
             last error.
@@ -259,7 +259,9 @@ class Notices:
         if hostname is None or not dsn.needsNotification(entry):
             return False
         envelope = entry.envelope
-        recipients = [r for r in recipients if dsn.wantsNotice(envelope, r, action)]
+        recipients = [
+            r for r in recipients if dsnparams.wantsNotice(envelope, r, action)
+        ]
         if not recipients:
             return False
         replies = entry.errors if replies is None else replies
@@ -270,7 +272,7 @@ class Notices:
                 action,
                 replies.get(r, ""),
                 remote,
-                dsn.recipientParameters(envelope, r).get("ORCPT") or "",
+                dsnparams.recipientParameters(envelope, r).get("ORCPT") or "",
             )
             for r in recipients
         ]

@@ -1,8 +1,11 @@
-# -*- test-case-name: tests.test_relay_pipelining,tests.test_relay_client -*-
+# -*- test-case-name: tests.test_relay_pipelining,tests.test_relay_extensions -*-
 """
 One mail transaction with the core MTA on an open, greeted connection:
-MAIL, RCPT for each pending recipient, DATA and the message, each reply
-mapped to a L{msa.relay.protocol.RecipientResult}.
+MAIL, RCPT for each pending recipient, DATA and the message (or BDAT for a
+BINARYMIME message: L{msa.relay.chunks}), each reply mapped to a
+L{msa.relay.protocol.RecipientResult}.  The parameters of MAIL and RCPT,
+and a message refused before anything is sent because the core lacks an
+extension it needs, are L{msa.relay.extensions}'.
 
 When the core offers PIPELINING (RFC 2920), MAIL, every RCPT and DATA go
 in one write, and the replies are read in order afterwards (DATA is the
