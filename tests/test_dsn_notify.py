@@ -117,6 +117,9 @@ class NotifyTests(unittest.TestCase):
         yield queueEmptied(msa)
         [original, notice] = core.messages
         self.assertEqual(original.recipients, [A, B, C])
+        # A core without DSN is given none of its parameters.
+        self.assertEqual(original.rcptParams, ["", "", ""])
+        self.assertNotIn("ENVID", original.mailParams)
         self.assertEqual((notice.sender, notice.recipients), ("", [SENDER]))
         report, [perMessage, perRecipient] = parseReport(notice.data)
         self.assertEqual(perMessage["Original-Envelope-Id"], ENVELOPE_ID)
