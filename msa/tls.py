@@ -454,11 +454,11 @@ def channelBindings(transport: object) -> dict[str, bytes]:
     C{EXPORTER-Channel-Binding}, no context, 32 bytes) on TLS 1.3, else
     nothing.  On TLS 1.2 tls-exporter is safe only with the extended master
     secret, which pyOpenSSL cannot tell us was negotiated, so TLS 1.2 gets
-    no channel binding.  (The POP3 server's; the submission server has the
-    same function in L{msa.submission.auth}.)
+    no channel binding.  Both the submission and the POP3 server's AUTH
+    use it.
     """
-    conn = getattr(transport, "getHandle", lambda: None)()
-    if not isinstance(conn, SSL.Connection):
+    conn = tlsConnection(transport)
+    if conn is None:
         return {}
     if conn.get_protocol_version_name() != "TLSv1.3":
         return {}

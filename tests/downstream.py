@@ -40,6 +40,10 @@ class ReceivedMessage:
     mailParams: str
     tls: bool
     authenticated: str | None
+    #: The parameters of each accepted RCPT (the text after the address).
+    rcptParams: list[str] = attrs.Factory(list)
+    #: Whether the data came in BDAT chunks (RFC 3030).
+    chunked: bool = False
 
 
 class _ServerProtocol(LineReceiver):
@@ -60,7 +64,11 @@ class _ServerProtocol(LineReceiver):
         self.sender: str | None = None
         self.recipients: list[str] = []
         self.mailParams = ""
+        self.rcptParams: list[str] = []
         self.data: list[bytes] = []
+        self.chunked = False
+        self._chunkLeft = 0
+        self._lastChunk = False
 
     def reply(self, code: int, text: str, then=None) -> None:
         """
@@ -130,7 +138,7 @@ class _ServerProtocol(LineReceiver):
 
     def do_EHLO(self, arg: str) -> None:
         server = self.server
-        lines = ["localhost hello", "8BITMIME", "SIZE 100000000"]
+        lines = ["localhost hello", "8BITMIME", "SIZE 100000000", *server.extensions]
         if server.offerPipelining:
             lines.append("PIPELINING")
         if server.tlsMode == "starttls" and not self.tls and server.offerStartTLS:
@@ -204,7 +212,32 @@ class _ServerProtocol(LineReceiver):
         code, text = self.server.rcptReplies.get(address, (250, "2.1.5 OK"))
         if code == 250:
             self.recipients.append(address)
+            self.rcptParams.append(arg[arg.rindex(">") + 1 :].strip())
         self.reply(code, text)
+
+    def do_BDAT(self, arg: str) -> None:
+        size, _, last = arg.partition(" ")
+        if "CHUNKING" not in self.server.extensions or not size.isdigit():
+            self.reply(502, "5.5.1 Unknown command")
+            return
+        self.chunked = True
+        self._chunkLeft = int(size)
+        self._lastChunk = last.strip().upper() == "LAST"
+        self.setRawMode()
+        if not self._chunkLeft:
+            self.rawDataReceived(b"")
+
+    def rawDataReceived(self, data: bytes) -> None:
+        chunk, rest = data[: self._chunkLeft], data[self._chunkLeft :]
+        self.data.append(chunk)
+        self._chunkLeft -= len(chunk)
+        if self._chunkLeft:
+            return
+        if self._lastChunk:
+            self._endOfData()
+        else:
+            self.reply(250, f"2.0.0 {sum(map(len, self.data))} octets")
+        self.setLineMode(rest)
 
     def do_DATA(self, arg: str) -> None:
         if not self.recipients and not self.server.dataWithoutRecipient:
@@ -230,6 +263,8 @@ class _ServerProtocol(LineReceiver):
                     self.mailParams,
                     self.tls,
                     self.authenticated,
+                    list(self.rcptParams),
+                    self.chunked,
                 )
             )
             then = self.transport.loseConnection if server.closeAfterData else None
@@ -272,6 +307,9 @@ class DownstreamServer:
     C{dataWithoutRecipient} (answer DATA with 354 even when no recipient
     was accepted, as RFC 2920 section 3.1 says a client must cope with).
 
+    C{extensions}: more EHLO keywords (e.g. C{"DSN"}, C{"SMTPUTF8"},
+    C{"CHUNKING"}: then BDAT is taken, the chunks recorded exactly).
+
     C{commandGroups} has the commands that arrived in one read, one list
     per read: a pipelining client's MAIL, RCPTs and DATA form one group.
     """
@@ -300,6 +338,7 @@ class DownstreamServer:
         self.closeAfterData = False
         self.offerPipelining = True
         self.dataWithoutRecipient = False
+        self.extensions: list[str] = []
         self._delayed: list = []
         self.messages: list[ReceivedMessage] = []
         self.commands: list[tuple[bool, bytes]] = []

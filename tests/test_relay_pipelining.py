@@ -13,15 +13,14 @@ and logs a client that pipelines wrongly).
 
 import os
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from msa.queue import integrity
 from msa.relay.protocol import PERMANENT, TEMPORARY, DeliveryResult, RecipientResult
-from msa.tls import ensureSelfSignedCertificate
 from tests.downstream import DownstreamServer
-from tests.e2e import MESSAGE, RunningMSA, freePort
-from tests.postfixserver import ThrowawayPostfix, postfixDirectory
+from tests.e2e import MESSAGE, RunningMSA
+from tests.postfixcore import startPostfixCore
 from tests.relaydata import DOTTY, bigMessage
 from tests.test_e2e import SENDER, splitReceived
 from tests.test_integrity import submitTo
@@ -326,50 +325,18 @@ class PostfixCoreTests(unittest.TestCase):
         refused one a bounce to the sender carrying Postfix's reply, and
         Postfix logs no improper pipelining.
         """
-        directory = postfixDirectory(self)
-        downstream = DownstreamServer(os.path.join(directory, "down"), "none")
-        downstreamPort = downstream.start()
-        self.addCleanup(downstream.stop)
-        cert, key = ensureSelfSignedCertificate(
-            os.path.join(directory, "cert"), "localhost"
-        )
-        postfix = ThrowawayPostfix(
-            os.path.join(directory, "postfix"),
-            freePort(),
-            cert,
-            key,
-            settings={
-                "relayhost": f"[127.0.0.1]:{downstreamPort}",
-                "smtp_tls_security_level": "none",
-                # No Date header added: the bytes pass through unchanged.
-                "local_header_rewrite_clients": "",
+        core = yield startPostfixCore(
+            self,
+            {
                 "smtpd_recipient_restrictions": (
                     "check_recipient_access inline:{ nobody@overheid.nl=REJECT }, "
                     "permit_sasl_authenticated, reject"
                 ),
             },
-            account=("msa", "relay-secret"),
         )
-        self.addCleanup(threads.deferToThread, postfix.stop)
-        yield threads.deferToThread(postfix.start)
-        passwordFile = os.path.join(directory, "relay-password")
-        with open(passwordFile, "w") as f:
-            f.write("relay-secret\n")
-        os.chmod(passwordFile, 0o600)
-        msa = RunningMSA(
-            self,
-            relay={
-                "host": "127.0.0.1",
-                "port": postfix.port,
-                "tls": "starttls",
-                "server_name": "localhost",
-                "ca_file": cert,
-                "auth_username": "msa",
-                "auth_password_file": passwordFile,
-            },
-        )
+        msa = RunningMSA(self, relay=core.relay)
         yield submitTo(msa, recipients=TWO_RECIPIENTS)
-        messages = yield downstream.waitForMessages(2, timeout=60)
+        messages = yield core.sink.waitForMessages(2, timeout=60)
         [original] = [m for m in messages if m.sender == SENDER]
         [bounce] = [m for m in messages if m.sender == ""]
         self.assertEqual(original.recipients, ["belastingdienst@overheid.nl"])
@@ -377,7 +344,7 @@ class PostfixCoreTests(unittest.TestCase):
         self.assertEqual(bounce.recipients, [SENDER])
         self.assertIn(b"Final-Recipient: rfc822; nobody@overheid.nl", bounce.data)
         self.assertIn(b"Diagnostic-Code: smtp; 554 5.7.1", bounce.data)
-        with open(postfix.log, encoding="utf-8", errors="replace") as f:
+        with open(core.postfix.log, encoding="utf-8", errors="replace") as f:
             log = f.read()
         self.assertIn("sasl_username=msa", log)
         self.assertNotIn("improper command pipelining", log)

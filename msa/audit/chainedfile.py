@@ -43,7 +43,7 @@ def _fdatasync(fd: int) -> None:
     fdatasync where the system has it (Linux), else fsync; looked up at
     each call, so that a test's wrapper of either sees the audit log's.
     """
-    getattr(os, "fdatasync", os.fsync)(fd)
+    os.fdatasync(fd)
 
 
 class ChainedFile:
@@ -231,9 +231,8 @@ class ChainedFile:
         return rotation
 
     def _closeFiles(self) -> None:
-        for name in ("_fd", "_lockFd"):
-            fd = getattr(self, name)
+        for fd in (self._fd, self._lockFd):
             if fd is not None:
                 os.close(fd)
-                setattr(self, name, None)
+        self._fd = self._lockFd = None
         self._ino = None

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from msa.accounts.clientcert import peerIdentities
 from msa.errors import MailboxInUse, SMTPReply
-from msa.interfaces import IMailbox
+from msa.interfaces import IMailbox, IMechanismCredentials
 from msa.pop3.replies import AUTH, IN_USE, SYS_TEMP, Reply, error, ok
 from msa.sasl import Authenticate, Challenge, UsernamePassword
 from msa.tls import channelBindings
@@ -211,7 +211,8 @@ class Login:
     def _login(self, credentials: Any, mechanism: str) -> defer.Deferred:
         server = self._server
         server.session.mechanism = mechanism
-        self._attemptedUser = str(getattr(credentials, "username", ""))
+        named = IMechanismCredentials(credentials, None)
+        self._attemptedUser = str(named.username) if named is not None else ""
         if not server.session.clientCertificate:
             server.session.clientCertificate = peerIdentities(server.transport)
         d = server.factory.portal.login(credentials, server.session, IMailbox)

@@ -40,6 +40,7 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer, protocol
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -112,7 +113,9 @@ class POP3Server(protocol.Protocol):
         peer = self.transport.getPeer()
         self.session = POP3Session(
             sessionId=secrets.token_hex(6),
-            clientAddress=getattr(peer, "host", str(peer)),
+            clientAddress=(
+                peer.host if isinstance(peer, IPv4Address | IPv6Address) else str(peer)
+            ),
         )
         policy = self.factory.policy
         if not self.factory.admit(self):
@@ -180,9 +183,7 @@ class POP3Server(protocol.Protocol):
         self._timers["close"] = self.factory.reactor.callLater(CLOSE_GRACE, self._abort)
 
     def _abort(self) -> None:
-        abort = getattr(self.transport, "abortConnection", None)
-        if abort is not None:
-            abort()
+        self.transport.abortConnection()
 
     # -- the input loop --------------------------------------------------
 

@@ -1,15 +1,25 @@
-# -*- test-case-name: tests.test_dsn -*-
+# -*- test-case-name: tests.test_dsn,tests.test_dsn_notify -*-
 """
 Delivery status notifications (RFC 3464): what the sender of a message gets
-when the core MTA refused it for good, when it expired in the queue, or
-(optionally) when it has been waiting for a while.
+when the core MTA refused it for good, when it expired in the queue,
+(optionally) when it has been waiting for a while, or when it was relayed
+to a core that does not report delivery itself.
 
 A DSN is a C{multipart/report; report-type=delivery-status} with three
 parts: a text for people, the C{message/delivery-status} for programs, and
-the original message's header (C{text/rfc822-headers}; never the body).  It
+the original message's header (C{text/rfc822-headers}; never the body,
+whatever C{RET} the client asked: C{RET=HDRS} is what it always gets).  It
 is queued in the spool with the null sender like any other message, so that
 it is relayed, retried and expired the same way; it is never sent about a
 message with the null sender, and never about another DSN.
+
+The client's DSN parameters (RFC 3461) are honoured per recipient
+(L{msa.queue.dsnparams.wantsNotice}): C{NOTIFY=NEVER} means no notice at
+all, otherwise a "failed", "delayed" or "relayed" notice only when its
+C{NOTIFY} names FAILURE, DELAY or SUCCESS; without C{NOTIFY}, the failed
+and delayed notices as before and no "relayed" one.  The C{ENVID} is echoed
+in C{Original-Envelope-Id} and each C{ORCPT} in C{Original-Recipient},
+encoded again as xtext (they are stored decoded: L{msa.xtext}).
 """
 
 from __future__ import annotations
@@ -25,12 +35,12 @@ from twisted.logger import Logger
 
 from msa.envelope import Envelope
 from msa.queue import integrity
+from msa.queue.dsnparams import DELAYED, FAILED, RELAYED, encodeOriginalRecipient
 from msa.queue.queuefile import openContent
+from msa.xtext import encodeXtext
 
 log = Logger()
 
-FAILED = "failed"
-DELAYED = "delayed"
 
 #: At most this much of the original header goes into a DSN.
 HEADER_LIMIT = 64 * 1024
@@ -54,6 +64,9 @@ class RecipientStatus:
         C{"550 5.1.1 no such user"}; a C{Diagnostic-Code} only when it is
         an SMTP reply.
     @ivar remoteMTA: the core's host name, for C{Remote-MTA}.
+    @ivar originalRecipient: the client's C{ORCPT}, encoded
+        (L{msa.queue.dsnparams.encodeOriginalRecipient}), for
+        C{Original-Recipient}.
     """
 
     recipient: str
@@ -61,6 +74,7 @@ class RecipientStatus:
     status: str
     diagnostic: str = ""
     remoteMTA: str = ""
+    originalRecipient: str = ""
 
 
 def needsNotification(entry) -> bool:
@@ -92,11 +106,17 @@ def statusFromReply(text: str, action: str) -> str:
 
 
 def recipientStatus(
-    recipient: str, action: str, error: str, remoteMTA: str = ""
+    recipient: str, action: str, error: str, remoteMTA: str = "", orcpt: str = ""
 ) -> RecipientStatus:
-    return RecipientStatus(
-        recipient, action, statusFromReply(error, action), error, remoteMTA
-    )
+    """
+    The report about C{recipient}: its status from C{error}, the last
+    reply (C{2.0.0} for L{RELAYED}, whose reply is the core's 250).
+
+    @param orcpt: the recipient's decoded C{ORCPT} parameter, if any.
+    """
+    status = "2.0.0" if action == RELAYED else statusFromReply(error, action)
+    original = encodeOriginalRecipient(orcpt) if orcpt else ""
+    return RecipientStatus(recipient, action, status, error, remoteMTA, original)
 
 
 def readHeaders(messageFile: BinaryIO, limit: int = HEADER_LIMIT) -> bytes:
@@ -152,9 +172,14 @@ def _textPart(
     recipients: list[RecipientStatus],
     willRetryUntil: float | None,
 ) -> str:
-    delayed = recipients[0].action == DELAYED
+    action = recipients[0].action
     lines = [f"This is the mail system at host {hostname}.", ""]
-    if delayed:
+    if action == RELAYED:
+        lines += [
+            "Your message was handed on to the recipients' mail system, which",
+            "does not report delivery: no further notice will follow.",
+        ]
+    elif action == DELAYED:
         lines += [
             "####################################################################",
             "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
@@ -195,7 +220,12 @@ def _statusPart(
     head.append(f"Arrival-Date: {_date(arrival)}")
     blocks.append(head)
     for r in recipients:
-        fields = [
+        fields = []
+        if r.originalRecipient:
+            fields.append(
+                _clean(f"Original-Recipient: {r.originalRecipient}", MAX_LINE)
+            )
+        fields += [
             _clean(f"Final-Recipient: rfc822; {r.recipient}", MAX_LINE),
             f"Action: {r.action}",
             f"Status: {r.status}",
@@ -236,14 +266,12 @@ def buildDSN(
     """
     if not recipients:
         raise ValueError("a DSN needs at least one recipient")
-    delayed = recipients[0].action == DELAYED
     headers = _lines([x for x in (y.rstrip(b"\r") for y in headers.split(b"\n")) if x])
     boundary = f"=_dsn_{queueId}_{secrets.token_hex(8)}"
-    subject = (
-        "Delayed Mail (still being retried)"
-        if delayed
-        else "Undelivered Mail Returned to Sender"
-    )
+    subject = {
+        DELAYED: "Delayed Mail (still being retried)",
+        RELAYED: "Successful Mail Relay Report",
+    }.get(recipients[0].action, "Undelivered Mail Returned to Sender")
     messageId = messageId or f"{queueId}.{secrets.token_hex(6)}"
     text = _textPart(hostname, queueId, arrival, recipients, willRetryUntil)
     status = _statusPart(
@@ -289,7 +317,7 @@ def buildDSN(
             [
                 "",
                 f"--{boundary}",
-                "Content-Description: Undelivered message header",
+                "Content-Description: Message header",
                 "Content-Type: text/rfc822-headers",
                 f"Content-Transfer-Encoding: {encoding(headers)}",
                 "",
@@ -388,7 +416,7 @@ def _queueWithHeaders(
                 recipients=recipients,
                 headers=headers,
                 willRetryUntil=willRetryUntil,
-                envid=(entry.envelope.mailParams or {}).get("ENVID"),
+                envid=encodeXtext((entry.envelope.mailParams or {}).get("ENVID") or ""),
                 messageId=writer.queueId,
             )
         )

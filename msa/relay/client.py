@@ -96,6 +96,9 @@ class SMTPDownstream:
     @param contextFactory: the client TLS context, normally from
         L{msa.tls.clientContextFactory}; by default one for C{host} with the
         system trust store.
+    @param verifyCertificate: whether C{contextFactory} verifies the
+        core's certificate (L{False} only when the operator said so): a
+        REQUIRETLS message goes only over verified TLS.
     @param authUsername: AUTH PLAIN after TLS when set.
     @param connectTimeout: seconds for the TCP connection.
     @param commandTimeout: seconds for each reply (greeting included).
@@ -117,6 +120,7 @@ class SMTPDownstream:
         dataTimeout: float = 600,
         idleTimeout: float = 5,
         maxTransactions: int = 100,
+        verifyCertificate: bool = True,
     ) -> None:
         if tlsMode not in TLS_MODES:
             raise ValueError(f"tlsMode must be one of {TLS_MODES}, not {tlsMode!r}")
@@ -131,6 +135,7 @@ class SMTPDownstream:
 
             contextFactory = clientContextFactory(host)
         self.contextFactory = contextFactory
+        self.verifyCertificate = verifyCertificate
         self.heloName = heloName
         self.authUsername = authUsername
         self.authPassword = authPassword
@@ -207,6 +212,7 @@ class SMTPDownstream:
                 self.commandTimeout,
                 self.dataTimeout,
                 self,
+                verifiedTLS=self.tlsMode != "none" and self.verifyCertificate,
             )
             reusable = await transaction.run(messageFile)
         except Exception as e:

@@ -2,8 +2,8 @@
 """
 The queue runner's delivery status notifications (L{Notices}, a
 collaborator the runner holds): the "failed" notice of a permanent failure
-or an expiry (L{Notices.failed}),
-the "delayed" one, and notices owed because an earlier try at queueing
+or an expiry (L{Notices.failed}), the "delayed" one, the "relayed" one
+(L{Notices.relayed}), and notices owed because an earlier try at queueing
 them failed, retried with the delivery backoff until they are queued.  A
 notice is itself a queued message (L{msa.queue.dsn}).
 """
@@ -16,8 +16,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from msa.interfaces import IDownstream
-from msa.queue import dsn, integrity
+from msa.queue import dsn, dsnparams, integrity
 from msa.queue.spool import Spool, SpoolEntry
+from msa.relay.protocol import DeliveryResult
 
 log = Logger(namespace="msa.relay.runner")
 
@@ -229,8 +230,27 @@ class Notices:
             )
         )
 
+    async def relayed(self, entry: SpoolEntry, result: DeliveryResult) -> bool:
+        """
+        After a delivery: queue a "relayed" notification (RFC 3464 2.3.3)
+        about the recipients the downstream accepted whose NOTIFY asked for
+        SUCCESS, when the downstream did not offer DSN (one that does was
+        given the NOTIFY and reports delivery itself).  A failure is
+        logged: the message was delivered either way.
+
+        @return: whether one was queued.
+        """
+        if result.dsnOffered:
+            return False
+        replies = {r: str(result.recipients[r]) for r in result.accepted}
+        return await self.notify(entry, list(replies), dsn.RELAYED, replies)
+
     async def notify(
-        self, entry: SpoolEntry, recipients: list[str], action: str
+        self,
+        entry: SpoolEntry,
+        recipients: list[str],
+        action: str,
+        replies: dict[str, str] | None = None,
     ) -> bool:
         """
         Queue a notification of C{action} about C{recipients} of C{entry};
@@ -239,7 +259,7 @@ class Notices:
         @return: whether one was queued.
         """
         try:
-            return await self.notifyOrRaise(entry, recipients, action)
+            return await self.notifyOrRaise(entry, recipients, action, replies)
         except Exception as e:
             log.error(
                 "cannot queue the {action} DSN about {queueId}: {error}",
@@ -250,21 +270,42 @@ class Notices:
             return False
 
     async def notifyOrRaise(
-        self, entry: SpoolEntry, recipients: list[str], action: str
+        self,
+        entry: SpoolEntry,
+        recipients: list[str],
+        action: str,
+        replies: dict[str, str] | None = None,
     ) -> bool:
         """
-        Queue a notification of C{action} about C{recipients} of C{entry}.
+        Queue a notification of C{action} about those of C{recipients} of
+        C{entry} whose NOTIFY asks for it (L{dsnparams.wantsNotice}).
 
+        @param replies: the reply about each recipient; by default its
+            last error.
         @return: whether one was queued (none is due for the null sender,
-            a DSN, or without C{dsnHostname}).
+            a DSN, without C{dsnHostname}, or when no recipient's NOTIFY
+            asks for it).
         @raise Exception: when it could not be queued.
         """
         hostname = self._runner.dsnHostname
         if hostname is None or not dsn.needsNotification(entry):
             return False
+        envelope = entry.envelope
+        recipients = [
+            r for r in recipients if dsnparams.wantsNotice(envelope, r, action)
+        ]
+        if not recipients:
+            return False
+        replies = entry.errors if replies is None else replies
         remote = self._runner.downstream.host
         statuses = [
-            dsn.recipientStatus(r, action, entry.errors.get(r, ""), remote)
+            dsn.recipientStatus(
+                r,
+                action,
+                replies.get(r, ""),
+                remote,
+                dsnparams.recipientParameters(envelope, r).get("ORCPT") or "",
+            )
             for r in recipients
         ]
         try:

@@ -358,6 +358,9 @@ class DeliveryResult:
     #: Set when the message was not handed over because its bytes are not
     #: the acknowledged ones (L{msa.queue.integrity}): it is to be held.
     mismatch: Mismatch | None = None
+    #: Whether the downstream offered DSN (RFC 3461): it then takes over
+    #: the NOTIFY=SUCCESS notifications, and the relay sends none itself.
+    dsnOffered: bool = False
 
     def _with(self, status: str) -> list[str]:
         return [r for r, res in self.recipients.items() if res.status == status]

@@ -370,6 +370,7 @@ class RelayRunner(Service):
                 reply=result.reply,
                 attempt=entry.attempts + 1,
             )
+            await self.notices.relayed(entry, result)
         await self._apply(entry, result)
 
     async def _apply(self, entry: SpoolEntry, result: DeliveryResult) -> None:

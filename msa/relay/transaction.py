@@ -1,8 +1,11 @@
-# -*- test-case-name: tests.test_relay_pipelining,tests.test_relay_client -*-
+# -*- test-case-name: tests.test_relay_pipelining,tests.test_relay_extensions -*-
 """
 One mail transaction with the core MTA on an open, greeted connection:
-MAIL, RCPT for each pending recipient, DATA and the message, each reply
-mapped to a L{msa.relay.protocol.RecipientResult}.
+MAIL, RCPT for each pending recipient, DATA and the message (or BDAT for a
+BINARYMIME message: L{msa.relay.chunks}), each reply mapped to a
+L{msa.relay.protocol.RecipientResult}.  The parameters of MAIL and RCPT,
+and a message refused before anything is sent because the core lacks an
+extension it needs, are L{msa.relay.extensions}'.
 
 When the core offers PIPELINING (RFC 2920), MAIL, every RCPT and DATA go
 in one write, and the replies are read in order afterwards (DATA is the
@@ -32,6 +35,13 @@ from twisted.logger import Logger
 
 from msa.queue import integrity
 from msa.queue.spool import SpoolEntry
+from msa.relay.chunks import sendChunks
+from msa.relay.extensions import (
+    localRefusal,
+    mailFromLine,
+    rcptLine,
+    usesChunking,
+)
 from msa.relay.protocol import (
     ACCEPTED,
     TEMPORARY,
@@ -46,34 +56,6 @@ log = Logger()
 
 #: The reply text of a transaction in which the core accepted no recipient.
 NO_RECIPIENT = "no recipient accepted"
-
-
-def _address(address: str) -> bytes:
-    return address.encode("utf-8")
-
-
-def mailFromLine(entry: SpoolEntry, extensions: dict[str, str]) -> bytes:
-    """
-    The MAIL command for C{entry}, with the parameters the client declared
-    and the core understands (C{extensions}, from its EHLO reply).
-    """
-    params = entry.envelope.mailParams or {}
-    line = b"MAIL FROM:<" + _address(entry.envelope.sender) + b">"
-    body = params.get("BODY")
-    if body:
-        line += b" BODY=" + body.upper().encode("ascii")
-    elif entry.eightBit and "8BITMIME" in extensions:
-        line += b" BODY=8BITMIME"
-    if "SMTPUTF8" in params:
-        line += b" SMTPUTF8"
-    if "SIZE" in extensions:
-        line += b" SIZE=%d" % (entry.size,)
-    if "DSN" in extensions:
-        for key in ("RET", "ENVID"):
-            value = params.get(key)
-            if value:
-                line += b" %s=%s" % (key.encode(), value.encode("ascii"))
-    return line
 
 
 @attrs.define
@@ -95,6 +77,7 @@ class MailTransaction:
     commandTimeout: float
     dataTimeout: float
     downstream: object = None
+    verifiedTLS: bool = True
 
     @property
     def pipelined(self) -> bool:
@@ -118,10 +101,18 @@ class MailTransaction:
         @return: whether the connection can be used for another one.
         """
         pending, result = self.pending, self.result
+        result.dsnOffered = "DSN" in self.extensions
+        refusal = localRefusal(self.entry, self.extensions, self.verifiedTLS)
+        if refusal is not None:
+            # Nothing was sent: the connection stays good for another.
+            self._setAll(pending, resultFor(refusal), refusal)
+            return True
+        chunking = usesChunking(self.entry, self.extensions)
         mail = mailFromLine(self.entry, self.extensions)
-        rcpts = [b"RCPT TO:<" + _address(rcpt) + b">" for rcpt in pending]
+        rcpts = [rcptLine(self.entry, rcpt, self.extensions) for rcpt in pending]
         if self.pipelined:
-            self.proto.sendLines([mail, *rcpts, b"DATA"])
+            # BDAT carries its data at once: it is sent after the replies.
+            self.proto.sendLines([mail, *rcpts, *([] if chunking else [b"DATA"])])
         reply = await self._reply(mail)
         mailRefused = reply.code != 250
         if mailRefused:
@@ -149,9 +140,11 @@ class MailTransaction:
         if not accepted:
             if not mailRefused:
                 result.reply = NO_RECIPIENT
-            if not self.pipelined:
+            if not self.pipelined or chunking:
                 return True
             return await self._dataWithoutRecipient()
+        if chunking:
+            return await self._sendChunks(messageFile, accepted)
 
         reply = await self._reply(b"DATA")
         if reply.code != 354:
@@ -186,19 +179,12 @@ class MailTransaction:
         Stream the message after the 354, hashed as it is read, and read the
         reply to the data.
         """
-        try:
-            await self.proto.sendFile(
-                messageFile,
-                self.dataTimeout,
-                integrity.digesterFor(self.entry),
-                self.entry,
-            )
-        except integrity.IntegrityError as e:
-            # No final dot was sent and the connection is dropped: the core
-            # discards the unterminated data.
-            self.held(accepted, e.mismatch)
-            return False
-        reply = await self.proto.readReply(self.dataTimeout, "the reply to the data")
+        return await self._handOver(messageFile, accepted, chunked=False)
+
+    def _dataReplied(self, reply: Reply, accepted: list[str]) -> bool:
+        """
+        Record the core's reply to the data (or to the last chunk).
+        """
         if reply.code == 250:
             self._setAll(accepted, RecipientResult(ACCEPTED, 250, reply.text), reply)
         else:
@@ -210,6 +196,41 @@ class MailTransaction:
             reply=str(reply),
         )
         return reply.code != 421
+
+    async def _sendChunks(self, messageFile: BinaryIO, accepted: list[str]) -> bool:
+        """
+        Send the message with BDAT (a BINARYMIME message, which DATA
+        cannot carry), hashed as it is read; the digest is compared before
+        the LAST chunk, which is never sent on a mismatch.
+        """
+        return await self._handOver(messageFile, accepted, chunked=True)
+
+    async def _handOver(
+        self, messageFile: BinaryIO, accepted: list[str], chunked: bool
+    ) -> bool:
+        """
+        Send the message (after the 354, or with BDAT when C{chunked}) and
+        read the core's reply to it.  On a digest mismatch, the final dot or
+        the LAST chunk was never sent and the connection is dropped: the
+        core discards the data, and the message is held.
+        """
+        digester = integrity.digesterFor(self.entry)
+        try:
+            if chunked:
+                reply = await sendChunks(
+                    self.proto, messageFile, self.dataTimeout, digester, self.entry
+                )
+            else:
+                await self.proto.sendFile(
+                    messageFile, self.dataTimeout, digester, self.entry
+                )
+                reply = await self.proto.readReply(
+                    self.dataTimeout, "the reply to the data"
+                )
+        except integrity.IntegrityError as e:
+            self.held(accepted, e.mismatch)
+            return False
+        return self._dataReplied(reply, accepted)
 
     def held(self, accepted: list[str], mismatch: integrity.Mismatch) -> None:
         """

@@ -196,6 +196,7 @@ def _downstream(config: Config):
         dataTimeout=relay["data_timeout"],
         idleTimeout=relay["idle_timeout"],
         maxTransactions=relay["max_messages_per_connection"],
+        verifyCertificate=relay["verify_certificate"],
     )
 
 

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from OpenSSL import SSL
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -27,7 +26,7 @@ from msa.interfaces import IMechanismCredentials, ISubmission
 from msa.sasl import Authenticate, Challenge
 from msa.sasl.digest_md5 import parseDirectives
 from msa.submission.phase import SessionPhase
-from msa.tls import tlsConnection
+from msa.tls import channelBindings
 
 if TYPE_CHECKING:
     from msa.submission.server import SubmissionServer
@@ -44,26 +43,6 @@ SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
 #: The client-certificate mechanism, offered only where L{peerIdentities}
 #: finds a verified certificate.
 EXTERNAL = "EXTERNAL"
-
-
-def channelBindings(transport: object) -> dict[str, bytes]:
-    """
-    The channel bindings of a TLS transport: C{{"tls-exporter": data}}
-    (RFC 9266: the exporter with label C{EXPORTER-Channel-Binding}, no
-    context, 32 bytes) on TLS 1.3, else nothing.  On TLS 1.2 tls-exporter
-    is safe only with the extended master secret, which pyOpenSSL cannot
-    tell us was negotiated, so TLS 1.2 gets no channel binding.
-    """
-    conn = tlsConnection(transport)
-    if conn is None:
-        return {}
-    if conn.get_protocol_version_name() != "TLSv1.3":
-        return {}
-    try:
-        data = conn.export_keying_material(b"EXPORTER-Channel-Binding", 32)
-    except SSL.Error:
-        return {}
-    return {"tls-exporter": data}
 
 
 def namedUser(mechanism: str, response: bytes) -> str:

@@ -206,6 +206,7 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
             b"MAIL": self.smtp_MAIL,
             b"RCPT": self.smtp_RCPT,
             b"DATA": self.smtp_DATA,
+            b"BDAT": self.smtp_BDAT,
         }
 
     # -- phase --------------------------------------------------------
