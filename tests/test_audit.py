@@ -29,6 +29,7 @@ from msa.audit import (
     lineHash,
     recoverRecords,
     rotatedFiles,
+    timestamp,
     verifyFiles,
 )
 from msa.envelope import Envelope
@@ -111,6 +112,14 @@ class ChainTests(unittest.TestCase):
         self.assertEqual((log.seq, log.head), (4, lineHash(lines[-1])))
         self.assertRegex(parsed[0]["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
         self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o600)
+
+    def test_timestampRoundsIntoTheNextSecond(self):
+        """
+        A time that rounds up to a whole second is that second, with six
+        digits of microseconds, not a seventh.
+        """
+        self.assertEqual(timestamp(1.9999999), "1970-01-01T00:00:02.000000Z")
+        self.assertEqual(timestamp(1.25), "1970-01-01T00:00:01.250000Z")
 
     def test_reopenContinues(self):
         """
@@ -490,6 +499,22 @@ class VerifyTests(unittest.TestCase):
             ],
         )
 
+    def test_emptyLog(self):
+        """
+        An empty log verifies as no records, seq 0..0, its head the genesis.
+        """
+        open(self.path, "w").close()
+        code, out, err = self.admin(self.path)
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(
+            out.splitlines()[:3],
+            [
+                f"note: {self.path}: empty",
+                "OK: 0 record(s) in 1 file(s), seq 0..0, - .. -",
+                f"head: seq 0 sha256 {GENESIS}",
+            ],
+        )
+
     def assertBroken(self, where: int, what: str) -> str:
         result = self.verify()
         self.assertIsNotNone(result.error)
@@ -634,6 +659,36 @@ class RotatedVerifyTests(unittest.TestCase):
         self.assertIsNone(result.error)
         self.assertEqual(result.records, 60 + len(self.files) - 1)
         self.assertEqual(result.notes, [])
+
+    def test_noDirectoryNoRotatedFiles(self):
+        """
+        A log whose directory does not exist (yet) has no predecessors.
+        """
+        missing = os.path.join(os.path.abspath(self.mktemp()), "audit.jsonl")
+        self.assertEqual(rotatedFiles(missing), [])
+
+    def test_rotatedNamesOnly(self):
+        """
+        Only the log's name, a dot and six or more digits name a rotated
+        file: other files beside it are not read as part of the chain.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        for name in (
+            "audit.jsonl.0000010",
+            "audit.jsonl.000002",
+            "audit.jsonl.copy.000003",
+            "audit.jsonl.00004",
+            "other.jsonl.000005",
+        ):
+            open(os.path.join(directory, name), "w").close()
+        self.assertEqual(
+            rotatedFiles(os.path.join(directory, "audit.jsonl")),
+            [
+                os.path.join(directory, n)
+                for n in ("audit.jsonl.000002", "audit.jsonl.0000010")
+            ],
+        )
 
     def test_defaultFilesFromConfiguration(self):
         """

@@ -80,12 +80,22 @@ TARGETS = {
         "tests.test_mutants",
     ],
     # The audit chain: hashing and linking records, and verifying a log.
+    # tests.test_audit's daemon and SIGKILL classes are left out (slow).
     "msa/audit/chain.py": [
+        "tests.test_audit.ChainTests",
+        "tests.test_audit.VerifyTests",
+        "tests.test_audit.RotatedVerifyTests",
+        "tests.test_audit.ConfigTests",
         "tests.test_auditverify",
         "tests.test_auditgaps",
         "tests.test_auditthreads",
     ],
-    "msa/audit/verify.py": ["tests.test_auditverify", "tests.test_auditgaps"],
+    "msa/audit/verify.py": [
+        "tests.test_audit.VerifyTests",
+        "tests.test_audit.RotatedVerifyTests",
+        "tests.test_auditverify",
+        "tests.test_auditgaps",
+    ],
 }
 
 _FLIP = {
