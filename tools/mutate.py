@@ -64,7 +64,11 @@ TARGETS = {
         "tests.test_headerfrom",
         "tests.test_authorization",
     ],
-    "msa/policy/headerfrom.py": ["tests.test_headerfrom", "tests.test_mailboxes"],
+    "msa/policy/headerfrom.py": [
+        "tests.test_headerfrom",
+        "tests.test_mailboxes",
+        "tests.test_mutants.HeaderFromRequiredTests",
+    ],
     "msa/queue/spool.py": ["tests.test_spool", "tests.test_mutants"],
     "msa/queue/writer.py": [
         "tests.test_spool",
