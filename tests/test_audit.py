@@ -32,6 +32,7 @@ from msa.audit import (
     timestamp,
     verifyFiles,
 )
+from msa.audit.chain import lastLine
 from msa.envelope import Envelope
 from msa.errors import SMTPReply
 from msa.queue.spool import Spool
@@ -120,6 +121,30 @@ class ChainTests(unittest.TestCase):
         """
         self.assertEqual(timestamp(1.9999999), "1970-01-01T00:00:02.000000Z")
         self.assertEqual(timestamp(1.25), "1970-01-01T00:00:01.250000Z")
+
+    def test_lastLine(self):
+        """
+        The last complete line and the offset after it, read backwards in
+        chunks: a single line, a torn tail, a line longer than a chunk, an
+        empty first line before a torn tail, no complete line.
+        """
+        path = os.path.abspath(self.mktemp())
+        for content, expected in [
+            (b'{"seq":1}\n', (b'{"seq":1}', 10)),
+            (b"one\ntwo\ntorn", (b"two", 8)),
+            (b"one\n" + b"x" * 20000 + b"\n", (b"x" * 20000, 20005)),
+            # Its first byte alone left after the first chunk.
+            (b"x" * 8192 + b"\n", (b"x" * 8192, 8193)),
+            (b"\ntorn", (b"", 1)),
+            (b"torn", (None, 0)),
+        ]:
+            with open(path, "wb") as f:
+                f.write(content)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                self.assertEqual(lastLine(fd, len(content)), expected, content[:20])
+            finally:
+                os.close(fd)
 
     def test_reopenContinues(self):
         """
