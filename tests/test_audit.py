@@ -540,6 +540,21 @@ class VerifyTests(unittest.TestCase):
             ],
         )
 
+    def test_splitWithoutRotatedRecord(self):
+        """
+        A log cut in two by hand still links, but the second file does not
+        start with a rotated record: verified, with a note saying so.
+        """
+        first = self.path + ".000001"
+        writeLines(first, self.lines[:3])
+        writeLines(self.path, self.lines[3:])
+        result = verifyFiles([first, self.path])
+        self.assertEqual((result.error, result.records), (None, 6))
+        self.assertEqual(
+            result.notes,
+            [f"{self.path}:1: a file that does not start with a rotated record"],
+        )
+
     def assertBroken(self, where: int, what: str) -> str:
         result = self.verify()
         self.assertIsNotNone(result.error)
