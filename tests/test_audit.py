@@ -32,7 +32,7 @@ from msa.audit import (
     timestamp,
     verifyFiles,
 )
-from msa.audit.chain import lastLine
+from msa.audit.chain import lastLine, predecessorHead
 from msa.envelope import Envelope
 from msa.errors import SMTPReply
 from msa.queue.spool import Spool
@@ -706,6 +706,18 @@ class RotatedVerifyTests(unittest.TestCase):
         """
         missing = os.path.join(os.path.abspath(self.mktemp()), "audit.jsonl")
         self.assertEqual(rotatedFiles(missing), [])
+
+    def test_emptyPredecessor(self):
+        """
+        A log after an empty rotated file continues from the genesis, as
+        after none.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        open(os.path.join(directory, "audit.jsonl.000001"), "wb").close()
+        self.assertEqual(
+            predecessorHead(os.path.join(directory, "audit.jsonl")), (0, GENESIS)
+        )
 
     def test_rotatedNamesOnly(self):
         """
