@@ -13,9 +13,15 @@ allocation sites that grew most, by line and by traceback.
 
     python bench/soak_memory.py [--messages 20000] [--batch 2000]
         [--concurrency 20] [--size 1024] [--top 15] [--msa-option KEY=VALUE]
+        [--frames 12] [--deadline SECONDS] [--idle SECONDS]
+
+With C{--idle}, the RSS after the last batch and that many idle seconds,
+then again after C{malloc_trim(0)}: memory that comes back then was free
+memory glibc's allocator kept, not memory the MSA holds.
 """
 
 import argparse
+import ctypes
 import gc
 import os
 import subprocess
@@ -98,6 +104,9 @@ def soak(args, work: str):
         firstAt = 0
         started = time.monotonic()
         while sent < args.messages + args.batch:
+            if args.deadline and time.monotonic() - started > args.deadline:
+                print(f"(stopped at the deadline of {args.deadline:.0f} s)")
+                break
             yield threads.deferToThread(sendBatch, server, args, args.batch)
             sent += args.batch
             done = yield threads.deferToThread(sink.waitFor, sent, 600)
@@ -114,6 +123,12 @@ def soak(args, work: str):
             )
             if first is None:
                 first, firstAt = shot, sent
+        if args.idle:
+            yield threads.deferToThread(time.sleep, args.idle)
+            snapshot()
+            print(f"idle {args.idle:.0f} s: RSS {rss() / 1e6:.1f} MB", flush=True)
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            print(f"after malloc_trim(0): RSS {rss() / 1e6:.1f} MB", flush=True)
         if first is not None:
             report(first, shot, sent - firstAt, args.top)
     finally:
@@ -130,6 +145,18 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--msa-option", action="append", default=[])
     parser.add_argument("--tmp", default=None)
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=0,
+        help="send no further batch after this many seconds",
+    )
+    parser.add_argument(
+        "--idle",
+        type=float,
+        default=0,
+        help="then idle this many seconds, and give glibc's free memory back",
+    )
     parser.add_argument(
         "--frames",
         type=int,

@@ -29,8 +29,10 @@ from msa.audit import (
     lineHash,
     recoverRecords,
     rotatedFiles,
+    timestamp,
     verifyFiles,
 )
+from msa.audit.chain import lastLine, predecessorHead
 from msa.envelope import Envelope
 from msa.errors import SMTPReply
 from msa.queue.spool import Spool
@@ -111,6 +113,38 @@ class ChainTests(unittest.TestCase):
         self.assertEqual((log.seq, log.head), (4, lineHash(lines[-1])))
         self.assertRegex(parsed[0]["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
         self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o600)
+
+    def test_timestampRoundsIntoTheNextSecond(self):
+        """
+        A time that rounds up to a whole second is that second, with six
+        digits of microseconds, not a seventh.
+        """
+        self.assertEqual(timestamp(1.9999999), "1970-01-01T00:00:02.000000Z")
+        self.assertEqual(timestamp(1.25), "1970-01-01T00:00:01.250000Z")
+
+    def test_lastLine(self):
+        """
+        The last complete line and the offset after it, read backwards in
+        chunks: a single line, a torn tail, a line longer than a chunk, an
+        empty first line before a torn tail, no complete line.
+        """
+        path = os.path.abspath(self.mktemp())
+        for content, expected in [
+            (b'{"seq":1}\n', (b'{"seq":1}', 10)),
+            (b"one\ntwo\ntorn", (b"two", 8)),
+            (b"one\n" + b"x" * 20000 + b"\n", (b"x" * 20000, 20005)),
+            # Its first byte alone left after the first chunk.
+            (b"x" * 8192 + b"\n", (b"x" * 8192, 8193)),
+            (b"\ntorn", (b"", 1)),
+            (b"torn", (None, 0)),
+        ]:
+            with open(path, "wb") as f:
+                f.write(content)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                self.assertEqual(lastLine(fd, len(content)), expected, content[:20])
+            finally:
+                os.close(fd)
 
     def test_reopenContinues(self):
         """
@@ -490,6 +524,37 @@ class VerifyTests(unittest.TestCase):
             ],
         )
 
+    def test_emptyLog(self):
+        """
+        An empty log verifies as no records, seq 0..0, its head the genesis.
+        """
+        open(self.path, "w").close()
+        code, out, err = self.admin(self.path)
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(
+            out.splitlines()[:3],
+            [
+                f"note: {self.path}: empty",
+                "OK: 0 record(s) in 1 file(s), seq 0..0, - .. -",
+                f"head: seq 0 sha256 {GENESIS}",
+            ],
+        )
+
+    def test_splitWithoutRotatedRecord(self):
+        """
+        A log cut in two by hand still links, but the second file does not
+        start with a rotated record: verified, with a note saying so.
+        """
+        first = self.path + ".000001"
+        writeLines(first, self.lines[:3])
+        writeLines(self.path, self.lines[3:])
+        result = verifyFiles([first, self.path])
+        self.assertEqual((result.error, result.records), (None, 6))
+        self.assertEqual(
+            result.notes,
+            [f"{self.path}:1: a file that does not start with a rotated record"],
+        )
+
     def assertBroken(self, where: int, what: str) -> str:
         result = self.verify()
         self.assertIsNotNone(result.error)
@@ -634,6 +699,48 @@ class RotatedVerifyTests(unittest.TestCase):
         self.assertIsNone(result.error)
         self.assertEqual(result.records, 60 + len(self.files) - 1)
         self.assertEqual(result.notes, [])
+
+    def test_noDirectoryNoRotatedFiles(self):
+        """
+        A log whose directory does not exist (yet) has no predecessors.
+        """
+        missing = os.path.join(os.path.abspath(self.mktemp()), "audit.jsonl")
+        self.assertEqual(rotatedFiles(missing), [])
+
+    def test_emptyPredecessor(self):
+        """
+        A log after an empty rotated file continues from the genesis, as
+        after none.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        open(os.path.join(directory, "audit.jsonl.000001"), "wb").close()
+        self.assertEqual(
+            predecessorHead(os.path.join(directory, "audit.jsonl")), (0, GENESIS)
+        )
+
+    def test_rotatedNamesOnly(self):
+        """
+        Only the log's name, a dot and six or more digits name a rotated
+        file: other files beside it are not read as part of the chain.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        for name in (
+            "audit.jsonl.0000010",
+            "audit.jsonl.000002",
+            "audit.jsonl.copy.000003",
+            "audit.jsonl.00004",
+            "other.jsonl.000005",
+        ):
+            open(os.path.join(directory, name), "w").close()
+        self.assertEqual(
+            rotatedFiles(os.path.join(directory, "audit.jsonl")),
+            [
+                os.path.join(directory, n)
+                for n in ("audit.jsonl.000002", "audit.jsonl.0000010")
+            ],
+        )
 
     def test_defaultFilesFromConfiguration(self):
         """

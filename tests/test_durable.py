@@ -101,6 +101,17 @@ class WriteDurablyTests(unittest.TestCase):
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
         self.assertEqual(self.listing(), ["file.json"])
 
+    def test_writeSyncedMode(self):
+        """
+        L{durable.writeSynced} (the spool's state file in C{tmp/}) writes
+        the bytes with mode 0600 by default, owner-only like every file of
+        a message.
+        """
+        durable.writeSynced(self.path, b"{}\n")
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), b"{}\n")
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+
     def test_chunks(self):
         """
         An iterable of chunks is written in order, consumed as it comes.

@@ -206,6 +206,44 @@ class GroupCommitTests(unittest.TestCase):
         self.assertIn("a round of 1 job(s) gave 0 result(s)", str(failure.value))
 
     @defer.inlineCallbacks
+    def test_globalReactorByDefault(self):
+        """
+        Without a reactor given (as the spool's and the audit log's are
+        made), a job from the reactor runs in the global reactor's thread
+        pool, never in the reactor thread.
+        """
+        rounds = Rounds()
+        result = yield GroupCommit(rounds).commit("a")
+        self.assertEqual(result, "A")
+        self.assertNotIn(threading.current_thread(), rounds.threads)
+
+    def test_oneDrainScheduled(self):
+        """
+        Jobs submitted from the reactor before the thread pool picks up the
+        first one's drain share that drain and its round: one thread-pool
+        call, not one each.
+        """
+        calls = []
+
+        class Pool:
+            def callInThread(self, f):
+                calls.append(f)
+
+        class PooledClock(task.Clock):
+            getThreadPool = Pool
+
+            def callFromThread(self, f, *args):
+                f(*args)
+
+        rounds = Rounds()
+        commits = GroupCommit(rounds, PooledClock())
+        results = [commits.commit(name) for name in ("a", "b", "c")]
+        self.assertEqual(len(calls), 1)
+        calls[0]()
+        self.assertEqual(rounds.rounds, [["a", "b", "c"]])
+        self.assertEqual([self.successResultOf(d) for d in results], ["A", "B", "C"])
+
+    @defer.inlineCallbacks
     def test_reactorJobsShareARound(self):
         """
         Jobs submitted from the reactor while a round runs share the next

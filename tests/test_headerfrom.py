@@ -35,8 +35,12 @@ class ReadersAgreeTests(unittest.TestCase):
         self.assertFalse(_readersAgree("ceo@belastingdienst.nl ik@mijnbedrijf.nl", ik))
         # Both read another mailbox than the strict reading given.
         self.assertFalse(_readersAgree("jij@mijnbedrijf.nl", ik))
-        # A reader that fails counts as disagreeing.
+        # A reader that fails counts as disagreeing: getaddresses reads the
+        # empty group as an empty address, which has no "@" to split at.
         self.assertFalse(_readersAgree("\udcff", ik))
+        self.assertFalse(
+            _readersAgree("Niemand:;, c@x.nl", (Mailbox("", "c", "x.nl"),))
+        )
 
 
 class ThroughProtocolTests(unittest.TestCase):
@@ -72,6 +76,26 @@ class ThroughProtocolTests(unittest.TestCase):
             b"(text after an address)",
         )
         self.assertEqual(self.h.spool.committed, [])
+
+    def test_lenientReaderComplaintRefused(self):
+        """
+        A field the strict reader accepts but a lenient reader complains
+        about (an unquoted period in the display name is obsolete syntax to
+        C{email.headerregistry}) is refused as malformed, though every
+        reader names the account's own mailbox: 550 5.6.0, nothing queued.
+        """
+        for value in [
+            b"J. Smit <ik@mijnbedrijf.nl>",
+            b"ik.(x)zelf <ik@mijnbedrijf.nl>",
+        ]:
+            self.assertEqual(
+                self.submit(b"From: " + value + b"\r\n"),
+                b"550 5.6.0 Message refused: malformed From: header field",
+            )
+        self.assertEqual(self.h.spool.committed, [])
+        # Quoted, the same name is plain RFC 5322 and queued.
+        reply = self.submit(b'From: "J. Smit" <ik@mijnbedrijf.nl>\r\n')
+        self.assertTrue(reply.startswith(b"250 2.0.0 Ok: queued as "), reply)
 
     def test_secondFromRefused(self):
         """

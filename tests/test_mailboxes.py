@@ -74,6 +74,20 @@ class AcceptedFormTests(unittest.TestCase):
         )
         self.assertEqual(readMailboxes("Niemand:;").groups, 1)
 
+    def test_groupSpacing(self):
+        """
+        An empty group followed by a mailbox, and comments and spaces around
+        the members of a group, are read without a defect.
+        """
+        for body, expected in [
+            ("Niemand:;, c@x.nl", ["c@x.nl"]),
+            ("Team: a@x.nl (Jan) , b@x.nl (Piet) ;", ["a@x.nl", "b@x.nl"]),
+        ]:
+            reading = readMailboxes(body)
+            self.assertEqual(reading.defects, (), body)
+            self.assertEqual(reading.groups, 1, body)
+            self.assertEqual([m.addrSpec for m in reading.mailboxes], expected, body)
+
 
 class DefectTests(unittest.TestCase):
     """
@@ -167,6 +181,15 @@ class DefectTests(unittest.TestCase):
             ("A: B: b@x.nl;;", "neither an address nor a display name and <address>"),
         ]:
             self.assertEqual(readMailboxes(body).defects, (defect,), body)
+
+    def test_localPartOf64Octets(self):
+        """
+        RFC 5321 4.5.3.1.1: a local part of 64 octets is read; 65 is the
+        defect above.
+        """
+        reading = readMailboxes("l" * 64 + "@x.nl")
+        self.assertEqual(reading.defects, ())
+        self.assertEqual([m.localPart for m in reading.mailboxes], ["l" * 64])
 
 
 class AddrSpecTests(unittest.TestCase):

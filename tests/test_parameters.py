@@ -131,6 +131,21 @@ class GrammarTests(unittest.TestCase):
         self.assertLess(len(str(error)), 120)
         self.assertIn("SIZE=1?", str(error))
 
+    def test_shownCutAfter64(self):
+        """
+        A malformed parameter of 64 characters is quoted whole; one of 65
+        is quoted as its first 61 and "...".
+        """
+        word = "SIZE=1\x01" + "x" * 57
+        self.assertEqual(
+            self.assertRefused(word, 501).text,
+            "Bad parameter syntax: SIZE=1?" + "x" * 57,
+        )
+        self.assertEqual(
+            self.assertRefused(word + "y", 501).text,
+            "Bad parameter syntax: SIZE=1?" + "x" * 54 + "...",
+        )
+
 
 class ProtocolTests(unittest.TestCase):
     def setUp(self):

@@ -48,6 +48,7 @@ from msa.service import logs
 from msa.service.config import Config, ConfigError, loadConfig
 from msa.service.controlsocket import ControlService, socketPath
 from msa.service.health import Health, healthSite
+from msa.service.heaptrim import HeapTrim
 from msa.service.pop3service import addPOP3Listeners
 from msa.service.returnchannel import buildReturnChannel
 from msa.service.services import (
@@ -352,6 +353,7 @@ def buildService(config: Config, reactor=None) -> OrderedShutdown:
             sessionLimiter.local = MemorySessionLimiter(registry)
     _checkBacklog(server["listen_backlog"])
     SessionShutdown(registry, server["shutdown_grace"]).setServiceParent(top)
+    HeapTrim(registry, reactor).setServiceParent(top)
     for implicit, key in (
         (False, "starttls_listeners"),
         (True, "implicit_tls_listeners"),
