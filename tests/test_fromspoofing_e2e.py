@@ -50,6 +50,7 @@ REFUSED = [
 ACCEPTED = [
     b"From: ik@mijnbedrijf.nl\r\n",
     b'From: "ceo@belastingdienst.nl" <ik@mijnbedrijf.nl>\r\n',
+    b"From: Mijnbedrijf B.V. <ik@mijnbedrijf.nl>\r\n",
     b"From: =?utf-8?q?J=C3=B6rg_M=C3=BCller?= <jorg@MijnBedrijf.nl>,\r\n"
     b' "de Vries, Jan" <jan@mijnbedrijf.nl> (afdeling douane)\r\n'
     b"Sender: secretariaat@mijnbedrijf.nl\r\n",

@@ -77,25 +77,33 @@ class ThroughProtocolTests(unittest.TestCase):
         )
         self.assertEqual(self.h.spool.committed, [])
 
-    def test_lenientReaderComplaintRefused(self):
+    def test_obsoletePhraseQueued(self):
         """
-        A field the strict reader accepts but a lenient reader complains
-        about (an unquoted period in the display name is obsolete syntax to
-        C{email.headerregistry}) is refused as malformed, though every
-        reader names the account's own mailbox: 550 5.6.0, nothing queued.
+        An unquoted period in a display name (RFC 5322 4.1 obs-phrase: the
+        Dutch company suffix "B.V.") is accepted though
+        C{email.headerregistry} notes it as obsolete syntax: every reader
+        names the same mailbox of the account.
         """
         for value in [
             b"J. Smit <ik@mijnbedrijf.nl>",
-            b"ik.(x)zelf <ik@mijnbedrijf.nl>",
+            b"Acme B.V. <ik@mijnbedrijf.nl>",
+            b'"J. Smit" <ik@mijnbedrijf.nl>',
         ]:
-            self.assertEqual(
-                self.submit(b"From: " + value + b"\r\n"),
-                b"550 5.6.0 Message refused: malformed From: header field",
-            )
+            reply = self.submit(b"From: " + value + b"\r\n")
+            self.assertTrue(reply.startswith(b"250 2.0.0 Ok: queued as "), reply)
+
+    def test_obsoletePhraseForeignMailboxRefused(self):
+        """
+        Accepting the obs-phrase excuses nothing else: a foreign mailbox
+        behind "Acme B.V." is refused as any other (550 5.7.1), nothing
+        queued.
+        """
+        self.assertEqual(
+            self.submit(b"From: Acme B.V. <ceo@belastingdienst.nl>\r\n"),
+            b"550 5.7.1 Message refused: From: <ceo@belastingdienst.nl> is not "
+            b"an address of the authenticated account",
+        )
         self.assertEqual(self.h.spool.committed, [])
-        # Quoted, the same name is plain RFC 5322 and queued.
-        reply = self.submit(b'From: "J. Smit" <ik@mijnbedrijf.nl>\r\n')
-        self.assertTrue(reply.startswith(b"250 2.0.0 Ok: queued as "), reply)
 
     def test_secondFromRefused(self):
         """

@@ -41,6 +41,12 @@ def _malformed(name: str, why: str | None = None) -> SMTPReply:
     return SMTPReply(550, "5.6.0", text)
 
 
+#: What C{email.headerregistry} says of an unquoted period in a display
+#: name, and the note that may come with it.
+OBS_PHRASE = "period in 'phrase'"
+OBS_PHRASE_NOTES = frozenset({OBS_PHRASE, "comment found without atom"})
+
+
 def _readersAgree(
     value: str, mailboxes: tuple[Mailbox, ...], utf8: bool = False
 ) -> bool:
@@ -52,10 +58,17 @@ def _readersAgree(
     try:
         header = email.policy.default.header_factory("From", value)
         defects = [
-            d
+            str(d)
             for d in header.defects
             if not (utf8 and isinstance(d, errors.NonASCIILocalPartDefect))
         ]
+        if OBS_PHRASE in defects:
+            # "Acme B.V. <ik@acme.nl>": RFC 5322 4.1 obs-phrase, which the
+            # strict reader accepts on purpose (Dutch company names end in
+            # "B.V."), and which headerregistry notes (with the period it
+            # then takes for a word of its own); the mailboxes must still
+            # agree below.
+            defects = [d for d in defects if d not in OBS_PHRASE_NOTES]
         if defects:
             return False
         modern = [(a.username, a.domain.lower()) for a in header.addresses]
