@@ -185,8 +185,13 @@ class MetricsTests(unittest.TestCase):
 
     def test_healthUnreachableCore(self):
         class Spool:
+            queueDirectory = None
+
             def pending(self):
                 return ["A1"]
+
+            def load(self, queueId):
+                raise KeyError(queueId)
 
         health = Health(Spool(), None, window=60, clock=lambda: 1e10)
         relay = health.relayHealth()

@@ -14,6 +14,7 @@ CI=true a missing one fails (L{tests.e2e.requireProgram}).
 """
 
 import os
+import secrets
 
 from twisted.internet import defer
 from twisted.trial import unittest
@@ -307,12 +308,14 @@ $pop->quit or die 'quit';
                 "set message_cachedir = ''\n"
             )
         yield deliver(self.msa, "alice", MESSAGE)
-        name = "neomutt-" + os.path.basename(home)
-        self.addCleanup(runProgram, tmux, ["kill-session", "-t", name])
+        # A tmux server of its own (-L): parallel trial workers run these
+        # tests at once, and must not share a server or a session name.
+        name = "neomutt-" + secrets.token_hex(4)
+        self.addCleanup(runProgram, tmux, ["-L", name, "kill-server"])
         out, err, code = yield runProgram(
             tmux,
             [
-                "new-session", "-d", "-s", name, "-x", "120", "-y", "40",
+                "-L", name, "new-session", "-d", "-s", name, "-x", "120", "-y", "40",
                 f"{neomutt} -n -F {rc}",
             ],
         )  # fmt: skip
@@ -320,7 +323,7 @@ $pop->quit or die 'quit';
         yield waitUntil(
             lambda: self.screen(tmux, name), 20, "NeoMutt to start", interval=0.2
         )
-        yield runProgram(tmux, ["send-keys", "-t", name, "G"])
+        yield runProgram(tmux, ["-L", name, "send-keys", "-t", name, "G"])
         yield waitUntil(lambda: fetched(box), 20, "NeoMutt to fetch")
         yield waitUntil(
             lambda: messageFiles(self.msa) == [], 20, "the message deleted at QUIT"
@@ -333,7 +336,7 @@ $pop->quit or die 'quit';
         """
         Whether NeoMutt's index is on the tmux screen.
         """
-        d = runProgram(tmux, ["capture-pane", "-p", "-t", name])
+        d = runProgram(tmux, ["-L", name, "capture-pane", "-p", "-t", name])
         return d.addCallback(lambda result: b"q:Quit" in result[0])
 
     def test_neomuttSTLS(self):
