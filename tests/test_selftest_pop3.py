@@ -347,10 +347,11 @@ class DovecotTests(POP3SelftestMixin, unittest.TestCase):
         self.assertOutcome(
             rows, failing=["cipher-suites", "groups"], probes=POP3_PROBES
         )
-        self.assertEqual(
+        # Closed or reset: which one the client sees depends on timing.
+        self.assertRegex(
             rows["stls-injection"][1],
-            "the server ended the connection at the handshake (connection "
-            "closed by the server) rather than answer the injected CAPA",
+            r"^the server ended the connection at the handshake \(.+\) rather "
+            r"than answer the injected CAPA$",
         )
         self.assertIn(
             "ECDHE-ECDSA-AES128-SHA (weak: CBC with SHA1)", rows["cipher-suites"][1]
