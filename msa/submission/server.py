@@ -48,6 +48,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from msa import metrics
+from msa._compat import writeEagerly
 from msa.envelope import SessionInfo
 from msa.errors import SMTPReply
 from msa.interfaces import IAuthThrottle, ISubmission
@@ -286,6 +287,9 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
         # (behind a local proxy) has no such option.
         if interfaces.ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
+        # A reply is sent at once, not after a reactor turn spent arming the
+        # socket for writing (msa._compat.writeEagerly).
+        writeEagerly(self.transport)
         self.canStartTLS = (
             interfaces.ITLSTransport.providedBy(self.transport) and self.ctx is not None
         )
