@@ -28,6 +28,12 @@ Twisted:
       public C{proxyEndpoint} starts the wrapped protocol before the header
       has arrived, which an SMTP server cannot use (see
       L{msa.submission.proxyheader}).
+    - C{twisted.internet.abstract.FileDescriptor}'s write buffer
+      (C{dataBuffer}, C{offset}, C{_tempDataBuffer}): L{writeEagerly} sends
+      a reply at once when nothing is queued before it, as asyncio's
+      transports do, instead of arming the socket for writing (an
+      C{epoll_ctl}) and disarming it (another) around every reply; Twisted
+      has no option for this.
     - C{twisted.logger.LogPublisher._observers}: the observers of the global
       log publisher, so that the C{[logging] level} filter can be put in
       front of the ones twistd installed (L{publisherObservers}); Twisted
@@ -41,12 +47,14 @@ from collections.abc import Callable
 from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
+from twisted.internet import tcp
 from twisted.internet._sslverify import ClientTLSOptions
 from twisted.logger import ILogObserver, LogPublisher
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._info import ProxyInfo
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
+from twisted.protocols.policies import ProtocolWrapper
 
 __all__ = [
     "PRIVATE_FUNCTIONS",
@@ -60,6 +68,7 @@ __all__ = [
     "setGroups",
     "setSignatureAlgorithms",
     "verifyErrorString",
+    "writeEagerly",
 ]
 
 #: OpenSSL functions that pyOpenSSL has no public API for, reached through
@@ -133,3 +142,47 @@ def publisherObservers(publisher: LogPublisher) -> list[ILogObserver]:
     The observers of C{publisher}, in the order it calls them (a copy).
     """
     return list(publisher._observers)
+
+
+def writeEagerly(transport: object) -> bool:
+    """
+    Make the TCP connection under C{transport} (under any TLS or other
+    protocol wrapper) send what is written to it at once when nothing is
+    queued before it, instead of waiting for the reactor to report the
+    socket writable.
+
+    Twisted's L{FileDescriptor.write} queues the bytes and arms the socket
+    for writing (C{epoll_ctl}); once the reactor has sent them it disarms it
+    (C{epoll_ctl} again): two system calls and a reactor turn per reply.
+    The socket of an SMTP session is almost always writable, so here the
+    arming is replaced by an immediate C{doWrite} when the queue held
+    nothing but the new bytes: what the kernel takes is sent, the rest (or
+    an error, or a close in progress) is left to the reactor exactly as
+    before.  The order of the bytes cannot change: the immediate send only
+    happens when nothing was queued.
+
+    @return: whether the connection was found and changed (not for a UNIX
+        socket, a test's string transport, a connection with a producer).
+    """
+    connection = transport
+    while isinstance(connection, ProtocolWrapper):
+        connection = connection.transport
+    if not isinstance(connection, tcp.Connection):
+        return False
+    armForWriting = connection.startWriting
+
+    def startWriting() -> None:
+        if (
+            connection.connected
+            and not connection.disconnecting
+            and connection.producer is None
+            and len(connection._tempDataBuffer) == 1
+            and connection.offset == len(connection.dataBuffer)
+        ):
+            if connection.doWrite() is None and not connection._tempDataLen:
+                if connection.offset == len(connection.dataBuffer):
+                    return
+        armForWriting()
+
+    connection.startWriting = startWriting  # type: ignore[method-assign]
+    return True

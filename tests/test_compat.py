@@ -15,12 +15,14 @@ import socket
 
 from OpenSSL import SSL
 from twisted.application import strports
-from twisted.internet import address, error, protocol, reactor
+from twisted.internet import address, defer, endpoints, error, protocol, reactor
+from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.trial import unittest
 
 import msa
 from msa import _compat, metrics, tls
+from tests.waiting import waitUntil
 
 
 def _privateName(testCase, module: str, name: str):
@@ -335,3 +337,103 @@ class LogPublisherPrivateTests(unittest.TestCase):
             hasattr(publisher, "_observers"), "LogPublisher._observers is gone"
         )
         self.assertEqual(publisherObservers(publisher), [first, second])
+
+
+class _Collector(protocol.Protocol):
+    """
+    Keeps what it receives, and its connection's C{connectionMade} as a
+    L{Deferred}.
+    """
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.made: defer.Deferred[_Collector] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.made.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+class EagerWriteTests(unittest.TestCase):
+    """
+    L{_compat.writeEagerly} over a real loopback TCP connection, and
+    C{FileDescriptor}'s write-buffer names it reads.
+    """
+
+    @defer.inlineCallbacks
+    def connectedPair(self):
+        """
+        A listening collector and a connected one, closed at cleanup.
+
+        @return: a L{Deferred} firing with (server side, client side).
+        """
+        server = _Collector()
+        factory = protocol.Factory.forProtocol(lambda: server)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = _Collector()
+        endpoint = endpoints.TCP4ClientEndpoint(
+            reactor, "127.0.0.1", port.getHost().port
+        )
+        yield endpoints.connectProtocol(endpoint, client)
+        yield server.made
+        self.addCleanup(server.transport.loseConnection)
+        self.addCleanup(client.transport.loseConnection)
+        return server, client
+
+    @defer.inlineCallbacks
+    def test_bufferNamesPresent(self):
+        """
+        The write buffer's private names are on a TCP connection.
+        """
+        server, client = yield self.connectedPair()
+        for name in ("dataBuffer", "offset", "_tempDataBuffer", "_tempDataLen"):
+            if not hasattr(server.transport, name):
+                self.fail(f"FileDescriptor.{name} is gone: fix msa._compat")
+
+    @defer.inlineCallbacks
+    def test_sentWithoutArming(self):
+        """
+        A write to an idle connection is sent at once: the socket is never
+        handed to the reactor for writing (two C{epoll_ctl} calls saved),
+        and the peer receives the bytes.
+        """
+        server, client = yield self.connectedPair()
+        self.assertTrue(_compat.writeEagerly(server.transport))
+        server.transport.write(b"250 2.0.0 Ok\r\n")
+        self.assertNotIn(server.transport, reactor.getWriters())
+        yield waitUntil(
+            lambda: bytes(client.received) == b"250 2.0.0 Ok\r\n",
+            what="the reply at the peer",
+        )
+
+    @defer.inlineCallbacks
+    def test_bigWriteKeepsOrder(self):
+        """
+        What the kernel does not take at once is left to the reactor (the
+        socket is armed for writing), all of it arrives, and what is written
+        after it goes out after it, in order.
+        """
+        server, client = yield self.connectedPair()
+        _compat.writeEagerly(server.transport)
+        big = bytes(range(256)) * (128 * 1024)
+        server.transport.write(big)
+        self.assertIn(server.transport, reactor.getWriters())
+        yield waitUntil(
+            lambda: len(client.received) >= len(big),
+            timeout=30,
+            what="every byte at the peer",
+        )
+        server.transport.write(b"end")
+        yield waitUntil(
+            lambda: len(client.received) >= len(big) + 3, what="the last write"
+        )
+        self.assertEqual(bytes(client.received), big + b"end")
+
+    def test_notTCP(self):
+        """
+        A transport with no TCP connection under it is left alone.
+        """
+        self.assertFalse(_compat.writeEagerly(StringTransport()))

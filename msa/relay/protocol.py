@@ -30,6 +30,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.protocols.basic import FileSender, LineReceiver
 from twisted.python.failure import Failure
 
+from msa._compat import writeEagerly
 from msa.queue.integrity import Digester, IntegrityError, Mismatch
 
 ACCEPTED = "accepted"
@@ -299,10 +300,12 @@ class SMTPClientProtocol(LineReceiver):
         """
         Turn Nagle's algorithm off, as the server side does: a command or
         the last segment of the data must not wait for the core's delayed
-        ACK (about 40 ms per message otherwise).
+        ACK (about 40 ms per message otherwise).  Commands are sent at once
+        when nothing is queued before them (L{writeEagerly}).
         """
         super().connectionMade()
         setTcpNoDelay(self.transport)
+        writeEagerly(self.transport)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)

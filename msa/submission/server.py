@@ -23,8 +23,16 @@ C{canStartTLS} attributes.  Its command dispatch, its line reader, its
 MAIL/RCPT/DATA and AUTH states are each wrong for an MSA (see DESIGN.md and
 C{tests/test_twisted_defaults.py}) and were all re-implemented here, so
 inheriting them only hid which code runs.  The protocol is therefore a
-plain L{Protocol} with L{TimeoutMixin} for the idle timeout, and writes its
-replies exactly as C{ESMTP.sendCode} did (one C{writeSequence} per line).
+plain L{Protocol} with L{TimeoutMixin} for the idle timeout.
+
+Replies are coalesced: the lines the input loop produces while it works
+through what one read brought (a pipelined batch, a multi-line EHLO) go
+out in one C{transport.write} when the loop stops, so that TLS makes one
+record of them and the reactor arms the socket for writing once.  A reply
+is never held while the server waits: the loop stops (and writes) as soon
+as no complete line is buffered or a reply waits for a L{Deferred}, and a
+reply produced outside the loop (a L{Deferred} firing later, a timeout, a
+shutdown) is written at once.
 """
 
 import secrets
@@ -40,6 +48,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from msa import metrics
+from msa._compat import writeEagerly
 from msa.envelope import SessionInfo
 from msa.errors import SMTPReply
 from msa.interfaces import IAuthThrottle, ISubmission
@@ -158,6 +167,8 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
         a reply that completes meanwhile lets it go on instead of starting
         another.
     @ivar _paused: whether reading from the transport is paused.
+    @ivar _replies: reply lines produced by the running input loop and not
+        yet written (see L{_flushReplies}).
     @ivar _errors: the protocol errors so far (see L{protocolError}).
     @ivar _closing: the MSA is stopping: the session ends after the message
         in progress.
@@ -187,6 +198,7 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
         self._waiting = 0
         self._looping = False
         self._paused = False
+        self._replies: list[bytes] = []
         self._errors = 0
         self._closing = False
         self._forced = False
@@ -276,6 +288,9 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
         # (behind a local proxy) has no such option.
         if interfaces.ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
+        # A reply is sent at once, not after a reactor turn spent arming the
+        # socket for writing (msa._compat.writeEagerly).
+        writeEagerly(self.transport)
         self.canStartTLS = (
             interfaces.ITLSTransport.providedBy(self.transport) and self.ctx is not None
         )
@@ -363,6 +378,7 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
         if wasData:
             self.transaction.abandon("the server closed the session")
         self._resumeReading()
+        self._flushReplies()
         self.transport.loseConnection()
         self.deadlines.startClose()
 
@@ -412,6 +428,7 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
                     return
         finally:
             self._looping = False
+            self._flushReplies()
 
     def _dispatchLine(self, line: bytes, tooLong: bool) -> None:
         """
@@ -551,17 +568,33 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
     def sendCode(self, code: int, message: bytes = b"") -> None:
         """
         Send a reply, one line per line of C{message} (C{250-} before the
-        last, C{250 } on it), each written as
-        C{twisted.mail.smtp.SMTP.sendCode} writes it.  After the server's
-        last word (421, 221) nothing more is said, not even the reply to
-        something already under way.
+        last, C{250 } on it).  Inside the input loop the lines are held
+        until the loop stops (see the module docstring); outside it they
+        are written at once.  After the server's last word (421, 221)
+        nothing more is said, not even the reply to something already
+        under way.
         """
         if self.hungUp:
             return
         lines = message.splitlines() or [b""]
+        replies = self._replies
         for line in lines[:-1]:
-            self.transport.writeSequence((b"%03d-" % (code,) + line, b"\r\n"))
-        self.transport.writeSequence((b"%03d " % (code,) + lines[-1], b"\r\n"))
+            replies.append(b"%03d-%s\r\n" % (code, line))
+        replies.append(b"%03d %s\r\n" % (code, lines[-1]))
+        if not self._looping:
+            self._flushReplies()
+
+    def _flushReplies(self) -> None:
+        """
+        Write the reply lines held by the input loop, in one
+        C{transport.write}: one TLS record and one arming of the socket for
+        the whole batch instead of one per line.
+        """
+        if self._replies:
+            data = b"".join(self._replies)
+            self._replies.clear()
+            if self.transport is not None:
+                self.transport.write(data)
 
     def reply(self, code: int, status: str, text: str) -> None:
         self.sendCode(code, f"{status} {text}".encode("ascii", "replace"))
@@ -661,6 +694,8 @@ class SubmissionServer(TimeoutMixin, protocol.Protocol):
             self.reply(454, "4.7.0", "TLS not available due to local problem")
             return
         self.reply(220, "2.0.0", "Ready to start TLS")
+        # The 220 goes out in plaintext, before the TLS layer is put in.
+        self._flushReplies()
         # RFC 3207 4.2 and CVE-2011-0411: whatever the client pipelined after
         # STARTTLS in plaintext is discarded, and the session starts anew.
         self.framer.clear()
