@@ -229,6 +229,7 @@ class GroupCommitTests(unittest.TestCase):
             def callInThread(self, f):
                 calls.append(f)
 
+        @implementer(IReactorThreads)
         class PooledClock(task.Clock):
             getThreadPool = Pool
 
