@@ -12,6 +12,7 @@ and the fakes of L{twisted.internet.testing} do not.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReactorThreads
 from twisted.python.threadpool import ThreadPool
 
-__all__ = ["reactorThreadPool", "runBlocking"]
+__all__ = ["PrivatePool", "reactorThreadPool", "runBlocking"]
 
 
 def reactorThreadPool(reactor: Any) -> ThreadPool | None:
@@ -42,3 +43,21 @@ def runBlocking(reactor: Any, f: Callable[..., Any], *args: Any) -> defer.Deferr
     if pool is None:
         return defer.maybeDeferred(f, *args)
     return threads.deferToThreadPool(reactor, pool, f, *args)
+
+
+class _DaemonThread(threading.Thread):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.daemon = True
+
+
+class PrivatePool(ThreadPool):
+    """
+    A thread pool of a store's own (the account database's, the mailbox
+    database's, scrypt's), beside the reactor's: its threads are daemon
+    threads, so that a pool its owner never stopped (an embedder's, a
+    test's) cannot keep the process from exiting.  The owners stop theirs
+    in C{stopService}, which waits for the query in progress.
+    """
+
+    threadFactory = _DaemonThread

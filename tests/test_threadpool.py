@@ -4,12 +4,17 @@ L{msa.threadpool}: blocking work runs in the reactor's thread pool when the
 reactor declares one (L{IReactorThreads}), synchronously otherwise.
 """
 
+import os
+import subprocess
+import sys
 import threading
 
 from twisted.internet import reactor, task
 from twisted.trial import unittest
 
 from msa.threadpool import reactorThreadPool, runBlocking
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class RunBlockingTests(unittest.TestCase):
@@ -42,3 +47,25 @@ class RunBlockingTests(unittest.TestCase):
         """
         d = runBlocking(reactor, int, "x")
         return self.assertFailure(d, ValueError)
+
+
+class PrivatePoolTests(unittest.TestCase):
+    def test_unstoppedPoolLetsTheProcessExit(self):
+        """
+        A store's own pool that nobody stopped does not keep the process
+        alive at exit (a non-daemon worker waiting for work did: the test
+        suite once hung after its last test on the account database's).
+        """
+        script = (
+            "from msa.threadpool import PrivatePool\n"
+            "import threading\n"
+            "pool = PrivatePool(0, 1, name='left')\n"
+            "pool.start()\n"
+            "done = threading.Event()\n"
+            "pool.callInThread(done.set)\n"
+            "assert done.wait(10)\n"
+        )
+        finished = subprocess.run(
+            [sys.executable, "-c", script], cwd=ROOT, timeout=30, capture_output=True
+        )
+        self.assertEqual(finished.returncode, 0, finished.stderr)

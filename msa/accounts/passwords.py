@@ -25,7 +25,8 @@ import time
 
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
+
+from msa.threadpool import PrivatePool
 
 #: scrypt parameters of new password hashes (RFC 7914: 2**14 is the
 #: interactive-login recommendation), salt and hash lengths.
@@ -139,7 +140,7 @@ class PasswordVerifier:
         self._pool = None
         if reactor is not None:
             size = threads or os.cpu_count() or 2
-            self._pool = ThreadPool(minthreads=0, maxthreads=size, name="scrypt")
+            self._pool = PrivatePool(minthreads=0, maxthreads=size, name="scrypt")
             self._pool.start()
             reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
 

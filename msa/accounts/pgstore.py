@@ -56,6 +56,7 @@ from msa.accounts.model import (
 from msa.accounts.passwords import unb64
 from msa.interfaces import IAccountStore, ILiveAccountStore
 from msa.redact import maskParseError, maskSecrets
+from msa.threadpool import PrivatePool
 
 #: The URL schemes of C{[accounts] store} that name a PostgreSQL database.
 SCHEMES = ("postgresql", "postgres")
@@ -462,7 +463,7 @@ class AccountDatabase:
             return mine
         self._waiting = [mine]
         if self._pool is None:
-            self._pool = ThreadPool(minthreads=0, maxthreads=1, name="accounts-db")
+            self._pool = PrivatePool(minthreads=0, maxthreads=1, name="accounts-db")
             self._pool.start()
         d: Deferred[Any] = threads.deferToThreadPool(
             self._reactor,  # type: ignore[arg-type]

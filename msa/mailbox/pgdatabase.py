@@ -23,6 +23,8 @@ import psycopg
 from twisted.internet import defer, threads
 from twisted.python.threadpool import ThreadPool
 
+from msa.threadpool import PrivatePool
+
 __all__ = [
     "SCHEMA_SQL",
     "MailboxDatabase",
@@ -161,7 +163,7 @@ class MailboxDatabase:
             pool = self._reactor.getThreadPool()
             return threads.deferToThreadPool(self._reactor, pool, f, *args)
         if self._pool is None:
-            self._pool = ThreadPool(0, self._threads, name="mailbox-db")
+            self._pool = PrivatePool(0, self._threads, name="mailbox-db")
             self._pool.start()
         return threads.deferToThreadPool(self._reactor, self._pool, f, *args)
 
