@@ -62,8 +62,11 @@ class HangupHandler:
 
     def _hangup(self, signum: int, frame: Any) -> None:
         # Signal handlers run between bytecodes of the reactor thread:
-        # hand the action to the reactor's next turn.
-        self.reactor.callFromThread(self.action)
+        # hand the action to the reactor's next turn.  Once uninstalled,
+        # a handler another one chained to (it could not be put back in
+        # order) only passes the signal on: its service has stopped.
+        if self._installed:
+            self.reactor.callFromThread(self.action)
         if callable(self._previous):
             self._previous(signum, frame)
 
