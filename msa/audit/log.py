@@ -25,8 +25,10 @@ from msa.audit.rotation import Rotation
 from msa.durable import GroupCommit
 
 #: How long a round of facts from the reactor (L{AuditLog.submitFact})
-#: waits for other records, in seconds: nobody's reply waits for them.
-FACT_GATHER = 0.02
+#: waits for other records, in seconds.  No client's reply waits for them,
+#: but the relay's delivery slot waits for its C{relayed} record: kept
+#: short (see L{msa.queue.spool.REMOVAL_GATHER}).
+FACT_GATHER = 0.002
 
 #: What a round gives each job: a record's C{seq}, a rotation (or L{None}:
 #: nothing to rotate; or the error that kept it from happening, which
