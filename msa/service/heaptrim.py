@@ -19,10 +19,11 @@ import ctypes.util
 from collections.abc import Callable
 
 from twisted.application import service
-from twisted.internet import defer, task, threads
+from twisted.internet import task
 from twisted.logger import Logger
 
 from msa.submission.sessions import SessionRegistry
+from msa.threadpool import runBlocking
 
 log = Logger()
 
@@ -88,11 +89,7 @@ class HeapTrim(service.Service):
         if self._registry.sessions or self._running or self._trim is None:
             return
         self._running = True
-        getThreadPool = getattr(self._reactor, "getThreadPool", None)
-        if getThreadPool is None:
-            d = defer.maybeDeferred(self._trim)
-        else:
-            d = threads.deferToThreadPool(self._reactor, getThreadPool(), self._trim)
+        d = runBlocking(self._reactor, self._trim)
         d.addCallback(self._trimmed)
         d.addErrback(lambda f: log.failure("heap trim failed", f))
         d.addBoth(self._done)
