@@ -370,16 +370,7 @@ class CrashTests(unittest.TestCase):
         self.assertIn(name, self.msa.files("tmp"))
         self.assertEqual(self.msa.files("queue"), [])
 
-        def finish():
-            try:
-                client.send(b"\r\n.\r\n")
-                return client.getreply()
-            except (smtplib.SMTPServerDisconnected, OSError) as e:
-                return e
-            finally:
-                client.close()
-
-        reply = yield threads.deferToThread(finish)
+        reply = yield threads.deferToThread(endAfterKill, client, b"\r\n.\r\n")
         self.assertIsInstance(reply, smtplib.SMTPServerDisconnected | OSError)
 
         yield defer.ensureDeferred(self.msa.start())
@@ -560,3 +551,17 @@ class CommitCrashPointTests(unittest.TestCase):
         tmpPath = os.path.join(os.path.realpath(spool.tmpDirectory), queueId)
         renamed = events.index(("replace", os.path.join(spool.tmpDirectory, queueId)))
         self.assertIn(("fsync", tmpPath), events[:renamed])
+
+
+def endAfterKill(client: smtplib.SMTP, ending: bytes):
+    """
+    Send the end of DATA to a server that was killed meanwhile: its reply,
+    or the error that took its place (what a client sees).
+    """
+    try:
+        client.send(ending)
+        return client.getreply()
+    except (smtplib.SMTPServerDisconnected, OSError) as e:
+        return e
+    finally:
+        client.close()

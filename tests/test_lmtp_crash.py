@@ -25,7 +25,7 @@ from twisted.trial import unittest
 from msa.accounts.model import makeAccount, writeAccounts
 from msa.tls import ensureSelfSignedCertificate
 from tests.e2e import freePort, rewriteConfig
-from tests.test_crash import PASSWORD, USER, MSAProcess, waitFor
+from tests.test_crash import PASSWORD, USER, MSAProcess, endAfterKill, waitFor
 
 #: More than the server's write buffer (64 KiB): part of it is on disk when
 #: the process dies.
@@ -104,16 +104,7 @@ class LMTPCrashTests(unittest.TestCase):
         )
         self.msa.kill()
 
-        def finish():
-            try:
-                client.send(b".\r\n")
-                return client.getreply()
-            except (smtplib.SMTPServerDisconnected, OSError) as e:
-                return e
-            finally:
-                client.close()
-
-        reply = yield threads.deferToThread(finish)
+        reply = yield threads.deferToThread(endAfterKill, client, b".\r\n")
         self.assertIsInstance(reply, smtplib.SMTPServerDisconnected | OSError)
         self.assertEqual(self.files("new") + self.files("cur") + self.files("tmp"), [])
         yield defer.ensureDeferred(self.msa.start())
