@@ -62,9 +62,9 @@ class CommitHandoffTests(unittest.TestCase):
                 "msa.queue.spool.Spool._removedBlocking",
                 # The fsync of queue/ after the removal and the relayed
                 # record of the audit log, each when no commit carried it
-                # (msa.durable.DirectorySync.syncLater,
+                # (a round of msa.queue.spool.Spool.commits,
                 # msa.audit.AuditLog.submitFact).
-                "msa.durable.GroupCommit._drain",
+                "msa.groupcommit.GroupCommit._drain",
             },
         )
         self.assertEqual(len(set(queueIds)), 2)

@@ -2,7 +2,7 @@
 """
 Fewer file system operations per message, with the same durability:
 
-  - L{msa.durable.GroupCommit}, the one group-commit primitive: jobs
+  - L{msa.groupcommit.GroupCommit}, the one group-commit primitive: jobs
     submitted from threads (blocking) and from the reactor (a L{Deferred})
     share rounds; a round runs in a thread, never the reactor's; a failed
     round fails each of its jobs and only them;
@@ -401,9 +401,7 @@ class GatherTests(unittest.TestCase):
         """
         spool = Spool(self.mktemp(), self.clock)
         fsyncs = []
-        spool.queueSync = DirectorySync(
-            spool.queueDirectory, fsyncs.append, self.clock, gatherDelay=0.02
-        )
+        spool.directoryFsync = fsyncs.append
         writer = spool.newMessage(makeEnvelope(("bob@example.org",)))
         writer.write(b"Subject: x\r\n\r\nbody\r\n")
         delivered = self.successResultOf(writer.commit())
@@ -420,7 +418,7 @@ class GatherTests(unittest.TestCase):
 
 class SpoolGroupCommitTests(unittest.TestCase):
     """
-    The spool's commit and removal go through its L{DirectorySync}, after
+    The spool's commit and removal go through its group commit, after
     the rename of the queue file (commit) and after its removal.
     """
 
@@ -435,9 +433,7 @@ class SpoolGroupCommitTests(unittest.TestCase):
             if self.fail:
                 raise OSError(errno.EIO, "Input/output error")
 
-        self.spool.queueSync = DirectorySync(
-            self.spool.queueDirectory, fsync, reactor=self.spool.reactor
-        )
+        self.spool.directoryFsync = fsync
 
     def commit(self) -> str:
         writer = self.spool.newMessage(makeEnvelope(("bob@example.org",)))

@@ -31,7 +31,7 @@ Durability and more than one writer: L{AuditLog.append} returns only after
 the record's line is written and fdatasync'ed.  Concurrent callers (the
 spool's commits, in the reactor's thread pool, and the reactor's own
 records, L{AuditLog.submitFact}, whose rounds run in that pool) share one
-write and one fdatasync: a round of L{msa.durable.GroupCommit} writes every
+write and one fdatasync: a round of L{msa.groupcommit.GroupCommit} writes every
 record queued so far in one C{write}.  Another process (the admin
 command's account records) may append too: every round takes an exclusive
 C{fcntl.flock} on C{<path>.lock}, and under it re-reads the chain head from

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_audit -*-
 """
 The audit log's writer, L{AuditLog}: appends group-committed
-(L{msa.durable.GroupCommit}) to its file (L{msa.audit.chainedfile}: under
+(L{msa.groupcommit.GroupCommit}) to its file (L{msa.audit.chainedfile}: under
 a lock among processes, rotated by size, a torn tail cut off), rotation on
 demand through the same rounds, and the records that could not be written
 accounted for (L{msa.audit.lost}).  See L{msa.audit}.
@@ -22,13 +22,15 @@ from msa.audit.chain import DEFAULT_MAX_BYTES, AuditError, timestamp
 from msa.audit.chainedfile import ChainedFile, _fdatasync
 from msa.audit.lost import LostRecords
 from msa.audit.rotation import Rotation
-from msa.durable import GroupCommit
+from msa.groupcommit import GroupCommit
 
 #: How long a round of facts from the reactor (L{AuditLog.submitFact})
-#: waits for other records, in seconds.  No client's reply waits for them,
-#: but the relay's delivery slot waits for its C{relayed} record: kept
-#: short (see L{msa.queue.spool.REMOVAL_GATHER}).
-FACT_GATHER = 0.002
+#: waits for other records, in seconds: under load it mostly rides on the
+#: round of the spool's next commit, one flock and fdatasync fewer.  No
+#: client's reply waits for it, nor the relay's delivery slot (the slot
+#: goes to the next message once the core has answered:
+#: L{msa.relay.runner.RelayRunner._settle}).
+FACT_GATHER = 0.02
 
 #: What a round gives each job: a record's C{seq}, a rotation (or L{None}:
 #: nothing to rotate; or the error that kept it from happening, which
@@ -197,6 +199,20 @@ class AuditLog(ChainedFile):
             acknowledged.
         """
         return self._appendBlocking(_Job({"event": event, **fields}))
+
+    def appendAll(self, records: list[dict[str, Any]]) -> list[int]:
+        """
+        L{append} for several records (each with its C{event}), in one
+        round: the spool's acceptances of a group commit.
+
+        @return: their C{seq}s, in order.
+        @raise AuditError: as L{append}, for all of them.
+        """
+        try:
+            seqs = self._commits.commitAllBlocking([_Job(r) for r in records])
+        except Exception as e:
+            raise AuditError(f"{self.path}: {e}") from e
+        return [seq for seq in seqs if isinstance(seq, int)]
 
     def appendFact(self, event: str, **fields: Any) -> int:
         """

@@ -17,8 +17,12 @@ log; only then the 250.  A crash at any point leaves either nothing the
 client was told about (C{tmp/}: emptied by L{Spool.recover}) or a complete
 entry: every file in C{queue/} is whole.  One file created, one fsync, one
 rename per message; the directory's fsync and the audit log's fdatasync
-are group commits shared with concurrent messages
-(L{msa.durable.DirectorySync}, L{msa.audit}).
+are one round of the spool's group commit (L{Spool.commits}, a
+L{msa.groupcommit.GroupCommit}), shared with concurrent commits and
+removals: a commit holds its round back, at most L{COMMIT_DELAY}, for
+the messages being received beside it, so that under load one fsync of
+the directory and one fdatasync of the audit log serve many messages; a
+message alone never waits.
 
 The fsyncs of a commit run in the reactor's thread pool (when the reactor has
 one; with a fake reactor such as L{twisted.internet.task.Clock} they run
@@ -64,6 +68,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import weakref
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -72,9 +77,10 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from msa.audit import AuditLog
-from msa.durable import DirectorySync, unlinkQuietly
+from msa.audit import AuditError, AuditLog
+from msa.durable import fsyncDirectory, unlinkQuietly
 from msa.envelope import Envelope
+from msa.groupcommit import GroupCommit
 from msa.interfaces import ISpool
 from msa.queue import legacy, queuefile
 from msa.queue.entry import (
@@ -104,12 +110,14 @@ __all__ = [
 log = Logger()
 
 #: How long the fsync of C{queue/} after a removal waits for company (a
-#: commit's, mostly), in seconds.  No client's reply waits for it, but the
-#: relay's delivery slot does (with the C{relayed} record's gather): at
-#: 0.02 s the four slots relayed at most ~100 messages a second and the
-#: queue fell 22 s behind a burst (bench, relay scenario); 2 ms keeps some
-#: company without holding the slot.
-REMOVAL_GATHER = 0.002
+#: commit's, mostly), in seconds.  No client's reply waits for it, nor the
+#: relay's delivery slot (L{msa.relay.runner.RelayRunner._settle}).
+REMOVAL_GATHER = 0.02
+
+#: How long, at most, a commit holds its round back for the messages
+#: close behind it (their data being received or committed), in seconds:
+#: the commit delay of L{GroupCommit}.  A lone message never waits.
+COMMIT_DELAY = 0.01
 
 
 @implementer(ISpool)
@@ -135,9 +143,21 @@ class Spool:
         self.queueDirectory = os.path.join(directory, "queue")
         for d in (directory, self.tmpDirectory, self.queueDirectory):
             os.makedirs(d, mode=0o700, exist_ok=True)
-        #: The group commit of C{queue/}'s fsyncs (commits and removals).
-        self.queueSync = DirectorySync(
-            self.queueDirectory, reactor=reactor, gatherDelay=REMOVAL_GATHER
+        #: The fsync of C{queue/} (replaced by the fault-injection tests).
+        self.directoryFsync: Callable[[str], None] = fsyncDirectory
+        #: The writers whose data is being received or committed: the
+        #: company a commit waits for (L{COMMIT_DELAY}).
+        self._writers: weakref.WeakSet[SpoolWriter] = weakref.WeakSet()
+        #: The group commit of the spool: each round one fsync of
+        #: C{queue/} (for the commits' renames and the removals' unlinks),
+        #: then the commits' acceptance records in one round of the audit
+        #: log (L{_commitRound}).
+        self.commits: GroupCommit[dict | None, int | AuditError | None] = GroupCommit(
+            self._commitRound,
+            reactor,
+            gatherDelay=REMOVAL_GATHER,
+            commitDelay=COMMIT_DELAY,
+            company=self._companyComing,
         )
         #: The audit log (L{msa.audit}) each commit appends to, if any.
         self.audit: AuditLog | None = None
@@ -158,6 +178,43 @@ class Spool:
         self.outcomes = (
             None if outcomesDirectory is None else OutcomeLedger(outcomesDirectory)
         )
+
+    def _companyComing(self, joined: int) -> bool:
+        """
+        Whether more commits are on their way than the C{joined} of a round
+        (L{GroupCommit}'s C{company}; read in a thread).
+        """
+        return len(self._writers) > joined
+
+    def _commitRound(self, jobs: list[dict | None]) -> list[int | AuditError | None]:
+        """
+        One round of L{commits} (in a thread, one at a time): C{queue/}
+        fsynced, then the acceptance records among C{jobs} (L{None}: a
+        removal, or a directory change that only needs the fsync) appended
+        to the audit log in one round of its own.  A failed fsync fails
+        the whole round; a failed audit write only the jobs with a record,
+        whose result is then the L{AuditError}.
+
+        @return: per job, the record's C{seq}, the error, or L{None}.
+        """
+        self.directoryFsync(self.queueDirectory)
+        records = [job for job in jobs if job is not None]
+        if not records or self.audit is None:
+            return [None] * len(jobs)
+        try:
+            seqs = iter(self.audit.appendAll(records))
+        except AuditError as e:
+            return [None if job is None else e for job in jobs]
+        return [None if job is None else next(seqs) for job in jobs]
+
+    def syncQueue(self) -> None:
+        """
+        Make the entries of C{queue/} durable, in a round of L{commits};
+        blocks (call it in a thread).
+
+        @raise OSError: the fsync's.
+        """
+        self.commits.commitBlocking(None)
 
     def _runBlocking(self, f, *args) -> defer.Deferred:
         return runBlocking(self.reactor, f, *args)
@@ -181,7 +238,16 @@ class Spool:
 
     def newMessage(self, envelope: Envelope) -> SpoolWriter:
         envelope.queueId = newQueueId()
-        return SpoolWriter(self, envelope)
+        writer = SpoolWriter(self, envelope)
+        self._writers.add(writer)
+        return writer
+
+    def writerClosed(self, writer: SpoolWriter) -> None:
+        """
+        C{writer} is done (committed, failed or aborted): no commit of its
+        is on its way any more.
+        """
+        self._writers.discard(writer)
 
     def addListener(self, listener: Callable[[str], object]) -> None:
         """
@@ -327,8 +393,8 @@ class Spool:
         as this returns; then, in the reactor's thread pool, after the
         changes asked before, its queue file is removed; then the
         directory is fsynced, shared with concurrent commits and removals
-        (L{DirectorySync.syncLater}: the removal waits up to
-        L{REMOVAL_GATHER} for company, holding no thread).
+        (a round of L{commits}: the removal waits up to L{REMOVAL_GATHER}
+        for company, holding no thread).
 
         @return: a L{Deferred} firing when the removal is durable, or
             failing with the L{OSError}: when the file could not be
@@ -338,7 +404,7 @@ class Spool:
         """
         self._removing.add(queueId)
         d = self._inOrder(queueId, self._removedBlocking, queueId)
-        d.addCallback(lambda _: self.queueSync.syncLater())
+        d.addCallback(lambda _: self.commits.commit(None))
         if self.outcomes is not None and queueId in self.outcomes:
             d.addCallback(lambda _: self._runBlocking(self._forgetOutcome, queueId))
 
@@ -366,7 +432,7 @@ class Spool:
             # An earlier version's entry: its state file first, durably,
             # and only then its message (a state file implies its message).
             unlinkQuietly(statePath)
-            self.queueSync.sync()
+            self.syncQueue()
             unlinkQuietly(msgPath)
 
     def _forgetOutcome(self, queueId: str) -> None:

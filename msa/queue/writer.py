@@ -215,7 +215,8 @@ class SpoolWriter:
         """
         The preamble and first state (C{head}) go in front of the content,
         the file is fsynced once and renamed into C{queue/}; the directory
-        fsync and the audit record are group commits.
+        fsync and the audit record are one round of the spool's group
+        commit (L{msa.queue.spool.Spool.commits}).
         """
         spool = self._spool
         if self._createError is not None:
@@ -230,12 +231,14 @@ class SpoolWriter:
         os.fsync(fd)
         self._file.close()
         os.replace(self._msgPath, spool.queuePath(self.queueId))
-        spool.queueSync.sync()
         spool._slots[self.queueId] = queuefile.QueueFileState(self._slotSize, 1, 0)
-        # The acceptance record, durable before the 250 (msa.audit); if it
-        # cannot be written the commit fails and the message is removed.
-        if spool.audit is not None:
-            spool.audit.append(**self.auditRecord())
+        # One round of the spool's group commit: the directory's fsync, then
+        # the acceptance record, durable before the 250 (msa.audit); if
+        # either fails the commit fails and the message is removed.
+        record = None if spool.audit is None else self.auditRecord()
+        result = spool.commits.commitBlocking(record)
+        if isinstance(result, BaseException):
+            raise result
 
     def _discardBlocking(self) -> None:
         """
@@ -259,13 +262,21 @@ class SpoolWriter:
                 published = True
         if published:
             try:
-                spool.queueSync.sync()
+                spool.syncQueue()
             except OSError as e:
                 log.error(
                     "cannot make the removal of {queueId} durable: {e}",
                     queueId=self.queueId,
                     e=e,
                 )
+
+    def _finish(self) -> None:
+        """
+        The writer is done (committed, failed or aborted): no commit of
+        its is on its way to the spool's rounds any more.
+        """
+        self._done = True
+        self._spool.writerClosed(self)
 
     def noteAudit(self, **fields) -> None:
         """
@@ -292,7 +303,7 @@ class SpoolWriter:
         }
 
     def _committed(self, _: None) -> str | defer.Deferred[None]:
-        self._done = True
+        self._finish()
         if self._abortRequested:
             # Whoever asked for the abort will not announce this message.
             # (The SMTP server never does this: a message whose final dot
@@ -331,7 +342,7 @@ class SpoolWriter:
         again).  On a full file system (ENOSPC, EDQUOT) that is 452 4.3.1
         ("mail system full", RFC 3463); on any other error 451 4.3.0.
         """
-        self._done = True
+        self._finish()
         if failure.check(OSError, AuditError):
             # The disk's answer (ENOSPC, EIO...): expected, no traceback.
             log.error(
@@ -369,7 +380,7 @@ class SpoolWriter:
         if self._committing:
             self._abortRequested = True
             return
-        self._done = True
+        self._finish()
         self._closeQuietly()
         error = unlinkQuietly(self._msgPath, keepErrors=True)
         if error is not None:

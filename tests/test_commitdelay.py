@@ -1,0 +1,170 @@
+# -*- test-case-name: tests.test_commitdelay -*-
+"""
+The commit delay of L{msa.groupcommit.GroupCommit} (C{commitDelay} and
+C{company}), and the spool's use of it: a commit holds its round back for
+the messages being received beside it, so that one fsync of C{queue/} and
+one fdatasync of the audit log serve them all; a message alone never
+waits.
+
+The waits here are deadlines, never measured: a test that holds a round
+back sets a long C{commitDelay} so that only the company it expects can
+end the wait.
+"""
+
+import os
+import threading
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from msa.audit import AuditLog
+from msa.groupcommit import GroupCommit
+from msa.queue.spool import COMMIT_DELAY, Spool
+from tests.relaydata import makeEnvelope
+from tests.waiting import waitUntilBlocking
+
+#: Long enough that a round held back for company can only be released by
+#: it (a test that waited this long has failed anyway).
+LONG = 30.0
+
+
+class CommitDelayTests(unittest.TestCase):
+    """
+    L{GroupCommit.commitBlocking} with a commit delay.
+    """
+
+    def setUp(self):
+        self.rounds: list[list[int]] = []
+        self.expected = 1
+
+        def runRound(jobs):
+            self.rounds.append(list(jobs))
+            return jobs
+
+        self.commits: GroupCommit[int, int] = GroupCommit(
+            runRound,
+            commitDelay=LONG,
+            company=lambda joined: joined < self.expected,
+        )
+
+    def commitInThread(self, job: int) -> threading.Thread:
+        thread = threading.Thread(target=self.commits.commitBlocking, args=(job,))
+        thread.start()
+        self.addCleanup(thread.join, LONG)
+        return thread
+
+    def test_aloneNeverWaits(self):
+        """
+        With no company expected the caller runs its round at once.
+        """
+        self.assertEqual(self.commits.commitBlocking(1), 1)
+        self.assertEqual((self.rounds, self.commits.gathers), ([[1]], 0))
+
+    def test_heldBackUntilTheCompanyHasJoined(self):
+        """
+        A caller that expects another holds its round until the other has
+        joined: one round for both.
+        """
+        self.expected = 2
+        first = self.commitInThread(1)
+        waitUntilBlocking(
+            lambda: (
+                self.commits._pending is not None and self.commits._pending.gathering
+            ),
+            what="the first commit holding its round back",
+        )
+        self.assertEqual(self.rounds, [])
+        self.assertEqual(self.commits.commitBlocking(2), 2)
+        first.join(LONG)
+        self.assertEqual(self.rounds, [[1, 2]])
+        self.assertEqual(self.commits.gathers, 1)
+
+    def test_deadline(self):
+        """
+        Company that never comes holds the round back at most
+        C{commitDelay}.
+        """
+        self.commits.commitDelay = 0.01
+        self.expected = 5
+        self.assertEqual(self.commits.commitBlocking(1), 1)
+        self.assertEqual((self.rounds, self.commits.gathers), ([[1]], 1))
+
+    def test_reactorJobsWaitWithTheRound(self):
+        """
+        A job from the reactor thread joins a round being held back and is
+        carried by it (the drain it schedules does not start the round
+        early).
+        """
+        self.expected = 2
+        first = self.commitInThread(1)
+        waitUntilBlocking(
+            lambda: (
+                self.commits._pending is not None and self.commits._pending.gathering
+            ),
+            what="the first commit holding its round back",
+        )
+        self.commits._drain()
+        self.assertEqual(self.rounds, [])
+        self.assertEqual(self.commits.commitBlocking(2), 2)
+        first.join(LONG)
+        self.assertEqual(self.rounds, [[1, 2]])
+
+
+class SpoolCommitDelayTests(unittest.TestCase):
+    """
+    The spool's commits, in the real reactor's thread pool, through one
+    round when their messages are received side by side.
+    """
+
+    def setUp(self):
+        directory = self.mktemp()
+        self.spool = Spool(directory, reactor)
+        self.audit = AuditLog(os.path.join(directory, "audit.jsonl"), reactor=reactor)
+        self.audit.open()
+        self.addCleanup(self.audit.close)
+        self.spool.audit = self.audit
+        self.fsyncs: list[str] = []
+        self.spool.directoryFsync = self.fsyncs.append
+
+    def writer(self):
+        writer = self.spool.newMessage(makeEnvelope(("bob@example.org",)))
+        writer.write(b"Subject: x\r\n\r\nbody\r\n")
+        return writer
+
+    def test_delayIsShort(self):
+        """
+        The default delay is what a client can afford to wait for its 250.
+        """
+        self.assertGreater(COMMIT_DELAY, 0)
+        self.assertLessEqual(COMMIT_DELAY, 0.02)
+
+    @defer.inlineCallbacks
+    def test_sideBySideShareOneRound(self):
+        """
+        Three messages received side by side: one fsync of C{queue/} and
+        one round of the audit log for the three, each record in the file.
+        """
+        self.spool.commits.commitDelay = LONG
+        writers = [self.writer() for _ in range(3)]
+        auditRounds = self.audit._commits.rounds
+        queueIds = yield defer.gatherResults([w.commit() for w in writers])
+        self.assertEqual(self.fsyncs, [self.spool.queueDirectory])
+        self.assertEqual(self.audit._commits.rounds, auditRounds + 1)
+        self.assertEqual(sorted(self.spool.pending()), sorted(queueIds))
+        with open(self.audit.path, encoding="utf-8") as f:
+            text = f.read()
+        for queueId in queueIds:
+            self.assertIn(queueId, text)
+
+    @defer.inlineCallbacks
+    def test_aloneNotHeldBack(self):
+        """
+        A message alone is committed without waiting for company, even
+        with a long delay; so is one whose neighbour was aborted.
+        """
+        self.spool.commits.commitDelay = LONG
+        neighbour = self.writer()
+        neighbour.abort()
+        yield self.writer().commit()
+        self.assertEqual(self.spool.commits.gathers, 0)
+        self.assertEqual(len(self.fsyncs), 1)
