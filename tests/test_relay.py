@@ -183,6 +183,39 @@ class RelayRunnerTests(RunnerFixture, unittest.TestCase):
         d.callback(allWith(entry, ACCEPTED, 250, "ok"))
         self.assertEqual([c[0].queueId for c in self.downstream.calls], ids)
 
+    def test_slotFreedWhileTheOutcomeIsRecorded(self):
+        """
+        Once the core has answered, the delivery slot goes to the next
+        message while the first one's outcome is still being recorded (its
+        removal waiting for the disk); the first stays in flight for the
+        queue control and for L{RelayRunner.stopService} until then.
+        """
+        self.runner.concurrency = 1
+        removals: dict[str, defer.Deferred[None]] = {}
+
+        def slowRemoval(queueId):
+            removals[queueId] = defer.Deferred()
+            return removals[queueId]
+
+        self.spool.removeDelivered = slowRemoval
+        self.runner.startService()
+        first, second = self.queue(), self.queue()
+        self.clock.advance(0)
+        self.assertEqual([c[0].queueId for c in self.downstream.calls], [first])
+        entry, _, d = self.downstream.calls[0]
+        d.callback(allWith(entry, ACCEPTED, 250, "ok"))
+        self.assertEqual(list(removals), [first])
+        self.assertEqual([c[0].queueId for c in self.downstream.calls], [first, second])
+        self.assertTrue(self.runner.isInFlight(first))
+        entry, _, d = self.downstream.calls[1]
+        d.callback(allWith(entry, ACCEPTED, 250, "ok"))
+        stopped = self.runner.stopService()
+        removals[second].callback(None)
+        self.assertNoResult(stopped)
+        removals[first].callback(None)
+        self.successResultOf(stopped)
+        self.assertFalse(self.runner.isInFlight(first))
+
     def test_downstreamError(self):
         """
         A downstream that fails outright is a temporary failure.

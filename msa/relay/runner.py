@@ -118,6 +118,11 @@ class RelayRunner(Service):
         # ordered set, so that a flush of thousands costs O(1) per entry.
         self._ready: dict[str, None] = {}
         self._inFlight: dict[str, defer.Deferred[None]] = {}
+        #: Attempts the core has answered that are still recording the
+        #: outcome (the C{relayed} record, the removal): in flight for
+        #: the queue control and L{stopService}, but no longer holding one
+        #: of the C{concurrency} delivery slots (L{_settle}).
+        self._settling: set[str] = set()
         self.control = QueueControl(spool, self, reactor)
         self.notices = Notices(spool, self, reactor)
         self.holds = Holds(spool, self)
@@ -260,8 +265,15 @@ class RelayRunner(Service):
         self._ready[queueId] = None
         self._pump()
 
+    def _slotsBusy(self) -> int:
+        """
+        How many delivery slots are taken: attempts in flight that are
+        not settling (L{_settle}).
+        """
+        return len(self._inFlight) - len(self._settling)
+
     def _pump(self) -> None:
-        while self.running and self._ready and len(self._inFlight) < self.concurrency:
+        while self.running and self._ready and self._slotsBusy() < self.concurrency:
             queueId = next(iter(self._ready))
             del self._ready[queueId]
             d = defer.ensureDeferred(self._attempt(queueId))
@@ -288,6 +300,7 @@ class RelayRunner(Service):
 
     def _attemptDone(self, _: object, queueId: str) -> None:
         del self._inFlight[queueId]
+        self._settling.discard(queueId)
         self.control.attemptEnded(queueId)
         self._pump()
 
@@ -359,6 +372,7 @@ class RelayRunner(Service):
             await self.holdMismatch(entry, result.mismatch)
             return
         logAttempt(entry, result, self._reactor.seconds() - started)
+        self._settle(queueId)
         if result.accepted:
             # The audit record of the hand-off, durable before the state.
             await self.spool.auditEvent(
@@ -372,6 +386,21 @@ class RelayRunner(Service):
             )
             await self.notices.relayed(entry, result)
         await self._apply(entry, result)
+
+    def _settle(self, queueId: str) -> None:
+        """
+        The core has answered the attempt of C{queueId}: its delivery slot
+        goes to the next message now, while this attempt records the
+        outcome (the C{relayed} record and the removal, each group-committed
+        and so waiting for company; or the new state of a deferral).  The
+        attempt stays in flight until that is done: the queue control
+        sees it so, no other attempt of the entry starts, and
+        L{stopService} waits for it.  Without this, the slots waited for
+        the disk and the gathers, and the relay fell behind the
+        submissions (bench, C{relay}: the queue minutes behind a burst).
+        """
+        self._settling.add(queueId)
+        self._pump()
 
     async def _apply(self, entry: SpoolEntry, result: DeliveryResult) -> None:
         """
