@@ -19,7 +19,13 @@ import functools
 from typing import Any, BinaryIO, cast
 
 from twisted.internet import defer, error, protocol
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -293,15 +299,35 @@ class SMTPDownstream:
             conn.close(quit=False)
         return None
 
-    async def _connect(self) -> _Connection:
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+    def _endpoint(self) -> IStreamClientEndpoint:
+        """
+        Where a new connection to the core goes: an address given as such
+        is connected to directly (a refused connection fails at once, and
+        no resolver runs in a thread for every connection); a name goes
+        through L{HostnameEndpoint} (its addresses tried in turn, RFC 8305).
+        """
+        if isIPAddress(self.host):
+            return TCP4ClientEndpoint(
+                self._reactor, self.host, self.port, timeout=self.connectTimeout
+            )
+        if isIPv6Address(self.host):
+            return TCP6ClientEndpoint(
+                self._reactor, self.host, self.port, timeout=self.connectTimeout
+            )
+        return HostnameEndpoint(
             self._reactor, self.host, self.port, timeout=self.connectTimeout
         )
+
+    async def _connect(self) -> _Connection:
+        endpoint = self._endpoint()
         if self.tlsMode == "implicit":
             endpoint = wrapClientTLS(self.contextFactory, endpoint)
         factory = protocol.Factory.forProtocol(
             functools.partial(SMTPClientProtocol, self._reactor)
         )
+        # Not a "Starting factory" and "Stopping factory" line at INFO for
+        # every connection: the delivery's own lines say what happened.
+        factory.noisy = False
         proto = cast(SMTPClientProtocol, await endpoint.connect(factory))
         try:
             extensions = await self._handshake(proto)
