@@ -12,15 +12,18 @@ end the wait.
 """
 
 import os
+import smtplib
 import threading
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 from msa.audit import AuditLog
 from msa.groupcommit import GroupCommit
 from msa.queue.spool import COMMIT_DELAY, Spool
+from tests.e2e import MESSAGE, USERS, AiosmtpdCore, RunningMSA
 from tests.relaydata import makeEnvelope
+from tests.test_e2e import RECIPIENT, SENDER
 from tests.waiting import waitUntilBlocking
 
 #: Long enough that a round held back for company can only be released by
@@ -168,3 +171,64 @@ class SpoolCommitDelayTests(unittest.TestCase):
         yield self.writer().commit()
         self.assertEqual(self.spool.commits.gathers, 0)
         self.assertEqual(len(self.fsyncs), 1)
+
+
+class DaemonCommitDelayTests(unittest.TestCase):
+    """
+    The assembled daemon (TOML, STARTTLS, AUTH, relay to a core): three
+    clients whose messages are received side by side are committed in one
+    round, all three renames made durable by one fsync of C{queue/}.
+    """
+
+    def sendHoldingTheDot(self, msa: RunningMSA, ready: threading.Barrier):
+        """
+        A blocking smtplib session (in a thread) that sends its message up
+        to the final dot, waits at C{ready} for the others, then sends the
+        dot.
+
+        @return: the (code, text) of the reply to the dot.
+        """
+        client = smtplib.SMTP("localhost", msa.starttlsPort, timeout=LONG)
+        try:
+            client.ehlo("mijnbedrijf.nl")
+            client.starttls(context=msa.clientContext())
+            client.ehlo("mijnbedrijf.nl")
+            client.login("alice", USERS["alice"])
+            client.mail(SENDER)
+            client.rcpt(RECIPIENT)
+            client.putcmd("data")
+            code, _ = client.getreply()
+            assert code == 354, code
+            client.send(MESSAGE)
+            ready.wait(LONG)
+            client.send(b".\r\n")
+            return client.getreply()
+        finally:
+            client.close()
+
+    @defer.inlineCallbacks
+    def test_sideBySideOverSMTP(self):
+        core = AiosmtpdCore(self)
+        msa = RunningMSA(self, relay=core.relayConfig(), spool={"commit_delay": 1.0})
+        spool = msa.service.getServiceNamed("relay").spool
+        self.assertEqual(spool.commits.commitDelay, 1.0)
+        listings: list[list[str]] = []
+        fsync = spool.directoryFsync
+
+        def recordingFsync(path):
+            listings.append(sorted(os.listdir(path)))
+            fsync(path)
+
+        spool.directoryFsync = recordingFsync
+        ready = threading.Barrier(3)
+        replies = yield defer.gatherResults(
+            [
+                threads.deferToThread(self.sendHoldingTheDot, msa, ready)
+                for _ in range(3)
+            ]
+        )
+        self.assertEqual([code for code, _ in replies], [250, 250, 250])
+        queueIds = sorted(text.split()[-1].decode() for _, text in replies)
+        # The first fsync after the dots saw the three messages in queue/.
+        self.assertEqual(listings[0], queueIds)
+        yield core.waitForMessages(3)

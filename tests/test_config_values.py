@@ -222,6 +222,7 @@ BAD: list[Bad] = [
     ),
     # [spool]
     *path("spool.directory"),
+    *number("spool.commit_delay", 0, 1, "-0.001", "1.5"),
     Bad(
         "spool.directory",
         '"a\\u0000b"',

@@ -1138,6 +1138,17 @@ ROWS: list[Row] = [
     Row("accounts.store", accountDatabase, checkAccountStore, "pgstore"),
     # [spool]
     Row("spool.directory", lambda env: env.path("queue"), checkSpool),
+    Row(
+        "spool.commit_delay",
+        0.005,
+        wired=lambda env: _relayRunner(env).spool.commits.commitDelay,
+        reason="a delay: its effect is speed (fewer fsyncs per message)",
+        coveredBy=(
+            "tests.test_commitdelay.SpoolCommitDelayTests.test_sideBySideShareOneRound",
+            "tests.test_commitdelay.SpoolCommitDelayTests.test_aloneNotHeldBack",
+            "tests.test_commitdelay.DaemonCommitDelayTests.test_sideBySideOverSMTP",
+        ),
+    ),
     # [logging], [metrics]
     Row("logging.json_file", lambda env: env.path("events.json"), checkJSONFile),
     Row("logging.level", "warn", checkLogLevel, "loglevel"),

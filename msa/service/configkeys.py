@@ -222,6 +222,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "spool": {
         "directory": path(None, "The durable queue."),
+        "commit_delay": number(
+            0.01, 0, 1, "Seconds a commit waits for messages beside it."
+        ),
     },
     "content": {
         "policy": Key(

@@ -259,6 +259,7 @@ def buildService(config: Config, reactor=None) -> OrderedShutdown:
         reactor,
         outcomesDirectory=outcomesDirectoryIn(server["state_dir"]),
     )
+    spool.commits.commitDelay = config["spool"]["commit_delay"]
     runChecks(certFile, tlsConfig["chain"], config["spool"]["directory"])
     spool.recover()
     audit = None
