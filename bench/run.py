@@ -791,7 +791,7 @@ SERVERS = {
 #: --syscalls: the file-system calls counted (strace -c) during load batches;
 #: --strace: every system call ("all" in the list)
 SYSCALLS: list[str] = []
-COUNTED = "fsync,fdatasync,openat,rename,renameat2,unlink,unlinkat,mkdir"
+COUNTED = "fsync,fdatasync,flock,openat,rename,renameat2,unlink,unlinkat,mkdir"
 #: --strace: the calls shown beside the total (the loop, the sockets, locks)
 BUSIEST = "epoll_wait,epoll_ctl,futex,recvfrom,sendto,read,write,getpid"
 
