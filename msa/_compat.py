@@ -34,6 +34,12 @@ Twisted:
       transports do, instead of arming the socket for writing (an
       C{epoll_ctl}) and disarming it (another) around every reply; Twisted
       has no option for this.
+    - C{twisted.protocols.tls.BufferingTLSTransport}'s small-write
+      aggregation (its instance attribute C{write}, its C{_aggregator}):
+      L{writeTLSAtOnce} has a reply encrypted and sent when it is written,
+      instead of from a C{callLater(0)} (a timer per reply, the reply a
+      reactor turn later); the MSA already writes the replies of one read
+      as one write, which is what the aggregation is for.
     - C{twisted.logger.LogPublisher._observers}: the observers of the global
       log publisher, so that the C{[logging] level} filter can be put in
       front of the ones twistd installed (L{publisherObservers}); Twisted
@@ -55,9 +61,11 @@ from twisted.protocols.haproxy._info import ProxyInfo
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 
 __all__ = [
     "PRIVATE_FUNCTIONS",
+    "writeTLSAtOnce",
     "ClientTLSOptions",
     "InvalidProxyHeader",
     "ProxyInfo",
@@ -185,4 +193,38 @@ def writeEagerly(transport: object) -> bool:
         armForWriting()
 
     connection.startWriting = startWriting  # type: ignore[method-assign]
+    return True
+
+
+def writeTLSAtOnce(transport: object) -> bool:
+    """
+    Make the TLS layer under C{transport} (implicit TLS: the transport
+    itself or under a protocol wrapper; STARTTLS: the layer the TCP
+    connection writes through) encrypt and send each write as it is made,
+    without Twisted's aggregation of small writes for the next reactor
+    turn.  Call it once TLS is in place (after C{startTLS}).
+
+    The aggregation only ever holds what was written since the last turn;
+    here it is never given anything, so nothing can be overtaken.  Bytes
+    written through C{writeSequence} still go through it (the MSA does not
+    use it on these connections).
+
+    @return: whether a TLS layer was found and changed.
+    """
+    layer = transport
+    while True:
+        if isinstance(layer, BufferingTLSTransport):
+            break
+        if isinstance(layer, tcp.Connection) and getattr(layer, "TLS", False):
+            layer = layer.protocol
+        elif isinstance(layer, ProtocolWrapper):
+            layer = layer.transport
+        else:
+            return False
+    tls = layer
+
+    def write(data: bytes) -> None:
+        TLSMemoryBIOProtocol.write(tls, data)
+
+    tls.write = write  # type: ignore[method-assign]
     return True

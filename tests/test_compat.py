@@ -437,3 +437,70 @@ class EagerWriteTests(unittest.TestCase):
         A transport with no TCP connection under it is left alone.
         """
         self.assertFalse(_compat.writeEagerly(StringTransport()))
+
+
+class TLSAtOnceTests(unittest.TestCase):
+    """
+    L{_compat.writeTLSAtOnce} over a real loopback TLS connection, and the
+    names of Twisted's small-write aggregation it relies on.
+    """
+
+    @defer.inlineCallbacks
+    def connectedPair(self):
+        """
+        A TLS server side (implicit TLS, the MSA's own server context) and
+        a verifying client, the handshake done; closed at cleanup.
+        """
+        from twisted.internet import ssl
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        options = _hardenedOptions(directory)
+        certFile, _ = tls.ensureSelfSignedCertificate(directory, "localhost")
+        with open(certFile, "rb") as f:
+            certPEM = f.read()
+        server = _Collector()
+        port = reactor.listenSSL(
+            0,
+            protocol.Factory.forProtocol(lambda: server),
+            options,
+            interface="127.0.0.1",
+        )
+        self.addCleanup(port.stopListening)
+        client = _Collector()
+        endpoint = endpoints.SSL4ClientEndpoint(
+            reactor,
+            "127.0.0.1",
+            port.getHost().port,
+            ssl.optionsForClientTLS("localhost", ssl.Certificate.loadPEM(certPEM)),
+        )
+        yield endpoints.connectProtocol(endpoint, client)
+        yield server.made
+        self.addCleanup(server.transport.loseConnection)
+        self.addCleanup(client.transport.loseConnection)
+        client.transport.write(b"hello")
+        yield waitUntil(lambda: server.received == b"hello", what="the handshake")
+        return server, client
+
+    @defer.inlineCallbacks
+    def test_sentWhenWritten(self):
+        """
+        A write is encrypted and handed to the socket at once: nothing is
+        left in the aggregation buffer and no flush is scheduled; the peer
+        gets the bytes.
+        """
+        server, client = yield self.connectedPair()
+        self.assertTrue(_compat.writeTLSAtOnce(server.transport))
+        server.transport.write(b"250 2.0.0 Ok\r\n")
+        aggregator = server.transport._aggregator
+        self.assertEqual((aggregator._buffer, aggregator._scheduled), ([], None))
+        yield waitUntil(
+            lambda: bytes(client.received) == b"250 2.0.0 Ok\r\n",
+            what="the reply at the peer",
+        )
+
+    def test_notTLS(self):
+        """
+        A transport with no TLS layer is left alone.
+        """
+        self.assertFalse(_compat.writeTLSAtOnce(StringTransport()))

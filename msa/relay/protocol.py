@@ -30,7 +30,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.protocols.basic import FileSender, LineReceiver
 from twisted.python.failure import Failure
 
-from msa._compat import writeEagerly
+from msa._compat import writeEagerly, writeTLSAtOnce
 from msa.queue.integrity import Digester, IntegrityError, Mismatch
 
 ACCEPTED = "accepted"
@@ -249,6 +249,7 @@ class SMTPClientProtocol(LineReceiver):
             raise SMTPClientError("data after the STARTTLS reply: possible injection")
         self.tlsStarted = True
         self._connection.startTLS(contextFactory)
+        writeTLSAtOnce(self._connection)
 
     def sendFile(
         self,
@@ -306,6 +307,7 @@ class SMTPClientProtocol(LineReceiver):
         super().connectionMade()
         setTcpNoDelay(self.transport)
         writeEagerly(self.transport)
+        writeTLSAtOnce(self.transport)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
