@@ -45,6 +45,8 @@ class _Round(Generic[J, R]):
         self.gathering = False
         #: The commit delay was spent on this round: it starts now.
         self.gathered = False
+        #: When its first job came: the commit delay counts from there.
+        self.created = time.monotonic()
 
 
 class GroupCommit(Generic[J, R]):
@@ -190,11 +192,14 @@ class GroupCommit(Generic[J, R]):
     def _gather(self, current: _Round[J, R]) -> None:
         """
         Under the lock: hold round C{current} back until the company
-        expected has joined it, or C{commitDelay} seconds have passed
-        (the lock is released meanwhile, so that they can join).
+        expected has joined it, or C{commitDelay} seconds have passed since
+        its first job came (the lock is released meanwhile, so that they
+        can join).  Counted from the first job, not from the end of the
+        round before: under load the rounds follow one another without a
+        gap, and no job waits more than C{commitDelay} for company.
         """
         current.gathering = True
-        deadline = time.monotonic() + self.commitDelay
+        deadline = current.created + self.commitDelay
         try:
             while self._expectsCompany(current):
                 remaining = deadline - time.monotonic()

@@ -30,7 +30,7 @@ from msa.groupcommit import GroupCommit
 #: client's reply waits for it, nor the relay's delivery slot (the slot
 #: goes to the next message once the core has answered:
 #: L{msa.relay.runner.RelayRunner._settle}).
-FACT_GATHER = 0.02
+FACT_GATHER = 0.1
 
 #: What a round gives each job: a record's C{seq}, a rotation (or L{None}:
 #: nothing to rotate; or the error that kept it from happening, which

@@ -112,12 +112,16 @@ log = Logger()
 #: How long the fsync of C{queue/} after a removal waits for company (a
 #: commit's, mostly), in seconds.  No client's reply waits for it, nor the
 #: relay's delivery slot (L{msa.relay.runner.RelayRunner._settle}).
-REMOVAL_GATHER = 0.02
+REMOVAL_GATHER = 0.1
 
 #: How long, at most, a commit holds its round back for the messages
 #: close behind it (their data being received or committed), in seconds:
 #: the commit delay of L{GroupCommit}.  A lone message never waits.
 COMMIT_DELAY = 0.01
+
+#: A round held back for company stops waiting once this many commits have
+#: joined it (each holds one of the reactor pool's ten threads meanwhile).
+GATHER_AT_MOST = 6
 
 
 @implementer(ISpool)
@@ -182,9 +186,12 @@ class Spool:
     def _companyComing(self, joined: int) -> bool:
         """
         Whether more commits are on their way than the C{joined} of a round
-        (L{GroupCommit}'s C{company}; read in a thread).
+        (L{GroupCommit}'s C{company}; read in a thread).  Once
+        L{GATHER_AT_MOST} have joined, no more are waited for: each waits
+        in a thread of the reactor's pool, which the others need to get
+        there.
         """
-        return len(self._writers) > joined
+        return joined < GATHER_AT_MOST and len(self._writers) > joined
 
     def _commitRound(self, jobs: list[dict | None]) -> list[int | AuditError | None]:
         """
