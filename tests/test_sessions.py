@@ -90,13 +90,18 @@ class CountTests(unittest.TestCase):
 
     def test_removeTwice(self):
         """
-        Removing a session that is not there does nothing.
+        Removing a session that is not there does nothing, nor does adding
+        one twice: the count per client stays exact.
         """
         registry = SessionRegistry()
         session = FakeSession(registry, "192.0.2.1")
+        registry.add(session)
         registry.remove(session)
         registry.remove(session)
         self.assertEqual(registry.sessions, set())
+        self.assertEqual(registry.sessionsFrom("192.0.2.1"), 0)
+        FakeSession(registry, "192.0.2.1")
+        self.assertEqual(registry.sessionsFrom("192.0.2.1"), 1)
 
 
 class RegistryShutdownTests(unittest.TestCase):

@@ -7,6 +7,8 @@ and closed.  A message is never acknowledged and then dropped: a session cut
 off in DATA gets no 250, so its client tries again.
 """
 
+import collections
+
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -25,18 +27,29 @@ class SessionRegistry:
         self.sessions: set = set()
         self.closing = False
         self._emptied: list[defer.Deferred] = []
+        #: Per client address, its live sessions: each connection asks
+        #: (the per-client limit), so a count, not a scan of every session
+        #: (quadratic in a connection storm).
+        self._fromAddress: collections.Counter[str] = collections.Counter()
 
     def add(self, session) -> None:
-        self.sessions.add(session)
+        if session not in self.sessions:
+            self.sessions.add(session)
+            self._fromAddress[session.session.clientAddress] += 1
 
     def sessionsFrom(self, clientAddress: str) -> int:
-        return sum(1 for s in self.sessions if s.session.clientAddress == clientAddress)
+        return self._fromAddress[clientAddress]
 
     def sessionsOf(self, account: str) -> int:
         return sum(1 for s in self.sessions if s.session.account == account)
 
     def remove(self, session) -> None:
-        self.sessions.discard(session)
+        if session in self.sessions:
+            self.sessions.remove(session)
+            address = session.session.clientAddress
+            self._fromAddress[address] -= 1
+            if not self._fromAddress[address]:
+                del self._fromAddress[address]
         if not self.sessions:
             waiting, self._emptied = self._emptied, []
             for d in waiting:
