@@ -503,6 +503,27 @@ class SpoolGroupCommitTests(unittest.TestCase):
         self.assertEqual(self.spool.pending(), [queueId])
         self.assertEqual(self.spool.load(queueId).queueId, queueId)
 
+    def test_failedUnlinkFailsItsRemovalAlone(self):
+        """
+        A round carrying a removal whose unlink fails and a commit's fsync:
+        the removal's result is the error, the rest of the round goes on
+        (the directory is fsynced once, the other removal done).
+        """
+        stuck, gone = self.commit(), self.commit()
+        del self.seen[:]
+        unlink = os.unlink
+
+        def refuseOne(path):
+            if path.endswith(stuck):
+                raise OSError(errno.EIO, "Input/output error")
+            unlink(path)
+
+        self.patch(os, "unlink", refuseOne)
+        results = self.spool._commitRound([stuck, None, gone])
+        self.assertEqual(results[0].errno, errno.EIO)
+        self.assertEqual(results[1:], [None, None])
+        self.assertEqual(self.seen, [[stuck]])
+
     def test_removeDeliveredInvisibleAtOnce(self):
         """
         While the removal runs in its thread, the entry is already gone for
@@ -512,15 +533,16 @@ class SpoolGroupCommitTests(unittest.TestCase):
         queueId = self.commit()
         started = []
         self.patch(
-            self.spool,
-            "_runBlocking",
-            lambda f, *a: started.append(a) or defer.Deferred(),
+            self.spool.commits,
+            "commit",
+            lambda job: started.append(job) or defer.Deferred(),
         )
         self.spool.removeDelivered(queueId)
-        self.assertEqual(len(started), 1)
+        # Its unlink is a job of the spool's next round.
+        self.assertEqual(started, [queueId])
         self.assertEqual(self.spool.pending(), [])
         self.assertRaises(FileNotFoundError, self.spool.load, queueId)
-        # Not yet removed from disk: the thread does that.
+        # Not yet removed from disk: the round does that.
         self.assertIn(queueId, os.listdir(self.spool.queueDirectory))
 
 

@@ -124,6 +124,23 @@ COMMIT_DELAY = 0.01
 GATHER_AT_MOST = 6
 
 
+#: A job of the spool's round (L{Spool.commits}): an acceptance record, a
+#: queue id to remove, or L{None} (only the directory's fsync).
+_Job = dict | str | None
+#: What a round gives each job: the record's C{seq}, the error that failed
+#: it alone (an unlink's, the audit log's), or L{None}.
+_Outcome = int | OSError | AuditError | None
+
+
+def _raiseOutcome(outcome: _Outcome) -> None:
+    """
+    A removal's outcome (L{Spool._commitRound}) as its L{Deferred}'s: the
+    error raised.
+    """
+    if isinstance(outcome, BaseException):
+        raise outcome
+
+
 @implementer(ISpool)
 class Spool:
     """
@@ -156,7 +173,7 @@ class Spool:
         #: C{queue/} (for the commits' renames and the removals' unlinks),
         #: then the commits' acceptance records in one round of the audit
         #: log (L{_commitRound}).
-        self.commits: GroupCommit[dict | None, int | AuditError | None] = GroupCommit(
+        self.commits: GroupCommit[_Job, _Outcome] = GroupCommit(
             self._commitRound,
             reactor,
             gatherDelay=REMOVAL_GATHER,
@@ -193,26 +210,42 @@ class Spool:
         """
         return joined < GATHER_AT_MOST and len(self._writers) > joined
 
-    def _commitRound(self, jobs: list[dict | None]) -> list[int | AuditError | None]:
+    def _commitRound(self, jobs: list[_Job]) -> list[_Outcome]:
         """
-        One round of L{commits} (in a thread, one at a time): C{queue/}
-        fsynced, then the acceptance records among C{jobs} (L{None}: a
-        removal, or a directory change that only needs the fsync) appended
-        to the audit log in one round of its own.  A failed fsync fails
-        the whole round; a failed audit write only the jobs with a record,
-        whose result is then the L{AuditError}.
+        One round of L{commits} (in a thread, one at a time): the queue
+        files of the removals among C{jobs} (a queue id) unlinked, C{queue/}
+        fsynced, then the acceptance records among them (a C{dict})
+        appended to the audit log in one round of its own (L{None}: a
+        directory change that only needs the fsync).  A failed fsync fails
+        the whole round; a failed unlink only its removal, a failed audit
+        write only the jobs with a record: their result is the error.
 
         @return: per job, the record's C{seq}, the error, or L{None}.
         """
-        self.directoryFsync(self.queueDirectory)
-        records = [job for job in jobs if job is not None]
+        unlinked: dict[int, OSError] = {}
+        for index, job in enumerate(jobs):
+            if isinstance(job, str):
+                try:
+                    self._unlinkEntry(job, self._fsyncQueue)
+                except OSError as e:
+                    unlinked[index] = e
+        self._fsyncQueue()
+        results: list[_Outcome] = [unlinked.get(i) for i in range(len(jobs))]
+        records = [(i, job) for i, job in enumerate(jobs) if isinstance(job, dict)]
         if not records or self.audit is None:
-            return [None] * len(jobs)
+            return results
         try:
-            seqs = iter(self.audit.appendAll(records))
+            seqs = self.audit.appendAll([record for _, record in records])
         except AuditError as e:
-            return [None if job is None else e for job in jobs]
-        return [None if job is None else next(seqs) for job in jobs]
+            for index, _ in records:
+                results[index] = e
+        else:
+            for (index, _), seq in zip(records, seqs, strict=True):
+                results[index] = seq
+        return results
+
+    def _fsyncQueue(self) -> None:
+        self.directoryFsync(self.queueDirectory)
 
     def syncQueue(self) -> None:
         """
@@ -410,8 +443,13 @@ class Spool:
             crash, to be delivered again).
         """
         self._removing.add(queueId)
-        d = self._inOrder(queueId, self._removedBlocking, queueId)
-        d.addCallback(lambda _: self.commits.commit(None))
+        if queueId in self._changing:
+            # After the changes of the entry still being written.
+            d = self._inOrder(queueId, self._removedBlocking, queueId)
+            d.addCallback(lambda _: self.commits.commit(None))
+        else:
+            # The unlink in the round itself: no thread hand-off of its own.
+            d = self.commits.commit(queueId).addCallback(_raiseOutcome)
         if self.outcomes is not None and queueId in self.outcomes:
             d.addCallback(lambda _: self._runBlocking(self._forgetOutcome, queueId))
 
@@ -432,6 +470,14 @@ class Spool:
         """
         The unlink of L{removeDelivered}: runs in a thread.
         """
+        self._unlinkEntry(queueId, self.syncQueue)
+
+    def _unlinkEntry(self, queueId: str, syncQueue: Callable[[], None]) -> None:
+        """
+        Unlink the queue file of C{queueId} (in a thread); an earlier
+        version's pair goes state file first, made durable with
+        C{syncQueue}, then the message.
+        """
         self._slots.pop(queueId, None)
         unlinkQuietly(self.queuePath(queueId))
         msgPath, statePath = legacy.pairPaths(self.queueDirectory, queueId)
@@ -439,7 +485,7 @@ class Spool:
             # An earlier version's entry: its state file first, durably,
             # and only then its message (a state file implies its message).
             unlinkQuietly(statePath)
-            self.syncQueue()
+            syncQueue()
             unlinkQuietly(msgPath)
 
     def _forgetOutcome(self, queueId: str) -> None:
