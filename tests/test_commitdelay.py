@@ -20,7 +20,8 @@ from twisted.trial import unittest
 
 from msa.audit import AuditLog
 from msa.groupcommit import GroupCommit
-from msa.queue.spool import COMMIT_DELAY, Spool
+from msa.queue.commits import COMMIT_DELAY
+from msa.queue.spool import Spool
 from tests.e2e import MESSAGE, USERS, AiosmtpdCore, RunningMSA
 from tests.relaydata import makeEnvelope
 from tests.test_e2e import RECIPIENT, SENDER
@@ -127,7 +128,7 @@ class SpoolCommitDelayTests(unittest.TestCase):
         self.addCleanup(self.audit.close)
         self.spool.audit = self.audit
         self.fsyncs: list[str] = []
-        self.spool.directoryFsync = self.fsyncs.append
+        self.spool.commits.directoryFsync = self.fsyncs.append
 
     def writer(self):
         writer = self.spool.newMessage(makeEnvelope(("bob@example.org",)))
@@ -213,13 +214,13 @@ class DaemonCommitDelayTests(unittest.TestCase):
         spool = msa.service.getServiceNamed("relay").spool
         self.assertEqual(spool.commits.commitDelay, 1.0)
         listings: list[list[str]] = []
-        fsync = spool.directoryFsync
+        fsync = spool.commits.directoryFsync
 
         def recordingFsync(path):
             listings.append(sorted(os.listdir(path)))
             fsync(path)
 
-        spool.directoryFsync = recordingFsync
+        spool.commits.directoryFsync = recordingFsync
         ready = threading.Barrier(3)
         replies = yield defer.gatherResults(
             [

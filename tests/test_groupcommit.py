@@ -401,7 +401,7 @@ class GatherTests(unittest.TestCase):
         """
         spool = Spool(self.mktemp(), self.clock)
         fsyncs = []
-        spool.directoryFsync = fsyncs.append
+        spool.commits.directoryFsync = fsyncs.append
         writer = spool.newMessage(makeEnvelope(("bob@example.org",)))
         writer.write(b"Subject: x\r\n\r\nbody\r\n")
         delivered = self.successResultOf(writer.commit())
@@ -433,7 +433,7 @@ class SpoolGroupCommitTests(unittest.TestCase):
             if self.fail:
                 raise OSError(errno.EIO, "Input/output error")
 
-        self.spool.directoryFsync = fsync
+        self.spool.commits.directoryFsync = fsync
 
     def commit(self) -> str:
         writer = self.spool.newMessage(makeEnvelope(("bob@example.org",)))
@@ -519,7 +519,7 @@ class SpoolGroupCommitTests(unittest.TestCase):
             unlink(path)
 
         self.patch(os, "unlink", refuseOne)
-        results = self.spool._commitRound([stuck, None, gone])
+        results = self.spool.commits._round([stuck, None, gone])
         self.assertEqual(results[0].errno, errno.EIO)
         self.assertEqual(results[1:], [None, None])
         self.assertEqual(self.seen, [[stuck]])

@@ -19,7 +19,8 @@ entry: every file in C{queue/} is whole.  One file created, one fsync, one
 rename per message; the directory's fsync and the audit log's fdatasync
 are one round of the spool's group commit (L{Spool.commits}, a
 L{msa.groupcommit.GroupCommit}), shared with concurrent commits and
-removals: a commit holds its round back, at most L{COMMIT_DELAY}, for
+removals: a commit holds its round back, at most
+L{msa.queue.commits.COMMIT_DELAY}, for
 the messages being received beside it, so that under load one fsync of
 the directory and one fdatasync of the audit log serve many messages; a
 message alone never waits.
@@ -68,7 +69,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import weakref
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -77,12 +77,12 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from msa.audit import AuditError, AuditLog
-from msa.durable import fsyncDirectory, unlinkQuietly
+from msa.audit import AuditLog
+from msa.durable import unlinkQuietly
 from msa.envelope import Envelope
-from msa.groupcommit import GroupCommit
 from msa.interfaces import ISpool
 from msa.queue import legacy, queuefile
+from msa.queue.commits import SpoolCommits
 from msa.queue.entry import (
     DELIVERED,
     FAILED,
@@ -109,37 +109,6 @@ __all__ = [
 
 log = Logger()
 
-#: How long the fsync of C{queue/} after a removal waits for company (a
-#: commit's, mostly), in seconds.  No client's reply waits for it, nor the
-#: relay's delivery slot (L{msa.relay.runner.RelayRunner._settle}).
-REMOVAL_GATHER = 0.1
-
-#: How long, at most, a commit holds its round back for the messages
-#: close behind it (their data being received or committed), in seconds:
-#: the commit delay of L{GroupCommit}.  A lone message never waits.
-COMMIT_DELAY = 0.01
-
-#: A round held back for company stops waiting once this many commits have
-#: joined it (each holds one of the reactor pool's ten threads meanwhile).
-GATHER_AT_MOST = 6
-
-
-#: A job of the spool's round (L{Spool.commits}): an acceptance record, a
-#: queue id to remove, or L{None} (only the directory's fsync).
-_Job = dict | str | None
-#: What a round gives each job: the record's C{seq}, the error that failed
-#: it alone (an unlink's, the audit log's), or L{None}.
-_Outcome = int | OSError | AuditError | None
-
-
-def _raiseOutcome(outcome: _Outcome) -> None:
-    """
-    A removal's outcome (L{Spool._commitRound}) as its L{Deferred}'s: the
-    error raised.
-    """
-    if isinstance(outcome, BaseException):
-        raise outcome
-
 
 @implementer(ISpool)
 class Spool:
@@ -164,22 +133,9 @@ class Spool:
         self.queueDirectory = os.path.join(directory, "queue")
         for d in (directory, self.tmpDirectory, self.queueDirectory):
             os.makedirs(d, mode=0o700, exist_ok=True)
-        #: The fsync of C{queue/} (replaced by the fault-injection tests).
-        self.directoryFsync: Callable[[str], None] = fsyncDirectory
-        #: The writers whose data is being received or committed: the
-        #: company a commit waits for (L{COMMIT_DELAY}).
-        self._writers: weakref.WeakSet[SpoolWriter] = weakref.WeakSet()
-        #: The group commit of the spool: each round one fsync of
-        #: C{queue/} (for the commits' renames and the removals' unlinks),
-        #: then the commits' acceptance records in one round of the audit
-        #: log (L{_commitRound}).
-        self.commits: GroupCommit[_Job, _Outcome] = GroupCommit(
-            self._commitRound,
-            reactor,
-            gatherDelay=REMOVAL_GATHER,
-            commitDelay=COMMIT_DELAY,
-            company=self._companyComing,
-        )
+        #: The group commit of C{queue/}'s fsyncs, the acceptance records
+        #: and the removals (L{msa.queue.commits}).
+        self.commits = SpoolCommits(self, reactor)
         #: The audit log (L{msa.audit}) each commit appends to, if any.
         self.audit: AuditLog | None = None
         self._listeners: list[Callable[[str], object]] = []
@@ -199,62 +155,6 @@ class Spool:
         self.outcomes = (
             None if outcomesDirectory is None else OutcomeLedger(outcomesDirectory)
         )
-
-    def _companyComing(self, joined: int) -> bool:
-        """
-        Whether more commits are on their way than the C{joined} of a round
-        (L{GroupCommit}'s C{company}; read in a thread).  Once
-        L{GATHER_AT_MOST} have joined, no more are waited for: each waits
-        in a thread of the reactor's pool, which the others need to get
-        there.
-        """
-        return joined < GATHER_AT_MOST and len(self._writers) > joined
-
-    def _commitRound(self, jobs: list[_Job]) -> list[_Outcome]:
-        """
-        One round of L{commits} (in a thread, one at a time): the queue
-        files of the removals among C{jobs} (a queue id) unlinked, C{queue/}
-        fsynced, then the acceptance records among them (a C{dict})
-        appended to the audit log in one round of its own (L{None}: a
-        directory change that only needs the fsync).  A failed fsync fails
-        the whole round; a failed unlink only its removal, a failed audit
-        write only the jobs with a record: their result is the error.
-
-        @return: per job, the record's C{seq}, the error, or L{None}.
-        """
-        unlinked: dict[int, OSError] = {}
-        for index, job in enumerate(jobs):
-            if isinstance(job, str):
-                try:
-                    self._unlinkEntry(job, self._fsyncQueue)
-                except OSError as e:
-                    unlinked[index] = e
-        self._fsyncQueue()
-        results: list[_Outcome] = [unlinked.get(i) for i in range(len(jobs))]
-        records = [(i, job) for i, job in enumerate(jobs) if isinstance(job, dict)]
-        if not records or self.audit is None:
-            return results
-        try:
-            seqs = self.audit.appendAll([record for _, record in records])
-        except AuditError as e:
-            for index, _ in records:
-                results[index] = e
-        else:
-            for (index, _), seq in zip(records, seqs, strict=True):
-                results[index] = seq
-        return results
-
-    def _fsyncQueue(self) -> None:
-        self.directoryFsync(self.queueDirectory)
-
-    def syncQueue(self) -> None:
-        """
-        Make the entries of C{queue/} durable, in a round of L{commits};
-        blocks (call it in a thread).
-
-        @raise OSError: the fsync's.
-        """
-        self.commits.commitBlocking(None)
 
     def _runBlocking(self, f, *args) -> defer.Deferred:
         return runBlocking(self.reactor, f, *args)
@@ -279,15 +179,8 @@ class Spool:
     def newMessage(self, envelope: Envelope) -> SpoolWriter:
         envelope.queueId = newQueueId()
         writer = SpoolWriter(self, envelope)
-        self._writers.add(writer)
+        self.commits.writerOpened(writer)
         return writer
-
-    def writerClosed(self, writer: SpoolWriter) -> None:
-        """
-        C{writer} is done (committed, failed or aborted): no commit of its
-        is on its way any more.
-        """
-        self._writers.discard(writer)
 
     def addListener(self, listener: Callable[[str], object]) -> None:
         """
@@ -433,7 +326,8 @@ class Spool:
         as this returns; then, in the reactor's thread pool, after the
         changes asked before, its queue file is removed; then the
         directory is fsynced, shared with concurrent commits and removals
-        (a round of L{commits}: the removal waits up to L{REMOVAL_GATHER}
+        (a round of L{commits}: the removal waits up to
+        L{msa.queue.commits.REMOVAL_GATHER}
         for company, holding no thread).
 
         @return: a L{Deferred} firing when the removal is durable, or
@@ -449,7 +343,7 @@ class Spool:
             d.addCallback(lambda _: self.commits.commit(None))
         else:
             # The unlink in the round itself: no thread hand-off of its own.
-            d = self.commits.commit(queueId).addCallback(_raiseOutcome)
+            d = self.commits.remove(queueId)
         if self.outcomes is not None and queueId in self.outcomes:
             d.addCallback(lambda _: self._runBlocking(self._forgetOutcome, queueId))
 
@@ -470,9 +364,9 @@ class Spool:
         """
         The unlink of L{removeDelivered}: runs in a thread.
         """
-        self._unlinkEntry(queueId, self.syncQueue)
+        self.unlinkEntry(queueId, self.commits.syncBlocking)
 
-    def _unlinkEntry(self, queueId: str, syncQueue: Callable[[], None]) -> None:
+    def unlinkEntry(self, queueId: str, syncQueue: Callable[[], None]) -> None:
         """
         Unlink the queue file of C{queueId} (in a thread); an earlier
         version's pair goes state file first, made durable with

@@ -235,10 +235,9 @@ class SpoolWriter:
         # One round of the spool's group commit: the directory's fsync, then
         # the acceptance record, durable before the 250 (msa.audit); if
         # either fails the commit fails and the message is removed.
-        record = None if spool.audit is None else self.auditRecord()
-        result = spool.commits.commitBlocking(record)
-        if isinstance(result, BaseException):
-            raise result
+        spool.commits.commitAccepted(
+            None if spool.audit is None else self.auditRecord()
+        )
 
     def _discardBlocking(self) -> None:
         """
@@ -262,7 +261,7 @@ class SpoolWriter:
                 published = True
         if published:
             try:
-                spool.syncQueue()
+                spool.commits.syncBlocking()
             except OSError as e:
                 log.error(
                     "cannot make the removal of {queueId} durable: {e}",
@@ -276,7 +275,7 @@ class SpoolWriter:
         its is on its way to the spool's rounds any more.
         """
         self._done = True
-        self._spool.writerClosed(self)
+        self._spool.commits.writerClosed(self)
 
     def noteAudit(self, **fields) -> None:
         """
