@@ -272,6 +272,9 @@ class _ServerProtocol(LineReceiver):
         self._reset()
 
     def do_RSET(self, arg: str) -> None:
+        if self.server.closeOnRset:
+            self.transport.abortConnection()
+            return
         self._reset()
         self.reply(250, "2.0.0 OK")
 
@@ -304,6 +307,8 @@ class DownstreamServer:
     STARTTLS with 220 but stay in plaintext, so the handshake fails),
     C{closeAfterData} (close the connection right after the 250 to the data),
     C{offerPipelining} (PIPELINING in the EHLO reply, by default),
+    C{closeOnRset} (abort the connection at an RSET, unanswered: a core
+    that timed the idle connection out just then),
     C{dataWithoutRecipient} (answer DATA with 354 even when no recipient
     was accepted, as RFC 2920 section 3.1 says a client must cope with).
 
@@ -326,6 +331,7 @@ class DownstreamServer:
         self.offerStartTLS = True
         self.refuseStartTLS: tuple[int, str] | None = None
         self.mailReply: tuple[int, str] | None = None
+        self.closeOnRset = False
         self.rcptReplies: dict[str, tuple[int, str]] = {}
         self.dataReply: tuple[int, str] | None = None
         self.finalReply: tuple[int, str] | None = None

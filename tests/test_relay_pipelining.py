@@ -88,6 +88,41 @@ class PipeliningTests(DownstreamFixture, unittest.TestCase):
         )
 
     @defer.inlineCallbacks
+    def test_parkedConnectionResetInTheGroup(self):
+        """
+        The next message over a parked connection: its RSET arrives in the
+        same read as MAIL, RCPT and DATA (one round trip less per message).
+        """
+        server = self.startServer()
+        downstream = self.downstream(server)
+        for _ in range(2):
+            entry = yield self.queue(recipients=(A,))
+            result = yield self.deliver(downstream, entry)
+            self.assertEqual(result.accepted, [A])
+        mail = MAIL + b" SIZE=%d" % (entry.size,)
+        self.assertEqual(server.commandGroups[-1], [b"RSET", mail, *rcpts(A), b"DATA"])
+        self.assertEqual(server.connections, 1)
+        self.assertEqual(len(server.messages), 2)
+
+    @defer.inlineCallbacks
+    def test_staleParkedConnection(self):
+        """
+        A parked connection the core drops at the RSET (unanswered): the
+        message goes over a new connection in the same attempt, once.
+        """
+        server = self.startServer()
+        downstream = self.downstream(server)
+        first = yield self.queue(recipients=(A,))
+        result = yield self.deliver(downstream, first)
+        self.assertEqual(result.accepted, [A])
+        server.closeOnRset = True
+        second = yield self.queue(recipients=(A,))
+        result = yield self.deliver(downstream, second)
+        self.assertEqual(result.accepted, [A])
+        self.assertEqual(server.connections, 2)
+        self.assertEqual(len(server.messages), 2)
+
+    @defer.inlineCallbacks
     def test_oneHashPass(self):
         """
         The message is hashed once, as it is sent: every byte of the spool

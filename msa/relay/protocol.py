@@ -110,6 +110,14 @@ class SMTPConnectionLost(SMTPClientError):
     """
 
 
+class StaleConnection(SMTPClientError):
+    """
+    A parked connection did not answer the RSET sent first in a
+    transaction's pipelined group: the core took nothing of it, and the
+    message can go over a new connection.
+    """
+
+
 class SMTPClientProtocol(LineReceiver):
     """
     The client side of an SMTP connection to the core MTA: L{command} sends

@@ -48,7 +48,9 @@ from msa.relay.protocol import (
     DeliveryResult,
     RecipientResult,
     Reply,
+    SMTPClientError,
     SMTPClientProtocol,
+    StaleConnection,
     resultFor,
 )
 
@@ -78,6 +80,8 @@ class MailTransaction:
     dataTimeout: float
     downstream: object = None
     verifiedTLS: bool = True
+    #: A parked connection: its RSET goes first in the pipelined group.
+    reset: bool = False
 
     @property
     def pipelined(self) -> bool:
@@ -112,7 +116,10 @@ class MailTransaction:
         rcpts = [rcptLine(self.entry, rcpt, self.extensions) for rcpt in pending]
         if self.pipelined:
             # BDAT carries its data at once: it is sent after the replies.
-            self.proto.sendLines([mail, *rcpts, *([] if chunking else [b"DATA"])])
+            group = [mail, *rcpts, *([] if chunking else [b"DATA"])]
+            self.proto.sendLines([b"RSET", *group] if self.reset else group)
+            if self.reset:
+                await self._resetReply()
         reply = await self._reply(mail)
         mailRefused = reply.code != 250
         if mailRefused:
@@ -151,6 +158,22 @@ class MailTransaction:
             self._setAll(accepted, resultFor(reply), reply)
             return reply.code != 421
         return await self._sendData(messageFile, accepted)
+
+    async def _resetReply(self) -> None:
+        """
+        The reply to the RSET of a parked connection, sent first in the
+        group.
+
+        @raise StaleConnection: no reply (the core closed the connection
+            meanwhile, or is silent), or not a 250; the connection must go
+            (what follows the RSET is not to be trusted).
+        """
+        try:
+            reply = await self.proto.readReply(min(self.commandTimeout, 30), "'RSET'")
+        except SMTPClientError as e:
+            raise StaleConnection(str(e)) from e
+        if reply.code != 250:
+            raise StaleConnection(f"RSET answered {reply.code} {reply.text}")
 
     async def _dataWithoutRecipient(self) -> bool:
         """
