@@ -533,6 +533,23 @@ class MSANoDelay(MSA):
         return super().configure(state, path, params, sinkPort, proxy)
 
 
+def msaVariant(option: str) -> type[MSA]:
+    """
+    The MSA with C{option} (C{SECTION.KEY=VALUE}, as C{--msa-option}) on
+    top of the others: C{--servers msa,msa+spool.commit_delay=0.05}.
+    """
+
+    class Variant(MSA):
+        name = f"MSA {option}"
+
+        def configure(self, state, path, params, sinkPort, proxy=False):
+            self.args = argparse.Namespace(**vars(self.args))
+            self.args.msa_option = [*(self.args.msa_option or []), option]
+            return super().configure(state, path, params, sinkPort, proxy)
+
+    return Variant
+
+
 class MSAPair(MSA):
     """
     Two MSA instances on this machine behind HAProxy (TCP mode, round
@@ -1528,7 +1545,8 @@ def main() -> int:
         "it cannot run here); msa2 adds two MSA instances behind HAProxy "
         "(README.rst, 'Running more than one instance'); msa-noaudit the "
         "MSA with [audit] enabled = false (the audit log's cost); "
-        "msa-nodelay the MSA with [spool] commit_delay = 0",
+        "msa-nodelay the MSA with [spool] commit_delay = 0; msa+SECTION.KEY="
+        "VALUE the MSA with that option (a column of its own)",
     )
     parser.add_argument(
         "--postfix-sasl",
@@ -1603,7 +1621,12 @@ def main() -> int:
     servers = []
     notes = []
     for name in args.servers.split(","):
-        cls = SERVERS[name.strip().lower()]
+        name = name.strip()
+        if name.lower().startswith("msa+"):
+            # The MSA with one more --msa-option, as a column of its own.
+            servers.append(msaVariant(name[4:]))
+            continue
+        cls = SERVERS[name.lower()]
         if cls is Postfix:
             why = postfixMissing(args)
             if why:
