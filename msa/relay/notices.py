@@ -139,18 +139,31 @@ class Notices:
         queue (its recipients failed) until it is, tried again after
         L{noticeDelay}.
         """
-        if failedNow and not await self.hook(entry, failedNow, reply):
-            entry.owedNotices += failedNow
-        if expired and not await self.hook(
-            entry,
-            expired,
-            f"{EXPIRED} {entry.attempts} attempt(s); last error: {entry.lastError}",
-        ):
-            entry.owedNotices += expired
+        if failedNow:
+            await self._owedUntilQueued(entry, failedNow, reply)
+        if expired:
+            await self._owedUntilQueued(
+                entry,
+                expired,
+                f"{EXPIRED} {entry.attempts} attempt(s); last error: {entry.lastError}",
+            )
         if entry.owedNotices and not entry.pendingRecipients():
             entry.nextAttempt = now + self.noticeDelay(entry.queueId)
         if delayed:
             entry.delayWarned = await self.notify(entry, delayed, dsn.DELAYED)
+
+    async def _owedUntilQueued(
+        self, entry: SpoolEntry, recipients: list[str], reply: str
+    ) -> None:
+        """
+        The "failed" notice of C{recipients}: owed from the start, so that
+        any state of the entry written meanwhile (a hold of its message,
+        when the notice finds the message changed on disk) carries the
+        debt, and paid only once the notice is queued.
+        """
+        entry.owedNotices += recipients
+        if await self.hook(entry, recipients, reply):
+            entry.owedNotices = [r for r in entry.owedNotices if r not in recipients]
 
     def noticeDelay(self, queueId: str) -> float:
         """
