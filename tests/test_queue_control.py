@@ -524,6 +524,8 @@ class QueueControlUnitTests(unittest.TestCase):
             held=True,
         )
         broken = self.queue()
+        # Its first load, which reads no file (Spool.remember), is gone.
+        self.spool.load(broken)
         with open(self.spool.queuePath(broken), "r+b") as f:
             f.write(b"not a queue file")
         self.runner.inFlight.add(first)

@@ -220,6 +220,33 @@ class SpoolWriteTests(SpoolTestsMixin, unittest.TestCase):
 
 
 class SpoolStateTests(SpoolTestsMixin, unittest.TestCase):
+    def test_firstLoadReadsNoFile(self):
+        """
+        The first load of a message just committed is the entry as its queue
+        file gives it, without reading the file; later loads read it.  A
+        change (L{Spool.update}) drops the remembered entry.
+        """
+        queueId = self.commitMessage()
+        loadEntry = queuefile.loadEntry
+        onDisk, _ = loadEntry(self.spool.queuePath(queueId))
+        opened = []
+        self.patch(queuefile, "loadEntry", lambda p: opened.append(p) or loadEntry(p))
+        first = self.spool.load(queueId)
+        self.assertEqual((first, opened), (onDisk, []))
+        self.assertEqual(
+            (first.contentOffset, first.size, first.messagePath),
+            (onDisk.contentOffset, onDisk.size, onDisk.messagePath),
+        )
+        self.spool.load(queueId)
+        self.assertEqual(len(opened), 1)
+        other = self.commitMessage()
+        entry = self.spool.load(other)
+        self.spool.remember(entry)
+        entry.attempts = 2
+        self.spool.update(entry)
+        self.assertEqual(self.spool.load(other).attempts, 2)
+        self.assertEqual(len(opened), 2)
+
     def test_update(self):
         """
         update() writes the new state in place, into the queue file's other

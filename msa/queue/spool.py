@@ -109,6 +109,10 @@ __all__ = [
 
 log = Logger()
 
+#: How many just-committed entries L{Spool.remember} keeps for their first
+#: load (a few hundred bytes each).
+FRESH_AT_MOST = 1000
+
 
 @implementer(ISpool)
 class Spool:
@@ -142,6 +146,10 @@ class Spool:
         #: Entries being removed by L{removeDelivered}: already gone for
         #: the readers of this process.
         self._removing: set[str] = set()
+        #: Entries just committed by this process, as their first load
+        #: would read them (L{remember}): the relay's load of a new message
+        #: reads no file.  At most L{FRESH_AT_MOST}, the oldest dropped.
+        self._fresh: dict[str, SpoolEntry] = {}
         #: The newest state of entries whose L{update} is not on disk yet.
         self._unwritten: dict[str, bytes] = {}
         #: Per entry being changed, the lock that keeps its changes in order.
@@ -223,6 +231,13 @@ class Spool:
         path = self.queuePath(queueId)
         if queueId in self._removing:
             raise FileNotFoundError(errno.ENOENT, "being removed", path)
+        fresh = self._fresh.pop(queueId, None)
+        if (
+            fresh is not None
+            and queueId not in self._unwritten
+            and (self.outcomes is None or self.outcomes.state(queueId) is None)
+        ):
+            return fresh
         try:
             entry, _ = queuefile.loadEntry(path)
         except FileNotFoundError:
@@ -238,6 +253,15 @@ class Spool:
             entry = newer
         return entry
 
+    def remember(self, entry: SpoolEntry) -> None:
+        """
+        C{entry} was just committed: its first L{load} returns it as it is
+        (the caller's to change) instead of reading its queue file.
+        """
+        self._fresh[entry.queueId] = entry
+        if len(self._fresh) > FRESH_AT_MOST:
+            del self._fresh[next(iter(self._fresh))]
+
     def update(self, entry: SpoolEntry) -> defer.Deferred[None]:
         """
         Replace the state of C{entry}, atomically and durably, in the thread
@@ -250,6 +274,7 @@ class Spool:
             disk and for the readers.
         """
         queueId = entry.queueId
+        self._fresh.pop(queueId, None)
         state = encodeState(entry)
         self._unwritten[queueId] = state
         d = self._inOrder(queueId, self._updatedBlocking, queueId, json.loads(state))
@@ -337,6 +362,7 @@ class Spool:
             crash, to be delivered again).
         """
         self._removing.add(queueId)
+        self._fresh.pop(queueId, None)
         if queueId in self._changing:
             # After the changes of the entry still being written.
             d = self._inOrder(queueId, self._removedBlocking, queueId)

@@ -78,6 +78,8 @@ class SpoolWriter:
         self._traceLength = 0
         self._traceSha256 = ""
         #: What the submission adds to the acceptance record (L{noteAudit}).
+        #: The state committed (L{commit}).
+        self._state: dict = {}
         self._auditFields: dict = {}
 
     def writeTrace(self, data: bytes) -> None:
@@ -149,8 +151,9 @@ class SpoolWriter:
             traceLength=self._traceLength,
             traceSha256=self._traceSha256,
         )
+        self._state = entry.toJSON()
         head = queuefile.preamble(self._slotSize) + queuefile.encodeSlot(
-            entry.toJSON(), 1, self._slotSize
+            self._state, 1, self._slotSize
         )
         # After the file's creation, if it is being created.
         d = self._creating or defer.succeed(None)
@@ -327,6 +330,13 @@ class SpoolWriter:
             sender=self.envelope.sender,
             count=len(self.envelope.recipients),
         )
+        # The entry as a load of its queue file would give it, for the
+        # relay's first load (no read of the file just written).
+        fresh = SpoolEntry.fromJSON(
+            self._state, self._spool.queuePath(self.queueId), self._size
+        )
+        fresh.contentOffset = queuefile.contentOffset(self._slotSize)
+        self._spool.remember(fresh)
         self._spool._notify(self.queueId)
         return self.queueId
 
