@@ -10,7 +10,16 @@ from twisted.trial import unittest
 from msa.service.heaptrim import INTERVAL, HeapTrim, glibcTrim
 from msa.submission.sessions import SessionRegistry
 from tests.e2e import RunningMSA
+from tests.test_sessions import Info
 from tests.waiting import waitUntil
+
+
+class _Session:
+    """
+    A live session as the registry sees it.
+    """
+
+    session = Info("192.0.2.1")
 
 
 class HeapTrimTests(unittest.TestCase):
@@ -35,7 +44,7 @@ class HeapTrimTests(unittest.TestCase):
         self.assertEqual(len(self.calls), 2)
 
     def test_notWhileASessionIsOpen(self):
-        session = object()
+        session = _Session()
         self.registry.add(session)
         self.clock.advance(INTERVAL)
         self.assertEqual(self.calls, [])
