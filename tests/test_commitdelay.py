@@ -57,6 +57,23 @@ class CommitDelayTests(unittest.TestCase):
         self.addCleanup(thread.join, LONG)
         return thread
 
+    def firstHeldBack(self) -> threading.Thread:
+        """
+        Start a commit, in a thread, that expects one more and holds its
+        round back for it.
+
+        @return: its thread.
+        """
+        self.expected = 2
+        first = self.commitInThread(1)
+        waitUntilBlocking(
+            lambda: (
+                self.commits._pending is not None and self.commits._pending.gathering
+            ),
+            what="the first commit holding its round back",
+        )
+        return first
+
     def test_aloneNeverWaits(self):
         """
         With no company expected the caller runs its round at once.
@@ -69,14 +86,7 @@ class CommitDelayTests(unittest.TestCase):
         A caller that expects another holds its round until the other has
         joined: one round for both.
         """
-        self.expected = 2
-        first = self.commitInThread(1)
-        waitUntilBlocking(
-            lambda: (
-                self.commits._pending is not None and self.commits._pending.gathering
-            ),
-            what="the first commit holding its round back",
-        )
+        first = self.firstHeldBack()
         self.assertEqual(self.rounds, [])
         self.assertEqual(self.commits.commitBlocking(2), 2)
         first.join(LONG)
@@ -99,14 +109,7 @@ class CommitDelayTests(unittest.TestCase):
         carried by it (the drain it schedules does not start the round
         early).
         """
-        self.expected = 2
-        first = self.commitInThread(1)
-        waitUntilBlocking(
-            lambda: (
-                self.commits._pending is not None and self.commits._pending.gathering
-            ),
-            what="the first commit holding its round back",
-        )
+        first = self.firstHeldBack()
         self.commits._drain()
         self.assertEqual(self.rounds, [])
         self.assertEqual(self.commits.commitBlocking(2), 2)
