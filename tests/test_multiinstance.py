@@ -413,7 +413,12 @@ class TwoInstancesTests(unittest.TestCase):
             )
             status, _ = yield threads.deferToThread(self.health, index)
             self.assertEqual(status, 200)
-        self.assertEqual(sum(len(o) for o in instances.outboxes()), 4)
+        # The relay writes each accepted message to its outbox after the
+        # 250: wait for the last one to land.
+        yield waitUntil(
+            lambda: sum(len(o) for o in instances.outboxes()) == 4,
+            what="the 4 accepted messages in the outboxes",
+        )
 
     @defer.inlineCallbacks
     def test_redisKilledLocalFallback(self):
