@@ -76,18 +76,19 @@ class PostgreSQLServer:
         os.chmod(self.directory, 0o700)
         testCase.addCleanup(shutil.rmtree, self.directory, True)
         testCase.addCleanup(self.stop)
-        # A copy of a cluster made once per test process: initdb takes about
-        # a second, a copy of its result a fraction of that.
+        # A copy of a cluster made once per test process, with its
+        # database: initdb takes about a second and createdb a third, a
+        # copy of their result a fraction of that.
         self._run("cp", "-a", self._template(), self.data)
         self.start()
-        self._run(
-            "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", USER, DATABASE
-        )
 
     def _template(self) -> str:
         """
-        The data directory of a fresh cluster (initdb), made on first use
-        in this process and removed at its exit.
+        The data directory of a fresh cluster (initdb) with the database
+        L{DATABASE} in it instead of C{postgres}, made on first use in this
+        process (by a server run on it once, on this server's port) and
+        removed at its exit.  Its write-ahead log segments are of 1 MB,
+        not 16: each copy is smaller by 11 MB.
         """
         global _TEMPLATE
         if _TEMPLATE is None:
@@ -105,9 +106,18 @@ class PostgreSQLServer:
                 "--auth=trust",
                 "-E",
                 "UTF8",
+                "--wal-segsize=1",
                 "--no-sync",
                 "--no-instructions",
             )
+            self.start(data)
+            try:
+                server = ("-h", "127.0.0.1", "-p", str(self.port), "-U", USER)
+                self._run("createdb", *server, DATABASE)
+                # Nothing uses the default database: fewer files to copy.
+                self._run("dropdb", *server, f"--maintenance-db={DATABASE}", "postgres")
+            finally:
+                self.stop()
             _TEMPLATE = data
         return _TEMPLATE
 
@@ -124,16 +134,17 @@ class PostgreSQLServer:
             timeout=60,
         )
 
-    def start(self) -> None:
+    def start(self, data: str | None = None) -> None:
         """
-        Start the server and wait until it accepts connections.
+        Start the server (on C{data}, by default its own data directory)
+        and wait until it accepts connections.
         """
         log = open(os.path.join(self.directory, "server.log"), "ab")
         self.process = subprocess.Popen(
             [
                 os.path.join(self.bin, "postgres"),
                 "-D",
-                self.data,
+                data or self.data,
                 "-p",
                 str(self.port),
                 "-k",
