@@ -41,16 +41,22 @@ MESSAGE = (
 
 @functools.cache
 def fixtureAccount(
-    name: str, password: str, realms: tuple[str, ...] = ("localhost",)
+    name: str,
+    password: str,
+    realms: tuple[str, ...] = ("localhost",),
+    mechanisms: tuple[str, ...] | None = None,
 ) -> Account:
     """
-    L{makeAccount}C{(name, password, realms)}, made once per process: its
+    L{makeAccount}C{(name, password, realms, mechanisms)} (its default
+    mechanisms when L{None}), made once per process: its
     secrets (an scrypt hash with the daemon's parameters, the SCRAM keys)
     cost about 70 ms of CPU, and most daemons the tests start have the
     same accounts.  An L{Account} is frozen, so sharing it is safe; only
     its salts are the same in every daemon of the process.
     """
-    return makeAccount(name, password, realms)
+    if mechanisms is None:
+        return makeAccount(name, password, realms)
+    return makeAccount(name, password, realms, mechanisms)
 
 
 #: Ports handed out in this process, never handed out twice.
