@@ -26,6 +26,20 @@ def _events(publisher: LogPublisher) -> tuple[list[dict], Logger]:
     return seen, Logger(namespace="msa.test", observer=publisher)
 
 
+def _filtered(
+    level: LogLevel,
+) -> tuple[LogPublisher, list[dict], Logger, LogLevelFilter]:
+    """
+    A publisher with one observer (the list of the events it saw), a
+    logger on it, and a L{LogLevelFilter} of C{level} started on it.
+    """
+    publisher = LogPublisher()
+    seen, log = _events(publisher)
+    service = LogLevelFilter(level, publisher)
+    service.startService()
+    return publisher, seen, log, service
+
+
 class LevelPredicateTests(unittest.TestCase):
     """
     L{logs.levelFilter} drops the events below its level, before the
@@ -91,10 +105,7 @@ class LogLevelServiceTests(unittest.TestCase):
     """
 
     def test_filtersWhileRunning(self):
-        publisher = LogPublisher()
-        seen, log = _events(publisher)
-        service = LogLevelFilter(LogLevel.warn, publisher)
-        service.startService()
+        publisher, seen, log, service = _filtered(LogLevel.warn)
         log.info("hidden")
         log.warn("shown")
         service.stopService()
@@ -107,10 +118,7 @@ class LogLevelServiceTests(unittest.TestCase):
         An observer whose filter was removed while the service ran is not
         put back on stop.
         """
-        publisher = LogPublisher()
-        seen, log = _events(publisher)
-        service = LogLevelFilter(LogLevel.info, publisher)
-        service.startService()
+        publisher, seen, log, service = _filtered(LogLevel.info)
         [wrapped] = publisherObservers(publisher)
         publisher.removeObserver(wrapped)
         service.stopService()
@@ -121,10 +129,7 @@ class LogLevelServiceTests(unittest.TestCase):
         An observer removed (by itself, as its owner knows it) while the
         filter runs gets no more events, and is not put back on stop.
         """
-        publisher = LogPublisher()
-        seen, log = _events(publisher)
-        service = LogLevelFilter(LogLevel.info, publisher)
-        service.startService()
+        publisher, seen, log, service = _filtered(LogLevel.info)
         publisher.removeObserver(seen.append)
         log.warn("after removal")
         service.stopService()
@@ -137,10 +142,7 @@ class LogLevelServiceTests(unittest.TestCase):
         Adding an observer that the filter already stands in for does not
         add it a second time: it sees each event once.
         """
-        publisher = LogPublisher()
-        seen, log = _events(publisher)
-        service = LogLevelFilter(LogLevel.info, publisher)
-        service.startService()
+        publisher, seen, log, service = _filtered(LogLevel.info)
         publisher.addObserver(seen.append)
         log.warn("once")
         service.stopService()
