@@ -5,6 +5,7 @@ loopback ports with real TLS, and an independent downstream SMTP server
 (aiosmtpd, in its own thread) standing in for the Digipoort core MTA.
 """
 
+import functools
 import os
 import random
 import shutil
@@ -16,7 +17,7 @@ import attrs
 from twisted.internet import defer, utils
 from twisted.trial.unittest import SkipTest
 
-from msa.accounts.model import makeAccount, writeAccounts
+from msa.accounts.model import Account, makeAccount, writeAccounts
 from msa.service.config import _tomlValue, loadConfig, writeConfig
 from msa.service.tap import buildService
 from msa.tls import ensureSelfSignedCertificate
@@ -36,6 +37,26 @@ MESSAGE = (
     b"..twee punten\r\n"
     b"\xc3\xa9\xc3\xa9n 8-bit regel\r\n"
 )
+
+
+@functools.cache
+def fixtureAccount(
+    name: str,
+    password: str,
+    realms: tuple[str, ...] = ("localhost",),
+    mechanisms: tuple[str, ...] | None = None,
+) -> Account:
+    """
+    L{makeAccount}C{(name, password, realms, mechanisms)} (its default
+    mechanisms when L{None}), made once per process: its
+    secrets (an scrypt hash with the daemon's parameters, the SCRAM keys)
+    cost about 70 ms of CPU, and most daemons the tests start have the
+    same accounts.  An L{Account} is frozen, so sharing it is safe; only
+    its salts are the same in every daemon of the process.
+    """
+    if mechanisms is None:
+        return makeAccount(name, password, realms)
+    return makeAccount(name, password, realms, mechanisms)
 
 
 #: Ports handed out in this process, never handed out twice.
@@ -170,9 +191,7 @@ class RunningMSA:
         writeAccounts(
             self.accountsFile,
             {
-                name: attrs.evolve(
-                    makeAccount(name, pw, ["localhost"]), extra={"senders": SENDERS}
-                )
+                name: attrs.evolve(fixtureAccount(name, pw), extra={"senders": SENDERS})
                 for name, pw in USERS.items()
             }
             | (extraAccounts or {}),

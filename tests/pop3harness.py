@@ -17,24 +17,22 @@ from twisted.python.failure import Failure
 
 from msa.accounts.checkers import AccountChecker
 from msa.accounts.clientcert import CertificateBindingRealm
-from msa.accounts.model import Account, makeAccount
+from msa.accounts.model import Account
 from msa.policy.authorization import AuthThrottle
 from msa.pop3 import MailboxRealm, POP3Factory, POP3Policy
 from msa.sasl import MechanismContext
 from msa.testing import MemoryAccountStore, MemoryMailboxStore, TLSStringTransport
+from tests.e2e import fixtureAccount
 
 PASSWORDS = {"alice": "wonderland", "bob": "builder pass", "carol": "c4rol"}
-_accounts: dict[str, Account] = {}
 
 
 def account(name: str) -> Account:
     """
     A test account with its password from L{PASSWORDS}; made once (its
-    hashes cost).
+    hashes cost: L{fixtureAccount}).
     """
-    if name not in _accounts:
-        _accounts[name] = makeAccount(name, PASSWORDS[name], ["localhost"])
-    return _accounts[name]
+    return fixtureAccount(name, PASSWORDS[name])
 
 
 def runAtOnce(f: Any, *args: Any, **kwargs: Any) -> defer.Deferred:

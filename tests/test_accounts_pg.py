@@ -34,7 +34,14 @@ from msa.accounts.pgstore import (
 )
 from msa.admin import command as admin
 from msa.service.config import ConfigError, loadConfig, writeConfig
-from tests.e2e import SENDERS, USERS, RunningMSA, freePort, requireProgram
+from tests.e2e import (
+    SENDERS,
+    USERS,
+    RunningMSA,
+    fixtureAccount,
+    freePort,
+    requireProgram,
+)
 from tests.haproxyfront import HAProxy, proxiedInstances
 from tests.pgserver import PostgreSQLServer
 from tests.sessionclient import RawSession
@@ -53,9 +60,7 @@ def usersAccounts() -> dict[str, Account]:
     The accounts L{RunningMSA} writes to its file, for the database.
     """
     return {
-        name: attrs.evolve(
-            makeAccount(name, password, ["localhost"]), extra={"senders": SENDERS}
-        )
+        name: attrs.evolve(fixtureAccount(name, password), extra={"senders": SENDERS})
         for name, password in USERS.items()
     }
 

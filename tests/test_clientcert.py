@@ -21,8 +21,7 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from msa.accounts.clientcert import certificateIdentities
-from msa.accounts.model import makeAccount
-from tests.e2e import MESSAGE, RunningMSA, requireProgram, runProgram
+from tests.e2e import MESSAGE, RunningMSA, fixtureAccount, requireProgram, runProgram
 
 NOW = datetime.datetime.now(datetime.UTC)
 
@@ -122,8 +121,8 @@ class ClientCertificateTests(unittest.TestCase):
         )
         [fingerprint, _] = certificateIdentities(self.acmeCert)
         acme = attrs.evolve(
-            makeAccount(
-                "acme", "acme pass", ["localhost"], ["PLAIN", "LOGIN", "EXTERNAL"]
+            fixtureAccount(
+                "acme", "acme pass", mechanisms=("PLAIN", "LOGIN", "EXTERNAL")
             ),
             extra={
                 "senders": ["@mijnbedrijf.nl"],

@@ -241,9 +241,14 @@ class ServiceTests(unittest.TestCase):
         self.assertFalse(os.path.exists(self.path))
         e = yield self.assertFailure(self.call("list"), ServerNotRunning)
         self.assertIn("not running", str(e))
-        stale = socket.socket(socket.AF_UNIX)
-        stale.bind(self.path)
-        stale.close()
+        # Bound through the directory's /proc/self/fd name, as the server
+        # does: under trial -j (_trial_temp/N/) the path is too long for a
+        # socket address.
+        address = controlsocket._Address(self.path)
+        with socket.socket(socket.AF_UNIX) as stale:
+            stale.bind(address.path)
+        address.close()
+        self.assertTrue(os.path.exists(self.path))
         self.service.startService()
         listed = yield self.call("list")
         self.assertEqual(len(listed), 1)

@@ -310,11 +310,16 @@ class SocketActivationTests(unittest.TestCase):
         first, second = yield threads.deferToThread(run)
         self.assertEqual((first[0], second[0]), (250, 250))
         outbox = os.path.join(state, "outbox")
-        yield waitUntil(
-            lambda: os.path.isdir(outbox) and len(os.listdir(outbox)) == 2,
-            what="2 files in the outbox",
-        )
-        names = sorted(os.listdir(outbox))
+
+        def messages() -> list[str]:
+            # The outbox writes each file under a temporary name
+            # (.NAME.RANDOM.tmp) first: only the .eml files are messages.
+            if not os.path.isdir(outbox):
+                return []
+            return sorted(n for n in os.listdir(outbox) if n.endswith(".eml"))
+
+        yield waitUntil(lambda: len(messages()) == 2, what="2 messages in the outbox")
+        names = messages()
         self.assertEqual(len(names), 2)
         for name in names:
             with open(os.path.join(outbox, name), "rb") as f:

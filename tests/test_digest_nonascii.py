@@ -53,7 +53,14 @@ from msa.sasl.digest_md5 import (
     responseValue,
 )
 from tests import test_interop, test_interop_more
-from tests.e2e import MESSAGE, SENDERS, RunningMSA, requireProgram, runProgram
+from tests.e2e import (
+    MESSAGE,
+    SENDERS,
+    RunningMSA,
+    fixtureAccount,
+    requireProgram,
+    runProgram,
+)
 from tests.test_checkers import DictStore
 from tests.test_interop_more import checkOutboxFile, runWithStdin, writeFile
 
@@ -105,7 +112,7 @@ def nonAsciiAccounts() -> dict:
     """
     return {
         user: attrs.evolve(
-            makeAccount(user, password, [REALM]), extra={"senders": SENDERS}
+            fixtureAccount(user, password, (REALM,)), extra={"senders": SENDERS}
         )
         for user, password in NON_ASCII
     }
@@ -257,7 +264,7 @@ class CheckVariantsTests(unittest.TestCase):
         user, password = NON_ASCII[0]
         old = hashlib.md5(f"old:{REALM}:{password}".encode("latin-1")).hexdigest()
         accounts["old"] = attrs.evolve(
-            makeAccount("old", password, []), digestHA1={REALM: old}
+            fixtureAccount("old", password, ()), digestHA1={REALM: old}
         )
         self.checker = AccountChecker(DictStore(*accounts.values()), threaded=False)
 

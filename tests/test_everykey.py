@@ -41,7 +41,14 @@ from msa.service.config import SCHEMA
 from msa.tls import ensureSelfSignedCertificate
 from tests import pop3keys, waiting
 from tests.downstream import DownstreamServer
-from tests.e2e import SENDERS, USERS, AiosmtpdCore, RunningMSA, freePort
+from tests.e2e import (
+    SENDERS,
+    USERS,
+    AiosmtpdCore,
+    RunningMSA,
+    fixtureAccount,
+    freePort,
+)
 from tests.test_clientcert import ClientPKI
 from tests.test_content_e2e import message, multipart
 from tests.test_e2e import ROOT, SENDER
@@ -597,7 +604,7 @@ def accountDatabase(env):
     table.save(
         {
             name: attrs.evolve(
-                makeAccount(name, password, ["localhost"]), extra={"senders": SENDERS}
+                fixtureAccount(name, password), extra={"senders": SENDERS}
             )
             for name, password in (("alice", USERS["alice"]), DORA)
         }

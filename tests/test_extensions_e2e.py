@@ -24,8 +24,14 @@ import attrs
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from msa.accounts.model import makeAccount
-from tests.e2e import AiosmtpdCore, RunningMSA, freePort, requireProgram, runProgram
+from tests.e2e import (
+    AiosmtpdCore,
+    RunningMSA,
+    fixtureAccount,
+    freePort,
+    requireProgram,
+    runProgram,
+)
 from tests.sessionclient import RawSession
 from tests.test_e2e import splitReceived
 from tests.waiting import waitUntil
@@ -54,7 +60,7 @@ class SpooledTests(unittest.TestCase):
 
     def setUp(self):
         jose = attrs.evolve(
-            makeAccount("jose", "jose pass", ["localhost"]),
+            fixtureAccount("jose", "jose pass"),
             extra={"senders": ["jos\u00e9@bedrijf.nl"], "maxRecipients": 7},
         )
         self.msa = RunningMSA(self, relay=stuckRelay(), extraAccounts={"jose": jose})

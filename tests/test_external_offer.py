@@ -15,8 +15,7 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from msa.accounts.clientcert import certificateIdentities
-from msa.accounts.model import makeAccount
-from tests.e2e import SENDERS, RunningMSA
+from tests.e2e import SENDERS, RunningMSA, fixtureAccount
 from tests.test_clientcert import ClientPKI
 
 WITHOUT = "SCRAM-SHA-256 DIGEST-MD5 PLAIN LOGIN"
@@ -36,7 +35,7 @@ def externalMSA(testCase):
     cert, certFile, keyFile = pki.issue("acme", "NTRNL-12345678")
     [fingerprint, _] = certificateIdentities(cert)
     acme = attrs.evolve(
-        makeAccount("acme", "acme pass", ["localhost"], ["EXTERNAL"]),
+        fixtureAccount("acme", "acme pass", mechanisms=("EXTERNAL",)),
         extra={"senders": SENDERS, "certificates": [fingerprint]},
     )
     msa = RunningMSA(

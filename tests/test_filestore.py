@@ -325,6 +325,7 @@ class HangupTests(unittest.TestCase):
         def mine(signum, frame):
             pass
 
+        self.addCleanup(signal.signal, signal.SIGHUP, signal.getsignal(signal.SIGHUP))
         signal.signal(signal.SIGHUP, mine)
         watcher = AccountWatcher(self.store, 3600)
         watcher.startService()

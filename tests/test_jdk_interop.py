@@ -29,8 +29,14 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from msa.accounts.model import makeAccount
-from tests.e2e import MESSAGE, SENDERS, RunningMSA, requireProgram, runProgram
+from tests.e2e import (
+    MESSAGE,
+    SENDERS,
+    RunningMSA,
+    fixtureAccount,
+    requireProgram,
+    runProgram,
+)
 from tests.test_digest_nonascii import NON_ASCII, matchingVariant, nonAsciiAccounts
 from tests.test_external_offer import externalMSA
 
@@ -167,7 +173,7 @@ class JDKOldAccountFileTests(JDKTestsMixin, unittest.TestCase):
         user, password = NON_ASCII[0]
         old = hashlib.md5(f"{user}:localhost:{password}".encode("iso-8859-1"))
         account = attrs.evolve(
-            makeAccount(user, password, []),
+            fixtureAccount(user, password, ()),
             digestHA1={"localhost": old.hexdigest()},
             extra={"senders": SENDERS},
         )

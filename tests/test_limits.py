@@ -21,7 +21,6 @@ import attrs
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from msa.accounts.model import makeAccount
 from msa.errors import SMTPReply
 from msa.policy.authorization import (
     AccountRules,
@@ -29,7 +28,7 @@ from msa.policy.authorization import (
     RateLimiter,
     ServerRules,
 )
-from tests.e2e import SENDERS, RunningMSA
+from tests.e2e import SENDERS, RunningMSA, fixtureAccount
 from tests.helpers import Harness
 from tests.test_authorization import FakeTime
 from tests.waiting import waitUntil
@@ -335,7 +334,7 @@ class RateRaceTests(unittest.TestCase):
 
     def setUp(self):
         carol = attrs.evolve(
-            makeAccount("carol", "carol pass", ["localhost"]),
+            fixtureAccount("carol", "carol pass"),
             extra={"senders": list(SENDERS), "messagesPerMinute": 5},
         )
         self.msa = RunningMSA(

@@ -52,10 +52,15 @@ def events(testCase) -> list[dict]:
 
 
 class RedisTestCase(unittest.TestCase):
+    #: The limits' deadline per Redis command (L{startLimits}).
+    redisTimeout = 5.0
+
     def setUp(self):
         self.redis = RedisServer(self)
         self.clock = FakeTime()
-        self.limits = startLimits(self, self.redis.url, self.clock)
+        self.limits = startLimits(
+            self, self.redis.url, self.clock, timeout=self.redisTimeout
+        )
 
     def count(self, kind: str, account: str = "acme") -> int:
         return self.redis.integer("ZCARD", f"digipoort-msa:rate:{kind}:{account}")
@@ -319,6 +324,10 @@ class SessionTests(RedisTestCase):
 
 
 class UnreachableTests(RedisTestCase):
+    #: The daemon's default: the first command after Redis is killed waits
+    #: this long for the reconnection before it counts as unreachable.
+    redisTimeout = 1.0
+
     @defer.inlineCallbacks
     def test_refusedThenBack(self):
         """
@@ -377,7 +386,9 @@ class UnreachableTests(RedisTestCase):
         With C{fallback = "local"} the instance counts in memory while
         Redis is down.
         """
-        limits = startLimits(self, self.redis.url, self.clock, local=True)
+        limits = startLimits(
+            self, self.redis.url, self.clock, local=True, timeout=self.redisTimeout
+        )
         self.redis.stop()
         first = yield limits.rates.reserve("acme", PER_MINUTE)
         self.assertIsInstance(first, RateReservation)

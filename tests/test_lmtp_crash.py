@@ -22,9 +22,9 @@ import attrs
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from msa.accounts.model import makeAccount, writeAccounts
+from msa.accounts.model import writeAccounts
 from msa.tls import ensureSelfSignedCertificate
-from tests.e2e import freePort, rewriteConfig
+from tests.e2e import fixtureAccount, freePort, rewriteConfig
 from tests.test_crash import PASSWORD, USER, MSAProcess, endAfterKill, waitFor
 
 #: More than the server's write buffer (64 KiB): part of it is on disk when
@@ -52,7 +52,7 @@ class LMTPCrashTests(unittest.TestCase):
             f.write(
                 rewriteConfig(text, {"lmtp": {"listeners": [f"unix:{self.socket}"]}})
             )
-        account = makeAccount(USER, PASSWORD, ["localhost"])
+        account = fixtureAccount(USER, PASSWORD)
         account = attrs.evolve(
             account, extra={"senders": ["@mijnbedrijf.nl"], "mailboxes": [RECIPIENT]}
         )

@@ -10,6 +10,7 @@ C{logging.level} row of L{tests.test_everykey}.
 import os
 
 from twisted.logger import Logger, LogLevel, LogPublisher, formatEvent
+from twisted.python.log import LogPublisher as LegacyLogPublisher
 from twisted.trial import unittest
 
 from msa._compat import publisherObservers
@@ -23,6 +24,20 @@ def _events(publisher: LogPublisher) -> tuple[list[dict], Logger]:
     seen: list[dict] = []
     publisher.addObserver(seen.append)
     return seen, Logger(namespace="msa.test", observer=publisher)
+
+
+def _filtered(
+    level: LogLevel,
+) -> tuple[LogPublisher, list[dict], Logger, LogLevelFilter]:
+    """
+    A publisher with one observer (the list of the events it saw), a
+    logger on it, and a L{LogLevelFilter} of C{level} started on it.
+    """
+    publisher = LogPublisher()
+    seen, log = _events(publisher)
+    service = LogLevelFilter(level, publisher)
+    service.startService()
+    return publisher, seen, log, service
 
 
 class LevelPredicateTests(unittest.TestCase):
@@ -90,10 +105,7 @@ class LogLevelServiceTests(unittest.TestCase):
     """
 
     def test_filtersWhileRunning(self):
-        publisher = LogPublisher()
-        seen, log = _events(publisher)
-        service = LogLevelFilter(LogLevel.warn, publisher)
-        service.startService()
+        publisher, seen, log, service = _filtered(LogLevel.warn)
         log.info("hidden")
         log.warn("shown")
         service.stopService()
@@ -106,14 +118,80 @@ class LogLevelServiceTests(unittest.TestCase):
         An observer whose filter was removed while the service ran is not
         put back on stop.
         """
-        publisher = LogPublisher()
-        seen, log = _events(publisher)
-        service = LogLevelFilter(LogLevel.info, publisher)
-        service.startService()
+        publisher, seen, log, service = _filtered(LogLevel.info)
         [wrapped] = publisherObservers(publisher)
         publisher.removeObserver(wrapped)
         service.stopService()
         self.assertEqual(publisherObservers(publisher), [])
+
+    def test_observerRemovedWhileRunning(self):
+        """
+        An observer removed (by itself, as its owner knows it) while the
+        filter runs gets no more events, and is not put back on stop.
+        """
+        publisher, seen, log, service = _filtered(LogLevel.info)
+        publisher.removeObserver(seen.append)
+        log.warn("after removal")
+        service.stopService()
+        log.warn("after stop")
+        self.assertEqual(seen, [])
+        self.assertEqual(publisherObservers(publisher), [])
+
+    def test_observerAddedWhileRunning(self):
+        """
+        Adding an observer that the filter already stands in for does not
+        add it a second time: it sees each event once.
+        """
+        publisher, seen, log, service = _filtered(LogLevel.info)
+        publisher.addObserver(seen.append)
+        log.warn("once")
+        service.stopService()
+        log.warn("still once")
+        self.assertEqual([e["log_format"] for e in seen], ["once", "still once"])
+        self.assertEqual(publisherObservers(publisher), [seen.append])
+
+    def test_trialObserverBetweenTests(self):
+        """
+        trial adds its error observer (through the legacy
+        L{twisted.python.log} API) before each test and removes it after;
+        under C{trial -j} a daemon's filter can start in one test and still
+        run in the next.  Each logged error reaches the observer once (it
+        was counted twice by C{flushLoggedErrors}).
+        """
+        publisher = LogPublisher()
+        legacy = LegacyLogPublisher(publisher, publisher)
+        errors: list[dict] = []
+        legacy.addObserver(errors.append)
+        service = LogLevelFilter(LogLevel.info, publisher)
+        service.startService()
+        legacy.removeObserver(errors.append)
+        legacy.addObserver(errors.append)
+        legacy.msg("next test", isError=True)
+        service.stopService()
+        legacy.msg("after stop", isError=True)
+        self.assertEqual(
+            [e["message"] for e in errors], [("next test",), ("after stop",)]
+        )
+
+    def test_twoFiltersStopInAnyOrder(self):
+        """
+        Two filters (two daemons in one process) stopped in the order they
+        started leave the observer as it was: unfiltered, once.
+        """
+        publisher = LogPublisher()
+        seen, log = _events(publisher)
+        first = LogLevelFilter(LogLevel.warn, publisher)
+        second = LogLevelFilter(LogLevel.error, publisher)
+        first.startService()
+        second.startService()
+        log.warn("hidden by the second")
+        log.error("shown")
+        first.stopService()
+        log.warn("still hidden by the second")
+        second.stopService()
+        log.debug("unfiltered")
+        self.assertEqual([e["log_format"] for e in seen], ["shown", "unfiltered"])
+        self.assertEqual(publisherObservers(publisher), [seen.append])
 
 
 class LevelConfigTests(unittest.TestCase):

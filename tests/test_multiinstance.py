@@ -30,8 +30,7 @@ import attrs
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from msa.accounts.model import makeAccount
-from tests.e2e import SENDERS, RunningMSA
+from tests.e2e import SENDERS, RunningMSA, fixtureAccount
 from tests.multiinstance import CLIENT_ADDRESS, Instances
 from tests.redisserver import RedisServer
 from tests.waiting import waitUntil
@@ -46,7 +45,7 @@ def carol(**limits) -> dict:
     """
     The accounts argument for carol, with C{limits} among her fields.
     """
-    account = makeAccount(CAROL[0], CAROL[1], ["localhost"])
+    account = fixtureAccount(*CAROL)
     return {CAROL[0]: attrs.evolve(account, extra={"senders": SENDERS, **limits})}
 
 
@@ -413,7 +412,12 @@ class TwoInstancesTests(unittest.TestCase):
             )
             status, _ = yield threads.deferToThread(self.health, index)
             self.assertEqual(status, 200)
-        self.assertEqual(sum(len(o) for o in instances.outboxes()), 4)
+        # The relay writes each accepted message to its outbox after the
+        # 250: wait for the last one to land.
+        yield waitUntil(
+            lambda: sum(len(o) for o in instances.outboxes()) == 4,
+            what="the 4 accepted messages in the outboxes",
+        )
 
     @defer.inlineCallbacks
     def test_redisKilledLocalFallback(self):

@@ -16,8 +16,7 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from msa.accounts.clientcert import certificateIdentities
-from msa.accounts.model import makeAccount
-from tests.e2e import RunningMSA
+from tests.e2e import RunningMSA, fixtureAccount
 from tests.test_clientcert import ClientPKI
 from tests.test_pop3_e2e import MESSAGE, deliver
 from tests.test_sasl_scram import exporterClient
@@ -119,7 +118,7 @@ class ExternalTests(unittest.TestCase):
         cert, self.certFile, self.keyFile = pki.issue("acme", "NTRNL-12345678")
         [fingerprint, _] = certificateIdentities(cert)
         acme = attrs.evolve(
-            makeAccount("acme", "acme pass", ["localhost"], ["EXTERNAL"]),
+            fixtureAccount("acme", "acme pass", mechanisms=("EXTERNAL",)),
             extra={"certificates": [fingerprint]},
         )
         self.msa = RunningMSA(

@@ -26,9 +26,8 @@ import attrs
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from msa.accounts.model import makeAccount
 from msa.mailbox import newUid
-from tests.e2e import SENDERS, RunningMSA, freePort
+from tests.e2e import SENDERS, RunningMSA, fixtureAccount, freePort
 from tests.test_clientcert import ClientPKI
 from tests.waiting import waitUntil
 
@@ -48,7 +47,7 @@ def mailboxAccount(name: str, mailboxes: list[str], **extra) -> dict:
     """
     An account of the daemon's accounts file with C{mailboxes}.
     """
-    account = makeAccount(name, f"{name} password", ["localhost"])
+    account = fixtureAccount(name, f"{name} password")
     return {
         name: attrs.evolve(
             account, extra={"senders": SENDERS, "mailboxes": mailboxes, **extra}

@@ -36,15 +36,9 @@ from twisted.trial import unittest
 
 from msa import _compat, tls
 from msa.accounts.clientcert import certificateIdentities
-from msa.accounts.model import makeAccount
 from msa.service.config import ConfigError, loadConfig, writeConfig
 from msa.tls import ensureSelfSignedCertificate
-from tests.e2e import (
-    MESSAGE,
-    AiosmtpdCore,
-    RunningMSA,
-    requireProgram,
-)
+from tests.e2e import MESSAGE, AiosmtpdCore, RunningMSA, fixtureAccount, requireProgram
 from tests.test_clientcert import ClientPKI
 from tests.test_e2e import RECIPIENT, SENDER, submit
 from tests.test_tls import makeChain
@@ -245,7 +239,7 @@ class RequestedCertificateTests(unittest.TestCase):
         # The account even lists the foreign certificate: an unverified
         # certificate must still identify no one.
         self.account = attrs.evolve(
-            makeAccount("foreign", "foreign pw", ["localhost"], ["PLAIN", "EXTERNAL"]),
+            fixtureAccount("foreign", "foreign pw", mechanisms=("PLAIN", "EXTERNAL")),
             extra={"senders": ["@mijnbedrijf.nl"], "certificates": [fingerprint]},
         )
         self.events = []

@@ -20,8 +20,10 @@ from twisted.logger import (
     Logger,
     LogLevel,
     LogPublisher,
+    PredicateResult,
     globalLogPublisher,
 )
+from zope.interface import implementer
 
 from msa import metrics
 from msa._compat import publisherObservers
@@ -117,35 +119,87 @@ class OrderedShutdown(service.MultiService):
                 log.failure("stopping: {child} failed to stop", child=child)
 
 
+@implementer(ILogObserver)
+class _LevelFilteredStandIn:
+    """
+    One observer of the publisher behind the C{[logging] level} filter, in
+    the publisher in its place, standing in for it: it is equal to it (and
+    hashes like it).
+
+    So the publisher's own bookkeeping keeps working while the filter runs:
+    C{removeObserver(observer)} (trial removes its error observer after
+    each test; a service stops its log file) removes the stand-in, and
+    C{addObserver(observer)} does not add the observer a second time.  A
+    stand-in that stayed behind once its observer was removed would keep
+    calling it: trial counted one logged error twice.
+
+    @ivar observer: the observer behind the filter (possibly another
+        filter's stand-in).
+    @ivar owner: the L{LogLevelFilter} that put it there.
+    """
+
+    def __init__(self, observer: ILogObserver, level: LogLevel, owner: object) -> None:
+        self.observer = observer
+        self.owner = owner
+        self._predicate = logs.LevelPredicate(level)
+
+    def __call__(self, event: dict) -> None:
+        if self._predicate(event) is not PredicateResult.no:
+            self.observer(event)
+
+    def __eq__(self, other: object) -> bool:
+        return other is self or other is self.observer or self.observer == other
+
+    def __hash__(self) -> int:
+        return hash(self.observer)
+
+    def __repr__(self) -> str:
+        return f"<level-filtered {self.observer!r}>"
+
+
 class LogLevelFilter(service.Service):
     """
     The C{[logging] level}: while running, every observer of the global log
     publisher (twistd's text log, and any other present at the start) sits
-    behind a filter (L{msa.service.logs.levelFilter}), so that the events
-    below C{level} are neither formatted nor written.  On stop, the
-    observers are put back as they were.
+    behind a filter (L{msa.service.logs.LevelPredicate}), so that the
+    events below C{level} are neither formatted nor written.  On stop, the
+    observers still there are put back as they were.
+
+    The filter stands in for each observer in the publisher
+    (L{_LevelFilteredStandIn}): an observer removed while it runs is gone,
+    filter and all, and is not put back on stop; one added while it runs
+    is not filtered.  Two filters may run at once (two daemons in one
+    process) and stop in any order.
     """
 
     def __init__(self, level: LogLevel, publisher: LogPublisher | None = None) -> None:
         self.level = level
         self.publisher = globalLogPublisher if publisher is None else publisher
-        self._wrapped: list[tuple[ILogObserver, ILogObserver]] = []
 
     def startService(self) -> None:
         super().startService()
         for observer in publisherObservers(self.publisher):
-            wrapped = logs.levelFilter(observer, self.level)
+            standIn = _LevelFilteredStandIn(observer, self.level, self)
             self.publisher.removeObserver(observer)
-            self.publisher.addObserver(wrapped)
-            self._wrapped.append((observer, wrapped))
+            self.publisher.addObserver(standIn)
 
     def stopService(self):
-        present = publisherObservers(self.publisher)
-        for observer, wrapped in self._wrapped:
-            if wrapped in present:
-                self.publisher.removeObserver(wrapped)
-                self.publisher.addObserver(observer)
-        self._wrapped = []
+        for present in publisherObservers(self.publisher):
+            if isinstance(present, _LevelFilteredStandIn) and present.owner is self:
+                # The list meets the stand-in itself before anything else
+                # equal to it (the publisher holds each observer once).
+                self.publisher.removeObserver(present)
+                self.publisher.addObserver(present.observer)
+                continue
+            # Another filter's stand-in around one of ours: take ours out
+            # of the chain.
+            outer = present
+            while isinstance(outer, _LevelFilteredStandIn):
+                inner = outer.observer
+                if isinstance(inner, _LevelFilteredStandIn) and inner.owner is self:
+                    outer.observer = inner.observer
+                    break
+                outer = inner
         return super().stopService()
 
 
