@@ -409,3 +409,25 @@ class OperationsTests(ReturnChannelMixin, unittest.TestCase):
         self.assertEqual([n.split(",")[0] for n in os.listdir(new)], [young])
         [record] = self.auditRecords("mailbox-expired")
         self.assertEqual((record["account"], record["uid"]), ("acme", old))
+
+
+class DatabaseDriverTests(unittest.TestCase):
+    """
+    psycopg (about 10 MB of memory) is loaded only by a daemon whose
+    accounts or mailboxes are in PostgreSQL: the daemon's modules do not
+    import it (issue 20: 1000 idle sessions and a 50 MB message within
+    their memory bounds).
+    """
+
+    def test_notImportedByTheDaemon(self):
+        import subprocess
+        import sys
+
+        code = (
+            "import sys, msa.service.tap; "
+            "print(sorted(m for m in sys.modules if m.startswith('psycopg')))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout
+        self.assertEqual(out.strip(), "[]")

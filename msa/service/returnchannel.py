@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -31,8 +31,12 @@ from msa.accounts.pgstore import connect, describe
 from msa.interfaces import IMailboxStore
 from msa.lmtp import AddressAllowlist, LMTPFactory, LMTPPolicy
 from msa.mailbox import MaildirStore, Quota
-from msa.mailbox.pgstore import PostgresMailboxStore
 from msa.service.config import Config
+
+if TYPE_CHECKING:
+    # psycopg (about 10 MB of the daemon's memory) is imported only when
+    # [mailbox] store names a database (mailboxStore).
+    from msa.mailbox.pgstore import PostgresMailboxStore
 
 __all__ = [
     "EXPIRY_INTERVAL",
@@ -115,9 +119,13 @@ class ReturnChannel(MultiService):
         connections.
         """
         d = defer.maybeDeferred(super().stopService)
-        if isinstance(self.mailboxStore, PostgresMailboxStore):
-            store = self.mailboxStore
-            d.addCallback(lambda _: store.close())
+        store = self.mailboxStore
+        if not isinstance(store, MaildirStore):
+            # The database store (its threads and connections).
+            def closeStore(_: object) -> object:
+                return cast("PostgresMailboxStore", store).close()
+
+            d.addCallback(closeStore)
         return d
 
     def healthProblem(self) -> str | None:
@@ -151,6 +159,8 @@ def mailboxStore(
         return MaildirStore(
             mailbox["directory"], reactor, audit=audit, quotaFor=quotaFor
         )
+    from msa.mailbox.pgstore import PostgresMailboxStore
+
     url = mailbox["store"]
     return PostgresMailboxStore(
         functools.partial(connect, url),
