@@ -17,6 +17,7 @@ that depend on other keys.
 import ipaddress
 from typing import Any
 
+from msa.queue.commits import COMMIT_DELAY
 from msa.sasl.registry import mechanismFactories
 from msa.service.configschema import (
     BadValue,
@@ -223,7 +224,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "spool": {
         "directory": path(None, "The durable queue."),
         "commit_delay": number(
-            0.01, 0, 1, "Seconds a commit waits for messages beside it."
+            COMMIT_DELAY, 0, 1, "Seconds a commit waits for messages beside it."
         ),
     },
     "content": {
