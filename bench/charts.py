@@ -13,12 +13,12 @@ green where the MSA does better than that peer, red where it does worse.
 Input: the JSON that ``bench/run.py --json FILE`` writes (every run's
 numbers: ``{"results": {scenario: {server: [run, ...]}}}``; the charts show
 the medians), or a file of medians only (``{server: {metric: value}}``
-instead of the run lists), such as ``bench/results-2026-12-02.json``,
+instead of the run lists), such as ``bench/results-2026-12-07.json``,
 transcribed from RESULTS.md by ``--from-markdown``::
 
-  python bench/charts.py bench/results-2026-12-02.json -o bench/charts
+  python bench/charts.py bench/results-2026-12-07.json -o bench/charts
   python bench/charts.py --from-markdown bench/RESULTS.md \\
-      --run "Run of 2026-12-02: every scenario" > results.json
+      --run "Run of 2026-12-07: every scenario" > results.json
 
 matplotlib is a benchmark dependency only (``pip install matplotlib``; the
 test extra has it for ``tests/test_benchcharts.py``), not the MSA's.
