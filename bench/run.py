@@ -872,22 +872,32 @@ class SyscallCounter:
     def stop(self, messages: int) -> dict:
         self.proc.send_signal(signal.SIGINT)
         self.proc.wait(timeout=30)
-        counts = {}
         with open(self.out) as f:
-            for line in f:
-                if "all" in SYSCALLS:
-                    fields = line.split()
-                    if len(fields) >= 5 and fields[3].isdigit():
-                        counts[fields[-1]] = int(fields[3])
-                    continue
-                fields = line.strip().split(",")
-                if len(fields) >= 3 and fields[2].startswith("syscalls:sys_enter_"):
-                    name = fields[2].removeprefix("syscalls:sys_enter_")
-                    counts[name] = int(fields[0]) if fields[0].isdigit() else 0
+            counts = parseSyscallCounts(f.read(), strace="all" in SYSCALLS)
         names = COUNTED.split(",")
         if "all" in SYSCALLS:
             names += ["total", *BUSIEST.split(",")]
         return {f"sys_{name}": counts.get(name, 0) / max(1, messages) for name in names}
+
+
+def parseSyscallCounts(text: str, strace: bool) -> dict[str, int]:
+    """
+    The calls per system call name in C{perf stat -x ,} output (C{strace}
+    false: C{count,,syscalls:sys_enter_NAME,...}; C{<not counted>} is 0) or
+    in C{strace -c} output (C{strace} true: the calls column; C{total} too).
+    """
+    counts = {}
+    for line in text.splitlines():
+        if strace:
+            fields = line.split()
+            if len(fields) >= 5 and fields[3].isdigit():
+                counts[fields[-1]] = int(fields[3])
+            continue
+        fields = line.strip().split(",")
+        if len(fields) >= 3 and fields[2].startswith("syscalls:sys_enter_"):
+            name = fields[2].removeprefix("syscalls:sys_enter_")
+            counts[name] = int(fields[0]) if fields[0].isdigit() else 0
+    return counts
 
 
 def percentile(values: list[float], p: float) -> float | None:
