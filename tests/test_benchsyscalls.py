@@ -31,15 +31,22 @@ STRACE = """% time     seconds  usecs/call     calls    errors syscall
 
 
 def loadRun():
+    """
+    C{bench/run.py} as a module; its imports from C{bench/} (the script's
+    directory) are found while it loads, and C{sys.path} is left as it was.
+    """
     bench = os.path.join(ROOT, "bench")
-    if bench not in sys.path:
-        sys.path.insert(0, bench)
-    spec = importlib.util.spec_from_file_location(
-        "benchrun", os.path.join(bench, "run.py")
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    saved = list(sys.path)
+    sys.path.insert(0, bench)
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "benchrun", os.path.join(bench, "run.py")
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
     return module
 
 
