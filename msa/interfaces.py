@@ -455,6 +455,15 @@ class IMailboxStore(Interface):
             L{msa.errors.MailboxInUse} when another session holds the lock.
         """
 
+    def close():
+        """
+        The daemon stops: release what the store holds beyond its mailboxes
+        (a database store's threads and connections), after the work under
+        way.
+
+        @return: a L{Deferred} firing once released.
+        """
+
 
 class IMailbox(Interface):
     """

@@ -413,6 +413,9 @@ class MemoryMailboxStore:
     ) -> defer.Deferred[str]:
         return defer.succeed(self.add(account, source.read()))
 
+    def close(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
     def open(self, account: str) -> defer.Deferred[IMailbox]:
         if account in self.locked:
             return defer.fail(MailboxInUse(account))

@@ -19,6 +19,8 @@ import shutil
 import smtplib
 import socket
 import ssl
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -26,7 +28,10 @@ import attrs
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
+from msa.lmtp import LMTPFactory
 from msa.mailbox import newUid
+from msa.service.returnchannel import ReturnChannel
+from msa.testing import MemoryMailboxStore
 from tests.e2e import SENDERS, RunningMSA, fixtureAccount, freePort
 from tests.test_clientcert import ClientPKI
 from tests.waiting import waitUntil
@@ -420,9 +425,6 @@ class DatabaseDriverTests(unittest.TestCase):
     """
 
     def test_notImportedByTheDaemon(self):
-        import subprocess
-        import sys
-
         code = (
             "import sys, msa.service.tap; "
             "print(sorted(m for m in sys.modules if m.startswith('psycopg')))"
@@ -431,3 +433,36 @@ class DatabaseDriverTests(unittest.TestCase):
             [sys.executable, "-c", code], capture_output=True, text=True, check=True
         ).stdout
         self.assertEqual(out.strip(), "[]")
+
+
+class ClosingStore(MemoryMailboxStore):
+    """
+    A store whose close the test finishes by hand.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closing: defer.Deferred[None] | None = None
+
+    def close(self) -> defer.Deferred[None]:
+        self.closing = defer.Deferred()
+        return self.closing
+
+
+class StopTests(unittest.TestCase):
+    """
+    The return channel closes its store when the daemon stops (a database
+    store's threads and connections: L{msa.interfaces.IMailboxStore.close}),
+    whatever the store, and its stop waits for the close.
+    """
+
+    def test_stopClosesTheStore(self):
+        store = ClosingStore()
+        channel = ReturnChannel(store, LMTPFactory(store, lambda address: None))
+        channel.startService()
+        stopped = channel.stopService()
+        self.assertIsNotNone(store.closing)
+        self.assertNoResult(stopped)
+        assert store.closing is not None
+        store.closing.callback(None)
+        self.successResultOf(stopped)

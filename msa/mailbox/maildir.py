@@ -317,6 +317,13 @@ class MaildirStore:
             for name in self.accountDirectories()
         ]
 
+    def close(self) -> defer.Deferred[None]:
+        """
+        Nothing to release: the Maildirs hold no threads or connections of
+        their own (L{IMailboxStore.close}).
+        """
+        return defer.succeed(None)
+
     # -- POP3 sessions ---------------------------------------------------
 
     def open(self, account: str) -> defer.Deferred[MaildirMailbox]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -115,17 +115,11 @@ class ReturnChannel(MultiService):
 
     def stopService(self) -> defer.Deferred[None]:
         """
-        Stop the listeners, then the database store's threads and
-        connections.
+        Stop the listeners, then the store (a database store's threads and
+        connections: L{IMailboxStore.close}).
         """
         d = defer.maybeDeferred(super().stopService)
-        store = self.mailboxStore
-        if not isinstance(store, MaildirStore):
-            # The database store (its threads and connections).
-            def closeStore(_: object) -> object:
-                return cast("PostgresMailboxStore", store).close()
-
-            d.addCallback(closeStore)
+        d.addCallback(lambda _: self.mailboxStore.close())
         return d
 
     def healthProblem(self) -> str | None:
