@@ -520,13 +520,18 @@ class IDownstream(Interface):
         'as their C{Remote-MTA}; C{""} for none (the outbox).'
     )
 
-    def deliver(entry, messageFile):
+    def deliver(entry, messageFile, dataSent=None):
         """
         Deliver C{entry}'s message to its pending recipients.
 
         @param entry: the L{msa.queue.entry.SpoolEntry}.
         @param messageFile: its message (the trace header, then the
             message), open for binary reading.
+        @param dataSent: L{None}, or called (with no argument) once the
+            whole message is sent and what carried it can take the next
+            message while this one waits for its reply (a connection to a
+            core that offers PIPELINING): the runner may start the next
+            delivery then.  A downstream may never call it.
         @return: a L{Deferred} of the L{msa.relay.protocol.DeliveryResult}.
         """
 

@@ -58,6 +58,8 @@ class _ServerProtocol(LineReceiver):
         self.fakeTLS = False
         self.whenLost = defer.Deferred()
         self._group: list[bytes] = []
+        #: Replies held behind a late one (L{reply}), or L{None}.
+        self._held: list | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -70,21 +72,37 @@ class _ServerProtocol(LineReceiver):
         self._chunkLeft = 0
         self._lastChunk = False
 
-    def reply(self, code: int, text: str, then=None) -> None:
+    def reply(self, code: int, text: str, then=None, delay: float = 0.0) -> None:
         """
-        Send a reply (late with C{replyDelay}), then call C{then}.
+        Send a reply (late with C{replyDelay}, or C{delay}), then call
+        C{then}.
         """
         if self.server.hung:
             return
         line = f"{code} {text}".encode()
-        if self.server.replyDelay:
-            call = reactor.callLater(self.server.replyDelay, self._send, line, then)
+        delay = delay or self.server.replyDelay
+        if self._held is not None:
+            # Replies go in the order of their commands, as SMTP's must.
+            self._held.append((line, then))
+        elif delay:
+            self._held = []
+            call = reactor.callLater(delay, self._sendHeld, line, then)
             self.server._delayed.append(call)
         else:
             self._send(line, then)
 
+    def _sendHeld(self, line: bytes, then) -> None:
+        """
+        A late reply is due: it goes, then those held behind it.
+        """
+        held, self._held = self._held or [], None
+        self._send(line, then)
+        for line, then in held:
+            self._send(line, then)
+
     def _send(self, line: bytes, then) -> None:
         if self.transport is not None and self.connected:
+            self.server.transcript.append(("R", line))
             self.sendLine(line)
             if then is not None:
                 then()
@@ -117,6 +135,7 @@ class _ServerProtocol(LineReceiver):
                 return
             if line == b".":
                 self.inData = False
+                server.transcript.append(("C", line))
                 self._endOfData()
             else:
                 self.data.append(
@@ -124,6 +143,7 @@ class _ServerProtocol(LineReceiver):
                 )
             return
         server.commands.append((self.tls, line))
+        server.transcript.append(("C", line))
         self._group.append(line)
         verb, _, arg = line.partition(b" ")
         verb = verb.upper()
@@ -252,8 +272,11 @@ class _ServerProtocol(LineReceiver):
         server = self.server
         if server.hangOn == b".":
             server.hung = True
-        if server.finalReply is not None:
-            self.reply(*server.finalReply)
+        final = server.finalReplies.pop(0) if server.finalReplies else None
+        final = final or server.finalReply
+        if final is not None:
+            code, text, *delay = final
+            self.reply(code, text, delay=delay[0] if delay else server.dataReplyDelay)
         else:
             server.messages.append(
                 ReceivedMessage(
@@ -268,7 +291,12 @@ class _ServerProtocol(LineReceiver):
                 )
             )
             then = self.transport.loseConnection if server.closeAfterData else None
-            self.reply(250, f"2.0.0 Ok: queued as CORE{len(server.messages)}", then)
+            self.reply(
+                250,
+                f"2.0.0 Ok: queued as CORE{len(server.messages)}",
+                then,
+                delay=server.dataReplyDelay,
+            )
         self._reset()
 
     def do_RSET(self, arg: str) -> None:
@@ -298,7 +326,10 @@ class DownstreamServer:
     Misbehaviour, settable any time: C{greeting}, C{silent} (never greet),
     C{offerStartTLS}, C{refuseStartTLS} (a reply), C{mailReply},
     C{rcptReplies} (address to reply), C{dataReply} (instead of 354),
-    C{finalReply} (instead of 250 after the data), C{accounts} (user to
+    C{finalReply} (instead of 250 after the data), C{finalReplies} (the
+    same for the next messages, one each, first to last; a third item is
+    the seconds before that reply), C{dataReplyDelay}
+    (seconds before the reply to the data alone), C{accounts} (user to
     password: AUTH PLAIN required after TLS), C{hangOn} (a verb such as
     C{b"MAIL"}, or C{b"."} for the end of the data: from then on the server
     never replies again, on any connection, until C{hung} is reset),
@@ -317,6 +348,9 @@ class DownstreamServer:
 
     C{commandGroups} has the commands that arrived in one read, one list
     per read: a pipelining client's MAIL, RCPTs and DATA form one group.
+    C{transcript} has the conversation in order, over every connection:
+    C{("C", line)} for each command and for the final dot, C{("R",
+    line)} for each reply sent.
     """
 
     def __init__(
@@ -335,6 +369,9 @@ class DownstreamServer:
         self.rcptReplies: dict[str, tuple[int, str]] = {}
         self.dataReply: tuple[int, str] | None = None
         self.finalReply: tuple[int, str] | None = None
+        self.finalReplies: list[tuple] = []
+        self.dataReplyDelay = 0.0
+        self.transcript: list[tuple[str, bytes]] = []
         self.accounts: dict[str, str] | None = None
         self.hangOn: bytes | None = None
         self.hung = False

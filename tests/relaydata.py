@@ -54,12 +54,15 @@ class FakeDownstream:
 
     def __init__(self):
         self.calls = []
+        #: Each call's C{dataSent}, in the order of L{calls}.
+        self.dataSent = []
         self.closed = 0
 
     def close(self):
         self.closed += 1
 
-    def deliver(self, entry, messageFile):
+    def deliver(self, entry, messageFile, dataSent=None):
+        self.dataSent.append(dataSent)
         d = defer.Deferred()
         self.calls.append((entry, messageFile.read(), d))
         return d

@@ -28,6 +28,7 @@ from msa.audit import chainFiles, verifyFiles
 from msa.envelope import Envelope
 from msa.queue import integrity, queuefile
 from msa.queue.spool import DELIVERED, PENDING, Spool
+from msa.relay import protocol
 from msa.relay.client import SMTPDownstream
 from msa.tls import clientContextFactory
 from tests.downstream import DownstreamServer
@@ -447,8 +448,22 @@ class StreamCheckTests(unittest.TestCase):
     when they are not the acknowledged ones, the final dot is never sent.
     """
 
-    @defer.inlineCallbacks
     def test_changedDuringSend(self):
+        """
+        A small message, sent in one write: the write does not happen.
+        """
+        return self.changedDuringSend()
+
+    def test_changedDuringStreamedSend(self):
+        """
+        A message streamed through the producer (larger than
+        L{protocol.WHOLE_AT_ONCE}): the final dot is not sent.
+        """
+        self.patch(protocol, "WHOLE_AT_ONCE", 16)
+        return self.changedDuringSend()
+
+    @defer.inlineCallbacks
+    def changedDuringSend(self):
         server = DownstreamServer(os.path.abspath(self.mktemp()))
         port = server.start()
         self.addCleanup(server.stop)

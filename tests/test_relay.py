@@ -183,6 +183,31 @@ class RelayRunnerTests(RunnerFixture, unittest.TestCase):
         d.callback(allWith(entry, ACCEPTED, 250, "ok"))
         self.assertEqual([c[0].queueId for c in self.downstream.calls], ids)
 
+    def test_slotFreedAtTheFinalDot(self):
+        """
+        When the downstream says the message is all sent and its
+        connection free for the next (C{dataSent}), the delivery slot goes
+        to the next message at once; the first stays in flight until the
+        core has answered and its outcome is recorded.
+        """
+        self.runner.concurrency = 1
+        self.runner.startService()
+        first, second, third = self.queue(), self.queue(), self.queue()
+        self.clock.advance(0)
+        self.assertEqual([c[0].queueId for c in self.downstream.calls], [first])
+        self.downstream.dataSent[0]()
+        self.assertEqual([c[0].queueId for c in self.downstream.calls], [first, second])
+        self.assertTrue(self.runner.isInFlight(first))
+        entry, _, d = self.downstream.calls[0]
+        d.callback(allWith(entry, ACCEPTED, 250, "ok"))
+        self.assertFalse(self.runner.isInFlight(first))
+        self.assertEqual(self.spool.pending(), [second, third])
+        # One slot: the third waits for the second's dot (or its outcome).
+        self.assertEqual(len(self.downstream.calls), 2)
+        entry, _, d = self.downstream.calls[1]
+        d.callback(allWith(entry, ACCEPTED, 250, "ok"))
+        self.assertEqual([c[0].queueId for c in self.downstream.calls][-1], third)
+
     def test_slotFreedWhileTheOutcomeIsRecorded(self):
         """
         Once the core has answered, the delivery slot goes to the next

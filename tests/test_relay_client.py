@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from msa.queue.spool import Spool
+from msa.relay import protocol
 from msa.relay.client import SMTPDownstream
 from msa.relay.protocol import (
     ACCEPTED,
@@ -693,6 +694,56 @@ class SMTPClientProtocolTests(unittest.TestCase):
         self.assertTrue(self.transport.disconnected)
         self.assertTrue(self.proto.lost)
 
+    def test_repliesInTheOrderAsked(self):
+        """
+        Several callers waiting (a transaction's commands after the final
+        dot of the one before): the replies go to them in the order they
+        asked, a multi-line reply whole, each with its own time-out.
+        """
+        first = self.proto.readReply(5, "the reply to the data")
+        second = self.proto.readReply(5, "'RSET'")
+        third = self.proto.readReply(5, "'MAIL'")
+        self.assertFalse(self.proto.unsolicited)
+        self.proto.dataReceived(b"250 2.0.0 queued\r\n250-reset\r\n250")
+        self.assertEqual(self.successResultOf(first), Reply(250, ("2.0.0 queued",)))
+        self.assertNoResult(second)
+        # A reply half read while someone waits for it is not unsolicited.
+        self.assertFalse(self.proto.unsolicited)
+        self.proto.dataReceived(b" done\r\n")
+        self.assertEqual(self.successResultOf(second), Reply(250, ("reset", "done")))
+        self.assertNoResult(third)
+        self.clock.advance(5)
+        failure = self.failureResultOf(third, SMTPClientError)
+        self.assertEqual(
+            failure.getErrorMessage(), "timed out after 5s waiting for 'MAIL'"
+        )
+        self.assertAborted()
+
+    def test_lostFailsEveryWaiter(self):
+        """
+        The connection lost: every caller still waiting fails with it,
+        the first first.
+        """
+        order = []
+        waiters = [self.proto.readReply(5), self.proto.readReply(5)]
+        for i, d in enumerate(waiters):
+            d.addErrback(lambda f, i=i: order.append((i, f.type)))
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(order, [(0, SMTPConnectionLost), (1, SMTPConnectionLost)])
+
+    def test_abandon(self):
+        """
+        L{SMTPClientProtocol.abandon}: the waiters fail at once, and a
+        reply arriving after (in the same read) goes to nobody.
+        """
+        d = self.proto.readReply(5)
+        self.proto.abandon("by the MSA")
+        failure = self.failureResultOf(d, SMTPConnectionLost)
+        self.assertEqual(failure.getErrorMessage(), "connection closed: by the MSA")
+        self.assertTrue(self.proto.lost)
+        self.proto.dataReceived(b"250 late\r\n")
+        self.failureResultOf(self.proto.readReply(5), SMTPConnectionLost)
+
     def test_commandAndMultilineReply(self):
         d = self.proto.command(b"EHLO msa.example", 5)
         self.assertEqual(self.transport.value(), b"EHLO msa.example\r\n")
@@ -819,11 +870,14 @@ class SMTPClientProtocolTests(unittest.TestCase):
 
     def test_sendFileStuffedAcrossChunks(self):
         """
-        The message goes out in the file sender's 16 KiB chunks, with lines
-        starting with "." exactly at the chunk boundaries: every one is
-        stuffed, and the data ends with the terminator.
+        A message larger than L{protocol.WHOLE_AT_ONCE} goes out in the
+        file sender's 16 KiB chunks (after a first read of that size, made
+        one chunk here), with lines starting with "." exactly at the chunk
+        boundaries: every one is stuffed, and the data ends with the
+        terminator.
         """
         self.assertEqual(FileSender.CHUNK_SIZE, 16384)
+        self.patch(protocol, "WHOLE_AT_ONCE", FileSender.CHUNK_SIZE - 1)
         data = bigMessage()
         d = self.proto.sendFile(io.BytesIO(data), 30)
         self.drive()
@@ -833,6 +887,36 @@ class SMTPClientProtocolTests(unittest.TestCase):
         self.assertEqual(wire.count(b"\r\n...starts a chunk\r\n"), 3)
         self.assertEqual(unstuff(wire), data)
         self.assertTrue(wire.endswith(b"\r\n..end\r\n.\r\n"))
+
+    def test_sendFileSmallAtOnce(self):
+        """
+        A message up to L{protocol.WHOLE_AT_ONCE} octets goes in one write
+        with its final dot, stuffed, before C{sendFile} returns: no
+        producer, whose pulls would each wait for a turn of the reactor.
+        """
+        data = bigMessage()
+        self.assertLessEqual(len(data), protocol.WHOLE_AT_ONCE)
+        writes = []
+        self.transport.write = writes.append
+        d = self.proto.sendFile(io.BytesIO(data), 30)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertIsNone(self.transport.producer)
+        self.assertEqual(writes, [dotStuff(data)])
+
+    def test_sendFileLargerStreamed(self):
+        """
+        One octet more than L{protocol.WHOLE_AT_ONCE} and the message is
+        streamed: the first read goes out, the rest through the producer,
+        the final dot only when the file is done.
+        """
+        data = bigMessage()
+        self.patch(protocol, "WHOLE_AT_ONCE", len(data) - 1)
+        d = self.proto.sendFile(io.BytesIO(data), 30)
+        self.assertNoResult(d)
+        self.assertEqual(self.transport.value(), DotStuffer().feed(data))
+        self.drive()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.transport.value(), dotStuff(data))
 
     def test_sendFileWithoutFinalCRLF(self):
         d = self.proto.sendFile(io.BytesIO(b"Subject: x\r\n\r\nlast."), 30)
@@ -845,6 +929,7 @@ class SMTPClientProtocolTests(unittest.TestCase):
         A core that stops reading: after the data timeout the connection
         is aborted and the send fails.
         """
+        self.patch(protocol, "WHOLE_AT_ONCE", FileSender.CHUNK_SIZE)
         d = self.proto.sendFile(io.BytesIO(bigMessage()), 30)
         self.transport.producer.resumeProducing()
         self.clock.advance(30)

@@ -11,9 +11,11 @@ core and to a real Postfix (an independent server that offers PIPELINING
 and logs a client that pipelines wrongly).
 """
 
+import functools
 import os
 
 from twisted.internet import defer
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from msa.queue import integrity
@@ -25,6 +27,7 @@ from tests.relaydata import DOTTY, bigMessage
 from tests.test_e2e import SENDER, splitReceived
 from tests.test_integrity import submitTo
 from tests.test_relay_client import DownstreamFixture
+from tests.waiting import waitUntil
 
 A, B, C = "a@example.org", "b@example.org", "c@example.org"
 #: The second is the one the cores below refuse.
@@ -308,6 +311,167 @@ class PipeliningTests(DownstreamFixture, unittest.TestCase):
         self.assertEqual(downstream.idleConnections, 0)
 
 
+class AfterTheDotTests(DownstreamFixture, unittest.TestCase):
+    """
+    The next message's group right after a final dot, before the core's
+    reply to the data (RFC 2920 3.1): the connection is parked at the dot
+    (C{dataSent}), and the replies are read in order.
+    """
+
+    timeout = 15
+
+    @defer.inlineCallbacks
+    def chain(self, downstream, count, **server):
+        """
+        Queue C{count} messages for C{A} and deliver them one after the
+        other, each started when the one before has sent its final dot
+        (as the relay runner does with a delivery slot freed at the dot).
+
+        @return: the L{DeliveryResult}s, in order.
+        """
+        entries = []
+        for _ in range(count):
+            entries.append((yield self.queue(recipients=(A,))))
+        results: list[defer.Deferred] = []
+
+        def start(index: int) -> None:
+            entry = entries[index]
+            f = self.spool.openMessage(entry.queueId)
+            following = None
+            if index + 1 < count:
+                following = lambda: start(index + 1)  # noqa: E731
+            d = downstream.deliver(entry, f, following)
+            results.append(d.addBoth(lambda r: (f.close(), r)[1]))
+
+        start(0)
+        done = []
+        for i in range(count):
+            # Started one by one, each by the one before.
+            yield waitUntil(functools.partial(lambda i: len(results) > i, i), 10)
+            done.append((yield results[i]))
+        return done
+
+    @defer.inlineCallbacks
+    def test_nextGroupBeforeTheReply(self):
+        """
+        The core answers the data late: the second message's RSET, MAIL,
+        RCPT and DATA reach it before it has answered the first one's
+        final dot, over the same connection; each message gets its own
+        reply.
+        """
+        server = self.startServer()
+        server.dataReplyDelay = 0.2
+        downstream = self.downstream(server)
+        first, second = yield self.chain(downstream, 2)
+        self.assertEqual(first.reply, "250 2.0.0 Ok: queued as CORE1")
+        self.assertEqual(second.reply, "250 2.0.0 Ok: queued as CORE2")
+        self.assertEqual(first.accepted, [A])
+        self.assertEqual(second.accepted, [A])
+        self.assertEqual(server.connections, 1)
+        replied = server.transcript.index(("R", b"250 2.0.0 Ok: queued as CORE1"))
+        before = [line for kind, line in server.transcript[:replied] if kind == "C"]
+        # The first message's dot, then the second one's whole group.
+        dot = before.index(b".")
+        self.assertEqual(
+            [line.split(b":")[0] for line in before[dot:]],
+            [b".", b"RSET", b"MAIL FROM", b"RCPT TO", b"DATA"],
+        )
+        self.assertEqual(downstream.idleConnections, 1)
+
+    @defer.inlineCallbacks
+    def test_refusedDataNextGoesOn(self):
+        """
+        A 554 to the first message's data does not touch the next
+        transaction, already sent: the first refused, the second
+        delivered over the same connection.
+        """
+        server = self.startServer()
+        server.dataReplyDelay = 0.1
+        server.finalReplies = [(554, "5.6.0 rejected")]
+        first, second = yield self.chain(self.downstream(server), 2)
+        self.assertEqual(
+            first.recipients, {A: RecipientResult(PERMANENT, 554, "5.6.0 rejected")}
+        )
+        self.assertEqual(second.accepted, [A])
+        self.assertEqual(server.connections, 1)
+        self.assertEqual(len(server.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_421ToTheDataNextOverANewConnection(self):
+        """
+        A 421 to the first message's data ends its connection, under the
+        second message already on it: that one's RSET goes unanswered and
+        it goes over a new connection, in the same attempt (nothing of it
+        was taken).
+        """
+        server = self.startServer()
+        server.dataReplyDelay = 0.1
+        server.finalReplies = [(421, "4.3.2 shutting down")]
+        first, second = yield self.chain(self.downstream(server), 2)
+        self.assertEqual(
+            first.recipients,
+            {A: RecipientResult(TEMPORARY, 421, "4.3.2 shutting down")},
+        )
+        self.assertEqual(second.accepted, [A])
+        self.assertEqual(server.connections, 2)
+        self.assertEqual(len(server.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_timeoutOfTheReplyNextOverANewConnection(self):
+        """
+        The core never answers the first message's data: after the data
+        timeout that message is temporary (it may have been taken: the one
+        window SMTP leaves), and the second goes over a new connection.
+        """
+        server = self.startServer()
+        server.finalReplies = [(250, "2.0.0 too late", 3600)]
+        downstream = self.downstream(server, dataTimeout=0.5)
+        first, second = yield self.chain(downstream, 2)
+        self.assertEqual(first.recipients[A].status, TEMPORARY)
+        self.assertIn("timed out", first.reply)
+        self.assertEqual(second.accepted, [A])
+        self.assertEqual(server.connections, 2)
+
+    @defer.inlineCallbacks
+    def test_maxTransactionsCountsTheNext(self):
+        """
+        C{maxTransactions} holds across the dot: with 2, the first two
+        messages share a connection, the third has a new one; the first
+        one's reply does not close the connection under the second.
+        """
+        server = self.startServer()
+        server.dataReplyDelay = 0.05
+        downstream = self.downstream(server, maxTransactions=2)
+        results = yield self.chain(downstream, 3)
+        self.assertEqual([r.accepted for r in results], [[A], [A], [A]])
+        self.assertEqual(server.connections, 2)
+        self.assertEqual(len(server.messages), 3)
+
+    @defer.inlineCallbacks
+    def test_closeWhileTheReplyIsOwed(self):
+        """
+        L{SMTPDownstream.close} while a message waits for the reply to its
+        data: the reply is still read (the message delivered), then the
+        connection closes, and close() fires only then.
+        """
+        server = self.startServer()
+        server.dataReplyDelay = 0.2
+        downstream = self.downstream(server)
+        entry = yield self.queue(recipients=(A,))
+        closed = []
+
+        def dataSent():
+            closed.append(downstream.close())
+
+        with self.spool.openMessage(entry.queueId) as f:
+            result = yield downstream.deliver(entry, f, dataSent)
+        self.assertEqual(result.accepted, [A])
+        yield closed[0]
+        self.assertEqual(downstream.idleConnections, 0)
+        yield waitUntil(lambda: not any(p.connected for p in server._protocols), 5)
+        self.assertIn(("C", b"QUIT"), server.transcript)
+
+
 class PipeliningDaemonTests(unittest.TestCase):
     """
     The assembled daemon from its TOML file: smtplib submits over STARTTLS,
@@ -341,6 +505,57 @@ class PipeliningDaemonTests(unittest.TestCase):
             [b"MAIL FROM", b"RCPT TO", b"RCPT TO", b"DATA"],
         )
         self.assertTrue(group[0].startswith(b"MAIL FROM:<" + SENDER.encode() + b">"))
+
+    @defer.inlineCallbacks
+    def test_nextMessageAfterTheDot(self):
+        """
+        One relay connection (C{[relay] concurrency = 1}) to a core that
+        answers the data late: the second message goes over the same
+        connection, its commands right after the first one's final dot,
+        before the core's reply to it.  Both are delivered, and each has
+        one INFO line of its relay in the log, naming the core and its
+        reply.
+        """
+        core = DownstreamServer(os.path.abspath(self.mktemp()))
+        core.start()
+        self.addCleanup(core.stop)
+        core.dataReplyDelay = 1.0
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        msa = RunningMSA(self, relay=core.relayConfig(concurrency=1))
+        ids = yield defer.gatherResults([submitTo(msa), submitTo(msa)])
+        messages = yield core.waitForMessages(2, timeout=20)
+        self.assertEqual([splitReceived(m.data)[1] for m in messages], [MESSAGE] * 2)
+        self.assertEqual(core.connections, 1)
+        replied = core.transcript.index(("R", b"250 2.0.0 Ok: queued as CORE1"))
+        commands = [line for kind, line in core.transcript[:replied] if kind == "C"]
+        self.assertEqual(
+            [line.split(b":")[0] for line in commands[commands.index(b".") :]],
+            [b".", b"RSET", b"MAIL FROM", b"RCPT TO", b"DATA"],
+        )
+        yield waitUntil(
+            lambda: len([e for e in events if e.get("event") == "relay"]) == 2, 10
+        )
+        relayed = sorted(formatEvent(e) for e in events if e.get("event") == "relay")
+        port = core._port.getHost().port
+        for queueId, line in zip(sorted(ids), relayed, strict=True):
+            self.assertRegex(
+                line,
+                rf"^relay {queueId}: attempt 1 delivered in [0-9.]+s \(delivered "
+                rf"for belastingdienst@overheid.nl\) to <SMTPDownstream "
+                rf"127.0.0.1:{port} tls=starttls>: 250 2.0.0 Ok: queued as CORE[12] "
+                r"sha256=[0-9a-f]{64}$",
+            )
+        self.assertEqual(
+            [
+                e
+                for e in events
+                if e.get("log_namespace") == "msa.relay.transaction"
+                and e["log_level"] >= LogLevel.info
+            ],
+            [],
+        )
 
 
 class PostfixCoreTests(unittest.TestCase):
@@ -383,3 +598,22 @@ class PostfixCoreTests(unittest.TestCase):
             log = f.read()
         self.assertIn("sasl_username=msa", log)
         self.assertNotIn("improper command pipelining", log)
+
+    @defer.inlineCallbacks
+    def test_afterTheDotToPostfix(self):
+        """
+        Three messages over one relay connection (C{[relay] concurrency =
+        1}): each one's commands follow the final dot of the one before
+        when it is queued by then.  Postfix takes all three, each byte for
+        byte, and logs no improper pipelining.
+        """
+        core = yield startPostfixCore(self, {})
+        msa = RunningMSA(self, relay=dict(core.relay, concurrency=1))
+        yield defer.gatherResults([submitTo(msa) for _ in range(3)])
+        messages = yield core.sink.waitForMessages(3, timeout=60)
+        for message in messages:
+            self.assertTrue(message.data.endswith(b"\r\n" + MESSAGE), message.data)
+        with open(core.postfix.log, encoding="utf-8", errors="replace") as f:
+            log = f.read()
+        self.assertNotIn("improper command pipelining", log)
+        self.assertEqual(log.count("sasl_username=msa"), 3)

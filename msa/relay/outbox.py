@@ -17,7 +17,7 @@ messages written at the same time.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from twisted.internet import defer, threads
@@ -66,7 +66,16 @@ class OutboxDownstream:
         Nothing is kept open between deliveries.
         """
 
-    def deliver(self, entry: SpoolEntry, messageFile: BinaryIO) -> defer.Deferred:
+    def deliver(
+        self,
+        entry: SpoolEntry,
+        messageFile: BinaryIO,
+        dataSent: Callable[[], object] | None = None,
+    ) -> defer.Deferred:
+        """
+        Write the message into the outbox, in a thread (C{dataSent} is
+        never called: nothing is left to wait for once it is written).
+        """
         d = threads.deferToThreadPool(
             self._reactor,
             self._reactor.getThreadPool(),

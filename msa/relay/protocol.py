@@ -38,6 +38,12 @@ TEMPORARY = "temporary"
 PERMANENT = "permanent"
 
 
+#: A message up to this size (octets, as stored) is read and sent in one
+#: write with its final dot; a larger one streams through a producer,
+#: a chunk at a time.
+WHOLE_AT_ONCE = 128 * 1024
+
+
 class DotStuffer:
     """
     Dot-stuffing (RFC 5321 section 4.5.2) of a CRLF message fed in chunks of
@@ -134,8 +140,11 @@ class SMTPClientProtocol(LineReceiver):
         self._reactor = reactor
         self._replies: deque[Reply] = deque()
         self._partial: list[str] = []
-        self._waiter: defer.Deferred[Reply] | None = None
-        self._timer: IDelayedCall | None = None
+        #: Who waits for the next replies, in the order of their commands,
+        #: each with its time-out: more than one when a transaction's
+        #: commands follow the final dot of the one before (RFC 2920 3.1,
+        #: L{msa.relay.client}).
+        self._waiters: deque[tuple[defer.Deferred[Reply], IDelayedCall]] = deque()
         self._lost: Exception | None = None
         self.tlsStarted = False
         self._lostWaiters: list[defer.Deferred[None]] = []
@@ -163,7 +172,7 @@ class SMTPClientProtocol(LineReceiver):
         Whether the server said something nobody asked for (e.g. a 421
         while the connection was idle).
         """
-        return bool(self._replies or self._partial)
+        return bool(self._replies or (self._partial and not self._waiters))
 
     def notifyLost(self) -> defer.Deferred[None]:
         """
@@ -176,6 +185,9 @@ class SMTPClientProtocol(LineReceiver):
         return d
 
     def lineReceived(self, line: bytes) -> None:
+        if self._lost is not None:
+            # The conversation is over (abandoned, timed out): nobody reads.
+            return
         code, sep = line[:3], line[3:4]
         if len(line) < 3 or not code.isdigit() or sep not in (b"", b" ", b"-"):
             self._fail(SMTPClientError(f"malformed reply line {line[:100]!r}"))
@@ -186,9 +198,10 @@ class SMTPClientProtocol(LineReceiver):
             return
         reply = Reply(int(code), tuple(self._partial))
         self._partial = []
-        if self._waiter is not None:
-            waiter, self._waiter = self._waiter, None
-            self._cancelTimer()
+        if self._waiters:
+            waiter, timer = self._waiters.popleft()
+            if timer.active():
+                timer.cancel()
             waiter.callback(reply)
         else:
             self._replies.append(reply)
@@ -197,38 +210,45 @@ class SMTPClientProtocol(LineReceiver):
         self._fail(SMTPClientError("reply line too long"))
         self._connection.abortConnection()
 
-    def _cancelTimer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
     def _fail(self, reason: Exception) -> None:
+        """
+        The conversation is over: every waiter fails with C{reason}, the
+        first ones first.
+        """
         if self._lost is None:
             self._lost = reason
-        self._cancelTimer()
-        if self._waiter is not None:
-            waiter, self._waiter = self._waiter, None
+        waiters, self._waiters = self._waiters, deque()
+        for waiter, timer in waiters:
+            if timer.active():
+                timer.cancel()
             waiter.errback(reason)
 
+    def abandon(self, why: str) -> None:
+        """
+        The client is closing the connection: whoever still waits for a
+        reply fails now with L{SMTPConnectionLost}, and replies that
+        arrive meanwhile (even in the same read) go to nobody.
+        """
+        self._fail(SMTPConnectionLost(f"connection closed: {why}"))
+
     def _timedOut(self, what: str, timeout: float) -> None:
-        self._timer = None
         self._fail(SMTPClientError(f"timed out after {timeout:g}s waiting for {what}"))
         self._connection.abortConnection()
 
     def readReply(self, timeout: float, what: str = "a reply") -> defer.Deferred[Reply]:
         """
-        @return: a L{Deferred} firing with the next L{Reply}, failing with
+        @return: a L{Deferred} firing with the next L{Reply} (the one after
+            those the callers before are waiting for), failing with
             L{SMTPClientError} after C{timeout} seconds or when the
             connection is lost.
         """
-        if self._replies:
+        if self._replies and not self._waiters:
             return defer.succeed(self._replies.popleft())
         if self._lost is not None:
             return defer.fail(self._lost)
-        assert self._waiter is None, "one command at a time"
         waiter: defer.Deferred[Reply] = defer.Deferred()
-        self._waiter = waiter
-        self._timer = self._reactor.callLater(timeout, self._timedOut, what, timeout)
+        timer = self._reactor.callLater(timeout, self._timedOut, what, timeout)
+        self._waiters.append((waiter, timer))
         return waiter
 
     def command(self, line: bytes, timeout: float) -> defer.Deferred[Reply]:
@@ -267,8 +287,10 @@ class SMTPClientProtocol(LineReceiver):
         entry: Any = None,
     ) -> defer.Deferred[None]:
         """
-        Stream C{messageFile}, dot-stuffed and terminated, through a pull
-        producer, so that only a chunk at a time is in memory.
+        Send C{messageFile}, dot-stuffed and terminated: up to
+        L{WHOLE_AT_ONCE} octets in one write with the final dot, a larger
+        message streamed through a pull producer, so that only a chunk at
+        a time is in memory.
 
         @param digester: hashes the bytes read from C{messageFile} (before
             stuffing), the one pass over them, and is compared with what
@@ -287,15 +309,32 @@ class SMTPClientProtocol(LineReceiver):
                 digester.update(data)
                 return stuffer.feed(data)
 
-        d = FileSender().beginFileTransfer(messageFile, self.transport, transform)
-
-        def finished(_: object) -> None:
+        def end(last: bytes = b"") -> bytes:
+            """
+            The rest of the data and the final dot, once the digest is
+            known to match.
+            """
             if digester is not None:
                 mismatch = digester.mismatch(entry)
                 if mismatch is not None:
                     self._connection.abortConnection()
                     raise IntegrityError(mismatch)
-            self._connection.write(stuffer.finish())
+            return last + stuffer.finish()
+
+        head = messageFile.read(WHOLE_AT_ONCE + 1)
+        if len(head) <= WHOLE_AT_ONCE:
+            # The whole message in one write with its final dot: no
+            # producer, whose pulls each wait for a turn of the reactor.
+            try:
+                self._connection.write(end(transform(head)))
+            except IntegrityError as e:
+                return defer.fail(e)
+            return defer.succeed(None)
+        self._connection.write(transform(head))
+        d = FileSender().beginFileTransfer(messageFile, self.transport, transform)
+
+        def finished(_: object) -> None:
+            self._connection.write(end())
 
         def timedOut(_: object, __: float) -> None:
             self._connection.abortConnection()

@@ -30,9 +30,12 @@ log = Logger(namespace="msa.relay.runner")
 __all__ = ["decidedByCore", "logAttempt", "settleRecipients", "settleTemporary"]
 
 
-def logAttempt(entry: SpoolEntry, result: DeliveryResult, seconds: float) -> None:
+def logAttempt(
+    entry: SpoolEntry, result: DeliveryResult, seconds: float, downstream: object = "-"
+) -> None:
     """
-    One relay attempt for the log and the metrics.
+    One relay attempt for the log (its one INFO line: the outcome, where
+    to, the core's reply) and the metrics.
     """
     statuses = {r.status for r in result.recipients.values()}
     if statuses == {ACCEPTED}:
@@ -47,8 +50,9 @@ def logAttempt(entry: SpoolEntry, result: DeliveryResult, seconds: float) -> Non
     delivered = [r for r, res in result.recipients.items() if res.status == ACCEPTED]
     log.info(
         "relay {queueId}: attempt {attempt} {outcome} in {seconds:.3f}s "
-        "(delivered for {delivered}): {reply} sha256={sha256}",
+        "(delivered for {delivered}) to {downstream}: {reply} sha256={sha256}",
         event="relay",
+        downstream=downstream,
         sha256=entry.sha256 or "unrecorded",
         queueId=entry.queueId,
         attempt=entry.attempts + 1,

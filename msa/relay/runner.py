@@ -21,6 +21,7 @@ are queued by L{msa.relay.notices}, its holds by L{msa.relay.holds}.
 
 from __future__ import annotations
 
+import functools
 import random
 
 from twisted.application.service import Service
@@ -360,7 +361,9 @@ class RelayRunner(Service):
             )
         started = self._reactor.seconds()
         try:
-            result = await self.downstream.deliver(entry, messageFile)
+            result = await self.downstream.deliver(
+                entry, messageFile, functools.partial(self._dataSent, queueId)
+            )
         except Exception as e:
             log.failure("downstream error for {queueId}", queueId=queueId)
             text = f"internal error: {e}"
@@ -371,7 +374,7 @@ class RelayRunner(Service):
         if result.mismatch is not None:
             await self.holdMismatch(entry, result.mismatch)
             return
-        logAttempt(entry, result, self._reactor.seconds() - started)
+        logAttempt(entry, result, self._reactor.seconds() - started, self.downstream)
         self._settle(queueId)
         if result.accepted:
             # The audit record of the hand-off, durable before the state.
@@ -386,6 +389,17 @@ class RelayRunner(Service):
             )
             await self.notices.relayed(entry, result)
         await self._apply(entry, result)
+
+    def _dataSent(self, queueId: str) -> None:
+        """
+        The message of C{queueId} is all sent and its connection can carry
+        the next one while the core's reply is awaited
+        (L{msa.interfaces.IDownstream.deliver}): its delivery slot goes to
+        the next message now, whose commands follow the final dot on the
+        same connection (one round trip per message, RFC 2920).  The
+        attempt stays in flight, as in L{_settle}.
+        """
+        self._settle(queueId)
 
     def _settle(self, queueId: str) -> None:
         """

@@ -10,13 +10,18 @@ extension it needs, are L{msa.relay.extensions}'.
 When the core offers PIPELINING (RFC 2920), MAIL, every RCPT and DATA go
 in one write, and the replies are read in order afterwards (DATA is the
 last command of the group, section 3.1): one round trip instead of
-2 + recipients.  Every reply is still looked at on its own: a refused
-recipient is refused while the others go on (partial acceptance); a
-refused MAIL fails every recipient with its own reply (the RCPT replies,
-which can only say "MAIL first", are read and ignored); when no recipient
-was accepted the body is never sent, and if the core answers that DATA
-with 354 anyway, the data is ended at once with a lone dot, as section 3.1
-asks.  Without PIPELINING, the same transaction in lock-step.
+2 + recipients.  Once the final dot is sent, the connection can carry the
+next transaction's group before the reply to the data is read (the
+message content may be the first "command" of a group, section 3.1):
+C{dataSent}, see L{msa.relay.client}.
+
+Every reply is still looked at on its own: a refused recipient is refused
+while the others go on (partial acceptance); a refused MAIL fails every
+recipient with its own reply (the RCPT replies, which can only say "MAIL
+first", are read and ignored); when no recipient was accepted the body is
+never sent, and if the core answers that DATA with 354 anyway, the data is
+ended at once with a lone dot, as section 3.1 asks.  Without PIPELINING,
+the same transaction in lock-step.
 
 The message file is read and hashed once, as it is sent
 (L{msa.relay.protocol.SMTPClientProtocol.sendFile}): the digest is compared
@@ -28,6 +33,7 @@ discards the unterminated data; the message is held by the relay runner
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import BinaryIO
 
 import attrs
@@ -82,6 +88,10 @@ class MailTransaction:
     verifiedTLS: bool = True
     #: A parked connection: its RSET goes first in the pipelined group.
     reset: bool = False
+    #: Called once the final dot is sent to a core that offers PIPELINING,
+    #: the reply to the data not yet read: the connection can carry the
+    #: next transaction's commands now (after this one's, RFC 2920 3.1).
+    dataSent: Callable[[], None] | None = None
 
     @property
     def pipelined(self) -> bool:
@@ -212,7 +222,8 @@ class MailTransaction:
             self._setAll(accepted, RecipientResult(ACCEPTED, 250, reply.text), reply)
         else:
             self._setAll(accepted, resultFor(reply), reply)
-        log.info(
+        # The attempt's INFO line, with this reply, is the relay runner's.
+        log.debug(
             "{queueId} to {downstream}: {reply}",
             queueId=self.entry.queueId,
             downstream=self.downstream,
@@ -247,9 +258,14 @@ class MailTransaction:
                 await self.proto.sendFile(
                     messageFile, self.dataTimeout, digester, self.entry
                 )
-                reply = await self.proto.readReply(
+                # This transaction's turn for the next reply is taken
+                # before the connection goes to the next one.
+                replied = self.proto.readReply(
                     self.dataTimeout, "the reply to the data"
                 )
+                if self.pipelined and self.dataSent is not None:
+                    self.dataSent()
+                reply = await replied
         except integrity.IntegrityError as e:
             self.held(accepted, e.mismatch)
             return False
