@@ -91,6 +91,8 @@ Usage::
     .venv/bin/python bench/run.py --syscalls       # + file-system calls per message
     .venv/bin/python bench/run.py -s relay --strace       # every syscall (slow)
     .venv/bin/python bench/run.py -s relay -s a --servers msa,msa-noaudit
+    git worktree add /tmp/before HEAD~1 && \
+        .venv/bin/python bench/run.py -s relay --servers msa,msa@/tmp/before
 
 Exits non-zero when any session had an error or a sink did not get every
 message (the run is then not valid); target misses are reported, not fatal,
@@ -394,6 +396,8 @@ class Server:
 
 class MSA(Server):
     name = "MSA"
+    #: the checkout whose C{msa} package runs (C{msa@PATH}: another one)
+    root = ROOT
 
     def start(self, params: dict, sinkPort: int | None, profile: str | None = None):
         self.state = os.path.join(self.work, "msa-state")
@@ -408,7 +412,7 @@ class MSA(Server):
         self.proc = subprocess.Popen(
             command,
             cwd=self.work,
-            env=dict(os.environ, PYTHONPATH=ROOT, **self.env),
+            env=dict(os.environ, PYTHONPATH=self.root, **self.env),
             stdin=subprocess.DEVNULL,
             stdout=open(os.path.join(self.work, "msa.out"), "wb"),
             stderr=subprocess.STDOUT,
@@ -553,6 +557,30 @@ def msaVariant(option: str) -> type[MSA]:
     return Variant
 
 
+def msaCheckout(path: str) -> type[MSA]:
+    """
+    The MSA of another checkout (C{--servers msa,msa@/tmp/old}, e.g. a
+    C{git worktree} of the commit before a change): the two versions side
+    by side in the same alternated run.
+    """
+    root = os.path.abspath(path)
+    try:
+        revision = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        revision = os.path.basename(root)
+
+    class Checkout(MSA):
+        name = f"MSA@{revision}"
+
+    Checkout.root = root
+    return Checkout
+
+
 class MSAPair(MSA):
     """
     Two MSA instances on this machine behind HAProxy (TCP mode, round
@@ -608,7 +636,7 @@ class MSAPair(MSA):
         self.proc = subprocess.Popen(
             ["sh", "-c", " & ".join(commands) + " & wait"],
             cwd=self.work,
-            env=dict(os.environ, PYTHONPATH=ROOT, **self.env),
+            env=dict(os.environ, PYTHONPATH=self.root, **self.env),
             stdin=subprocess.DEVNULL,
             stdout=open(os.path.join(self.work, "msa.out"), "wb"),
             stderr=subprocess.STDOUT,
@@ -1587,7 +1615,8 @@ def main() -> int:
         "(README.rst, 'Running more than one instance'); msa-noaudit the "
         "MSA with [audit] enabled = false (the audit log's cost); "
         "msa-nodelay the MSA with [spool] commit_delay = 0; msa+SECTION.KEY="
-        "VALUE the MSA with that option (a column of its own)",
+        "VALUE the MSA with that option (a column of its own); msa@PATH the "
+        "MSA of another checkout (e.g. a git worktree of an earlier commit)",
     )
     parser.add_argument(
         "--postfix-sasl",
@@ -1666,6 +1695,9 @@ def main() -> int:
         if name.lower().startswith("msa+"):
             # The MSA with one more --msa-option, as a column of its own.
             servers.append(msaVariant(name[4:]))
+            continue
+        if name.lower().startswith("msa@"):
+            servers.append(msaCheckout(name[4:]))
             continue
         cls = SERVERS[name.lower()]
         if cls is Postfix:
