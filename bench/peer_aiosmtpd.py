@@ -26,8 +26,9 @@ The benchmark's peer: aiosmtpd configured like the MSA, as its own process.
   With ``--relay-held`` nothing is relayed until SIGUSR1.
 - SIZE 52428800, as the MSA's default ``max_message_size``.
 - Logging at INFO to ``--log``, as much as the MSA logs: one line per
-  session (its end: peer, messages, login), one per accepted message, one
-  per relay outcome.  aiosmtpd's own ``mail.log`` logger writes about 18
+  accepted message and one per relay outcome (the end of a session, with
+  its peer, messages and login, at DEBUG: not written, as the MSA's
+  session events).  aiosmtpd's own ``mail.log`` logger writes about 18
   INFO lines per session (every command line); it is set to WARNING, so
   that the peer does not pay for a log volume the MSA does not write.
 
@@ -305,15 +306,15 @@ class Connection:
 
 class LoggedSMTP(SMTP):
     """
-    aiosmtpd's server with one INFO line at the end of each session, as
-    the MSA's C{connection} line.
+    aiosmtpd's server with one DEBUG line at the end of each session, as
+    the MSA's session events (not written at the INFO level).
     """
 
     messages = 0
 
     def connection_lost(self, error) -> None:
         login = self.session.auth_data
-        logging.info(
+        logging.debug(
             "connection from %s closed: %d message(s), login %s",
             self.session.peer,
             self.messages,
