@@ -47,6 +47,9 @@ class _Round(Generic[J, R]):
         self.gathered = False
         #: When its first job came: the commit delay counts from there.
         self.created = time.monotonic()
+        #: The reactor's time of its first L{GroupCommit.commit} job: the
+        #: gather delay counts from there.
+        self.firstCommit: float | None = None
 
 
 class GroupCommit(Generic[J, R]):
@@ -220,18 +223,44 @@ class GroupCommit(Generic[J, R]):
             once it is durable, or failing with the round's error.
         """
         d: defer.Deferred[R] = defer.Deferred()
+        reactor = self._getReactor()
+        gather = bool(self.gatherDelay) and IReactorThreads.providedBy(reactor)
         with self._lock:
             current = self._join(job)
+            if gather and current.firstCommit is None:
+                current.firstCommit = reactor.seconds()
             current.deferreds.append((len(current.jobs) - 1, d))
             start = not self._running and not self._draining
             if start:
                 self._draining = True
         if start:
-            if self.gatherDelay and IReactorThreads.providedBy(self._getReactor()):
-                self._getReactor().callLater(self.gatherDelay, self._startDrain)
+            if gather:
+                reactor.callLater(self.gatherDelay, self._gatherOver)
             else:
                 self._startDrain()
         return d
+
+    def _gatherOver(self) -> None:
+        """
+        (In the reactor thread.)  The gather delay of the round it was
+        started for is over: run the pending round.  When a blocking caller
+        has run that round meanwhile, the one pending now is younger: it
+        gets the rest of its own delay, counted from its own first job, so
+        that it too can ride on a blocking caller's round.
+        """
+        reactor = self._getReactor()
+        with self._lock:
+            pending = self._pending
+            if pending is None:
+                self._draining = False
+                return
+            wait = 0.0
+            if pending.firstCommit is not None:
+                wait = pending.firstCommit + self.gatherDelay - reactor.seconds()
+        if wait > 0:
+            reactor.callLater(wait, self._gatherOver)
+        else:
+            self._startDrain()
 
     def _getReactor(self) -> Any:
         if self._reactor is None:

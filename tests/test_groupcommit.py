@@ -374,6 +374,53 @@ class GatherTests(unittest.TestCase):
         self.clock.advance(0.02)
         self.assertEqual(len(self.rounds), 1)
 
+    def test_youngerRoundGetsItsOwnDelay(self):
+        """
+        A blocking caller takes the first job's round along before its
+        delay is over; a job that comes after it is not run when that
+        first delay ends, but after its own: so that it too can ride on a
+        blocking caller's round (the relay's removals and records on the
+        next commit's, under load).
+        """
+        first = self.commits.commit("removal 1")
+        self.clock.advance(0.01)
+        self.assertEqual(self.commits.commitBlocking("commit 1"), "commit 1")
+        self.assertEqual(self.successResultOf(first), "removal 1")
+        self.clock.advance(0.005)
+        second = self.commits.commit("removal 2")
+        self.clock.advance(0.005)
+        # The first delay is over: the second job's round is 5 ms old.
+        self.assertNoResult(second)
+        self.clock.advance(0.01)
+        self.assertEqual(self.commits.commitBlocking("commit 2"), "commit 2")
+        self.assertEqual(self.successResultOf(second), "removal 2")
+        self.assertEqual(
+            self.rounds, [["removal 1", "commit 1"], ["removal 2", "commit 2"]]
+        )
+        # Its delay over with nothing pending: no round of its own.
+        self.clock.advance(0.02)
+        self.assertEqual(len(self.rounds), 2)
+        third = self.commits.commit("removal 3")
+        self.clock.advance(0.02)
+        self.assertEqual(self.successResultOf(third), "removal 3")
+        self.assertEqual(self.rounds[2:], [["removal 3"]])
+
+    def test_youngerRoundRunsAfterItsDelay(self):
+        """
+        With no blocking caller to take it along, the younger round runs
+        once its own delay is over.
+        """
+        self.commits.commit("removal 1")
+        self.clock.advance(0.01)
+        self.commits.commitBlocking("commit 1")
+        self.clock.advance(0.005)
+        second = self.commits.commit("removal 2")
+        self.clock.advance(0.005)
+        self.assertNoResult(second)
+        self.clock.advance(0.015)
+        self.assertEqual(self.successResultOf(second), "removal 2")
+        self.assertEqual(self.rounds[-1], ["removal 2"])
+
     def test_auditFactsGathered(self):
         """
         The audit log's facts from the reactor (a delivery's record): one
