@@ -547,6 +547,9 @@ class MailTransaction:
         d.addBoth(committed)
 
         def queued(queueId: str) -> None:
+            # The reply first: the client waits for it, not for the log
+            # line (the message is durable, and so is its audit record).
+            server.reply(250, "2.0.0", f"Ok: queued as {queueId}")
             # The one INFO line of a successful session's message: it
             # carries the session's facts (client, TLS, account, duration)
             # whose own events are DEBUG.
@@ -570,7 +573,6 @@ class MailTransaction:
             )
             metrics.MESSAGES.labels("250").inc()
             metrics.BYTES_ACCEPTED.inc(dataFilter.size)
-            server.reply(250, "2.0.0", f"Ok: queued as {queueId}")
 
         def failed(failure: Failure) -> None:
             error = failure.value
