@@ -694,6 +694,15 @@ class SMTPClientProtocolTests(unittest.TestCase):
         self.assertTrue(self.transport.disconnected)
         self.assertTrue(self.proto.lost)
 
+    def assertTimedOut(self, d, message):
+        """
+        C{d} failed with the time-out C{message}, and the connection is
+        aborted.
+        """
+        failure = self.failureResultOf(d, SMTPClientError)
+        self.assertEqual(failure.getErrorMessage(), message)
+        self.assertAborted()
+
     def test_repliesInTheOrderAsked(self):
         """
         Several callers waiting (a transaction's commands after the final
@@ -713,11 +722,7 @@ class SMTPClientProtocolTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(second), Reply(250, ("reset", "done")))
         self.assertNoResult(third)
         self.clock.advance(5)
-        failure = self.failureResultOf(third, SMTPClientError)
-        self.assertEqual(
-            failure.getErrorMessage(), "timed out after 5s waiting for 'MAIL'"
-        )
-        self.assertAborted()
+        self.assertTimedOut(third, "timed out after 5s waiting for 'MAIL'")
 
     def test_lostFailsEveryWaiter(self):
         """
@@ -808,11 +813,7 @@ class SMTPClientProtocolTests(unittest.TestCase):
         self.clock.advance(4.9)
         self.assertNoResult(d)
         self.clock.advance(0.1)
-        failure = self.failureResultOf(d, SMTPClientError)
-        self.assertEqual(
-            failure.getErrorMessage(), "timed out after 5s waiting for 'MAIL'"
-        )
-        self.assertAborted()
+        self.assertTimedOut(d, "timed out after 5s waiting for 'MAIL'")
 
     def test_connectionLost(self):
         """
