@@ -14,7 +14,7 @@ and logs a client that pipelines wrongly).
 import functools
 import os
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
@@ -412,6 +412,54 @@ class AfterTheDotTests(DownstreamFixture, unittest.TestCase):
             first.recipients,
             {A: RecipientResult(TEMPORARY, 421, "4.3.2 shutting down")},
         )
+        self.assertEqual(second.accepted, [A])
+        self.assertEqual(server.connections, 2)
+        self.assertEqual(len(server.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_closedAfterTheReplyNextOverANewConnection(self):
+        """
+        A core that closes the connection right after its 250 to the data:
+        the first message delivered, the second (already behind the dot)
+        goes over a new connection in the same attempt, delivered once.
+        """
+        server = self.startServer()
+        server.dataReplyDelay = 0.1
+        server.closeAfterData = True
+        first, second = yield self.chain(self.downstream(server), 2)
+        self.assertEqual(first.reply, "250 2.0.0 Ok: queued as CORE1")
+        self.assertEqual(second.reply, "250 2.0.0 Ok: queued as CORE2")
+        self.assertEqual(server.connections, 2)
+        self.assertEqual(len(server.messages), 2)
+
+    @defer.inlineCallbacks
+    def test_droppedBeforeTheReplyNextOverANewConnection(self):
+        """
+        The connection drops after the final dot, before the core's reply:
+        the first message is temporary (the one window SMTP leaves: it is
+        tried again), the second goes over a new connection and is
+        delivered.
+        """
+        server = self.startServer()
+        server.finalReplies = [(250, "2.0.0 never sent", 3600)]
+        downstream = self.downstream(server)
+        entries = []
+        for _ in range(2):
+            entries.append((yield self.queue(recipients=(A,))))
+        files = [self.spool.openMessage(e.queueId) for e in entries]
+        for f in files:
+            self.addCleanup(f.close)
+        later: list[defer.Deferred] = []
+
+        def dataSent():
+            later.append(downstream.deliver(entries[1], files[1]))
+            # The core goes away once the second group is on its way.
+            reactor.callLater(0.1, server.dropConnections)
+
+        first = yield downstream.deliver(entries[0], files[0], dataSent)
+        self.assertEqual(first.recipients[A].status, TEMPORARY)
+        self.assertIn("connection lost", first.reply)
+        second = yield later[0]
         self.assertEqual(second.accepted, [A])
         self.assertEqual(server.connections, 2)
         self.assertEqual(len(server.messages), 1)
