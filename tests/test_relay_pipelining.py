@@ -567,7 +567,7 @@ class PipeliningDaemonTests(unittest.TestCase):
         core = DownstreamServer(os.path.abspath(self.mktemp()))
         core.start()
         self.addCleanup(core.stop)
-        core.dataReplyDelay = 1.0
+        core.dataReplyDelay = 2.0
         events: list[dict] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
