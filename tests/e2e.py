@@ -62,15 +62,38 @@ def fixtureAccount(
 #: Ports handed out in this process, never handed out twice.
 _given: set[int] = set()
 
+#: Where L{freePort} picks: below Linux's ephemeral range (32768-60999),
+#: one share per C{trial -j} worker.
+PORTS = range(20000, 32000)
+WORKER_SHARE = 2000
+
+
+def workerPorts() -> range:
+    """
+    This process's share of L{PORTS}: a C{trial -j} worker runs in a
+    directory named after its number (0, 1, ...), and each number has
+    ports of its own, so that two workers never pick the same port (one
+    did, between another's check and its listen()).  A single trial
+    process takes the first share.
+    """
+    name = os.path.basename(os.getcwd())
+    index = int(name) % (len(PORTS) // WORKER_SHARE) if name.isdigit() else 0
+    start = PORTS.start + index * WORKER_SHARE
+    return range(start, start + WORKER_SHARE)
+
 
 def freePort() -> int:
     """
     A free loopback port for a server the test starts, chosen below Linux's
     ephemeral range (32768-60999) so that no client connection of this or
-    another test can take it between now and the server's listen().
+    another test can take it between now and the server's listen(), and
+    in this trial worker's share of them (L{workerPorts}).
     """
+    ports = workerPorts()
     while True:
-        port = random.randrange(20000, 32000)
+        if _given.issuperset(ports):
+            raise RuntimeError(f"every port of {ports} was handed out")
+        port = random.randrange(ports.start, ports.stop)
         if port in _given:
             continue
         with socket.socket() as s:
