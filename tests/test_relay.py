@@ -208,6 +208,29 @@ class RelayRunnerTests(RunnerFixture, unittest.TestCase):
         d.callback(allWith(entry, ACCEPTED, 250, "ok"))
         self.assertEqual([c[0].queueId for c in self.downstream.calls][-1], third)
 
+    def test_slotKeptWhileReceiving(self):
+        """
+        While a message is being received (a writer is open), the slot is
+        not freed at the final dot but when the core has answered:
+        submissions first.  Once no message is being received, the next
+        dot frees it again.
+        """
+        self.runner.concurrency = 1
+        self.runner.startService()
+        ids = [self.queue() for _ in range(3)]
+        self.clock.advance(0)
+        receiving = self.spool.newMessage(makeEnvelope(("bob@example.org",)))
+        self.assertEqual(self.spool.receiving, 1)
+        self.downstream.dataSent[0]()
+        self.assertEqual([c[0].queueId for c in self.downstream.calls], ids[:1])
+        entry, _, d = self.downstream.calls[0]
+        d.callback(allWith(entry, ACCEPTED, 250, "ok"))
+        self.assertEqual([c[0].queueId for c in self.downstream.calls], ids[:2])
+        receiving.abort()
+        self.assertEqual(self.spool.receiving, 0)
+        self.downstream.dataSent[1]()
+        self.assertEqual([c[0].queueId for c in self.downstream.calls], ids)
+
     def test_slotFreedWhileTheOutcomeIsRecorded(self):
         """
         Once the core has answered, the delivery slot goes to the next

@@ -21,9 +21,9 @@ from twisted.trial import unittest
 from msa.queue import integrity
 from msa.relay.protocol import PERMANENT, TEMPORARY, DeliveryResult, RecipientResult
 from tests.downstream import DownstreamServer
-from tests.e2e import MESSAGE, RunningMSA
+from tests.e2e import MESSAGE, RunningMSA, freePort
 from tests.postfixcore import startPostfixCore
-from tests.relaydata import DOTTY, bigMessage
+from tests.relaydata import DOTTY, bigMessage, makeEnvelope
 from tests.test_e2e import SENDER, splitReceived
 from tests.test_integrity import submitTo
 from tests.test_relay_client import DownstreamFixture
@@ -558,21 +558,33 @@ class PipeliningDaemonTests(unittest.TestCase):
     def test_nextMessageAfterTheDot(self):
         """
         One relay connection (C{[relay] concurrency = 1}) to a core that
-        answers the data late: the second message goes over the same
-        connection, its commands right after the first one's final dot,
-        before the core's reply to it.  Both are delivered, and each has
-        one INFO line of its relay in the log, naming the core and its
-        reply.
+        answers the data late: with no message being received, the second
+        message goes over the same connection, its commands right after the
+        first one's final dot, before the core's reply to it.  Both are
+        delivered, and each delivery has one INFO line in the log, naming
+        the core and its reply.  (Both are queued while the core is down,
+        so that neither is being received when the first is relayed.)
         """
+        port = freePort()
         core = DownstreamServer(os.path.abspath(self.mktemp()))
-        core.start()
         self.addCleanup(core.stop)
         core.dataReplyDelay = 2.0
         events: list[dict] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        msa = RunningMSA(self, relay=core.relayConfig(concurrency=1))
+        relay = {
+            "host": "127.0.0.1",
+            "port": port,
+            "tls": "starttls",
+            "server_name": "localhost",
+            "ca_file": core.caFile,
+            "concurrency": 1,
+            "retry_base": 0.3,
+            "retry_max": 0.5,
+        }
+        msa = RunningMSA(self, relay=relay)
         ids = yield defer.gatherResults([submitTo(msa), submitTo(msa)])
+        core.start(port)
         messages = yield core.waitForMessages(2, timeout=20)
         self.assertEqual([splitReceived(m.data)[1] for m in messages], [MESSAGE] * 2)
         self.assertEqual(core.connections, 1)
@@ -582,15 +594,19 @@ class PipeliningDaemonTests(unittest.TestCase):
             [line.split(b":")[0] for line in commands[commands.index(b".") :]],
             [b".", b"RSET", b"MAIL FROM", b"RCPT TO", b"DATA"],
         )
-        yield waitUntil(
-            lambda: len([e for e in events if e.get("event") == "relay"]) == 2, 10
-        )
-        relayed = sorted(formatEvent(e) for e in events if e.get("event") == "relay")
-        port = core._port.getHost().port
-        for queueId, line in zip(sorted(ids), relayed, strict=True):
+
+        def delivered() -> list[str]:
+            return sorted(
+                formatEvent(e)
+                for e in events
+                if e.get("event") == "relay" and "delivered in" in formatEvent(e)
+            )
+
+        yield waitUntil(lambda: len(delivered()) == 2, 10)
+        for queueId, line in zip(sorted(ids), delivered(), strict=True):
             self.assertRegex(
                 line,
-                rf"^relay {queueId}: attempt 1 delivered in [0-9.]+s \(delivered "
+                rf"^relay {queueId}: attempt [0-9]+ delivered in [0-9.]+s \(delivered "
                 rf"for belastingdienst@overheid.nl\) to <SMTPDownstream "
                 rf"127.0.0.1:{port} tls=starttls>: 250 2.0.0 Ok: queued as CORE[12] "
                 r"sha256=[0-9a-f]{64}$",
@@ -604,6 +620,31 @@ class PipeliningDaemonTests(unittest.TestCase):
             ],
             [],
         )
+
+    @defer.inlineCallbacks
+    def test_submissionsFirst(self):
+        """
+        While a message is being received, the relay does not take the
+        next message behind a final dot: the second message's commands
+        reach the core only after its reply to the first one's data.
+        """
+        core = DownstreamServer(os.path.abspath(self.mktemp()))
+        core.start()
+        self.addCleanup(core.stop)
+        core.dataReplyDelay = 1.0
+        msa = RunningMSA(self, relay=core.relayConfig(concurrency=1))
+        runner = msa.service.getServiceNamed("relay")
+        # A message being received the whole time.
+        writer = runner.spool.newMessage(makeEnvelope(("bob@example.org",)))
+        self.addCleanup(writer.abort)
+        yield defer.gatherResults([submitTo(msa), submitTo(msa)])
+        # Both queued before the core's reply to the first one's data.
+        self.assertNotIn(("R", b"250 2.0.0 Ok: queued as CORE1"), core.transcript)
+        yield core.waitForMessages(2, timeout=20)
+        replied = core.transcript.index(("R", b"250 2.0.0 Ok: queued as CORE1"))
+        commands = [line for kind, line in core.transcript[:replied] if kind == "C"]
+        self.assertEqual(commands[-1], b".")
+        self.assertEqual(core.connections, 1)
 
 
 class PostfixCoreTests(unittest.TestCase):

@@ -93,6 +93,12 @@ class SpoolCommits(GroupCommit[Job, Outcome]):
         """
         self._writers.add(writer)
 
+    def receiving(self) -> int:
+        """
+        How many messages are being received or committed now.
+        """
+        return len(self._writers)
+
     def writerClosed(self, writer: object) -> None:
         """
         C{writer} is done (committed, failed or aborted): no commit of its

@@ -190,6 +190,14 @@ class Spool:
         self.commits.writerOpened(writer)
         return writer
 
+    @property
+    def receiving(self) -> int:
+        """
+        How many messages are being received (or committed) now: open
+        writers (L{newMessage}) not yet committed, failed or aborted.
+        """
+        return self.commits.receiving()
+
     def addListener(self, listener: Callable[[str], object]) -> None:
         """
         Call C{listener(queueId)} after each commit.

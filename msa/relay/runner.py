@@ -394,11 +394,22 @@ class RelayRunner(Service):
         """
         The message of C{queueId} is all sent and its connection can carry
         the next one while the core's reply is awaited
-        (L{msa.interfaces.IDownstream.deliver}): its delivery slot goes to
-        the next message now, whose commands follow the final dot on the
-        same connection (one round trip per message, RFC 2920).  The
-        attempt stays in flight, as in L{_settle}.
+        (L{msa.interfaces.IDownstream.deliver}): unless messages are being
+        received, its delivery slot goes to the next message now, whose
+        commands follow the final dot on the same connection (one round
+        trip per message, RFC 2920).  The attempt stays in flight, as in
+        L{_settle}.
+
+        Submissions first: while clients are sending messages, the slot
+        waits for the core's reply (two round trips per message), and the
+        reactor thread the relay shares with the clients goes to them.  On
+        two busy cores a relay that kept up with a burst accepted 10-15%
+        fewer messages per second during it (bench, C{relay} and (a));
+        this way the queue left behind is still drained within a second
+        of the burst's end, at the full pipelined rate.
         """
+        if self.spool.receiving:
+            return
         self._settle(queueId)
 
     def _settle(self, queueId: str) -> None:
