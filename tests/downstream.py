@@ -97,8 +97,8 @@ class _ServerProtocol(LineReceiver):
         """
         held, self._held = self._held or [], None
         self._send(line, then)
-        for line, then in held:
-            self._send(line, then)
+        for heldLine, heldThen in held:
+            self._send(heldLine, heldThen)
 
     def _send(self, line: bytes, then) -> None:
         if self.transport is not None and self.connected:

@@ -244,7 +244,8 @@ class SMTPClientProtocol(LineReceiver):
             L{SMTPClientError} after C{timeout} seconds or when the
             connection is lost.
         """
-        if self._replies and not self._waiters:
+        if self._replies:
+            # Queued only while nobody waited: this caller is the first.
             return defer.succeed(self._replies.popleft())
         if self._lost is not None:
             return defer.fail(self._lost)
