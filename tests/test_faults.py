@@ -664,7 +664,7 @@ class NoDelayTests(unittest.TestCase):
             result = yield downstream.deliver(spool.load(queueId), f)
         self.assertEqual(result.reply[:3], "250")
         # The connection is kept for the next message: still open.
-        [conn] = downstream._idle
+        [conn] = downstream._pool.parked
         sock = tcpSocket(conn.proto.transport)
         self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
 

@@ -27,12 +27,13 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from msa.interfaces import IDownstream
 from msa.queue.spool import SpoolEntry
+from msa.relay.connections import Connection, ConnectionPool
 from msa.relay.protocol import (
     ACCEPTED,
     TEMPORARY,
@@ -58,45 +59,6 @@ class TLSFailure(SMTPClientError):
     """
 
 
-class _Connection:
-    """
-    One open session with the core, ready for MAIL (greeted, EHLO, TLS and
-    AUTH done).
-    """
-
-    def __init__(
-        self, proto: SMTPClientProtocol, extensions: dict[str, str], generation: int
-    ) -> None:
-        self.proto = proto
-        self.extensions = extensions
-        self.generation = generation
-        self.transactions = 0
-        self.idleTimer: IDelayedCall | None = None
-        #: Parked while a transaction still waits for the reply to its data
-        #: (L{SMTPDownstream._dataSent}): no idle timer meanwhile.
-        self.replyOwed = False
-        #: L{SMTPDownstream.close} came while the reply was owed: the
-        #: connection closes once it has come.
-        self.closeWhenDone = False
-
-    def close(self, quit: bool = True) -> None:
-        if self.idleTimer is not None and self.idleTimer.active():
-            self.idleTimer.cancel()
-        self.idleTimer = None
-        transport = self.proto.transport
-        if transport is None:
-            return
-        lost = self.proto.lost
-        # A message that took this connection after the final dot of the
-        # one before fails now, before it reads another reply over it: it
-        # is sent over a new connection (StaleConnection).
-        self.proto.abandon("by the MSA")
-        if quit and not lost:
-            # No need to wait for the 221: the session is over either way.
-            self.proto.sendLine(b"QUIT")
-        transport.loseConnection()
-
-
 @implementer(IDownstream)
 class SMTPDownstream:
     """
@@ -105,9 +67,10 @@ class SMTPDownstream:
     A connection that ends a transaction in good order is kept for
     C{idleTimeout} seconds and reused (after an RSET) for the next message,
     up to C{maxTransactions} messages; C{idleTimeout=0} means a connection
-    per message.  How many deliveries run at once is the caller's business
-    (the relay runner's concurrency): each concurrent delivery has a
-    connection of its own.
+    per message (L{msa.relay.connections.ConnectionPool} keeps them).  How
+    many deliveries run at once is the caller's business (the relay
+    runner's concurrency): each concurrent delivery has a connection of its
+    own.
 
     To a core that offers PIPELINING a connection is parked as soon as a
     message's final dot is sent, before the core's reply to it (the
@@ -171,11 +134,7 @@ class SMTPDownstream:
         self.connectTimeout = connectTimeout
         self.commandTimeout = commandTimeout
         self.dataTimeout = dataTimeout
-        self.idleTimeout = idleTimeout
-        self.maxTransactions = maxTransactions
-        self._idle: list[_Connection] = []
-        self._open: set[_Connection] = set()
-        self._generation = 0
+        self._pool = ConnectionPool(reactor, idleTimeout, maxTransactions)
         if tlsMode == "none":
             log.warn(
                 "relay to {host}:{port} WITHOUT TLS, as configured: messages and "
@@ -211,22 +170,11 @@ class SMTPDownstream:
 
         @return: a L{Deferred} firing when the idle connections are closed.
         """
-        self._generation += 1
-        idle, self._idle = self._idle, []
-        waits = []
-        for conn in idle:
-            waits.append(conn.proto.notifyLost())
-            if conn.replyOwed:
-                # Its transaction closes it once the reply has come.
-                conn.closeWhenDone = True
-                continue
-            conn.close()
-            self._open.discard(conn)
-        return defer.DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
+        return self._pool.closeIdle()
 
     @property
     def idleConnections(self) -> int:
-        return len(self._idle)
+        return len(self._pool)
 
     async def _deliver(
         self,
@@ -236,7 +184,7 @@ class SMTPDownstream:
     ) -> DeliveryResult:
         result = DeliveryResult()
         pending = entry.pendingRecipients()
-        conn: _Connection | None = None
+        conn: Connection | None = None
         reusable = False
         #: The connection was parked at the final dot (L{_dataSent}).
         parked = False
@@ -244,7 +192,7 @@ class SMTPDownstream:
         def sent() -> None:
             nonlocal parked
             assert conn is not None
-            parked = self._dataSent(conn)
+            parked = self._pool.dataSent(conn)
             if dataSent is not None:
                 dataSent()
 
@@ -267,7 +215,6 @@ class SMTPDownstream:
                     e=e,
                     queueId=entry.queueId,
                 )
-                self._open.discard(conn)
                 conn.close(quit=False)
                 conn = None
                 conn = await self._connect()
@@ -302,14 +249,14 @@ class SMTPDownstream:
             result.reply = result.reply or text
         if conn is not None:
             if parked:
-                self._replied(conn, reusable)
+                self._pool.replied(conn, reusable)
             else:
-                self._done(conn, reusable)
+                self._pool.done(conn, reusable)
         return result
 
     async def _transaction(
         self,
-        conn: _Connection,
+        conn: Connection,
         reset: bool,
         entry: SpoolEntry,
         pending: list[str],
@@ -341,90 +288,14 @@ class SMTPDownstream:
         )
         return await transaction.run(messageFile)
 
-    def _parkable(self, conn: _Connection) -> bool:
-        """
-        Whether C{conn} may carry another message.
-        """
-        return (
-            self.idleTimeout > 0
-            and conn.generation == self._generation
-            and conn.transactions < self.maxTransactions
-            and not conn.proto.lost
-            and not conn.closeWhenDone
-        )
-
-    def _startIdleTimer(self, conn: _Connection) -> None:
-        conn.idleTimer = self._reactor.callLater(
-            self.idleTimeout, self._idleExpired, conn
-        )
-
-    def _done(self, conn: _Connection, reusable: bool) -> None:
-        """
-        Park C{conn} for the next message, or close it.
-        """
-        if reusable and self._parkable(conn):
-            self._startIdleTimer(conn)
-            self._idle.append(conn)
-            return
-        self._open.discard(conn)
-        conn.close()
-
-    def _dataSent(self, conn: _Connection) -> bool:
-        """
-        The final dot of a message went over C{conn} to a core that offers
-        PIPELINING, its reply still owed: park the connection now, for
-        the next message's group to follow the dot.  No idle timer yet:
-        the reply may take its time (L{_replied}).
-
-        @return: whether C{conn} was parked.
-        """
-        if not self._parkable(conn):
-            return False
-        conn.replyOwed = True
-        self._idle.append(conn)
-        return True
-
-    def _replied(self, conn: _Connection, reusable: bool) -> None:
-        """
-        The transaction that parked C{conn} at its final dot is over.  If
-        no other message has taken the connection meanwhile, its idle time
-        starts now; a connection that cannot go on (a 421, a time-out, a
-        L{close} meanwhile) is closed, under the message that took it too:
-        that message's RSET goes unanswered and it goes over a new
-        connection (L{StaleConnection}).
-        """
-        conn.replyOwed = False
-        waiting = conn in self._idle
-        if waiting:
-            if reusable and self._parkable(conn):
-                self._startIdleTimer(conn)
-                return
-            self._idle.remove(conn)
-        elif reusable and not conn.proto.lost and not conn.closeWhenDone:
-            # The next message has it (and counts it, see _parkable).
-            return
-        self._open.discard(conn)
-        conn.close()
-
-    def _idleExpired(self, conn: _Connection) -> None:
-        conn.idleTimer = None
-        if conn in self._idle:
-            self._idle.remove(conn)
-        self._open.discard(conn)
-        conn.close()
-
-    async def _reuse(self) -> tuple[_Connection | None, bool]:
+    async def _reuse(self) -> tuple[Connection | None, bool]:
         """
         A parked connection, or L{None}.  To a core that offers PIPELINING
         its RSET goes with the next transaction (one round trip less per
         message: C{True} with it); to any other it is sent here, and a
         connection that does not answer it is closed.
         """
-        while self._idle:
-            conn = self._idle.pop()
-            if conn.idleTimer is not None and conn.idleTimer.active():
-                conn.idleTimer.cancel()
-            conn.idleTimer = None
+        while (conn := self._pool.take()) is not None:
             if conn.proto.lost or conn.proto.unsolicited:
                 pass
             elif "PIPELINING" in conn.extensions:
@@ -438,7 +309,6 @@ class SMTPDownstream:
                     reply = None
                 if reply is not None and reply.code == 250:
                     return conn, False
-            self._open.discard(conn)
             conn.close(quit=False)
         return None, False
 
@@ -461,7 +331,7 @@ class SMTPDownstream:
             self._reactor, self.host, self.port, timeout=self.connectTimeout
         )
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> Connection:
         endpoint = self._endpoint()
         if self.tlsMode == "implicit":
             endpoint = wrapClientTLS(self.contextFactory, endpoint)
@@ -478,9 +348,7 @@ class SMTPDownstream:
             if proto.transport is not None:
                 proto.transport.loseConnection()
             raise
-        conn = _Connection(proto, extensions, self._generation)
-        self._open.add(conn)
-        return conn
+        return self._pool.new(proto, extensions)
 
     async def _ehlo(self, proto: SMTPClientProtocol) -> dict[str, str]:
         reply = await proto.command(
