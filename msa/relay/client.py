@@ -173,6 +173,20 @@ class SMTPDownstream:
         return self._pool.closeIdle()
 
     @property
+    def idleTimeout(self) -> float:
+        """
+        Seconds a connection is kept for the next message (0: none is).
+        """
+        return self._pool.idleTimeout
+
+    @property
+    def maxTransactions(self) -> int:
+        """
+        Messages a connection carries at most.
+        """
+        return self._pool.maxTransactions
+
+    @property
     def idleConnections(self) -> int:
         return len(self._pool)
 
