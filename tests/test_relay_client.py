@@ -724,6 +724,25 @@ class SMTPClientProtocolTests(unittest.TestCase):
         self.clock.advance(5)
         self.assertTimedOut(third, "timed out after 5s waiting for 'MAIL'")
 
+    def test_onlyTheNextReplysClockRuns(self):
+        """
+        A caller's time-out counts from the reply before its own, not from
+        when it asked: the reply to the data may take 600 s while the next
+        transaction's MAIL, asked for at once, has 30 s.
+        """
+        data = self.proto.readReply(600, "the reply to the data")
+        mail = self.proto.readReply(30, "'MAIL'")
+        self.clock.advance(500)
+        self.assertNoResult(mail)
+        self.assertFalse(self.proto.lost)
+        self.proto.dataReceived(b"250 2.0.0 queued\r\n")
+        self.assertEqual(self.successResultOf(data), Reply(250, ("2.0.0 queued",)))
+        self.clock.advance(29)
+        self.assertNoResult(mail)
+        self.clock.advance(1)
+        self.assertTimedOut(mail, "timed out after 30s waiting for 'MAIL'")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_lostFailsEveryWaiter(self):
         """
         The connection lost: every caller still waiting fails with it,

@@ -481,6 +481,25 @@ class AfterTheDotTests(DownstreamFixture, unittest.TestCase):
         self.assertEqual(server.connections, 2)
 
     @defer.inlineCallbacks
+    def test_slowReplyToTheDataTimesNothingOutBehindIt(self):
+        """
+        The core takes longer over the first message's data than the
+        command timeout (well within the data timeout): the reply is still
+        read, and the second message's group, sent behind the dot, is not
+        timed out meanwhile (its time starts when the reply before it has
+        come).  Timing it out would abort the connection under the first
+        message, which the core may have taken: a duplicate.
+        """
+        server = self.startServer()
+        server.dataReplyDelay = 1.0
+        downstream = self.downstream(server, commandTimeout=0.3, dataTimeout=5)
+        first, second = yield self.chain(downstream, 2)
+        self.assertEqual(first.reply, "250 2.0.0 Ok: queued as CORE1")
+        self.assertEqual(second.reply, "250 2.0.0 Ok: queued as CORE2")
+        self.assertEqual(server.connections, 1)
+        self.assertEqual(len(server.messages), 2)
+
+    @defer.inlineCallbacks
     def test_maxTransactionsCountsTheNext(self):
         """
         C{maxTransactions} holds across the dot: with 2, the first two

@@ -126,6 +126,29 @@ class StaleConnection(SMTPClientError):
     """
 
 
+@attrs.define
+class _Waiter:
+    """
+    One caller of L{SMTPClientProtocol.readReply}: its L{Deferred}, and its
+    time-out, which runs only while it waits for the very next reply.
+    """
+
+    deferred: defer.Deferred[Reply]
+    timeout: float
+    what: str
+    timer: IDelayedCall | None = None
+
+    def startClock(self, proto: SMTPClientProtocol) -> None:
+        self.timer = proto._reactor.callLater(
+            self.timeout, proto._timedOut, self.what, self.timeout
+        )
+
+    def stopClock(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+
 class SMTPClientProtocol(LineReceiver):
     """
     The client side of an SMTP connection to the core MTA: L{command} sends
@@ -142,11 +165,11 @@ class SMTPClientProtocol(LineReceiver):
         self._reactor = reactor
         self._replies: deque[Reply] = deque()
         self._partial: list[str] = []
-        #: Who waits for the next replies, in the order of their commands,
-        #: each with its time-out: more than one when a transaction's
-        #: commands follow the final dot of the one before (RFC 2920 3.1,
-        #: L{msa.relay.client}).
-        self._waiters: deque[tuple[defer.Deferred[Reply], IDelayedCall]] = deque()
+        #: Who waits for the next replies, in the order of their commands:
+        #: more than one when a transaction's commands follow the final dot
+        #: of the one before (RFC 2920 3.1, L{msa.relay.client}).  Only the
+        #: first one's time runs (L{_Waiter}).
+        self._waiters: deque[_Waiter] = deque()
         self._lost: Exception | None = None
         self.tlsStarted = False
         self._lostWaiters: list[defer.Deferred[None]] = []
@@ -201,10 +224,15 @@ class SMTPClientProtocol(LineReceiver):
         reply = Reply(int(code), tuple(self._partial))
         self._partial = []
         if self._waiters:
-            waiter, timer = self._waiters.popleft()
-            if timer.active():
-                timer.cancel()
-            waiter.callback(reply)
+            waiter = self._waiters.popleft()
+            waiter.stopClock()
+            if self._waiters:
+                # The next reply's time starts now, not when it was asked
+                # for: the core may take its time over the one before (the
+                # data), and a time-out behind it would end the connection
+                # under a message the core may have taken.
+                self._waiters[0].startClock(self)
+            waiter.deferred.callback(reply)
         else:
             self._replies.append(reply)
 
@@ -220,10 +248,9 @@ class SMTPClientProtocol(LineReceiver):
         if self._lost is None:
             self._lost = reason
         waiters, self._waiters = self._waiters, deque()
-        for waiter, timer in waiters:
-            if timer.active():
-                timer.cancel()
-            waiter.errback(reason)
+        for waiter in waiters:
+            waiter.stopClock()
+            waiter.deferred.errback(reason)
 
     def abandon(self, why: str) -> None:
         """
@@ -241,18 +268,20 @@ class SMTPClientProtocol(LineReceiver):
         """
         @return: a L{Deferred} firing with the next L{Reply} (the one after
             those the callers before are waiting for), failing with
-            L{SMTPClientError} after C{timeout} seconds or when the
-            connection is lost.
+            L{SMTPClientError} when the connection is lost, or when that
+            reply has not come C{timeout} seconds after the one before it
+            (or after now, when no reply before it is owed).
         """
         if self._replies:
             # Queued only while nobody waited: this caller is the first.
             return defer.succeed(self._replies.popleft())
         if self._lost is not None:
             return defer.fail(self._lost)
-        waiter: defer.Deferred[Reply] = defer.Deferred()
-        timer = self._reactor.callLater(timeout, self._timedOut, what, timeout)
-        self._waiters.append((waiter, timer))
-        return waiter
+        waiter = _Waiter(defer.Deferred(), timeout, what)
+        self._waiters.append(waiter)
+        if len(self._waiters) == 1:
+            waiter.startClock(self)
+        return waiter.deferred
 
     def command(self, line: bytes, timeout: float) -> defer.Deferred[Reply]:
         """
