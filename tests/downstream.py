@@ -216,6 +216,17 @@ class _ServerProtocol(LineReceiver):
             self.reply(530, "5.7.0 Must issue a STARTTLS command first")
         elif server.accounts is not None and self.authenticated is None:
             self.reply(530, "5.7.0 Authentication required")
+        elif server.closeOnMail:
+            closing, server.closeOnMail = server.closeOnMail, False
+            if closing is True:
+                self.transport.abortConnection()
+            else:
+                self.reply(*closing)
+                self.transport.loseConnection()
+        elif self.sender is not None:
+            # As Postfix: the transaction before is still open (no RSET,
+            # no final dot since its MAIL).
+            self.reply(503, "5.5.1 Error: nested MAIL command")
         elif server.mailReply is not None:
             self.reply(*server.mailReply)
         else:
@@ -339,7 +350,10 @@ class DownstreamServer:
     C{closeAfterData} (close the connection right after the 250 to the data),
     C{offerPipelining} (PIPELINING in the EHLO reply, by default),
     C{closeOnRset} (abort the connection at an RSET, unanswered: a core
-    that timed the idle connection out just then),
+    that timed the idle connection out just then), C{closeOnMail} (the
+    same at the next MAIL, once; a (code, text) pair: that reply, then the
+    connection closed), a MAIL while a transaction is open is
+    refused with 503 (as Postfix does),
     C{dataWithoutRecipient} (answer DATA with 354 even when no recipient
     was accepted, as RFC 2920 section 3.1 says a client must cope with).
 
@@ -366,6 +380,7 @@ class DownstreamServer:
         self.refuseStartTLS: tuple[int, str] | None = None
         self.mailReply: tuple[int, str] | None = None
         self.closeOnRset = False
+        self.closeOnMail: bool | tuple[int, str] = False
         self.rcptReplies: dict[str, tuple[int, str]] = {}
         self.dataReply: tuple[int, str] | None = None
         self.finalReply: tuple[int, str] | None = None

@@ -91,10 +91,11 @@ class PipeliningTests(DownstreamFixture, unittest.TestCase):
         )
 
     @defer.inlineCallbacks
-    def test_parkedConnectionResetInTheGroup(self):
+    def test_noResetBehindTheDot(self):
         """
-        The next message over a parked connection: its RSET arrives in the
-        same read as MAIL, RCPT and DATA (one round trip less per message).
+        The next message over a connection parked at the final dot of the
+        one before: no RSET (the reply to the data reset the core's state,
+        RFC 5321 4.1.1.4); its MAIL, RCPT and DATA arrive in one read.
         """
         server = self.startServer()
         downstream = self.downstream(server)
@@ -103,9 +104,33 @@ class PipeliningTests(DownstreamFixture, unittest.TestCase):
             result = yield self.deliver(downstream, entry)
             self.assertEqual(result.accepted, [A])
         mail = MAIL + b" SIZE=%d" % (entry.size,)
-        self.assertEqual(server.commandGroups[-1], [b"RSET", mail, *rcpts(A), b"DATA"])
+        self.assertEqual(server.commandGroups[-1], [mail, *rcpts(A), b"DATA"])
+        self.assertNotIn(("C", b"RSET"), server.transcript)
         self.assertEqual(server.connections, 1)
         self.assertEqual(len(server.messages), 2)
+
+    @defer.inlineCallbacks
+    def test_parkedConnectionResetInTheGroup(self):
+        """
+        A connection parked after a transaction that never reached its
+        final dot (every recipient refused: the core still has its MAIL):
+        the next message's RSET goes first in its group, in the same read
+        as MAIL, RCPT and DATA.  Without it the core would answer 503
+        (nested MAIL).
+        """
+        server = self.startServer()
+        server.rcptReplies[B] = (550, "5.1.1 no such user")
+        downstream = self.downstream(server)
+        refused = yield self.queue(recipients=(B,))
+        result = yield self.deliver(downstream, refused)
+        self.assertEqual(result.recipients[B].status, PERMANENT)
+        entry = yield self.queue(recipients=(A,))
+        result = yield self.deliver(downstream, entry)
+        self.assertEqual(result.accepted, [A])
+        mail = MAIL + b" SIZE=%d" % (entry.size,)
+        self.assertEqual(server.commandGroups[-1], [b"RSET", mail, *rcpts(A), b"DATA"])
+        self.assertEqual(server.connections, 1)
+        self.assertEqual(len(server.messages), 1)
 
     @defer.inlineCallbacks
     def test_staleParkedConnection(self):
@@ -114,11 +139,47 @@ class PipeliningTests(DownstreamFixture, unittest.TestCase):
         message goes over a new connection in the same attempt, once.
         """
         server = self.startServer()
+        server.rcptReplies[B] = (550, "5.1.1 no such user")
+        downstream = self.downstream(server)
+        refused = yield self.queue(recipients=(B,))
+        yield self.deliver(downstream, refused)
+        server.closeOnRset = True
+        second = yield self.queue(recipients=(A,))
+        result = yield self.deliver(downstream, second)
+        self.assertEqual(result.accepted, [A])
+        self.assertEqual(server.connections, 2)
+        self.assertEqual(len(server.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_staleBehindTheDot(self):
+        """
+        A connection parked at a final dot that the core drops at the next
+        MAIL (unanswered; no RSET went first): the message goes over a new
+        connection in the same attempt, once.
+        """
+        server = self.startServer()
         downstream = self.downstream(server)
         first = yield self.queue(recipients=(A,))
         result = yield self.deliver(downstream, first)
         self.assertEqual(result.accepted, [A])
-        server.closeOnRset = True
+        server.closeOnMail = True
+        second = yield self.queue(recipients=(A,))
+        result = yield self.deliver(downstream, second)
+        self.assertEqual(result.accepted, [A])
+        self.assertEqual(server.connections, 2)
+        self.assertEqual(len(server.messages), 2)
+
+    @defer.inlineCallbacks
+    def test_421BehindTheDot(self):
+        """
+        A 421 to the MAIL behind a final dot (a core closing the idle
+        connection just then): a new connection, in the same attempt.
+        """
+        server = self.startServer()
+        downstream = self.downstream(server)
+        first = yield self.queue(recipients=(A,))
+        yield self.deliver(downstream, first)
+        server.closeOnMail = (421, "4.4.2 idle too long")
         second = yield self.queue(recipients=(A,))
         result = yield self.deliver(downstream, second)
         self.assertEqual(result.accepted, [A])
@@ -354,10 +415,10 @@ class AfterTheDotTests(DownstreamFixture, unittest.TestCase):
     @defer.inlineCallbacks
     def test_nextGroupBeforeTheReply(self):
         """
-        The core answers the data late: the second message's RSET, MAIL,
-        RCPT and DATA reach it before it has answered the first one's
-        final dot, over the same connection; each message gets its own
-        reply.
+        The core answers the data late: the second message's MAIL, RCPT
+        and DATA (no RSET: see test_noResetBehindTheDot) reach it before it
+        has answered the first one's final dot, over the same connection;
+        each message gets its own reply.
         """
         server = self.startServer()
         server.dataReplyDelay = 0.2
@@ -374,7 +435,7 @@ class AfterTheDotTests(DownstreamFixture, unittest.TestCase):
         dot = before.index(b".")
         self.assertEqual(
             [line.split(b":")[0] for line in before[dot:]],
-            [b".", b"RSET", b"MAIL FROM", b"RCPT TO", b"DATA"],
+            [b".", b"MAIL FROM", b"RCPT TO", b"DATA"],
         )
         self.assertEqual(downstream.idleConnections, 1)
 
@@ -400,7 +461,7 @@ class AfterTheDotTests(DownstreamFixture, unittest.TestCase):
     def test_421ToTheDataNextOverANewConnection(self):
         """
         A 421 to the first message's data ends its connection, under the
-        second message already on it: that one's RSET goes unanswered and
+        second message already on it: that one's MAIL goes unanswered and
         it goes over a new connection, in the same attempt (nothing of it
         was taken).
         """
@@ -611,7 +672,7 @@ class PipeliningDaemonTests(unittest.TestCase):
         commands = [line for kind, line in core.transcript[:replied] if kind == "C"]
         self.assertEqual(
             [line.split(b":")[0] for line in commands[commands.index(b".") :]],
-            [b".", b"RSET", b"MAIL FROM", b"RCPT TO", b"DATA"],
+            [b".", b"MAIL FROM", b"RCPT TO", b"DATA"],
         )
 
         def delivered() -> list[str]:

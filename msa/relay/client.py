@@ -2,9 +2,9 @@
 """
 The SMTP client to the core MTA: L{SMTPDownstream}, the relay runner's
 downstream when a core MTA is configured.  It hands spooled messages to the
-core over connections it keeps open for a while and reuses (RSET between
-messages): greeting, EHLO, STARTTLS (required unless configured otherwise,
-the certificate verified), AUTH PLAIN, then the mail transaction
+core over connections it keeps open for a while and reuses: greeting,
+EHLO, STARTTLS (required unless configured otherwise, the certificate
+verified), AUTH PLAIN, then the mail transaction
 (L{msa.relay.transaction}: MAIL, RCPT and the data, pipelined when the core
 offers PIPELINING), each reply mapped to a L{msa.relay.protocol.RecipientResult}.
 
@@ -44,7 +44,7 @@ from msa.relay.protocol import (
     SMTPConnectionLost,
     StaleConnection,
 )
-from msa.relay.transaction import MailTransaction
+from msa.relay.transaction import MailTransaction, Probe
 
 log = Logger()
 
@@ -65,7 +65,8 @@ class SMTPDownstream:
     Delivery to the core MTA over SMTP.
 
     A connection that ends a transaction in good order is kept for
-    C{idleTimeout} seconds and reused (after an RSET) for the next message,
+    C{idleTimeout} seconds and reused for the next message (RSET first
+    unless the one before reached its final dot),
     up to C{maxTransactions} messages; C{idleTimeout=0} means a connection
     per message (L{msa.relay.connections.ConnectionPool} keeps them).  How
     many deliveries run at once is the caller's business (the relay
@@ -75,11 +76,11 @@ class SMTPDownstream:
     To a core that offers PIPELINING a connection is parked as soon as a
     message's final dot is sent, before the core's reply to it (the
     caller is told through C{deliver}'s C{dataSent}, and may start the next
-    delivery): the next message's RSET, MAIL, RCPT and DATA follow the dot
+    delivery): the next message's MAIL, RCPT and DATA follow the dot
     at once (RFC 2920 section 3.1), and their replies are read after the
     reply to the data.  One round trip per message instead of two.  If
     the reply to the data ends the connection (a 421, a time-out), the
-    next message's RSET goes unanswered and it is sent over a new
+    next message's MAIL goes unanswered and it is sent over a new
     connection (L{StaleConnection}): nothing of it was taken.
 
     @param tlsMode: C{"starttls"} (required: a core that does not offer it
@@ -211,17 +212,18 @@ class SMTPDownstream:
                 dataSent()
 
         try:
-            conn, reset = await self._reuse()
+            conn, probe = await self._reuse()
             if conn is None:
                 conn = await self._connect()
             try:
                 reusable = await self._transaction(
-                    conn, reset, entry, pending, result, messageFile, sent
+                    conn, probe, entry, pending, result, messageFile, sent
                 )
             except StaleConnection as e:
-                # The parked connection did not answer the RSET pipelined
-                # with the transaction: nothing of this message can have
-                # been taken.  A new connection, once.
+                # The parked connection did not answer the first command of
+                # the pipelined group (RSET, or MAIL behind a final dot):
+                # nothing of this message can have been taken.  A new
+                # connection, once.
                 log.info(
                     "{downstream}: a parked connection is gone ({e}); "
                     "{queueId} goes over a new one",
@@ -233,7 +235,7 @@ class SMTPDownstream:
                 conn = None
                 conn = await self._connect()
                 reusable = await self._transaction(
-                    conn, False, entry, pending, result, messageFile, sent
+                    conn, None, entry, pending, result, messageFile, sent
                 )
         except Exception as e:
             text = str(e) or e.__class__.__name__
@@ -271,7 +273,7 @@ class SMTPDownstream:
     async def _transaction(
         self,
         conn: Connection,
-        reset: bool,
+        probe: Probe,
         entry: SpoolEntry,
         pending: list[str],
         result: DeliveryResult,
@@ -279,14 +281,16 @@ class SMTPDownstream:
         dataSent: Callable[[], None] | None = None,
     ) -> bool:
         """
-        One transaction over C{conn}; C{reset}: a parked connection whose
-        RSET goes in the transaction's first write (L{MailTransaction}
-        raises L{StaleConnection} when it goes unanswered); C{dataSent}:
-        see L{MailTransaction}.
+        One transaction over C{conn}; C{probe}: a parked connection whose
+        first command in the group tells whether it is still there
+        (L{MailTransaction} raises L{StaleConnection} when it goes
+        unanswered); C{dataSent}: see L{MailTransaction}.
 
         @return: whether the connection can be used again.
         """
         conn.transactions += 1
+        # Until this transaction's final dot, the core's state is its own.
+        conn.afterDot = False
         transaction = MailTransaction(
             conn.proto,
             conn.extensions,
@@ -297,23 +301,26 @@ class SMTPDownstream:
             self.dataTimeout,
             self,
             verifiedTLS=self.tlsMode != "none" and self.verifyCertificate,
-            reset=reset,
+            probe=probe,
             dataSent=dataSent,
         )
         return await transaction.run(messageFile)
 
-    async def _reuse(self) -> tuple[Connection | None, bool]:
+    async def _reuse(self) -> tuple[Connection | None, Probe]:
         """
-        A parked connection, or L{None}.  To a core that offers PIPELINING
-        its RSET goes with the next transaction (one round trip less per
-        message: C{True} with it); to any other it is sent here, and a
-        connection that does not answer it is closed.
+        A parked connection, or L{None}, and how the transaction probes it.
+        To a core that offers PIPELINING the probe goes with the next
+        transaction's group (one round trip less per message): C{"MAIL"}
+        behind a final dot, whose reply resets the core's state whatever
+        it says (RFC 5321 4.1.1.4), C{"RSET"} first otherwise.  To any
+        other core RSET is sent here, and a connection that does not answer
+        it is closed.
         """
         while (conn := self._pool.take()) is not None:
             if conn.proto.lost or conn.proto.unsolicited:
                 pass
             elif "PIPELINING" in conn.extensions:
-                return conn, True
+                return conn, "MAIL" if conn.afterDot else "RSET"
             else:
                 try:
                     reply = await conn.proto.command(
@@ -322,9 +329,9 @@ class SMTPDownstream:
                 except SMTPClientError:
                     reply = None
                 if reply is not None and reply.code == 250:
-                    return conn, False
+                    return conn, None
             conn.close(quit=False)
-        return None, False
+        return None, None
 
     def _endpoint(self) -> IStreamClientEndpoint:
         """

@@ -44,6 +44,10 @@ class Connection:
         #: L{ConnectionPool.closeIdle} came while the reply was owed: the
         #: connection closes once it has come.
         self.closeWhenDone = False
+        #: Parked at the final dot of its last transaction: the reply to the
+        #: data resets the core's state, whatever it says, and the next
+        #: transaction needs no RSET (L{msa.relay.transaction.Probe}).
+        self.afterDot = False
 
     def cancelIdleTimer(self) -> None:
         if self.idleTimer is not None and self.idleTimer.active():
@@ -151,6 +155,7 @@ class ConnectionPool:
         if not self._parkable(conn):
             return False
         conn.replyOwed = True
+        conn.afterDot = True
         self._idle.append(conn)
         return True
 
@@ -160,7 +165,7 @@ class ConnectionPool:
         no other message has taken the connection meanwhile, its idle time
         starts now; a connection that cannot go on (a 421, a time-out, a
         L{closeIdle} meanwhile) is closed, under the message that took it
-        too: that message's RSET goes unanswered and it goes over a new
+        too: that message's MAIL goes unanswered and it goes over a new
         connection (L{msa.relay.protocol.StaleConnection}).
         """
         conn.replyOwed = False

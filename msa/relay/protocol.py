@@ -120,9 +120,10 @@ class SMTPConnectionLost(SMTPClientError):
 
 class StaleConnection(SMTPClientError):
     """
-    A parked connection did not answer the RSET sent first in a
-    transaction's pipelined group: the core took nothing of it, and the
-    message can go over a new connection.
+    A parked connection did not answer the first command of a
+    transaction's pipelined group (RSET, or MAIL behind a final dot:
+    L{msa.relay.transaction.Probe}), or answered it 421: the core took
+    nothing of it, and the message can go over a new connection.
     """
 
 

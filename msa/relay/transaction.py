@@ -34,7 +34,7 @@ discards the unterminated data; the message is held by the relay runner
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 import attrs
 from twisted.logger import Logger
@@ -62,6 +62,15 @@ from msa.relay.protocol import (
 
 log = Logger()
 
+#: How a transaction over a parked connection to a core that offers
+#: PIPELINING learns that the connection is still there, from the first
+#: reply to its group: C{"RSET"} sent first (the core's state unknown), or
+#: C{"MAIL"} (the connection was parked at the final dot of the message
+#: before, and the reply to that data reset the core's state whatever it
+#: said, RFC 5321 4.1.1.4: no RSET needed).  L{None}: a new connection, or
+#: one that answered RSET already.
+Probe = Literal["RSET", "MAIL"] | None
+
 #: The reply text of a transaction in which the core accepted no recipient.
 NO_RECIPIENT = "no recipient accepted"
 
@@ -86,8 +95,8 @@ class MailTransaction:
     dataTimeout: float
     downstream: object = None
     verifiedTLS: bool = True
-    #: A parked connection: its RSET goes first in the pipelined group.
-    reset: bool = False
+    #: A parked connection: see L{Probe}.
+    probe: Probe = None
     #: Called once the final dot is sent to a core that offers PIPELINING,
     #: the reply to the data not yet read: the connection can carry the
     #: next transaction's commands now (after this one's, RFC 2920 3.1).
@@ -127,10 +136,14 @@ class MailTransaction:
         if self.pipelined:
             # BDAT carries its data at once: it is sent after the replies.
             group = [mail, *rcpts, *([] if chunking else [b"DATA"])]
-            self.proto.sendLines([b"RSET", *group] if self.reset else group)
-            if self.reset:
+            reset = self.probe == "RSET"
+            self.proto.sendLines([b"RSET", *group] if reset else group)
+            if reset:
                 await self._resetReply()
-        reply = await self._reply(mail)
+        if self.probe == "MAIL":
+            reply = await self._probingReply(mail)
+        else:
+            reply = await self._reply(mail)
         mailRefused = reply.code != 250
         if mailRefused:
             self._setAll(pending, resultFor(reply), reply)
@@ -168,6 +181,23 @@ class MailTransaction:
             self._setAll(accepted, resultFor(reply), reply)
             return reply.code != 421
         return await self._sendData(messageFile, accepted)
+
+    async def _probingReply(self, mail: bytes) -> Reply:
+        """
+        The reply to the MAIL that probes a connection parked at the final
+        dot of the message before (L{Probe}).
+
+        @raise StaleConnection: no reply (the connection ended with the
+            reply to the data before, or the core is silent), or a 421;
+            the connection must go.
+        """
+        try:
+            reply = await self._reply(mail)
+        except SMTPClientError as e:
+            raise StaleConnection(str(e)) from e
+        if reply.code == 421:
+            raise StaleConnection(f"MAIL answered {reply.code} {reply.text}")
+        return reply
 
     async def _resetReply(self) -> None:
         """
