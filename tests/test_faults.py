@@ -141,11 +141,11 @@ class FileTableTests(unittest.TestCase):
         realOpen = spool.openMessage
         errors = []
 
-        def openWithFullTable(queueId):
+        def openWithFullTable(queueId, entry=None):
             spool.openMessage = realOpen
             with fileTableFull():
                 try:
-                    return realOpen(queueId)
+                    return realOpen(queueId, entry)
                 except OSError as e:
                     errors.append(e.errno)
                     raise

@@ -62,7 +62,7 @@ class RelayFaultTests(unittest.TestCase):
         """
         opened = self.spool.openMessage
 
-        def emfile(queueId):
+        def emfile(queueId, entry=None):
             raise OSError(errno.EMFILE, "Too many open files")
 
         self.spool.openMessage = emfile
@@ -87,7 +87,9 @@ class RelayFaultTests(unittest.TestCase):
         (not stranded), failed at the end of its lifetime (one day) with a
         notice to the sender, and gone from the queue.
         """
-        self.spool.openMessage = lambda queueId: open("/nonexistent/x", "rb")
+        self.spool.openMessage = lambda queueId, entry=None: open(
+            "/nonexistent/x", "rb"
+        )
         queueId = self.queue()
         attempts = []
         for _ in range(48 * 6):

@@ -460,12 +460,15 @@ class Spool:
         assert self.audit is not None
         self.audit.appendFact(event, **fields)
 
-    def openMessage(self, queueId: str) -> BinaryIO:
+    def openMessage(self, queueId: str, entry: SpoolEntry | None = None) -> BinaryIO:
         """
+        @param entry: the entry of C{queueId} as the caller just loaded it
+            (where its content is), which saves reading its queue file
+            again; L{None}: loaded here.
         @return: the message (the trace header, then the message), opened
             for binary reading (L{msa.queue.queuefile.openContent}).
         """
-        return queuefile.openContent(self.load(queueId))
+        return queuefile.openContent(entry or self.load(queueId))
 
     def recover(self) -> list[str]:
         """

@@ -341,7 +341,7 @@ class RelayRunner(Service):
             await self.finish(entry)
             return
         try:
-            messageFile = self.spool.openMessage(queueId)
+            messageFile = self.spool.openMessage(queueId, entry)
         except OSError as e:
             # E.g. EMFILE: a temporary failure of this attempt like any
             # other, so that the backoff, the expiry and the notifications
