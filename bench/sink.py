@@ -8,7 +8,11 @@ sink is never the bottleneck.  It offers ESMTP with STARTTLS, SIZE,
 8BITMIME, ENHANCEDSTATUSCODES and PIPELINING (as Postfix, the usual core
 MTA, does; ``--no-pipelining`` leaves it out), no AUTH, accepts any
 envelope, and answers 250 after the final dot.  Pipelined commands are
-read and answered in order, each reply written at once.  TLS uses the certificate and
+read and answered in order; as Postfix's smtpd does, replies are held while
+more input is already waiting and written together when the sink would
+wait for the client (one TLS record and one send for a pipelined group:
+the reply to a message's data and the replies to the next message's
+commands behind it).  TLS uses the certificate and
 key given (the same ECDSA P-256 certificate as the servers under test, which
 trust it through their CA file setting).
 
@@ -39,15 +43,29 @@ class Counter:
 async def serve(
     reader, writer, context: ssl.SSLContext, counter: Counter, pipelining: bool
 ) -> None:
+    held: list[bytes] = []
+
     async def reply(text: str) -> None:
-        writer.write(text.encode("ascii") + b"\r\n")
-        await writer.drain()
+        held.append(text.encode("ascii") + b"\r\n")
+
+    async def flush() -> None:
+        if held:
+            writer.write(b"".join(held))
+            held.clear()
+            await writer.drain()
+
+    async def before(end: bytes) -> bytes:
+        # What the client sent up to C{end}; the replies held so far go
+        # out first unless it is already here (no wait for the client).
+        if end not in reader._buffer:  # type: ignore[attr-defined]
+            await flush()
+        return await reader.readuntil(end)
 
     tls = False
     try:
         await reply("220 sink.localhost ESMTP bench sink")
         while True:
-            line = await reader.readline()
+            line = await before(b"\n")
             if not line:
                 return
             verb = line[:4].upper()
@@ -65,18 +83,20 @@ async def serve(
                 await reply("250 sink.localhost")
             elif verb == b"STAR" and not tls:
                 await reply("220 2.0.0 ready to start TLS")
+                await flush()
                 await writer.start_tls(context)
                 tls = True
             elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
                 await reply("250 2.0.0 ok")
             elif verb == b"DATA":
                 await reply("354 go ahead")
-                data = await reader.readuntil(b"\r\n.\r\n")
+                data = await before(b"\r\n.\r\n")
                 counter.messages += 1
                 counter.octets += len(data)
                 await reply("250 2.0.0 ok: received")
             elif verb == b"QUIT":
                 await reply("221 2.0.0 bye")
+                await flush()
                 return
             else:
                 await reply("502 5.5.2 not implemented")
