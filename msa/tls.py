@@ -380,31 +380,6 @@ def serverContextFactory(
     return options
 
 
-def readClientFiles(
-    caFile: str | None = None,
-    clientCertFile: str | None = None,
-    clientKeyFile: str | None = None,
-) -> dict[str, bytes | None]:
-    """
-    The PEM contents of the relay's TLS files, as L{clientContextFactory}
-    takes them (C{caPEM}, C{certPEM}, C{keyPEM}): read while the files are
-    readable (before privileges are dropped), for a relay process
-    (L{msa.relay.process}) that gets them through a pipe.
-    """
-
-    def read(path: str | None) -> bytes | None:
-        if not path:
-            return None
-        with open(path, "rb") as f:
-            return f.read()
-
-    return {
-        "caPEM": read(caFile),
-        "certPEM": read(clientCertFile),
-        "keyPEM": read(clientKeyFile or clientCertFile) if clientCertFile else None,
-    }
-
-
 def clientContextFactory(
     hostname: str,
     caFile: str | None = None,
@@ -413,9 +388,6 @@ def clientContextFactory(
     verify: bool = True,
     ciphers: str = DEFAULT_CIPHERS,
     groups: str = DEFAULT_GROUPS,
-    caPEM: bytes | None = None,
-    certPEM: bytes | None = None,
-    keyPEM: bytes | None = None,
 ):
     """
     The context for the relay's connection to the core MTA (R14): the same
@@ -424,29 +396,26 @@ def clientContextFactory(
     store.
 
     @param verify: L{False} only when the operator said so explicitly.
-    @param caPEM: the CA certificates themselves, instead of C{caFile};
-        C{certPEM} and C{keyPEM} likewise (L{readClientFiles}).
     """
-    files = readClientFiles(caFile, clientCertFile, clientKeyFile)
-    caPEM = caPEM or files["caPEM"]
-    certPEM = certPEM or files["certPEM"]
-    keyPEM = keyPEM or files["keyPEM"]
     trustRoot = None
-    if caPEM:
-        trustRoot = ssl.trustRootFromCertificates(
-            [
-                ssl.Certificate(c)
-                for c in (
-                    crypto.X509.from_cryptography(x)
-                    for x in x509.load_pem_x509_certificates(caPEM)
-                )
-            ]
-        )
+    if caFile:
+        with open(caFile, "rb") as f:
+            trustRoot = ssl.trustRootFromCertificates(
+                [
+                    ssl.Certificate(c)
+                    for c in (
+                        crypto.X509.from_cryptography(x)
+                        for x in x509.load_pem_x509_certificates(f.read())
+                    )
+                ]
+            )
     clientCertificate = None
-    if certPEM:
-        clientCertificate = ssl.PrivateCertificate.loadPEM(
-            certPEM + b"\n" + (keyPEM or b"")
-        )
+    if clientCertFile:
+        with open(clientCertFile, "rb") as f:
+            certPEM = f.read()
+        with open(clientKeyFile or clientCertFile, "rb") as f:
+            keyPEM = f.read()
+        clientCertificate = ssl.PrivateCertificate.loadPEM(certPEM + b"\n" + keyPEM)
     if not verify:
         log.warn(
             "TLS certificate verification of the core MTA is OFF: the relay "

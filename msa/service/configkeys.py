@@ -278,7 +278,6 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_messages_per_connection": integer(
             100, 1, 10000, "Messages over one connection."
         ),
-        "process": flag(False, "Talk to the core from a process of its own."),
     },
     "lmtp": {
         "listeners": listOf(

@@ -42,7 +42,6 @@ from msa.queue.spool import Spool
 from msa.redact import maskSecrets
 from msa.relay.client import SMTPDownstream
 from msa.relay.outbox import OutboxDownstream
-from msa.relay.process import ProcessDownstream
 from msa.relay.runner import RelayRunner
 from msa.sasl import MechanismContext
 from msa.service import logs
@@ -172,8 +171,6 @@ def _downstream(config: Config):
             outbox=relay["outbox"],
         )
         return OutboxDownstream(relay["outbox"])
-    if relay["process"]:
-        return _processDownstream(config)
     contextFactory = None
     if relay["tls"] != "none":
         contextFactory = tls.clientContextFactory(
@@ -202,49 +199,6 @@ def _downstream(config: Config):
         maxTransactions=relay["max_messages_per_connection"],
         verifyCertificate=relay["verify_certificate"],
     )
-
-
-def _processDownstream(config: Config) -> ProcessDownstream:
-    """
-    The relay in a process of its own (C{[relay] process = true}): its
-    settings, the TLS files' contents and the AUTH password read now,
-    while they are readable (L{msa.relay.process}).
-    """
-    relay = config["relay"]
-    if relay["tls"] != "none":
-        # Checked here, in this process: a bad file stops the start.
-        tls.clientContextFactory(
-            relay["server_name"],
-            caFile=relay["ca_file"],
-            clientCertFile=relay["client_certificate"],
-            clientKeyFile=relay["client_key"],
-            verify=relay["verify_certificate"],
-        )
-    files = tls.readClientFiles(
-        relay["ca_file"], relay["client_certificate"], relay["client_key"]
-    )
-    password = None
-    if relay["auth_password_file"]:
-        with open(relay["auth_password_file"]) as f:
-            password = f.read().strip()
-    settings = {
-        "host": relay["host"],
-        "port": relay["port"],
-        "tlsMode": relay["tls"],
-        "serverName": relay["server_name"],
-        "verifyCertificate": relay["verify_certificate"],
-        **{k: None if v is None else v.decode("ascii") for k, v in files.items()},
-        "heloName": relay["helo_name"],
-        "authUsername": relay["auth_username"],
-        "authPassword": password,
-        "connectTimeout": relay["connect_timeout"],
-        "commandTimeout": relay["command_timeout"],
-        "dataTimeout": relay["data_timeout"],
-        "idleTimeout": relay["idle_timeout"],
-        "maxTransactions": relay["max_messages_per_connection"],
-        "logLevel": config["logging"]["level"],
-    }
-    return ProcessDownstream(settings)
 
 
 def buildService(config: Config, reactor=None) -> OrderedShutdown:
