@@ -16,6 +16,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from msa.queue.entry import PENDING, SpoolEntry
 from msa.queue.spool import Spool
 from msa.relay import protocol
 from msa.relay.client import SMTPDownstream
@@ -30,10 +31,12 @@ from msa.relay.protocol import (
     SMTPClientError,
     SMTPClientProtocol,
     SMTPConnectionLost,
+    StaleConnection,
     dotStuff,
     resultFor,
 )
 from msa.relay.runner import RelayRunner
+from msa.relay.transaction import PROBE_TIMEOUT, MailTransaction
 from msa.tls import clientContextFactory
 from tests.downstream import DownstreamServer
 from tests.relaydata import DOTTY, bigMessage, makeEnvelope
@@ -742,6 +745,58 @@ class SMTPClientProtocolTests(unittest.TestCase):
         self.clock.advance(1)
         self.assertTimedOut(mail, "timed out after 30s waiting for 'MAIL'")
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def probingTransaction(self, probe):
+        """
+        A transaction over C{self.proto} to a core that offers PIPELINING,
+        on a parked connection probed by C{probe}, with the 300 s command
+        time-out of the default configuration.
+        """
+        entry = SpoolEntry(
+            queueId="Q1",
+            envelope=makeEnvelope(),
+            recipients={"bob@example.org": PENDING},
+        )
+        transaction = MailTransaction(
+            self.proto,
+            {"PIPELINING": ""},
+            entry,
+            ["bob@example.org"],
+            DeliveryResult(),
+            300,
+            600,
+            probe=probe,
+        )
+        return defer.ensureDeferred(transaction.run(io.BytesIO(b"x\r\n")))
+
+    def test_probeTimeout(self):
+        """
+        The reply that probes a parked connection (the MAIL behind a final
+        dot, or an RSET sent first) has PROBE_TIMEOUT (30 s), not the
+        command time-out: at 29.9 s it is still awaited, at 30 s the
+        connection is stale (the message goes over a new one).
+        """
+        for probe, first in (("MAIL", b"MAIL"), ("RSET", b"RSET")):
+            self.setUp()
+            d = self.probingTransaction(probe)
+            self.assertTrue(self.transport.value().startswith(first))
+            self.clock.advance(PROBE_TIMEOUT - 0.1)
+            self.assertNoResult(d)
+            self.clock.advance(0.1)
+            failure = self.failureResultOf(d, StaleConnection)
+            self.assertIn("timed out after 30s", failure.getErrorMessage())
+
+    def test_mailProbeAnsweredNotStale(self):
+        """
+        The MAIL behind a final dot answered with a refusal other than 421
+        is the core's answer about this message, not a stale connection.
+        """
+        d = self.probingTransaction("MAIL")
+        self.proto.dataReceived(
+            b"550 5.7.1 sender refused\r\n503 5.5.1 MAIL first\r\n"
+            b"503 5.5.1 no recipients\r\n"
+        )
+        self.assertTrue(self.successResultOf(d))
 
     def test_lostFailsEveryWaiter(self):
         """

@@ -44,7 +44,7 @@ from msa.relay.protocol import (
     SMTPConnectionLost,
     StaleConnection,
 )
-from msa.relay.transaction import MailTransaction, Probe
+from msa.relay.transaction import PROBE_TIMEOUT, MailTransaction, Probe
 
 log = Logger()
 
@@ -324,7 +324,7 @@ class SMTPDownstream:
             else:
                 try:
                     reply = await conn.proto.command(
-                        b"RSET", min(self.commandTimeout, 30)
+                        b"RSET", min(self.commandTimeout, PROBE_TIMEOUT)
                     )
                 except SMTPClientError:
                     reply = None

@@ -71,6 +71,13 @@ log = Logger()
 #: one that answered RSET already.
 Probe = Literal["RSET", "MAIL"] | None
 
+#: Seconds at most for the reply that probes a parked connection (the RSET's,
+#: or the MAIL's behind a final dot): a connection the core has silently
+#: given up is replaced soon.  A slow core loses nothing by it: nothing of
+#: the message was taken, and it goes over a new connection at once, where
+#: MAIL has the whole command time-out.
+PROBE_TIMEOUT = 30
+
 #: The reply text of a transaction in which the core accepted no recipient.
 NO_RECIPIENT = "no recipient accepted"
 
@@ -141,7 +148,7 @@ class MailTransaction:
             if reset:
                 await self._resetReply()
         if self.probe == "MAIL":
-            reply = await self._probingReply(mail)
+            reply = await self._probingReply()
         else:
             reply = await self._reply(mail)
         mailRefused = reply.code != 250
@@ -182,7 +189,7 @@ class MailTransaction:
             return reply.code != 421
         return await self._sendData(messageFile, accepted)
 
-    async def _probingReply(self, mail: bytes) -> Reply:
+    async def _probingReply(self) -> Reply:
         """
         The reply to the MAIL that probes a connection parked at the final
         dot of the message before (L{Probe}).
@@ -192,7 +199,9 @@ class MailTransaction:
             the connection must go.
         """
         try:
-            reply = await self._reply(mail)
+            reply = await self.proto.readReply(
+                min(self.commandTimeout, PROBE_TIMEOUT), "'MAIL'"
+            )
         except SMTPClientError as e:
             raise StaleConnection(str(e)) from e
         if reply.code == 421:
@@ -209,7 +218,9 @@ class MailTransaction:
             (what follows the RSET is not to be trusted).
         """
         try:
-            reply = await self.proto.readReply(min(self.commandTimeout, 30), "'RSET'")
+            reply = await self.proto.readReply(
+                min(self.commandTimeout, PROBE_TIMEOUT), "'RSET'"
+            )
         except SMTPClientError as e:
             raise StaleConnection(str(e)) from e
         if reply.code != 250:
