@@ -532,7 +532,7 @@ class IDownstream(Interface):
             message while this one waits for its reply (a connection to a
             core that offers PIPELINING): the runner may start the next
             delivery then.  A downstream may never call it.
-        @return: a L{Deferred} of the L{msa.relay.protocol.DeliveryResult}.
+        @return: a L{Deferred} of the L{msa.relay.results.DeliveryResult}.
         """
 
     def close():

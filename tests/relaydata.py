@@ -10,7 +10,7 @@ from zope.interface import implementer
 from msa.envelope import Envelope
 from msa.interfaces import IDownstream
 from msa.queue.spool import Spool
-from msa.relay.protocol import DeliveryResult, RecipientResult
+from msa.relay.results import DeliveryResult, RecipientResult
 from msa.relay.runner import RelayRunner
 
 DOTTY = (

@@ -36,7 +36,7 @@ from msa.audit.chain import lastLine, predecessorHead
 from msa.envelope import Envelope
 from msa.errors import SMTPReply
 from msa.queue.spool import Spool
-from msa.relay.protocol import (
+from msa.relay.results import (
     ACCEPTED,
     PERMANENT,
     TEMPORARY,

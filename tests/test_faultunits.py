@@ -15,7 +15,7 @@ from twisted.internet import task
 from twisted.trial import unittest
 
 from msa.queue.spool import FAILED, PENDING, Spool
-from msa.relay.protocol import ACCEPTED, PERMANENT
+from msa.relay.results import ACCEPTED, PERMANENT
 from msa.relay.runner import RelayRunner
 from msa.service.health import Health
 from msa.service.startupchecks import checkFileLimit, filesNeeded

@@ -13,7 +13,7 @@ from twisted.trial import unittest
 
 from msa.queue.spool import DELIVERED, FAILED, Spool
 from msa.relay.outbox import OutboxDownstream
-from msa.relay.protocol import ACCEPTED, TEMPORARY, DeliveryResult, RecipientResult
+from msa.relay.results import ACCEPTED, TEMPORARY, DeliveryResult, RecipientResult
 from tests.relaydata import DOTTY, bigMessage, makeEnvelope
 
 

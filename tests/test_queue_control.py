@@ -13,7 +13,7 @@ from twisted.trial import unittest
 
 from msa.queue.control import QueueControl, describeEntry
 from msa.queue.spool import DELIVERED, PENDING, Spool, SpoolEntry
-from msa.relay.protocol import (
+from msa.relay.results import (
     ACCEPTED,
     PERMANENT,
     TEMPORARY,

@@ -15,7 +15,7 @@ from twisted.trial import unittest
 from msa.queue.control import QueueControl
 from msa.queue.spool import DELIVERED, FAILED, PENDING, Spool
 from msa.relay.client import SMTPDownstream
-from msa.relay.protocol import (
+from msa.relay.results import (
     ACCEPTED,
     PERMANENT,
     TEMPORARY,

@@ -21,18 +21,20 @@ from msa.queue.spool import Spool
 from msa.relay import protocol
 from msa.relay.client import SMTPDownstream
 from msa.relay.protocol import (
-    ACCEPTED,
-    PERMANENT,
-    TEMPORARY,
-    DeliveryResult,
     DotStuffer,
-    RecipientResult,
     Reply,
     SMTPClientError,
     SMTPClientProtocol,
     SMTPConnectionLost,
     StaleConnection,
     dotStuff,
+)
+from msa.relay.results import (
+    ACCEPTED,
+    PERMANENT,
+    TEMPORARY,
+    DeliveryResult,
+    RecipientResult,
     resultFor,
 )
 from msa.relay.runner import RelayRunner

@@ -19,7 +19,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from msa.queue import integrity
-from msa.relay.protocol import PERMANENT, TEMPORARY, DeliveryResult, RecipientResult
+from msa.relay.results import PERMANENT, TEMPORARY, DeliveryResult, RecipientResult
 from tests.downstream import DownstreamServer
 from tests.e2e import MESSAGE, RunningMSA, freePort
 from tests.postfixcore import startPostfixCore

@@ -15,7 +15,7 @@ from twisted.trial import unittest
 
 from msa.queue.spool import Spool
 from msa.relay.outbox import OutboxDownstream
-from msa.relay.protocol import ACCEPTED, TEMPORARY
+from msa.relay.results import ACCEPTED, TEMPORARY
 from msa.relay.runner import RelayRunner
 from tests.relaydata import FakeDownstream, allWith, makeEnvelope
 

@@ -6,10 +6,10 @@ core over connections it keeps open for a while and reuses: greeting,
 EHLO, STARTTLS (required unless configured otherwise, the certificate
 verified), AUTH PLAIN, then the mail transaction
 (L{msa.relay.transaction}: MAIL, RCPT and the data, pipelined when the core
-offers PIPELINING), each reply mapped to a L{msa.relay.protocol.RecipientResult}.
+offers PIPELINING), each reply mapped to a L{msa.relay.results.RecipientResult}.
 
-The SMTP client protocol itself (dot-stuffing, commands and replies, the
-result types) is in L{msa.relay.protocol}.
+The SMTP client protocol itself (dot-stuffing, commands and replies) is in
+L{msa.relay.protocol}, the result types in L{msa.relay.results}.
 """
 
 from __future__ import annotations
@@ -35,15 +35,12 @@ from msa.interfaces import IDownstream
 from msa.queue.spool import SpoolEntry
 from msa.relay.connections import Connection, ConnectionPool
 from msa.relay.protocol import (
-    ACCEPTED,
-    TEMPORARY,
-    DeliveryResult,
-    RecipientResult,
     SMTPClientError,
     SMTPClientProtocol,
     SMTPConnectionLost,
     StaleConnection,
 )
+from msa.relay.results import ACCEPTED, TEMPORARY, DeliveryResult, RecipientResult
 from msa.relay.transaction import PROBE_TIMEOUT, MailTransaction, Probe
 
 log = Logger()

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from msa.interfaces import IDownstream
 from msa.queue import dsn, dsnparams, integrity
 from msa.queue.spool import Spool, SpoolEntry
-from msa.relay.protocol import DeliveryResult
+from msa.relay.results import DeliveryResult
 
 log = Logger(namespace="msa.relay.runner")
 

@@ -28,7 +28,7 @@ from msa.durable import DirectorySync, writeDurably
 from msa.interfaces import IDownstream
 from msa.queue import integrity
 from msa.queue.spool import SpoolEntry
-from msa.relay.protocol import ACCEPTED, TEMPORARY, DeliveryResult, RecipientResult
+from msa.relay.results import ACCEPTED, TEMPORARY, DeliveryResult, RecipientResult
 
 log = Logger()
 

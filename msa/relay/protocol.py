@@ -5,11 +5,10 @@ server side, where mail clients submit, is L{msa.submission.server}):
 
   - L{DotStuffer}, a stateful dot-stuffer for data fed in chunks;
   - L{SMTPClientProtocol}, a line protocol that turns each command into a
-    L{Deferred} of the core's L{Reply}, failing with L{SMTPClientError};
-  - the results of a delivery attempt (L{DeliveryResult},
-    L{RecipientResult}, L{ACCEPTED}, L{TEMPORARY}, L{PERMANENT}), which every
-    downstream returns (L{msa.relay.outbox} too), and L{resultFor}, which
-    maps a reply to one.
+    L{Deferred} of the core's L{Reply}, failing with L{SMTPClientError}.
+
+The results of a delivery attempt, which every downstream returns, are in
+L{msa.relay.results}.
 
 L{msa.relay.client.SMTPDownstream} builds the delivery to the core MTA
 (connections, STARTTLS, AUTH, the mail transaction) on top of it.
@@ -31,12 +30,7 @@ from twisted.protocols.basic import FileSender, LineReceiver
 from twisted.python.failure import Failure
 
 from msa._compat import writeEagerly, writeTLSAtOnce
-from msa.queue.integrity import Digester, IntegrityError, Mismatch
-
-ACCEPTED = "accepted"
-TEMPORARY = "temporary"
-PERMANENT = "permanent"
-
+from msa.queue.integrity import Digester, IntegrityError
 
 #: A message up to this size (octets, as stored) is read and sent in one
 #: write with its final dot; a larger one streams through a producer,
@@ -411,62 +405,3 @@ def setTcpNoDelay(transport: Any) -> bool:
         return False
     transport.setTcpNoDelay(True)
     return True
-
-
-@attrs.frozen
-class RecipientResult:
-    """
-    What became of one recipient: L{ACCEPTED}, L{TEMPORARY} or L{PERMANENT},
-    with the reply (code and text) that said so.
-    """
-
-    status: str
-    code: int = 0
-    text: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.text}" if self.code else self.text
-
-
-@attrs.define
-class DeliveryResult:
-    """
-    The outcome of one delivery attempt.
-
-    @ivar recipients: recipient address to L{RecipientResult}.
-    @ivar reply: the core's final reply (for a success, with its queue id).
-    @ivar mismatch: see L{msa.queue.integrity}.
-    """
-
-    recipients: dict[str, RecipientResult] = attrs.Factory(dict)
-    reply: str = ""
-    #: Set when the message was not handed over because its bytes are not
-    #: the acknowledged ones (L{msa.queue.integrity}): it is to be held.
-    mismatch: Mismatch | None = None
-    #: Whether the downstream offered DSN (RFC 3461): it then takes over
-    #: the NOTIFY=SUCCESS notifications, and the relay sends none itself.
-    dsnOffered: bool = False
-
-    def _with(self, status: str) -> list[str]:
-        return [r for r, res in self.recipients.items() if res.status == status]
-
-    @property
-    def accepted(self) -> list[str]:
-        return self._with(ACCEPTED)
-
-    @property
-    def temporary(self) -> list[str]:
-        return self._with(TEMPORARY)
-
-    @property
-    def permanent(self) -> list[str]:
-        return self._with(PERMANENT)
-
-
-def resultFor(reply: Reply) -> RecipientResult:
-    """
-    What C{reply}, a refusal, means for a recipient: L{PERMANENT} for a
-    5xx, L{TEMPORARY} otherwise.
-    """
-    status = PERMANENT if reply.code >= 500 else TEMPORARY
-    return RecipientResult(status, reply.code, reply.text)

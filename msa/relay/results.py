@@ -1,6 +1,9 @@
 # -*- test-case-name: tests.test_relay,tests.test_faultunits -*-
 """
-What the result of one delivery attempt does to its spool entry: the
+The result of one delivery attempt, which every downstream returns
+(L{DeliveryResult}: a L{RecipientResult} per recipient, L{ACCEPTED},
+L{TEMPORARY} or L{PERMANENT}; L{resultFor} maps a refusal to one), and
+what it does to its spool entry: the
 recipients the core accepted or refused, the retry time or the expiry of
 those deferred, and the attempt's log line and metrics.  The queue runner
 (L{msa.relay.runner.RelayRunner}) applies them, queues the notifications
@@ -12,22 +15,92 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import attrs
 from twisted.logger import Logger
 
 from msa import metrics
 from msa.queue import dsn
+from msa.queue.integrity import Mismatch
 from msa.queue.spool import DELIVERED, FAILED, SpoolEntry
-from msa.relay.protocol import (
-    ACCEPTED,
-    PERMANENT,
-    TEMPORARY,
-    DeliveryResult,
-    RecipientResult,
-)
+from msa.relay.protocol import Reply
 
 log = Logger(namespace="msa.relay.runner")
 
-__all__ = ["decidedByCore", "logAttempt", "settleRecipients", "settleTemporary"]
+__all__ = [
+    "ACCEPTED",
+    "PERMANENT",
+    "TEMPORARY",
+    "DeliveryResult",
+    "RecipientResult",
+    "decidedByCore",
+    "logAttempt",
+    "resultFor",
+    "settleRecipients",
+    "settleTemporary",
+]
+
+ACCEPTED = "accepted"
+TEMPORARY = "temporary"
+PERMANENT = "permanent"
+
+
+@attrs.frozen
+class RecipientResult:
+    """
+    What became of one recipient: L{ACCEPTED}, L{TEMPORARY} or L{PERMANENT},
+    with the reply (code and text) that said so.
+    """
+
+    status: str
+    code: int = 0
+    text: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}" if self.code else self.text
+
+
+@attrs.define
+class DeliveryResult:
+    """
+    The outcome of one delivery attempt.
+
+    @ivar recipients: recipient address to L{RecipientResult}.
+    @ivar reply: the core's final reply (for a success, with its queue id).
+    @ivar mismatch: see L{msa.queue.integrity}.
+    """
+
+    recipients: dict[str, RecipientResult] = attrs.Factory(dict)
+    reply: str = ""
+    #: Set when the message was not handed over because its bytes are not
+    #: the acknowledged ones (L{msa.queue.integrity}): it is to be held.
+    mismatch: Mismatch | None = None
+    #: Whether the downstream offered DSN (RFC 3461): it then takes over
+    #: the NOTIFY=SUCCESS notifications, and the relay sends none itself.
+    dsnOffered: bool = False
+
+    def _with(self, status: str) -> list[str]:
+        return [r for r, res in self.recipients.items() if res.status == status]
+
+    @property
+    def accepted(self) -> list[str]:
+        return self._with(ACCEPTED)
+
+    @property
+    def temporary(self) -> list[str]:
+        return self._with(TEMPORARY)
+
+    @property
+    def permanent(self) -> list[str]:
+        return self._with(PERMANENT)
+
+
+def resultFor(reply: Reply) -> RecipientResult:
+    """
+    What C{reply}, a refusal, means for a recipient: L{PERMANENT} for a
+    5xx, L{TEMPORARY} otherwise.
+    """
+    status = PERMANENT if reply.code >= 500 else TEMPORARY
+    return RecipientResult(status, reply.code, reply.text)
 
 
 def logAttempt(

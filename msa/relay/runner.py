@@ -37,12 +37,10 @@ from msa.queue.control import QueueControl
 from msa.queue.spool import Spool, SpoolEntry
 from msa.relay.holds import Holds
 from msa.relay.notices import EXPIRED, Notices
-from msa.relay.protocol import (
+from msa.relay.results import (
     TEMPORARY,
     DeliveryResult,
     RecipientResult,
-)
-from msa.relay.results import (
     decidedByCore,
     logAttempt,
     settleRecipients,

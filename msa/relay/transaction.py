@@ -3,7 +3,7 @@
 One mail transaction with the core MTA on an open, greeted connection:
 MAIL, RCPT for each pending recipient, DATA and the message (or BDAT for a
 BINARYMIME message: L{msa.relay.chunks}), each reply mapped to a
-L{msa.relay.protocol.RecipientResult}.  The parameters of MAIL and RCPT,
+L{msa.relay.results.RecipientResult}.  The parameters of MAIL and RCPT,
 and a message refused before anything is sent because the core lacks an
 extension it needs, are L{msa.relay.extensions}'.
 
@@ -49,14 +49,16 @@ from msa.relay.extensions import (
     usesChunking,
 )
 from msa.relay.protocol import (
-    ACCEPTED,
-    TEMPORARY,
-    DeliveryResult,
-    RecipientResult,
     Reply,
     SMTPClientError,
     SMTPClientProtocol,
     StaleConnection,
+)
+from msa.relay.results import (
+    ACCEPTED,
+    TEMPORARY,
+    DeliveryResult,
+    RecipientResult,
     resultFor,
 )
 
