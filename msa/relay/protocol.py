@@ -133,11 +133,6 @@ class _Waiter:
     what: str
     timer: IDelayedCall | None = None
 
-    def startClock(self, proto: SMTPClientProtocol) -> None:
-        self.timer = proto._reactor.callLater(
-            self.timeout, proto._timedOut, self.what, self.timeout
-        )
-
     def stopClock(self) -> None:
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
@@ -226,7 +221,7 @@ class SMTPClientProtocol(LineReceiver):
                 # for: the core may take its time over the one before (the
                 # data), and a time-out behind it would end the connection
                 # under a message the core may have taken.
-                self._waiters[0].startClock(self)
+                self._startClock(self._waiters[0])
             waiter.deferred.callback(reply)
         else:
             self._replies.append(reply)
@@ -255,6 +250,14 @@ class SMTPClientProtocol(LineReceiver):
         """
         self._fail(SMTPConnectionLost(f"connection closed: {why}"))
 
+    def _startClock(self, waiter: _Waiter) -> None:
+        """
+        C{waiter} is next: its time-out runs from now.
+        """
+        waiter.timer = self._reactor.callLater(
+            waiter.timeout, self._timedOut, waiter.what, waiter.timeout
+        )
+
     def _timedOut(self, what: str, timeout: float) -> None:
         self._fail(SMTPClientError(f"timed out after {timeout:g}s waiting for {what}"))
         self._connection.abortConnection()
@@ -275,7 +278,7 @@ class SMTPClientProtocol(LineReceiver):
         waiter = _Waiter(defer.Deferred(), timeout, what)
         self._waiters.append(waiter)
         if len(self._waiters) == 1:
-            waiter.startClock(self)
+            self._startClock(waiter)
         return waiter.deferred
 
     def command(self, line: bytes, timeout: float) -> defer.Deferred[Reply]:
