@@ -753,52 +753,81 @@ class SMTPClientProtocolTests(unittest.TestCase):
         A transaction over C{self.proto} to a core that offers PIPELINING,
         on a parked connection probed by C{probe}, with the 300 s command
         time-out of the default configuration.
+
+        @return: the L{Deferred} of its outcome (whether the connection
+            can carry another), and the L{DeliveryResult} it fills.
         """
         entry = SpoolEntry(
             queueId="Q1",
             envelope=makeEnvelope(),
             recipients={"bob@example.org": PENDING},
         )
+        result = DeliveryResult()
         transaction = MailTransaction(
             self.proto,
             {"PIPELINING": ""},
             entry,
             ["bob@example.org"],
-            DeliveryResult(),
+            result,
             300,
             600,
             probe=probe,
         )
-        return defer.ensureDeferred(transaction.run(io.BytesIO(b"x\r\n")))
+        return defer.ensureDeferred(transaction.run(io.BytesIO(b"x\r\n"))), result
 
-    def test_probeTimeout(self):
+    def assertProbeTimesOut(self, probe, first):
         """
-        The reply that probes a parked connection (the MAIL behind a final
-        dot, or an RSET sent first) has PROBE_TIMEOUT (30 s), not the
-        command time-out: at 29.9 s it is still awaited, at 30 s the
+        The reply that probes a parked connection has PROBE_TIMEOUT (30 s),
+        not the command time-out: at 29.9 s it is still awaited, at 30 s the
         connection is stale (the message goes over a new one).
         """
-        for probe, first in (("MAIL", b"MAIL"), ("RSET", b"RSET")):
-            self.setUp()
-            d = self.probingTransaction(probe)
-            self.assertTrue(self.transport.value().startswith(first))
-            self.clock.advance(PROBE_TIMEOUT - 0.1)
-            self.assertNoResult(d)
-            self.clock.advance(0.1)
-            failure = self.failureResultOf(d, StaleConnection)
-            self.assertIn("timed out after 30s", failure.getErrorMessage())
+        d, _ = self.probingTransaction(probe)
+        group = self.transport.value().split(b"\r\n")
+        self.assertEqual(group[0].split(b" ")[0], first)
+        self.clock.advance(PROBE_TIMEOUT - 0.1)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        failure = self.failureResultOf(d, StaleConnection)
+        self.assertEqual(
+            failure.getErrorMessage(),
+            f"timed out after 30s waiting for '{first.decode()}'",
+        )
+
+    def test_mailProbeTimeout(self):
+        """
+        Behind a final dot, MAIL goes first (no RSET) and its reply is the
+        probe: 30 s.
+        """
+        self.assertProbeTimesOut("MAIL", b"MAIL")
+
+    def test_rsetProbeTimeout(self):
+        """
+        After a transaction that never reached its dot, RSET goes first and
+        its reply is the probe: 30 s.
+        """
+        self.assertProbeTimesOut("RSET", b"RSET")
 
     def test_mailProbeAnsweredNotStale(self):
         """
         The MAIL behind a final dot answered with a refusal other than 421
-        is the core's answer about this message, not a stale connection.
+        is the core's answer about this message, not a stale connection:
+        the recipient is refused with the core's reply, and the connection
+        can carry the next message.
         """
-        d = self.probingTransaction("MAIL")
+        d, result = self.probingTransaction("MAIL")
         self.proto.dataReceived(
             b"550 5.7.1 sender refused\r\n503 5.5.1 MAIL first\r\n"
             b"503 5.5.1 no recipients\r\n"
         )
         self.assertTrue(self.successResultOf(d))
+        self.assertEqual(
+            result.recipients,
+            {
+                "bob@example.org": RecipientResult(
+                    PERMANENT, 550, "5.7.1 sender refused"
+                )
+            },
+        )
 
     def test_lostFailsEveryWaiter(self):
         """

@@ -410,6 +410,19 @@ class AfterTheDotTests(DownstreamFixture, unittest.TestCase):
             done.append((yield results[i]))
         return done
 
+    def assertDelivered(self, server, results, connections):
+        """
+        Each of C{results} is the core's 250 for its own message, in order,
+        every message reached the core once, over C{connections}
+        connections.
+        """
+        self.assertEqual(
+            [r.reply for r in results],
+            [f"250 2.0.0 Ok: queued as CORE{i}" for i in range(1, len(results) + 1)],
+        )
+        self.assertEqual(len(server.messages), len(results))
+        self.assertEqual(server.connections, connections)
+
     @defer.inlineCallbacks
     def test_nextGroupBeforeTheReply(self):
         """
@@ -485,11 +498,8 @@ class AfterTheDotTests(DownstreamFixture, unittest.TestCase):
         server = self.startServer()
         server.dataReplyDelay = 0.1
         server.closeAfterData = True
-        first, second = yield self.chain(self.downstream(server), 2)
-        self.assertEqual(first.reply, "250 2.0.0 Ok: queued as CORE1")
-        self.assertEqual(second.reply, "250 2.0.0 Ok: queued as CORE2")
-        self.assertEqual(server.connections, 2)
-        self.assertEqual(len(server.messages), 2)
+        results = yield self.chain(self.downstream(server), 2)
+        self.assertDelivered(server, results, connections=2)
 
     @defer.inlineCallbacks
     def test_droppedBeforeTheReplyNextOverANewConnection(self):
@@ -552,11 +562,8 @@ class AfterTheDotTests(DownstreamFixture, unittest.TestCase):
         server = self.startServer()
         server.dataReplyDelay = 1.0
         downstream = self.downstream(server, commandTimeout=0.3, dataTimeout=5)
-        first, second = yield self.chain(downstream, 2)
-        self.assertEqual(first.reply, "250 2.0.0 Ok: queued as CORE1")
-        self.assertEqual(second.reply, "250 2.0.0 Ok: queued as CORE2")
-        self.assertEqual(server.connections, 1)
-        self.assertEqual(len(server.messages), 2)
+        results = yield self.chain(downstream, 2)
+        self.assertDelivered(server, results, connections=1)
 
     @defer.inlineCallbacks
     def test_maxTransactionsCountsTheNext(self):
