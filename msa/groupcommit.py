@@ -33,8 +33,15 @@ class _Round(Generic[J, R]):
         it (one of them runs it).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, mutex: threading.Lock) -> None:
         self.jobs: list[J] = []
+        #: Its blocking callers wait here (on the L{GroupCommit}'s mutex)
+        #: until it is done, or until one of them is to run it: a round's
+        #: end wakes its own waiters, and one of the next round's.
+        self.finished = threading.Condition(mutex)
+        #: The caller holding it back for company waits here; each caller
+        #: joining it wakes that one alone.
+        self.company = threading.Condition(mutex)
         self.deferreds: list[tuple[int, defer.Deferred[R]]] = []
         self.blocking = 0
         self.results: Sequence[R] = ()
@@ -93,6 +100,9 @@ class GroupCommit(Generic[J, R]):
 
     @ivar rounds: how many rounds ran (for tests and curiosity).
     @ivar waiting: how many blocking callers wait for another's round.
+    @ivar wakeups: how many times such a caller was woken: once when its
+        round is done, or once to run it; nobody else is woken (each
+        wake-up is a hand-off of the GIL, paid by the reactor thread too).
     """
 
     def __init__(
@@ -120,7 +130,12 @@ class GroupCommit(Generic[J, R]):
         self.gatherDelay = gatherDelay
         self.commitDelay = commitDelay
         self._company = company
-        self._lock = threading.Condition()
+        #: Guards the rounds; every thread waits on a condition of a round
+        #: (L{_Round.finished}, L{_Round.company}) over it, so that a
+        #: thread is woken only by what concerns it: each wake-up costs a
+        #: hand-off of the GIL, which the reactor thread pays for.
+        self._mutex = threading.Lock()
+        self._lock = threading.Condition(self._mutex)
         self._pending: _Round[J, R] | None = None
         self._running = False
         self._draining = False
@@ -129,6 +144,8 @@ class GroupCommit(Generic[J, R]):
         self.waiting = 0
         #: How many rounds were held back for company (for tests).
         self.gathers = 0
+        #: How many times a waiting blocking caller was woken (for tests).
+        self.wakeups = 0
 
     def _join(self, job: J) -> _Round[J, R]:
         """
@@ -136,7 +153,7 @@ class GroupCommit(Generic[J, R]):
         """
         current = self._pending
         if current is None:
-            current = self._pending = _Round()
+            current = self._pending = _Round(self._mutex)
         current.jobs.append(job)
         return current
 
@@ -165,12 +182,13 @@ class GroupCommit(Generic[J, R]):
             current.blocking += 1
             if current.gathering:
                 # The caller holding the round back may have waited for us.
-                self._lock.notify_all()
+                current.company.notify()
             while not current.done:
                 if self._running or current.gathering:
                     self.waiting += 1
-                    self._lock.wait()
+                    current.finished.wait()
                     self.waiting -= 1
+                    self.wakeups += 1
                     continue
                 if not current.gathered and self._expectsCompany(current):
                     self._gather(current)
@@ -208,12 +226,16 @@ class GroupCommit(Generic[J, R]):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                self._lock.wait(remaining)
+                current.company.wait(remaining)
+        except BaseException:
+            # The round is not ours to run any more: one of its other
+            # callers runs it.
+            current.finished.notify()
+            raise
         finally:
             current.gathering = False
             current.gathered = True
             self.gathers += 1
-            self._lock.notify_all()
 
     def commit(self, job: J) -> defer.Deferred[R]:
         """
@@ -319,7 +341,10 @@ class GroupCommit(Generic[J, R]):
             self.rounds += 1
             current.done = True
             self._running = False
-            self._lock.notify_all()
+            current.finished.notify_all()
+            if self._pending is not None:
+                # One of the next round's callers runs it (or holds it back).
+                self._pending.finished.notify()
         if current.deferreds:
             self._deliver(current)
         following = self._pending

@@ -311,6 +311,42 @@ class GroupCommitTests(unittest.TestCase):
         yield self.assertFailure(fromReactor, OSError)
         self.assertEqual(rounds.rounds, [["one"], ["two", "three"]])
 
+    @defer.inlineCallbacks
+    def test_roundEndWakesOnlyWhomItConcerns(self):
+        """
+        Five threads wait for a running round with jobs of the next: when
+        it ends, one of them is woken to run the next round, and the other
+        four once, when that round is done (it takes 0.2 s: time enough to
+        wake them all).  Five wake-ups: each spurious one is a hand-off of
+        the GIL that the reactor thread pays for too (one condition
+        notified to all, as before, woke the four at both rounds' ends:
+        nine).
+        """
+        gates = [threading.Event(), threading.Event()]
+        started: list[list[str]] = []
+
+        def runRound(jobs: list[str]) -> list[str]:
+            started.append(list(jobs))
+            if len(started) <= len(gates):
+                gates[len(started) - 1].wait(10)
+            return [job.upper() for job in jobs]
+
+        commits = GroupCommit(runRound, reactor)
+        first = threads.deferToThread(commits.commitBlocking, "one")
+        yield waitUntil(lambda: started, 10, "the first round")
+        names = ["two", "three", "four", "five", "six"]
+        waiting = [threads.deferToThread(commits.commitBlocking, n) for n in names]
+        yield waitUntil(lambda: commits.waiting == 5, 10, "five waiting callers")
+        gates[0].set()
+        self.assertEqual((yield first), "ONE")
+        yield waitUntil(lambda: len(started) == 2, 10, "the second round")
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        gates[1].set()
+        results = yield defer.gatherResults(waiting)
+        self.assertEqual(results, [n.upper() for n in names])
+        self.assertEqual(sorted(started[1]), sorted(names))
+        self.assertEqual(commits.wakeups, 5)
+
 
 @implementer(IReactorThreads)
 class InlineThreadsClock(task.Clock):
