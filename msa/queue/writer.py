@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from msa.audit import AuditError
-from msa.durable import unlinkQuietly
+from msa.durable import unlinkQuietly, writeSynced
 from msa.envelope import Envelope
 from msa.errors import SMTPReply
 from msa.interfaces import ISpoolWriter
@@ -225,14 +225,19 @@ class SpoolWriter:
         if self._createError is not None:
             raise self._createError
         if self._file is None:
-            self._file = self._create()
-        self._file.write(self._pending)
+            # The whole message is in the buffer: one write of the file,
+            # the gap after slot 0 (slot 1, unused yet) as zeros, which is
+            # what the file read back as when it was a hole.
+            whole = head.ljust(queuefile.contentOffset(self._slotSize), b"\0")
+            writeSynced(self._msgPath, whole + self._pending, exclusive=True)
+        else:
+            self._file.write(self._pending)
+            self._file.flush()
+            fd = self._file.fileno()
+            os.pwrite(fd, head, 0)
+            os.fsync(fd)
+            self._file.close()
         self._pending = bytearray()
-        self._file.flush()
-        fd = self._file.fileno()
-        os.pwrite(fd, head, 0)
-        os.fsync(fd)
-        self._file.close()
         os.replace(self._msgPath, spool.queuePath(self.queueId))
         spool._slots[self.queueId] = queuefile.QueueFileState(self._slotSize, 1, 0)
         # One round of the spool's group commit: the directory's fsync, then
