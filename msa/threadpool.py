@@ -13,12 +13,16 @@ and the fakes of L{twisted.internet.testing} do not.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorThreads
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
+
+log = Logger()
 
 __all__ = ["PrivatePool", "reactorThreadPool", "runBlocking"]
 
@@ -32,17 +36,89 @@ def reactorThreadPool(reactor: Any) -> ThreadPool | None:
     return None
 
 
+class _Deliveries:
+    """
+    The results of L{runBlocking}'s calls, handed to the reactor thread in
+    batches: the first result of a batch schedules one C{callFromThread},
+    the ones that finish before it runs ride on it.
+
+    Each C{callFromThread} writes a byte to the reactor's waker pipe: a
+    system call in the pool thread, which gives up the GIL for it and has to
+    take it back from the reactor thread (a hand-off both threads pay for).
+    Under load many commits finish during one turn of the reactor; with
+    L{twisted.internet.threads.deferToThreadPool} each of them wrote.
+
+    Under C{_lock}, a result is appended and C{_scheduled} tested and set;
+    L{_fire} clears C{_scheduled} and takes every result at once: a result
+    is taken by the L{_fire} already scheduled, or schedules its own.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._lock = threading.Lock()
+        self._results: list[tuple[defer.Deferred, bool, Any]] = []
+        self._scheduled = False
+
+    def deliver(self, d: defer.Deferred, success: bool, result: Any) -> None:
+        """
+        (In a pool thread.)  Have C{d} fired with C{result} in the reactor
+        thread.
+        """
+        with self._lock:
+            self._results.append((d, success, result))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._reactor.callFromThread(self._fire)
+
+    def _fire(self) -> None:
+        """
+        (In the reactor thread.)  Fire every result delivered so far.
+        """
+        with self._lock:
+            self._scheduled = False
+            results, self._results = self._results, []
+        for d, success, result in results:
+            try:
+                if success:
+                    d.callback(result)
+                else:
+                    d.errback(result)
+            except Exception:
+                # Only a Deferred fired twice raises here: a bug, which must
+                # not keep the results behind it from being delivered.
+                log.failure("delivering the result of a blocking call")
+
+
+_deliveries: weakref.WeakKeyDictionary[Any, _Deliveries] = weakref.WeakKeyDictionary()
+
+
+def _deliveriesOf(reactor: Any) -> _Deliveries:
+    deliveries = _deliveries.get(reactor)
+    if deliveries is None:
+        deliveries = _deliveries[reactor] = _Deliveries(reactor)
+    return deliveries
+
+
 def runBlocking(reactor: Any, f: Callable[..., Any], *args: Any) -> defer.Deferred:
     """
     Call C{f(*args)} in C{reactor}'s thread pool; synchronously for a
-    reactor without one.
+    reactor without one.  The results come back to the reactor thread in
+    batches (L{_Deliveries}).
 
     @return: a L{Deferred} of its result.
     """
     pool = reactorThreadPool(reactor)
     if pool is None:
         return defer.maybeDeferred(f, *args)
-    return threads.deferToThreadPool(reactor, pool, f, *args)
+    d: defer.Deferred = defer.Deferred()
+    deliveries = _deliveriesOf(reactor)
+
+    def onResult(success: bool, result: Any) -> None:
+        deliveries.deliver(d, success, result)
+
+    pool.callInThreadWithCallback(onResult, f, *args)
+    return d
 
 
 class _DaemonThread(threading.Thread):

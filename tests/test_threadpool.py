@@ -8,11 +8,12 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from msa.threadpool import reactorThreadPool, runBlocking
+from msa.threadpool import _deliveriesOf, reactorThreadPool, runBlocking
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,6 +48,78 @@ class RunBlockingTests(unittest.TestCase):
         """
         d = runBlocking(reactor, int, "x")
         return self.assertFailure(d, ValueError)
+
+    def countThreadCalls(self):
+        """
+        Count the reactor's C{callFromThread} calls (each writes a byte to
+        its waker pipe) from now on.
+        """
+        calls = []
+        real = reactor.callFromThread
+
+        def callFromThread(f, *args, **kwargs):
+            calls.append(f)
+            return real(f, *args, **kwargs)
+
+        self.patch(reactor, "callFromThread", callFromThread)
+        return calls
+
+    @defer.inlineCallbacks
+    def test_resultsComeBackInBatches(self):
+        """
+        Results that come while the reactor thread is busy go back to it in
+        one C{callFromThread}, not one each: each is a write to the waker
+        pipe, a system call for which the pool thread gives up the GIL and
+        then waits to take it back from the reactor thread.  Every
+        L{Deferred} fires with its own result, in the reactor thread.
+        """
+        # The pool runs (trial only starts it once the reactor turns).
+        yield runBlocking(reactor, lambda: None)
+        go = threading.Event()
+        calls = self.countThreadCalls()
+
+        def work(n):
+            go.wait(10)
+            return n, threading.get_ident()
+
+        ds = [runBlocking(reactor, work, n) for n in range(20)]
+        go.set()
+        # The reactor thread is busy (here: waiting) while they all finish.
+        deliveries = _deliveriesOf(reactor)
+        deadline = time.monotonic() + 10
+        while len(deliveries._results) < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        results = yield defer.gatherResults(ds)
+        self.assertEqual([n for n, _ in results], list(range(20)))
+        self.assertNotIn(threading.get_ident(), {t for _, t in results})
+        self.assertEqual(len(calls), 1)
+
+    def test_noResultLeftBehind(self):
+        """
+        Many quick calls, their results racing the reactor thread's
+        deliveries: every L{Deferred} fires, with its own result.
+        """
+        ds = [runBlocking(reactor, lambda n=n: n * 2) for n in range(2000)]
+        d = defer.gatherResults(ds)
+        return d.addCallback(self.assertEqual, [n * 2 for n in range(2000)])
+
+    def test_deliveryErrorKeepsNoOtherBack(self):
+        """
+        A L{Deferred} its caller fired already cannot take its result (a
+        bug, logged); the results delivered with it still reach theirs.
+        """
+        go = threading.Event()
+        early = runBlocking(reactor, go.wait, 10)
+        early.callback("fired by its caller")
+        later = runBlocking(reactor, go.wait, 10)
+        go.set()
+        time.sleep(0.2)
+
+        def check(result):
+            self.assertTrue(result)
+            self.assertEqual(len(self.flushLoggedErrors(defer.AlreadyCalledError)), 1)
+
+        return later.addCallback(check)
 
 
 class PrivatePoolTests(unittest.TestCase):
