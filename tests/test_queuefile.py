@@ -238,6 +238,40 @@ class UpgradeTests(unittest.TestCase):
         with spool.openMessage(HELD) as f:
             self.assertEqual(f.read(), fixtureMessage(HELD))
 
+    def test_removalOfAnUnconvertedEntry(self):
+        """
+        Removed before any recovery (as with the admin command on a
+        stopped server): an entry still in the old format goes with both
+        its files, even before a listing of the queue found its pair.
+        """
+        spool = Spool(self.copiedFixture(), reactor=task.Clock())
+        self.successResultOf(spool.removeDelivered(PLAIN))
+        self.assertEqual(
+            [n for n in os.listdir(spool.queueDirectory) if n.startswith(PLAIN)], []
+        )
+        self.assertEqual(spool.pending(), [PARTIAL, HELD])
+        self.successResultOf(spool.removeDelivered(PARTIAL))
+        self.assertEqual(spool.pending(), [HELD])
+        self.assertEqual(
+            [n for n in os.listdir(spool.queueDirectory) if n.startswith(PARTIAL)],
+            [],
+        )
+
+    def test_noLookForPairsOnceConverted(self):
+        """
+        Once recovery has converted every pair (its listing finds none), a
+        removal looks for no earlier version's state file: one system call
+        fewer per relayed message, in the thread pool.
+        """
+        spool = Spool(self.copiedFixture(), reactor=task.Clock())
+        spool.recover()
+        looked = []
+        realLexists = os.path.lexists
+        self.patch(os.path, "lexists", lambda p: looked.append(p) or realLexists(p))
+        self.successResultOf(spool.removeDelivered(PLAIN))
+        self.assertEqual(sorted(os.listdir(spool.queueDirectory)), [PARTIAL, HELD])
+        self.assertEqual(looked, [])
+
     @defer.inlineCallbacks
     def test_relayedAfterUpgrade(self):
         """

@@ -159,6 +159,11 @@ class Spool:
         #: into the other slot.  For any other, the first change of this
         #: process syncs the file first (L{_updatedBlocking}).
         self._slots: dict[str, queuefile.QueueFileState] = {}
+        #: Whether an earlier version's pairs may be in C{queue/}: until a
+        #: listing (L{pending}, which recovery ends with, after converting
+        #: them all) found none.  This version never writes one, so while
+        #: it is false a removal need not look for one (an lstat fewer).
+        self._pairsMayExist = True
         #: The outcomes the spool could not record (L{recordOutcome}).
         self.outcomes = (
             None if outcomesDirectory is None else OutcomeLedger(outcomesDirectory)
@@ -228,7 +233,9 @@ class Spool:
         The ids of the complete entries in the queue, oldest first.
         """
         names = set(os.listdir(self.queueDirectory))
-        ids = {n for n in names if "." not in n} | legacy.pairIds(names)
+        pairs = legacy.pairIds(names)
+        self._pairsMayExist = bool(pairs)
+        ids = {n for n in names if "." not in n} | pairs
         return sorted(ids - self._removing)
 
     def load(self, queueId: str) -> SpoolEntry:
@@ -408,6 +415,8 @@ class Spool:
         """
         self._slots.pop(queueId, None)
         unlinkQuietly(self.queuePath(queueId))
+        if not self._pairsMayExist:
+            return
         msgPath, statePath = legacy.pairPaths(self.queueDirectory, queueId)
         if os.path.lexists(statePath):
             # An earlier version's entry: its state file first, durably,
