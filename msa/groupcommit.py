@@ -33,7 +33,7 @@ class _Round(Generic[J, R]):
         it (one of them runs it).
     """
 
-    def __init__(self, mutex: threading.Lock) -> None:
+    def __init__(self, mutex: threading.RLock) -> None:
         self.jobs: list[J] = []
         #: Its blocking callers wait here (on the L{GroupCommit}'s mutex)
         #: until it is done, or until one of them is to run it: a round's
@@ -134,7 +134,9 @@ class GroupCommit(Generic[J, R]):
         #: (L{_Round.finished}, L{_Round.company}) over it, so that a
         #: thread is woken only by what concerns it: each wake-up costs a
         #: hand-off of the GIL, which the reactor thread pays for.
-        self._mutex = threading.Lock()
+        #: Re-entrant, as before: a round run synchronously (a reactor
+        #: without threads) may start the next one from under it.
+        self._mutex = threading.RLock()
         self._lock = threading.Condition(self._mutex)
         self._pending: _Round[J, R] | None = None
         self._running = False

@@ -94,6 +94,10 @@ _deliveries: weakref.WeakKeyDictionary[Any, _Deliveries] = weakref.WeakKeyDictio
 
 
 def _deliveriesOf(reactor: Any) -> _Deliveries:
+    """
+    The L{_Deliveries} of C{reactor} (one per reactor, made at first use,
+    in the reactor thread).
+    """
     deliveries = _deliveries.get(reactor)
     if deliveries is None:
         deliveries = _deliveries[reactor] = _Deliveries(reactor)

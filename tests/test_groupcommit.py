@@ -187,6 +187,25 @@ class GroupCommitTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(commits.commit("b")), "B")
         self.assertEqual(rounds.rounds, [["a"], ["b"]])
 
+    def test_jobSubmittedFromARoundWithoutThreadPool(self):
+        """
+        Without a thread pool, a round run by a blocking caller that
+        submits a job itself (as a spool commit's round can start a
+        removal) has that job run right after it, in the same thread: the
+        lock is re-entrant, so this neither deadlocks nor waits.
+        """
+        inner = []
+
+        def runRound(jobs):
+            if jobs == ["outer"]:
+                inner.append(commits.commit("inner"))
+            return [job.upper() for job in jobs]
+
+        commits = GroupCommit(runRound, task.Clock())
+        self.assertEqual(commits.commitBlocking("outer"), "OUTER")
+        self.assertEqual(self.successResultOf(inner[0]), "INNER")
+        self.assertEqual(commits.rounds, 2)
+
     def test_failureFailsTheRound(self):
         rounds = Rounds()
         rounds.failing = True
