@@ -122,7 +122,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import attrs  # noqa: E402
-from threadcpu import ThreadSplit  # noqa: E402  (bench/, the script's directory)
+from threadcpu import BurstWindow, ThreadSplit  # noqa: E402  (bench/, the script's directory)
 
 from msa.accounts.model import makeAccount, writeAccounts  # noqa: E402
 from msa.service.config import writeConfig  # noqa: E402
@@ -1025,6 +1025,7 @@ def measure(server: Server, params: dict, sink: Sink | None, timeout: float) -> 
     base = currentMemory(server)
     counter = SyscallCounter(pid, server.work) if SYSCALLS else None
     split = None if server.multiProcess() else ThreadSplit(pid, server.loopThread)
+    window = BurstWindow(None if server.multiProcess() else pid, server.loopThread)
     cpu0 = cpuSeconds(pid)
     started = time.monotonic()
     client = subprocess.run(
@@ -1034,11 +1035,13 @@ def measure(server: Server, params: dict, sink: Sink | None, timeout: float) -> 
         timeout=timeout + 30,
     )
     loaded = time.monotonic()
+    burst = window.stop()
     data = json.loads(client.stdout.strip().splitlines()[-1])
     if client.returncode:
         data["errors"].append(f"load generator exited with {client.returncode}")
     sent = data["sent"]
     result = dict(sent=sent, errors=data["errors"], client_cpu=data["client_cpu"])
+    result.update(burst)
     cpuLoad = cpuSeconds(pid) - cpu0
     done = None
     if sink is not None:
@@ -1192,6 +1195,9 @@ LOAD_METRICS = (
         ("cpu_loop_per_msg", "... event-loop thread (MSA: reactor), /proc", "ms"),
         ("cpu_other_per_msg", "... other threads (MSA: thread pool), /proc", "ms"),
         ("loop_share", "event-loop thread's share of the threads' CPU", "%"),
+        ("loop_running", "during the load: event-loop thread running", "%"),
+        ("loop_runqueue", "... waiting in the run queue for a CPU", "%"),
+        ("machine_busy", "... the machine's CPUs busy (all processes)", "%"),
         ("complete", "time until the sink has every message", "s"),
         ("lag", "... of which after the last 250 (queue left)", "s"),
         ("mem_base", "server memory before", "MB"),

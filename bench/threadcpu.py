@@ -12,11 +12,87 @@ main thread of ``twistd -n``; aiosmtpd's loop thread, whose id
 (the MSA's thread pool: spool commits, fsyncs, audit records; aiosmtpd's
 executor and scrypt pool).  A thread that ends between the snapshots is
 not counted; the pools' threads live as long as the server.
+
+L{BurstWindow} says, for the load generator's run alone (the window that
+decides the accepted rate), how the event-loop thread spent its time:
+running, waiting in the run queue for a CPU (``schedstat``), or neither
+(waiting for the network, or for the GIL a pool thread holds), and how
+busy the machine was (``/proc/stat``).  A loop thread that neither runs
+nor waits for a CPU while the machine has CPU to spare is waiting for
+something else: in the MSA's (b), the GIL (bench/RESULTS.md, the night run).
 """
 
 import os
+import time
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def threadCpu(pid: int, tid: int) -> float:
+    """
+    @return: the CPU seconds (user + system) of thread C{tid} of C{pid}.
+    """
+    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def runQueueWait(pid: int, tid: int) -> float:
+    """
+    @return: the seconds thread C{tid} of C{pid} has spent runnable but
+        waiting for a CPU (the second field of its ``schedstat``).
+    """
+    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
+
+
+def machineTimes(stat: str | None = None) -> tuple[int, int]:
+    """
+    @param stat: the text of ``/proc/stat`` (read when L{None}).
+    @return: (busy, total) clock ticks of all CPUs since boot; idle and
+        iowait are the ticks not busy.
+    """
+    if stat is None:
+        with open("/proc/stat") as f:
+            stat = f.read()
+    ticks = [int(t) for t in stat.splitlines()[0].split()[1:9]]
+    idle = ticks[3] + ticks[4]
+    return sum(ticks) - idle, sum(ticks)
+
+
+class BurstWindow:
+    """
+    How the event-loop thread C{loopThread} of C{pid} (the main thread by
+    default) and the machine spent the time from L{__init__} to L{stop};
+    the machine alone when C{pid} is L{None} (a server of many processes).
+    """
+
+    def __init__(self, pid: int | None, loopThread: int | None = None) -> None:
+        self.pid = pid
+        self.loopThread = loopThread or pid
+        self.started = time.monotonic()
+        if pid is not None and self.loopThread is not None:
+            self.cpu = threadCpu(pid, self.loopThread)
+            self.waited = runQueueWait(pid, self.loopThread)
+        self.machine = machineTimes()
+
+    def stop(self) -> dict[str, float]:
+        """
+        @return: C{loop_running} and C{loop_runqueue}: the event-loop
+            thread's CPU and its wait for a CPU, each as a fraction of the
+            window's wall time; C{machine_busy}: the fraction of all CPUs'
+            time that was busy.
+        """
+        wall = time.monotonic() - self.started
+        busy, total = machineTimes()
+        busy -= self.machine[0]
+        total -= self.machine[1]
+        out = {"machine_busy": busy / total if total else 0.0}
+        if self.pid is not None and self.loopThread is not None and wall:
+            cpu = threadCpu(self.pid, self.loopThread) - self.cpu
+            waited = runQueueWait(self.pid, self.loopThread) - self.waited
+            out.update(loop_running=cpu / wall, loop_runqueue=waited / wall)
+        return out
 
 
 def threadTimes(pid: int) -> dict[int, tuple[str, float]]:
