@@ -140,10 +140,11 @@ class SpoolCommitDelayTests(unittest.TestCase):
 
     def test_delayIsShort(self):
         """
-        The default delay is what a client can afford to wait for its 250.
+        The default delay is what a client can afford to wait for its 250
+        (at 0.05 the 20-messages-per-connection bench was slower).
         """
         self.assertGreater(COMMIT_DELAY, 0)
-        self.assertLessEqual(COMMIT_DELAY, 0.02)
+        self.assertLessEqual(COMMIT_DELAY, 0.03)
 
     @defer.inlineCallbacks
     def test_sideBySideShareOneRound(self):
