@@ -134,10 +134,9 @@ class GroupCommit(Generic[J, R]):
         #: (L{_Round.finished}, L{_Round.company}) over it, so that a
         #: thread is woken only by what concerns it: each wake-up costs a
         #: hand-off of the GIL, which the reactor thread pays for.
-        #: Re-entrant, as before: a round run synchronously (a reactor
-        #: without threads) may start the next one from under it.
+        #: Re-entrant: a round run synchronously (a reactor without
+        #: threads) may start the next one from under it.
         self._mutex = threading.RLock()
-        self._lock = threading.Condition(self._mutex)
         self._pending: _Round[J, R] | None = None
         self._running = False
         self._draining = False
@@ -177,7 +176,7 @@ class GroupCommit(Generic[J, R]):
         """
         if not jobs:
             return []
-        with self._lock:
+        with self._mutex:
             for job in jobs:
                 current = self._join(job)
             index = len(current.jobs) - len(jobs)
@@ -249,7 +248,7 @@ class GroupCommit(Generic[J, R]):
         d: defer.Deferred[R] = defer.Deferred()
         reactor = self._getReactor()
         gather = bool(self.gatherDelay) and IReactorThreads.providedBy(reactor)
-        with self._lock:
+        with self._mutex:
             current = self._join(job)
             if gather and current.firstCommit is None:
                 current.firstCommit = reactor.seconds()
@@ -273,7 +272,7 @@ class GroupCommit(Generic[J, R]):
         that it too can ride on a blocking caller's round.
         """
         reactor = self._getReactor()
-        with self._lock:
+        with self._mutex:
             pending = self._pending
             if pending is None:
                 self._draining = False
@@ -309,7 +308,7 @@ class GroupCommit(Generic[J, R]):
         Run the pending rounds until none is left, or another thread runs
         one (it hands the rest back here when it is done, L{_lead}).
         """
-        with self._lock:
+        with self._mutex:
             while (
                 self._pending is not None
                 and not self._running
@@ -327,7 +326,7 @@ class GroupCommit(Generic[J, R]):
         """
         self._pending = None
         self._running = True
-        self._lock.release()
+        self._mutex.release()
         try:
             results = self._runRound(current.jobs)
             if len(results) != len(current.jobs):
@@ -339,7 +338,7 @@ class GroupCommit(Generic[J, R]):
         except BaseException as e:
             current.error = e
         finally:
-            self._lock.acquire()
+            self._mutex.acquire()
             self.rounds += 1
             current.done = True
             self._running = False
