@@ -64,6 +64,17 @@ class RunBlockingTests(unittest.TestCase):
         self.patch(reactor, "callFromThread", callFromThread)
         return calls
 
+    def finishedTogether(self, count):
+        """
+        Wait (blocking this, the reactor's, thread) until C{count} results
+        are waiting to be delivered: they then go in one batch.
+        """
+        deliveries = _deliveriesOf(reactor)
+        deadline = time.monotonic() + 10
+        while len(deliveries._results) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(len(deliveries._results), count)
+
     @defer.inlineCallbacks
     def test_resultsComeBackInBatches(self):
         """
@@ -84,11 +95,7 @@ class RunBlockingTests(unittest.TestCase):
 
         ds = [runBlocking(reactor, work, n) for n in range(20)]
         go.set()
-        # The reactor thread is busy (here: waiting) while they all finish.
-        deliveries = _deliveriesOf(reactor)
-        deadline = time.monotonic() + 10
-        while len(deliveries._results) < 20 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self.finishedTogether(20)
         results = yield defer.gatherResults(ds)
         self.assertEqual([n for n, _ in results], list(range(20)))
         self.assertNotIn(threading.get_ident(), {t for _, t in results})
@@ -103,23 +110,23 @@ class RunBlockingTests(unittest.TestCase):
         d = defer.gatherResults(ds)
         return d.addCallback(self.assertEqual, [n * 2 for n in range(2000)])
 
+    @defer.inlineCallbacks
     def test_deliveryErrorKeepsNoOtherBack(self):
         """
         A L{Deferred} its caller fired already cannot take its result (a
-        bug, logged); the results delivered with it still reach theirs.
+        bug, logged); the result delivered in the same batch behind it
+        still reaches its own.
         """
+        yield runBlocking(reactor, lambda: None)
         go = threading.Event()
         early = runBlocking(reactor, go.wait, 10)
         early.callback("fired by its caller")
-        later = runBlocking(reactor, go.wait, 10)
         go.set()
-        time.sleep(0.2)
-
-        def check(result):
-            self.assertTrue(result)
-            self.assertEqual(len(self.flushLoggedErrors(defer.AlreadyCalledError)), 1)
-
-        return later.addCallback(check)
+        self.finishedTogether(1)
+        later = runBlocking(reactor, lambda: "later")
+        self.finishedTogether(2)
+        self.assertEqual((yield later), "later")
+        self.assertEqual(len(self.flushLoggedErrors(defer.AlreadyCalledError)), 1)
 
 
 class PrivatePoolTests(unittest.TestCase):
