@@ -104,24 +104,26 @@ def _deliveriesOf(reactor: Any) -> _Deliveries:
     return deliveries
 
 
-def runBlocking(reactor: Any, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+def runBlocking(
+    reactor: Any, f: Callable[..., Any], *args: Any, **kwargs: Any
+) -> defer.Deferred:
     """
-    Call C{f(*args)} in C{reactor}'s thread pool; synchronously for a
-    reactor without one.  The results come back to the reactor thread in
-    batches (L{_Deliveries}).
+    Call C{f(*args, **kwargs)} in C{reactor}'s thread pool; synchronously
+    for a reactor without one.  The results come back to the reactor thread
+    in batches (L{_Deliveries}).
 
     @return: a L{Deferred} of its result.
     """
     pool = reactorThreadPool(reactor)
     if pool is None:
-        return defer.maybeDeferred(f, *args)
+        return defer.maybeDeferred(f, *args, **kwargs)
     d: defer.Deferred = defer.Deferred()
     deliveries = _deliveriesOf(reactor)
 
     def onResult(success: bool, result: Any) -> None:
         deliveries.deliver(d, success, result)
 
-    pool.callInThreadWithCallback(onResult, f, *args)
+    pool.callInThreadWithCallback(onResult, f, *args, **kwargs)
     return d
 
 

@@ -7,13 +7,15 @@ a cred L{Portal} whose realm yields L{msa.interfaces.IMailbox} avatars
 (L{msa.pop3.realm.MailboxRealm}).
 """
 
+import functools
 from collections import Counter
 from typing import Any
 
 import attrs
-from twisted.internet import defer, protocol, threads
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
+from msa import threadpool
 from msa.envelope import StoredMessage
 from msa.interfaces import IAuthThrottle
 from msa.pop3.server import POP3Server, POP3Session
@@ -120,10 +122,8 @@ class POP3Factory(protocol.ServerFactory):
         #: C{runBlocking(f, *args)}: a L{Deferred} of C{f(*args)} run off
         #: the reactor thread (file reads, audit fsyncs); the thread pool
         #: unless given (the unit tests run it at once).
-        self.runBlocking = runBlocking or (
-            lambda f, *args, **kw: threads.deferToThreadPool(
-                reactor, reactor.getThreadPool(), f, *args, **kw
-            )
+        self.runBlocking = runBlocking or functools.partial(
+            threadpool.runBlocking, reactor
         )
         self.portal = portal
         self.policy = policy

@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -29,6 +29,7 @@ from msa.interfaces import IDownstream
 from msa.queue import integrity
 from msa.queue.spool import SpoolEntry
 from msa.relay.results import ACCEPTED, TEMPORARY, DeliveryResult, RecipientResult
+from msa.threadpool import runBlocking
 
 log = Logger()
 
@@ -76,13 +77,7 @@ class OutboxDownstream:
         Write the message into the outbox, in a thread (C{dataSent} is
         never called: nothing is left to wait for once it is written).
         """
-        d = threads.deferToThreadPool(
-            self._reactor,
-            self._reactor.getThreadPool(),
-            self._write,
-            entry,
-            messageFile,
-        )
+        d = runBlocking(self._reactor, self._write, entry, messageFile)
 
         def done(path):
             # The relay runner logs the outcome (INFO); this is the detail.

@@ -33,7 +33,6 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet import threads
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -41,6 +40,7 @@ from twisted.web.server import NOT_DONE_YET
 from msa import metrics
 from msa.audit import AuditLog
 from msa.interfaces import ILiveAccountStore, IRelay
+from msa.threadpool import runBlocking
 
 __all__ = ["ComponentHealth", "Health", "HealthResource"]
 
@@ -221,9 +221,7 @@ class HealthResource(Resource):
     def render_GET(self, request) -> Any:
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
-        d = threads.deferToThreadPool(
-            self.reactor, self.reactor.getThreadPool(), self.health.check
-        )
+        d = runBlocking(self.reactor, self.health.check)
 
         def answer(components: dict[str, ComponentHealth]) -> None:
             if gone:
