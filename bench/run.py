@@ -28,6 +28,10 @@ fresh one per run, counting messages in memory):
             instances behind HAProxy (TCP, round robin, send-proxy-v2), each
             with its own state directory and spool and relaying on its own:
             README.rst's "Running more than one instance" on one host.
+  MSA workers=2  (``--servers msa,msaw``; not in the default list) one MSA
+            with ``[server] workers = 2``: two processes accepting on the
+            same sockets, each with its own spool and relay, their limits
+            in a Redis started beside them (CPU counted with the tree).
 
 Password checks cost the same on every side: the MSA caches successful
 PLAIN/LOGIN checks for ``[accounts] auth_cache_ttl`` (300 s); the peer has the
@@ -673,6 +677,74 @@ class MSAPair(MSA):
         return [os.path.join(state, SOCKET_NAME) for state, _, _ in self.instances]
 
 
+class MSAWorkers(MSA):
+    """
+    One MSA with C{[server] workers = WORKERS} (L{msa.service.workers}):
+    worker 0 and the others it starts, accepting on the same listening
+    sockets, each with its own spool and relaying on its own, their limits
+    in a Redis (which more than one worker needs) started beside them.  The
+    processes run under one shell, so that CPU and memory are those of
+    the whole tree, Redis's included.  Not in the default C{--servers}.
+    """
+
+    workers = 2
+    name = f"MSA workers={workers}"
+
+    def start(self, params: dict, sinkPort: int | None, profile: str | None = None):
+        redis = shutil.which("redis-server")
+        if redis is None:
+            raise RuntimeError("MSA workers needs redis-server (apt-get install redis)")
+        redisPort = freePort()
+        self.args = argparse.Namespace(**vars(self.args))
+        self.args.msa_option = [
+            *(self.args.msa_option or []),
+            f"server.workers={self.workers}",
+            'limits.backend="redis"',
+            f'limits.url="redis://127.0.0.1:{redisPort}/0"',
+        ]
+        self.state = os.path.join(self.work, "msa-state")
+        self.port, self.config = self.configure(
+            self.state, os.path.join(self.work, "msa.toml"), params, sinkPort
+        )
+        twistd = [TWISTD, "-n", "--pidfile=", "--logfile"]
+        twistd += [os.path.join(self.work, "msa.log")]
+        twistd += ["digipoort-msa", "--config", self.config]
+        redisCommand = [redis, "--port", str(redisPort), "--bind", "127.0.0.1"]
+        redisCommand += ["--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen(
+            [
+                "sh",
+                "-c",
+                f"{shlex.join(redisCommand)} & sleep 0.3; {shlex.join(twistd)} & wait",
+            ],
+            cwd=self.work,
+            env=dict(os.environ, PYTHONPATH=self.root, **self.env),
+            stdin=subprocess.DEVNULL,
+            stdout=open(os.path.join(self.work, "msa.out"), "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        waitForPort(self.port, self.proc)
+        # Every worker listening: each has its control socket.
+        deadline = time.monotonic() + 30
+        while not all(os.path.exists(p) for p in self.controlSockets()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the workers did not start in 30 s")
+            time.sleep(0.1)
+
+    def multiProcess(self) -> bool:
+        return True
+
+    def stop(self) -> None:
+        MSAPair.stop(self)  # type: ignore[arg-type]
+
+    def controlSockets(self) -> list[str]:
+        return [os.path.join(self.state, SOCKET_NAME)] + [
+            os.path.join(self.state, "workers", str(n), SOCKET_NAME)
+            for n in range(1, self.workers)
+        ]
+
+
 class Peer(Server):
     name = "aiosmtpd"
 
@@ -845,6 +917,7 @@ SERVERS = {
     "aiosmtpd": Peer,
     "postfix": Postfix,
     "msa2": MSAPair,
+    "msaw": MSAWorkers,
     "msa-noaudit": MSANoAudit,
     "msa-nodelay": MSANoDelay,
 }
@@ -1618,7 +1691,8 @@ def main() -> int:
         help="comma-separated, in the order they alternate (default "
         "msa,aiosmtpd,postfix; postfix is skipped, with the reason, when "
         "it cannot run here); msa2 adds two MSA instances behind HAProxy "
-        "(README.rst, 'Running more than one instance'); msa-noaudit the "
+        "(README.rst, 'Running more than one instance'); msaw the MSA with "
+        "[server] workers = 2 (and Redis for its limits); msa-noaudit the "
         "MSA with [audit] enabled = false (the audit log's cost); "
         "msa-nodelay the MSA with [spool] commit_delay = 0; msa+SECTION.KEY="
         "VALUE the MSA with that option (a column of its own); msa@PATH the "

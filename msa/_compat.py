@@ -44,6 +44,10 @@ Twisted:
       log publisher, so that the C{[logging] level} filter can be put in
       front of the ones twistd installed (L{publisherObservers}); Twisted
       has no public way to list them, nor to filter a publisher.
+    - C{twisted.logger._flatten.flattenEvent}: a worker
+      (L{msa.service.worker}) formats its events' fields into the event
+      before it turns the objects among them into JSON for worker 0, as
+      C{eventAsJSON} does inside itself; Twisted exports no name for it.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from OpenSSL._util import lib as _lib
 from twisted.internet import tcp
 from twisted.internet._sslverify import ClientTLSOptions
 from twisted.logger import ILogObserver, LogPublisher
+from twisted.logger._flatten import flattenEvent
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._info import ProxyInfo
 from twisted.protocols.haproxy._v1parser import V1Parser
@@ -71,6 +76,7 @@ __all__ = [
     "ProxyInfo",
     "V1Parser",
     "V2Parser",
+    "flattenEvent",
     "opensslFunction",
     "publisherObservers",
     "setGroups",

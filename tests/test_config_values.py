@@ -171,6 +171,7 @@ BAD: list[Bad] = [
     *number("server.data_timeout", 1, DAY, "0"),
     *integer("server.data_min_rate", 1, 1024**3, "0", "1.5"),
     *integer("server.listen_backlog", 1, 65535, "0", "65536"),
+    *integer("server.workers", 1, 64, "0", "65"),
     Bad(
         "server.proxy_from",
         '["10.0.0.0/33"]',

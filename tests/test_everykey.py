@@ -1467,6 +1467,42 @@ def _limits(env):
     return env.service("RedisLimits")
 
 
+def checkWorkers(env):
+    """
+    A second process, started by this one (worker 0: the service runs in
+    the test's process), accepts on the same listening socket: its
+    descriptors include the socket of the STARTTLS listener.
+    """
+    import time
+
+    from tests.test_workers import children
+
+    def socketOf(pid: int, port: int) -> set[str]:
+        inodes = set()
+        with open("/proc/net/tcp") as f:
+            for line in f.read().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":
+                    inodes.add(f"socket:[{fields[9]}]")
+        held = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                pass
+        return inodes & held
+
+    ours = socketOf(os.getpid(), env.starttlsPort)
+    assert len(ours) == 1, ours
+    deadline = time.monotonic() + 20
+    while True:
+        workers = children(os.getpid())
+        if len(workers) == 1 and socketOf(workers[0], env.starttlsPort) == ours:
+            return
+        assert time.monotonic() < deadline, workers
+        time.sleep(0.1)
+
+
 _REDIS_TESTS = "tests.test_limits_redis."
 ROWS += [
     Row("limits.backend", "redis", checkSharedCounts, "redis"),
@@ -1492,6 +1528,7 @@ ROWS += [
         ),
     ),
     *_POP3_ROWS,
+    Row("server.workers", 2, checkWorkers, "redis"),
     Row("limits.fallback", "local", checkFallback, "redis"),
 ]
 

@@ -209,6 +209,13 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
     except ValueError as e:
         raise ConfigError(f"{_where(path, 'content', 'policy')}: {e}")
     _resolveLimits(path, config["limits"])
+    if server["workers"] > 1 and config["limits"]["backend"] != "redis":
+        raise ConfigError(
+            f"{_where(path, 'server', 'workers')}: more than one worker needs "
+            '[limits] backend = "redis": each worker process would count the '
+            "rates, connections and failed logins on its own (got workers = "
+            f"{server['workers']} and backend = {config['limits']['backend']!r})"
+        )
     _resolveReturnChannel(config, absolute)
     if server["listen_backlog"] is None:
         # Room in the kernel's queue for a burst of twice the connection

@@ -162,6 +162,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "data_timeout": number(300, 1, DAY, "Seconds for DATA, plus the rate."),
         "data_min_rate": integer(1024, 1, GiB, "Octets per second DATA earns."),
         "listen_backlog": integer(None, 1, 65535, "Listen backlog of listeners."),
+        "workers": integer(1, 1, 64, "Processes taking submissions."),
         "proxy_from": listOf(
             ["127.0.0.1", "::1"],
             network(None, "A peer that may send the PROXY header."),

@@ -83,7 +83,7 @@ def _snake(name: str) -> str:
     return _CAMEL.sub("_", name).lower()
 
 
-def _jsonValue(value: Any) -> Any:
+def jsonValue(value: Any) -> Any:
     if value is None or isinstance(value, str | int | float | bool):
         return value
     try:
@@ -167,12 +167,12 @@ class FlatJSONObserver:
                 continue
             if key in _COMMON_KEYS:
                 if value not in (None, ""):
-                    line[_COMMON_KEYS[key]] = _jsonValue(value)
+                    line[_COMMON_KEYS[key]] = jsonValue(value)
                 continue
             name = _snake(key)
             if name in COMMON_FIELDS or name == "traceback":
                 name = "field_" + name
-            own[name] = _jsonValue(value)
+            own[name] = jsonValue(value)
         self._remember(line, own)
         line["namespace"] = namespace
         line["text"] = formatEvent(event) or " ".join(

@@ -33,7 +33,7 @@ from msa.accounts.model import (
 )
 from msa.accounts.passwords import PasswordVerifier, limitScryptMemory
 from msa.accounts.pgstore import AccountDatabase
-from msa.audit import AuditLog
+from msa.audit import AuditLog, recoverRecords
 from msa.interfaces import ILiveAccountStore
 from msa.policy.authorization import AuthThrottle, ServerRules
 from msa.policy.redislimits import RedisLimits
@@ -60,6 +60,13 @@ from msa.service.services import (
     SessionShutdown,
 )
 from msa.service.startupchecks import StartupCheckError, checkFileLimit, runChecks
+from msa.service.workers import (
+    AdoptedListener,
+    KeptPort,
+    Workers,
+    WorkersGone,
+    leftoverSpools,
+)
 from msa.submission.avatar import submissionFactory
 from msa.submission.extensions import offeredExtensions
 from msa.submission.proxyheader import (
@@ -108,19 +115,23 @@ def configFromOptions(options: Options) -> Config:
         raise SystemExit("digipoort-msa: " + line) from None
 
 
+#: What stops a start with one line (no traceback).
+STARTUP_ERRORS = (
+    StartupCheckError,
+    ConfigError,
+    AccountsFileError,
+    tls.TLSConfigurationError,
+    OSError,
+    ValueError,
+)
+
+
 def makeService(options: Options) -> OrderedShutdown:
     limitScryptMemory()
     config = configFromOptions(options)
     try:
         return buildService(config)
-    except (
-        StartupCheckError,
-        ConfigError,
-        AccountsFileError,
-        tls.TLSConfigurationError,
-        OSError,
-        ValueError,
-    ) as e:
+    except STARTUP_ERRORS as e:
         # A configuration error may quote a connection string: never its
         # password (nor a traceback of the chained error that holds it).
         raise SystemExit(
@@ -201,14 +212,22 @@ def _downstream(config: Config):
     )
 
 
-def buildService(config: Config, reactor=None) -> OrderedShutdown:
+def buildService(
+    config: Config, reactor=None, listeners: dict[str, int] | None = None
+) -> OrderedShutdown:
     """
     Everything the MSA runs, from a validated configuration.
 
     The services are added in the order they may start, which
-    L{OrderedShutdown} stops in reverse, one after the other: the listeners,
-    the sessions (finishing their messages), the relay runner, the control
-    socket and metrics, the limits, the accounts, the audit log, the logs.
+    L{OrderedShutdown} stops in reverse, one after the other: the other
+    workers (L{msa.service.workers}), the listeners, the sessions
+    (finishing their messages), the relay runner, the control socket and
+    metrics, the limits, the accounts, the audit log, the logs.
+
+    @param listeners: in a worker other than worker 0
+        (L{msa.service.worker}), the listening sockets it was given, by
+        C{"<key>:<position>"} (C{"starttls_listeners:0"}): it accepts on
+        them instead of binding its own, and runs no return channel.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -224,6 +243,13 @@ def buildService(config: Config, reactor=None) -> OrderedShutdown:
     LogLevelFilter(level).setServiceParent(top)
     if config["logging"]["json_file"]:
         JSONLogFile(config["logging"]["json_file"], level).setServiceParent(top)
+    workers = None
+    if server["workers"] > 1 and listeners is None:
+        workers = Workers(
+            server["workers"], config.path, [], reactor, server["shutdown_grace"]
+        )
+        # Early, so that it stops late: the workers end beside this one.
+        WorkersGone(workers).setServiceParent(top)
     os.makedirs(server["state_dir"], mode=0o700, exist_ok=True)
 
     certFile, keyFile = tlsConfig["certificate"], tlsConfig["key"]
@@ -272,17 +298,7 @@ def buildService(config: Config, reactor=None) -> OrderedShutdown:
     relay = config["relay"]
     for problem in checkFileLimit(server["max_connections"], relay["concurrency"]):
         log.warn("startup check: {problem}", problem=problem)
-    runner = RelayRunner(
-        spool,
-        _downstream(config),
-        reactor,
-        retryBase=relay["retry_base"],
-        retryMax=relay["retry_max"],
-        maxLifetime=relay["max_lifetime"],
-        concurrency=relay["concurrency"],
-        dsnHostname=server["hostname"] if relay["send_dsn"] else None,
-        delayWarningAfter=relay["delay_warning_after"],
-    )
+    runner = _relayRunner(config, spool, reactor)
     throttle = AuthThrottle(
         base=server["auth_delay_base"], maximum=server["auth_delay_max"]
     )
@@ -292,10 +308,12 @@ def buildService(config: Config, reactor=None) -> OrderedShutdown:
     metrics.watchQueue(spool, relay["delay_warning_after"])
     metrics.watchCertificate(certFile)
     contextArgs = dict(certFile=certFile, keyFile=keyFile, chainFile=tlsConfig["chain"])
-    returnChannel = buildReturnChannel(
-        config, store, audit, contextArgs | tlsArgs, reactor
-    )
-    returnChannel.setServiceParent(top)
+    returnChannel = None
+    if listeners is None:
+        returnChannel = buildReturnChannel(
+            config, store, audit, contextArgs | tlsArgs, reactor
+        )
+        returnChannel.setServiceParent(top)
     if config["metrics"]["listen"]:
         health = Health(
             spool,
@@ -314,6 +332,8 @@ def buildService(config: Config, reactor=None) -> OrderedShutdown:
         socketPath(server["state_dir"]), runner.control, spool, reactor, audit
     ).setServiceParent(top)
     runner.setServiceParent(top)
+    if listeners is None:
+        _relayLeftovers(config, audit, reactor, top)
 
     if server["accepted_recipients"] is None:
         log.warn(
@@ -391,32 +411,88 @@ def buildService(config: Config, reactor=None) -> OrderedShutdown:
         served: IProtocolFactory = factory
         if implicit:
             served = TLSMemoryBIOFactory(contextFactory, False, factory)
-        for description in server[key]:
+        for position, description in enumerate(server[key]):
             proxied, inner = splitDescription(description)
             listenerFactory = served
             if proxied:
                 listenerFactory = ProxyHeaderFactory(
                     served, reactor, proxyFrom, description
                 )
+            listenerKey = f"{key}:{position}"
+            if listeners is not None:
+                AdoptedListener(
+                    listeners[listenerKey], listenerFactory, reactor
+                ).setServiceParent(top)
+                continue
             # A listener that cannot bind fails the start (twistd exits).
             listener = strports.service(
                 withBacklog(inner, server["listen_backlog"]), listenerFactory, reactor
             )
+            if workers is not None:
+                kept = KeptPort(listener.endpoint, listenerKey)
+                listener.endpoint = kept
+                workers.ports.append(kept)
             listener.setServiceParent(top)
-    addPOP3Listeners(
-        top,
-        config,
-        reactor,
-        portal,
-        store,
-        returnChannel.mailboxStore,
-        audit,
-        serverRules.throttle,
-        contextFactory,
-        mechanismContext,
-        withBacklog,
-    )
+    if returnChannel is not None:
+        addPOP3Listeners(
+            top,
+            config,
+            reactor,
+            portal,
+            store,
+            returnChannel.mailboxStore,
+            audit,
+            serverRules.throttle,
+            contextFactory,
+            mechanismContext,
+            withBacklog,
+        )
+    if workers is not None:
+        # Last: the listening sockets are bound when it starts, and it
+        # stops first, telling the workers to stop beside this one.
+        workers.setServiceParent(top)
     return top
+
+
+def _relayLeftovers(config: Config, audit, reactor, top: OrderedShutdown) -> None:
+    """
+    Relay what the spools of workers no longer started still hold
+    (C{[server] workers} lowered): a runner for each, in worker 0.
+    """
+    spools = leftoverSpools(config["spool"]["directory"], config["server"]["workers"])
+    for directory in spools:
+        spool = Spool(directory, reactor)
+        spool.commits.commitDelay = config["spool"]["commit_delay"]
+        spool.recover()
+        if audit is not None:
+            spool.audit = audit
+            recoverRecords(audit, spool)
+        if not spool.pending():
+            continue
+        log.warn(
+            "The spool {directory} of a worker no longer started holds "
+            "{count} messages: relayed from here",
+            directory=directory,
+            count=len(spool.pending()),
+        )
+        runner = _relayRunner(config, spool, reactor)
+        runner.setName(f"relay {directory}")
+        runner.setServiceParent(top)
+
+
+def _relayRunner(config: Config, spool: Spool, reactor) -> RelayRunner:
+    relay = config["relay"]
+    return RelayRunner(
+        spool,
+        _downstream(config),
+        reactor,
+        retryBase=relay["retry_base"],
+        retryMax=relay["retry_max"],
+        maxLifetime=relay["max_lifetime"],
+        concurrency=relay["concurrency"],
+        dsnHostname=config["server"]["hostname"] if relay["send_dsn"] else None,
+        delayWarningAfter=relay["delay_warning_after"],
+    )
 
 
 def _sharedLimits(

@@ -1,0 +1,135 @@
+# -*- test-case-name: tests.test_workers -*-
+"""
+C{python -m msa.service.worker}: one of the workers worker 0 starts
+(L{msa.service.workers}), not a program to run by hand.
+
+It builds its service (L{msa.service.tap.buildService}) from worker 0's
+configuration file made its own (L{msa.service.workers.workerConfig}), on
+the listening sockets it was given (C{--listener KEY=FD}), and runs it
+until SIGTERM or until its standard input closes (worker 0 has gone).  Its
+log events go to its standard error, one JSON object per line
+(L{twisted.logger.eventAsJSON}), for worker 0 to put into its log; a
+configuration or start-up error is logged there and ends it with status
+1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import IO, Any, cast
+
+from twisted.internet import protocol, stdio
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    eventAsJSON,
+    globalLogBeginner,
+)
+from twisted.python.failure import Failure
+
+from msa._compat import flattenEvent
+from msa.service.logs import jsonValue
+
+log = Logger()
+
+
+class LifeLine(protocol.Protocol):
+    """
+    The worker's standard input, kept open by worker 0: when it closes,
+    worker 0 has gone (stopped, or killed), and the worker stops as on
+    SIGTERM.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.reactor.running:
+            log.info("worker 0 has gone: stopping")
+            self.reactor.stop()
+
+
+def toWorkerZero(event: dict, out: IO[str] | None = None) -> None:
+    """
+    Write C{event} for worker 0 (L{msa.service.workers.Workers.logFrom}):
+    one JSON object on a line (L{eventAsJSON}), its text formatted here,
+    and each of its own fields as the JSON log writes it
+    (L{msa.service.logs.jsonValue}: an object that JSON cannot carry as
+    its text), so that worker 0's logs show what this worker's would.
+    """
+    event = dict(event)
+    flattenEvent(event)
+    for key, value in event.items():
+        if key == "log_flattened":
+            event[key] = {k: jsonValue(v) for k, v in value.items()}
+        elif not key.startswith("log_"):
+            event[key] = jsonValue(value)
+    out = sys.stderr if out is None else out
+    out.write(eventAsJSON(event) + "\n")
+    out.flush()
+
+
+def parseArguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m msa.service.worker")
+    parser.add_argument("--worker", type=int, required=True)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--listener", action="append", default=[])
+    return parser.parse_args(argv)
+
+
+def listenersFrom(arguments: list[str]) -> dict[str, int]:
+    """
+    C{KEY=FD} arguments as a mapping.
+    """
+    listeners = {}
+    for argument in arguments:
+        key, _, fd = argument.rpartition("=")
+        listeners[key] = int(fd)
+    return listeners
+
+
+def main(argv: list[str] | None = None) -> None:
+    from twisted.internet import reactor
+
+    from msa.accounts.passwords import limitScryptMemory
+    from msa.redact import maskSecrets
+    from msa.service.config import loadConfig
+    from msa.service.tap import STARTUP_ERRORS, buildService
+    from msa.service.workers import workerConfig
+    from msa.tls import ensureSelfSignedCertificate
+
+    options = parseArguments(sys.argv[1:] if argv is None else argv)
+    globalLogBeginner.beginLoggingTo(
+        [cast(ILogObserver, toWorkerZero)], redirectStandardIO=False
+    )
+    limitScryptMemory()
+    try:
+        config = loadConfig(options.config)
+        tls = config["tls"]
+        certificate = (tls["certificate"], tls["key"])
+        if certificate[0] is None:
+            certificate = ensureSelfSignedCertificate(
+                config["server"]["state_dir"], config["server"]["hostname"]
+            )
+        top = buildService(
+            workerConfig(config, options.worker, certificate),
+            reactor,
+            listeners=listenersFrom(options.listener),
+        )
+    except STARTUP_ERRORS as e:
+        log.critical(
+            "worker {number} cannot start: {e}",
+            number=options.worker,
+            e=maskSecrets(str(e)),
+        )
+        raise SystemExit(1) from None
+    stdio.StandardIO(LifeLine(reactor), reactor=reactor)
+    top.privilegedStartService()
+    top.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.run()  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    main()

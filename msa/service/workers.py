@@ -1,0 +1,458 @@
+# -*- test-case-name: tests.test_workers -*-
+"""
+Several processes taking submissions on the same listeners (C{[server]
+workers}), so that the MSA uses more than one CPU core: the reactor thread
+of one Python process (TLS, SMTP, SASL) is the limit on a busy host, and
+the GIL keeps a second thread from adding to it (bench/RESULTS.md).
+
+The process C{twistd digipoort-msa} starts is worker 0.  It binds every
+listener, as it always does, and then starts the other workers
+(L{Workers}): C{python -m msa.service.worker}, each given the listening
+sockets themselves (the same sockets: the kernel hands each connection to
+whichever process accepts it first, so a busy worker takes fewer) and its
+number.  A worker builds the same service from the same configuration
+file (L{workerConfig}), with what must not be shared made its own:
+
+  - its spool, C{<spool directory>/workers/N}, and so its own relay runner
+    and group commit: a message is the spool's whose worker took it, from
+    the 250 to its relay;
+  - its state directory, C{<state_dir>/workers/N} (control socket,
+    outcomes, the accounts cache);
+  - its metrics endpoint: C{tcp:PORT...} becomes C{tcp:PORT+N...}, C{unix:PATH}
+    becomes C{unix:PATH.N};
+  - no LMTP or POP3 listener and no mailbox recovery: the return channel
+    is worker 0's alone.
+
+The audit log is shared: each record is appended under its lock among
+processes (L{msa.audit.chainedfile}), the chain continued from the file.
+The limits must be shared too, so more than one worker needs C{[limits]
+backend = "redis"} (L{msa.service.config}).
+
+A worker's log events come to worker 0 on the worker's standard error,
+one JSON object per line (L{twisted.logger.eventAsJSON}), and go into its
+log with C{log_system} C{worker-N} and a C{worker} field.  Worker 0 starts
+a worker again when it ends (after L{RESTART_DELAY}, doubled while it
+keeps ending within L{STEADY} seconds of its start, up to
+L{RESTART_DELAY_MAX}); the messages its spool holds wait there until the
+new one relays them.  A worker whose standard input closes (worker 0 is
+gone, even killed) stops as on SIGTERM.  On stop, worker 0 sends every
+worker SIGTERM at once, and its own services stop beside theirs; its last
+step waits until they have all ended (L{WorkersGone}), killing one that is
+still there C{shutdown_grace} plus L{STOP_MARGIN} seconds later.
+
+When C{workers} is lowered, worker 0 relays what the spools of the workers
+no longer started still hold (L{leftoverSpools}), so that nothing waits
+for a worker that will never come.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.application import service
+from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from msa.service.config import Config
+
+log = Logger()
+
+#: Seconds before an ended worker is started again, at first.
+RESTART_DELAY = 0.5
+#: The longest wait before a start, for a worker that keeps ending.
+RESTART_DELAY_MAX = 30.0
+#: A worker that ran this long before it ended starts again after
+#: L{RESTART_DELAY}; one that ended sooner waits twice as long as before.
+STEADY = 10.0
+#: Seconds past C{shutdown_grace} that a stop waits for a worker to end
+#: before it is killed.
+STOP_MARGIN = 10.0
+#: The longest line a worker may send (a log event with a traceback).
+MAX_LINE = 1024 * 1024
+#: Where the workers' spools and state directories go, in the spool
+#: directory and in the state directory.
+DIRECTORY = "workers"
+
+
+def workerDirectory(base: str, number: int) -> str:
+    """
+    Worker C{number}'s directory under C{base} (a spool or state directory).
+    """
+    return os.path.join(base, DIRECTORY, str(number))
+
+
+_TCP_PORT = re.compile(r"^(tcp6?:(?:port=)?)(\d+)(.*)$")
+_UNIX_PATH = re.compile(r"^(unix:(?:address=)?)((?:[^:\\]|\\.)+)(.*)$")
+
+
+def workerEndpoint(description: str, number: int) -> str | None:
+    """
+    Worker C{number}'s version of the endpoint C{description} (C{[metrics]
+    listen}): a TCP port moved up by C{number}, a UNIX socket path with
+    C{.number} added; L{None} for another kind of endpoint (the worker
+    serves no metrics).
+    """
+    tcp = _TCP_PORT.match(description)
+    if tcp is not None:
+        port = int(tcp.group(2))
+        if port == 0:
+            return description
+        return f"{tcp.group(1)}{port + number}{tcp.group(3)}"
+    unix = _UNIX_PATH.match(description)
+    if unix is not None:
+        return f"{unix.group(1)}{unix.group(2)}.{number}{unix.group(3)}"
+    return None
+
+
+def workerConfig(config: Config, number: int, certificate: tuple[str, str]) -> Config:
+    """
+    Worker C{number}'s configuration: C{config} with its own spool, state
+    directory and metrics endpoint, without the return channel's
+    listeners, and with worker 0's server certificate (C{certificate}: the
+    paths of it and its key, which may be the self-signed one of built-in
+    defaults).
+    """
+    values = copy.deepcopy(config.values)
+    server = values["server"]
+    server["state_dir"] = workerDirectory(server["state_dir"], number)
+    server["workers"] = 1
+    values["spool"]["directory"] = workerDirectory(values["spool"]["directory"], number)
+    values["tls"]["certificate"], values["tls"]["key"] = certificate
+    for section, keys in (
+        ("lmtp", ("listeners", "tls_listeners")),
+        ("pop3", ("starttls_listeners", "implicit_tls_listeners")),
+    ):
+        for key in keys:
+            values[section][key] = []
+    listen = values["metrics"]["listen"]
+    if listen:
+        values["metrics"]["listen"] = workerEndpoint(listen, number)
+    # Its events go into worker 0's log, and so into its JSON file.
+    values["logging"]["json_file"] = None
+    return Config(values, config.path)
+
+
+def leftoverSpools(spoolDirectory: str, workers: int) -> list[str]:
+    """
+    The spools of workers numbered C{workers} or higher (no longer
+    started) that still hold a queue, in number order.
+    """
+    base = os.path.join(spoolDirectory, DIRECTORY)
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        if not name.isdigit() or int(name) < workers:
+            continue
+        directory = os.path.join(base, name)
+        if os.path.isdir(os.path.join(directory, "queue")):
+            found.append((int(name), directory))
+    return [directory for _, directory in sorted(found)]
+
+
+# -- worker 0: the listening sockets -------------------------------------
+
+
+@implementer(IStreamServerEndpoint)
+@attrs.define
+class KeptPort:
+    """
+    An endpoint that keeps the port it listens on, so that the workers can
+    be given its socket (C{port.fileno()}).
+    """
+
+    endpoint: Any
+    key: str
+    port: Any = None
+
+    def listen(self, factory):
+        def keep(port):
+            self.port = port
+            return port
+
+        return self.endpoint.listen(factory).addCallback(keep)
+
+
+# -- a worker: the sockets it is given -------------------------------------
+
+
+class AdoptedListener(service.Service):
+    """
+    A listening socket worker 0 bound, given to this worker as descriptor
+    C{fd}: it accepts connections for C{factory} while the service runs.
+    """
+
+    def __init__(self, fd: int, factory: Any, reactor: Any) -> None:
+        self.fd = fd
+        self.factory = factory
+        self.reactor = reactor
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._adopt()
+
+    def startService(self) -> None:
+        super().startService()
+        self._adopt()
+
+    def _adopt(self) -> None:
+        if self.port is not None:
+            return
+        with socket.socket(fileno=os.dup(self.fd)) as given:
+            family = given.family
+        # adoptStreamPort takes a copy; the descriptor it came on is ours.
+        self.port = self.reactor.adoptStreamPort(self.fd, family, self.factory)
+        os.close(self.fd)
+
+    def stopService(self):
+        super().stopService()
+        if self.port is None:
+            return None
+        return self.port.stopListening()
+
+
+# -- worker 0: starting, watching and stopping the others ------------------
+
+#: systemd's socket-activation variables: for worker 0 only (a worker is
+#: given its sockets by worker 0).
+_SYSTEMD = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+def workerEnvironment() -> dict[str, str]:
+    """
+    A worker's environment: worker 0's, without systemd's sockets.
+    """
+    return {k: v for k, v in os.environ.items() if k not in _SYSTEMD}
+
+
+class _Worker(protocol.ProcessProtocol):
+    """
+    One worker process: its log lines in, its end noticed.
+    """
+
+    def __init__(self, owner: Workers, number: int) -> None:
+        self.owner = owner
+        self.number = number
+        self.started = owner.clock()
+        self.buffers = {1: b"", 2: b""}
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self.gone = False
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        buffer = self.buffers.get(childFD, b"") + data
+        *lines, rest = buffer.split(b"\n")
+        if len(rest) > MAX_LINE:
+            lines.append(rest)
+            rest = b""
+        self.buffers[childFD] = rest
+        for line in lines:
+            self.owner.logFrom(self.number, line)
+
+    def processEnded(self, reason: Failure) -> None:
+        for rest in self.buffers.values():
+            if rest:
+                self.owner.logFrom(self.number, rest)
+        self.gone = True
+        self.owner.ended(self, reason)
+        self.ended.callback(None)
+
+    def signal(self, name: str) -> None:
+        if self.gone or self.transport is None:
+            return
+        try:
+            self.transport.signalProcess(name)
+        except error.ProcessExitedAlready:
+            pass
+
+
+class Workers(service.Service):
+    """
+    Worker 0's part: start workers 1 to C{count - 1} over the listening
+    sockets of C{ports}, start each again when it ends while this runs,
+    and stop them all when this stops.  See the module docstring.
+
+    @ivar processes: the running workers, by number.
+    @ivar starts: how many times each was started.
+    """
+
+    name = "workers"
+
+    def __init__(
+        self,
+        count: int,
+        configPath: str | None,
+        ports: list[KeptPort],
+        reactor: Any,
+        grace: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.count = count
+        self.configPath = None if configPath is None else os.path.abspath(configPath)
+        self.ports = ports
+        self.reactor = reactor
+        self.grace = grace
+        self.clock = clock
+        self.processes: dict[int, _Worker] = {}
+        self.starts: dict[int, int] = {}
+        self._delays: dict[int, float] = {}
+        self._pending: dict[int, Any] = {}
+
+    def command(self, number: int) -> tuple[list[str], dict[int, Any]]:
+        """
+        The command line that starts worker C{number}, and the descriptors
+        it gets: its standard input (its life line), output and error (its
+        log), then the listening sockets from 3 on.
+        """
+        args = [sys.executable, "-m", "msa.service.worker", "--worker", str(number)]
+        if self.configPath is not None:
+            args += ["--config", self.configPath]
+        fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        for position, kept in enumerate(self.ports, start=3):
+            fds[position] = kept.port.fileno()
+            args += ["--listener", f"{kept.key}={position}"]
+        return args, fds
+
+    def startService(self) -> None:
+        super().startService()
+        for number in range(1, self.count):
+            self._start(number)
+
+    def _start(self, number: int) -> None:
+        self._pending.pop(number, None)
+        if not self.running:
+            return
+        args, fds = self.command(number)
+        worker = _Worker(self, number)
+        try:
+            transport = self.reactor.spawnProcess(
+                worker,
+                sys.executable,
+                args,
+                env=workerEnvironment(),
+                path=os.getcwd(),
+                childFDs=fds,
+            )
+        except OSError:
+            log.failure("cannot start worker {number}", number=number)
+            self._later(number)
+            return
+        self.processes[number] = worker
+        self.starts[number] = self.starts.get(number, 0) + 1
+        log.info(
+            "worker {number} started (process {pid})",
+            number=number,
+            pid=transport.pid,
+        )
+
+    def _later(self, number: int, ranFor: float = 0.0) -> float:
+        delay = self._delays.get(number, RESTART_DELAY / 2) * 2
+        if ranFor >= STEADY:
+            delay = RESTART_DELAY
+        delay = min(delay, RESTART_DELAY_MAX)
+        self._delays[number] = delay
+        self._pending[number] = self.reactor.callLater(delay, self._start, number)
+        return delay
+
+    def ended(self, worker: _Worker, reason: Failure) -> None:
+        if self.processes.get(worker.number) is worker:
+            del self.processes[worker.number]
+        if not self.running:
+            return
+        ranFor = self.clock() - worker.started
+        delay = self._later(worker.number, ranFor)
+        log.error(
+            "worker {number} ended ({reason}) after {ranFor:.1f} s; the messages "
+            "its spool holds wait for it; starting it again in {delay} s",
+            number=worker.number,
+            reason=reason.getErrorMessage(),
+            ranFor=ranFor,
+            delay=delay,
+        )
+
+    def logFrom(self, number: int, line: bytes) -> None:
+        """
+        One line from worker C{number}: a log event (into this process's
+        log, marked as the worker's), or anything else it wrote (logged as
+        text).
+        """
+        text = line.strip(b"\x1e \r\n\t").decode("utf-8", "replace")
+        if not text:
+            return
+        try:
+            event = eventFromJSON(text)
+            if not isinstance(event, dict) or "log_level" not in event:
+                raise ValueError(text)
+        except ValueError:
+            log.warn("worker {number}: {text}", number=number, text=text)
+            return
+        event["log_system"] = f"worker-{number}"
+        event["worker"] = number
+        globalLogPublisher(event)
+
+    def stopService(self):
+        super().stopService()
+        for call in self._pending.values():
+            if call.active():
+                call.cancel()
+        self._pending.clear()
+        for worker in self.processes.values():
+            worker.signal("TERM")
+
+    def whenGone(self) -> defer.Deferred[None]:
+        """
+        A L{Deferred} that fires once every worker has ended; a worker still
+        there C{grace} plus L{STOP_MARGIN} seconds from now is killed.
+        """
+        workers = list(self.processes.values())
+        if not workers:
+            return defer.succeed(None)
+
+        def kill() -> None:
+            for worker in workers:
+                if not worker.gone:
+                    log.error(
+                        "worker {number} did not end within {seconds} s of the "
+                        "stop: killed",
+                        number=worker.number,
+                        seconds=self.grace + STOP_MARGIN,
+                    )
+                    worker.signal("KILL")
+
+        timer = self.reactor.callLater(self.grace + STOP_MARGIN, kill)
+        done = defer.gatherResults([w.ended for w in workers])
+
+        def over(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+
+        return done.addCallback(over)
+
+
+class WorkersGone(service.Service):
+    """
+    Worker 0's last step of a stop: wait until every worker has ended
+    (L{Workers.whenGone}).  It is added before the other services, so that
+    it stops after them: the workers finish their sessions while worker 0
+    finishes its own, not one after the other.
+    """
+
+    def __init__(self, workers: Workers) -> None:
+        self.workers = workers
+
+    def stopService(self):
+        super().stopService()
+        return self.workers.whenGone()

@@ -1,0 +1,388 @@
+"""
+C{[server] workers} (L{msa.service.workers}): the real C{twistd -n
+digipoort-msa} from a TOML file with two workers, their limits in a
+throwaway Redis, relaying over STARTTLS (the core's certificate verified)
+to the test core; submissions over STARTTLS and AUTH with smtplib.
+
+Which worker takes a connection is the kernel's choice; the tests make it
+theirs by stopping the other worker (SIGSTOP) while they connect: a
+stopped process accepts nothing, and its peer must.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from msa.service.config import ConfigError, loadConfig
+from msa.service.workers import (
+    leftoverSpools,
+    workerConfig,
+    workerDirectory,
+    workerEndpoint,
+)
+from tests.e2e import freePort, writeConfig
+from tests.redisserver import RedisServer
+from tests.test_crash import USER, Core, MSAProcess, sleep, waitFor
+
+WORKERS = 2
+
+
+def children(pid: int) -> list[int]:
+    """
+    The worker processes C{pid} started (C{python -m msa.service.worker}).
+    """
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                command = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == pid and b"msa.service.worker" in command:
+            found.append(int(name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class EndpointTests(unittest.TestCase):
+    """
+    A worker's metrics endpoint (L{workerEndpoint}).
+    """
+
+    def test_tcpPortMovesUp(self):
+        self.assertEqual(
+            workerEndpoint("tcp:9100:interface=127.0.0.1", 3),
+            "tcp:9103:interface=127.0.0.1",
+        )
+        self.assertEqual(workerEndpoint("tcp6:port=9100", 1), "tcp6:port=9101")
+
+    def test_anyPortStaysAny(self):
+        self.assertEqual(workerEndpoint("tcp:0", 2), "tcp:0")
+
+    def test_unixPathSuffixed(self):
+        self.assertEqual(
+            workerEndpoint("unix:/run/msa/metrics.sock:mode=600", 2),
+            "unix:/run/msa/metrics.sock.2:mode=600",
+        )
+
+    def test_otherKindNone(self):
+        self.assertIsNone(workerEndpoint("systemd:domain=INET:index=2", 1))
+
+
+class ConfigTests(unittest.TestCase):
+    """
+    What a worker is given (L{workerConfig}), and what more than one
+    worker needs.
+    """
+
+    def write(self, **sections) -> str:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "msa.toml")
+        writeConfig(path, {"server": {"state_dir": directory}, **sections})
+        return path
+
+    def test_memoryLimitsRefused(self):
+        """
+        More than one worker with the memory backend stops the start,
+        naming the key and why.
+        """
+        path = self.write(server={"workers": 2})
+        with self.assertRaises(ConfigError) as caught:
+            loadConfig(path)
+        self.assertEqual(
+            str(caught.exception),
+            f"{path}: [server] workers: more than one worker needs [limits] "
+            'backend = "redis": each worker process would count the rates, '
+            "connections and failed logins on its own (got workers = 2 and "
+            "backend = 'memory')",
+        )
+
+    def test_oneWorkerAnyBackend(self):
+        self.assertEqual(loadConfig(self.write())["server"]["workers"], 1)
+
+    def test_workerHasItsOwn(self):
+        """
+        Worker 2's spool and state are its own, its metrics port is moved
+        up by 2, it has no return channel listener and no log file of its
+        own, starts no further worker, and keeps worker 0's certificate;
+        the rest (the audit log, the accounts, the relay) is as given.
+        """
+        path = self.write(
+            server={"workers": 3},
+            limits={"backend": "redis"},
+            metrics={"listen": "tcp:9100:interface=127.0.0.1"},
+            lmtp={"listeners": ["unix:/tmp/lmtp.sock"]},
+            pop3={"starttls_listeners": ["tcp:2110"]},
+            logging={"json_file": "log.json"},
+        )
+        config = loadConfig(path)
+        worker = workerConfig(config, 2, ("/c/cert.pem", "/c/key.pem"))
+        state = config["server"]["state_dir"]
+        self.assertEqual(worker["server"]["state_dir"], f"{state}/workers/2")
+        self.assertEqual(worker["spool"]["directory"], f"{state}/spool/workers/2")
+        self.assertEqual(worker["server"]["workers"], 1)
+        self.assertEqual(worker["metrics"]["listen"], "tcp:9102:interface=127.0.0.1")
+        self.assertEqual(worker["lmtp"]["listeners"], [])
+        self.assertEqual(worker["pop3"]["starttls_listeners"], [])
+        self.assertIsNone(worker["logging"]["json_file"])
+        self.assertEqual(
+            (worker["tls"]["certificate"], worker["tls"]["key"]),
+            ("/c/cert.pem", "/c/key.pem"),
+        )
+        self.assertEqual(worker["audit"]["path"], config["audit"]["path"])
+        self.assertEqual(worker.accountsFile, config.accountsFile)
+        self.assertEqual(
+            worker["server"]["starttls_listeners"],
+            config["server"]["starttls_listeners"],
+        )
+        # worker 0's configuration is left as it was.
+        self.assertEqual(config["server"]["workers"], 3)
+        self.assertEqual(config["lmtp"]["listeners"], ["unix:/tmp/lmtp.sock"])
+
+    def test_leftoverSpools(self):
+        """
+        The spools of workers numbered C{workers} and up that hold a queue
+        directory, in number order; nothing else there.
+        """
+        base = os.path.abspath(self.mktemp())
+        for number in (1, 2, 10, 3):
+            os.makedirs(os.path.join(workerDirectory(base, number), "queue"))
+        os.makedirs(workerDirectory(base, 4))  # no queue: never used
+        os.makedirs(os.path.join(base, "workers", "notes", "queue"))
+        self.assertEqual(
+            leftoverSpools(base, 2),
+            [workerDirectory(base, n) for n in (2, 3, 10)],
+        )
+        self.assertEqual(leftoverSpools(base, 11), [])
+        self.assertEqual(leftoverSpools(os.path.join(base, "none"), 1), [])
+
+
+class DaemonTests(unittest.TestCase):
+    """
+    The assembled daemon with two workers.
+    """
+
+    timeout = 90
+
+    def setUp(self):
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        self.core = Core(os.path.join(self.directory, "core"), freePort())
+        self.addCleanup(self.core.stop)
+        self.redis = RedisServer(self)
+        self.jsonLog = os.path.join(self.directory, "log.jsonl")
+        self.metricsPort = freePort()
+        while self.metricsPort + 1 == self.core.portNumber:
+            self.jsonLog = os.path.join(self.directory, "log.jsonl")
+        self.metricsPort = freePort()
+        self.msa = self.process(WORKERS)
+
+    def process(self, workers: int) -> MSAProcess:
+        return MSAProcess(
+            self,
+            self.directory,
+            self.core.portNumber,
+            self.core.caFile,
+            sections={
+                "server": {"workers": workers},
+                "limits": {"backend": "redis", "url": self.redis.url},
+                "metrics": {"listen": f"tcp:{self.metricsPort}:interface=127.0.0.1"},
+                "logging": {"json_file": self.jsonLog},
+            },
+        )
+
+    async def started(self) -> int:
+        """
+        Start it and wait for worker 1: its pid.
+        """
+        await self.msa.start()
+        master = self.msa.process.pid
+        await waitFor(lambda: len(children(master)) == 1, "worker 1", 20)
+        await waitFor(
+            lambda: os.path.exists(self.workerFile("control.sock", state=True)),
+            "worker 1's control socket",
+            20,
+        )
+        return children(master)[0]
+
+    def workerFile(self, *names: str, state: bool = False) -> str:
+        base = self.msa.state if state else self.msa.spool
+        return os.path.join(workerDirectory(base, 1), *names)
+
+    def stopped(self, pid: int):
+        """
+        SIGSTOP C{pid} until the test's end (or L{resume}).
+        """
+        os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(self.resume, pid)
+
+    def resume(self, pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+    @defer.inlineCallbacks
+    def test_eachWorkerTakesSubmissions(self):
+        """
+        With worker 0 stopped, worker 1 takes the submission (and the other
+        way round): each relays what it took to the core, exactly, over
+        TLS; worker 1's metrics are on the next port; worker 1's log
+        lines are in worker 0's log, marked as its.
+        """
+        self.core.start()
+        worker = yield defer.ensureDeferred(self.started())
+        master = self.msa.process.pid
+        self.stopped(master)
+        code, text = yield self.msa.submit()
+        self.assertEqual(code, 250, text)
+        queueId = text.split()[-1].decode()
+        self.resume(master)
+        self.stopped(worker)
+        code, text = yield self.msa.submit()
+        self.assertEqual(code, 250, text)
+        self.resume(worker)
+        yield self.core.waitForMessages(2, timeout=15)
+        yield defer.ensureDeferred(sleep(1))
+        self.assertEqual(len(self.core.messages), 2)
+        for message in self.core.messages:
+            self.assertTrue(message.tls)
+        status, body = yield deferHTTP(self.metricsPort + 1, "/metrics")
+        self.assertEqual(status, 200)
+        self.assertIn(b"# TYPE", body)
+        log = self.msa.log()
+        accepted = [line for line in log.splitlines() if queueId in line]
+        self.assertTrue(accepted, log[-3000:])
+        self.assertTrue(all("[worker-1]" in line for line in accepted), accepted)
+        self.assertIn(f"worker 1 started (process {worker})", log)
+        with open(self.jsonLog, encoding="utf-8") as f:
+            events = [json.loads(line) for line in f]
+        [accepted] = [
+            e
+            for e in events
+            if e["event"] == "accepted" and e.get("queue_id") == queueId
+        ]
+        self.assertEqual(accepted["worker"], 1)
+        self.assertEqual(accepted["account"], USER)
+        self.assertEqual(accepted["client"], "127.0.0.1")
+        self.assertEqual(accepted["namespace"], "msa.submission.transaction")
+
+    @defer.inlineCallbacks
+    def test_killedWorkerStartedAgainNothingLost(self):
+        """
+        Worker 1 takes a message while the core is down (so it stays in
+        worker 1's spool) and is killed (SIGKILL): worker 0 logs it and
+        starts it again, and the new worker 1 relays the message once the
+        core is back, exactly once.
+        """
+        worker = yield defer.ensureDeferred(self.started())
+        master = self.msa.process.pid
+        self.stopped(master)
+        code, text = yield self.msa.submit()
+        self.assertEqual(code, 250, text)
+        queueId = text.split()[-1].decode()
+        self.resume(master)
+        self.assertEqual(os.listdir(self.workerFile("queue")), [queueId])
+        os.kill(worker, signal.SIGKILL)
+        yield defer.ensureDeferred(
+            waitFor(
+                lambda: children(master) and children(master) != [worker],
+                "worker 1 started again",
+                15,
+            )
+        )
+        self.assertIn("worker 1 ended", self.msa.log())
+        self.core.start()
+        yield self.core.waitForMessages(1, timeout=20)
+        yield defer.ensureDeferred(
+            waitFor(lambda: not os.listdir(self.workerFile("queue")), "empty", 10)
+        )
+        yield defer.ensureDeferred(sleep(1))
+        self.assertEqual(len(self.core.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_sigtermStopsEveryWorker(self):
+        """
+        SIGTERM to worker 0: every worker ends, and worker 0 exits cleanly
+        after them.
+        """
+        worker = yield defer.ensureDeferred(self.started())
+        self.msa.kill(signal.SIGTERM)
+        status = yield defer.ensureDeferred(self.msa.waitForExit(30))
+        self.assertIn(status, (0, -signal.SIGTERM), self.msa.log()[-3000:])
+        self.assertFalse(alive(worker))
+        log = self.msa.log()
+        self.assertIn("[worker-1] Main loop terminated.", log)
+        self.assertNotIn("Traceback", log)
+        self.assertNotIn("worker 1 ended", log)
+
+    @defer.inlineCallbacks
+    def test_workerEndsWhenWorkerZeroIsKilled(self):
+        """
+        Worker 0 killed (SIGKILL, no stop of its own): worker 1 sees its
+        standard input close and stops by itself.
+        """
+        worker = yield defer.ensureDeferred(self.started())
+        self.msa.kill(signal.SIGKILL)
+        yield defer.ensureDeferred(waitFor(lambda: not alive(worker), "worker 1", 20))
+
+    @defer.inlineCallbacks
+    def test_fewerWorkersLeftoverRelayed(self):
+        """
+        Worker 1 holds a message (the core down) when the MSA stops; started
+        again with one worker, worker 0 relays it from worker 1's spool.
+        """
+        yield defer.ensureDeferred(self.started())
+        master = self.msa.process.pid
+        self.stopped(master)
+        code, text = yield self.msa.submit()
+        self.assertEqual(code, 250, text)
+        self.resume(master)
+        self.msa.kill(signal.SIGTERM)
+        yield defer.ensureDeferred(self.msa.waitForExit(30))
+        self.assertEqual(len(os.listdir(self.workerFile("queue"))), 1)
+        self.msa = self.process(1)
+        self.core.start()
+        yield defer.ensureDeferred(self.msa.start())
+        yield self.core.waitForMessages(1, timeout=20)
+        yield defer.ensureDeferred(
+            waitFor(lambda: not os.listdir(self.workerFile("queue")), "empty", 10)
+        )
+        self.assertEqual(children(self.msa.process.pid), [])
+        self.assertIn("of a worker no longer started holds 1 messages", self.msa.log())
+
+
+def deferHTTP(port: int, path: str):
+    """
+    GET C{path} on 127.0.0.1:C{port} in a thread: (status, body).
+    """
+    from twisted.internet import threads
+
+    def get():
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    return threads.deferToThread(get)
