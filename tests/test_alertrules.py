@@ -31,6 +31,7 @@ ALERTS = {
     "MSAFailedLoginStorm",
     "MSARedisUnavailable",
     "MSAPostgreSQLUnavailable",
+    "MSAWorkerDown",
     "MSAAuditUnwritable",
     "MSAAuditRecordsLost",
     "MSACertificateExpiresSoon",

@@ -35,7 +35,15 @@ from tests.test_integrity import (
 )
 from tests.waiting import waitUntil
 
-COMPONENTS = {"relay", "spool", "limits", "accounts", "audit", "returnchannel"}
+COMPONENTS = {
+    "relay",
+    "spool",
+    "limits",
+    "accounts",
+    "audit",
+    "returnchannel",
+    "workers",
+}
 
 
 def get(port: int, path: str) -> tuple[int, str]:

@@ -21,6 +21,8 @@ from twisted.trial import unittest
 
 from msa.service.config import ConfigError, loadConfig
 from msa.service.workers import (
+    STEADY,
+    STOP_MARGIN,
     leftoverSpools,
     workerConfig,
     workerDirectory,
@@ -29,6 +31,7 @@ from msa.service.workers import (
 from tests.e2e import freePort, writeConfig
 from tests.redisserver import RedisServer
 from tests.test_crash import USER, Core, MSAProcess, sleep, waitFor
+from tests.test_integrity import admin
 
 WORKERS = 2
 
@@ -195,12 +198,13 @@ class DaemonTests(unittest.TestCase):
         self.metricsPort = freePort()
         self.msa = self.process(WORKERS)
 
-    def process(self, workers: int) -> MSAProcess:
+    def process(self, workers: int, grace: float = 5) -> MSAProcess:
         return MSAProcess(
             self,
             self.directory,
             self.core.portNumber,
             self.core.caFile,
+            grace=grace,
             sections={
                 "server": {"workers": workers},
                 "limits": {"backend": "redis", "url": self.redis.url},
@@ -335,6 +339,25 @@ class DaemonTests(unittest.TestCase):
         self.assertNotIn("worker 1 ended", log)
 
     @defer.inlineCallbacks
+    def test_hungWorkerKilledAtStop(self):
+        """
+        A worker that does not end on SIGTERM (stopped) is killed
+        C{shutdown_grace} + L{STOP_MARGIN} seconds into the stop, and worker
+        0 then exits; the log says so.
+        """
+        self.msa = self.process(WORKERS, grace=0.5)
+        worker = yield defer.ensureDeferred(self.started())
+        self.stopped(worker)
+        self.msa.kill(signal.SIGTERM)
+        status = yield defer.ensureDeferred(self.msa.waitForExit(STOP_MARGIN + 15))
+        self.assertIn(status, (0, -signal.SIGTERM), self.msa.log()[-3000:])
+        self.assertFalse(alive(worker))
+        self.assertIn(
+            f"worker 1 did not end within {0.5 + STOP_MARGIN} s of the stop: killed",
+            self.msa.log(),
+        )
+
+    @defer.inlineCallbacks
     def test_workerEndsWhenWorkerZeroIsKilled(self):
         """
         Worker 0 killed (SIGKILL, no stop of its own): worker 1 sees its
@@ -369,20 +392,118 @@ class DaemonTests(unittest.TestCase):
         self.assertEqual(children(self.msa.process.pid), [])
         self.assertIn("of a worker no longer started holds 1 messages", self.msa.log())
 
+    @defer.inlineCallbacks
+    def test_adminCoversEveryWorker(self):
+        """
+        C{digipoort-msa-admin queue} on the configuration covers both
+        workers' queues (the core down, a message in each): C{list} shows
+        both, C{show} and C{hold} find the one in worker 1's spool, an
+        unknown id is refused naming it; with the MSA stopped, C{list}
+        reads both spools and says so, and C{verify} checks both.
+        """
+        worker = yield defer.ensureDeferred(self.started())
+        master = self.msa.process.pid
+        ids = []
+        for stopped in (master, worker):
+            self.stopped(stopped)
+            code, text = yield self.msa.submit()
+            self.assertEqual(code, 250, text)
+            ids.append(text.split()[-1].decode())
+            self.resume(stopped)
+        inWorker1, inWorker0 = ids
+        self.assertEqual(os.listdir(self.workerFile("queue")), [inWorker1])
+        out, err, code = yield admin(self.msa, "queue", "list")
+        self.assertEqual(code, 0, err)
+        self.assertIn(inWorker0, out)
+        self.assertIn(inWorker1, out)
+        self.assertIn("2 message(s)", out)
+        out, err, code = yield admin(self.msa, "queue", "show", inWorker1)
+        self.assertEqual(code, 0, err)
+        self.assertIn(inWorker1, out)
+        out, err, code = yield admin(self.msa, "queue", "hold", inWorker1)
+        self.assertEqual((out, code), (f"held {inWorker1}\n", 0), err)
+        out, err, code = yield admin(self.msa, "queue", "list")
+        [line] = [line for line in out.splitlines() if inWorker1 in line]
+        self.assertIn("held", line)
+        unknown = "0" * 18
+        out, err, code = yield admin(self.msa, "queue", "show", unknown)
+        self.assertEqual(code, 1)
+        self.assertIn(f"no message {unknown} in the queue", err)
+        self.msa.kill(signal.SIGTERM)
+        yield defer.ensureDeferred(self.msa.waitForExit(30))
+        out, err, code = yield admin(self.msa, "queue", "list")
+        self.assertEqual(code, 0, err)
+        self.assertIn("2 message(s)", out)
+        self.assertIn("the MSA is not running", err)
+        out, err, code = yield admin(self.msa, "queue", "verify")
+        self.assertEqual(code, 0, err)
+        self.assertIn("2 message(s): 2 verified", out)
+
+    @defer.inlineCallbacks
+    def test_workerThatCannotStart(self):
+        """
+        A worker that cannot start (its state directory is a file) logs why
+        and ends; worker 0 starts it again and again, C{/health} says
+        C{workers} is degraded (200) meanwhile, worker 0 still takes
+        submissions; once the cause is gone the worker runs again and
+        C{/health} is ok.
+        """
+        worker = yield defer.ensureDeferred(self.started())
+        state = self.workerFile(state=True)
+        os.rename(state, state + ".aside")
+        with open(state, "w") as f:
+            f.write("in the way\n")
+        os.kill(worker, signal.SIGKILL)
+        yield defer.ensureDeferred(
+            waitFor(
+                lambda: self.msa.log().count("worker 1 cannot start") >= 2,
+                "two failed starts",
+                20,
+            )
+        )
+        status, body = yield deferHTTP(self.metricsPort, "/health")
+        self.assertEqual(status, 200, body)
+        report = json.loads(body)
+        self.assertEqual(report["components"]["workers"]["status"], "degraded")
+        self.assertIn("worker(s) 1 of 2 not running steadily", body.decode())
+        self.core.start()
+        code, text = yield self.msa.submit()
+        self.assertEqual(code, 250, text)
+        os.remove(state)
+        os.rename(state + ".aside", state)
+        yield defer.ensureDeferred(
+            waitFor(
+                lambda: os.path.exists(self.workerFile("control.sock", state=True)),
+                "worker 1 running again",
+                40,
+            )
+        )
+
+        def healthy():
+            _, body = getHTTP(self.metricsPort, "/health")
+            return json.loads(body)["components"]["workers"]["status"] == "ok"
+
+        # Ok once the new worker has run STEADY seconds.
+        yield defer.ensureDeferred(waitFor(healthy, "/health ok", STEADY + 10))
+
+
+def getHTTP(port: int, path: str) -> tuple[int, bytes]:
+    """
+    GET C{path} on 127.0.0.1:C{port}: (status, body).
+    """
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
 
 def deferHTTP(port: int, path: str):
     """
-    GET C{path} on 127.0.0.1:C{port} in a thread: (status, body).
+    L{getHTTP} in a thread.
     """
     from twisted.internet import threads
 
-    def get():
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        try:
-            connection.request("GET", path)
-            response = connection.getresponse()
-            return response.status, response.read()
-        finally:
-            connection.close()
-
-    return threads.deferToThread(get)
+    return threads.deferToThread(getHTTP, port, path)

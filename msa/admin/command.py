@@ -48,6 +48,8 @@ When the server is not running, C{list} and C{show} read the spool files
 (read-only) and say so on stderr; C{flush}, C{delete}, C{hold} and
 C{release} fail: the queue belongs to the server's queue runner, and
 changing its files behind its back could race a delivery in progress.
+With C{[server] workers}, C{queue} covers each worker's spool, through
+each worker's control socket (C{<state_dir>/workers/N/control.sock}).
 C{verify} always reads the spool files: it re-hashes every queued message
 and exits 1 when any is not the message acknowledged
 (L{msa.queue.integrity}).

@@ -4,6 +4,7 @@ The C{queue} commands of C{digipoort-msa-admin}: list, show, flush, delete,
 hold and release queued messages.  Changes go through the running server's
 control socket (L{msa.service.controlsocket}), so they never race the queue runner;
 with the server stopped, C{list} and C{show} read the spool read-only.
+With C{[server] workers}, they cover every worker's spool.
 """
 
 import argparse
@@ -138,6 +139,27 @@ def _showLines(shown: dict, now: float) -> list[str]:
 _MUTATING = ("flush", "delete", "hold", "release")
 
 
+def spoolsOf(config: Any) -> list[tuple[str, str]]:
+    """
+    The (state directory, spool directory) of each worker
+    (L{msa.service.workers}): worker 0's, then those of the others that
+    have either, in number order.
+    """
+    from msa.service.workers import DIRECTORY, workerDirectory
+
+    state, spool = config["server"]["state_dir"], config["spool"]["directory"]
+    numbers: set[int] = set()
+    for base in (state, spool):
+        try:
+            names = os.listdir(os.path.join(base, DIRECTORY))
+        except OSError:
+            continue
+        numbers.update(int(n) for n in names if n.isdigit() and int(n) > 0)
+    return [(state, spool)] + [
+        (workerDirectory(state, n), workerDirectory(spool, n)) for n in sorted(numbers)
+    ]
+
+
 def queueCommand(config: Any, args: argparse.Namespace, stdout, stderr) -> int:
     """
     C{queue ...}: through the control socket of the running MSA; C{list}
@@ -146,9 +168,11 @@ def queueCommand(config: Any, args: argparse.Namespace, stdout, stderr) -> int:
     queue, and changing the files behind a running queue runner's back
     would race its deliveries (and a missing socket does not prove that no
     runner is at work).
+
+    With C{[server] workers}, every worker's queue: C{list} and C{flush}
+    go to each, a command on one message to the worker whose spool holds
+    it.
     """
-    from msa.queue.outcomes import outcomesDirectoryIn
-    from msa.queue.spool import Spool
     from msa.service import controlsocket
 
     if args.queueCommand == "verify":
@@ -160,45 +184,41 @@ def queueCommand(config: Any, args: argparse.Namespace, stdout, stderr) -> int:
             queueId = controlsocket.checkQueueId(queueId)
     except controlsocket.ControlError as e:
         raise _Failed(str(e), 2)
-    path = controlsocket.socketPath(config["server"]["state_dir"])
     now = time.time()
-    result: Any
-    try:
-        result = controlsocket.request(path, command, queueId)
-        online = True
-    except controlsocket.ServerNotRunning as e:
-        if command in _MUTATING:
-            raise _Failed(
-                f"{e}: queue {command} needs the running server, which owns the "
-                "queue; start it and try again"
-            )
-        online = False
-    except controlsocket.ControlError as e:
-        raise _Failed(str(e))
-    if not online:
+    result: Any = []
+    answered = queueId is None
+    places = spoolsOf(config)
+    offline = []
+    unknown = None
+    for number, (state, directory) in enumerate(places):
+        try:
+            found, online = _askWorker(state, directory, command, queueId, now)
+        except controlsocket.ControlError as e:
+            if queueId is not None and str(e) == f"no message {queueId} in the queue":
+                unknown = e
+                continue
+            raise _Failed(str(e))
+        if not online:
+            offline.append(number)
+        if queueId is not None:
+            result, answered = found, True
+            break
+        result += found or []
+    if offline and offline[0] == 0:
         print(
             "digipoort-msa-admin: note: the MSA is not running; "
             "read from the spool files",
             file=stderr,
         )
-        directory = config["spool"]["directory"]
-        if not os.path.isdir(os.path.join(directory, "queue")):
-            if command == "show":
-                raise _Failed(f"no message {queueId} in the queue")
-            result = []
-        else:
-            spool = Spool(
-                directory,
-                reactor=object(),
-                outcomesDirectory=outcomesDirectoryIn(config["server"]["state_dir"]),
-            )
-            try:
-                if queueId is None:
-                    result = controlsocket.describeSpool(spool, now)
-                else:
-                    result = controlsocket.showEntry(spool, queueId)
-            except controlsocket.ControlError as e:
-                raise _Failed(str(e))
+    elif offline:
+        print(
+            "digipoort-msa-admin: note: worker(s) "
+            f"{', '.join(map(str, offline))} not running; their queue read "
+            "from the spool files",
+            file=stderr,
+        )
+    if not answered:
+        raise _Failed(str(unknown))
     if command == "list":
         if not result:
             print("queue is empty", file=stdout)
@@ -221,6 +241,43 @@ def queueCommand(config: Any, args: argparse.Namespace, stdout, stderr) -> int:
     return 0
 
 
+def _askWorker(
+    state: str, directory: str, command: str, queueId: str | None, now: float
+) -> tuple[Any, bool]:
+    """
+    C{command} to the worker whose state directory is C{state}: over its
+    control socket, or (C{list} and C{show}) read from its spool
+    C{directory} when it is not running.
+
+    @return: the result, and whether the worker answered.
+    @raise ControlError: as the worker (or its spool) refused.
+    """
+    from msa.queue.outcomes import outcomesDirectoryIn
+    from msa.queue.spool import Spool
+    from msa.service import controlsocket
+
+    try:
+        return controlsocket.request(
+            controlsocket.socketPath(state), command, queueId
+        ), True
+    except controlsocket.ServerNotRunning as e:
+        if command in _MUTATING:
+            raise _Failed(
+                f"{e}: queue {command} needs the running server, which owns the "
+                "queue; start it and try again"
+            )
+    if not os.path.isdir(os.path.join(directory, "queue")):
+        if command == "show":
+            raise controlsocket.ControlError(f"no message {queueId} in the queue")
+        return [], False
+    spool = Spool(
+        directory, reactor=object(), outcomesDirectory=outcomesDirectoryIn(state)
+    )
+    if queueId is None:
+        return controlsocket.describeSpool(spool, now), False
+    return controlsocket.showEntry(spool, queueId), False
+
+
 def verifyCommand(config: Any, stdout, stderr=None) -> int:
     """
     C{queue verify}: re-hash every queued message (read from the spool
@@ -236,14 +293,19 @@ def verifyCommand(config: Any, stdout, stderr=None) -> int:
     from msa.queue.integrity import verifySpool
     from msa.queue.spool import Spool
 
-    directory = config["spool"]["directory"]
-    if not os.path.isdir(os.path.join(directory, "queue")):
+    spools = [
+        Spool(directory, reactor=object())
+        for _, directory in spoolsOf(config)
+        if os.path.isdir(os.path.join(directory, "queue"))
+    ]
+    if not spools:
         print("queue is empty", file=stdout)
         return 0
-    spool = Spool(directory, reactor=object())
-    pending = spool.pending()
-    progress = Progress("verifying the queue", len(pending), stderr)
-    verdicts = verifySpool(spool, progress.over(pending))
+    work = [(spool, queueId) for spool in spools for queueId in spool.pending()]
+    progress = Progress("verifying the queue", len(work), stderr)
+    verdicts = []
+    for spool, queueId in progress.over(work):
+        verdicts += verifySpool(spool, [queueId])
     counts = {"ok": 0, "mismatch": 0, "unverifiable": 0}
     for verdict in verdicts:
         counts[verdict.status] += 1

@@ -73,6 +73,8 @@ class Health:
         L{ILiveAccountStore.outage}), or L{None}.
     @ivar audit: the audit log (L{msa.audit.AuditLog}), or L{None} when it
         is off.
+    @ivar workers: the other workers this process started
+        (L{msa.service.workers.Workers}), or L{None}.
     @ivar returnChannel: the return channel
         (L{msa.service.returnchannel.ReturnChannel}), whose
         C{healthProblem()} says why the core cannot deliver return messages
@@ -86,6 +88,7 @@ class Health:
     accounts: ILiveAccountStore | None = None
     audit: AuditLog | None = None
     returnChannel: Any = None
+    workers: Any = None
     clock: Callable[[], float] = time.time
 
     def check(self) -> dict[str, ComponentHealth]:
@@ -96,7 +99,21 @@ class Health:
             "accounts": self.accountsHealth(),
             "audit": self.auditHealth(),
             "returnchannel": self.returnChannelHealth(),
+            "workers": self.workersHealth(),
         }
+
+    def workersHealth(self) -> ComponentHealth:
+        if self.workers is None:
+            return ComponentHealth(OK, "no other worker started by this process")
+        missing = self.workers.missing()
+        if missing:
+            return ComponentHealth(
+                DEGRADED,
+                f"worker(s) {', '.join(map(str, missing))} of {self.workers.count} "
+                "not running steadily (ended, and started again after a delay; "
+                "the messages in their spools wait for them)",
+            )
+        return ComponentHealth(OK, f"{self.workers.count} workers running")
 
     def returnChannelHealth(self) -> ComponentHealth:
         if self.returnChannel is None:

@@ -323,6 +323,7 @@ def buildService(
             accounts=store,
             audit=spool.audit,
             returnChannel=returnChannel,
+            workers=workers,
         )
         site = Site(healthSite(health))
         # strports.service: a port that cannot be bound fails the start.

@@ -326,6 +326,23 @@ class Workers(service.Service):
             args += ["--listener", f"{kept.key}={position}"]
         return args, fds
 
+    def missing(self) -> list[int]:
+        """
+        The workers not running steadily: ended and not yet started again,
+        or started again less than L{STEADY} seconds ago (a worker that
+        keeps ending is missing all the time, not only between its
+        starts).
+        """
+        now = self.clock()
+        missing = []
+        for number in range(1, self.count):
+            worker = self.processes.get(number)
+            if worker is None or (
+                self.starts[number] > 1 and now - worker.started < STEADY
+            ):
+                missing.append(number)
+        return missing
+
     def startService(self) -> None:
         super().startService()
         for number in range(1, self.count):
