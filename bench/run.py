@@ -109,6 +109,7 @@ import json
 import os
 import platform
 import pstats
+import re
 import shlex
 import shutil
 import signal
@@ -743,6 +744,18 @@ class MSAWorkers(MSA):
             os.path.join(self.state, "workers", str(n), SOCKET_NAME)
             for n in range(1, self.workers)
         ]
+
+
+def msaWorkers(count: int) -> type[MSAWorkers]:
+    """
+    L{MSAWorkers} with C{count} workers (C{--servers msa,msaw3}).
+    """
+
+    class Workers(MSAWorkers):
+        workers = count
+        name = f"MSA workers={count}"
+
+    return Workers
 
 
 class Peer(Server):
@@ -1692,7 +1705,8 @@ def main() -> int:
         "msa,aiosmtpd,postfix; postfix is skipped, with the reason, when "
         "it cannot run here); msa2 adds two MSA instances behind HAProxy "
         "(README.rst, 'Running more than one instance'); msaw the MSA with "
-        "[server] workers = 2 (and Redis for its limits); msa-noaudit the "
+        "[server] workers = 2 (and Redis for its limits), msawN with N; "
+        "msa-noaudit the "
         "MSA with [audit] enabled = false (the audit log's cost); "
         "msa-nodelay the MSA with [spool] commit_delay = 0; msa+SECTION.KEY="
         "VALUE the MSA with that option (a column of its own); msa@PATH the "
@@ -1775,6 +1789,10 @@ def main() -> int:
         if name.lower().startswith("msa+"):
             # The MSA with one more --msa-option, as a column of its own.
             servers.append(msaVariant(name[4:]))
+            continue
+        if re.fullmatch(r"msaw\d+", name.lower()):
+            # msaw3: the MSA with [server] workers = 3.
+            servers.append(msaWorkers(int(name[4:])))
             continue
         if name.lower().startswith("msa@"):
             servers.append(msaCheckout(name[4:]))
