@@ -227,8 +227,15 @@ class NonEditableTrialTests(unittest.TestCase):
 
 
 class SocketActivationTests(unittest.TestCase):
-    @defer.inlineCallbacks
-    def test_systemdEndpoints(self):
+    def activated(self, sections: dict | None = None):
+        """
+        C{twistd digipoort-msa} under C{systemd-socket-activate}, on two
+        sockets it did not open (STARTTLS on C{systemd:...index=0},
+        implicit TLS on C{index=1}), writing to its outbox.
+
+        @return: the process, its STARTTLS and implicit TLS ports, its
+            certificate, and a function listing the outbox's messages.
+        """
         activate = requireProgram(self, "systemd-socket-activate")
         directory = os.path.abspath(self.mktemp())
         state = os.path.join(directory, "state")
@@ -245,17 +252,16 @@ class SocketActivationTests(unittest.TestCase):
             },
         )
         config = os.path.join(directory, "msa.toml")
+        server = {
+            "hostname": "localhost",
+            "state_dir": state,
+            "starttls_listeners": ["systemd:domain=INET:index=0"],
+            "implicit_tls_listeners": ["systemd:domain=INET:index=1"],
+        }
+        sections = dict(sections or {})
+        server.update(sections.pop("server", {}))
         writeConfig(
-            config,
-            {
-                "server": {
-                    "hostname": "localhost",
-                    "state_dir": state,
-                    "starttls_listeners": ["systemd:domain=INET:index=0"],
-                    "implicit_tls_listeners": ["systemd:domain=INET:index=1"],
-                },
-                "accounts": {"file": accounts},
-            },
+            config, {"server": server, "accounts": {"file": accounts}, **sections}
         )
         starttls, implicit = freePort(), freePort()
         log = open(os.path.join(directory, "twistd.log"), "wb")
@@ -284,10 +290,27 @@ class SocketActivationTests(unittest.TestCase):
 
         def stop():
             if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
                 process.send_signal(signal.SIGTERM)
                 process.wait(15)
 
         self.addCleanup(stop)
+        outbox = os.path.join(state, "outbox")
+
+        def messages() -> list[str]:
+            # The outbox writes each file under a temporary name
+            # (.NAME.RANDOM.tmp) first: only the .eml files are messages.
+            if not os.path.isdir(outbox):
+                return []
+            return sorted(n for n in os.listdir(outbox) if n.endswith(".eml"))
+
+        return process, starttls, implicit, certFile, messages
+
+    def submitBoth(self, starttls: int, implicit: int, certFile: str):
+        """
+        A submission on each socket, in a thread, retried until twistd is
+        up: a L{Deferred} of both replies.
+        """
 
         def run():
             import ssl
@@ -307,20 +330,52 @@ class SocketActivationTests(unittest.TestCase):
                         raise
                     time.sleep(0.2)
 
-        first, second = yield threads.deferToThread(run)
+        return threads.deferToThread(run)
+
+    @defer.inlineCallbacks
+    def test_systemdEndpoints(self):
+        _, starttls, implicit, certFile, messages = self.activated()
+        first, second = yield self.submitBoth(starttls, implicit, certFile)
         self.assertEqual((first[0], second[0]), (250, 250))
-        outbox = os.path.join(state, "outbox")
-
-        def messages() -> list[str]:
-            # The outbox writes each file under a temporary name
-            # (.NAME.RANDOM.tmp) first: only the .eml files are messages.
-            if not os.path.isdir(outbox):
-                return []
-            return sorted(n for n in os.listdir(outbox) if n.endswith(".eml"))
-
         yield waitUntil(lambda: len(messages()) == 2, what="2 messages in the outbox")
         names = messages()
         self.assertEqual(len(names), 2)
+        outbox = os.path.dirname(certFile) + "/outbox"
         for name in names:
             with open(os.path.join(outbox, name), "rb") as f:
                 self.assertTrue(f.read().endswith(MESSAGE))
+
+    @defer.inlineCallbacks
+    def test_systemdEndpointsWithWorkers(self):
+        """
+        With C{[server] workers = 2}: worker 1 gets systemd's sockets from
+        worker 0 (and not systemd's LISTEN_FDS), and serves both while
+        worker 0 is stopped.
+        """
+        from tests.redisserver import RedisServer
+        from tests.test_workers import children
+
+        redis = RedisServer(self)
+        process, starttls, implicit, certFile, messages = self.activated(
+            {
+                "server": {"workers": 2},
+                "limits": {"backend": "redis", "url": redis.url},
+            }
+        )
+        first, second = yield self.submitBoth(starttls, implicit, certFile)
+        self.assertEqual((first[0], second[0]), (250, 250))
+        yield waitUntil(lambda: len(children(process.pid)) == 1, what="worker 1")
+        [worker] = children(process.pid)
+        with open(f"/proc/{worker}/environ", "rb") as f:
+            environment = f.read().split(b"\0")
+        self.assertFalse([v for v in environment if v.startswith(b"LISTEN_")])
+        state = os.path.dirname(certFile)
+        control = os.path.join(state, "workers", "1", "control.sock")
+        yield waitUntil(lambda: os.path.exists(control), what="worker 1 running")
+        process.send_signal(signal.SIGSTOP)
+        try:
+            first, second = yield self.submitBoth(starttls, implicit, certFile)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        self.assertEqual((first[0], second[0]), (250, 250))
+        yield waitUntil(lambda: len(messages()) == 4, what="4 messages in the outbox")

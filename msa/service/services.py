@@ -230,6 +230,18 @@ class JSONLogFile(service.Service):
         return super().stopService()
 
 
+def recordRecovered(audit: AuditLog, spool: Spool) -> None:
+    """
+    L{recoverRecords} for C{spool}, each message recorded logged.
+    """
+    for queueId in recoverRecords(audit, spool):
+        log.warn(
+            "audit: {queueId} was queued without its acceptance record "
+            "(a crash during its commit): recorded as recovered",
+            queueId=queueId,
+        )
+
+
 class AuditLogService(service.Service):
     """
     The audit log (L{msa.audit}): opened (a torn tail cut off) when built,
@@ -254,12 +266,7 @@ class AuditLogService(service.Service):
     def __init__(self, spool: Spool, audit: AuditLog, reactor: Any = None) -> None:
         try:
             audit.open()
-            for queueId in recoverRecords(audit, spool):
-                log.warn(
-                    "audit: {queueId} was queued without its acceptance record "
-                    "(a crash during its commit): recorded as recovered",
-                    queueId=queueId,
-                )
+            recordRecovered(audit, spool)
         except AuditError as e:
             raise StartupCheckError(f"audit log: {e}") from e
         self.audit = audit

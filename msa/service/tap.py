@@ -33,7 +33,7 @@ from msa.accounts.model import (
 )
 from msa.accounts.passwords import PasswordVerifier, limitScryptMemory
 from msa.accounts.pgstore import AccountDatabase
-from msa.audit import AuditLog, recoverRecords
+from msa.audit import AuditLog
 from msa.interfaces import ILiveAccountStore
 from msa.policy.authorization import AuthThrottle, ServerRules
 from msa.policy.redislimits import RedisLimits
@@ -65,7 +65,7 @@ from msa.service.workers import (
     KeptPort,
     Workers,
     WorkersGone,
-    leftoverSpools,
+    relayLeftovers,
 )
 from msa.submission.avatar import submissionFactory
 from msa.submission.extensions import offeredExtensions
@@ -334,7 +334,8 @@ def buildService(
     ).setServiceParent(top)
     runner.setServiceParent(top)
     if listeners is None:
-        _relayLeftovers(config, audit, reactor, top)
+        for leftover in relayLeftovers(config, audit, reactor, _relayRunner):
+            leftover.setServiceParent(top)
 
     if server["accepted_recipients"] is None:
         log.warn(
@@ -453,32 +454,6 @@ def buildService(
         # stops first, telling the workers to stop beside this one.
         workers.setServiceParent(top)
     return top
-
-
-def _relayLeftovers(config: Config, audit, reactor, top: OrderedShutdown) -> None:
-    """
-    Relay what the spools of workers no longer started still hold
-    (C{[server] workers} lowered): a runner for each, in worker 0.
-    """
-    spools = leftoverSpools(config["spool"]["directory"], config["server"]["workers"])
-    for directory in spools:
-        spool = Spool(directory, reactor)
-        spool.commits.commitDelay = config["spool"]["commit_delay"]
-        spool.recover()
-        if audit is not None:
-            spool.audit = audit
-            recoverRecords(audit, spool)
-        if not spool.pending():
-            continue
-        log.warn(
-            "The spool {directory} of a worker no longer started holds "
-            "{count} messages: relayed from here",
-            directory=directory,
-            count=len(spool.pending()),
-        )
-        runner = _relayRunner(config, spool, reactor)
-        runner.setName(f"relay {directory}")
-        runner.setServiceParent(top)
 
 
 def _relayRunner(config: Config, spool: Spool, reactor) -> RelayRunner:

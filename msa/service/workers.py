@@ -64,7 +64,9 @@ from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from msa.queue.spool import Spool
 from msa.service.config import Config
+from msa.service.services import recordRecovered
 
 log = Logger()
 
@@ -161,6 +163,41 @@ def leftoverSpools(spoolDirectory: str, workers: int) -> list[str]:
         if os.path.isdir(os.path.join(directory, "queue")):
             found.append((int(name), directory))
     return [directory for _, directory in sorted(found)]
+
+
+def relayLeftovers(
+    config: Config,
+    audit: Any,
+    reactor: Any,
+    runnerFor: Callable[[Config, Spool, Any], service.Service],
+) -> list[service.Service]:
+    """
+    In worker 0: a relay runner (made by C{runnerFor}) for each spool of a
+    worker no longer started that still holds messages (L{leftoverSpools}),
+    after the spool's recovery and the audit log's
+    (L{msa.service.services.recordRecovered}).
+    """
+    runners = []
+    spools = leftoverSpools(config["spool"]["directory"], config["server"]["workers"])
+    for directory in spools:
+        spool = Spool(directory, reactor)
+        spool.commits.commitDelay = config["spool"]["commit_delay"]
+        spool.recover()
+        if audit is not None:
+            spool.audit = audit
+            recordRecovered(audit, spool)
+        if not spool.pending():
+            continue
+        log.warn(
+            "The spool {directory} of a worker no longer started holds "
+            "{count} messages: relayed from here",
+            directory=directory,
+            count=len(spool.pending()),
+        )
+        runner = runnerFor(config, spool, reactor)
+        runner.setName(f"relay {directory}")
+        runners.append(runner)
+    return runners
 
 
 # -- worker 0: the listening sockets -------------------------------------
