@@ -12,11 +12,11 @@ green where the MSA does better than that peer, red where it does worse.
 
 Input: the JSON that ``bench/run.py --json FILE`` writes (every run's
 numbers: ``{"results": {scenario: {server: [run, ...]}}}``; the charts show
-the medians; ``bench/results-2026-12-07-final.json`` is one), or a file of
+the medians; ``bench/results-2026-12-07-workers.json`` is one), or a file of
 medians only (``{server: {metric: value}}`` instead of the run lists),
 transcribed from RESULTS.md by ``--from-markdown``::
 
-  python bench/charts.py bench/results-2026-12-07-final.json -o bench/charts
+  python bench/charts.py bench/results-2026-12-07-workers.json -o bench/charts
   python bench/charts.py --from-markdown bench/RESULTS.md \\
       --run "Run of 2026-12-07: every scenario" > results.json
 
@@ -52,8 +52,15 @@ LOAD_SCENARIOS = [
     ("drain", "drain_rate", "drain a backlog"),
     ("nocache", "rate", "scrypt per login"),
 ]
-SERVERS = ["MSA", "aiosmtpd", "Postfix"]
-COLOURS = {"MSA": "#1f5fa8", "aiosmtpd": "#9a9a9a", "Postfix": "#d08a2c"}
+SERVERS = ["MSA", "MSA workers=2", "aiosmtpd", "Postfix"]
+COLOURS = {
+    "MSA": "#1f5fa8",
+    "MSA workers=2": "#6fa8dc",
+    "aiosmtpd": "#9a9a9a",
+    "Postfix": "#d08a2c",
+}
+#: The MSA's columns, each labelled with its ratios to the peers.
+MSAS = ("MSA", "MSA workers=2")
 
 #: RESULTS.md's row labels, and the run.py metric and factor (to run.py's
 #: units: seconds, bytes) of each.
@@ -124,14 +131,16 @@ def fromMarkdown(text: str, run: str) -> dict:
 
 def _ratios(values: dict[str, float], higherIsBetter: bool):
     """
-    For each peer present: (text, whether the MSA does better than it).
+    For each MSA column and each peer present: (text, whether that MSA
+    does better than the peer).
     """
-    msa = values.get("MSA")
-    for peer in ("aiosmtpd", "Postfix"):
-        if msa and values.get(peer):
-            ratio = msa / values[peer]
-            better = ratio >= 1 if higherIsBetter else ratio <= 1
-            yield f"MSA = {ratio:.2f} x {peer}", better
+    for name in MSAS:
+        msa = values.get(name)
+        for peer in ("aiosmtpd", "Postfix"):
+            if msa and values.get(peer):
+                ratio = msa / values[peer]
+                better = ratio >= 1 if higherIsBetter else ratio <= 1
+                yield f"{name} = {ratio:.2f} x {peer}", better
 
 
 def _groupedBars(
@@ -163,7 +172,7 @@ def _groupedBars(
         for offset, (text, better) in enumerate(lines):
             ax.text(
                 max(values.values(), default=1.0) * 1.15,
-                position + (offset - (len(lines) - 1) / 2) * 0.3,
+                position + (offset - (len(lines) - 1) / 2) * 0.8 / max(2, len(lines)),
                 text,
                 va="center",
                 fontsize=8,
@@ -172,7 +181,7 @@ def _groupedBars(
     ax.legend(
         loc="lower center",
         bbox_to_anchor=(0.5, 1.0),
-        ncol=3,
+        ncol=len(SERVERS),
         fontsize=8,
         frameon=False,
     )
