@@ -190,7 +190,7 @@ class DashboardTests(unittest.TestCase):
 
     def test_rulesNameWhatTheDaemonExports(self):
         expressions = ruleExpressions()
-        self.assertEqual(len(expressions), 11)
+        self.assertEqual(len(expressions), 12)
         found = []
         for expr in expressions:
             found.extend(problems(expr, "", self.names))
