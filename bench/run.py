@@ -586,6 +586,23 @@ def msaCheckout(path: str) -> type[MSA]:
     return Checkout
 
 
+def shellTree(server: MSA, script: str) -> subprocess.Popen:
+    """
+    The processes of C{script} under one shell in a session of their own
+    (stopped together by L{MSAPair.stop}), in the server's directory and
+    environment, their output in C{msa.out}.
+    """
+    return subprocess.Popen(
+        ["sh", "-c", script],
+        cwd=server.work,
+        env=dict(os.environ, PYTHONPATH=server.root, **server.env),
+        stdin=subprocess.DEVNULL,
+        stdout=open(os.path.join(server.work, "msa.out"), "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
 class MSAPair(MSA):
     """
     Two MSA instances on this machine behind HAProxy (TCP mode, round
@@ -638,15 +655,7 @@ class MSAPair(MSA):
             )
             for i, (_, _, config) in enumerate(self.instances, 1)
         ] + [shlex.join([haproxy, "-db", "-f", cfg])]
-        self.proc = subprocess.Popen(
-            ["sh", "-c", " & ".join(commands) + " & wait"],
-            cwd=self.work,
-            env=dict(os.environ, PYTHONPATH=self.root, **self.env),
-            stdin=subprocess.DEVNULL,
-            stdout=open(os.path.join(self.work, "msa.out"), "wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.proc = shellTree(self, " & ".join(commands) + " & wait")
         for _, port, _ in self.instances:
             waitForPort(port, self.proc)
         waitForPort(self.port, self.proc)
@@ -712,18 +721,8 @@ class MSAWorkers(MSA):
         twistd += ["digipoort-msa", "--config", self.config]
         redisCommand = [redis, "--port", str(redisPort), "--bind", "127.0.0.1"]
         redisCommand += ["--save", "", "--appendonly", "no"]
-        self.proc = subprocess.Popen(
-            [
-                "sh",
-                "-c",
-                f"{shlex.join(redisCommand)} & sleep 0.3; {shlex.join(twistd)} & wait",
-            ],
-            cwd=self.work,
-            env=dict(os.environ, PYTHONPATH=self.root, **self.env),
-            stdin=subprocess.DEVNULL,
-            stdout=open(os.path.join(self.work, "msa.out"), "wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        self.proc = shellTree(
+            self, f"{shlex.join(redisCommand)} & sleep 0.3; {shlex.join(twistd)} & wait"
         )
         waitForPort(self.port, self.proc)
         # Every worker listening: each has its control socket.

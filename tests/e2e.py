@@ -6,6 +6,7 @@ loopback ports with real TLS, and an independent downstream SMTP server
 """
 
 import functools
+import http.client
 import os
 import random
 import shutil
@@ -261,6 +262,19 @@ class RunningMSA:
             lambda: f"{count} file(s) in the outbox (has {self.outboxFiles()})",
         )
         return self.outboxFiles()
+
+
+def httpGet(port: int, path: str) -> tuple[int, bytes]:
+    """
+    GET C{path} on 127.0.0.1:C{port} (blocking): (status, body).
+    """
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
 
 
 def runProgram(executable: str, args: list[str]):

@@ -16,7 +16,6 @@ runs in a few seconds.  Adding a key is adding one L{Row}.
 
 import base64
 import datetime
-import http.client
 import importlib
 import json
 import os
@@ -48,6 +47,7 @@ from tests.e2e import (
     RunningMSA,
     fixtureAccount,
     freePort,
+    httpGet,
 )
 from tests.test_clientcert import ClientPKI
 from tests.test_content_e2e import message, multipart
@@ -723,16 +723,6 @@ def checkLogLevel(env):
     env.testCase.assertEqual(
         {e["level"] for e in written} - {"warning", "error", "critical"}, set()
     )
-
-
-def httpGet(port: int, path: str) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
 
 
 def checkMetricsListen(env):

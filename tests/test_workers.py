@@ -11,7 +11,6 @@ stopped process accepts nothing, and its peer must.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
@@ -28,7 +27,7 @@ from msa.service.workers import (
     workerDirectory,
     workerEndpoint,
 )
-from tests.e2e import freePort, writeConfig
+from tests.e2e import freePort, httpGet, writeConfig
 from tests.redisserver import RedisServer
 from tests.test_crash import USER, Core, MSAProcess, sleep, waitFor
 from tests.test_integrity import admin
@@ -244,6 +243,19 @@ class DaemonTests(unittest.TestCase):
         except ProcessLookupError:
             pass
 
+    async def submitWhileStopped(self, pid: int) -> str:
+        """
+        Submit a message while the worker C{pid} is stopped, so that the
+        other takes it: its queue id (the 250 asserted).
+        """
+        self.stopped(pid)
+        try:
+            code, text = await self.msa.submit()
+        finally:
+            self.resume(pid)
+        self.assertEqual(code, 250, text)
+        return text.split()[-1].decode()
+
     @defer.inlineCallbacks
     def test_eachWorkerTakesSubmissions(self):
         """
@@ -255,15 +267,8 @@ class DaemonTests(unittest.TestCase):
         self.core.start()
         worker = yield defer.ensureDeferred(self.started())
         master = self.msa.process.pid
-        self.stopped(master)
-        code, text = yield self.msa.submit()
-        self.assertEqual(code, 250, text)
-        queueId = text.split()[-1].decode()
-        self.resume(master)
-        self.stopped(worker)
-        code, text = yield self.msa.submit()
-        self.assertEqual(code, 250, text)
-        self.resume(worker)
+        queueId = yield defer.ensureDeferred(self.submitWhileStopped(master))
+        yield defer.ensureDeferred(self.submitWhileStopped(worker))
         yield self.core.waitForMessages(2, timeout=15)
         yield defer.ensureDeferred(sleep(1))
         self.assertEqual(len(self.core.messages), 2)
@@ -299,11 +304,7 @@ class DaemonTests(unittest.TestCase):
         """
         worker = yield defer.ensureDeferred(self.started())
         master = self.msa.process.pid
-        self.stopped(master)
-        code, text = yield self.msa.submit()
-        self.assertEqual(code, 250, text)
-        queueId = text.split()[-1].decode()
-        self.resume(master)
+        queueId = yield defer.ensureDeferred(self.submitWhileStopped(master))
         self.assertEqual(os.listdir(self.workerFile("queue")), [queueId])
         os.kill(worker, signal.SIGKILL)
         yield defer.ensureDeferred(
@@ -374,11 +375,7 @@ class DaemonTests(unittest.TestCase):
         again with one worker, worker 0 relays it from worker 1's spool.
         """
         yield defer.ensureDeferred(self.started())
-        master = self.msa.process.pid
-        self.stopped(master)
-        code, text = yield self.msa.submit()
-        self.assertEqual(code, 250, text)
-        self.resume(master)
+        yield defer.ensureDeferred(self.submitWhileStopped(self.msa.process.pid))
         self.msa.kill(signal.SIGTERM)
         yield defer.ensureDeferred(self.msa.waitForExit(30))
         self.assertEqual(len(os.listdir(self.workerFile("queue"))), 1)
@@ -403,14 +400,8 @@ class DaemonTests(unittest.TestCase):
         """
         worker = yield defer.ensureDeferred(self.started())
         master = self.msa.process.pid
-        ids = []
-        for stopped in (master, worker):
-            self.stopped(stopped)
-            code, text = yield self.msa.submit()
-            self.assertEqual(code, 250, text)
-            ids.append(text.split()[-1].decode())
-            self.resume(stopped)
-        inWorker1, inWorker0 = ids
+        inWorker1 = yield defer.ensureDeferred(self.submitWhileStopped(master))
+        inWorker0 = yield defer.ensureDeferred(self.submitWhileStopped(worker))
         self.assertEqual(os.listdir(self.workerFile("queue")), [inWorker1])
         out, err, code = yield admin(self.msa, "queue", "list")
         self.assertEqual(code, 0, err)
@@ -480,30 +471,17 @@ class DaemonTests(unittest.TestCase):
         )
 
         def healthy():
-            _, body = getHTTP(self.metricsPort, "/health")
+            _, body = httpGet(self.metricsPort, "/health")
             return json.loads(body)["components"]["workers"]["status"] == "ok"
 
         # Ok once the new worker has run STEADY seconds.
         yield defer.ensureDeferred(waitFor(healthy, "/health ok", STEADY + 10))
 
 
-def getHTTP(port: int, path: str) -> tuple[int, bytes]:
-    """
-    GET C{path} on 127.0.0.1:C{port}: (status, body).
-    """
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
-
-
 def deferHTTP(port: int, path: str):
     """
-    L{getHTTP} in a thread.
+    L{tests.e2e.httpGet} in a thread.
     """
     from twisted.internet import threads
 
-    return threads.deferToThread(getHTTP, port, path)
+    return threads.deferToThread(httpGet, port, path)
