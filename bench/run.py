@@ -545,14 +545,16 @@ class MSANoDelay(MSA):
         return super().configure(state, path, params, sinkPort, proxy)
 
 
-def msaVariant(option: str) -> type[MSA]:
+def msaVariant(option: str, base: type[MSA] | None = None) -> type[MSA]:
     """
-    The MSA with C{option} (C{SECTION.KEY=VALUE}, as C{--msa-option}) on
-    top of the others: C{--servers msa,msa+spool.commit_delay=0.05}.
+    The MSA (or C{base}, an MSA column's class) with C{option}
+    (C{SECTION.KEY=VALUE}, as C{--msa-option}) on top of the others:
+    C{--servers msa,msa+spool.commit_delay=0.05}, C{msaw+...}.
     """
+    base = base or MSA
 
-    class Variant(MSA):
-        name = f"MSA {option}"
+    class Variant(base):
+        name = f"{base.name} {option}"
 
         def configure(self, state, path, params, sinkPort, proxy=False):
             self.args = argparse.Namespace(**vars(self.args))
@@ -1788,6 +1790,9 @@ def main() -> int:
         if name.lower().startswith("msa+"):
             # The MSA with one more --msa-option, as a column of its own.
             servers.append(msaVariant(name[4:]))
+            continue
+        if name.lower().startswith("msaw+"):
+            servers.append(msaVariant(name[5:], MSAWorkers))
             continue
         if re.fullmatch(r"msaw\d+", name.lower()):
             # msaw3: the MSA with [server] workers = 3.

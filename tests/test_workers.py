@@ -18,6 +18,7 @@ import signal
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from msa.queue.commits import COMMIT_DELAY
 from msa.service.config import ConfigError, loadConfig
 from msa.service.workers import (
     STEADY,
@@ -158,6 +159,24 @@ class ConfigTests(unittest.TestCase):
         # worker 0's configuration is left as it was.
         self.assertEqual(config["server"]["workers"], 3)
         self.assertEqual(config["lmtp"]["listeners"], ["unix:/tmp/lmtp.sock"])
+
+    def test_commitDelayPerWorker(self):
+        """
+        The commit delay's default is L{COMMIT_DELAY} per worker (each
+        worker's commits wait for its own sessions' messages only), at most
+        1 s; a delay given is kept.
+        """
+        redis = {"backend": "redis"}
+        one = loadConfig(self.write())
+        self.assertEqual(one["spool"]["commit_delay"], COMMIT_DELAY)
+        two = loadConfig(self.write(server={"workers": 2}, limits=redis))
+        self.assertEqual(two["spool"]["commit_delay"], 2 * COMMIT_DELAY)
+        many = loadConfig(self.write(server={"workers": 64}, limits=redis))
+        self.assertEqual(many["spool"]["commit_delay"], 1.0)
+        given = self.write(
+            server={"workers": 2}, limits=redis, spool={"commit_delay": 0.01}
+        )
+        self.assertEqual(loadConfig(given)["spool"]["commit_delay"], 0.01)
 
     def test_leftoverSpools(self):
         """

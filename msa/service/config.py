@@ -20,6 +20,7 @@ from typing import Any
 
 import attrs
 
+from msa.queue.commits import COMMIT_DELAY
 from msa.service.configkeys import (
     LIMITS_BACKENDS,
     LIMITS_FALLBACKS,
@@ -209,6 +210,10 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
     except ValueError as e:
         raise ConfigError(f"{_where(path, 'content', 'policy')}: {e}")
     _resolveLimits(path, config["limits"])
+    if config["spool"]["commit_delay"] is None:
+        # Each worker's commits wait for the messages its own sessions
+        # receive: with N workers, N times as long for the same company.
+        config["spool"]["commit_delay"] = min(1.0, COMMIT_DELAY * server["workers"])
     if server["workers"] > 1 and config["limits"]["backend"] != "redis":
         raise ConfigError(
             f"{_where(path, 'server', 'workers')}: more than one worker needs "

@@ -225,7 +225,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "spool": {
         "directory": path(None, "The durable queue."),
         "commit_delay": number(
-            COMMIT_DELAY, 0, 1, "Seconds a commit waits for messages beside it."
+            None,
+            0,
+            1,
+            f"Seconds a commit waits for messages beside it; default "
+            f"{COMMIT_DELAY} x [server] workers.",
         ),
     },
     "content": {
