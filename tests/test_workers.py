@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import smtplib
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from msa.queue.commits import COMMIT_DELAY
@@ -28,9 +29,17 @@ from msa.service.workers import (
     workerDirectory,
     workerEndpoint,
 )
-from tests.e2e import freePort, httpGet, writeConfig
+from tests.e2e import MESSAGE, freePort, httpGet, writeConfig
 from tests.redisserver import RedisServer
-from tests.test_crash import USER, Core, MSAProcess, sleep, waitFor
+from tests.test_crash import (
+    LONG_BODY,
+    USER,
+    Core,
+    MSAProcess,
+    endAfterKill,
+    sleep,
+    waitFor,
+)
 from tests.test_integrity import admin
 
 WORKERS = 2
@@ -339,6 +348,51 @@ class DaemonTests(unittest.TestCase):
         yield defer.ensureDeferred(
             waitFor(lambda: not os.listdir(self.workerFile("queue")), "empty", 10)
         )
+        yield defer.ensureDeferred(sleep(1))
+        self.assertEqual(len(self.core.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_workerKilledMidData(self):
+        """
+        Worker 1 killed (SIGKILL) while its client is in DATA: the client
+        sees the connection drop, never a 250; the partial file is removed
+        when worker 0 starts worker 1 again, nothing is delivered; the
+        client's retry is delivered once.
+        """
+        self.core.start()
+        worker = yield defer.ensureDeferred(self.started())
+        master = self.msa.process.pid
+        self.stopped(master)
+        try:
+            client = yield threads.deferToThread(self.msa.openTransaction)
+        finally:
+            self.resume(master)
+        yield threads.deferToThread(client.send, MESSAGE + LONG_BODY)
+
+        def written():
+            for name in os.listdir(self.workerFile("tmp")):
+                if os.path.getsize(self.workerFile("tmp", name)) >= 64 * 1024:
+                    return name
+            return None
+
+        name = yield defer.ensureDeferred(waitFor(written, "a partial message"))
+        os.kill(worker, signal.SIGKILL)
+        reply = yield threads.deferToThread(endAfterKill, client, b"\r\n.\r\n")
+        self.assertIsInstance(reply, smtplib.SMTPServerDisconnected | OSError)
+        yield defer.ensureDeferred(
+            waitFor(
+                lambda: f"recover: removing unacknowledged {name}" in self.msa.log(),
+                "worker 1's recovery",
+                20,
+            )
+        )
+        self.assertEqual(os.listdir(self.workerFile("tmp")), [])
+        self.assertEqual(os.listdir(self.workerFile("queue")), [])
+        yield defer.ensureDeferred(sleep(1))
+        self.assertEqual(len(self.core.messages), 0)
+        code, text = yield self.msa.submit()
+        self.assertEqual(code, 250, text)
+        yield self.core.waitForMessages(1, timeout=15)
         yield defer.ensureDeferred(sleep(1))
         self.assertEqual(len(self.core.messages), 1)
 
