@@ -11,19 +11,26 @@ stopped process accepts nothing, and its peer must.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import smtplib
 
 from twisted.internet import defer, threads
+from twisted.logger import LogLevel, formatEventAsClassicLogText, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from msa.queue.commits import COMMIT_DELAY
 from msa.service.config import ConfigError, loadConfig
+from msa.service.logs import FlatJSONObserver
+from msa.service.worker import toWorkerZero
 from msa.service.workers import (
     STEADY,
     STOP_MARGIN,
+    WorkerFailure,
+    Workers,
     leftoverSpools,
     workerConfig,
     workerDirectory,
@@ -203,6 +210,57 @@ class ConfigTests(unittest.TestCase):
         )
         self.assertEqual(leftoverSpools(base, 11), [])
         self.assertEqual(leftoverSpools(os.path.join(base, "none"), 1), [])
+
+
+class LogForwardingTests(unittest.TestCase):
+    """
+    A worker's log event through its pipe to worker 0's log
+    (L{msa.service.worker.toWorkerZero}, L{Workers.logFrom}).
+    """
+
+    def forwarded(self, event: dict) -> dict:
+        out = io.StringIO()
+        toWorkerZero(event, out)
+        published: list[dict] = []
+        globalLogPublisher.addObserver(published.append)
+        self.addCleanup(globalLogPublisher.removeObserver, published.append)
+        workers = Workers(2, None, [], reactor=None, grace=1)
+        for line in out.getvalue().encode().splitlines():
+            workers.logFrom(1, line)
+        [event] = [e for e in published if e.get("worker") == 1]
+        return event
+
+    def test_failureKeepsItsText(self):
+        """
+        An error with a traceback keeps its exception's message and its
+        traceback in worker 0's text log and JSON log lines.
+        """
+        try:
+            raise ValueError("the disk said no")
+        except ValueError:
+            failure = Failure()
+        event = self.forwarded(
+            {
+                "log_format": "cannot commit {queueId}",
+                "log_level": LogLevel.error,
+                "log_namespace": "msa.queue.spool",
+                "log_failure": failure,
+                "log_time": 1.0,
+                "queueId": "ABC",
+                "client": object(),
+            }
+        )
+        self.assertEqual(len(self.flushLoggedErrors(WorkerFailure)), 1)
+        text = formatEventAsClassicLogText(event)
+        self.assertIn("[worker-1] cannot commit ABC", text)
+        self.assertIn("ValueError: the disk said no", text)
+        self.assertIn("test_failureKeepsItsText", text)
+        line = FlatJSONObserver(io.StringIO()).flatten(event)
+        assert line is not None
+        self.assertIn("ValueError: the disk said no", line["traceback"])
+        self.assertEqual(line["worker"], 1)
+        self.assertEqual(line["queue_id"], "ABC")
+        self.assertTrue(line["client"].startswith("<object object at "))
 
 
 class DaemonTests(unittest.TestCase):
@@ -430,6 +488,23 @@ class DaemonTests(unittest.TestCase):
             f"worker 1 did not end within {0.5 + STOP_MARGIN} s of the stop: killed",
             self.msa.log(),
         )
+
+    @defer.inlineCallbacks
+    def test_signalledTwice(self):
+        """
+        SIGTERM to the whole process group (as a terminal's Ctrl-C, or
+        C{kill} of the group): worker 1 gets it from the group and again
+        from worker 0; everything stops cleanly, no error logged.
+        """
+        worker = yield defer.ensureDeferred(self.started())
+        os.kill(worker, signal.SIGTERM)
+        self.msa.kill(signal.SIGTERM)
+        status = yield defer.ensureDeferred(self.msa.waitForExit(30))
+        self.assertIn(status, (0, -signal.SIGTERM), self.msa.log()[-3000:])
+        self.assertFalse(alive(worker))
+        log = self.msa.log()
+        self.assertNotIn("Traceback", log)
+        self.assertNotIn("ReactorNotRunning", log)
 
     @defer.inlineCallbacks
     def test_workerEndsWhenWorkerZeroIsKilled(self):

@@ -6,7 +6,9 @@ C{python -m msa.service.worker}: one of the workers worker 0 starts
 It builds its service (L{msa.service.tap.buildService}) from worker 0's
 configuration file made its own (L{msa.service.workers.workerConfig}), on
 the listening sockets it was given (C{--listener KEY=FD}), and runs it
-until SIGTERM or until its standard input closes (worker 0 has gone).  Its
+until SIGTERM or SIGINT (the first of them; a second, from worker 0
+after the process group's, is not an error) or until its standard input
+closes (worker 0 has gone).  Its
 log events go to its standard error, one JSON object per line
 (L{twisted.logger.eventAsJSON}), for worker 0 to put into its log; a
 configuration or start-up error is logged there and ends it with status
@@ -16,6 +18,7 @@ configuration or start-up error is logged there and ends it with status
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import IO, Any, cast
 
@@ -30,6 +33,7 @@ from twisted.python.failure import Failure
 
 from msa._compat import flattenEvent
 from msa.service.logs import jsonValue
+from msa.service.workers import TRACEBACK
 
 log = Logger()
 
@@ -60,6 +64,10 @@ def toWorkerZero(event: dict, out: IO[str] | None = None) -> None:
     """
     event = dict(event)
     flattenEvent(event)
+    failure = event.pop("log_failure", None)
+    if failure is not None:
+        # JSON cannot carry the exception itself: its traceback as text.
+        event[TRACEBACK] = failure.getTraceback()
     for key, value in event.items():
         if key == "log_flattened":
             event[key] = {k: jsonValue(v) for k, v in value.items()}
@@ -68,6 +76,24 @@ def toWorkerZero(event: dict, out: IO[str] | None = None) -> None:
     out = sys.stderr if out is None else out
     out.write(eventAsJSON(event) + "\n")
     out.flush()
+
+
+def stopOnSignals(reactor: Any) -> None:
+    """
+    SIGTERM and SIGINT stop the reactor, once: a worker may get both from
+    worker 0 and from its terminal or process group, and Twisted's own
+    handlers would log a second one as an error (ReactorNotRunning).
+    """
+    stopping: list[bool] = []
+
+    def stop() -> None:
+        if not stopping and reactor.running:
+            stopping.append(True)
+            log.info("worker stopping on a signal")
+            reactor.stop()
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: reactor.callFromThread(stop))
 
 
 def parseArguments(argv: list[str]) -> argparse.Namespace:
@@ -128,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     top.privilegedStartService()
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
-    reactor.run()  # type: ignore[attr-defined]
+    stopOnSignals(reactor)
+    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ The limits must be shared too, so more than one worker needs C{[limits]
 backend = "redis"} (L{msa.service.config}).
 
 A worker's log events come to worker 0 on the worker's standard error,
-one JSON object per line (L{twisted.logger.eventAsJSON}), and go into its
-log with C{log_system} C{worker-N} and a C{worker} field.  Worker 0 starts
+one JSON object per line (L{twisted.logger.eventAsJSON}; a failure as its
+traceback's text, shown as a L{WorkerFailure}), and go into its log with
+C{log_system} C{worker-N} and a C{worker} field.  Worker 0 starts
 a worker again when it ends (after L{RESTART_DELAY}, doubled while it
 keeps ending within L{STEADY} seconds of its start, up to
 L{RESTART_DELAY_MAX}); the messages its spool holds wait there until the
@@ -85,6 +86,17 @@ MAX_LINE = 1024 * 1024
 #: Where the workers' spools and state directories go, in the spool
 #: directory and in the state directory.
 DIRECTORY = "workers"
+#: The field of a worker's log event that carries its failure's traceback
+#: as text (JSON cannot carry the exception).
+TRACEBACK = "worker_traceback"
+
+
+class WorkerFailure(Exception):
+    """
+    A worker's failure in worker 0's log: the exception of a L{Failure}
+    whose message is the worker's traceback, as text (every observer that
+    shows a failure's traceback shows it).
+    """
 
 
 def workerDirectory(base: str, number: int) -> str:
@@ -455,6 +467,9 @@ class Workers(service.Service):
             return
         event["log_system"] = f"worker-{number}"
         event["worker"] = number
+        traceback = event.pop(TRACEBACK, None)
+        if isinstance(traceback, str):
+            event["log_failure"] = Failure(WorkerFailure(traceback))
         globalLogPublisher(event)
 
     def stopService(self):
