@@ -17,8 +17,14 @@ import os
 import signal
 import smtplib
 
-from twisted.internet import defer, threads
-from twisted.logger import LogLevel, formatEventAsClassicLogText, globalLogPublisher
+from twisted.internet import defer, task, threads
+from twisted.internet.error import ProcessTerminated
+from twisted.logger import (
+    LogLevel,
+    formatEvent,
+    formatEventAsClassicLogText,
+    globalLogPublisher,
+)
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -27,10 +33,14 @@ from msa.service.config import ConfigError, loadConfig
 from msa.service.logs import FlatJSONObserver
 from msa.service.worker import toWorkerZero
 from msa.service.workers import (
+    RESTART_DELAY,
+    RESTART_DELAY_MAX,
+    SIGNAL_SKEW,
     STEADY,
     STOP_MARGIN,
     WorkerFailure,
     Workers,
+    _Worker,
     leftoverSpools,
     workerConfig,
     workerDirectory,
@@ -261,6 +271,63 @@ class LogForwardingTests(unittest.TestCase):
         self.assertEqual(line["worker"], 1)
         self.assertEqual(line["queue_id"], "ABC")
         self.assertTrue(line["client"].startswith("<object object at "))
+
+
+class EndedTests(unittest.TestCase):
+    """
+    How worker 0 reports a worker's end (L{Workers.ended}), on a fake
+    clock: the process itself is not needed for this.
+    """
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.workers = Workers(
+            2, None, [], reactor=self.clock, grace=1, clock=self.clock.seconds
+        )
+        self.workers.running = True
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def end(self) -> None:
+        worker = _Worker(self.workers, 1)
+        self.workers.processes[1] = worker
+        self.clock.advance(3)
+        self.workers.ended(worker, Failure(ProcessTerminated(signal=9)))
+
+    def said(self) -> list[tuple[str, str]]:
+        return [
+            (e["log_level"].name, formatEvent(e))
+            for e in self.events
+            if e.get("log_namespace") == "msa.service.workers"
+        ]
+
+    def test_unexpectedEndIsAnError(self):
+        """
+        A worker that ends while worker 0 runs: an error naming why and
+        when it starts again, and a start L{RESTART_DELAY} later.
+        """
+        self.end()
+        self.assertEqual(self.said(), [])
+        self.clock.advance(SIGNAL_SKEW)
+        [(level, text)] = self.said()
+        self.assertEqual(level, "error")
+        self.assertIn("worker 1 ended (", text)
+        self.assertIn("after 3.0 s", text)
+        self.assertIn(f"starting it again in {RESTART_DELAY} s", text)
+        self.assertEqual(self.workers.missing(), [1])
+
+    def test_endBeforeTheStopIsNoError(self):
+        """
+        A worker that ends a moment before worker 0's own stop (the same
+        signal to the whole process group): said at info level, and not
+        started again.
+        """
+        self.end()
+        self.workers.stopService()
+        self.clock.advance(SIGNAL_SKEW + RESTART_DELAY_MAX)
+        self.assertEqual(self.said(), [("info", "worker 1 has stopped")])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class DaemonTests(unittest.TestCase):
@@ -505,6 +572,7 @@ class DaemonTests(unittest.TestCase):
         log = self.msa.log()
         self.assertNotIn("Traceback", log)
         self.assertNotIn("ReactorNotRunning", log)
+        self.assertNotIn("worker 1 ended", log)
 
     @defer.inlineCallbacks
     def test_workerEndsWhenWorkerZeroIsKilled(self):

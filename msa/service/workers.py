@@ -81,6 +81,9 @@ STEADY = 10.0
 #: Seconds past C{shutdown_grace} that a stop waits for a worker to end
 #: before it is killed.
 STOP_MARGIN = 10.0
+#: Seconds after a worker's end that it is reported as an error, unless
+#: this process is stopping by then (L{Workers.ended}).
+SIGNAL_SKEW = 0.2
 #: The longest line a worker may send (a log event with a traceback).
 MAX_LINE = 1024 * 1024
 #: Where the workers' spools and state directories go, in the spool
@@ -440,10 +443,23 @@ class Workers(service.Service):
             return
         ranFor = self.clock() - worker.started
         delay = self._later(worker.number, ranFor)
+        # Said a moment later: a signal to the whole process group (a
+        # terminal's Ctrl-C, kill of the group) may reach the worker before
+        # it reaches this process, whose stop then makes it no error.
+        self.reactor.callLater(
+            SIGNAL_SKEW, self._reportEnd, worker.number, reason, ranFor, delay
+        )
+
+    def _reportEnd(
+        self, number: int, reason: Failure, ranFor: float, delay: float
+    ) -> None:
+        if not self.running:
+            log.info("worker {number} has stopped", number=number)
+            return
         log.error(
             "worker {number} ended ({reason}) after {ranFor:.1f} s; the messages "
             "its spool holds wait for it; starting it again in {delay} s",
-            number=worker.number,
+            number=number,
             reason=reason.getErrorMessage(),
             ranFor=ranFor,
             delay=delay,
