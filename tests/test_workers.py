@@ -31,8 +31,7 @@ from twisted.trial import unittest
 from msa.queue.commits import COMMIT_DELAY
 from msa.service.config import ConfigError, loadConfig
 from msa.service.logs import FlatJSONObserver
-from msa.service.worker import toWorkerZero
-from msa.service.workers import (
+from msa.service.supervisor import (
     RESTART_DELAY,
     RESTART_DELAY_MAX,
     SIGNAL_SKEW,
@@ -41,6 +40,9 @@ from msa.service.workers import (
     WorkerFailure,
     Workers,
     _Worker,
+)
+from msa.service.worker import toWorkerZero
+from msa.service.workers import (
     leftoverSpools,
     workerConfig,
     workerDirectory,
@@ -299,7 +301,7 @@ class EndedTests(unittest.TestCase):
         return [
             (e["log_level"].name, formatEvent(e))
             for e in self.events
-            if e.get("log_namespace") == "msa.service.workers"
+            if e.get("log_namespace") == "msa.service.supervisor"
         ]
 
     def test_unexpectedEndIsAnError(self):

@@ -74,7 +74,7 @@ class Health:
     @ivar audit: the audit log (L{msa.audit.AuditLog}), or L{None} when it
         is off.
     @ivar workers: the other workers this process started
-        (L{msa.service.workers.Workers}), or L{None}.
+        (L{msa.service.supervisor.Workers}), or L{None}.
     @ivar returnChannel: the return channel
         (L{msa.service.returnchannel.ReturnChannel}), whose
         C{healthProblem()} says why the core cannot deliver return messages

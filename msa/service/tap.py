@@ -60,13 +60,8 @@ from msa.service.services import (
     SessionShutdown,
 )
 from msa.service.startupchecks import StartupCheckError, checkFileLimit, runChecks
-from msa.service.workers import (
-    AdoptedListener,
-    KeptPort,
-    Workers,
-    WorkersGone,
-    relayLeftovers,
-)
+from msa.service.supervisor import Workers, WorkersGone
+from msa.service.workers import AdoptedListener, KeptPort, relayLeftovers
 from msa.submission.avatar import submissionFactory
 from msa.submission.extensions import offeredExtensions
 from msa.submission.proxyheader import (

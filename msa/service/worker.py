@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 
 from msa._compat import flattenEvent
 from msa.service.logs import jsonValue
-from msa.service.workers import TRACEBACK
+from msa.service.supervisor import TRACEBACK
 
 log = Logger()
 
