@@ -107,7 +107,7 @@ class Workers(service.Service):
     """
     Worker 0's part: start workers 1 to C{count - 1} over the listening
     sockets of C{ports}, start each again when it ends while this runs,
-    and stop them all when this stops.  See the module docstring.
+    and stop them all when this stops (L{msa.service.workers} says how).
 
     @ivar processes: the running workers, by number.
     @ivar starts: how many times each was started.
