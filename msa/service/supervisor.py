@@ -8,6 +8,7 @@ process.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -16,7 +17,12 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import (
+    InvalidLogLevelError,
+    Logger,
+    LogLevel,
+    globalLogPublisher,
+)
 from twisted.python.failure import Failure
 
 from msa.service.workers import KeptPort
@@ -247,10 +253,11 @@ class Workers(service.Service):
         if not text:
             return
         try:
-            event = eventFromJSON(text)
-            if not isinstance(event, dict) or "log_level" not in event:
+            event = json.loads(text)
+            if not isinstance(event, dict):
                 raise ValueError(text)
-        except ValueError:
+            event["log_level"] = LogLevel.levelWithName(event["log_level"])
+        except (ValueError, KeyError, TypeError, InvalidLogLevelError):
             log.warn("worker {number}: {text}", number=number, text=text)
             return
         event["log_system"] = f"worker-{number}"

@@ -18,6 +18,7 @@ configuration or start-up error is logged there and ends it with status
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 from typing import IO, Any, cast
@@ -26,7 +27,7 @@ from twisted.internet import protocol, stdio
 from twisted.logger import (
     ILogObserver,
     Logger,
-    eventAsJSON,
+    LogLevel,
     globalLogBeginner,
 )
 from twisted.python.failure import Failure
@@ -56,26 +57,34 @@ class LifeLine(protocol.Protocol):
 
 def toWorkerZero(event: dict, out: IO[str] | None = None) -> None:
     """
-    Write C{event} for worker 0 (L{msa.service.workers.Workers.logFrom}):
-    one JSON object on a line (L{eventAsJSON}), its text formatted here,
-    and each of its own fields as the JSON log writes it
+    Write C{event} for worker 0 (L{msa.service.supervisor.Workers.logFrom}):
+    one JSON object on a line, its text's fields formatted here
+    (C{log_flattened}), each of its own fields as the JSON log writes it
     (L{msa.service.logs.jsonValue}: an object that JSON cannot carry as
-    its text), so that worker 0's logs show what this worker's would.
+    its text), its level by name and its failure as its traceback's text,
+    so that worker 0's logs show what this worker's would.  The logger and
+    source objects stay here.
     """
-    event = dict(event)
     flattenEvent(event)
-    failure = event.pop("log_failure", None)
+    line = {
+        key: jsonValue(value) for key, value in event.items() if key not in _KEPT_HERE
+    }
+    line["log_flattened"] = {
+        k: jsonValue(v) for k, v in event.get("log_flattened", {}).items()
+    }
+    line["log_level"] = event.get("log_level", LogLevel.info).name
+    failure = event.get("log_failure")
     if failure is not None:
-        # JSON cannot carry the exception itself: its traceback as text.
-        event[TRACEBACK] = failure.getTraceback()
-    for key, value in event.items():
-        if key == "log_flattened":
-            event[key] = {k: jsonValue(v) for k, v in value.items()}
-        elif not key.startswith("log_"):
-            event[key] = jsonValue(value)
+        line[TRACEBACK] = failure.getTraceback()
     out = sys.stderr if out is None else out
-    out.write(eventAsJSON(event) + "\n")
+    out.write(json.dumps(line) + "\n")
     out.flush()
+
+
+#: What of an event a worker does not send (L{toWorkerZero}).
+_KEPT_HERE = frozenset(
+    ("log_logger", "log_source", "log_failure", "log_level", "log_flattened")
+)
 
 
 def stopOnSignals(reactor: Any) -> None:

@@ -29,8 +29,8 @@ The limits must be shared too, so more than one worker needs C{[limits]
 backend = "redis"} (L{msa.service.config}).
 
 A worker's log events come to worker 0 on the worker's standard error,
-one JSON object per line (L{twisted.logger.eventAsJSON}; a failure as its
-traceback's text), and go into its log with C{log_system} C{worker-N} and
+one JSON object per line (its text's fields formatted by the worker, a
+failure as its traceback's text), and go into its log with C{log_system} C{worker-N} and
 a C{worker} field.  Worker 0 starts a worker again when it ends (after half
 a second, doubled while it keeps ending soon after its start, up to 30 s);
 the messages its spool holds wait there until the new one relays them.
