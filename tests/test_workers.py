@@ -17,6 +17,7 @@ import os
 import signal
 import smtplib
 
+from twisted.application import service
 from twisted.internet import defer, task, threads
 from twisted.internet.error import ProcessTerminated
 from twisted.logger import (
@@ -29,6 +30,9 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from msa.queue.commits import COMMIT_DELAY
+from msa.queue.entry import DELIVERED, PENDING, encodeState
+from msa.queue.outcomes import OutcomeLedger, outcomesDirectoryIn
+from msa.queue.spool import Spool
 from msa.service.config import ConfigError, loadConfig
 from msa.service.logs import FlatJSONObserver
 from msa.service.supervisor import (
@@ -44,6 +48,7 @@ from msa.service.supervisor import (
 from msa.service.worker import toWorkerZero
 from msa.service.workers import (
     leftoverSpools,
+    relayLeftovers,
     workerConfig,
     workerDirectory,
     workerEndpoint,
@@ -60,6 +65,8 @@ from tests.test_crash import (
     waitFor,
 )
 from tests.test_integrity import admin
+from tests.test_spool import MESSAGE as SPOOLED
+from tests.test_spool import makeEnvelope
 
 WORKERS = 2
 
@@ -206,6 +213,32 @@ class ConfigTests(unittest.TestCase):
         )
         self.assertEqual(loadConfig(given)["spool"]["commit_delay"], 0.01)
 
+    def test_leftoverSpoolKeepsItsLedger(self):
+        """
+        A former worker's spool relayed by worker 0 reads that worker's
+        ledger of outcomes it could not record (C{<state_dir>/workers/N}):
+        a recipient the ledger says was delivered is not delivered again.
+        """
+        config = loadConfig(self.write())
+        state, spool = config["server"]["state_dir"], config["spool"]["directory"]
+        former = Spool(workerDirectory(spool, 1), reactor=task.Clock())
+        writer = former.newMessage(makeEnvelope())
+        writer.write(SPOOLED)
+        queueId = self.successResultOf(writer.commit())
+        entry = former.load(queueId)
+        entry.recipients["bob@example.org"] = DELIVERED
+        OutcomeLedger(outcomesDirectoryIn(workerDirectory(state, 1))).record(
+            queueId, encodeState(entry)
+        )
+        [runner] = relayLeftovers(
+            config, None, task.Clock(), lambda c, spool, r: RelayedFrom(spool)
+        )
+        relayed = runner.spool.load(queueId)
+        self.assertEqual(
+            relayed.recipients,
+            {"bob@example.org": DELIVERED, "carol@example.org": PENDING},
+        )
+
     def test_leftoverSpools(self):
         """
         The spools of workers numbered C{workers} and up that hold a queue
@@ -330,6 +363,16 @@ class EndedTests(unittest.TestCase):
         self.clock.advance(SIGNAL_SKEW + RESTART_DELAY_MAX)
         self.assertEqual(self.said(), [("info", "worker 1 has stopped")])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class RelayedFrom(service.Service):
+    """
+    A relay runner's stand-in for L{relayLeftovers}: the spool it was
+    given.
+    """
+
+    def __init__(self, spool) -> None:
+        self.spool = spool
 
 
 class DaemonTests(unittest.TestCase):

@@ -29,6 +29,7 @@ from msa import metrics
 from msa._compat import publisherObservers
 from msa.audit import AuditError, AuditLog, Rotation, logHead, recoverRecords
 from msa.interfaces import ILiveAccountStore
+from msa.queue.outcomes import outcomesDirectoryIn
 from msa.queue.spool import Spool
 from msa.service import logs
 from msa.service.startupchecks import StartupCheckError
@@ -228,6 +229,19 @@ class JSONLogFile(service.Service):
             self._file.close()
             self._observer = None
         return super().stopService()
+
+
+def openSpool(config: Any, directory: str, stateDirectory: str, reactor: Any) -> Spool:
+    """
+    The spool in C{directory} of the server whose state directory is
+    C{stateDirectory} (its ledger of unrecorded outcomes is there), with
+    the configured commit delay; not yet recovered.
+    """
+    spool = Spool(
+        directory, reactor, outcomesDirectory=outcomesDirectoryIn(stateDirectory)
+    )
+    spool.commits.commitDelay = config["spool"]["commit_delay"]
+    return spool
 
 
 def recordRecovered(audit: AuditLog, spool: Spool) -> None:

@@ -37,7 +37,6 @@ from msa.audit import AuditLog
 from msa.interfaces import ILiveAccountStore
 from msa.policy.authorization import AuthThrottle, ServerRules
 from msa.policy.redislimits import RedisLimits
-from msa.queue.outcomes import outcomesDirectoryIn
 from msa.queue.spool import Spool
 from msa.redact import maskSecrets
 from msa.relay.client import SMTPDownstream
@@ -58,6 +57,7 @@ from msa.service.services import (
     LogLevelFilter,
     OrderedShutdown,
     SessionShutdown,
+    openSpool,
 )
 from msa.service.startupchecks import StartupCheckError, checkFileLimit, runChecks
 from msa.service.supervisor import Workers, WorkersGone
@@ -275,13 +275,9 @@ def buildService(
     store = _accountStore(config, reactor)
     watcher = AccountWatcher(store, config["accounts"]["watch_interval"])
 
-    spool = Spool(
-        config["spool"]["directory"],
-        reactor,
-        outcomesDirectory=outcomesDirectoryIn(server["state_dir"]),
-    )
-    spool.commits.commitDelay = config["spool"]["commit_delay"]
-    runChecks(certFile, tlsConfig["chain"], config["spool"]["directory"])
+    spoolDirectory = config["spool"]["directory"]
+    spool = openSpool(config, spoolDirectory, server["state_dir"], reactor)
+    runChecks(certFile, tlsConfig["chain"], spoolDirectory)
     spool.recover()
     audit = None
     if config["audit"]["enabled"]:

@@ -68,7 +68,7 @@ from zope.interface import implementer
 
 from msa.queue.spool import Spool
 from msa.service.config import Config
-from msa.service.services import recordRecovered
+from msa.service.services import openSpool, recordRecovered
 
 log = Logger()
 
@@ -170,8 +170,12 @@ def relayLeftovers(
     runners = []
     spools = leftoverSpools(config["spool"]["directory"], config["server"]["workers"])
     for directory in spools:
-        spool = Spool(directory, reactor)
-        spool.commits.commitDelay = config["spool"]["commit_delay"]
+        # Its ledger of outcomes it could not record is in its worker's
+        # state directory: a delivery recorded there is not made again.
+        state = workerDirectory(
+            config["server"]["state_dir"], int(os.path.basename(directory))
+        )
+        spool = openSpool(config, directory, state, reactor)
         spool.recover()
         if audit is not None:
             spool.audit = audit
