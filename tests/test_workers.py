@@ -17,6 +17,7 @@ import os
 import signal
 import smtplib
 
+import attrs
 from twisted.application import service
 from twisted.internet import defer, task, threads
 from twisted.internet.error import ProcessTerminated
@@ -363,6 +364,52 @@ class EndedTests(unittest.TestCase):
         self.clock.advance(SIGNAL_SKEW + RESTART_DELAY_MAX)
         self.assertEqual(self.said(), [("info", "worker 1 has stopped")])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class StopTimingTests(unittest.TestCase):
+    """
+    When worker 0 kills a worker that does not end (L{Workers.stopService}),
+    on a fake clock and a fake process transport.
+    """
+
+    def test_killedGracePlusMarginIntoTheStop(self):
+        """
+        SIGTERM at the stop; SIGKILL C{grace} + L{STOP_MARGIN} seconds
+        after it, however long worker 0's own stop took before it asked
+        L{Workers.whenGone}; C{whenGone} fires once the worker has ended.
+        """
+        clock = task.Clock()
+        workers = Workers(2, None, [], reactor=clock, grace=3, clock=clock.seconds)
+        workers.running = True
+        worker = _Worker(workers, 1)
+        sent: list[str] = []
+        worker.transport = FakeProcess(sent)  # type: ignore[assignment]
+        workers.processes[1] = worker
+        workers.stopService()
+        self.assertEqual(sent, ["TERM"])
+        clock.advance(3)  # worker 0's own sessions took the whole grace
+        gone = workers.whenGone()
+        clock.advance(STOP_MARGIN - 0.1)
+        self.assertEqual(sent, ["TERM"])
+        clock.advance(0.1)
+        self.assertEqual(sent, ["TERM", "KILL"])
+        self.assertNoResult(gone)
+        worker.processEnded(Failure(ProcessTerminated(signal=9)))
+        self.successResultOf(gone)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+@attrs.define
+class FakeProcess:
+    """
+    A process transport that records the signals sent to it.
+    """
+
+    sent: list[str]
+    pid: int = 12345
+
+    def signalProcess(self, name: str) -> None:
+        self.sent.append(name)
 
 
 class RelayedFrom(service.Service):

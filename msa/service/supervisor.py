@@ -140,6 +140,7 @@ class Workers(service.Service):
         self.starts: dict[int, int] = {}
         self._delays: dict[int, float] = {}
         self._pending: dict[int, Any] = {}
+        self._kill: Any = None
 
     def command(self, number: int) -> tuple[list[str], dict[int, Any]]:
         """
@@ -273,37 +274,39 @@ class Workers(service.Service):
             if call.active():
                 call.cancel()
         self._pending.clear()
-        for worker in self.processes.values():
+        workers = list(self.processes.values())
+        for worker in workers:
             worker.signal("TERM")
+        if workers:
+            # From the stop's start, not from worker 0's own end of it.
+            self._kill = self.reactor.callLater(
+                self.grace + STOP_MARGIN, self._killHung, workers
+            )
+
+    def _killHung(self, workers: list[_Worker]) -> None:
+        for worker in workers:
+            if not worker.gone:
+                log.error(
+                    "worker {number} did not end within {seconds} s of the "
+                    "stop: killed",
+                    number=worker.number,
+                    seconds=self.grace + STOP_MARGIN,
+                )
+                worker.signal("KILL")
 
     def whenGone(self) -> defer.Deferred[None]:
         """
-        A L{Deferred} that fires once every worker has ended; a worker still
-        there C{grace} plus L{STOP_MARGIN} seconds from now is killed.
+        A L{Deferred} that fires once every worker has ended (those still
+        there C{grace} plus L{STOP_MARGIN} seconds into the stop are
+        killed).
         """
         workers = list(self.processes.values())
-        if not workers:
-            return defer.succeed(None)
-
-        def kill() -> None:
-            for worker in workers:
-                if not worker.gone:
-                    log.error(
-                        "worker {number} did not end within {seconds} s of the "
-                        "stop: killed",
-                        number=worker.number,
-                        seconds=self.grace + STOP_MARGIN,
-                    )
-                    worker.signal("KILL")
-
-        timer = self.reactor.callLater(self.grace + STOP_MARGIN, kill)
-        done = defer.gatherResults([w.ended for w in workers])
 
         def over(_: object) -> None:
-            if timer.active():
-                timer.cancel()
+            if self._kill is not None and self._kill.active():
+                self._kill.cancel()
 
-        return done.addCallback(over)
+        return defer.gatherResults([w.ended for w in workers]).addCallback(over)
 
 
 class WorkersGone(service.Service):
