@@ -193,10 +193,11 @@ def queueCommand(config: Any, args: argparse.Namespace, stdout, stderr) -> int:
     for number, (state, directory) in enumerate(places):
         try:
             found, online = _askWorker(state, directory, command, queueId, now)
+        except controlsocket.NoSuchMessage as e:
+            # Perhaps another worker's: ask the next.
+            unknown = e
+            continue
         except controlsocket.ControlError as e:
-            if queueId is not None and str(e) == f"no message {queueId} in the queue":
-                unknown = e
-                continue
             raise _Failed(str(e))
         if not online:
             offline.append(number)
@@ -268,7 +269,7 @@ def _askWorker(
             )
     if not os.path.isdir(os.path.join(directory, "queue")):
         if command == "show":
-            raise controlsocket.ControlError(f"no message {queueId} in the queue")
+            raise controlsocket.noSuchMessage(queueId)
         return [], False
     spool = Spool(
         directory, reactor=object(), outcomesDirectory=outcomesDirectoryIn(state)

@@ -27,6 +27,20 @@ class ServerNotRunning(ControlError):
     """
 
 
+class NoSuchMessage(ControlError):
+    """
+    The queue has no message with that id (L{noSuchMessage}).
+    """
+
+
+def noSuchMessage(queueId: str | None) -> NoSuchMessage:
+    """
+    The error, and its text on the socket, for a queue id the queue does
+    not hold.
+    """
+    return NoSuchMessage(f"no message {queueId} in the queue")
+
+
 def socketPath(stateDirectory: str) -> str:
     return os.path.join(stateDirectory, SOCKET_NAME)
 
@@ -65,7 +79,8 @@ def request(
 
     @return: the result.
     @raise ServerNotRunning: when nothing listens on C{path}.
-    @raise ControlError: when the server refused the command.
+    @raise NoSuchMessage: when the queue has no message C{queueId}.
+    @raise ControlError: when the server refused the command otherwise.
     """
     line = command if queueId is None else f"{command} {queueId}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -94,5 +109,8 @@ def request(
             data += chunk
     reply = json.loads(data)
     if not reply.get("ok"):
-        raise ControlError(reply.get("error") or "failed")
+        error = reply.get("error") or "failed"
+        if queueId is not None and error == str(noSuchMessage(queueId)):
+            raise noSuchMessage(queueId)
+        raise ControlError(error)
     return reply.get("result")

@@ -54,8 +54,10 @@ from msa.queue.spool import PENDING, Spool, SpoolEntry
 from msa.service.controlclient import (
     SOCKET_NAME,
     ControlError,
+    NoSuchMessage,
     ServerNotRunning,
     _Address,
+    noSuchMessage,
     request,
     socketPath,
 )
@@ -66,12 +68,14 @@ __all__ = [
     "ControlError",
     "ControlProtocol",
     "ControlService",
+    "NoSuchMessage",
     "ServerNotRunning",
     "checkQueueId",
     "describeSpool",
     "parseRequest",
     "request",
     "showEntry",
+    "noSuchMessage",
     "socketPath",
     "summarizeRecipients",
 ]
@@ -184,7 +188,7 @@ def showEntry(spool: Spool, queueId: str, summary: dict | None = None) -> dict:
         entry = spool.load(queueId)
         headers, truncated = _readHeaders(entry)
     except (FileNotFoundError, ValueError):
-        raise ControlError(f"no message {queueId} in the queue")
+        raise noSuchMessage(queueId)
     if summary is None:
         [summary] = [d for d in describeSpool(spool) if d["id"] == queueId] or [
             {"id": queueId}
@@ -361,7 +365,7 @@ class ControlService(Service):
             if failure.check(ControlError):
                 error = str(failure.value)
             elif failure.check(KeyError):
-                error = f"no message {queueId} in the queue"
+                error = str(noSuchMessage(queueId))
             else:
                 log.failure("control command {line!r} failed", failure, line=line)
                 error = f"internal error: {failure.getErrorMessage()}"
