@@ -488,6 +488,16 @@ class DaemonTests(unittest.TestCase):
         except ProcessLookupError:
             pass
 
+    async def exitedCleanly(self, worker: int, timeout: float = 30) -> str:
+        """
+        Wait for worker 0's exit after a stop: its status a clean stop's,
+        worker C{worker} gone too; worker 0's log.
+        """
+        status = await self.msa.waitForExit(timeout)
+        self.assertIn(status, (0, -signal.SIGTERM), self.msa.log()[-3000:])
+        self.assertFalse(alive(worker))
+        return self.msa.log()
+
     async def submitWhileStopped(self, pid: int) -> str:
         """
         Submit a message while the worker C{pid} is stopped, so that the
@@ -621,10 +631,7 @@ class DaemonTests(unittest.TestCase):
         """
         worker = yield defer.ensureDeferred(self.started())
         self.msa.kill(signal.SIGTERM)
-        status = yield defer.ensureDeferred(self.msa.waitForExit(30))
-        self.assertIn(status, (0, -signal.SIGTERM), self.msa.log()[-3000:])
-        self.assertFalse(alive(worker))
-        log = self.msa.log()
+        log = yield defer.ensureDeferred(self.exitedCleanly(worker))
         self.assertIn("[worker-1] Main loop terminated.", log)
         self.assertNotIn("Traceback", log)
         self.assertNotIn("worker 1 ended", log)
@@ -640,12 +647,12 @@ class DaemonTests(unittest.TestCase):
         worker = yield defer.ensureDeferred(self.started())
         self.stopped(worker)
         self.msa.kill(signal.SIGTERM)
-        status = yield defer.ensureDeferred(self.msa.waitForExit(STOP_MARGIN + 15))
-        self.assertIn(status, (0, -signal.SIGTERM), self.msa.log()[-3000:])
-        self.assertFalse(alive(worker))
+        log = yield defer.ensureDeferred(
+            self.exitedCleanly(worker, timeout=STOP_MARGIN + 15)
+        )
         self.assertIn(
             f"worker 1 did not end within {0.5 + STOP_MARGIN} s of the stop: killed",
-            self.msa.log(),
+            log,
         )
 
     @defer.inlineCallbacks
@@ -658,10 +665,7 @@ class DaemonTests(unittest.TestCase):
         worker = yield defer.ensureDeferred(self.started())
         os.kill(worker, signal.SIGTERM)
         self.msa.kill(signal.SIGTERM)
-        status = yield defer.ensureDeferred(self.msa.waitForExit(30))
-        self.assertIn(status, (0, -signal.SIGTERM), self.msa.log()[-3000:])
-        self.assertFalse(alive(worker))
-        log = self.msa.log()
+        log = yield defer.ensureDeferred(self.exitedCleanly(worker))
         self.assertNotIn("Traceback", log)
         self.assertNotIn("ReactorNotRunning", log)
         self.assertNotIn("worker 1 ended", log)
