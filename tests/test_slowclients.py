@@ -29,7 +29,7 @@ from twisted.internet import defer, threads
 from twisted.logger import capturedLogs
 from twisted.trial import unittest
 
-from msa.service.tap import _checkBacklog, withBacklog
+from msa.service.backlog import checkBacklog, withBacklog
 from tests.e2e import RunningMSA, freePort, requireProgram
 from tests.test_proxy import ProxiedSMTP, proxyV1
 
@@ -424,10 +424,10 @@ class BacklogConfigurationTests(unittest.TestCase):
         with open(path, "w") as f:
             f.write("4096\n")
         with capturedLogs() as events:
-            _checkBacklog(4096, path)
+            checkBacklog(4096, path)
         self.assertEqual(events, [])
         with capturedLogs() as events:
-            _checkBacklog(4097, path)
+            checkBacklog(4097, path)
         self.assertEqual(len(events), 1)
         self.assertIn("net.core.somaxconn", events[0]["log_format"])
         self.assertEqual((events[0]["backlog"], events[0]["limit"]), (4097, 4096))

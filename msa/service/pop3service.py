@@ -20,6 +20,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from msa.accounts.clientcert import CertificateBindingRealm
 from msa.interfaces import IMailboxStore
 from msa.pop3 import MailboxRealm, POP3Connections, POP3Factory, POP3Policy
+from msa.service.backlog import withBacklog
 from msa.service.config import Config
 
 
@@ -34,7 +35,6 @@ def addPOP3Listeners(
     throttle: Any,
     contextFactory: Any,
     mechanismContext: Any,
-    withBacklog: Any,
 ) -> None:
     """
     Start the C{[pop3]} listeners under C{top}, if any are configured.
@@ -43,7 +43,6 @@ def addPOP3Listeners(
         objects, with their password cache) check POP3 logins too.
     @param mailboxes: the return channel's store (C{[mailbox]}), which
         LMTP delivers into.
-    @param withBacklog: adds C{[server] listen_backlog} to a description.
     """
     pop3, server = config["pop3"], config["server"]
     if not pop3["starttls_listeners"] and not pop3["implicit_tls_listeners"]:

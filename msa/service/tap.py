@@ -8,7 +8,6 @@ L{msa.submission.server.SubmissionFactory} itself.
 """
 
 import os
-import re
 
 import attrs
 from twisted.application import strports
@@ -44,6 +43,7 @@ from msa.relay.outbox import OutboxDownstream
 from msa.relay.runner import RelayRunner
 from msa.sasl import MechanismContext
 from msa.service import logs
+from msa.service.backlog import checkBacklog, withBacklog
 from msa.service.config import Config, ConfigError, loadConfig
 from msa.service.controlsocket import ControlService, socketPath
 from msa.service.health import Health, healthSite
@@ -365,7 +365,7 @@ def buildService(
         sessionLimiter = sharedLimits.sessions
         if sharedLimits.fallback == "local":
             sessionLimiter.local = MemorySessionLimiter(registry)
-    _checkBacklog(server["listen_backlog"])
+    checkBacklog(server["listen_backlog"])
     SessionShutdown(registry, server["shutdown_grace"]).setServiceParent(top)
     HeapTrim(registry, reactor).setServiceParent(top)
     for implicit, key in (
@@ -438,7 +438,6 @@ def buildService(
             serverRules.throttle,
             contextFactory,
             mechanismContext,
-            withBacklog,
         )
     if workers is not None:
         # Last: the listening sockets are bound when it starts, and it
@@ -495,43 +494,3 @@ def _sharedLimits(
     )
     shared.setName("limits")
     return shared
-
-
-#: Endpoint types whose description takes C{backlog=}.
-_BACKLOG_TYPES = ("tcp", "tcp6", "unix")
-
-
-def withBacklog(description: str, backlog: int) -> str:
-    """
-    A listener's endpoint description with the listen backlog
-    (C{[server] listen_backlog}) added, so that a burst of connections waits
-    in the kernel's queue instead of being dropped (Twisted's default is
-    50).  An explicit C{backlog=} is kept; C{systemd:} sockets get theirs
-    from the socket unit (C{Backlog=} in C{etc/digipoort-msa.socket}).
-    """
-    parts = re.split(r"(?<!\\):", description)
-    if parts[0] not in _BACKLOG_TYPES or any(
-        p.startswith("backlog=") for p in parts[1:]
-    ):
-        return description
-    return f"{description}:backlog={backlog}"
-
-
-def _checkBacklog(backlog: int, somaxconn: str = "/proc/sys/net/core/somaxconn"):
-    """
-    Say so at start when the kernel will shorten the listen backlog.
-    """
-    try:
-        with open(somaxconn) as f:
-            limit = int(f.read())
-    except (OSError, ValueError):
-        return
-    if backlog > limit:
-        log.warn(
-            "The listen backlog ([server] listen_backlog, default twice "
-            "max_connections) is {backlog}, but the kernel caps it at "
-            "net.core.somaxconn = {limit}; raise that (sysctl) for the whole "
-            "backlog",
-            backlog=backlog,
-            limit=limit,
-        )
