@@ -591,7 +591,7 @@ def msaCheckout(path: str) -> type[MSA]:
 def shellTree(server: MSA, script: str) -> subprocess.Popen:
     """
     The processes of C{script} under one shell in a session of their own
-    (stopped together by L{MSAPair.stop}), in the server's directory and
+    (stopped together by L{stopShellTree}), in the server's directory and
     environment, their output in C{msa.out}.
     """
     return subprocess.Popen(
@@ -603,6 +603,20 @@ def shellTree(server: MSA, script: str) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def stopShellTree(proc: subprocess.Popen | None) -> None:
+    """
+    SIGTERM to every process of a L{shellTree}, SIGKILL 30 s later.
+    """
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
 
 
 class MSAPair(MSA):
@@ -666,14 +680,7 @@ class MSAPair(MSA):
         return True
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        stopShellTree(self.proc)
 
     def delivered(self) -> int:
         total = 0
@@ -738,7 +745,7 @@ class MSAWorkers(MSA):
         return True
 
     def stop(self) -> None:
-        MSAPair.stop(self)  # type: ignore[arg-type]
+        stopShellTree(self.proc)
 
     def controlSockets(self) -> list[str]:
         return [os.path.join(self.state, SOCKET_NAME)] + [
