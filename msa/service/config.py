@@ -14,6 +14,7 @@ C{etc/digipoort-msa.toml} documents every key.
 """
 
 import copy
+import importlib.util
 import os
 import tomllib
 from typing import Any
@@ -286,14 +287,13 @@ def _resolveLimits(path: str | None, limits: dict[str, Any]) -> None:
             "timeout (a hold is refreshed every lease / 3 seconds) (got lease = "
             f"{limits['lease']!r}, timeout = {limits['timeout']!r})"
         )
-    if limits["backend"] == "redis":
-        try:
-            import txredisapi  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                f"{_where(path, 'limits', 'backend')}: redis needs the Redis "
-                "client: pip install 'digipoort-msa[redis]' (txredisapi)"
-            ) from None
+    # Found, not imported: txredisapi imports the reactor, which must not be
+    # there yet when worker 0 forks its workers (msa.service.forked).
+    if limits["backend"] == "redis" and importlib.util.find_spec("txredisapi") is None:
+        raise ConfigError(
+            f"{_where(path, 'limits', 'backend')}: redis needs the Redis "
+            "client: pip install 'digipoort-msa[redis]' (txredisapi)"
+        )
 
 
 def _resolveOCSP(path: str | None, tls: dict[str, Any], absolute) -> None:
