@@ -564,11 +564,12 @@ def msaVariant(option: str, base: type[MSA] | None = None) -> type[MSA]:
     return Variant
 
 
-def msaCheckout(path: str) -> type[MSA]:
+def msaCheckout(path: str, base: type[MSA] | None = None) -> type[MSA]:
     """
     The MSA of another checkout (C{--servers msa,msa@/tmp/old}, e.g. a
     C{git worktree} of the commit before a change): the two versions side
-    by side in the same alternated run.
+    by side in the same alternated run.  C{msaw@PATH}: with workers
+    (L{MSAWorkers}).
     """
     root = os.path.abspath(path)
     try:
@@ -581,8 +582,10 @@ def msaCheckout(path: str) -> type[MSA]:
     except (OSError, subprocess.CalledProcessError):
         revision = os.path.basename(root)
 
-    class Checkout(MSA):
-        name = f"MSA@{revision}"
+    base = MSA if base is None else base
+
+    class Checkout(base):  # type: ignore[valid-type,misc]
+        name = f"{base.name}@{revision}"
 
     Checkout.root = root
     return Checkout
@@ -1718,7 +1721,8 @@ def main() -> int:
         "MSA with [audit] enabled = false (the audit log's cost); "
         "msa-nodelay the MSA with [spool] commit_delay = 0; msa+SECTION.KEY="
         "VALUE the MSA with that option (a column of its own); msa@PATH the "
-        "MSA of another checkout (e.g. a git worktree of an earlier commit)",
+        "MSA of another checkout (e.g. a git worktree of an earlier commit), "
+        "msaw@PATH the same with workers = 2",
     )
     parser.add_argument(
         "--postfix-sasl",
@@ -1807,6 +1811,9 @@ def main() -> int:
             continue
         if name.lower().startswith("msa@"):
             servers.append(msaCheckout(name[4:]))
+            continue
+        if name.lower().startswith("msaw@"):
+            servers.append(msaCheckout(name[5:], MSAWorkers))
             continue
         cls = SERVERS[name.lower()]
         if cls is Postfix:

@@ -48,6 +48,11 @@ Twisted:
       (L{msa.service.worker}) formats its events' fields into the event
       before it turns the objects among them into JSON for worker 0, as
       C{eventAsJSON} does inside itself; Twisted exports no name for it.
+    - C{twisted.logger.LogBeginner._initialBuffer} (its C{_buffer}): the
+      events logged before logging began, which C{beginLoggingTo} replays.
+      A worker forked from worker 0 (L{msa.service.forked}) drops worker
+      0's, which worker 0 logs itself (L{forgetEarlyLogEvents}); Twisted has
+      no public way to empty it.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 from twisted.internet import tcp
 from twisted.internet._sslverify import ClientTLSOptions
-from twisted.logger import ILogObserver, LogPublisher
+from twisted.logger import ILogObserver, LogBeginner, LogPublisher, globalLogBeginner
 from twisted.logger._flatten import flattenEvent
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._info import ProxyInfo
@@ -77,6 +82,7 @@ __all__ = [
     "V1Parser",
     "V2Parser",
     "flattenEvent",
+    "forgetEarlyLogEvents",
     "opensslFunction",
     "publisherObservers",
     "setGroups",
@@ -156,6 +162,14 @@ def publisherObservers(publisher: LogPublisher) -> list[ILogObserver]:
     The observers of C{publisher}, in the order it calls them (a copy).
     """
     return list(publisher._observers)
+
+
+def forgetEarlyLogEvents(beginner: LogBeginner = globalLogBeginner) -> None:
+    """
+    Drop the events C{beginner} holds from before logging began, so that
+    its C{beginLoggingTo} replays none of them.
+    """
+    beginner._initialBuffer._buffer.clear()
 
 
 def writeEagerly(transport: object) -> bool:

@@ -345,6 +345,40 @@ class FlattenEventPrivateTests(unittest.TestCase):
         self.assertTrue(text.startswith("'x' and <object object at "), text)
 
 
+class EarlyLogEventsPrivateTests(unittest.TestCase):
+    """
+    C{LogBeginner._initialBuffer._buffer}, behind
+    L{_compat.forgetEarlyLogEvents}.
+    """
+
+    def test_forgotten(self):
+        """
+        Events logged before logging began are replayed by
+        C{beginLoggingTo}; once forgotten, none are, and events logged
+        after are still observed.
+        """
+        import io
+        import types
+
+        from twisted.logger import LogBeginner, LogPublisher
+
+        def begin(forget):
+            publisher = LogPublisher()
+            # Its own warnings module: beginLoggingTo replaces showwarning.
+            warnings = types.SimpleNamespace(showwarning=None)
+            beginner = LogBeginner(publisher, io.StringIO(), None, warnings)
+            publisher({"log_format": "early", "n": 1})
+            if forget:
+                _compat.forgetEarlyLogEvents(beginner)
+            seen = []
+            beginner.beginLoggingTo([seen.append], redirectStandardIO=False)
+            publisher({"log_format": "late", "n": 2})
+            return [e["n"] for e in seen]
+
+        self.assertEqual(begin(False), [1, 2])
+        self.assertEqual(begin(True), [2])
+
+
 class LogPublisherPrivateTests(unittest.TestCase):
     """
     C{LogPublisher._observers}, behind L{_compat.publisherObservers}.

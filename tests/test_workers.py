@@ -74,7 +74,8 @@ WORKERS = 2
 
 def children(pid: int) -> list[int]:
     """
-    The worker processes C{pid} started (C{python -m msa.service.worker}).
+    The worker processes C{pid} started: forked (named C{msa-worker-N}) or
+    a new process (C{python -m msa.service.worker}).
     """
     found = []
     for name in os.listdir("/proc"):
@@ -85,11 +86,27 @@ def children(pid: int) -> list[int]:
                 parent = int(f.read().rsplit(")", 1)[1].split()[1])
             with open(f"/proc/{name}/cmdline", "rb") as f:
                 command = f.read()
+            with open(f"/proc/{name}/comm", "rb") as f:
+                command += b" " + f.read()
         except (OSError, ValueError, IndexError):
             continue
-        if parent == pid and b"msa.service.worker" in command:
+        if parent == pid and (
+            b"msa.service.worker" in command or b"msa-worker-" in command
+        ):
             found.append(int(name))
     return found
+
+
+def sharedDirty(pid: int) -> int:
+    """
+    The bytes of C{pid}'s written pages that it shares with another process
+    (C{Shared_Dirty}).
+    """
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Shared_Dirty:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no Shared_Dirty for {pid}")
 
 
 def alive(pid: int) -> bool:
@@ -536,7 +553,12 @@ class DaemonTests(unittest.TestCase):
         accepted = [line for line in log.splitlines() if queueId in line]
         self.assertTrue(accepted, log[-3000:])
         self.assertTrue(all("[worker-1]" in line for line in accepted), accepted)
-        self.assertIn(f"worker 1 started (process {worker})", log)
+        self.assertIn(f"worker 1 started (process {worker}, forked from worker 0)", log)
+        with open(f"/proc/{worker}/comm") as f:
+            self.assertEqual(f.read().strip(), "msa-worker-1")
+        # Forked before the reactor was there: it shares the pages of worker
+        # 0's modules (a new process would share none of its heap).
+        self.assertGreater(sharedDirty(worker), 10 * 1024 * 1024)
         with open(self.jsonLog, encoding="utf-8") as f:
             events = [json.loads(line) for line in f]
         [accepted] = [
@@ -564,12 +586,17 @@ class DaemonTests(unittest.TestCase):
         os.kill(worker, signal.SIGKILL)
         yield defer.ensureDeferred(
             waitFor(
-                lambda: children(master) and children(master) != [worker],
+                lambda: (found := children(master)) and found != [worker],
                 "worker 1 started again",
                 15,
             )
         )
         self.assertIn("worker 1 ended", self.msa.log())
+        # A forked worker is used once: the new worker 1 is a new process.
+        [again] = children(master)
+        self.assertIn(
+            f"worker 1 started (process {again}, a new process)", self.msa.log()
+        )
         self.core.start()
         yield self.core.waitForMessages(1, timeout=20)
         yield defer.ensureDeferred(

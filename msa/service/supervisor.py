@@ -25,6 +25,7 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 
+from msa.service.forked import ParkedWorker
 from msa.service.workers import KeptPort
 
 log = Logger()
@@ -129,8 +130,15 @@ class Workers(service.Service):
         reactor: Any,
         grace: float,
         clock: Callable[[], float] = time.monotonic,
+        parked: dict[int, ParkedWorker] | None = None,
     ) -> None:
+        """
+        @param parked: the workers forked before the reactor, waiting for
+            their first start (L{msa.service.forked}); the others, and a
+            worker started again, are new processes.
+        """
         self.count = count
+        self.parked = dict(parked or {})
         self.configPath = None if configPath is None else os.path.abspath(configPath)
         self.ports = ports
         self.reactor = reactor
@@ -185,15 +193,30 @@ class Workers(service.Service):
             return
         args, fds = self.command(number)
         worker = _Worker(self, number)
+        parked = self.parked.pop(number, None)
         try:
-            transport = self.reactor.spawnProcess(
-                worker,
-                sys.executable,
-                args,
-                env=workerEnvironment(),
-                path=os.getcwd(),
-                childFDs=fds,
-            )
+            if parked is not None and parked.usable():
+                how = "forked from worker 0"
+                transport = parked.start(
+                    worker, args, workerEnvironment(), os.getcwd(), fds, self.reactor
+                )
+            else:
+                if parked is not None:
+                    log.info(
+                        "worker {number} starts as a new process: twistd has "
+                        "forked into the background since it was forked",
+                        number=number,
+                    )
+                    parked.discard()
+                how = "a new process"
+                transport = self.reactor.spawnProcess(
+                    worker,
+                    sys.executable,
+                    args,
+                    env=workerEnvironment(),
+                    path=os.getcwd(),
+                    childFDs=fds,
+                )
         except OSError:
             log.failure("cannot start worker {number}", number=number)
             self._later(number)
@@ -201,9 +224,10 @@ class Workers(service.Service):
         self.processes[number] = worker
         self.starts[number] = self.starts.get(number, 0) + 1
         log.info(
-            "worker {number} started (process {pid})",
+            "worker {number} started (process {pid}, {how})",
             number=number,
             pid=transport.pid,
+            how=how,
         )
 
     def _later(self, number: int, ranFor: float = 0.0) -> float:
@@ -270,6 +294,9 @@ class Workers(service.Service):
 
     def stopService(self):
         super().stopService()
+        for parked in self.parked.values():
+            parked.discard()
+        self.parked.clear()
         for call in self._pending.values():
             if call.active():
                 call.cancel()

@@ -46,6 +46,7 @@ from msa.service import logs
 from msa.service.backlog import checkBacklog, withBacklog
 from msa.service.config import Config, ConfigError, loadConfig
 from msa.service.controlsocket import ControlService, socketPath
+from msa.service.forked import ParkedWorker, parkWorkers
 from msa.service.health import Health, healthSite
 from msa.service.heaptrim import HeapTrim
 from msa.service.pop3service import addPOP3Listeners
@@ -124,9 +125,15 @@ STARTUP_ERRORS = (
 def makeService(options: Options) -> OrderedShutdown:
     limitScryptMemory()
     config = configFromOptions(options)
+    # Now, before the reactor: forked workers share this process's modules.
+    parked = parkWorkers(range(1, config["server"]["workers"]))
     try:
-        return buildService(config)
-    except STARTUP_ERRORS as e:
+        return buildService(config, parked=parked)
+    except BaseException as e:
+        for worker in parked.values():
+            worker.discard()
+        if not isinstance(e, STARTUP_ERRORS):
+            raise
         # A configuration error may quote a connection string: never its
         # password (nor a traceback of the chained error that holds it).
         raise SystemExit(
@@ -208,7 +215,10 @@ def _downstream(config: Config):
 
 
 def buildService(
-    config: Config, reactor=None, listeners: dict[str, int] | None = None
+    config: Config,
+    reactor=None,
+    listeners: dict[str, int] | None = None,
+    parked: dict[int, ParkedWorker] | None = None,
 ) -> OrderedShutdown:
     """
     Everything the MSA runs, from a validated configuration.
@@ -223,6 +233,8 @@ def buildService(
         (L{msa.service.worker}), the listening sockets it was given, by
         C{"<key>:<position>"} (C{"starttls_listeners:0"}): it accepts on
         them instead of binding its own, and runs no return channel.
+    @param parked: in worker 0, the workers forked before the reactor
+        (L{msa.service.forked.parkWorkers}), for their first start.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -241,7 +253,12 @@ def buildService(
     workers = None
     if server["workers"] > 1 and listeners is None:
         workers = Workers(
-            server["workers"], config.path, [], reactor, server["shutdown_grace"]
+            server["workers"],
+            config.path,
+            [],
+            reactor,
+            server["shutdown_grace"],
+            parked=parked,
         )
         # Early, so that it stops late: the workers end beside this one.
         WorkersGone(workers).setServiceParent(top)

@@ -33,6 +33,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 
 from msa._compat import flattenEvent
+from msa.service.forked import processName
 from msa.service.logs import jsonValue
 from msa.service.supervisor import TRACEBACK
 
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     from msa.tls import ensureSelfSignedCertificate
 
     options = parseArguments(sys.argv[1:] if argv is None else argv)
+    processName(f"msa-worker-{options.worker}")
     globalLogBeginner.beginLoggingTo(
         [cast(ILogObserver, toWorkerZero)], redirectStandardIO=False
     )
