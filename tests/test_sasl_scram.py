@@ -568,3 +568,32 @@ class ScramPlusTests(unittest.TestCase):
                 self.assertIn((e.code, e.status), [(501, "5.5.2"), (535, "5.7.8")])
             else:
                 self.assertIsInstance(result, (Challenge, Authenticate))
+
+
+class FakeSaltTests(unittest.TestCase):
+    """
+    L{scram.setFakeSaltSecret}: an unknown user's salt from the key material,
+    the same in every process given the same material.
+    """
+
+    def setUp(self):
+        from msa.sasl import scram
+
+        self.scram = scram
+        self.addCleanup(setattr, scram, "_fakeSaltSecret", scram._fakeSaltSecret)
+
+    def test_sameMaterialSameSalt(self):
+        self.scram.setFakeSaltSecret(b"-----BEGIN PRIVATE KEY----- one")
+        first = self.scram._fakeSalt("nobody")
+        self.scram._fakeSaltSecret = b"what another process drew at random"
+        self.assertNotEqual(self.scram._fakeSalt("nobody"), first)
+        self.scram.setFakeSaltSecret(b"-----BEGIN PRIVATE KEY----- one")
+        self.assertEqual(self.scram._fakeSalt("nobody"), first)
+        self.assertEqual(len(first), 16)
+        self.assertNotEqual(self.scram._fakeSalt("somebody"), first)
+
+    def test_otherMaterialOtherSalt(self):
+        self.scram.setFakeSaltSecret(b"one key")
+        first = self.scram._fakeSalt("nobody")
+        self.scram.setFakeSaltSecret(b"another key")
+        self.assertNotEqual(self.scram._fakeSalt("nobody"), first)

@@ -11,6 +11,7 @@ stopped process accepts nothing, and its peer must.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -527,6 +528,69 @@ class DaemonTests(unittest.TestCase):
             self.resume(pid)
         self.assertEqual(code, 250, text)
         return text.split()[-1].decode()
+
+    def unknownUsersSalt(self) -> bytes:
+        """
+        Blocking: the salt of SCRAM-SHA-256's server-first message for a
+        user that does not exist (the fake salt).
+        """
+        client = smtplib.SMTP("localhost", self.msa.port, timeout=10)
+        try:
+            client.ehlo("mijnbedrijf.nl")
+            client.starttls(context=self.msa.clientContext())
+            client.ehlo("mijnbedrijf.nl")
+            first = base64.b64encode(b"n,,n=nobody-here,r=abcdefghijklmnop")
+            code, text = client.docmd("AUTH", "SCRAM-SHA-256 " + first.decode())
+            self.assertEqual(code, 334, text)
+            fields = dict(
+                f.split("=", 1) for f in base64.b64decode(text).decode().split(",")
+            )
+            return base64.b64decode(fields["s"])
+        finally:
+            client.close()
+
+    async def saltWhileStopped(self, pid: int) -> bytes:
+        """
+        L{unknownUsersSalt} while the worker C{pid} is stopped (from the
+        other).
+        """
+        self.stopped(pid)
+        try:
+            return await threads.deferToThread(self.unknownUsersSalt)
+        finally:
+            self.resume(pid)
+
+    @defer.inlineCallbacks
+    def test_sameFakeSaltInEveryWorker(self):
+        """
+        SCRAM's fake salt for an unknown user is the same whichever worker
+        answers, also from a worker started again after its end (a new
+        process, not forked): a salt that changed from one connection to
+        the next would tell a client that the name is unknown (a real
+        user's salt never changes).
+        """
+        worker = yield defer.ensureDeferred(self.started())
+        master = self.msa.process.pid
+        fromZero = yield defer.ensureDeferred(self.saltWhileStopped(worker))
+        fromOne = yield defer.ensureDeferred(self.saltWhileStopped(master))
+        self.assertEqual(fromOne, fromZero)
+        os.kill(worker, signal.SIGKILL)
+        yield defer.ensureDeferred(
+            waitFor(
+                lambda: (found := children(master)) and found != [worker],
+                "worker 1 started again",
+                15,
+            )
+        )
+        yield defer.ensureDeferred(
+            waitFor(
+                lambda: self.msa.log().count("[worker-1] queue control socket") == 2,
+                "the new worker 1 serving",
+                20,
+            )
+        )
+        fromNew = yield defer.ensureDeferred(self.saltWhileStopped(master))
+        self.assertEqual(fromNew, fromZero)
 
     @defer.inlineCallbacks
     def test_eachWorkerTakesSubmissions(self):

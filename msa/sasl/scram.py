@@ -69,9 +69,12 @@ MAX_MESSAGE = 4096
 #: Iteration count reported for unknown users (RFC 7677's minimum).
 FAKE_ITERATIONS = 4096
 
-#: Secret from which the fake salts of unknown users are derived.  It lasts
-#: as long as the process: across restarts an unknown user's salt changes.
-_FAKE_SALT_SECRET = secrets.token_bytes(32)
+#: Secret from which the fake salts of unknown users are derived: random,
+#: until the service sets one that every process serving the same accounts
+#: has (L{setFakeSaltSecret}); otherwise an unknown user's salt would
+#: differ from one process (worker, instance, restart) to the next, where a
+#: real user's stays, and tell a client which names are unknown.
+_fakeSaltSecret = secrets.token_bytes(32)
 
 _PRINTABLE = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
 _EXTENSION = re.compile(r"[A-Za-z]=.*", re.DOTALL)
@@ -140,8 +143,20 @@ def deriveKeys(password: str, salt: bytes, iterations: int) -> tuple[bytes, byte
     return _HASH(clientKey).digest(), _hmac(salted, b"Server Key")
 
 
+def setFakeSaltSecret(material: bytes) -> None:
+    """
+    Derive the fake salts of unknown users from C{material} (the TLS
+    private key's file, which every worker and every instance behind the
+    same name has): the same in every process given the same material, and
+    across restarts.  The derivation (HMAC-SHA-256 under a label of its own)
+    tells nothing about the material.
+    """
+    global _fakeSaltSecret
+    _fakeSaltSecret = _hmac(material, b"digipoort-msa SCRAM fake salts")
+
+
 def _fakeSalt(username: str) -> bytes:
-    return _hmac(_FAKE_SALT_SECRET, username.encode("utf-8"))[:16]
+    return _hmac(_fakeSaltSecret, username.encode("utf-8"))[:16]
 
 
 def _saslname(value: str) -> str:

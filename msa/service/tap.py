@@ -42,6 +42,7 @@ from msa.relay.client import SMTPDownstream
 from msa.relay.outbox import OutboxDownstream
 from msa.relay.runner import RelayRunner
 from msa.sasl import MechanismContext
+from msa.sasl.scram import setFakeSaltSecret
 from msa.service import logs
 from msa.service.backlog import checkBacklog, withBacklog
 from msa.service.config import Config, ConfigError, loadConfig
@@ -269,6 +270,9 @@ def buildService(
         certFile, keyFile = tls.ensureSelfSignedCertificate(
             server["state_dir"], server["hostname"]
         )
+    # The same fake SCRAM salts in every worker and instance with this key.
+    with open(keyFile, "rb") as f:
+        setFakeSaltSecret(f.read())
     tlsArgs = {
         k: v
         for k, v in (
