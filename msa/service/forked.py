@@ -175,8 +175,13 @@ class ParkedWorker:
                 [theirLifeLine.fileno(), theirOutput.fileno(), *listeners],
             )
         except OSError:
+            # It has ended (killed while it waited): reap it, if it has.
             lifeLine.close()
             output.close()
+            try:
+                os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
             raise
         finally:
             channel.close()
