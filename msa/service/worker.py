@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_workers -*-
 """
 C{python -m msa.service.worker}: one of the workers worker 0 starts
-(L{msa.service.workers}), not a program to run by hand.
+(L{msa.service.workers}), not a program to run by hand.  A worker forked
+from worker 0 (L{msa.service.forked}) runs the same L{main}.
 
 It builds its service (L{msa.service.tap.buildService}) from worker 0's
 configuration file made its own (L{msa.service.workers.workerConfig}), on

@@ -7,11 +7,13 @@ the GIL keeps a second thread from adding to it (bench/RESULTS.md).
 
 The process C{twistd digipoort-msa} starts is worker 0.  It binds every
 listener, as it always does, and then starts the other workers
-(L{msa.service.supervisor}): C{python -m msa.service.worker}, each given
-the listening sockets themselves (the same sockets: the kernel hands each connection to
-whichever process accepts it first, so a busy worker takes fewer) and its
-number.  A worker builds the same service from the same configuration
-file (L{workerConfig}), with what must not be shared made its own:
+(L{msa.service.supervisor}): forked before its reactor existed, so that
+they share its modules' memory (L{msa.service.forked}), or else C{python -m
+msa.service.worker}; each is given the listening sockets themselves (the
+same sockets: the kernel hands each connection to whichever process
+accepts it first, so a busy worker takes fewer) and its number.  A worker
+builds the same service from the same configuration file
+(L{workerConfig}), with what must not be shared made its own:
 
   - its spool, C{<spool directory>/workers/N}, and so its own relay runner
     and group commit: a message is the spool's whose worker took it, from
