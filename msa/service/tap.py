@@ -35,12 +35,7 @@ from msa.accounts.pgstore import AccountDatabase
 from msa.audit import AuditLog
 from msa.interfaces import ILiveAccountStore
 from msa.policy.authorization import AuthThrottle, ServerRules
-from msa.policy.redislimits import RedisLimits
-from msa.queue.spool import Spool
 from msa.redact import maskSecrets
-from msa.relay.client import SMTPDownstream
-from msa.relay.outbox import OutboxDownstream
-from msa.relay.runner import RelayRunner
 from msa.sasl import MechanismContext
 from msa.sasl.scram import setFakeSaltSecret
 from msa.service import logs
@@ -50,6 +45,7 @@ from msa.service.controlsocket import ControlService, socketPath
 from msa.service.forked import ParkedWorker, parkWorkers
 from msa.service.health import Health, healthSite
 from msa.service.heaptrim import HeapTrim
+from msa.service.parts import relayRunnerFrom, sharedLimitsFrom
 from msa.service.pop3service import addPOP3Listeners
 from msa.service.returnchannel import buildReturnChannel
 from msa.service.services import (
@@ -176,45 +172,6 @@ def _accountStore(config: Config, reactor) -> ILiveAccountStore:
     return AccountFile(config.accountsFile, reactor)
 
 
-def _downstream(config: Config):
-    relay = config["relay"]
-    if not relay["host"]:
-        log.warn(
-            "No core MTA configured ([relay] host): accepted messages are written "
-            "to the outbox {outbox}, one file per message, and not relayed",
-            outbox=relay["outbox"],
-        )
-        return OutboxDownstream(relay["outbox"])
-    contextFactory = None
-    if relay["tls"] != "none":
-        contextFactory = tls.clientContextFactory(
-            relay["server_name"],
-            caFile=relay["ca_file"],
-            clientCertFile=relay["client_certificate"],
-            clientKeyFile=relay["client_key"],
-            verify=relay["verify_certificate"],
-        )
-    password = None
-    if relay["auth_password_file"]:
-        with open(relay["auth_password_file"]) as f:
-            password = f.read().strip()
-    return SMTPDownstream(
-        relay["host"],
-        relay["port"],
-        tlsMode=relay["tls"],
-        contextFactory=contextFactory,
-        heloName=relay["helo_name"],
-        authUsername=relay["auth_username"],
-        authPassword=password,
-        connectTimeout=relay["connect_timeout"],
-        commandTimeout=relay["command_timeout"],
-        dataTimeout=relay["data_timeout"],
-        idleTimeout=relay["idle_timeout"],
-        maxTransactions=relay["max_messages_per_connection"],
-        verifyCertificate=relay["verify_certificate"],
-    )
-
-
 def buildService(
     config: Config,
     reactor=None,
@@ -310,11 +267,11 @@ def buildService(
     relay = config["relay"]
     for problem in checkFileLimit(server["max_connections"], relay["concurrency"]):
         log.warn("startup check: {problem}", problem=problem)
-    runner = _relayRunner(config, spool, reactor)
+    runner = relayRunnerFrom(config, spool, reactor)
     throttle = AuthThrottle(
         base=server["auth_delay_base"], maximum=server["auth_delay_max"]
     )
-    sharedLimits = _sharedLimits(config, throttle, reactor)
+    sharedLimits = sharedLimitsFrom(config, throttle, reactor)
     if sharedLimits is not None:
         sharedLimits.setServiceParent(top)
     metrics.watchQueue(spool, relay["delay_warning_after"])
@@ -346,7 +303,7 @@ def buildService(
     ).setServiceParent(top)
     runner.setServiceParent(top)
     if listeners is None:
-        for leftover in relayLeftovers(config, audit, reactor, _relayRunner):
+        for leftover in relayLeftovers(config, audit, reactor, relayRunnerFrom):
             leftover.setServiceParent(top)
 
     if server["accepted_recipients"] is None:
@@ -465,53 +422,3 @@ def buildService(
         # stops first, telling the workers to stop beside this one.
         workers.setServiceParent(top)
     return top
-
-
-def _relayRunner(config: Config, spool: Spool, reactor) -> RelayRunner:
-    relay = config["relay"]
-    return RelayRunner(
-        spool,
-        _downstream(config),
-        reactor,
-        retryBase=relay["retry_base"],
-        retryMax=relay["retry_max"],
-        maxLifetime=relay["max_lifetime"],
-        concurrency=relay["concurrency"],
-        dsnHostname=config["server"]["hostname"] if relay["send_dsn"] else None,
-        delayWarningAfter=relay["delay_warning_after"],
-    )
-
-
-def _sharedLimits(
-    config: Config, throttle: AuthThrottle, reactor
-) -> RedisLimits | None:
-    """
-    With C{[limits] backend = "redis"}: the limits every instance shares
-    (a service: it keeps the connection and refreshes this instance's holds
-    and sessions), else L{None} and each instance counts on its own.
-    """
-    limits = config["limits"]
-    if limits["backend"] != "redis":
-        return None
-    contextFactory = None
-    if limits["address"].tls:
-        # rediss://: Redis's certificate verified against the URL's host
-        # (R14's rule for the core, applied to every engine we talk to).
-        contextFactory = tls.clientContextFactory(
-            limits["address"].host,
-            caFile=limits["tls_ca"],
-            clientCertFile=limits["tls_certificate"],
-            clientKeyFile=limits["tls_key"],
-        )
-    shared = RedisLimits(
-        limits["address"],
-        prefix=limits["key_prefix"],
-        timeout=limits["timeout"],
-        lease=limits["lease"],
-        throttle=throttle,
-        local=limits["fallback"] == "local",
-        reactor=reactor,
-        contextFactory=contextFactory,
-    )
-    shared.setName("limits")
-    return shared
