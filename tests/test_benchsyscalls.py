@@ -79,3 +79,47 @@ class ParseSyscallCountsTests(unittest.TestCase):
         """
         self.assertEqual(self.run.parseSyscallCounts(STRACE, strace=False), {})
         self.assertEqual(self.run.parseSyscallCounts(PERF, strace=True), {})
+
+
+class PeakSamplerTests(unittest.TestCase):
+    """
+    The peak memory of a process tree (L{PeakSampler}): a peak shorter than
+    the 0.2 s between samples still counts, from the process's own
+    high-water mark.
+    """
+
+    def test_shortPeakCounted(self):
+        import subprocess
+        import time
+
+        run = loadRun()
+        # 40 MB written for 20 ms, once told to, then freed; then it waits.
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys, time\n"
+                "sys.stdin.readline()\n"
+                "b = bytearray(40 * 1024 * 1024)\n"
+                "for i in range(0, len(b), 4096): b[i] = 1\n"
+                "time.sleep(0.02)\n"
+                "del b\n"
+                "print('done', flush=True)\n"
+                "sys.stdin.readline()\n",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.addCleanup(child.wait)
+        self.addCleanup(child.kill)
+        time.sleep(0.3)
+        sampler = run.PeakSampler(child.pid)
+        before = sampler.pssAtStart
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        self.assertEqual(child.stdout.readline().strip(), "done")
+        peak = sampler.stop()
+        self.assertGreater(peak - before, 35 * 1024 * 1024)
+        # Freed: what the tree holds now is far below the peak.
+        self.assertLess(run.treePss(child.pid), peak - 30 * 1024 * 1024)
