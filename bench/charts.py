@@ -12,11 +12,11 @@ green where the MSA does better than that peer, red where it does worse.
 
 Input: the JSON that ``bench/run.py --json FILE`` writes (every run's
 numbers: ``{"results": {scenario: {server: [run, ...]}}}``; the charts show
-the medians; ``bench/results-2026-12-07-workers.json`` is one), or a file of
+the medians; ``bench/results-2026-12-07-forked.json`` is one), or a file of
 medians only (``{server: {metric: value}}`` instead of the run lists),
 transcribed from RESULTS.md by ``--from-markdown``::
 
-  python bench/charts.py bench/results-2026-12-07-workers.json -o bench/charts
+  python bench/charts.py bench/results-2026-12-07-forked.json -o bench/charts
   python bench/charts.py --from-markdown bench/RESULTS.md \\
       --run "Run of 2026-12-07: every scenario" > results.json
 
