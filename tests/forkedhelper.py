@@ -7,7 +7,9 @@ worker, in a process without a reactor until the fork.
 prints a JSON report on its standard output.  Modes: C{report} (the worker
 reports what it was given and exits 3), C{signal} (the worker waits and is
 sent SIGTERM), C{discard} (the parked worker is let go), C{memory} (the
-worker reports how much of its memory it shares).
+worker reports how much of its memory it shares), C{uid} (as C{report},
+worker 0 having switched to user and group 65534 before the start, as
+C{twistd --uid} does; run as root).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def target(args: list[str]) -> None:
         "ppid": os.getppid(),
         "comm": comm,
         "replayed": [e.get("log_format") for e in seen],
+        "ids": [list(os.getresuid()), list(os.getresgid()), os.getgroups()],
     }
     listener.detach()
     print(json.dumps(report), flush=True)
@@ -102,6 +105,11 @@ def main() -> None:
             reactor.stop()
 
     os.umask(0o027)
+    if mode == "uid":
+        # As twistd --uid/--gid does before the services start.
+        os.setgroups([])
+        os.setresgid(65534, 65534, 65534)
+        os.setresuid(65534, 65534, 65534)
 
     def start() -> None:
         forked = parked.start(

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
@@ -31,8 +33,14 @@ def runHelper(testCase: unittest.TestCase, mode: str) -> dict:
     """
     Run the helper in C{mode}: its report.
     """
-    directory = testCase.mktemp()
-    os.makedirs(directory)
+    if mode == "uid":
+        # One the switched user can enter (trial's may not be).
+        directory = tempfile.mkdtemp()
+        os.chmod(directory, 0o755)
+        testCase.addCleanup(shutil.rmtree, directory, True)
+    else:
+        directory = testCase.mktemp()
+        os.makedirs(directory)
     done = subprocess.run(
         [sys.executable, HELPER, mode, directory],
         capture_output=True,
@@ -75,6 +83,21 @@ class ForkedStartTests(unittest.TestCase):
         self.assertEqual(child["replayed"], [])
         self.assertEqual(report["ended"], {"exitCode": 3, "signal": None})
         self.assertIn("from the worker's standard error", report["output"])
+
+    def test_takesOnWorkerZerosUser(self):
+        """
+        Forked while worker 0 was still root (twistd sheds its privileges
+        after making the service), the worker takes on the user, group and
+        supplementary groups worker 0 has when it starts it, before anything
+        else: it never runs as root.
+        """
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root, to switch users")
+        report = runHelper(self, "uid")
+        self.assertEqual(
+            report["child"]["ids"], [[65534] * 3, [65534] * 3, []], report["output"]
+        )
+        self.assertEqual(report["ended"], {"exitCode": 3, "signal": None})
 
     def test_signalled(self):
         """
