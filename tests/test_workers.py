@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import smtplib
+import subprocess
 
 import attrs
 from twisted.application import service
@@ -59,6 +60,8 @@ from tests.e2e import MESSAGE, freePort, httpGet, writeConfig
 from tests.redisserver import RedisServer
 from tests.test_crash import (
     LONG_BODY,
+    ROOT,
+    TWISTD,
     USER,
     Core,
     MSAProcess,
@@ -95,6 +98,24 @@ def children(pid: int) -> list[int]:
             b"msa.service.worker" in command or b"msa-worker-" in command
         ):
             found.append(int(name))
+    return found
+
+
+def processesOf(configFile: str) -> list[int]:
+    """
+    The processes whose command line names C{configFile} (twistd, and the
+    workers forked from it, which keep its command line).
+    """
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    command = f.read()
+            except OSError:
+                continue
+            if configFile.encode() in command and alive(int(name)):
+                found.append(int(name))
     return found
 
 
@@ -455,9 +476,9 @@ class DaemonTests(unittest.TestCase):
         self.redis = RedisServer(self)
         self.jsonLog = os.path.join(self.directory, "log.jsonl")
         self.metricsPort = freePort()
+        # Worker 1's metrics are on the next port: not the core's.
         while self.metricsPort + 1 == self.core.portNumber:
-            self.jsonLog = os.path.join(self.directory, "log.jsonl")
-        self.metricsPort = freePort()
+            self.metricsPort = freePort()
         self.msa = self.process(WORKERS)
 
     def process(self, workers: int, grace: float = 5) -> MSAProcess:
@@ -591,6 +612,69 @@ class DaemonTests(unittest.TestCase):
         )
         fromNew = yield defer.ensureDeferred(self.saltWhileStopped(master))
         self.assertEqual(fromNew, fromZero)
+
+    @defer.inlineCallbacks
+    def test_inTheBackground(self):
+        """
+        twistd without C{--nodaemon} forks itself after making the service,
+        so the workers forked before are not its children: it starts them as
+        new processes (and says so), they take submissions, the forked ones
+        end unused, and a stop leaves no process of this configuration.
+        """
+        self.core.start()
+        pidFile = os.path.join(self.directory, "twistd.pid")
+        logFile = os.path.join(self.directory, "background.log")
+        done = subprocess.run(
+            [TWISTD, "--pidfile", pidFile, "--logfile", logFile, "digipoort-msa"]
+            + ["--config", self.msa.configFile],
+            cwd=self.directory,
+            env=dict(os.environ, PYTHONPATH=ROOT),
+            capture_output=True,
+            timeout=60,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        yield defer.ensureDeferred(
+            waitFor(lambda: os.path.exists(pidFile), "the pid file", 20)
+        )
+        with open(pidFile) as f:
+            daemon = int(f.read())
+        self.addCleanup(self.killQuietly, daemon)
+
+        def log() -> str:
+            with open(logFile, encoding="utf-8", errors="replace") as f:
+                return f.read()
+
+        yield defer.ensureDeferred(
+            waitFor(
+                lambda: "[worker-1] queue control socket" in log(),
+                "worker 1 serving",
+                30,
+            )
+        )
+        self.assertIn("worker 1 starts as a new process: twistd has forked", log())
+        [worker] = children(daemon)
+        self.assertIn(f"worker 1 started (process {worker}, a new process)", log())
+        yield defer.ensureDeferred(self.submitWhileStopped(daemon))
+        yield self.core.waitForMessages(1, timeout=15)
+        os.kill(daemon, signal.SIGTERM)
+        yield defer.ensureDeferred(
+            waitFor(lambda: not alive(daemon), "the daemon's exit", 30)
+        )
+        yield defer.ensureDeferred(
+            waitFor(
+                lambda: not processesOf(self.msa.configFile),
+                "every process of this configuration gone",
+                15,
+            )
+        )
+
+    def killQuietly(self, pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for pid in processesOf(self.msa.configFile):
+            self.killQuietly(pid)
 
     @defer.inlineCallbacks
     def test_eachWorkerTakesSubmissions(self):
