@@ -31,7 +31,8 @@ fresh one per run, counting messages in memory):
   MSA workers=2  (``--servers msa,msaw``; not in the default list) one MSA
             with ``[server] workers = 2``: two processes accepting on the
             same sockets, each with its own spool and relay, their limits
-            in a Redis started beside them (CPU counted with the tree).
+            kept by worker 0 (``msaw-redis``: in a Redis started beside
+            them, its CPU and memory counted with the tree).
 
 Password checks cost the same on every side: the MSA caches successful
 PLAIN/LOGIN checks for ``[accounts] auth_cache_ttl`` (300 s); the peer has the
@@ -724,26 +725,37 @@ class MSAWorkers(MSA):
     One MSA with C{[server] workers = WORKERS} (L{msa.service.workers}):
     worker 0 and the others it starts, accepting on the same listening
     sockets, each with its own spool and relaying on its own, their limits
-    in a Redis (which more than one worker needs) started beside them.  The
-    processes run under one shell, so that CPU and memory are those of
+    kept by worker 0 (or, C{msaw-redis}, in a Redis started beside them).
+    The processes run under one shell, so that CPU and memory are those of
     the whole tree, Redis's included.  Not in the default C{--servers}.
     """
 
     workers = 2
     name = f"MSA workers={workers}"
+    #: Whether the limits are in a Redis started beside it (C{msaw-redis}),
+    #: or kept by worker 0 (the default, C{backend = "memory"}).
+    redis = False
 
     def start(self, params: dict, sinkPort: int | None, profile: str | None = None):
-        redis = shutil.which("redis-server")
-        if redis is None:
-            raise RuntimeError("MSA workers needs redis-server (apt-get install redis)")
-        redisPort = freePort()
         self.args = argparse.Namespace(**vars(self.args))
         self.args.msa_option = [
             *(self.args.msa_option or []),
             f"server.workers={self.workers}",
-            'limits.backend="redis"',
-            f'limits.url="redis://127.0.0.1:{redisPort}/0"',
         ]
+        redisCommand = None
+        if self.redis:
+            redis = shutil.which("redis-server")
+            if redis is None:
+                raise RuntimeError(
+                    "msaw-redis needs redis-server (apt-get install redis)"
+                )
+            redisPort = freePort()
+            self.args.msa_option += [
+                'limits.backend="redis"',
+                f'limits.url="redis://127.0.0.1:{redisPort}/0"',
+            ]
+            redisCommand = [redis, "--port", str(redisPort), "--bind", "127.0.0.1"]
+            redisCommand += ["--save", "", "--appendonly", "no"]
         self.state = os.path.join(self.work, "msa-state")
         self.port, self.config = self.configure(
             self.state, os.path.join(self.work, "msa.toml"), params, sinkPort
@@ -751,11 +763,10 @@ class MSAWorkers(MSA):
         twistd = [TWISTD, "-n", "--pidfile=", "--logfile"]
         twistd += [os.path.join(self.work, "msa.log")]
         twistd += ["digipoort-msa", "--config", self.config]
-        redisCommand = [redis, "--port", str(redisPort), "--bind", "127.0.0.1"]
-        redisCommand += ["--save", "", "--appendonly", "no"]
-        self.proc = shellTree(
-            self, f"{shlex.join(redisCommand)} & sleep 0.3; {shlex.join(twistd)} & wait"
-        )
+        script = f"{shlex.join(twistd)} & wait"
+        if redisCommand is not None:
+            script = f"{shlex.join(redisCommand)} & sleep 0.3; {script}"
+        self.proc = shellTree(self, script)
         waitForPort(self.port, self.proc)
         # Every worker listening: each has its control socket.
         deadline = time.monotonic() + 30
@@ -775,6 +786,16 @@ class MSAWorkers(MSA):
             os.path.join(self.state, "workers", str(n), SOCKET_NAME)
             for n in range(1, self.workers)
         ]
+
+
+class MSAWorkersRedis(MSAWorkers):
+    """
+    L{MSAWorkers} with its limits in a Redis started beside it (C{[limits]
+    backend = "redis"}), counted in its CPU and memory (C{msaw-redis}).
+    """
+
+    redis = True
+    name = f"MSA workers={MSAWorkers.workers}+Redis"
 
 
 def msaWorkers(count: int) -> type[MSAWorkers]:
@@ -962,6 +983,7 @@ SERVERS = {
     "postfix": Postfix,
     "msa2": MSAPair,
     "msaw": MSAWorkers,
+    "msaw-redis": MSAWorkersRedis,
     "msa-noaudit": MSANoAudit,
     "msa-nodelay": MSANoDelay,
 }
@@ -1736,7 +1758,8 @@ def main() -> int:
         "msa,aiosmtpd,postfix; postfix is skipped, with the reason, when "
         "it cannot run here); msa2 adds two MSA instances behind HAProxy "
         "(README.rst, 'Running more than one instance'); msaw the MSA with "
-        "[server] workers = 2 (and Redis for its limits), msawN with N; "
+        "[server] workers = 2 (its limits kept by worker 0), msaw-redis the "
+        "same with its limits in a Redis started beside it, msawN with N; "
         "msa-noaudit the "
         "MSA with [audit] enabled = false (the audit log's cost); "
         "msa-nodelay the MSA with [spool] commit_delay = 0; msa+SECTION.KEY="

@@ -189,8 +189,8 @@ def writeEagerly(transport: object) -> bool:
     before.  The order of the bytes cannot change: the immediate send only
     happens when nothing was queued.
 
-    @return: whether the connection was found and changed (not for a UNIX
-        socket, a test's string transport, a connection with a producer).
+    @return: whether the connection was found and changed (a TCP or UNIX
+        stream connection; not a test's string transport).
     """
     connection = transport
     while isinstance(connection, ProtocolWrapper):

@@ -36,7 +36,7 @@ from msa.queue.commits import COMMIT_DELAY
 from msa.queue.entry import DELIVERED, PENDING, encodeState
 from msa.queue.outcomes import OutcomeLedger, outcomesDirectoryIn
 from msa.queue.spool import Spool
-from msa.service.config import ConfigError, loadConfig
+from msa.service.config import loadConfig
 from msa.service.logs import FlatJSONObserver
 from msa.service.supervisor import (
     RESTART_DELAY,
@@ -60,6 +60,7 @@ from tests.e2e import MESSAGE, freePort, httpGet, writeConfig
 from tests.redisserver import RedisServer
 from tests.test_crash import (
     LONG_BODY,
+    PASSWORD,
     ROOT,
     TWISTD,
     USER,
@@ -69,6 +70,7 @@ from tests.test_crash import (
     sleep,
     waitFor,
 )
+from tests.test_e2e import SENDER
 from tests.test_integrity import admin
 from tests.test_spool import MESSAGE as SPOOLED
 from tests.test_spool import makeEnvelope
@@ -177,21 +179,14 @@ class ConfigTests(unittest.TestCase):
         writeConfig(path, {"server": {"state_dir": directory}, **sections})
         return path
 
-    def test_memoryLimitsRefused(self):
+    def test_memoryLimitsKeptByWorkerZero(self):
         """
-        More than one worker with the memory backend stops the start,
-        naming the key and why.
+        More than one worker with the memory backend starts: worker 0 keeps
+        the limits for all of them (L{KeptLimitsTests}).
         """
-        path = self.write(server={"workers": 2})
-        with self.assertRaises(ConfigError) as caught:
-            loadConfig(path)
-        self.assertEqual(
-            str(caught.exception),
-            f"{path}: [server] workers: more than one worker needs [limits] "
-            'backend = "redis": each worker process would count the rates, '
-            "connections and failed logins on its own (got workers = 2 and "
-            "backend = 'memory')",
-        )
+        config = loadConfig(self.write(server={"workers": 2}))
+        self.assertEqual(config["server"]["workers"], 2)
+        self.assertEqual(config["limits"]["backend"], "memory")
 
     def test_oneWorkerAnyBackend(self):
         self.assertEqual(loadConfig(self.write())["server"]["workers"], 1)
@@ -972,3 +967,121 @@ def deferHTTP(port: int, path: str):
     from twisted.internet import threads
 
     return threads.deferToThread(httpGet, port, path)
+
+
+def loggedIn(msa: MSAProcess, stopped: int | None = None) -> smtplib.SMTP:
+    """
+    Blocking: a session of the test account, logged in; with C{stopped},
+    accepted by the other worker than C{stopped}, which is stopped only
+    until the greeting (it may be worker 0, which the other asks for the
+    limits).
+    """
+    if stopped is not None:
+        os.kill(stopped, signal.SIGSTOP)
+    try:
+        client = smtplib.SMTP("localhost", msa.port, timeout=10)
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+    client.ehlo("mijnbedrijf.nl")
+    client.starttls(context=msa.clientContext())
+    client.ehlo("mijnbedrijf.nl")
+    client.esmtp_features["auth"] = "PLAIN"
+    client.login(USER, PASSWORD)
+    return client
+
+
+class KeptLimitsTests(unittest.TestCase):
+    """
+    Two workers without Redis (C{[limits] backend = "memory"}): worker 0
+    keeps the limits, the other worker asks it (L{msa.policy.workerlimits}),
+    so an account's limits hold across the workers.
+    """
+
+    timeout = 90
+
+    def setUp(self):
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        self.core = Core(os.path.join(self.directory, "core"), freePort())
+        self.addCleanup(self.core.stop)
+        self.msa = MSAProcess(
+            self,
+            self.directory,
+            self.core.portNumber,
+            self.core.caFile,
+            sections={"server": {"workers": 2}},
+            accountExtra={"messagesPerMinute": 2, "maxSessions": 1},
+        )
+
+    def submitted(self, stopped: int) -> int:
+        client = loggedIn(self.msa, stopped)
+        try:
+            client.sendmail(SENDER, ["belastingdienst@overheid.nl"], MESSAGE)
+            return 250
+        finally:
+            client.close()
+
+    def mailReply(self, stopped: int) -> tuple[int, bytes]:
+        client = loggedIn(self.msa, stopped)
+        try:
+            return client.mail(SENDER)
+        finally:
+            client.close()
+
+    @defer.inlineCallbacks
+    def test_limitsHoldAcrossWorkers(self):
+        """
+        With 2 messages a minute: one through worker 1, one through worker
+        0, and worker 1 refuses the third at MAIL with 451 4.7.1; with one
+        session at most, a session held at worker 1 keeps worker 0 from
+        admitting a second (454 4.7.0), and once it ends a new one is
+        admitted.
+        """
+        self.core.start()
+        yield defer.ensureDeferred(self.msa.start())
+        master = self.msa.process.pid
+        yield defer.ensureDeferred(
+            waitFor(lambda: len(children(master)) == 1, "worker 1", 20)
+        )
+        [worker] = children(master)
+        yield defer.ensureDeferred(
+            waitFor(
+                lambda: "[worker-1] queue control socket" in self.msa.log(),
+                "worker 1 serving",
+                20,
+            )
+        )
+        self.assertIn("forked from worker 0", self.msa.log())
+        yield threads.deferToThread(self.submitted, master)
+        yield threads.deferToThread(self.submitted, worker)
+        code, text = yield threads.deferToThread(self.mailReply, master)
+        self.assertEqual(code, 451, text)
+        self.assertTrue(text.startswith(b"4.7.1 "), text)
+        yield self.core.waitForMessages(2, timeout=15)
+        accepted = [
+            line for line in self.msa.log().splitlines() if " accepted from " in line
+        ]
+        self.assertEqual(
+            sorted("[worker-1]" in line for line in accepted), [False, True], accepted
+        )
+
+        held = yield threads.deferToThread(loggedIn, self.msa, master)
+        try:
+            with self.assertRaises(smtplib.SMTPAuthenticationError) as caught:
+                yield threads.deferToThread(loggedIn, self.msa, worker)
+            self.assertEqual(caught.exception.smtp_code, 454)
+            self.assertIn(b"Too many concurrent sessions", caught.exception.smtp_error)
+        finally:
+            held.close()
+
+        def admitted() -> bool:
+            try:
+                loggedIn(self.msa).close()
+            except smtplib.SMTPAuthenticationError:
+                return False
+            return True
+
+        yield defer.ensureDeferred(
+            waitFor(lambda: admitted(), "a session admitted again", 15)
+        )

@@ -196,6 +196,12 @@ class RedisLimits(service.Service):
 
     # -- health -------------------------------------------------------
 
+    def describe(self) -> str:
+        """
+        Where the limits are kept, for C{/health}.
+        """
+        return f"Redis at {self.connection.address.describe()}"
+
     def healthProblem(self) -> str | None:
         """
         Why C{/health} answers 503, or L{None}.

@@ -215,13 +215,6 @@ def _resolve(config: Config, base: str, raw: dict) -> None:
         # Each worker's commits wait for the messages its own sessions
         # receive: with N workers, N times as long for the same company.
         config["spool"]["commit_delay"] = min(1.0, COMMIT_DELAY * server["workers"])
-    if server["workers"] > 1 and config["limits"]["backend"] != "redis":
-        raise ConfigError(
-            f"{_where(path, 'server', 'workers')}: more than one worker needs "
-            '[limits] backend = "redis": each worker process would count the '
-            "rates, connections and failed logins on its own (got workers = "
-            f"{server['workers']} and backend = {config['limits']['backend']!r})"
-        )
     _resolveReturnChannel(config, absolute)
     if server["listen_backlog"] is None:
         # Room in the kernel's queue for a burst of twice the connection

@@ -163,9 +163,7 @@ class Health:
             return ComponentHealth(OK, "counted by this instance (backend = memory)")
         problem = self.limits.healthProblem()
         if problem is None:
-            return ComponentHealth(
-                OK, f"Redis at {self.limits.connection.address.describe()}"
-            )
+            return ComponentHealth(OK, self.limits.describe())
         if self.limits.fallback == "local":
             return ComponentHealth(DEGRADED, problem)
         return ComponentHealth(FAILING, problem)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 
+from msa.policy.workerlimits import LimitsKeeper
 from msa.service.forked import ParkedWorker
 from msa.service.workers import KeptPort
 
@@ -139,6 +141,9 @@ class Workers(service.Service):
         """
         self.count = count
         self.parked = dict(parked or {})
+        #: Worker 0's limits, which the workers ask for over a socket pair
+        #: each (C{[limits] backend = "memory"}), or L{None} (Redis).
+        self.keeper: LimitsKeeper | None = None
         self.configPath = None if configPath is None else os.path.abspath(configPath)
         self.ports = ports
         self.reactor = reactor
@@ -194,6 +199,12 @@ class Workers(service.Service):
         args, fds = self.command(number)
         worker = _Worker(self, number)
         parked = self.parked.pop(number, None)
+        ours = theirs = None
+        if self.keeper is not None:
+            ours, theirs = socket.socketpair()
+            position = max(fds) + 1
+            fds[position] = theirs.fileno()
+            args += ["--limits", str(position)]
         try:
             if parked is not None and parked.usable():
                 how = "forked from worker 0"
@@ -219,8 +230,14 @@ class Workers(service.Service):
                 )
         except OSError:
             log.failure("cannot start worker {number}", number=number)
+            for end in (ours, theirs):
+                if end is not None:
+                    end.close()
             self._later(number)
             return
+        if self.keeper is not None and ours is not None and theirs is not None:
+            theirs.close()
+            self.keeper.channel(number, ours, self.reactor)
         self.processes[number] = worker
         self.starts[number] = self.starts.get(number, 0) + 1
         log.info(

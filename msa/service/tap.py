@@ -33,8 +33,10 @@ from msa.accounts.model import (
 from msa.accounts.passwords import PasswordVerifier, limitScryptMemory
 from msa.accounts.pgstore import AccountDatabase
 from msa.audit import AuditLog
-from msa.interfaces import ILiveAccountStore
+from msa.interfaces import ILiveAccountStore, ISessionLimiter
 from msa.policy.authorization import AuthThrottle, ServerRules
+from msa.policy.redislimits import RedisLimits
+from msa.policy.workerlimits import LimitsKeeper, WorkerLimits
 from msa.redact import maskSecrets
 from msa.sasl import MechanismContext
 from msa.sasl.scram import setFakeSaltSecret
@@ -177,6 +179,7 @@ def buildService(
     reactor=None,
     listeners: dict[str, int] | None = None,
     parked: dict[int, ParkedWorker] | None = None,
+    limitsChannel: int | None = None,
 ) -> OrderedShutdown:
     """
     Everything the MSA runs, from a validated configuration.
@@ -193,6 +196,9 @@ def buildService(
         them instead of binding its own, and runs no return channel.
     @param parked: in worker 0, the workers forked before the reactor
         (L{msa.service.forked.parkWorkers}), for their first start.
+    @param limitsChannel: in a worker other than worker 0, with C{[limits]
+        backend = "memory"}: the descriptor over which it asks worker 0 for
+        the limits (L{msa.policy.workerlimits}).
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -271,7 +277,13 @@ def buildService(
     throttle = AuthThrottle(
         base=server["auth_delay_base"], maximum=server["auth_delay_max"]
     )
-    sharedLimits = sharedLimitsFrom(config, throttle, reactor)
+    sharedLimits: RedisLimits | WorkerLimits | None
+    if limitsChannel is not None:
+        sharedLimits = WorkerLimits(
+            limitsChannel, reactor, throttle, config["limits"]["timeout"]
+        )
+    else:
+        sharedLimits = sharedLimitsFrom(config, throttle, reactor)
     if sharedLimits is not None:
         sharedLimits.setServiceParent(top)
     metrics.watchQueue(spool, relay["delay_warning_after"])
@@ -338,11 +350,17 @@ def buildService(
         scramParameters=store.scramParameters,
     )
     registry = SessionRegistry()
-    sessionLimiter = None
+    sessionLimiter: ISessionLimiter | None = None
     if sharedLimits is not None:
         sessionLimiter = sharedLimits.sessions
         if sharedLimits.fallback == "local":
             sessionLimiter.local = MemorySessionLimiter(registry)
+    elif workers is not None:
+        # Worker 0 counts for every worker (they ask it): the sessions of
+        # all of them against each account's limit.
+        keeper = LimitsKeeper(serverRules.rates, serverRules.throttle, registry)
+        workers.keeper = keeper
+        sessionLimiter = keeper.sessions
     checkBacklog(server["listen_backlog"])
     SessionShutdown(registry, server["shutdown_grace"]).setServiceParent(top)
     HeapTrim(registry, reactor).setServiceParent(top)

@@ -112,6 +112,7 @@ def parseArguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--worker", type=int, required=True)
     parser.add_argument("--config", default=None)
     parser.add_argument("--listener", action="append", default=[])
+    parser.add_argument("--limits", type=int, default=None)
     return parser.parse_args(argv)
 
 
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             workerConfig(config, options.worker, certificate),
             reactor,
             listeners=listenersFrom(options.listener),
+            limitsChannel=options.limits,
         )
     except STARTUP_ERRORS as e:
         log.critical(

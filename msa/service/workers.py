@@ -27,8 +27,9 @@ builds the same service from the same configuration file
 
 The audit log is shared: each record is appended under its lock among
 processes (L{msa.audit.chainedfile}), the chain continued from the file.
-The limits must be shared too, so more than one worker needs C{[limits]
-backend = "redis"} (L{msa.service.config}).
+The limits are shared too: kept by worker 0 for every worker with
+C{[limits] backend = "memory"} (L{msa.policy.workerlimits}: each worker asks
+it over a socket pair given at its start), or counted in Redis.
 
 A worker's log events come to worker 0 on the worker's standard error,
 one JSON object per line (its text's fields formatted by the worker, a
