@@ -12,11 +12,11 @@ green where the MSA does better than that peer, red where it does worse.
 
 Input: the JSON that ``bench/run.py --json FILE`` writes (every run's
 numbers: ``{"results": {scenario: {server: [run, ...]}}}``; the charts show
-the medians; ``bench/results-2026-12-07-forked.json`` is one), or a file of
+the medians; ``bench/results-2026-12-07-kept.json`` is one), or a file of
 medians only (``{server: {metric: value}}`` instead of the run lists),
 transcribed from RESULTS.md by ``--from-markdown``::
 
-  python bench/charts.py bench/results-2026-12-07-forked.json -o bench/charts
+  python bench/charts.py bench/results-2026-12-07-kept.json -o bench/charts
   python bench/charts.py --from-markdown bench/RESULTS.md \\
       --run "Run of 2026-12-07: every scenario" > results.json
 
@@ -52,15 +52,25 @@ LOAD_SCENARIOS = [
     ("drain", "drain_rate", "drain a backlog"),
     ("nocache", "rate", "scrypt per login"),
 ]
-SERVERS = ["MSA", "MSA workers=2", "aiosmtpd", "Postfix"]
+SERVERS = ["MSA", "MSA workers=2", "MSA workers=2+Redis", "aiosmtpd", "Postfix"]
 COLOURS = {
     "MSA": "#1f5fa8",
     "MSA workers=2": "#6fa8dc",
+    "MSA workers=2+Redis": "#a9c9ea",
     "aiosmtpd": "#9a9a9a",
     "Postfix": "#d08a2c",
 }
 #: The MSA's columns, each labelled with its ratios to the peers.
-MSAS = ("MSA", "MSA workers=2")
+MSAS = ("MSA", "MSA workers=2", "MSA workers=2+Redis")
+
+
+def _groupHeight(least: float) -> float:
+    """
+    Inches per group of bars: room for its ratio lines (two per MSA
+    column) at 8 points each.
+    """
+    return max(least, 0.17 * 2 * len(MSAS))
+
 
 #: RESULTS.md's row labels, and the run.py metric and factor (to run.py's
 #: units: seconds, bytes) of each.
@@ -217,7 +227,9 @@ def render(data: dict, directory: str) -> list[str]:
         for key, metric, title in LOAD_SCENARIOS
         if key in found
     ]
-    figure, ax = pyplot.subplots(figsize=(10, 0.55 * len(throughput) + 1.5))
+    figure, ax = pyplot.subplots(
+        figsize=(10, _groupHeight(0.55) * len(throughput) + 1.5)
+    )
     _groupedBars(ax, throughput, "messages per second", higherIsBetter=True)
     ax.set_title(f"Throughput per scenario and server ({label})", pad=22)
     save(figure, "throughput.png")
@@ -234,7 +246,7 @@ def render(data: dict, directory: str) -> list[str]:
         for key, _, title in LOAD_SCENARIOS + [("big", "", "one 50 MB message")]
         if key in found
     ]
-    figure, ax = pyplot.subplots(figsize=(10, 0.55 * len(cpu) + 1.5))
+    figure, ax = pyplot.subplots(figsize=(10, _groupHeight(0.55) * len(cpu) + 1.5))
     _groupedBars(ax, cpu, "server CPU per message, ms", higherIsBetter=False)
     ax.set_title(f"CPU per message ({label})", pad=22)
     save(figure, "cpu-per-message.png")
@@ -258,7 +270,9 @@ def render(data: dict, directory: str) -> list[str]:
                 {s: v["peak"] / MB for s, v in found["big"].items() if "peak" in v},
             )
         )
-    figure, ax = pyplot.subplots(figsize=(10, 0.9 * max(len(memory), 1) + 1.5))
+    figure, ax = pyplot.subplots(
+        figsize=(10, _groupHeight(0.9) * max(len(memory), 1) + 1.5)
+    )
     _groupedBars(ax, memory, "KB per idle session; MB peak", higherIsBetter=False)
     ax.set_title(f"Memory ({label})", pad=22)
     save(figure, "memory.png")
