@@ -103,6 +103,17 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def directoryAndCore(testCase: unittest.TestCase) -> tuple[str, Core]:
+    """
+    A test's directory and its core (not started), stopped at its end.
+    """
+    directory = os.path.abspath(testCase.mktemp())
+    os.makedirs(directory)
+    core = Core(os.path.join(directory, "core"), freePort())
+    testCase.addCleanup(core.stop)
+    return directory, core
+
+
 def processesOf(configFile: str) -> list[int]:
     """
     The processes whose command line names C{configFile} (twistd, and the
@@ -464,10 +475,7 @@ class DaemonTests(unittest.TestCase):
     timeout = 90
 
     def setUp(self):
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
-        self.core = Core(os.path.join(self.directory, "core"), freePort())
-        self.addCleanup(self.core.stop)
+        self.directory, self.core = directoryAndCore(self)
         self.redis = RedisServer(self)
         self.jsonLog = os.path.join(self.directory, "log.jsonl")
         self.metricsPort = freePort()
@@ -521,6 +529,19 @@ class DaemonTests(unittest.TestCase):
             os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:
             pass
+
+    async def killedAndStartedAgain(self, worker: int) -> None:
+        """
+        SIGKILL worker 1 (C{worker}) and wait until worker 0 has started
+        another.
+        """
+        master = self.msa.process.pid
+        os.kill(worker, signal.SIGKILL)
+        await waitFor(
+            lambda: (found := children(master)) and found != [worker],
+            "worker 1 started again",
+            15,
+        )
 
     async def exitedCleanly(self, worker: int, timeout: float = 30) -> str:
         """
@@ -590,14 +611,7 @@ class DaemonTests(unittest.TestCase):
         fromZero = yield defer.ensureDeferred(self.saltWhileStopped(worker))
         fromOne = yield defer.ensureDeferred(self.saltWhileStopped(master))
         self.assertEqual(fromOne, fromZero)
-        os.kill(worker, signal.SIGKILL)
-        yield defer.ensureDeferred(
-            waitFor(
-                lambda: (found := children(master)) and found != [worker],
-                "worker 1 started again",
-                15,
-            )
-        )
+        yield defer.ensureDeferred(self.killedAndStartedAgain(worker))
         yield defer.ensureDeferred(
             waitFor(
                 lambda: self.msa.log().count("[worker-1] queue control socket") == 2,
@@ -726,14 +740,7 @@ class DaemonTests(unittest.TestCase):
         master = self.msa.process.pid
         queueId = yield defer.ensureDeferred(self.submitWhileStopped(master))
         self.assertEqual(os.listdir(self.workerFile("queue")), [queueId])
-        os.kill(worker, signal.SIGKILL)
-        yield defer.ensureDeferred(
-            waitFor(
-                lambda: (found := children(master)) and found != [worker],
-                "worker 1 started again",
-                15,
-            )
-        )
+        yield defer.ensureDeferred(self.killedAndStartedAgain(worker))
         self.assertIn("worker 1 ended", self.msa.log())
         # A forked worker is used once: the new worker 1 is a new process.
         [again] = children(master)
@@ -1001,10 +1008,7 @@ class KeptLimitsTests(unittest.TestCase):
     timeout = 90
 
     def setUp(self):
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
-        self.core = Core(os.path.join(self.directory, "core"), freePort())
-        self.addCleanup(self.core.stop)
+        self.directory, self.core = directoryAndCore(self)
         self.msa = MSAProcess(
             self,
             self.directory,
