@@ -247,7 +247,7 @@ class ForkedProcess:
     def signalProcess(self, name: str) -> None:
         if self.pid is None:
             raise error.ProcessExitedAlready()
-        os.kill(self.pid, getattr(signal, f"SIG{name}"))
+        os.kill(self.pid, signal.Signals[f"SIG{name}"])
 
     def reapProcess(self) -> None:
         if self.pid is None:
