@@ -1,5 +1,6 @@
 """
-Tests for L{msa.policy.workerlimits}: worker 0 keeping the limits for the
+Tests for L{msa.policy.keptlimits} and L{msa.policy.workerlimits}: worker 0
+keeping the limits for the
 other workers, over a real socket pair on the reactor (the daemon with two
 workers and no Redis is in L{tests.test_workers}).
 """
@@ -14,9 +15,11 @@ from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 from msa.errors import LimitsUnavailable, SMTPReply
+from msa.policy.keptlimits import LimitsKeeper, _Rules
 from msa.policy.limits import AuthThrottle
 from msa.policy.rates import RateLimiter
-from msa.policy.workerlimits import LimitsKeeper, WorkerLimits, _Rules
+from msa.policy.workerlimits import WorkerLimits
+from msa.submission.sessions import MemorySessionLimiter
 from tests.waiting import waitUntil
 
 
@@ -101,7 +104,8 @@ class WorkerLimitsTests(unittest.TestCase):
         self.registry.counts["acme"] = 1  # one session in worker 0
         admitted = yield self.limits.sessions.acquire("acme", 2, "s1")
         self.assertTrue(admitted)
-        self.assertFalse(self.keeper.sessions.acquire("acme", 2, "local"))
+        # Worker 0's own session limiter counts the worker's session too.
+        self.assertFalse(MemorySessionLimiter(self.keeper).acquire("acme", 2, "local"))
         refused = yield self.limits.sessions.acquire("acme", 2, "s2")
         self.assertFalse(refused)
         self.limits.sessions.release("acme", "s1")

@@ -26,7 +26,7 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 
-from msa.policy.workerlimits import LimitsKeeper
+from msa.policy.keptlimits import LimitsKeeper
 from msa.service.forked import ParkedWorker
 from msa.service.workers import KeptPort
 

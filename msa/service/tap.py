@@ -35,8 +35,9 @@ from msa.accounts.pgstore import AccountDatabase
 from msa.audit import AuditLog
 from msa.interfaces import ILiveAccountStore, ISessionLimiter
 from msa.policy.authorization import AuthThrottle, ServerRules
+from msa.policy.keptlimits import LimitsKeeper
 from msa.policy.redislimits import RedisLimits
-from msa.policy.workerlimits import LimitsKeeper, WorkerLimits
+from msa.policy.workerlimits import WorkerLimits
 from msa.redact import maskSecrets
 from msa.sasl import MechanismContext
 from msa.sasl.scram import setFakeSaltSecret
@@ -360,7 +361,7 @@ def buildService(
         # all of them against each account's limit.
         keeper = LimitsKeeper(serverRules.rates, serverRules.throttle, registry)
         workers.keeper = keeper
-        sessionLimiter = keeper.sessions
+        sessionLimiter = MemorySessionLimiter(keeper)
     checkBacklog(server["listen_backlog"])
     SessionShutdown(registry, server["shutdown_grace"]).setServiceParent(top)
     HeapTrim(registry, reactor).setServiceParent(top)

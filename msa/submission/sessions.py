@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from msa.interfaces import ISessionLimiter
+from msa.policy.keptlimits import SessionCounts
 
 log = Logger()
 
@@ -101,11 +102,13 @@ class SessionRegistry:
 class MemorySessionLimiter:
     """
     Concurrent sessions per account, counted by this instance alone: the
-    logged-in sessions of its L{SessionRegistry}.  Nothing to release: a
-    session leaves the registry when its connection is gone.
+    logged-in sessions of its L{SessionRegistry} (or, in worker 0 of
+    several, those of every worker: L{msa.policy.keptlimits.LimitsKeeper}).
+    Nothing to release: a session leaves the registry when its connection
+    is gone.
     """
 
-    def __init__(self, registry: SessionRegistry) -> None:
+    def __init__(self, registry: SessionRegistry | SessionCounts) -> None:
         self.registry = registry
 
     def acquire(self, account: str, maximum: int, sessionId: str) -> bool:
