@@ -53,3 +53,17 @@ class PublicAPITests(unittest.TestCase):
             [sys.executable, "-c", code], capture_output=True, text=True, check=True
         ).stdout.splitlines()
         self.assertEqual(out, ["[]", "True"])
+
+    def test_noWebServerWithoutMetrics(self):
+        """
+        The daemon's module does not import twisted.web (some 3 MB in every
+        worker) until C{[metrics] listen} asks for the HTTP listener.
+        """
+        code = (
+            "import sys, msa.service.tap\n"
+            "print(sorted(m for m in sys.modules if m.startswith('twisted.web')))\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        self.assertEqual(out, ["[]"])

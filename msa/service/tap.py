@@ -18,7 +18,6 @@ from twisted.logger import (
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
-from twisted.web.server import Site
 
 from msa import __version__, metrics, tls
 from msa.accounts.checkers import AccountChecker, SubmissionRealm
@@ -46,7 +45,6 @@ from msa.service.backlog import checkBacklog, withBacklog
 from msa.service.config import Config, ConfigError, loadConfig
 from msa.service.controlsocket import ControlService, socketPath
 from msa.service.forked import ParkedWorker, parkWorkers
-from msa.service.health import Health, healthSite
 from msa.service.heaptrim import HeapTrim
 from msa.service.parts import relayRunnerFrom, sharedLimitsFrom
 from msa.service.pop3service import addPOP3Listeners
@@ -297,6 +295,12 @@ def buildService(
         )
         returnChannel.setServiceParent(top)
     if config["metrics"]["listen"]:
+        # Imported here: twisted.web is some 3 MB that a server without a
+        # metrics listener does not need (bench/RESULTS.md, memory).
+        from twisted.web.server import Site
+
+        from msa.service.health import Health, healthSite
+
         health = Health(
             spool,
             runner,
