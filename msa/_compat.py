@@ -53,6 +53,11 @@ Twisted:
       A worker forked from worker 0 (L{msa.service.forked}) drops worker
       0's, which worker 0 logs itself (L{forgetEarlyLogEvents}); Twisted has
       no public way to empty it.
+    - The closure of C{twisted.logger.textFileLogObserver}'s formatter (its
+      C{timeFormat}): the text log twistd writes is given a faster formatter
+      of the same output (L{msa.service.logs.ClassicText}), which needs the
+      time format twistd chose (L{textLogTimeFormat}); the observer does not
+      say it.
 """
 
 from __future__ import annotations
@@ -64,7 +69,13 @@ from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 from twisted.internet import tcp
 from twisted.internet._sslverify import ClientTLSOptions
-from twisted.logger import ILogObserver, LogBeginner, LogPublisher, globalLogBeginner
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    LogBeginner,
+    LogPublisher,
+    globalLogBeginner,
+)
 from twisted.logger._flatten import flattenEvent
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._info import ProxyInfo
@@ -162,6 +173,28 @@ def publisherObservers(publisher: LogPublisher) -> list[ILogObserver]:
     The observers of C{publisher}, in the order it calls them (a copy).
     """
     return list(publisher._observers)
+
+
+def textLogTimeFormat(observer: object) -> str | None:
+    """
+    The C{timeFormat} that C{twisted.logger.textFileLogObserver} was given
+    for C{observer}: a C{strftime} format, or L{None} for no timestamps.
+
+    @raise LookupError: C{observer} was not made by it.
+    """
+    if not isinstance(observer, FileLogObserver):
+        raise LookupError(observer)
+    formatter = observer.formatEvent
+    code = getattr(formatter, "__code__", None)
+    if (
+        code is None
+        or getattr(formatter, "__qualname__", "")
+        != "textFileLogObserver.<locals>.formatEvent"
+        or "timeFormat" not in code.co_freevars
+    ):
+        raise LookupError(observer)
+    cells = dict(zip(code.co_freevars, formatter.__closure__ or (), strict=True))
+    return cells["timeFormat"].cell_contents
 
 
 def forgetEarlyLogEvents(beginner: LogBeginner = globalLogBeginner) -> None:
