@@ -44,10 +44,6 @@ Twisted:
       log publisher, so that the C{[logging] level} filter can be put in
       front of the ones twistd installed (L{publisherObservers}); Twisted
       has no public way to list them, nor to filter a publisher.
-    - C{twisted.logger._flatten.flattenEvent}: a worker
-      (L{msa.service.worker}) formats its events' fields into the event
-      before it turns the objects among them into JSON for worker 0, as
-      C{eventAsJSON} does inside itself; Twisted exports no name for it.
     - C{twisted.logger.LogBeginner._initialBuffer} (its C{_buffer}): the
       events logged before logging began, which C{beginLoggingTo} replays.
       A worker forked from worker 0 (L{msa.service.forked}) drops worker
@@ -76,7 +72,6 @@ from twisted.logger import (
     LogPublisher,
     globalLogBeginner,
 )
-from twisted.logger._flatten import flattenEvent
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._info import ProxyInfo
 from twisted.protocols.haproxy._v1parser import V1Parser
@@ -92,7 +87,6 @@ __all__ = [
     "ProxyInfo",
     "V1Parser",
     "V2Parser",
-    "flattenEvent",
     "forgetEarlyLogEvents",
     "opensslFunction",
     "publisherObservers",

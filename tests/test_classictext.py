@@ -1,9 +1,10 @@
 # -*- test-case-name: tests.test_classictext -*-
 """
 L{msa.service.logs.ClassicText}, the faster formatter of the text log
-twistd writes: the same line as Twisted's own formatter for every event
-(a property test with Twisted's C{formatEventAsClassicLogText} as the
-oracle), and L{msa.service.services.LogLevelFilter} giving it to twistd's
+twistd writes, and L{msa.service.logs.eventText}, of an event's text: the
+same text as Twisted's own formatters for every event (property tests with
+Twisted's C{formatEventAsClassicLogText} and C{formatEvent} as the
+oracles), and L{msa.service.services.LogLevelFilter} giving it to twistd's
 text observer while it runs, and giving the old one back on stop.
 """
 
@@ -17,6 +18,7 @@ from twisted.logger import (
     Logger,
     LogLevel,
     LogPublisher,
+    formatEvent,
     formatEventAsClassicLogText,
     formatTime,
     textFileLogObserver,
@@ -25,7 +27,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from msa.service.logs import ClassicText
+from msa.service.logs import ClassicText, eventText
 from msa.service.services import LogLevelFilter
 
 _TIME_FORMATS = [timeFormatRFC3339, None, "%H:%M:%S.%f", "%Y/%W"]
@@ -156,6 +158,17 @@ class ClassicTextTests(unittest.TestCase):
         self.assertEqual(_outcome(ours, dict(event)), expected)
         # Again: the second is kept from the first line now.
         self.assertEqual(_outcome(ours, dict(event)), expected)
+
+    @settings(max_examples=300, deadline=None)
+    @given(_events())
+    def test_textSameAsTwisted(self, event):
+        """
+        L{eventText} (the text a worker sends worker 0, and the JSON log's
+        C{text}) is Twisted's C{formatEvent}.
+        """
+        self.assertEqual(
+            _outcome(eventText, dict(event)), _outcome(formatEvent, dict(event))
+        )
 
     def test_failureAndFlattened(self):
         """

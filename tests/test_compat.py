@@ -320,31 +320,6 @@ class OnlyCompatTests(unittest.TestCase):
         self.assertEqual(found, [])
 
 
-class FlattenEventPrivateTests(unittest.TestCase):
-    """
-    C{twisted.logger._flatten.flattenEvent}, which a worker calls.
-    """
-
-    def test_flattened(self):
-        """
-        It is where msa._compat takes it from, and it puts the formatted
-        fields into the event, where L{formatEvent} finds them once the
-        objects are gone.
-        """
-        from twisted.logger import formatEvent
-
-        self.assertIs(
-            _privateName(self, "twisted.logger._flatten", "flattenEvent"),
-            _compat.flattenEvent,
-        )
-        event = {"log_format": "{a!r} and {b}", "a": "x", "b": object()}
-        _compat.flattenEvent(event)
-        text = formatEvent(event)
-        event["a"] = event["b"] = None
-        self.assertEqual(formatEvent(event), text)
-        self.assertTrue(text.startswith("'x' and <object object at "), text)
-
-
 class EarlyLogEventsPrivateTests(unittest.TestCase):
     """
     C{LogBeginner._initialBuffer._buffer}, behind

@@ -353,6 +353,34 @@ class LogForwardingTests(unittest.TestCase):
         self.assertEqual(line["queue_id"], "ABC")
         self.assertTrue(line["client"].startswith("<object object at "))
 
+    def test_textAsInTheWorker(self):
+        """
+        An event's text reaches worker 0's text log and JSON log as the
+        worker formatted it, braces in its values included, and its fields
+        as the JSON log writes them.
+        """
+        thing = object()
+        event = self.forwarded(
+            {
+                "log_format": "{a!r} and {thing} from {client}",
+                "log_level": LogLevel.info,
+                "log_namespace": "msa.submission.server",
+                "log_time": 1.0,
+                "a": "x",
+                "thing": thing,
+                "client": "{0} {client}",
+            }
+        )
+        expected = f"'x' and {thing} from {{0}} {{client}}"
+        text = formatEventAsClassicLogText(event)
+        self.assertTrue(text.endswith(f"[worker-1] {expected}\n"), text)
+        line = FlatJSONObserver(io.StringIO()).flatten(event)
+        assert line is not None
+        self.assertEqual(line["text"], expected)
+        self.assertEqual(line["client"], "{0} {client}")
+        self.assertEqual(line["thing"], repr(thing))
+        self.assertEqual(line["level"], "info")
+
 
 class EndedTests(unittest.TestCase):
     """

@@ -178,7 +178,7 @@ class FlatJSONObserver:
             own[name] = jsonValue(value)
         self._remember(line, own)
         line["namespace"] = namespace
-        line["text"] = formatEvent(event) or " ".join(
+        line["text"] = eventText(event) or " ".join(
             str(part) for part in event.get("message", ())
         )
         line.update(own)
@@ -297,22 +297,37 @@ class ClassicText:
         return text
 
     def __call__(self, event: dict) -> str | None:
-        form = event.get("log_format")
-        if (
-            type(form) is not str
-            or "()" in form
-            or "log_flattened" in event
-            or "log_failure" in event
-        ):
-            return formatEventAsClassicLogText(event, formatTime=self.formatTime)
-        try:
-            text = form.format_map(event)
-        except Exception:
+        text = None if "log_failure" in event else _formatted(event)
+        if text is None:
             return formatEventAsClassicLogText(event, formatTime=self.formatTime)
         if not text:
             return None
         line = f"{self.formatTime(event.get('log_time'))} [{_system(event)}] {text}"
         return line.replace("\n", "\n\t") + "\n"
+
+
+def _formatted(event: dict) -> str | None:
+    """
+    The text of C{event}'s C{log_format} by C{str.format_map}, or L{None}
+    when it is for Twisted's formatter: no format, a format with its C{"()"}
+    call syntax or that does not format, or fields flattened by a worker.
+    """
+    form = event.get("log_format")
+    if type(form) is not str or "()" in form or "log_flattened" in event:
+        return None
+    try:
+        return form.format_map(event)
+    except Exception:
+        return None
+
+
+def eventText(event: dict) -> str:
+    """
+    Twisted's C{formatEvent}: the text of an event, without time, system or
+    traceback; faster for the common event (L{ClassicText}).
+    """
+    text = _formatted(event)
+    return formatEvent(event) if text is None else text
 
 
 def _system(event: dict) -> str:

@@ -11,7 +11,7 @@ until SIGTERM or SIGINT (the first of them; a second, from worker 0
 after the process group's, is not an error) or until its standard input
 closes (worker 0 has gone).  Its
 log events go to its standard error, one JSON object per line
-(L{twisted.logger.eventAsJSON}), for worker 0 to put into its log; a
+(L{toWorkerZero}), for worker 0 to put into its log; a
 configuration or start-up error is logged there and ends it with status
 1.
 """
@@ -33,9 +33,8 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 
-from msa._compat import flattenEvent
 from msa.service.forked import processName
-from msa.service.logs import jsonValue
+from msa.service.logs import eventText, jsonValue
 from msa.service.supervisor import TRACEBACK
 
 log = Logger()
@@ -60,20 +59,19 @@ class LifeLine(protocol.Protocol):
 def toWorkerZero(event: dict, out: IO[str] | None = None) -> None:
     """
     Write C{event} for worker 0 (L{msa.service.supervisor.Workers.logFrom}):
-    one JSON object on a line, its text's fields formatted here
-    (C{log_flattened}), each of its own fields as the JSON log writes it
-    (L{msa.service.logs.jsonValue}: an object that JSON cannot carry as
+    one JSON object on a line, each of its own fields as the JSON log writes
+    it (L{msa.service.logs.jsonValue}: an object that JSON cannot carry as
     its text), its level by name and its failure as its traceback's text,
-    so that worker 0's logs show what this worker's would.  The logger and
+    so that worker 0's logs show what this worker's would.  Its text is
+    formatted here (L{msa.service.logs.eventText}) and sent as its format,
+    braces doubled, which formats to itself in worker 0.  The logger and
     source objects stay here.
     """
-    flattenEvent(event)
+    text = eventText(event)
     line = {
         key: jsonValue(value) for key, value in event.items() if key not in _KEPT_HERE
     }
-    line["log_flattened"] = {
-        k: jsonValue(v) for k, v in event.get("log_flattened", {}).items()
-    }
+    line["log_format"] = text.replace("{", "{{").replace("}", "}}")
     line["log_level"] = event.get("log_level", LogLevel.info).name
     failure = event.get("log_failure")
     if failure is not None:
