@@ -73,7 +73,23 @@ class Envelope:
         return {}
 
     def toJSON(self) -> dict:
-        return attrs.asdict(self)
+        """
+        Its fields, as C{attrs.asdict} gives them (its containers copied),
+        made directly: C{asdict} walks every value, and the spool asks this
+        twice for each message it takes.
+        """
+        return {
+            "sender": self.sender,
+            "recipients": list(self.recipients),
+            "account": self.account,
+            "mailParams": dict(self.mailParams),
+            "clientAddress": self.clientAddress,
+            "helo": self.helo,
+            "queueId": self.queueId,
+            "receivedAt": self.receivedAt,
+            "recipientParams": [dict(p) for p in self.recipientParams],
+            "tlsRequiredNo": self.tlsRequiredNo,
+        }
 
     @classmethod
     def fromJSON(cls, data: dict) -> "Envelope":

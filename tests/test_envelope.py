@@ -5,6 +5,7 @@ form (how the spool stores it), including envelopes written by an older or
 newer version of the MSA.
 """
 
+import attrs
 from twisted.trial import unittest
 
 from msa.envelope import Envelope, SessionInfo
@@ -27,6 +28,29 @@ class EnvelopeTests(unittest.TestCase):
             receivedAt=1751356800.5,
         )
         self.assertEqual(Envelope.fromJSON(envelope.toJSON()), envelope)
+
+    def test_asAttrsGivesIt(self):
+        """
+        L{Envelope.toJSON} is C{attrs.asdict}: every field, a field added
+        later included, and copies of its containers.
+        """
+        envelope = Envelope(
+            sender="ik@mijnbedrijf.nl",
+            recipients=["a@overheid.nl"],
+            mailParams={"RET": "HDRS"},
+            recipientParams=[{"NOTIFY": "NEVER"}],
+            tlsRequiredNo=True,
+            receivedAt=2.0,
+        )
+        data = envelope.toJSON()
+        self.assertEqual(data, attrs.asdict(envelope))
+        self.assertEqual(list(data), [a.name for a in attrs.fields(Envelope)])
+        data["recipients"].append("x@y")
+        data["mailParams"]["RET"] = "FULL"
+        data["recipientParams"][0]["NOTIFY"] = "SUCCESS"
+        self.assertEqual(envelope.recipients, ["a@overheid.nl"])
+        self.assertEqual(envelope.mailParams, {"RET": "HDRS"})
+        self.assertEqual(envelope.recipientParams, [{"NOTIFY": "NEVER"}])
 
     def test_nullSender(self):
         """
