@@ -12,11 +12,11 @@ green where the MSA does better than that peer, red where it does worse.
 
 Input: the JSON that ``bench/run.py --json FILE`` writes (every run's
 numbers: ``{"results": {scenario: {server: [run, ...]}}}``; the charts show
-the medians; ``bench/results-2026-12-07-kept.json`` is one), or a file of
+the medians; ``bench/results-2026-12-08.json`` is one), or a file of
 medians only (``{server: {metric: value}}`` instead of the run lists),
 transcribed from RESULTS.md by ``--from-markdown``::
 
-  python bench/charts.py bench/results-2026-12-07-kept.json -o bench/charts
+  python bench/charts.py bench/results-2026-12-08.json -o bench/charts
   python bench/charts.py --from-markdown bench/RESULTS.md \\
       --run "Run of 2026-12-07: every scenario" > results.json
 
@@ -163,8 +163,10 @@ def _groupedBars(
     Horizontal bars, one group per scenario, one bar per server, each group
     labelled with the MSA's ratios (green: better than every peer).
     """
-    height = 0.8 / len(SERVERS)
-    for index, server in enumerate(SERVERS):
+    # The servers of this run (a run without the Redis column has none).
+    servers = [s for s in SERVERS if any(s in values for _, values in groups)]
+    height = 0.8 / max(1, len(servers))
+    for index, server in enumerate(servers):
         ys = [g - 0.4 + height * (index + 0.5) for g in range(len(groups))]
         xs = [values.get(server, 0.0) for _, values in groups]
         ax.barh(ys, xs, height=height, color=COLOURS[server], label=server)
@@ -191,7 +193,7 @@ def _groupedBars(
     ax.legend(
         loc="lower center",
         bbox_to_anchor=(0.5, 1.0),
-        ncol=len(SERVERS),
+        ncol=max(1, len(servers)),
         fontsize=8,
         frameon=False,
     )
