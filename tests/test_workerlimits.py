@@ -216,3 +216,53 @@ class TimeoutTests(unittest.TestCase):
         )
         [undo] = yield threads.deferToThread(self.received)
         self.assertEqual(undo, {"op": "leave", "account": "acme", "session": "s1"})
+
+
+class AtOnceTests(unittest.TestCase):
+    """
+    A question and its answer are in the socket when they are made, not a
+    turn of the reactor later (each side writes its line in one write,
+    which L{msa._compat.writeEagerly} sends at once): the asking session
+    waits for worker 0's reactor once, not three times.
+    """
+
+    def setUp(self):
+        self.ours, self.theirs = socket.socketpair()
+        self.addCleanup(self.theirs.close)
+
+    def waiting(self) -> bytes:
+        """
+        What the raw end can read now, without waiting.
+        """
+        return self.theirs.recv(65536, socket.MSG_DONTWAIT)
+
+    def test_questionSentAtOnce(self):
+        limits = WorkerLimits(os.dup(self.ours.fileno()), reactor, AuthThrottle())
+        self.ours.close()
+        limits.startService()
+        self.addCleanup(
+            lambda: limits.protocol and limits.protocol.transport.abortConnection()
+        )
+        asked = limits.rates.reserve(
+            "acme", _Rules(messagesPerMinute=1, messagesPerDay=None)
+        )
+        asked.addErrback(lambda failure: None)
+        self.assertEqual(
+            json.loads(self.waiting()),
+            {
+                "op": "reserve",
+                "account": "acme",
+                "perMinute": 1,
+                "perDay": None,
+                "id": 1,
+            },
+        )
+
+    def test_answerSentAtOnce(self):
+        keeper = LimitsKeeper(RateLimiter(), AuthThrottle(), Registry())
+        keeper.channel(1, self.ours, reactor)
+        [channel] = keeper.channels
+        self.addCleanup(channel.transport.abortConnection)
+        question = {"id": 7, "op": "reserve", "account": "acme", "perMinute": 1}
+        channel.lineReceived(json.dumps({**question, "perDay": None}).encode())
+        self.assertEqual(json.loads(self.waiting()), {"hold": 1, "id": 7})

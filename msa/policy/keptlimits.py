@@ -129,6 +129,13 @@ class _KeeperProtocol(LineOnlyReceiver):
         self.keeper.channels.add(self)
         writeEagerly(self.transport)
 
+    def sendLine(self, line: bytes) -> None:
+        # One write, sent at once (writeEagerly): LineOnlyReceiver's
+        # writeSequence of the line and its delimiter is two, which
+        # writeEagerly leaves to the next turn of the reactor.
+        assert self.transport is not None
+        self.transport.write(line + self.delimiter)
+
     def lineReceived(self, line: bytes) -> None:
         try:
             request = json.loads(line)

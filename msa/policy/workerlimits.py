@@ -109,6 +109,13 @@ class _AskingProtocol(LineOnlyReceiver):
         self.limits.protocol = self
         writeEagerly(self.transport)
 
+    def sendLine(self, line: bytes) -> None:
+        # One write, sent at once (writeEagerly): LineOnlyReceiver's
+        # writeSequence of the line and its delimiter is two, which
+        # writeEagerly leaves to the next turn of the reactor.
+        assert self.transport is not None
+        self.transport.write(line + self.delimiter)
+
     def ask(self, request: dict) -> defer.Deferred:
         number = next(self._ids)
         d: defer.Deferred = defer.Deferred()
