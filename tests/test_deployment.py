@@ -8,6 +8,8 @@ LISTEN_FDS hand-over as systemd's socket unit) serves STARTTLS (index 0)
 and implicit TLS (index 1) through C{systemd:} endpoint strings.
 """
 
+import fcntl
+import json
 import os
 import shutil
 import signal
@@ -226,6 +228,24 @@ class NonEditableTrialTests(unittest.TestCase):
         self.assertIn("``.venv/bin/trial tests.test_sasl_plain`` answers", readme)
 
 
+def auditSettled(audit: str, relayed: int) -> bool:
+    """
+    Whether the audit log C{audit} has C{relayed} relay records and no
+    process holds its lock.
+    """
+    with open(audit, encoding="utf-8") as f:
+        events = [json.loads(line)["event"] for line in f if line.strip()]
+    if events.count("relayed") < relayed:
+        return False
+    with open(audit + ".lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return True
+
+
 class SocketActivationTests(unittest.TestCase):
     def activated(self, sections: dict | None = None):
         """
@@ -374,6 +394,13 @@ class SocketActivationTests(unittest.TestCase):
         state = os.path.dirname(certFile)
         control = os.path.join(state, "workers", "1", "control.sock")
         yield waitUntil(lambda: os.path.exists(control), what="worker 1 running")
+        # Stopped while it holds the shared audit log's lock (appending its
+        # relay record), worker 0 would hold up every worker's commits: so
+        # it is stopped once both messages are relayed and the lock is free.
+        audit = os.path.join(state, "audit", "audit.jsonl")
+        yield waitUntil(
+            lambda: auditSettled(audit, relayed=2), what="worker 0's records written"
+        )
         process.send_signal(signal.SIGSTOP)
         try:
             first, second = yield self.submitBoth(starttls, implicit, certFile)
