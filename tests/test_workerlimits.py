@@ -266,3 +266,26 @@ class AtOnceTests(unittest.TestCase):
         question = {"id": 7, "op": "reserve", "account": "acme", "perMinute": 1}
         channel.lineReceived(json.dumps({**question, "perDay": None}).encode())
         self.assertEqual(json.loads(self.waiting()), {"hold": 1, "id": 7})
+
+    def test_unlimitedAsksNothing(self):
+        """
+        An account without rates costs no question (as with Redis): the
+        reservation is there at once, and settling it tells nothing.
+        """
+        limits = WorkerLimits(os.dup(self.ours.fileno()), reactor, AuthThrottle())
+        self.ours.close()
+        limits.startService()
+        self.addCleanup(
+            lambda: limits.protocol and limits.protocol.transport.abortConnection()
+        )
+        unlimited = _Rules(messagesPerMinute=None, messagesPerDay=None)
+        held = self.successResultOf(limits.rates.reserve("acme", unlimited))
+        self.assertEqual(held.account, "acme")
+        held.commit()
+        limits.rates.reserve("acme", unlimited).addCallback(lambda r: r.release())
+        self.assertRaises(BlockingIOError, self.waiting)
+        # A limited account's question is the first thing sent.
+        limits.rates.reserve(
+            "acme", _Rules(messagesPerMinute=5, messagesPerDay=None)
+        ).addErrback(lambda failure: None)
+        self.assertEqual(json.loads(self.waiting())["op"], "reserve")

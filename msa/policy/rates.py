@@ -250,6 +250,23 @@ class RateLimiter:
 
 
 @implementer(IRateReservation)
+@implementer(IRateReservation)
+class UnlimitedReservation:
+    """
+    The reservation of an account without rates: nothing to count, and no
+    limiter asked (L{RateLimiter.record} would not count it either).
+    """
+
+    def __init__(self, account: str) -> None:
+        self.account = account
+
+    def commit(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
 class RateReservation:
     """
     One message slot held by L{RateLimiter.reserve}: L{commit} counts it as

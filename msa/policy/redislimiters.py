@@ -31,6 +31,7 @@ from msa.policy.authorization import (
     failedLoginDelay,
     rateLimitReply,
 )
+from msa.policy.rates import UnlimitedReservation
 
 if TYPE_CHECKING:
     from msa.policy.redislimits import RedisLimits
@@ -151,22 +152,6 @@ class RedisReservation:
         self._limits.rates.dropHold(self.account, self.holdId)
 
 
-@implementer(IRateReservation)
-class _Unlimited:
-    """
-    The reservation of an account without rates: nothing to count.
-    """
-
-    def __init__(self, account: str) -> None:
-        self.account = account
-
-    def commit(self) -> None:
-        pass
-
-    def release(self) -> None:
-        pass
-
-
 @implementer(IRateLimiter)
 class RedisRateLimiter:
     """
@@ -188,7 +173,7 @@ class RedisRateLimiter:
         perMinute = rules.messagesPerMinute or 0
         perDay = rules.messagesPerDay or 0
         if not (perMinute or perDay):
-            return defer.succeed(_Unlimited(account))
+            return defer.succeed(UnlimitedReservation(account))
         limits = self.limits
         holdId = limits.newId()
         now = limits.now()

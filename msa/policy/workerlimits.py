@@ -30,6 +30,7 @@ from msa.interfaces import (
     ISessionLimiter,
 )
 from msa.policy.keptlimits import MAX_LINE
+from msa.policy.rates import UnlimitedReservation
 from msa.policy.redislimiters import RATES_UNAVAILABLE
 
 
@@ -211,6 +212,9 @@ class _RemoteRates:
         self.limits = limits
 
     def reserve(self, account: str, rules: Any) -> defer.Deferred:
+        if rules.messagesPerMinute is None and rules.messagesPerDay is None:
+            # Nothing to count: worker 0 is not asked (nor is Redis).
+            return defer.succeed(UnlimitedReservation(account))
         request = {
             "op": "reserve",
             "account": account,
