@@ -5,6 +5,7 @@ loopback ports with real TLS, and an independent downstream SMTP server
 (aiosmtpd, in its own thread) standing in for the Digipoort core MTA.
 """
 
+import fcntl
 import functools
 import http.client
 import os
@@ -444,3 +445,22 @@ def rewriteConfig(text: str, sections: dict[str, dict]) -> str:
                 f"{k} = {_tomlValue(v)}" for k, v in keys.items() if v is not None
             )
     return "\n".join(out) + "\n"
+
+
+def auditLockFree(audit: str) -> bool:
+    """
+    Whether no process holds the lock of the audit log C{audit} (a worker
+    stopped while it holds it holds up every worker's commits; a test
+    that stops one waits for this first).  True when there is no lock file.
+    """
+    try:
+        lock = open(audit + ".lock", "a")
+    except FileNotFoundError:
+        return True
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return True

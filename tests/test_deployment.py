@@ -8,7 +8,6 @@ LISTEN_FDS hand-over as systemd's socket unit) serves STARTTLS (index 0)
 and implicit TLS (index 1) through C{systemd:} endpoint strings.
 """
 
-import fcntl
 import json
 import os
 import shutil
@@ -25,7 +24,13 @@ from twisted.trial import unittest
 
 from msa.accounts.model import makeAccount, writeAccounts
 from msa.tls import ensureSelfSignedCertificate
-from tests.e2e import MESSAGE, freePort, requireProgram, writeConfig
+from tests.e2e import (
+    MESSAGE,
+    auditLockFree,
+    freePort,
+    requireProgram,
+    writeConfig,
+)
 from tests.test_e2e import submit
 from tests.waiting import waitUntil
 
@@ -235,15 +240,7 @@ def auditSettled(audit: str, relayed: int) -> bool:
     """
     with open(audit, encoding="utf-8") as f:
         events = [json.loads(line)["event"] for line in f if line.strip()]
-    if events.count("relayed") < relayed:
-        return False
-    with open(audit + ".lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        fcntl.flock(lock, fcntl.LOCK_UN)
-    return True
+    return events.count("relayed") >= relayed and auditLockFree(audit)
 
 
 class SocketActivationTests(unittest.TestCase):

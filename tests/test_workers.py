@@ -18,6 +18,7 @@ import os
 import signal
 import smtplib
 import subprocess
+import time
 
 import attrs
 from twisted.application import service
@@ -56,7 +57,7 @@ from msa.service.workers import (
     workerDirectory,
     workerEndpoint,
 )
-from tests.e2e import MESSAGE, freePort, httpGet, writeConfig
+from tests.e2e import MESSAGE, auditLockFree, freePort, httpGet, writeConfig
 from tests.redisserver import RedisServer
 from tests.test_crash import (
     LONG_BODY,
@@ -547,8 +548,15 @@ class DaemonTests(unittest.TestCase):
 
     def stopped(self, pid: int):
         """
-        SIGSTOP C{pid} until the test's end (or L{resume}).
+        SIGSTOP C{pid} until the test's end (or L{resume}), once no worker
+        holds the shared audit log's lock: stopped with it, a worker would
+        hold up the other's commits (the lock is taken only to append a
+        record, so a short wait finds it free).
         """
+        audit = os.path.join(self.msa.state, "audit", "audit.jsonl")
+        deadline = time.monotonic() + 10
+        while not auditLockFree(audit) and time.monotonic() < deadline:
+            time.sleep(0.005)
         os.kill(pid, signal.SIGSTOP)
         self.addCleanup(self.resume, pid)
 
