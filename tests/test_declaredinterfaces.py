@@ -238,3 +238,25 @@ class AccountStoreSeamTests(unittest.TestCase):
             (accounts.status, accounts.detail),
             ("ok", "0 account(s) from the accounts store"),
         )
+
+
+class RateReservationSeamTests(unittest.TestCase):
+    """
+    Every reservation a rate limiter hands the transaction (memory, kept by
+    worker 0, Redis, an account without rates) provides L{IRateReservation}.
+    """
+
+    def test_reservations(self):
+        from msa.interfaces import IRateReservation
+        from msa.policy.authorization import AccountRules
+        from msa.policy.rates import RateLimiter, RateReservation, UnlimitedReservation
+        from msa.policy.redislimiters import RedisReservation
+        from msa.policy.workerlimits import _RemoteReservation
+
+        limited = AccountRules(messagesPerMinute=5)
+        held = RateLimiter().reserve("acme", limited)
+        self.assertIsInstance(held, RateReservation)
+        for reservation in (held, UnlimitedReservation("acme")):
+            self.assertTrue(verifyObject(IRateReservation, reservation))
+        for kind in (RedisReservation, _RemoteReservation):
+            self.assertTrue(IRateReservation.implementedBy(kind), kind)

@@ -250,7 +250,6 @@ class RateLimiter:
 
 
 @implementer(IRateReservation)
-@implementer(IRateReservation)
 class UnlimitedReservation:
     """
     The reservation of an account without rates: nothing to count, and no
@@ -267,6 +266,7 @@ class UnlimitedReservation:
         pass
 
 
+@implementer(IRateReservation)
 class RateReservation:
     """
     One message slot held by L{RateLimiter.reserve}: L{commit} counts it as

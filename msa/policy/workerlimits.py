@@ -30,7 +30,7 @@ from msa.interfaces import (
     ISessionLimiter,
 )
 from msa.policy.keptlimits import MAX_LINE
-from msa.policy.rates import UnlimitedReservation
+from msa.policy.rates import UnlimitedReservation, horizon
 from msa.policy.redislimiters import RATES_UNAVAILABLE
 
 
@@ -212,8 +212,8 @@ class _RemoteRates:
         self.limits = limits
 
     def reserve(self, account: str, rules: Any) -> defer.Deferred:
-        if rules.messagesPerMinute is None and rules.messagesPerDay is None:
-            # Nothing to count: worker 0 is not asked (nor is Redis).
+        if not horizon(rules):
+            # No rates, nothing to count: worker 0 is not asked (nor is Redis).
             return defer.succeed(UnlimitedReservation(account))
         request = {
             "op": "reserve",

@@ -272,8 +272,8 @@ class ClassicText:
     C{str.format_map} (the same PEP 3101 syntax, in C), and the time text is
     kept for the second it names when the format has no fraction of a second.
     An event that is anything else (a failure attached, fields flattened by
-    a worker, a format that does not format) goes to Twisted's own formatter,
-    which also words the errors.
+    Twisted's C{eventAsJSON}, a format that does not format) goes to
+    Twisted's own formatter, which also words the errors.
     """
 
     def __init__(self, timeFormat: str | None) -> None:
@@ -310,7 +310,7 @@ def _formatted(event: dict) -> str | None:
     """
     The text of C{event}'s C{log_format} by C{str.format_map}, or L{None}
     when it is for Twisted's formatter: no format, a format with its C{"()"}
-    call syntax or that does not format, or fields flattened by a worker.
+    call syntax or that does not format, or fields flattened for JSON.
     """
     form = event.get("log_format")
     if type(form) is not str or "()" in form or "log_flattened" in event:
