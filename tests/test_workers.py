@@ -819,9 +819,14 @@ class DaemonTests(unittest.TestCase):
         os.kill(worker, signal.SIGKILL)
         reply = yield threads.deferToThread(endAfterKill, client, b"\r\n.\r\n")
         self.assertIsInstance(reply, smtplib.SMTPServerDisconnected | OSError)
+        # The recovery logs the file, then removes it: wait for both (the
+        # log line can reach worker 0's log before the unlink is done).
         yield defer.ensureDeferred(
             waitFor(
-                lambda: f"recover: removing unacknowledged {name}" in self.msa.log(),
+                lambda: (
+                    f"recover: removing unacknowledged {name}" in self.msa.log()
+                    and not os.listdir(self.workerFile("tmp"))
+                ),
                 "worker 1's recovery",
                 20,
             )
